@@ -1,0 +1,111 @@
+"""A loaded span of blocks [start, end) and the forward pass through it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from corolla.swarm.models.cache import SessionCache
+from corolla.swarm.models.errors import EngineError
+from corolla.swarm.models.family import LayerCallContext, ModelFamily
+from corolla.swarm.models.memory import module_nbytes
+
+
+@dataclass
+class BlockSpan:
+    family: ModelFamily
+    config: PretrainedConfig
+    start: int
+    end: int
+    layers: nn.ModuleList
+    rotary_emb: nn.Module | None
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str = "none"
+
+    def __post_init__(self) -> None:
+        types = self.family.layer_types(self.config)
+        self.layer_types = types[self.start : self.end]
+        self._span_layer_types = frozenset(self.layer_types)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def memory_bytes(self) -> int:
+        """Weights and buffers this span holds on its device."""
+        modules = [self.layers] + ([self.rotary_emb] if self.rotary_emb is not None else [])
+        return sum(module_nbytes(m) for m in modules)
+
+    def new_cache(self) -> SessionCache:
+        return SessionCache(self.config, self.start, self.end)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: SessionCache | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the span on `hidden_states` [batch, length, hidden], appending to `cache` if given.
+
+        Without `position_ids`, positions continue from the cache length (what a Petals server does:
+        the wire protocol carries neither masks nor positions). `attention_mask` is the 2D padding
+        mask over past and new tokens.
+        """
+        if cache is None:
+            cache = self.new_cache()
+        past = cache.length
+        self._validate(hidden_states, attention_mask, position_ids, past)
+        batch, length, _ = hidden_states.shape
+        hidden = hidden_states.to(device=self.device, dtype=self.dtype)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=self.device).unsqueeze(0)
+        else:
+            position_ids = position_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        kwargs_by_type = self.family.layer_kwargs(
+            LayerCallContext(
+                config=self.config,
+                rotary_emb=self.rotary_emb,
+                hidden_states=hidden,
+                cache=cache.cache,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                layer_types=self._span_layer_types,
+            )
+        )
+        for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
+            out = layer(hidden, **kwargs_by_type[layer_type])
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    __call__ = forward
+
+    def _validate(self, hidden, attention_mask, position_ids, past: int) -> None:
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
+            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise EngineError(f"hidden states must be [batch, length, {self.hidden_size}], got {shape}")
+        if not hidden.is_floating_point():
+            raise EngineError(f"hidden states must be floating point, got {hidden.dtype}")
+        batch, length, _ = hidden.shape
+        if length == 0 or batch == 0:
+            raise EngineError("hidden states are empty")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + length):
+            raise EngineError(
+                f"attention mask must be [batch, past + length] = [{batch}, {past + length}], "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is not None and (position_ids.ndim != 2 or position_ids.shape[-1] != length
+                                         or position_ids.shape[0] not in (1, batch)):
+            raise EngineError(f"position ids must be [batch, {length}], got {tuple(position_ids.shape)}")
