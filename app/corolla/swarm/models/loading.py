@@ -136,3 +136,39 @@ def load_client_parts(source: Checkpoint | str | os.PathLike, options: LoadOptio
         model.tie_weights()
     _assert_materialised(model, f"client parts of {checkpoint.source_name}")
     return ClientParts(family=family, model=model.to(device), device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    per_block_bytes: list[int]
+    client_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.per_block_bytes) + self.client_bytes
+
+
+def estimate_memory(checkpoint: Checkpoint, dtype: torch.dtype, quantization: str = "none") -> MemoryEstimate:
+    """Weight bytes of each block and of the client parts, from the meta skeleton: nothing is loaded.
+
+    Quantized linear weights take 1 byte (int8) or 0.5 byte plus one fp32 scale per 64 (nf4) per value.
+    """
+    model = build_skeleton(checkpoint, dtype)
+    family = checkpoint.family
+    element = torch.empty((), dtype=dtype).element_size()
+    per_block = []
+    for layer in family.decoder_layers(model):
+        total = 0
+        for module in layer.modules():
+            for name, param in module.named_parameters(recurse=False):
+                is_linear_weight = isinstance(module, nn.Linear) and name == "weight"
+                if quantization == "int8" and is_linear_weight:
+                    total += param.numel() + 4 * param.shape[0]
+                elif quantization == "nf4" and is_linear_weight:
+                    total += param.numel() // 2 + 4 * (param.numel() // 64)
+                else:
+                    total += param.numel() * element
+        per_block.append(total)
+    block_params = {id(p) for layer in family.decoder_layers(model) for p in layer.parameters()}
+    client = sum(p.numel() * element for p in model.parameters() if id(p) not in block_params)
+    return MemoryEstimate(per_block_bytes=per_block, client_bytes=client)

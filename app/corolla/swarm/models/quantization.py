@@ -16,13 +16,16 @@ NF4_BLOCKSIZE = 64
 
 def quantize_linear_layers(module: nn.Module, quantization: str, device: torch.device,
                            compute_dtype: torch.dtype) -> int:
-    """Replace every nn.Linear inside `module` in place; returns how many were replaced."""
+    """Replace every nn.Linear inside `module` (on the CPU) in place, then move the whole module to
+    `device`, which quantizes the new weights; returns how many layers were replaced."""
     import bitsandbytes as bnb
 
+    bnb_linears = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
     replaced = 0
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
+            # Subclasses count too (Falcon's FalconLinear); bitsandbytes' own layers are Linear subclasses.
+            if not isinstance(child, nn.Linear) or isinstance(child, bnb_linears):
                 continue
             weight = child.weight.data.to("cpu")
             has_bias = child.bias is not None
@@ -39,6 +42,7 @@ def quantize_linear_layers(module: nn.Module, quantization: str, device: torch.d
                 raise ValueError(f"unknown quantization {quantization!r}")
             if has_bias:
                 new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-            setattr(parent, child_name, new.to(device))
+            setattr(parent, child_name, new)
             replaced += 1
+    module.to(device)
     return replaced

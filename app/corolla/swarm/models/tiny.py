@@ -163,7 +163,9 @@ def make_tiny_model(preset: str, out_dir: str | Path, *, num_layers: int = 6, se
     and head in the last, as in real checkpoints. Same arguments, same bytes.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     out = Path(out_dir)

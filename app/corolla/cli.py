@@ -1,0 +1,188 @@
+"""The `corolla` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from corolla import __version__
+
+
+def _parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"blocks must look like START:END, got {text!r}") from exc
+    return start, end
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a Hugging Face repo id or a local model folder")
+    parser.add_argument("--token", default=None, help="Hugging Face token for gated models")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--torch-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from corolla.swarm.models import open_checkpoint, resolve_dht_prefix
+    from corolla.swarm.models.devices import checkpoint_dtype_of, dtype_name, resolve_device, resolve_dtype
+    from corolla.swarm.models.errors import EngineError
+    from corolla.swarm.models.loading import estimate_memory
+
+    checkpoint = open_checkpoint(args.model, token=args.token, revision=args.revision)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.torch_dtype, device, checkpoint_dtype_of(checkpoint.config))
+    estimate = estimate_memory(checkpoint, dtype, args.quant_type)
+    try:
+        prefix = resolve_dht_prefix(checkpoint, args.dht_prefix)
+    except EngineError as exc:
+        prefix = None
+        prefix_note = str(exc)
+    info = {
+        "model": checkpoint.source_name,
+        "model_type": checkpoint.config.model_type,
+        "family": checkpoint.family.name,
+        "num_blocks": checkpoint.num_blocks,
+        "hidden_size": checkpoint.config.hidden_size,
+        "dht_prefix": prefix,
+        "device": str(device),
+        "dtype": dtype_name(dtype),
+        "quant_type": args.quant_type,
+        "bytes_per_block": max(estimate.per_block_bytes),
+        "client_bytes": estimate.client_bytes,
+        "total_bytes": estimate.total_bytes,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if "bytes" in key:
+            value = _human_bytes(value)
+        print(f"{key:16} {value}")
+    if prefix is None:
+        print(f"{'':16} ({prefix_note})")
+    return 0
+
+
+def cmd_model_make_tiny(args: argparse.Namespace) -> int:
+    from corolla.swarm.models.tiny import make_tiny_model
+
+    out = make_tiny_model(args.preset, args.out_dir, num_layers=args.layers, seed=args.seed,
+                          dht_prefix=args.dht_prefix)
+    print(out)
+    return 0
+
+
+def cmd_model_generate(args: argparse.Namespace) -> int:
+    """Greedy generation through locally loaded spans: the engine end to end, no swarm involved."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from corolla.swarm.models import LoadOptions, load_client_parts, load_span, open_checkpoint
+
+    checkpoint = open_checkpoint(args.model, token=args.token, revision=args.revision)
+    options = LoadOptions(device=args.device, dtype=args.torch_dtype, quantization=args.quant_type,
+                          token=args.token, revision=args.revision)
+    client = load_client_parts(checkpoint, LoadOptions(device=args.device, dtype=args.torch_dtype))
+    n = checkpoint.num_blocks
+    parts = max(1, min(args.spans, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    spans = [load_span(checkpoint, a, b, options) for a, b in zip(bounds, bounds[1:], strict=False)]
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.fetch_tokenizer_files()))
+    if tokenizer.chat_template and not args.raw:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = args.prompt
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template).input_ids
+    caches = [span.new_cache() for span in spans]
+    generated: list[int] = []
+    started = time.perf_counter()
+    current = ids
+    printed = ""
+    for _ in range(args.max_new_tokens):
+        hidden = client.embed(current)
+        for span, cache in zip(spans, caches, strict=True):
+            hidden = span(hidden, cache)
+        token = int(client.logits(hidden)[0, -1].float().argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        generated.append(token)
+        decoded = tokenizer.decode(generated, skip_special_tokens=True)
+        if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(decoded[len(printed):])
+            sys.stdout.flush()
+            printed = decoded
+        current = torch.tensor([[token]])
+    elapsed = time.perf_counter() - started
+    sys.stdout.write("\n")
+    routes = ", ".join(f"[{s.start}:{s.end})" for s in spans)
+    print(f"-- {len(generated)} tokens in {elapsed:.2f} s ({len(generated) / max(elapsed, 1e-9):.1f} tokens/s) "
+          f"through spans {routes}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corolla", description="Join and use a Petals swarm.")
+    parser.add_argument("--version", action="version", version=f"corolla {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    model = commands.add_parser("model", help="inspect, build and run models locally")
+    model_commands = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+
+    info = model_commands.add_parser("info", help="family, blocks, DHT prefix and memory per block")
+    _add_model_source_args(info)
+    info.add_argument("--quant-type", default="none", choices=["none", "int8", "nf4"])
+    info.add_argument("--dht-prefix", default=None)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_model_info)
+
+    tiny = model_commands.add_parser("make-tiny", help="write a tiny random-weight model (tests, demo)")
+    from corolla.swarm.models.tiny import PRESETS
+
+    tiny.add_argument("preset", choices=sorted(PRESETS))
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--layers", type=int, default=6)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dht-prefix", default=None)
+    tiny.set_defaults(func=cmd_model_make_tiny)
+
+    generate = model_commands.add_parser("generate", help="greedy generation through locally loaded spans")
+    _add_model_source_args(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--spans", type=int, default=2, help="split the blocks into this many spans")
+    generate.add_argument("--quant-type", default="none", choices=["none", "int8", "nf4"])
+    generate.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    generate.set_defaults(func=cmd_model_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from corolla.swarm.models.errors import EngineError
+
+    try:
+        return args.func(args)
+    except EngineError as exc:
+        print(f"corolla: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models built once per test session, in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the hub; the real loading code reads folders or a hub served on 127.0.0.1.
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class TinyModels:
+    """Builds each preset on first use; later requests reuse the folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._built: dict[tuple, Path] = {}
+
+    def get(self, preset: str, **kwargs) -> Path:
+        from corolla.swarm.models.tiny import make_tiny_model
+
+        key = (preset, tuple(sorted(kwargs.items())))
+        if key not in self._built:
+            name = preset + "".join(f"-{k}{v}" for k, v in sorted(kwargs.items()))
+            self._built[key] = make_tiny_model(preset, self.root / name, **kwargs)
+        return self._built[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    return TinyModels(tmp_path_factory.mktemp("tiny-models"))
