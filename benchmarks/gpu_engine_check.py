@@ -46,8 +46,10 @@ def chain_logits(folder, device, dtype, quantization, ids, forced=None):
     (teacher forcing, so every variant sees the same tokens); greedy tokens when `forced` is None."""
     checkpoint = open_checkpoint(folder)
     client = load_client_parts(checkpoint, LoadOptions(device=device, dtype=dtype))
-    spans = [load_span(checkpoint, a, b, LoadOptions(device=device, dtype=dtype, quantization=quantization))
-             for a, b in ((0, 2), (2, 4), (4, 6))]
+    spans = [
+        load_span(checkpoint, a, b, LoadOptions(device=device, dtype=dtype, quantization=quantization))
+        for a, b in ((0, 2), (2, 4), (4, 6))
+    ]
     caches = [s.new_cache() for s in spans]
     outs, tokens = [], []
     cur = ids
@@ -72,8 +74,7 @@ def correctness(device: str) -> dict:
             ids = torch.randint(5, 500, (2, 9), generator=torch.Generator().manual_seed(0))
             ref, ref_tokens, ref_bytes = chain_logits(folder, device, "float32", "none", ids)
             row = {"fp32_span_bytes": ref_bytes}
-            for dtype, quant in (("bfloat16", "none"), ("float16", "none"), ("float16", "int8"),
-                                 ("bfloat16", "nf4")):
+            for dtype, quant in (("bfloat16", "none"), ("float16", "none"), ("float16", "int8"), ("bfloat16", "nf4")):
                 key = f"{dtype}/{quant}"
                 try:
                     got, _, nbytes = chain_logits(folder, device, dtype, quant, ids, forced=ref_tokens)
@@ -94,9 +95,17 @@ def llama3_8b_span(device: torch.device, blocks: int, quantization: str) -> Bloc
     from corolla.swarm.models.family import family_for
     from corolla.swarm.models.quantization import quantize_linear_layers
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=blocks,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=blocks,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+    )
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     family = family_for("llama")
@@ -111,9 +120,17 @@ def llama3_8b_span(device: torch.device, blocks: int, quantization: str) -> Bloc
                 p.normal_(0, 0.02)
     if quantization != "none":
         quantize_linear_layers(layers, quantization, device, torch.bfloat16)
-    return BlockSpan(family=family, config=config, start=0, end=blocks, layers=layers.eval(),
-                     rotary_emb=family.rotary_embedding(model).to(device), device=device,
-                     dtype=torch.bfloat16, quantization=quantization)
+    return BlockSpan(
+        family=family,
+        config=config,
+        start=0,
+        end=blocks,
+        layers=layers.eval(),
+        rotary_emb=family.rotary_embedding(model).to(device),
+        device=device,
+        dtype=torch.bfloat16,
+        quantization=quantization,
+    )
 
 
 def step_time(span: BlockSpan, prefix: int = 128, steps: int = 50) -> dict:
@@ -146,15 +163,25 @@ def step_time(span: BlockSpan, prefix: int = 128, steps: int = 50) -> dict:
     def prepare():
         past = cache.length
         pos = torch.arange(past, past + 1, device=device).unsqueeze(0)
-        ctx = LayerCallContext(config=span.config, rotary_emb=span.rotary_emb, hidden_states=x,
-                               cache=cache.cache, attention_mask=None, position_ids=pos,
-                               layer_types=frozenset(span.layer_types))
+        ctx = LayerCallContext(
+            config=span.config,
+            rotary_emb=span.rotary_emb,
+            hidden_states=x,
+            cache=cache.cache,
+            attention_mask=None,
+            position_ids=pos,
+            layer_types=frozenset(span.layer_types),
+        )
         return span.family.layer_kwargs(ctx)
 
     with torch.inference_mode():
         prepare_ms = timed(prepare)
-    row = {"median_ms": round(step_ms, 3), "prepare_inputs_ms": round(prepare_ms, 3),
-           "weight_bytes": span.memory_bytes(), "cache_tokens": cache.length}
+    row = {
+        "median_ms": round(step_ms, 3),
+        "prepare_inputs_ms": round(prepare_ms, 3),
+        "weight_bytes": span.memory_bytes(),
+        "cache_tokens": cache.length,
+    }
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -163,10 +190,14 @@ def step_time(span: BlockSpan, prefix: int = 128, steps: int = 50) -> dict:
                 span(x, cache)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        row["top_cuda_ops"] = [(e.key, round(e.device_time_total / 3000, 3)) for e in
-                               sorted(events, key=lambda e: -e.device_time_total)[:6]]
-        row["top_cpu_ops"] = [(e.key, round(e.self_cpu_time_total / 3000, 3)) for e in
-                              sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]]
+        row["top_cuda_ops"] = [
+            (e.key, round(e.device_time_total / 3000, 3))
+            for e in sorted(events, key=lambda e: -e.device_time_total)[:6]
+        ]
+        row["top_cpu_ops"] = [
+            (e.key, round(e.self_cpu_time_total / 3000, 3))
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]
+        ]
         row["cuda_ms_per_step"] = round(sum(e.self_device_time_total for e in events) / 3000, 3)
     except Exception as exc:
         row["profile_error"] = repr(exc)

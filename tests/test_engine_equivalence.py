@@ -47,8 +47,9 @@ def test_chained_spans_match_full_model(tiny_models, preset, batch):
     for _ in range(1 + DECODE_STEPS):
         positions = _positions(mask, ids.shape[1])
         with torch.no_grad():
-            expected = reference(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 cache=reference_cache, use_cache=True).logits
+            expected = reference(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=reference_cache, use_cache=True
+            ).logits
         hidden = client.embed(ids)
         for span, cache in zip(spans, caches, strict=True):
             hidden = span(hidden, cache, attention_mask=mask, position_ids=positions)
@@ -80,6 +81,7 @@ def test_petals_style_steps_without_mask_or_positions(tiny_models, preset):
         full = torch.cat([full, next_token], dim=1)
         ids = next_token
     with torch.no_grad():
-        expected = reference.generate(full[:, :5], max_new_tokens=4, do_sample=False,
-                                      attention_mask=torch.ones_like(full[:, :5]))
+        expected = reference.generate(
+            full[:, :5], max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(full[:, :5])
+        )
     assert torch.equal(full, expected)

@@ -41,8 +41,18 @@ def test_unknown_architecture_names_the_supported_ones(model_copy):
         open_checkpoint(model_copy)
     message = str(info.value)
     assert "'gpt2'" in message
-    for supported in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral",
-                      "falcon", "bloom"):
+    for supported in (
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "mixtral",
+        "falcon",
+        "bloom",
+    ):
         assert supported in message
 
 
@@ -81,7 +91,8 @@ def test_tensor_with_wrong_shape(model_copy):
 def test_index_pointing_at_a_missing_tensor(model_copy):
     index_path = model_copy / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"]["model.layers.0.mlp.up_proj.weight"] = _shard_of(model_copy, "model.layers.5.mlp.up_proj.weight")
+    other_shard = _shard_of(model_copy, "model.layers.5.mlp.up_proj.weight")
+    index["weight_map"]["model.layers.0.mlp.up_proj.weight"] = other_shard
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="lacks tensor"):
         load_span(model_copy, 0, 1)
@@ -158,7 +169,7 @@ def test_nonsense_device():
 
 
 def test_bfloat16_refused_on_pre_ampere_gpu():
-    with pytest.raises(DeviceError, match="compute capability 8.0"):
+    with pytest.raises(DeviceError, match=r"compute capability 8\.0"):
         check_dtype_supported(torch.bfloat16, "cuda", (7, 5))
     check_dtype_supported(torch.bfloat16, "cuda", (8, 0))
     check_dtype_supported(torch.float16, "cuda", (7, 5))

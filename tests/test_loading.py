@@ -21,8 +21,13 @@ def test_span_opens_only_its_shards_and_leaves_nothing_on_meta(tiny_models, pres
     checkpoint = open_checkpoint(folder)
     span = load_span(checkpoint, 2, 4)
     weight_map = _index(folder)
-    expected = sorted({shard for name, shard in weight_map.items()
-                       if any(f"{part}.{i}." in name for part in ("layers", "h") for i in (2, 3))})
+    expected = sorted(
+        {
+            shard
+            for name, shard in weight_map.items()
+            if any(f"{part}.{i}." in name for part in ("layers", "h") for i in (2, 3))
+        }
+    )
     assert sorted(set(checkpoint.opened_shards)) == expected
     assert len(checkpoint.opened_shards) == len(expected)  # each shard opened once
     all_shards = set(weight_map.values())
@@ -133,8 +138,9 @@ def test_tokenizer_loads_with_chat_template(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.get("llama"))
     text = "héllo wörld — 你好 🌸"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") != tokenizer.unk_token_id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -78,8 +79,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_model_make_tiny(args: argparse.Namespace) -> int:
     from corolla.swarm.models.tiny import make_tiny_model
 
-    out = make_tiny_model(args.preset, args.out_dir, num_layers=args.layers, seed=args.seed,
-                          dht_prefix=args.dht_prefix)
+    out = make_tiny_model(args.preset, args.out_dir, num_layers=args.layers, seed=args.seed, dht_prefix=args.dht_prefix)
     print(out)
     return 0
 
@@ -92,17 +92,23 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
     from corolla.swarm.models import LoadOptions, load_client_parts, load_span, open_checkpoint
 
     checkpoint = open_checkpoint(args.model, token=args.token, revision=args.revision)
-    options = LoadOptions(device=args.device, dtype=args.torch_dtype, quantization=args.quant_type,
-                          token=args.token, revision=args.revision)
+    options = LoadOptions(
+        device=args.device,
+        dtype=args.torch_dtype,
+        quantization=args.quant_type,
+        token=args.token,
+        revision=args.revision,
+    )
     client = load_client_parts(checkpoint, LoadOptions(device=args.device, dtype=args.torch_dtype))
     n = checkpoint.num_blocks
     parts = max(1, min(args.spans, n))
     bounds = [round(i * n / parts) for i in range(parts + 1)]
-    spans = [load_span(checkpoint, a, b, options) for a, b in zip(bounds, bounds[1:], strict=False)]
+    spans = [load_span(checkpoint, a, b, options) for a, b in itertools.pairwise(bounds)]
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.fetch_tokenizer_files()))
     if tokenizer.chat_template and not args.raw:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = args.prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template).input_ids
@@ -121,15 +127,18 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
         generated.append(token)
         decoded = tokenizer.decode(generated, skip_special_tokens=True)
         if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(decoded[len(printed):])
+            sys.stdout.write(decoded[len(printed) :])
             sys.stdout.flush()
             printed = decoded
         current = torch.tensor([[token]])
     elapsed = time.perf_counter() - started
     sys.stdout.write("\n")
     routes = ", ".join(f"[{s.start}:{s.end})" for s in spans)
-    print(f"-- {len(generated)} tokens in {elapsed:.2f} s ({len(generated) / max(elapsed, 1e-9):.1f} tokens/s) "
-          f"through spans {routes}", file=sys.stderr)
+    print(
+        f"-- {len(generated)} tokens in {elapsed:.2f} s ({len(generated) / max(elapsed, 1e-9):.1f} tokens/s) "
+        f"through spans {routes}",
+        file=sys.stderr,
+    )
     return 0
 
 

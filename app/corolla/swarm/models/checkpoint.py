@@ -65,11 +65,16 @@ class HubRepo:
     revision: str | None = None
     token: str | None = None
     cache_dir: str | None = None
+    endpoint: str | None = None  # a hub mirror; None: huggingface_hub's default (or HF_ENDPOINT)
     downloaded: list[str] = field(default_factory=list)
 
     def local_path(self, filename: str) -> Path | None:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
 
         try:
             path = hf_hub_download(
@@ -78,7 +83,12 @@ class HubRepo:
                 revision=self.revision,
                 token=self.token,
                 cache_dir=self.cache_dir,
+                endpoint=self.endpoint,
             )
+        except LocalEntryNotFoundError as exc:  # before EntryNotFoundError: it is a subclass
+            raise CheckpointError(
+                f"could not reach the hub for {filename} of {self.describe()}, and it is not in the local cache: {exc}"
+            ) from exc
         except EntryNotFoundError:
             return None
         except RepositoryNotFoundError as exc:
@@ -195,8 +205,9 @@ class Checkpoint:
         for shard, names in sorted(by_shard.items()):
             path = self.resolver.local_path(shard)
             if path is None:
-                raise CheckpointError(f"shard {shard} is listed in the index but missing from "
-                                      f"{self.resolver.describe()}")
+                raise CheckpointError(
+                    f"shard {shard} is listed in the index but missing from {self.resolver.describe()}"
+                )
             self.opened_shards.append(shard)
             try:
                 with safe_open(str(path), framework="pt") as handle:
@@ -227,6 +238,7 @@ def open_checkpoint(
     token: str | None = None,
     revision: str | None = None,
     cache_dir: str | None = None,
+    endpoint: str | None = None,
 ) -> Checkpoint:
     """Open a local folder, or a hub repo id (fetching only its config and index for now)."""
     if looks_like_local_folder(name_or_path):
@@ -234,4 +246,5 @@ def open_checkpoint(
     name = str(name_or_path)
     if os.sep in name and (name.startswith((".", os.sep)) or name.count("/") > 1):
         raise EngineError(f"{name} is neither a folder on this computer nor a Hugging Face repo id")
-    return Checkpoint(HubRepo(name, revision=revision, token=token, cache_dir=cache_dir), name, is_local=False)
+    repo = HubRepo(name, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint)
+    return Checkpoint(repo, name, is_local=False)

@@ -37,8 +37,9 @@ def resolve_device(requested: str | torch.device | None = "auto") -> torch.devic
     return device
 
 
-def check_dtype_supported(dtype: torch.dtype, device_type: str, cuda_capability: tuple[int, int] | None = None,
-                          mps_bfloat16: bool = True) -> None:
+def check_dtype_supported(
+    dtype: torch.dtype, device_type: str, cuda_capability: tuple[int, int] | None = None, mps_bfloat16: bool = True
+) -> None:
     """Refuse dtypes the device cannot run. Pure, so the rules are testable on any machine."""
     if dtype == torch.bfloat16:
         if device_type == "cuda" and cuda_capability is not None and cuda_capability < (8, 0):
@@ -50,7 +51,9 @@ def check_dtype_supported(dtype: torch.dtype, device_type: str, cuda_capability:
             raise DeviceError("bfloat16 on Apple MPS needs macOS 14 or newer (use float16)")
 
 
-def resolve_dtype(requested: str | torch.dtype, device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+def resolve_dtype(
+    requested: str | torch.dtype, device: torch.device, checkpoint_dtype: torch.dtype | None
+) -> torch.dtype:
     """`auto`: the checkpoint's dtype on GPUs (float16 where bfloat16 cannot run), float32 on the CPU."""
     if isinstance(requested, torch.dtype):
         dtype = requested

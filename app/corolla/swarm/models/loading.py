@@ -34,12 +34,15 @@ class LoadOptions:
     token: str | None = None
     revision: str | None = None
     cache_dir: str | None = None
+    endpoint: str | None = None  # hub mirror
 
 
 def _as_checkpoint(source: Checkpoint | str | os.PathLike, options: LoadOptions) -> Checkpoint:
     if isinstance(source, Checkpoint):
         return source
-    return open_checkpoint(source, token=options.token, revision=options.revision, cache_dir=options.cache_dir)
+    return open_checkpoint(
+        source, token=options.token, revision=options.revision, cache_dir=options.cache_dir, endpoint=options.endpoint
+    )
 
 
 def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
@@ -57,15 +60,17 @@ def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                       device: torch.device, source: str) -> None:
+def _load_tensors_into(
+    model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, source: str
+) -> None:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
     from transformers.utils import logging as hf_logging
 
-    config = LoadStateDictConfig(dtype=dtype, device_map={"": str(device)},
-                                 weight_mapping=get_model_conversion_mapping(model))
+    config = LoadStateDictConfig(
+        dtype=dtype, device_map={"": str(device)}, weight_mapping=get_model_conversion_mapping(model)
+    )
     hf_logging.disable_progress_bar()
     info, _ = convert_and_load_state_dict_in_model(model, tensors, config)
     if info.mismatched_keys:
@@ -87,8 +92,9 @@ def _assert_materialised(module: nn.Module, what: str) -> None:
         raise CheckpointError(f"{what}: the checkpoint lacks {len(left)} tensor(s), e.g. {left[:3]}")
 
 
-def load_span(source: Checkpoint | str | os.PathLike, start: int, end: int,
-              options: LoadOptions | None = None) -> BlockSpan:
+def load_span(
+    source: Checkpoint | str | os.PathLike, start: int, end: int, options: LoadOptions | None = None
+) -> BlockSpan:
     """Load blocks [start, end) of a model, reading only the shards that hold their tensors."""
     options = options or LoadOptions()
     checkpoint = _as_checkpoint(source, options)
@@ -115,8 +121,17 @@ def load_span(source: Checkpoint | str | os.PathLike, start: int, end: int,
     rotary = family.rotary_embedding(model)
     if rotary is not None:
         rotary = rotary.to(device)
-    return BlockSpan(family=family, config=checkpoint.config, start=start, end=end, layers=layers.eval(),
-                     rotary_emb=rotary, device=device, dtype=dtype, quantization=options.quantization)
+    return BlockSpan(
+        family=family,
+        config=checkpoint.config,
+        start=start,
+        end=end,
+        layers=layers.eval(),
+        rotary_emb=rotary,
+        device=device,
+        dtype=dtype,
+        quantization=options.quantization,
+    )
 
 
 def load_client_parts(source: Checkpoint | str | os.PathLike, options: LoadOptions | None = None) -> ClientParts:
@@ -130,8 +145,9 @@ def load_client_parts(source: Checkpoint | str | os.PathLike, options: LoadOptio
     model = build_skeleton(checkpoint, dtype)
     family = checkpoint.family
     setattr(family.base_model(model), family.layers_attr, nn.ModuleList())
-    _load_tensors_into(model, checkpoint.read_tensors(checkpoint.client_tensor_names()), dtype, device,
-                       checkpoint.source_name)
+    _load_tensors_into(
+        model, checkpoint.read_tensors(checkpoint.client_tensor_names()), dtype, device, checkpoint.source_name
+    )
     if getattr(checkpoint.config, "tie_word_embeddings", False):
         model.tie_weights()
     _assert_materialised(model, f"client parts of {checkpoint.source_name}")

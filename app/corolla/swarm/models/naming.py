@@ -18,6 +18,6 @@ def resolve_dht_prefix(checkpoint: Checkpoint, explicit: str | None = None) -> s
     if checkpoint.is_local:
         raise EngineError(
             f"{checkpoint.source_name} is a local folder: give a DHT prefix (--dht-prefix), "
-            "or add \"dht_prefix\" to its config.json"
+            'or add "dht_prefix" to its config.json'
         )
     return validate_dht_prefix(checkpoint.family.dht_prefix_from_repo(checkpoint.source_name))

@@ -14,8 +14,9 @@ INT8_OUTLIER_THRESHOLD = 6.0
 NF4_BLOCKSIZE = 64
 
 
-def quantize_linear_layers(module: nn.Module, quantization: str, device: torch.device,
-                           compute_dtype: torch.dtype) -> int:
+def quantize_linear_layers(
+    module: nn.Module, quantization: str, device: torch.device, compute_dtype: torch.dtype
+) -> int:
     """Replace every nn.Linear inside `module` (on the CPU) in place, then move the whole module to
     `device`, which quantizes the new weights; returns how many layers were replaced."""
     import bitsandbytes as bnb
@@ -30,14 +31,19 @@ def quantize_linear_layers(module: nn.Module, quantization: str, device: torch.d
             weight = child.weight.data.to("cpu")
             has_bias = child.bias is not None
             if quantization == "int8":
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
-                                          has_fp16_weights=False, threshold=INT8_OUTLIER_THRESHOLD)
+                new = bnb.nn.Linear8bitLt(
+                    child.in_features,
+                    child.out_features,
+                    bias=has_bias,
+                    has_fp16_weights=False,
+                    threshold=INT8_OUTLIER_THRESHOLD,
+                )
                 new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
             elif quantization == "nf4":
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
-                                        compute_dtype=compute_dtype, quant_type="nf4")
-                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
-                                               blocksize=NF4_BLOCKSIZE)
+                new = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=has_bias, compute_dtype=compute_dtype, quant_type="nf4"
+                )
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE)
             else:
                 raise ValueError(f"unknown quantization {quantization!r}")
             if has_bias:

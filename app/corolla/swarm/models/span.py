@@ -66,7 +66,7 @@ class BlockSpan:
             cache = self.new_cache()
         past = cache.length
         self._validate(hidden_states, attention_mask, position_ids, past)
-        batch, length, _ = hidden_states.shape
+        length = hidden_states.shape[1]
         hidden = hidden_states.to(device=self.device, dtype=self.dtype)
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=self.device).unsqueeze(0)
@@ -106,6 +106,7 @@ class BlockSpan:
                 f"attention mask must be [batch, past + length] = [{batch}, {past + length}], "
                 f"got {tuple(attention_mask.shape)}"
             )
-        if position_ids is not None and (position_ids.ndim != 2 or position_ids.shape[-1] != length
-                                         or position_ids.shape[0] not in (1, batch)):
+        if position_ids is not None and (
+            position_ids.ndim != 2 or position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch)
+        ):
             raise EngineError(f"position ids must be [batch, {length}], got {tuple(position_ids.shape)}")

@@ -38,8 +38,16 @@ TOKENIZER_VOCAB = 512
 
 # Small enough to run in milliseconds, big enough that every code path (GQA, sliding windows shorter
 # than a prompt, several experts) is exercised.
-_COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, max_position_embeddings=512,
-               initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
 
 
 def _llama(n, tie=False):
@@ -51,36 +59,52 @@ def _llama(n, tie=False):
 def _mistral(n):
     from transformers import MistralConfig
 
-    return MistralConfig(**_COMMON, num_hidden_layers=n, num_key_value_heads=2, sliding_window=4,
-                         tie_word_embeddings=False)
+    return MistralConfig(
+        **_COMMON, num_hidden_layers=n, num_key_value_heads=2, sliding_window=4, tie_word_embeddings=False
+    )
 
 
 def _qwen2(n):
     from transformers import Qwen2Config
 
-    return Qwen2Config(**_COMMON, num_hidden_layers=n, num_key_value_heads=2, use_sliding_window=True,
-                       sliding_window=4, max_window_layers=n // 2, tie_word_embeddings=False)
+    return Qwen2Config(
+        **_COMMON,
+        num_hidden_layers=n,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=n // 2,
+        tie_word_embeddings=False,
+    )
 
 
 def _qwen3(n):
     from transformers import Qwen3Config
 
-    return Qwen3Config(**_COMMON, num_hidden_layers=n, num_key_value_heads=2, head_dim=16,
-                       tie_word_embeddings=True)
+    return Qwen3Config(**_COMMON, num_hidden_layers=n, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
 
 
 def _gemma2(n):
     from transformers import Gemma2Config
 
-    return Gemma2Config(**_COMMON, num_hidden_layers=n, num_key_value_heads=2, head_dim=16, sliding_window=4,
-                        query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    return Gemma2Config(
+        **_COMMON,
+        num_hidden_layers=n,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    )
 
 
 def _gemma3(n):
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(**_COMMON, num_hidden_layers=n, num_key_value_heads=2, head_dim=16,
-                            sliding_window=4, query_pre_attn_scalar=16)
+    return Gemma3TextConfig(
+        **_COMMON, num_hidden_layers=n, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16
+    )
 
 
 def _phi3(n):
@@ -92,33 +116,62 @@ def _phi3(n):
 def _mixtral(n):
     from transformers import MixtralConfig
 
-    return MixtralConfig(**_COMMON, num_hidden_layers=n, num_key_value_heads=2, num_local_experts=4,
-                         num_experts_per_tok=2, tie_word_embeddings=False)
+    return MixtralConfig(
+        **_COMMON,
+        num_hidden_layers=n,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
 
 
 def _falcon(n):
     from transformers import FalconConfig
 
     # Falcon-40B/180B shape: new decoder architecture, grouped kv heads, rotary.
-    return FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=n, num_kv_heads=2,
-                        new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False,
-                        initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return FalconConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=n,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        parallel_attn=True,
+        bias=False,
+        alibi=False,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
 
 
 def _falcon_alibi(n):
     from transformers import FalconConfig
 
     # Falcon-RW shape: sequential attention and MLP with biases, alibi positions.
-    return FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=n, multi_query=False,
-                        new_decoder_architecture=False, parallel_attn=False, bias=True, alibi=True,
-                        initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return FalconConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=n,
+        multi_query=False,
+        new_decoder_architecture=False,
+        parallel_attn=False,
+        bias=True,
+        alibi=True,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
 
 
 def _bloom(n):
     from transformers import BloomConfig
 
-    return BloomConfig(hidden_size=64, n_head=4, n_layer=n, initializer_range=0.1,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return BloomConfig(
+        hidden_size=64, n_head=4, n_layer=n, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=3
+    )
 
 
 PRESETS: dict[str, Callable[[int], object]] = {
@@ -145,18 +198,34 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>",
-                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def make_tiny_model(preset: str, out_dir: str | Path, *, num_layers: int = 6, seed: int = 0,
-                    blocks_per_shard: int = 1, dht_prefix: str | None = None) -> Path:
+def make_tiny_model(
+    preset: str,
+    out_dir: str | Path,
+    *,
+    num_layers: int = 6,
+    seed: int = 0,
+    blocks_per_shard: int = 1,
+    dht_prefix: str | None = None,
+) -> Path:
     """Write a tiny random model of `preset` to `out_dir` and return the folder.
 
     Shards hold `blocks_per_shard` blocks each; embeddings sit in the first shard and the final norm

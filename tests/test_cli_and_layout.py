@@ -1,0 +1,75 @@
+"""The `corolla` command line in a real subprocess, and the package's import rules."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import corolla
+
+APP = Path(corolla.__file__).parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "corolla.cli", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"corolla {corolla.__version__}"
+
+
+def test_make_tiny_info_and_generate(tmp_path):
+    folder = tmp_path / "tiny"
+    assert run_cli("model", "make-tiny", "qwen2", str(folder), "--layers", "4").returncode == 0
+    info = run_cli("model", "info", str(folder), "--json", "--dht-prefix", "tiny-qwen")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["family"] == "qwen" and data["num_blocks"] == 4 and data["dht_prefix"] == "tiny-qwen"
+    assert data["bytes_per_block"] > 0 and data["total_bytes"] > 4 * data["bytes_per_block"]
+    generated = run_cli("model", "generate", str(folder), "--prompt", "hello", "--max-new-tokens", "5", "--spans", "2")
+    assert generated.returncode == 0, generated.stderr
+    assert re.search(r"-- \d+ tokens in .* through spans \[0:2\), \[2:4\)", generated.stderr)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    result = run_cli("model", "info", str(tmp_path / "no" / "such" / "model"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("corolla: error:")
+    assert "Traceback" not in result.stderr
+
+
+def _imports(package: Path) -> list[tuple[Path, str]]:
+    found = []
+    for path in package.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            match = re.match(r"\s*(?:from|import)\s+([\w.]+)", line)
+            if match:
+                found.append((path, match.group(1)))
+    return found
+
+
+def test_swarm_never_imports_qt_http_node_or_gui():
+    forbidden = ("PySide6", "fastapi", "uvicorn", "starlette", "corolla.node", "corolla.gui")
+    bad = [(p, m) for p, m in _imports(APP / "swarm") if m.startswith(forbidden)]
+    assert not bad
+
+
+def test_gui_never_imports_torch_hivemind_or_swarm():
+    gui = APP / "gui"
+    if not gui.exists():
+        return
+    forbidden = ("torch", "hivemind", "transformers", "corolla.swarm")
+    assert not [(p, m) for p, m in _imports(gui) if m.startswith(forbidden)]
+
+
+def test_no_pickle_or_remote_code():
+    text = "\n".join(p.read_text() for p in APP.rglob("*.py"))
+    assert "trust_remote_code=True" not in text
+    assert "pickle.load" not in text and "torch.load(" not in text
