@@ -114,7 +114,7 @@ def load_span(
     load_device = torch.device("cpu") if options.quantization != "none" else device
     _load_tensors_into(model, checkpoint.read_tensors(names), dtype, load_device, checkpoint.source_name)
 
-    layers = nn.ModuleList(list(family.decoder_layers(model))[start:end])
+    layers = nn.ModuleList(list(family.decoder_layers(model))[start:end]).requires_grad_(False)
     _assert_materialised(layers, f"blocks [{start}, {end}) of {checkpoint.source_name}")
     if options.quantization != "none":
         quantize_linear_layers(layers, options.quantization, device, dtype)

@@ -47,7 +47,16 @@ class BlockSpan:
     def new_cache(self) -> SessionCache:
         return SessionCache(self.config, self.start, self.end)
 
-    @torch.inference_mode()
+    def sub(self, start: int, end: int) -> BlockSpan:
+        """A view of blocks [start, end) of this span sharing its weights (a request may ask for fewer)."""
+        if not self.start <= start < end <= self.end:
+            raise EngineError(f"blocks [{start}, {end}) are not inside this span [{self.start}, {self.end})")
+        if (start, end) == (self.start, self.end):
+            return self
+        layers = nn.ModuleList(list(self.layers)[start - self.start : end - self.start])
+        return BlockSpan(self.family, self.config, start, end, layers, self.rotary_emb, self.device, self.dtype,
+                         self.quantization)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -55,13 +64,19 @@ class BlockSpan:
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        enable_grad: bool = False,
     ) -> torch.Tensor:
         """Run the span on `hidden_states` [batch, length, hidden], appending to `cache` if given.
 
         Without `position_ids`, positions continue from the cache length (what a Petals server does:
         the wire protocol carries neither masks nor positions). `attention_mask` is the 2D padding
-        mask over past and new tokens.
+        mask over past and new tokens. `enable_grad` keeps the autograd graph (for backward passes
+        with respect to the inputs; the weights are frozen).
         """
+        with torch.enable_grad() if enable_grad else torch.inference_mode():
+            return self._forward(hidden_states, cache, attention_mask, position_ids)
+
+    def _forward(self, hidden_states, cache, attention_mask, position_ids) -> torch.Tensor:
         if cache is None:
             cache = self.new_cache()
         past = cache.length

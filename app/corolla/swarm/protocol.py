@@ -1,0 +1,188 @@
+"""The Petals 2.x wire contract: DHT keys and values, uids, handler names, limits and error strings.
+
+Stock peers validate DHT values with pydantic.v1 strict types and silently drop mistyped entries,
+so every value written here has exact Python types (float throughput, int block indices, base58
+peer id strings). Readers accept both tuples and lists where Petals does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+UID_DELIMITER = "."
+CHAIN_DELIMITER = " "
+MODELS_INDEX_KEY = "_petals.models"
+HANDLER_CLASS_NAME = "TransformerConnectionHandler"  # part of every RPC's libp2p protocol id
+# Reported in ServerInfo.version and rpc_info. Clients never gate on it (protocol doc §6.1).
+PETALS_COMPAT_VERSION = "2.3.0.dev2"
+
+# Defaults that match `petals.cli.run_server` (protocol doc §2.1, §1.6, §5.1).
+UPDATE_PERIOD = 120.0
+REQUEST_TIMEOUT = 180.0
+SESSION_TIMEOUT = 1800.0
+STEP_TIMEOUT = 300.0
+MAX_ALLOC_TIMEOUT = 600.0
+STREAM_CHUNK_BYTES = 4 * 1024 * 1024  # hivemind DEFAULT_MAX_MSG_SIZE
+
+# Peer-controlled sizes that Petals does not cap but Corolla does.
+MAX_METADATA_BYTES = 64 * 1024
+MAX_CHAIN_LENGTH = 1024
+MAX_OPEN_SESSIONS = 256
+MAX_TENSORS_PER_REQUEST = 8
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+
+
+class ServerState(IntEnum):
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+def make_uid(dht_prefix: str, block: int) -> str:
+    return f"{dht_prefix}{UID_DELIMITER}{block}"
+
+
+def parse_uid(uid: str) -> tuple[str, int]:
+    """`prefix.7` -> ("prefix", 7); anything else raises ValueError."""
+    prefix, sep, index = uid.rpartition(UID_DELIMITER)
+    if not sep or not prefix or UID_DELIMITER in prefix or not index.isdigit():
+        raise ValueError(f"malformed module uid {uid!r}")
+    return prefix, int(index)
+
+
+def chain_uids(dht_prefix: str, start: int, end: int) -> str:
+    return CHAIN_DELIMITER.join(make_uid(dht_prefix, i) for i in range(start, end))
+
+
+def default_inference_max_length(config: Any) -> int:
+    """Petals: 8192 for grouped-query attention models, 2048 otherwise (Mixtral counts as 2048)."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+    if getattr(config, "model_type", "") == "mixtral":
+        return 2048
+    return 8192 if heads // max(kv_heads, 1) > 1 else 2048
+
+
+def _strict_float(value: Any, name: str, allow_inf: bool = False) -> float:
+    if type(value) is not float or math.isnan(value) or (math.isinf(value) and not allow_inf) or value < 0:
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return value
+
+
+def _strict_int(value: Any, name: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+@dataclass
+class ServerInfo:
+    """The value a server stores under each of its block uids (protocol doc §1.4)."""
+
+    state: ServerState
+    throughput: float
+    start_block: int | None = None
+    end_block: int | None = None
+    public_name: str | None = None
+    version: str | None = None
+    network_rps: float | None = None
+    forward_rps: float | None = None
+    inference_rps: float | None = None
+    adapters: tuple[str, ...] = ()
+    torch_dtype: str | None = None
+    quant_type: str | None = None
+    using_relay: bool | None = None
+    cache_tokens_left: int | None = None
+    next_pings: dict[str, float] | None = None
+    # Corolla-only keys live here too; stock readers ignore unknown keys.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _FLOATS = ("network_rps", "forward_rps", "inference_rps")
+    _INTS = ("start_block", "end_block", "cache_tokens_left")
+
+    def validate(self) -> ServerInfo:
+        """Apply the strict rules stock readers apply; raises ValueError like they would."""
+        self.state = ServerState(self.state)
+        _strict_float(self.throughput, "throughput")
+        for name in self._FLOATS:
+            if getattr(self, name) is not None:
+                _strict_float(getattr(self, name), name)
+        for name in self._INTS:
+            if getattr(self, name) is not None:
+                _strict_int(getattr(self, name), name)
+        if self.next_pings is not None:
+            if not isinstance(self.next_pings, dict):
+                raise ValueError("next_pings must be a map")
+            for peer, rtt in self.next_pings.items():
+                if not isinstance(peer, str):
+                    raise ValueError("next_pings keys must be base58 strings")
+                _strict_float(rtt, "next_pings value", allow_inf=True)
+        if self.public_name is not None:
+            self.public_name = str(self.public_name)
+        return self
+
+    def to_tuple(self) -> tuple[int, float, dict[str, Any]]:
+        self.validate()
+        extra = {
+            "start_block": self.start_block,
+            "end_block": self.end_block,
+            "public_name": self.public_name,
+            "version": self.version,
+            "network_rps": self.network_rps,
+            "forward_rps": self.forward_rps,
+            "inference_rps": self.inference_rps,
+            "adapters": tuple(self.adapters),
+            "torch_dtype": self.torch_dtype,
+            "quant_type": self.quant_type,
+            "using_relay": self.using_relay,
+            "cache_tokens_left": self.cache_tokens_left,
+            "next_pings": self.next_pings,
+            **self.extra,
+        }
+        return (int(self.state), self.throughput, extra)
+
+    @classmethod
+    def from_tuple(cls, value: Any) -> ServerInfo:
+        """Decode a DHT value; raises ValueError for entries a stock reader would skip."""
+        if not isinstance(value, (tuple, list)) or len(value) < 2:
+            raise ValueError(f"server info must be a (state, throughput, extra) sequence, got {type(value)}")
+        state, throughput = value[0], value[1]
+        if type(state) is not int or state not in {s.value for s in ServerState}:
+            raise ValueError(f"invalid server state {state!r}")
+        extra = value[2] if len(value) > 2 else {}
+        if not isinstance(extra, dict):
+            raise ValueError("server info extra must be a map")
+        known = {k: v for k, v in extra.items() if k in cls.__dataclass_fields__ and k != "extra"}
+        unknown = {k: v for k, v in extra.items() if k not in known}
+        if "adapters" in known:
+            known["adapters"] = tuple(known["adapters"] or ())
+        info = cls(state=ServerState(state), throughput=throughput, **known, extra=unknown)
+        return info.validate()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    num_blocks: int
+    repository: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        _strict_int(self.num_blocks, "num_blocks")
+        return {"num_blocks": self.num_blocks, "repository": self.repository}
+
+
+# Error texts stock clients and chat.petals.dev match on (protocol doc §2.10).
+def err_max_length_exceeded(prefix: int, current: int, max_length: int) -> str:
+    return (
+        f"Maximum length exceeded: prefix {prefix} + current {current} exceeds pre-allocated maximum {max_length}"
+    )
+
+
+def err_cannot_allocate(tokens: int, max_tokens: int) -> str:
+    return f"Cannot allocate KV cache for {tokens} tokens, max = {max_tokens}"
+
+
+def err_not_served(uid: str) -> str:
+    return f"Remote peer does not serve {uid}"
