@@ -142,10 +142,93 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _throughput(text: str) -> float | str:
+    if text in ("auto", "eval"):
+        return text
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("throughput must be auto, eval or a number of tokens/s") from exc
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("throughput must be a finite number >= 0")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from corolla.swarm.server.config import ServerConfig
+    from corolla.swarm.server.server import serve
+
+    if not args.initial_peers and not args.new_swarm:
+        print("corolla: error: give --initial-peers MADDR... to join a swarm, or --new-swarm to start one",
+              file=sys.stderr)
+        return 2
+    host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{args.port}"]
+    config = ServerConfig(
+        model=args.model, initial_peers=args.initial_peers, new_swarm=args.new_swarm, dht_prefix=args.dht_prefix,
+        host_maddrs=host_maddrs, announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
+        public_name=args.public_name, nat_port_map=args.nat_port_map, use_relay=not args.no_relay,
+        use_auto_relay=not args.no_relay and not args.no_auto_relay, auto_nat=not args.no_auto_nat,
+        blocks=args.blocks, num_blocks=args.num_blocks, device=args.device, torch_dtype=args.torch_dtype,
+        quant_type=args.quant_type, token=args.token, revision=args.revision, cache_dir=args.cache_dir,
+        inference_max_length=args.inference_max_length, max_batch_size=args.max_batch_size,
+        attn_cache_tokens=args.attn_cache_tokens, update_period=args.update_period,
+        balance_quality=args.balance_quality, mean_balance_check_period=args.mean_balance_check_period,
+        throughput=args.throughput, throughput_cache=args.throughput_cache, stats_path=args.stats_file,
+        num_threads=args.num_threads, step_timeout=args.step_timeout, session_timeout=args.session_timeout,
+    )
+    return serve(config)
+
+
+def _default_throughput_cache() -> str:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "corolla", "throughput.json")
+
+
+def _add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="contribute a span of blocks to a swarm (headless)")
+    _add_model_source_args(serve)
+    swarm = serve.add_argument_group("swarm")
+    swarm.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR")
+    swarm.add_argument("--new-swarm", action="store_true", help="start a new swarm (prints how others join)")
+    swarm.add_argument("--dht-prefix", default=None)
+    swarm.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any)")
+    swarm.add_argument("--host-maddrs", nargs="+", default=None, metavar="MADDR")
+    swarm.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MADDR")
+    swarm.add_argument("--identity-path", default=None, help="keeps the peer id stable across restarts")
+    swarm.add_argument("--public-name", default=None)
+    swarm.add_argument("--nat-port-map", action="store_true", help="ask the router for a port (NAT-PMP/UPnP)")
+    swarm.add_argument("--no-relay", action="store_true")
+    swarm.add_argument("--no-auto-relay", action="store_true")
+    swarm.add_argument("--no-auto-nat", action="store_true")
+    blocks = serve.add_argument_group("blocks").add_mutually_exclusive_group()
+    blocks.add_argument("--blocks", type=_parse_blocks, default=None, metavar="START:END")
+    blocks.add_argument("--num-blocks", type=int, default=None, metavar="N")
+    model = serve.add_argument_group("model and limits")
+    model.add_argument("--quant-type", default="none", choices=["none", "int8", "nf4"])
+    model.add_argument("--cache-dir", default=None)
+    model.add_argument("--inference-max-length", type=int, default=None)
+    model.add_argument("--max-batch-size", type=int, default=None, help="tokens per request")
+    model.add_argument("--attn-cache-tokens", type=int, default=None, help="KV cache budget per block, in tokens")
+    model.add_argument("--throughput", type=_throughput, default="auto", help="auto, eval or tokens/s")
+    model.add_argument("--throughput-cache", default=_default_throughput_cache())
+    model.add_argument("--update-period", type=float, default=120.0)
+    model.add_argument("--balance-quality", type=float, default=0.75)
+    model.add_argument("--mean-balance-check-period", type=float, default=60.0)
+    model.add_argument("--step-timeout", type=float, default=300.0)
+    model.add_argument("--session-timeout", type=float, default=1800.0)
+    model.add_argument("--num-threads", type=int, default=None)
+    model.add_argument("--stats-file", default=None, help="write live counters here (JSON, every second)")
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corolla", description="Join and use a Petals swarm.")
     parser.add_argument("--version", action="version", version=f"corolla {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_serve_parser(commands)
 
     model = commands.add_parser("model", help="inspect, build and run models locally")
     model_commands = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)

@@ -82,6 +82,12 @@ class ModelFamily:
         kind = SLIDING_ATTENTION if getattr(config, "sliding_window", None) is not None else FULL_ATTENTION
         return [kind] * config.num_hidden_layers
 
+    def kv_dim(self, config: PretrainedConfig) -> int:
+        """Width of the keys (or values) one token stores per block: kv heads x head size."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+
     def base_model(self, model: nn.Module) -> nn.Module:
         return model.base_model
 

@@ -20,6 +20,12 @@ class FalconFamily(ModelFamily):
         # Petals: the model name only, dots made dashes, no suffix.
         return repo_id.rsplit("/", 1)[-1].replace(".", "-")
 
+    def kv_dim(self, config) -> int:
+        head_dim = config.hidden_size // config.num_attention_heads
+        if config.new_decoder_architecture:
+            return config.num_kv_heads * head_dim
+        return head_dim if config.multi_query else config.hidden_size
+
     def layer_types(self, config) -> list[str]:
         return [FULL_ATTENTION] * config.num_hidden_layers
 

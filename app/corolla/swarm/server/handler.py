@@ -1,0 +1,408 @@
+"""The RPC handler stock Petals clients and servers talk to.
+
+Handle names are `TransformerConnectionHandler.rpc_*`: hivemind derives each libp2p protocol id from
+the class and method names, so the class name below is part of the wire protocol. Every RPC
+validates what the peer sent (packing.py) before allocating anything; a refused request gets an
+error reply and leaves the server and its cache budget as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+# hivemind tells streaming RPCs apart by `typing.AsyncIterator` annotations (not collections.abc's).
+from typing import Any, AsyncIterator  # noqa: UP035
+
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+from corolla.swarm import protocol
+from corolla.swarm.models.cache import SessionCache
+from corolla.swarm.models.errors import EngineError
+from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.server.memory_cache import CacheBudget
+from corolla.swarm.server.packing import (
+    BadRequest,
+    decode_metadata,
+    deserialize_tensors,
+    gather_stream,
+    is_dummy,
+    serialize,
+    stream_parts,
+    unpack_args,
+)
+from corolla.swarm.server.stats import ServerStats
+
+logger = logging.getLogger(__name__)
+NONE_COMPRESSION = runtime_pb2.CompressionType.NONE
+MAX_SESSION_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class HandlerLimits:
+    inference_max_length: int
+    max_batch_size: int  # tokens (batch x length) per request
+    max_open_sessions: int
+    request_timeout: float
+    session_timeout: float
+    step_timeout: float
+
+
+class _SessionInputs:
+    """The next message of an inference session: from the client's stream or a server's push."""
+
+    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], pushes: asyncio.Queue):
+        self._requests, self._pushes = requests, pushes
+        self._read: asyncio.Future | None = None
+        self.client_done = False
+
+    async def next(self, timeout: float) -> runtime_pb2.ExpertRequest | None:
+        """None when the client ended its stream or nothing came within `timeout`."""
+        if self._read is None and not self.client_done:
+            self._read = asyncio.ensure_future(anext(self._requests))
+        waiters = {self._read} if self._read is not None else set()
+        push = asyncio.ensure_future(self._pushes.get())
+        done, _ = await asyncio.wait(waiters | {push}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if push in done:
+            return push.result()
+        push.cancel()
+        if self._read in done:
+            read, self._read = self._read, None
+            try:
+                return read.result()
+            except StopAsyncIteration:
+                self.client_done = True
+                return None
+        return None
+
+    def close(self) -> None:
+        if self._read is not None:
+            self._read.cancel()
+
+
+class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do not rename
+    def __init__(
+        self,
+        span: BlockSpan,
+        dht_prefix: str,
+        budget: CacheBudget,
+        limits: HandlerLimits,
+        stats: ServerStats,
+        executor: ThreadPoolExecutor,
+        dht_client_mode: Callable[[], bool] = lambda: False,
+    ):
+        self.span, self.dht_prefix, self.budget, self.limits = span, dht_prefix, budget, limits
+        self.stats, self.executor, self.dht_client_mode = stats, executor, dht_client_mode
+        self.block_of_uid = {protocol.make_uid(dht_prefix, i): i for i in range(span.start, span.end)}
+        self.sessions: dict[str, asyncio.Queue] = {}
+        self.p2p: P2P | None = None
+        self._background: set[asyncio.Task] = set()
+
+    async def attach(self, p2p: P2P) -> None:
+        self.p2p = p2p
+        await self.add_p2p_handlers(p2p)
+
+    async def detach(self) -> None:
+        if self.p2p is not None:
+            await self.remove_p2p_handlers(self.p2p)
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _chain(self, uids: str) -> BlockSpan:
+        """The sub-span a chained uid string names; consecutive blocks of ours, in order."""
+        parts = uids.split(protocol.CHAIN_DELIMITER)
+        if len(parts) > protocol.MAX_CHAIN_LENGTH:
+            raise BadRequest(f"a chain of {len(parts)} uids is longer than the limit {protocol.MAX_CHAIN_LENGTH}")
+        blocks = []
+        for uid in parts:
+            if uid not in self.block_of_uid:
+                raise BadRequest(protocol.err_not_served(uid))
+            blocks.append(self.block_of_uid[uid])
+        if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+            raise BadRequest(f"chained uids must name consecutive blocks in order, got {blocks}")
+        return self.span.sub(blocks[0], blocks[-1] + 1)
+
+    def _hidden_states(self, value: Any, batch: int | None = None) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or value.ndim != 3 or not value.is_floating_point():
+            raise BadRequest("the first tensor must be floating hidden states [batch, length, hidden]")
+        if value.shape[2] != self.span.hidden_size:
+            raise BadRequest(f"hidden size is {value.shape[2]}, this model's is {self.span.hidden_size}")
+        if batch is not None and value.shape[0] != batch:
+            raise BadRequest(f"batch size changed from {batch} to {value.shape[0]} within a session")
+        if value.shape[0] * value.shape[1] > self.limits.max_batch_size:
+            raise BadRequest(
+                f"Task size greater than max_batch_size ({self.limits.max_batch_size}), it can't be processed"
+            )
+        return value
+
+    @staticmethod
+    def _no_prompts(args: list[Any]) -> None:
+        if len(args) > 1 and not is_dummy(args[1]):
+            raise BadRequest("deep prompts (prompt tuning) are not supported by this server")
+
+    async def _compute(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        except EngineError as exc:
+            raise BadRequest(str(exc)) from exc
+
+    def _refused(self, exc: BaseException) -> None:
+        self.stats.requests_refused += 1
+        logger.info("refused a request: %s", exc)
+
+    # --- rpc_info ----------------------------------------------------------------------------------
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        info: dict[str, Any] = {
+            "version": protocol.PETALS_COMPAT_VERSION,
+            "dht_client_mode": bool(self.dht_client_mode()),
+            "cache_tokens_available": self.budget.tokens_left_rpc_info,
+        }
+        if request.uid:
+            if request.uid not in self.block_of_uid:
+                raise BadRequest(protocol.err_not_served(request.uid))
+            dtype = self.span.dtype
+            hidden = BatchTensorDescriptor(1, 2048, self.span.hidden_size, dtype=dtype, compression=NONE_COMPRESSION)
+            info["forward_schema"] = ((hidden,), {})
+            info["outputs_schema"] = (hidden,)
+            info["keyword_names"] = ()
+            info["inference_schema"] = (
+                (hidden, BatchTensorDescriptor((), dtype=dtype), BatchTensorDescriptor((), dtype=torch.int64)),
+                {},
+            )
+        return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
+
+    # --- forward and backward ----------------------------------------------------------------------
+    async def _forward(self, uid: str, metadata: dict, tensors: list[torch.Tensor]) -> torch.Tensor:
+        span = self._chain(uid)
+        args = unpack_args(metadata, tensors)
+        if not args:
+            raise BadRequest("forward needs hidden states")
+        hidden = self._hidden_states(args[0])
+        self._no_prompts(args)
+        self.stats.forward_requests += 1
+        out = await asyncio.wait_for(self._compute(lambda: span(hidden)), self.limits.request_timeout)
+        self.stats.tokens_processed += hidden.shape[0] * hidden.shape[1]
+        return out
+
+    async def _backward(self, uid: str, metadata: dict, tensors: list[torch.Tensor]) -> torch.Tensor:
+        span = self._chain(uid)
+        args = unpack_args(metadata, tensors)
+        if len(args) < 2:
+            raise BadRequest("backward needs inputs and grad_outputs")
+        inputs = self._hidden_states(args[0])
+        grad_outputs = args[1]
+        if not isinstance(grad_outputs, torch.Tensor) or grad_outputs.shape != inputs.shape:
+            raise BadRequest("grad_outputs must have the shape of the inputs")
+        if len(args) > 2 and not is_dummy(args[2]):
+            raise BadRequest("deep prompts (prompt tuning) are not supported by this server")
+        self.stats.backward_requests += 1
+
+        def run() -> torch.Tensor:
+            leaf = inputs.detach().to(device=span.device, dtype=span.dtype).requires_grad_(True)
+            out = span(leaf, enable_grad=True)
+            out.backward(grad_outputs.to(device=out.device, dtype=out.dtype))
+            return leaf.grad
+
+        return await asyncio.wait_for(self._compute(run), self.limits.request_timeout)
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        try:
+            self.stats.bytes_in += request.ByteSize()
+            out = await self._forward(request.uid, decode_metadata(request.metadata),
+                                      deserialize_tensors(request.tensors))
+        except (BadRequest, TimeoutError) as exc:
+            self._refused(exc)
+            raise
+        response = runtime_pb2.ExpertResponse(tensors=[serialize(out)])
+        self.stats.bytes_out += response.ByteSize()
+        return response
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertRequest]:  # Petals declares ExpertRequest here; same wire bytes
+        try:
+            uid, metadata, tensors = await gather_stream(requests)
+            self.stats.bytes_in += sum(t.numel() * t.element_size() for t in tensors)
+            out = await self._forward(uid, metadata, tensors)
+        except (BadRequest, TimeoutError) as exc:
+            self._refused(exc)
+            raise
+        for part in stream_parts(serialize(out)):
+            self.stats.bytes_out += part.ByteSize()
+            yield runtime_pb2.ExpertRequest(tensors=[part])
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        try:
+            self.stats.bytes_in += request.ByteSize()
+            grad = await self._backward(request.uid, decode_metadata(request.metadata),
+                                        deserialize_tensors(request.tensors))
+        except (BadRequest, TimeoutError) as exc:
+            self._refused(exc)
+            raise
+        response = runtime_pb2.ExpertResponse(tensors=[serialize(grad)])
+        self.stats.bytes_out += response.ByteSize()
+        return response
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            uid, metadata, tensors = await gather_stream(requests)
+            self.stats.bytes_in += sum(t.numel() * t.element_size() for t in tensors)
+            grad = await self._backward(uid, metadata, tensors)
+        except (BadRequest, TimeoutError) as exc:
+            self._refused(exc)
+            raise
+        for part in stream_parts(serialize(grad)):
+            self.stats.bytes_out += part.ByteSize()
+            yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    # --- inference sessions ------------------------------------------------------------------------
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            first = await asyncio.wait_for(anext(requests), self.limits.step_timeout)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        try:
+            self.stats.bytes_in += first.ByteSize()
+            span = self._chain(first.uid)
+            metadata = decode_metadata(first.metadata)
+            max_length, alloc_timeout, session_id = self._session_params(metadata)
+            batch = first.tensors[0].size[0] if first.tensors and first.tensors[0].size else 1
+            if not 1 <= batch <= self.limits.max_batch_size:
+                raise BadRequest(f"batch size {batch} is outside [1, {self.limits.max_batch_size}]")
+            if len(self.sessions) >= self.limits.max_open_sessions or (session_id in self.sessions):
+                raise BadRequest(f"this server already holds its maximum of {self.limits.max_open_sessions} "
+                                 "sessions (or this session id is in use)")
+            nbytes = self.budget.session_bytes(batch, max_length, span.num_blocks)
+        except BadRequest as exc:
+            self._refused(exc)
+            raise
+        try:
+            async with asyncio.timeout(self.limits.session_timeout), self.budget.allocate(nbytes, alloc_timeout):
+                async for response in self._run_session(span, first, metadata, requests, session_id, batch,
+                                                        max_length):
+                    yield response
+        except Exception as exc:
+            self._refused(exc)
+            raise
+
+    def _session_params(self, metadata: dict) -> tuple[int, float, str]:
+        max_length = metadata.get("max_length")
+        if type(max_length) is not int or max_length < 0:
+            raise BadRequest("the first message of an inference session needs an integer max_length >= 0")
+        if max_length > self.limits.inference_max_length:
+            raise BadRequest(protocol.err_cannot_allocate(max_length, self.limits.inference_max_length))
+        alloc_timeout = metadata.get("alloc_timeout", 0.0)
+        if type(alloc_timeout) not in (int, float) or alloc_timeout < 0:
+            raise BadRequest("alloc_timeout must be a number >= 0")
+        session_id = metadata.get("session_id")
+        if session_id is not None and (not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_CHARS):
+            raise BadRequest("session_id must be a string of at most 128 characters")
+        return max_length, float(alloc_timeout), session_id or f"anonymous-{id(metadata)}"
+
+    async def _run_session(self, span: BlockSpan, first, first_metadata: dict, requests, session_id: str,
+                           batch: int, max_length: int) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        cache = span.new_cache()
+        pushes: asyncio.Queue = asyncio.Queue(maxsize=16)
+        inputs = _SessionInputs(requests, pushes)
+        self.sessions[session_id] = pushes
+        self.stats.sessions_opened += 1
+        self.stats.sessions_active += 1
+        processed_steps: set[str] = set()
+        try:
+            request, metadata = first, first_metadata
+            while request is not None and len(request.tensors) > 0:  # an empty request closes the session
+                step_id = metadata.get("step_id")
+                if step_id is None or step_id not in processed_steps:  # a duplicate step gets no reply
+                    out = await self._inference_step(span, cache, request, metadata, first_metadata, batch,
+                                                     max_length)
+                    response = runtime_pb2.ExpertResponse(tensors=[serialize(out)])
+                    self.stats.bytes_out += response.ByteSize()
+                    yield response
+                    if isinstance(step_id, str):
+                        processed_steps.add(step_id)
+                    self._maybe_push(out, first, metadata)
+                request = await inputs.next(self.limits.step_timeout)
+                if request is not None:
+                    self.stats.bytes_in += request.ByteSize()
+                    metadata = decode_metadata(request.metadata)
+        finally:
+            inputs.close()
+            self.sessions.pop(session_id, None)
+            self.stats.sessions_active -= 1
+
+    async def _inference_step(self, span: BlockSpan, cache: SessionCache, request, metadata: dict,
+                              first_metadata: dict, batch: int, max_length: int) -> torch.Tensor:
+        tensors = deserialize_tensors(request.tensors)
+        args = unpack_args({"args_structure": first_metadata.get("args_structure")}, tensors)
+        hidden = self._hidden_states(args[0] if args else None, batch)
+        self._no_prompts(args)
+        position = metadata.get("start_from_position")
+        if position is not None:
+            if type(position) is not int or position < 0 or position > cache.length:
+                raise BadRequest(f"start_from_position must be an int in [0, {cache.length}], got {position!r}")
+            if position < cache.length:
+                try:
+                    cache.rollback(position)
+                except EngineError as exc:
+                    raise BadRequest(str(exc)) from exc
+        length = hidden.shape[1]
+        if cache.length + length > max_length:
+            raise BadRequest(protocol.err_max_length_exceeded(cache.length, length, max_length))
+        hypo_ids = args[2] if len(args) > 2 else None
+        if not is_dummy(hypo_ids):
+            if hypo_ids.dtype != torch.int64 or tuple(hypo_ids.shape) != (batch,):
+                raise BadRequest(f"hypo_ids must be int64 of shape [{batch}]")
+            if bool(((hypo_ids < 0) | (hypo_ids >= batch)).any()):
+                raise BadRequest("hypo_ids must index rows of the batch")
+            cache.cache.reorder_cache(hypo_ids.to(span.device))
+        if length == 0:
+            return torch.empty(batch, 0, span.hidden_size, dtype=span.dtype)
+        out = await self._compute(lambda: span(hidden, cache))
+        self.stats.tokens_processed += batch * length
+        self.stats.inference_steps += 1
+        return out
+
+    # --- server-to-server pushes (old clients) -----------------------------------------------------
+    def _maybe_push(self, out: torch.Tensor, first, metadata: dict) -> None:
+        next_servers = metadata.get("next_servers")
+        if not next_servers or self.p2p is None or not isinstance(next_servers, (list, tuple)):
+            return
+        try:
+            peer_b58, next_session, start, end = next_servers[0]
+            uid = protocol.chain_uids(self.dht_prefix, int(start), int(end))
+            push_metadata = {**metadata, "session_id": next_session, "next_servers": list(next_servers[1:]),
+                             "pushed": True}
+            request = runtime_pb2.ExpertRequest(uid=uid, tensors=[serialize(out), *first.tensors[1:]],
+                                                metadata=MSGPackSerializer.dumps(push_metadata))
+            peer = PeerID.from_base58(peer_b58)
+        except Exception as exc:  # a malformed next_servers entry only disables the optimisation
+            logger.debug("not pushing: %s", exc)
+            return
+        task = asyncio.create_task(self._push(peer, request))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _push(self, peer: PeerID, request: runtime_pb2.ExpertRequest) -> None:
+        try:
+            stub = self.get_stub(self.p2p, peer)
+            await stub.rpc_push(request, timeout=self.limits.request_timeout)
+        except Exception as exc:
+            logger.debug("push to %s failed: %s", peer, exc)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        metadata = decode_metadata(request.metadata)
+        self._chain(request.uid)
+        queue = self.sessions.get(metadata.get("session_id"))
+        if queue is not None and not queue.full():
+            queue.put_nowait(request)
+        return runtime_pb2.ExpertResponse()

@@ -1,0 +1,146 @@
+"""Tensors and metadata in and out of Petals' protobuf messages, with a limit on every peer-controlled size.
+
+Everything a peer sends is checked before anything is allocated: metadata size and type, tensor
+count, dtype, compression, rank and byte length. A violation raises `BadRequest`, whose message the
+handler returns to the peer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import split_for_streaming
+
+from corolla.swarm import protocol
+
+ALLOWED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+ALLOWED_COMPRESSION = {
+    runtime_pb2.CompressionType.NONE,
+    runtime_pb2.CompressionType.FLOAT16,
+    runtime_pb2.CompressionType.MEANSTD_16BIT,
+}
+MAX_TENSOR_RANK = 4
+TENSOR_MARKER = b"__T"
+
+
+class BadRequest(ValueError):
+    """A request this server refuses; the message goes back to the peer."""
+
+
+def decode_metadata(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    if len(raw) > protocol.MAX_METADATA_BYTES:
+        raise BadRequest(f"metadata is {len(raw)} bytes, more than the limit of {protocol.MAX_METADATA_BYTES}")
+    try:
+        metadata = MSGPackSerializer.loads(raw)
+    except Exception as exc:
+        raise BadRequest(f"metadata is not valid msgpack: {type(exc).__name__}") from exc
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata must be a msgpack map")
+    return metadata
+
+
+def _check_tensor(proto: runtime_pb2.Tensor) -> None:
+    if proto.dtype not in ALLOWED_DTYPES:
+        raise BadRequest(f"tensor dtype {proto.dtype!r} is not accepted (use one of {', '.join(ALLOWED_DTYPES)})")
+    if proto.compression not in ALLOWED_COMPRESSION:
+        raise BadRequest(f"tensor compression {proto.compression} is not accepted")
+    if len(proto.size) > MAX_TENSOR_RANK:
+        raise BadRequest(f"tensor of rank {len(proto.size)} is not accepted (at most {MAX_TENSOR_RANK})")
+    numel = math.prod(proto.size)
+    if proto.compression == runtime_pb2.CompressionType.NONE:
+        item = ALLOWED_DTYPES[proto.dtype]
+        valid = {numel * item} | ({numel * 4} if proto.dtype == "bfloat16" else set())  # legacy bf16 is 4 bytes
+        if len(proto.buffer) not in valid:
+            raise BadRequest(f"tensor buffer of {len(proto.buffer)} bytes does not match shape {list(proto.size)}")
+    elif proto.compression == runtime_pb2.CompressionType.FLOAT16 and len(proto.buffer) != numel * 2:
+        raise BadRequest(f"float16 tensor buffer does not match shape {list(proto.size)}")
+
+
+def deserialize_tensors(protos: Sequence[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    if len(protos) > protocol.MAX_TENSORS_PER_REQUEST:
+        raise BadRequest(f"{len(protos)} tensors in one request (at most {protocol.MAX_TENSORS_PER_REQUEST})")
+    tensors = []
+    for proto in protos:
+        _check_tensor(proto)
+        try:
+            tensors.append(deserialize_torch_tensor(proto))
+        except Exception as exc:
+            raise BadRequest(f"tensor could not be decoded: {type(exc).__name__}: {exc}") from exc
+    return tensors
+
+
+def unpack_args(metadata: dict[str, Any], tensors: list[torch.Tensor]) -> list[Any]:
+    """Rebuild the positional arguments from `args_structure` (bytes markers `__T<i>` name tensors)."""
+    structure = metadata.get("args_structure")
+    if structure is None:
+        return list(tensors)
+
+    def rebuild(node: Any, depth: int = 0) -> Any:
+        if depth > 8:
+            raise BadRequest("args_structure is nested too deeply")
+        if isinstance(node, bytes) and node.startswith(TENSOR_MARKER):
+            try:
+                return tensors[int(node[len(TENSOR_MARKER) :])]
+            except (ValueError, IndexError) as exc:
+                raise BadRequest(f"args_structure names a tensor that was not sent: {node!r}") from exc
+        if isinstance(node, (list, tuple)):
+            return [rebuild(item, depth + 1) for item in node]
+        if isinstance(node, dict):
+            return {key: rebuild(value, depth + 1) for key, value in node.items()}
+        return node
+
+    rebuilt = rebuild(structure)
+    if not (isinstance(rebuilt, list) and rebuilt and isinstance(rebuilt[0], list)):
+        raise BadRequest("args_structure must be ((args...), {kwargs})")
+    return rebuilt[0]
+
+
+def is_dummy(tensor: Any) -> bool:
+    return tensor is None or (isinstance(tensor, torch.Tensor) and tensor.numel() == 0)
+
+
+def serialize(tensor: torch.Tensor, compression: int = runtime_pb2.CompressionType.NONE) -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(tensor.detach().to("cpu"), compression, allow_inplace=True)
+
+
+def stream_parts(serialized: runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
+    return list(split_for_streaming(serialized, protocol.STREAM_CHUNK_BYTES))
+
+
+async def gather_stream(
+    requests: AsyncIterator[runtime_pb2.ExpertRequest], max_bytes: int = protocol.MAX_REQUEST_BYTES
+) -> tuple[str, dict[str, Any], list[torch.Tensor]]:
+    """Collect a forward/backward stream: one uid, metadata from the first message, tensor parts joined."""
+    uid, metadata, total = None, None, 0
+    groups: list[list[runtime_pb2.Tensor]] = []
+    async for request in requests:
+        if uid is None:
+            uid = request.uid
+            metadata = decode_metadata(request.metadata)
+        elif request.uid != uid:
+            raise BadRequest("all messages of a stream must carry the same uid")
+        for part in request.tensors:
+            total += len(part.buffer)
+            if total > max_bytes:
+                raise BadRequest(f"request larger than {max_bytes} bytes")
+            if part.dtype or not groups:
+                groups.append([part])
+            else:
+                groups[-1].append(part)
+    if uid is None:
+        raise BadRequest("empty request stream")
+    joined = []
+    for parts in groups:
+        first = runtime_pb2.Tensor()
+        first.CopyFrom(parts[0])
+        first.buffer = b"".join(p.buffer for p in parts)
+        joined.append(first)
+    return uid, metadata or {}, deserialize_tensors(joined)

@@ -1,0 +1,289 @@
+"""The block server's lifecycle: join, choose blocks, load, serve, announce, rebalance, leave.
+
+One process: the DHT and p2pd run as hivemind's child processes; RPCs are served on this process's
+asyncio loop; the blocks run on one compute thread, so the loop stays responsive during a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import random
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import torch
+
+from corolla import __version__
+from corolla.swarm import protocol
+from corolla.swarm.dht_records import compute_spans, declare_blocks, declare_model, get_module_infos
+from corolla.swarm.models import LoadOptions, load_span, open_checkpoint, resolve_dht_prefix
+from corolla.swarm.models.devices import (
+    check_quantization_supported,
+    checkpoint_dtype_of,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
+from corolla.swarm.models.errors import EngineError
+from corolla.swarm.models.loading import estimate_memory
+from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.peers import start_dht
+from corolla.swarm.protocol import ServerInfo, ServerState
+from corolla.swarm.server.block_selection import choose_best_blocks, should_choose_other_blocks
+from corolla.swarm.server.config import ServerConfig
+from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
+from corolla.swarm.server.memory_cache import CacheBudget
+from corolla.swarm.server.stats import ServerStats
+from corolla.swarm.server.throughput import Throughput, get_throughput
+
+logger = logging.getLogger(__name__)
+
+
+class BlockServer:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.stats = ServerStats(model=config.model)
+        self.checkpoint = open_checkpoint(config.model, token=config.token, revision=config.revision,
+                                          cache_dir=config.cache_dir)
+        self.dht_prefix = resolve_dht_prefix(self.checkpoint, config.dht_prefix)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.torch_dtype, self.device, checkpoint_dtype_of(self.checkpoint.config))
+        check_quantization_supported(config.quant_type, self.device)
+        self.total_blocks = self.checkpoint.num_blocks
+        if config.blocks is not None:
+            start, end = config.blocks
+            if not 0 <= start < end <= self.total_blocks:
+                raise EngineError(f"--blocks {start}:{end} is outside the model's blocks 0:{self.total_blocks}")
+        model_config = self.checkpoint.config
+        self.inference_max_length = config.inference_max_length or protocol.default_inference_max_length(model_config)
+        self.max_batch_size = config.max_batch_size or self.inference_max_length
+        self.attn_cache_tokens = config.attn_cache_tokens or 2 * self.inference_max_length
+        element = torch.empty((), dtype=self.dtype).element_size()
+        self.bytes_per_token_block = 2 * self.checkpoint.family.kv_dim(model_config) * element
+        self.stats.dht_prefix, self.stats.torch_dtype = self.dht_prefix, dtype_name(self.dtype)
+        self.stats.quant_type = config.quant_type
+        self.state = ServerState.OFFLINE
+        self.span: BlockSpan | None = None
+        self.budget: CacheBudget | None = None
+        self.throughput: Throughput | None = None
+        self.announced_throughput = 0.0
+        self.dht = None
+        self._stop = asyncio.Event()
+        self._wake_announcer = asyncio.Event()
+
+    # --- entry point -------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; returns the process exit code."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        try:
+            return asyncio.run(self._main())
+        finally:
+            if self.dht is not None:
+                self.dht.shutdown()
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self._set_state("joining", "starting the DHT")
+        self.dht = start_dht(
+            self.config.initial_peers,
+            host_maddrs=self.config.host_maddrs,
+            announce_maddrs=self.config.announce_maddrs,
+            identity_path=self.config.identity_path,
+            nat_port_map=self.config.nat_port_map,
+            use_relay=self.config.use_relay,
+            use_auto_relay=self.config.use_auto_relay,
+            auto_nat=self.config.auto_nat,
+        )
+        self.peer_id = self.dht.peer_id.to_base58()
+        self.stats.peer_id = self.peer_id
+        self.stats.visible_maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        for maddr in self.stats.visible_maddrs:
+            print(f"corolla: serving {self.dht_prefix}; others join with --initial-peers {maddr}", flush=True)
+        self._set_state("joining", "measuring throughput")
+        self.throughput = await asyncio.to_thread(self._get_throughput)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+        writer = asyncio.create_task(self._write_stats_forever())
+        try:
+            while not self._stop.is_set():
+                start, end = await self._choose_blocks()
+                moved = await self._serve(start, end, executor)
+                if not moved:
+                    break
+                logger.info("rebalancing: leaving blocks [%d, %d)", start, end)
+            return 0
+        finally:
+            writer.cancel()
+            executor.shutdown(wait=False)
+            self._set_state("offline", "stopped")
+            self._write_stats()
+
+    # --- blocks ------------------------------------------------------------------------------------
+    def _get_throughput(self) -> Throughput:
+        value = self.config.throughput
+        if isinstance(value, float):
+            return Throughput(inference_rps=value, forward_rps=value, network_rps=value)
+        cache = self.config.throughput_cache
+        return get_throughput(self.checkpoint, self.device, self.dtype, self.config.quant_type,
+                              Path(cache) if cache else None, force_eval=value == "eval")
+
+    def _num_blocks_to_serve(self) -> int:
+        if self.config.num_blocks is not None:
+            return max(1, min(self.config.num_blocks, self.total_blocks))
+        # As many blocks as fit in 80% of the free memory of the device, with their KV cache budget.
+        estimate = estimate_memory(self.checkpoint, self.dtype, self.config.quant_type)
+        per_block = max(estimate.per_block_bytes) + self.attn_cache_tokens * self.bytes_per_token_block
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = psutil.virtual_memory().available
+        return max(1, min(self.total_blocks, int(0.8 * free // per_block)))
+
+    def _uids(self, start: int, end: int) -> list[str]:
+        return [protocol.make_uid(self.dht_prefix, i) for i in range(start, end)]
+
+    async def _choose_blocks(self) -> tuple[int, int]:
+        if self.config.blocks is not None:
+            return self.config.blocks
+        length = self._num_blocks_to_serve()
+        # A random pause so servers starting together do not all pick the same weakest window.
+        await asyncio.sleep(random.uniform(0, 2 * self.config.mean_block_selection_delay))
+        infos = await get_module_infos(self.dht, self._uids(0, self.total_blocks))
+        spans = compute_spans(infos, min_state=ServerState.JOINING)
+        spans.pop(self.peer_id, None)
+        return choose_best_blocks(length, spans.values(), self.total_blocks)
+
+    async def _serve(self, start: int, end: int, executor: ThreadPoolExecutor) -> bool:
+        """Serve [start, end) until asked to stop (returns False) or to move (returns True)."""
+        self.stats.start_block, self.stats.end_block = start, end
+        explicit = not isinstance(self.config.throughput, str)  # an explicit value is announced as given
+        self.announced_throughput = (float(self.config.throughput) if explicit
+                                     else self.throughput.announced(end - start))
+        self.stats.throughput = self.announced_throughput
+        if isinstance(self.config.throughput, str):
+            self.stats.inference_rps, self.stats.forward_rps = self.throughput.inference_rps, self.throughput.forward_rps
+        self.state = ServerState.JOINING
+        self._set_state("loading", f"loading blocks [{start}, {end})")
+        await self._announce(start, end)
+        options = LoadOptions(device=self.device, dtype=self.dtype, quantization=self.config.quant_type,
+                              token=self.config.token, revision=self.config.revision, cache_dir=self.config.cache_dir)
+        self.span = await asyncio.to_thread(load_span, self.checkpoint, start, end, options)
+        self.stats.span_bytes = self.span.memory_bytes()
+        self.budget = CacheBudget(max_bytes=(end - start) * self.attn_cache_tokens * self.bytes_per_token_block,
+                                  bytes_per_token_block=self.bytes_per_token_block,
+                                  max_alloc_timeout=self.config.max_alloc_timeout)
+        limits = HandlerLimits(inference_max_length=self.inference_max_length, max_batch_size=self.max_batch_size,
+                               max_open_sessions=self.config.max_open_sessions,
+                               request_timeout=self.config.request_timeout,
+                               session_timeout=self.config.session_timeout, step_timeout=self.config.step_timeout)
+        handler = TransformerConnectionHandler(self.span, self.dht_prefix, self.budget, limits, self.stats, executor)
+        p2p = await self.dht.replicate_p2p()
+        await handler.attach(p2p)
+        self.state = ServerState.ONLINE
+        self._set_state("online", f"serving blocks [{start}, {end})")
+        announcer = asyncio.create_task(self._announce_forever(start, end))
+        move = asyncio.Event()
+        balancer = None if self.config.blocks is not None else asyncio.create_task(self._balance_forever(move))
+        stop_wait = asyncio.create_task(self._stop.wait())
+        move_wait = asyncio.create_task(move.wait())
+        await asyncio.wait({stop_wait, move_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (announcer, balancer, stop_wait, move_wait):
+            if task is not None:
+                task.cancel()
+        self.state = ServerState.OFFLINE
+        self._set_state("leaving", "announcing OFFLINE")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._announce(start, end), timeout=10)
+        await handler.detach()
+        self.span = self.budget = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return move.is_set() and not self._stop.is_set()
+
+    # --- announcements -----------------------------------------------------------------------------
+    def _server_info(self, start: int, end: int) -> ServerInfo:
+        measured = isinstance(self.config.throughput, str)
+        return ServerInfo(
+            state=self.state,
+            throughput=float(self.announced_throughput),
+            start_block=start,
+            end_block=end,
+            public_name=self.config.public_name,
+            version=protocol.PETALS_COMPAT_VERSION,
+            network_rps=self.throughput.network_rps if measured else None,
+            forward_rps=self.throughput.forward_rps if measured else None,
+            inference_rps=self.throughput.inference_rps if measured else None,
+            adapters=(),
+            torch_dtype=dtype_name(self.dtype),
+            quant_type=self.config.quant_type,
+            using_relay=False,
+            cache_tokens_left=self.budget.tokens_left_dht if self.budget is not None else None,
+            next_pings=None,
+            extra={"corolla_version": __version__},
+        )
+
+    async def _announce(self, start: int, end: int) -> None:
+        await declare_blocks(self.dht, self._uids(start, end), self._server_info(start, end),
+                             self.config.expiration)
+        if self.state != ServerState.OFFLINE:
+            repository = None if self.checkpoint.is_local else f"https://huggingface.co/{self.checkpoint.source_name}"
+            await declare_model(self.dht, self.dht_prefix, protocol.ModelInfo(self.total_blocks, repository),
+                                self.config.expiration)
+
+    async def _announce_forever(self, start: int, end: int) -> None:
+        while True:
+            try:
+                await self._announce(start, end)
+            except Exception:
+                logger.warning("announcement failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_announcer.wait(), self.config.update_period)
+            self._wake_announcer.clear()
+
+    async def _balance_forever(self, move: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(random.uniform(0, 2 * self.config.mean_balance_check_period))
+            try:
+                infos = await get_module_infos(self.dht, self._uids(0, self.total_blocks))
+                spans = compute_spans(infos, min_state=ServerState.JOINING)
+                if should_choose_other_blocks(self.peer_id, spans, self.total_blocks, self.config.balance_quality):
+                    move.set()
+                    return
+            except Exception:
+                logger.warning("rebalancing check failed", exc_info=True)
+
+    # --- stats -------------------------------------------------------------------------------------
+    def _set_state(self, state: str, reason: str) -> None:
+        self.stats.state, self.stats.state_reason = state, reason
+        logger.info("%s: %s", state, reason)
+        self._write_stats()
+
+    def _write_stats(self) -> None:
+        if self.budget is not None:
+            self.stats.cache_bytes_total = self.budget.max_bytes
+            self.stats.cache_bytes_left = self.budget.bytes_left
+        if self.config.stats_path is not None:
+            try:
+                self.stats.write(Path(self.config.stats_path))
+            except OSError:
+                logger.warning("could not write stats to %s", self.config.stats_path, exc_info=True)
+
+    async def _write_stats_forever(self) -> None:
+        while True:
+            self._write_stats()
+            await asyncio.sleep(1.0)
+
+
+def serve(config: ServerConfig) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return BlockServer(config).run()

@@ -1,0 +1,65 @@
+"""Contribution counters of a running server, published as a JSON file a parent process can read.
+
+The file is replaced atomically (write to a temporary file, then rename), so a reader never sees a
+half-written snapshot; `read_stats` is what the node uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ServerStats:
+    started_at: float = field(default_factory=time.time)
+    state: str = "starting"
+    state_reason: str = ""
+    model: str = ""
+    dht_prefix: str = ""
+    start_block: int | None = None
+    end_block: int | None = None
+    peer_id: str = ""
+    visible_maddrs: list[str] = field(default_factory=list)
+    throughput: float = 0.0
+    inference_rps: float | None = None
+    forward_rps: float | None = None
+    torch_dtype: str = ""
+    quant_type: str = "none"
+    cache_bytes_total: int = 0
+    cache_bytes_left: int = 0
+    span_bytes: int = 0
+    tokens_processed: int = 0
+    inference_steps: int = 0
+    sessions_opened: int = 0
+    sessions_active: int = 0
+    forward_requests: int = 0
+    backward_requests: int = 0
+    requests_refused: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["uptime_s"] = round(time.time() - self.started_at, 3)
+        data["updated_at"] = time.time()
+        return data
+
+    def write(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.snapshot()))
+        os.replace(tmp, path)
+
+
+def read_stats(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The latest snapshot, or None if the server has not written one yet."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
