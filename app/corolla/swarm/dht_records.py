@@ -70,7 +70,8 @@ async def declare_model(dht: DHT, dht_prefix: str, model_info: protocol.ModelInf
 
 
 async def _get_many(dht: DHT, node: DHTNode, uids: list[str]) -> dict:
-    return await node.get_many(uids, latest=True, num_workers=min(len(uids), 32))
+    # sufficient_expiration_time=inf is what `latest=True` means: crawl for the freshest copy.
+    return await node.get_many(uids, sufficient_expiration_time=float("inf"), num_workers=min(len(uids), 32))
 
 
 async def get_module_infos(dht: DHT, uids: list[str]) -> list[ModuleInfo]:

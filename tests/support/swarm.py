@@ -1,0 +1,169 @@
+"""Real swarm processes for tests: Corolla block servers and stock Petals 2.2 peers, on 127.0.0.1 only.
+
+Every peer runs with NAT port mapping off, relays off and loopback addresses; each process gets its
+own process group, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LOOPBACK_FLAGS = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--no-relay", "--no-auto-nat"]
+
+
+class ProcessFailed(AssertionError):
+    pass
+
+
+class CorollaServer:
+    """`corolla serve` in a subprocess; its state comes from the stats file it writes every second."""
+
+    def __init__(self, workdir: Path, model: str | Path, *args: str, name: str = "server"):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.stats_path = self.workdir / f"{name}.stats.json"
+        self.log_path = self.workdir / f"{name}.log"
+        self.stats_path.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "corolla.cli", "serve", str(model), *LOOPBACK_FLAGS,
+                   "--stats-file", str(self.stats_path), "--num-threads", "1", *args]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def stats(self) -> dict:
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def wait_state(self, state: str, timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            if stats.get("state") == state:
+                return stats
+            if self.process.poll() is not None:
+                raise ProcessFailed(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            time.sleep(0.2)
+        raise ProcessFailed(f"server did not reach state {state!r} in {timeout} s:\n{self.log_tail()}")
+
+    @property
+    def maddr(self) -> str:
+        return self.wait_state("online")["visible_maddrs"][0]
+
+    @property
+    def peer_id(self) -> str:
+        return self.stats()["peer_id"]
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM (the server announces OFFLINE), then SIGKILL if it lingers."""
+        return _stop_group(self.process, signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        _stop_group(self.process, signal.SIGKILL, 10.0)
+
+
+def _stop_group(process: subprocess.Popen, sig: int, timeout: float) -> int:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            return process.wait(10)
+    return process.returncode
+
+
+# --- the stock Petals 2.2 reference environment ---------------------------------------------------
+
+def reference_dir() -> Path:
+    return Path(os.environ.get("COROLLA_PETALSREF_SRC", REPO.parent / "shared" / "reference-petals"))
+
+
+def reference_python() -> Path:
+    root = Path(os.environ.get("PETALSREF", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                               / "corolla-petalsref"))
+    return root / "venv" / "bin" / "python"
+
+
+def require_reference() -> Path:
+    """The reference venv's python; skips where it was not built (CI builds it, so CI never skips)."""
+    python = reference_python()
+    if not python.exists() or not reference_dir().exists():
+        if os.environ.get("CI"):
+            raise ProcessFailed(f"the Petals reference environment is missing ({python}); run build_env.sh")
+        pytest.skip("the stock Petals reference environment is not built (shared/reference-petals/build_env.sh)")
+    return python
+
+
+def reference_env() -> dict[str, str]:
+    lib = str(reference_dir() / "lib")
+    return {**os.environ, "PYTHONPATH": lib, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+class PetalsServer:
+    """A stock Petals 2.2 server (NAT port mapping forced off by the reference harness)."""
+
+    def __init__(self, workdir: Path, model_dir: Path, initial_peer: str, blocks: str, dht_prefix: str,
+                 name: str = "petals-server"):
+        python = require_reference()
+        self.log_path = Path(workdir) / f"{name}.log"
+        command = [str(python), str(reference_dir() / "lib" / "petalsref_launch.py"), "petals.cli.run_server",
+                   str(model_dir), "--initial_peers", initial_peer, "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
+                   "--dht_prefix", dht_prefix, "--device", "cpu", "--torch_dtype", "float32", "--quant_type",
+                   "none", "--block_indices", blocks, "--throughput", "1.0", "--no_auto_relay",
+                   "--skip_reachability_check", "--cache_dir", str(Path(workdir) / f"{name}-cache"),
+                   "--num_handlers", "2"]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env=reference_env())
+
+    def wait_started(self, timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "[INFO] Started" in self.log_path.read_text(errors="replace"):
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.5)
+        tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+        raise ProcessFailed(f"stock Petals server did not start:\n{tail}")
+
+    def stop(self) -> None:
+        _stop_group(self.process, signal.SIGTERM, 20)
+
+
+def run_reference_script(script: Path, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+    python = require_reference()
+    return subprocess.run([str(python), str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          env=reference_env(), cwd=str(reference_dir()), check=False)
+
+
+def make_reference_model(out_dir: Path, dht_prefix: str, layers: int | None = None) -> Path:
+    """The reference harness's tiny Llama (written by transformers 4.34, as stock peers expect)."""
+    if not (out_dir / "config.json").exists():
+        result = run_reference_script(reference_dir() / "make_tiny_llama.py", str(out_dir), "--dht_prefix",
+                                      dht_prefix, "--seed", "0")
+        if result.returncode != 0:
+            raise ProcessFailed(result.stderr[-3000:])
+    return out_dir
