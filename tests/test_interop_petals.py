@@ -1,0 +1,96 @@
+"""Interoperability with stock Petals 2.2.0.post1 peers (../shared/reference-petals), on 127.0.0.1.
+
+The reference scripts run inside the reference venv; Corolla servers run from this checkout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.swarm import (
+    CorollaServer,
+    PetalsServer,
+    make_reference_model,
+    reference_dir,
+    require_reference,
+    run_reference_script,
+)
+
+pytestmark = pytest.mark.slow
+PREFIX = "tiny-llama-hf"
+HERE = Path(__file__).parent / "interop"
+
+
+@pytest.fixture(scope="module")
+def reference_model(tmp_path_factory):
+    require_reference()
+    return make_reference_model(tmp_path_factory.mktemp("ref-model") / "tiny-llama", PREFIX)
+
+
+@pytest.fixture(scope="module")
+def corolla_whole_model(reference_model, tmp_path_factory):
+    server = CorollaServer(tmp_path_factory.mktemp("corolla"), reference_model, "--new-swarm", "--blocks", "0:4",
+                           "--torch-dtype", "float32", "--throughput", "10")
+    server.wait_state("online")
+    yield server
+    server.stop()
+
+
+def _last_json(result) -> dict:
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("{", "SUMMARY"))]
+    assert lines, f"no JSON from the reference script:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return json.loads(lines[-1].removeprefix("SUMMARY "))
+
+
+def test_stock_client_generates_through_a_corolla_server(reference_model, corolla_whole_model):
+    result = run_reference_script(reference_dir() / "client_check.py", str(reference_model),
+                                  corolla_whole_model.maddr, "--dht_prefix", PREFIX, "--new_tokens", "12")
+    summary = _last_json(result)
+    assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
+
+
+def test_stock_client_multi_turn_sessions_and_batches(reference_model, corolla_whole_model):
+    result = run_reference_script(HERE / "petals_session_check.py", str(reference_model),
+                                  corolla_whole_model.maddr, PREFIX)
+    report = _last_json(result)
+    assert result.returncode == 0 and report["ok"], (report, result.stderr[-3000:])
+
+
+def test_rollback_sent_by_stock_petals_code(reference_model, corolla_whole_model):
+    result = run_reference_script(HERE / "petals_wire_rollback.py", str(reference_model),
+                                  corolla_whole_model.maddr, PREFIX)
+    report = _last_json(result)
+    assert result.returncode == 0 and report["ok"], (report, result.stderr[-3000:])
+
+
+def test_stock_reader_accepts_the_announcement(corolla_whole_model):
+    result = run_reference_script(HERE / "petals_dht_check.py", corolla_whole_model.maddr, PREFIX, "4")
+    seen = _last_json(result)
+    entry = seen[corolla_whole_model.peer_id]
+    assert entry["state"] == "ONLINE" and entry["blocks"] == [0, 1, 2, 3]
+    assert entry["throughput"] == 10.0 and entry["cache_tokens_left"] > 0
+
+
+def test_mixed_chain_stock_server_then_corolla_server(reference_model, tmp_path):
+    corolla = CorollaServer(tmp_path, reference_model, "--new-swarm", "--blocks", "2:4", "--torch-dtype", "float32",
+                            "--throughput", "10", name="corolla-2-4")
+    petals = None
+    try:
+        corolla.wait_state("online")
+        petals = PetalsServer(tmp_path, reference_model, corolla.maddr, "0:2", PREFIX)
+        petals.wait_started()
+        seen = _last_json(run_reference_script(HERE / "petals_dht_check.py", corolla.maddr, PREFIX, "4"))
+        spans = sorted(entry["blocks"] for entry in seen.values() if entry["state"] == "ONLINE")
+        assert spans == [[0, 1], [2, 3]], seen
+        result = run_reference_script(reference_dir() / "client_check.py", str(reference_model), corolla.maddr,
+                                      "--dht_prefix", PREFIX, "--new_tokens", "12")
+        summary = _last_json(result)
+        assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
+        assert corolla.stats()["inference_steps"] > 0  # the chain really went through Corolla
+    finally:
+        if petals is not None:
+            petals.stop()
+        corolla.stop()
