@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Set up .venv with the development extras, check style, then run the whole test suite.
+# Set up .venv with the development extras and the stock Petals reference environment (for the
+# interop tests), check style, then run the whole test suite. Where this user may create network
+# namespaces (root), pytest runs in one that has only loopback, so no test traffic can leave the machine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/setup-env.sh dev
+REF="${COROLLA_PETALSREF_SRC:-$ROOT/../shared/reference-petals}"
+REF_PY="${PETALSREF:-${XDG_CACHE_HOME:-$HOME/.cache}/corolla-petalsref}/venv/bin/python"
+if [[ -f "$REF/build_env.sh" && ! -x "$REF_PY" ]]; then
+  echo "building the stock Petals 2.2 reference environment (once)..." >&2
+  bash "$REF/build_env.sh" >&2
+fi
 .venv/bin/ruff check app tests benchmarks
 .venv/bin/ruff format --check app tests benchmarks
+if [[ "$(id -u)" == 0 ]] && command -v ip >/dev/null && unshare -n true 2>/dev/null; then
+  exec unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python -m pytest "$@"
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -32,8 +32,17 @@ def reference_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corolla_whole_model(reference_model, tmp_path_factory):
-    server = CorollaServer(tmp_path_factory.mktemp("corolla"), reference_model, "--new-swarm", "--blocks", "0:4",
-                           "--torch-dtype", "float32", "--throughput", "10")
+    server = CorollaServer(
+        tmp_path_factory.mktemp("corolla"),
+        reference_model,
+        "--new-swarm",
+        "--blocks",
+        "0:4",
+        "--torch-dtype",
+        "float32",
+        "--throughput",
+        "10",
+    )
     server.wait_state("online")
     yield server
     server.stop()
@@ -46,22 +55,31 @@ def _last_json(result) -> dict:
 
 
 def test_stock_client_generates_through_a_corolla_server(reference_model, corolla_whole_model):
-    result = run_reference_script(reference_dir() / "client_check.py", str(reference_model),
-                                  corolla_whole_model.maddr, "--dht_prefix", PREFIX, "--new_tokens", "12")
+    result = run_reference_script(
+        reference_dir() / "client_check.py",
+        str(reference_model),
+        corolla_whole_model.maddr,
+        "--dht_prefix",
+        PREFIX,
+        "--new_tokens",
+        "12",
+    )
     summary = _last_json(result)
     assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
 
 
 def test_stock_client_multi_turn_sessions_and_batches(reference_model, corolla_whole_model):
-    result = run_reference_script(HERE / "petals_session_check.py", str(reference_model),
-                                  corolla_whole_model.maddr, PREFIX)
+    result = run_reference_script(
+        HERE / "petals_session_check.py", str(reference_model), corolla_whole_model.maddr, PREFIX
+    )
     report = _last_json(result)
     assert result.returncode == 0 and report["ok"], (report, result.stderr[-3000:])
 
 
 def test_rollback_sent_by_stock_petals_code(reference_model, corolla_whole_model):
-    result = run_reference_script(HERE / "petals_wire_rollback.py", str(reference_model),
-                                  corolla_whole_model.maddr, PREFIX)
+    result = run_reference_script(
+        HERE / "petals_wire_rollback.py", str(reference_model), corolla_whole_model.maddr, PREFIX
+    )
     report = _last_json(result)
     assert result.returncode == 0 and report["ok"], (report, result.stderr[-3000:])
 
@@ -75,8 +93,18 @@ def test_stock_reader_accepts_the_announcement(corolla_whole_model):
 
 
 def test_mixed_chain_stock_server_then_corolla_server(reference_model, tmp_path):
-    corolla = CorollaServer(tmp_path, reference_model, "--new-swarm", "--blocks", "2:4", "--torch-dtype", "float32",
-                            "--throughput", "10", name="corolla-2-4")
+    corolla = CorollaServer(
+        tmp_path,
+        reference_model,
+        "--new-swarm",
+        "--blocks",
+        "2:4",
+        "--torch-dtype",
+        "float32",
+        "--throughput",
+        "10",
+        name="corolla-2-4",
+    )
     petals = None
     try:
         corolla.wait_state("online")
@@ -85,8 +113,15 @@ def test_mixed_chain_stock_server_then_corolla_server(reference_model, tmp_path)
         seen = _last_json(run_reference_script(HERE / "petals_dht_check.py", corolla.maddr, PREFIX, "4"))
         spans = sorted(entry["blocks"] for entry in seen.values() if entry["state"] == "ONLINE")
         assert spans == [[0, 1], [2, 3]], seen
-        result = run_reference_script(reference_dir() / "client_check.py", str(reference_model), corolla.maddr,
-                                      "--dht_prefix", PREFIX, "--new_tokens", "12")
+        result = run_reference_script(
+            reference_dir() / "client_check.py",
+            str(reference_model),
+            corolla.maddr,
+            "--dht_prefix",
+            PREFIX,
+            "--new_tokens",
+            "12",
+        )
         summary = _last_json(result)
         assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
         assert corolla.stats()["inference_steps"] > 0  # the chain really went through Corolla

@@ -27,10 +27,29 @@ def model_dir(tiny_models):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = CorollaServer(tmp_path_factory.mktemp("server"), model_dir, "--new-swarm", "--dht-prefix", PREFIX,
-                            "--blocks", f"0:{BLOCKS}", "--torch-dtype", "float32", "--throughput", "25",
-                            "--attn-cache-tokens", str(CACHE_TOKENS), "--inference-max-length", "64",
-                            "--max-batch-size", "256", "--step-timeout", "20", "--update-period", "5")
+    process = CorollaServer(
+        tmp_path_factory.mktemp("server"),
+        model_dir,
+        "--new-swarm",
+        "--dht-prefix",
+        PREFIX,
+        "--blocks",
+        f"0:{BLOCKS}",
+        "--torch-dtype",
+        "float32",
+        "--throughput",
+        "25",
+        "--attn-cache-tokens",
+        str(CACHE_TOKENS),
+        "--inference-max-length",
+        "64",
+        "--max-batch-size",
+        "256",
+        "--step-timeout",
+        "20",
+        "--update-period",
+        "5",
+    )
     process.wait_state("online")
     yield process
     process.stop()
@@ -109,28 +128,47 @@ def test_announcement_has_exact_types(client, server):
 
 
 MALFORMED = {
-    "unknown uid": (lambda: [step_request(f"{PREFIX}.99", torch.randn(1, 2, 64), max_length=8, **new_ids())],
-                    "does not serve"),
-    "non-consecutive chain": (lambda: [step_request(f"{PREFIX}.0 {PREFIX}.2", torch.randn(1, 2, 64), max_length=8,
-                                                    **new_ids())], "consecutive"),
-    "huge max_length": (lambda: [step_request(CHAIN, torch.randn(1, 2, 64), max_length=10**9, **new_ids())],
-                        "Cannot allocate KV cache"),
+    "unknown uid": (
+        lambda: [step_request(f"{PREFIX}.99", torch.randn(1, 2, 64), max_length=8, **new_ids())],
+        "does not serve",
+    ),
+    "non-consecutive chain": (
+        lambda: [step_request(f"{PREFIX}.0 {PREFIX}.2", torch.randn(1, 2, 64), max_length=8, **new_ids())],
+        "consecutive",
+    ),
+    "huge max_length": (
+        lambda: [step_request(CHAIN, torch.randn(1, 2, 64), max_length=10**9, **new_ids())],
+        "Cannot allocate KV cache",
+    ),
     "missing max_length": (lambda: [step_request(CHAIN, torch.randn(1, 2, 64), **new_ids())], "max_length"),
-    "bad msgpack": (lambda: [step_request(CHAIN, torch.randn(1, 2, 64), raw_metadata=b"\xc1\xff\x00")],
-                    "msgpack"),
-    "wrong hidden size": (lambda: [step_request(CHAIN, torch.randn(1, 2, 63), max_length=8, **new_ids())],
-                          "hidden size"),
-    "integer hidden states": (lambda: [step_request(CHAIN, torch.ones(1, 2, 64, dtype=torch.int64), max_length=8,
-                                                    **new_ids())], "floating"),
-    "length past max_length": (lambda: [step_request(CHAIN, torch.randn(1, 9, 64), max_length=8, **new_ids())],
-                               "Maximum length exceeded"),
-    "batch changes mid-session": (lambda: [
-        step_request(CHAIN, torch.randn(1, 2, 64), max_length=8, session_id="b1", step_id="1"),
-        step_request(CHAIN, torch.randn(2, 1, 64), session_id="b1", step_id="2")], "batch size changed"),
-    "hypo_ids out of range": (lambda: [step_request(CHAIN, torch.randn(1, 2, 64), hypo_ids=torch.tensor([3]),
-                                                    max_length=8, **new_ids())], "hypo_ids"),
-    "rollback past the end": (lambda: [step_request(CHAIN, torch.randn(1, 2, 64), max_length=8,
-                                                    start_from_position=5, **new_ids())], "start_from_position"),
+    "bad msgpack": (lambda: [step_request(CHAIN, torch.randn(1, 2, 64), raw_metadata=b"\xc1\xff\x00")], "msgpack"),
+    "wrong hidden size": (
+        lambda: [step_request(CHAIN, torch.randn(1, 2, 63), max_length=8, **new_ids())],
+        "hidden size",
+    ),
+    "integer hidden states": (
+        lambda: [step_request(CHAIN, torch.ones(1, 2, 64, dtype=torch.int64), max_length=8, **new_ids())],
+        "floating",
+    ),
+    "length past max_length": (
+        lambda: [step_request(CHAIN, torch.randn(1, 9, 64), max_length=8, **new_ids())],
+        "Maximum length exceeded",
+    ),
+    "batch changes mid-session": (
+        lambda: [
+            step_request(CHAIN, torch.randn(1, 2, 64), max_length=8, session_id="b1", step_id="1"),
+            step_request(CHAIN, torch.randn(2, 1, 64), session_id="b1", step_id="2"),
+        ],
+        "batch size changed",
+    ),
+    "hypo_ids out of range": (
+        lambda: [step_request(CHAIN, torch.randn(1, 2, 64), hypo_ids=torch.tensor([3]), max_length=8, **new_ids())],
+        "hypo_ids",
+    ),
+    "rollback past the end": (
+        lambda: [step_request(CHAIN, torch.randn(1, 2, 64), max_length=8, start_from_position=5, **new_ids())],
+        "start_from_position",
+    ),
 }
 
 
@@ -142,8 +180,9 @@ def test_malformed_input_gets_an_error_and_the_server_recovers(client, server, l
     assert result.error is not None and expected_error in result.error, result.error
     # The server still serves correct outputs, and its free cache is back to full.
     hidden = torch.randn(1, 3, 64)
-    ok = client.session(server.peer_id, [step_request(CHAIN, hidden, max_length=8, **new_ids()),
-                                         step_request("", None)])
+    ok = client.session(
+        server.peer_id, [step_request(CHAIN, hidden, max_length=8, **new_ids()), step_request("", None)]
+    )
     assert ok.error is None and torch.allclose(ok.outputs[0], local_span(hidden), atol=1e-5)
     assert full_cache(client, server) == full
 
@@ -158,12 +197,16 @@ def test_tensor_buffer_that_lies_about_its_shape(client, server):
 def test_duplicate_step_id_gets_no_second_reply(client, server, local_span):
     hidden, step = torch.randn(1, 3, 64), torch.randn(1, 1, 64)
     ids = new_ids()
-    result = client.session(server.peer_id, [
-        step_request(CHAIN, hidden, max_length=8, **ids),
-        step_request(CHAIN, step, session_id=ids["session_id"], step_id=ids["step_id"]),  # duplicate of step 1
-        step_request(CHAIN, step, session_id=ids["session_id"], step_id="next"),
-        step_request("", None),
-    ], reply_timeout=3.0)
+    result = client.session(
+        server.peer_id,
+        [
+            step_request(CHAIN, hidden, max_length=8, **ids),
+            step_request(CHAIN, step, session_id=ids["session_id"], step_id=ids["step_id"]),  # duplicate of step 1
+            step_request(CHAIN, step, session_id=ids["session_id"], step_id="next"),
+            step_request("", None),
+        ],
+        reply_timeout=3.0,
+    )
     assert result.error is None and len(result.outputs) == 2
     cache = local_span.new_cache()
     local_span(hidden, cache)
@@ -172,8 +215,9 @@ def test_duplicate_step_id_gets_no_second_reply(client, server, local_span):
 
 def test_stream_dropped_mid_session_frees_the_cache(client, server):
     full = full_cache(client, server)
-    result = client.session(server.peer_id, [step_request(CHAIN, torch.randn(1, 3, 64), max_length=64, **new_ids()),
-                                             None])  # ends the stream without the closing request
+    result = client.session(
+        server.peer_id, [step_request(CHAIN, torch.randn(1, 3, 64), max_length=64, **new_ids()), None]
+    )  # ends the stream without the closing request
     assert result.error is None
     deadline = time.monotonic() + 10
     while full_cache(client, server) != full and time.monotonic() < deadline:
@@ -182,14 +226,14 @@ def test_stream_dropped_mid_session_frees_the_cache(client, server):
 
 
 def test_a_full_cache_refuses_new_sessions_until_one_closes(client, server):
-    first = client.session(server.peer_id, [step_request(CHAIN, torch.randn(1, 1, 64), max_length=64, **new_ids()),
-                                            step_request("", None)])
+    first = client.session(
+        server.peer_id, [step_request(CHAIN, torch.randn(1, 1, 64), max_length=64, **new_ids()), step_request("", None)]
+    )
     assert first.error is None  # a whole-budget session fits alone
     holder = client.loop.create_task(_hold_session(client, server, seconds=3.0))
     time.sleep(1.0)
     client.run(_idle(0.5))
-    refused = client.session(server.peer_id, [step_request(CHAIN, torch.randn(1, 1, 64), max_length=8,
-                                                           **new_ids())])
+    refused = client.session(server.peer_id, [step_request(CHAIN, torch.randn(1, 1, 64), max_length=8, **new_ids())])
     assert refused.error is not None and "out of memory" in refused.error
     client.run(holder)
 

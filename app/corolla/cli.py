@@ -159,22 +159,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from corolla.swarm.server.server import serve
 
     if not args.initial_peers and not args.new_swarm:
-        print("corolla: error: give --initial-peers MADDR... to join a swarm, or --new-swarm to start one",
-              file=sys.stderr)
+        print(
+            "corolla: error: give --initial-peers MADDR... to join a swarm, or --new-swarm to start one",
+            file=sys.stderr,
+        )
         return 2
     host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{args.port}"]
     config = ServerConfig(
-        model=args.model, initial_peers=args.initial_peers, new_swarm=args.new_swarm, dht_prefix=args.dht_prefix,
-        host_maddrs=host_maddrs, announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
-        public_name=args.public_name, nat_port_map=args.nat_port_map, use_relay=not args.no_relay,
-        use_auto_relay=not args.no_relay and not args.no_auto_relay, auto_nat=not args.no_auto_nat,
-        blocks=args.blocks, num_blocks=args.num_blocks, device=args.device, torch_dtype=args.torch_dtype,
-        quant_type=args.quant_type, token=args.token, revision=args.revision, cache_dir=args.cache_dir,
-        inference_max_length=args.inference_max_length, max_batch_size=args.max_batch_size,
-        attn_cache_tokens=args.attn_cache_tokens, update_period=args.update_period,
-        balance_quality=args.balance_quality, mean_balance_check_period=args.mean_balance_check_period,
-        throughput=args.throughput, throughput_cache=args.throughput_cache, stats_path=args.stats_file,
-        num_threads=args.num_threads, step_timeout=args.step_timeout, session_timeout=args.session_timeout,
+        model=args.model,
+        initial_peers=args.initial_peers,
+        new_swarm=args.new_swarm,
+        dht_prefix=args.dht_prefix,
+        host_maddrs=host_maddrs,
+        announce_maddrs=args.announce_maddrs,
+        identity_path=args.identity_path,
+        public_name=args.public_name,
+        nat_port_map=args.nat_port_map,
+        use_relay=not args.no_relay,
+        use_auto_relay=not args.no_relay and not args.no_auto_relay,
+        auto_nat=not args.no_auto_nat,
+        blocks=args.blocks,
+        num_blocks=args.num_blocks,
+        device=args.device,
+        torch_dtype=args.torch_dtype,
+        quant_type=args.quant_type,
+        token=args.token,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        inference_max_length=args.inference_max_length,
+        max_batch_size=args.max_batch_size,
+        attn_cache_tokens=args.attn_cache_tokens,
+        update_period=args.update_period,
+        balance_quality=args.balance_quality,
+        mean_balance_check_period=args.mean_balance_check_period,
+        throughput=args.throughput,
+        throughput_cache=args.throughput_cache,
+        stats_path=args.stats_file,
+        num_threads=args.num_threads,
+        step_timeout=args.step_timeout,
+        session_timeout=args.session_timeout,
     )
     return serve(config)
 

@@ -19,10 +19,17 @@ def main():
     seen = {}
     for index, info in enumerate(infos):
         for peer, server in info.servers.items():
-            entry = seen.setdefault(str(peer), {"state": server.state.name, "blocks": [],
-                                                "throughput": server.throughput,
-                                                "start_block": server.start_block, "end_block": server.end_block,
-                                                "cache_tokens_left": server.cache_tokens_left})
+            entry = seen.setdefault(
+                str(peer),
+                {
+                    "state": server.state.name,
+                    "blocks": [],
+                    "throughput": server.throughput,
+                    "start_block": server.start_block,
+                    "end_block": server.end_block,
+                    "cache_tokens_left": server.cache_tokens_left,
+                },
+            )
             entry["blocks"].append(index)
     print(json.dumps(seen))
     dht.shutdown()

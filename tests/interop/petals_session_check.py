@@ -19,7 +19,8 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     local = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     remote = AutoDistributedModelForCausalLM.from_pretrained(
-        model_dir, initial_peers=[initial_peer], dht_prefix=prefix, torch_dtype=torch.float32).eval()
+        model_dir, initial_peers=[initial_peer], dht_prefix=prefix, torch_dtype=torch.float32
+    ).eval()
     results = {}
     with torch.inference_mode():
         # Two turns in one session: the second continues from the server-side cache.
@@ -34,8 +35,13 @@ def main():
         results["turn1_match"] = torch.equal(turn1, expected1)
         results["turn2_match"] = torch.equal(turn2[:, -5:], expected2[:, -5:])
         # A batch of two equal-length prompts (Petals cannot pad).
-        batch = torch.cat([tokenizer("a petals server", return_tensors="pt").input_ids,
-                           tokenizer("numbers 1 2 3", return_tensors="pt").input_ids[:, :4]], dim=0)
+        batch = torch.cat(
+            [
+                tokenizer("a petals server", return_tensors="pt").input_ids,
+                tokenizer("numbers 1 2 3", return_tensors="pt").input_ids[:, :4],
+            ],
+            dim=0,
+        )
         batch = batch[:, : min(batch.shape[1], 4)]
         got = remote.generate(batch, max_new_tokens=6, do_sample=False)
         want = local.generate(batch, max_new_tokens=6, do_sample=False)

@@ -23,8 +23,11 @@ ARGS = ((b"__T0", b"__T1", b"__T2"), {})
 
 def request(uid, hidden, **metadata):
     tensors = [serialize_torch_tensor(t) for t in (hidden, torch.zeros(0), torch.zeros(0, dtype=torch.int64))]
-    return runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(
-        {"args_structure": ARGS, "points": 0.0, "active_adapter": None, **metadata}))
+    return runtime_pb2.ExpertRequest(
+        uid=uid,
+        tensors=tensors,
+        metadata=MSGPackSerializer.dumps({"args_structure": ARGS, "points": 0.0, "active_adapter": None, **metadata}),
+    )
 
 
 def main():
@@ -69,8 +72,11 @@ def main():
     diff_a = (logits_a - expected_a).abs().max().item()
     diff_b = (logits_b - expected_b).abs().max().item()
     ok = len(outputs) == 3 and diff_a < 1e-4 and diff_b < 1e-4
-    print(json.dumps({"ok": ok, "steps": len(outputs), "max_diff_before_rollback": diff_a,
-                      "max_diff_after_rollback": diff_b}))
+    print(
+        json.dumps(
+            {"ok": ok, "steps": len(outputs), "max_diff_before_rollback": diff_a, "max_diff_after_rollback": diff_b}
+        )
+    )
     dht.shutdown()
     sys.exit(0 if ok else 1)
 

@@ -6,6 +6,7 @@ own process group, and every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,11 +34,27 @@ class CorollaServer:
         self.stats_path = self.workdir / f"{name}.stats.json"
         self.log_path = self.workdir / f"{name}.log"
         self.stats_path.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "corolla.cli", "serve", str(model), *LOOPBACK_FLAGS,
-                   "--stats-file", str(self.stats_path), "--num-threads", "1", *args]
+        command = [
+            sys.executable,
+            "-m",
+            "corolla.cli",
+            "serve",
+            str(model),
+            *LOOPBACK_FLAGS,
+            "--stats-file",
+            str(self.stats_path),
+            "--num-threads",
+            "1",
+            *args,
+        ]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     def stats(self) -> dict:
         try:
@@ -79,9 +96,14 @@ class CorollaServer:
 
 
 def _stop_group(process: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Signal the main process only (its hivemind children must live until it has said goodbye on the
+    DHT); SIGKILL the whole group if it lingers, so no child outlives the test."""
     if process.poll() is None:
         try:
-            os.killpg(process.pid, sig)
+            if sig == signal.SIGKILL:
+                os.killpg(process.pid, sig)
+            else:
+                os.kill(process.pid, sig)
         except ProcessLookupError:
             pass
         try:
@@ -89,18 +111,25 @@ def _stop_group(process: subprocess.Popen, sig: int, timeout: float) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             return process.wait(10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # leftover children of the group
     return process.returncode
 
 
 # --- the stock Petals 2.2 reference environment ---------------------------------------------------
+
 
 def reference_dir() -> Path:
     return Path(os.environ.get("COROLLA_PETALSREF_SRC", REPO.parent / "shared" / "reference-petals"))
 
 
 def reference_python() -> Path:
-    root = Path(os.environ.get("PETALSREF", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "corolla-petalsref"))
+    root = Path(
+        os.environ.get(
+            "PETALSREF", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "corolla-petalsref"
+        )
+    )
     return root / "venv" / "bin" / "python"
 
 
@@ -116,27 +145,66 @@ def require_reference() -> Path:
 
 def reference_env() -> dict[str, str]:
     lib = str(reference_dir() / "lib")
-    return {**os.environ, "PYTHONPATH": lib, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
+    return {
+        **os.environ,
+        "PYTHONPATH": lib,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
 
 
 class PetalsServer:
     """A stock Petals 2.2 server (NAT port mapping forced off by the reference harness)."""
 
-    def __init__(self, workdir: Path, model_dir: Path, initial_peer: str, blocks: str, dht_prefix: str,
-                 name: str = "petals-server"):
+    def __init__(
+        self,
+        workdir: Path,
+        model_dir: Path,
+        initial_peer: str,
+        blocks: str,
+        dht_prefix: str,
+        name: str = "petals-server",
+    ):
         python = require_reference()
         self.log_path = Path(workdir) / f"{name}.log"
-        command = [str(python), str(reference_dir() / "lib" / "petalsref_launch.py"), "petals.cli.run_server",
-                   str(model_dir), "--initial_peers", initial_peer, "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
-                   "--dht_prefix", dht_prefix, "--device", "cpu", "--torch_dtype", "float32", "--quant_type",
-                   "none", "--block_indices", blocks, "--throughput", "1.0", "--no_auto_relay",
-                   "--skip_reachability_check", "--cache_dir", str(Path(workdir) / f"{name}-cache"),
-                   "--num_handlers", "2"]
+        command = [
+            str(python),
+            str(reference_dir() / "lib" / "petalsref_launch.py"),
+            "petals.cli.run_server",
+            str(model_dir),
+            "--initial_peers",
+            initial_peer,
+            "--host_maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--dht_prefix",
+            dht_prefix,
+            "--device",
+            "cpu",
+            "--torch_dtype",
+            "float32",
+            "--quant_type",
+            "none",
+            "--block_indices",
+            blocks,
+            "--throughput",
+            "1.0",
+            "--no_auto_relay",
+            "--skip_reachability_check",
+            "--cache_dir",
+            str(Path(workdir) / f"{name}-cache"),
+            "--num_handlers",
+            "2",
+        ]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env=reference_env())
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=reference_env()
+            )
 
     def wait_started(self, timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
@@ -155,15 +223,23 @@ class PetalsServer:
 
 def run_reference_script(script: Path, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
     python = require_reference()
-    return subprocess.run([str(python), str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          env=reference_env(), cwd=str(reference_dir()), check=False)
+    return subprocess.run(
+        [str(python), str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=reference_env(),
+        cwd=str(reference_dir()),
+        check=False,
+    )
 
 
 def make_reference_model(out_dir: Path, dht_prefix: str, layers: int | None = None) -> Path:
     """The reference harness's tiny Llama (written by transformers 4.34, as stock peers expect)."""
     if not (out_dir / "config.json").exists():
-        result = run_reference_script(reference_dir() / "make_tiny_llama.py", str(out_dir), "--dht_prefix",
-                                      dht_prefix, "--seed", "0")
+        result = run_reference_script(
+            reference_dir() / "make_tiny_llama.py", str(out_dir), "--dht_prefix", dht_prefix, "--seed", "0"
+        )
         if result.returncode != 0:
             raise ProcessFailed(result.stderr[-3000:])
     return out_dir

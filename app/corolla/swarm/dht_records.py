@@ -48,25 +48,40 @@ class RemoteSpan:
         return self.server_info.throughput
 
 
-async def _store_server_info(dht: DHT, node: DHTNode, uids: list[str], peer_id: str, value: tuple,
-                             expiration_time: float) -> dict:
-    return await node.store_many(keys=uids, subkeys=[peer_id] * len(uids), values=[value] * len(uids),
-                                 expiration_time=expiration_time, num_workers=min(len(uids), 32))
+async def _store_server_info(
+    dht: DHT, node: DHTNode, uids: list[str], peer_id: str, value: tuple, expiration_time: float
+) -> dict:
+    return await node.store_many(
+        keys=uids,
+        subkeys=[peer_id] * len(uids),
+        values=[value] * len(uids),
+        expiration_time=expiration_time,
+        num_workers=min(len(uids), 32),
+    )
 
 
 async def declare_blocks(dht: DHT, uids: list[str], info: ServerInfo, expiration: float) -> None:
     """Store `info` under every uid, with this peer's id as the subkey."""
     peer_id = dht.peer_id.to_base58()
     value = info.to_tuple()
-    await dht.run_coroutine(partial(_store_server_info, uids=uids, peer_id=peer_id, value=value,
-                                    expiration_time=get_dht_time() + expiration), return_future=True)
+    await dht.run_coroutine(
+        partial(
+            _store_server_info, uids=uids, peer_id=peer_id, value=value, expiration_time=get_dht_time() + expiration
+        ),
+        return_future=True,
+    )
 
 
 async def declare_model(dht: DHT, dht_prefix: str, model_info: protocol.ModelInfo, expiration: float) -> None:
     if dht_prefix.startswith("_"):
         return  # Petals' convention for private models
-    await dht.store(protocol.MODELS_INDEX_KEY, subkey=dht_prefix, value=model_info.to_dict(),
-                    expiration_time=get_dht_time() + expiration, return_future=True)
+    await dht.store(
+        protocol.MODELS_INDEX_KEY,
+        subkey=dht_prefix,
+        value=model_info.to_dict(),
+        expiration_time=get_dht_time() + expiration,
+        return_future=True,
+    )
 
 
 async def _get_many(dht: DHT, node: DHTNode, uids: list[str]) -> dict:

@@ -175,9 +175,7 @@ class ModelInfo:
 
 # Error texts stock clients and chat.petals.dev match on (protocol doc §2.10).
 def err_max_length_exceeded(prefix: int, current: int, max_length: int) -> str:
-    return (
-        f"Maximum length exceeded: prefix {prefix} + current {current} exceeds pre-allocated maximum {max_length}"
-    )
+    return f"Maximum length exceeded: prefix {prefix} + current {current} exceeds pre-allocated maximum {max_length}"
 
 
 def err_cannot_allocate(tokens: int, max_tokens: int) -> str:

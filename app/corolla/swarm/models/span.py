@@ -54,8 +54,9 @@ class BlockSpan:
         if (start, end) == (self.start, self.end):
             return self
         layers = nn.ModuleList(list(self.layers)[start - self.start : end - self.start])
-        return BlockSpan(self.family, self.config, start, end, layers, self.rotary_emb, self.device, self.dtype,
-                         self.quantization)
+        return BlockSpan(
+            self.family, self.config, start, end, layers, self.rotary_emb, self.device, self.dtype, self.quantization
+        )
 
     def forward(
         self,

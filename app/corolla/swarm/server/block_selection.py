@@ -37,7 +37,10 @@ def choose_best_blocks(num_blocks_to_serve: int, spans: Iterable[RemoteSpan], to
 
 
 def should_choose_other_blocks(
-    own_peer_id: str, spans: dict[str, RemoteSpan], total_blocks: int, balance_quality: float,
+    own_peer_id: str,
+    spans: dict[str, RemoteSpan],
+    total_blocks: int,
+    balance_quality: float,
     rng: random.Random | None = None,
 ) -> bool:
     """True if moving this server's span would raise the swarm's weakest block enough."""

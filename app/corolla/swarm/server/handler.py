@@ -214,8 +214,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             self.stats.bytes_in += request.ByteSize()
-            out = await self._forward(request.uid, decode_metadata(request.metadata),
-                                      deserialize_tensors(request.tensors))
+            out = await self._forward(
+                request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
+            )
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
@@ -240,8 +241,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             self.stats.bytes_in += request.ByteSize()
-            grad = await self._backward(request.uid, decode_metadata(request.metadata),
-                                        deserialize_tensors(request.tensors))
+            grad = await self._backward(
+                request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
+            )
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
@@ -280,16 +282,17 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             if not 1 <= batch <= self.limits.max_batch_size:
                 raise BadRequest(f"batch size {batch} is outside [1, {self.limits.max_batch_size}]")
             if len(self.sessions) >= self.limits.max_open_sessions or (session_id in self.sessions):
-                raise BadRequest(f"this server already holds its maximum of {self.limits.max_open_sessions} "
-                                 "sessions (or this session id is in use)")
+                raise BadRequest(
+                    f"this server already holds its maximum of {self.limits.max_open_sessions} "
+                    "sessions (or this session id is in use)"
+                )
             nbytes = self.budget.session_bytes(batch, max_length, span.num_blocks)
         except BadRequest as exc:
             self._refused(exc)
             raise
         try:
             async with asyncio.timeout(self.limits.session_timeout), self.budget.allocate(nbytes, alloc_timeout):
-                async for response in self._run_session(span, first, metadata, requests, session_id, batch,
-                                                        max_length):
+                async for response in self._run_session(span, first, metadata, requests, session_id, batch, max_length):
                     yield response
         except Exception as exc:
             self._refused(exc)
@@ -309,8 +312,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             raise BadRequest("session_id must be a string of at most 128 characters")
         return max_length, float(alloc_timeout), session_id or f"anonymous-{id(metadata)}"
 
-    async def _run_session(self, span: BlockSpan, first, first_metadata: dict, requests, session_id: str,
-                           batch: int, max_length: int) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def _run_session(
+        self, span: BlockSpan, first, first_metadata: dict, requests, session_id: str, batch: int, max_length: int
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         cache = span.new_cache()
         pushes: asyncio.Queue = asyncio.Queue(maxsize=16)
         inputs = _SessionInputs(requests, pushes)
@@ -323,8 +327,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             while request is not None and len(request.tensors) > 0:  # an empty request closes the session
                 step_id = metadata.get("step_id")
                 if step_id is None or step_id not in processed_steps:  # a duplicate step gets no reply
-                    out = await self._inference_step(span, cache, request, metadata, first_metadata, batch,
-                                                     max_length)
+                    out = await self._inference_step(span, cache, request, metadata, first_metadata, batch, max_length)
                     response = runtime_pb2.ExpertResponse(tensors=[serialize(out)])
                     self.stats.bytes_out += response.ByteSize()
                     yield response
@@ -340,8 +343,16 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             self.sessions.pop(session_id, None)
             self.stats.sessions_active -= 1
 
-    async def _inference_step(self, span: BlockSpan, cache: SessionCache, request, metadata: dict,
-                              first_metadata: dict, batch: int, max_length: int) -> torch.Tensor:
+    async def _inference_step(
+        self,
+        span: BlockSpan,
+        cache: SessionCache,
+        request,
+        metadata: dict,
+        first_metadata: dict,
+        batch: int,
+        max_length: int,
+    ) -> torch.Tensor:
         tensors = deserialize_tensors(request.tensors)
         args = unpack_args({"args_structure": first_metadata.get("args_structure")}, tensors)
         hidden = self._hidden_states(args[0] if args else None, batch)
@@ -380,10 +391,15 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         try:
             peer_b58, next_session, start, end = next_servers[0]
             uid = protocol.chain_uids(self.dht_prefix, int(start), int(end))
-            push_metadata = {**metadata, "session_id": next_session, "next_servers": list(next_servers[1:]),
-                             "pushed": True}
-            request = runtime_pb2.ExpertRequest(uid=uid, tensors=[serialize(out), *first.tensors[1:]],
-                                                metadata=MSGPackSerializer.dumps(push_metadata))
+            push_metadata = {
+                **metadata,
+                "session_id": next_session,
+                "next_servers": list(next_servers[1:]),
+                "pushed": True,
+            }
+            request = runtime_pb2.ExpertRequest(
+                uid=uid, tensors=[serialize(out), *first.tensors[1:]], metadata=MSGPackSerializer.dumps(push_metadata)
+            )
             peer = PeerID.from_base58(peer_b58)
         except Exception as exc:  # a malformed next_servers entry only disables the optimisation
             logger.debug("not pushing: %s", exc)

@@ -49,8 +49,9 @@ class BlockServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.stats = ServerStats(model=config.model)
-        self.checkpoint = open_checkpoint(config.model, token=config.token, revision=config.revision,
-                                          cache_dir=config.cache_dir)
+        self.checkpoint = open_checkpoint(
+            config.model, token=config.token, revision=config.revision, cache_dir=config.cache_dir
+        )
         self.dht_prefix = resolve_dht_prefix(self.checkpoint, config.dht_prefix)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.torch_dtype, self.device, checkpoint_dtype_of(self.checkpoint.config))
@@ -132,8 +133,14 @@ class BlockServer:
         if isinstance(value, float):
             return Throughput(inference_rps=value, forward_rps=value, network_rps=value)
         cache = self.config.throughput_cache
-        return get_throughput(self.checkpoint, self.device, self.dtype, self.config.quant_type,
-                              Path(cache) if cache else None, force_eval=value == "eval")
+        return get_throughput(
+            self.checkpoint,
+            self.device,
+            self.dtype,
+            self.config.quant_type,
+            Path(cache) if cache else None,
+            force_eval=value == "eval",
+        )
 
     def _num_blocks_to_serve(self) -> int:
         if self.config.num_blocks is not None:
@@ -165,25 +172,41 @@ class BlockServer:
         """Serve [start, end) until asked to stop (returns False) or to move (returns True)."""
         self.stats.start_block, self.stats.end_block = start, end
         explicit = not isinstance(self.config.throughput, str)  # an explicit value is announced as given
-        self.announced_throughput = (float(self.config.throughput) if explicit
-                                     else self.throughput.announced(end - start))
+        self.announced_throughput = (
+            float(self.config.throughput) if explicit else self.throughput.announced(end - start)
+        )
         self.stats.throughput = self.announced_throughput
         if isinstance(self.config.throughput, str):
-            self.stats.inference_rps, self.stats.forward_rps = self.throughput.inference_rps, self.throughput.forward_rps
+            self.stats.inference_rps, self.stats.forward_rps = (
+                self.throughput.inference_rps,
+                self.throughput.forward_rps,
+            )
         self.state = ServerState.JOINING
         self._set_state("loading", f"loading blocks [{start}, {end})")
         await self._announce(start, end)
-        options = LoadOptions(device=self.device, dtype=self.dtype, quantization=self.config.quant_type,
-                              token=self.config.token, revision=self.config.revision, cache_dir=self.config.cache_dir)
+        options = LoadOptions(
+            device=self.device,
+            dtype=self.dtype,
+            quantization=self.config.quant_type,
+            token=self.config.token,
+            revision=self.config.revision,
+            cache_dir=self.config.cache_dir,
+        )
         self.span = await asyncio.to_thread(load_span, self.checkpoint, start, end, options)
         self.stats.span_bytes = self.span.memory_bytes()
-        self.budget = CacheBudget(max_bytes=(end - start) * self.attn_cache_tokens * self.bytes_per_token_block,
-                                  bytes_per_token_block=self.bytes_per_token_block,
-                                  max_alloc_timeout=self.config.max_alloc_timeout)
-        limits = HandlerLimits(inference_max_length=self.inference_max_length, max_batch_size=self.max_batch_size,
-                               max_open_sessions=self.config.max_open_sessions,
-                               request_timeout=self.config.request_timeout,
-                               session_timeout=self.config.session_timeout, step_timeout=self.config.step_timeout)
+        self.budget = CacheBudget(
+            max_bytes=(end - start) * self.attn_cache_tokens * self.bytes_per_token_block,
+            bytes_per_token_block=self.bytes_per_token_block,
+            max_alloc_timeout=self.config.max_alloc_timeout,
+        )
+        limits = HandlerLimits(
+            inference_max_length=self.inference_max_length,
+            max_batch_size=self.max_batch_size,
+            max_open_sessions=self.config.max_open_sessions,
+            request_timeout=self.config.request_timeout,
+            session_timeout=self.config.session_timeout,
+            step_timeout=self.config.step_timeout,
+        )
         handler = TransformerConnectionHandler(self.span, self.dht_prefix, self.budget, limits, self.stats, executor)
         p2p = await self.dht.replicate_p2p()
         await handler.attach(p2p)
@@ -232,12 +255,12 @@ class BlockServer:
         )
 
     async def _announce(self, start: int, end: int) -> None:
-        await declare_blocks(self.dht, self._uids(start, end), self._server_info(start, end),
-                             self.config.expiration)
+        await declare_blocks(self.dht, self._uids(start, end), self._server_info(start, end), self.config.expiration)
         if self.state != ServerState.OFFLINE:
             repository = None if self.checkpoint.is_local else f"https://huggingface.co/{self.checkpoint.source_name}"
-            await declare_model(self.dht, self.dht_prefix, protocol.ModelInfo(self.total_blocks, repository),
-                                self.config.expiration)
+            await declare_model(
+                self.dht, self.dht_prefix, protocol.ModelInfo(self.total_blocks, repository), self.config.expiration
+            )
 
     async def _announce_forever(self, start: int, end: int) -> None:
         while True:
@@ -284,6 +307,5 @@ class BlockServer:
 
 
 def serve(config: ServerConfig) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return BlockServer(config).run()

@@ -48,8 +48,14 @@ def cache_key(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, 
     return f"v{CACHE_VERSION}_model_{model}_device_{name.replace(' ', '_')}_dtype_{dtype_name(dtype)}_quant_{quant}"
 
 
-def get_throughput(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str,
-                   cache_path: Path | None, force_eval: bool = False) -> Throughput:
+def get_throughput(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: str,
+    cache_path: Path | None,
+    force_eval: bool = False,
+) -> Throughput:
     key = cache_key(checkpoint, device, dtype, quant)
     if cache_path is not None and not force_eval:
         cached = _read_cache(cache_path).get(key)
@@ -64,9 +70,16 @@ def get_throughput(checkpoint: Checkpoint, device: torch.device, dtype: torch.dt
     return measured
 
 
-def measure(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str,
-            inference_steps: int = 100, forward_tokens: int = 1024, forward_steps: int = 10,
-            time_budget_s: float = 30.0) -> Throughput:
+def measure(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: str,
+    inference_steps: int = 100,
+    forward_tokens: int = 1024,
+    forward_steps: int = 10,
+    time_budget_s: float = 30.0,
+) -> Throughput:
     """Measure on one randomly initialised block; stops early on slow machines (time budget)."""
     span = _random_block(checkpoint, device, dtype, quant)
     hidden = span.hidden_size
@@ -107,8 +120,9 @@ def _random_block(checkpoint: Checkpoint, device: torch.device, dtype: torch.dty
     if quant != "none":
         quantize_linear_layers(layers, quant, device, dtype)
     rotary = family.rotary_embedding(model)
-    return BlockSpan(family, checkpoint.config, 0, 1, layers.eval(), rotary.to(device) if rotary else None,
-                     device, dtype, quant)
+    return BlockSpan(
+        family, checkpoint.config, 0, 1, layers.eval(), rotary.to(device) if rotary else None, device, dtype, quant
+    )
 
 
 def _sync(device: torch.device) -> None:
