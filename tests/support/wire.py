@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,17 +94,22 @@ class WireClient:
         result = SessionResult()
         replies: asyncio.Queue = asyncio.Queue()
 
+        finished = asyncio.Event()
+
         async def producer():
             for item in requests:
-                if item is None:
+                if item is None or finished.is_set():
                     return
                 if isinstance(item, float):
                     await asyncio.sleep(item)
                     continue
                 yield item
                 if wait_replies and item.tensors:
-                    with contextlib.suppress(TimeoutError):  # duplicates get no reply by design
-                        await asyncio.wait_for(replies.get(), reply_timeout)
+                    reply = asyncio.ensure_future(replies.get())
+                    done = asyncio.ensure_future(finished.wait())
+                    await asyncio.wait({reply, done}, timeout=reply_timeout, return_when=asyncio.FIRST_COMPLETED)
+                    reply.cancel()
+                    done.cancel()
 
         async def call():
             try:
@@ -115,6 +119,10 @@ class WireClient:
                     replies.put_nowait(None)
             except Exception as exc:  # error replies arrive as exceptions
                 result.error = str(exc)
+            finally:
+                # Let the stream's writer see the end now, not in the next call on this loop.
+                finished.set()
+                await asyncio.sleep(0.1)
 
         self.run(call(), timeout=120)
         return result
