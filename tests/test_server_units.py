@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 
@@ -178,3 +179,19 @@ def test_packing_limits():
         unpack_args({"args_structure": ((b"__T5",), {})}, tensors)
     with pytest.raises(BadRequest, match="args_structure"):
         unpack_args({"args_structure": 5}, tensors)
+
+
+def test_throughput_is_measured_once_then_read_from_the_cache(tiny_models, tmp_path):
+    from corolla.swarm.models import open_checkpoint
+    from corolla.swarm.server import throughput as tp
+
+    checkpoint = open_checkpoint(tiny_models.get("llama"))
+    cache = tmp_path / "throughput.json"
+    first = tp.get_throughput(checkpoint, torch.device("cpu"), torch.float32, "none", cache)
+    assert first.inference_rps > 0 and first.forward_rps > 0 and first.network_rps == 100e6 / (64 * 16)
+    key = tp.cache_key(checkpoint, torch.device("cpu"), torch.float32, "none")
+    assert set(json.loads(cache.read_text())) == {key}
+    assert tp.get_throughput(checkpoint, torch.device("cpu"), torch.float32, "none", cache) == first
+    again = tp.get_throughput(checkpoint, torch.device("cpu"), torch.float32, "none", cache, force_eval=True)
+    assert again != first  # re-measured (timings never repeat exactly)
+    assert again.announced(num_blocks=3) == min(again.forward_rps / 2, again.network_rps)
