@@ -98,11 +98,19 @@ def measure_span_server(client_dht, peer_id: str, hidden: int, blocks: int, step
     async def run():
         p2p = await client_dht.replicate_p2p()
         stub = TransformerConnectionHandler.get_stub(p2p, PeerID.from_base58(peer_id))
-        first = _step_request(uid, x, {"session_id": session, "step_id": "0", "max_length": steps + 8,
-                                       "start_from_position": 0, "points": 0.0})
-        return await _time_stream(stub.rpc_inference, first,
-                                  lambda i: _step_request(uid, x, {"session_id": session, "step_id": str(i + 1),
-                                                                   "start_from_position": i + 1}), steps)
+        first = _step_request(
+            uid,
+            x,
+            {"session_id": session, "step_id": "0", "max_length": steps + 8, "start_from_position": 0, "points": 0.0},
+        )
+        return await _time_stream(
+            stub.rpc_inference,
+            first,
+            lambda i: _step_request(
+                uid, x, {"session_id": session, "step_id": str(i + 1), "start_from_position": i + 1}
+            ),
+            steps,
+        )
 
     return asyncio.run(run())
 
@@ -135,8 +143,12 @@ def measure_compute(model_dir: Path, blocks: int, steps: int) -> list[float]:
 
 def summary(values: list[float]) -> dict:
     ms = sorted(v * 1000 for v in values)
-    return {"median_ms": round(statistics.median(ms), 3), "p10_ms": round(ms[len(ms) // 10], 3),
-            "p90_ms": round(ms[9 * len(ms) // 10], 3), "n": len(ms)}
+    return {
+        "median_ms": round(statistics.median(ms), 3),
+        "p10_ms": round(ms[len(ms) // 10], 3),
+        "p90_ms": round(ms[9 * len(ms) // 10], 3),
+        "n": len(ms),
+    }
 
 
 def main() -> None:
@@ -162,14 +174,25 @@ def main() -> None:
         try:
             maddr = json.loads(echo.stdout.readline())["maddr"]
             client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False)
-            report["raw_stream_round_trip"] = summary(measure_echo(client, maddr.rsplit("/", 1)[-1], hidden,
-                                                                   args.steps))
+            report["raw_stream_round_trip"] = summary(
+                measure_echo(client, maddr.rsplit("/", 1)[-1], hidden, args.steps)
+            )
             client.shutdown()
         finally:
             echo.kill()
 
-        server = CorollaServer(tmp, model, "--new-swarm", "--blocks", f"0:{blocks}", "--torch-dtype", "float32",
-                               "--throughput", "10", name="corolla")
+        server = CorollaServer(
+            tmp,
+            model,
+            "--new-swarm",
+            "--blocks",
+            f"0:{blocks}",
+            "--torch-dtype",
+            "float32",
+            "--throughput",
+            "10",
+            name="corolla",
+        )
         try:
             client = start_dht([server.maddr], client_mode=True, use_relay=False, auto_nat=False)
             report["corolla"] = summary(measure_span_server(client, server.peer_id, hidden, blocks, args.steps))
@@ -178,8 +201,18 @@ def main() -> None:
             server.stop()
 
         if reference_python().exists():
-            seed = CorollaServer(tmp, model, "--new-swarm", "--blocks", "0:1", "--torch-dtype", "float32",
-                                 "--throughput", "10", name="bootstrap")  # a DHT for the Petals server to join
+            seed = CorollaServer(
+                tmp,
+                model,
+                "--new-swarm",
+                "--blocks",
+                "0:1",
+                "--torch-dtype",
+                "float32",
+                "--throughput",
+                "10",
+                name="bootstrap",
+            )  # a DHT for the Petals server to join
             petals = None
             try:
                 petals = PetalsServer(tmp, model, seed.maddr, f"0:{blocks}", PREFIX)

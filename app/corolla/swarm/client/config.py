@@ -1,0 +1,25 @@
+"""Client settings; the defaults follow Petals' ClientConfig where one exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: list[str] = field(default_factory=list)
+    dht_prefix: str | None = None
+    allowed_servers: list[str] | None = None  # base58 peer ids; None: any
+    blocked_servers: list[str] = field(default_factory=list)
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0  # per step; a dead server is noticed within this
+    update_period: float = 60.0
+    max_retries: int = 8  # per step; then the error propagates (never an endless loop)
+    min_backoff: float = 0.5
+    max_backoff: float = 10.0
+    ban_timeout: float = 15.0  # first ban; doubles with each further failure
+    ping_timeout: float = 2.0
+    # Loopback-only peers (tests, the private demo swarm): no relays, no AutoNAT.
+    use_relay: bool = True
+    auto_nat: bool = True
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])

@@ -1,0 +1,194 @@
+"""Which servers a client sends its activations through.
+
+The swarm view (ONLINE spans, pings, bans) refreshes from the DHT; `choose_route` is a pure function:
+a minimum-cost split of [start, end) into server segments, where a segment's cost is the client's
+round trip to that server, a fixed per-hop cost, the compute time of its blocks, and a heavy
+penalty if the server lacks free cache for the session (Petals' min-latency cost model, protocol doc §4.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from corolla.swarm import protocol
+from corolla.swarm.client.config import ClientConfig
+from corolla.swarm.dht_records import RemoteSpan, compute_spans, get_module_infos
+from corolla.swarm.protocol import ServerState
+
+logger = logging.getLogger(__name__)
+HOP_COST = 0.018
+UNKNOWN_RTT = 0.15
+DEFAULT_INFERENCE_RPS = 300.0
+NO_CACHE_PENALTY = 10.0
+
+
+class MissingBlocksError(RuntimeError):
+    def __init__(self, blocks: list[int], dht_prefix: str):
+        self.blocks = blocks
+        shown = ", ".join(map(str, blocks[:20])) + (" ..." if len(blocks) > 20 else "")
+        super().__init__(
+            f"no online server holds block(s) {shown} of {dht_prefix}; the swarm cannot run this "
+            "model until someone serves them"
+        )
+
+
+@dataclass(frozen=True)
+class RouteSegment:
+    peer_id: str
+    start: int
+    end: int
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end} via …{self.peer_id[-6:]}"
+
+
+def describe_route(route: list[RouteSegment]) -> str:
+    return ", ".join(str(segment) for segment in route) if route else "(no route)"
+
+
+def choose_route(
+    spans: dict[str, RemoteSpan], start: int, end: int, rtts: dict[str, float], cache_tokens_needed: int | None = None
+) -> list[RouteSegment]:
+    """The cheapest chain of segments covering [start, end); raises MissingBlocksError if impossible."""
+    best: list[float] = [math.inf] * (end + 1)
+    choice: list[tuple[int, str] | None] = [None] * (end + 1)
+    best[start] = 0.0
+    for a in range(start, end):
+        if best[a] == math.inf:
+            continue
+        for peer, span in spans.items():
+            if not span.start <= a < span.end:
+                continue
+            rps = span.server_info.inference_rps or DEFAULT_INFERENCE_RPS
+            entry = best[a] + _rtt_cost(rtts.get(peer)) + HOP_COST
+            for b in range(a + 1, min(span.end, end) + 1):
+                cost = entry + (b - a) / rps + (0 if _has_cache(span, b - a, cache_tokens_needed) else NO_CACHE_PENALTY)
+                if cost < best[b] - 1e-12:
+                    best[b], choice[b] = cost, (a, peer)
+    if best[end] == math.inf:
+        covered = set()
+        for span in spans.values():
+            covered.update(range(span.start, span.end))
+        raise MissingBlocksError([b for b in range(start, end) if b not in covered] or [start], "the model")
+    route, b = [], end
+    while b > start:
+        a, peer = choice[b]
+        route.append(RouteSegment(peer, a, b))
+        b = a
+    route.reverse()
+    return _merge(route)
+
+
+def _merge(route: list[RouteSegment]) -> list[RouteSegment]:
+    merged: list[RouteSegment] = []
+    for segment in route:
+        if merged and merged[-1].peer_id == segment.peer_id and merged[-1].end == segment.start:
+            merged[-1] = RouteSegment(segment.peer_id, merged[-1].start, segment.end)
+        else:
+            merged.append(segment)
+    return merged
+
+
+def _rtt_cost(rtt: float | None) -> float:
+    if rtt is None:
+        return UNKNOWN_RTT
+    return min(rtt / 2, 5.0) if math.isfinite(rtt) else 5.0
+
+
+def _has_cache(span: RemoteSpan, length: int, tokens: int | None) -> bool:
+    left = span.server_info.cache_tokens_left
+    return tokens is None or left is None or tokens * 2 * length <= left
+
+
+@dataclass
+class _Ban:
+    until: float
+    failures: int
+
+
+@dataclass
+class SwarmView:
+    """The client's picture of one model's servers; call `refresh()` before routing."""
+
+    dht: DHT
+    p2p: P2P
+    dht_prefix: str
+    num_blocks: int
+    config: ClientConfig
+    spans: dict[str, RemoteSpan] = field(default_factory=dict)
+    rtts: dict[str, float] = field(default_factory=dict)
+    bans: dict[str, _Ban] = field(default_factory=dict)
+    last_refresh: float = 0.0
+
+    def uids(self) -> list[str]:
+        return [protocol.make_uid(self.dht_prefix, i) for i in range(self.num_blocks)]
+
+    async def refresh(self) -> None:
+        infos = await get_module_infos(self.dht, self.uids())
+        spans = compute_spans(infos, min_state=ServerState.ONLINE)
+        allowed = set(self.config.allowed_servers) if self.config.allowed_servers is not None else None
+        spans = {
+            p: s for p, s in spans.items() if p not in self.config.blocked_servers and (allowed is None or p in allowed)
+        }
+        now = time.monotonic()
+        unbanned = {p: s for p, s in spans.items() if self.bans.get(p, _Ban(0, 0)).until <= now}
+        # Bans are ignored where honouring them would leave a block without any server.
+        self.spans = unbanned if _covers(unbanned, self.num_blocks) or not _covers(spans, self.num_blocks) else spans
+        await self._ping([p for p in self.spans if p not in self.rtts])
+        self.last_refresh = now
+
+    async def refresh_if_stale(self) -> None:
+        if time.monotonic() - self.last_refresh > self.config.update_period or not self.spans:
+            await self.refresh()
+
+    async def _ping(self, peers: list[str]) -> None:
+        from corolla.swarm.server.handler import TransformerConnectionHandler
+
+        async def ping(peer: str) -> None:
+            started = time.perf_counter()
+            try:
+                stub = TransformerConnectionHandler.get_stub(self.p2p, PeerID.from_base58(peer))
+                await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=self.config.ping_timeout)
+                self.rtts[peer] = time.perf_counter() - started
+            except Exception:
+                self.rtts[peer] = math.inf
+
+        await asyncio.gather(*(ping(peer) for peer in peers))
+
+    def route(self, start: int, end: int, cache_tokens_needed: int | None = None) -> list[RouteSegment]:
+        try:
+            return choose_route(self.spans, start, end, self.rtts, cache_tokens_needed)
+        except MissingBlocksError as exc:
+            raise MissingBlocksError(exc.blocks, self.dht_prefix) from None
+
+    def missing_blocks(self) -> list[int]:
+        covered = set()
+        for span in self.spans.values():
+            covered.update(range(span.start, span.end))
+        return [b for b in range(self.num_blocks) if b not in covered]
+
+    def ban(self, peer: str) -> None:
+        """Temporarily avoid a failing server: 15 s, doubling with each further failure."""
+        previous = self.bans.get(peer)
+        failures = previous.failures + 1 if previous else 1
+        self.bans[peer] = _Ban(time.monotonic() + self.config.ban_timeout * 2 ** (failures - 1), failures)
+        self.spans.pop(peer, None)
+        self.rtts.pop(peer, None)
+
+    def on_success(self, peer: str) -> None:
+        self.bans.pop(peer, None)
+
+
+def _covers(spans: dict[str, RemoteSpan], num_blocks: int) -> bool:
+    covered = set()
+    for span in spans.values():
+        covered.update(range(span.start, span.end))
+    return len(covered) == num_blocks

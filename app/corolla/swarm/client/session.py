@@ -1,0 +1,268 @@
+"""Inference sessions over a chain of servers that survive servers failing mid-session.
+
+Each span of the route keeps every input it has received (`history`). When a server fails (crash,
+timeout, error reply), the client bans it, routes around it for that span's blocks only, and sends
+the replacement(s) the whole history in one first message; the replacement's output is cut to the
+current step's positions before it goes downstream. Downstream servers never notice, and the output
+equals what the failed server would have produced. (Petals' own client loses the position here:
+its issue 587.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from corolla.swarm import protocol
+from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
+from corolla.swarm.server.handler import TransformerConnectionHandler
+
+logger = logging.getLogger(__name__)
+ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {})
+_DUMMY = serialize_torch_tensor(torch.zeros(0))
+_DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
+
+
+class ServerFailure(RuntimeError):
+    pass
+
+
+@dataclass
+class _ServerStream:
+    """One rpc_inference stream to one server for blocks [start, end)."""
+
+    segment: RouteSegment
+    dht_prefix: str
+    max_length: int
+    history: torch.Tensor | None = None  # every input this span has received, [batch, positions, hidden]
+    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    _outbox: asyncio.Queue | None = None
+    _responses: object | None = None
+    _stepped: bool = False
+
+    @property
+    def position(self) -> int:
+        return 0 if self.history is None else self.history.shape[1]
+
+    async def open(self, view: SwarmView, timeout: float) -> None:
+        self._outbox = asyncio.Queue()
+
+        async def requests():
+            while True:
+                request = await self._outbox.get()
+                if request is None:
+                    return
+                yield request
+
+        stub = TransformerConnectionHandler.get_stub(view.p2p, PeerID.from_base58(self.segment.peer_id))
+        self._responses = await asyncio.wait_for(stub.rpc_inference(requests()), timeout)
+
+    async def step(self, inputs: torch.Tensor, step_id: str, position: int, timeout: float) -> torch.Tensor:
+        if self._outbox is None:
+            raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
+        uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
+        metadata = {
+            "session_id": self.session_id,
+            "step_id": step_id,
+            "points": 0.0,
+            "args_structure": ARGS_STRUCTURE,
+            "start_from_position": position,
+        }
+        if not self._stepped:
+            metadata.update(max_length=self.max_length, active_adapter=None)
+        request = runtime_pb2.ExpertRequest(
+            uid=uid,
+            tensors=[serialize_torch_tensor(inputs), _DUMMY, _DUMMY_IDS],
+            metadata=MSGPackSerializer.dumps(metadata),
+        )
+        self._outbox.put_nowait(request)
+        self._stepped = True
+        try:
+            response = await asyncio.wait_for(anext(self._responses), timeout)
+        except StopAsyncIteration as exc:
+            raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
+        output = deserialize_torch_tensor(response.tensors[0])
+        if output.shape != inputs.shape:
+            raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")
+        return output
+
+    async def close(self) -> None:
+        if self._outbox is None:
+            return
+        if self._stepped:
+            self._outbox.put_nowait(runtime_pb2.ExpertRequest())  # the empty request closes the session
+        self._outbox.put_nowait(None)
+        try:
+            async for _ in self._responses:
+                pass
+        except Exception:
+            pass  # a stream that breaks while closing changes nothing
+        self._outbox = None
+
+
+class InferenceSession:
+    """A session over [0, num_blocks) of a model. Use from the client's event loop."""
+
+    def __init__(self, view: SwarmView, max_length: int):
+        self.view = view
+        self.max_length = max_length
+        self.streams: list[_ServerStream] = []
+        self.position = 0
+        self.replacements = 0
+        self._started = False
+
+    @property
+    def route(self) -> list[RouteSegment]:
+        return [s.segment for s in self.streams]
+
+    def describe(self) -> str:
+        return describe_route(self.route)
+
+    async def _open_segments(self, segments: list[RouteSegment]) -> list[_ServerStream]:
+        streams = []
+        for segment in segments:
+            stream = _ServerStream(segment, self.view.dht_prefix, self.max_length)
+            try:
+                await stream.open(self.view, self.view.config.connect_timeout)
+            except Exception as exc:
+                for opened in streams:
+                    await opened.close()
+                self.view.ban(segment.peer_id)
+                raise ServerFailure(f"could not open a session with server …{segment.peer_id[-6:]}: {exc}") from exc
+            streams.append(stream)
+        return streams
+
+    async def _start(self, batch: int) -> None:
+        config = self.view.config
+        for attempt in range(config.max_retries + 1):
+            try:
+                if attempt:
+                    await asyncio.sleep(min(config.min_backoff * 2 ** (attempt - 1), config.max_backoff))
+                    await self.view.refresh()
+                else:
+                    await self.view.refresh_if_stale()
+                route = self.view.route(0, self.view.num_blocks, cache_tokens_needed=batch * self.max_length)
+                self.streams = await self._open_segments(route)
+                break
+            except MissingBlocksError:
+                if attempt == config.max_retries:
+                    raise
+            except Exception as exc:  # a server that fails to open: ban it and route again
+                for stream in self.streams:
+                    await stream.close()
+                self.streams = []
+                if attempt == config.max_retries:
+                    raise ServerFailure(f"could not open an inference session: {exc}") from exc
+                failed = getattr(exc, "peer_id", None)
+                if failed:
+                    self.view.ban(failed)
+        self._started = True
+        logger.info("route: %s", self.describe())
+
+    async def rollback(self, position: int) -> None:
+        """Forget every token from `position` on (the servers roll back at the next step)."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to {position}: the session is at {self.position}")
+        for stream in self.streams:
+            if stream.history is not None:
+                stream.history = stream.history[:, :position]
+        self.position = position
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Send [batch, t, hidden] through every block; returns the last block's outputs."""
+        length = hidden.shape[1]
+        if self.position + length > self.max_length:
+            raise ValueError(protocol.err_max_length_exceeded(self.position, length, self.max_length))
+        if not self._started:
+            await self._start(hidden.shape[0])
+        step_id = str(uuid.uuid4())
+        index = 0
+        while index < len(self.streams):
+            stream = self.streams[index]
+            attempt = 0
+            while True:
+                try:
+                    output = await stream.step(hidden, step_id, stream.position, self.view.config.request_timeout)
+                    self.view.on_success(stream.segment.peer_id)
+                    stream.history = hidden if stream.history is None else torch.cat([stream.history, hidden], 1)
+                    hidden = output
+                    index += 1
+                    break
+                except Exception as exc:
+                    attempt += 1
+                    if attempt > self.view.config.max_retries:
+                        if isinstance(exc, MissingBlocksError):
+                            raise
+                        raise ServerFailure(f"step failed after {attempt} attempts: {exc}") from exc
+                    logger.warning(
+                        "server …%s failed at step %d (%s); replacing it",
+                        stream.segment.peer_id[-6:],
+                        self.position,
+                        exc,
+                    )
+                    try:
+                        replaced, hidden_out = await self._replace(index, hidden, attempt)
+                    except MissingBlocksError as missing:
+                        if attempt >= self.view.config.max_retries:
+                            raise
+                        logger.warning("%s; retrying", missing)
+                        continue
+                    if replaced:
+                        hidden = hidden_out
+                        index += replaced
+                        break
+                    stream = self.streams[index]
+        self.position += length
+        return hidden
+
+    async def _replace(self, index: int, inputs: torch.Tensor, attempt: int) -> tuple[int, torch.Tensor | None]:
+        """Swap stream `index` for new servers covering its blocks and replay its history through them.
+
+        Returns how many streams now stand in its place and their output for this step (0 on failure).
+        """
+        failed = self.streams[index]
+        self.view.ban(failed.segment.peer_id)
+        await failed.close()
+        delay = (
+            0.0
+            if attempt == 1
+            else min(self.view.config.min_backoff * 2 ** (attempt - 2), self.view.config.max_backoff)
+        )
+        await asyncio.sleep(delay)
+        await self.view.refresh()
+        segment = failed.segment
+        route = self.view.route(segment.start, segment.end, cache_tokens_needed=inputs.shape[0] * self.max_length)
+        new_streams: list[_ServerStream] = []
+        try:
+            new_streams = await self._open_segments(route)
+            history = inputs if failed.history is None else torch.cat([failed.history, inputs], dim=1)
+            full = history
+            for stream in new_streams:  # replay: each new server gets the previous one's full output
+                output = await stream.step(full, str(uuid.uuid4()), 0, self.view.config.request_timeout)
+                stream.history = full
+                full = output
+        except Exception as exc:
+            logger.warning("replacement route %s failed: %s", describe_route(route), exc)
+            for stream in new_streams:
+                await stream.close()
+            for stream in new_streams:
+                self.view.ban(stream.segment.peer_id)
+            # Leave a placeholder that fails at once, so the caller retries with a fresh route.
+            return 0, None
+        self.streams[index : index + 1] = new_streams
+        self.replacements += 1
+        logger.info("new route: %s", self.describe())
+        return len(new_streams), full[:, -inputs.shape[1] :]
+
+    async def close(self) -> None:
+        for stream in self.streams:
+            await stream.close()
+        self.streams = []

@@ -1,0 +1,213 @@
+"""The swarm client against real Corolla servers on 127.0.0.1: routing, generation, failover."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import corolla
+from corolla.swarm.client.routing import MissingBlocksError
+from tests.support.swarm import CorollaServer
+
+PREFIX = "tiny-client"
+LOCAL = {"initial_peers": None}
+CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 4, "min_backoff": 0.2}
+
+
+def serve(tmp, model, blocks, *extra, name):
+    return CorollaServer(
+        tmp,
+        model,
+        "--dht-prefix",
+        PREFIX,
+        "--blocks",
+        blocks,
+        "--torch-dtype",
+        "float32",
+        "--throughput",
+        "10",
+        "--step-timeout",
+        "30",
+        *extra,
+        name=name,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_models):
+    return tiny_models.get("llama")
+
+
+@pytest.fixture(scope="module")
+def swarm(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("client-swarm")
+    first = serve(tmp, model_dir, "0:2", "--new-swarm", name="a")
+    peers = [first]
+    try:
+        peers += [
+            serve(tmp, model_dir, blocks, "--initial-peers", first.maddr, name=name)
+            for blocks, name in (("2:4", "b"), ("4:6", "c"))
+        ]
+        for peer in peers:
+            peer.wait_state("online")
+        yield peers
+    finally:
+        for peer in peers:
+            peer.stop()
+
+
+@pytest.fixture(scope="module")
+def remote(model_dir, swarm):
+    model = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+        model_dir, initial_peers=[swarm[0].maddr], dht_prefix=PREFIX, **CLIENT_OPTIONS
+    )
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def prompt(batch=1, length=6, seed=0):
+    return torch.randint(6, 500, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_route_covers_the_model_through_three_servers(remote, swarm):
+    route = remote.route()
+    assert route.startswith("0:2 via") and "2:4 via" in route and "4:6 via" in route
+    assert swarm[0].peer_id[-6:] in route
+
+
+def test_greedy_generation_equals_local(remote, local):
+    for batch in (1, 2):
+        ids = prompt(batch)
+        want = local.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            attention_mask=torch.ones_like(ids),
+            eos_token_id=None,
+            pad_token_id=3,
+        )
+        got = remote.generate(ids, max_new_tokens=12, eos_token_id=[])
+        assert torch.equal(got, want)
+
+
+def test_seeded_sampling_equals_local(remote, local):
+    ids = prompt(seed=4)
+    options = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=10)
+    torch.manual_seed(1234)
+    want = local.generate(
+        ids, attention_mask=torch.ones_like(ids), eos_token_id=None, pad_token_id=3, repetition_penalty=1.1, **options
+    )
+    got = remote.generate(ids, seed=1234, eos_token_id=[], repetition_penalty=1.1, **options)
+    assert torch.equal(got, want)
+    again = remote.generate(ids, seed=1234, eos_token_id=[], repetition_penalty=1.1, **options)
+    assert torch.equal(again, got)
+
+
+def test_multi_turn_session_reuse(remote, local):
+    first, second = prompt(length=4, seed=5), prompt(length=3, seed=6)
+    with remote.inference_session(max_length=40) as session:
+        turn1 = remote.generate(first, max_new_tokens=5, eos_token_id=[], session=session)
+        turn2 = remote.generate(second, max_new_tokens=5, eos_token_id=[], session=session)
+        assert session.position == 4 + 5 + 3 + 4  # the last token of each turn is pending until the next
+    whole = torch.cat([turn1, second], dim=1)
+    want = local.generate(
+        whole,
+        max_new_tokens=5,
+        do_sample=False,
+        attention_mask=torch.ones_like(whole),
+        eos_token_id=None,
+        pad_token_id=3,
+    )
+    assert torch.equal(turn2[:, -5:], want[:, -5:])
+
+
+def test_forward_logits_equal_local(remote, local):
+    ids = prompt(length=9, seed=2)
+    assert torch.allclose(remote(ids), local(ids).logits, atol=1e-4)
+
+
+def test_bad_sampling_settings_are_refused(remote):
+    with pytest.raises(ValueError, match="temperature"):
+        remote.generate(prompt(), temperature=0.0, do_sample=True)
+    with pytest.raises(ValueError, match="top_p"):
+        remote.generate(prompt(), top_p=1.5)
+
+
+@pytest.mark.slow
+def test_missing_blocks_is_a_clear_error_not_a_hang(model_dir, tmp_path):
+    lone = serve(tmp_path, model_dir, "0:4", "--new-swarm", "--dht-prefix", "tiny-partial", name="partial")
+    try:
+        model = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+            model_dir, initial_peers=[lone.maddr], dht_prefix="tiny-partial", **{**CLIENT_OPTIONS, "max_retries": 2}
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(MissingBlocksError, match=r"block\(s\) 4, 5 of tiny-partial"):
+                model.generate(prompt(), max_new_tokens=2)
+            assert time.monotonic() - started < 30
+        finally:
+            model.close()
+    finally:
+        lone.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replacement", ["same-boundaries", "split-boundaries"])
+def test_server_killed_mid_generation_is_replaced_exactly(model_dir, local, tmp_path, replacement):
+    prefix = f"tiny-failover-{replacement}"
+    common = ["--dht-prefix", prefix]
+    head = serve(tmp_path, model_dir, "0:3", "--new-swarm", *common, name="head")
+    others = []
+    try:
+        victim = serve(tmp_path, model_dir, "3:6", "--initial-peers", head.maddr, *common, name="victim")
+        others.append(victim)
+        victim.wait_state("online")
+        model = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+            model_dir, initial_peers=[head.maddr], dht_prefix=prefix, **CLIENT_OPTIONS
+        )
+        try:
+            ids = prompt(seed=9)
+            want = local.generate(
+                ids,
+                max_new_tokens=16,
+                do_sample=False,
+                attention_mask=torch.ones_like(ids),
+                eos_token_id=None,
+                pad_token_id=3,
+            )
+            # Standbys join only now, so the first route surely goes through the victim.
+            blocks = ["3:6"] if replacement == "same-boundaries" else ["3:5", "5:6"]
+            with model.inference_session(max_length=40) as session:
+                standbys = [
+                    serve(tmp_path, model_dir, b, "--initial-peers", head.maddr, *common, name=f"s{i}")
+                    for i, b in enumerate(blocks)
+                ]
+                others += standbys
+                first_route = None
+
+                def on_token(tokens):
+                    nonlocal first_route
+                    if first_route is None:
+                        first_route = session.route
+                        for standby in standbys:
+                            standby.wait_state("online")
+                        victim.kill()  # SIGKILL, mid-generation
+
+                got = model.generate(ids, max_new_tokens=16, eos_token_id=[], session=session, streamer=on_token)
+                assert victim.peer_id[-6:] in first_route
+                assert session.replacements >= 1 and victim.peer_id[-6:] not in session.route
+            assert torch.equal(got, want)
+        finally:
+            model.close()
+    finally:
+        for peer in others:
+            peer.kill()
+        head.stop()
