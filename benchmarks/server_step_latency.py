@@ -28,16 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hivemind.compression import serialize_torch_tensor  # noqa: E402
-from hivemind.p2p import P2PContext, PeerID, ServicerBase  # noqa: E402
-from hivemind.proto import runtime_pb2  # noqa: E402
-from hivemind.utils import MSGPackSerializer  # noqa: E402
+from hivemind.compression import serialize_torch_tensor
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
 
-from corolla.swarm import protocol  # noqa: E402
-from corolla.swarm.models import load_span  # noqa: E402
-from corolla.swarm.peers import start_dht  # noqa: E402
-from corolla.swarm.server.handler import TransformerConnectionHandler  # noqa: E402
-from tests.support.swarm import CorollaServer, PetalsServer, make_reference_model, reference_python  # noqa: E402
+from corolla.swarm import protocol
+from corolla.swarm.models import load_span
+from corolla.swarm.peers import start_dht
+from corolla.swarm.server.handler import TransformerConnectionHandler
+from tests.support.swarm import CorollaServer, PetalsServer, make_reference_model, reference_python
 
 PREFIX = "bench-llama-hf"
 
