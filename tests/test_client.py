@@ -211,3 +211,103 @@ def test_server_killed_mid_generation_is_replaced_exactly(model_dir, local, tmp_
         for peer in others:
             peer.kill()
         head.stop()
+
+
+def test_chat_reuses_one_session_across_turns(remote, local):
+    from corolla.swarm.client.chat import ChatSession
+
+    chat = ChatSession(remote, system_prompt="be brief", max_length=256)
+    try:
+        pieces: list[str] = []
+        first = chat.send("hello there", max_new_tokens=6, on_text=pieces.append)
+        assert "".join(pieces) == first.text and first.tokens >= 1
+        session = chat._session
+        position = session.position
+        second = chat.send("and again", max_new_tokens=6)
+        assert chat._session is session and session.position > position  # no re-prefill
+        # The second reply equals a fresh local generation over the whole rendered conversation.
+        tokenizer = remote.tokenizer
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "be brief"}, *chat.messages[:-1]], tokenize=False, add_generation_prompt=True
+        )
+        ids = torch.tensor([tokenizer(rendered, add_special_tokens=False).input_ids])
+        want = local.generate(
+            ids,
+            max_new_tokens=second.tokens,
+            do_sample=False,
+            attention_mask=torch.ones_like(ids),
+            eos_token_id=None,
+            pad_token_id=3,
+        )
+        assert tokenizer.decode(want[0, ids.shape[1] :], skip_special_tokens=True) == second.text
+    finally:
+        chat.close()
+
+
+def test_chat_stop_sequence_truncates_the_reply(remote):
+    from corolla.swarm.client.chat import ChatSession
+
+    free = ChatSession(remote, max_length=128)
+    full = free.send("tell me", max_new_tokens=8)
+    free.close()
+    stop = full.text.strip()[2:4]
+    if not stop:
+        pytest.skip("the random model answered too briefly to place a stop sequence")
+    chat = ChatSession(remote, max_length=128)
+    reply = chat.send("tell me", max_new_tokens=8, stop=[stop])
+    chat.close()
+    assert reply.stopped_by == "stop string" and stop not in reply.text
+    assert full.text.startswith(reply.text)
+
+
+def test_text_stream_never_splits_a_character(remote):
+    from corolla.swarm.client.chat import TextStream
+
+    tokenizer = remote.tokenizer
+    ids = tokenizer("日本語 🌸 ok", add_special_tokens=False).input_ids
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token) for token in ids]
+    assert "".join(pieces) == "日本語 🌸 ok"
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "corolla.cli", *args], capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def test_cli_chat_answers_once(model_dir, swarm):
+    result = _cli(
+        "chat",
+        str(model_dir),
+        "--initial-peers",
+        swarm[0].maddr,
+        "--dht-prefix",
+        PREFIX,
+        "--no-relay",
+        "--no-auto-nat",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "5",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tokens/s" in result.stderr
+
+
+def test_cli_swarm_health_json(swarm):
+    import json
+
+    result = _cli("swarm", "--initial-peers", swarm[0].maddr, "--no-relay", "--no-auto-nat", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (model,) = [m for m in json.loads(result.stdout) if m["dht_prefix"] == PREFIX]
+    assert model["healthy"] and model["online_per_block"] == [1] * 6 and model["num_blocks"] == 6
+    spans = sorted((s["start_block"], s["end_block"]) for s in model["servers"])
+    assert spans == [(0, 2), (2, 4), (4, 6)]
+    assert all(s["state"] == "ONLINE" and s["corolla_version"] and s["ping_ms"] is not None for s in model["servers"])
+    text = _cli("swarm", "--initial-peers", swarm[0].maddr, "--no-relay", "--no-auto-nat")
+    assert f"{PREFIX}: 6 blocks, healthy" in text.stdout and "coverage" in text.stdout

@@ -129,3 +129,50 @@ def test_mixed_chain_stock_server_then_corolla_server(reference_model, tmp_path)
         if petals is not None:
             petals.stop()
         corolla.stop()
+
+
+def test_corolla_client_through_a_stock_petals_server(reference_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import corolla
+    from corolla.swarm.peers import start_dht
+
+    bootstrap = start_dht(use_relay=False, auto_nat=False)  # a plain DHT peer for the stock server to join
+    petals = None
+    try:
+        maddr = str(bootstrap.get_visible_maddrs()[0])
+        petals = PetalsServer(tmp_path, reference_model, maddr, "0:4", PREFIX)
+        petals.wait_started()
+        local = AutoModelForCausalLM.from_pretrained(reference_model, dtype=torch.float32).eval()
+        with corolla.AutoDistributedModelForCausalLM.from_pretrained(
+            reference_model, initial_peers=[maddr], dht_prefix=PREFIX, use_relay=False, auto_nat=False
+        ) as remote:
+            for prompt in ([[1, 384, 456]], [[1, 291, 441, 410, 420]]):
+                ids = torch.tensor(prompt)
+                want = local.generate(
+                    ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids)
+                )
+                got = remote.generate(ids, max_new_tokens=12, eos_token_id=[])
+                assert torch.equal(got, want)
+            torch.manual_seed(7)
+            ids = torch.tensor([[1, 384, 456]])
+            want = local.generate(
+                ids,
+                max_new_tokens=8,
+                min_new_tokens=8,
+                do_sample=True,
+                top_k=20,
+                temperature=0.9,
+                attention_mask=torch.ones_like(ids),
+            )
+            assert torch.equal(
+                remote.generate(
+                    ids, max_new_tokens=8, eos_token_id=[], do_sample=True, top_k=20, temperature=0.9, seed=7
+                ),
+                want,
+            )
+    finally:
+        if petals is not None:
+            petals.stop()
+        bootstrap.shutdown()

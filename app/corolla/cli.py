@@ -246,12 +246,144 @@ def _add_serve_parser(commands) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def _client_config(args: argparse.Namespace):
+    from corolla.swarm.client.config import ClientConfig
+
+    return ClientConfig(
+        initial_peers=args.initial_peers,
+        dht_prefix=getattr(args, "dht_prefix", None),
+        use_relay=not args.no_relay,
+        auto_nat=not args.no_auto_nat,
+        request_timeout=args.request_timeout,
+    )
+
+
+def _add_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    parser.add_argument("--no-relay", action="store_true")
+    parser.add_argument("--no-auto-nat", action="store_true")
+    parser.add_argument("--request-timeout", type=float, default=30.0)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from corolla.swarm.client.chat import ChatSession
+    from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
+
+    config = _client_config(args)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model,
+        initial_peers=args.initial_peers,
+        dht_prefix=args.dht_prefix,
+        torch_dtype=args.torch_dtype,
+        token=args.token,
+        revision=args.revision,
+        client_config=config,
+    )
+    chat = ChatSession(model, system_prompt=args.system, max_length=args.max_length)
+    sampling = {
+        "do_sample": args.temperature > 0,
+        "temperature": args.temperature or 1.0,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+
+    def answer(text: str) -> None:
+        reply = chat.send(
+            text,
+            max_new_tokens=args.max_new_tokens,
+            stop=args.stop,
+            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+            **sampling,
+        )
+        print(
+            f"\n-- {reply.tokens} tokens, {reply.tokens_per_second:.1f} tokens/s, stopped by {reply.stopped_by}",
+            file=sys.stderr,
+        )
+
+    try:
+        if args.prompt is not None:
+            answer(args.prompt)
+            return 0
+        print(
+            f"Chatting with {args.model} through the swarm (route: {model.route()}). Empty line or Ctrl-D quits.",
+            file=sys.stderr,
+        )
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            answer(text)
+        return 0
+    finally:
+        chat.close()
+        model.close()
+
+
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from corolla.swarm.client.health import format_health, read_swarm_health
+    from corolla.swarm.client.remote_model import _LoopThread
+    from corolla.swarm.peers import start_dht
+
+    extra = {}
+    for item in args.model or []:
+        prefix, _, blocks = item.rpartition(":")
+        if not prefix or not blocks.isdigit():
+            print(f"corolla: error: --model takes PREFIX:NUM_BLOCKS, got {item!r}", file=sys.stderr)
+            return 2
+        extra[prefix] = int(blocks)
+    dht = start_dht(args.initial_peers, client_mode=True, use_relay=not args.no_relay, auto_nat=not args.no_auto_nat)
+    loop = _LoopThread()
+    try:
+        p2p = loop.run(dht.replicate_p2p(), timeout=60)
+        models = loop.run(read_swarm_health(dht, p2p, extra), timeout=120)
+        if args.json:
+            print(json.dumps([m.to_dict() for m in models], indent=2))
+        else:
+            print(format_health(models))
+        return 0
+    finally:
+        loop.stop()
+        dht.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corolla", description="Join and use a Petals swarm.")
     parser.add_argument("--version", action="version", version=f"corolla {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     _add_serve_parser(commands)
+
+    chat = commands.add_parser("chat", help="chat with a model through the swarm (terminal)")
+    _add_model_source_args(chat)
+    _add_client_args(chat)
+    chat.add_argument("--dht-prefix", default=None)
+    chat.add_argument("--prompt", default=None, help="answer this once and exit")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--max-length", type=int, default=2048, help="tokens one session may hold")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=None)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--stop", nargs="*", default=None, help="stop sequences")
+    chat.set_defaults(func=cmd_chat)
+
+    swarm = commands.add_parser("swarm", help="the swarm's health: coverage and servers of every model")
+    _add_client_args(swarm)
+    swarm.add_argument(
+        "--model",
+        nargs="*",
+        metavar="PREFIX:NUM_BLOCKS",
+        help="also check these models (for swarms that do not announce a model index)",
+    )
+    swarm.add_argument("--json", action="store_true")
+    swarm.set_defaults(func=cmd_swarm)
 
     model = commands.add_parser("model", help="inspect, build and run models locally")
     model_commands = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
@@ -290,11 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from corolla.swarm.client.routing import MissingBlocksError
+    from corolla.swarm.client.session import ServerFailure
     from corolla.swarm.models.errors import EngineError
 
     try:
         return args.func(args)
-    except EngineError as exc:
+    except (EngineError, MissingBlocksError, ServerFailure) as exc:
         print(f"corolla: error: {exc}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -57,6 +59,16 @@ class RemoteSession:
     @property
     def route(self) -> str:
         return self._session.describe()
+
+    @property
+    def supports_rollback(self) -> bool:
+        """True if every server on the route honours `start_from_position` (Petals 2.2 servers ignore it,
+        and their version string cannot tell; Corolla servers announce `corolla_version`)."""
+        spans = self.model.view.spans
+        route = self._session.route
+        return bool(route) and all(
+            seg.peer_id in spans and spans[seg.peer_id].server_info.extra.get("corolla_version") for seg in route
+        )
 
     @property
     def replacements(self) -> int:
@@ -174,19 +186,19 @@ class DistributedModelForCausalLM:
 
     __call__ = forward
 
-    def _eos_ids(self) -> list[int]:
-        for source in (self.checkpoint,):
-            path = None
-            with contextlib.suppress(Exception):
-                path = source.resolver.local_path("generation_config.json")
+    @functools.cached_property
+    def eos_token_ids(self) -> list[int]:
+        """From generation_config.json if the checkpoint has one (chat models list several), else config."""
+        eos = None
+        with contextlib.suppress(Exception):
+            path = self.checkpoint.resolver.local_path("generation_config.json")
             if path is not None:
-                import json
-
                 eos = json.loads(path.read_text()).get("eos_token_id")
-                if eos is not None:
-                    return eos if isinstance(eos, list) else [eos]
-        eos = getattr(self.config, "eos_token_id", None)
-        return (eos if isinstance(eos, list) else [eos]) if eos is not None else []
+        if eos is None:
+            eos = getattr(self.config, "eos_token_id", None)
+        if eos is None:
+            return []
+        return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
 
     @torch.inference_mode()
     def generate(
@@ -217,7 +229,7 @@ class DistributedModelForCausalLM:
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         eos = (
-            self._eos_ids()
+            self.eos_token_ids
             if eos_token_id is None
             else (eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
         )

@@ -1,0 +1,155 @@
+"""Chat over a remote model: the model's chat template, one reused session, streamed UTF-8-safe text.
+
+Each turn renders the whole conversation with the chat template and sends only the tokens the
+servers have not seen yet. Where the rendering differs from what was sent (a reply that re-tokenises
+differently, a template that rewrites earlier turns), the session rolls back to the common prefix if
+every server on the route is known to honour rollback (Corolla servers); otherwise it starts over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from corolla.swarm.client.remote_model import DistributedModelForCausalLM, RemoteSession
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return min(n, len(a) - 1)  # always send at least one token
+
+
+class TextStream:
+    """Turns token ids into text pieces without ever splitting a multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        piece, self.emitted = text[len(self.emitted) :], text
+        return piece
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+
+@dataclass
+class ChatReply:
+    text: str
+    tokens: int
+    seconds: float
+    stopped_by: str  # "eos", "stop string", "length" or "cancelled"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ChatSession:
+    model: DistributedModelForCausalLM
+    system_prompt: str | None = None
+    max_length: int = 2048
+    messages: list[dict] = field(default_factory=list)
+    _session: RemoteSession | None = None
+    _sent: list[int] = field(default_factory=list)
+
+    def _render(self) -> list[int]:
+        tokenizer = self.model.tokenizer
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + self.messages
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer(text, add_special_tokens=False).input_ids
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return tokenizer(text).input_ids
+
+    def send(
+        self,
+        text: str,
+        *,
+        max_new_tokens: int = 256,
+        stop: list[str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        **sampling,
+    ) -> ChatReply:
+        """Add a user message and generate the assistant's reply, streaming text pieces to `on_text`."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self._render()
+        common = _common_prefix(ids, self._sent)
+        if (
+            self._session is not None
+            and len(ids) + max_new_tokens <= self.max_length
+            and common > 0
+            and (common == len(self._sent) or self._session.supports_rollback)
+        ):
+            if common < len(self._sent):
+                self._session.rollback(common)  # e.g. the reply re-tokenised differently
+            new = ids[common:]
+        else:
+            self.reset_session()
+            new = ids
+        if self._session is None:
+            self._session = self.model.inference_session(max_length=max(self.max_length, len(ids) + max_new_tokens))
+        stream = TextStream(self.model.tokenizer)
+        eos = set(self.model.eos_token_ids)
+        stop_strings = [s for s in (stop or []) if s]
+        state = {"stopped_by": "length"}
+
+        def on_token(tokens: torch.Tensor) -> bool:
+            token = int(tokens[0])
+            if token in eos:
+                state["stopped_by"] = "eos"
+                return True
+            piece = stream.push(token)
+            if stop_strings and any(s in stream.emitted for s in stop_strings):
+                state["stopped_by"] = "stop string"
+                return True
+            if piece and on_text is not None:
+                on_text(piece)
+            if should_stop is not None and should_stop():
+                state["stopped_by"] = "cancelled"
+                return True
+            return False
+
+        started = time.perf_counter()
+        self.model.generate(
+            torch.tensor([new]),
+            max_new_tokens=max_new_tokens,
+            session=self._session,
+            streamer=on_token,
+            eos_token_id=[],
+            **sampling,
+        )
+        elapsed = time.perf_counter() - started
+        reply = stream.text()
+        for s in stop_strings:
+            if s in reply:
+                reply = reply[: reply.index(s)]
+        # What the servers hold now: everything sent, plus generated tokens but the pending last one.
+        self._sent = ids + stream.tokens[:-1] if stream.tokens else list(ids)
+        self._sent = self._sent[: self._session.position]
+        self._session.pending = None  # the last token comes back in the next turn's rendering
+        self.messages.append({"role": "assistant", "content": reply})
+        return ChatReply(reply, len(stream.tokens), elapsed, state["stopped_by"])
+
+    def reset_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        self._session, self._sent = None, []
+
+    def close(self) -> None:
+        self.reset_session()
