@@ -311,3 +311,54 @@ def test_cli_swarm_health_json(swarm):
     assert all(s["state"] == "ONLINE" and s["corolla_version"] and s["ping_ms"] is not None for s in model["servers"])
     text = _cli("swarm", "--initial-peers", swarm[0].maddr, "--no-relay", "--no-auto-nat")
     assert f"{PREFIX}: 6 blocks, healthy" in text.stdout and "coverage" in text.stdout
+
+
+def test_session_rollback_matches_local(remote, local):
+    ids = prompt(length=5, seed=11)
+    a, b = torch.tensor([[17]]), torch.tensor([[42]])
+    with remote.inference_session(max_length=16) as session:
+        session.step(remote.client_parts.embed(ids))
+        session.step(remote.client_parts.embed(a))
+        session.rollback(5)
+        hidden = session.step(remote.client_parts.embed(b))
+        assert session.position == 6
+    got = remote.client_parts.logits(hidden)[0, -1]
+    want = local(torch.cat([ids, b], dim=1)).logits[0, -1]
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_blocked_and_allowed_servers(model_dir, swarm):
+    blocked = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+        model_dir,
+        initial_peers=[swarm[0].maddr],
+        dht_prefix=PREFIX,
+        blocked_servers=[swarm[1].peer_id],
+        **{**CLIENT_OPTIONS, "max_retries": 1},
+    )
+    try:
+        with pytest.raises(MissingBlocksError, match=r"block\(s\) 2, 3"):
+            blocked.route()
+    finally:
+        blocked.close()
+    allowed = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+        model_dir,
+        initial_peers=[swarm[0].maddr],
+        dht_prefix=PREFIX,
+        allowed_servers=[peer.peer_id for peer in swarm],
+        **CLIENT_OPTIONS,
+    )
+    try:
+        assert allowed.route().count("via") == 3
+    finally:
+        allowed.close()
+
+
+def test_generate_stop_strings(remote):
+    ids = prompt(seed=3)
+    full = remote.generate(ids, max_new_tokens=10, eos_token_id=[])
+    text = remote.tokenizer.decode(full[0, ids.shape[1] :])
+    if len(text) < 4:
+        pytest.skip("the random model produced too little text")
+    stop = text[2:4]
+    stopped = remote.generate(ids, max_new_tokens=10, eos_token_id=[], stop_strings=[stop])
+    assert stopped.shape[1] < full.shape[1] and torch.equal(stopped, full[:, : stopped.shape[1]])

@@ -62,7 +62,7 @@ def test_chained_spans_match_full_model(tiny_models, preset, batch):
     assert all(cache.length == 7 + DECODE_STEPS for cache in caches)
 
 
-@pytest.mark.parametrize("preset", ["llama", "mixtral", "falcon", "bloom", "gemma3_text"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_petals_style_steps_without_mask_or_positions(tiny_models, preset):
     """The Petals wire carries no mask and no positions: the span derives them from its cache."""
     folder = tiny_models.get(preset)

@@ -243,12 +243,15 @@ class DistributedModelForCausalLM:
             with rng:
                 if seed is not None:
                     torch.manual_seed(seed)
-                return self._generate_loop(input_ids, session, params, stop, max_new_tokens, pad, streamer, should_stop)
+                # The whole loop runs on the client's event loop: one thread hop per generation, not per token.
+                return self._loop.run(
+                    self._generate_loop(input_ids, session, params, stop, max_new_tokens, pad, streamer, should_stop)
+                )
         finally:
             if own_session:
                 session.close()
 
-    def _generate_loop(self, input_ids, session, params, stop, max_new_tokens, pad, streamer, should_stop):
+    async def _generate_loop(self, input_ids, session, params, stop, max_new_tokens, pad, streamer, should_stop):
         processors = params.processors()
         batch = input_ids.shape[0]
         sequences = input_ids
@@ -257,7 +260,8 @@ class DistributedModelForCausalLM:
         unfinished = torch.ones(batch, dtype=torch.bool)
         new_tokens: list[list[int]] = [[] for _ in range(batch)]
         for _ in range(max_new_tokens):
-            hidden = session.step(self.client_parts.embed(to_send))
+            with torch.inference_mode():
+                hidden = await session._session.step(self.client_parts.embed(to_send))
             logits = self.client_parts.logits(hidden[:, -1:])[:, -1]
             tokens = next_tokens(logits, sequences, params, processors)
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))

@@ -86,7 +86,8 @@ class _ServerStream:
         self._outbox.put_nowait(request)
         self._stepped = True
         try:
-            response = await asyncio.wait_for(anext(self._responses), timeout)
+            async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
+                response = await anext(self._responses)
         except StopAsyncIteration as exc:
             raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
         output = deserialize_torch_tensor(response.tensors[0])

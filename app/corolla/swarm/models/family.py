@@ -103,7 +103,7 @@ class ModelFamily:
 
         Built once before the first layer runs: the masks read the cache length.
         """
-        masks = self._masks(ctx)
+        masks = self._masks(ctx, single_token_fast_path=True)
         out = {}
         for layer_type in ctx.layer_types:
             out[layer_type] = {
@@ -118,7 +118,12 @@ class ModelFamily:
     def position_embeddings(self, ctx: LayerCallContext, layer_type: str) -> Any:
         return ctx.rotary_emb(ctx.hidden_states, ctx.position_ids)
 
-    def _masks(self, ctx: LayerCallContext, **extra: Any) -> dict[str, torch.Tensor | None]:
+    def _masks(
+        self, ctx: LayerCallContext, single_token_fast_path: bool = False, **extra: Any
+    ) -> dict[str, torch.Tensor | None]:
+        # One new token without padding attends to every cached one: full attention needs no mask.
+        # (The decode step of every swarm session; building the mask costs more than the attention.)
+        unmasked = single_token_fast_path and ctx.attention_mask is None and ctx.hidden_states.shape[1] == 1
         mask_kwargs = {
             "config": ctx.config,
             "inputs_embeds": ctx.hidden_states,
@@ -131,6 +136,8 @@ class ModelFamily:
         for layer_type in ctx.layer_types:
             if layer_type == SLIDING_ATTENTION:
                 masks[layer_type] = create_sliding_window_causal_mask(**mask_kwargs)
+            elif unmasked:
+                masks[layer_type] = None
             else:
                 masks[layer_type] = create_causal_mask(**mask_kwargs)
         return masks

@@ -1,0 +1,162 @@
+"""Tokens/s of a 64-token greedy generation through 1, 2 and 3 servers, in one run, beside:
+the same model's local `generate()`, the stock Petals 2.2 client and servers on the same model and
+chains, and a raw hivemind stream round trip (the floor of one extra hop).
+
+Targets: Corolla >= 3x Petals tokens/s on the tiny model; each extra hop costs <= 2x the raw round trip.
+Usage (as root, preferably in a loopback-only namespace):
+    unshare -n sh -c 'ip link set lo up && .venv/bin/python benchmarks/client_tokens_per_second.py'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformers import AutoModelForCausalLM
+
+import corolla
+from corolla.swarm.peers import start_dht
+from server_step_latency import measure_echo, summary
+from tests.support.swarm import (
+    CorollaServer,
+    PetalsServer,
+    make_reference_model,
+    reference_python,
+    run_reference_script,
+)
+
+PREFIX = "bench-llama-hf"
+CHAINS = {1: ["0:4"], 2: ["0:2", "2:4"], 3: ["0:2", "2:3", "3:4"]}
+PROMPT = torch.tensor([[1, 384, 456]])
+
+
+def time_generate(fn, new_tokens: int) -> float:
+    fn(4)  # warm-up
+    runs = []
+    for _ in range(3):
+        started = time.perf_counter()
+        fn(new_tokens)
+        runs.append(time.perf_counter() - started)
+    return new_tokens / sorted(runs)[1]
+
+
+def corolla_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int) -> float:
+    servers = []
+    try:
+        for i, blocks in enumerate(chain):
+            join = ["--new-swarm"] if i == 0 else ["--initial-peers", servers[0].maddr]
+            servers.append(
+                CorollaServer(
+                    tmp,
+                    model,
+                    *join,
+                    "--blocks",
+                    blocks,
+                    "--torch-dtype",
+                    "float32",
+                    "--throughput",
+                    "10",
+                    name=f"corolla-{len(chain)}-{i}",
+                )
+            )
+        for server in servers:
+            server.wait_state("online")
+        with corolla.AutoDistributedModelForCausalLM.from_pretrained(
+            model, initial_peers=[servers[0].maddr], dht_prefix=PREFIX, use_relay=False, auto_nat=False
+        ) as remote:
+            assert remote.route().count("via") == len(chain)
+            return time_generate(lambda n: remote.generate(PROMPT, max_new_tokens=n, eos_token_id=[]), new_tokens)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def petals_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int) -> float:
+    bootstrap = start_dht(use_relay=False, auto_nat=False)
+    servers = []
+    try:
+        maddr = str(bootstrap.get_visible_maddrs()[0])
+        servers = [
+            PetalsServer(tmp, model, maddr, blocks, PREFIX, name=f"petals-{len(chain)}-{i}")
+            for i, blocks in enumerate(chain)
+        ]
+        for server in servers:
+            server.wait_started()
+        result = run_reference_script(
+            Path(__file__).resolve().parents[1] / "tests" / "interop" / "petals_generate_speed.py",
+            str(model),
+            maddr,
+            PREFIX,
+            str(new_tokens),
+        )
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            raise RuntimeError(result.stderr[-2000:])
+        return json.loads(lines[-1])["tokens_per_s"]
+    finally:
+        for server in servers:
+            server.stop()
+        bootstrap.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-petals", action="store_true")
+    args = parser.parse_args()
+    report: dict = {"new_tokens": args.new_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = make_reference_model(tmp / "model", PREFIX)
+        local = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        report["local_generate_tokens_per_s"] = round(
+            time_generate(
+                lambda n: local.generate(
+                    PROMPT, max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(PROMPT)
+                ),
+                args.new_tokens,
+            ),
+            1,
+        )
+        echo = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "server_step_latency.py"), "--echo-server"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            maddr = json.loads(echo.stdout.readline())["maddr"]
+            client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False)
+            report["raw_stream_round_trip"] = summary(measure_echo(client, maddr.rsplit("/", 1)[-1], 64, 200))
+            client.shutdown()
+        finally:
+            echo.kill()
+        report["corolla_tokens_per_s"] = {
+            n: round(corolla_chain(tmp, model, chain, args.new_tokens), 1) for n, chain in CHAINS.items()
+        }
+        if not args.skip_petals and reference_python().exists():
+            report["petals_tokens_per_s"] = {
+                n: round(petals_chain(tmp, model, CHAINS[n], args.new_tokens), 1) for n in (1, 3)
+            }
+    per_token_ms = {n: 1000 / tps for n, tps in report["corolla_tokens_per_s"].items()}
+    report["corolla_ms_per_extra_hop"] = round((per_token_ms[3] - per_token_ms[1]) / 2, 3)
+    report["target_ms_per_extra_hop"] = round(2 * report["raw_stream_round_trip"]["median_ms"], 3)
+    if "petals_tokens_per_s" in report:
+        report["corolla_over_petals"] = {
+            n: round(report["corolla_tokens_per_s"][n] / tps, 2) for n, tps in report["petals_tokens_per_s"].items()
+        }
+        report["target_ratio"] = 3.0
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
