@@ -28,11 +28,11 @@ import corolla
 from corolla.swarm.peers import start_dht
 from server_step_latency import measure_echo, summary
 from tests.support.swarm import (
-    CorollaServer,
     PetalsServer,
     make_reference_model,
     reference_python,
     run_reference_script,
+    start_chain,
 )
 
 PREFIX = "bench-llama-hf"
@@ -51,26 +51,8 @@ def time_generate(fn, new_tokens: int) -> float:
 
 
 def corolla_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int) -> float:
-    servers = []
+    servers = start_chain(tmp, model, chain, name=f"corolla-{len(chain)}")
     try:
-        for i, blocks in enumerate(chain):
-            join = ["--new-swarm"] if i == 0 else ["--initial-peers", servers[0].maddr]
-            servers.append(
-                CorollaServer(
-                    tmp,
-                    model,
-                    *join,
-                    "--blocks",
-                    blocks,
-                    "--torch-dtype",
-                    "float32",
-                    "--throughput",
-                    "10",
-                    name=f"corolla-{len(chain)}-{i}",
-                )
-            )
-        for server in servers:
-            server.wait_state("online")
         with corolla.AutoDistributedModelForCausalLM.from_pretrained(
             model, initial_peers=[servers[0].maddr], dht_prefix=PREFIX, use_relay=False, auto_nat=False
         ) as remote:

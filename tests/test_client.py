@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm.client.routing import MissingBlocksError
-from tests.support.swarm import CorollaServer
+from tests.support.swarm import CorollaServer, start_chain
 
 PREFIX = "tiny-client"
 LOCAL = {"initial_peers": None}
@@ -43,20 +43,18 @@ def model_dir(tiny_models):
 
 @pytest.fixture(scope="module")
 def swarm(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("client-swarm")
-    first = serve(tmp, model_dir, "0:2", "--new-swarm", name="a")
-    peers = [first]
-    try:
-        peers += [
-            serve(tmp, model_dir, blocks, "--initial-peers", first.maddr, name=name)
-            for blocks, name in (("2:4", "b"), ("4:6", "c"))
-        ]
-        for peer in peers:
-            peer.wait_state("online")
-        yield peers
-    finally:
-        for peer in peers:
-            peer.stop()
+    servers = start_chain(
+        tmp_path_factory.mktemp("client-swarm"),
+        model_dir,
+        ["0:2", "2:4", "4:6"],
+        "--dht-prefix",
+        PREFIX,
+        "--step-timeout",
+        "30",
+    )
+    yield servers
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

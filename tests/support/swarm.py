@@ -243,3 +243,35 @@ def make_reference_model(out_dir: Path, dht_prefix: str, layers: int | None = No
         if result.returncode != 0:
             raise ProcessFailed(result.stderr[-3000:])
     return out_dir
+
+
+def start_chain(
+    workdir: Path, model: str | Path, spans: list[str], *extra: str, name: str = "server"
+) -> list[CorollaServer]:
+    """Corolla servers for `spans` ("A:B" each): the first starts a swarm, the others join it; all online."""
+    servers: list[CorollaServer] = []
+    try:
+        for i, blocks in enumerate(spans):
+            join = ["--new-swarm"] if i == 0 else ["--initial-peers", servers[0].maddr]
+            servers.append(
+                CorollaServer(
+                    workdir,
+                    model,
+                    *join,
+                    "--blocks",
+                    blocks,
+                    "--torch-dtype",
+                    "float32",
+                    "--throughput",
+                    "10",
+                    *extra,
+                    name=f"{name}-{i}",
+                )
+            )
+        for server in servers:
+            server.wait_state("online")
+        return servers
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
