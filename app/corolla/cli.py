@@ -351,12 +351,81 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         dht.shutdown()
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    from corolla.node.service import run_node
+
+    return run_node(port=args.port)
+
+
+def _node_call(method: str, path: str) -> dict:
+    import urllib.error
+    import urllib.request
+
+    from corolla.node.instance import find_running_node
+    from corolla.node.paths import NodePaths
+
+    address = find_running_node(NodePaths.default())
+    if address is None:
+        raise _NoNode("no Corolla node is running (start one with: corolla node)")
+    request = urllib.request.Request(
+        f"{address.url}{path}", method=method, headers={"Authorization": f"Bearer {address.token()}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise _NoNode(f"the node answered {exc.code}: {exc.read()[:300].decode(errors='replace')}") from exc
+
+
+class _NoNode(Exception):
+    pass
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        status = _node_call("GET", "/api/status")
+    except _NoNode as exc:
+        print(f"corolla: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    c = status["contribution"]
+    blocks = f"blocks {c['start_block']}:{c['end_block']}" if c.get("start_block") is not None else "no blocks"
+    print(f"node {status['version']} (pid {status['pid']}), model {status['model']}, swarm {status['swarm']}")
+    print(
+        f"contribution: {c['state']} — {c['reason']}; {blocks}; {c['tokens_served']} tokens served; "
+        f"{c['sessions_active']} active sessions; restarts {c['restarts']}"
+    )
+    print(f"secrets: {status['secrets_storage']}")
+    if status.get("invite"):
+        print(f"invite others to this private swarm with: {status['invite']}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    try:
+        print(_node_call("POST", "/api/shutdown")["message"])
+    except _NoNode as exc:
+        print(f"corolla: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corolla", description="Join and use a Petals swarm.")
     parser.add_argument("--version", action="version", version=f"corolla {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     _add_serve_parser(commands)
+
+    node = commands.add_parser("node", help="run the local daemon (API on 127.0.0.1)")
+    node.add_argument("--port", type=int, default=0, help="0: any free port (written to the node's lock file)")
+    node.set_defaults(func=cmd_node)
+    status = commands.add_parser("status", help="what the running node is doing")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    commands.add_parser("stop", help="stop the running node").set_defaults(func=cmd_stop)
 
     chat = commands.add_parser("chat", help="chat with a model through the swarm (terminal)")
     _add_model_source_args(chat)

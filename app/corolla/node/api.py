@@ -1,0 +1,160 @@
+"""The node's local HTTP API (FastAPI): 127.0.0.1 only, a bearer token compared in constant time, and
+non-local Host or Origin headers refused (a web page cannot drive the node)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from corolla import __version__
+from corolla.node import api_models as m
+from corolla.node.settings import Settings, parse_invite
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
+
+
+def create_app(node) -> FastAPI:
+    app = FastAPI(
+        title="Corolla node",
+        version=__version__,
+        description="Local API of a Corolla node: contribution, chats, swarm health, stats; plus an "
+        "OpenAI-compatible API under /v1. Every call needs the bearer token from the node's "
+        "token file.",
+    )
+    bearer = HTTPBearer(auto_error=False)
+
+    async def auth(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0]
+        if host not in LOCAL_HOSTS:
+            raise HTTPException(403, "only local requests are accepted")
+        origin = request.headers.get("origin")
+        if origin and origin.split("://", 1)[-1].rsplit(":", 1)[0] not in LOCAL_HOSTS:
+            raise HTTPException(403, "cross-origin requests are refused")
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), node.token.encode()):
+            raise HTTPException(
+                401, "missing or wrong token (see the node's api-token file)", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        kind = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "swarm_unavailable"}.get(
+            exc.status_code, "bad_request"
+        )
+        body = m.ErrorBody(kind=kind, message=str(exc.detail)).model_dump()
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.get("/api/ping", tags=["node"])
+    def ping() -> dict:
+        """Liveness (no token needed): is a node answering here?"""
+        return {"ok": True, "version": __version__}
+
+    api = [Depends(auth)]
+
+    @app.get("/api/status", dependencies=api, tags=["node"])
+    def status() -> m.NodeStatus:
+        return node.status()
+
+    @app.get("/api/hardware", dependencies=api, tags=["contribution"])
+    def hardware(model: str | None = None, torch_dtype: str = "auto", quant_type: str = "none") -> dict:
+        if torch_dtype not in ("auto", "bfloat16", "float16", "float32") or quant_type not in ("none", "int8", "nf4"):
+            raise HTTPException(400, "torch_dtype must be auto|bfloat16|float16|float32, quant_type none|int8|nf4")
+        return node.hardware(model, torch_dtype, quant_type)
+
+    @app.get("/api/settings", dependencies=api, tags=["settings"])
+    def get_settings() -> Settings:
+        return node.settings
+
+    @app.put("/api/settings", dependencies=api, tags=["settings"])
+    def put_settings(settings: Settings) -> Settings:
+        node.apply_settings(settings)
+        return node.settings
+
+    @app.post("/api/settings/join", dependencies=api, tags=["settings"])
+    def join(invite: m.Invite) -> Settings:
+        try:
+            data = parse_invite(invite.invite)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        changes = {"swarm": "custom", "custom_peers": data["peers"]}
+        if data.get("dht_prefix"):
+            changes["dht_prefix"] = data["dht_prefix"]
+        node.apply_settings(node.settings.model_copy(update=changes))
+        return node.settings
+
+    @app.put("/api/secrets/hf-token", dependencies=api, tags=["settings"])
+    def hf_token(body: m.HfToken) -> m.ActionResult:
+        node.secrets.set("hf_token", body.token)
+        return m.ActionResult(ok=True, message=f"stored in {node.secrets.storage}")
+
+    @app.post("/api/contribution/{action}", dependencies=api, tags=["contribution"])
+    def contribution(action: str) -> m.ActionResult:
+        if action not in ("start", "stop", "pause", "resume"):
+            raise HTTPException(404, "action must be start, stop, pause or resume")
+        return node.contribution(action)
+
+    @app.get("/api/swarm", dependencies=api, tags=["swarm"])
+    async def swarm() -> list[dict]:
+        return await asyncio.to_thread(node.swarm_health)
+
+    @app.get("/api/stats/history", dependencies=api, tags=["stats"])
+    def stats_history(hours: int = 24) -> list[dict]:
+        if not 1 <= hours <= 24 * 366:
+            raise HTTPException(400, "hours must be between 1 and 8784")
+        return node.db.contribution_history(int(time.time() // 3600) - hours + 1)
+
+    @app.get("/api/chats", dependencies=api, tags=["chats"])
+    def list_chats() -> list[m.Chat]:
+        return [m.Chat(**c) for c in node.db.list_chats()]
+
+    @app.post("/api/chats", dependencies=api, tags=["chats"], status_code=201)
+    def create_chat(body: m.ChatCreate) -> m.Chat:
+        return m.Chat(**node.db.create_chat(body.title, node.model_display_name(), body.system_prompt))
+
+    def _chat(chat_id: str) -> dict:
+        chat = node.db.get_chat(chat_id) if len(chat_id) <= 64 else None
+        if chat is None:
+            raise HTTPException(404, f"no chat {chat_id!r}")
+        return chat
+
+    @app.get("/api/chats/{chat_id}", dependencies=api, tags=["chats"])
+    def get_chat(chat_id: str) -> m.Chat:
+        chat = _chat(chat_id)
+        return m.Chat(**chat, messages=[m.Message(**msg) for msg in node.db.messages(chat_id)])
+
+    @app.delete("/api/chats/{chat_id}", dependencies=api, tags=["chats"])
+    def delete_chat(chat_id: str) -> m.ActionResult:
+        _chat(chat_id)
+        node.chats.forget(chat_id)
+        node.db.delete_chat(chat_id)
+        return m.ActionResult(ok=True, message="deleted")
+
+    @app.post(
+        "/api/chats/{chat_id}/messages",
+        dependencies=api,
+        tags=["chats"],
+        responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+    )
+    async def send_message(chat_id: str, body: m.SendMessage):
+        chat = _chat(chat_id)
+
+        async def events():
+            async for event in node.chats.stream_reply(chat, body):
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/api/shutdown", dependencies=api, tags=["node"])
+    def shutdown() -> m.ActionResult:
+        node.request_shutdown()
+        return m.ActionResult(ok=True, message="the node is stopping")
+
+    from corolla.node.openai_api import make_router
+
+    app.include_router(make_router(node, auth))
+    return app

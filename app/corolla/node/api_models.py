@@ -1,0 +1,100 @@
+"""The local API's request and response types. The window imports this module too (no torch in here),
+so both sides of the API share one definition."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_MESSAGE_CHARS = 100_000
+MAX_NEW_TOKENS = 2048
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    kind: str
+    message: str
+    detail: str | None = None
+
+
+class ContributionStatus(BaseModel):
+    state: str
+    reason: str
+    restarts: int
+    pid: int | None = None
+    start_block: int | None = None
+    end_block: int | None = None
+    throughput: float | None = None
+    tokens_served: int = 0
+    inference_steps: int = 0
+    sessions_active: int = 0
+    sessions_opened: int = 0
+    cache_bytes_total: int = 0
+    cache_bytes_left: int = 0
+    uptime_s: float = 0.0
+    peer_id: str | None = None
+
+
+class NodeStatus(BaseModel):
+    version: str
+    pid: int
+    started_at: float
+    model: str
+    model_is_demo: bool
+    swarm: str
+    contribution: ContributionStatus
+    secrets_storage: str
+    invite: str | None = None
+    interrupted_replies_recovered: int = 0
+
+
+class ChatCreate(Strict):
+    title: str = Field("New chat", max_length=200)
+    system_prompt: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
+
+
+class Message(BaseModel):
+    id: str
+    role: str
+    content: str
+    status: Literal["complete", "streaming", "interrupted", "stopped", "failed"]
+    tokens: int
+    created_at: float
+
+
+class Chat(BaseModel):
+    id: str
+    title: str
+    model: str | None
+    system_prompt: str | None
+    created_at: float
+    updated_at: float
+    messages: list[Message] | None = None
+
+
+class SendMessage(Strict):
+    content: str = Field(..., min_length=1, max_length=MAX_MESSAGE_CHARS)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1, le=1000)
+    repetition_penalty: float = Field(1.0, ge=0.5, le=3.0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+
+
+class HfToken(Strict):
+    token: str | None = Field(None, max_length=512, description="None removes the stored token")
+
+
+class Invite(Strict):
+    invite: str = Field(..., max_length=8192)
+
+
+class ActionResult(BaseModel):
+    ok: bool
+    message: str

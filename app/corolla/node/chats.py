@@ -1,0 +1,163 @@
+"""Chats over the swarm: the swarm client for the node's model, and replies streamed as events while
+every piece is written to the database first (so a killed node keeps what it streamed)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from corolla.node.db import Database
+
+logger = logging.getLogger(__name__)
+
+
+class NoSwarm(RuntimeError):
+    """No swarm to chat with (explained to the user, with what to do)."""
+
+
+@dataclass(frozen=True)
+class ClientTarget:
+    model: str
+    dht_prefix: str | None
+    peers: tuple[str, ...]
+    loopback_only: bool
+
+
+class SwarmClientHost:
+    """One swarm client for the node's current model and peers, created on first use."""
+
+    def __init__(self, target: Callable[[], ClientTarget], token: Callable[[], str | None]):
+        self._target, self._token = target, token
+        self._lock = threading.Lock()
+        self._client = None
+        self._client_target: ClientTarget | None = None
+
+    def get(self):
+        from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
+
+        target = self._target()
+        with self._lock:
+            if self._client is not None and self._client_target == target:
+                return self._client
+            self.close()
+            if not target.peers:
+                raise NoSwarm(
+                    "no swarm to reach: start contributing (the private swarm runs on this computer) "
+                    "or choose the public swarm or custom peers in the settings"
+                )
+            options = {"use_relay": False, "auto_nat": False} if target.loopback_only else {}
+            self._client = AutoDistributedModelForCausalLM.from_pretrained(
+                target.model,
+                initial_peers=list(target.peers),
+                dht_prefix=target.dht_prefix,
+                token=self._token(),
+                **options,
+            )
+            self._client_target = target
+            return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                logger.warning("closing the swarm client failed", exc_info=True)
+        self._client, self._client_target = None, None
+
+
+class ChatService:
+    def __init__(self, db: Database, clients: SwarmClientHost):
+        self.db, self.clients = db, clients
+        self._sessions: dict[str, object] = {}  # chat id -> ChatSession (reuses server caches across turns)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def forget(self, chat_id: str) -> None:
+        session = self._sessions.pop(chat_id, None)
+        if session is not None:
+            session.close()
+
+    def _session_for(self, chat: dict, exclude: set[str]):
+        from corolla.swarm.client.chat import ChatSession
+
+        model = self.clients.get()
+        session = self._sessions.get(chat["id"])
+        if session is None or session.model is not model:
+            history = [
+                {"role": m["role"], "content": m["content"]}
+                for m in self.db.messages(chat["id"])
+                if m["content"] and m["id"] not in exclude
+            ]
+            session = ChatSession(model, system_prompt=chat["system_prompt"], max_length=4096, messages=history)
+            self._sessions[chat["id"]] = session
+        return session
+
+    async def stream_reply(self, chat: dict, request) -> AsyncIterator[dict]:
+        """Events: {"type": "message", ...} for the saved user message, then "token" pieces, then "done"
+        (or "error"). The assistant message is saved as `streaming` first and updated with each piece."""
+        lock = self._locks.setdefault(chat["id"], asyncio.Lock())
+        async with lock:
+            user = self.db.add_message(chat["id"], "user", request.content)
+            yield {"type": "message", "message": user}
+            reply = self.db.add_message(chat["id"], "assistant", "", status="streaming")
+            yield {"type": "message", "message": reply}
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+            cancel = threading.Event()
+            pieces: list[str] = []
+
+            def on_text(piece: str) -> None:
+                pieces.append(piece)
+                self.db.update_message(reply["id"], "".join(pieces), len(pieces), "streaming")  # write first
+                loop.call_soon_threadsafe(queue.put_nowait, {"type": "token", "text": piece})
+
+            def run():
+                try:
+                    session = self._session_for(chat, exclude={user["id"], reply["id"]})
+                    sampling = {
+                        "do_sample": request.temperature > 0,
+                        "temperature": request.temperature or 1.0,
+                        "top_p": request.top_p,
+                        "top_k": request.top_k,
+                        "repetition_penalty": request.repetition_penalty,
+                        "seed": request.seed,
+                    }
+                    result = session.send(
+                        request.content,
+                        max_new_tokens=request.max_new_tokens,
+                        stop=request.stop,
+                        on_text=on_text,
+                        should_stop=cancel.is_set,
+                        **sampling,
+                    )
+                    status = "stopped" if result.stopped_by == "cancelled" else "complete"
+                    self.db.update_message(reply["id"], result.text, result.tokens, status)
+                    loop.call_soon_threadsafe(
+                        queue.put_nowait,
+                        {
+                            "type": "done",
+                            "status": status,
+                            "text": result.text,
+                            "tokens": result.tokens,
+                            "tokens_per_second": round(result.tokens_per_second, 2),
+                            "stopped_by": result.stopped_by,
+                        },
+                    )
+                except Exception as exc:  # reported to the user; the partial reply stays
+                    self.forget(chat["id"])
+                    self.db.update_message(reply["id"], "".join(pieces), len(pieces), "failed")
+                    kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
+                    loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", "kind": kind, "message": str(exc)})
+
+            worker = loop.run_in_executor(None, run)
+            try:
+                while True:
+                    event = await queue.get()
+                    yield event
+                    if event["type"] in ("done", "error"):
+                        break
+            finally:
+                cancel.set()  # the client went away: stop generating, keep what was written
+                await asyncio.shield(worker)

@@ -1,0 +1,132 @@
+"""The node's SQLite database (WAL): chats and messages, hourly contribution stats, settings.
+
+Replies are written through as they stream, so a node killed mid-reply keeps every streamed token;
+at the next start, replies left `streaming` are marked `interrupted`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (
+    id TEXT PRIMARY KEY, title TEXT NOT NULL, model TEXT, system_prompt TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY, chat_id TEXT NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role TEXT NOT NULL, content TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'complete',
+    tokens INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, seq);
+CREATE TABLE IF NOT EXISTS contribution_hourly (
+    hour INTEGER PRIMARY KEY, tokens_served INTEGER NOT NULL DEFAULT 0, sessions INTEGER NOT NULL DEFAULT 0,
+    inference_steps INTEGER NOT NULL DEFAULT 0, uptime_s REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class Database:
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SCHEMA)
+        self.interrupted_on_start = self._mark_interrupted()
+
+    def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._conn.execute(sql, args)
+
+    def _mark_interrupted(self) -> int:
+        return self._execute("UPDATE messages SET status='interrupted' WHERE status='streaming'").rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # --- chats -----------------------------------------------------------------------------------
+    def create_chat(self, title: str, model: str | None, system_prompt: str | None) -> dict:
+        now, chat_id = time.time(), uuid.uuid4().hex
+        self._execute("INSERT INTO chats VALUES (?, ?, ?, ?, ?, ?)", (chat_id, title, model, system_prompt, now, now))
+        return self.get_chat(chat_id)
+
+    def get_chat(self, chat_id: str) -> dict | None:
+        row = self._execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
+        return dict(row) if row else None
+
+    def list_chats(self) -> list[dict]:
+        return [dict(r) for r in self._execute("SELECT * FROM chats ORDER BY updated_at DESC")]
+
+    def delete_chat(self, chat_id: str) -> bool:
+        return self._execute("DELETE FROM chats WHERE id=?", (chat_id,)).rowcount > 0
+
+    def messages(self, chat_id: str) -> list[dict]:
+        return [dict(r) for r in self._execute("SELECT * FROM messages WHERE chat_id=? ORDER BY seq", (chat_id,))]
+
+    def add_message(self, chat_id: str, role: str, content: str, status: str = "complete") -> dict:
+        now, message_id = time.time(), uuid.uuid4().hex
+        with self._lock:
+            seq = self._conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE chat_id=?", (chat_id,)
+            ).fetchone()[0]
+            self._conn.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                (message_id, chat_id, role, content, status, now, seq),
+            )
+            self._conn.execute("UPDATE chats SET updated_at=? WHERE id=?", (now, chat_id))
+        return {
+            "id": message_id,
+            "chat_id": chat_id,
+            "role": role,
+            "content": content,
+            "status": status,
+            "tokens": 0,
+            "created_at": now,
+            "seq": seq,
+        }
+
+    def update_message(self, message_id: str, content: str, tokens: int, status: str) -> None:
+        self._execute(
+            "UPDATE messages SET content=?, tokens=?, status=? WHERE id=?", (content, tokens, status, message_id)
+        )
+
+    # --- contribution stats ------------------------------------------------------------------------
+    def add_contribution(self, hour: int, tokens: int, sessions: int, steps: int, uptime_s: float) -> None:
+        self._execute(
+            "INSERT INTO contribution_hourly VALUES (?, ?, ?, ?, ?) ON CONFLICT(hour) DO UPDATE SET "
+            "tokens_served=tokens_served+excluded.tokens_served, sessions=sessions+excluded.sessions, "
+            "inference_steps=inference_steps+excluded.inference_steps, uptime_s=uptime_s+excluded.uptime_s",
+            (hour, tokens, sessions, steps, uptime_s),
+        )
+
+    def contribution_history(self, since_hour: int) -> list[dict]:
+        return [
+            dict(r)
+            for r in self._execute("SELECT * FROM contribution_hourly WHERE hour>=? ORDER BY hour", (since_hour,))
+        ]
+
+    # --- settings ----------------------------------------------------------------------------------
+    def load_settings(self) -> dict[str, Any]:
+        return {r["key"]: json.loads(r["value"]) for r in self._execute("SELECT key, value FROM settings")}
+
+    def save_settings(self, values: dict[str, Any]) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN")
+            for key, value in values.items():
+                self._conn.execute(
+                    "INSERT INTO settings VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (key, json.dumps(value)),
+                )
+            self._conn.execute("COMMIT")

@@ -1,0 +1,85 @@
+"""One node per user: a lock file (created exclusively) holding its address and pid, and a random API
+token in a 0600 file. A lock whose node does not answer a ping is stale and is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from corolla.node.paths import NodePaths
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    url: str
+    pid: int
+    started_at: float
+    token_file: str
+
+    def token(self) -> str:
+        return Path(self.token_file).read_text().strip()
+
+
+class AlreadyRunning(RuntimeError):
+    def __init__(self, address: NodeAddress):
+        self.address = address
+        super().__init__(f"a Corolla node is already running at {address.url} (pid {address.pid})")
+
+
+def read_address(paths: NodePaths) -> NodeAddress | None:
+    try:
+        return NodeAddress(**json.loads(paths.lock_file.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def is_alive(address: NodeAddress, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{address.url}/api/ping", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def find_running_node(paths: NodePaths) -> NodeAddress | None:
+    address = read_address(paths)
+    return address if address is not None and is_alive(address) else None
+
+
+def new_token(paths: NodePaths) -> str:
+    """A fresh random token in a file only this user can read."""
+    token = secrets.token_urlsafe(32)
+    fd = os.open(paths.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    os.chmod(paths.token_file, 0o600)
+    return token
+
+
+def claim(paths: NodePaths, url: str) -> NodeAddress:
+    """Write the lock file exclusively; a live node there raises AlreadyRunning, a stale one is replaced."""
+    address = NodeAddress(url=url, pid=os.getpid(), started_at=time.time(), token_file=str(paths.token_file))
+    for _ in range(2):
+        try:
+            fd = os.open(paths.lock_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            existing = read_address(paths)
+            if existing is not None and existing.pid != os.getpid() and is_alive(existing):
+                raise AlreadyRunning(existing) from None
+            paths.lock_file.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(address), f)
+        return address
+    raise RuntimeError(f"could not create {paths.lock_file}")
+
+
+def release(paths: NodePaths) -> None:
+    address = read_address(paths)
+    if address is not None and address.pid == os.getpid():
+        paths.lock_file.unlink(missing_ok=True)

@@ -1,0 +1,224 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/chat/completions and /v1/completions (streamed or not),
+so the official `openai` client pointed at the node works unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from corolla.node.api_models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(..., max_length=MAX_MESSAGE_CHARS)
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields Corolla does not use
+    model: str = Field(..., max_length=1024)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(len(s) > 256 for s in stops):
+            raise HTTPException(400, "at most 4 stop sequences of at most 256 characters")
+        return stops
+
+    def sampling(self) -> dict:
+        return {
+            "do_sample": self.temperature > 0,
+            "temperature": self.temperature or 1.0,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(..., max_length=MAX_MESSAGE_CHARS)
+
+
+def make_router(node, auth) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(auth)], tags=["openai"])
+
+    def model_name() -> str:
+        return node.model_display_name()
+
+    def check_model(requested: str) -> None:
+        if requested not in (model_name(), node.model_id()):
+            raise HTTPException(404, f"model {requested!r} is not served by this node; use {model_name()!r}")
+
+    @router.get("/models")
+    def list_models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": model_name(), "object": "model", "created": int(node.started_at), "owned_by": "corolla"}],
+        }
+
+    def generate(prompt_ids: list[int], request: _Sampling, on_text, should_stop) -> tuple[str, int, str]:
+        import torch
+
+        from corolla.swarm.client.chat import TextStream
+
+        model = node.chats.clients.get()
+        stream = TextStream(model.tokenizer)
+        stops = request.stops()
+        eos = set(model.eos_token_ids)
+        state = {"finish": "length"}
+
+        def on_token(tokens) -> bool:
+            token = int(tokens[0])
+            if token in eos:
+                state["finish"] = "stop"
+                return True
+            piece = stream.push(token)
+            if stops and any(s in stream.emitted for s in stops):
+                state["finish"] = "stop"
+                return True
+            if piece:
+                on_text(piece)
+            return should_stop()
+
+        model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=request.max_tokens or 256,
+            eos_token_id=[],
+            streamer=on_token,
+            **request.sampling(),
+        )
+        text = stream.text()
+        for s in stops:
+            if s in text:
+                text = text[: text.index(s)]
+        return text, len(stream.tokens), state["finish"]
+
+    def chat_prompt(request: ChatCompletionRequest) -> list[int]:
+        tokenizer = node.chats.clients.get().tokenizer
+        messages = [m.model_dump() for m in request.messages]
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer(text, add_special_tokens=False).input_ids
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return tokenizer(text).input_ids
+
+    def completion_prompt(request: CompletionRequest) -> list[int]:
+        ids = node.chats.clients.get().tokenizer(request.prompt).input_ids
+        if not ids:
+            raise HTTPException(400, "the prompt is empty after tokenisation")
+        return ids
+
+    async def respond(request: _Sampling, prompt_fn, kind: str):
+        check_model(request.model)
+        prompt_ids = await asyncio.to_thread(node.call_swarm, prompt_fn, request)
+        created, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        usage_prompt = len(prompt_ids)
+        if not request.stream:
+            text, tokens, finish = await asyncio.to_thread(
+                node.call_swarm, generate, prompt_ids, request, lambda piece: None, lambda: False
+            )
+            usage = {"prompt_tokens": usage_prompt, "completion_tokens": tokens, "total_tokens": usage_prompt + tokens}
+            if kind == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                return {
+                    "id": ident,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": request.model,
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            return {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": request.model,
+                "choices": [choice],
+                "usage": usage,
+            }
+        return StreamingResponse(_stream(request, prompt_ids, kind, ident, created), media_type="text/event-stream")
+
+    async def _stream(request, prompt_ids, kind, ident, created):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def chunk(delta: dict | None, text: str | None, finish: str | None) -> str:
+            if kind == "chat":
+                body = {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": request.model,
+                    "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}],
+                }
+            else:
+                body = {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": request.model,
+                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
+                }
+            return f"data: {json.dumps(body)}\n\n"
+
+        def run():
+            try:
+                _, _, finish = node.call_swarm(
+                    generate,
+                    prompt_ids,
+                    request,
+                    lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece)),
+                    cancel.is_set,
+                )
+                loop.call_soon_threadsafe(queue.put_nowait, ("finish", finish))
+            except Exception as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", str(exc)))
+
+        worker = loop.run_in_executor(None, run)
+        try:
+            if kind == "chat":
+                yield chunk({"role": "assistant", "content": ""}, None, None)
+            while True:
+                what, value = await queue.get()
+                if what == "piece":
+                    yield chunk({"content": value}, value, None)
+                elif what == "finish":
+                    yield chunk({}, "", value)
+                    break
+                else:
+                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'swarm_error'}})}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel.set()
+            await asyncio.shield(worker)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest):
+        return await respond(request, chat_prompt, "chat")
+
+    @router.post("/completions")
+    async def completions(request: CompletionRequest):
+        return await respond(request, completion_prompt, "text")
+
+    return router

@@ -1,0 +1,91 @@
+"""The node's settings, one typed object, persisted in SQLite; and the contribution policy."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Petals' public swarm (protocol doc §5.8).
+PUBLIC_INITIAL_PEERS = [
+    "/dns/bootstrap1.petals.dev/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY",
+    "/dns/bootstrap2.petals.dev/tcp/31338/p2p/QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5",
+]
+INVITE_PREFIX = "corolla-invite:"
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    swarm: Literal["private", "public", "custom"] = "private"
+    custom_peers: list[str] = Field(default_factory=list, max_length=64)
+    model: str | None = Field(None, max_length=1024, description="hub repo id or local folder; None: the demo")
+    dht_prefix: str | None = Field(None, max_length=256)
+    blocks: str | None = Field(None, pattern=r"^\d{1,5}:\d{1,5}$")
+    num_blocks: int | None = Field(None, ge=1, le=100000)
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quant_type: Literal["none", "int8", "nf4"] = "none"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
+    memory_cap_gib: float | None = Field(None, gt=0, le=4096)
+    public_name: str | None = Field(None, max_length=128)
+    contribute: bool = True
+    only_when_idle: bool = False
+    allow_on_battery: bool = True
+    time_window: str | None = Field(None, description="HH:MM-HH:MM, local time; may wrap midnight")
+    listen_on_lan: bool = False
+
+    @field_validator("time_window")
+    @classmethod
+    def _check_window(cls, value: str | None) -> str | None:
+        if value is not None and not _WINDOW.match(value):
+            raise ValueError("time_window must look like 22:00-07:00")
+        return value
+
+    @field_validator("custom_peers")
+    @classmethod
+    def _check_peers(cls, value: list[str]) -> list[str]:
+        for peer in value:
+            if not peer.startswith("/") or "/p2p/" not in peer or len(peer) > 512:
+                raise ValueError(f"{peer!r} is not a multiaddr ending in /p2p/<peer id>")
+        return value
+
+
+def make_invite(maddrs: list[str], dht_prefix: str, model: str) -> str:
+    payload = json.dumps({"peers": maddrs, "dht_prefix": dht_prefix, "model": model}).encode()
+    return INVITE_PREFIX + base64.urlsafe_b64encode(payload).decode()
+
+
+def parse_invite(invite: str) -> dict:
+    if not invite.startswith(INVITE_PREFIX):
+        raise ValueError("an invite starts with corolla-invite:")
+    try:
+        data = json.loads(base64.urlsafe_b64decode(invite[len(INVITE_PREFIX) :].encode()))
+        peers = [str(p) for p in data["peers"]]
+    except Exception as exc:
+        raise ValueError("this invite is damaged; ask for a new one") from exc
+    Settings(swarm="custom", custom_peers=peers)  # validates the addresses
+    return {"peers": peers, "dht_prefix": data.get("dht_prefix"), "model": data.get("model")}
+
+
+def contribution_allowed(
+    settings: Settings, now: dt.datetime, cpu_busy_percent: float, on_battery: bool
+) -> tuple[bool, str]:
+    """Whether the block server should run now, and why not. Pure: the node feeds it measurements."""
+    if not settings.contribute:
+        return False, "contribution is switched off"
+    if on_battery and not settings.allow_on_battery:
+        return False, "paused: the computer runs on battery"
+    if settings.time_window:
+        start, end = (dt.time.fromisoformat(part) for part in settings.time_window.split("-"))
+        current = now.time()
+        inside = start <= current < end if start <= end else (current >= start or current < end)
+        if not inside:
+            return False, f"paused: outside the daily window {settings.time_window}"
+    if settings.only_when_idle and cpu_busy_percent > 50.0:
+        return False, "paused: the computer is busy"
+    return True, ""
