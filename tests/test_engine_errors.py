@@ -198,3 +198,9 @@ def test_bad_hidden_states(tiny_models):
 def test_not_a_folder_nor_a_repo_id(tmp_path):
     with pytest.raises(EngineError, match="neither a folder"):
         open_checkpoint(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_invalid_repo_ids_are_clear_errors(tmp_path):
+    for name in ("not a repo!!", "a/b/c/d", "x" * 300, "bad\x00name"):
+        with pytest.raises(EngineError):
+            open_checkpoint(name, cache_dir=str(tmp_path), endpoint="http://127.0.0.1:9")

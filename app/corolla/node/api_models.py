@@ -25,6 +25,7 @@ class ContributionStatus(BaseModel):
     state: str
     reason: str
     restarts: int
+    last_failure: str | None = None
     pid: int | None = None
     start_block: int | None = None
     end_block: int | None = None

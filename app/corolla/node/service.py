@@ -185,7 +185,11 @@ class NodeService:
 
         try:
             return fn(*args)
-        except (NoSwarm, MissingBlocksError, ServerFailure, EngineError) as exc:
+        except NoSwarm as exc:  # the node's own state: contribution is off in a private swarm
+            raise HTTPException(409, str(exc)) from exc
+        except EngineError as exc:  # a model that cannot be opened or is not supported
+            raise HTTPException(400, str(exc)) from exc
+        except (MissingBlocksError, ServerFailure) as exc:  # the swarm, not this request, is at fault
             raise HTTPException(503, str(exc)) from exc
 
     def swarm_health(self) -> list[dict]:
@@ -211,6 +215,7 @@ class NodeService:
             state=sup.state,
             reason=sup.reason,
             restarts=sup.restarts,
+            last_failure=sup.last_failure,
             pid=sup.pid,
             start_block=stats.get("start_block"),
             end_block=stats.get("end_block"),

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from corolla.swarm.server.stats import read_stats
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class SupervisorStatus:
     pid: int | None
     restarts: int
     stats: dict | None
+    last_failure: str | None = None
 
 
 class ServerSupervisor:
@@ -46,8 +49,27 @@ class ServerSupervisor:
         self.state, self.reason = "stopped", "not started"
         self.failures = 0
         self.restarts = 0
+        self.last_failure: str | None = None
         self.next_start_at: float | None = None
         self.started_at = 0.0
+        self.pid_path = workdir / "server.pid"
+        self._reap_orphan()
+
+    def _reap_orphan(self) -> None:
+        """A server left running by a node that was killed: stop it before starting a new one."""
+        try:
+            pid = int(self.pid_path.read_text())
+            process = psutil.Process(pid)
+            if "corolla.cli" in " ".join(process.cmdline()) and "serve" in process.cmdline():
+                logger.warning("stopping block server %d left by a previous node", pid)
+                process.terminate()
+                try:
+                    process.wait(20)
+                except psutil.TimeoutExpired:
+                    os.killpg(pid, signal.SIGKILL)
+        except (FileNotFoundError, ValueError, psutil.Error, ProcessLookupError):
+            pass
+        self.pid_path.unlink(missing_ok=True)
 
     # --- control -----------------------------------------------------------------------------------
     def start(self, args: list[str]) -> None:
@@ -85,6 +107,7 @@ class ServerSupervisor:
                 self.restarts += 1
                 delay = restart_delay(self.failures)
                 self.state = "restarting"
+                self.last_failure = f"{_describe_exit(code)} at {time.strftime('%H:%M:%S')}: {self._log_tail()}"
                 self.reason = (
                     f"the block server exited ({_describe_exit(code)}): {self._log_tail()}; restarting in {delay:.0f} s"
                 )
@@ -102,7 +125,7 @@ class ServerSupervisor:
                 if now - self.started_at > HEALTHY_AFTER_S:
                     self.failures = 0
         return SupervisorStatus(
-            self.state, self.reason, self.process.pid if self.process else None, self.restarts, stats
+            self.state, self.reason, self.process.pid if self.process else None, self.restarts, stats, self.last_failure
         )
 
     # --- process -----------------------------------------------------------------------------------
@@ -119,6 +142,7 @@ class ServerSupervisor:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
+        self.pid_path.write_text(str(self.process.pid))
         self.state, self.reason = "starting", "starting the block server"
         self.next_start_at = None
         self.started_at = time.monotonic()

@@ -72,6 +72,7 @@ class HubRepo:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
+            HFValidationError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
         )
@@ -85,6 +86,8 @@ class HubRepo:
                 cache_dir=self.cache_dir,
                 endpoint=self.endpoint,
             )
+        except HFValidationError as exc:
+            raise CheckpointError(f"{self.repo_id!r} is not a valid Hugging Face repo id: {exc}") from exc
         except LocalEntryNotFoundError as exc:  # before EntryNotFoundError: it is a subclass
             raise CheckpointError(
                 f"could not reach the hub for {filename} of {self.describe()}, and it is not in the local cache: {exc}"
@@ -105,7 +108,10 @@ class HubRepo:
 
 
 def looks_like_local_folder(name_or_path: str | os.PathLike) -> bool:
-    return Path(name_or_path).is_dir()
+    try:
+        return Path(name_or_path).is_dir()
+    except (ValueError, OSError):  # e.g. an embedded NUL byte or a name too long for the file system
+        return False
 
 
 class Checkpoint:

@@ -1,0 +1,102 @@
+"""A real `corolla node` process for tests, with its own COROLLA_HOME, talked to over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support.swarm import ProcessFailed, _stop_group
+
+
+class NodeProcess:
+    def __init__(self, home: Path, extra_env: dict[str, str] | None = None, name: str = "node"):
+        self.home = Path(home)
+        self.log_path = self.home / f"{name}.log"
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "COROLLA_HOME": str(self.home), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "corolla.cli", "node"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        self.url, self.token = self._wait_ready()
+        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=120)
+
+    def _wait_ready(self, timeout: float = 60.0) -> tuple[str, str]:
+        lock = self.home / "config" / "node.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ProcessFailed(f"node exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                data = json.loads(lock.read_text())
+                if data["pid"] == self.process.pid:
+                    token = Path(data["token_file"]).read_text().strip()
+                    if httpx.get(f"{data['url']}/api/ping", timeout=2).status_code == 200:
+                        return data["url"], token
+            except (FileNotFoundError, json.JSONDecodeError, KeyError, httpx.HTTPError):
+                pass
+            time.sleep(0.2)
+        raise ProcessFailed(f"node did not start in {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return self.client.get(path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return self.client.post(path, **kwargs)
+
+    def delete(self, path: str, **kwargs) -> httpx.Response:
+        return self.client.delete(path, **kwargs)
+
+    def status(self) -> dict:
+        response = self.get("/api/status")
+        response.raise_for_status()
+        return response.json()
+
+    def wait_contribution(self, state: str, timeout: float = 120.0, predicate=None) -> dict:
+        deadline = time.monotonic() + timeout
+        status = {}
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status["contribution"]["state"] == state and (predicate is None or predicate(status)):
+                return status
+            time.sleep(0.5)
+        raise ProcessFailed(f"contribution never reached {state!r}: {status}\n{self.log_tail()}")
+
+    def stop(self) -> int:
+        self.client.close()
+        return _stop_group(self.process, signal.SIGTERM, 40)
+
+    def kill(self) -> None:
+        self.client.close()
+        os.kill(self.process.pid, signal.SIGKILL)  # the node only: its block server child is left behind
+        self.process.wait(10)
+
+
+def sse_events(response: httpx.Response):
+    """Parse a server-sent event stream into (event, data) pairs as they arrive."""
+    event, data = None, []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield event, json.loads("\n".join(data))
+            event, data = None, []

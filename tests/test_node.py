@@ -1,0 +1,193 @@
+"""A real node process with a real block server child, on 127.0.0.1, driven through its API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.support.node import NodeProcess, sse_events
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    process = NodeProcess(tmp_path_factory.mktemp("node-home"))
+    process.wait_contribution("online")
+    yield process
+    process.stop()
+
+
+def _chat(node, content="hello", **options) -> tuple[str, list]:
+    chat = node.post("/api/chats", json={"title": "test"}).json()
+    with node.client.stream(
+        "POST", f"/api/chats/{chat['id']}/messages", json={"content": content, "max_new_tokens": 8, **options}
+    ) as response:
+        assert response.status_code == 200
+        events = list(sse_events(response))
+    return chat["id"], events
+
+
+def test_token_file_is_private_and_required(node):
+    token_file = node.home / "config" / "api-token"
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert httpx.get(f"{node.url}/api/status").status_code == 401
+    assert httpx.get(f"{node.url}/api/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{node.url}/v1/models").status_code == 401
+    assert node.get("/api/status", headers={"Host": "evil.example"}).status_code == 403
+    assert node.get("/api/status", headers={"Origin": "https://evil.example"}).status_code == 403
+    assert httpx.get(f"{node.url}/api/ping").json()["ok"] is True
+
+
+def test_second_node_says_where_the_first_is(node):
+    result = subprocess.run(
+        [sys.executable, "-m", "corolla.cli", "node"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COROLLA_HOME": str(node.home)},
+        check=False,
+    )
+    assert result.returncode == 1 and node.url in result.stderr
+
+
+def test_contribute_chat_and_stats_end_to_end(node):
+    status = node.wait_contribution("online")
+    assert status["model_is_demo"] and "random weights" in status["model"]
+    assert status["contribution"]["start_block"] == 0 and status["contribution"]["end_block"] == 6
+    assert status["invite"].startswith("corolla-invite:")
+    chat_id, events = _chat(node)
+    kinds = [kind for kind, _ in events]
+    assert kinds[:2] == ["message", "message"] and kinds[-1] == "done", events
+    done = events[-1][1]
+    assert done["tokens"] == 8 and done["status"] == "complete"
+    streamed = "".join(data["text"] for kind, data in events if kind == "token")
+    stored = node.get(f"/api/chats/{chat_id}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"] == done["text"] and stored[1]["status"] == "complete"
+    assert streamed.replace("\ufffd", "") in stored[1]["content"].replace("\ufffd", "") or streamed == done["text"]
+    # The served tokens reach the node's counters and its hourly history.
+    served = node.wait_contribution("online", predicate=lambda s: s["contribution"]["tokens_served"] > 0)
+    assert served["contribution"]["tokens_served"] >= 8
+    deadline = time.monotonic() + 15
+    history = []
+    while time.monotonic() < deadline and not any(h["tokens_served"] > 0 for h in history):
+        history = node.get("/api/stats/history", params={"hours": 2}).json()
+        time.sleep(0.5)
+    assert any(h["tokens_served"] > 0 and h["uptime_s"] > 0 for h in history)
+    swarm = node.get("/api/swarm").json()
+    (model,) = swarm
+    assert model["healthy"] and model["servers"][0]["this_computer"] is True
+    hardware = node.get("/api/hardware").json()
+    assert hardware["ram_total_bytes"] > 0 and hardware["accelerators"][-1]["kind"] == "cpu"
+    assert hardware["plan"]["num_blocks"] == 6 and hardware["plan"]["recommended_blocks"] == 6
+    assert node.delete(f"/api/chats/{chat_id}").status_code == 200
+    assert node.get(f"/api/chats/{chat_id}").status_code == 404
+
+
+def test_openai_client_streams_and_not(node):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{node.url}/v1", api_key=node.token)
+    (model,) = client.models.list().data
+    reply = client.chat.completions.create(
+        model=model.id, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, seed=1
+    )
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens <= 6 and reply.usage.prompt_tokens > 0
+    stream = client.chat.completions.create(
+        model=model.id, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, seed=1, stream=True
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert "".join(pieces) == reply.choices[0].message.content
+    completion = client.completions.create(model=model.id, prompt="the quick brown", max_tokens=5, temperature=0)
+    assert completion.choices[0].finish_reason in ("length", "stop")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+
+
+def test_killed_block_server_is_restarted_with_a_reason(node):
+    before = node.wait_contribution("online")
+    os.kill(before["contribution"]["pid"], signal.SIGKILL)
+    restarted = node.wait_contribution("online", timeout=120, predicate=lambda s: s["contribution"]["restarts"] >= 1)
+    assert restarted["contribution"]["pid"] != before["contribution"]["pid"]
+    assert restarted["contribution"]["last_failure"].startswith("killed by SIGKILL")
+
+
+def test_cli_status_and_stop(tmp_path):
+    other = NodeProcess(tmp_path / "home", name="cli-node")
+    env = {**os.environ, "COROLLA_HOME": str(other.home)}
+    try:
+        other.wait_contribution("online")
+        status = subprocess.run(
+            [sys.executable, "-m", "corolla.cli", "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert status.returncode == 0 and "contribution: online" in status.stdout
+        stop = subprocess.run(
+            [sys.executable, "-m", "corolla.cli", "stop"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert stop.returncode == 0
+        assert other.process.wait(60) == 0
+        gone = subprocess.run(
+            [sys.executable, "-m", "corolla.cli", "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert gone.returncode == 1 and "no Corolla node is running" in gone.stderr
+    finally:
+        other.stop()
+
+
+def test_node_killed_mid_reply_keeps_the_streamed_part(tmp_path):
+    home = tmp_path / "home"
+    first = NodeProcess(home, name="first")
+    try:
+        first.wait_contribution("online")
+        chat = first.post("/api/chats", json={"title": "long"}).json()
+        received = []
+        with first.client.stream(
+            "POST",
+            f"/api/chats/{chat['id']}/messages",
+            json={"content": "tell me a long story", "max_new_tokens": 2000},
+        ) as response:
+            for kind, data in sse_events(response):
+                if kind == "token":
+                    received.append(data["text"])
+                if len(received) >= 12:
+                    first.kill()  # SIGKILL the node mid-reply
+                    break
+    finally:
+        if first.process.poll() is None:
+            first.kill()
+    second = NodeProcess(home, name="second")
+    try:
+        status = second.status()
+        assert status["interrupted_replies_recovered"] == 1
+        messages = second.get(f"/api/chats/{chat['id']}").json()["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[0]["content"] == "tell me a long story"
+        assert messages[1]["status"] == "interrupted"
+        assert messages[1]["content"].startswith("".join(received))  # nothing streamed was lost
+        second.wait_contribution("online")  # the orphaned server was replaced, the node serves again
+    finally:
+        second.stop()
