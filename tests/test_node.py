@@ -191,3 +191,20 @@ def test_node_killed_mid_reply_keeps_the_streamed_part(tmp_path):
         second.wait_contribution("online")  # the orphaned server was replaced, the node serves again
     finally:
         second.stop()
+
+
+def test_demo_command_runs_end_to_end_on_the_embedded_default(tmp_path):
+    env = {**os.environ, "COROLLA_HOME": str(tmp_path / "demo-home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "corolla.cli", "demo", "--max-new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "random weights" in result.stdout and "(this computer)" in result.stdout
+    served = int(result.stdout.split("has served ")[1].split()[0])
+    assert served >= 8
+    assert not (tmp_path / "demo-home" / "config" / "node.json").exists()  # the demo's node stopped again

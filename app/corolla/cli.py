@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -412,6 +413,95 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a node (unless one runs), wait for its block server, chat once through the OpenAI endpoint,
+    show the swarm and the stats: everything end to end on the offline demo model."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from corolla.node.instance import find_running_node
+    from corolla.node.paths import NodePaths
+
+    paths = NodePaths.default()
+    started = None
+    if find_running_node(paths) is None:
+        started = subprocess.Popen(
+            [sys.executable, "-m", "corolla.cli", "node"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        print("starting a Corolla node ...", file=sys.stderr)
+    try:
+        deadline = time.monotonic() + args.timeout
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status = _node_call("GET", "/api/status")
+                if status["contribution"]["state"] == "online":
+                    break
+            except _NoNode:
+                pass
+            time.sleep(1)
+        else:
+            print(f"corolla: the node did not come online in {args.timeout:.0f} s: {status}", file=sys.stderr)
+            return 1
+        c = status["contribution"]
+        print(
+            f"model: {status['model']}; contributing blocks {c['start_block']}:{c['end_block']} to the "
+            f"{status['swarm']} swarm"
+        )
+        address = find_running_node(paths)
+        body = json.dumps(
+            {
+                "model": status["model"],
+                "messages": [{"role": "user", "content": args.prompt}],
+                "max_tokens": args.max_new_tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{address.url}/v1/chat/completions",
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {address.token()}", "Content-Type": "application/json"},
+        )
+        print(f"> {args.prompt}")
+        tokens, began = 0, time.perf_counter()
+        with urllib.request.urlopen(request, timeout=120) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    piece = chunk.get("choices", [{}])[0].get("delta", {}).get("content")
+                    if piece:
+                        tokens += 1
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+        print(f"\n-- {tokens} pieces in {time.perf_counter() - began:.2f} s (random weights: the text is noise)")
+        for model in _node_call("GET", "/api/swarm"):
+            for server in model["servers"]:
+                mine = " (this computer)" if server.get("this_computer") else ""
+                print(
+                    f"swarm: {model['dht_prefix']} blocks {server['start_block']}:{server['end_block']} "
+                    f"{server['state']} {server['throughput']:.0f} tok/s ping {server['ping_ms']} ms{mine}"
+                )
+        time.sleep(1.5)  # the block server publishes its counters every second
+        served = _node_call("GET", "/api/status")["contribution"]["tokens_served"]
+        print(f"stats: this computer has served {served} tokens since its block server started")
+        return 0
+    except _NoNode as exc:
+        print(f"corolla: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if started is not None and not args.keep:
+            with contextlib.suppress(_NoNode):
+                _node_call("POST", "/api/shutdown")
+            started.wait(60)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corolla", description="Join and use a Petals swarm.")
     parser.add_argument("--version", action="version", version=f"corolla {__version__}")
@@ -426,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     commands.add_parser("stop", help="stop the running node").set_defaults(func=cmd_stop)
+    demo = commands.add_parser("demo", help="end to end on this computer: node, private swarm, chat, stats")
+    demo.add_argument("--prompt", default="Hello, swarm!")
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--timeout", type=float, default=180.0)
+    demo.add_argument("--keep", action="store_true", help="leave the node running afterwards")
+    demo.set_defaults(func=cmd_demo)
 
     chat = commands.add_parser("chat", help="chat with a model through the swarm (terminal)")
     _add_model_source_args(chat)
