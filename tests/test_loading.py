@@ -155,3 +155,18 @@ def test_factory_is_deterministic(tmp_path):
     for name in files:
         if name.endswith(".safetensors"):
             assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_concurrent_skeletons_and_loads_do_not_interfere(tiny_models):
+    """accelerate's meta-device patch is process-wide: loads in other threads must not land on meta."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from corolla.swarm.models.loading import estimate_memory
+
+    checkpoint = open_checkpoint(tiny_models.get("llama"))
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(load_client_parts, checkpoint) for _ in range(6)]
+        jobs += [pool.submit(estimate_memory, checkpoint, torch.float32) for _ in range(6)]
+        jobs += [pool.submit(load_span, checkpoint, 0, 2) for _ in range(6)]
+        for job in jobs:
+            job.result()

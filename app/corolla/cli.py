@@ -502,6 +502,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             started.wait(60)
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    try:
+        from corolla.gui.app import main as app_main
+    except ImportError as exc:
+        print(f"corolla: the window needs PySide6 (pip install 'corolla[gui]'): {exc}", file=sys.stderr)
+        return 2
+    return app_main([sys.argv[0]])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corolla", description="Join and use a Petals swarm.")
     parser.add_argument("--version", action="version", version=f"corolla {__version__}")
@@ -516,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     commands.add_parser("stop", help="stop the running node").set_defaults(func=cmd_stop)
+    commands.add_parser("app", help="the desktop window and tray icon").set_defaults(func=cmd_app)
     demo = commands.add_parser("demo", help="end to end on this computer: node, private swarm, chat, stats")
     demo.add_argument("--prompt", default="Hello, swarm!")
     demo.add_argument("--max-new-tokens", type=int, default=24)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from corolla.node.db import Database
 
 logger = logging.getLogger(__name__)
+CONNECT_ATTEMPTS = 3
 
 
 class NoSwarm(RuntimeError):
@@ -49,13 +50,24 @@ class SwarmClientHost:
                     "or choose the public swarm or custom peers in the settings"
                 )
             options = {"use_relay": False, "auto_nat": False} if target.loopback_only else {}
-            self._client = AutoDistributedModelForCausalLM.from_pretrained(
-                target.model,
-                initial_peers=list(target.peers),
-                dht_prefix=target.dht_prefix,
-                token=self._token(),
-                **options,
-            )
+            for attempt in range(CONNECT_ATTEMPTS):
+                try:
+                    self._client = AutoDistributedModelForCausalLM.from_pretrained(
+                        target.model,
+                        initial_peers=list(target.peers),
+                        dht_prefix=target.dht_prefix,
+                        token=self._token(),
+                        **options,
+                    )
+                    break
+                except Exception as exc:
+                    # p2pd gives up on bootstrap peers it cannot reach quickly (a busy machine, a peer
+                    # that is just starting): try again before reporting the swarm unreachable.
+                    if "bootstrap" not in str(exc):
+                        raise
+                    if attempt + 1 == CONNECT_ATTEMPTS:
+                        raise NoSwarm(f"could not connect to the swarm: {exc}") from exc
+                    logger.warning("connecting to the swarm failed (%s); retrying", exc)
             self._client_target = target
             return self._client
 

@@ -7,7 +7,9 @@ own checkpoint conversion (legacy names, fused MoE experts); then only that part
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,21 @@ class LoadOptions:
     endpoint: str | None = None  # hub mirror
 
 
+# accelerate's init_empty_weights patches nn.Module.register_parameter for the whole process while it
+# is active, so a parameter created by another thread at that moment would land on the meta device.
+# Every skeleton build and every load holds this lock.
+_MODULE_CREATION_LOCK = threading.RLock()
+
+
+def _serialised(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _MODULE_CREATION_LOCK:
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 def _as_checkpoint(source: Checkpoint | str | os.PathLike, options: LoadOptions) -> Checkpoint:
     if isinstance(source, Checkpoint):
         return source
@@ -45,6 +62,7 @@ def _as_checkpoint(source: Checkpoint | str | os.PathLike, options: LoadOptions)
     )
 
 
+@_serialised
 def build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
     """The whole CausalLM with parameters on the meta device: costs no memory, takes no time."""
     from accelerate import init_empty_weights
@@ -92,6 +110,7 @@ def _assert_materialised(module: nn.Module, what: str) -> None:
         raise CheckpointError(f"{what}: the checkpoint lacks {len(left)} tensor(s), e.g. {left[:3]}")
 
 
+@_serialised
 def load_span(
     source: Checkpoint | str | os.PathLike, start: int, end: int, options: LoadOptions | None = None
 ) -> BlockSpan:
@@ -134,6 +153,7 @@ def load_span(
     )
 
 
+@_serialised
 def load_client_parts(source: Checkpoint | str | os.PathLike, options: LoadOptions | None = None) -> ClientParts:
     """Load embeddings, final norm and head (and whatever else is not a block)."""
     options = options or LoadOptions()
@@ -164,6 +184,7 @@ class MemoryEstimate:
         return sum(self.per_block_bytes) + self.client_bytes
 
 
+@_serialised
 def estimate_memory(checkpoint: Checkpoint, dtype: torch.dtype, quantization: str = "none") -> MemoryEstimate:
     """Weight bytes of each block and of the client parts, from the meta skeleton: nothing is loaded.
 

@@ -1,0 +1,78 @@
+"""`corolla app`: the window and tray. One instance per user; it finds or starts the node."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import time
+
+from PySide6.QtCore import QTimer
+from PySide6.QtNetwork import QLocalServer, QLocalSocket
+from PySide6.QtWidgets import QApplication, QLabel
+
+from corolla.gui.launcher import running_node, start_node
+from corolla.gui.node_client import NodeClient
+from corolla.gui.window import MainWindow
+
+NODE_START_TIMEOUT_S = 120
+
+
+def _instance_name() -> str:
+    return f"corolla-app-{getpass.getuser()}"
+
+
+def _focus_existing() -> bool:
+    socket = QLocalSocket()
+    socket.connectToServer(_instance_name())
+    if socket.waitForConnected(300):
+        socket.write(b"show")
+        socket.waitForBytesWritten(300)
+        return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    app = QApplication(argv if argv is not None else sys.argv)
+    app.setApplicationName("Corolla")
+    if _focus_existing():
+        return 0
+    QLocalServer.removeServer(_instance_name())
+    server = QLocalServer()
+    server.listen(_instance_name())
+    splash = QLabel("Starting Corolla's node…")
+    splash.setMinimumSize(360, 80)
+    splash.show()
+    state = {"window": None, "started": time.monotonic(), "spawned": False}
+
+    def open_window(url: str, token: str) -> None:
+        client = NodeClient(url, token)
+        window = MainWindow(client)
+        has_tray = window.install_tray()
+        app.setQuitOnLastWindowClosed(not has_tray)
+        server.newConnection.connect(lambda: (server.nextPendingConnection(), window.show_window()))
+        window.show()
+        splash.close()
+        state["window"] = window
+
+    def poll() -> None:
+        found = running_node()
+        if found is not None:
+            timer.stop()
+            open_window(*found)
+            return
+        if not state["spawned"]:
+            start_node()
+            state["spawned"] = True
+        if time.monotonic() - state["started"] > NODE_START_TIMEOUT_S:
+            timer.stop()
+            splash.setText("The node did not start. Run `corolla node` in a terminal to see why.")
+
+    timer = QTimer()
+    timer.timeout.connect(poll)
+    timer.start(300)
+    QTimer.singleShot(0, poll)
+    return app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
