@@ -101,6 +101,8 @@ def stalls(node) -> dict:
         "target_ms": 50,
     }
     window.close()
+    window.deleteLater()
+    app.processEvents()
     return result
 
 
@@ -115,7 +117,8 @@ def main() -> None:
             report["ui_stalls"] = stalls(node)
         finally:
             node.stop()
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2), flush=True)
+    os._exit(0)  # skip Qt's teardown at interpreter exit (it can abort after a node's threads are gone)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,22 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     stored = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
     assert stored[-1]["content"] == window.chat.messages[-1]["content"]
 
+    # Regenerate: the last answer is replaced, not appended to.
+    finished.clear()
+    window.chat.temperature.setValue(0.9)
+    window.chat.regenerate()
+    qtbot.waitUntil(lambda: bool(finished) and window.chat.stream is None, timeout=90_000)
+    assert finished[0]["status"] == "complete"
+    stored = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[-1]["content"] == window.chat.messages[-1]["content"]
+
     window.tabs.setCurrentWidget(window.swarm)
     qtbot.waitUntil(lambda: window.swarm.map.model is not None, timeout=30_000)
     servers = window.swarm.map.model["servers"]
     assert any(s["this_computer"] and (s["start_block"], s["end_block"]) == (0, 6) for s in servers)
     assert "healthy" in window.swarm.summary.text()
+    assert window.swarm.peers.rowCount() >= 1 and window.swarm.peers.item(0, 0).text() == "★ this computer"
     window.swarm.map.grab()  # paints without error
 
     window.tabs.setCurrentWidget(window.stats)
@@ -107,3 +118,38 @@ def test_the_window_never_imports_torch_or_hivemind():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_settings_dialog_validates_and_saves(qtbot, window, node):
+    from corolla.gui.settings_dialog import SettingsDialog
+
+    dialog = SettingsDialog(window.client, first_run=True)
+    qtbot.addWidget(dialog)
+    qtbot.waitUntil(lambda: dialog.settings is not None, timeout=10_000)
+    assert dialog.private.isChecked()
+    dialog.check_model()
+    qtbot.waitUntil(lambda: "block(s)" in dialog.model_info.text(), timeout=30_000)
+    dialog.window.setText("25:00-26:00")
+    dialog.autostart.setChecked(False)
+    dialog.save()
+    qtbot.waitUntil(lambda: "time_window" in dialog.error.text(), timeout=10_000)
+    assert node.get("/api/settings").json()["time_window"] is None
+    dialog.window.setText("00:00-23:59")
+    dialog.memory_cap.setValue(8)
+    with qtbot.waitSignal(dialog.accepted, timeout=30_000):
+        dialog.save()
+    saved = node.get("/api/settings").json()
+    assert saved["time_window"] == "00:00-23:59" and saved["memory_cap_gib"] == 8
+
+
+def test_start_at_login_writes_and_removes_the_autostart_entry(tmp_path, monkeypatch):
+    from corolla.gui import autostart
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    if sys.platform != "linux":
+        pytest.skip("the Linux entry is what this machine can check")
+    autostart.set_enabled(True)
+    entry = tmp_path / "autostart" / "corolla.desktop"
+    assert autostart.is_enabled() and "corolla.cli app" in entry.read_text()
+    autostart.set_enabled(False)
+    assert not entry.exists() and not autostart.is_enabled()

@@ -13,6 +13,7 @@ from PySide6.QtWidgets import QApplication, QLabel
 from corolla.gui.launcher import running_node, start_node
 from corolla.gui.node_client import NodeClient
 from corolla.gui.window import MainWindow
+from corolla.node.paths import NodePaths
 
 NODE_START_TIMEOUT_S = 120
 
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         server.newConnection.connect(lambda: (server.nextPendingConnection(), window.show_window()))
         window.show()
         splash.close()
+        marker = NodePaths.default().config_dir / "app-first-run-done"
+        if not marker.exists():
+            window.open_settings(first_run=True)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("1")
         state["window"] = window
 
     def poll() -> None:

@@ -18,6 +18,8 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QTextBrowser,
     QVBoxLayout,
     QWidget,
@@ -26,6 +28,7 @@ from PySide6.QtWidgets import (
 from corolla.gui.node_client import NodeClient
 from corolla.gui.widgets import BarChart, CoverageMap
 
+PEER_COLUMNS = ["Server", "State", "Blocks", "Tokens/s", "Ping (ms)", "Software", "Link", "Free cache (tokens)"]
 STATE_TEXT = {
     "online": "Contributing",
     "starting": "Starting…",
@@ -136,8 +139,9 @@ class ContributePane(QWidget):
         plan = report.get("plan")
         if plan:
             lines.append(
-                f"{plan['model']}: {human_bytes(plan['bytes_per_block'] + plan['cache_bytes_per_block'])} "
-                f"per block; {plan['recommended_blocks']} of {plan['num_blocks']} blocks recommended"
+                f"This model ({plan['family']}, {plan['dtype']}): "
+                f"{human_bytes(plan['bytes_per_block'] + plan['cache_bytes_per_block'])} per block with its cache; "
+                f"{plan['recommended_blocks']} of {plan['num_blocks']} blocks recommended"
             )
         self.hardware.setText("\n".join(lines))
 
@@ -172,11 +176,16 @@ class ChatPane(QWidget):
         self.temperature.setRange(0.0, 2.0)
         self.temperature.setSingleStep(0.1)
         self.temperature.setPrefix("temperature ")
+        self.top_p = QDoubleSpinBox()
+        self.top_p.setRange(0.05, 1.0)
+        self.top_p.setSingleStep(0.05)
+        self.top_p.setValue(1.0)
+        self.top_p.setPrefix("top-p ")
         self.max_tokens = QSpinBox()
         self.max_tokens.setRange(1, 2048)
         self.max_tokens.setValue(128)
         self.max_tokens.setPrefix("max tokens ")
-        for widget in (self.system, self.temperature, self.max_tokens):
+        for widget in (self.system, self.temperature, self.top_p, self.max_tokens):
             settings.addWidget(widget)
         main.addLayout(settings)
         entry = QHBoxLayout()
@@ -184,12 +193,14 @@ class ChatPane(QWidget):
         self.input.setPlaceholderText("Message")
         self.input.setMaximumHeight(80)
         self.send_button, self.stop_button = QPushButton("Send"), QPushButton("Stop")
+        self.regenerate_button = QPushButton("Regenerate")
         self.stop_button.setEnabled(False)
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.stop)
+        self.regenerate_button.clicked.connect(self.regenerate)
         entry.addWidget(self.input, 1)
-        entry.addWidget(self.send_button)
-        entry.addWidget(self.stop_button)
+        for button in (self.send_button, self.stop_button, self.regenerate_button):
+            entry.addWidget(button)
         main.addLayout(entry)
         self.info = QLabel("")
         self.info.setWordWrap(True)
@@ -252,6 +263,32 @@ class ChatPane(QWidget):
         self.transcript.setHtml("".join(html))
         self.transcript.verticalScrollBar().setValue(self.transcript.verticalScrollBar().maximum())
 
+    def _sampling(self) -> dict:
+        return {
+            "max_new_tokens": self.max_tokens.value(),
+            "temperature": self.temperature.value(),
+            "top_p": self.top_p.value(),
+        }
+
+    def _begin(self) -> None:
+        self.send_button.setEnabled(False)
+        self.regenerate_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.reply_text, self.pieces, self.started = "", 0, time.perf_counter()
+        self.info.setText("Waiting for the swarm…")
+
+    def regenerate(self) -> None:
+        """Answer the last message again (sampled unless the temperature is 0)."""
+        if self.chat_id is None or self.stream is not None or not any(m["role"] == "user" for m in self.messages):
+            return
+        while self.messages and self.messages[-1]["role"] != "user":
+            self.messages.pop()
+        self._begin()
+        self._render()
+        self.stream = self.client.stream(
+            f"/api/chats/{self.chat_id}/regenerate", self._sampling(), self._on_event, self._on_error
+        )
+
     def send(self) -> None:
         text = self.input.toPlainText().strip()
         if not text or self.stream is not None:
@@ -260,11 +297,8 @@ class ChatPane(QWidget):
             self.new_chat(then=self.send)
             return
         self.input.clear()
-        self.send_button.setEnabled(False)
-        self.stop_button.setEnabled(True)
-        self.reply_text, self.pieces, self.started = "", 0, time.perf_counter()
-        self.info.setText("Waiting for the swarm…")
-        body = {"content": text, "max_new_tokens": self.max_tokens.value(), "temperature": self.temperature.value()}
+        self._begin()
+        body = {"content": text, **self._sampling()}
         self.stream = self.client.stream(f"/api/chats/{self.chat_id}/messages", body, self._on_event, self._on_error)
 
     def stop(self) -> None:
@@ -306,6 +340,7 @@ class ChatPane(QWidget):
     def _finish(self, status: str) -> None:
         self.stream = None
         self.send_button.setEnabled(True)
+        self.regenerate_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         self._render()
 
@@ -321,8 +356,13 @@ class SwarmPane(QWidget):
         self.details = QLabel("Hover over or click a server for details.")
         self.details.setWordWrap(True)
         self.map.server_clicked.connect(self._show_server)
+        self.peers = QTableWidget(0, len(PEER_COLUMNS))
+        self.peers.setHorizontalHeaderLabels(PEER_COLUMNS)
+        self.peers.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.peers.horizontalHeader().setStretchLastSection(True)
         layout.addWidget(self.summary)
         layout.addWidget(self.map, 1)
+        layout.addWidget(self.peers, 1)
         layout.addWidget(self.details)
         self.models: list[dict] = []
 
@@ -339,6 +379,26 @@ class SwarmPane(QWidget):
             f"{model['dht_prefix']}: {model['num_blocks']} blocks, {len(model['servers'])} server(s), {state}"
         )
         self.map.set_model(model)
+        self.peers.setRowCount(len(model["servers"]))
+        for row, s in enumerate(model["servers"]):
+            free = (
+                s["cache_tokens_left"] // max(2 * (s["end_block"] - s["start_block"]), 1)
+                if s.get("cache_tokens_left") is not None
+                else None
+            )
+            software = f"corolla {s['corolla_version']}" if s.get("corolla_version") else f"petals {s.get('version')}"
+            cells = [
+                "★ this computer" if s.get("this_computer") else "…" + s["peer_id"][-10:],
+                s["state"],
+                f"{s['start_block']}:{s['end_block']}",
+                f"{s['throughput']:.1f}",
+                "-" if s.get("ping_ms") is None else f"{s['ping_ms']:.1f}",
+                software,
+                "relay" if s.get("using_relay") else "direct",
+                "?" if free is None else f"{free:,}",
+            ]
+            for column, text in enumerate(cells):
+                self.peers.setItem(row, column, QTableWidgetItem(text))
 
     def show_error(self, message: str) -> None:
         self.summary.setText(f"The swarm cannot be read now: {message}")

@@ -54,6 +54,8 @@ class MainWindow(QMainWindow):
         ):
             self.tabs.addTab(pane, title)
         self.setCentralWidget(self.tabs)
+        settings = self.menuBar().addAction("Settings…")
+        settings.triggered.connect(lambda: self.open_settings())
         self.banner = QLabel("")
         self.statusBar().addWidget(self.banner, 1)
         client.error.connect(lambda message: self.banner.setText(message))
@@ -95,6 +97,14 @@ class MainWindow(QMainWindow):
 
     def refresh_stats(self) -> None:
         self.client.call("GET", "/api/stats/history?hours=48", on_ok=self.stats.show_history)
+
+    def open_settings(self, first_run: bool = False) -> None:
+        from corolla.gui.settings_dialog import SettingsDialog
+
+        dialog = SettingsDialog(self.client, first_run=first_run, parent=self)
+        dialog.accepted.connect(self.refresh_all)
+        dialog.open()
+        self.settings_dialog = dialog
 
     # --- tray ----------------------------------------------------------------------------------
     def install_tray(self) -> bool:

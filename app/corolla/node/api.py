@@ -9,6 +9,7 @@ import json
 import time
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -48,6 +49,14 @@ def create_app(node) -> FastAPI:
         )
         body = m.ErrorBody(kind=kind, message=str(exc.detail)).model_dump()
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in exc.errors()[:5]
+        )
+        body = m.ErrorBody(kind="invalid_request", message=problems or "invalid request").model_dump()
+        return JSONResponse(body, status_code=422)
 
     @app.get("/api/ping", tags=["node"])
     def ping() -> dict:
@@ -145,6 +154,23 @@ def create_app(node) -> FastAPI:
 
         async def events():
             async for event in node.chats.stream_reply(chat, body):
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post(
+        "/api/chats/{chat_id}/regenerate",
+        dependencies=api,
+        tags=["chats"],
+        responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+    )
+    async def regenerate(chat_id: str, body: m.Regenerate):
+        chat = _chat(chat_id)
+        if not any(msg["role"] == "user" for msg in node.db.messages(chat_id)):
+            raise HTTPException(409, "this chat has no message to answer again")
+
+        async def events():
+            async for event in node.chats.stream_regenerate(chat, body):
                 yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

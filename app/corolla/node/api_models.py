@@ -88,6 +88,16 @@ class SendMessage(Strict):
     stop: list[str] = Field(default_factory=list, max_length=8)
 
 
+class Regenerate(Strict):
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="0: greedy (the same answer again)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1, le=1000)
+    repetition_penalty: float = Field(1.0, ge=0.5, le=3.0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+
+
 class HfToken(Strict):
     token: str | None = Field(None, max_length=512, description="None removes the stored token")
 

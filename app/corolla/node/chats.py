@@ -106,6 +106,16 @@ class ChatService:
             self._sessions[chat["id"]] = session
         return session
 
+    async def stream_regenerate(self, chat: dict, request) -> AsyncIterator[dict]:
+        """Answer the last user message again: the replies after it are deleted first."""
+        lock = self._locks.setdefault(chat["id"], asyncio.Lock())
+        async with lock:
+            last_user = [m for m in self.db.messages(chat["id"]) if m["role"] == "user"][-1]
+            self.db.delete_messages_after(chat["id"], last_user["seq"])
+            self.forget(chat["id"])
+            async for event in self._stream(chat, request, last_user, last_user["content"]):
+                yield event
+
     async def stream_reply(self, chat: dict, request) -> AsyncIterator[dict]:
         """Events: {"type": "message", ...} for the saved user message, then "token" pieces, then "done"
         (or "error"). The assistant message is saved as `streaming` first and updated with each piece."""
@@ -113,63 +123,67 @@ class ChatService:
         async with lock:
             user = self.db.add_message(chat["id"], "user", request.content)
             yield {"type": "message", "message": user}
-            reply = self.db.add_message(chat["id"], "assistant", "", status="streaming")
-            yield {"type": "message", "message": reply}
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-            cancel = threading.Event()
-            pieces: list[str] = []
+            async for event in self._stream(chat, request, user, request.content):
+                yield event
 
-            def on_text(piece: str) -> None:
-                pieces.append(piece)
-                self.db.update_message(reply["id"], "".join(pieces), len(pieces), "streaming")  # write first
-                loop.call_soon_threadsafe(queue.put_nowait, {"type": "token", "text": piece})
+    async def _stream(self, chat: dict, request, user: dict, content: str) -> AsyncIterator[dict]:
+        reply = self.db.add_message(chat["id"], "assistant", "", status="streaming")
+        yield {"type": "message", "message": reply}
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        pieces: list[str] = []
 
-            def run():
-                try:
-                    session = self._session_for(chat, exclude={user["id"], reply["id"]})
-                    sampling = {
-                        "do_sample": request.temperature > 0,
-                        "temperature": request.temperature or 1.0,
-                        "top_p": request.top_p,
-                        "top_k": request.top_k,
-                        "repetition_penalty": request.repetition_penalty,
-                        "seed": request.seed,
-                    }
-                    result = session.send(
-                        request.content,
-                        max_new_tokens=request.max_new_tokens,
-                        stop=request.stop,
-                        on_text=on_text,
-                        should_stop=cancel.is_set,
-                        **sampling,
-                    )
-                    status = "stopped" if result.stopped_by == "cancelled" else "complete"
-                    self.db.update_message(reply["id"], result.text, result.tokens, status)
-                    loop.call_soon_threadsafe(
-                        queue.put_nowait,
-                        {
-                            "type": "done",
-                            "status": status,
-                            "text": result.text,
-                            "tokens": result.tokens,
-                            "tokens_per_second": round(result.tokens_per_second, 2),
-                            "stopped_by": result.stopped_by,
-                        },
-                    )
-                except Exception as exc:  # reported to the user; the partial reply stays
-                    self.forget(chat["id"])
-                    self.db.update_message(reply["id"], "".join(pieces), len(pieces), "failed")
-                    kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
-                    loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", "kind": kind, "message": str(exc)})
+        def on_text(piece: str) -> None:
+            pieces.append(piece)
+            self.db.update_message(reply["id"], "".join(pieces), len(pieces), "streaming")  # write first
+            loop.call_soon_threadsafe(queue.put_nowait, {"type": "token", "text": piece})
 
-            worker = loop.run_in_executor(None, run)
+        def run():
             try:
-                while True:
-                    event = await queue.get()
-                    yield event
-                    if event["type"] in ("done", "error"):
-                        break
-            finally:
-                cancel.set()  # the client went away: stop generating, keep what was written
-                await asyncio.shield(worker)
+                session = self._session_for(chat, exclude={user["id"], reply["id"]})
+                sampling = {
+                    "do_sample": request.temperature > 0,
+                    "temperature": request.temperature or 1.0,
+                    "top_p": request.top_p,
+                    "top_k": request.top_k,
+                    "repetition_penalty": request.repetition_penalty,
+                    "seed": request.seed,
+                }
+                result = session.send(
+                    content,
+                    max_new_tokens=request.max_new_tokens,
+                    stop=request.stop,
+                    on_text=on_text,
+                    should_stop=cancel.is_set,
+                    **sampling,
+                )
+                status = "stopped" if result.stopped_by == "cancelled" else "complete"
+                self.db.update_message(reply["id"], result.text, result.tokens, status)
+                loop.call_soon_threadsafe(
+                    queue.put_nowait,
+                    {
+                        "type": "done",
+                        "status": status,
+                        "text": result.text,
+                        "tokens": result.tokens,
+                        "tokens_per_second": round(result.tokens_per_second, 2),
+                        "stopped_by": result.stopped_by,
+                    },
+                )
+            except Exception as exc:  # reported to the user; the partial reply stays
+                self.forget(chat["id"])
+                self.db.update_message(reply["id"], "".join(pieces), len(pieces), "failed")
+                kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
+                loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", "kind": kind, "message": str(exc)})
+
+        worker = loop.run_in_executor(None, run)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event["type"] in ("done", "error"):
+                    break
+        finally:
+            cancel.set()  # the client went away: stop generating, keep what was written
+            await asyncio.shield(worker)

@@ -97,6 +97,9 @@ class Database:
             "seq": seq,
         }
 
+    def delete_messages_after(self, chat_id: str, seq: int) -> int:
+        return self._execute("DELETE FROM messages WHERE chat_id=? AND seq>?", (chat_id, seq)).rowcount
+
     def update_message(self, message_id: str, content: str, tokens: int, status: str) -> None:
         self._execute(
             "UPDATE messages SET content=?, tokens=?, status=? WHERE id=?", (content, tokens, status, message_id)
