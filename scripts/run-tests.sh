@@ -12,6 +12,13 @@ if [[ -f "$REF/build_env.sh" && ! -x "$REF_PY" ]]; then
   echo "building the stock Petals 2.2 reference environment (once)..." >&2
   bash "$REF/build_env.sh" >&2
 fi
+# Qt's offscreen platform needs a few system libraries (GL, EGL, xkbcommon, fontconfig, D-Bus).
+if ! QT_QPA_PLATFORM=offscreen .venv/bin/python -c "from PySide6.QtWidgets import QApplication; QApplication([])" \
+    >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  echo "installing the system libraries Qt needs..." >&2
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgl1 libegl1 libxkbcommon0 \
+    libfontconfig1 libdbus-1-3 libglib2.0-0 >&2
+fi
 .venv/bin/ruff check app tests benchmarks
 .venv/bin/ruff format --check app tests benchmarks
 if [[ "$(id -u)" == 0 ]] && command -v ip >/dev/null && unshare -n true 2>/dev/null; then

@@ -419,18 +419,27 @@ class StatsPane(QWidget):
         self.tokens = BarChart("Tokens served per hour")
         self.sessions = BarChart("Inference sessions per hour")
         self.uptime = BarChart("Minutes online per hour")
-        for widget in (self.total, self.tokens, self.sessions, self.uptime):
-            layout.addWidget(widget)
+        layout.addWidget(self.total)
+        for chart in (self.tokens, self.sessions, self.uptime):
+            layout.addWidget(chart, 1)
         self.history: list[dict] = []
 
-    def show_history(self, rows: list[dict]) -> None:
+    def show_history(self, rows: list[dict], hours: int = 24) -> None:
+        """The last `hours` hours, one bar each (hours without contribution stay empty)."""
         self.history = rows
-        labels = [time.strftime("%d %b %H:00", time.localtime(r["hour"] * 3600)) for r in rows]
-        self.tokens.set_values([r["tokens_served"] for r in rows], labels)
-        self.sessions.set_values([r["sessions"] for r in rows], labels)
-        self.uptime.set_values([r["uptime_s"] / 60 for r in rows], labels)
+        by_hour = {r["hour"]: r for r in rows}
+        now = int(time.time() // 3600)
+        slots = [
+            by_hour.get(h, {"tokens_served": 0, "sessions": 0, "uptime_s": 0.0})
+            for h in range(now - hours + 1, now + 1)
+        ]
+        labels = [time.strftime("%d %b %H:00", time.localtime(h * 3600)) for h in range(now - hours + 1, now + 1)]
+        self.tokens.set_values([s["tokens_served"] for s in slots], labels)
+        self.sessions.set_values([s["sessions"] for s in slots], labels)
+        self.uptime.set_values([round(s["uptime_s"] / 60, 1) for s in slots], labels)
         total = sum(r["tokens_served"] for r in rows)
-        self.total.setText(f"{total:,} tokens served in the last {len(rows)} active hour(s)")
+        online = sum(r["uptime_s"] for r in rows) / 3600
+        self.total.setText(f"{total:,} tokens served and {online:.1f} hours online in the last {hours} hours")
 
 
 def explain(parent: QWidget, title: str, message: str) -> None:
