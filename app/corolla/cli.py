@@ -268,6 +268,7 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from corolla.swarm.client.chat import ChatSession
+    from corolla.swarm.client.generation import sampling_kwargs
     from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
 
     config = _client_config(args)
@@ -281,14 +282,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         client_config=config,
     )
     chat = ChatSession(model, system_prompt=args.system, max_length=args.max_length)
-    sampling = {
-        "do_sample": args.temperature > 0,
-        "temperature": args.temperature or 1.0,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-    }
+    sampling = sampling_kwargs(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
 
     def answer(text: str) -> None:
         reply = chat.send(

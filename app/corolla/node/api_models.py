@@ -77,8 +77,7 @@ class Chat(BaseModel):
     messages: list[Message] | None = None
 
 
-class SendMessage(Strict):
-    content: str = Field(..., min_length=1, max_length=MAX_MESSAGE_CHARS)
+class Sampling(Strict):
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -87,15 +86,18 @@ class SendMessage(Strict):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8)
 
+    def generate_kwargs(self) -> dict:
+        from corolla.swarm.client.generation import sampling_kwargs  # lazy: the window imports this module
 
-class Regenerate(Strict):
-    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+        return sampling_kwargs(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
+
+
+class SendMessage(Sampling):
+    content: str = Field(..., min_length=1, max_length=MAX_MESSAGE_CHARS)
+
+
+class Regenerate(Sampling):
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="0: greedy (the same answer again)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1, le=1000)
-    repetition_penalty: float = Field(1.0, ge=0.5, le=3.0)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=8)
 
 
 class HfToken(Strict):

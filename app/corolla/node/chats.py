@@ -142,14 +142,7 @@ class ChatService:
         def run():
             try:
                 session = self._session_for(chat, exclude={user["id"], reply["id"]})
-                sampling = {
-                    "do_sample": request.temperature > 0,
-                    "temperature": request.temperature or 1.0,
-                    "top_p": request.top_p,
-                    "top_k": request.top_k,
-                    "repetition_penalty": request.repetition_penalty,
-                    "seed": request.seed,
-                }
+                sampling = request.generate_kwargs()
                 result = session.send(
                     content,
                     max_new_tokens=request.max_new_tokens,

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from corolla.node.api_models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS
+from corolla.swarm.client.generation import sampling_kwargs
 
 
 class ChatMessage(BaseModel):
@@ -41,12 +42,7 @@ class _Sampling(BaseModel):
         return stops
 
     def sampling(self) -> dict:
-        return {
-            "do_sample": self.temperature > 0,
-            "temperature": self.temperature or 1.0,
-            "top_p": self.top_p,
-            "seed": self.seed,
-        }
+        return sampling_kwargs(self.temperature, self.top_p, seed=self.seed)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -77,39 +73,19 @@ def make_router(node, auth) -> APIRouter:
     def generate(prompt_ids: list[int], request: _Sampling, on_text, should_stop) -> tuple[str, int, str]:
         import torch
 
-        from corolla.swarm.client.chat import TextStream
+        from corolla.swarm.client.chat import ReplyWatcher
 
         model = node.chats.clients.get()
-        stream = TextStream(model.tokenizer)
-        stops = request.stops()
-        eos = set(model.eos_token_ids)
-        state = {"finish": "length"}
-
-        def on_token(tokens) -> bool:
-            token = int(tokens[0])
-            if token in eos:
-                state["finish"] = "stop"
-                return True
-            piece = stream.push(token)
-            if stops and any(s in stream.emitted for s in stops):
-                state["finish"] = "stop"
-                return True
-            if piece:
-                on_text(piece)
-            return should_stop()
-
+        watcher = ReplyWatcher(model.tokenizer, model.eos_token_ids, request.stops(), on_text, should_stop)
         model.generate(
             torch.tensor([prompt_ids]),
             max_new_tokens=request.max_tokens or 256,
             eos_token_id=[],
-            streamer=on_token,
+            streamer=watcher,
             **request.sampling(),
         )
-        text = stream.text()
-        for s in stops:
-            if s in text:
-                text = text[: text.index(s)]
-        return text, len(stream.tokens), state["finish"]
+        finish = "stop" if watcher.stopped_by in ("eos", "stop string") else "length"
+        return watcher.text(), len(watcher.stream.tokens), finish
 
     def chat_prompt(request: ChatCompletionRequest) -> list[int]:
         tokenizer = node.chats.clients.get().tokenizer

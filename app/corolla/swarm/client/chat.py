@@ -46,6 +46,49 @@ class TextStream:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
 
+class ReplyWatcher:
+    """A `generate()` streamer: stops at an end-of-sequence token, a stop string or a cancellation, and
+    hands out UTF-8-safe text pieces as they complete."""
+
+    def __init__(
+        self,
+        tokenizer,
+        eos_token_ids: list[int],
+        stop: list[str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        self.stream = TextStream(tokenizer)
+        self.eos = set(eos_token_ids)
+        self.stops = [s for s in (stop or []) if s]
+        self.on_text, self.should_stop = on_text, should_stop
+        self.stopped_by = "length"  # or "eos", "stop string", "cancelled"
+
+    def __call__(self, tokens: torch.Tensor) -> bool:
+        token = int(tokens[0])
+        if token in self.eos:
+            self.stopped_by = "eos"
+            return True
+        piece = self.stream.push(token)
+        if self.stops and any(s in self.stream.emitted for s in self.stops):
+            self.stopped_by = "stop string"
+            return True
+        if piece and self.on_text is not None:
+            self.on_text(piece)
+        if self.should_stop is not None and self.should_stop():
+            self.stopped_by = "cancelled"
+            return True
+        return False
+
+    def text(self) -> str:
+        """The reply, cut before the first stop string."""
+        text = self.stream.text()
+        for s in self.stops:
+            if s in text:
+                text = text[: text.index(s)]
+        return text
+
+
 @dataclass
 class ChatReply:
     text: str
@@ -104,47 +147,24 @@ class ChatSession:
             new = ids
         if self._session is None:
             self._session = self.model.inference_session(max_length=max(self.max_length, len(ids) + max_new_tokens))
-        stream = TextStream(self.model.tokenizer)
-        eos = set(self.model.eos_token_ids)
-        stop_strings = [s for s in (stop or []) if s]
-        state = {"stopped_by": "length"}
-
-        def on_token(tokens: torch.Tensor) -> bool:
-            token = int(tokens[0])
-            if token in eos:
-                state["stopped_by"] = "eos"
-                return True
-            piece = stream.push(token)
-            if stop_strings and any(s in stream.emitted for s in stop_strings):
-                state["stopped_by"] = "stop string"
-                return True
-            if piece and on_text is not None:
-                on_text(piece)
-            if should_stop is not None and should_stop():
-                state["stopped_by"] = "cancelled"
-                return True
-            return False
-
+        watcher = ReplyWatcher(self.model.tokenizer, self.model.eos_token_ids, stop, on_text, should_stop)
         started = time.perf_counter()
         self.model.generate(
             torch.tensor([new]),
             max_new_tokens=max_new_tokens,
             session=self._session,
-            streamer=on_token,
+            streamer=watcher,
             eos_token_id=[],
             **sampling,
         )
         elapsed = time.perf_counter() - started
-        reply = stream.text()
-        for s in stop_strings:
-            if s in reply:
-                reply = reply[: reply.index(s)]
+        reply, generated = watcher.text(), watcher.stream.tokens
         # What the servers hold now: everything sent, plus generated tokens but the pending last one.
-        self._sent = ids + stream.tokens[:-1] if stream.tokens else list(ids)
+        self._sent = ids + generated[:-1] if generated else list(ids)
         self._sent = self._sent[: self._session.position]
         self._session.pending = None  # the last token comes back in the next turn's rendering
         self.messages.append({"role": "assistant", "content": reply})
-        return ChatReply(reply, len(stream.tokens), elapsed, state["stopped_by"])
+        return ChatReply(reply, len(generated), elapsed, watcher.stopped_by)
 
     def reset_session(self) -> None:
         if self._session is not None:

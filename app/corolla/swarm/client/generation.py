@@ -53,6 +53,24 @@ class SamplingParams:
         return processors
 
 
+def sampling_kwargs(
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+) -> dict:
+    """`generate()` keywords from user-facing settings, where a temperature of 0 means greedy."""
+    return {
+        "do_sample": temperature > 0,
+        "temperature": temperature or 1.0,
+        "top_p": top_p,
+        "top_k": top_k,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+    }
+
+
 def next_tokens(
     logits: torch.Tensor, sequences: torch.Tensor, params: SamplingParams, processors: LogitsProcessorList
 ) -> torch.Tensor:
