@@ -14,6 +14,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # GUI tests never need a display
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes():
+    """Every swarm process a test starts must be gone at the end; kill stragglers so one failing test
+    cannot exhaust the machine's memory for the rest of the run."""
+    import time
+
+    import psutil
+
+    started = time.time()
+    yield
+    markers = ("corolla.cli", "petals.cli", "hivemind_cli/p2pd", "petalsref_launch")
+    for process in psutil.process_iter(["cmdline", "create_time"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if process.info["create_time"] >= started and any(m in cmdline for m in markers):
+                process.kill()
+        except psutil.Error:
+            pass
+
+
 class TinyModels:
     """Builds each preset on first use; later requests reuse the folder."""
 

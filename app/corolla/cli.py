@@ -196,6 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         throughput=args.throughput,
         throughput_cache=args.throughput_cache,
         stats_path=args.stats_file,
+        exit_with_parent=args.exit_with_parent,
         num_threads=args.num_threads,
         step_timeout=args.step_timeout,
         session_timeout=args.session_timeout,
@@ -244,6 +245,7 @@ def _add_serve_parser(commands) -> None:
     model.add_argument("--session-timeout", type=float, default=1800.0)
     model.add_argument("--num-threads", type=int, default=None)
     model.add_argument("--stats-file", default=None, help="write live counters here (JSON, every second)")
+    model.add_argument("--exit-with-parent", action="store_true", help="stop when the starting process dies")
     serve.set_defaults(func=cmd_serve)
 
 

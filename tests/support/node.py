@@ -81,7 +81,17 @@ class NodeProcess:
 
     def stop(self) -> int:
         self.client.close()
-        return _stop_group(self.process, signal.SIGTERM, 40)
+        code = _stop_group(self.process, signal.SIGTERM, 40)
+        self._kill_leftover_server()
+        return code
+
+    def _kill_leftover_server(self) -> None:
+        """The node stops its block server; if a test killed the node, make sure nothing outlives it."""
+        try:
+            pid = int((self.home / "data" / "server" / "server.pid").read_text())
+            os.killpg(pid, signal.SIGKILL)
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            pass
 
     def kill(self) -> None:
         self.client.close()

@@ -97,7 +97,7 @@ class CorollaServer:
 
 def _stop_group(process: subprocess.Popen, sig: int, timeout: float) -> int:
     """Signal the main process only (its hivemind children must live until it has said goodbye on the
-    DHT); SIGKILL the whole group if it lingers, so no child outlives the test."""
+    DHT); then SIGKILL whatever is left of its process group, so no child outlives the test."""
     if process.poll() is None:
         try:
             if sig == signal.SIGKILL:
@@ -107,13 +107,13 @@ def _stop_group(process: subprocess.Popen, sig: int, timeout: float) -> int:
         except ProcessLookupError:
             pass
         try:
-            return process.wait(timeout)
+            process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            return process.wait(10)
-        finally:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # leftover children of the group
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # forked children (hivemind's DHT, p2pd) of a finished process
     return process.returncode
 
 

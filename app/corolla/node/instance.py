@@ -71,12 +71,43 @@ def claim(paths: NodePaths, url: str) -> NodeAddress:
             existing = read_address(paths)
             if existing is not None and existing.pid != os.getpid() and is_alive(existing):
                 raise AlreadyRunning(existing) from None
+            if existing is not None:
+                reap_orphans_of(existing)
             paths.lock_file.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(address), f)
         return address
     raise RuntimeError(f"could not create {paths.lock_file}")
+
+
+def reap_orphans_of(dead: NodeAddress) -> int:
+    """Processes a killed node had forked (hivemind's DHT process and its p2pd) outlive it; stop them.
+
+    They are recognised as orphans (adopted by init) running `corolla.cli node`, started after the dead
+    node started and not the dead node itself."""
+    import psutil
+
+    if psutil.pid_exists(dead.pid):
+        return 0
+    reaped = 0
+    for process in psutil.process_iter(["cmdline", "create_time", "ppid"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+            if (
+                process.pid != os.getpid()
+                and process.info["ppid"] == 1
+                and "corolla.cli" in " ".join(cmdline)
+                and "node" in cmdline
+                and process.info["create_time"] >= dead.started_at - 1
+            ):
+                for child in process.children(recursive=True):
+                    child.kill()
+                process.kill()
+                reaped += 1
+        except psutil.Error:
+            pass
+    return reaped
 
 
 def release(paths: NodePaths) -> None:

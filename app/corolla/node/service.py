@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -312,6 +313,11 @@ class NodeService:
                 )
         self._last_stats = stats
 
+    def _shutdown_requested(self) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._shutdown.set)
+
     def request_shutdown(self) -> None:
         loop = self._loop
         loop.call_soon_threadsafe(self._shutdown.set)
@@ -354,7 +360,12 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
         return 1
     node = NodeService(paths)
     app = create_app(node)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    # Open streams (a chat reply, a window's polling) get a few seconds to finish, then are closed.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+    # uvicorn re-raises the signal it caught once it has stopped serving; with the default handler that
+    # would end the process before the block server is stopped. Ours only asks for the shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: node._shutdown_requested())
     print(f"corolla node: API on {url} (token in {paths.token_file})", flush=True)
 
     async def main() -> None:

@@ -131,7 +131,16 @@ class ServerSupervisor:
     # --- process -----------------------------------------------------------------------------------
     def _spawn(self) -> None:
         self.stats_path.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "corolla.cli", "serve", *self.args, "--stats-file", str(self.stats_path)]
+        command = [
+            sys.executable,
+            "-m",
+            "corolla.cli",
+            "serve",
+            *self.args,
+            "--stats-file",
+            str(self.stats_path),
+            "--exit-with-parent",
+        ]
         log = open(self.log_path, "ab")  # noqa: SIM115  (the child owns it)
         self.process = subprocess.Popen(
             command,

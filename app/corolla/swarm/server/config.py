@@ -51,6 +51,7 @@ class ServerConfig:
     throughput_cache: Path | None = None
     # Counters for a parent process (JSON, rewritten atomically every second)
     stats_path: Path | None = None
+    exit_with_parent: bool = False  # stop (announcing OFFLINE) when the process that started it dies
     num_threads: int | None = None
 
     @property

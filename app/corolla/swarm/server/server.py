@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import random
 import signal
 import sys
@@ -113,6 +114,8 @@ class BlockServer:
         self.throughput = await asyncio.to_thread(self._get_throughput)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         writer = asyncio.create_task(self._write_stats_forever())
+        if self.config.exit_with_parent:
+            self._orphan_watch = asyncio.create_task(self._stop_when_orphaned(os.getppid()))
         try:
             while not self._stop.is_set():
                 start, end = await self._choose_blocks()
@@ -283,6 +286,12 @@ class BlockServer:
                     return
             except Exception:
                 logger.warning("rebalancing check failed", exc_info=True)
+
+    async def _stop_when_orphaned(self, parent: int) -> None:
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        logger.warning("the process that started this server is gone; stopping")
+        self._stop.set()
 
     # --- stats -------------------------------------------------------------------------------------
     def _set_state(self, state: str, reason: str) -> None:
