@@ -189,6 +189,17 @@ def test_node_killed_mid_reply_keeps_the_streamed_part(tmp_path):
         assert messages[1]["status"] == "interrupted"
         assert messages[1]["content"].startswith("".join(received))  # nothing streamed was lost
         second.wait_contribution("online")  # the orphaned server was replaced, the node serves again
+        # Nothing the killed node started is left: its server stopped itself, its DHT process was reaped.
+        import psutil
+
+        leftovers = [
+            p.pid
+            for p in psutil.process_iter(["ppid", "cmdline"])
+            if p.info["ppid"] == 1
+            and "corolla.cli" in " ".join(p.info["cmdline"] or [])
+            and str(home) in " ".join(p.info["cmdline"] or []) + str(_environ_home(p))
+        ]
+        assert leftovers == []
     finally:
         second.stop()
 
@@ -208,3 +219,10 @@ def test_demo_command_runs_end_to_end_on_the_embedded_default(tmp_path):
     served = int(result.stdout.split("has served ")[1].split()[0])
     assert served >= 8
     assert not (tmp_path / "demo-home" / "config" / "node.json").exists()  # the demo's node stopped again
+
+
+def _environ_home(process) -> str:
+    try:
+        return process.environ().get("COROLLA_HOME", "")
+    except Exception:
+        return ""

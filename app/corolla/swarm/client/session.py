@@ -162,9 +162,6 @@ class InferenceSession:
                 self.streams = []
                 if attempt == config.max_retries:
                     raise ServerFailure(f"could not open an inference session: {exc}") from exc
-                failed = getattr(exc, "peer_id", None)
-                if failed:
-                    self.view.ban(failed)
         self._started = True
         logger.info("route: %s", self.describe())
 

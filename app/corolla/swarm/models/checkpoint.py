@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -66,7 +66,6 @@ class HubRepo:
     token: str | None = None
     cache_dir: str | None = None
     endpoint: str | None = None  # a hub mirror; None: huggingface_hub's default (or HF_ENDPOINT)
-    downloaded: list[str] = field(default_factory=list)
 
     def local_path(self, filename: str) -> Path | None:
         from huggingface_hub import hf_hub_download
@@ -100,7 +99,6 @@ class HubRepo:
             ) from exc
         except OSError as exc:  # network errors and HTTP errors are OSErrors in huggingface_hub
             raise CheckpointError(f"could not download {filename} from {self.describe()}: {exc}") from exc
-        self.downloaded.append(filename)
         return Path(path)
 
     def describe(self) -> str:
