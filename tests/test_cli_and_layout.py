@@ -73,3 +73,19 @@ def test_no_pickle_or_remote_code():
     text = "\n".join(p.read_text() for p in APP.rglob("*.py"))
     assert "trust_remote_code=True" not in text
     assert "pickle.load" not in text and "torch.load(" not in text
+
+
+def test_self_test_runs_everything_and_leaves_nothing(tmp_path):
+    import os
+
+    result = subprocess.run(
+        [sys.executable, "-m", "corolla.cli", "--self-test"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "self-test: passed" in result.stderr and "(this computer)" in result.stdout
+    assert list(tmp_path.glob("corolla-self-test-*")) == []

@@ -153,3 +153,14 @@ def test_start_at_login_writes_and_removes_the_autostart_entry(tmp_path, monkeyp
     assert autostart.is_enabled() and "corolla.cli app" in entry.read_text()
     autostart.set_enabled(False)
     assert not entry.exists() and not autostart.is_enabled()
+
+
+def test_node_launcher_command_lines():
+    from corolla.gui.launcher import lock_file_command, node_command
+
+    assert node_command("linux")[1:] == ["-m", "corolla.cli", "node"]
+    assert node_command("darwin") == node_command("linux")
+    assert node_command("win32") == ["wsl.exe", "--distribution", "Corolla", "--exec", "corolla", "node"]
+    assert node_command("win32", distro="Other")[2] == "Other"
+    command = lock_file_command()
+    assert command[:5] == ["wsl.exe", "--distribution", "Corolla", "--exec", "sh"] and "node.json" in command[-1]

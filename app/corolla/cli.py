@@ -409,6 +409,28 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def self_test() -> int:
+    """The smoke test of every package: everything end to end, nothing left behind."""
+    import os
+    import shutil
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="corolla-self-test-")
+    previous = os.environ.get("COROLLA_HOME")
+    os.environ["COROLLA_HOME"] = home
+    try:
+        demo = argparse.Namespace(prompt="self-test", max_new_tokens=4, timeout=300.0, keep=False)
+        code = cmd_demo(demo)
+    finally:
+        if previous is None:
+            os.environ.pop("COROLLA_HOME", None)
+        else:
+            os.environ["COROLLA_HOME"] = previous
+        shutil.rmtree(home, ignore_errors=True)
+    print(f"corolla self-test: {'passed' if code == 0 else 'FAILED'}", file=sys.stderr)
+    return code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a node (unless one runs), wait for its block server, chat once through the OpenAI endpoint,
     show the swarm and the stats: everything end to end on the offline demo model."""
@@ -510,6 +532,11 @@ def cmd_app(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corolla", description="Join and use a Petals swarm.")
     parser.add_argument("--version", action="version", version=f"corolla {__version__}")
+    parser.add_argument(
+        "--self-test",
+        action="store_true",
+        help="in a temporary home: build the demo model, serve it, answer one chat, exit 0",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     _add_serve_parser(commands)
@@ -590,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.self_test:
+        return self_test()
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -24,12 +24,41 @@ def running_node(paths: NodePaths | None = None) -> tuple[str, str] | None:
     return None
 
 
-def start_node() -> subprocess.Popen:
-    """`corolla node` in its own session, so it outlives the window."""
+WSL_DISTRO = "Corolla"
+
+
+def node_command(platform: str = sys.platform, distro: str = WSL_DISTRO) -> list[str]:
+    """How to start the node. On Windows hivemind has no native build: the node runs inside the Corolla
+    WSL2 distro and the window talks to it over localhost, exactly as elsewhere."""
+    if platform == "win32":
+        return ["wsl.exe", "--distribution", distro, "--exec", "corolla", "node"]
+    return [sys.executable, "-m", "corolla.cli", "node"]
+
+
+def lock_file_command(distro: str = WSL_DISTRO) -> list[str]:
+    """On Windows: print the node's lock file from inside the distro (it lives in the Linux home)."""
+    return [
+        "wsl.exe",
+        "--distribution",
+        distro,
+        "--exec",
+        "sh",
+        "-c",
+        'cat "${COROLLA_HOME:-$HOME/.config/corolla}/node.json" 2>/dev/null || cat "$HOME/.config/corolla/node.json"',
+    ]
+
+
+def start_node(platform: str = sys.platform) -> subprocess.Popen:
+    """`corolla node` in its own session (or detached on Windows), so it outlives the window."""
+    if platform == "win32":
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "DETACHED_PROCESS", 0)
+        options: dict = {"creationflags": flags}
+    else:
+        options = {"start_new_session": True}
     return subprocess.Popen(
-        [sys.executable, "-m", "corolla.cli", "node"],
+        node_command(platform),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
-        start_new_session=True,
+        **options,
     )
