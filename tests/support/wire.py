@@ -95,6 +95,7 @@ class WireClient:
         replies: asyncio.Queue = asyncio.Queue()
 
         finished = asyncio.Event()
+        closed = []  # set once the closing (empty) request went out
 
         async def producer():
             for item in requests:
@@ -103,6 +104,8 @@ class WireClient:
                 if isinstance(item, float):
                     await asyncio.sleep(item)
                     continue
+                if not item.tensors:
+                    closed.append(True)
                 yield item
                 if wait_replies and item.tensors:
                     reply = asyncio.ensure_future(replies.get())
@@ -117,6 +120,11 @@ class WireClient:
                 async for response in stream:
                     result.outputs.append(deserialize_torch_tensor(response.tensors[0]))
                     replies.put_nowait(None)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # After the closing request the server ends the stream at once, and hivemind's writer
+                # may still be sending its end-of-stream marker: a clean close, not an error.
+                if not closed:
+                    result.error = str(exc)
             except Exception as exc:  # error replies arrive as exceptions
                 result.error = str(exc)
             finally:

@@ -108,7 +108,8 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.sessions: dict[str, asyncio.Queue] = {}
         self.p2p: P2P | None = None
         self._background: set[asyncio.Task] = set()
-        self._step_ms = 0.0  # moving average of compute times of small steps and others alike
+        # Moving average of step compute times; starts high so the first (cold) steps run off the loop.
+        self._step_ms = INLINE_MAX_MS * 2
 
     async def attach(self, p2p: P2P) -> None:
         self.p2p = p2p
