@@ -126,33 +126,12 @@ def test_cli_status_and_stop(tmp_path):
     env = {**os.environ, "COROLLA_HOME": str(other.home)}
     try:
         other.wait_contribution("online")
-        status = subprocess.run(
-            [sys.executable, "-m", "corolla.cli", "status"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-            check=False,
-        )
+        status = _cli(env, "status")
         assert status.returncode == 0 and "contribution: online" in status.stdout
-        stop = subprocess.run(
-            [sys.executable, "-m", "corolla.cli", "stop"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-            check=False,
-        )
+        stop = _cli(env, "stop")
         assert stop.returncode == 0
         assert other.process.wait(60) == 0
-        gone = subprocess.run(
-            [sys.executable, "-m", "corolla.cli", "status"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-            check=False,
-        )
+        gone = _cli(env, "status")
         assert gone.returncode == 1 and "no Corolla node is running" in gone.stderr
     finally:
         other.stop()
@@ -226,3 +205,9 @@ def _environ_home(process) -> str:
         return process.environ().get("COROLLA_HOME", "")
     except Exception:
         return ""
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "corolla.cli", *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )

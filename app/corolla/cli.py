@@ -10,6 +10,7 @@ import sys
 import time
 
 from corolla import __version__
+from corolla.units import human_bytes
 
 
 def _parse_blocks(text: str) -> tuple[int, int]:
@@ -18,14 +19,6 @@ def _parse_blocks(text: str) -> tuple[int, int]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"blocks must look like START:END, got {text!r}") from exc
     return start, end
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +63,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         return 0
     for key, value in info.items():
         if "bytes" in key:
-            value = _human_bytes(value)
+            value = human_bytes(value)
         print(f"{key:16} {value}")
     if prefix is None:
         print(f"{'':16} ({prefix_note})")

@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
 
 from corolla.gui.node_client import NodeClient
 from corolla.gui.widgets import BarChart, CoverageMap
+from corolla.units import human_bytes
 
 PEER_COLUMNS = ["Server", "State", "Blocks", "Tokens/s", "Ping (ms)", "Software", "Link", "Free cache (tokens)"]
 STATE_TEXT = {
@@ -38,16 +39,6 @@ STATE_TEXT = {
     "stopped": "Not contributing",
     "failed": "Failed",
 }
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return ""
 
 
 class ContributePane(QWidget):

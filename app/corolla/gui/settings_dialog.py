@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
 
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
-from corolla.gui.panes import human_bytes
+from corolla.units import human_bytes
 
 
 class SettingsDialog(QDialog):

@@ -74,10 +74,7 @@ def choose_route(
                 if cost < best[b] - 1e-12:
                     best[b], choice[b] = cost, (a, peer)
     if best[end] == math.inf:
-        covered = set()
-        for span in spans.values():
-            covered.update(range(span.start, span.end))
-        raise MissingBlocksError([b for b in range(start, end) if b not in covered] or [start], "the model")
+        raise MissingBlocksError(_uncovered(spans, start, end) or [start], "the model")
     route, b = [], end
     while b > start:
         a, peer = choice[b]
@@ -141,7 +138,8 @@ class SwarmView:
         now = time.monotonic()
         unbanned = {p: s for p, s in spans.items() if self.bans.get(p, _Ban(0, 0)).until <= now}
         # Bans are ignored where honouring them would leave a block without any server.
-        self.spans = unbanned if _covers(unbanned, self.num_blocks) or not _covers(spans, self.num_blocks) else spans
+        honoured = not _uncovered(unbanned, 0, self.num_blocks) or _uncovered(spans, 0, self.num_blocks)
+        self.spans = unbanned if honoured else spans
         await self._ping([p for p in self.spans if p not in self.rtts])
         self.last_refresh = now
 
@@ -169,12 +167,6 @@ class SwarmView:
         except MissingBlocksError as exc:
             raise MissingBlocksError(exc.blocks, self.dht_prefix) from None
 
-    def missing_blocks(self) -> list[int]:
-        covered = set()
-        for span in self.spans.values():
-            covered.update(range(span.start, span.end))
-        return [b for b in range(self.num_blocks) if b not in covered]
-
     def ban(self, peer: str) -> None:
         """Temporarily avoid a failing server: 15 s, doubling with each further failure."""
         previous = self.bans.get(peer)
@@ -187,8 +179,9 @@ class SwarmView:
         self.bans.pop(peer, None)
 
 
-def _covers(spans: dict[str, RemoteSpan], num_blocks: int) -> bool:
+def _uncovered(spans: dict[str, RemoteSpan], start: int, end: int) -> list[int]:
+    """Blocks in [start, end) that no span holds."""
     covered = set()
     for span in spans.values():
         covered.update(range(span.start, span.end))
-    return len(covered) == num_blocks
+    return [b for b in range(start, end) if b not in covered]
