@@ -187,6 +187,18 @@ def test_malformed_input_gets_an_error_and_the_server_recovers(client, server, l
     assert full_cache(client, server) == full
 
 
+def test_every_refused_request_hears_why(client, server):
+    # A refused request's error reply must survive the close that follows it (p2pd resets a stream
+    # closed under it, which can overtake the reply): many refusals in a row, each one explained.
+    refusals = [
+        client.session(
+            server.peer_id, [step_request(CHAIN, torch.randn(1, 2, 64), raw_metadata=b"\xc1")], reply_timeout=5.0
+        ).error
+        for _ in range(40)
+    ]
+    assert all(error is not None and "msgpack" in error for error in refusals), refusals
+
+
 def test_tensor_buffer_that_lies_about_its_shape(client, server):
     request = step_request(CHAIN, torch.randn(1, 2, 64), max_length=8, **new_ids())
     request.tensors[0].size[:] = [1, 200, 64]

@@ -40,6 +40,7 @@ from corolla.swarm.server.packing import (
     unpack_args,
 )
 from corolla.swarm.server.stats import ServerStats
+from corolla.swarm.server.streams import add_stream_handler
 
 logger = logging.getLogger(__name__)
 NONE_COMPRESSION = runtime_pb2.CompressionType.NONE
@@ -113,7 +114,20 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
 
     async def attach(self, p2p: P2P) -> None:
         self.p2p = p2p
-        await self.add_p2p_handlers(p2p)
+        self._collect_rpc_handlers()
+        registrations = []
+        for rpc in self._rpc_handlers:
+            name, method = self._get_handle_name(None, rpc.method_name), getattr(self, rpc.method_name)
+            if rpc.stream_input and rpc.stream_output:
+                # Our own registration, so that an error reply is not lost to p2pd's reset (streams.py).
+                registrations.append(add_stream_handler(p2p, name, method, rpc.request_type))
+            else:
+                registrations.append(
+                    p2p.add_protobuf_handler(
+                        name, method, rpc.request_type, stream_input=rpc.stream_input, stream_output=rpc.stream_output
+                    )
+                )
+        await asyncio.gather(*registrations)
 
     async def detach(self) -> None:
         if self.p2p is not None:
