@@ -19,8 +19,8 @@ if ! QT_QPA_PLATFORM=offscreen .venv/bin/python -c "from PySide6.QtWidgets impor
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgl1 libegl1 libxkbcommon0 \
     libfontconfig1 libdbus-1-3 libglib2.0-0 >&2
 fi
-.venv/bin/ruff check app tests benchmarks
-.venv/bin/ruff format --check app tests benchmarks
+.venv/bin/ruff check app tests benchmarks packaging
+.venv/bin/ruff format --check app tests benchmarks packaging
 if [[ "$(id -u)" == 0 ]] && command -v ip >/dev/null && unshare -n true 2>/dev/null; then
   exec unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python -m pytest "$@"
 fi

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import corolla
@@ -89,3 +91,40 @@ def test_self_test_runs_everything_and_leaves_nothing(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "self-test: passed" in result.stderr and "(this computer)" in result.stdout
     assert list(tmp_path.glob("corolla-self-test-*")) == []
+
+
+def test_uninstall_stops_the_node_drops_the_login_entry_and_only_asked_for_user_data(tmp_path):
+    env = {**os.environ, "COROLLA_HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    command = [sys.executable, "-m", "corolla.cli"]
+    node = subprocess.Popen([*command, "node"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "home" / "config" / "node.json"
+        for _ in range(120):  # bounded: the node writes its lock file once its API listens
+            if lock.exists():
+                break
+            time.sleep(0.5)
+        assert lock.exists(), "the node did not start"
+        entry = tmp_path / "xdg" / "autostart" / "corolla.desktop"
+        enable = "from corolla.gui import autostart; autostart.set_enabled(True)"
+        subprocess.run([sys.executable, "-c", enable], env=env, check=True, timeout=60)
+        assert entry.exists()
+
+        kept = subprocess.run([*command, "uninstall"], env=env, capture_output=True, text=True, timeout=120)
+        assert kept.returncode == 0, kept.stderr
+        assert "stopped the running node" in kept.stdout and "start-at-login" in kept.stdout
+        assert node.wait(timeout=30) is not None and not entry.exists()
+        assert (tmp_path / "home" / "data").is_dir()  # user data stays unless asked for
+
+        refused = subprocess.run(
+            [*command, "uninstall", "--user-data"], env=env, input="n\n", capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode == 1 and (tmp_path / "home" / "data").is_dir()
+        cleared = subprocess.run(
+            [*command, "uninstall", "--user-data", "--yes"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert cleared.returncode == 0, cleared.stderr
+        assert not (tmp_path / "home" / "data").exists() and not (tmp_path / "home" / "config").exists()
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()

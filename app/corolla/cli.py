@@ -10,6 +10,7 @@ import sys
 import time
 
 from corolla import __version__
+from corolla.executable import corolla_command
 from corolla.units import human_bytes
 
 
@@ -402,11 +403,28 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from corolla.node.paths import NodePaths
+    from corolla.uninstall import uninstall
+
+    paths = NodePaths.default()
+    if args.user_data and not args.yes:
+        folders = ", ".join(sorted({str(paths.config_dir), str(paths.data_dir), str(paths.cache_dir)}))
+        answer = input(f"Delete Corolla's settings, chat history, stats and caches ({folders})? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    for line in uninstall(paths, remove_user_data=args.user_data) or ["nothing to clear"]:
+        print(line)
+    return 0
+
+
 def self_test() -> int:
     """The smoke test of every package: everything end to end, nothing left behind."""
     import os
     import shutil
     import tempfile
+    from pathlib import Path
 
     home = tempfile.mkdtemp(prefix="corolla-self-test-")
     previous = os.environ.get("COROLLA_HOME")
@@ -414,6 +432,10 @@ def self_test() -> int:
     try:
         demo = argparse.Namespace(prompt="self-test", max_new_tokens=4, timeout=300.0, keep=False)
         code = cmd_demo(demo)
+        if code != 0:  # say why before the evidence is deleted
+            for log in sorted(Path(home).rglob("*.log")):
+                print(f"--- {log.relative_to(home)} (last lines) ---", file=sys.stderr)
+                print("\n".join(log.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
     finally:
         if previous is None:
             os.environ.pop("COROLLA_HOME", None)
@@ -434,15 +456,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from corolla.node.instance import find_running_node
     from corolla.node.paths import NodePaths
 
-    paths = NodePaths.default()
+    paths = NodePaths.default().ensure()
     started = None
     if find_running_node(paths) is None:
-        started = subprocess.Popen(
-            [sys.executable, "-m", "corolla.cli", "node"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(paths.data_dir / "node.log", "ab") as log:
+            started = subprocess.Popen(
+                corolla_command("node"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         print("starting a Corolla node ...", file=sys.stderr)
     try:
         deadline = time.monotonic() + args.timeout
@@ -541,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     commands.add_parser("stop", help="stop the running node").set_defaults(func=cmd_stop)
+    uninstall = commands.add_parser(
+        "uninstall", help="before removing the app: stop the node, drop the login entry (and user data)"
+    )
+    uninstall.add_argument("--user-data", action="store_true", help="also delete settings, history, stats, secrets")
+    uninstall.add_argument("--yes", action="store_true", help="do not ask before deleting user data")
+    uninstall.set_defaults(func=cmd_uninstall)
     commands.add_parser("app", help="the desktop window and tray icon").set_defaults(func=cmd_app)
     demo = commands.add_parser("demo", help="end to end on this computer: node, private swarm, chat, stats")
     demo.add_argument("--prompt", default="Hello, swarm!")

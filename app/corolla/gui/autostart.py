@@ -10,11 +10,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from corolla.executable import corolla_command
+
 LABEL = "org.corolla.app"
 
 
 def _command() -> list[str]:
-    return [sys.executable, "-m", "corolla.cli", "app"]
+    return corolla_command("app")
 
 
 def linux_entry_path() -> Path:

@@ -8,6 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from corolla.executable import corolla_command
 from corolla.node.paths import NodePaths
 
 
@@ -32,7 +33,7 @@ def node_command(platform: str = sys.platform, distro: str = WSL_DISTRO) -> list
     WSL2 distro and the window talks to it over localhost, exactly as elsewhere."""
     if platform == "win32":
         return ["wsl.exe", "--distribution", distro, "--exec", "corolla", "node"]
-    return [sys.executable, "-m", "corolla.cli", "node"]
+    return corolla_command("node")
 
 
 def lock_file_command(distro: str = WSL_DISTRO) -> list[str]:

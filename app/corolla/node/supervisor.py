@@ -8,13 +8,13 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from corolla.executable import corolla_command
 from corolla.swarm.server.stats import read_stats
 
 logger = logging.getLogger(__name__)
@@ -131,16 +131,7 @@ class ServerSupervisor:
     # --- process -----------------------------------------------------------------------------------
     def _spawn(self) -> None:
         self.stats_path.unlink(missing_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "corolla.cli",
-            "serve",
-            *self.args,
-            "--stats-file",
-            str(self.stats_path),
-            "--exit-with-parent",
-        ]
+        command = corolla_command("serve", *self.args, "--stats-file", str(self.stats_path), "--exit-with-parent")
         log = open(self.log_path, "ab")  # noqa: SIM115  (the child owns it)
         self.process = subprocess.Popen(
             command,
