@@ -20,9 +20,12 @@ SELF_TEST=1
 [[ "${1:-}" == "--skip-self-test" ]] && SELF_TEST=0
 
 started=$(date +%s)
-scripts/setup-env.sh gui
 # PyInstaller goes into the app's own venv: an overlay venv would collect torch's libraries twice.
-.venv/bin/pip install -q "pyinstaller>=6.10,<7"
+# (Skipped when .venv already has it all, e.g. the test suite's dev venv in an offline namespace.)
+if ! .venv/bin/python -c "import PyInstaller, PySide6, corolla" 2>/dev/null; then
+  scripts/setup-env.sh gui
+  .venv/bin/pip install -q "pyinstaller>=6.10,<7"
+fi
 VERSION="$(.venv/bin/python -c 'import corolla; print(corolla.__version__)')"
 ARCH="$(dpkg --print-architecture 2>/dev/null || uname -m)"
 BUILD="$ROOT/build"
@@ -31,7 +34,7 @@ PACKAGES="$BUILD/packages"
 rm -rf "$BUILD/dist" "$PACKAGES"
 mkdir -p "$PACKAGES"
 
-.venv/bin/pyinstaller --noconfirm --log-level WARN \
+PYTHONWARNINGS=ignore .venv/bin/pyinstaller --noconfirm --log-level WARN \
   --distpath "$BUILD/dist" --workpath "$BUILD/work" packaging/corolla.spec
 
 # p2pd must stay executable where hivemind looks for it.

@@ -8,7 +8,8 @@
 #
 # Usage (root, Linux): packaging/wsl/build-rootfs.sh [BUNDLE_DIR] [OUTPUT.tar.gz]
 #   BUNDLE_DIR defaults to build/dist/corolla (packaging/build-linux.sh makes it); with
-#   --no-bundle the distro is built without it (to check the recipe alone).
+#   --no-bundle the distro is built without it (to check the recipe alone). With the bundle, its
+#   self-test runs inside the new root as the distro's user (SKIP_SELF_TEST=1 skips it).
 # Needs debootstrap and a Debian mirror (MIRROR, default deb.debian.org).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -27,7 +28,10 @@ if [[ "$BUNDLE" != "--no-bundle" && ! -x "$BUNDLE/corolla" ]]; then
   exit 1
 fi
 
-rm -rf "$TARGET"
+# A crashed earlier run may have left /dev and /proc mounted inside: unmount before deleting, and
+# never let rm cross into another file system.
+umount -R "$TARGET/dev" "$TARGET/proc" 2>/dev/null || true
+rm -rf --one-file-system "$TARGET"
 mkdir -p "$TARGET" "$(dirname "$OUTPUT")"
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$TARGET" "$MIRROR"
 
@@ -37,6 +41,17 @@ cp "$ROOT/packaging/wsl/wsl.conf" "$TARGET/etc/wsl.conf"
 if [[ "$BUNDLE" != "--no-bundle" ]]; then
   cp -a "$BUNDLE" "$TARGET/opt/corolla"
   ln -sf /opt/corolla/corolla "$TARGET/usr/local/bin/corolla"
+fi
+
+# Smoke test inside the distro as WSL will run it: the corolla user, the bundle from /opt/corolla.
+if [[ "$BUNDLE" != "--no-bundle" && "${SKIP_SELF_TEST:-0}" != 1 ]]; then
+  mount -t proc proc "$TARGET/proc"
+  mount --rbind /dev "$TARGET/dev"
+  trap 'umount -R "$TARGET/dev" "$TARGET/proc" 2>/dev/null || true' EXIT
+  chroot --userspec=corolla:corolla "$TARGET" env -i HOME=/home/corolla PATH=/usr/local/bin:/usr/bin:/bin \
+    corolla --self-test
+  umount -R "$TARGET/dev" "$TARGET/proc"
+  trap - EXIT
 fi
 
 # Smaller distro: no package lists, docs or caches.
