@@ -77,6 +77,7 @@ if [[ "$SELF_TEST" == 1 ]]; then
   tar -C "$SCRATCH/tar" -xzf "$TARBALL"
   echo "self-test: extracted .tar.gz"
   "$SCRATCH/tar/corolla/corolla" --self-test
+  rm -rf "$SCRATCH/tar"  # 1 GB: free it before unpacking the .deb
   dpkg -x "$DEB" "$SCRATCH/deb-root"
   echo "self-test: .deb unpacked into a scratch root"
   "$SCRATCH/deb-root/opt/corolla/corolla" --self-test

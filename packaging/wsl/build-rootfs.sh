@@ -50,7 +50,15 @@ if [[ "$BUNDLE" != "--no-bundle" && "${SKIP_SELF_TEST:-0}" != 1 ]]; then
   trap 'umount -R "$TARGET/dev" "$TARGET/proc" 2>/dev/null || true' EXIT
   chroot --userspec=corolla:corolla "$TARGET" env -i HOME=/home/corolla PATH=/usr/local/bin:/usr/bin:/bin \
     corolla --self-test
-  umount -R "$TARGET/dev" "$TARGET/proc"
+  # The self-test's last processes (p2pd) may take a moment to let go of /dev.
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    umount -R "$TARGET/dev" "$TARGET/proc" 2>/dev/null && break
+    sleep 1
+  done
+  if mountpoint -q "$TARGET/dev" || mountpoint -q "$TARGET/proc"; then
+    echo "build-rootfs: /dev or /proc is still mounted in $TARGET; not packing it" >&2
+    exit 1
+  fi
   trap - EXIT
 fi
 

@@ -6,8 +6,10 @@ import getpass
 import os
 import sys
 import time
+from pathlib import Path
 
 from PySide6.QtCore import QTimer
+from PySide6.QtGui import QIcon
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QLabel
 
@@ -33,9 +35,18 @@ def _focus_existing() -> bool:
     return False
 
 
+def _icon_file() -> Path:
+    """resources/icons/corolla.png: beside the bundle's files when frozen, else in the source tree."""
+    base = Path(getattr(sys, "_MEIPASS", Path(__file__).resolve().parents[3]))
+    return base / "resources" / "icons" / "corolla.png"
+
+
 def main(argv: list[str] | None = None) -> int:
     app = QApplication(argv if argv is not None else sys.argv)
     app.setApplicationName("Corolla")
+    app.setDesktopFileName("corolla")  # Wayland/X11 match the window to corolla.desktop's icon
+    if _icon_file().exists():
+        app.setWindowIcon(QIcon(str(_icon_file())))
     if _focus_existing():
         return 0
     QLocalServer.removeServer(_instance_name())
