@@ -71,6 +71,18 @@ def test_gui_never_imports_torch_hivemind_or_swarm():
     assert not [(p, m) for p, m in _imports(gui) if m.startswith(forbidden)]
 
 
+def test_starting_the_cli_or_the_window_never_loads_torch():
+    # Every `corolla` start builds the parser, the window's included: torch would cost seconds there.
+    probe = (
+        "import sys; from corolla.cli import build_parser; build_parser(); import corolla.gui.app; "
+        "print(sorted(m for m in ('torch', 'hivemind', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+    bad = run_cli("model", "make-tiny", "no-such-family", "/tmp/never-written")
+    assert bad.returncode == 2 and "choose one of" in bad.stderr and "llama" in bad.stderr
+
+
 def test_no_pickle_or_remote_code():
     text = "\n".join(p.read_text() for p in APP.rglob("*.py"))
     assert "trust_remote_code=True" not in text

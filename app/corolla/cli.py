@@ -72,7 +72,14 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_model_make_tiny(args: argparse.Namespace) -> int:
-    from corolla.swarm.models.tiny import make_tiny_model
+    from corolla.swarm.models.tiny import PRESETS, make_tiny_model
+
+    if args.preset not in PRESETS:
+        print(
+            f"corolla: error: unknown preset {args.preset!r}; choose one of: {', '.join(sorted(PRESETS))}",
+            file=sys.stderr,
+        )
+        return 2
 
     out = make_tiny_model(args.preset, args.out_dir, num_layers=args.layers, seed=args.seed, dht_prefix=args.dht_prefix)
     print(out)
@@ -617,9 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_model_info)
 
     tiny = model_commands.add_parser("make-tiny", help="write a tiny random-weight model (tests, demo)")
-    from corolla.swarm.models.tiny import PRESETS
-
-    tiny.add_argument("preset", choices=sorted(PRESETS))
+    # Checked in the command, not here: listing the presets imports torch, and every `corolla`
+    # start (the window's too) builds this parser.
+    tiny.add_argument("preset", help="a model family preset: llama, mistral, qwen2, ... (wrong names list them)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--layers", type=int, default=6)
     tiny.add_argument("--seed", type=int, default=0)
