@@ -71,13 +71,16 @@ def test_gui_never_imports_torch_hivemind_or_swarm():
     assert not [(p, m) for p, m in _imports(gui) if m.startswith(forbidden)]
 
 
-def test_starting_the_cli_or_the_window_never_loads_torch():
+def test_starting_the_cli_or_the_window_never_loads_torch(tmp_path):
     # Every `corolla` start builds the parser, the window's included: torch would cost seconds there.
     probe = (
-        "import sys; from corolla.cli import build_parser; build_parser(); import corolla.gui.app; "
+        "import sys; from corolla.cli import main; main(['status']); import corolla.gui.app; "
         "print(sorted(m for m in ('torch', 'hivemind', 'transformers') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    env = {**os.environ, "COROLLA_HOME": str(tmp_path)}  # no node there: `status` says so and returns
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True, env=env
+    )
     assert result.stdout.strip() == "[]", result.stdout
     bad = run_cli("model", "make-tiny", "no-such-family", "/tmp/never-written")
     assert bad.returncode == 2 and "choose one of" in bad.stderr and "llama" in bad.stderr

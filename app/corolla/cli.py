@@ -652,15 +652,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from corolla.swarm.client.routing import MissingBlocksError
-    from corolla.swarm.client.session import ServerFailure
-    from corolla.swarm.models.errors import EngineError
-
     try:
         return args.func(args)
-    except (EngineError, MissingBlocksError, ServerFailure) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_error_types()):
+            raise
         print(f"corolla: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _user_error_types() -> tuple[type, ...]:
+    """The errors that are the user's to fix (one line, exit 2). Only from modules already loaded:
+    importing them would pull torch and hivemind into every command, the window's included."""
+    names = (
+        ("corolla.swarm.models.errors", "EngineError"),
+        ("corolla.swarm.client.routing", "MissingBlocksError"),
+        ("corolla.swarm.client.session", "ServerFailure"),
+    )
+    return tuple(getattr(sys.modules[module], name) for module, name in names if module in sys.modules)
 
 
 if __name__ == "__main__":
