@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # GUI tests never need a display
+# Every process this test session starts inherits this mark, so the straggler sweep below only ever
+# touches this session's processes, never those of another run on the same machine.
+SESSION_MARK = os.environ.setdefault("COROLLA_TEST_SESSION", uuid.uuid4().hex)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,7 +32,11 @@ def no_leftover_processes():
     for process in psutil.process_iter(["cmdline", "create_time"]):
         try:
             cmdline = " ".join(process.info["cmdline"] or [])
-            if process.info["create_time"] >= started and any(m in cmdline for m in markers):
+            if (
+                process.info["create_time"] >= started
+                and any(m in cmdline for m in markers)
+                and process.environ().get("COROLLA_TEST_SESSION") == SESSION_MARK
+            ):
                 process.kill()
         except psutil.Error:
             pass

@@ -18,6 +18,7 @@ import yaml
 
 from corolla.executable import corolla_command
 from corolla.gui.launcher import WSL_DISTRO, node_command
+from corolla.node.instance import is_node_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGING = ROOT / "packaging"
@@ -115,6 +116,10 @@ def test_frozen_command_lines(monkeypatch):
     assert corolla_command("node")[1:] == ["-m", "corolla.cli", "node"]
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     assert corolla_command("serve", "x") == [sys.executable, "serve", "x"]
+    # Orphan reaping and `corolla uninstall` recognise the node in both forms, and nothing else.
+    assert is_node_command(["/opt/corolla/corolla", "node"])
+    assert is_node_command(["python3", "-m", "corolla.cli", "node"])
+    assert not is_node_command(["/opt/corolla/corolla", "app"]) and not is_node_command(["python3", "tool.py", "node"])
 
 
 @pytest.mark.slow

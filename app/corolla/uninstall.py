@@ -7,13 +7,10 @@ login entry, and with `--user-data` the settings, chat history, stats, caches an
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import time
 
 from corolla.gui import autostart  # pure file/registry writes; no Qt
-from corolla.node.instance import find_running_node
+from corolla.node.instance import node_process, read_address
 from corolla.node.paths import NodePaths
 from corolla.node.secrets import SecretStore
 
@@ -21,19 +18,19 @@ SECRET_NAMES = ("hf_token",)
 
 
 def stop_running_node(paths: NodePaths, timeout: float = 15.0) -> bool:
-    """Stop the node (and through it, its block server); True if one was running."""
-    address = find_running_node(paths)
-    if address is None:
+    """Stop the node (and through it, its block server); True if one was running. Found by its lock
+    file and process, so a node that is still starting up is stopped too."""
+    address = read_address(paths)
+    process = node_process(address) if address is not None else None
+    if process is None:
         return False
-    os.kill(address.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(address.pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    os.kill(address.pid, signal.SIGKILL)
+    import psutil  # only here: the Windows window bundle never finds a local node (it runs in WSL)
+
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except psutil.TimeoutExpired:
+        process.kill()
     return True
 
 

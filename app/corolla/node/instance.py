@@ -1,5 +1,5 @@
 """One node per user: a lock file (created exclusively) holding its address and pid, and a random API
-token in a 0600 file. A lock whose node does not answer a ping is stale and is replaced."""
+token in a 0600 file. A lock whose node neither answers a ping nor runs is stale and is replaced."""
 
 from __future__ import annotations
 
@@ -69,7 +69,12 @@ def claim(paths: NodePaths, url: str) -> NodeAddress:
             fd = os.open(paths.lock_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             existing = read_address(paths)
-            if existing is not None and existing.pid != os.getpid() and is_alive(existing):
+            # A node too busy to answer a ping (loading a model) is still alive: its process decides.
+            if (
+                existing is not None
+                and existing.pid != os.getpid()
+                and (is_alive(existing) or node_process(existing) is not None)
+            ):
                 raise AlreadyRunning(existing) from None
             if existing is not None:
                 reap_orphans_of(existing)
@@ -81,10 +86,31 @@ def claim(paths: NodePaths, url: str) -> NodeAddress:
     raise RuntimeError(f"could not create {paths.lock_file}")
 
 
+def is_node_command(cmdline: list[str]) -> bool:
+    """`corolla node` as a source install (`python -m corolla.cli node`) or the bundle runs it."""
+    if "node" not in cmdline:
+        return False
+    return "corolla.cli" in " ".join(cmdline) or Path(cmdline[0]).name.lower() in ("corolla", "corolla.exe")
+
+
+def node_process(address: NodeAddress):
+    """The live process behind a lock file (a psutil.Process), or None: checked by pid and command
+    line, so it works while the node is still starting and never picks a reused pid."""
+    import psutil
+
+    try:
+        process = psutil.Process(address.pid)
+        if is_node_command(process.cmdline()) and process.create_time() <= address.started_at + 1:
+            return process
+    except psutil.Error:
+        pass
+    return None
+
+
 def reap_orphans_of(dead: NodeAddress) -> int:
     """Processes a killed node had forked (hivemind's DHT process and its p2pd) outlive it; stop them.
 
-    They are recognised as orphans (adopted by init) running `corolla.cli node`, started after the dead
+    They are recognised as orphans (adopted by init) running `corolla node`, started after the dead
     node started and not the dead node itself."""
     import psutil
 
@@ -97,8 +123,7 @@ def reap_orphans_of(dead: NodeAddress) -> int:
             if (
                 process.pid != os.getpid()
                 and process.info["ppid"] == 1
-                and "corolla.cli" in " ".join(cmdline)
-                and "node" in cmdline
+                and is_node_command(cmdline)
                 and process.info["create_time"] >= dead.started_at - 1
             ):
                 for child in process.children(recursive=True):
