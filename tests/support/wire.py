@@ -110,9 +110,12 @@ class WireClient:
                 if wait_replies and item.tensors:
                     reply = asyncio.ensure_future(replies.get())
                     done = asyncio.ensure_future(finished.wait())
-                    await asyncio.wait({reply, done}, timeout=reply_timeout, return_when=asyncio.FIRST_COMPLETED)
-                    reply.cancel()
-                    done.cancel()
+                    try:
+                        await asyncio.wait({reply, done}, timeout=reply_timeout, return_when=asyncio.FIRST_COMPLETED)
+                    finally:  # also when hivemind cancels this writer: nothing may stay pending on the loop
+                        reply.cancel()
+                        done.cancel()
+                        await asyncio.gather(reply, done, return_exceptions=True)
 
         async def call():
             try:
