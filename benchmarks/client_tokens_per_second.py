@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -114,6 +116,7 @@ def main() -> None:
             [sys.executable, str(Path(__file__).parent / "server_step_latency.py"), "--echo-server"],
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its group holds the DHT process and p2pd it forks
         )
         try:
             maddr = json.loads(echo.stdout.readline())["maddr"]
@@ -121,7 +124,8 @@ def main() -> None:
             report["raw_stream_round_trip"] = summary(measure_echo(client, maddr.rsplit("/", 1)[-1], 64, 200))
             client.shutdown()
         finally:
-            echo.kill()
+            os.killpg(echo.pid, signal.SIGKILL)
+            echo.wait()
         report["corolla_tokens_per_s"] = {
             n: round(corolla_chain(tmp, model, chain, args.new_tokens), 1) for n, chain in CHAINS.items()
         }

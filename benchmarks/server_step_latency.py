@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -170,7 +172,10 @@ def main() -> None:
         report["model"] = {"hidden_size": hidden, "blocks": blocks}
         report["compute"] = summary(measure_compute(model, blocks, args.steps))
 
-        echo = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
+        # In its own process group: the DHT process and p2pd it forks go with it.
+        echo = subprocess.Popen(
+            [sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
         try:
             maddr = json.loads(echo.stdout.readline())["maddr"]
             client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False)
@@ -179,7 +184,8 @@ def main() -> None:
             )
             client.shutdown()
         finally:
-            echo.kill()
+            os.killpg(echo.pid, signal.SIGKILL)
+            echo.wait()
 
         server = CorollaServer(
             tmp,
