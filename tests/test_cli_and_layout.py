@@ -7,10 +7,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import corolla
+from tests.support.node import NodeProcess
 
 APP = Path(corolla.__file__).parent
 
@@ -93,8 +93,6 @@ def test_no_pickle_or_remote_code():
 
 
 def test_self_test_runs_everything_and_leaves_nothing(tmp_path):
-    import os
-
     result = subprocess.run(
         [sys.executable, "-m", "corolla.cli", "--self-test"],
         capture_output=True,
@@ -111,14 +109,8 @@ def test_self_test_runs_everything_and_leaves_nothing(tmp_path):
 def test_uninstall_stops_the_node_drops_the_login_entry_and_only_asked_for_user_data(tmp_path):
     env = {**os.environ, "COROLLA_HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     command = [sys.executable, "-m", "corolla.cli"]
-    node = subprocess.Popen([*command, "node"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = NodeProcess(tmp_path / "home", extra_env={"XDG_CONFIG_HOME": env["XDG_CONFIG_HOME"]})
     try:
-        lock = tmp_path / "home" / "config" / "node.json"
-        for _ in range(120):  # bounded: the node writes its lock file once its API listens
-            if lock.exists():
-                break
-            time.sleep(0.5)
-        assert lock.exists(), "the node did not start"
         entry = tmp_path / "xdg" / "autostart" / "corolla.desktop"
         enable = "from corolla.gui import autostart; autostart.set_enabled(True)"
         subprocess.run([sys.executable, "-c", enable], env=env, check=True, timeout=60)
@@ -127,7 +119,7 @@ def test_uninstall_stops_the_node_drops_the_login_entry_and_only_asked_for_user_
         kept = subprocess.run([*command, "uninstall"], env=env, capture_output=True, text=True, timeout=120)
         assert kept.returncode == 0, kept.stderr
         assert "stopped the running node" in kept.stdout and "start-at-login" in kept.stdout
-        assert node.wait(timeout=30) is not None and not entry.exists()
+        assert node.process.wait(timeout=30) is not None and not entry.exists()
         assert (tmp_path / "home" / "data").is_dir()  # user data stays unless asked for
 
         refused = subprocess.run(
@@ -140,6 +132,4 @@ def test_uninstall_stops_the_node_drops_the_login_entry_and_only_asked_for_user_
         assert cleared.returncode == 0, cleared.stderr
         assert not (tmp_path / "home" / "data").exists() and not (tmp_path / "home" / "config").exists()
     finally:
-        if node.poll() is None:
-            node.kill()
-            node.wait()
+        node.stop()

@@ -54,18 +54,17 @@ def _last_json(result) -> dict:
     return json.loads(lines[-1].removeprefix("SUMMARY "))
 
 
-def test_stock_client_generates_through_a_corolla_server(reference_model, corolla_whole_model):
+def _stock_client_generates(model, initial_peer: str) -> None:
+    """The stock Petals client checks its generation through the swarm against the local model."""
     result = run_reference_script(
-        reference_dir() / "client_check.py",
-        str(reference_model),
-        corolla_whole_model.maddr,
-        "--dht_prefix",
-        PREFIX,
-        "--new_tokens",
-        "12",
+        reference_dir() / "client_check.py", str(model), initial_peer, "--dht_prefix", PREFIX, "--new_tokens", "12"
     )
     summary = _last_json(result)
     assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
+
+
+def test_stock_client_generates_through_a_corolla_server(reference_model, corolla_whole_model):
+    _stock_client_generates(reference_model, corolla_whole_model.maddr)
 
 
 def test_stock_client_multi_turn_sessions_and_batches(reference_model, corolla_whole_model):
@@ -113,17 +112,7 @@ def test_mixed_chain_stock_server_then_corolla_server(reference_model, tmp_path)
         seen = _last_json(run_reference_script(HERE / "petals_dht_check.py", corolla.maddr, PREFIX, "4"))
         spans = sorted(entry["blocks"] for entry in seen.values() if entry["state"] == "ONLINE")
         assert spans == [[0, 1], [2, 3]], seen
-        result = run_reference_script(
-            reference_dir() / "client_check.py",
-            str(reference_model),
-            corolla.maddr,
-            "--dht_prefix",
-            PREFIX,
-            "--new_tokens",
-            "12",
-        )
-        summary = _last_json(result)
-        assert result.returncode == 0 and summary["ok"], result.stdout[-3000:]
+        _stock_client_generates(reference_model, corolla.maddr)
         assert corolla.stats()["inference_steps"] > 0  # the chain really went through Corolla
     finally:
         if petals is not None:

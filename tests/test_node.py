@@ -218,23 +218,17 @@ def test_a_node_too_busy_to_answer_keeps_its_lock(tmp_path):
     from corolla.node.instance import AlreadyRunning, claim, read_address
     from corolla.node.paths import NodePaths
 
-    env = {**os.environ, "COROLLA_HOME": str(tmp_path)}
-    first = subprocess.Popen([sys.executable, "-m", "corolla.cli", "node"], env=env, stdout=subprocess.DEVNULL)
+    first = NodeProcess(tmp_path)
     paths = NodePaths(tmp_path / "config", tmp_path / "data", tmp_path / "cache")
     try:
-        for _ in range(120):  # bounded: the lock file appears once the node's API is bound
-            if read_address(paths) is not None:
-                break
-            time.sleep(0.5)
         owner = read_address(paths)
-        assert owner is not None and owner.pid == first.pid
-        first.send_signal(signal.SIGSTOP)  # alive, but answers nothing
+        assert owner is not None and owner.pid == first.process.pid
+        first.process.send_signal(signal.SIGSTOP)  # alive, but answers nothing
         with pytest.raises(AlreadyRunning):
             claim(paths, "http://127.0.0.1:1")
         assert read_address(paths) == owner
     finally:
-        first.send_signal(signal.SIGCONT)
-        first.terminate()
-        first.wait(timeout=60)
+        first.process.send_signal(signal.SIGCONT)
+        first.stop()
     # Once it is gone, its lock is stale and is replaced.
     assert claim(paths, "http://127.0.0.1:1").pid == os.getpid()

@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     app = QApplication(argv if argv is not None else sys.argv)
     app.setApplicationName("Corolla")
     app.setDesktopFileName("corolla")  # Wayland/X11 match the window to corolla.desktop's icon
-    if _icon_file().exists():
-        app.setWindowIcon(QIcon(str(_icon_file())))
+    icon = _icon_file()
+    if icon.exists():
+        app.setWindowIcon(QIcon(str(icon)))
     if _focus_existing():
         return 0
     QLocalServer.removeServer(_instance_name())

@@ -73,7 +73,7 @@ def claim(paths: NodePaths, url: str) -> NodeAddress:
             if (
                 existing is not None
                 and existing.pid != os.getpid()
-                and (is_alive(existing) or node_process(existing) is not None)
+                and (node_process(existing) is not None or is_alive(existing))
             ):
                 raise AlreadyRunning(existing) from None
             if existing is not None:

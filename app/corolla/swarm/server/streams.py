@@ -35,7 +35,6 @@ async def add_stream_handler(
     async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
         requests: asyncio.Queue = asyncio.Queue(MAX_PREFETCH)
-        caller_finished = False  # its end-of-stream marker arrived: nothing more will come
 
         async def incoming() -> AsyncIterator:
             while (request := await requests.get()) is not None:  # None: the caller's end of stream
@@ -60,17 +59,16 @@ async def add_stream_handler(
                     receiving = asyncio.create_task(P2P.receive_protobuf(request_type, reader))
                     await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
                     if processing.done():
-                        if caller_finished:
-                            receiving.cancel()
-                        else:
-                            await _wait_for_caller_to_finish(reader, receiving, request_type, linger_s)
+                        await _wait_for_caller_to_finish(reader, receiving, request_type, linger_s)
                         return
                     try:
                         request, _ = receiving.result()
                     except asyncio.IncompleteReadError:
                         return  # the caller closed or died
-                    caller_finished = request is None
                     await requests.put(request)
+                    if request is None:  # the caller's end-of-stream marker: nothing more will come
+                        await processing
+                        return
             except Exception:
                 logger.debug("%s: reading requests failed", name, exc_info=True)
             finally:
