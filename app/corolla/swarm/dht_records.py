@@ -1,13 +1,22 @@
 """Reading and writing Petals' DHT records: per-block server infos and the model index.
 
 Shared by the block server (announcing, choosing blocks) and the client (routing, swarm health).
+
+Anyone can store a record under any block, so a record is believed only as far as it proves itself:
+a server's span is made of the blocks under which it actually announced (a record under block 0
+claiming blocks 0..10^9 gives its peer block 0 only), every number is clamped to a sane range, each
+block keeps at most MAX_SERVERS_PER_BLOCK entries (a random sample when more are stored), and the
+values themselves were decoded by the bounded decoder (protocol.loads, installed in the DHT process).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from hivemind.dht import DHT, DHTNode
 from hivemind.utils import get_dht_time
@@ -16,6 +25,10 @@ from corolla.swarm import protocol
 from corolla.swarm.protocol import ServerInfo, ServerState
 
 logger = logging.getLogger(__name__)
+MAX_SERVERS_PER_BLOCK = 32  # public Petals swarms have a handful; more is a flood, and routing work grows with it
+MAX_DHT_LOOKUP_S = 30.0
+MAX_PEER_ID_CHARS = 128
+_sample = random.Random()  # a per-process sample: a flood cannot choose peer ids that always survive it
 
 
 @dataclass
@@ -89,45 +102,69 @@ async def _get_many(dht: DHT, node: DHTNode, uids: list[str]) -> dict:
     return await node.get_many(uids, sufficient_expiration_time=float("inf"), num_workers=min(len(uids), 32))
 
 
-async def get_module_infos(dht: DHT, uids: list[str]) -> list[ModuleInfo]:
+async def get_module_infos(dht: DHT, uids: list[str], timeout: float = MAX_DHT_LOOKUP_S) -> list[ModuleInfo]:
     """Server infos of each uid; entries a stock Petals reader would reject are skipped here too."""
-    found = await dht.run_coroutine(partial(_get_many, uids=uids), return_future=True)
-    infos = []
-    for uid in uids:
-        module = ModuleInfo(uid)
-        record = found.get(uid)
-        if record is not None and isinstance(record.value, dict):
-            for peer_id, entry in record.value.items():
-                try:
-                    if not isinstance(peer_id, str):
-                        raise ValueError("subkey is not a base58 string")
-                    module.servers[peer_id] = ServerInfo.from_tuple(entry.value)
-                except (ValueError, TypeError) as exc:
-                    logger.debug("skipping incorrect peer entry for %s from %s: %s", uid, peer_id, exc)
-        infos.append(module)
-    return infos
+    found = await asyncio.wait_for(dht.run_coroutine(partial(_get_many, uids=uids), return_future=True), timeout)
+    return [read_module_info(uid, found.get(uid)) for uid in uids]
+
+
+def read_module_info(uid: str, record: Any) -> ModuleInfo:
+    """One block's DHT record (a ValueWithExpiration of {subkey: ValueWithExpiration}) as a ModuleInfo;
+    never raises: whatever in it is malformed is skipped."""
+    module = ModuleInfo(uid)
+    value = getattr(record, "value", None)
+    if not isinstance(value, dict):
+        return module
+    entries = list(value.items())
+    if len(entries) > MAX_SERVERS_PER_BLOCK:
+        entries = _sample.sample(entries, MAX_SERVERS_PER_BLOCK)
+    for peer_id, entry in entries:
+        try:
+            if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID_CHARS:
+                raise ValueError("subkey is not a base58 peer id")
+            module.servers[peer_id] = ServerInfo.from_tuple(getattr(entry, "value", None)).clamped()
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            logger.debug("skipping incorrect peer entry for %s: %s", protocol.shorten(uid), protocol.shorten(str(exc)))
+    return module
 
 
 def compute_spans(module_infos: list[ModuleInfo], min_state: ServerState) -> dict[str, RemoteSpan]:
-    """Each server's span over the queried blocks (indices relative to the list), as Petals computes it."""
-    spans: dict[str, RemoteSpan] = {}
+    """Each server's span over the queried blocks (indices relative to the list).
+
+    Unlike Petals, which stretches a span to the record's own start_block/end_block claim, a span here
+    is the longest run of consecutive queried blocks under which the peer announced itself in its best
+    state, cut to its declared [start_block, end_block) when it declares one. A peer's claims about
+    blocks it did not announce under are ignored."""
     offset = 0
     if module_infos:
         try:
             offset = protocol.parse_uid(module_infos[0].uid)[1]
         except ValueError:
             offset = 0
+    announced: dict[str, dict[int, ServerInfo]] = {}
     for index, module in enumerate(module_infos):
-        for peer_id, info in sorted(module.servers.items()):
-            if info.state < min_state:
-                continue
-            span = spans.get(peer_id)
-            if span is None or span.state < info.state:
-                start, end = index, index + 1
-                if info.start_block is not None and info.end_block is not None:
-                    start = min(max(info.start_block - offset, 0), len(module_infos))
-                    end = min(max(info.end_block - offset, 0), len(module_infos))
-                spans[peer_id] = RemoteSpan(peer_id, start, end, info)
-            elif span.state == info.state:
-                span.end = max(span.end, index + 1)
+        for peer_id, info in module.servers.items():
+            if info.state >= min_state:
+                announced.setdefault(peer_id, {})[index] = info
+    spans: dict[str, RemoteSpan] = {}
+    for peer_id, by_index in sorted(announced.items()):
+        best = max(info.state for info in by_index.values())
+        indices = sorted(i for i, info in by_index.items() if info.state == best)
+        start, end = _longest_run(indices)
+        first = by_index[start]
+        if first.start_block is not None and first.end_block is not None:
+            start = max(start, first.start_block - offset)
+            end = min(end, first.end_block - offset)
+        if start < end:
+            spans[peer_id] = RemoteSpan(peer_id, start, end, by_index[start])
     return spans
+
+
+def _longest_run(indices: list[int]) -> tuple[int, int]:
+    """[start, end) of the longest run of consecutive numbers in sorted `indices` (the first if tied)."""
+    best = run = (indices[0], indices[0] + 1)
+    for index in indices[1:]:
+        run = (run[0], index + 1) if index == run[1] else (index, index + 1)
+        if run[1] - run[0] > best[1] - best[0]:
+            best = run
+    return best

@@ -8,9 +8,13 @@ peer id strings). Readers accept both tuples and lists where Petals does.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
+
+import msgpack
+from hivemind.utils import MSGPackSerializer
 
 UID_DELIMITER = "."
 CHAIN_DELIMITER = " "
@@ -33,6 +37,80 @@ MAX_CHAIN_LENGTH = 1024
 MAX_OPEN_SESSIONS = 256
 MAX_TENSORS_PER_REQUEST = 8
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
+# Bounded decoding of peer-supplied msgpack (metadata, rpc_info replies, DHT values and RPCs).
+MAX_MSGPACK_DEPTH = 32  # ext-type nesting (tuples, DHT dictionaries); arrays nest on msgpack's own stack
+MAX_DHT_MSGPACK_BYTES = 8 * 1024 * 1024  # any msgpack the DHT process reads (p2pd caps messages at 4 MiB)
+MAX_LOGGED_CHARS = 96  # peer-supplied text echoed into logs and error replies is cut to this
+MAX_ANNOUNCED_RPS = 1e6  # the fastest real servers announce ~1e4 tokens/s; anything above is a claim
+MAX_ANNOUNCED_INT = 1 << 40  # blocks and cache tokens
+MAX_NEXT_PINGS = 64
+
+
+def shorten(text: Any, limit: int = MAX_LOGGED_CHARS) -> str:
+    """A peer-supplied value as it may appear in a log line or an error reply: repr'd and cut."""
+    shown = repr(text) if not isinstance(text, str) else text
+    return shown if len(shown) <= limit else f"{shown[:limit]}…({len(shown)} chars)"
+
+
+class DecodeError(ValueError):
+    """Peer-supplied msgpack that is malformed, too large or nested too deeply."""
+
+
+_TUPLE_EXT = 0x40
+_decoding = threading.local()  # ext nesting depth of the decode running on this thread
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    depth = getattr(_decoding, "depth", 0)
+    if depth >= _decoding.max_depth:
+        raise DecodeError(f"msgpack nested more than {_decoding.max_depth} levels deep")
+    _decoding.depth = depth + 1
+    try:
+        if code == _TUPLE_EXT:
+            return tuple(msgpack.unpackb(data, ext_hook=_ext_hook, raw=False))
+        registered = MSGPackSerializer._ext_type_codes.get(code)
+        if registered is not None:  # hivemind's own: DictionaryDHTValue (0x50), BatchTensorDescriptor (0x51)
+            return registered.unpackb(data)  # re-enters `loads` below: the depth carries over
+        return data  # unknown ext codes stay raw bytes, as hivemind leaves them
+    finally:
+        _decoding.depth = depth
+
+
+def loads(raw: bytes, max_bytes: int = MAX_METADATA_BYTES, max_depth: int = MAX_MSGPACK_DEPTH) -> Any:
+    """hivemind's MSGPackSerializer.loads, bounded: at most `max_bytes` of input, at most `max_depth`
+    levels of ext types (hivemind recurses on the C stack for each nested tuple: ~200 levels in a 3 KB
+    message crash the process). Every failure is a DecodeError."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"expected msgpack bytes, got {type(raw).__name__}")
+    if len(raw) > max_bytes:
+        raise DecodeError(f"msgpack of {len(raw)} bytes is over the limit of {max_bytes}")
+    outer = getattr(_decoding, "max_depth", None)
+    if outer is None:
+        _decoding.max_depth, _decoding.depth = max_depth, 0
+    try:
+        return msgpack.unpackb(raw, ext_hook=_ext_hook, raw=False)
+    except DecodeError:
+        raise
+    except RecursionError as exc:
+        raise DecodeError("msgpack nested too deeply") from exc
+    except Exception as exc:  # msgpack's own errors, and whatever a hostile ext payload makes unpackb raise
+        raise DecodeError(f"invalid msgpack: {type(exc).__name__}: {shorten(str(exc))}") from exc
+    finally:
+        if outer is None:
+            del _decoding.max_depth
+
+
+def _bounded_serializer_loads(cls: type, buf: bytes) -> Any:
+    return loads(buf, max_bytes=MAX_DHT_MSGPACK_BYTES)
+
+
+def harden_msgpack() -> None:
+    """Make hivemind decode with `loads` everywhere in this process and in processes it forks later,
+    i.e. the DHT process, which decodes every value and RPC other peers send it with this function."""
+    MSGPackSerializer.loads = classmethod(_bounded_serializer_loads)
+
+
+harden_msgpack()  # at import: every Corolla process that speaks to peers imports this module first
 
 
 class ServerState(IntEnum):
@@ -124,6 +202,29 @@ class ServerInfo:
             self.public_name = str(self.public_name)
         return self
 
+    def clamped(self) -> ServerInfo:
+        """This info with every number a router or a display uses cut to a plausible range, and its
+        free text cut short: a peer's record may claim anything (inference_rps=1e300, blocks 0..10^9)."""
+        for name in ("throughput", *self._FLOATS):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, min(value, MAX_ANNOUNCED_RPS))
+        for name in self._INTS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, min(value, MAX_ANNOUNCED_INT))
+        if self.next_pings is not None and len(self.next_pings) > MAX_NEXT_PINGS:
+            self.next_pings = dict(list(self.next_pings.items())[:MAX_NEXT_PINGS])
+        for name in ("public_name", "version", "torch_dtype", "quant_type"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(value)[:MAX_LOGGED_CHARS])
+        self.adapters = tuple(str(a)[:MAX_LOGGED_CHARS] for a in self.adapters[:16])
+        # Unknown keys are for stock readers to ignore; Corolla reads only its own version.
+        version = self.extra.get("corolla_version")
+        self.extra = {"corolla_version": str(version)[:MAX_LOGGED_CHARS]} if version is not None else {}
+        return self
+
     def to_tuple(self) -> tuple[int, float, dict[str, Any]]:
         self.validate()
         extra = {
@@ -183,4 +284,4 @@ def err_cannot_allocate(tokens: int, max_tokens: int) -> str:
 
 
 def err_not_served(uid: str) -> str:
-    return f"Remote peer does not serve {uid}"
+    return f"Remote peer does not serve {shorten(uid)}"

@@ -4,6 +4,10 @@ The swarm view (ONLINE spans, pings, bans) refreshes from the DHT; `choose_route
 a minimum-cost split of [start, end) into server segments, where a segment's cost is the client's
 round trip to that server, a fixed per-hop cost, the compute time of its blocks, and a heavy
 penalty if the server lacks free cache for the session (Petals' min-latency cost model, protocol doc §4.4).
+
+The records behind the view come from strangers: spans are only what a peer announced (dht_records),
+numbers are clamped, and the work is bounded: at most MAX_SERVERS_PER_BLOCK servers per block,
+at most MAX_PINGS_PER_REFRESH pings per refresh, all within one ping timeout.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +33,8 @@ HOP_COST = 0.018
 UNKNOWN_RTT = 0.15
 DEFAULT_INFERENCE_RPS = 300.0
 NO_CACHE_PENALTY = 10.0
+MAX_PINGS_PER_REFRESH = 64
+PINGS_IN_FLIGHT = 16
 
 
 class MissingBlocksError(RuntimeError):
@@ -61,13 +68,15 @@ def choose_route(
     best: list[float] = [math.inf] * (end + 1)
     choice: list[tuple[int, str] | None] = [None] * (end + 1)
     best[start] = 0.0
+    covering: list[list[tuple[str, RemoteSpan]]] = [[] for _ in range(end)]  # who may be entered at each block
+    for peer, span in spans.items():
+        for block in range(max(span.start, start), min(span.end, end)):
+            covering[block].append((peer, span))
     for a in range(start, end):
         if best[a] == math.inf:
             continue
-        for peer, span in spans.items():
-            if not span.start <= a < span.end:
-                continue
-            rps = span.server_info.inference_rps or DEFAULT_INFERENCE_RPS
+        for peer, span in covering[a]:
+            rps = min(span.server_info.inference_rps or DEFAULT_INFERENCE_RPS, protocol.MAX_ANNOUNCED_RPS)
             entry = best[a] + _rtt_cost(rtts.get(peer)) + HOP_COST
             for b in range(a + 1, min(span.end, end) + 1):
                 cost = entry + (b - a) / rps + (0 if _has_cache(span, b - a, cache_tokens_needed) else NO_CACHE_PENALTY)
@@ -148,16 +157,29 @@ class SwarmView:
             await self.refresh()
 
     async def _ping(self, peers: list[str]) -> None:
+        """Measure round trips to (a sample of at most MAX_PINGS_PER_REFRESH of) `peers`, all within
+        about one ping timeout; a peer that does not answer in time counts as unreachable."""
         from corolla.swarm.server.handler import TransformerConnectionHandler
 
+        if len(peers) > MAX_PINGS_PER_REFRESH:
+            peers = random.sample(peers, MAX_PINGS_PER_REFRESH)
+        in_flight = asyncio.Semaphore(PINGS_IN_FLIGHT)
+        deadline = time.perf_counter() + 2 * self.config.ping_timeout
+
         async def ping(peer: str) -> None:
-            started = time.perf_counter()
-            try:
-                stub = TransformerConnectionHandler.get_stub(self.p2p, PeerID.from_base58(peer))
-                await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=self.config.ping_timeout)
-                self.rtts[peer] = time.perf_counter() - started
-            except Exception:
-                self.rtts[peer] = math.inf
+            self.rtts[peer] = math.inf
+            async with in_flight:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return
+                started = time.perf_counter()
+                try:
+                    stub = TransformerConnectionHandler.get_stub(self.p2p, PeerID.from_base58(peer))
+                    timeout = min(self.config.ping_timeout, left)
+                    await asyncio.wait_for(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout), timeout)
+                    self.rtts[peer] = time.perf_counter() - started
+                except Exception:
+                    pass
 
         await asyncio.gather(*(ping(peer) for peer in peers))
 

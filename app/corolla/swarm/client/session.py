@@ -11,6 +11,7 @@ its issue 587.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {})
 _DUMMY = serialize_torch_tensor(torch.zeros(0))
 _DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
+CLOSE_TIMEOUT = 5.0
 
 
 class ServerFailure(RuntimeError):
@@ -102,10 +104,15 @@ class _ServerStream:
             self._outbox.put_nowait(runtime_pb2.ExpertRequest())  # the empty request closes the session
         self._outbox.put_nowait(None)
         try:
-            async for _ in self._responses:
-                pass
+            # A server that never closes its side must not hold the client (or a node's thread) forever.
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                async for _ in self._responses:
+                    pass
         except Exception:
-            pass  # a stream that breaks while closing changes nothing
+            pass  # a stream that breaks or stalls while closing changes nothing
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._responses.aclose(), CLOSE_TIMEOUT)
         self._outbox = None
 
 

@@ -4,16 +4,23 @@ Handle names are `TransformerConnectionHandler.rpc_*`: hivemind derives each lib
 the class and method names, so the class name below is part of the wire protocol. Every RPC
 validates what the peer sent (packing.py) before allocating anything; a refused request gets an
 error reply and leaves the server and its cache budget as they were.
+
+Every peer may be hostile: each peer holds at most so many sessions and queued forward/backward
+requests, sessions that reserve no cache do not take the slots of those that do, token steps run
+ahead of forward/backward on the compute thread (compute_queue.py), stream messages are size-capped
+before they are read (streams.py), and peer-supplied text is cut before it reaches a log or a reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # hivemind tells streaming RPCs apart by `typing.AsyncIterator` annotations (not collections.abc's).
 from typing import Any, AsyncIterator  # noqa: UP035
@@ -28,6 +35,7 @@ from corolla.swarm import protocol
 from corolla.swarm.models.cache import SessionCache
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.server.compute_queue import ComputeQueue, Priority
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.packing import (
     BadRequest,
@@ -40,7 +48,7 @@ from corolla.swarm.server.packing import (
     unpack_args,
 )
 from corolla.swarm.server.stats import ServerStats
-from corolla.swarm.server.streams import add_stream_handler
+from corolla.swarm.server.streams import StreamLimits, add_stream_handler
 
 logger = logging.getLogger(__name__)
 NONE_COMPRESSION = runtime_pb2.CompressionType.NONE
@@ -58,6 +66,28 @@ class HandlerLimits:
     request_timeout: float
     session_timeout: float
     step_timeout: float
+    max_sessions_per_peer: int = 32
+    max_free_sessions: int = 64  # sessions with max_length=0: they reserve no cache, so they get their own cap
+    max_queued_per_peer: int = 4  # forward/backward requests waiting for or on the compute thread
+    max_queued: int = 64
+    max_stream_messages: int = 256  # messages in one forward/backward stream
+
+
+@dataclass
+class _Session:
+    """An open inference session: who opened it, which blocks, and where pushed steps go."""
+
+    owner: PeerID
+    chain: str
+    pushes: asyncio.Queue
+    pusher: PeerID | None = None
+    reserving: bool = True
+
+
+@dataclass
+class _PeerLoad:
+    sessions: Counter = field(default_factory=Counter)
+    queued: Counter = field(default_factory=Counter)
 
 
 class _SessionInputs:
@@ -106,7 +136,18 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.span, self.dht_prefix, self.budget, self.limits = span, dht_prefix, budget, limits
         self.stats, self.executor, self.dht_client_mode = stats, executor, dht_client_mode
         self.block_of_uid = {protocol.make_uid(dht_prefix, i): i for i in range(span.start, span.end)}
-        self.sessions: dict[str, asyncio.Queue] = {}
+        self.sessions: dict[str, _Session] = {}
+        self.load = _PeerLoad()
+        self.compute_queue = ComputeQueue(executor)
+        # The largest message an honest peer sends: a full batch of float32 hidden states (inference
+        # sends it whole), or one 4 MiB chunk of a forward/backward stream; plus metadata and framing.
+        largest = max(limits.max_batch_size * (span.hidden_size * 4 + 8), protocol.STREAM_CHUNK_BYTES)
+        max_message = largest + protocol.MAX_METADATA_BYTES + 64 * 1024
+        self.stream_limits = StreamLimits(
+            max_message_bytes=max_message,
+            buffered_bytes=2 * max_message + 16 * 1024 * 1024,
+            streams_per_peer=2 * limits.max_sessions_per_peer,
+        )
         self.p2p: P2P | None = None
         self._background: set[asyncio.Task] = set()
         # Moving average of step compute times; starts high so the first (cold) steps run off the loop.
@@ -120,7 +161,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             name, method = self._get_handle_name(None, rpc.method_name), getattr(self, rpc.method_name)
             if rpc.stream_input and rpc.stream_output:
                 # Our own registration, so that an error reply is not lost to p2pd's reset (streams.py).
-                registrations.append(add_stream_handler(p2p, name, method, rpc.request_type))
+                registrations.append(add_stream_handler(p2p, name, method, rpc.request_type, limits=self.stream_limits))
             else:
                 registrations.append(
                     p2p.add_protobuf_handler(
@@ -137,7 +178,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     def _chain(self, uids: str) -> BlockSpan:
         """The sub-span a chained uid string names; consecutive blocks of ours, in order."""
         parts = uids.split(protocol.CHAIN_DELIMITER)
-        if len(parts) > protocol.MAX_CHAIN_LENGTH:
+        if len(uids) > protocol.MAX_CHAIN_LENGTH * 256 or len(parts) > protocol.MAX_CHAIN_LENGTH:
             raise BadRequest(f"a chain of {len(parts)} uids is longer than the limit {protocol.MAX_CHAIN_LENGTH}")
         blocks = []
         for uid in parts:
@@ -145,7 +186,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 raise BadRequest(protocol.err_not_served(uid))
             blocks.append(self.block_of_uid[uid])
         if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
-            raise BadRequest(f"chained uids must name consecutive blocks in order, got {blocks}")
+            raise BadRequest(f"chained uids must name consecutive blocks in order, got {protocol.shorten(blocks)}")
         return self.span.sub(blocks[0], blocks[-1] + 1)
 
     def _hidden_states(self, value: Any, batch: int | None = None) -> torch.Tensor:
@@ -166,9 +207,11 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         if len(args) > 1 and not is_dummy(args[1]):
             raise BadRequest("deep prompts (prompt tuning) are not supported by this server")
 
-    async def _compute(self, fn: Callable[[], torch.Tensor], inline: bool = False) -> torch.Tensor:
-        """Run on the compute thread; or, for steps known to take well under a millisecond or two, right
-        here on the event loop, which saves two thread hand-offs per token."""
+    async def _compute(
+        self, fn: Callable[[], torch.Tensor], priority: Priority = Priority.INFERENCE, inline: bool = False
+    ) -> torch.Tensor:
+        """Run on the compute thread in priority order; or, for steps known to take well under a
+        millisecond or two, right here on the event loop, which saves two thread hand-offs per token."""
 
         def timed() -> torch.Tensor:
             started = time.perf_counter()
@@ -179,7 +222,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         try:
             if inline:
                 return timed()
-            return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+            return await self.compute_queue.run(timed, priority)
         except EngineError as exc:
             raise BadRequest(str(exc)) from exc
 
@@ -188,7 +231,25 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
 
     def _refused(self, exc: BaseException) -> None:
         self.stats.requests_refused += 1
-        logger.info("refused a request: %s", exc)
+        logger.info("refused a request: %s", protocol.shorten(str(exc) or type(exc).__name__, 300))
+
+    @contextlib.asynccontextmanager
+    async def _queued(self, peer: PeerID) -> AsyncIterator[None]:
+        """A forward/backward slot of `peer`: refused when the peer, or everyone, has too many queued."""
+        if self.load.queued[peer] >= self.limits.max_queued_per_peer:
+            raise BadRequest(
+                "too many forward/backward requests in flight from one peer "
+                f"(at most {self.limits.max_queued_per_peer})"
+            )
+        if self.load.queued.total() >= self.limits.max_queued:
+            raise BadRequest(f"this server is busy: {self.limits.max_queued} forward/backward requests are queued")
+        self.load.queued[peer] += 1
+        try:
+            yield
+        finally:
+            self.load.queued[peer] -= 1
+            if not self.load.queued[peer]:
+                del self.load.queued[peer]
 
     # --- rpc_info ----------------------------------------------------------------------------------
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -198,7 +259,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             "cache_tokens_available": self.budget.tokens_left_rpc_info,
         }
         if request.uid:
-            if request.uid not in self.block_of_uid:
+            if request.uid not in self.block_of_uid:  # err_not_served cuts the echoed uid
                 raise BadRequest(protocol.err_not_served(request.uid))
             dtype = self.span.dtype
             hidden = BatchTensorDescriptor(1, 2048, self.span.hidden_size, dtype=dtype, compression=NONE_COMPRESSION)
@@ -220,7 +281,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         hidden = self._hidden_states(args[0])
         self._no_prompts(args)
         self.stats.forward_requests += 1
-        out = await asyncio.wait_for(self._compute(lambda: span(hidden)), self.limits.request_timeout)
+        out = await asyncio.wait_for(self._compute(lambda: span(hidden), Priority.FORWARD), self.limits.request_timeout)
         self.stats.tokens_processed += hidden.shape[0] * hidden.shape[1]
         return out
 
@@ -243,14 +304,15 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             out.backward(grad_outputs.to(device=out.device, dtype=out.dtype))
             return leaf.grad
 
-        return await asyncio.wait_for(self._compute(run), self.limits.request_timeout)
+        return await asyncio.wait_for(self._compute(run, Priority.BACKWARD), self.limits.request_timeout)
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             self.stats.bytes_in += request.ByteSize()
-            out = await self._forward(
-                request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
-            )
+            async with self._queued(context.remote_id):
+                out = await self._forward(
+                    request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
+                )
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
@@ -262,9 +324,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertRequest]:  # Petals declares ExpertRequest here; same wire bytes
         try:
-            uid, metadata, tensors = await gather_stream(requests)
-            self.stats.bytes_in += sum(t.numel() * t.element_size() for t in tensors)
-            out = await self._forward(uid, metadata, tensors)
+            async with self._queued(context.remote_id):
+                uid, metadata, tensors = await self._gather(requests)
+                out = await self._forward(uid, metadata, tensors)
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
@@ -275,9 +337,10 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             self.stats.bytes_in += request.ByteSize()
-            grad = await self._backward(
-                request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
-            )
+            async with self._queued(context.remote_id):
+                grad = await self._backward(
+                    request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
+                )
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
@@ -289,15 +352,24 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
-            uid, metadata, tensors = await gather_stream(requests)
-            self.stats.bytes_in += sum(t.numel() * t.element_size() for t in tensors)
-            grad = await self._backward(uid, metadata, tensors)
+            async with self._queued(context.remote_id):
+                uid, metadata, tensors = await self._gather(requests)
+                grad = await self._backward(uid, metadata, tensors)
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
         for part in stream_parts(serialize(grad)):
             self.stats.bytes_out += part.ByteSize()
             yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def _gather(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tuple[str, dict, list]:
+        try:
+            async with asyncio.timeout(self.limits.request_timeout):
+                uid, metadata, tensors = await gather_stream(requests, max_messages=self.limits.max_stream_messages)
+        except TimeoutError as exc:
+            raise BadRequest(f"the request stream did not end within {self.limits.request_timeout} s") from exc
+        self.stats.bytes_in += sum(t.numel() * t.element_size() for t in tensors)
+        return uid, metadata, tensors
 
     # --- inference sessions ------------------------------------------------------------------------
     async def rpc_inference(
@@ -315,22 +387,38 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             batch = first.tensors[0].size[0] if first.tensors and first.tensors[0].size else 1
             if not 1 <= batch <= self.limits.max_batch_size:
                 raise BadRequest(f"batch size {batch} is outside [1, {self.limits.max_batch_size}]")
-            if len(self.sessions) >= self.limits.max_open_sessions or (session_id in self.sessions):
-                raise BadRequest(
-                    f"this server already holds its maximum of {self.limits.max_open_sessions} "
-                    "sessions (or this session id is in use)"
-                )
+            self._check_session_slot(context.remote_id, session_id, reserving=max_length > 0)
             nbytes = self.budget.session_bytes(batch, max_length, span.num_blocks)
         except BadRequest as exc:
             self._refused(exc)
             raise
+        # Registered before waiting for cache, so that waiting sessions count against the caps too.
+        session = _Session(context.remote_id, first.uid, asyncio.Queue(maxsize=16), reserving=max_length > 0)
+        self.sessions[session_id] = session
+        self.load.sessions[session.owner] += 1
         try:
             async with asyncio.timeout(self.limits.session_timeout), self.budget.allocate(nbytes, alloc_timeout):
-                async for response in self._run_session(span, first, metadata, requests, session_id, batch, max_length):
+                async for response in self._run_session(span, first, metadata, requests, session, batch):
                     yield response
         except Exception as exc:
             self._refused(exc)
             raise
+        finally:
+            self.sessions.pop(session_id, None)
+            self.load.sessions[session.owner] -= 1
+            if not self.load.sessions[session.owner]:
+                del self.load.sessions[session.owner]
+
+    def _check_session_slot(self, peer: PeerID, session_id: str, reserving: bool) -> None:
+        if session_id in self.sessions:
+            raise BadRequest("this session id is in use")
+        if self.load.sessions[peer] >= self.limits.max_sessions_per_peer:
+            raise BadRequest(f"too many open sessions from one peer (at most {self.limits.max_sessions_per_peer})")
+        same_kind = sum(1 for session in self.sessions.values() if session.reserving == reserving)
+        cap = self.limits.max_open_sessions if reserving else self.limits.max_free_sessions
+        if same_kind >= cap:
+            kind = "sessions" if reserving else "sessions with max_length=0"
+            raise BadRequest(f"this server already holds its maximum of {cap} {kind}")
 
     def _session_params(self, metadata: dict) -> tuple[int, float, str]:
         max_length = metadata.get("max_length")
@@ -347,12 +435,11 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         return max_length, float(alloc_timeout), session_id or f"anonymous-{id(metadata)}"
 
     async def _run_session(
-        self, span: BlockSpan, first, first_metadata: dict, requests, session_id: str, batch: int, max_length: int
+        self, span: BlockSpan, first, first_metadata: dict, requests, session: _Session, batch: int
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        max_length = first_metadata["max_length"]
         cache = span.new_cache()
-        pushes: asyncio.Queue = asyncio.Queue(maxsize=16)
-        inputs = _SessionInputs(requests, pushes)
-        self.sessions[session_id] = pushes
+        inputs = _SessionInputs(requests, session.pushes)
         self.stats.sessions_opened += 1
         self.stats.sessions_active += 1
         processed_steps: set[str] = set()
@@ -374,7 +461,6 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                     metadata = decode_metadata(request.metadata)
         finally:
             inputs.close()
-            self.sessions.pop(session_id, None)
             self.stats.sessions_active -= 1
 
     async def _inference_step(
@@ -412,7 +498,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             cache.cache.reorder_cache(hypo_ids.to(span.device))
         if length == 0:
             return torch.empty(batch, 0, span.hidden_size, dtype=span.dtype)
-        out = await self._compute(lambda: span(hidden, cache), inline=self._can_run_inline(batch * length))
+        out = await self._compute(
+            lambda: span(hidden, cache), Priority.INFERENCE, inline=self._can_run_inline(batch * length)
+        )
         self.stats.tokens_processed += batch * length
         self.stats.inference_steps += 1
         return out
@@ -447,12 +535,28 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             stub = self.get_stub(self.p2p, peer)
             await stub.rpc_push(request, timeout=self.limits.request_timeout)
         except Exception as exc:
-            logger.debug("push to %s failed: %s", peer, exc)
+            logger.debug("push to %s failed: %s", peer, protocol.shorten(str(exc)))
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        metadata = decode_metadata(request.metadata)
-        self._chain(request.uid)
-        queue = self.sessions.get(metadata.get("session_id"))
-        if queue is not None and not queue.full():
-            queue.put_nowait(request)
+        """A previous server's output for one of this server's sessions (old clients' server-to-server
+        push). Accepted only into a session that is open here, over the same blocks, and only from one
+        pusher per session: the first peer that pushes to it (the session's upstream server)."""
+        try:
+            metadata = decode_metadata(request.metadata)
+            self._chain(request.uid)
+            session_id = metadata.get("session_id")
+            session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+            if session is None:
+                raise BadRequest("rpc_push: no open session with this id")
+            if request.uid != session.chain:
+                raise BadRequest("rpc_push: these blocks are not the session's")
+            if session.pusher is not None and session.pusher != context.remote_id:
+                raise BadRequest("rpc_push: another peer pushes to this session")
+            if session.pushes.full():
+                raise BadRequest("rpc_push: the session's queue of pushed steps is full")
+        except BadRequest as exc:
+            self._refused(exc)
+            raise
+        session.pusher = context.remote_id
+        session.pushes.put_nowait(request)
         return runtime_pb2.ExpertResponse()

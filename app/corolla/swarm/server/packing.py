@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
-from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import split_for_streaming
 
 from corolla.swarm import protocol
@@ -39,9 +38,9 @@ def decode_metadata(raw: bytes) -> dict[str, Any]:
     if len(raw) > protocol.MAX_METADATA_BYTES:
         raise BadRequest(f"metadata is {len(raw)} bytes, more than the limit of {protocol.MAX_METADATA_BYTES}")
     try:
-        metadata = MSGPackSerializer.loads(raw)
-    except Exception as exc:
-        raise BadRequest(f"metadata is not valid msgpack: {type(exc).__name__}") from exc
+        metadata = protocol.loads(raw, max_bytes=protocol.MAX_METADATA_BYTES)
+    except protocol.DecodeError as exc:
+        raise BadRequest(f"metadata refused: {exc}") from exc
     if not isinstance(metadata, dict):
         raise BadRequest("metadata must be a msgpack map")
     return metadata
@@ -116,12 +115,18 @@ def stream_parts(serialized: runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
 
 
 async def gather_stream(
-    requests: AsyncIterator[runtime_pb2.ExpertRequest], max_bytes: int = protocol.MAX_REQUEST_BYTES
+    requests: AsyncIterator[runtime_pb2.ExpertRequest],
+    max_bytes: int = protocol.MAX_REQUEST_BYTES,
+    max_messages: int = 256,
 ) -> tuple[str, dict[str, Any], list[torch.Tensor]]:
-    """Collect a forward/backward stream: one uid, metadata from the first message, tensor parts joined."""
-    uid, metadata, total = None, None, 0
+    """Collect a forward/backward stream: one uid, metadata from the first message, tensor parts joined.
+    (The caller bounds the time it may take.)"""
+    uid, metadata, total, count = None, None, 0, 0
     groups: list[list[runtime_pb2.Tensor]] = []
     async for request in requests:
+        count += 1
+        if count > max_messages:
+            raise BadRequest(f"a request stream of more than {max_messages} messages")
         if uid is None:
             uid = request.uid
             metadata = decode_metadata(request.metadata)
@@ -132,6 +137,8 @@ async def gather_stream(
             if total > max_bytes:
                 raise BadRequest(f"request larger than {max_bytes} bytes")
             if part.dtype or not groups:
+                if len(groups) >= protocol.MAX_TENSORS_PER_REQUEST:
+                    raise BadRequest(f"more than {protocol.MAX_TENSORS_PER_REQUEST} tensors in one request")
                 groups.append([part])
             else:
                 groups[-1].append(part)

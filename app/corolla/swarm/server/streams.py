@@ -8,6 +8,11 @@ open until the caller, having read the reply, closes the stream (bounded by `lin
 end it waits the same way for the caller's end-of-stream marker, whose write would otherwise meet a
 closed pipe. The framing
 is hivemind's (P2P.send_protobuf / receive_protobuf), so stock Petals peers see no difference.
+
+Unlike hivemind's reader, this one never trusts a peer's length prefix: a message longer than
+`max_message_bytes` ends the stream before its body is read, every body read is bounded in time,
+bytes read but not yet taken by the handler count against a budget shared by all streams, and each
+peer may hold only so many streams open at once.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto.p2pd_pb2 import RPCError
@@ -25,19 +32,119 @@ logger = logging.getLogger(__name__)
 StreamHandler = Callable[[AsyncIterator, P2PContext], AsyncIterator]
 MAX_PREFETCH = 5  # requests read ahead of the handler, as hivemind does
 LINGER_S = 2.0
+MIN_BODY_RATE = 1024 * 1024  # bytes/s a sender must at least keep up once it announced a message
+BODY_GRACE_S = 10.0
+BUDGET_WAIT_S = 10.0
+
+
+class StreamRefused(Exception):
+    """A stream this server ends early: an oversized or too slow message, too many streams."""
+
+
+@dataclass
+class StreamLimits:
+    max_message_bytes: int
+    buffered_bytes: int  # read-but-unprocessed request bytes of all streams together
+    streams_per_peer: int
+    _buffered: int = 0
+    _freed: asyncio.Condition | None = None
+    _open: Counter = field(default_factory=Counter)
+
+    async def reserve(self, nbytes: int) -> None:
+        if self._freed is None:
+            self._freed = asyncio.Condition()
+        async with self._freed:
+            try:
+                await asyncio.wait_for(
+                    self._freed.wait_for(lambda: self._buffered + nbytes <= self.buffered_bytes), BUDGET_WAIT_S
+                )
+            except TimeoutError as exc:
+                raise StreamRefused("this server is busy receiving other requests; try again") from exc
+            self._buffered += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self._buffered -= nbytes
+        if self._freed is not None and nbytes:
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._freed:
+            self._freed.notify_all()
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+
+def default_limits() -> StreamLimits:
+    return StreamLimits(max_message_bytes=64 * 1024 * 1024, buffered_bytes=256 * 1024 * 1024, streams_per_peer=64)
+
+
+async def receive_message(request_type: type, reader: asyncio.StreamReader, limits: StreamLimits) -> tuple:
+    """hivemind's receive_protobuf with the length prefix checked before the body is read.
+
+    Returns (request, nbytes reserved in `limits`); request None is the caller's end-of-stream marker."""
+    marker = await reader.readexactly(1)
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise StreamRefused(f"unknown message marker {marker!r}")
+    if length > limits.max_message_bytes:
+        raise StreamRefused(f"a message of {length} bytes is over this server's limit of {limits.max_message_bytes}")
+    await limits.reserve(length)
+    try:
+        async with asyncio.timeout(BODY_GRACE_S + length / MIN_BODY_RATE):
+            body = await reader.readexactly(length)
+        if marker == P2P.ERROR_MARKER:  # hivemind's end-of-stream marker is an (empty) error message
+            limits.release(length)
+            return None, 0
+        request = request_type()
+        request.ParseFromString(body)
+        return request, length
+    except BaseException:
+        limits.release(length)
+        raise
 
 
 async def add_stream_handler(
-    p2p: P2P, name: str, handler: StreamHandler, request_type: type, linger_s: float = LINGER_S
+    p2p: P2P,
+    name: str,
+    handler: StreamHandler,
+    request_type: type,
+    linger_s: float = LINGER_S,
+    limits: StreamLimits | None = None,
 ) -> None:
-    """Serve `name` (stream in, stream out) with `handler`; close only once the caller is done."""
+    """Serve `name` (stream in, stream out) with `handler`; close only once the caller is done.
+    Handlers that share one `limits` share its budget and its per-peer stream count."""
+    limits = limits if limits is not None else default_limits()
 
     async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = stream_info.peer_id
+        limits._open[peer] += 1
+        try:
+            if limits._open[peer] > limits.streams_per_peer:
+                with contextlib.suppress(ConnectionError, OSError), contextlib.closing(writer):
+                    message = f"too many open streams from one peer (at most {limits.streams_per_peer})"
+                    await P2P.send_protobuf(RPCError(message=message), writer)
+                    await _wait_for_caller_to_finish(
+                        reader, asyncio.ensure_future(receive_message(request_type, reader, limits)), limits, linger_s
+                    )
+                return
+            await serve_stream(stream_info, reader, writer)
+        finally:
+            limits._open[peer] -= 1
+            if not limits._open[peer]:
+                del limits._open[peer]
+
+    async def serve_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
         requests: asyncio.Queue = asyncio.Queue(MAX_PREFETCH)
 
         async def incoming() -> AsyncIterator:
-            while (request := await requests.get()) is not None:  # None: the caller's end of stream
+            while True:
+                request, nbytes = await requests.get()
+                limits.release(nbytes)
+                if request is None:  # the caller's end of stream
+                    return
                 yield request
 
         async def process() -> None:
@@ -56,16 +163,25 @@ async def add_stream_handler(
             processing = asyncio.create_task(process())
             try:
                 while True:
-                    receiving = asyncio.create_task(P2P.receive_protobuf(request_type, reader))
+                    receiving = asyncio.create_task(receive_message(request_type, reader, limits))
                     await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
                     if processing.done():
-                        await _wait_for_caller_to_finish(reader, receiving, request_type, linger_s)
+                        await _wait_for_caller_to_finish(reader, receiving, limits, linger_s)
                         return
                     try:
-                        request, _ = receiving.result()
+                        request, nbytes = receiving.result()
                     except asyncio.IncompleteReadError:
                         return  # the caller closed or died
-                    await requests.put(request)
+                    except StreamRefused as exc:
+                        logger.info("%s: ended a stream of %s: %s", name, stream_info.peer_id, exc)
+                        with contextlib.suppress(ConnectionError, OSError):
+                            await P2P.send_protobuf(RPCError(message=str(exc)), writer)
+                        return
+                    try:
+                        await requests.put((request, nbytes))
+                    except BaseException:
+                        limits.release(nbytes)
+                        raise
                     if request is None:  # the caller's end-of-stream marker: nothing more will come
                         await processing
                         return
@@ -73,12 +189,16 @@ async def add_stream_handler(
                 logger.debug("%s: reading requests failed", name, exc_info=True)
             finally:
                 processing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await processing
+                while not requests.empty():  # what the handler never took goes back to the budget
+                    limits.release(requests.get_nowait()[1])
 
     await p2p.add_binary_stream_handler(name, handle)
 
 
 async def _wait_for_caller_to_finish(
-    reader: asyncio.StreamReader, pending: asyncio.Task, request_type: type, linger_s: float
+    reader: asyncio.StreamReader, pending: asyncio.Future, limits: StreamLimits, linger_s: float
 ) -> None:
     """Discard what the caller still sends until its end-of-stream marker or its close, for at most
     `linger_s`: closing first would break the caller's pipe while it writes that marker."""
@@ -87,12 +207,18 @@ async def _wait_for_caller_to_finish(
         receiving = pending
         while True:
             try:
-                request, _ = await receiving
-            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                request, nbytes = await receiving
+            except (asyncio.IncompleteReadError, ConnectionError, OSError, StreamRefused):
                 return
+            limits.release(nbytes)
             if request is None:
                 return
-            receiving = asyncio.ensure_future(P2P.receive_protobuf(request_type, reader))
+            receiving = asyncio.ensure_future(receive_message(type(request), reader, limits))
 
-    with contextlib.suppress(asyncio.TimeoutError):
+    try:
         await asyncio.wait_for(drain(), timeout=linger_s)
+    except Exception:  # a timeout, or a caller that breaks the stream: either way, done
+        pass
+    finally:
+        if not pending.done():
+            pending.cancel()
