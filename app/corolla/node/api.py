@@ -27,6 +27,11 @@ def create_app(node) -> FastAPI:
         description="Local API of a Corolla node: contribution, chats, swarm health, stats; plus an "
         "OpenAI-compatible API under /v1. Every call needs the bearer token from the node's "
         "token file.",
+        # The schema is served below behind the token; no token-less /docs or /redoc pages (a browser
+        # cannot send the bearer header, and a token in a URL ends up in its history).
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     bearer = HTTPBearer(auto_error=False)
 
@@ -65,6 +70,10 @@ def create_app(node) -> FastAPI:
 
     api = [Depends(auth)]
 
+    @app.get("/openapi.json", dependencies=api, include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     @app.get("/api/status", dependencies=api, tags=["node"])
     def status() -> m.NodeStatus:
         return node.status()
@@ -98,7 +107,7 @@ def create_app(node) -> FastAPI:
 
     @app.put("/api/secrets/hf-token", dependencies=api, tags=["settings"])
     def hf_token(body: m.HfToken) -> m.ActionResult:
-        node.secrets.set("hf_token", body.token)
+        node.set_hf_token(body.token)
         return m.ActionResult(ok=True, message=f"stored in {node.secrets.storage}")
 
     @app.post("/api/contribution/{action}", dependencies=api, tags=["contribution"])

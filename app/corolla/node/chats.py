@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from corolla.node.db import Database
 
 logger = logging.getLogger(__name__)
 CONNECT_ATTEMPTS = 3
+MAX_CACHED_SESSIONS = 8
 
 
 class NoSwarm(RuntimeError):
@@ -83,7 +85,9 @@ class SwarmClientHost:
 class ChatService:
     def __init__(self, db: Database, clients: SwarmClientHost):
         self.db, self.clients = db, clients
-        self._sessions: dict[str, object] = {}  # chat id -> ChatSession (reuses server caches across turns)
+        # chat id -> ChatSession (reuses server caches across turns), least recently used first. Each
+        # holds KV cache on the swarm's servers, so only the MAX_CACHED_SESSIONS latest stay open.
+        self._sessions: OrderedDict[str, object] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
     def forget(self, chat_id: str) -> None:
@@ -104,7 +108,22 @@ class ChatService:
             ]
             session = ChatSession(model, system_prompt=chat["system_prompt"], max_length=4096, messages=history)
             self._sessions[chat["id"]] = session
+        self._sessions.move_to_end(chat["id"])
+        self._evict(keep=chat["id"])
         return session
+
+    def _evict(self, keep: str) -> None:
+        """Close the least recently used sessions beyond MAX_CACHED_SESSIONS (never one that is
+        answering right now: its chat's lock is held)."""
+        for chat_id in list(self._sessions):
+            if len(self._sessions) <= MAX_CACHED_SESSIONS:
+                break
+            lock = self._locks.get(chat_id)
+            if chat_id == keep or (lock is not None and lock.locked()):
+                continue
+            self.forget(chat_id)
+            if lock is not None:
+                self._locks.pop(chat_id, None)
 
     async def stream_regenerate(self, chat: dict, request) -> AsyncIterator[dict]:
         """Answer the last user message again: the replies after it are deleted first."""

@@ -129,6 +129,12 @@ class NodeService:
         token = self.secrets.get("hf_token")
         if token:
             os.environ["HF_TOKEN"] = token  # inherited by the child, never on its command line
+        else:  # deleted: no process the node starts from now on (servers, p2pd) inherits it
+            os.environ.pop("HF_TOKEN", None)
+
+    def set_hf_token(self, token: str | None) -> None:
+        self.secrets.set("hf_token", token)
+        self._server_env_token()
 
     def contribution(self, action: str) -> m.ActionResult:
         if action == "start":
