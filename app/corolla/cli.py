@@ -191,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         inference_max_length=args.inference_max_length,
         max_batch_size=args.max_batch_size,
         attn_cache_tokens=args.attn_cache_tokens,
+        max_open_sessions=args.max_open_sessions,
         update_period=args.update_period,
         balance_quality=args.balance_quality,
         mean_balance_check_period=args.mean_balance_check_period,
@@ -244,6 +245,7 @@ def _add_serve_parser(commands) -> None:
     model.add_argument("--mean-balance-check-period", type=float, default=60.0)
     model.add_argument("--step-timeout", type=float, default=300.0)
     model.add_argument("--session-timeout", type=float, default=1800.0)
+    model.add_argument("--max-open-sessions", type=int, default=256, help="inference sessions that reserve cache")
     model.add_argument("--num-threads", type=int, default=None)
     model.add_argument("--stats-file", default=None, help="write live counters here (JSON, every second)")
     model.add_argument("--exit-with-parent", action="store_true", help="stop when the starting process dies")

@@ -143,6 +143,8 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         # sends it whole), or one 4 MiB chunk of a forward/backward stream; plus metadata and framing.
         largest = max(limits.max_batch_size * (span.hidden_size * 4 + 8), protocol.STREAM_CHUNK_BYTES)
         max_message = largest + protocol.MAX_METADATA_BYTES + 64 * 1024
+        # A whole forward/backward request: hidden states (and, for backward, their gradients).
+        self.max_request_bytes = 2 * limits.max_batch_size * span.hidden_size * 4 + 1024 * 1024
         self.stream_limits = StreamLimits(
             max_message_bytes=max_message,
             buffered_bytes=2 * max_message + 16 * 1024 * 1024,
@@ -365,7 +367,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     async def _gather(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tuple[str, dict, list]:
         try:
             async with asyncio.timeout(self.limits.request_timeout):
-                uid, metadata, tensors = await gather_stream(requests, max_messages=self.limits.max_stream_messages)
+                uid, metadata, tensors = await gather_stream(
+                    requests, max_bytes=self.max_request_bytes, max_messages=self.limits.max_stream_messages
+                )
         except TimeoutError as exc:
             raise BadRequest(f"the request stream did not end within {self.limits.request_timeout} s") from exc
         self.stats.bytes_in += sum(t.numel() * t.element_size() for t in tensors)

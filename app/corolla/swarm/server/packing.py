@@ -133,7 +133,7 @@ async def gather_stream(
         elif request.uid != uid:
             raise BadRequest("all messages of a stream must carry the same uid")
         for part in request.tensors:
-            total += len(part.buffer)
+            total += part.ByteSize()  # not just the buffer: unknown fields are kept too
             if total > max_bytes:
                 raise BadRequest(f"request larger than {max_bytes} bytes")
             if part.dtype or not groups:

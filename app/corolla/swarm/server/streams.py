@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ LINGER_S = 2.0
 MIN_BODY_RATE = 1024 * 1024  # bytes/s a sender must at least keep up once it announced a message
 BODY_GRACE_S = 10.0
 BUDGET_WAIT_S = 10.0
+LARGE_BODY_BYTES = 256 * 1024
 
 
 class StreamRefused(Exception):
@@ -90,19 +92,57 @@ async def receive_message(request_type: type, reader: asyncio.StreamReader, limi
         raise StreamRefused(f"unknown message marker {marker!r}")
     if length > limits.max_message_bytes:
         raise StreamRefused(f"a message of {length} bytes is over this server's limit of {limits.max_message_bytes}")
-    await limits.reserve(length)
+    reserved = 2 * length  # the body, then the parsed message
+    await limits.reserve(reserved)
     try:
         async with asyncio.timeout(BODY_GRACE_S + length / MIN_BODY_RATE):
-            body = await reader.readexactly(length)
+            body = await _read_body(reader, length)
         if marker == P2P.ERROR_MARKER:  # hivemind's end-of-stream marker is an (empty) error message
-            limits.release(length)
+            body.release()
+            limits.release(reserved)
             return None, 0
         request = request_type()
-        request.ParseFromString(body)
-        return request, length
+        try:
+            request.ParseFromString(body.view)
+        finally:
+            body.release()
+        return request, reserved
     except BaseException:
-        limits.release(length)
+        limits.release(reserved)
         raise
+
+
+class _Body:
+    """A message body of known length. Large ones live in their own anonymous memory map, given back
+    to the system the moment they are released: on the heap, a few interleaved multi-MiB buffers
+    fragment it so badly that the process keeps growing long after the messages are gone."""
+
+    def __init__(self, length: int):
+        self._map = mmap.mmap(-1, length) if length >= LARGE_BODY_BYTES else None
+        self.view = memoryview(self._map if self._map is not None else bytearray(length))
+
+    def release(self) -> None:
+        self.view.release()
+        if self._map is not None:
+            self._map.close()
+
+
+async def _read_body(reader: asyncio.StreamReader, length: int) -> _Body:
+    """`length` bytes, read in small pieces: StreamReader.readexactly would grow its own buffer to the
+    whole message and then copy it twice."""
+    body = _Body(length)
+    received = 0
+    try:
+        while received < length:
+            chunk = await reader.read(min(length - received, 64 * 1024))
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", length)
+            body.view[received : received + len(chunk)] = chunk
+            received += len(chunk)
+    except BaseException:
+        body.release()
+        raise
+    return body
 
 
 async def add_stream_handler(
