@@ -179,8 +179,10 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     # --- helpers ---------------------------------------------------------------------------------
     def _chain(self, uids: str) -> BlockSpan:
         """The sub-span a chained uid string names; consecutive blocks of ours, in order."""
+        if len(uids) > protocol.MAX_CHAIN_LENGTH * 256:
+            raise BadRequest(protocol.err_not_served(uids))  # cut short: never echo a huge uid whole
         parts = uids.split(protocol.CHAIN_DELIMITER)
-        if len(uids) > protocol.MAX_CHAIN_LENGTH * 256 or len(parts) > protocol.MAX_CHAIN_LENGTH:
+        if len(parts) > protocol.MAX_CHAIN_LENGTH:
             raise BadRequest(f"a chain of {len(parts)} uids is longer than the limit {protocol.MAX_CHAIN_LENGTH}")
         blocks = []
         for uid in parts:
