@@ -162,15 +162,6 @@ def test_pushes_only_reach_open_sessions_from_their_one_pusher(hostile, accompli
         assert "not the session's" in reply
         first = accomplice.unary(server.peer_id, "rpc_push", step_request(CHAIN, step, session_id=sid, step_id="p1"))
         assert isinstance(first, runtime_pb2.ExpertResponse), first
-        second = (
-            honest.run(
-                honest.stub(server.peer_id).rpc_push(
-                    step_request(CHAIN, step, session_id=sid, step_id="p2"), timeout=10
-                )
-            )
-            if False
-            else None
-        )
         other = honest_push(honest, server.peer_id, step_request(CHAIN, step, session_id=sid, step_id="p2"))
         assert "another peer pushes" in other
     finally:
