@@ -15,7 +15,7 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.dht.routing import DHTID
 from hivemind.p2p import PeerID
 from hivemind.proto import dht_pb2, runtime_pb2
-from hivemind.utils import get_dht_time
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from corolla.swarm.server.handler import TransformerConnectionHandler
 from tests.support.wire import WireClient
@@ -116,11 +116,14 @@ class HostilePeer(WireClient):
         IS_DICTIONARY tag makes the receiver decode `value` as a whole dictionary)."""
         self.dht.run_coroutine(partial(_store_raw, target=target_peer, key=key, tag=tag, value=value))
 
-    def store_records(self, uids: list[str], records: dict[str, tuple]) -> None:
-        """Store `records` ({subkey: value}) under each of `uids` in the swarm's DHT, as a server would."""
-        expiration = get_dht_time() + 300
+    def store_records(self, target_peer: str, uids: list[str], records: dict[str, tuple]) -> None:
+        """Store `records` ({subkey: value}) under each of `uids` in `target_peer`'s DHT storage, in
+        one store RPC per uid (what a flood of servers announcing themselves would leave there)."""
+        items = list(records.items())
         for uid in uids:
-            self.dht.run_coroutine(partial(_store_many, uid=uid, records=records, expiration=expiration))
+            for start in range(0, len(items), 40):  # hivemind's pipe to its DHT process takes small calls only
+                chunk = dict(items[start : start + 40])
+                self.dht.run_coroutine(partial(_store_many, target=target_peer, uid=uid, records=chunk))
 
 
 async def _store_raw(dht: DHT, node: DHTNode, target: str, key: str, tag: bytes, value: bytes) -> None:
@@ -136,14 +139,14 @@ async def _store_raw(dht: DHT, node: DHTNode, target: str, key: str, tag: bytes,
         await node.protocol.get_stub(PeerID.from_base58(target)).rpc_store(request, timeout=10)
 
 
-async def _store_many(dht: DHT, node: DHTNode, uid: str, records: dict, expiration: float) -> None:
+async def _store_many(dht: DHT, node: DHTNode, target: str, uid: str, records: dict) -> None:
     subkeys = list(records)
-    await node.store_many(
-        keys=[uid] * len(subkeys),
+    await node.protocol.call_store(
+        PeerID.from_base58(target),
+        keys=[DHTID.generate(source=uid)] * len(subkeys),
+        values=[MSGPackSerializer.dumps(records[s]) for s in subkeys],
+        expiration_time=get_dht_time() + 300,
         subkeys=subkeys,
-        values=[records[s] for s in subkeys],
-        expiration_time=expiration,
-        num_workers=4,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -102,22 +103,28 @@ async def _get_many(dht: DHT, node: DHTNode, uids: list[str]) -> dict:
     return await node.get_many(uids, sufficient_expiration_time=float("inf"), num_workers=min(len(uids), 32))
 
 
-async def get_module_infos(dht: DHT, uids: list[str], timeout: float = MAX_DHT_LOOKUP_S) -> list[ModuleInfo]:
-    """Server infos of each uid; entries a stock Petals reader would reject are skipped here too."""
+async def get_module_infos(
+    dht: DHT, uids: list[str], timeout: float = MAX_DHT_LOOKUP_S, prefer: Collection[str] = ()
+) -> list[ModuleInfo]:
+    """Server infos of each uid; entries a stock Petals reader would reject are skipped here too.
+    `prefer`: peers kept first when a block holds more entries than MAX_SERVERS_PER_BLOCK."""
     found = await asyncio.wait_for(dht.run_coroutine(partial(_get_many, uids=uids), return_future=True), timeout)
-    return [read_module_info(uid, found.get(uid)) for uid in uids]
+    return [read_module_info(uid, found.get(uid), prefer) for uid in uids]
 
 
-def read_module_info(uid: str, record: Any) -> ModuleInfo:
+def read_module_info(uid: str, record: Any, prefer: Collection[str] = ()) -> ModuleInfo:
     """One block's DHT record (a ValueWithExpiration of {subkey: ValueWithExpiration}) as a ModuleInfo;
-    never raises: whatever in it is malformed is skipped."""
+    never raises: whatever in it is malformed is skipped. Of a flood, the peers in `prefer` (those
+    the caller already reached) are kept, and a random sample of the others."""
     module = ModuleInfo(uid)
     value = getattr(record, "value", None)
     if not isinstance(value, dict):
         return module
     entries = list(value.items())
     if len(entries) > MAX_SERVERS_PER_BLOCK:
-        entries = _sample.sample(entries, MAX_SERVERS_PER_BLOCK)
+        known = [entry for entry in entries if entry[0] in prefer][:MAX_SERVERS_PER_BLOCK]
+        others = [entry for entry in entries if entry[0] not in prefer]
+        entries = known + _sample.sample(others, min(len(others), MAX_SERVERS_PER_BLOCK - len(known)))
     for peer_id, entry in entries:
         try:
             if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID_CHARS:

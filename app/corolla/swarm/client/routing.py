@@ -138,7 +138,8 @@ class SwarmView:
         return [protocol.make_uid(self.dht_prefix, i) for i in range(self.num_blocks)]
 
     async def refresh(self) -> None:
-        infos = await get_module_infos(self.dht, self.uids())
+        reached = {peer for peer, rtt in self.rtts.items() if math.isfinite(rtt)}
+        infos = await get_module_infos(self.dht, self.uids(), prefer=reached | set(self.config.allowed_servers or ()))
         spans = compute_spans(infos, min_state=ServerState.ONLINE)
         allowed = set(self.config.allowed_servers) if self.config.allowed_servers is not None else None
         spans = {
@@ -149,6 +150,8 @@ class SwarmView:
         # Bans are ignored where honouring them would leave a block without any server.
         honoured = not _uncovered(unbanned, 0, self.num_blocks) or _uncovered(spans, 0, self.num_blocks)
         self.spans = unbanned if honoured else spans
+        # Forget unreachable peers no longer seen (a flood would grow this map with every refresh).
+        self.rtts = {p: rtt for p, rtt in self.rtts.items() if math.isfinite(rtt) or p in self.spans}
         await self._ping([p for p in self.spans if p not in self.rtts])
         self.last_refresh = now
 
