@@ -453,6 +453,8 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             request, metadata = first, first_metadata
             while request is not None and len(request.tensors) > 0:  # an empty request closes the session
                 step_id = metadata.get("step_id")
+                if step_id is not None and (not isinstance(step_id, str) or len(step_id) > MAX_SESSION_ID_CHARS):
+                    raise BadRequest("step_id must be a string of at most 128 characters")
                 if step_id is None or step_id not in processed_steps:  # a duplicate step gets no reply
                     out = await self._inference_step(span, cache, request, metadata, first_metadata, batch, max_length)
                     response = runtime_pb2.ExpertResponse(tensors=[serialize(out)])

@@ -1,0 +1,162 @@
+"""A seeded fuzzer over every RPC of the block server and over the DHT record reader.
+
+In process, each RPC of the real handler (real tiny model, real cache budget, real compute thread)
+gets COROLLA_FUZZ_CASES hostile requests (default 10,000); over the wire, a real `corolla serve`
+gets COROLLA_FUZZ_WIRE_CASES per RPC (default 200) through p2pd, raw framing included. A crash,
+a hang (a request not answered within HANG_S), an exception other than a refusal, or a cache budget
+not back to full afterwards is a failure. COROLLA_FUZZ_SEED changes the seed (default fixed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.utils.timed_storage import ValueWithExpiration
+
+from corolla.swarm import protocol
+from corolla.swarm.client.routing import MissingBlocksError, choose_route
+from corolla.swarm.dht_records import MAX_SERVERS_PER_BLOCK, compute_spans, read_module_info
+from corolla.swarm.models.errors import EngineError
+from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
+from corolla.swarm.server.memory_cache import AllocationError, CacheBudget
+from corolla.swarm.server.packing import BadRequest
+from corolla.swarm.server.stats import ServerStats
+from tests.adversarial.conftest import BLOCKS, HIDDEN, PREFIX
+from tests.adversarial.fuzz_cases import RecordFuzzer, RequestFuzzer
+
+CASES = int(os.environ.get("COROLLA_FUZZ_CASES", "10000"))
+DHT_RECORDS = int(os.environ.get("COROLLA_FUZZ_DHT_RECORDS", "10000"))
+WIRE_CASES = int(os.environ.get("COROLLA_FUZZ_WIRE_CASES", "200"))
+SEED = int(os.environ.get("COROLLA_FUZZ_SEED", "20261129"))
+HANG_S = 10.0
+REFUSALS = (BadRequest, AllocationError, EngineError, TimeoutError, protocol.DecodeError)
+UNARY = ["rpc_info", "rpc_forward", "rpc_backward", "rpc_push"]
+STREAMING = ["rpc_forward_stream", "rpc_backward_stream", "rpc_inference"]
+PEERS = [PeerID(bytes([0, 36, 8, 1, 18, 32]) + bytes([i]) * 32) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def handler(local_span):
+    executor = ThreadPoolExecutor(max_workers=1)
+    bytes_per_token_block = 2 * HIDDEN * 4
+    budget = CacheBudget(BLOCKS * 64 * bytes_per_token_block, bytes_per_token_block, max_alloc_timeout=0.2)
+    limits = HandlerLimits(
+        inference_max_length=64,
+        max_batch_size=256,
+        max_open_sessions=8,
+        request_timeout=5.0,
+        session_timeout=10.0,
+        step_timeout=1.0,
+    )
+    yield TransformerConnectionHandler(local_span, PREFIX, budget, limits, ServerStats(), executor)
+    executor.shutdown(wait=True)
+
+
+async def _messages(requests):
+    for request in requests:
+        yield request
+
+
+async def _call(handler: TransformerConnectionHandler, rpc: str, case, peer: PeerID) -> None:
+    context = P2PContext(handle_name=rpc, local_id=PEERS[0], remote_id=peer)
+    method = getattr(handler, rpc)
+    if rpc in UNARY:
+        await method(case, context)
+    else:
+        async for _ in method(_messages(case), context):
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rpc", UNARY + STREAMING)
+def test_fuzz_every_rpc_in_process(rpc, handler):
+    fuzzer = RequestFuzzer(SEED + hash(rpc) % 1000, PREFIX, BLOCKS, HIDDEN)
+    make = {"rpc_info": fuzzer.info_request, "rpc_forward": fuzzer.request, "rpc_backward": fuzzer.backward_request}
+    make |= {"rpc_push": fuzzer.request}
+    make |= {name: fuzzer.stream for name in STREAMING}
+    unexpected: list[str] = []
+    hangs: list[int] = []
+    outcomes = {"answered": 0, "refused": 0}
+
+    async def run_all() -> None:
+        for index in range(CASES):
+            case = make[rpc]()
+            try:
+                async with asyncio.timeout(HANG_S) as deadline:
+                    await _call(handler, rpc, case, PEERS[index % len(PEERS)])
+                outcomes["answered"] += 1
+            except REFUSALS:
+                if deadline.expired():
+                    hangs.append(index)
+                else:
+                    outcomes["refused"] += 1
+            except Exception as exc:
+                unexpected.append(f"case {index}: {type(exc).__name__}: {protocol.shorten(str(exc), 200)}")
+
+    asyncio.run(run_all())
+    print(f"{rpc}: {outcomes}")
+    assert not hangs, f"{len(hangs)} hangs, first cases {hangs[:5]}"
+    assert not unexpected, f"{len(unexpected)} unexpected errors:\n" + "\n".join(unexpected[:10])
+    assert outcomes["answered"] + outcomes["refused"] == CASES
+    # nothing left behind: every session closed, every slot and the whole cache budget free
+    assert handler.budget.bytes_left == handler.budget.max_bytes
+    assert not handler.sessions and not handler.load.sessions and not handler.load.queued
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rpc", UNARY + STREAMING)
+def test_fuzz_every_rpc_over_the_wire(rpc, hostile, server, check, resources):
+    fuzzer = RequestFuzzer(SEED + 7 + hash(rpc) % 1000, PREFIX, BLOCKS, HIDDEN)
+    deadline = time.monotonic() + 30 + WIRE_CASES * 2  # hang guard for the whole run
+    for _ in range(WIRE_CASES):
+        assert time.monotonic() < deadline, "the server stopped answering fuzzed requests in time"
+        if rpc in UNARY:
+            request = fuzzer.info_request() if rpc == "rpc_info" else fuzzer.request()
+            hostile.unary(server.peer_id, rpc, request, timeout=HANG_S)
+        else:
+            hostile.raw_stream(server.peer_id, rpc, fuzzer.raw_frames(), read_for=0.3)
+    assert server.process.poll() is None, server.log_tail()
+    check.all_well()
+    assert resources.growth_mib() < 64
+
+
+# --- the DHT record reader -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fuzz_the_dht_record_reader():
+    """DHT_RECORDS block records as peers could store them (server infos with hostile numbers, types
+    and texts, then byte mutations and deep nesting spliced in) through the bounded decoder into the
+    reader, the span computation and the router: never an error other than a refusal to decode, and
+    every result within bounds."""
+    fuzzer = RecordFuzzer(SEED, PREFIX, BLOCKS, HIDDEN)
+    decoded = refused = 0
+    for _ in range(DHT_RECORDS // BLOCKS):
+        infos = []
+        for index in range(BLOCKS):
+            entries = {}
+            for subkey, raw in fuzzer.record().items():
+                try:
+                    entries[subkey] = ValueWithExpiration(protocol.loads(raw, protocol.MAX_DHT_MSGPACK_BYTES), 1e12)
+                    decoded += 1
+                except protocol.DecodeError:
+                    refused += 1
+            infos.append(read_module_info(protocol.make_uid(PREFIX, index), ValueWithExpiration(entries, 1e12)))
+        spans = compute_spans(infos, protocol.ServerState.ONLINE)
+        assert all(len(module.servers) <= MAX_SERVERS_PER_BLOCK for module in infos)
+        for span in spans.values():
+            assert 0 <= span.start < span.end <= BLOCKS
+            assert span.server_info.throughput <= protocol.MAX_ANNOUNCED_RPS
+            assert span.server_info.inference_rps is None or span.server_info.inference_rps <= 1e6
+        try:
+            route = choose_route(spans, 0, BLOCKS, {})
+            assert route[0].start == 0 and route[-1].end == BLOCKS
+        except MissingBlocksError:
+            pass
+    print(f"DHT records: {decoded} entries decoded, {refused} refused")
+    assert decoded > refused  # the generator reaches the reader, not only the decoder
