@@ -28,6 +28,7 @@ from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, Swarm
 logger = logging.getLogger(__name__)
 MAX_UNARY_BYTES = 1024 * 1024  # Petals: MAX_UNARY_PAYLOAD_SIZE // 2
 MAX_TOKENS_PER_REQUEST = 1024  # Petals' MAX_TOKENS_IN_BATCH
+CHUNKS_IN_FLIGHT = 3  # per server: under a server's cap on queued forward/backward requests per peer (4)
 MAX_REPLY_BYTES = protocol.MAX_REQUEST_BYTES
 _DUMMY = torch.zeros(0)
 
@@ -115,6 +116,7 @@ class RemoteBlocks:
 
     def __init__(self, view: SwarmView, adapter: str | None = None):
         self.view, self.adapter = view, adapter
+        self.last_route: list[RouteSegment] = []  # the segments of the latest full forward pass
 
     # --- one segment, with the batch split into chunks --------------------------------------------
     async def _segment_forward(
@@ -133,7 +135,7 @@ class RemoteBlocks:
             )
             return _expect(out, hidden[rows].shape, "hidden states").to(hidden.dtype)
 
-        outs = await asyncio.gather(*(chunk(rows) for rows in _row_chunks(hidden)))
+        outs = await _gather_bounded([chunk(rows) for rows in _row_chunks(hidden)])
         return torch.cat(outs, dim=0)
 
     async def _segment_backward(
@@ -163,7 +165,7 @@ class RemoteBlocks:
                 raise RemoteCallFailed("the server returned no prompt gradients")
             return grad_inputs, _expect(grads[1], span_prompts.shape, "prompt gradients").to(prompts.dtype)
 
-        results = await asyncio.gather(*(chunk(rows) for rows in _row_chunks(inputs)))
+        results = await _gather_bounded([chunk(rows) for rows in _row_chunks(inputs)])
         grad_inputs = torch.cat([r[0] for r in results], dim=0)
         grad_prompts = None if prompts is None else torch.cat([r[1] for r in results], dim=1)
         return grad_inputs, grad_prompts
@@ -217,6 +219,8 @@ class RemoteBlocks:
                 self.view.on_success(segment.peer_id)
                 hops.append(Hop(segment, hidden))
                 hidden, position = out, segment.end
+        if start == 0 and end == self.view.num_blocks:
+            self.last_route = [hop.segment for hop in hops]
         return hidden, hops
 
     async def backward(
@@ -262,6 +266,16 @@ class RemoteBlocks:
             except Exception as exc:
                 attempt += 1
                 await self._failed(failing, exc, attempt)
+
+
+async def _gather_bounded(coroutines: list) -> list:
+    in_flight = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+    async def bounded(coroutine):
+        async with in_flight:
+            return await coroutine
+
+    return await asyncio.gather(*(bounded(c) for c in coroutines))
 
 
 def _row_chunks(hidden: torch.Tensor) -> list[slice]:

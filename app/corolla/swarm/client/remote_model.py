@@ -395,6 +395,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError("input_ids must be [batch, length] with length >= 1")
+        _check_sampling(kwargs)
         if kwargs.get("eos_token_id") == []:
             kwargs["eos_token_id"] = None
             if generation_config is None:
@@ -438,6 +439,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             if own_session:
                 session.close()
+
+
+def _check_sampling(kwargs: dict) -> None:
+    """Clear errors for settings transformers would ignore without sampling (e.g. top_p=1.5)."""
+    temperature, top_p = kwargs.get("temperature"), kwargs.get("top_p")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (for greedy decoding use do_sample=False)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    top_k, penalty = kwargs.get("top_k"), kwargs.get("repetition_penalty")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if penalty is not None and not penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
 
 
 class AutoDistributedModelForCausalLM(DistributedModelForCausalLM):
