@@ -88,7 +88,8 @@ def assert_same_step(a: dict, b: dict) -> None:
     assert abs(a["loss"] - b["loss"]) < 1e-5  # float32 noise: the stock servers run transformers 4.x kernels
     assert a["grads"].keys() == b["grads"].keys() and a["grads"]
     for name in a["grads"]:
-        assert torch.allclose(torch.tensor(a["grads"][name]), torch.tensor(b["grads"][name]), rtol=1e-4, atol=1e-5), name
+        got, want = torch.tensor(a["grads"][name]), torch.tensor(b["grads"][name])
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), name
 
 
 @pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
