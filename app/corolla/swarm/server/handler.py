@@ -36,6 +36,7 @@ from corolla.swarm.models.cache import SessionCache
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.server import block_args
+from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.compute_queue import ComputeQueue, Priority
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.packing import (
@@ -278,10 +279,11 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         hidden = self._hidden_states(args[0])
         prompts = block_args.deep_prompts(args[1] if len(args) > 1 else None, span, hidden)
         mask = block_args.padding_mask(kwargs, hidden.shape[0], hidden.shape[1])
-        block_args.check_adapter(metadata, self.adapters)
+        adapter = block_args.check_adapter(metadata, self.adapters)
         self.stats.forward_requests += 1
+        run = run_with_adapter(adapter, lambda: block_args.forward(span, hidden, prompts, mask))
         out = await asyncio.wait_for(
-            self._compute(lambda: block_args.forward(span, hidden, prompts, mask), Priority.FORWARD),
+            self._compute(run, Priority.FORWARD),
             self.limits.request_timeout,
         )
         self.stats.tokens_processed += hidden.shape[0] * hidden.shape[1]
@@ -301,10 +303,11 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             raise BadRequest("grad_outputs must be floating point")
         prompts = block_args.deep_prompts(args[2] if len(args) > 2 else None, span, inputs)
         mask = block_args.padding_mask(kwargs, inputs.shape[0], inputs.shape[1])
-        block_args.check_adapter(metadata, self.adapters)
+        adapter = block_args.check_adapter(metadata, self.adapters)
         self.stats.backward_requests += 1
+        run = run_with_adapter(adapter, lambda: block_args.backward(span, inputs, grad_outputs, prompts, mask))
         return await asyncio.wait_for(
-            self._compute(lambda: block_args.backward(span, inputs, grad_outputs, prompts, mask), Priority.BACKWARD),
+            self._compute(run, Priority.BACKWARD),
             self.limits.request_timeout,
         )
 
@@ -503,8 +506,11 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             return torch.empty(batch, 0, span.hidden_size, dtype=span.dtype)
         mask = block_args.padding_mask(kwargs, batch, cache.length + length)
         position_ids = block_args.positions(mask, cache.length, length)
+        adapter = block_args.check_adapter(first_metadata, self.adapters)
         out = await self._compute(
-            lambda: span(hidden, cache, attention_mask=mask, position_ids=position_ids, prompts=prompts),
+            run_with_adapter(
+                adapter, lambda: span(hidden, cache, attention_mask=mask, position_ids=position_ids, prompts=prompts)
+            ),
             Priority.INFERENCE,
             inline=self._can_run_inline(batch * length),
         )
