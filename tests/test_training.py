@@ -55,6 +55,11 @@ def task(batch=4, length=8):
 
 
 def local_loss(local, tuning, ids, labels):
+    logits = local_logits(local, tuning, ids)
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
+
+
+def local_logits(local, tuning, ids):
     """The same prompt-tuned model run locally: prompts prepended, deep prompts added before each layer."""
     batch = ids.shape[0]
     embeds = torch.cat([tuning.input_prompts(batch), local.get_input_embeddings()(ids)], dim=1)
@@ -72,11 +77,17 @@ def local_loss(local, tuning, ids, labels):
 
             handles.append(layer.register_forward_pre_hook(add_prompt, with_kwargs=True))
     try:
-        logits = local(inputs_embeds=embeds).logits[:, tuning.pre_seq_len :].contiguous()
+        return local(inputs_embeds=embeds).logits[:, tuning.pre_seq_len :].contiguous()
     finally:
         for handle in handles:
             handle.remove()
-    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
+
+
+@torch.no_grad()
+def local_greedy(local, tuning, ids, new_tokens):
+    for _ in range(new_tokens):
+        ids = torch.cat([ids, local_logits(local, tuning, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
 
 
 def train(loss_fn, params, steps=STEPS, on_step=None):
@@ -102,6 +113,10 @@ def test_prompt_tuning_matches_local_training(model_dir, local, swarm, mode):
         assert trainable and all(any(p is q for q in remote.prompt_tuning.parameters()) for p in trainable)
         reference = copy.deepcopy(remote.prompt_tuning)
         remote_losses = train(lambda: remote(ids, labels=labels).loss, remote.prompt_tuning.parameters())
+        # The trained prompts also steer generation (deep prompts go with the session's first step).
+        trained = copy.deepcopy(remote.prompt_tuning)
+        generated = remote.generate(ids[:2, :5], max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(generated, local_greedy(local, trained, ids[:2, :5], 6))
     finally:
         remote.close()
     local_losses = train(lambda: local_loss(local, reference, ids, labels), reference.parameters())

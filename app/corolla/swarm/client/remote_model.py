@@ -396,11 +396,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError("input_ids must be [batch, length] with length >= 1")
         _check_sampling(kwargs)
-        if kwargs.get("eos_token_id") == []:
-            kwargs["eos_token_id"] = None
-            if generation_config is None:
-                generation_config = self.generation_config
-            generation_config = GenerationConfig(**{**generation_config.to_dict(), "eos_token_id": None})
+        if isinstance(kwargs.get("eos_token_id"), list) and not kwargs["eos_token_id"]:
+            kwargs["eos_token_id"] = None  # Corolla's spelling of "no end-of-sequence token"
         if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer
         criteria = list(stopping_criteria or [])
