@@ -122,6 +122,11 @@ def test_prompt_tuning_matches_local_training(model_dir, local, swarm, mode):
     local_losses = train(lambda: local_loss(local, reference, ids, labels), reference.parameters())
     assert max(abs(a - b) for a, b in zip(remote_losses, local_losses, strict=True)) < 1e-4
     assert remote_losses[-1] < remote_losses[0] * 0.9  # it learns
+    # The servers backpropagated through the graphs they kept from each forward pass (no re-run).
+    deadline = time.monotonic() + 10  # the stats file is rewritten every second
+    while time.monotonic() < deadline and swarm[1].stats().get("backward_graphs_reused", 0) < STEPS:
+        time.sleep(0.2)
+    assert swarm[1].stats()["backward_graphs_reused"] >= STEPS
 
 
 def test_gradients_through_the_swarm_equal_local(model_dir, local, swarm):

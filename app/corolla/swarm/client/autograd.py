@@ -15,7 +15,7 @@ class _RemoteBlocksFunction(torch.autograd.Function):
     def forward(ctx, hidden, prompts, blocks, mask, run):
         deep = prompts is not None and prompts.numel() > 0
         sent_prompts = prompts.detach().contiguous() if deep else None
-        out, hops = run(blocks.forward(hidden.detach(), sent_prompts, mask))
+        out, hops = run(blocks.forward(hidden.detach(), sent_prompts, mask, keep_graphs=True))
         ctx.blocks, ctx.hops, ctx.mask, ctx.run, ctx.prompts = blocks, hops, mask, run, sent_prompts
         return out
 
@@ -37,4 +37,8 @@ def remote_blocks(
     """hidden [batch, length, hidden] through every remote block; differentiable with respect to
     `hidden` and the deep `prompts` [num_blocks, batch, P, hidden]. `run` runs a coroutine on the
     client's event loop."""
+    differentiable = hidden.requires_grad or (prompts is not None and prompts.requires_grad)
+    if not (torch.is_grad_enabled() and differentiable):  # no backward will follow: a plain forward
+        plain = None if prompts is None else prompts.detach().contiguous()
+        return run(blocks.forward(hidden.detach(), plain, mask))[0]
     return _RemoteBlocksFunction.apply(hidden, prompts, blocks, mask, run)

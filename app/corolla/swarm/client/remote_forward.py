@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -39,10 +40,12 @@ class RemoteCallFailed(RuntimeError):
 
 @dataclass
 class Hop:
-    """One segment's part of a forward pass: what it received (kept for the backward pass)."""
+    """One segment's part of a forward pass: what it received (kept for the backward pass), and the
+    names under which a Corolla server keeps each chunk's forward graph for that backward pass."""
 
     segment: RouteSegment
     inputs: torch.Tensor
+    graph_keys: list[str] = field(default_factory=list)
 
 
 def _request_tensors(args: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[list, dict]:
@@ -63,11 +66,12 @@ async def _call(
     mask: torch.Tensor | None,
     adapter: str | None,
     timeout: float,
+    extra_metadata: dict | None = None,
 ) -> list[torch.Tensor]:
     """One rpc_forward/rpc_backward call (unary or streamed by size); returns the reply's tensors."""
     uid = protocol.chain_uids(view.dht_prefix, segment.start, segment.end)
     serialized, metadata = _request_tensors(args, mask)
-    metadata.update(points=0.0, active_adapter=adapter)
+    metadata.update(points=0.0, active_adapter=adapter, **(extra_metadata or {}))
     packed = MSGPackSerializer.dumps(metadata)
     stub = protocol.server_stub(view.p2p, PeerID.from_base58(segment.peer_id))
     size = sum(t.numel() * t.element_size() for t in args)
@@ -120,9 +124,19 @@ class RemoteBlocks:
 
     # --- one segment, with the batch split into chunks --------------------------------------------
     async def _segment_forward(
-        self, segment: RouteSegment, hidden: torch.Tensor, prompts: torch.Tensor | None, mask: torch.Tensor | None
+        self,
+        segment: RouteSegment,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        graph_keys: list[str] | None = None,
     ) -> torch.Tensor:
-        async def chunk(rows: slice) -> torch.Tensor:
+        chunks = _row_chunks(hidden)
+        keys = [str(uuid.uuid4()) for _ in chunks] if graph_keys is not None else [None] * len(chunks)
+        if graph_keys is not None:
+            graph_keys[:] = keys
+
+        async def chunk(rows: slice, key: str | None) -> torch.Tensor:
             args = [hidden[rows], _DUMMY if prompts is None else prompts[segment.start : segment.end, rows]]
             (out, *_) = await _call(
                 self.view,
@@ -132,10 +146,11 @@ class RemoteBlocks:
                 None if mask is None else mask[rows],
                 self.adapter,
                 self.view.config.request_timeout,
+                None if key is None else {"corolla_keep_graph": key},
             )
             return _expect(out, hidden[rows].shape, "hidden states").to(hidden.dtype)
 
-        outs = await _gather_bounded([chunk(rows) for rows in _row_chunks(hidden)])
+        outs = await _gather_bounded([chunk(rows, key) for rows, key in zip(chunks, keys, strict=True)])
         return torch.cat(outs, dim=0)
 
     async def _segment_backward(
@@ -145,8 +160,12 @@ class RemoteBlocks:
         grad_outputs: torch.Tensor,
         prompts: torch.Tensor | None,
         mask: torch.Tensor | None,
+        graph_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        async def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        chunks = _row_chunks(inputs)
+        keys = graph_keys if graph_keys and len(graph_keys) == len(chunks) else [None] * len(chunks)
+
+        async def chunk(rows: slice, key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
             span_prompts = None if prompts is None else prompts[segment.start : segment.end, rows]
             args = [inputs[rows], grad_outputs[rows], _DUMMY if span_prompts is None else span_prompts]
             grads = await _call(
@@ -157,6 +176,7 @@ class RemoteBlocks:
                 None if mask is None else mask[rows],
                 self.adapter,
                 self.view.config.request_timeout,
+                None if key is None else {"corolla_graph": key},
             )
             grad_inputs = _expect(grads[0], inputs[rows].shape, "input gradients").to(inputs.dtype)
             if span_prompts is None:
@@ -165,7 +185,7 @@ class RemoteBlocks:
                 raise RemoteCallFailed("the server returned no prompt gradients")
             return grad_inputs, _expect(grads[1], span_prompts.shape, "prompt gradients").to(prompts.dtype)
 
-        results = await _gather_bounded([chunk(rows) for rows in _row_chunks(inputs)])
+        results = await _gather_bounded([chunk(rows, key) for rows, key in zip(chunks, keys, strict=True)])
         grad_inputs = torch.cat([r[0] for r in results], dim=0)
         grad_prompts = None if prompts is None else torch.cat([r[1] for r in results], dim=1)
         return grad_inputs, grad_prompts
@@ -197,8 +217,10 @@ class RemoteBlocks:
         mask: torch.Tensor | None = None,
         start: int = 0,
         end: int | None = None,
+        keep_graphs: bool = False,
     ) -> tuple[torch.Tensor, list[Hop]]:
-        """Outputs of blocks [start, end) and the hops taken (for `backward`)."""
+        """Outputs of blocks [start, end) and the hops taken (for `backward`). `keep_graphs`: a backward
+        pass follows, so Corolla servers keep each forward graph for it."""
         end = self.view.num_blocks if end is None else end
         hops: list[Hop] = []
         position, attempt = start, 0
@@ -210,14 +232,15 @@ class RemoteBlocks:
                 await self._failed(RouteSegment("?" * 6, position, end), exc, attempt)
                 continue
             for segment in route:
+                keys: list[str] = []
                 try:
-                    out = await self._segment_forward(segment, hidden, prompts, mask)
+                    out = await self._segment_forward(segment, hidden, prompts, mask, keys if keep_graphs else None)
                 except Exception as exc:
                     attempt += 1
                     await self._failed(segment, exc, attempt)
                     break  # route again from this segment's first block
                 self.view.on_success(segment.peer_id)
-                hops.append(Hop(segment, hidden))
+                hops.append(Hop(segment, hidden, keys))
                 hidden, position = out, segment.end
         if start == 0 and end == self.view.num_blocks:
             self.last_route = [hop.segment for hop in hops]
@@ -243,7 +266,7 @@ class RemoteBlocks:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         segment = hop.segment
         try:
-            grads = await self._segment_backward(segment, hop.inputs, grad_outputs, prompts, mask)
+            grads = await self._segment_backward(segment, hop.inputs, grad_outputs, prompts, mask, hop.graph_keys)
             self.view.on_success(segment.peer_id)
             return grads
         except Exception as exc:
@@ -252,12 +275,14 @@ class RemoteBlocks:
         while True:
             # The failed server's blocks through a new route: forward again to get the inner inputs.
             try:
-                _, inner = await self.forward(hop.inputs, prompts, mask, segment.start, segment.end)
+                _, inner = await self.forward(hop.inputs, prompts, mask, segment.start, segment.end, keep_graphs=True)
                 grad_prompts = None if prompts is None else torch.zeros_like(prompts[segment.start : segment.end])
                 grads = grad_outputs
                 for inner_hop in reversed(inner):
                     failing = inner_hop.segment
-                    grads, span_grads = await self._segment_backward(failing, inner_hop.inputs, grads, prompts, mask)
+                    grads, span_grads = await self._segment_backward(
+                        failing, inner_hop.inputs, grads, prompts, mask, inner_hop.graph_keys
+                    )
                     self.view.on_success(failing.peer_id)
                     if grad_prompts is not None:
                         offset = failing.start - segment.start

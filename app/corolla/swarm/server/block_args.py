@@ -88,18 +88,48 @@ def backward(
     mask: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """Gradients with respect to the inputs (and the deep prompts, if sent); the weights stay frozen."""
+    _, leaf, prompt_leaf, out = forward_keeping_graph(span, inputs, prompts, mask)
+    return backward_through(out, leaf, prompt_leaf, grad_outputs)
+
+
+def _grad_leaves(
+    span: BlockSpan, inputs: torch.Tensor, prompts: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     leaf = inputs.detach().to(device=span.device, dtype=span.dtype).requires_grad_(True)
-    prompt_leaf = None
-    if prompts is not None:
-        # Petals returns per-row prompt gradients [num_blocks, batch, P, hidden] even for shared prompts.
-        rows = prompts.expand(prompts.shape[0], inputs.shape[0], *prompts.shape[2:])
-        prompt_leaf = rows.detach().to(device=span.device, dtype=span.dtype).contiguous().requires_grad_(True)
+    if prompts is None:
+        return leaf, None
+    # Petals returns per-row prompt gradients [num_blocks, batch, P, hidden] even for shared prompts.
+    rows = prompts.expand(prompts.shape[0], inputs.shape[0], *prompts.shape[2:])
+    return leaf, rows.detach().to(device=span.device, dtype=span.dtype).contiguous().requires_grad_(True)
+
+
+def forward_keeping_graph(
+    span: BlockSpan, hidden: torch.Tensor, prompts: torch.Tensor | None, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A forward pass whose autograd graph is kept: (outputs, input leaf, prompt leaf, graph outputs)."""
+    leaf, prompt_leaf = _grad_leaves(span, hidden, prompts)
     out = span(
         leaf,
         attention_mask=mask,
-        position_ids=positions(mask, 0, inputs.shape[1]),
+        position_ids=positions(mask, 0, hidden.shape[1]),
         prompts=prompt_leaf,
         enable_grad=True,
     )
+    return out.detach(), leaf, prompt_leaf, out
+
+
+def graph_nbytes(span: BlockSpan, hidden: torch.Tensor) -> int:
+    """A generous estimate of the activations a kept forward graph holds."""
+    config = span.config
+    intermediate = int(getattr(config, "intermediate_size", None) or 4 * span.hidden_size)
+    per_token_block = 12 * span.hidden_size + 4 * intermediate
+    item = torch.finfo(span.dtype).bits // 8
+    return hidden.shape[0] * hidden.shape[1] * span.num_blocks * per_token_block * item
+
+
+def backward_through(
+    out: torch.Tensor, leaf: torch.Tensor, prompt_leaf: torch.Tensor | None, grad_outputs: torch.Tensor
+) -> list[torch.Tensor]:
+    """Gradients through a kept forward graph (no re-run)."""
     targets = [leaf] if prompt_leaf is None else [leaf, prompt_leaf]
     return list(torch.autograd.grad(out, targets, grad_outputs.to(device=out.device, dtype=out.dtype)))

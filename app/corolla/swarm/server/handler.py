@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.server import block_args
 from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.compute_queue import ComputeQueue, Priority
+from corolla.swarm.server.forward_graphs import ForwardGraphs, KeptGraph, graph_key
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.packing import (
     BadRequest,
@@ -141,6 +143,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.sessions: dict[str, _Session] = {}
         self.load = _PeerLoad()
         self.compute_queue = ComputeQueue(executor)
+        self.graphs = ForwardGraphs()
         # The largest message an honest peer sends: a full batch of float32 hidden states (inference
         # sends it whole), or one 4 MiB chunk of a forward/backward stream; plus metadata and framing.
         largest = max(limits.max_batch_size * (span.hidden_size * 4 + 8), protocol.STREAM_CHUNK_BYTES)
@@ -271,7 +274,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
 
     # --- forward and backward ----------------------------------------------------------------------
-    async def _forward(self, uid: str, metadata: dict, tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def _forward(
+        self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
+    ) -> torch.Tensor:
         span = self._chain(uid)
         args, kwargs = unpack_args_kwargs(metadata, tensors)
         if not args:
@@ -281,15 +286,24 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         mask = block_args.padding_mask(kwargs, hidden.shape[0], hidden.shape[1])
         adapter = block_args.check_adapter(metadata, self.adapters)
         self.stats.forward_requests += 1
-        run = run_with_adapter(adapter, lambda: block_args.forward(span, hidden, prompts, mask))
-        out = await asyncio.wait_for(
-            self._compute(run, Priority.FORWARD),
-            self.limits.request_timeout,
-        )
+        keep = graph_key(metadata, "corolla_keep_graph")  # a Corolla client's backward will follow
+        if keep is None or peer is None:
+            run = run_with_adapter(adapter, lambda: block_args.forward(span, hidden, prompts, mask))
+            out = await asyncio.wait_for(self._compute(run, Priority.FORWARD), self.limits.request_timeout)
+        else:
+            run = run_with_adapter(adapter, lambda: block_args.forward_keeping_graph(span, hidden, prompts, mask))
+            out, leaf, prompt_leaf, graph = await asyncio.wait_for(
+                self._compute(run, Priority.FORWARD), self.limits.request_timeout
+            )
+            nbytes = block_args.graph_nbytes(span, hidden)
+            kept = KeptGraph(peer, uid, hidden, prompts, mask, leaf, prompt_leaf, graph, nbytes, 0.0)
+            self.graphs.keep(keep, kept)
         self.stats.tokens_processed += hidden.shape[0] * hidden.shape[1]
         return out
 
-    async def _backward(self, uid: str, metadata: dict, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    async def _backward(
+        self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
+    ) -> list[torch.Tensor]:
         """[grad_inputs], plus grad_prompts when deep prompts were sent (Petals' reply)."""
         span = self._chain(uid)
         args, kwargs = unpack_args_kwargs(metadata, tensors)
@@ -305,7 +319,13 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         mask = block_args.padding_mask(kwargs, inputs.shape[0], inputs.shape[1])
         adapter = block_args.check_adapter(metadata, self.adapters)
         self.stats.backward_requests += 1
-        run = run_with_adapter(adapter, lambda: block_args.backward(span, inputs, grad_outputs, prompts, mask))
+        key = graph_key(metadata, "corolla_graph")
+        kept = None if key is None else self.graphs.take(key, peer, uid, inputs, prompts, mask)
+        if kept is not None:  # the forward's graph: backpropagate without re-running it
+            self.stats.backward_graphs_reused += 1
+            run = functools.partial(block_args.backward_through, kept.out, kept.leaf, kept.prompt_leaf, grad_outputs)
+        else:
+            run = run_with_adapter(adapter, lambda: block_args.backward(span, inputs, grad_outputs, prompts, mask))
         return await asyncio.wait_for(
             self._compute(run, Priority.BACKWARD),
             self.limits.request_timeout,
@@ -316,7 +336,10 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
                 out = await self._forward(
-                    request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
+                    request.uid,
+                    decode_metadata(request.metadata),
+                    deserialize_tensors(request.tensors),
+                    context.remote_id,
                 )
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
@@ -331,7 +354,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         try:
             async with self._queued(context.remote_id):
                 uid, metadata, tensors = await self._gather(requests)
-                out = await self._forward(uid, metadata, tensors)
+                out = await self._forward(uid, metadata, tensors, context.remote_id)
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
@@ -344,7 +367,10 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
                 grad = await self._backward(
-                    request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
+                    request.uid,
+                    decode_metadata(request.metadata),
+                    deserialize_tensors(request.tensors),
+                    context.remote_id,
                 )
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
@@ -359,7 +385,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         try:
             async with self._queued(context.remote_id):
                 uid, metadata, tensors = await self._gather(requests)
-                grad = await self._backward(uid, metadata, tensors)
+                grad = await self._backward(uid, metadata, tensors, context.remote_id)
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
