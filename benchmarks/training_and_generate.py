@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import corolla
 from corolla.swarm.peers import start_dht
-from tests.support.swarm import PetalsServer, make_reference_model, reference_python, run_reference_script, start_chain
+from tests.support.swarm import (
+    PetalsServer,
+    make_reference_model,
+    reference_dir,
+    reference_env,
+    reference_python,
+    start_chain,
+)
 
 PREFIX = "bench-llama-hf"
 CHAIN = ["0:2", "2:4"]
@@ -39,36 +49,81 @@ def connect(model: Path, peer: str, **options) -> corolla.AutoDistributedModelFo
     )
 
 
-def corolla_training_step(model: Path, peer: str, steps: int) -> float:
-    with connect(model, peer, tuning_mode="ptune", pre_seq_len=PRE_SEQ_LEN) as remote:
-        ids = torch.randint(6, 500, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
-        times = []
-        for _ in range(steps + 1):  # the first step (routing, connections) is not counted
-            started = time.perf_counter()
-            remote(input_ids=ids, labels=ids).loss.backward()
-            times.append(time.perf_counter() - started)
-            remote.zero_grad()
-        return statistics.median(times[1:])
+class PetalsTrainer:
+    """The stock client in the reference venv, stepping once per line it reads (same prompts, same batch)."""
+
+    def __init__(self, model: Path, peer: str):
+        args = [str(model), peer, PREFIX, "ptune", str(PRE_SEQ_LEN), str(BATCH), str(LENGTH), "0"]
+        self.process = subprocess.Popen(
+            [str(reference_python()), str(SCRIPT), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=reference_env(),
+            cwd=str(reference_dir()),
+            start_new_session=True,
+        )
+
+    def step(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError("the stock Petals client exited")
+            if line.startswith("{"):
+                return json.loads(line)["step_s"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
-def petals_training_step(model: Path, tmp: Path, steps: int) -> float:
-    bootstrap = start_dht(use_relay=False, auto_nat=False)
-    servers = []
+def training_steps(model: Path, corolla_peer: str, petals_peer: str | None, steps: int) -> dict:
+    """Step times of both clients, interleaved step by step so that machine noise hits both alike."""
+    times: dict[str, list[float]] = {"corolla": [], "petals": []}
+    petals = PetalsTrainer(model, petals_peer) if petals_peer else None
     try:
-        maddr = str(bootstrap.get_visible_maddrs()[0])
-        servers = [PetalsServer(tmp, model, maddr, blocks, PREFIX, name=f"petals-{blocks}") for blocks in CHAIN]
-        for server in servers:
-            server.wait_started()
-        args = [str(model), maddr, PREFIX, "ptune", str(PRE_SEQ_LEN), str(BATCH), str(LENGTH), str(steps + 1)]
-        result = run_reference_script(SCRIPT, *args, timeout=600)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        if not lines:
-            raise RuntimeError(result.stderr[-2000:])
-        return json.loads(lines[-1])["step_s"]
+        with connect(model, corolla_peer, tuning_mode="ptune", pre_seq_len=PRE_SEQ_LEN) as remote:
+            ids = torch.randint(6, 500, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+
+            def corolla_step() -> float:
+                started = time.perf_counter()
+                remote(input_ids=ids, labels=ids).loss.backward()
+                remote.zero_grad()
+                return time.perf_counter() - started
+
+            for step in range(steps + 1):  # the first step (routing, connections) is not counted
+                for name, fn in (("corolla", corolla_step), ("petals", petals.step if petals else None)):
+                    if fn is not None:
+                        elapsed = fn()
+                        if step:
+                            times[name].append(elapsed)
     finally:
-        for server in servers:
-            server.stop()
-        bootstrap.shutdown()
+        if petals is not None:
+            petals.close()
+    report = {"corolla_training_step_s": round(statistics.median(times["corolla"]), 4)}
+    if times["petals"]:
+        report["petals_training_step_s"] = round(statistics.median(times["petals"]), 4)
+        report["corolla_over_petals_step_time"] = round(
+            report["corolla_training_step_s"] / report["petals_training_step_s"], 3
+        )
+        report["target_corolla_over_petals_step_time"] = 0.5
+    return report
+
+
+def start_petals(model: Path, tmp: Path) -> tuple[object, list[PetalsServer], str]:
+    bootstrap = start_dht(use_relay=False, auto_nat=False)
+    maddr = str(bootstrap.get_visible_maddrs()[0])
+    servers = [PetalsServer(tmp, model, maddr, blocks, PREFIX, name=f"petals-{blocks}") for blocks in CHAIN]
+    for server in servers:
+        server.wait_started()
+    return bootstrap, servers, maddr
 
 
 def generate_vs_hand_loop(model: Path, peer: str, new_tokens: int, repeats: int) -> dict:
@@ -107,28 +162,29 @@ def generate_vs_hand_loop(model: Path, peer: str, new_tokens: int, repeats: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-petals", action="store_true")
     args = parser.parse_args()
     report: dict = {"batch": BATCH, "length": LENGTH, "pre_seq_len": PRE_SEQ_LEN, "servers": len(CHAIN)}
+    torch.set_num_threads(1)  # as the stock client and both kinds of servers run (OMP_NUM_THREADS=1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_reference_model(tmp / "model", PREFIX)
         servers = start_chain(tmp, model, CHAIN, "--dht-prefix", PREFIX, name="corolla")
+        bootstrap, petals_servers = None, []
         try:
             report.update(generate_vs_hand_loop(model, servers[0].maddr, args.new_tokens, args.repeats))
-            report["corolla_training_step_s"] = round(corolla_training_step(model, servers[0].maddr, args.steps), 4)
+            petals_peer = None
+            if not args.skip_petals and reference_python().exists():
+                bootstrap, petals_servers, petals_peer = start_petals(model, tmp)
+            report.update(training_steps(model, servers[0].maddr, petals_peer, args.steps))
         finally:
-            for server in servers:
+            for server in [*servers, *petals_servers]:
                 server.stop()
-        if not args.skip_petals and reference_python().exists():
-            report["petals_training_step_s"] = round(petals_training_step(model, tmp, args.steps), 4)
-            report["corolla_over_petals_step_time"] = round(
-                report["corolla_training_step_s"] / report["petals_training_step_s"], 3
-            )
-            report["target_corolla_over_petals_step_time"] = 0.5
+            if bootstrap is not None:
+                bootstrap.shutdown()
     print(json.dumps(report, indent=2))
 
 

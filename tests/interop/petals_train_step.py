@@ -1,7 +1,9 @@
 """Runs in the stock Petals 2.2 reference venv: prompt-tuning training steps by the stock client.
 
 Usage: python petals_train_step.py MODEL_DIR INITIAL_PEER DHT_PREFIX MODE PRE_SEQ_LEN BATCH LENGTH STEPS
-Prints one JSON line: the first step's loss and prompt gradients, and the median step time.
+Prints one JSON line: the first step's loss and prompt gradients, and the median step time. With
+STEPS = 0 it runs one step per line read from stdin and prints each step's time (for benchmarks that
+interleave it with another client's steps).
 """
 
 import json
@@ -31,6 +33,12 @@ def main():
         for _, param in trainable:  # the same prompts in every run
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     ids = torch.randint(6, 500, (batch, length), generator=torch.Generator().manual_seed(1))
+    if steps == 0:
+        for _ in sys.stdin:
+            started = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            print(json.dumps({"step_s": time.perf_counter() - started}), flush=True)
+        return
     first, times = None, []
     for _ in range(steps):
         started = time.perf_counter()
