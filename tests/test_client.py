@@ -129,7 +129,7 @@ def test_multi_turn_session_reuse(remote, local):
 
 def test_forward_logits_equal_local(remote, local):
     ids = prompt(length=9, seed=2)
-    assert torch.allclose(remote(ids), local(ids).logits, atol=1e-4)
+    assert torch.allclose(remote(ids).logits, local(ids).logits, atol=1e-4)
 
 
 def test_bad_sampling_settings_are_refused(remote):

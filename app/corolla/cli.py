@@ -202,6 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_threads=args.num_threads,
         step_timeout=args.step_timeout,
         session_timeout=args.session_timeout,
+        adapters=args.adapters,
     )
     return serve(config)
 
@@ -235,6 +236,9 @@ def _add_serve_parser(commands) -> None:
     model = serve.add_argument_group("model and limits")
     model.add_argument("--quant-type", default="none", choices=["none", "int8", "nf4"])
     model.add_argument("--cache-dir", default=None)
+    model.add_argument(
+        "--adapters", nargs="+", default=[], metavar="PATH", help="PEFT LoRA adapter folders clients may activate"
+    )
     model.add_argument("--inference-max-length", type=int, default=None)
     model.add_argument("--max-batch-size", type=int, default=None, help="tokens per request")
     model.add_argument("--attn-cache-tokens", type=int, default=None, help="KV cache budget per block, in tokens")

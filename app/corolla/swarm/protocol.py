@@ -11,9 +11,13 @@ import math
 import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+
+# hivemind tells streaming RPCs apart by `typing.AsyncIterator` annotations (not collections.abc's).
+from typing import Any, AsyncIterator  # noqa: UP035
 
 import msgpack
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 UID_DELIMITER = "."
@@ -285,3 +289,41 @@ def err_cannot_allocate(tokens: int, max_tokens: int) -> str:
 
 def err_not_served(uid: str) -> str:
     return f"Remote peer does not serve {shorten(uid)}"
+
+
+# --- the RPCs themselves ---------------------------------------------------------------------------
+# hivemind derives each libp2p protocol id from the servicer class's name and the method name, and
+# tells streaming RPCs apart by `typing.AsyncIterator` annotations. Clients build their stubs from
+# this declaration, so they never import the server's handler (which implements the same names).
+class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do not rename
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        raise NotImplementedError
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertRequest]:  # Petals declares ExpertRequest here; same wire bytes
+        raise NotImplementedError
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+
+def server_stub(p2p: P2P, peer: PeerID) -> Any:
+    """A stub for calling a block server's RPCs (Corolla's or stock Petals')."""
+    return TransformerConnectionHandler.get_stub(p2p, peer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -17,6 +18,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.generation.stopping_criteria import StoppingCriteria
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def sampling_kwargs(
         "do_sample": temperature > 0,
         "temperature": temperature or 1.0,
         "top_p": top_p,
-        "top_k": top_k,
+        "top_k": top_k or 0,  # 0, not None: transformers' default would be 50
         "repetition_penalty": repetition_penalty,
         "seed": seed,
     }
@@ -100,3 +102,54 @@ class StopChecker:
             return False
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=False)
         return any(s in text for s in self.stop_strings)
+
+
+class SwarmCache:
+    """What transformers' generate() holds as its cache: the keys and values live on the servers of
+    an inference session, so this only counts the tokens sent and carries beam reorderings, which
+    go to the servers as `hypo_ids` with the next step."""
+
+    is_compileable = False
+    is_croppable = False
+    is_linear = (False,)
+
+    def __init__(self, session):
+        self.session = session  # a RemoteSession
+        self.seen = 0  # tokens of this generate() call's sequence that the servers hold
+        self._hypo_ids: torch.Tensor | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        beam_idx = beam_idx.to("cpu", torch.int64)
+        if self._hypo_ids is not None:
+            beam_idx = self._hypo_ids[beam_idx]
+        self._hypo_ids = beam_idx
+
+    def take_hypo_ids(self) -> torch.Tensor | None:
+        """The reordering to send with the next step (None when the rows stay in place)."""
+        hypo_ids, self._hypo_ids = self._hypo_ids, None
+        if hypo_ids is not None and torch.equal(hypo_ids, torch.arange(len(hypo_ids))):
+            return None
+        return hypo_ids
+
+
+class CallbackStopping(StoppingCriteria):
+    """A stopping criterion from a callable `fn(input_ids) -> bool` (True: stop every row)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None, **kwargs) -> torch.Tensor:
+        stop = bool(self.fn(input_ids))
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def generation_length(prompt_length: int, config: GenerationConfig, kwargs: dict) -> int:
+    """The most tokens a generate() call can put in a session: prompt plus new tokens."""
+    max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if max_new is not None:
+        return prompt_length + int(max_new)
+    max_length = kwargs.get("max_length", config.max_length)
+    return max(int(max_length if max_length is not None else 20), prompt_length)

@@ -56,11 +56,9 @@ class ModelHealth:
 
 
 async def _ping(p2p: P2P, peer_id: str, timeout: float) -> float | None:
-    from corolla.swarm.server.handler import TransformerConnectionHandler
-
     started = time.perf_counter()
     try:
-        stub = TransformerConnectionHandler.get_stub(p2p, PeerID.from_base58(peer_id))
+        stub = protocol.server_stub(p2p, PeerID.from_base58(peer_id))
         await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
     except Exception as exc:
         if "protocol not supported" not in str(exc):  # a relay-only peer still answers this way

@@ -1,11 +1,15 @@
-"""A model whose blocks run in the swarm: the Python API, named as in Petals.
+"""A transformers model whose decoder blocks run in the swarm: the Python API, named as in Petals.
 
     from corolla import AutoDistributedModelForCausalLM
     model = AutoDistributedModelForCausalLM.from_pretrained("repo/or/folder", initial_peers=[...])
-    model.generate(input_ids, max_new_tokens=32)
+    model.generate(input_ids, max_new_tokens=32)          # transformers' own generate()
+    model(input_ids, attention_mask=mask, labels=labels).loss.backward()  # through rpc_forward/backward
 
-The client holds only the client-side parts (embeddings, final norm, head); hivemind's P2P objects
-live on one event loop in a background thread, and this class's methods are synchronous.
+It is a `PreTrainedModel` + `GenerationMixin`: the client holds the client-side parts (embeddings,
+final norm, head) and, with `tuning_mode="ptune"`/`"deep_ptune"`, trainable prompts. `generate()`
+feeds transformers' decoding loop from a swarm inference session (SwarmCache); training calls run
+stateless forward/backward RPCs. hivemind's P2P objects live on one event loop in a background
+thread; this class's methods are synchronous.
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from corolla.swarm.client.autograd import remote_blocks
 from corolla.swarm.client.config import ClientConfig
-from corolla.swarm.client.generation import SamplingParams, StopChecker, next_tokens
+from corolla.swarm.client.generation import CallbackStopping, SwarmCache, generation_length
+from corolla.swarm.client.prompts import PromptTuning
+from corolla.swarm.client.remote_forward import RemoteBlocks
 from corolla.swarm.client.routing import SwarmView
 from corolla.swarm.client.session import InferenceSession
 from corolla.swarm.models import LoadOptions, load_client_parts, open_checkpoint, resolve_dht_prefix
 from corolla.swarm.peers import start_dht
+
+TUNING_MODES = (None, "ptune", "deep_ptune")
 
 
 class _LoopThread:
@@ -46,10 +59,10 @@ class _LoopThread:
 class RemoteSession:
     """A multi-step inference session (synchronous wrapper); use as a context manager."""
 
-    def __init__(self, model: DistributedModelForCausalLM, max_length: int):
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int, prompts: torch.Tensor | None = None):
         self.model = model
         self.max_length = max_length
-        self._session = InferenceSession(model.view, max_length)
+        self._session = InferenceSession(model.view, max_length, adapter=model.active_adapter, prompts=prompts)
         self.pending: torch.Tensor | None = None  # tokens generated but not yet sent to the servers
 
     @property
@@ -74,8 +87,14 @@ class RemoteSession:
     def replacements(self) -> int:
         return self._session.replacements
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model._loop.run(self._session.step(hidden))
+    def step(
+        self,
+        hidden: torch.Tensor,
+        *,
+        hypo_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model._loop.run(self._session.step(hidden, hypo_ids=hypo_ids, attention_mask=attention_mask))
 
     def rollback(self, position: int) -> None:
         self.model._loop.run(self._session.rollback(position))
@@ -91,12 +110,47 @@ class RemoteSession:
         self.close()
 
 
-class DistributedModelForCausalLM:
-    def __init__(self, checkpoint, client_parts, dht, view: SwarmView, loop: _LoopThread, config: ClientConfig):
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PretrainedConfig
+    base_model_prefix = "client_model"
+    main_input_name = "input_ids"
+    _supports_cache_class = True
+    _supports_sdpa = True  # attention runs on the servers; this only keeps transformers' init check quiet
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        *,
+        checkpoint,
+        client_parts,
+        dht,
+        view: SwarmView,
+        loop: _LoopThread,
+        client_config: ClientConfig,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        active_adapter: str | None = None,
+    ):
+        super().__init__(config)
         self.checkpoint, self.client_parts, self.dht = checkpoint, client_parts, dht
-        self.view, self._loop, self.client_config = view, loop, config
-        self.config = checkpoint.config
+        self.view, self._loop, self.client_config = view, loop, client_config
+        self.client_model: nn.Module = client_parts.model  # embeddings, final norm, head (registered: .to() works)
+        self.family = client_parts.family
+        self.active_adapter = active_adapter or None
+        self.tuning_mode = tuning_mode
+        self.prompt_tuning = (
+            PromptTuning(int(config.hidden_size), checkpoint.num_blocks, pre_seq_len, deep=tuning_mode == "deep_ptune")
+            if tuning_mode
+            else None
+        )
+        if self.prompt_tuning is not None:
+            self.client_model.requires_grad_(False)  # as in Petals: only the prompts train by default
+        self.blocks = RemoteBlocks(view, self.active_adapter)
         self._tokenizer = None
+        with contextlib.suppress(Exception):
+            path = checkpoint.resolver.local_path("generation_config.json")
+            if path is not None:
+                self.generation_config = GenerationConfig.from_pretrained(str(path.parent))
 
     @classmethod
     def from_pretrained(
@@ -110,8 +164,15 @@ class DistributedModelForCausalLM:
         token: str | None = None,
         revision: str | None = None,
         client_config: ClientConfig | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        active_adapter: str | None = None,
         **config_overrides: Any,
     ) -> DistributedModelForCausalLM:
+        if tuning_mode not in TUNING_MODES:
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
+        if tuning_mode and (type(pre_seq_len) is not int or pre_seq_len < 1):
+            raise ValueError(f"tuning_mode={tuning_mode!r} needs pre_seq_len >= 1, got {pre_seq_len!r}")
         config = client_config or ClientConfig()
         for key, value in config_overrides.items():
             if not hasattr(config, key):
@@ -135,11 +196,22 @@ class DistributedModelForCausalLM:
         try:
             p2p = loop.run(dht.replicate_p2p(), timeout=60)
             view = SwarmView(dht, p2p, prefix, checkpoint.num_blocks, config)
+            return cls(
+                checkpoint.config,
+                checkpoint=checkpoint,
+                client_parts=client_parts,
+                dht=dht,
+                view=view,
+                loop=loop,
+                client_config=config,
+                tuning_mode=tuning_mode,
+                pre_seq_len=pre_seq_len,
+                active_adapter=active_adapter,
+            ).to(client_parts.device)
         except BaseException:
             loop.stop()
             dht.shutdown()
             raise
-        return cls(checkpoint, client_parts, dht, view, loop, config)
 
     # --- plumbing ----------------------------------------------------------------------------------
     @property
@@ -154,15 +226,25 @@ class DistributedModelForCausalLM:
     def dht_prefix(self) -> str:
         return self.view.dht_prefix
 
+    @property
+    def pre_seq_len(self) -> int:
+        return 0 if self.prompt_tuning is None else self.prompt_tuning.pre_seq_len
+
     def route(self, max_length: int | None = None) -> str:
         """A readable description of the route a new session would take now."""
         self._loop.run(self.view.refresh())
         from corolla.swarm.client.routing import describe_route
 
-        return describe_route(self.view.route(0, self.view.num_blocks, max_length))
+        route = self.view.route(0, self.view.num_blocks, max_length, adapter=self.active_adapter)
+        return describe_route(route)
 
-    def inference_session(self, max_length: int) -> RemoteSession:
-        return RemoteSession(self, max_length)
+    def inference_session(self, max_length: int, batch_size: int = 1) -> RemoteSession:
+        """A session for up to `max_length` tokens (prompt-tuning prefixes are added on top)."""
+        prompts = None
+        if self.prompt_tuning is not None and self.prompt_tuning.deep:
+            with torch.no_grad():
+                prompts = self.prompt_tuning.deep_prompts(batch_size)
+        return RemoteSession(self, max_length + self.pre_seq_len, prompts)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -176,15 +258,15 @@ class DistributedModelForCausalLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- model ------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits for every position of `input_ids` (one throwaway session)."""
-        with self.inference_session(max_length=input_ids.shape[1]) as session:
-            hidden = session.step(self.client_parts.embed(input_ids))
-        return self.client_parts.logits(hidden)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.client_model.get_input_embeddings()
 
-    __call__ = forward
+    def get_output_embeddings(self) -> nn.Module | None:
+        return getattr(self.client_model, "lm_head", None)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache lives on the servers: generate() gets a SwarmCache instead
 
     @functools.cached_property
     def eos_token_ids(self) -> list[int]:
@@ -200,84 +282,174 @@ class DistributedModelForCausalLM:
             return []
         return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
 
-    @torch.inference_mode()
+    # --- model ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: SwarmCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        past_key_values: SwarmCache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits (and the causal-LM loss with `labels`) for `input_ids` [batch, length].
+
+        Without a cache this is one stateless pass through the swarm, differentiable (training); with
+        a SwarmCache (what generate() passes) the tokens go through its inference session. Positions
+        follow the servers' caches and, for padded batches, the attention mask: `position_ids` are
+        accepted for transformers' sake and not sent.
+        """
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.family.embed(self.client_model, input_ids.to(self.device))
+        if isinstance(cache, SwarmCache):
+            hidden = self._step_session(cache, inputs_embeds, attention_mask)
+        else:
+            hidden = self._stateless(inputs_embeds, attention_mask)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.family.head(self.client_model, hidden)
+        loss = None
+        if labels is not None:
+            loss = ForCausalLMLoss(logits.float(), labels.to(logits.device), vocab_size=logits.shape[-1])
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def _prefix(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prepend the trainable prompt embeddings (ptune) to a sequence that starts at position 0."""
+        if self.prompt_tuning is None:
+            return hidden, mask
+        batch = hidden.shape[0]
+        prompts = self.prompt_tuning.input_prompts(batch).to(dtype=hidden.dtype, device=hidden.device)
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(batch, self.pre_seq_len), mask], dim=1)
+        return torch.cat([prompts, hidden], dim=1), mask
+
+    def _stateless(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        hidden, mask = self._prefix(hidden, mask)
+        send_mask = None
+        if mask is not None:
+            if tuple(mask.shape) != tuple(hidden.shape[:2]):
+                raise ValueError(
+                    f"attention_mask must be [batch, length] = {list(hidden.shape[:2])}, got {list(mask.shape)}"
+                )
+            if bool((mask == 0).any()):
+                send_mask = mask.to(torch.int64).cpu()
+        deep = None
+        if self.prompt_tuning is not None and self.prompt_tuning.deep:
+            deep = self.prompt_tuning.deep_prompts(hidden.shape[0])
+        out = remote_blocks(self.blocks, hidden.cpu(), deep, send_mask, self._loop.run)
+        out = out.to(hidden.device)
+        return out[:, self.pre_seq_len :]
+
+    def _step_session(self, cache: SwarmCache, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        session = cache.session
+        received = hidden.shape[1]
+        first = session.position == 0
+        if first:
+            hidden, mask = self._prefix(hidden, mask)
+        elif mask is not None and self.pre_seq_len:
+            mask = torch.cat([mask.new_ones(mask.shape[0], self.pre_seq_len), mask], dim=1)
+        pending = session.pending if cache.seen == 0 else None
+        if pending is not None:  # the previous turn's last token was never sent: it goes first
+            hidden = torch.cat([self.family.embed(self.client_model, pending.to(self.device)), hidden], dim=1)
+        if mask is not None:
+            # Without padding, positions follow the servers' caches (also across turns): send no mask.
+            mask = mask.to(torch.int64) if bool((mask == 0).any()) else None
+        with torch.no_grad():
+            out = session.step(hidden.detach().cpu(), hypo_ids=cache.take_hypo_ids(), attention_mask=mask)
+        session.pending = None
+        cache.seen += received
+        out = out.to(hidden.device, hidden.dtype)
+        return out[:, self.pre_seq_len :] if first else out
+
+    # --- generation -------------------------------------------------------------------------------
     def generate(
         self,
-        input_ids: torch.Tensor,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
         *,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
         seed: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        stop_strings: list[str] | None = None,
-        streamer: Callable[[torch.Tensor], bool | None] | None = None,
         session: RemoteSession | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> torch.Tensor:
-        """Greedy or sampled generation; returns `input_ids` followed by the new tokens.
+        streamer: Any = None,
+        stopping_criteria: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' generate() over a swarm inference session; every strategy and argument works.
 
-        `streamer(tokens)` gets each new [batch] token tensor (returning True stops early);
-        `session` continues a multi-turn session (its position and cache are reused).
+        Corolla's additions: `seed` (sampling as a local generate() seeded the same way), `session=`
+        (continue a multi-turn RemoteSession: its cache is reused, the previous turn's last token is
+        sent first), `should_stop()` (polled after every token), `streamer` may also be a plain
+        callable `fn(tokens [batch]) -> bool` (True stops), `stop_strings` without a tokenizer (the
+        model's own), and `eos_token_id=[]` for no end-of-sequence token.
         """
-        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed).validate()
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError("input_ids must be [batch, length] with length >= 1")
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        eos = (
-            self.eos_token_ids
-            if eos_token_id is None
-            else (eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
-        )
-        stop = StopChecker(eos, stop_strings, self.tokenizer if stop_strings else None)
+        _check_sampling(kwargs)
+        if isinstance(kwargs.get("eos_token_id"), list) and not kwargs["eos_token_id"]:
+            kwargs["eos_token_id"] = None  # Corolla's spelling of "no end-of-sequence token"
+        if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
+            kwargs["tokenizer"] = self.tokenizer
+        criteria = list(stopping_criteria or [])
+        if streamer is not None and not hasattr(streamer, "put"):
+            criteria.append(CallbackStopping(lambda ids, fn=streamer: fn(ids[:, -1])))
+            streamer = None
+        if should_stop is not None:
+            criteria.append(CallbackStopping(lambda ids: should_stop()))
+        beams = int(kwargs.get("num_beams") or (generation_config or self.generation_config).num_beams or 1)
         own_session = session is None
         if own_session:
-            session = self.inference_session(max_length=input_ids.shape[1] + max_new_tokens)
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+            total = generation_length(input_ids.shape[1], generation_config or self.generation_config, kwargs)
+            rows = input_ids.shape[0] * max(beams, int(kwargs.get("num_return_sequences") or 1))
+            session = self.inference_session(max_length=total, batch_size=rows)
+        elif beams > 1:
+            raise ValueError("beam search needs its own session: call generate() without session=")
+        if session.pending is not None and session.pending.shape[0] != input_ids.shape[0]:
+            raise ValueError("the session's pending tokens are for another batch size")
         rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
         try:
             with rng:
                 if seed is not None:
                     torch.manual_seed(seed)
-                # The whole loop runs on the client's event loop: one thread hop per generation, not per token.
-                return self._loop.run(
-                    self._generate_loop(input_ids, session, params, stop, max_new_tokens, pad, streamer, should_stop)
+                out = super().generate(
+                    input_ids,
+                    generation_config,
+                    stopping_criteria=criteria or None,
+                    streamer=streamer,
+                    cache=SwarmCache(session),
+                    **kwargs,
                 )
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            if not own_session and sequences.shape[1] > input_ids.shape[1]:
+                session.pending = sequences[:, -1:]  # generated but never sent: the next turn sends it first
+            return out
         finally:
             if own_session:
                 session.close()
 
-    async def _generate_loop(self, input_ids, session, params, stop, max_new_tokens, pad, streamer, should_stop):
-        processors = params.processors()
-        batch = input_ids.shape[0]
-        sequences = input_ids
-        to_send = input_ids if session.pending is None else torch.cat([session.pending, input_ids], dim=1)
-        session.pending = None
-        unfinished = torch.ones(batch, dtype=torch.bool)
-        new_tokens: list[list[int]] = [[] for _ in range(batch)]
-        for _ in range(max_new_tokens):
-            with torch.inference_mode():
-                hidden = await session._session.step(self.client_parts.embed(to_send))
-            logits = self.client_parts.logits(hidden[:, -1:])[:, -1]
-            tokens = next_tokens(logits, sequences, params, processors)
-            tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-            sequences = torch.cat([sequences, tokens[:, None]], dim=1)
-            for row in range(batch):
-                if unfinished[row]:
-                    new_tokens[row].append(int(tokens[row]))
-                    if stop.is_eos(int(tokens[row])) or stop.stop_string_hit(new_tokens[row]):
-                        unfinished[row] = False
-            to_send = tokens[:, None]
-            if streamer is not None and streamer(tokens) is True:
-                break
-            if not bool(unfinished.any()) or (should_stop is not None and should_stop()):
-                break
-        session.pending = to_send  # the last token was never sent: the next turn sends it first
-        return sequences
+
+def _check_sampling(kwargs: dict) -> None:
+    """Clear errors for settings transformers would ignore without sampling (e.g. top_p=1.5)."""
+    temperature, top_p = kwargs.get("temperature"), kwargs.get("top_p")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (for greedy decoding use do_sample=False)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    top_k, penalty = kwargs.get("top_k"), kwargs.get("repetition_penalty")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if penalty is not None and not penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
 
 
 class AutoDistributedModelForCausalLM(DistributedModelForCausalLM):

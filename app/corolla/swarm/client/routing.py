@@ -162,8 +162,6 @@ class SwarmView:
     async def _ping(self, peers: list[str]) -> None:
         """Measure round trips to (a sample of at most MAX_PINGS_PER_REFRESH of) `peers`, all within
         about one ping timeout; a peer that does not answer in time counts as unreachable."""
-        from corolla.swarm.server.handler import TransformerConnectionHandler
-
         if len(peers) > MAX_PINGS_PER_REFRESH:
             peers = random.sample(peers, MAX_PINGS_PER_REFRESH)
         in_flight = asyncio.Semaphore(PINGS_IN_FLIGHT)
@@ -177,7 +175,7 @@ class SwarmView:
                     return
                 started = time.perf_counter()
                 try:
-                    stub = TransformerConnectionHandler.get_stub(self.p2p, PeerID.from_base58(peer))
+                    stub = protocol.server_stub(self.p2p, PeerID.from_base58(peer))
                     timeout = min(self.config.ping_timeout, left)
                     await asyncio.wait_for(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout), timeout)
                     self.rtts[peer] = time.perf_counter() - started
@@ -186,10 +184,18 @@ class SwarmView:
 
         await asyncio.gather(*(ping(peer) for peer in peers))
 
-    def route(self, start: int, end: int, cache_tokens_needed: int | None = None) -> list[RouteSegment]:
+    def route(
+        self, start: int, end: int, cache_tokens_needed: int | None = None, adapter: str | None = None
+    ) -> list[RouteSegment]:
+        """The best route over [start, end); with `adapter`, only through servers that announce it."""
+        spans = self.spans
+        if adapter:
+            spans = {peer: span for peer, span in spans.items() if adapter in span.server_info.adapters}
         try:
-            return choose_route(self.spans, start, end, self.rtts, cache_tokens_needed)
+            return choose_route(spans, start, end, self.rtts, cache_tokens_needed)
         except MissingBlocksError as exc:
+            if adapter:
+                raise MissingBlocksError(exc.blocks, f"{self.dht_prefix} with adapter {adapter!r}") from None
             raise MissingBlocksError(exc.blocks, self.dht_prefix) from None
 
     def ban(self, peer: str) -> None:

@@ -24,10 +24,11 @@ from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
-from corolla.swarm.server.handler import TransformerConnectionHandler
 
 logger = logging.getLogger(__name__)
 ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {})
+# Corolla servers read the padding mask as a keyword (stock servers never get one: see _check_padding).
+MASKED_ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {"attention_mask": b"__T3"})
 _DUMMY = serialize_torch_tensor(torch.zeros(0))
 _DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
 CLOSE_TIMEOUT = 5.0
@@ -38,12 +39,23 @@ class ServerFailure(RuntimeError):
 
 
 @dataclass
+class StepExtras:
+    """What a step sends besides hidden states: this span's deep prompts (first step only), the beams'
+    reordering of the servers' caches, the padding mask over every position so far."""
+
+    prompts: torch.Tensor | None = None  # [span blocks, batch or 1, P, hidden]
+    hypo_ids: torch.Tensor | None = None  # int64 [batch]
+    mask: torch.Tensor | None = None  # int64 [batch, position + length]
+
+
+@dataclass
 class _ServerStream:
     """One rpc_inference stream to one server for blocks [start, end)."""
 
     segment: RouteSegment
     dht_prefix: str
     max_length: int
+    adapter: str | None = None
     history: torch.Tensor | None = None  # every input this span has received, [batch, positions, hidden]
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     _outbox: asyncio.Queue | None = None
@@ -64,27 +76,38 @@ class _ServerStream:
                     return
                 yield request
 
-        stub = TransformerConnectionHandler.get_stub(view.p2p, PeerID.from_base58(self.segment.peer_id))
+        stub = protocol.server_stub(view.p2p, PeerID.from_base58(self.segment.peer_id))
         self._responses = await asyncio.wait_for(stub.rpc_inference(requests()), timeout)
 
-    async def step(self, inputs: torch.Tensor, step_id: str, position: int, timeout: float) -> torch.Tensor:
+    async def step(
+        self,
+        inputs: torch.Tensor,
+        step_id: str,
+        position: int,
+        timeout: float,
+        extras: StepExtras | None = None,
+    ) -> torch.Tensor:
         if self._outbox is None:
             raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
         uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
+        extras = extras or StepExtras()
         metadata = {
             "session_id": self.session_id,
             "step_id": step_id,
             "points": 0.0,
-            "args_structure": ARGS_STRUCTURE,
+            "args_structure": ARGS_STRUCTURE if extras.mask is None else MASKED_ARGS_STRUCTURE,
             "start_from_position": position,
         }
         if not self._stepped:
-            metadata.update(max_length=self.max_length, active_adapter=None)
-        request = runtime_pb2.ExpertRequest(
-            uid=uid,
-            tensors=[serialize_torch_tensor(inputs), _DUMMY, _DUMMY_IDS],
-            metadata=MSGPackSerializer.dumps(metadata),
-        )
+            metadata.update(max_length=self.max_length, active_adapter=self.adapter)
+        tensors = [
+            serialize_torch_tensor(inputs),
+            _DUMMY if extras.prompts is None else serialize_torch_tensor(extras.prompts),
+            _DUMMY_IDS if extras.hypo_ids is None else serialize_torch_tensor(extras.hypo_ids),
+        ]
+        if extras.mask is not None:
+            tensors.append(serialize_torch_tensor(extras.mask))
+        request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
         self._outbox.put_nowait(request)
         self._stepped = True
         try:
@@ -119,12 +142,25 @@ class _ServerStream:
 class InferenceSession:
     """A session over [0, num_blocks) of a model. Use from the client's event loop."""
 
-    def __init__(self, view: SwarmView, max_length: int):
+    def __init__(
+        self,
+        view: SwarmView,
+        max_length: int,
+        *,
+        adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ):
         self.view = view
         self.max_length = max_length
+        self.adapter = adapter
+        # Deep prompts [num_blocks, batch or 1, P, hidden]: each span gets its blocks' slice with the
+        # step that starts at position 0 (the first one, and every replay).
+        self.prompts = prompts
         self.streams: list[_ServerStream] = []
         self.position = 0
         self.replacements = 0
+        self.padded = False  # the batch has padding: every step sends the mask
+        self._mask: torch.Tensor | None = None
         self._started = False
 
     @property
@@ -137,7 +173,7 @@ class InferenceSession:
     async def _open_segments(self, segments: list[RouteSegment]) -> list[_ServerStream]:
         streams = []
         for segment in segments:
-            stream = _ServerStream(segment, self.view.dht_prefix, self.max_length)
+            stream = _ServerStream(segment, self.view.dht_prefix, self.max_length, self.adapter)
             try:
                 await stream.open(self.view, self.view.config.connect_timeout)
             except Exception as exc:
@@ -157,7 +193,9 @@ class InferenceSession:
                     await self.view.refresh()
                 else:
                     await self.view.refresh_if_stale()
-                route = self.view.route(0, self.view.num_blocks, cache_tokens_needed=batch * self.max_length)
+                route = self.view.route(
+                    0, self.view.num_blocks, cache_tokens_needed=batch * self.max_length, adapter=self.adapter
+                )
                 self.streams = await self._open_segments(route)
                 break
             except MissingBlocksError:
@@ -180,14 +218,69 @@ class InferenceSession:
             if stream.history is not None:
                 stream.history = stream.history[:, :position]
         self.position = position
+        if position == 0:
+            self.padded = False
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Send [batch, t, hidden] through every block; returns the last block's outputs."""
+    def _extras(self, stream: _ServerStream, position: int, hypo_ids, mask) -> StepExtras:
+        prompts = None
+        if position == 0 and self.prompts is not None:
+            prompts = self.prompts[stream.segment.start : stream.segment.end]
+        return StepExtras(prompts, hypo_ids, mask)
+
+    def _step_mask(self, attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+        """The padding mask to send with this step (None without padding); checks its shape."""
+        if attention_mask is None:
+            if self.padded:
+                raise ValueError("this session's batch is padded: every step needs its attention_mask")
+            return None
+        if tuple(attention_mask.shape) != (batch, self.position + length):
+            raise ValueError(
+                f"attention_mask must be [batch, past + length] = [{batch}, {self.position + length}], "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        has_padding = bool((attention_mask == 0).any())
+        if has_padding and self.position > 0 and not self.padded:
+            raise ValueError("padding must be in a session's first step (left padding of the prompt)")
+        if self.position == 0:
+            self.padded = has_padding
+        return attention_mask.to(torch.int64) if self.padded else None
+
+    def _check_padding_support(self) -> None:
+        spans = self.view.spans
+        for stream in self.streams:
+            span = spans.get(stream.segment.peer_id)
+            if span is None or not span.server_info.extra.get("corolla_version"):
+                raise ValueError(
+                    "padded batches need Corolla servers on the whole route (stock Petals servers take no "
+                    f"attention mask); server …{stream.segment.peer_id[-6:]} is not one"
+                )
+
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        *,
+        hypo_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Send [batch, t, hidden] through every block; returns the last block's outputs.
+
+        `hypo_ids` [batch] reorders the rows of every server's cache first (beam search);
+        `attention_mask` [batch, position + t] is the padding mask (needed on every step of a padded batch).
+        """
         length = hidden.shape[1]
         if self.position + length > self.max_length:
             raise ValueError(protocol.err_max_length_exceeded(self.position, length, self.max_length))
+        mask = self._step_mask(attention_mask, hidden.shape[0], length)
         if not self._started:
             await self._start(hidden.shape[0])
+        if mask is not None:
+            self._check_padding_support()
+        if hypo_ids is not None:
+            hypo_ids = hypo_ids.to(torch.int64).cpu()
+            for stream in self.streams:  # replays must see the reordered rows too
+                if stream.history is not None:
+                    stream.history = stream.history[hypo_ids]
+        self._mask = mask
         step_id = str(uuid.uuid4())
         index = 0
         while index < len(self.streams):
@@ -195,7 +288,13 @@ class InferenceSession:
             attempt = 0
             while True:
                 try:
-                    output = await stream.step(hidden, step_id, stream.position, self.view.config.request_timeout)
+                    output = await stream.step(
+                        hidden,
+                        step_id,
+                        stream.position,
+                        self.view.config.request_timeout,
+                        self._extras(stream, stream.position, hypo_ids, mask),
+                    )
                     self.view.on_success(stream.segment.peer_id)
                     stream.history = hidden if stream.history is None else torch.cat([stream.history, hidden], 1)
                     hidden = output
@@ -244,14 +343,17 @@ class InferenceSession:
         await asyncio.sleep(delay)
         await self.view.refresh()
         segment = failed.segment
-        route = self.view.route(segment.start, segment.end, cache_tokens_needed=inputs.shape[0] * self.max_length)
+        route = self.view.route(
+            segment.start, segment.end, cache_tokens_needed=inputs.shape[0] * self.max_length, adapter=self.adapter
+        )
         new_streams: list[_ServerStream] = []
         try:
             new_streams = await self._open_segments(route)
             history = inputs if failed.history is None else torch.cat([failed.history, inputs], dim=1)
             full = history
             for stream in new_streams:  # replay: each new server gets the previous one's full output
-                output = await stream.step(full, str(uuid.uuid4()), 0, self.view.config.request_timeout)
+                extras = self._extras(stream, 0, None, self._mask)
+                output = await stream.step(full, str(uuid.uuid4()), 0, self.view.config.request_timeout, extras)
                 stream.history = full
                 full = output
         except Exception as exc:

@@ -65,6 +65,7 @@ class BlockSpan:
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
         enable_grad: bool = False,
     ) -> torch.Tensor:
         """Run the span on `hidden_states` [batch, length, hidden], appending to `cache` if given.
@@ -72,12 +73,13 @@ class BlockSpan:
         Without `position_ids`, positions continue from the cache length (what a Petals server does:
         the wire protocol carries neither masks nor positions). `attention_mask` is the 2D padding
         mask over past and new tokens. `enable_grad` keeps the autograd graph (for backward passes
-        with respect to the inputs; the weights are frozen).
+        with respect to the inputs; the weights are frozen). `prompts` [num_blocks, batch or 1, P, hidden]
+        are deep prompts: before block j, `prompts[j]` is added to the first P positions (Petals' rule).
         """
         with torch.enable_grad() if enable_grad else torch.inference_mode():
-            return self._forward(hidden_states, cache, attention_mask, position_ids)
+            return self._forward(hidden_states, cache, attention_mask, position_ids, prompts)
 
-    def _forward(self, hidden_states, cache, attention_mask, position_ids) -> torch.Tensor:
+    def _forward(self, hidden_states, cache, attention_mask, position_ids, prompts=None) -> torch.Tensor:
         if cache is None:
             cache = self.new_cache()
         past = cache.length
@@ -101,7 +103,12 @@ class BlockSpan:
                 layer_types=self._span_layer_types,
             )
         )
-        for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
+        if prompts is not None:
+            prompts = prompts.to(device=self.device, dtype=self.dtype)
+        for index, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types, strict=True)):
+            if prompts is not None:
+                width = prompts.shape[2]  # out of place: the inputs may be autograd leaves
+                hidden = torch.cat([hidden[:, :width] + prompts[index], hidden[:, width:]], dim=1)
             out = layer(hidden, **kwargs_by_type[layer_type])
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden

@@ -36,6 +36,7 @@ class ServerConfig:
     token: str | None = None
     revision: str | None = None
     cache_dir: str | None = None
+    adapters: list[str] = field(default_factory=list)  # PEFT LoRA folders, announced by these names
     # Limits and timeouts
     inference_max_length: int | None = None  # None: Petals' default for the model (8192 or 2048)
     max_batch_size: int | None = None  # tokens per request; None: same rule

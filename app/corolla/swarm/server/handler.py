@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
@@ -35,7 +36,10 @@ from corolla.swarm import protocol
 from corolla.swarm.models.cache import SessionCache
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.server import block_args
+from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.compute_queue import ComputeQueue, Priority
+from corolla.swarm.server.forward_graphs import ForwardGraphs, KeptGraph, graph_key
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.packing import (
     BadRequest,
@@ -45,7 +49,7 @@ from corolla.swarm.server.packing import (
     is_dummy,
     serialize,
     stream_parts,
-    unpack_args,
+    unpack_args_kwargs,
 )
 from corolla.swarm.server.stats import ServerStats
 from corolla.swarm.server.streams import StreamLimits, add_stream_handler
@@ -139,6 +143,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.sessions: dict[str, _Session] = {}
         self.load = _PeerLoad()
         self.compute_queue = ComputeQueue(executor)
+        self.graphs = ForwardGraphs()
         # The largest message an honest peer sends: a full batch of float32 hidden states (inference
         # sends it whole), or one 4 MiB chunk of a forward/backward stream; plus metadata and framing.
         largest = max(limits.max_batch_size * (span.hidden_size * 4 + 8), protocol.STREAM_CHUNK_BYTES)
@@ -150,6 +155,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             buffered_bytes=2 * max_message + 16 * 1024 * 1024,
             streams_per_peer=2 * limits.max_sessions_per_peer,
         )
+        self.adapters: tuple[str, ...] = ()  # LoRA adapters this server can activate (none yet)
         self.p2p: P2P | None = None
         self._background: set[asyncio.Task] = set()
         # Moving average of step compute times; starts high so the first (cold) steps run off the loop.
@@ -205,11 +211,6 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 f"Task size greater than max_batch_size ({self.limits.max_batch_size}), it can't be processed"
             )
         return value
-
-    @staticmethod
-    def _no_prompts(args: list[Any]) -> None:
-        if len(args) > 1 and not is_dummy(args[1]):
-            raise BadRequest("deep prompts (prompt tuning) are not supported by this server")
 
     async def _compute(
         self, fn: Callable[[], torch.Tensor], priority: Priority = Priority.INFERENCE, inline: bool = False
@@ -277,45 +278,72 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
 
     # --- forward and backward ----------------------------------------------------------------------
-    async def _forward(self, uid: str, metadata: dict, tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def _forward(
+        self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
+    ) -> torch.Tensor:
         span = self._chain(uid)
-        args = unpack_args(metadata, tensors)
+        args, kwargs = unpack_args_kwargs(metadata, tensors)
         if not args:
             raise BadRequest("forward needs hidden states")
         hidden = self._hidden_states(args[0])
-        self._no_prompts(args)
+        prompts = block_args.deep_prompts(args[1] if len(args) > 1 else None, span, hidden)
+        mask = block_args.padding_mask(kwargs, hidden.shape[0], hidden.shape[1])
+        adapter = block_args.check_adapter(metadata, self.adapters)
         self.stats.forward_requests += 1
-        out = await asyncio.wait_for(self._compute(lambda: span(hidden), Priority.FORWARD), self.limits.request_timeout)
+        keep = graph_key(metadata, "corolla_keep_graph")  # a Corolla client's backward will follow
+        if keep is None or peer is None:
+            run = run_with_adapter(adapter, lambda: block_args.forward(span, hidden, prompts, mask))
+            out = await asyncio.wait_for(self._compute(run, Priority.FORWARD), self.limits.request_timeout)
+        else:
+            run = run_with_adapter(adapter, lambda: block_args.forward_keeping_graph(span, hidden, prompts, mask))
+            out, leaf, prompt_leaf, graph = await asyncio.wait_for(
+                self._compute(run, Priority.FORWARD), self.limits.request_timeout
+            )
+            nbytes = block_args.graph_nbytes(span, hidden)
+            kept = KeptGraph(peer, uid, hidden, prompts, mask, leaf, prompt_leaf, graph, nbytes, 0.0)
+            self.graphs.keep(keep, kept)
         self.stats.tokens_processed += hidden.shape[0] * hidden.shape[1]
         return out
 
-    async def _backward(self, uid: str, metadata: dict, tensors: list[torch.Tensor]) -> torch.Tensor:
+    async def _backward(
+        self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
+    ) -> list[torch.Tensor]:
+        """[grad_inputs], plus grad_prompts when deep prompts were sent (Petals' reply)."""
         span = self._chain(uid)
-        args = unpack_args(metadata, tensors)
+        args, kwargs = unpack_args_kwargs(metadata, tensors)
         if len(args) < 2:
             raise BadRequest("backward needs inputs and grad_outputs")
         inputs = self._hidden_states(args[0])
         grad_outputs = args[1]
         if not isinstance(grad_outputs, torch.Tensor) or grad_outputs.shape != inputs.shape:
             raise BadRequest("grad_outputs must have the shape of the inputs")
-        if len(args) > 2 and not is_dummy(args[2]):
-            raise BadRequest("deep prompts (prompt tuning) are not supported by this server")
+        if not grad_outputs.is_floating_point():
+            raise BadRequest("grad_outputs must be floating point")
+        prompts = block_args.deep_prompts(args[2] if len(args) > 2 else None, span, inputs)
+        mask = block_args.padding_mask(kwargs, inputs.shape[0], inputs.shape[1])
+        adapter = block_args.check_adapter(metadata, self.adapters)
         self.stats.backward_requests += 1
-
-        def run() -> torch.Tensor:
-            leaf = inputs.detach().to(device=span.device, dtype=span.dtype).requires_grad_(True)
-            out = span(leaf, enable_grad=True)
-            out.backward(grad_outputs.to(device=out.device, dtype=out.dtype))
-            return leaf.grad
-
-        return await asyncio.wait_for(self._compute(run, Priority.BACKWARD), self.limits.request_timeout)
+        key = graph_key(metadata, "corolla_graph")
+        kept = None if key is None else self.graphs.take(key, peer, uid, inputs, prompts, mask)
+        if kept is not None:  # the forward's graph: backpropagate without re-running it
+            self.stats.backward_graphs_reused += 1
+            run = functools.partial(block_args.backward_through, kept.out, kept.leaf, kept.prompt_leaf, grad_outputs)
+        else:
+            run = run_with_adapter(adapter, lambda: block_args.backward(span, inputs, grad_outputs, prompts, mask))
+        return await asyncio.wait_for(
+            self._compute(run, Priority.BACKWARD),
+            self.limits.request_timeout,
+        )
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
                 out = await self._forward(
-                    request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
+                    request.uid,
+                    decode_metadata(request.metadata),
+                    deserialize_tensors(request.tensors),
+                    context.remote_id,
                 )
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
@@ -330,7 +358,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         try:
             async with self._queued(context.remote_id):
                 uid, metadata, tensors = await self._gather(requests)
-                out = await self._forward(uid, metadata, tensors)
+                out = await self._forward(uid, metadata, tensors, context.remote_id)
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
@@ -343,12 +371,15 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
                 grad = await self._backward(
-                    request.uid, decode_metadata(request.metadata), deserialize_tensors(request.tensors)
+                    request.uid,
+                    decode_metadata(request.metadata),
+                    deserialize_tensors(request.tensors),
+                    context.remote_id,
                 )
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
-        response = runtime_pb2.ExpertResponse(tensors=[serialize(grad)])
+        response = runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grad])
         self.stats.bytes_out += response.ByteSize()
         return response
 
@@ -358,11 +389,11 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         try:
             async with self._queued(context.remote_id):
                 uid, metadata, tensors = await self._gather(requests)
-                grad = await self._backward(uid, metadata, tensors)
+                grad = await self._backward(uid, metadata, tensors, context.remote_id)
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
-        for part in stream_parts(serialize(grad)):
+        for part in [p for g in grad for p in stream_parts(serialize(g))]:
             self.stats.bytes_out += part.ByteSize()
             yield runtime_pb2.ExpertResponse(tensors=[part])
 
@@ -390,6 +421,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             span = self._chain(first.uid)
             metadata = decode_metadata(first.metadata)
             max_length, alloc_timeout, session_id = self._session_params(metadata)
+            block_args.check_adapter(metadata, self.adapters)
             batch = first.tensors[0].size[0] if first.tensors and first.tensors[0].size else 1
             if not 1 <= batch <= self.limits.max_batch_size:
                 raise BadRequest(f"batch size {batch} is outside [1, {self.limits.max_batch_size}]")
@@ -482,9 +514,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         max_length: int,
     ) -> torch.Tensor:
         tensors = deserialize_tensors(request.tensors)
-        args = unpack_args({"args_structure": first_metadata.get("args_structure")}, tensors)
+        args, kwargs = unpack_args_kwargs({"args_structure": first_metadata.get("args_structure")}, tensors)
         hidden = self._hidden_states(args[0] if args else None, batch)
-        self._no_prompts(args)
+        prompts = block_args.deep_prompts(args[1] if len(args) > 1 else None, span, hidden) if hidden.shape[1] else None
         position = metadata.get("start_from_position")
         if position is not None:
             if type(position) is not int or position < 0 or position > cache.length:
@@ -506,8 +538,15 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             cache.cache.reorder_cache(hypo_ids.to(span.device))
         if length == 0:
             return torch.empty(batch, 0, span.hidden_size, dtype=span.dtype)
+        mask = block_args.padding_mask(kwargs, batch, cache.length + length)
+        position_ids = block_args.positions(mask, cache.length, length)
+        adapter = block_args.check_adapter(first_metadata, self.adapters)
         out = await self._compute(
-            lambda: span(hidden, cache), Priority.INFERENCE, inline=self._can_run_inline(batch * length)
+            run_with_adapter(
+                adapter, lambda: span(hidden, cache, attention_mask=mask, position_ids=position_ids, prompts=prompts)
+            ),
+            Priority.INFERENCE,
+            inline=self._can_run_inline(batch * length),
         )
         self.stats.tokens_processed += batch * length
         self.stats.inference_steps += 1

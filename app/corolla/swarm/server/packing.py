@@ -78,9 +78,15 @@ def deserialize_tensors(protos: Sequence[runtime_pb2.Tensor]) -> list[torch.Tens
 
 def unpack_args(metadata: dict[str, Any], tensors: list[torch.Tensor]) -> list[Any]:
     """Rebuild the positional arguments from `args_structure` (bytes markers `__T<i>` name tensors)."""
+    return unpack_args_kwargs(metadata, tensors)[0]
+
+
+def unpack_args_kwargs(metadata: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[list[Any], dict[Any, Any]]:
+    """Positional and keyword arguments from `args_structure` ((args...), {kwargs}); Corolla peers send
+    extensions (the padding mask) as keywords, which stock servers ignore."""
     structure = metadata.get("args_structure")
     if structure is None:
-        return list(tensors)
+        return list(tensors), {}
 
     def rebuild(node: Any, depth: int = 0) -> Any:
         if depth > 8:
@@ -99,7 +105,8 @@ def unpack_args(metadata: dict[str, Any], tensors: list[torch.Tensor]) -> list[A
     rebuilt = rebuild(structure)
     if not (isinstance(rebuilt, list) and rebuilt and isinstance(rebuilt[0], list)):
         raise BadRequest("args_structure must be ((args...), {kwargs})")
-    return rebuilt[0]
+    kwargs = rebuilt[1] if len(rebuilt) > 1 and isinstance(rebuilt[1], dict) else {}
+    return rebuilt[0], kwargs
 
 
 def is_dummy(tensor: Any) -> bool:

@@ -36,6 +36,7 @@ from corolla.swarm.models.loading import estimate_memory
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.peers import start_dht
 from corolla.swarm.protocol import ServerInfo, ServerState
+from corolla.swarm.server.adapters import check_adapter_folders, load_adapters
 from corolla.swarm.server.block_selection import choose_best_blocks, should_choose_other_blocks
 from corolla.swarm.server.config import ServerConfig
 from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
@@ -72,6 +73,7 @@ class BlockServer:
         self.stats.quant_type = config.quant_type
         self.state = ServerState.OFFLINE
         self.span: BlockSpan | None = None
+        self.adapters: tuple[str, ...] = ()
         self.budget: CacheBudget | None = None
         self.throughput: Throughput | None = None
         self.announced_throughput = 0.0
@@ -94,6 +96,7 @@ class BlockServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        check_adapter_folders(self.config.adapters)
         self._set_state("joining", "starting the DHT")
         self.dht = start_dht(
             self.config.initial_peers,
@@ -196,6 +199,7 @@ class BlockServer:
             cache_dir=self.config.cache_dir,
         )
         self.span = await asyncio.to_thread(load_span, self.checkpoint, start, end, options)
+        self.adapters = await asyncio.to_thread(load_adapters, self.span, self.config.adapters)
         self.stats.span_bytes = self.span.memory_bytes()
         self.budget = CacheBudget(
             max_bytes=(end - start) * self.attn_cache_tokens * self.bytes_per_token_block,
@@ -211,6 +215,7 @@ class BlockServer:
             step_timeout=self.config.step_timeout,
         )
         handler = TransformerConnectionHandler(self.span, self.dht_prefix, self.budget, limits, self.stats, executor)
+        handler.adapters = self.adapters
         p2p = await self.dht.replicate_p2p()
         await handler.attach(p2p)
         self.state = ServerState.ONLINE
@@ -248,7 +253,7 @@ class BlockServer:
             network_rps=self.throughput.network_rps if measured else None,
             forward_rps=self.throughput.forward_rps if measured else None,
             inference_rps=self.throughput.inference_rps if measured else None,
-            adapters=(),
+            adapters=tuple(self.adapters),
             torch_dtype=dtype_name(self.dtype),
             quant_type=self.config.quant_type,
             using_relay=False,

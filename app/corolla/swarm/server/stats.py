@@ -39,6 +39,7 @@ class ServerStats:
     sessions_active: int = 0
     forward_requests: int = 0
     backward_requests: int = 0
+    backward_graphs_reused: int = 0  # backward passes that reused their forward's graph (no re-run)
     requests_refused: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
