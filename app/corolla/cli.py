@@ -336,6 +336,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         extra[prefix] = int(blocks)
     dht = start_dht(args.initial_peers, client_mode=True, use_relay=not args.no_relay, auto_nat=not args.no_auto_nat)
     loop = _LoopThread()
+    p2p = None
     try:
         p2p = loop.run(dht.replicate_p2p(), timeout=60)
         models = loop.run(read_swarm_health(dht, p2p, extra), timeout=120)
@@ -345,6 +346,9 @@ def cmd_swarm(args: argparse.Namespace) -> int:
             print(format_health(models))
         return 0
     finally:
+        if p2p is not None:
+            with contextlib.suppress(Exception):
+                loop.run(p2p.shutdown(), timeout=10)
         loop.stop()
         dht.shutdown()
 
