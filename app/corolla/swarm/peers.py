@@ -121,6 +121,10 @@ def start_dht(
 
 def _describe_start_failure(exc: Exception, initial_peers: Sequence[str]) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "failed to connect to bootstrap peers" in text:
+        text = "none of them answered (check that the address is current and the peer is running)"
+    elif isinstance(exc, TimeoutError):
+        text = "no answer in time"
     if initial_peers:
         return f"could not join the swarm through {' '.join(initial_peers)}: {text[:300]}"
     return f"could not start the DHT: {text[:300]}"

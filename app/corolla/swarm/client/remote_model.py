@@ -106,8 +106,8 @@ class RemoteSession:
         self.model._loop.run(self._session.rollback(position))
         self.pending = None
 
-    def close(self) -> None:
-        self.model._loop.run(self._session.close())
+    def close(self, timeout: float | None = None) -> None:
+        self.model._loop.run(self._session.close(), timeout)
 
     def __enter__(self) -> RemoteSession:
         return self

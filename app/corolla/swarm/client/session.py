@@ -53,11 +53,11 @@ class _ServerStream:
         return 0 if self.history is None else self.history.shape[1]
 
     async def open(self, view: SwarmView, timeout: float) -> None:
-        self._outbox = asyncio.Queue()
+        self._outbox = outbox = asyncio.Queue()
 
         async def requests():
-            while True:
-                request = await self._outbox.get()
+            while True:  # its own reference: close() drops self._outbox while this may still run
+                request = await outbox.get()
                 if request is None:
                     return
                 yield request

@@ -42,7 +42,7 @@ from corolla.swarm.server.config import ServerConfig
 from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.stats import ServerStats
-from corolla.swarm.server.throughput import Throughput, get_throughput
+from corolla.swarm.server.throughput import Throughput, cached_throughput, measure, save_throughput
 
 logger = logging.getLogger(__name__)
 LEAVE_GRACE_S = 8.0  # from a stop request to leaving the serving loop (OFFLINE sent, handlers off)
@@ -81,6 +81,7 @@ class BlockServer:
         self.throughput: Throughput | None = None
         self.announced_throughput = 0.0
         self.dht = None
+        self._unsaved_throughput: Throughput | None = None
         self._stop = asyncio.Event()
         self._wake_announcer = asyncio.Event()
 
@@ -180,15 +181,30 @@ class BlockServer:
         value = self.config.throughput
         if isinstance(value, float):
             return Throughput(inference_rps=value, forward_rps=value, network_rps=value)
-        cache = self.config.throughput_cache
-        return get_throughput(
-            self.checkpoint,
-            self.device,
-            self.dtype,
-            self.config.quant_type,
-            Path(cache) if cache else None,
-            force_eval=value == "eval",
-        )
+        cache = Path(self.config.throughput_cache) if self.config.throughput_cache else None
+        key = (self.checkpoint, self.device, self.dtype, self.config.quant_type)
+        if cache is not None and value != "eval":
+            cached = cached_throughput(*key, cache)
+            if cached is not None:
+                return cached
+        measured = measure(*key)
+        self._unsaved_throughput = measured if cache is not None else None  # saved once the blocks load
+        return measured
+
+    def _save_throughput(self) -> None:
+        measured, self._unsaved_throughput = self._unsaved_throughput, None
+        if measured is not None:
+            try:
+                save_throughput(
+                    self.checkpoint,
+                    self.device,
+                    self.dtype,
+                    self.config.quant_type,
+                    Path(self.config.throughput_cache),
+                    measured,
+                )
+            except OSError as exc:
+                logger.warning("could not save the throughput measurement: %s", _one_line(exc))
 
     def _num_blocks_to_serve(self) -> int:
         if self.config.num_blocks is not None:
@@ -266,6 +282,7 @@ class BlockServer:
             await handler.attach(p2p)
             self.state = ServerState.ONLINE
             self._set_state("online", f"serving blocks [{start}, {end})")
+            self._save_throughput()
             for maddr in self.stats.visible_maddrs:
                 print(f"corolla: serving {self.dht_prefix}; others join with --initial-peers {maddr}", flush=True)
             tasks.append(asyncio.create_task(self._announce_forever(start, end)))
