@@ -373,10 +373,14 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_model_argument(args.model)
+    import logging
+
     from corolla.swarm.client.chat import ChatSession
     from corolla.swarm.client.generation import sampling_kwargs
     from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
 
+    # The client's own warnings (a server failing, routing retries) as progress lines; hivemind is quiet.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="corolla: %(message)s")
     config = _client_config(args)
     _progress(f"joining the swarm through {' '.join(args.initial_peers)} ...")
     model = AutoDistributedModelForCausalLM.from_pretrained(
@@ -430,10 +434,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return interrupted.is_set()
 
     try:
+        _progress(f"looking for servers of {model.dht_prefix} ...")
+        route = _find_route(model)
         if args.prompt is not None:
             return 130 if answer(args.prompt) else 0
-        _progress(f"looking for servers of {model.dht_prefix} ...")
-        route = model.route()
         print(
             f"Chatting with {args.model} through the swarm (route: {route}). Empty line or Ctrl-D quits; "
             "Ctrl-C stops a reply.",
@@ -455,6 +459,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             chat.close()
             model.close()
+
+
+def _find_route(model, attempts: int = 6) -> str:
+    """The route a session would take now; waits a little (saying so) for servers still joining, and
+    says at once when nobody announces the model at all."""
+    from corolla.swarm.client.routing import MissingBlocksError
+    from corolla.swarm.client.session import NOBODY_SERVES_ATTEMPTS
+
+    for attempt in range(attempts):
+        try:
+            return model.route()
+        except MissingBlocksError as exc:
+            if not model.view.announced and attempt >= NOBODY_SERVES_ATTEMPTS - 1:
+                raise MissingBlocksError(exc.blocks, model.dht_prefix, nobody=True) from None
+            if attempt == attempts - 1:
+                raise
+            delay = min(0.5 * 2**attempt, 5.0)
+            _progress(f"{exc}; looking again in {delay:.0f} s ({attempt + 1}/{attempts - 1})")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -26,6 +27,7 @@ from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, Swarm
 from corolla.swarm.server.handler import TransformerConnectionHandler
 
 logger = logging.getLogger(__name__)
+NOBODY_SERVES_ATTEMPTS = 3  # DHT reads that find no record at all of a model before saying nobody serves it
 ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {})
 _DUMMY = serialize_torch_tensor(torch.zeros(0))
 _DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
@@ -153,9 +155,15 @@ class InferenceSession:
                 route = self.view.route(0, self.view.num_blocks, cache_tokens_needed=batch * self.max_length)
                 self.streams = await self._open_segments(route)
                 break
-            except MissingBlocksError:
+            except MissingBlocksError as exc:
+                if not self.view.announced and attempt >= NOBODY_SERVES_ATTEMPTS - 1:
+                    raise MissingBlocksError(exc.blocks, self.view.dht_prefix, nobody=True) from None
                 if attempt == config.max_retries:
                     raise
+                delay = min(config.min_backoff * 2**attempt, config.max_backoff)
+                logger.warning(
+                    "looking for servers: %s; again in %.0f s (%d/%d)", exc, delay, attempt + 1, config.max_retries
+                )
             except Exception as exc:  # a server that fails to open: ban it and route again
                 for stream in self.streams:
                     await stream.close()
@@ -182,6 +190,7 @@ class InferenceSession:
         if not self._started:
             await self._start(hidden.shape[0])
         step_id = str(uuid.uuid4())
+        self._refusals: dict[str, int] = {}
         index = 0
         while index < len(self.streams):
             stream = self.streams[index]
@@ -196,10 +205,12 @@ class InferenceSession:
                     break
                 except Exception as exc:
                     attempt += 1
+                    self._note_refusal(exc)
                     if attempt > self.view.config.max_retries:
                         if isinstance(exc, MissingBlocksError):
                             raise
-                        raise ServerFailure(f"step failed after {attempt} attempts: {exc}") from exc
+                        cause = self._last_refusal or exc
+                        raise ServerFailure(f"step failed after {attempt} attempts: {cause}") from exc
                     logger.warning(
                         "server …%s failed at step %d (%s); replacing it",
                         stream.segment.peer_id[-6:],
@@ -217,6 +228,7 @@ class InferenceSession:
                         hidden = hidden_out
                         index += replaced
                         break
+                    self._raise_if_refused_again()
                     stream = self.streams[index]
         self.position += length
         return hidden
@@ -248,6 +260,7 @@ class InferenceSession:
                 stream.history = full
                 full = output
         except Exception as exc:
+            self._note_refusal(exc)
             logger.warning("replacement route %s failed: %s", describe_route(route), exc)
             for stream in new_streams:
                 await stream.close()
@@ -260,7 +273,35 @@ class InferenceSession:
         logger.info("new route: %s", self.describe())
         return len(new_streams), full[:, -inputs.shape[1] :]
 
+    def _note_refusal(self, exc: Exception) -> None:
+        """Count what servers answer with an error of their own (not a timeout or a broken stream)."""
+        said = server_refusal(exc)
+        if said is not None:
+            self._refusals[said] = self._refusals.get(said, 0) + 1
+
+    @property
+    def _last_refusal(self) -> str | None:
+        refusals = getattr(self, "_refusals", {})
+        return max(refusals, key=refusals.get) if refusals else None
+
+    def _raise_if_refused_again(self) -> None:
+        """The same refusal from the server and from its replacement: this request cannot succeed (too
+        long a session, say); retrying would only hide the reason."""
+        said = self._last_refusal
+        if said is not None and self._refusals[said] >= 2:
+            raise ServerFailure(f"the server refused: {said}")
+
     async def close(self) -> None:
         for stream in self.streams:
             await stream.close()
         self.streams = []
+
+
+def server_refusal(exc: BaseException) -> str | None:
+    """The server's own error text from hivemind's "Failed to call handler `X` at PEER: TEXT"; None for
+    failures that are not a server's answer (timeouts, closed streams)."""
+    if not isinstance(exc, P2PHandlerError):
+        return None
+    text = str(exc)
+    marker = text.find(": ", text.find(" at ") + 1) if " at " in text else -1
+    return (text[marker + 2 :] if marker >= 0 else text).strip()[:500] or None
