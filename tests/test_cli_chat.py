@@ -10,6 +10,7 @@ import time
 
 import pexpect
 import pytest
+import torch
 
 from tests.support.swarm import CorollaServer
 
@@ -108,3 +109,36 @@ def test_a_model_nobody_serves_is_reported_with_progress(served):
     lines = result.stderr.strip().splitlines()
     assert any("looking for servers" in line for line in lines[:-1]), result.stderr
     assert lines[-1].startswith("corolla: error:") and "nobody-serves-this" in lines[-1], result.stderr
+
+
+def test_a_reply_cut_inside_a_character_reads_the_same_streamed_and_not(tiny_models):
+    """What the node's /v1/chat/completions returns: streamed pieces, or the watcher's text at the end."""
+    from transformers import AutoTokenizer
+
+    from corolla.swarm.client.chat import ReplyWatcher
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models.get("llama")))
+    ids = tokenizer("ok 日本 🌸", add_special_tokens=False).input_ids
+    pieces: list[str] = []
+    watcher = ReplyWatcher(tokenizer, [], on_text=pieces.append)
+    cut = len(ids) - 1  # the flower takes several byte tokens: the reply ends inside it
+    assert tokenizer.decode(ids[:cut]).endswith("\ufffd")
+    for token in ids[:cut]:
+        watcher(torch.tensor([token]))
+    assert "".join(pieces) == watcher.text() == "ok 日本 "
+
+
+def test_swarm_text_and_json_agree_and_say_nothing_else(served):
+    import json
+
+    _, maddr = served
+    base = ["-m", "corolla.cli", "swarm", "--initial-peers", maddr, *LOOPBACK]
+    as_json, _ = _run(*base, "--json")
+    as_text, _ = _run(*base)
+    for result in (as_json, as_text):
+        assert result.returncode == 0, result.stderr
+        assert "Task was destroyed" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    (model,) = [m for m in json.loads(as_json.stdout) if m["dht_prefix"] == PREFIX]
+    (server,) = model["servers"]
+    assert server["free_cache_tokens"] == server["cache_tokens_left"] // (2 * 6) > 0
+    assert f"free cache {server['free_cache_tokens']} tok" in as_text.stdout, as_text.stdout

@@ -46,7 +46,10 @@ class TextStream:
         return piece
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        """Everything so far, without a multi-byte character cut off at the end (a reply that stops
+        there reads the same streamed and not streamed)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return self.emitted if text.endswith("\ufffd") else text
 
 
 class ReplyWatcher:
