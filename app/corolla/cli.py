@@ -82,7 +82,12 @@ def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a Hugging Face repo id or a local model folder")
     parser.add_argument("--token", default=None, help="Hugging Face token for gated models")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    parser.add_argument("--torch-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--torch-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="the weights' type in memory (auto: the checkpoint's, float32 on a CPU for half types)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
@@ -365,10 +370,21 @@ def _client_config(args: argparse.Namespace):
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
-    parser.add_argument("--no-relay", action="store_true")
-    parser.add_argument("--no-auto-nat", action="store_true")
-    parser.add_argument("--request-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        required=True,
+        metavar="MADDR",
+        type=_peer_maddr,
+        help="any peers of the swarm (multiaddrs ending in /p2p/PEER_ID)",
+    )
+    parser.add_argument("--no-relay", action="store_true", help="neither use nor offer libp2p relays")
+    parser.add_argument(
+        "--no-auto-nat", action="store_true", help="do not ask peers whether this computer is reachable"
+    )
+    parser.add_argument(
+        "--request-timeout", type=_positive_float, default=30.0, help="seconds to wait for a server's answer"
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -755,16 +771,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with a model through the swarm (terminal)")
     _add_model_source_args(chat)
     _add_client_args(chat)
-    chat.add_argument("--dht-prefix", default=None)
+    chat.add_argument("--dht-prefix", default=None, help="the model's name on the DHT (default: from its config)")
     chat.add_argument("--prompt", default=None, help="answer this once and exit")
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--max-length", type=int, default=2048, help="tokens one session may hold")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=256, help="the longest reply, in tokens")
+    chat.add_argument("--max-length", type=_positive_int, default=2048, help="tokens one session may hold")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--top-k", type=int, default=None)
-    chat.add_argument("--repetition-penalty", type=float, default=1.0)
-    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens up to this mass")
+    chat.add_argument("--top-k", type=_positive_int, default=None, help="sample from this many likeliest tokens")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats")
+    chat.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     chat.add_argument("--stop", nargs="*", default=None, help="stop sequences")
     chat.set_defaults(func=cmd_chat)
 
@@ -776,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX:NUM_BLOCKS",
         help="also check these models (for swarms that do not announce a model index)",
     )
-    swarm.add_argument("--json", action="store_true")
+    swarm.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
     swarm.set_defaults(func=cmd_swarm)
 
     model = commands.add_parser("model", help="inspect, build and run models locally")
