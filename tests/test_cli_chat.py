@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pexpect
 import pytest
 import torch
 
+from tests.support.procs import descendants, describe, kill_all, wait_gone
 from tests.support.swarm import CorollaServer
 
 PREFIX = "tiny-clichat"
@@ -142,3 +144,24 @@ def test_swarm_text_and_json_agree_and_say_nothing_else(served):
     (server,) = model["servers"]
     assert server["free_cache_tokens"] == server["cache_tokens_left"] // (2 * 6) > 0
     assert f"free cache {server['free_cache_tokens']} tok" in as_text.stdout, as_text.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_chat_group_at_the_prompt_leaves_nothing(served, sig):
+    model, maddr = served
+    child = pexpect.spawn(sys.executable, _chat_command(model, maddr), timeout=120, encoding="utf-8")
+    tree = []
+    try:
+        child.expect_exact("> ")
+        tree = descendants(child.pid)
+        assert any("p2pd" in " ".join(p.cmdline()) for p in tree), describe(tree)
+        os.killpg(child.pid, sig)
+        child.expect(pexpect.EOF, timeout=30)
+        transcript = child.before
+        left = wait_gone(tree, 15)
+        assert not left, describe(left)
+    finally:
+        kill_all(tree)
+        child.close(force=True)
+    assert "Traceback" not in transcript, transcript
+    assert child.exitstatus == (143 if sig == signal.SIGTERM else 0), transcript

@@ -389,6 +389,7 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_model_argument(args.model)
+    _progress(f"joining the swarm through {' '.join(args.initial_peers)} ...")  # before the slow imports
     import logging
 
     from corolla.swarm.client.chat import ChatSession
@@ -398,7 +399,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     # The client's own warnings (a server failing, routing retries) as progress lines; hivemind is quiet.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="corolla: %(message)s")
     config = _client_config(args)
-    _progress(f"joining the swarm through {' '.join(args.initial_peers)} ...")
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model,
         initial_peers=args.initial_peers,
@@ -436,7 +436,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 should_stop=interrupted.is_set,
                 **sampling,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, _Terminated):
+                raise
             print("\n-- stopped (the next message starts a new session)", file=sys.stderr)
             return True
         finally:
@@ -464,7 +466,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 text = input("> ")
             except EOFError:
                 break
-            except KeyboardInterrupt:  # at the prompt: quit, as Ctrl-D does
+            except KeyboardInterrupt as exc:  # Ctrl-C at the prompt: quit, as Ctrl-D does
+                if isinstance(exc, _Terminated):
+                    raise
                 print(file=sys.stderr)
                 break
             if not text.strip():
@@ -852,9 +856,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("corolla: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(f"corolla: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:
         if args.debug:
             raise
@@ -870,8 +875,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C so that every `finally` (DHT shutdown, sessions) runs."""
+
+
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise _Terminated
 
 
 def _user_error_types() -> tuple[type, ...]:

@@ -53,8 +53,10 @@ class CorollaDHT(DHT):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # p2pd (a Go program) inherits an ignored SIGINT and keeps ignoring it; only the parent handles it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if hasattr(signal, "SIGTSTP"):
-            signal.signal(signal.SIGTSTP, signal.SIG_IGN)
+        # Out of the terminal's foreground group now: never stopped for writing its log there (`stty tostop`).
+        for name in ("SIGTSTP", "SIGTTOU"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
         if hasattr(os, "getppid"):
             threading.Thread(
                 target=_watch_parent, args=(self._watched_parent,), name="corolla-parent-watch", daemon=True
