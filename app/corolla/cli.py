@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import itertools
 import json
+import signal
 import sys
+import threading
 import time
 
 from corolla import __version__
 from corolla.executable import corolla_command
 from corolla.units import human_bytes
+
+CHAT_STOP_GRACE_S = 2.0  # a step that does not end this long after Ctrl-C is abandoned
+
+
+def _progress(text: str) -> None:
+    print(f"corolla: {text}", file=sys.stderr, flush=True)
 
 
 def _parse_blocks(text: str) -> tuple[int, int]:
@@ -19,18 +28,71 @@ def _parse_blocks(text: str) -> tuple[int, int]:
         start, end = (int(part) for part in text.split(":"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"blocks must look like START:END, got {text!r}") from exc
+    if start < 0 or end <= start:
+        raise argparse.ArgumentTypeError(f"{text} is empty or reversed: give START:END with 0 <= START < END")
     return start, end
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from exc
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _peer_maddr(text: str) -> str:
+    """A multiaddr that names a peer: /ip4/HOST/tcp/PORT/p2p/PEER_ID (checked before anything starts)."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    example = "/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW..."
+    try:
+        maddr = Multiaddr(text)
+    except Exception as exc:
+        reason = str(exc).split(":", 1)[-1].strip() if "protocol" in str(exc) else "not a multiaddr"
+        raise argparse.ArgumentTypeError(f"{text!r}: {reason} (expected like {example})") from exc
+    if "p2p" not in [protocol.name for protocol in maddr.protocols()]:
+        raise argparse.ArgumentTypeError(f"{text!r} has no /p2p/PEER_ID part (expected like {example})")
+    return text
 
 
 def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a Hugging Face repo id or a local model folder")
     parser.add_argument("--token", default=None, help="Hugging Face token for gated models")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    parser.add_argument("--torch-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--torch-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="the weights' type in memory (auto: the checkpoint's, float32 on a CPU for half types)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
+    _check_model_argument(args.model)
     from corolla.swarm.models import open_checkpoint, resolve_dht_prefix
     from corolla.swarm.models.devices import checkpoint_dtype_of, dtype_name, resolve_device, resolve_dtype
     from corolla.swarm.models.errors import EngineError
@@ -88,6 +150,7 @@ def cmd_model_make_tiny(args: argparse.Namespace) -> int:
 
 def cmd_model_generate(args: argparse.Namespace) -> int:
     """Greedy generation through locally loaded spans: the engine end to end, no swarm involved."""
+    _check_model_argument(args.model)
     import torch
     from transformers import AutoTokenizer
 
@@ -157,15 +220,20 @@ def _throughput(text: str) -> float | str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Checked before anything heavy is imported or loaded.
+    if not args.initial_peers and not args.new_swarm:
+        raise UsageError("give --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
+    if args.initial_peers and args.new_swarm:
+        raise UsageError("--new-swarm starts a swarm of its own: drop it, or drop --initial-peers")
+    _check_model_argument(args.model)
+    if args.throughput_cache is None:
+        from corolla.node.paths import NodePaths
+
+        args.throughput_cache = str(NodePaths.default().cache_dir / "throughput.json")
+
     from corolla.swarm.server.config import ServerConfig
     from corolla.swarm.server.server import serve
 
-    if not args.initial_peers and not args.new_swarm:
-        print(
-            "corolla: error: give --initial-peers MADDR... to join a swarm, or --new-swarm to start one",
-            file=sys.stderr,
-        )
-        return 2
     host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{args.port}"]
     config = ServerConfig(
         model=args.model,
@@ -207,50 +275,91 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
-def _default_throughput_cache() -> str:
+def _check_model_argument(model: str) -> None:
+    """An existing file is no model (a folder or a hub repo id is): say so, not "not found on the hub"."""
     import os
 
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "corolla", "throughput.json")
+    if os.path.isfile(model):
+        hint = "; convert it first with: corolla model import" if model.lower().endswith(".gguf") else ""
+        raise UsageError(f"{model} is a file; a model is a folder (config.json and weights) or a hub repo id{hint}")
 
 
 def _add_serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="contribute a span of blocks to a swarm (headless)")
     _add_model_source_args(serve)
     swarm = serve.add_argument_group("swarm")
-    swarm.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR")
+    swarm.add_argument(
+        "--initial-peers",
+        nargs="+",
+        default=[],
+        metavar="MADDR",
+        type=_peer_maddr,
+        help="join the swarm through these peers (multiaddrs ending in /p2p/PEER_ID)",
+    )
     swarm.add_argument("--new-swarm", action="store_true", help="start a new swarm (prints how others join)")
-    swarm.add_argument("--dht-prefix", default=None)
-    swarm.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any)")
-    swarm.add_argument("--host-maddrs", nargs="+", default=None, metavar="MADDR")
-    swarm.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MADDR")
+    swarm.add_argument(
+        "--dht-prefix", default=None, help="the model's name on the DHT (default: from the model's config or name)"
+    )
+    swarm.add_argument("--port", type=_port, default=0, help="TCP port to listen on (0: any)")
+    swarm.add_argument(
+        "--host-maddrs", nargs="+", default=None, metavar="MADDR", help="listen on these multiaddrs (overrides --port)"
+    )
+    swarm.add_argument(
+        "--announce-maddrs", nargs="+", default=[], metavar="MADDR", help="tell peers to reach this server here"
+    )
     swarm.add_argument("--identity-path", default=None, help="keeps the peer id stable across restarts")
-    swarm.add_argument("--public-name", default=None)
+    swarm.add_argument("--public-name", default=None, help="a name shown next to this server in swarm monitors")
     swarm.add_argument("--nat-port-map", action="store_true", help="ask the router for a port (NAT-PMP/UPnP)")
-    swarm.add_argument("--no-relay", action="store_true")
-    swarm.add_argument("--no-auto-relay", action="store_true")
-    swarm.add_argument("--no-auto-nat", action="store_true")
+    swarm.add_argument("--no-relay", action="store_true", help="neither use nor offer libp2p relays")
+    swarm.add_argument("--no-auto-relay", action="store_true", help="do not look for a relay when unreachable")
+    swarm.add_argument("--no-auto-nat", action="store_true", help="do not ask peers whether this server is reachable")
     blocks = serve.add_argument_group("blocks").add_mutually_exclusive_group()
-    blocks.add_argument("--blocks", type=_parse_blocks, default=None, metavar="START:END")
-    blocks.add_argument("--num-blocks", type=int, default=None, metavar="N")
+    blocks.add_argument(
+        "--blocks", type=_parse_blocks, default=None, metavar="START:END", help="serve exactly these blocks"
+    )
+    blocks.add_argument(
+        "--num-blocks",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="serve N blocks where the swarm needs them most (default: as many as fit in memory)",
+    )
     model = serve.add_argument_group("model and limits")
-    model.add_argument("--quant-type", default="none", choices=["none", "int8", "nf4"])
-    model.add_argument("--cache-dir", default=None)
+    model.add_argument(
+        "--quant-type", default="none", choices=["none", "int8", "nf4"], help="quantize the blocks (CUDA only)"
+    )
+    model.add_argument("--cache-dir", default=None, help="where hub downloads go")
     model.add_argument(
         "--adapters", nargs="+", default=[], metavar="PATH", help="PEFT LoRA adapter folders clients may activate"
     )
-    model.add_argument("--inference-max-length", type=int, default=None)
-    model.add_argument("--max-batch-size", type=int, default=None, help="tokens per request")
-    model.add_argument("--attn-cache-tokens", type=int, default=None, help="KV cache budget per block, in tokens")
+    model.add_argument(
+        "--inference-max-length", type=_positive_int, default=None, help="the longest session, in tokens"
+    )
+    model.add_argument("--max-batch-size", type=_positive_int, default=None, help="tokens per request")
+    model.add_argument(
+        "--attn-cache-tokens", type=_positive_int, default=None, help="KV cache budget per block, in tokens"
+    )
     model.add_argument("--throughput", type=_throughput, default="auto", help="auto, eval or tokens/s")
-    model.add_argument("--throughput-cache", default=_default_throughput_cache())
-    model.add_argument("--update-period", type=float, default=120.0)
-    model.add_argument("--balance-quality", type=float, default=0.75)
-    model.add_argument("--mean-balance-check-period", type=float, default=60.0)
-    model.add_argument("--step-timeout", type=float, default=300.0)
-    model.add_argument("--session-timeout", type=float, default=1800.0)
-    model.add_argument("--max-open-sessions", type=int, default=256, help="inference sessions that reserve cache")
-    model.add_argument("--num-threads", type=int, default=None)
+    model.add_argument(
+        "--throughput-cache", default=None, help="where measured throughputs are kept (default: Corolla's cache)"
+    )
+    model.add_argument("--update-period", type=_positive_float, default=120.0, help="seconds between DHT announcements")
+    model.add_argument(
+        "--balance-quality", type=float, default=0.75, help="move to other blocks below this swarm balance (0..1)"
+    )
+    model.add_argument(
+        "--mean-balance-check-period", type=_positive_float, default=60.0, help="seconds between balance checks"
+    )
+    model.add_argument(
+        "--step-timeout", type=_positive_float, default=300.0, help="seconds one inference step may take"
+    )
+    model.add_argument(
+        "--session-timeout", type=_positive_float, default=1800.0, help="seconds a session may stay open"
+    )
+    model.add_argument(
+        "--max-open-sessions", type=_positive_int, default=256, help="inference sessions that reserve cache"
+    )
+    model.add_argument("--num-threads", type=_positive_int, default=None, help="torch threads for the blocks")
     model.add_argument("--stats-file", default=None, help="write live counters here (JSON, every second)")
     model.add_argument("--exit-with-parent", action="store_true", help="stop when the starting process dies")
     serve.set_defaults(func=cmd_serve)
@@ -269,23 +378,42 @@ def _client_config(args: argparse.Namespace):
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
-    parser.add_argument("--no-relay", action="store_true")
-    parser.add_argument("--no-auto-nat", action="store_true")
-    parser.add_argument("--request-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        required=True,
+        metavar="MADDR",
+        type=_peer_maddr,
+        help="any peers of the swarm (multiaddrs ending in /p2p/PEER_ID)",
+    )
+    parser.add_argument("--no-relay", action="store_true", help="neither use nor offer libp2p relays")
+    parser.add_argument(
+        "--no-auto-nat", action="store_true", help="do not ask peers whether this computer is reachable"
+    )
+    parser.add_argument(
+        "--request-timeout", type=_positive_float, default=30.0, help="seconds to wait for a server's answer"
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_model_argument(args.model)
+    _progress(f"joining the swarm through {' '.join(args.initial_peers)} ...")  # before the slow imports
+    import logging
+
     from corolla.swarm.client.chat import ChatSession
     from corolla.swarm.client.generation import sampling_kwargs
     from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
 
+    # The client's own warnings (a server failing, routing retries) as progress lines; hivemind is quiet.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="corolla: %(message)s")
     config = _client_config(args)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model,
         initial_peers=args.initial_peers,
         dht_prefix=args.dht_prefix,
         torch_dtype=args.torch_dtype,
+        # The client's own parts (embeddings, head) are small: the CPU unless a device is named.
+        device="cpu" if args.device == "auto" else args.device,
         token=args.token,
         revision=args.revision,
         client_config=config,
@@ -293,25 +421,52 @@ def cmd_chat(args: argparse.Namespace) -> int:
     chat = ChatSession(model, system_prompt=args.system, max_length=args.max_length)
     sampling = sampling_kwargs(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
 
-    def answer(text: str) -> None:
-        reply = chat.send(
-            text,
-            max_new_tokens=args.max_new_tokens,
-            stop=args.stop,
-            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-            **sampling,
-        )
+    def answer(text: str) -> bool:
+        """One reply. Ctrl-C stops it (True: interrupted); a second Ctrl-C, or a first one that the
+        current step does not honour within a moment, abandons the step."""
+        interrupted = threading.Event()
+        force_after = threading.Timer(CHAT_STOP_GRACE_S, _thread.interrupt_main)
+        force_after.daemon = True
+
+        def on_interrupt(signum, frame) -> None:
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            interrupted.set()
+            force_after.start()
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            reply = chat.send(
+                text,
+                max_new_tokens=args.max_new_tokens,
+                stop=args.stop,
+                on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                should_stop=interrupted.is_set,
+                **sampling,
+            )
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, _Terminated):
+                raise
+            print("\n-- stopped (the next message starts a new session)", file=sys.stderr)
+            return True
+        finally:
+            force_after.cancel()
+            signal.signal(signal.SIGINT, previous)
+        stopped_by = "Ctrl-C" if reply.stopped_by == "cancelled" else reply.stopped_by
         print(
-            f"\n-- {reply.tokens} tokens, {reply.tokens_per_second:.1f} tokens/s, stopped by {reply.stopped_by}",
+            f"\n-- {reply.tokens} tokens, {reply.tokens_per_second:.1f} tokens/s, stopped by {stopped_by}",
             file=sys.stderr,
         )
+        return interrupted.is_set()
 
     try:
+        _progress(f"looking for servers of {model.dht_prefix} ...")
+        route = _find_route(model)
         if args.prompt is not None:
-            answer(args.prompt)
-            return 0
+            return 130 if answer(args.prompt) else 0
         print(
-            f"Chatting with {args.model} through the swarm (route: {model.route()}). Empty line or Ctrl-D quits.",
+            f"Chatting with {args.model} through the swarm (route: {route}). Empty line or Ctrl-D quits; "
+            "Ctrl-C stops a reply.",
             file=sys.stderr,
         )
         while True:
@@ -319,13 +474,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 text = input("> ")
             except EOFError:
                 break
+            except KeyboardInterrupt as exc:  # Ctrl-C at the prompt: quit, as Ctrl-D does
+                if isinstance(exc, _Terminated):
+                    raise
+                print(file=sys.stderr)
+                break
             if not text.strip():
                 break
             answer(text)
         return 0
     finally:
-        chat.close()
-        model.close()
+        with contextlib.suppress(KeyboardInterrupt):
+            chat.close()
+            model.close()
+
+
+def _find_route(model, attempts: int = 6) -> str:
+    """The route a session would take now; waits a little (saying so) for servers still joining, and
+    says at once when nobody announces the model at all."""
+    from corolla.swarm.client.routing import MissingBlocksError
+    from corolla.swarm.client.session import NOBODY_SERVES_ATTEMPTS
+
+    for attempt in range(attempts):
+        try:
+            return model.route()
+        except MissingBlocksError as exc:
+            if not model.view.announced and attempt >= NOBODY_SERVES_ATTEMPTS - 1:
+                raise MissingBlocksError(exc.blocks, model.dht_prefix, nobody=True) from None
+            if attempt == attempts - 1:
+                raise
+            delay = min(0.5 * 2**attempt, 5.0)
+            _progress(f"{exc}; looking again in {delay:.0f} s ({attempt + 1}/{attempts - 1})")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
@@ -342,6 +523,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         extra[prefix] = int(blocks)
     dht = start_dht(args.initial_peers, client_mode=True, use_relay=not args.no_relay, auto_nat=not args.no_auto_nat)
     loop = _LoopThread()
+    p2p = None
     try:
         p2p = loop.run(dht.replicate_p2p(), timeout=60)
         models = loop.run(read_swarm_health(dht, p2p, extra), timeout=120)
@@ -351,6 +533,9 @@ def cmd_swarm(args: argparse.Namespace) -> int:
             print(format_health(models))
         return 0
     finally:
+        if p2p is not None:
+            with contextlib.suppress(Exception):
+                loop.run(p2p.shutdown(), timeout=10)
         loop.stop()
         dht.shutdown()
 
@@ -389,10 +574,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         status = _node_call("GET", "/api/status")
     except _NoNode as exc:
+        if args.json:  # scripts parse stdout: the same answer, in the format they asked for
+            print(json.dumps({"running": False, "error": str(exc)}, indent=2))
         print(f"corolla: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps({"running": True, **status}, indent=2))
         return 0
     c = status["contribution"]
     blocks = f"blocks {c['start_block']}:{c['end_block']}" if c.get("start_block") is not None else "no blocks"
@@ -560,14 +747,15 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corolla", description="Join and use a Petals swarm.")
+    parser = _Parser(prog="corolla", description="Join and use a Petals swarm.")
     parser.add_argument("--version", action="version", version=f"corolla {__version__}")
     parser.add_argument(
         "--self-test",
         action="store_true",
         help="in a temporary home: build the demo model, serve it, answer one chat, exit 0",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     _add_serve_parser(commands)
 
@@ -595,16 +783,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with a model through the swarm (terminal)")
     _add_model_source_args(chat)
     _add_client_args(chat)
-    chat.add_argument("--dht-prefix", default=None)
+    chat.add_argument("--dht-prefix", default=None, help="the model's name on the DHT (default: from its config)")
     chat.add_argument("--prompt", default=None, help="answer this once and exit")
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--max-length", type=int, default=2048, help="tokens one session may hold")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=256, help="the longest reply, in tokens")
+    chat.add_argument("--max-length", type=_positive_int, default=2048, help="tokens one session may hold")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--top-k", type=int, default=None)
-    chat.add_argument("--repetition-penalty", type=float, default=1.0)
-    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens up to this mass")
+    chat.add_argument("--top-k", type=_positive_int, default=None, help="sample from this many likeliest tokens")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats")
+    chat.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     chat.add_argument("--stop", nargs="*", default=None, help="stop sequences")
     chat.set_defaults(func=cmd_chat)
 
@@ -616,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX:NUM_BLOCKS",
         help="also check these models (for swarms that do not announce a model index)",
     )
-    swarm.add_argument("--json", action="store_true")
+    swarm.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
     swarm.set_defaults(func=cmd_swarm)
 
     model = commands.add_parser("model", help="inspect, build and run models locally")
@@ -650,32 +838,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """A mistake in the command line: one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors in two lines (what is wrong, where help is) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"corolla: error: {message}\nTry '{self.prog} --help'.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere, also after the subcommand
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     if args.self_test:
         return self_test()
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if args.command not in ("serve", "node"):  # those two leave in order on SIGTERM themselves
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(f"corolla: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:
-        if not isinstance(exc, _user_error_types()):
+        if args.debug:
             raise
-        print(f"corolla: error: {exc}", file=sys.stderr)
-        return 2
+        if isinstance(exc, (UsageError, *_user_error_types())):
+            print(f"corolla: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, _runtime_error_types()):
+            print(f"corolla: error: {exc}", file=sys.stderr)
+            return 1
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"corolla: error: {type(exc).__name__}: {text}", file=sys.stderr)
+        print("(an unexpected failure: run again with --debug for the details)", file=sys.stderr)
+        return 1
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C so that every `finally` (DHT shutdown, sessions) runs."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise _Terminated
 
 
 def _user_error_types() -> tuple[type, ...]:
     """The errors that are the user's to fix (one line, exit 2). Only from modules already loaded:
     importing them would pull torch and hivemind into every command, the window's included."""
-    names = (
-        ("corolla.swarm.models.errors", "EngineError"),
+    return _loaded(("corolla.swarm.models.errors", "EngineError"))
+
+
+def _runtime_error_types() -> tuple[type, ...]:
+    """Failures of the swarm or the network, not of the command line (one line, exit 1)."""
+    return _loaded(
         ("corolla.swarm.client.routing", "MissingBlocksError"),
         ("corolla.swarm.client.session", "ServerFailure"),
+        ("corolla.swarm.peers", "PeerStartError"),
+        ("corolla.node.instance", "AlreadyRunning"),
     )
-    return tuple(getattr(sys.modules[module], name) for module, name in names if module in sys.modules)
+
+
+def _loaded(*names: tuple[str, str]) -> tuple[type, ...]:
+    return tuple(
+        getattr(sys.modules[module], name)
+        for module, name in names
+        if module in sys.modules and hasattr(sys.modules[module], name)
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings, contribution_a
 from corolla.node.supervisor import ServerSupervisor
 
 logger = logging.getLogger(__name__)
+NODE_SHUTDOWN_DEADLINE_S = 40.0  # the block server gets 20 s to leave the swarm, the rest is slack
 DEMO_PREFIX = "corolla-demo-tiny-llama"
 DEMO_NAME = "corolla-demo-tiny-llama (random weights)"
 SERVER_FIELDS = (
@@ -319,11 +321,6 @@ class NodeService:
                 )
         self._last_stats = stats
 
-    def _shutdown_requested(self) -> None:
-        loop = getattr(self, "_loop", None)
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._shutdown.set)
-
     def request_shutdown(self) -> None:
         loop = self._loop
         loop.call_soon_threadsafe(self._shutdown.set)
@@ -366,19 +363,37 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
         return 1
     node = NodeService(paths)
     app = create_app(node)
+
     # Open streams (a chat reply, a window's polling) get a few seconds to finish, then are closed.
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
-    # uvicorn re-raises the signal it caught once it has stopped serving; with the default handler that
-    # would end the process before the block server is stopped. Ours only asks for the shutdown.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: node._shutdown_requested())
+    class NodeHTTPServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # The node handles SIGINT/SIGTERM itself (a second one forces the exit); uvicorn's own
+            # handlers would re-raise the signal after serving and end the process before cleanup.
+            yield
+
+    server = NodeHTTPServer(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
     print(f"corolla node: API on {url} (token in {paths.token_file})", flush=True)
 
+    def on_signal(sig: int) -> None:
+        if node._shutdown.is_set():
+            logger.warning("%s again: stopping now", signal.Signals(sig).name)
+            _force_exit(node, paths, 128 + sig)
+        logger.info("%s: stopping the node (again to force)", signal.Signals(sig).name)
+        node._shutdown.set()
+
     async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
         background = asyncio.create_task(node.run_background())
-        serving = asyncio.create_task(server.serve(sockets=[sock]))  # uvicorn handles SIGTERM/SIGINT itself
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
         stop = asyncio.create_task(node._shutdown.wait())
         await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+        # Leaving is bounded: whatever hangs (a swarm call holding a thread), the node is gone by then.
+        deadline = threading.Timer(NODE_SHUTDOWN_DEADLINE_S, _force_exit, args=(node, paths, 1))
+        deadline.daemon = True
+        deadline.start()
         node._shutdown.set()
         server.should_exit = True
         await asyncio.gather(serving, background, return_exceptions=True)
@@ -390,3 +405,14 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
         release(paths)
         Path(paths.token_file).unlink(missing_ok=True)
     return 0
+
+
+def _force_exit(node: NodeService, paths: NodePaths, code: int) -> None:
+    """A second signal, or a shutdown that overran its deadline: kill the block server's processes and go."""
+    with contextlib.suppress(Exception):
+        node.supervisor.kill_now()
+    with contextlib.suppress(Exception):
+        release(paths)
+        Path(paths.token_file).unlink(missing_ok=True)
+    logging.shutdown()
+    os._exit(code)

@@ -20,6 +20,9 @@ from corolla.swarm.server.stats import read_stats
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
 HEALTHY_AFTER_S = 300.0  # running this long clears the failure count
+LOG_MAX_BYTES = 4 * 2**20  # server.log is cut back to empty beyond this (its end kept in server.log.1)
+LOG_KEEP_BYTES = 2**20
+LOG_TAIL_BYTES = 64 * 2**10  # after a crash only the end of the log is read
 
 
 def restart_delay(failures: int) -> float:
@@ -53,6 +56,7 @@ class ServerSupervisor:
         self.next_start_at: float | None = None
         self.started_at = 0.0
         self.pid_path = workdir / "server.pid"
+        self._tree: list[psutil.Process] = []  # the server and what it started (DHT child, p2pd, ...)
         self._reap_orphan()
 
     def _reap_orphan(self) -> None:
@@ -99,8 +103,12 @@ class ServerSupervisor:
     # --- status ------------------------------------------------------------------------------------
     def poll(self) -> SupervisorStatus:
         now = time.monotonic()
+        if self.process is not None and self.process.poll() is None:
+            self._track_tree(self.process.pid)
+        self._cap_log()
         if self.process is not None and self.process.poll() is not None:
             code = self.process.returncode
+            self._kill_leftovers(self.process.pid)  # an abrupt death leaves its DHT child and p2pd
             self.process = None
             if self.wanted:
                 self.failures += 1
@@ -131,8 +139,9 @@ class ServerSupervisor:
     # --- process -----------------------------------------------------------------------------------
     def _spawn(self) -> None:
         self.stats_path.unlink(missing_ok=True)
+        self._rotate_log()
         command = corolla_command("serve", *self.args, "--stats-file", str(self.stats_path), "--exit-with-parent")
-        log = open(self.log_path, "ab")  # noqa: SIM115  (the child owns it)
+        log = open(self.log_path, "ab")  # noqa: SIM115  (the child owns it; appends, so the log can be cut)
         self.process = subprocess.Popen(
             command,
             stdout=log,
@@ -142,6 +151,7 @@ class ServerSupervisor:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
+        self._tree = []
         self.pid_path.write_text(str(self.process.pid))
         self.state, self.reason = "starting", "starting the block server"
         self.next_start_at = None
@@ -149,27 +159,89 @@ class ServerSupervisor:
 
     def _terminate(self, timeout: float = 20.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.send_signal(signal.SIGTERM)  # the server announces OFFLINE before leaving
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # its hivemind children, if any are left
+        if process.poll() is None:
+            self._track_tree(process.pid)
+            process.send_signal(signal.SIGTERM)  # the server announces OFFLINE before leaving
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        self._kill_leftovers(process.pid)
+
+    def _track_tree(self, pid: int) -> None:
+        """Remember the server's descendants while it lives: once it is dead they can no longer be found
+        from it (orphans are re-parented), and each must go with it."""
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            known = {p.pid for p in self._tree}
+            self._tree += [p for p in root.children(recursive=True) if p.pid not in known]
+
+    def _kill_leftovers(self, pid: int) -> None:
+        """SIGKILL the dead server's process group and every process it had started (psutil checks the
+        creation time, so a reused pid is never hit)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for child in self._tree:
+            with contextlib.suppress(psutil.Error):
+                if child.is_running():
+                    child.kill()
+        for child in self._tree:
+            with contextlib.suppress(psutil.Error):
+                child.wait(5)
+        self._tree = []
+
+    # --- the log: bounded, and only its end is read ----------------------------------------------------
+    @property
+    def _old_log_path(self) -> Path:
+        return self.log_path.with_name(self.log_path.name + ".1")
+
+    def _rotate_log(self) -> None:
+        """Each server start begins a fresh log; the previous run's end stays in server.log.1."""
+        with contextlib.suppress(OSError):
+            if self.log_path.stat().st_size > 0:
+                self._keep_end_of_log()
+                self.log_path.unlink()
+
+    def _cap_log(self) -> None:
+        """A running server's log that grew past the cap is cut back to empty (the child appends, so it
+        just goes on writing at the new end)."""
+        with contextlib.suppress(OSError):
+            if self.log_path.stat().st_size > LOG_MAX_BYTES:
+                self._keep_end_of_log()
+                os.truncate(self.log_path, 0)
+
+    def _keep_end_of_log(self) -> None:
+        self._old_log_path.write_bytes(_read_end(self.log_path, LOG_KEEP_BYTES))
 
     def _log_tail(self, lines: int = 3) -> str:
         try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
+            text = _read_end(self.log_path, LOG_TAIL_BYTES).decode(errors="replace").strip().splitlines()
         except FileNotFoundError:
             return "no log"
         useful = [line for line in text if line.strip()][-lines:]
         return " | ".join(line.strip()[:300] for line in useful) or "no output"
 
+    def kill_now(self) -> None:
+        """No goodbye: SIGKILL the server and everything it started (the node is being forced down)."""
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                self._track_tree(process.pid)
+            self._kill_leftovers(process.pid)
+
     def close(self) -> None:
         self.stop("the node is shutting down")
+
+
+def _read_end(path: Path, size: int) -> bytes:
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        file.seek(max(file.tell() - size, 0))
+        return file.read(size)
 
 
 def _describe_exit(code: int) -> str:

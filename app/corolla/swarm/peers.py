@@ -1,12 +1,80 @@
-"""Starting hivemind peers the way Corolla wants them: NAT port mapping off unless asked for."""
+"""Starting and stopping hivemind peers the way Corolla wants them.
+
+NAT port mapping stays off unless asked for. The DHT runs in a forked child process (with p2pd as its
+own child); Corolla's child differs from hivemind's in three ways that make it behave under signals:
+
+- it leads its own process group, so a terminal's Ctrl-C or a `kill` of the caller's group reaches the
+  caller only, which then says goodbye on the DHT (OFFLINE) and shuts the child down in order;
+- it dies with its parent: a watchdog thread notices when the parent is gone (also after SIGKILL) and
+  kills the child's whole group, p2pd included, so an orphan never keeps announcing a dead server;
+- SIGTERM kills it (a forked child inherits the parent's asyncio signal handlers, which swallow it).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
 from collections.abc import Sequence
 
 from hivemind import DHT
 
+logger = logging.getLogger(__name__)
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
+PARENT_POLL_S = 0.5
+
+
+class PeerStartError(RuntimeError):
+    """The DHT could not start or join the swarm (bad or unreachable initial peers, no p2pd)."""
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """In the DHT child: once the parent is gone, take the whole group (this process and p2pd) down."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    with contextlib.suppress(OSError):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    os._exit(1)
+
+
+class CorollaDHT(DHT):
+    """hivemind's DHT, with a child that has its own process group and dies with its parent."""
+
+    def start(self) -> None:
+        self._watched_parent = os.getpid()
+        super().start()
+
+    def run(self) -> None:  # runs in the forked child
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # p2pd (a Go program) inherits an ignored SIGINT and keeps ignoring it; only the parent handles it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Out of the terminal's foreground group now: never stopped for writing its log there (`stty tostop`).
+        for name in ("SIGTSTP", "SIGTTOU"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if hasattr(os, "getppid"):
+            threading.Thread(
+                target=_watch_parent, args=(self._watched_parent,), name="corolla-parent-watch", daemon=True
+            ).start()
+        super().run()
+
+    def shutdown(self) -> None:
+        """Shut the child down in order if it answers, else kill it and p2pd; bounded in time."""
+        if self.pid is None or self._origin_pid != os.getpid():
+            return
+        with contextlib.suppress(Exception):
+            super().shutdown()  # asks over the pipe, waits shutdown_timeout, then SIGTERM
+            self.join(self.shutdown_timeout)
+        # Whatever is left of its group: p2pd if the child died first, the child if SIGTERM did not take.
+        with contextlib.suppress(OSError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            self.join(self.shutdown_timeout)
 
 
 def start_dht(
@@ -27,10 +95,11 @@ def start_dht(
 
     `nat_port_map` stays off by default: hivemind's own default probes the gateway with NAT-PMP
     and UPnP, which a user did not ask for and which loopback-only tests must never do.
+    Raises PeerStartError (one readable line) when the DHT cannot start or reach its initial peers.
     """
-    return DHT(
+    dht = CorollaDHT(
         initial_peers=list(initial_peers),
-        start=True,
+        start=False,
         client_mode=client_mode,
         num_workers=num_workers,
         host_maddrs=list(host_maddrs),
@@ -42,3 +111,22 @@ def start_dht(
         auto_nat=auto_nat,
         startup_timeout=startup_timeout,
     )
+    try:
+        dht.run_in_background(await_ready=True, timeout=startup_timeout + 5)
+    except BaseException as exc:
+        dht.shutdown()
+        if isinstance(exc, Exception):
+            raise PeerStartError(_describe_start_failure(exc, initial_peers)) from exc
+        raise
+    return dht
+
+
+def _describe_start_failure(exc: Exception, initial_peers: Sequence[str]) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "failed to connect to bootstrap peers" in text:
+        text = "none of them answered (check that the address is current and the peer is running)"
+    elif isinstance(exc, TimeoutError):
+        text = "no answer in time"
+    if initial_peers:
+        return f"could not join the swarm through {' '.join(initial_peers)}: {text[:300]}"
+    return f"could not start the DHT: {text[:300]}"

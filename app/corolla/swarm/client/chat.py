@@ -8,6 +8,7 @@ every server on the route is known to honour rollback (Corolla servers); otherwi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from corolla.swarm.client.remote_model import DistributedModelForCausalLM, RemoteSession
+
+ABANDON_TIMEOUT_S = 5.0
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -43,7 +46,10 @@ class TextStream:
         return piece
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        """Everything so far, without a multi-byte character cut off at the end (a reply that stops
+        there reads the same streamed and not streamed)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return self.emitted if text.endswith("\ufffd") else text
 
 
 class ReplyWatcher:
@@ -149,14 +155,21 @@ class ChatSession:
             self._session = self.model.inference_session(max_length=max(self.max_length, len(ids) + max_new_tokens))
         watcher = ReplyWatcher(self.model.tokenizer, self.model.eos_token_ids, stop, on_text, should_stop)
         started = time.perf_counter()
-        self.model.generate(
-            torch.tensor([new]),
-            max_new_tokens=max_new_tokens,
-            session=self._session,
-            streamer=watcher,
-            eos_token_id=[],
-            **sampling,
-        )
+        try:
+            self.model.generate(
+                torch.tensor([new]),
+                max_new_tokens=max_new_tokens,
+                session=self._session,
+                streamer=watcher,
+                eos_token_id=[],
+                **sampling,
+            )
+        except BaseException:
+            # Interrupted mid-step (a hard Ctrl-C, an error): what the servers hold is unknown, so the
+            # reply keeps what was shown and the next turn starts a fresh session from the rendering.
+            self.messages.append({"role": "assistant", "content": watcher.text()})
+            self.abandon_session()
+            raise
         elapsed = time.perf_counter() - started
         reply, generated = watcher.text(), watcher.stream.tokens
         # What the servers hold now: everything sent, plus generated tokens but the pending last one.
@@ -165,6 +178,13 @@ class ChatSession:
         self._session.pending = None  # the last token comes back in the next turn's rendering
         self.messages.append({"role": "assistant", "content": reply})
         return ChatReply(reply, len(generated), elapsed, watcher.stopped_by)
+
+    def abandon_session(self) -> None:
+        """Drop the session without trusting it (bounded: a server that does not answer is left)."""
+        session, self._session, self._sent = self._session, None, []
+        if session is not None:
+            with contextlib.suppress(BaseException):
+                session.close(timeout=ABANDON_TIMEOUT_S)
 
     def reset_session(self) -> None:
         if self._session is not None:

@@ -33,6 +33,9 @@ class ServerHealth:
     torch_dtype: str | None
     quant_type: str | None
     ping_ms: float | None = None
+    # What one new session could hold, in tokens (cache_tokens_left counts keys and values of every
+    # block apart, as Petals announces it). The text view and the JSON both show this number.
+    free_cache_tokens: int | None = None
 
 
 @dataclass
@@ -106,6 +109,7 @@ async def read_swarm_health(
                     public_name=info.public_name,
                     torch_dtype=info.torch_dtype,
                     quant_type=info.quant_type,
+                    free_cache_tokens=_free_session_tokens(info.cache_tokens_left, span.end - span.start),
                 )
             )
         pings = await asyncio.gather(
@@ -115,6 +119,12 @@ async def read_swarm_health(
             server.ping_ms = None if ping is None or not math.isfinite(ping) else round(ping, 2)
         report.append(model)
     return report
+
+
+def _free_session_tokens(cache_tokens_left: int | None, num_blocks: int) -> int | None:
+    if cache_tokens_left is None:
+        return None
+    return int(cache_tokens_left) // max(2 * num_blocks, 1)
 
 
 def format_health(models: list[ModelHealth]) -> str:
@@ -127,17 +137,13 @@ def format_health(models: list[ModelHealth]) -> str:
         bar = "".join("·" if n == 0 else str(min(n, 9)) for n in model.online_per_block)
         lines.append(f"  coverage (online servers per block): {bar}")
         for s in model.servers:
-            free = (
-                "?"
-                if s.cache_tokens_left is None
-                else str(s.cache_tokens_left // max(2 * (s.end_block - s.start_block), 1))
-            )
+            free = "?" if s.free_cache_tokens is None else str(s.free_cache_tokens)
             software = f"corolla {s.corolla_version}" if s.corolla_version else f"petals {s.version or '?'}"
             link = "relay" if s.using_relay else "direct"
             ping = "-" if s.ping_ms is None else f"{s.ping_ms:.1f} ms"
             name = f" {s.public_name}" if s.public_name else ""
             lines.append(
                 f"  {s.state:<7} {s.start_block:>4}:{s.end_block:<4} …{s.peer_id[-8:]}{name}  "
-                f"{s.throughput:.1f} tok/s  {software}  {link}  cache {free} tok  ping {ping}"
+                f"{s.throughput:.1f} tok/s  {software}  {link}  free cache {free} tok  ping {ping}"
             )
     return "\n".join(lines)

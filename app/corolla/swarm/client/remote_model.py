@@ -15,6 +15,7 @@ thread; this class's methods are synchronous.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -40,6 +41,7 @@ from corolla.swarm.models import LoadOptions, load_client_parts, open_checkpoint
 from corolla.swarm.peers import start_dht
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
+CANCEL_GRACE_S = 3.0  # for a cancelled coroutine to unwind (close its streams) before we move on
 
 
 class _LoopThread:
@@ -49,9 +51,31 @@ class _LoopThread:
         self.thread.start()
 
     def run(self, coroutine, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+        """Run `coroutine` on the loop and wait for it. On a timeout or a Ctrl-C in the waiting thread the
+        coroutine is cancelled (and given a moment to unwind) before the error propagates."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except (concurrent.futures.TimeoutError, KeyboardInterrupt):
+            future.cancel()
+            with contextlib.suppress(BaseException):
+                concurrent.futures.wait([future], timeout=CANCEL_GRACE_S)
+            raise
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop (quietly: no 'Task was destroyed' warnings), then stop it."""
+        if not self.thread.is_alive():
+            return
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+
+        with contextlib.suppress(BaseException):
+            asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(CANCEL_GRACE_S + 1)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
@@ -100,8 +124,8 @@ class RemoteSession:
         self.model._loop.run(self._session.rollback(position))
         self.pending = None
 
-    def close(self) -> None:
-        self.model._loop.run(self._session.close())
+    def close(self, timeout: float | None = None) -> None:
+        self.model._loop.run(self._session.close(), timeout)
 
     def __enter__(self) -> RemoteSession:
         return self

@@ -38,13 +38,20 @@ PINGS_IN_FLIGHT = 16
 
 
 class MissingBlocksError(RuntimeError):
-    def __init__(self, blocks: list[int], dht_prefix: str):
+    def __init__(self, blocks: list[int], dht_prefix: str, nobody: bool = False):
         self.blocks = blocks
         shown = ", ".join(map(str, blocks[:20])) + (" ..." if len(blocks) > 20 else "")
-        super().__init__(
-            f"no online server holds block(s) {shown} of {dht_prefix}; the swarm cannot run this "
-            "model until someone serves them"
-        )
+        if nobody:
+            message = (
+                f"nobody serves {dht_prefix} in this swarm (no server announces any of its blocks); "
+                "check the model and --dht-prefix, or serve it yourself with: corolla serve"
+            )
+        else:
+            message = (
+                f"no online server holds block(s) {shown} of {dht_prefix}; the swarm cannot run this "
+                "model until someone serves them"
+            )
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,7 @@ class SwarmView:
     rtts: dict[str, float] = field(default_factory=dict)
     bans: dict[str, _Ban] = field(default_factory=dict)
     last_refresh: float = 0.0
+    announced: bool = False  # whether any server (in any state) announced any block at the last refresh
 
     def uids(self) -> list[str]:
         return [protocol.make_uid(self.dht_prefix, i) for i in range(self.num_blocks)]
@@ -140,6 +148,7 @@ class SwarmView:
     async def refresh(self) -> None:
         reached = {peer for peer, rtt in self.rtts.items() if math.isfinite(rtt)}
         infos = await get_module_infos(self.dht, self.uids(), prefer=reached | set(self.config.allowed_servers or ()))
+        self.announced = any(info.servers for info in infos)
         spans = compute_spans(infos, min_state=ServerState.ONLINE)
         allowed = set(self.config.allowed_servers) if self.config.allowed_servers is not None else None
         spans = {

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -26,6 +27,7 @@ from corolla.swarm import protocol
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
 
 logger = logging.getLogger(__name__)
+NOBODY_SERVES_ATTEMPTS = 3  # DHT reads that find no record at all of a model before saying nobody serves it
 ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {})
 # Corolla servers read the padding mask as a keyword (stock servers never get one: see _check_padding).
 MASKED_ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {"attention_mask": b"__T3"})
@@ -67,11 +69,11 @@ class _ServerStream:
         return 0 if self.history is None else self.history.shape[1]
 
     async def open(self, view: SwarmView, timeout: float) -> None:
-        self._outbox = asyncio.Queue()
+        self._outbox = outbox = asyncio.Queue()
 
         async def requests():
-            while True:
-                request = await self._outbox.get()
+            while True:  # its own reference: close() drops self._outbox while this may still run
+                request = await outbox.get()
                 if request is None:
                     return
                 yield request
@@ -198,9 +200,15 @@ class InferenceSession:
                 )
                 self.streams = await self._open_segments(route)
                 break
-            except MissingBlocksError:
+            except MissingBlocksError as exc:
+                if not self.view.announced and attempt >= NOBODY_SERVES_ATTEMPTS - 1:
+                    raise MissingBlocksError(exc.blocks, self.view.dht_prefix, nobody=True) from None
                 if attempt == config.max_retries:
                     raise
+                delay = min(config.min_backoff * 2**attempt, config.max_backoff)
+                logger.warning(
+                    "looking for servers: %s; again in %.0f s (%d/%d)", exc, delay, attempt + 1, config.max_retries
+                )
             except Exception as exc:  # a server that fails to open: ban it and route again
                 for stream in self.streams:
                     await stream.close()
@@ -282,6 +290,7 @@ class InferenceSession:
                     stream.history = stream.history[hypo_ids]
         self._mask = mask
         step_id = str(uuid.uuid4())
+        self._refusals: dict[str, int] = {}
         index = 0
         while index < len(self.streams):
             stream = self.streams[index]
@@ -302,10 +311,12 @@ class InferenceSession:
                     break
                 except Exception as exc:
                     attempt += 1
+                    self._note_refusal(exc)
                     if attempt > self.view.config.max_retries:
                         if isinstance(exc, MissingBlocksError):
                             raise
-                        raise ServerFailure(f"step failed after {attempt} attempts: {exc}") from exc
+                        cause = self._last_refusal or exc
+                        raise ServerFailure(f"step failed after {attempt} attempts: {cause}") from exc
                     logger.warning(
                         "server …%s failed at step %d (%s); replacing it",
                         stream.segment.peer_id[-6:],
@@ -323,6 +334,7 @@ class InferenceSession:
                         hidden = hidden_out
                         index += replaced
                         break
+                    self._raise_if_refused_again()
                     stream = self.streams[index]
         self.position += length
         return hidden
@@ -357,6 +369,7 @@ class InferenceSession:
                 stream.history = full
                 full = output
         except Exception as exc:
+            self._note_refusal(exc)
             logger.warning("replacement route %s failed: %s", describe_route(route), exc)
             for stream in new_streams:
                 await stream.close()
@@ -369,7 +382,35 @@ class InferenceSession:
         logger.info("new route: %s", self.describe())
         return len(new_streams), full[:, -inputs.shape[1] :]
 
+    def _note_refusal(self, exc: Exception) -> None:
+        """Count what servers answer with an error of their own (not a timeout or a broken stream)."""
+        said = server_refusal(exc)
+        if said is not None:
+            self._refusals[said] = self._refusals.get(said, 0) + 1
+
+    @property
+    def _last_refusal(self) -> str | None:
+        refusals = getattr(self, "_refusals", {})
+        return max(refusals, key=refusals.get) if refusals else None
+
+    def _raise_if_refused_again(self) -> None:
+        """The same refusal from the server and from its replacement: this request cannot succeed (too
+        long a session, say); retrying would only hide the reason."""
+        said = self._last_refusal
+        if said is not None and self._refusals[said] >= 2:
+            raise ServerFailure(f"the server refused: {said}")
+
     async def close(self) -> None:
         for stream in self.streams:
             await stream.close()
         self.streams = []
+
+
+def server_refusal(exc: BaseException) -> str | None:
+    """The server's own error text from hivemind's "Failed to call handler `X` at PEER: TEXT"; None for
+    failures that are not a server's answer (timeouts, closed streams)."""
+    if not isinstance(exc, P2PHandlerError):
+        return None
+    text = str(exc)
+    marker = text.find(": ", text.find(" at ") + 1) if " at " in text else -1
+    return (text[marker + 2 :] if marker >= 0 else text).strip()[:500] or None

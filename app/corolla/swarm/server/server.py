@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,9 +43,13 @@ from corolla.swarm.server.config import ServerConfig
 from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.stats import ServerStats
-from corolla.swarm.server.throughput import Throughput, get_throughput
+from corolla.swarm.server.throughput import Throughput, cached_throughput, measure, save_throughput
 
 logger = logging.getLogger(__name__)
+LEAVE_GRACE_S = 8.0  # from a stop request to leaving the serving loop (OFFLINE sent, handlers off)
+ANNOUNCE_OFFLINE_TIMEOUT_S = 4.0
+DETACH_TIMEOUT_S = 2.0
+SHUTDOWN_DEADLINE_S = 12.0  # then the process exits whatever it was doing (the tests allow 15 s)
 
 
 class BlockServer:
@@ -78,27 +83,58 @@ class BlockServer:
         self.throughput: Throughput | None = None
         self.announced_throughput = 0.0
         self.dht = None
+        self._unsaved_throughput: Throughput | None = None
         self._stop = asyncio.Event()
         self._wake_announcer = asyncio.Event()
 
     # --- entry point -------------------------------------------------------------------------------
     def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; returns the process exit code."""
+        """Serve until SIGTERM or SIGINT (a second one forces the exit); returns the process exit code."""
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         try:
             return asyncio.run(self._main())
         finally:
             if self.dht is not None:
-                self.dht.shutdown()
+                self.dht.shutdown()  # bounded: in order if it answers, else killed with p2pd
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        writer = asyncio.create_task(self._write_stats_forever())
+        if self.config.exit_with_parent:
+            self._orphan_watch = asyncio.create_task(self._stop_when_orphaned(os.getppid()))
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+        body = asyncio.create_task(self._serve_until_stopped(executor))
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({body, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not body.done() and self.state == ServerState.ONLINE:
+                # Serving: _serve sees the stop itself and leaves in order (OFFLINE, handlers off).
+                await asyncio.wait({body}, timeout=LEAVE_GRACE_S)
+            if not body.done():  # still joining or loading, or leaving takes too long
+                body.cancel()
+                await asyncio.wait({body}, timeout=LEAVE_GRACE_S)
+            if body.done() and not body.cancelled() and body.exception() is not None:
+                if not self._stop.is_set():
+                    raise body.exception()
+                # Stopping anyway: the signal also reached a child that was starting (p2pd, shm manager).
+                logger.warning("while stopping: %s", _one_line(body.exception()))
+            return 0
+        finally:
+            for task in (body, stop, writer):
+                task.cancel()
+            executor.shutdown(wait=False)
+            self._set_state("offline", "stopped")
+            self._write_stats()
+
+    async def _serve_until_stopped(self, executor: ThreadPoolExecutor) -> None:
         check_adapter_folders(self.config.adapters)
         self._set_state("joining", "starting the DHT")
-        self.dht = start_dht(
+        # In a thread: a signal during a slow join (unreachable peers) is handled at once.
+        self.dht = await asyncio.to_thread(
+            start_dht,
             self.config.initial_peers,
             host_maddrs=self.config.host_maddrs,
             announce_maddrs=self.config.announce_maddrs,
@@ -111,42 +147,67 @@ class BlockServer:
         self.peer_id = self.dht.peer_id.to_base58()
         self.stats.peer_id = self.peer_id
         self.stats.visible_maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
-        for maddr in self.stats.visible_maddrs:
-            print(f"corolla: serving {self.dht_prefix}; others join with --initial-peers {maddr}", flush=True)
         self._set_state("joining", "measuring throughput")
         self.throughput = await asyncio.to_thread(self._get_throughput)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
-        writer = asyncio.create_task(self._write_stats_forever())
-        if self.config.exit_with_parent:
-            self._orphan_watch = asyncio.create_task(self._stop_when_orphaned(os.getppid()))
-        try:
-            while not self._stop.is_set():
-                start, end = await self._choose_blocks()
-                moved = await self._serve(start, end, executor)
-                if not moved:
-                    break
-                logger.info("rebalancing: leaving blocks [%d, %d)", start, end)
-            return 0
-        finally:
-            writer.cancel()
-            executor.shutdown(wait=False)
-            self._set_state("offline", "stopped")
+        while not self._stop.is_set():
+            start, end = await self._choose_blocks()
+            moved = await self._serve(start, end, executor)
+            if not moved:
+                break
+            logger.info("rebalancing: leaving blocks [%d, %d)", start, end)
+
+    def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self._stop.is_set():
+            logger.warning("%s again: stopping now", name)
+            self._force_exit(128 + sig)
+        logger.info("%s: leaving the swarm (press Ctrl-C again to force)", name)
+        self._stop.set()
+        # A safety net if leaving in order hangs somewhere no timeout covers.
+        timer = threading.Timer(SHUTDOWN_DEADLINE_S, self._force_exit, args=(128 + sig,))
+        timer.daemon = True
+        timer.start()
+
+    def _force_exit(self, code: int) -> None:
+        """Leave now: kill the DHT child's group (p2pd too) and exit without waiting for anything."""
+        if self.dht is not None and self.dht.pid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.dht.pid, signal.SIGKILL)
+        self.stats.state, self.stats.state_reason = "offline", "forced to stop"
+        with contextlib.suppress(Exception):
             self._write_stats()
+        logging.shutdown()
+        os._exit(code)
 
     # --- blocks ------------------------------------------------------------------------------------
     def _get_throughput(self) -> Throughput:
         value = self.config.throughput
         if isinstance(value, float):
             return Throughput(inference_rps=value, forward_rps=value, network_rps=value)
-        cache = self.config.throughput_cache
-        return get_throughput(
-            self.checkpoint,
-            self.device,
-            self.dtype,
-            self.config.quant_type,
-            Path(cache) if cache else None,
-            force_eval=value == "eval",
-        )
+        cache = Path(self.config.throughput_cache) if self.config.throughput_cache else None
+        key = (self.checkpoint, self.device, self.dtype, self.config.quant_type)
+        if cache is not None and value != "eval":
+            cached = cached_throughput(*key, cache)
+            if cached is not None:
+                return cached
+        measured = measure(*key)
+        self._unsaved_throughput = measured if cache is not None else None  # saved once the blocks load
+        return measured
+
+    def _save_throughput(self) -> None:
+        measured, self._unsaved_throughput = self._unsaved_throughput, None
+        if measured is not None:
+            try:
+                save_throughput(
+                    self.checkpoint,
+                    self.device,
+                    self.dtype,
+                    self.config.quant_type,
+                    Path(self.config.throughput_cache),
+                    measured,
+                )
+            except OSError as exc:
+                logger.warning("could not save the throughput measurement: %s", _one_line(exc))
 
     def _num_blocks_to_serve(self) -> int:
         if self.config.num_blocks is not None:
@@ -190,55 +251,75 @@ class BlockServer:
         self.state = ServerState.JOINING
         self._set_state("loading", f"loading blocks [{start}, {end})")
         await self._announce(start, end)
-        options = LoadOptions(
-            device=self.device,
-            dtype=self.dtype,
-            quantization=self.config.quant_type,
-            token=self.config.token,
-            revision=self.config.revision,
-            cache_dir=self.config.cache_dir,
-        )
-        self.span = await asyncio.to_thread(load_span, self.checkpoint, start, end, options)
-        self.adapters = await asyncio.to_thread(load_adapters, self.span, self.config.adapters)
-        self.stats.span_bytes = self.span.memory_bytes()
-        self.budget = CacheBudget(
-            max_bytes=(end - start) * self.attn_cache_tokens * self.bytes_per_token_block,
-            bytes_per_token_block=self.bytes_per_token_block,
-            max_alloc_timeout=self.config.max_alloc_timeout,
-        )
-        limits = HandlerLimits(
-            inference_max_length=self.inference_max_length,
-            max_batch_size=self.max_batch_size,
-            max_open_sessions=self.config.max_open_sessions,
-            request_timeout=self.config.request_timeout,
-            session_timeout=self.config.session_timeout,
-            step_timeout=self.config.step_timeout,
-        )
-        handler = TransformerConnectionHandler(self.span, self.dht_prefix, self.budget, limits, self.stats, executor)
-        handler.adapters = self.adapters
-        p2p = await self.dht.replicate_p2p()
-        await handler.attach(p2p)
-        self.state = ServerState.ONLINE
-        self._set_state("online", f"serving blocks [{start}, {end})")
-        announcer = asyncio.create_task(self._announce_forever(start, end))
+        handler: TransformerConnectionHandler | None = None
+        tasks: list[asyncio.Task] = []
         move = asyncio.Event()
-        balancer = None if self.config.blocks is not None else asyncio.create_task(self._balance_forever(move))
-        stop_wait = asyncio.create_task(self._stop.wait())
-        move_wait = asyncio.create_task(move.wait())
-        await asyncio.wait({stop_wait, move_wait}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (announcer, balancer, stop_wait, move_wait):
-            if task is not None:
+        try:  # from here on, leaving (also when cancelled while loading) says OFFLINE
+            options = LoadOptions(
+                device=self.device,
+                dtype=self.dtype,
+                quantization=self.config.quant_type,
+                token=self.config.token,
+                revision=self.config.revision,
+                cache_dir=self.config.cache_dir,
+            )
+            self.span = await asyncio.to_thread(load_span, self.checkpoint, start, end, options)
+            self.adapters = await asyncio.to_thread(load_adapters, self.span, self.config.adapters)
+            self.stats.span_bytes = self.span.memory_bytes()
+            self.budget = CacheBudget(
+                max_bytes=(end - start) * self.attn_cache_tokens * self.bytes_per_token_block,
+                bytes_per_token_block=self.bytes_per_token_block,
+                max_alloc_timeout=self.config.max_alloc_timeout,
+            )
+            limits = HandlerLimits(
+                inference_max_length=self.inference_max_length,
+                max_batch_size=self.max_batch_size,
+                max_open_sessions=self.config.max_open_sessions,
+                request_timeout=self.config.request_timeout,
+                session_timeout=self.config.session_timeout,
+                step_timeout=self.config.step_timeout,
+            )
+            handler = TransformerConnectionHandler(
+                self.span, self.dht_prefix, self.budget, limits, self.stats, executor
+            )
+            handler.adapters = self.adapters
+            p2p = await self.dht.replicate_p2p()
+            await handler.attach(p2p)
+            self.state = ServerState.ONLINE
+            self._set_state("online", f"serving blocks [{start}, {end})")
+            self._save_throughput()
+            for maddr in self.stats.visible_maddrs:
+                print(f"corolla: serving {self.dht_prefix}; others join with --initial-peers {maddr}", flush=True)
+            tasks.append(asyncio.create_task(self._announce_forever(start, end)))
+            if self.config.blocks is None:
+                tasks.append(asyncio.create_task(self._balance_forever(move)))
+            stop_wait = asyncio.create_task(self._stop.wait())
+            move_wait = asyncio.create_task(move.wait())
+            tasks += [stop_wait, move_wait]
+            await asyncio.wait({stop_wait, move_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
                 task.cancel()
+            await self._leave(start, end, handler)
+        return move.is_set() and not self._stop.is_set()
+
+    async def _leave(self, start: int, end: int, handler: TransformerConnectionHandler | None) -> None:
+        """Say OFFLINE on the DHT and stop serving; each part bounded, none allowed to raise."""
         self.state = ServerState.OFFLINE
         self._set_state("leaving", "announcing OFFLINE")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._announce(start, end), timeout=10)
-        await handler.detach()
+        try:
+            await asyncio.wait_for(self._announce(start, end), timeout=ANNOUNCE_OFFLINE_TIMEOUT_S)
+        except Exception as exc:  # p2pd already gone (a signal to the whole group), or the DHT is stuck
+            logger.warning("could not announce OFFLINE: %s", _one_line(exc))
+        if handler is not None:
+            try:
+                await asyncio.wait_for(handler.detach(), timeout=DETACH_TIMEOUT_S)
+            except Exception as exc:
+                logger.warning("could not remove the RPC handlers: %s", _one_line(exc))
         self.span = self.budget = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return move.is_set() and not self._stop.is_set()
 
     # --- announcements -----------------------------------------------------------------------------
     def _server_info(self, start: int, end: int) -> ServerInfo:
@@ -320,6 +401,19 @@ class BlockServer:
             await asyncio.sleep(1.0)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
 def serve(config: ServerConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return BlockServer(config).run()
+    code = BlockServer(config).run()
+    # A thread still loading weights or measuring throughput when a signal came would hold the
+    # interpreter's exit until it finishes; the server is done, so leave without it.
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,8 +45,33 @@ class Throughput:
 
 def cache_key(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    model = checkpoint.source_name.replace("/", "--")
+    # A local folder is keyed by its absolute path: `./model` means another model in another folder.
+    source = str(Path(checkpoint.source_name).resolve()) if checkpoint.is_local else checkpoint.source_name
+    model = source.replace("/", "--")
     return f"v{CACHE_VERSION}_model_{model}_device_{name.replace(' ', '_')}_dtype_{dtype_name(dtype)}_quant_{quant}"
+
+
+def cached_throughput(
+    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str, cache_path: Path
+) -> Throughput | None:
+    cached = _read_cache(cache_path).get(cache_key(checkpoint, device, dtype, quant))
+    try:
+        return Throughput(**cached) if isinstance(cached, dict) else None
+    except TypeError:  # an entry from another version
+        return None
+
+
+def save_throughput(
+    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, quant: str, cache_path: Path, value: Throughput
+) -> None:
+    """Record a measurement (only once the model has loaded: a model that fails gets no entry)."""
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_path):
+        data = _read_cache(cache_path)
+        data[cache_key(checkpoint, device, dtype, quant)] = asdict(value)
+        temporary = cache_path.with_name(cache_path.name + ".tmp")
+        temporary.write_text(json.dumps(data, indent=2))
+        os.replace(temporary, cache_path)
 
 
 def get_throughput(
@@ -56,17 +82,13 @@ def get_throughput(
     cache_path: Path | None,
     force_eval: bool = False,
 ) -> Throughput:
-    key = cache_key(checkpoint, device, dtype, quant)
     if cache_path is not None and not force_eval:
-        cached = _read_cache(cache_path).get(key)
+        cached = cached_throughput(checkpoint, device, dtype, quant, cache_path)
         if cached is not None:
-            return Throughput(**cached)
+            return cached
     measured = measure(checkpoint, device, dtype, quant)
     if cache_path is not None:
-        with _locked(cache_path):
-            data = _read_cache(cache_path)
-            data[key] = asdict(measured)
-            cache_path.write_text(json.dumps(data, indent=2))
+        save_throughput(checkpoint, device, dtype, quant, cache_path, measured)
     return measured
 
 

@@ -1,0 +1,91 @@
+"""The node's processes: a dead block server takes all of its processes with it before its restart,
+`corolla stop` and signals leave nothing behind, and the server's log stays bounded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from corolla.node import supervisor as supervisor_module
+from corolla.node.supervisor import ServerSupervisor
+from tests.support.node import NodeProcess
+from tests.support.procs import alive, descendants, describe, kill_all, wait_gone
+
+
+def _chat_once(node: NodeProcess) -> None:
+    """A chat through the node: its own swarm client (a second DHT process and p2pd) now runs too."""
+    reply = node.post(
+        "/v1/chat/completions",
+        json={"model": node.status()["model"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.slow
+def test_a_killed_block_server_leaves_no_process_and_stop_leaves_none_of_the_node(tmp_path):
+    node = NodeProcess(tmp_path / "home", name="procs-node")
+    everything = []
+    try:
+        before = node.wait_contribution("online")["contribution"]
+        server_tree = descendants(before["pid"])
+        assert len(server_tree) >= 3, describe(server_tree)  # the server, its DHT process, p2pd
+        everything += server_tree
+        os.kill(before["pid"], signal.SIGKILL)
+        left = wait_gone(server_tree, 10)
+        assert not left, f"the dead server's processes 10 s later: {describe(left)}"
+        restarted = node.wait_contribution(
+            "online", timeout=120, predicate=lambda s: s["contribution"]["restarts"] >= 1
+        )["contribution"]
+        assert restarted["pid"] != before["pid"]
+        _chat_once(node)
+        tree = descendants(node.process.pid)
+        everything += tree
+        env = {**os.environ, "COROLLA_HOME": str(node.home)}
+        stop = subprocess.run(
+            [sys.executable, "-m", "corolla.cli", "stop"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert stop.returncode == 0, stop.stderr
+        left = wait_gone(tree, 45)
+        assert not left, f"still running after `corolla stop`: {describe(left)}\n{node.log_tail()}"
+    finally:
+        kill_all(everything)
+        node.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_node_group_stops_it_and_its_block_server(tmp_path, sig):
+    node = NodeProcess(tmp_path / "home", name=f"signal-node-{sig.name}")
+    tree = []
+    try:
+        node.wait_contribution("online")
+        tree = descendants(node.process.pid)
+        os.killpg(node.process.pid, sig)  # Ctrl-C in the terminal that runs `corolla node`
+        left = wait_gone(tree, 45)
+        assert not left, f"still running after {sig.name}: {describe(left)}\n{node.log_tail()}"
+        assert node.process.wait(5) == 0
+        assert "Traceback" not in node.log_path.read_text(errors="replace")
+    finally:
+        kill_all(alive(tree))
+        node.stop()
+
+
+def test_the_server_log_is_capped_and_only_its_end_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "LOG_MAX_BYTES", 64 * 1024)
+    monkeypatch.setattr(supervisor_module, "LOG_KEEP_BYTES", 16 * 1024)
+    supervisor = ServerSupervisor(tmp_path)
+    noise = b"x" * 199 + b"\n"
+    supervisor.log_path.write_bytes(noise * 1000 + b"the last line\n")  # ~200 KiB: over the cap
+    assert supervisor._log_tail() == f"{'x' * 199} | {'x' * 199} | the last line"
+    supervisor.poll()  # what the node does every second
+    assert supervisor.log_path.stat().st_size == 0
+    kept = supervisor._old_log_path.read_bytes()
+    assert len(kept) == 16 * 1024 and kept.endswith(b"the last line\n")
+    # A child that appends goes on writing at the start of the cut file, not past a hole.
+    with open(supervisor.log_path, "ab") as log:
+        log.write(b"after the cut\n")
+    assert supervisor.log_path.read_bytes() == b"after the cut\n"
