@@ -86,6 +86,33 @@ def cmd_model_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_import(args: argparse.Namespace) -> int:
+    """GGUF file -> checkpoint folder (safetensors shards, config with dht_prefix, tokenizer)."""
+    from pathlib import Path
+
+    from corolla.swarm.models.gguf_import import import_gguf
+
+    source = Path(args.gguf_file)
+    out = Path(args.out_dir) if args.out_dir else Path.cwd() / source.name.removesuffix(".gguf").replace(".", "-")
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    result = import_gguf(
+        source, out, torch_dtype=args.torch_dtype, force=args.force, dht_prefix=args.dht_prefix, progress=progress
+    )
+    size = sum(item.stat().st_size for item in result.folder.iterdir() if item.is_file())
+    print(result.folder)
+    print(
+        f"-- {result.model_type}, {result.num_parameters / 1e6:.0f} M parameters stored as {result.torch_dtype} "
+        f"({human_bytes(size)}), DHT prefix {result.dht_prefix}; licence: {result.source.get('license') or 'unknown'}\n"
+        f"-- serve it with: corolla serve {result.folder} --new-swarm",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_model_generate(args: argparse.Namespace) -> int:
     """Greedy generation through locally loaded spans: the engine end to end, no swarm involved."""
     import torch
@@ -632,6 +659,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dht-prefix", default=None)
     tiny.set_defaults(func=cmd_model_make_tiny)
+
+    gguf = model_commands.add_parser(
+        "import", help="convert a GGUF file into a checkpoint folder Corolla and Petals servers can serve"
+    )
+    gguf.add_argument("gguf_file", help="a .gguf file (llama, mistral, qwen2/3, gemma2/3, phi3, falcon, bloom, ...)")
+    gguf.add_argument("out_dir", nargs="?", default=None, help="the folder to create (default: the file's name here)")
+    gguf.add_argument(
+        "--torch-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="dtype of the stored weights (auto: bfloat16 for quantized files, else the file's own)",
+    )
+    gguf.add_argument("--dht-prefix", default=None, help="default: from the file name (e.g. SmolLM2-135M-Q4_1-hf)")
+    gguf.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    gguf.set_defaults(func=cmd_model_import)
 
     generate = model_commands.add_parser("generate", help="greedy generation through locally loaded spans")
     _add_model_source_args(generate)
