@@ -130,6 +130,10 @@ def read_gguf_summary(path: str | os.PathLike) -> GgufSummary:
     except GgufImportError:
         raise
     except Exception as exc:  # the reader fails in many ways on damaged bytes; all mean the same here
+        if "cannot reshape array" in str(exc):  # a tensor's bytes run past the end of the file
+            raise CorruptGgufError(
+                f"{path} is cut short: its tensors run past the end of the file (an interrupted download?)"
+            ) from exc
         raise CorruptGgufError(f"{path} is a damaged GGUF file (its header cannot be read: {exc})") from exc
     if end > size:
         raise CorruptGgufError(
@@ -340,6 +344,24 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
     if tokenizer.chat_template and "chat_template" not in config:
         config["chat_template"] = tokenizer.chat_template  # where transformers 4.x looks for it
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    _legacy_merges(folder / "tokenizer.json")
+
+
+def _legacy_merges(path: Path) -> None:
+    """BPE merges as "a b" strings, the form every `tokenizers` release reads (the pair form is newer,
+    and the tokenizers that stock Petals' transformers 4.x uses reject the whole file). Only where no
+    merge part holds a space, since the string form cannot express one."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if not merges or not all(isinstance(m, list) and len(m) == 2 for m in merges):
+        return
+    if any(" " in part for pair in merges for part in pair):
+        return
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def _complete_config(path: Path, prefix: str, dtype_name: str) -> None:
