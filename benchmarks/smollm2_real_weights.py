@@ -165,6 +165,9 @@ def measure_speed(folder: Path, workdir: Path, new_tokens: int = 128) -> dict:
         return_dict=True,
     )["input_ids"]
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # One thread, like each server (`--num-threads 1` in the test harness): on a shared 2-core machine
+    # more threads than free cores make torch spin and the baseline collapse.
+    torch.set_num_threads(1)
 
     def local_generate(n: int):
         with torch.inference_mode():
