@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     uninstall.set_defaults(func=cmd_uninstall)
     commands.add_parser("app", help="the desktop window and tray icon").set_defaults(func=cmd_app)
     demo = commands.add_parser("demo", help="end to end on this computer: node, private swarm, chat, stats")
-    demo.add_argument("--prompt", default="Hello, swarm!")
+    demo.add_argument("--prompt", default="What is the capital of France?")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--timeout", type=float, default=900.0, help="the first start converts the model")
     demo.add_argument("--keep", action="store_true", help="leave the node running afterwards")
