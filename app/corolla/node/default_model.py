@@ -28,6 +28,8 @@ TINY_PREFIX = "corolla-demo-tiny-llama"
 TINY_NAME = "corolla-demo-tiny-llama (random weights)"
 TINY_LAYERS = 6
 ENV_CHOICE = "COROLLA_DEFAULT_MODEL"
+# gguf_import.IMPORT_RECORD, named here so that checking a ready folder imports no torch (a test checks both agree).
+IMPORT_RECORD = "corolla-import.json"
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,6 @@ class DefaultModel:
             return False
         if not self.is_real:
             return True
-        from corolla.swarm.models.gguf_import import IMPORT_RECORD
-
         try:
             record = json.loads((folder / IMPORT_RECORD).read_text())
         except (OSError, json.JSONDecodeError):
@@ -165,8 +165,6 @@ class DefaultModel:
         if self.is_real:
             record = {}
             if ready:
-                from corolla.swarm.models.gguf_import import IMPORT_RECORD
-
                 record = json.loads((self.target_folder / IMPORT_RECORD).read_text())
             return ModelCard(
                 name=SMOLLM2_NAME,
