@@ -104,7 +104,7 @@ def test_a_tensor_type_that_cannot_be_dequantized(smollm2_gguf, tmp_path):
         tensor.field.parts[4][0] = GGMLQuantizationType.I32
 
     patched = _patched(smollm2_gguf, tmp_path / "i32.gguf", norm_as_int32)
-    _expect_failure(patched, tmp_path / "out", UnsupportedGgufError, "I32 (1 tensors) that cannot be de-quantized")
+    _expect_failure(patched, tmp_path / "out", UnsupportedGgufError, "type I32 that cannot be de-quantized")
 
 
 def test_an_existing_output_is_kept_without_force(smollm2_gguf, tmp_path):
