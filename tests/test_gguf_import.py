@@ -196,3 +196,33 @@ def test_an_interrupted_import_leaves_nothing_and_the_next_one_completes(smollm2
     assert result.stdout.strip() == str(out)
     assert _entries(tmp_path) == ["smol"]  # the killed import's leftover was removed
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+# --- other families: a tiny Qwen2 written by the gguf package's own writer ----------------------
+
+
+@pytest.mark.parametrize("quantization", ["F32", "Q8_0"])
+def test_a_qwen2_gguf_imports_as_the_model_it_was_made_from(tmp_path, quantization):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from corolla.swarm.models import open_checkpoint
+    from tests.support.gguf_files import write_tiny_qwen2_gguf
+
+    gguf_path, original = write_tiny_qwen2_gguf(tmp_path, quantization)
+    result = import_gguf(gguf_path, tmp_path / "qwen2")
+    # auto dtype: the file's own float type, bfloat16 where it was quantized
+    assert result.torch_dtype == ("float32" if quantization == "F32" else "bfloat16")
+    assert result.model_type == "qwen2" and result.dht_prefix == f"tiny-qwen2-{quantization}"
+    assert open_checkpoint(result.folder).config.model_type == "qwen2"
+    imported = AutoModelForCausalLM.from_pretrained(result.folder, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 40, 77, 12, 300, 9, 8, 100]])
+    with torch.no_grad():
+        want, got = original(ids).logits, imported(ids).logits
+    if quantization == "F32":
+        assert torch.equal(got, want)  # names, biases, head layout: all mapped back exactly
+    else:
+        assert (got - want).abs().max() < 0.05 * want.abs().max()  # Q8_0 rounding, then bfloat16
+    # Corolla's engine runs it split in two spans.
+    run = _cli("model", "generate", str(result.folder), "--prompt", "hello", "--max-new-tokens", "4", "--spans", "2")
+    assert run.returncode == 0, run.stderr[-2000:]
