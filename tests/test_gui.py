@@ -239,22 +239,46 @@ def test_max_tokens_matches_the_node():
     assert MAX_NEW_TOKENS == NODE_MAX
 
 
-def test_quit_really_quits_even_with_a_tray(qtbot, window):
-    from PySide6.QtWidgets import QApplication
-
-    from corolla.gui.tray import Tray
-
-    window.tray = Tray(window, window.show_window, window.show_window, lambda _: None, window.quit_app)
-    window.tray.show()
+QUIT_SCRIPT = r"""
+import sys
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+app = QApplication([])
+from corolla.gui.node_client import NodeClient
+from corolla.gui.prefs import open_prefs
+from corolla.gui.tray import Tray
+from corolla.gui.window import MainWindow
+window = MainWindow(NodeClient(sys.argv[1], sys.argv[2]), prefs=open_prefs(sys.argv[3]))
+window.tray = Tray(window, window.show_window, window.show_window, lambda _: None, window.quit_app)
+window.tray.show()
+app.setQuitOnLastWindowClosed(False)  # as with a tray host
+window.show()
+def close_then_quit():
     window.close()  # with a tray, closing only hides
-    assert window.isHidden() and not window.quitting
+    print("hidden" if window.isHidden() and not window.quitting else "not hidden", flush=True)
     window.show()
-    from PySide6.QtCore import QTimer
+    QTimer.singleShot(300, window.quit_app)
+QTimer.singleShot(1500, close_then_quit)  # after a few polls of the node
+QTimer.singleShot(20000, lambda: app.exit(3))  # the old bug: the quit was refused
+code = app.exec()
+print("exit", code, window.isHidden(), flush=True)
+window.deleteLater()
+app.processEvents()
+sys.exit(code)
+"""
 
-    QTimer.singleShot(50, window.quit_app)
-    QTimer.singleShot(5000, lambda: QApplication.exit(3))  # the old bug: quit was refused
-    assert QApplication.instance().exec() == 0
-    assert window.isHidden() and not window.tray.isVisible()
+
+def test_quit_really_quits_even_with_a_tray(node, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", QUIT_SCRIPT, node.url, node.token, str(tmp_path / "prefs.ini")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["hidden", "exit", "0", "True"], result.stdout + result.stderr
+    assert "Fatal Python error" not in result.stderr
 
 
 def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):

@@ -230,7 +230,10 @@ class SettingsDialog(QDialog):
             **(self.settings or {}),
             "swarm": swarm,
             "model": self.model.text().strip() or None,
-            "custom_peers": [p.strip() for p in self.peers.toPlainText().splitlines() if p.strip()],
+            # Peers typed under another choice are not checked or kept: only the chosen way counts.
+            "custom_peers": [p.strip() for p in self.peers.toPlainText().splitlines() if p.strip()]
+            if swarm == "custom"
+            else (self.settings or {}).get("custom_peers", []),
             "torch_dtype": self.dtype.currentText(),
             "quant_type": self.quant.currentText(),
             "memory_cap_gib": self.memory_cap.value() or None,
