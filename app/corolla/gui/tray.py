@@ -102,7 +102,10 @@ class Tray(QSystemTrayIcon):
         if changed:
             self.setIcon(flower_icon(state))
         self.setToolTip(f"Corolla — {status_line}")
-        self.rebuild_menu()
+        if self.menu.isVisible():  # never rebuild an open menu under the user's pointer
+            self.menu.actions()[0].setText(status_line)
+        else:
+            self.rebuild_menu()
 
     def rebuild_menu(self) -> None:
         self.menu.clear()
