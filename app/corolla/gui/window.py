@@ -179,7 +179,7 @@ class MainWindow(QMainWindow):
         self.contribute.show_status(status)
         self.chat.node_status = status
         self.stats.show_lifetime(status.get("lifetime"))
-        if self.contribute.hardware_report is None and c["state"] == "online":
+        if self.contribute.hardware_report is None and status["contribution"]["state"] == "online":
             self._once("hardware", "GET", "/api/hardware", self.contribute.show_hardware, timeout_ms=60_000)
         c = status["contribution"]
         self.banner.setText(f"{status['model']} · {status['swarm']} swarm · secrets: {status['secrets_storage']}")
