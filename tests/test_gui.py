@@ -515,3 +515,15 @@ def test_friendly_validation_messages():
     raw = "time_window: Value error, time_window must look like 22:00-07:00"
     assert friendly_error(raw) == "Daily window: must look like 22:00-07:00"
     assert friendly_error("memory_cap_gib: Input should be greater than 0").startswith("Memory: ")
+
+
+def test_qt_bindings_keep_none_alive():
+    """PySide6 6.12.0 on CPython 3.11 drops a reference to None on every call returning nothing; a window
+    polling a stopped node then dies with "Fatal Python error: none_dealloc" (pyproject excludes it)."""
+    from PySide6.QtWidgets import QLabel
+
+    label = QLabel()
+    before = sys.getrefcount(None)
+    for _ in range(2000):
+        label.setText("x")
+    assert sys.getrefcount(None) > before - 100

@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
 from corolla.gui.widgets import plain_label
 from corolla.units import human_bytes
@@ -252,6 +253,7 @@ class ContributePane(QWidget):
     # --- views --------------------------------------------------------------------------------------
     def show_unreachable(self) -> None:
         self.state.setText("The node does not answer")
+        self.state.setStyleSheet(f"font-size: 20px; font-weight: 600; color: {theme.colours().bad}")
         self.reason.setText("Nothing is contributed while the node is stopped. Restart it from the banner above.")
         for button in (self.start_button, self.pause_button, self.resume_button, self.stop_button):
             button.setEnabled(False)
@@ -266,6 +268,16 @@ class ContributePane(QWidget):
         else:
             self.state.setText(STATE_TEXT.get(c["state"], c["state"]))
             self.reason.setText(c["reason"])
+        colours = theme.colours()
+        colour = {
+            "online": colours.good,
+            "starting": colours.warn,
+            "loading": colours.warn,
+            "paused": colours.warn,
+            "restarting": colours.bad,
+            "failed": colours.bad,
+        }.get(c["state"], colours.muted)
+        self.state.setStyleSheet(f"font-size: 20px; font-weight: 600; color: {colour}")
         running = c["state"] in ("online", "starting", "loading", "restarting")
         self.start_button.setEnabled(c["state"] in ("stopped", "failed"))
         self.pause_button.setEnabled(running)
