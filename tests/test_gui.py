@@ -16,6 +16,7 @@ pytest.importorskip("PySide6")
 pytestmark = pytest.mark.slow
 
 from PySide6.QtCore import Qt  # noqa: E402
+from PySide6.QtWidgets import QPlainTextEdit  # noqa: E402
 
 from corolla.gui.node_client import NodeClient  # noqa: E402
 from corolla.gui.prefs import open_prefs  # noqa: E402
@@ -62,6 +63,13 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     assert "random weights" in window.contribute.fields["model"].text()
     qtbot.waitUntil(lambda: "recommended" in window.contribute.hardware.text(), timeout=30_000)
     assert "of 6 blocks" in window.contribute.estimate.text()
+    window.contribute.blocks.setValue(3)
+    assert window.contribute.estimate.text().startswith("3 of 6 blocks")
+    window.contribute.show_log()  # the block server's log, one click from the last failure
+    log_view = window.contribute.log_dialog.findChild(QPlainTextEdit)
+    qtbot.waitUntil(lambda: "Reading" not in log_view.toPlainText(), timeout=10_000)
+    assert log_view.toPlainText().strip()
+    window.contribute.log_dialog.close()
     # The private swarm's invite is in the window, ready to copy.
     qtbot.waitUntil(lambda: window.contribute.invite_box.isVisibleTo(window), timeout=30_000)
     assert window.contribute.invite.text() == node.status()["invite"]
@@ -132,6 +140,27 @@ def test_enter_sends_shift_enter_breaks_and_empty_send_is_explained(qtbot, windo
     window.chat.input.clear()
     qtbot.keyClick(window.chat.input, Qt.Key.Key_Return)
     assert "Type a message first" in window.chat.info.text() and window.chat.stream is None
+
+
+def test_ctrl_n_starts_a_chat_and_esc_stops_a_reply(qtbot, window, node):
+    window.tabs.setCurrentWidget(window.contribute)
+    before = len(node.get("/api/chats").json())
+    qtbot.keyClick(window, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    qtbot.waitUntil(lambda: len(node.get("/api/chats").json()) == before + 1, timeout=10_000)
+    assert window.tabs.currentWidget() is window.chat and window.chat.chat_id is not None
+    window.chat.max_tokens.setValue(2048)
+    window.chat.input.setPlainText("a long answer please")
+    window.chat.send()
+    qtbot.waitUntil(lambda: window.chat.pieces >= 2, timeout=60_000)
+    qtbot.keyClick(window.chat.input, Qt.Key.Key_Escape)
+    assert window.chat.stream is None and window.chat.messages[-1]["status"] == "stopped"
+    assert window.chat.info.text().startswith("Stopped")
+    qtbot.waitUntil(
+        lambda: (
+            node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"][-1]["status"] in ("stopped", "complete")
+        ),
+        timeout=30_000,
+    )
 
 
 def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):

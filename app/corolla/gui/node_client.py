@@ -28,6 +28,10 @@ class NodeClient(QObject):
         request = QNetworkRequest(QUrl(self.url + path))
         request.setRawHeader(b"Authorization", f"Bearer {self.token}".encode())
         request.setHeader(QNetworkRequest.KnownHeaders.ContentTypeHeader, "application/json")
+        # One connection per request: the node forks helper processes (hivemind's DHT) that inherit its
+        # open sockets, so a kept-alive connection the node has closed can stay open in the child and a
+        # request reusing it would hang until its timeout. Loopback connections cost next to nothing.
+        request.setRawHeader(b"Connection", b"close")
         request.setTransferTimeout(timeout_ms)
         return request
 
