@@ -167,6 +167,7 @@ def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):
     from PySide6.QtCore import QUrl
     from PySide6.QtGui import QGuiApplication
 
+    window.tabs.setCurrentWidget(window.chat)
     transcript = window.chat.transcript
     transcript.set_messages(
         [
@@ -184,6 +185,21 @@ def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):
     assert transcript.code_blocks == ["print('hi')"]
     transcript._anchor(QUrl("copy:0"))
     assert QGuiApplication.clipboard().text() == "print('hi')"
+
+    # Streaming keeps the reader's place: scrolled up stays put, at the bottom follows the reply.
+    reply = transcript.messages[-1]
+    reply["content"] = "\n\n".join(f"paragraph {i}" for i in range(200))
+    transcript.flush()
+    bar = transcript.verticalScrollBar()
+    assert bar.maximum() > 1000
+    bar.setValue(bar.maximum())
+    reply["content"] += "\n\nmore"
+    transcript.flush()
+    assert bar.value() == bar.maximum()
+    bar.setValue(40)
+    reply["content"] += "\n\neven more"
+    transcript.flush()
+    assert bar.value() == 40 and transcript.toPlainText().rstrip().endswith("even more")
 
 
 def test_rename_search_delete_with_undo_and_export(qtbot, window, node, tmp_path):

@@ -16,9 +16,9 @@ from corolla.gui import theme
 class HourlyChart(pg.PlotWidget):
     """Bars per time slot with a date axis, a unit on the value axis and the value under the mouse."""
 
-    def __init__(self, title: str, unit: str, parent: QWidget | None = None):
+    def __init__(self, title: str, unit: str, integer: bool = False, parent: QWidget | None = None):
         super().__init__(parent=parent, axisItems={"bottom": pg.DateAxisItem(orientation="bottom")})
-        self.unit = unit
+        self.unit, self.integer = unit, integer
         c = theme.colours()
         self.setBackground(QColor(c.base))
         self.setTitle(title, color=c.text, size="10pt")
@@ -26,6 +26,7 @@ class HourlyChart(pg.PlotWidget):
         for axis in ("left", "bottom"):
             self.getAxis(axis).setPen(QColor(c.muted))
             self.getAxis(axis).setTextPen(QColor(c.muted))
+        self.getAxis("left").enableAutoSIPrefix(False)  # "minutes", never "minutes (x0.001)"
         self.showGrid(x=False, y=True, alpha=0.25)
         self.setMouseEnabled(x=False, y=False)
         self.hideButtons()
@@ -54,6 +55,10 @@ class HourlyChart(pg.PlotWidget):
         self.addItem(self.bars)
         top = max(values, default=0)
         self.setYRange(0, top * 1.15 if top > 0 else 1, padding=0)
+        if self.integer and top < 10:  # counts: whole-number ticks only
+            self.getAxis("left").setTickSpacing(major=1, minor=1)
+        else:
+            self.getAxis("left").setTickSpacing()
         if starts:
             self.setXRange(starts[0], starts[-1] + slot_seconds, padding=0.01)
 
@@ -80,8 +85,8 @@ class HourlyChart(pg.PlotWidget):
         self.hover.show()
 
 
-def make_chart(title: str, unit: str) -> HourlyChart:
-    chart = HourlyChart(title, unit)
+def make_chart(title: str, unit: str, integer: bool = False) -> HourlyChart:
+    chart = HourlyChart(title, unit, integer)
     chart.setMinimumHeight(150)
     chart.setFocusPolicy(Qt.FocusPolicy.NoFocus)
     return chart

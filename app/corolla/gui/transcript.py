@@ -127,16 +127,18 @@ class Transcript(QTextBrowser):
         bar = self.verticalScrollBar()
         at_bottom, keep = self._at_bottom(), bar.value()
         cursor = QTextCursor(self.document())
+        cursor.beginEditBlock()  # one layout pass for the removal and the new text: no flicker, no jump
         cursor.setPosition(self._tail_start)
         cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
         cursor.removeSelectedText()
-        self._insert_turn(self.messages[-1])
+        self._insert_turn(self.messages[-1], cursor)
+        cursor.endEditBlock()
         bar.setValue(bar.maximum() if at_bottom else keep)
 
-    def _insert_turn(self, message: dict) -> None:
+    def _insert_turn(self, message: dict, cursor: QTextCursor | None = None) -> None:
         c = theme.colours()
         user = message["role"] == "user"
-        cursor = QTextCursor(self.document())
+        cursor = cursor or QTextCursor(self.document())
         cursor.movePosition(QTextCursor.MoveOperation.End)
         frame_format = QTextFrameFormat()
         frame_format.setBackground(QColor(c.user_bubble if user else c.assistant_bubble))

@@ -330,23 +330,25 @@ class NodeService:
 
     def _record_stats(self, stats: dict | None) -> None:
         if not stats or stats.get("state") != "online":
-            self._last_stats = None if not stats else self._last_stats
-            return
+            return  # the last counted stats stay: a run is told apart by its started_at
         last = self._last_stats
-        if last is not None and last.get("started_at") == stats.get("started_at"):
+        if last is None or last.get("started_at") != stats.get("started_at"):
+            # A server run seen for the first time: what it did before this tick counts too (its time
+            # online included), so the all-time totals match the server's own counters.
+            last = {}
 
-            def delta(key):
-                return max(stats.get(key, 0) - last.get(key, 0), 0)
+        def delta(key):
+            return max(stats.get(key, 0) - last.get(key, 0), 0)
 
-            uptime = max(stats.get("uptime_s", 0) - last.get("uptime_s", 0), 0)
-            if any((delta("tokens_processed"), delta("sessions_opened"), delta("inference_steps"), uptime)):
-                self.db.add_contribution(
-                    int(time.time() // 3600),
-                    delta("tokens_processed"),
-                    delta("sessions_opened"),
-                    delta("inference_steps"),
-                    uptime,
-                )
+        uptime = max(stats.get("uptime_s", 0) - last.get("uptime_s", 0), 0)
+        if any((delta("tokens_processed"), delta("sessions_opened"), delta("inference_steps"), uptime)):
+            self.db.add_contribution(
+                int(time.time() // 3600),
+                delta("tokens_processed"),
+                delta("sessions_opened"),
+                delta("inference_steps"),
+                uptime,
+            )
         self._last_stats = stats
 
     def _shutdown_requested(self) -> None:

@@ -42,6 +42,11 @@ STATE_TEXT = {
 }
 
 
+def plural(n: int, noun: str) -> str:
+    """plural(1, "session") -> "1 session"; plural(3, "token") -> "3 tokens" (thousands separated)."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def duration(seconds: float) -> str:
     """3725 -> "1 h 2 min"; 42 -> "42 s"."""
     seconds = int(seconds or 0)
@@ -309,7 +314,7 @@ class ContributePane(QWidget):
         self.fields["uptime"].setText(duration(c.get("uptime_s") or 0) + " this run" if running else "–")
         since = life.get("since")
         self.fields["lifetime"].setText(
-            f"{life.get('tokens_served', 0):,} tokens, {life.get('sessions', 0):,} sessions, "
+            f"{plural(life.get('tokens_served', 0), 'token')}, {plural(life.get('sessions', 0), 'session')}, "
             f"{duration(life.get('uptime_s', 0))} online"
             + (time.strftime(" since %d %b %Y", time.localtime(since)) if since else "")
         )

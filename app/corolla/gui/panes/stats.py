@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QButtonGroup, QHBoxLayout, QPushButton, QVBoxLayou
 
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
-from corolla.gui.panes.contribute import duration
+from corolla.gui.panes.contribute import duration, plural
 from corolla.gui.widgets import plain_label
 
 RANGES = {"24h": (24, 3600), "7d": (24 * 7, 6 * 3600), "30d": (24 * 30, 86400)}  # hours shown, slot length
@@ -95,8 +95,8 @@ class StatsPane(QWidget):
         from corolla.gui.charts import make_chart
 
         self.charts = {
-            "tokens_served": make_chart("Tokens served", "tokens"),
-            "sessions": make_chart("Inference sessions opened", "sessions"),
+            "tokens_served": make_chart("Tokens served", "tokens", integer=True),
+            "sessions": make_chart("Inference sessions opened", "sessions", integer=True),
             "uptime_s": make_chart("Time online", "minutes"),
         }
         for chart in self.charts.values():
@@ -109,7 +109,8 @@ class StatsPane(QWidget):
             self.lifetime.setText("This computer has not served the swarm yet.")
             return
         self.lifetime.setText(
-            f"This computer has served {life['tokens_served']:,} tokens to {life['sessions']:,} sessions "
+            f"This computer has served {plural(life['tokens_served'], 'token')} to "
+            f"{plural(life['sessions'], 'session')} "
             f"in {duration(life['uptime_s'])} online since {time.strftime('%d %b %Y', time.localtime(since))}."
         )
 
@@ -119,7 +120,9 @@ class StatsPane(QWidget):
         tokens = sum(r["tokens_served"] for r in rows)
         sessions = sum(r["sessions"] for r in rows)
         online = sum(r["uptime_s"] for r in rows)
-        self.total.setText(f"Last {span}: {tokens:,} tokens served, {sessions:,} sessions, {duration(online)} online")
+        self.total.setText(
+            f"Last {span}: {plural(tokens, 'token')} served, {plural(sessions, 'session')}, {duration(online)} online"
+        )
         self._draw()
 
     def _draw(self) -> None:
