@@ -144,10 +144,12 @@ def test_enter_sends_shift_enter_breaks_and_empty_send_is_explained(qtbot, windo
 
 def test_ctrl_n_starts_a_chat_and_esc_stops_a_reply(qtbot, window, node):
     window.tabs.setCurrentWidget(window.contribute)
+    window.activateWindow()  # window shortcuts go to the active window
+    qtbot.waitUntil(window.isActiveWindow, timeout=5_000)
     before = len(node.get("/api/chats").json())
     qtbot.keyClick(window, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
-    qtbot.waitUntil(lambda: len(node.get("/api/chats").json()) == before + 1, timeout=10_000)
-    assert window.tabs.currentWidget() is window.chat and window.chat.chat_id is not None
+    qtbot.waitUntil(lambda: window.chat.chat_id is not None, timeout=10_000)
+    assert len(node.get("/api/chats").json()) == before + 1 and window.tabs.currentWidget() is window.chat
     window.chat.max_tokens.setValue(2048)
     window.chat.input.setPlainText("a long answer please")
     window.chat.send()

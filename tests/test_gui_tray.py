@@ -40,11 +40,18 @@ class Desktop:
         self.processes: list[subprocess.Popen] = []
         self._start(["Xvfb", self.display, "-screen", "0", "1280x800x24", "-nolisten", "tcp"])
         self.wait(lambda: self.xdotool("getdisplaygeometry", check=False).returncode == 0, 20, "Xvfb did not start")
-        placement = ["--edge", "top", "--align", "left", "--widthtype", "request", "--height", "32"]
-        looks = ["--SetDockType", "true", "--transparent", "false", "--tint", "0xffffff", "--expand", "false"]
-        self._start(["trayer", *placement, *looks])
-        self.wait(lambda: self.windows("--class", "trayer"), 20, "trayer did not start")
         self.log = home / "desktop.log"
+        try:
+            placement = ["--edge", "top", "--align", "left", "--widthtype", "request", "--height", "32"]
+            looks = ["--SetDockType", "true", "--transparent", "false", "--tint", "0xffffff", "--expand", "false"]
+            trayer = self._start(["trayer", *placement, *looks], log=self.log)
+            self.wait(
+                lambda: trayer.poll() is not None or self.windows("--class", "trayer"), 60, "trayer did not start"
+            )
+            assert trayer.poll() is None, f"trayer exited: {self.log.read_text(errors='replace')}"
+        except BaseException:
+            self.close()  # never leave an X server behind
+            raise
 
     def _start(self, command: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
