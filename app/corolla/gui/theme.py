@@ -60,12 +60,19 @@ DARK = Colours(
 )
 
 
+_scheme: bool | None = None  # cached: painting asks for every item; apply() refreshes it
+
+
 def is_dark() -> bool:
-    forced = os.environ.get("COROLLA_THEME", "").lower()
-    if forced in ("dark", "light"):
-        return forced == "dark"
-    app = QGuiApplication.instance()
-    return app is not None and app.styleHints().colorScheme() == Qt.ColorScheme.Dark
+    global _scheme
+    if _scheme is None:
+        forced = os.environ.get("COROLLA_THEME", "").lower()
+        if forced in ("dark", "light"):
+            _scheme = forced == "dark"
+        else:
+            app = QGuiApplication.instance()
+            _scheme = app is not None and app.styleHints().colorScheme() == Qt.ColorScheme.Dark
+    return _scheme
 
 
 def colours() -> Colours:
@@ -74,6 +81,8 @@ def colours() -> Colours:
 
 def apply(app: QApplication) -> Colours:
     """Style the application for the current scheme; call again when the system scheme changes."""
+    global _scheme
+    _scheme = None
     c = colours()
     app.setStyle("Fusion")
     palette = QPalette()

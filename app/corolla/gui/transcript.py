@@ -28,8 +28,24 @@ from corolla.gui import theme
 MARKDOWN = QTextDocument.MarkdownFeature(
     QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value | QTextDocument.MarkdownFeature.MarkdownNoHTML.value
 )
-STATUS_NOTE = {"interrupted": "interrupted", "stopped": "stopped", "failed": "failed", "streaming": "writing…"}
+STATUS_NOTE = {"interrupted": "interrupted", "stopped": "stopped", "failed": "failed"}
 FLUSH_MS = 40
+
+
+def stable_end(text: str, start: int) -> int:
+    """Where the finished part of a streaming reply ends: after its last blank line that is outside a
+    code fence (what comes after may still change as tokens arrive). `start` is a previous answer."""
+    end, fence, offset = start, None, start
+    for line in text[start:].split("\n")[:-1]:  # the last line is still being written
+        stripped = line.strip()
+        if fence is None and (stripped.startswith("```") or stripped.startswith("~~~")):
+            fence = stripped[:3]
+        elif fence is not None and stripped.startswith(fence) and not stripped[3:].strip():
+            fence = None
+        offset += len(line) + 1
+        if fence is None and not stripped:
+            end = offset
+    return end
 
 
 def split_fences(text: str) -> list[tuple[str, str, str]]:
@@ -70,7 +86,8 @@ class Transcript(QTextBrowser):
         self.code_blocks: list[str] = []
         self.messages: list[dict] = []
         self._tail_start: int | None = None
-        self._pending = False
+        self._tail_code_start = 0
+        self._open: dict | None = None  # the streaming turn: its frame, where its open part starts
         self._flush = QTimer(self)
         self._flush.setSingleShot(True)
         self._flush.setInterval(FLUSH_MS)
@@ -126,20 +143,51 @@ class Transcript(QTextBrowser):
             return
         bar = self.verticalScrollBar()
         at_bottom, keep = self._at_bottom(), bar.value()
-        cursor = QTextCursor(self.document())
-        cursor.beginEditBlock()  # one layout pass for the removal and the new text: no flicker, no jump
-        cursor.setPosition(self._tail_start)
-        cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
-        cursor.removeSelectedText()
-        self._insert_turn(self.messages[-1], cursor)
-        cursor.endEditBlock()
+        message = self.messages[-1]
+        if self._open is not None and message.get("status") in ("streaming", "complete") and not message.get("error"):
+            self._render_open(message.get("content") or "")  # only the part still being written
+            if message.get("status") == "complete":
+                self._open = None
+        else:
+            cursor = QTextCursor(self.document())
+            cursor.beginEditBlock()  # one layout pass for the removal and the new text: no flicker, no jump
+            cursor.setPosition(self._tail_start)
+            cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+            cursor.removeSelectedText()
+            del self.code_blocks[self._tail_code_start :]
+            self._insert_turn(message, cursor)
+            cursor.endEditBlock()
         bar.setValue(bar.maximum() if at_bottom else keep)
+
+    def _render_open(self, text: str) -> None:
+        """Streaming: paragraphs (and closed code blocks) that are finished are rendered once; only the
+        open one is replaced on each update, so a long reply costs the same per token as a short one."""
+        state = self._open
+        frame = state["frame"]
+        cursor = QTextCursor(self.document())
+        cursor.beginEditBlock()
+        cursor.setPosition(state["pos"])
+        cursor.setPosition(frame.lastPosition(), QTextCursor.MoveMode.KeepAnchor)
+        cursor.removeSelectedText()
+        del self.code_blocks[state["code_mark"] :]
+        end = stable_end(text, state["stable"])
+        if end > state["stable"]:
+            self._insert_markdown(cursor, text[state["stable"] : end], frame)
+            state.update(pos=cursor.position(), stable=end, code_mark=len(self.code_blocks))
+        if text[state["stable"] :].strip():
+            self._insert_markdown(cursor, text[state["stable"] :], frame)
+        elif not text:
+            muted = QTextCharFormat()
+            muted.setForeground(QColor(theme.colours().muted))
+            cursor.insertText("…", muted)
+        cursor.endEditBlock()
 
     def _insert_turn(self, message: dict, cursor: QTextCursor | None = None) -> None:
         c = theme.colours()
         user = message["role"] == "user"
         cursor = cursor or QTextCursor(self.document())
         cursor.movePosition(QTextCursor.MoveOperation.End)
+        self._tail_code_start = len(self.code_blocks)
         frame_format = QTextFrameFormat()
         frame_format.setBackground(QColor(c.user_bubble if user else c.assistant_bubble))
         frame_format.setPadding(10)
@@ -149,7 +197,7 @@ class Transcript(QTextBrowser):
         frame_format.setRightMargin(0 if user else 40)
         frame_format.setBorder(0)
         frame_format.setWidth(QTextLength(QTextLength.Type.PercentageLength, 100))
-        cursor.insertFrame(frame_format)
+        turn = cursor.insertFrame(frame_format)
         header = QTextCharFormat()
         header.setFontWeight(QFont.Weight.Bold)
         header.setForeground(QColor(c.text))
@@ -162,18 +210,23 @@ class Transcript(QTextBrowser):
         cursor.insertBlock()
         cursor.setCharFormat(QTextCharFormat())
         content = message.get("content") or ""
-        if not content and message.get("status") == "streaming":
-            cursor.insertText("…", meta)
+        self._open = None
         if user:
             cursor.insertText(content, QTextCharFormat())  # the user's own words, exactly as typed
+        elif message.get("status") == "streaming" and not message.get("error"):
+            self._open = {"frame": turn, "pos": cursor.position(), "stable": 0, "code_mark": len(self.code_blocks)}
+            self._render_open(content)
         else:
-            self._insert_markdown(cursor, content)
+            self._insert_markdown(cursor, content, turn)
         if message.get("error"):
+            cursor.setPosition(turn.lastPosition())
             self._insert_error(cursor, message["error"], message.get("error_action", "retry"))
 
-    def _insert_markdown(self, cursor: QTextCursor, text: str) -> None:
+    def _insert_markdown(self, cursor: QTextCursor, text: str, parent) -> None:
+        """Insert at the end of `parent` (the turn's frame); the cursor ends there too."""
         c = theme.colours()
         for kind, language, body in split_fences(text):
+            cursor.setPosition(parent.lastPosition())
             if kind == "text":
                 cursor.insertMarkdown(body, MARKDOWN)
                 continue
@@ -202,7 +255,7 @@ class Transcript(QTextBrowser):
             code.setFont(self.mono)
             code.setForeground(QColor(c.text))
             cursor.insertText(body, code)
-            cursor.movePosition(QTextCursor.MoveOperation.End)
+        cursor.setPosition(parent.lastPosition())
 
     def _insert_error(self, cursor: QTextCursor, text: str, action: str) -> None:
         c = theme.colours()

@@ -3,7 +3,9 @@ servers and the route, a legend, and every server in a sortable table."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings, Qt
+import time
+
+from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QColor, QPainter, QPen
 from PySide6.QtWidgets import (
     QHBoxLayout,
@@ -21,6 +23,7 @@ from corolla.gui.node_client import NodeClient
 from corolla.gui.swarm_graph import SwarmGraph, server_details, server_label, state_colour
 from corolla.gui.widgets import CoverageStrip, block_ranges, plain_label, weakest_blocks
 
+TABLE_SLICE_S = 0.008
 PEER_COLUMNS = ["Server", "State", "Blocks", "Tokens/s", "Ping (ms)", "Software", "Link", "Free cache (tokens)"]
 
 
@@ -102,7 +105,7 @@ class SwarmPane(QWidget):
         self.peers.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.peers.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.peers.verticalHeader().hide()
-        self.peers.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.peers.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         self.peers.horizontalHeader().setStretchLastSection(True)
         self.peers.itemSelectionChanged.connect(self._row_selected)
         self.splitter.addWidget(self.map)
@@ -119,6 +122,11 @@ class SwarmPane(QWidget):
         layout.addWidget(self.details)
         self.models: list[dict] = []
         self.own_prefix: str | None = None
+        self._table_rows: list = []
+        self._first_fill = True
+        self._table_timer = QTimer(self)
+        self._table_timer.setInterval(0)
+        self._table_timer.timeout.connect(self._fill_slice)
 
     def show_swarm(self, models: list[dict]) -> None:
         self.models = models
@@ -144,12 +152,30 @@ class SwarmPane(QWidget):
         else:
             self.weakest.setText(f"Every block has {low} online server(s)")
         self.map.set_model(model)
-        self._fill_table(model["servers"])
+        # The table on the next turn of the event loop: the map's update and the table's are two
+        # short stalls, never one long one.
+        self._table_servers = model["servers"]
+        QTimer.singleShot(0, lambda: self._fill_table(self._table_servers))
 
     def _fill_table(self, servers: list[dict]) -> None:
+        """Refill the table in short slices between event-loop turns (hundreds of rows would otherwise
+        hold the UI thread): no selection signals per cell (each would re-pin the map), no re-sort per
+        cell, cells reused (changing text is far cheaper than new items)."""
+        self.peers.blockSignals(True)
         self.peers.setSortingEnabled(False)
+        self._first_fill = self.peers.rowCount() == 0
         self.peers.setRowCount(len(servers))
-        for row, s in enumerate(servers):
+        self.peers.blockSignals(False)
+        self._table_rows = list(enumerate(servers))
+        self._fill_slice()
+        if self._table_rows:
+            self._table_timer.start()
+
+    def _fill_slice(self) -> None:
+        started = time.perf_counter()
+        self.peers.blockSignals(True)
+        while self._table_rows and time.perf_counter() - started < TABLE_SLICE_S:
+            row, s = self._table_rows.pop(0)
             free = (
                 s["cache_tokens_left"] // max(2 * (s["end_block"] - s["start_block"]), 1)
                 if s.get("cache_tokens_left") is not None
@@ -167,10 +193,19 @@ class SwarmPane(QWidget):
                 "?" if free is None else f"{free:,}",
             ]
             for column, text in enumerate(cells):
-                item = QTableWidgetItem(text)
+                item = self.peers.item(row, column)
+                if item is None:
+                    item = QTableWidgetItem(text)
+                    self.peers.setItem(row, column, item)
+                elif item.text() != text:
+                    item.setText(text)
                 item.setData(Qt.ItemDataRole.UserRole, s["peer_id"])
-                self.peers.setItem(row, column, item)
-        self.peers.setSortingEnabled(True)
+        self.peers.blockSignals(False)
+        if not self._table_rows:
+            self._table_timer.stop()
+            self.peers.setSortingEnabled(True)
+            if self._first_fill:
+                self.peers.resizeColumnsToContents()
 
     def _row_selected(self) -> None:
         items = self.peers.selectedItems()
