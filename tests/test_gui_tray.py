@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytest.importorskip("PySide6")
@@ -121,6 +122,15 @@ def node(tmp_path_factory):
     process.stop()
 
 
+def _state(node: NodeProcess) -> str | None:
+    """The node's contribution state; None when one poll fails (the node's forked DHT process can hold
+    a kept-alive connection the node has closed, and the test's client then sees a reset)."""
+    try:
+        return node.status()["contribution"]["state"]
+    except httpx.TransportError:
+        return None
+
+
 def test_the_tray_icon_appears_its_menu_works_and_follows_the_node(node, tmp_path):
     desktop = Desktop(tmp_path)
     try:
@@ -156,11 +166,11 @@ def test_the_tray_icon_appears_its_menu_works_and_follows_the_node(node, tmp_pat
         desktop.wait(lambda: desktop.tray_colour() == "contributing", 30, "the icon is not the contributing flower")
         # Pause from the tray menu: the node follows, and so does the icon.
         menu_pick(3)  # status line (disabled), Open Corolla, Chat, Pause contributing
-        desktop.wait(lambda: node.status()["contribution"]["state"] == "paused", 60, "Pause in the tray did nothing")
+        desktop.wait(lambda: _state(node) == "paused", 60, "Pause in the tray did nothing")
         desktop.wait(lambda: desktop.tray_colour() == "paused", 30, "the icon did not turn to paused")
         menu_pick(3)  # now "Resume contributing"
         desktop.wait(
-            lambda: node.status()["contribution"]["state"] in ("starting", "loading", "online"),
+            lambda: _state(node) in ("starting", "loading", "online"),
             60,
             "Resume did nothing",
         )
@@ -170,6 +180,6 @@ def test_the_tray_icon_appears_its_menu_works_and_follows_the_node(node, tmp_pat
         desktop.wait(lambda: app.poll() is not None, 20, "Quit in the tray did not end the app")
         assert app.returncode == 0, (tmp_path / "app.log").read_text()
         assert "Fatal Python error" not in (tmp_path / "app.log").read_text()
-        assert node.get("/api/ping").status_code == 200
+        assert httpx.get(f"{node.url}/api/ping", timeout=10).status_code == 200  # the node keeps running
     finally:
         desktop.close()
