@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -11,7 +15,11 @@ import pytest
 pytest.importorskip("PySide6")
 pytestmark = pytest.mark.slow
 
+from PySide6.QtCore import Qt  # noqa: E402
+from PySide6.QtWidgets import QPlainTextEdit  # noqa: E402
+
 from corolla.gui.node_client import NodeClient  # noqa: E402
+from corolla.gui.prefs import open_prefs  # noqa: E402
 from corolla.gui.window import MainWindow, tray_state  # noqa: E402
 from tests.support.node import NodeProcess  # noqa: E402
 
@@ -25,11 +33,28 @@ def node(tmp_path_factory):
 
 
 @pytest.fixture
-def window(qtbot, node):
-    win = MainWindow(NodeClient(node.url, node.token))
+def prefs(tmp_path):
+    return open_prefs(str(tmp_path / "window.ini"))
+
+
+@pytest.fixture
+def window(qtbot, node, prefs):
+    win = MainWindow(NodeClient(node.url, node.token), prefs=prefs)
     qtbot.addWidget(win)
     win.show()
     return win
+
+
+def _chat_until_done(qtbot, window, text: str, key_enter: bool = True) -> list[dict]:
+    finished: list[dict] = []
+    window.chat.reply_finished.connect(finished.append)
+    window.chat.input.setPlainText(text)
+    if key_enter:
+        qtbot.keyClick(window.chat.input, Qt.Key.Key_Return)
+    else:
+        window.chat.send()
+    qtbot.waitUntil(lambda: bool(finished) and window.chat.stream is None, timeout=120_000)
+    return finished
 
 
 def test_contribute_chat_map_and_stats(qtbot, window, node):
@@ -37,20 +62,32 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     assert window.contribute.fields["blocks"].text() == "0:6"
     assert "random weights" in window.contribute.fields["model"].text()
     qtbot.waitUntil(lambda: "recommended" in window.contribute.hardware.text(), timeout=30_000)
+    assert "of 6 blocks" in window.contribute.estimate.text()
+    window.contribute.blocks.setValue(3)
+    assert window.contribute.estimate.text().startswith("3 of 6 blocks")
+    window.contribute.show_log()  # the block server's log, one click from the last failure
+    log_view = window.contribute.log_dialog.findChild(QPlainTextEdit)
+    qtbot.waitUntil(lambda: "Reading" not in log_view.toPlainText(), timeout=10_000)
+    assert log_view.toPlainText().strip()
+    window.contribute.log_dialog.close()
+    # The private swarm's invite is in the window, ready to copy.
+    qtbot.waitUntil(lambda: window.contribute.invite_box.isVisibleTo(window), timeout=30_000)
+    assert window.contribute.invite.text() == node.status()["invite"]
+    window.contribute.copy_invite.click()
+    from PySide6.QtGui import QGuiApplication
+
+    assert QGuiApplication.clipboard().text() == node.status()["invite"]
 
     window.tabs.setCurrentWidget(window.chat)
-    window.chat.input.setPlainText("hello from the window")
-    finished = []
-    window.chat.reply_finished.connect(finished.append)
-    window.chat.send()
-    qtbot.waitUntil(lambda: len(window.chat.messages) >= 2 and window.chat.stream is None, timeout=90_000)
-    assert finished, f"no reply: {window.chat.info.text()}"
-    assert finished[0]["status"] == "complete" and finished[0]["tokens"] > 0
+    finished = _chat_until_done(qtbot, window, "hello from the window\nsecond line")
+    assert finished[0]["status"] == "complete" and finished[0]["tokens"] > 0, window.chat.info.text()
     assert "hello from the window" in window.chat.transcript.toPlainText()
     assert window.chat.messages[-1]["role"] == "assistant" and window.chat.messages[-1]["status"] == "complete"
     assert "tokens/s" in window.chat.info.text()
-    stored = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
-    assert stored[-1]["content"] == window.chat.messages[-1]["content"]
+    stored = node.get(f"/api/chats/{window.chat.chat_id}").json()
+    assert stored["messages"][0]["content"] == "hello from the window\nsecond line"
+    assert stored["messages"][-1]["content"] == window.chat.messages[-1]["content"]
+    qtbot.waitUntil(lambda: node.get(f"/api/chats/{window.chat.chat_id}").json()["title"] == "hello from the window")
 
     # Regenerate: the last answer is replaced, not appended to.
     finished.clear()
@@ -60,86 +97,442 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     assert finished[0]["status"] == "complete"
     stored = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
-    assert stored[-1]["content"] == window.chat.messages[-1]["content"]
 
+    # The map: this computer's server, the route through it, the coverage strip.
     window.tabs.setCurrentWidget(window.swarm)
-    qtbot.waitUntil(lambda: window.swarm.map.model is not None, timeout=30_000)
-    servers = window.swarm.map.model["servers"]
-    assert any(s["this_computer"] and (s["start_block"], s["end_block"]) == (0, 6) for s in servers)
-    assert "healthy" in window.swarm.summary.text()
-    assert window.swarm.peers.rowCount() >= 1 and window.swarm.peers.item(0, 0).text() == "★ this computer"
-    window.swarm.map.grab()  # paints without error
+    window.refresh_swarm()
+    qtbot.waitUntil(lambda: window.swarm.map.model is not None and bool(window.swarm.map.edges), timeout=60_000)
+    own = [item for item in window.swarm.map.items_by_peer.values() if item.server.get("this_computer")]
+    assert len(own) == 1 and (own[0].server["start_block"], own[0].server["end_block"]) == (0, 6)
+    assert window.swarm.map.model["route"][0]["peer_id"] == own[0].peer_id
+    assert "every block is served" in window.swarm.summary.text()
+    assert window.swarm.coverage.counts == [1] * 6
+    qtbot.waitUntil(lambda: window.swarm.peers.rowCount() >= 1, timeout=5_000)
+    assert window.swarm.peers.item(0, 0).text() == "★ this computer"
+    window.swarm.map.pin(own[0].peer_id)
+    assert own[0].peer_id in window.swarm.details.text()
+    assert "0:6 via" in window.chat.route_text
+    assert window.chat.model_picker.currentText().startswith("corolla-demo-tiny-llama")
+    window.grab()
 
+    # Stats: charts built on first show, with the reply's tokens; lifetime totals.
     window.tabs.setCurrentWidget(window.stats)
-    window.refresh_stats()
-    qtbot.waitUntil(lambda: sum(r["tokens_served"] for r in window.stats.history) > 0, timeout=30_000)
+    qtbot.waitUntil(lambda: sum(r["tokens_served"] for r in window.stats.history) > 0, timeout=60_000)
+    assert window.stats.charts is not None
+    qtbot.waitUntil(lambda: "tokens to" in window.stats.lifetime.text(), timeout=30_000)
     assert "tokens served" in window.stats.total.text()
-    window.stats.grab()
+    window.stats.set_range("7d")
+    qtbot.waitUntil(lambda: "Last 7 days" in window.stats.total.text(), timeout=10_000)
+    assert len(window.stats.charts["tokens_served"].slots) == 28
+    chart = window.stats.charts["tokens_served"]
+    hit = next(s for s in chart.slots if s[1] > 0)
+    assert chart.value_at(hit[0] + 1) == hit
+    window.grab()
 
 
-def test_pause_and_resume_from_the_window(qtbot, window, node):
+def test_enter_sends_shift_enter_breaks_and_empty_send_is_explained(qtbot, window):
+    window.tabs.setCurrentWidget(window.chat)
+    window.chat.input.setFocus()
+    qtbot.keyClicks(window.chat.input, "line one")
+    qtbot.keyClick(window.chat.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    qtbot.keyClicks(window.chat.input, "line two")
+    assert window.chat.input.toPlainText() == "line one\nline two"
+    assert window.chat.stream is None
+    window.chat.input.clear()
+    qtbot.keyClick(window.chat.input, Qt.Key.Key_Return)
+    assert "Type a message first" in window.chat.info.text() and window.chat.stream is None
+
+
+def test_ctrl_n_starts_a_chat_and_esc_stops_a_reply(qtbot, window, node):
+    window.tabs.setCurrentWidget(window.contribute)
+    window.activateWindow()  # window shortcuts go to the active window
+    qtbot.waitUntil(window.isActiveWindow, timeout=5_000)
+    before = len(node.get("/api/chats").json())
+    qtbot.keyClick(window, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    qtbot.waitUntil(lambda: window.chat.chat_id is not None, timeout=10_000)
+    assert len(node.get("/api/chats").json()) == before + 1 and window.tabs.currentWidget() is window.chat
+    window.chat.max_tokens.setValue(2048)
+    window.chat.input.setPlainText("a long answer please")
+    window.chat.send()
+    qtbot.waitUntil(lambda: window.chat.pieces >= 2, timeout=60_000)
+    qtbot.keyClick(window.chat.input, Qt.Key.Key_Escape)
+    assert window.chat.stream is None and window.chat.messages[-1]["status"] == "stopped"
+    assert window.chat.info.text().startswith("Stopped")
+    qtbot.waitUntil(
+        lambda: (
+            node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"][-1]["status"] in ("stopped", "complete")
+        ),
+        timeout=30_000,
+    )
+
+
+def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QGuiApplication
+
+    window.tabs.setCurrentWidget(window.chat)
+    transcript = window.chat.transcript
+    transcript.set_messages(
+        [
+            {"role": "user", "content": "<i>mine</i>", "status": "complete", "created_at": time.time()},
+            {
+                "role": "assistant",
+                "content": "# Title\n\n**bold** <img src=x> <b>raw</b>\n\n```python\nprint('hi')\n```\n",
+                "status": "complete",
+                "created_at": time.time(),
+            },
+        ]
+    )
+    text = transcript.toPlainText()
+    assert "<i>mine</i>" in text and "<b>raw</b>" in text and "<img src=x>" in text and "**bold**" not in text
+    assert transcript.code_blocks == ["print('hi')"]
+    transcript._anchor(QUrl("copy:0"))
+    assert QGuiApplication.clipboard().text() == "print('hi')"
+
+    # Streaming keeps the reader's place: scrolled up stays put, at the bottom follows the reply.
+    reply = transcript.messages[-1]
+    reply["content"] = "\n\n".join(f"paragraph {i}" for i in range(200))
+    transcript.flush()
+    bar = transcript.verticalScrollBar()
+    assert bar.maximum() > 1000
+    bar.setValue(bar.maximum())
+    reply["content"] += "\n\nmore"
+    transcript.flush()
+    assert bar.value() == bar.maximum()
+    bar.setValue(40)
+    reply["content"] += "\n\neven more"
+    transcript.flush()
+    assert bar.value() == 40 and transcript.toPlainText().rstrip().endswith("even more")
+
+
+def test_rename_search_delete_with_undo_and_export(qtbot, window, node, tmp_path):
+    chat = node.post("/api/chats", json={"title": "Pelican facts"}).json()
+    node.post(f"/api/chats/{chat['id']}/messages", json={"content": "zebra crossing", "max_new_tokens": 2}).read()
+    window.tabs.setCurrentWidget(window.chat)
+    window.chat.refresh_chats()
+    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+    window.chat.rename_chat(chat["id"], "Birds <3")
+    qtbot.waitUntil(lambda: node.get(f"/api/chats/{chat['id']}").json()["title"] == "Birds <3", timeout=10_000)
+
+    window.chat.search.setText("zebra")  # found by a message's content
+    qtbot.waitUntil(lambda: [c["id"] for c in window.chat.chat_list] == [chat["id"]], timeout=10_000)
+    window.chat.search.setText("no such words anywhere")
+    qtbot.waitUntil(lambda: window.chat.chat_list == [], timeout=10_000)
+    window.chat.search.clear()
+    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+
+    markdown, data = tmp_path / "chat.md", tmp_path / "chat.json"
+    window.chat.export_chat(chat["id"], markdown, "md")
+    window.chat.export_chat(chat["id"], data, "json")
+    qtbot.waitUntil(lambda: markdown.exists() and data.exists(), timeout=10_000)
+    assert markdown.read_text().startswith("# Birds <3") and "## You\n\nzebra crossing" in markdown.read_text()
+    exported = json.loads(data.read_text())
+    assert exported["title"] == "Birds <3" and exported["messages"][0]["content"] == "zebra crossing"
+
+    window.chat.delete_chat(chat["id"])  # hidden at once, deleted only when the undo time is over
+    assert all(c["id"] != chat["id"] for c in window.chat.chat_list) and window.chat.undo_bar.isVisibleTo(window)
+    window.chat.undo_button.click()
+    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+    assert node.get(f"/api/chats/{chat['id']}").status_code == 200
+    window.chat.delete_chat(chat["id"])
+    window.chat.commit_delete()
+    qtbot.waitUntil(lambda: node.get(f"/api/chats/{chat['id']}").status_code == 404, timeout=10_000)
+
+
+def test_pause_explains_resume_in_chat_and_counters_stay(qtbot, window, node):
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=60_000)
+    qtbot.waitUntil(lambda: "tokens," in window.contribute.fields["lifetime"].text(), timeout=30_000)
     window.contribute.pause_button.click()
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Paused", timeout=60_000)
+    lifetime = node.status()["lifetime"]
+    assert lifetime["tokens_served"] > 0  # all-time counters do not drop with the paused server
+    assert f"{lifetime['tokens_served']:,} tokens" in window.contribute.fields["lifetime"].text()
     assert window.contribute.resume_button.isEnabled()
-    window.contribute.resume_button.click()
+
+    window.tabs.setCurrentWidget(window.chat)
+    _chat = node.post("/api/chats", json={"title": "paused"}).json()
+    window.chat.chat_id = _chat["id"]
+    window.chat.messages = []
+    window.chat.input.setPlainText("are you there?")
+    window.chat.send()
+    qtbot.waitUntil(lambda: window.chat.stream is None and bool(window.chat.messages), timeout=60_000)
+    qtbot.waitUntil(lambda: window.chat.messages[-1].get("error_action") == "resume", timeout=60_000)
+    assert "Resume contributing" in window.chat.transcript.toPlainText()
+    window.chat.transcript.resume_requested.emit()  # the inline "Resume contributing" link
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=120_000)
 
 
-def test_closing_the_window_leaves_the_node_running(qtbot, window, node):
-    window.close()
-    assert httpx.get(f"{node.url}/api/ping").status_code == 200
+def test_settings_are_remembered(qtbot, node, prefs):
+    first = MainWindow(NodeClient(node.url, node.token), prefs=prefs)
+    qtbot.addWidget(first)
+    first.show()
+    first.resize(780, 560)
+    first.chat.temperature.setValue(0.7)
+    first.chat.max_tokens.setValue(2048)
+    first.tabs.setCurrentWidget(first.swarm)
+    first.save_state()
+    assert first.chat.max_tokens.maximum() == 2048 and "2048" in first.chat.max_tokens.toolTip()
+    again = MainWindow(NodeClient(node.url, node.token), prefs=prefs)
+    qtbot.addWidget(again)
+    assert again.chat.temperature.value() == pytest.approx(0.7)
+    assert again.chat.max_tokens.value() == 2048
+    assert again.tabs.currentWidget() is again.swarm
+    assert (again.width(), again.height()) == (780, 560)
 
 
-def test_a_dead_node_is_explained(qtbot):
-    win = MainWindow(NodeClient("http://127.0.0.1:9", "x"))
-    qtbot.addWidget(win)
-    qtbot.waitUntil(lambda: "does not answer" in win.banner.text(), timeout=10_000)
+def test_max_tokens_matches_the_node():
+    from corolla.gui.panes.chat import MAX_NEW_TOKENS
+    from corolla.node.api_models import MAX_NEW_TOKENS as NODE_MAX
+
+    assert MAX_NEW_TOKENS == NODE_MAX
 
 
-def test_tray_states():
+QUIT_SCRIPT = r"""
+import sys
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+app = QApplication([])
+from corolla.gui.node_client import NodeClient
+from corolla.gui.prefs import open_prefs
+from corolla.gui.tray import Tray
+from corolla.gui.window import MainWindow
+window = MainWindow(NodeClient(sys.argv[1], sys.argv[2]), prefs=open_prefs(sys.argv[3]))
+window.tray = Tray(window, window.show_window, window.show_window, lambda _: None, window.quit_app)
+window.tray.show()
+app.setQuitOnLastWindowClosed(False)  # as with a tray host
+window.show()
+def close_then_quit():
+    window.close()  # with a tray, closing only hides
+    print("hidden" if window.isHidden() and not window.quitting else "not hidden", flush=True)
+    window.show()
+    QTimer.singleShot(300, window.quit_app)
+QTimer.singleShot(1500, close_then_quit)  # after a few polls of the node
+QTimer.singleShot(20000, lambda: app.exit(3))  # the old bug: the quit was refused
+code = app.exec()
+print("exit", code, window.isHidden(), flush=True)
+window.deleteLater()
+app.processEvents()
+sys.exit(code)
+"""
+
+
+def test_quit_really_quits_even_with_a_tray(node, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", QUIT_SCRIPT, node.url, node.token, str(tmp_path / "prefs.ini")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["hidden", "exit", "0", "True"], result.stdout + result.stderr
+    assert "Fatal Python error" not in result.stderr
+
+
+def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
+    from PySide6.QtWidgets import QLabel
+
+    hostile = "<img src='http://evil/x.png'><a href='x'>click</a>"
+    status = {
+        "model": hostile,
+        "swarm": "private",
+        "secrets_storage": "keyring",
+        "invite": None,
+        "awaiting_consent": False,
+        "pause_rule": {"rule": "schedule", "message": hostile, "until": "until 22:00"},
+        "lifetime": {"tokens_served": 0, "sessions": 0, "uptime_s": 0, "since": None},
+        "contribution": {
+            "state": "paused",
+            "reason": hostile,
+            "last_failure": hostile,
+            "start_block": None,
+            "end_block": None,
+            "throughput": None,
+            "cache_bytes_total": 0,
+            "cache_bytes_left": 0,
+            "tokens_served": 0,
+            "sessions_active": 0,
+            "sessions_opened": 0,
+            "uptime_s": 0,
+        },
+    }
+    window._status_shown(status)
+    window._node_unreachable(hostile)
+    for label in window.findChildren(QLabel):
+        if hostile in label.text():
+            assert label.textFormat() == Qt.TextFormat.PlainText, label.objectName()
+    assert window.contribute.fields["model"].text() == hostile
+    assert window.contribute.rule_banner.text().startswith("Paused by your rule:")
+
+
+def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
+    from corolla.gui.panes.swarm import SwarmPane
+
+    pane = SwarmPane(None, open_prefs(None))
+    qtbot.addWidget(pane)
+    pane.resize(1000, 700)
+    pane.show()
+    servers = [
+        {
+            "peer_id": f"12D3KooW{i:040d}",
+            "state": "ONLINE" if i % 7 else "JOINING",
+            "start_block": (i * 3) % 70,
+            "end_block": (i * 3) % 70 + 10,
+            "throughput": 100.0 + i,
+            "ping_ms": float(i % 300),
+            "using_relay": i % 5 == 0,
+            "this_computer": i == 0,
+            "version": "2.2.0",
+            "corolla_version": None,
+            "cache_tokens_left": 1000,
+            "public_name": None,
+            "torch_dtype": "bfloat16",
+            "quant_type": "none",
+        }
+        for i in range(200)
+    ]
+    counts = [sum(1 for s in servers if s["start_block"] <= b < s["end_block"]) for b in range(80)]
+    model = {
+        "dht_prefix": "big-model",
+        "num_blocks": 80,
+        "servers": servers,
+        "online_per_block": counts,
+        "healthy": True,
+        "missing_blocks": [],
+        "route": [{"peer_id": servers[0]["peer_id"], "start": 0, "end": 10}],
+    }
+    pane.show_swarm([model])
+    graph = pane.map
+    qtbot.waitUntil(lambda: not graph._pending, timeout=10_000)  # items are updated in short slices
+    assert len(graph.items_by_peer) == 200 and len(graph.edges) == 1
+    assert graph.transform().m11() >= 0.8  # text stays legible: the view scrolls instead
+    rects = [item.rect() for item in graph.items_by_peer.values()]
+    overlapping = sum(1 for i, a in enumerate(rects) for b in rects[i + 1 :] if a.intersects(b))
+    assert overlapping == 0
+    graph.scale(1.5, 1.5)
+    graph.horizontalScrollBar().setValue(100)
+    zoom = graph.transform().m11()
+    model["servers"] = servers[:150]
+    pane.show_swarm([model])
+    qtbot.waitUntil(lambda: not graph._pending and pane.peers.rowCount() == 150, timeout=10_000)
+    assert len(graph.items_by_peer) == 150
+    assert graph.transform().m11() == zoom  # a live update never resets the view
+    assert servers[0]["peer_id"] in graph.items_by_peer[servers[0]["peer_id"]].toolTip()
+    assert "Weakest" in pane.weakest.text()
+    pane.grab()
+
+
+def test_tray_states_icons_and_menu(qtbot):
+    from PySide6.QtWidgets import QWidget
+
+    from corolla.gui.tray import SIZES, Tray, flower_icon
+    from corolla.gui.window import status_line
+
     assert tray_state("online") == "contributing" and tray_state("paused") == "paused"
     assert tray_state("restarting") == "error" and tray_state("stopped") == "idle"
-
-
-def test_tray_menu(qtbot, window):
-    from PySide6.QtWidgets import QSystemTrayIcon
-
-    if not QSystemTrayIcon.isSystemTrayAvailable():
-        pytest.skip("this platform has no system tray")
-    assert window.install_tray()
+    assert tray_state(None) == "unreachable"
+    icon = flower_icon("contributing")
+    assert len(icon.availableSizes()) == len(SIZES)
+    image = icon.pixmap(64, 64).toImage()
+    assert image.pixelColor(32, 32).name() == "#f4c542"  # the flower's core, not a plain disc
+    parent = QWidget()
+    qtbot.addWidget(parent)
+    calls = []
+    tray = Tray(parent, lambda: calls.append("open"), lambda: calls.append("chat"), calls.append, parent.close)
+    tray.set_state("paused", status_line({"contribution": {"state": "paused"}, "pause_rule": None}))
+    texts = [a.text() for a in tray.menu.actions()]
+    assert texts[0] == "Paused by you" and not tray.menu.actions()[0].isEnabled()
+    assert "Resume contributing" in texts and "Quit (contribution stays paused)" in texts
+    next(a for a in tray.menu.actions() if a.text() == "Resume contributing").trigger()
+    assert calls == [False]
+    tray.set_state("contributing", "Contributing blocks 0:6")
+    assert "Quit (the node keeps contributing)" in [a.text() for a in tray.menu.actions()]
 
 
 def test_the_window_never_imports_torch_or_hivemind():
     code = (
         "import sys; import corolla.gui.app, corolla.gui.window, corolla.gui.panes; "
-        "bad = [m for m in ('torch', 'hivemind', 'transformers') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'hivemind', 'transformers', 'pyqtgraph') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_settings_dialog_validates_and_saves(qtbot, window, node):
+def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_path, monkeypatch, prefs):
+    """Nothing is served before the user agrees; after the node dies the window says so and restarts it."""
     from corolla.gui.settings_dialog import SettingsDialog
+    from corolla.node.paths import NodePaths
 
-    dialog = SettingsDialog(window.client, first_run=True)
-    qtbot.addWidget(dialog)
-    qtbot.waitUntil(lambda: dialog.settings is not None, timeout=10_000)
-    assert dialog.private.isChecked()
-    dialog.check_model()
-    qtbot.waitUntil(lambda: "block(s)" in dialog.model_info.text(), timeout=30_000)
-    dialog.window.setText("25:00-26:00")
-    dialog.autostart.setChecked(False)
-    dialog.save()
-    qtbot.waitUntil(lambda: "time_window" in dialog.error.text(), timeout=10_000)
-    assert node.get("/api/settings").json()["time_window"] is None
-    dialog.window.setText("00:00-23:59")
-    dialog.memory_cap.setValue(8)
-    with qtbot.waitSignal(dialog.accepted, timeout=30_000):
+    home = tmp_path / "home"
+    process = NodeProcess(home, extra_env={"COROLLA_AWAIT_CONSENT": "1"}, name="consent-node")
+    restarted_pid = None
+    try:
+        time.sleep(3)  # several background ticks: it must still not serve
+        status = process.status()
+        assert status["awaiting_consent"] and status["contribution"]["state"] == "stopped"
+        monkeypatch.setenv("COROLLA_HOME", str(home))
+        window = MainWindow(NodeClient(process.url, process.token), prefs=prefs, paths=NodePaths.default())
+        qtbot.addWidget(window)
+        window.show()
+        qtbot.waitUntil(lambda: window.contribute.state.text() == "Waiting for your go-ahead", timeout=20_000)
+
+        dialog = SettingsDialog(window.client, first_run=True)
+        qtbot.addWidget(dialog)
+        dialog.show()
+        qtbot.waitUntil(lambda: dialog.settings is not None, timeout=10_000)
+        assert dialog.private.isChecked() and not dialog.invite.isVisible() and not dialog.peers.isVisible()
+        dialog.custom.setChecked(True)
+        assert dialog.peers.isVisible() and not dialog.invite.isVisible()
+        dialog.check_model()
+        qtbot.waitUntil(lambda: "block(s)" in dialog.model_info.text(), timeout=30_000)
+        assert dialog.peers.height() >= 72  # Check no longer squeezes the peers box
+        dialog.peers.setPlainText("not-an-address")
         dialog.save()
-    saved = node.get("/api/settings").json()
-    assert saved["time_window"] == "00:00-23:59" and saved["memory_cap_gib"] == 8
+        assert dialog.error.text().startswith("Custom peers:")
+        dialog.private.setChecked(True)
+        dialog.window.setText("25:00-26:00")
+        dialog.save()
+        assert dialog.error.text().startswith("Daily window: write it as HH:MM-HH:MM")
+        assert "Value error" not in dialog.error.text()
+        dialog.window.setText("")
+        assert dialog.save_button.text() == "Agree and start contributing"
+        assert process.status()["contribution"]["state"] == "stopped"
+        with qtbot.waitSignal(dialog.accepted, timeout=30_000):
+            dialog.save()
+        qtbot.waitUntil(lambda: window.contribute.state.text() in ("Starting…", "Loading the model…", "Contributing"))
+        assert not process.status()["awaiting_consent"]
+
+        process.stop()  # stopped from a terminal
+        qtbot.waitUntil(lambda: window.node_banner.isVisible(), timeout=20_000)
+        assert "not running" in window.node_banner_text.text()
+        assert window.contribute.state.text() == "The node does not answer"
+        assert window.banner.text() == "The node does not answer"  # said once, not twice
+        window.restart_button.click()
+        qtbot.waitUntil(lambda: window.reachable and not window.node_banner.isVisible(), timeout=120_000)
+        restarted_pid = json.loads((home / "config" / "node.json").read_text())["pid"]
+        assert window.client.url != process.url or restarted_pid != process.process.pid
+    finally:
+        process.stop()
+        if restarted_pid is None:
+            try:
+                restarted_pid = json.loads((home / "config" / "node.json").read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                restarted_pid = None
+        if restarted_pid and restarted_pid != process.process.pid:
+            try:
+                os.kill(restarted_pid, signal.SIGTERM)
+                for _ in range(200):
+                    os.kill(restarted_pid, 0)
+                    time.sleep(0.2)
+                os.killpg(restarted_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_closing_the_window_leaves_the_node_running(qtbot, window, node):
+    window.close()
+    assert httpx.get(f"{node.url}/api/ping").status_code == 200
 
 
 def test_start_at_login_writes_and_removes_the_autostart_entry(tmp_path, monkeypatch):
@@ -164,3 +557,23 @@ def test_node_launcher_command_lines():
     assert node_command("win32", distro="Other")[2] == "Other"
     command = lock_file_command()
     assert command[:5] == ["wsl.exe", "--distribution", "Corolla", "--exec", "sh"] and "node.json" in command[-1]
+
+
+def test_friendly_validation_messages():
+    from corolla.gui.settings_dialog import friendly_error
+
+    raw = "time_window: Value error, time_window must look like 22:00-07:00"
+    assert friendly_error(raw) == "Daily window: must look like 22:00-07:00"
+    assert friendly_error("memory_cap_gib: Input should be greater than 0").startswith("Memory: ")
+
+
+def test_qt_bindings_keep_none_alive():
+    """PySide6 6.12.0 on CPython 3.11 drops a reference to None on every call returning nothing; a window
+    polling a stopped node then dies with "Fatal Python error: none_dealloc" (pyproject excludes it)."""
+    from PySide6.QtWidgets import QLabel
+
+    label = QLabel()
+    before = sys.getrefcount(None)
+    for _ in range(2000):
+        label.setText("x")
+    assert sys.getrefcount(None) > before - 100

@@ -1,4 +1,7 @@
-"""`corolla app`: the window and tray. One instance per user; it finds or starts the node."""
+"""`corolla app`: the window and tray. One instance per user; it finds or starts the node.
+
+On the first run the node is started holding back: nothing is served for the swarm until the user
+agrees in the welcome dialog."""
 
 from __future__ import annotations
 
@@ -13,12 +16,14 @@ from PySide6.QtGui import QIcon
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QLabel
 
+from corolla.gui import theme
 from corolla.gui.launcher import running_node, start_node
 from corolla.gui.node_client import NodeClient
 from corolla.gui.window import MainWindow
 from corolla.node.paths import NodePaths
 
 NODE_START_TIMEOUT_S = 120
+FIRST_RUN_MARKER = "app-first-run-done"
 
 
 def _instance_name() -> str:
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     app = QApplication(argv if argv is not None else sys.argv)
     app.setApplicationName("Corolla")
     app.setDesktopFileName("corolla")  # Wayland/X11 match the window to corolla.desktop's icon
+    theme.apply(app)
     icon = _icon_file()
     if icon.exists():
         app.setWindowIcon(QIcon(str(icon)))
@@ -53,36 +59,40 @@ def main(argv: list[str] | None = None) -> int:
     QLocalServer.removeServer(_instance_name())
     server = QLocalServer()
     server.listen(_instance_name())
+    paths = NodePaths.default()
+    marker = paths.config_dir / FIRST_RUN_MARKER
+    first_run = not marker.exists()
     splash = QLabel("Starting Corolla's node…")
     splash.setMinimumSize(360, 80)
     splash.show()
     state = {"window": None, "started": time.monotonic(), "spawned": False}
 
+    def agreed() -> None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("1")
+
     def open_window(url: str, token: str) -> None:
         client = NodeClient(url, token)
-        window = MainWindow(client)
+        window = MainWindow(client, paths=paths)
         has_tray = window.install_tray()
         app.setQuitOnLastWindowClosed(not has_tray)
         server.newConnection.connect(lambda: (server.nextPendingConnection(), window.show_window()))
         window.show()
         splash.close()
-        marker = NodePaths.default().config_dir / "app-first-run-done"
-        if not marker.exists():
-            window.open_settings(first_run=True)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("1")
+        if first_run:
+            window.open_settings(first_run=True, on_done=agreed)  # the marker only once the user agreed
         state["window"] = window
         if os.environ.get("COROLLA_APP_EXIT_AFTER_PAINT"):  # packaging/report.py times the cold start
-            QTimer.singleShot(0, lambda: (window.grab(), print("corolla: first paint", flush=True), app.quit()))
+            QTimer.singleShot(0, lambda: (window.grab(), print("corolla: first paint", flush=True), app.exit(0)))
 
     def poll() -> None:
-        found = running_node()
+        found = running_node(paths)
         if found is not None:
             timer.stop()
             open_window(*found)
             return
         if not state["spawned"]:
-            start_node()
+            start_node(await_consent=first_run)
             state["spawned"] = True
         if time.monotonic() - state["started"] > NODE_START_TIMEOUT_S:
             timer.stop()
@@ -92,7 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     timer.timeout.connect(poll)
     timer.start(300)
     QTimer.singleShot(0, poll)
-    return app.exec()
+    code = app.exec()
+    # Tear the window and tray down while Qt and Python are both alive (an interpreter exit with live
+    # Qt objects holding Python callbacks is what ended in "Fatal Python error: none_dealloc").
+    timer.stop()
+    window = state.pop("window", None)
+    if window is not None:
+        if window.tray is not None:
+            window.tray.hide()
+            window.tray.deleteLater()
+        window.deleteLater()
+    server.close()
+    app.processEvents()
+    return code
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -49,8 +50,13 @@ def lock_file_command(distro: str = WSL_DISTRO) -> list[str]:
     ]
 
 
-def start_node(platform: str = sys.platform) -> subprocess.Popen:
-    """`corolla node` in its own session (or detached on Windows), so it outlives the window."""
+def start_node(platform: str = sys.platform, await_consent: bool = False) -> subprocess.Popen:
+    """`corolla node` in its own session (or detached on Windows), so it outlives the window. With
+    `await_consent` (the first run) the node contributes nothing until the user agrees in the window."""
+    env = None
+    if await_consent:  # WSLENV carries the variable into the WSL distro on Windows
+        wslenv = ":".join(filter(None, (os.environ.get("WSLENV"), "COROLLA_AWAIT_CONSENT")))
+        env = {**os.environ, "COROLLA_AWAIT_CONSENT": "1", "WSLENV": wslenv}
     if platform == "win32":
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "DETACHED_PROCESS", 0)
         options: dict = {"creationflags": flags}
@@ -61,5 +67,6 @@ def start_node(platform: str = sys.platform) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
+        env=env,
         **options,
     )

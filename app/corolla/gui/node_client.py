@@ -20,11 +20,19 @@ class NodeClient(QObject):
         self.url, self.token = url.rstrip("/"), token
         self.manager = QNetworkAccessManager(self)
 
-    def _request(self, path: str) -> QNetworkRequest:
+    def retarget(self, url: str, token: str) -> None:
+        """Talk to a restarted node (a new port and token)."""
+        self.url, self.token = url.rstrip("/"), token
+
+    def _request(self, path: str, timeout_ms: int = 120_000) -> QNetworkRequest:
         request = QNetworkRequest(QUrl(self.url + path))
         request.setRawHeader(b"Authorization", f"Bearer {self.token}".encode())
         request.setHeader(QNetworkRequest.KnownHeaders.ContentTypeHeader, "application/json")
-        request.setTransferTimeout(120_000)
+        # One connection per request: the node forks helper processes (hivemind's DHT) that inherit its
+        # open sockets, so a kept-alive connection the node has closed can stay open in the child and a
+        # request reusing it would hang until its timeout. Loopback connections cost next to nothing.
+        request.setRawHeader(b"Connection", b"close")
+        request.setTransferTimeout(timeout_ms)
         return request
 
     def call(
@@ -34,9 +42,10 @@ class NodeClient(QObject):
         body: dict | None = None,
         on_ok: OnOk | None = None,
         on_error: OnError | None = None,
+        timeout_ms: int = 120_000,
     ) -> QNetworkReply:
         data = QByteArray(json.dumps(body).encode()) if body is not None else QByteArray()
-        reply = self.manager.sendCustomRequest(self._request(path), method.encode(), data)
+        reply = self.manager.sendCustomRequest(self._request(path, timeout_ms), method.encode(), data)
 
         def finished():
             reply.deleteLater()

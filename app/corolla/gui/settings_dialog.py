@@ -3,6 +3,8 @@ Face token, contribution limits, and start at login."""
 
 from __future__ import annotations
 
+import re
+
 from PySide6.QtWidgets import (
     QButtonGroup,
     QCheckBox,
@@ -13,7 +15,6 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
@@ -24,19 +25,62 @@ from PySide6.QtWidgets import (
 
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
+from corolla.gui.widgets import plain_label
 from corolla.units import human_bytes
+
+TIME_WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
+FIELD_NAMES = {
+    "time_window": "Daily window",
+    "custom_peers": "Custom peers",
+    "memory_cap_gib": "Memory",
+    "model": "Model",
+    "invite": "Invite",
+    "dht_prefix": "Swarm prefix",
+}
+
+
+def friendly_error(message: str) -> str:
+    """The node's validation message, as a person reads it: "time_window: Value error, time_window must
+    look like 22:00-07:00" -> "Daily window: must look like 22:00-07:00"."""
+    parts = []
+    for problem in message.split("; "):
+        field, _, text = problem.partition(": ")
+        if not text:
+            parts.append(problem)
+            continue
+        key = field.split(".")[0]
+        text = text.removeprefix("Value error, ").removeprefix(f"{key} ")
+        parts.append(f"{FIELD_NAMES.get(key, key.replace('_', ' ').capitalize())}: {text}")
+    return "; ".join(parts)
+
+
+def local_problems(window: str, peers: list[str], custom: bool, invite: str | None) -> list[str]:
+    """What can be said before asking the node (the node checks again)."""
+    problems = []
+    if window and not TIME_WINDOW.match(window):
+        problems.append("Daily window: write it as HH:MM-HH:MM, e.g. 22:00-07:00 (it may wrap midnight)")
+    if custom:
+        if not peers:
+            problems.append("Custom peers: add at least one address, one per line")
+        bad = [p for p in peers if not p.startswith("/") or "/p2p/" not in p]
+        if bad:
+            problems.append(f"Custom peers: {bad[0][:80]!r} is not a multiaddr ending in /p2p/<peer id>")
+    if invite is not None and not invite.startswith("corolla-invite:"):
+        problems.append("Invite: paste the whole string, starting with corolla-invite:")
+    return problems
 
 
 class SettingsDialog(QDialog):
     def __init__(self, client: NodeClient, first_run: bool = False, parent: QWidget | None = None):
         super().__init__(parent)
         self.client = client
+        self.first_run = first_run
         self.settings: dict | None = None
         self.setWindowTitle("Welcome to Corolla" if first_run else "Corolla settings")
         self.setMinimumWidth(620)
         layout = QVBoxLayout(self)
         if first_run:
-            intro = QLabel(
+            intro = plain_label(
                 "Corolla lets this computer serve part of a large language model to a swarm, and chat "
                 "with the models the swarm serves. Choose where to start; everything can be changed later."
             )
@@ -55,10 +99,15 @@ class SettingsDialog(QDialog):
             swarm_layout.addWidget(button)
         self.invite = QLineEdit()
         self.invite.setPlaceholderText("corolla-invite:…")
+        self.invite.setAccessibleName("Invite string")
         self.peers = QPlainTextEdit()
-        self.peers.setMaximumHeight(60)
+        self.peers.setAccessibleName("Custom peers, one multiaddr per line")
+        self.peers.setPlaceholderText("/ip4/203.0.113.7/tcp/31337/p2p/Qm…")
+        self.peers.setMinimumHeight(72)
+        self.peers.setMaximumHeight(110)
         swarm_layout.addWidget(self.invite)
         swarm_layout.addWidget(self.peers)
+        self.swarm_choice.buttonToggled.connect(lambda *_: self._swarm_changed())
         layout.addWidget(swarm)
 
         model = QGroupBox("Model")
@@ -77,7 +126,7 @@ class SettingsDialog(QDialog):
         self.quant.addItems(["none", "int8", "nf4"])
         form.addRow("Precision", self.dtype)
         form.addRow("Quantization", self.quant)
-        self.model_info = QLabel("")
+        self.model_info = plain_label("")
         self.model_info.setWordWrap(True)
         form.addRow("", self.model_info)
         self.hf_token = QLineEdit()
@@ -96,6 +145,11 @@ class SettingsDialog(QDialog):
         self.window = QLineEdit()
         self.window.setPlaceholderText("e.g. 22:00-07:00; empty: any time")
         self.autostart = QCheckBox("Start Corolla when I log in")
+        self.contribute = QCheckBox("Contribute: serve part of the model for the swarm in the background")
+        self.contribute.setChecked(True)
+        self.contribute.setAccessibleName("Contribute this computer to the swarm")
+        self.contribute.toggled.connect(lambda _: self._update_save_text())
+        limits_form.addRow("", self.contribute)
         limits_form.addRow("Memory", self.memory_cap)
         limits_form.addRow("", self.idle_only)
         limits_form.addRow("", self.on_battery)
@@ -103,15 +157,34 @@ class SettingsDialog(QDialog):
         limits_form.addRow("", self.autostart)
         layout.addWidget(limits)
 
-        self.error = QLabel("")
+        self.error = plain_label("")
         self.error.setStyleSheet("color: #b03a2e")
         self.error.setWordWrap(True)
         layout.addWidget(self.error)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel)
+        self.save_button = buttons.button(QDialogButtonBox.StandardButton.Save)
+        if first_run:
+            buttons.button(QDialogButtonBox.StandardButton.Cancel).setText("Not now")
         buttons.accepted.connect(self.save)
         buttons.rejected.connect(self.reject)
         layout.addWidget(buttons)
+        self.private.setChecked(True)
+        self._swarm_changed()
+        self._update_save_text()
         self.client.call("GET", "/api/settings", on_ok=self.load, on_error=self.error.setText)
+
+    def _swarm_changed(self) -> None:
+        """Only the chosen way of joining shows its field."""
+        self.invite.setVisible(self.invite_option.isChecked())
+        self.peers.setVisible(self.custom.isChecked())
+        if self.invite_option.isChecked():
+            self.invite.setFocus()
+        elif self.custom.isChecked():
+            self.peers.setFocus()
+
+    def _update_save_text(self) -> None:
+        if self.first_run:
+            self.save_button.setText("Agree and start contributing" if self.contribute.isChecked() else "Save")
 
     def load(self, settings: dict) -> None:
         self.settings = settings
@@ -125,6 +198,8 @@ class SettingsDialog(QDialog):
         self.on_battery.setChecked(settings["allow_on_battery"])
         self.window.setText(settings.get("time_window") or "")
         self.autostart.setChecked(autostart.is_enabled())
+        self.contribute.setChecked(settings.get("contribute", True))
+        self._swarm_changed()
 
     def check_model(self) -> None:
         from urllib.parse import urlencode
@@ -155,17 +230,27 @@ class SettingsDialog(QDialog):
             **(self.settings or {}),
             "swarm": swarm,
             "model": self.model.text().strip() or None,
-            "custom_peers": [p.strip() for p in self.peers.toPlainText().splitlines() if p.strip()],
+            # Peers typed under another choice are not checked or kept: only the chosen way counts.
+            "custom_peers": [p.strip() for p in self.peers.toPlainText().splitlines() if p.strip()]
+            if swarm == "custom"
+            else (self.settings or {}).get("custom_peers", []),
             "torch_dtype": self.dtype.currentText(),
             "quant_type": self.quant.currentText(),
             "memory_cap_gib": self.memory_cap.value() or None,
             "only_when_idle": self.idle_only.isChecked(),
             "allow_on_battery": self.on_battery.isChecked(),
             "time_window": self.window.text().strip() or None,
+            "contribute": self.contribute.isChecked(),
         }
 
     def save(self) -> None:
         self.error.setText("")
+        peers = [p.strip() for p in self.peers.toPlainText().splitlines() if p.strip()]
+        invite = self.invite.text().strip() if self.invite_option.isChecked() else None
+        problems = local_problems(self.window.text().strip(), peers, self.custom.isChecked(), invite)
+        if problems:
+            self.error.setText("\n".join(problems))
+            return
         try:
             autostart.set_enabled(self.autostart.isChecked())
         except OSError as exc:
@@ -178,7 +263,17 @@ class SettingsDialog(QDialog):
 
         def saved(settings: dict) -> None:
             self.settings = settings
-            self.accept()
+            if not self.first_run:  # the node itself starts or stops when `contribute` changed
+                self.accept()
+                return
+            # The user's decision on contributing is what lets a first-run node start serving.
+            action = "start" if self.contribute.isChecked() else "stop"
+            self.client.call(
+                "POST",
+                f"/api/contribution/{action}",
+                on_ok=lambda _: self.accept(),
+                on_error=lambda e: self.error.setText(f"Saved, but could not {action} contributing: {e}"),
+            )
 
         if self.invite_option.isChecked():
             self.client.call(
@@ -186,7 +281,7 @@ class SettingsDialog(QDialog):
                 "/api/settings/join",
                 {"invite": self.invite.text().strip()},
                 on_ok=saved,
-                on_error=lambda e: self.error.setText(f"This invite does not work: {e}"),
+                on_error=lambda e: self.error.setText(f"This invite does not work: {friendly_error(e)}"),
             )
         else:
             self.client.call(
@@ -194,5 +289,5 @@ class SettingsDialog(QDialog):
                 "/api/settings",
                 self._changes(),
                 on_ok=saved,
-                on_error=lambda e: self.error.setText(f"Not saved: {e}"),
+                on_error=lambda e: self.error.setText(f"Not saved. {friendly_error(e)}"),
             )

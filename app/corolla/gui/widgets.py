@@ -1,132 +1,103 @@
-"""Custom-painted views: the swarm's block coverage map and the contribution bar chart."""
+"""Small shared widgets: a plain-text label (nothing from the swarm or an error is ever read as rich
+text) and the per-block coverage strip above the swarm map."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QRectF, Qt, Signal
-from PySide6.QtGui import QColor, QFont, QPainter, QPen
-from PySide6.QtWidgets import QSizePolicy, QToolTip, QWidget
+from PySide6.QtCore import QRectF, Qt
+from PySide6.QtGui import QColor, QPainter, QPen
+from PySide6.QtWidgets import QLabel, QSizePolicy, QToolTip, QWidget
 
-STATE_COLOURS = {"ONLINE": QColor("#3fa66b"), "JOINING": QColor("#e0a526"), "OFFLINE": QColor("#9a9a9a")}
-OWN_OUTLINE = QColor("#1f6fd1")
+from corolla.gui import theme
 
 
-class CoverageMap(QWidget):
-    """Blocks across, servers down (as Petals' health monitor draws it); this computer's row outlined."""
+def plain_label(text: str = "", parent: QWidget | None = None) -> QLabel:
+    """A QLabel that shows its text literally: model names, peer data and error messages may contain
+    '<' and must never become markup (or links, or images) in the window."""
+    label = QLabel(parent)
+    label.setTextFormat(Qt.TextFormat.PlainText)
+    label.setText(text)
+    return label
 
-    server_clicked = Signal(dict)
+
+def weakest_blocks(online_per_block: list[int]) -> tuple[int, list[int]]:
+    """(the fewest servers any block has, the blocks with that few)."""
+    if not online_per_block:
+        return 0, []
+    low = min(online_per_block)
+    return low, [i for i, n in enumerate(online_per_block) if n == low]
+
+
+def block_ranges(blocks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0–2, 5"."""
+    ranges, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            ranges.append(str(start) if start == b else f"{start}–{b}")
+            start = None
+    return ", ".join(ranges)
+
+
+class CoverageStrip(QWidget):
+    """One cell per block, coloured by how many online servers hold it; the weakest blocks outlined."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        self.model: dict | None = None
+        self.counts: list[int] = []
+        self.left_margin = 0
         self.setMouseTracking(True)
-        self.setMinimumHeight(120)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.setFixedHeight(34)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setAccessibleName("Servers per block")
 
-    def set_model(self, model: dict | None) -> None:
-        self.model = model
-        rows = len(model["servers"]) if model else 0
-        self.setMinimumHeight(60 + 22 * max(rows, 1))
+    def set_counts(self, counts: list[int]) -> None:
+        self.counts = list(counts)
+        low, weakest = weakest_blocks(self.counts)
+        self.setToolTip(
+            f"Fewest servers on a block: {low} (blocks {block_ranges(weakest)})" if self.counts else "No swarm data"
+        )
         self.update()
 
-    def _geometry(self):
-        blocks = max(self.model["num_blocks"], 1)
-        left, top = 150, 30
-        cell = max(4.0, (self.width() - left - 10) / blocks)
-        return blocks, left, top, cell
-
-    def _row_at(self, y: float) -> int | None:
-        if not self.model:
-            return None
-        _, _, top, _ = self._geometry()
-        row = int((y - top) // 22)
-        return row if 0 <= row < len(self.model["servers"]) else None
+    def _cell(self) -> float:
+        return (self.width() - 8) / max(len(self.counts), 1)
 
     def mouseMoveEvent(self, event) -> None:
-        row = self._row_at(event.position().y())
-        if row is None:
-            QToolTip.hideText()
+        if not self.counts:
             return
-        s = self.model["servers"][row]
-        software = f"corolla {s['corolla_version']}" if s.get("corolla_version") else f"petals {s.get('version')}"
-        ping = "-" if s.get("ping_ms") is None else f"{s['ping_ms']:.1f} ms"
-        QToolTip.showText(
-            event.globalPosition().toPoint(),
-            (
-                f"{s['peer_id']}\n{s['state']} · blocks {s['start_block']}:{s['end_block']}\n"
-                f"{s['throughput']:.1f} tokens/s · {software} · {'relay' if s.get('using_relay') else 'direct'}\n"
-                f"ping {ping} · {s.get('torch_dtype') or '?'} {s.get('quant_type') or ''}"
-            ),
-            self,
-        )
-
-    def mousePressEvent(self, event) -> None:
-        row = self._row_at(event.position().y())
-        if row is not None:
-            self.server_clicked.emit(self.model["servers"][row])
+        block = int((event.position().x() - 4) // self._cell())
+        if 0 <= block < len(self.counts):
+            n = self.counts[block]
+            QToolTip.showText(
+                event.globalPosition().toPoint(), f"block {block}: {n} online server{'s' if n != 1 else ''}", self
+            )
 
     def paintEvent(self, event) -> None:
+        c = theme.colours()
         painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        painter.fillRect(self.rect(), self.palette().base())
-        if not self.model:
+        painter.fillRect(self.rect(), self.palette().window())
+        if not self.counts:
+            painter.setPen(QColor(c.muted))
             painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "No swarm data yet")
             return
-        blocks, left, top, cell = self._geometry()
-        painter.setFont(QFont(self.font().family(), 8))
-        painter.setPen(self.palette().text().color())
-        for block in range(blocks):  # coverage strip: online servers per block
-            count = self.model["online_per_block"][block] if block < len(self.model["online_per_block"]) else 0
-            colour = QColor("#c0392b") if count == 0 else QColor("#3fa66b").lighter(100 + 25 * max(0, 3 - count))
-            painter.fillRect(QRectF(left + block * cell, 8, cell - 1, 14), colour)
-        painter.drawText(QRectF(4, 8, left - 8, 14), Qt.AlignmentFlag.AlignVCenter, "online per block")
-        for row, server in enumerate(self.model["servers"]):
-            y = top + row * 22
-            label = "★ this computer" if server.get("this_computer") else "…" + server["peer_id"][-8:]
-            painter.setPen(self.palette().text().color())
-            painter.drawText(QRectF(4, y, left - 8, 18), Qt.AlignmentFlag.AlignVCenter, label)
-            colour = STATE_COLOURS.get(server["state"], QColor("#9a9a9a"))
-            rect = QRectF(
-                left + server["start_block"] * cell, y + 2, (server["end_block"] - server["start_block"]) * cell - 1, 14
-            )
+        cell = self._cell()
+        _low, weakest = weakest_blocks(self.counts)
+        weak = set(weakest)
+        peak = max(max(self.counts), 1)
+        for block, n in enumerate(self.counts):
+            rect = QRectF(4 + block * cell, 4, max(cell - 1, 1), 18)
+            if n == 0:
+                colour = QColor(c.bad)
+            else:
+                colour = QColor(c.good)
+                colour.setAlphaF(0.35 + 0.65 * n / peak)
             painter.fillRect(rect, colour)
-            if server.get("this_computer"):
-                painter.setPen(QPen(OWN_OUTLINE, 2))
-                painter.drawRect(rect)
-        painter.end()
-
-
-class BarChart(QWidget):
-    """Bars of one value per hour, with the peak labelled."""
-
-    def __init__(self, title: str, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.title, self.values, self.labels = title, [], []
-        self.setMinimumHeight(140)
-
-    def set_values(self, values: list[float], labels: list[str]) -> None:
-        self.values, self.labels = values, labels
-        self.update()
-
-    def paintEvent(self, event) -> None:
-        painter = QPainter(self)
-        painter.fillRect(self.rect(), self.palette().base())
-        painter.setPen(self.palette().text().color())
-        painter.drawText(QRectF(6, 2, self.width() - 12, 18), Qt.AlignmentFlag.AlignLeft, self.title)
-        if not self.values:
-            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "no contribution recorded yet")
-            return
-        peak = max(max(self.values), 1e-9)
-        area = QRectF(6, 22, self.width() - 12, self.height() - 40)
-        width = area.width() / len(self.values)
-        for i, value in enumerate(self.values):
-            height = area.height() * value / peak
-            painter.fillRect(
-                QRectF(area.left() + i * width + 1, area.bottom() - height, max(width - 2, 1), height),
-                QColor("#3f7fd6"),
-            )
+            if block in weak and len(weak) < len(self.counts):
+                painter.setPen(QPen(QColor(c.warn if n else c.bad), 2))
+                painter.drawRect(rect.adjusted(1, 1, -1, -1))
+        painter.setPen(QColor(c.muted))
+        painter.drawText(QRectF(4, 22, self.width() - 8, 12), Qt.AlignmentFlag.AlignLeft, "block 0")
         painter.drawText(
-            QRectF(6, self.height() - 16, self.width() - 12, 14),
-            Qt.AlignmentFlag.AlignLeft,
-            f"{self.labels[0]} … {self.labels[-1]}   peak {peak:,.0f}",
+            QRectF(4, 22, self.width() - 8, 12), Qt.AlignmentFlag.AlignRight, f"block {len(self.counts) - 1}"
         )
         painter.end()

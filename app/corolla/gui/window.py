@@ -1,51 +1,100 @@
-"""The main window, its refresh timers and the tray icon."""
+"""The main window: four panes, the node's state on a banner and in the tray, refresh timers, and
+what the window remembers (size, pane, splitters)."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QTimer
-from PySide6.QtGui import QAction, QColor, QIcon, QPainter, QPixmap
-from PySide6.QtWidgets import QLabel, QMainWindow, QMenu, QSystemTrayIcon, QTabWidget, QWidget
+import time
 
+from PySide6.QtCore import QEventLoop, QSettings, Qt, QTimer
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QApplication,
+    QFrame,
+    QHBoxLayout,
+    QMainWindow,
+    QPushButton,
+    QSystemTrayIcon,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
 from corolla.gui.panes import ChatPane, ContributePane, StatsPane, SwarmPane
+from corolla.gui.prefs import open_prefs
+from corolla.gui.tray import Tray, tray_state
+from corolla.gui.widgets import plain_label
 
-TRAY_COLOURS = {"contributing": "#3fa66b", "paused": "#e0a526", "error": "#c0392b", "idle": "#8a8a8a"}
-
-
-def dot_icon(colour: str) -> QIcon:
-    pixmap = QPixmap(32, 32)
-    pixmap.fill(QColor(0, 0, 0, 0))
-    painter = QPainter(pixmap)
-    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-    painter.setBrush(QColor(colour))
-    painter.setPen(QColor("#ffffff"))
-    painter.drawEllipse(3, 3, 26, 26)
-    painter.end()
-    return QIcon(pixmap)
+__all__ = ["MainWindow", "tray_state"]
+NODE_RESTART_TIMEOUT_S = 90
 
 
-def tray_state(contribution_state: str) -> str:
-    if contribution_state in ("online", "starting", "loading"):
-        return "contributing"
-    if contribution_state == "paused":
-        return "paused"
-    if contribution_state in ("restarting", "failed"):
-        return "error"
-    return "idle"
+def status_line(status: dict | None) -> str:
+    """One line for the tray menu and tooltip."""
+    if status is None:
+        return "The node is not running"
+    if status.get("awaiting_consent"):
+        return "Not contributing: waiting for your go-ahead"
+    c = status["contribution"]
+    state = c["state"]
+    if state == "online":
+        blocks = f"blocks {c['start_block']}:{c['end_block']}" if c.get("start_block") is not None else "blocks"
+        return f"Contributing {blocks} · {c['sessions_active']} active session(s)"
+    if state == "paused":
+        rule = status.get("pause_rule")
+        return f"Paused ({rule['until']})" if rule else "Paused by you"
+    return {
+        "starting": "Starting the block server…",
+        "loading": "Loading the model…",
+        "restarting": "The block server crashed; restarting",
+        "failed": "Contribution failed",
+        "stopped": "Not contributing",
+    }.get(state, state)
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, client: NodeClient, parent: QWidget | None = None):
+    def __init__(self, client: NodeClient, prefs: QSettings | None = None, paths=None, parent: QWidget | None = None):
         super().__init__(parent)
         self.client = client
         client.setParent(self)  # in-flight replies die with the window, never calling into deleted views
+        self.prefs = prefs if prefs is not None else open_prefs()
+        self.paths = paths  # NodePaths of the node to restart (None: the user's default)
+        self.quitting = False
+        self.status: dict | None = None
+        self.reachable = True
+        self.tray: Tray | None = None
+        self._in_flight: set[str] = set()
+        self._restart_deadline: float | None = None
         self.setWindowTitle("Corolla")
-        self.resize(1000, 700)
+        self.setMinimumSize(760, 520)
+        if not self.restoreGeometry(self.prefs.value("window/geometry") or b""):
+            self.resize(1100, 740)
+
+        central = QWidget()
+        column = QVBoxLayout(central)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.setSpacing(0)
+        self.node_banner = QFrame()
+        self.node_banner.setObjectName("nodeBanner")
+        banner_row = QHBoxLayout(self.node_banner)
+        banner_row.setContentsMargins(12, 8, 12, 8)
+        self.node_banner_text = plain_label("")
+        self.node_banner_text.setWordWrap(True)
+        self.restart_button = QPushButton("Restart the node")
+        self.restart_button.setAccessibleName("Restart the node")
+        self.restart_button.clicked.connect(self.restart_node)
+        banner_row.addWidget(self.node_banner_text, 1)
+        banner_row.addWidget(self.restart_button)
+        self.node_banner.hide()
+        column.addWidget(self.node_banner)
+
         self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
         self.contribute = ContributePane(client)
-        self.chat = ChatPane(client)
-        self.swarm = SwarmPane(client)
-        self.stats = StatsPane(client)
+        self.chat = ChatPane(client, self.prefs)
+        self.swarm = SwarmPane(client, self.prefs)
+        self.stats = StatsPane(client, self.prefs)
         for pane, title in (
             (self.contribute, "Contribute"),
             (self.chat, "Chat"),
@@ -53,22 +102,59 @@ class MainWindow(QMainWindow):
             (self.stats, "Stats"),
         ):
             self.tabs.addTab(pane, title)
-        self.setCentralWidget(self.tabs)
-        settings = self.menuBar().addAction("Settings…")
-        settings.triggered.connect(lambda: self.open_settings())
-        self.banner = QLabel("")
+            pane.setAccessibleName(f"{title} pane")
+        self.tabs.setCurrentIndex(min(max(int(self.prefs.value("window/pane", 0) or 0), 0), 3))
+        self.tabs.currentChanged.connect(self._pane_changed)
+        column.addWidget(self.tabs, 1)
+        self.setCentralWidget(central)
+
+        menu = self.menuBar()
+        corolla_menu = menu.addMenu("&Corolla")
+        corolla_menu.addAction("Settings…", QKeySequence("Ctrl+,"), lambda: self.open_settings())
+        corolla_menu.addAction("New chat", QKeySequence("Ctrl+N"), self.new_chat)
+        corolla_menu.addSeparator()
+        corolla_menu.addAction("Quit", QKeySequence("Ctrl+Q"), self.quit_app)
+        for index in range(4):
+            shortcut = QShortcut(QKeySequence(f"Ctrl+{index + 1}"), self)
+            shortcut.activated.connect(lambda i=index: self.tabs.setCurrentIndex(i))
+
+        self.banner = plain_label("")
         self.statusBar().addWidget(self.banner, 1)
-        client.error.connect(lambda message: self.banner.setText(message))
-        self.tray: QSystemTrayIcon | None = None
-        self.tray_state = "idle"
+        client.error.connect(self.banner.setText)
+        self.contribute.settings_changed.connect(self.refresh_all)
+        self.chat.resume_requested.connect(lambda: self.contribute.control("resume"))
+        self.chat.reply_finished.connect(lambda _: self.refresh_stats())
         self._timers = []
         for interval, refresh in ((1000, self.refresh_status), (5000, self.refresh_swarm), (10000, self.refresh_stats)):
             timer = QTimer(self)
             timer.timeout.connect(refresh)
             timer.start(interval)
             self._timers.append(timer)
-        self.chat.reply_finished.connect(lambda _: self.refresh_stats())
+        self._restart_timer = QTimer(self)
+        self._restart_timer.setInterval(500)
+        self._restart_timer.timeout.connect(self._look_for_node)
+        app = QApplication.instance()
+        if app is not None:
+            app.styleHints().colorSchemeChanged.connect(self._scheme_changed)
         QTimer.singleShot(0, self.refresh_all)
+
+    # --- refreshes ----------------------------------------------------------------------------------
+    def _once(self, key: str, method: str, path: str, on_ok, on_error=None, timeout_ms: int = 10_000) -> None:
+        """One request of a kind at a time: a slow node is not buried under polls."""
+        if key in self._in_flight:
+            return
+        self._in_flight.add(key)
+
+        def ok(payload):
+            self._in_flight.discard(key)
+            on_ok(payload)
+
+        def failed(message):
+            self._in_flight.discard(key)
+            if on_error is not None:
+                on_error(message)
+
+        self.client.call(method, path, on_ok=ok, on_error=failed, timeout_ms=timeout_ms)
 
     def refresh_all(self) -> None:
         self.refresh_status()
@@ -83,87 +169,179 @@ class MainWindow(QMainWindow):
         )
 
     def refresh_status(self) -> None:
-        def shown(status):
-            self.contribute.show_status(status)
-            self.banner.setText(f"{status['model']} · {status['swarm']} swarm · secrets: {status['secrets_storage']}")
-            self._update_tray(status["contribution"])
+        self._once("status", "GET", "/api/status", self._status_shown, self._node_unreachable, timeout_ms=5000)
 
-        self.client.call(
-            "GET", "/api/status", on_ok=shown, on_error=lambda e: self.banner.setText(f"The node does not answer: {e}")
+    def _status_shown(self, status: dict) -> None:
+        was_unreachable = not self.reachable
+        self.status, self.reachable = status, True
+        self.node_banner.hide()
+        self._restart_timer.stop()
+        self.contribute.show_status(status)
+        self.chat.node_status = status
+        self.stats.show_lifetime(status.get("lifetime"))
+        if self.contribute.hardware_report is None and status["contribution"]["state"] == "online":
+            self._once("hardware", "GET", "/api/hardware", self.contribute.show_hardware, timeout_ms=60_000)
+        c = status["contribution"]
+        self.banner.setText(f"{status['model']} · {status['swarm']} swarm · secrets: {status['secrets_storage']}")
+        if self.tray is not None:
+            state = "idle" if status.get("awaiting_consent") else tray_state(c["state"])
+            was = self.tray.state
+            self.tray.set_state(state, status_line(status))
+            if state == "error" and was == "contributing" and self.tray.supportsMessages():
+                self.tray.showMessage("Corolla stopped contributing", c["reason"], QSystemTrayIcon.MessageIcon.Warning)
+        if was_unreachable:
+            self.refresh_all()
+
+    def _node_unreachable(self, message: str) -> None:
+        self.status, self.reachable = None, False
+        self.chat.node_status = None
+        restarting = self._restart_timer.isActive()
+        self.node_banner_text.setText(
+            "Starting the node…"
+            if restarting
+            else f"The node is not running ({message.removeprefix('the node does not answer ').strip('()')}): "
+            "nothing is contributed and chat is unavailable."
         )
+        self.restart_button.setEnabled(not restarting)
+        self.node_banner.show()
+        self.banner.setText("The node does not answer")
+        self.contribute.show_unreachable()
+        if self.tray is not None:
+            self.tray.set_state("unreachable", status_line(None))
 
     def refresh_swarm(self) -> None:
-        self.client.call("GET", "/api/swarm", on_ok=self.swarm.show_swarm, on_error=self.swarm.show_error)
+        if not self.reachable:
+            return
+
+        def shown(models: list[dict]) -> None:
+            own = (self.status or {}).get("model")
+            prefix = next((m["dht_prefix"] for m in models if own and m["dht_prefix"] in own), None)
+            self.swarm.own_prefix = prefix
+            self.swarm.show_swarm(models)
+            self.chat.show_models(models, prefix)
+            model = next((m for m in models if m["dht_prefix"] == prefix), models[0] if models else None)
+            route = (model or {}).get("route") or []
+            self.chat.route_text = ", ".join(f"{r['start']}:{r['end']} via …{r['peer_id'][-6:]}" for r in route)
+
+        self._once("swarm", "GET", "/api/swarm", shown, self.swarm.show_error, timeout_ms=90_000)
 
     def refresh_stats(self) -> None:
-        self.client.call("GET", "/api/stats/history?hours=48", on_ok=self.stats.show_history)
+        if self.reachable:
+            self._once("stats", "GET", f"/api/stats/history?hours={self.stats.hours}", self.stats.show_history)
 
-    def open_settings(self, first_run: bool = False) -> None:
+    # --- the node -----------------------------------------------------------------------------------
+    def restart_node(self) -> None:
+        """Start `corolla node` again and follow it to its new address and token."""
+        from corolla.gui.launcher import start_node
+
+        try:
+            start_node()
+        except OSError as exc:
+            self.node_banner_text.setText(f"Could not start the node: {exc}")
+            return
+        self._restart_deadline = time.monotonic() + NODE_RESTART_TIMEOUT_S
+        self.restart_button.setEnabled(False)
+        self.node_banner_text.setText("Starting the node…")
+        self._restart_timer.start()
+
+    def _look_for_node(self) -> None:
+        from corolla.gui.launcher import running_node
+
+        found = running_node(self.paths)
+        if found is not None:
+            self._restart_timer.stop()
+            self.client.retarget(*found)
+            self.refresh_status()
+            return
+        if self._restart_deadline is not None and time.monotonic() > self._restart_deadline:
+            self._restart_timer.stop()
+            self.restart_button.setEnabled(True)
+            self.node_banner_text.setText("The node did not start. Run `corolla node` in a terminal to see why.")
+
+    def open_settings(self, first_run: bool = False, on_done=None) -> None:
         from corolla.gui.settings_dialog import SettingsDialog
 
         dialog = SettingsDialog(self.client, first_run=first_run, parent=self)
         dialog.accepted.connect(self.refresh_all)
+        if on_done is not None:
+            dialog.accepted.connect(on_done)
         dialog.open()
         self.settings_dialog = dialog
 
-    # --- tray ----------------------------------------------------------------------------------
+    def new_chat(self) -> None:
+        self.show_window(self.chat)
+        self.chat.new_chat()
+
+    # --- tray ---------------------------------------------------------------------------------------
     def install_tray(self) -> bool:
         if not QSystemTrayIcon.isSystemTrayAvailable():
             return False
-        self.tray = QSystemTrayIcon(dot_icon(TRAY_COLOURS["idle"]), self)
-        self.tray.setToolTip("Corolla")
-        menu = QMenu()
-        menu.aboutToShow.connect(lambda: self._build_menu(menu))
-        self.tray.setContextMenu(menu)
-        self.tray.activated.connect(lambda reason: self.show_window())
+        self.tray = Tray(
+            self,
+            open_window=self.show_window,
+            open_chat=lambda: self.show_window(self.chat),
+            toggle_pause=lambda pause: self.contribute.control("pause" if pause else "resume"),
+            quit_app=self.quit_app,
+        )
         self.tray.show()
+        if self.status is not None:
+            self._status_shown(self.status)
         return True
-
-    def _build_menu(self, menu: QMenu) -> None:
-        menu.clear()
-        for text, handler in (("Open Corolla", self.show_window), ("Chat", lambda: self.show_window(self.chat))):
-            action = QAction(text, menu)
-            action.triggered.connect(handler)
-            menu.addAction(action)
-        paused = self.tray_state == "paused"
-        toggle = QAction("Resume contributing" if paused else "Pause contributing", menu)
-        toggle.triggered.connect(lambda: self.contribute.control("resume" if paused else "pause"))
-        menu.addAction(toggle)
-        menu.addSeparator()
-        quit_action = QAction("Quit (the node keeps contributing)", menu)
-        quit_action.triggered.connect(self._quit)
-        menu.addAction(quit_action)
-
-    def _update_tray(self, contribution: dict) -> None:
-        state = tray_state(contribution["state"])
-        if state == self.tray_state:
-            return
-        was = self.tray_state
-        self.tray_state = state
-        if self.tray is not None:
-            self.tray.setIcon(dot_icon(TRAY_COLOURS[state]))
-            self.tray.setToolTip(f"Corolla: {state}")
-            if state == "error" and was == "contributing":
-                self.tray.showMessage(
-                    "Corolla stopped contributing", contribution["reason"], QSystemTrayIcon.MessageIcon.Warning
-                )
 
     def show_window(self, pane: QWidget | None = None) -> None:
         if pane is not None:
             self.tabs.setCurrentWidget(pane)
         self.show()
+        self.setWindowState(self.windowState() & ~Qt.WindowState.WindowMinimized)
         self.raise_()
         self.activateWindow()
 
+    # --- look and memory ----------------------------------------------------------------------------
+    def _pane_changed(self, index: int) -> None:
+        self.prefs.setValue("window/pane", index)
+        if self.tabs.widget(index) is self.stats:
+            self.stats.refresh()
+
+    def _scheme_changed(self, *_args) -> None:
+        app = QApplication.instance()
+        if app is not None:
+            theme.apply(app)
+        self.chat._render()
+        self.swarm.show_swarm(self.swarm.models)
+
+    def save_state(self) -> None:
+        self.prefs.setValue("window/geometry", self.saveGeometry())
+        self.prefs.setValue("window/pane", self.tabs.currentIndex())
+        self.prefs.setValue("chat/splitter", self.chat.splitter.saveState())
+        self.prefs.setValue("swarm/splitter", self.swarm.splitter.saveState())
+        self.prefs.sync()
+
     def closeEvent(self, event) -> None:
         # Closing the window never stops the node; with a tray, the app stays there.
-        if self.tray is not None and self.tray.isVisible():
+        self.save_state()
+        if not self.quitting and self.tray is not None and self.tray.isVisible():
             event.ignore()
             self.hide()
-        else:
-            event.accept()
+            return
+        self.chat.commit_delete()
+        event.accept()
 
-    def _quit(self) -> None:
-        from PySide6.QtWidgets import QApplication
-
-        QApplication.quit()
+    def quit_app(self) -> None:
+        """Quit the window and the tray (the node keeps running: it is its own process). Qt 6 asks every
+        window to close first, so the close handler must know this is a quit, not a hide."""
+        self.quitting = True
+        self.save_state()
+        deleting = self.chat.commit_delete()
+        if deleting is not None and not deleting.isFinished():  # a chat in its undo time: delete it now
+            loop = QEventLoop()
+            deleting.finished.connect(loop.quit)
+            QTimer.singleShot(3000, loop.quit)
+            loop.exec()
+        if self.chat.stream is not None:
+            self.chat.stream.abort()
+        for timer in (*self._timers, self._restart_timer):
+            timer.stop()
+        if self.tray is not None:
+            self.tray.hide()
+        self.close()
+        QApplication.exit(0)

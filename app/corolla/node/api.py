@@ -116,6 +116,13 @@ def create_app(node) -> FastAPI:
             raise HTTPException(404, "action must be start, stop, pause or resume")
         return node.contribution(action)
 
+    @app.get("/api/contribution/log", dependencies=api, tags=["contribution"])
+    def contribution_log(lines: int = 200) -> dict:
+        """The block server's last log lines (at most 2000)."""
+        if not 1 <= lines <= 2000:
+            raise HTTPException(400, "lines must be between 1 and 2000")
+        return {"log": node.server_log(lines)}
+
     @app.get("/api/swarm", dependencies=api, tags=["swarm"])
     async def swarm() -> list[dict]:
         return await asyncio.to_thread(node.swarm_health)
@@ -127,8 +134,12 @@ def create_app(node) -> FastAPI:
         return node.db.contribution_history(int(time.time() // 3600) - hours + 1)
 
     @app.get("/api/chats", dependencies=api, tags=["chats"])
-    def list_chats() -> list[m.Chat]:
-        return [m.Chat(**c) for c in node.db.list_chats()]
+    def list_chats(q: str | None = None) -> list[m.Chat]:
+        """All chats, newest first; with `q`, those whose title or messages contain it."""
+        if q is not None and len(q) > 200:
+            raise HTTPException(400, "the search text is limited to 200 characters")
+        rows = node.db.search_chats(q) if q else node.db.list_chats()
+        return [m.Chat(**c) for c in rows]
 
     @app.post("/api/chats", dependencies=api, tags=["chats"], status_code=201)
     def create_chat(body: m.ChatCreate) -> m.Chat:
@@ -144,6 +155,12 @@ def create_app(node) -> FastAPI:
     def get_chat(chat_id: str) -> m.Chat:
         chat = _chat(chat_id)
         return m.Chat(**chat, messages=[m.Message(**msg) for msg in node.db.messages(chat_id)])
+
+    @app.patch("/api/chats/{chat_id}", dependencies=api, tags=["chats"])
+    def rename_chat(chat_id: str, body: m.ChatUpdate) -> m.Chat:
+        _chat(chat_id)
+        node.db.rename_chat(chat_id, body.title.strip() or "Chat")
+        return m.Chat(**_chat(chat_id))
 
     @app.delete("/api/chats/{chat_id}", dependencies=api, tags=["chats"])
     def delete_chat(chat_id: str) -> m.ActionResult:

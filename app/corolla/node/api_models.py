@@ -53,6 +53,23 @@ class ModelCard(BaseModel):
     random_weights: bool
 
 
+class PauseRule(BaseModel):
+    """Why contribution is paused by one of the user's rules, and until when (for the window's banner)."""
+
+    rule: Literal["battery", "schedule", "idle"]
+    message: str
+    until: str | None = None
+
+
+class Lifetime(BaseModel):
+    """What this computer has served since its first contribution (from the node's hourly records)."""
+
+    tokens_served: int = 0
+    sessions: int = 0
+    uptime_s: float = 0.0
+    since: float | None = None
+
+
 class NodeStatus(BaseModel):
     version: str
     pid: int
@@ -67,10 +84,18 @@ class NodeStatus(BaseModel):
     model_card: ModelCard | None = None  # set while the node serves its embedded default model
     model_preparing: bool = False  # converting the default model on first start
 
+    awaiting_consent: bool = False
+    pause_rule: PauseRule | None = None
+    lifetime: Lifetime = Field(default_factory=Lifetime)
+
 
 class ChatCreate(Strict):
     title: str = Field("New chat", max_length=200)
     system_prompt: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
+
+
+class ChatUpdate(Strict):
+    title: str = Field(..., min_length=1, max_length=200)
 
 
 class Message(BaseModel):

@@ -69,6 +69,18 @@ class Database:
     def list_chats(self) -> list[dict]:
         return [dict(r) for r in self._execute("SELECT * FROM chats ORDER BY updated_at DESC")]
 
+    def rename_chat(self, chat_id: str, title: str) -> bool:
+        return self._execute("UPDATE chats SET title=? WHERE id=?", (title, chat_id)).rowcount > 0
+
+    def search_chats(self, query: str) -> list[dict]:
+        """Chats whose title or any message contains `query` (case-insensitive), newest first."""
+        pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        sql = (
+            "SELECT * FROM chats WHERE title LIKE ? ESCAPE '\\' OR id IN "
+            "(SELECT chat_id FROM messages WHERE content LIKE ? ESCAPE '\\') ORDER BY updated_at DESC"
+        )
+        return [dict(r) for r in self._execute(sql, (pattern, pattern))]
+
     def delete_chat(self, chat_id: str) -> bool:
         return self._execute("DELETE FROM chats WHERE id=?", (chat_id,)).rowcount > 0
 
@@ -119,6 +131,18 @@ class Database:
             dict(r)
             for r in self._execute("SELECT * FROM contribution_hourly WHERE hour>=? ORDER BY hour", (since_hour,))
         ]
+
+    def contribution_totals(self) -> dict:
+        row = self._execute(
+            "SELECT COALESCE(SUM(tokens_served), 0), COALESCE(SUM(sessions), 0), COALESCE(SUM(uptime_s), 0), "
+            "MIN(hour) FROM contribution_hourly"
+        ).fetchone()
+        return {
+            "tokens_served": int(row[0]),
+            "sessions": int(row[1]),
+            "uptime_s": float(row[2]),
+            "since": None if row[3] is None else float(row[3]) * 3600,
+        }
 
     # --- settings ----------------------------------------------------------------------------------
     def load_settings(self) -> dict[str, Any]:

@@ -64,6 +64,10 @@ class NodeService:
         self.chats = ChatService(self.db, SwarmClientHost(self._client_target, lambda: self.secrets.get("hf_token")))
         self._last_stats: dict | None = None
         self._paused_by_policy = False
+        self._pause_rule: m.PauseRule | None = None
+        # The window starts the node on first run with this set: nothing is served for the swarm until
+        # the user agrees in the first-run dialog (which then starts contribution, or switches it off).
+        self.awaiting_consent = os.environ.get("COROLLA_AWAIT_CONSENT") == "1"
         self._shutdown = asyncio.Event()
 
     # --- the model ---------------------------------------------------------------------------------
@@ -135,6 +139,8 @@ class NodeService:
         self._server_env_token()
 
     def contribution(self, action: str) -> m.ActionResult:
+        if action in ("start", "stop", "resume"):
+            self.awaiting_consent = False  # the user has decided
         if action == "start":
             self.settings = self.settings.model_copy(update={"contribute": True})
             self._save_settings()
@@ -162,6 +168,8 @@ class NodeService:
     def apply_settings(self, settings: Settings) -> None:
         old, self.settings = self.settings, settings
         self._save_settings()
+        if self.awaiting_consent:
+            return  # saved; the first-run dialog starts contribution itself once the user agrees
         server_changed = any(getattr(old, f) != getattr(settings, f) for f in SERVER_FIELDS)
         if server_changed:
             self.chats.clients.close()
@@ -204,13 +212,25 @@ class NodeService:
         extra = {model.dht_prefix: model.view.num_blocks}
         models = model._loop.run(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
         own = (self.supervisor.poll().stats or {}).get("peer_id")
+        route = self._current_route(model)
         result = []
         for health in models:
             data = health.to_dict()
+            data["route"] = route if health.dht_prefix == model.dht_prefix else []
             for server in data["servers"]:
                 server["this_computer"] = server["peer_id"] == own
             result.append(data)
         return result
+
+    @staticmethod
+    def _current_route(model) -> list[dict]:
+        """The chain of servers a new chat session would take now (the map draws it); [] if none."""
+        try:
+            model._loop.run(model.view.refresh_if_stale(), timeout=30)
+            segments = model.view.route(0, model.view.num_blocks)
+        except Exception:  # no complete route: the map shows the gap instead
+            return []
+        return [{"peer_id": s.peer_id, "start": s.start, "end": s.end} for s in segments]
 
     # --- status, hardware --------------------------------------------------------------------------
     def status(self) -> m.NodeStatus:
@@ -250,7 +270,21 @@ class NodeService:
             secrets_storage=self.secrets.storage,
             invite=invite,
             interrupted_replies_recovered=self.db.interrupted_on_start,
+            awaiting_consent=self.awaiting_consent,
+            pause_rule=self._pause_rule if sup.state == "paused" and self._paused_by_policy else None,
+            lifetime=m.Lifetime(**self.db.contribution_totals()),
         )
+
+    def server_log(self, lines: int) -> str:
+        """The block server's last log lines (the window shows them next to the last failure)."""
+        try:
+            with open(self.supervisor.log_path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(log.tell() - 256 * 1024, 0))  # bounded: the log may be large
+                text = log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def plan(self, model: str | None, torch_dtype: str, quant_type: str) -> dict:
         from corolla.node.hardware import detect, plan_blocks
@@ -294,29 +328,33 @@ class NodeService:
         if not allowed and self.supervisor.wanted:
             self.supervisor.pause(reason)
             self._paused_by_policy = True
+        if not allowed:
+            self._pause_rule = pause_rule(self.settings, reason)
         elif allowed and self._paused_by_policy:
             self._paused_by_policy = False
             self.supervisor.resume()
 
     def _record_stats(self, stats: dict | None) -> None:
         if not stats or stats.get("state") != "online":
-            self._last_stats = None if not stats else self._last_stats
-            return
+            return  # the last counted stats stay: a run is told apart by its started_at
         last = self._last_stats
-        if last is not None and last.get("started_at") == stats.get("started_at"):
+        if last is None or last.get("started_at") != stats.get("started_at"):
+            # A server run seen for the first time: what it did before this tick counts too (its time
+            # online included), so the all-time totals match the server's own counters.
+            last = {}
 
-            def delta(key):
-                return max(stats.get(key, 0) - last.get(key, 0), 0)
+        def delta(key):
+            return max(stats.get(key, 0) - last.get(key, 0), 0)
 
-            uptime = max(stats.get("uptime_s", 0) - last.get("uptime_s", 0), 0)
-            if any((delta("tokens_processed"), delta("sessions_opened"), delta("inference_steps"), uptime)):
-                self.db.add_contribution(
-                    int(time.time() // 3600),
-                    delta("tokens_processed"),
-                    delta("sessions_opened"),
-                    delta("inference_steps"),
-                    uptime,
-                )
+        uptime = max(stats.get("uptime_s", 0) - last.get("uptime_s", 0), 0)
+        if any((delta("tokens_processed"), delta("sessions_opened"), delta("inference_steps"), uptime)):
+            self.db.add_contribution(
+                int(time.time() // 3600),
+                delta("tokens_processed"),
+                delta("sessions_opened"),
+                delta("inference_steps"),
+                uptime,
+            )
         self._last_stats = stats
 
     def request_shutdown(self) -> None:
@@ -325,7 +363,9 @@ class NodeService:
 
     async def run_background(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.settings.contribute:
+        if self.awaiting_consent:
+            self.supervisor.reason = "waiting for you to agree in the window"
+        elif self.settings.contribute:
             await asyncio.to_thread(self.contribution, "start")
         ticks = 0
         while not self._shutdown.is_set():
@@ -340,6 +380,15 @@ class NodeService:
         self.chats.clients.close()
         self.supervisor.close()
         self.db.close()
+
+
+def pause_rule(settings: Settings, reason: str) -> m.PauseRule:
+    """Which of the user's rules paused contribution, and until when (as the window's banner says it)."""
+    if "battery" in reason:
+        return m.PauseRule(rule="battery", message=reason, until="until the computer is plugged in")
+    if "window" in reason and settings.time_window:
+        return m.PauseRule(rule="schedule", message=reason, until=f"until {settings.time_window.split('-')[0]}")
+    return m.PauseRule(rule="idle", message=reason, until="until the computer is idle")
 
 
 def run_node(port: int = 0, paths: NodePaths | None = None) -> int:

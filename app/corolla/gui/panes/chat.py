@@ -1,0 +1,571 @@
+"""Chat: conversations on the left (search, rename, delete with undo, export), the transcript with
+Markdown, a status line, and the message box (Enter sends, Shift+Enter starts a new line, Esc stops)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMenu,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from corolla.gui.node_client import NodeClient
+from corolla.gui.prefs import read_float, read_int
+from corolla.gui.transcript import Transcript
+from corolla.gui.widgets import plain_label
+
+MAX_NEW_TOKENS = 2048  # the node's limit per reply (corolla.node.api_models.MAX_NEW_TOKENS; a test checks)
+NEW_TITLE = "New chat"
+TITLE_CHARS = 48
+UNDO_SECONDS = 8
+
+
+def auto_title(text: str) -> str:
+    """A chat's title from its first message: the first line, shortened at a word."""
+    line = " ".join(text.strip().split("\n", 1)[0].split())
+    if len(line) <= TITLE_CHARS:
+        return line or NEW_TITLE
+    cut = line[:TITLE_CHARS].rsplit(" ", 1)[0]
+    return (cut or line[:TITLE_CHARS]) + "…"
+
+
+def chat_markdown(chat: dict, messages: list[dict]) -> str:
+    lines = [f"# {chat['title']}", ""]
+    if chat.get("model"):
+        lines += [f"_Model: {chat['model']}_", ""]
+    if chat.get("system_prompt"):
+        lines += ["**System:** " + chat["system_prompt"], ""]
+    for m in messages:
+        who = "You" if m["role"] == "user" else "Assistant"
+        note = "" if m.get("status", "complete") == "complete" else f" ({m['status']})"
+        lines += [f"## {who}{note}", "", m["content"], ""]
+    return "\n".join(lines)
+
+
+class MessageBox(QPlainTextEdit):
+    """Enter sends; Shift+Enter (or Ctrl+Enter) inserts a new line."""
+
+    submitted = Signal()
+
+    def keyPressEvent(self, event) -> None:
+        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and not (
+            event.modifiers() & (Qt.KeyboardModifier.ShiftModifier | Qt.KeyboardModifier.ControlModifier)
+        ):
+            self.submitted.emit()
+            return
+        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter):
+            self.insertPlainText("\n")
+            return
+        super().keyPressEvent(event)
+
+
+class ChatPane(QWidget):
+    reply_finished = Signal(dict)
+    resume_requested = Signal()
+
+    def __init__(self, client: NodeClient, prefs: QSettings, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.client, self.prefs = client, prefs
+        self.chat_id: str | None = None
+        self.chat: dict | None = None
+        self.chat_list: list[dict] = []
+        self.stream = None
+        self.reply_text = ""
+        self.started = 0.0
+        self.pieces = 0
+        self.messages: list[dict] = []
+        self.node_status: dict | None = None
+        self.route_text = ""
+        self.pending_delete: dict | None = None
+
+        outer = QHBoxLayout(self)
+        outer.setContentsMargins(6, 6, 6, 6)
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.setObjectName("chatSplitter")
+        outer.addWidget(self.splitter)
+
+        side = QWidget()
+        side_layout = QVBoxLayout(side)
+        side_layout.setContentsMargins(0, 0, 0, 0)
+        self.new_button = QPushButton("New chat")
+        self.new_button.setToolTip("Start a new conversation (Ctrl+N)")
+        self.new_button.setAccessibleName("New chat")
+        self.new_button.clicked.connect(lambda: self.new_chat())
+        self.search = QLineEdit()
+        self.search.setPlaceholderText("Search chats")
+        self.search.setAccessibleName("Search chats")
+        self.search.setClearButtonEnabled(True)
+        self._search_timer = QTimer(self)
+        self._search_timer.setSingleShot(True)
+        self._search_timer.setInterval(250)
+        self._search_timer.timeout.connect(self.refresh_chats)
+        self.search.textChanged.connect(lambda _: self._search_timer.start())
+        self.chats = QListWidget()
+        self.chats.setAccessibleName("Conversations")
+        self.chats.currentItemChanged.connect(self._chat_selected)
+        self.chats.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.chats.customContextMenuRequested.connect(self._chat_menu)
+        self.undo_bar = QWidget()
+        undo_row = QHBoxLayout(self.undo_bar)
+        undo_row.setContentsMargins(0, 0, 0, 0)
+        self.undo_label = plain_label("")
+        self.undo_label.setWordWrap(True)
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.setAccessibleName("Undo deleting the chat")
+        self.undo_button.clicked.connect(self.undo_delete)
+        undo_row.addWidget(self.undo_label, 1)
+        undo_row.addWidget(self.undo_button)
+        self.undo_bar.hide()
+        self._delete_timer = QTimer(self)
+        self._delete_timer.setSingleShot(True)
+        self._delete_timer.timeout.connect(self.commit_delete)
+        for widget in (self.new_button, self.search, self.chats, self.undo_bar):
+            side_layout.addWidget(widget)
+        self.splitter.addWidget(side)
+
+        main = QWidget()
+        main_layout = QVBoxLayout(main)
+        main_layout.setContentsMargins(0, 0, 0, 0)
+        top = QHBoxLayout()
+        self.model_picker = QComboBox()
+        self.model_picker.setAccessibleName("Model")
+        self.model_picker.setToolTip("The models this swarm serves, with how many of their blocks are served")
+        self.model_picker.setMinimumContentsLength(30)
+        self.model_picker.activated.connect(self._model_picked)
+        top.addWidget(QLabel("Model"))
+        top.addWidget(self.model_picker, 1)
+        self.settings_toggle = QPushButton("Parameters")
+        self.settings_toggle.setCheckable(True)
+        self.settings_toggle.setAccessibleName("Show the sampling parameters")
+        top.addWidget(self.settings_toggle)
+        main_layout.addLayout(top)
+
+        self.parameters = QWidget()
+        settings = QHBoxLayout(self.parameters)
+        settings.setContentsMargins(0, 0, 0, 0)
+        self.system = QLineEdit()
+        self.system.setPlaceholderText("System prompt (for new chats)")
+        self.system.setAccessibleName("System prompt for new chats")
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setRange(0.0, 2.0)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setPrefix("temperature ")
+        self.temperature.setAccessibleName("Temperature")
+        self.temperature.setToolTip("0 answers the same way every time; higher is more varied")
+        self.top_p = QDoubleSpinBox()
+        self.top_p.setRange(0.05, 1.0)
+        self.top_p.setSingleStep(0.05)
+        self.top_p.setPrefix("top-p ")
+        self.top_p.setAccessibleName("Top-p")
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(1, MAX_NEW_TOKENS)
+        self.max_tokens.setPrefix("max tokens ")
+        self.max_tokens.setSuffix(f" / {MAX_NEW_TOKENS}")
+        self.max_tokens.setAccessibleName("Maximum new tokens per reply")
+        self.max_tokens.setToolTip(f"The node writes at most {MAX_NEW_TOKENS} new tokens per reply")
+        for widget in (self.system, self.temperature, self.top_p, self.max_tokens):
+            settings.addWidget(widget, 2 if widget is self.system else 0)
+        self.system.setText(str(prefs.value("chat/system_prompt", "") or ""))
+        self.temperature.setValue(read_float(prefs, "chat/temperature", 0.0))
+        self.top_p.setValue(read_float(prefs, "chat/top_p", 1.0))
+        self.max_tokens.setValue(read_int(prefs, "chat/max_tokens", 256))
+        self.temperature.valueChanged.connect(lambda v: prefs.setValue("chat/temperature", v))
+        self.top_p.valueChanged.connect(lambda v: prefs.setValue("chat/top_p", v))
+        self.max_tokens.valueChanged.connect(lambda v: prefs.setValue("chat/max_tokens", v))
+        self.system.textChanged.connect(lambda v: prefs.setValue("chat/system_prompt", v))
+        self.settings_toggle.toggled.connect(self.parameters.setVisible)
+        self.settings_toggle.toggled.connect(lambda on: prefs.setValue("chat/parameters_shown", on))
+        shown = str(prefs.value("chat/parameters_shown", "false")).lower() == "true"
+        self.settings_toggle.setChecked(shown)
+        self.parameters.setVisible(shown)
+        main_layout.addWidget(self.parameters)
+
+        self.transcript = Transcript()
+        self.transcript.retry_requested.connect(self.retry)
+        self.transcript.resume_requested.connect(self.resume_requested)
+        main_layout.addWidget(self.transcript, 1)
+        self.info = plain_label("")
+        self.info.setObjectName("muted")
+        self.info.setWordWrap(True)
+        self.info.setAccessibleName("Chat status")
+        main_layout.addWidget(self.info)
+        entry = QHBoxLayout()
+        self.input = MessageBox()
+        self.input.setPlaceholderText("Message the swarm — Enter sends, Shift+Enter for a new line")
+        self.input.setAccessibleName("Message")
+        self.input.setTabChangesFocus(True)
+        self.input.setMaximumHeight(96)
+        self.input.submitted.connect(self.send)
+        self.send_button, self.stop_button = QPushButton("Send"), QPushButton("Stop")
+        self.regenerate_button = QPushButton("Regenerate")
+        self.send_button.setAccessibleName("Send the message")
+        self.stop_button.setAccessibleName("Stop the reply")
+        self.stop_button.setToolTip("Stop the reply (Esc); what arrived is kept")
+        self.regenerate_button.setAccessibleName("Answer the last message again")
+        self.send_button.setDefault(True)
+        self.stop_button.setEnabled(False)
+        self.send_button.clicked.connect(self.send)
+        self.stop_button.clicked.connect(self.stop)
+        self.regenerate_button.clicked.connect(self.regenerate)
+        entry.addWidget(self.input, 1)
+        buttons = QVBoxLayout()
+        for button in (self.send_button, self.stop_button, self.regenerate_button):
+            buttons.addWidget(button)
+        entry.addLayout(buttons)
+        main_layout.addLayout(entry)
+        self.splitter.addWidget(main)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setStretchFactor(1, 4)
+        self.splitter.setSizes([240, 760])
+        state = prefs.value("chat/splitter")
+        if state is not None:
+            self.splitter.restoreState(state)
+        self.splitter.splitterMoved.connect(lambda *_: prefs.setValue("chat/splitter", self.splitter.saveState()))
+
+        escape = QShortcut(QKeySequence(Qt.Key.Key_Escape), self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        escape.activated.connect(self.stop)
+        find = QShortcut(QKeySequence.StandardKey.Find, self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        find.activated.connect(self.search.setFocus)
+        rename = QShortcut(QKeySequence(Qt.Key.Key_F2), self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        rename.activated.connect(lambda: self.rename_chat())
+        self.setTabOrder(self.new_button, self.search)
+        self.setTabOrder(self.search, self.chats)
+        self.setTabOrder(self.chats, self.model_picker)
+        self.setTabOrder(self.model_picker, self.settings_toggle)
+        self.setTabOrder(self.settings_toggle, self.transcript)
+        self.setTabOrder(self.transcript, self.input)
+        self.setTabOrder(self.input, self.send_button)
+        self._render()
+
+    # --- the chat list ------------------------------------------------------------------------------
+    def refresh_chats(self) -> None:
+        query = self.search.text().strip()
+        from urllib.parse import quote
+
+        path = f"/api/chats?q={quote(query)}" if query else "/api/chats"
+        self.client.call("GET", path, on_ok=self._show_chats)
+
+    def _show_chats(self, chats: list[dict]) -> None:
+        hidden = self.pending_delete["chat"]["id"] if self.pending_delete else None
+        self.chat_list = [c for c in chats if c["id"] != hidden]
+        self.chats.blockSignals(True)
+        self.chats.clear()
+        for chat in self.chat_list:
+            item = QListWidgetItem(chat["title"])
+            item.setData(Qt.ItemDataRole.UserRole, chat["id"])
+            item.setToolTip(time.strftime("updated %d %b %Y %H:%M", time.localtime(chat["updated_at"])))
+            self.chats.addItem(item)
+            if chat["id"] == self.chat_id:
+                self.chats.setCurrentItem(item)
+                self.chat = chat
+        if not self.chat_list and self.search.text().strip():
+            self.chats.addItem(QListWidgetItem("No chat matches"))
+            self.chats.item(0).setFlags(Qt.ItemFlag.NoItemFlags)
+        self.chats.blockSignals(False)
+
+    def _chat_menu(self, point) -> None:
+        item = self.chats.itemAt(point)
+        if item is None or item.data(Qt.ItemDataRole.UserRole) is None:
+            return
+        chat_id = item.data(Qt.ItemDataRole.UserRole)
+        menu = QMenu(self)
+        menu.addAction("Rename…", lambda: self.rename_chat(chat_id))
+        menu.addAction("Export as Markdown…", lambda: self.export_dialog(chat_id, "md"))
+        menu.addAction("Export as JSON…", lambda: self.export_dialog(chat_id, "json"))
+        menu.addSeparator()
+        menu.addAction("Delete", lambda: self.delete_chat(chat_id))
+        menu.popup(self.chats.viewport().mapToGlobal(point))
+
+    def new_chat(self, then=None) -> None:
+        def created(chat):
+            self.chat_id, self.chat = chat["id"], chat
+            self.messages = []
+            self._render()
+            self.refresh_chats()
+            self.input.setFocus()
+            if then:
+                then()
+
+        self.client.call(
+            "POST",
+            "/api/chats",
+            {"title": NEW_TITLE, "system_prompt": self.system.text().strip() or None},
+            on_ok=created,
+            on_error=lambda e: self.info.setText(f"Could not create a chat: {e}"),
+        )
+
+    def _chat_selected(self, item, _previous=None) -> None:
+        if item is None or self.stream is not None or item.data(Qt.ItemDataRole.UserRole) is None:
+            return
+        self.chat_id = item.data(Qt.ItemDataRole.UserRole)
+        self.chat = next((c for c in self.chat_list if c["id"] == self.chat_id), None)
+        self.client.call("GET", f"/api/chats/{self.chat_id}", on_ok=lambda c: self._load(c))
+
+    def _load(self, chat: dict) -> None:
+        if chat["id"] != self.chat_id:
+            return  # another chat was picked meanwhile
+        self.chat = {k: v for k, v in chat.items() if k != "messages"}
+        self.messages = chat["messages"]
+        self._render()
+
+    def rename_chat(self, chat_id: str | None = None, title: str | None = None) -> None:
+        chat_id = chat_id or self.chat_id
+        chat = next((c for c in self.chat_list if c["id"] == chat_id), None)
+        if chat is None and self.chat is not None and self.chat["id"] == chat_id:
+            chat = self.chat  # just created: the list has not been refreshed yet
+        if chat is None:
+            return
+        if title is None:
+            title, ok = QInputDialog.getText(self, "Rename chat", "Title", text=chat["title"])
+            if not ok:
+                return
+        title = title.strip()
+        if not title:
+            self.info.setText("A chat needs a title; the old one is kept.")
+            return
+        self.client.call(
+            "PATCH",
+            f"/api/chats/{chat_id}",
+            {"title": title[:200]},
+            on_ok=lambda _: self.refresh_chats(),
+            on_error=lambda e: self.info.setText(f"Could not rename the chat: {e}"),
+        )
+
+    def delete_chat(self, chat_id: str | None = None) -> None:
+        """Hide the chat at once; it is deleted for good after a few seconds unless Undo is pressed."""
+        chat_id = chat_id or self.chat_id
+        chat = next((c for c in self.chat_list if c["id"] == chat_id), None)
+        if chat is None:
+            return
+        self.commit_delete()
+        self.pending_delete = {"chat": chat}
+        if chat_id == self.chat_id:
+            self.chat_id, self.chat, self.messages = None, None, []
+            self._render()
+        self._show_chats(self.chat_list)
+        self.undo_label.setText(f"Deleted “{chat['title']}”.")
+        self.undo_bar.show()
+        self._delete_timer.start(UNDO_SECONDS * 1000)
+
+    def undo_delete(self) -> None:
+        self._delete_timer.stop()
+        self.pending_delete = None
+        self.undo_bar.hide()
+        self.refresh_chats()
+
+    def commit_delete(self):
+        """Delete the hidden chat now (the undo time ran out, another chat is deleted, or the app quits).
+        Returns the request (the app waits for it when quitting), or None."""
+        self._delete_timer.stop()
+        pending, self.pending_delete = self.pending_delete, None
+        self.undo_bar.hide()
+        if pending is not None:
+            return self.client.call(
+                "DELETE",
+                f"/api/chats/{pending['chat']['id']}",
+                on_ok=lambda _: self.refresh_chats(),
+                on_error=lambda e: self.info.setText(f"Could not delete the chat: {e}"),
+            )
+
+    def export_dialog(self, chat_id: str, kind: str) -> None:
+        chat = next((c for c in self.chat_list if c["id"] == chat_id), {"title": "chat"})
+        safe = "".join(ch if ch.isalnum() or ch in " -_" else "_" for ch in chat["title"]).strip() or "chat"
+        path, _ = QFileDialog.getSaveFileName(
+            self,
+            "Export chat",
+            str(Path.home() / f"{safe}.{kind}"),
+            "Markdown (*.md)" if kind == "md" else "JSON (*.json)",
+        )
+        if path:
+            self.export_chat(chat_id, Path(path), kind)
+
+    def export_chat(self, chat_id: str, path: Path, kind: str) -> None:
+        def write(chat: dict) -> None:
+            messages = chat.pop("messages") or []
+            try:
+                if kind == "md":
+                    path.write_text(chat_markdown(chat, messages), encoding="utf-8")
+                else:
+                    path.write_text(json.dumps({**chat, "messages": messages}, indent=2, ensure_ascii=False), "utf-8")
+            except OSError as exc:
+                self.info.setText(f"Could not export: {exc}")
+                return
+            self.info.setText(f"Exported to {path}")
+
+        self.client.call(
+            "GET", f"/api/chats/{chat_id}", on_ok=write, on_error=lambda e: self.info.setText(f"Could not export: {e}")
+        )
+
+    # --- models -------------------------------------------------------------------------------------
+    def show_models(self, models: list[dict], own_prefix: str | None) -> None:
+        self.model_picker.blockSignals(True)
+        self.model_picker.clear()
+        own_index = 0
+        for model in models:
+            covered = sum(1 for n in model["online_per_block"] if n > 0)
+            servers = sum(1 for s in model["servers"] if s["state"] == "ONLINE")
+            text = f"{model['dht_prefix']} — {covered}/{model['num_blocks']} blocks served by {servers} server(s)"
+            if model["dht_prefix"] == own_prefix:
+                own_index = self.model_picker.count()
+                text += " (this node's model)"
+            self.model_picker.addItem(text, model["dht_prefix"])
+        if not models:
+            self.model_picker.addItem("No model is served in this swarm yet", None)
+        self.model_picker.setCurrentIndex(own_index)
+        self.model_picker.blockSignals(False)
+        self.own_prefix = own_prefix
+
+    def _model_picked(self, index: int) -> None:
+        prefix = self.model_picker.itemData(index)
+        if prefix and prefix != getattr(self, "own_prefix", None):
+            self.info.setText(
+                f"The node chats with its own model. To chat with {prefix}, choose it in Settings → Model."
+            )
+
+    # --- sending ------------------------------------------------------------------------------------
+    def _render(self) -> None:
+        self.transcript.set_messages(
+            self.messages,
+            empty_text="Ask anything. Replies come from the swarm's servers, a few blocks of the model each."
+            if self.chat_id is None or not self.messages
+            else "",
+        )
+
+    def _sampling(self) -> dict:
+        return {
+            "max_new_tokens": self.max_tokens.value(),
+            "temperature": self.temperature.value(),
+            "top_p": self.top_p.value(),
+        }
+
+    def _begin(self) -> None:
+        self.send_button.setEnabled(False)
+        self.regenerate_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.reply_text, self.pieces, self.started = "", 0, time.perf_counter()
+        route = f" route: {self.route_text}" if self.route_text else ""
+        self.info.setText(f"Finding servers…{route}")
+
+    def regenerate(self) -> None:
+        """Answer the last message again (sampled unless the temperature is 0)."""
+        if self.stream is not None:
+            return
+        if self.chat_id is None or not any(m["role"] == "user" for m in self.messages):
+            self.info.setText("There is no message to answer again yet.")
+            return
+        while self.messages and self.messages[-1]["role"] != "user":
+            self.messages.pop()
+        self._begin()
+        self._render()
+        self.stream = self.client.stream(
+            f"/api/chats/{self.chat_id}/regenerate", self._sampling(), self._on_event, self._on_error
+        )
+
+    retry = regenerate
+
+    def send(self) -> None:
+        text = self.input.toPlainText().strip()
+        if self.stream is not None:
+            self.info.setText("A reply is still coming; stop it (Esc) or wait before sending the next message.")
+            return
+        if not text:
+            self.info.setText("Type a message first, then press Enter (Shift+Enter starts a new line).")
+            self.input.setFocus()
+            return
+        if self.chat_id is None:
+            self.new_chat(then=self.send)
+            return
+        self.input.clear()
+        if not any(m["role"] == "user" for m in self.messages) and (self.chat or {}).get("title") == NEW_TITLE:
+            self.rename_chat(self.chat_id, auto_title(text))
+        self._begin()
+        body = {"content": text, **self._sampling()}
+        self.stream = self.client.stream(f"/api/chats/{self.chat_id}/messages", body, self._on_event, self._on_error)
+
+    def stop(self) -> None:
+        if self.stream is not None:
+            self.stream.abort()
+            if self.messages and self.messages[-1]["role"] == "assistant":
+                self.messages[-1]["status"] = "stopped"
+            self.info.setText("Stopped; what arrived is kept.")
+            self._finish("stopped")
+
+    def _paused(self) -> bool:
+        c = (self.node_status or {}).get("contribution") or {}
+        return c.get("state") == "paused" or bool((self.node_status or {}).get("awaiting_consent"))
+
+    def _on_event(self, kind: str, data: dict) -> None:
+        if kind == "message":
+            self.messages.append(data["message"])
+            self._render()
+            return
+        if kind == "token":
+            self.reply_text += data["text"]
+            self.pieces += 1
+            self.messages[-1]["content"] = self.reply_text
+            elapsed = max(time.perf_counter() - self.started, 1e-6)
+            self.info.setText(f"Writing… {self.pieces} tokens, {self.pieces / elapsed:.1f} tokens/s")
+            self.transcript.update_last()
+            return
+        if kind == "done":
+            self.messages[-1].update(content=data["text"], status=data["status"])
+            self.info.setText(
+                f"{data['tokens']} tokens in {time.perf_counter() - self.started:.1f} s, "
+                f"{data['tokens_per_second']:.1f} tokens/s"
+            )
+            self._finish(data["status"])
+            self.reply_finished.emit(data)
+            return
+        if kind == "error":
+            self._show_failure(data.get("kind"), data.get("message") or "the reply failed")
+
+    def _show_failure(self, kind: str | None, message: str) -> None:
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            target = self.messages[-1]
+        else:
+            target = {"role": "assistant", "content": "", "created_at": time.time()}
+            self.messages.append(target)
+        target["status"] = "failed"
+        if kind == "no_swarm" and self._paused():
+            target["error"] = "Contribution is paused, so no server in this private swarm can answer."
+            target["error_action"] = "resume"
+        elif kind == "no_swarm":
+            target["error"] = (
+                "Nobody serves this model yet. Start contributing on the Contribute tab, or join a swarm in Settings."
+            )
+            target["error_action"] = "retry"
+        else:
+            target["error"] = f"The reply failed: {message}"
+            target["error_action"] = "retry"
+        self.info.setText(target["error"])
+        self._finish("failed")
+
+    def _on_error(self, message: str) -> None:
+        self._show_failure("stream", f"{message}. What arrived is kept")
+
+    def _finish(self, status: str) -> None:
+        self.stream = None
+        self.send_button.setEnabled(True)
+        self.regenerate_button.setEnabled(True)
+        self.stop_button.setEnabled(False)
+        self.transcript.messages = self.messages
+        self.transcript.flush()

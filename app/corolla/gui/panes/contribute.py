@@ -1,0 +1,376 @@
+"""Contribute: what this computer gives the swarm — state, controls, the invite of a private swarm,
+this run's and all-time counters, the last failure with its log, and the GPU / blocks choice."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QFrame,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from corolla.gui import theme
+from corolla.gui.node_client import NodeClient
+from corolla.gui.widgets import plain_label
+from corolla.units import human_bytes
+
+STATE_TEXT = {
+    "online": "Contributing",
+    "starting": "Starting…",
+    "loading": "Loading the model…",
+    "restarting": "Restarting after a crash",
+    "paused": "Paused",
+    "stopped": "Not contributing",
+    "failed": "Failed",
+}
+
+
+def plural(n: int, noun: str) -> str:
+    """plural(1, "session") -> "1 session"; plural(3, "token") -> "3 tokens" (thousands separated)."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def duration(seconds: float) -> str:
+    """3725 -> "1 h 2 min"; 42 -> "42 s"."""
+    seconds = int(seconds or 0)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    return f"{hours // 24} days {hours % 24} h"
+
+
+class ContributePane(QWidget):
+    settings_changed = Signal()
+
+    def __init__(self, client: NodeClient, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.client = client
+        self.last_status: dict | None = None
+        self.hardware_report: dict | None = None
+        scroll = QScrollArea(self)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        body = QWidget()
+        scroll.setWidget(body)
+        layout = QVBoxLayout(body)
+        layout.setContentsMargins(18, 14, 18, 14)
+
+        self.state = plain_label("Connecting to the node…")
+        self.state.setObjectName("state")
+        self.state.setStyleSheet("font-size: 20px; font-weight: 600")
+        self.reason = plain_label("")
+        self.reason.setWordWrap(True)
+        self.reason.setObjectName("muted")
+        layout.addWidget(self.state)
+        layout.addWidget(self.reason)
+
+        self.rule_banner = plain_label("")  # paused by a rule: which, and until when
+        self.rule_banner.setObjectName("banner")
+        self.rule_banner.setWordWrap(True)
+        self.rule_banner.hide()
+        layout.addWidget(self.rule_banner)
+
+        buttons = QHBoxLayout()
+        self.start_button, self.pause_button = QPushButton("Start contributing"), QPushButton("Pause")
+        self.resume_button, self.stop_button = QPushButton("Resume"), QPushButton("Stop")
+        for button, action, tip in (
+            (self.start_button, "start", "Serve blocks of the model for the swarm"),
+            (self.pause_button, "pause", "Stop serving for now; Resume picks up with the same blocks"),
+            (self.resume_button, "resume", "Serve again"),
+            (self.stop_button, "stop", "Stop contributing until you start again (also after a restart)"),
+        ):
+            button.clicked.connect(lambda _=False, a=action: self.control(a))
+            button.setAccessibleName(button.text())
+            button.setToolTip(tip)
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        layout.addLayout(buttons)
+
+        self.invite_box = QGroupBox("Invite others to this private swarm")
+        invite_row = QHBoxLayout(self.invite_box)
+        self.invite = QLineEdit()
+        self.invite.setReadOnly(True)
+        self.invite.setAccessibleName("Invite string")
+        self.copy_invite = QPushButton("Copy invite")
+        self.copy_invite.setAccessibleName("Copy the invite string")
+        self.copy_invite.clicked.connect(self._copy_invite)
+        invite_row.addWidget(self.invite, 1)
+        invite_row.addWidget(self.copy_invite)
+        self.invite_box.hide()
+        layout.addWidget(self.invite_box)
+
+        live = QGroupBox("This computer's server")
+        grid = QGridLayout(live)
+        self.fields: dict[str, QLabel] = {}
+        for i, (name, label) in enumerate(
+            (
+                ("model", "Model"),
+                ("blocks", "Blocks served"),
+                ("throughput", "Throughput"),
+                ("cache", "Cache in use"),
+                ("tokens", "Tokens served"),
+                ("sessions", "Sessions"),
+                ("uptime", "Online"),
+                ("lifetime", "All time"),
+            )
+        ):
+            caption = QLabel(label)
+            caption.setObjectName("muted")
+            value = plain_label("–")
+            value.setWordWrap(True)
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            caption.setBuddy(value)
+            self.fields[name] = value
+            grid.addWidget(caption, i // 2, (i % 2) * 2)
+            grid.addWidget(value, i // 2, (i % 2) * 2 + 1)
+        grid.setColumnStretch(1, 1)
+        grid.setColumnStretch(3, 1)
+        layout.addWidget(live)
+
+        failure = QGroupBox("Last failure")
+        failure_row = QHBoxLayout(failure)
+        self.failure = plain_label("none")
+        self.failure.setWordWrap(True)
+        self.fields["failure"] = self.failure
+        self.log_button = QPushButton("Show log…")
+        self.log_button.setAccessibleName("Show the block server's log")
+        self.log_button.clicked.connect(self.show_log)
+        failure_row.addWidget(self.failure, 1)
+        failure_row.addWidget(self.log_button, 0, Qt.AlignmentFlag.AlignTop)
+        layout.addWidget(failure)
+
+        hardware = QGroupBox("Hardware and share")
+        form = QFormLayout(hardware)
+        self.hardware = plain_label("Detecting…")
+        self.hardware.setWordWrap(True)
+        form.addRow(self.hardware)
+        self.device = QComboBox()
+        self.device.setAccessibleName("Accelerator to contribute with")
+        self.device.currentIndexChanged.connect(self._update_estimate)
+        form.addRow("Accelerator", self.device)
+        self.blocks = QSlider(Qt.Orientation.Horizontal)
+        self.blocks.setAccessibleName("Blocks to serve")
+        self.blocks.setRange(1, 1)
+        self.blocks.valueChanged.connect(self._update_estimate)
+        self.estimate = plain_label("")
+        self.estimate.setWordWrap(True)
+        form.addRow("Blocks", self.blocks)
+        form.addRow("", self.estimate)
+        self.apply_button = QPushButton("Apply")
+        self.apply_button.setAccessibleName("Apply the accelerator and block count")
+        self.apply_button.clicked.connect(self.apply_share)
+        self.apply_note = plain_label("")
+        row = QHBoxLayout()
+        row.addWidget(self.apply_button)
+        row.addWidget(self.apply_note, 1)
+        form.addRow("", row)
+        layout.addWidget(hardware)
+        layout.addStretch(1)
+
+    # --- actions ------------------------------------------------------------------------------------
+    def control(self, action: str) -> None:
+        self.reason.setText(f"{action}…")
+        self.client.call(
+            "POST",
+            f"/api/contribution/{action}",
+            on_ok=lambda r: self.reason.setText(r["message"]),
+            on_error=lambda e: self.reason.setText(f"Could not {action}: {e}"),
+        )
+
+    def _copy_invite(self) -> None:
+        QGuiApplication.clipboard().setText(self.invite.text())
+        self.copy_invite.setText("Copied")
+
+    def show_log(self) -> None:
+        dialog = QDialog(self)
+        dialog.setWindowTitle("Block server log")
+        dialog.resize(820, 480)
+        box = QVBoxLayout(dialog)
+        text = QPlainTextEdit()
+        text.setReadOnly(True)
+        text.setAccessibleName("Log lines")
+        text.setPlainText("Reading the log…")
+        box.addWidget(text)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(dialog.reject)
+        box.addWidget(buttons)
+
+        def shown(reply: dict) -> None:
+            text.setPlainText(reply["log"] or "The block server has not written a log yet.")
+            text.verticalScrollBar().setValue(text.verticalScrollBar().maximum())
+
+        self.client.call(
+            "GET",
+            "/api/contribution/log?lines=400",
+            on_ok=shown,
+            on_error=lambda e: text.setPlainText(f"Not available: {e}"),
+        )
+        self.log_dialog = dialog
+        dialog.open()
+
+    def apply_share(self) -> None:
+        if self.last_status is None:
+            return
+
+        def got(settings: dict) -> None:
+            changes = {**settings, "device": self.device.currentData() or "auto", "num_blocks": self.blocks.value()}
+            changes["blocks"] = None
+            self.client.call(
+                "PUT",
+                "/api/settings",
+                changes,
+                on_ok=lambda _: (
+                    self.apply_note.setText("Saved; the server restarts with the new share."),
+                    self.settings_changed.emit(),
+                ),
+                on_error=lambda e: self.apply_note.setText(f"Not saved: {e}"),
+            )
+
+        self.client.call(
+            "GET", "/api/settings", on_ok=got, on_error=lambda e: self.apply_note.setText(f"Not saved: {e}")
+        )
+
+    # --- views --------------------------------------------------------------------------------------
+    def show_unreachable(self) -> None:
+        self.state.setText("The node does not answer")
+        self.state.setStyleSheet(f"font-size: 20px; font-weight: 600; color: {theme.colours().bad}")
+        self.reason.setText("Nothing is contributed while the node is stopped. Restart it from the banner above.")
+        for button in (self.start_button, self.pause_button, self.resume_button, self.stop_button):
+            button.setEnabled(False)
+        self.rule_banner.hide()
+
+    def show_status(self, status: dict) -> None:
+        self.last_status = status
+        c = status["contribution"]
+        if status.get("awaiting_consent"):
+            self.state.setText("Waiting for your go-ahead")
+            self.reason.setText("Nothing is served for the swarm until you agree in the welcome dialog or press Start.")
+        else:
+            self.state.setText(STATE_TEXT.get(c["state"], c["state"]))
+            self.reason.setText(c["reason"])
+        colours = theme.colours()
+        colour = {
+            "online": colours.good,
+            "starting": colours.warn,
+            "loading": colours.warn,
+            "paused": colours.warn,
+            "restarting": colours.bad,
+            "failed": colours.bad,
+        }.get(c["state"], colours.muted)
+        self.state.setStyleSheet(f"font-size: 20px; font-weight: 600; color: {colour}")
+        running = c["state"] in ("online", "starting", "loading", "restarting")
+        self.start_button.setEnabled(c["state"] in ("stopped", "failed"))
+        self.pause_button.setEnabled(running)
+        self.resume_button.setEnabled(c["state"] == "paused")
+        self.stop_button.setEnabled(c["state"] != "stopped")
+        rule = status.get("pause_rule")
+        self.rule_banner.setVisible(bool(rule))
+        if rule:
+            self.rule_banner.setText(
+                f"Paused by your rule: {rule['message'].removeprefix('paused: ')}, {rule['until']}."
+            )
+        invite = status.get("invite")
+        self.invite_box.setVisible(bool(invite))
+        if invite and invite != self.invite.text():
+            self.invite.setText(invite)
+            self.invite.setCursorPosition(0)
+            self.copy_invite.setText("Copy invite")
+        blocks = f"{c['start_block']}:{c['end_block']}" if c.get("start_block") is not None else "–"
+        used = c["cache_bytes_total"] - c["cache_bytes_left"]
+        life = status.get("lifetime") or {}
+        self.fields["model"].setText(status["model"])
+        self.fields["blocks"].setText(blocks)
+        self.fields["throughput"].setText(f"{c['throughput']:.1f} tokens/s" if c.get("throughput") else "–")
+        self.fields["cache"].setText(f"{human_bytes(used)} of {human_bytes(c['cache_bytes_total'])}")
+        # This run's counters restart with the server; the all-time line comes from the node's records,
+        # the same numbers the Stats pane charts.
+        self.fields["tokens"].setText(f"{c['tokens_served']:,} this run")
+        self.fields["sessions"].setText(f"{c['sessions_active']} active, {c['sessions_opened']} this run")
+        self.fields["uptime"].setText(duration(c.get("uptime_s") or 0) + " this run" if running else "–")
+        since = life.get("since")
+        self.fields["lifetime"].setText(
+            f"{plural(life.get('tokens_served', 0), 'token')}, {plural(life.get('sessions', 0), 'session')}, "
+            f"{duration(life.get('uptime_s', 0))} online"
+            + (time.strftime(" since %d %b %Y", time.localtime(since)) if since else "")
+        )
+        self.failure.setText(c.get("last_failure") or "none")
+
+    def show_hardware(self, report: dict) -> None:
+        self.hardware_report = report
+        accelerators = report["accelerators"]
+        lines = [
+            f"{a['name']} ({a['kind']}): {human_bytes(a['free_bytes'])} free of {human_bytes(a['total_bytes'])}"
+            for a in accelerators
+        ]
+        plan = report.get("plan")
+        if plan:
+            lines.append(
+                f"This model ({plan['family']}, {plan['dtype']}): "
+                f"{human_bytes(plan['bytes_per_block'] + plan['cache_bytes_per_block'])} per block with its cache; "
+                f"{plan['recommended_blocks']} of {plan['num_blocks']} blocks recommended"
+            )
+        self.hardware.setText("\n".join(lines))
+        current = self.device.currentData()
+        self.device.blockSignals(True)
+        self.device.clear()
+        self.device.addItem("Automatic (the best one)", "auto")
+        for a in accelerators:
+            device = a["kind"] if a.get("index") is None or a["kind"] != "cuda" else f"cuda:{a['index']}"
+            self.device.addItem(f"{a['name']} — {human_bytes(a['free_bytes'])} free", device)
+        if current:
+            self.device.setCurrentIndex(max(self.device.findData(current), 0))
+        self.device.setEnabled(len(accelerators) > 1)
+        self.device.blockSignals(False)
+        if plan:
+            self.blocks.setRange(1, max(plan["num_blocks"], 1))
+            if not self.blocks.property("touched"):
+                self.blocks.setValue(max(plan["recommended_blocks"], 1))
+        self._update_estimate()
+
+    def _update_estimate(self) -> None:
+        report = self.hardware_report
+        plan = (report or {}).get("plan")
+        if not plan:
+            self.estimate.setText("")
+            return
+        if self.sender() is self.blocks:
+            self.blocks.setProperty("touched", True)
+        device = self.device.currentData() or "auto"
+        accelerators = report["accelerators"]
+        chosen = next(
+            (a for a in accelerators if device in (a["kind"], f"{a['kind']}:{a.get('index')}")),
+            next((a for a in accelerators if a["kind"] == "cuda"), accelerators[-1] if accelerators else None),
+        )
+        n = self.blocks.value()
+        need = n * (plan["bytes_per_block"] + plan["cache_bytes_per_block"])
+        free = chosen["free_bytes"] if chosen else 0
+        verdict = "fits" if need <= free * 0.8 else "more than 80 % of the free memory: the server may not start"
+        self.estimate.setText(
+            f"{n} of {plan['num_blocks']} blocks: about {human_bytes(need)} with cache "
+            f"of {human_bytes(free)} free — {verdict}"
+        )

@@ -1,0 +1,286 @@
+"""The chat transcript: one frame per turn, Markdown rendered (GitHub dialect, raw HTML off: a model's
+text can never inject markup), fenced code in monospace with a Copy link, inline errors with Retry.
+
+Streaming re-renders only the last turn, at most ~25 times a second, and keeps the reader's place:
+it follows the reply only when the view was already at the bottom."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import QTimer, QUrl, Signal
+from PySide6.QtGui import (
+    QColor,
+    QDesktopServices,
+    QFont,
+    QFontDatabase,
+    QGuiApplication,
+    QTextCharFormat,
+    QTextCursor,
+    QTextDocument,
+    QTextFrameFormat,
+    QTextLength,
+)
+from PySide6.QtWidgets import QTextBrowser, QWidget
+
+from corolla.gui import theme
+
+MARKDOWN = QTextDocument.MarkdownFeature(
+    QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value | QTextDocument.MarkdownFeature.MarkdownNoHTML.value
+)
+STATUS_NOTE = {"interrupted": "interrupted", "stopped": "stopped", "failed": "failed"}
+FLUSH_MS = 40
+
+
+def stable_end(text: str, start: int) -> int:
+    """Where the finished part of a streaming reply ends: after its last blank line that is outside a
+    code fence (what comes after may still change as tokens arrive). `start` is a previous answer."""
+    end, fence, offset = start, None, start
+    for line in text[start:].split("\n")[:-1]:  # the last line is still being written
+        stripped = line.strip()
+        if fence is None and (stripped.startswith("```") or stripped.startswith("~~~")):
+            fence = stripped[:3]
+        elif fence is not None and stripped.startswith(fence) and not stripped[3:].strip():
+            fence = None
+        offset += len(line) + 1
+        if fence is None and not stripped:
+            end = offset
+    return end
+
+
+def split_fences(text: str) -> list[tuple[str, str, str]]:
+    """[(kind, language, body)] with kind "text" or "code"; an unclosed fence (still streaming) runs
+    to the end of the text."""
+    parts: list[tuple[str, str, str]] = []
+    buffer: list[str] = []
+    fence: str | None = None
+    language = ""
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if fence is None and (stripped.startswith("```") or stripped.startswith("~~~")):
+            if buffer:
+                parts.append(("text", "", "\n".join(buffer)))
+            buffer, fence, language = [], stripped[:3], stripped[3:].strip()
+        elif fence is not None and stripped.startswith(fence) and not stripped[3:].strip():
+            parts.append(("code", language, "\n".join(buffer)))
+            buffer, fence, language = [], None, ""
+        else:
+            buffer.append(line)
+    if fence is not None:
+        parts.append(("code", language, "\n".join(buffer)))
+    elif buffer and any(b.strip() for b in buffer):
+        parts.append(("text", "", "\n".join(buffer)))
+    return parts
+
+
+class Transcript(QTextBrowser):
+    retry_requested = Signal()
+    resume_requested = Signal()
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setOpenLinks(False)
+        self.setOpenExternalLinks(False)
+        self.setAccessibleName("Conversation")
+        self.anchorClicked.connect(self._anchor)
+        self.code_blocks: list[str] = []
+        self.messages: list[dict] = []
+        self._tail_start: int | None = None
+        self._tail_code_start = 0
+        self._open: dict | None = None  # the streaming turn: its frame, where its open part starts
+        self._flush = QTimer(self)
+        self._flush.setSingleShot(True)
+        self._flush.setInterval(FLUSH_MS)
+        self._flush.timeout.connect(self._render_tail)
+        self.mono = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
+
+    # --- public -------------------------------------------------------------------------------------
+    def set_messages(self, messages: list[dict], empty_text: str = "") -> None:
+        """Render the whole conversation (a chat was opened or reloaded)."""
+        self.messages = messages
+        at_bottom = self._at_bottom()
+        keep = self.verticalScrollBar().value()
+        self.document().clear()
+        self.code_blocks = []
+        self._tail_start = None
+        self.document().setDocumentMargin(12)
+        if not messages and empty_text:
+            cursor = self.textCursor()
+            fmt = QTextCharFormat()
+            fmt.setForeground(QColor(theme.colours().muted))
+            cursor.insertText(empty_text, fmt)
+        for index, message in enumerate(messages):
+            if index == len(messages) - 1:
+                self._tail_start = self._end_position()
+            self._insert_turn(message)
+        bar = self.verticalScrollBar()
+        bar.setValue(bar.maximum() if at_bottom else keep)
+
+    def update_last(self) -> None:
+        """The last message changed (a streamed piece): re-render it soon, once per frame at most."""
+        if not self._flush.isActive():
+            self._flush.start()
+
+    def flush(self) -> None:
+        self._flush.stop()
+        self._render_tail()
+
+    # --- rendering ----------------------------------------------------------------------------------
+    def _at_bottom(self) -> bool:
+        bar = self.verticalScrollBar()
+        return bar.value() >= bar.maximum() - 4
+
+    def _end_position(self) -> int:
+        cursor = QTextCursor(self.document())
+        cursor.movePosition(QTextCursor.MoveOperation.End)
+        return cursor.position()
+
+    def _render_tail(self) -> None:
+        if not self.messages:
+            return
+        if self._tail_start is None:
+            self.set_messages(self.messages)
+            return
+        bar = self.verticalScrollBar()
+        at_bottom, keep = self._at_bottom(), bar.value()
+        message = self.messages[-1]
+        if self._open is not None and message.get("status") in ("streaming", "complete") and not message.get("error"):
+            self._render_open(message.get("content") or "")  # only the part still being written
+            if message.get("status") == "complete":
+                self._open = None
+        else:
+            cursor = QTextCursor(self.document())
+            cursor.beginEditBlock()  # one layout pass for the removal and the new text: no flicker, no jump
+            cursor.setPosition(self._tail_start)
+            cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+            cursor.removeSelectedText()
+            del self.code_blocks[self._tail_code_start :]
+            self._insert_turn(message, cursor)
+            cursor.endEditBlock()
+        bar.setValue(bar.maximum() if at_bottom else keep)
+
+    def _render_open(self, text: str) -> None:
+        """Streaming: paragraphs (and closed code blocks) that are finished are rendered once; only the
+        open one is replaced on each update, so a long reply costs the same per token as a short one."""
+        state = self._open
+        frame = state["frame"]
+        cursor = QTextCursor(self.document())
+        cursor.beginEditBlock()
+        cursor.setPosition(state["pos"])
+        cursor.setPosition(frame.lastPosition(), QTextCursor.MoveMode.KeepAnchor)
+        cursor.removeSelectedText()
+        del self.code_blocks[state["code_mark"] :]
+        end = stable_end(text, state["stable"])
+        if end > state["stable"]:
+            self._insert_markdown(cursor, text[state["stable"] : end], frame)
+            state.update(pos=cursor.position(), stable=end, code_mark=len(self.code_blocks))
+        if text[state["stable"] :].strip():
+            self._insert_markdown(cursor, text[state["stable"] :], frame)
+        elif not text:
+            muted = QTextCharFormat()
+            muted.setForeground(QColor(theme.colours().muted))
+            cursor.insertText("…", muted)
+        cursor.endEditBlock()
+
+    def _insert_turn(self, message: dict, cursor: QTextCursor | None = None) -> None:
+        c = theme.colours()
+        user = message["role"] == "user"
+        cursor = cursor or QTextCursor(self.document())
+        cursor.movePosition(QTextCursor.MoveOperation.End)
+        self._tail_code_start = len(self.code_blocks)
+        frame_format = QTextFrameFormat()
+        frame_format.setBackground(QColor(c.user_bubble if user else c.assistant_bubble))
+        frame_format.setPadding(10)
+        frame_format.setTopMargin(4)
+        frame_format.setBottomMargin(8)
+        frame_format.setLeftMargin(60 if user else 0)
+        frame_format.setRightMargin(0 if user else 40)
+        frame_format.setBorder(0)
+        frame_format.setWidth(QTextLength(QTextLength.Type.PercentageLength, 100))
+        turn = cursor.insertFrame(frame_format)
+        header = QTextCharFormat()
+        header.setFontWeight(QFont.Weight.Bold)
+        header.setForeground(QColor(c.text))
+        cursor.insertText("You" if user else "Assistant", header)
+        meta = QTextCharFormat()
+        meta.setForeground(QColor(c.muted))
+        when = time.strftime("%H:%M", time.localtime(message.get("created_at") or time.time()))
+        note = STATUS_NOTE.get(message.get("status", "complete"), "")
+        cursor.insertText(f"   {when}" + (f" · {note}" if note else ""), meta)
+        cursor.insertBlock()
+        cursor.setCharFormat(QTextCharFormat())
+        content = message.get("content") or ""
+        self._open = None
+        if user:
+            cursor.insertText(content, QTextCharFormat())  # the user's own words, exactly as typed
+        elif message.get("status") == "streaming" and not message.get("error"):
+            self._open = {"frame": turn, "pos": cursor.position(), "stable": 0, "code_mark": len(self.code_blocks)}
+            self._render_open(content)
+        else:
+            self._insert_markdown(cursor, content, turn)
+        if message.get("error"):
+            cursor.setPosition(turn.lastPosition())
+            self._insert_error(cursor, message["error"], message.get("error_action", "retry"))
+
+    def _insert_markdown(self, cursor: QTextCursor, text: str, parent) -> None:
+        """Insert at the end of `parent` (the turn's frame); the cursor ends there too."""
+        c = theme.colours()
+        for kind, language, body in split_fences(text):
+            cursor.setPosition(parent.lastPosition())
+            if kind == "text":
+                cursor.insertMarkdown(body, MARKDOWN)
+                continue
+            index = len(self.code_blocks)
+            self.code_blocks.append(body)
+            code_frame = QTextFrameFormat()
+            code_frame.setBackground(QColor(c.code_background))
+            code_frame.setBorder(1)
+            code_frame.setBorderBrush(QColor(c.border))
+            code_frame.setPadding(8)
+            code_frame.setTopMargin(6)
+            code_frame.setBottomMargin(6)
+            code_frame.setWidth(QTextLength(QTextLength.Type.PercentageLength, 100))
+            cursor.insertFrame(code_frame)
+            label = QTextCharFormat()
+            label.setForeground(QColor(c.muted))
+            cursor.insertText((language or "code") + "   ", label)
+            link = QTextCharFormat()
+            link.setAnchor(True)
+            link.setAnchorHref(f"copy:{index}")
+            link.setForeground(QColor(c.accent))
+            link.setFontUnderline(True)
+            cursor.insertText("Copy", link)
+            cursor.insertBlock()
+            code = QTextCharFormat()
+            code.setFont(self.mono)
+            code.setForeground(QColor(c.text))
+            cursor.insertText(body, code)
+        cursor.setPosition(parent.lastPosition())
+
+    def _insert_error(self, cursor: QTextCursor, text: str, action: str) -> None:
+        c = theme.colours()
+        cursor.insertBlock()
+        error = QTextCharFormat()
+        error.setForeground(QColor(c.bad))
+        cursor.insertText(text + "  ", error)
+        link = QTextCharFormat()
+        link.setAnchor(True)
+        link.setAnchorHref(f"{action}:")
+        link.setForeground(QColor(c.accent))
+        link.setFontUnderline(True)
+        link.setFontWeight(QFont.Weight.Bold)
+        cursor.insertText("Resume contributing" if action == "resume" else "Retry", link)
+
+    # --- links --------------------------------------------------------------------------------------
+    def _anchor(self, url: QUrl) -> None:
+        scheme = url.scheme()
+        if scheme == "copy":
+            index = int(url.path() or -1) if (url.path() or "").isdigit() else -1
+            if 0 <= index < len(self.code_blocks):
+                QGuiApplication.clipboard().setText(self.code_blocks[index])
+        elif scheme == "retry":
+            self.retry_requested.emit()
+        elif scheme == "resume":
+            self.resume_requested.emit()
+        elif scheme in ("http", "https"):
+            QDesktopServices.openUrl(url)  # only web links leave the window; no file: or custom schemes
