@@ -25,7 +25,12 @@ def main() -> int:
     parser.add_argument("initial_peers", nargs="+")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--connect-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--until-usable", action="store_true", help="poll until a short generation succeeds; print when (wall clock)"
+    )
     args = parser.parse_args()
+    if args.until_usable:
+        return wait_until_usable(args)
     torch.set_num_threads(1)
     ids = torch.randint(6, 500, (1, 6), generator=torch.Generator().manual_seed(0))
     local = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
@@ -68,6 +73,35 @@ def main() -> int:
     }
     print(json.dumps(report), flush=True)
     return 0 if exact else 1
+
+
+def wait_until_usable(args: argparse.Namespace) -> int:
+    """For benchmarks: started before the server, reports the wall-clock time its blocks first worked."""
+    ids = torch.tensor([[7, 8, 9]])
+    remote = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+        args.model_dir,
+        initial_peers=args.initial_peers,
+        dht_prefix=args.dht_prefix,
+        request_timeout=10.0,
+        max_retries=1,
+    )
+    print(json.dumps({"ready_at": time.time()}), flush=True)
+    deadline = time.monotonic() + args.connect_timeout
+    error = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                remote.route()
+                remote.generate(ids, max_new_tokens=2, eos_token_id=[])
+                print(json.dumps({"usable_at": time.time()}), flush=True)
+                return 0
+            except Exception as exc:
+                error = exc
+                time.sleep(1.0)
+    finally:
+        remote.close()
+    print(json.dumps({"usable_at": None, "error": repr(error)[:500]}), flush=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -204,6 +204,18 @@ class NetLab:
         self.hosts[name] = host
         return host
 
+    def forward_port(self, host: Host, port: int) -> None:
+        """Port forwarding on the host's router: WAN port -> the host (what a user sets up by hand)."""
+        assert host.home is not None
+        router = host.home.router_ns
+        for rule in (
+            ["iptables", "-t", "nat", "-A", "PREROUTING", "-i", "wan", "-p", "tcp", "--dport", str(port),
+             "-j", "DNAT", "--to-destination", f"{host.ip}:{port}"],
+            ["iptables", "-A", "FORWARD", "-i", "wan", "-o", "lan", "-p", "tcp", "-d", host.ip, "--dport", str(port),
+             "-j", "ACCEPT"],
+        ):  # fmt: skip
+            _sh(*self.exec_argv(router, rule))
+
     # --- faults -------------------------------------------------------------------------------------
     def cut_home(self, host: Host) -> None:
         """The home's router stops forwarding, and its NAT state is lost (its WAN link goes down,

@@ -40,6 +40,23 @@ class ContributionStatus(BaseModel):
     peer_id: str | None = None
 
 
+class Reachability(BaseModel):
+    """Where this computer stands in the swarm's network (checked when it starts contributing)."""
+
+    state: Literal["not_checked", "checking", "direct", "relay", "unreachable", "unknown"]
+    summary: str
+    advice: str = ""
+    using_relay: bool = False
+    relay_addrs: list[str] = Field(default_factory=list)
+    checked_at: float | None = None
+
+
+NOT_CHECKED = Reachability(
+    state="not_checked",
+    summary="Not checked yet: Corolla checks whether other peers can reach this computer when it contributes.",
+)
+
+
 class NodeStatus(BaseModel):
     version: str
     pid: int
@@ -51,6 +68,7 @@ class NodeStatus(BaseModel):
     secrets_storage: str
     invite: str | None = None
     interrupted_replies_recovered: int = 0
+    reachability: Reachability = NOT_CHECKED
 
 
 class ChatCreate(Strict):

@@ -244,6 +244,7 @@ class NodeService:
             secrets_storage=self.secrets.storage,
             invite=invite,
             interrupted_replies_recovered=self.db.interrupted_on_start,
+            reachability=_reachability(stats) if sup.pid is not None else m.NOT_CHECKED,
         )
 
     def plan(self, model: str | None, torch_dtype: str, quant_type: str) -> dict:
@@ -384,3 +385,18 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
         release(paths)
         Path(paths.token_file).unlink(missing_ok=True)
     return 0
+
+
+def _reachability(stats: dict) -> m.Reachability:
+    """The block server's own finding (see corolla.swarm.reachability), as the API shows it."""
+    found = stats.get("reachability") or {}
+    if found.get("state") not in {"checking", "direct", "relay", "unreachable", "unknown"}:
+        return m.NOT_CHECKED
+    return m.Reachability(
+        state=found["state"],
+        summary=str(found.get("summary", "")),
+        advice=str(found.get("advice", "")),
+        using_relay=bool(stats.get("using_relay")),
+        relay_addrs=[str(a) for a in found.get("relay_addrs", [])],
+        checked_at=found.get("checked_at"),
+    )
