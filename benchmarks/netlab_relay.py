@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.lab_swarm import (  # noqa: E402
+from tests.support.lab_swarm import (
     LAB_PORT,
     CorollaBootstrap,
     corolla_server,
@@ -33,8 +33,8 @@ from tests.support.lab_swarm import (  # noqa: E402
     run_corolla_client,
     stock_server,
 )
-from tests.support.netlab import NetLab  # noqa: E402
-from tests.support.swarm import make_reference_model, reference_python  # noqa: E402
+from tests.support.netlab import NetLab
+from tests.support.swarm import make_reference_model, reference_python
 
 PREFIX = "tiny-llama-hf"
 COMMON = ["--dht-prefix", PREFIX, "--torch-dtype", "float32", "--throughput", "10", "--num-threads", "1"]
@@ -70,7 +70,10 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="corolla-netlab-bench-"))
     model = make_reference_model(work / "tiny-llama", PREFIX)
-    results: dict = {"delay_ms_one_way": args.delay_ms, "lab": "bootstrap+server 0:2 public; 2:4 in home 1; client home 2"}
+    results: dict = {
+        "delay_ms_one_way": args.delay_ms,
+        "lab": "bootstrap and server 0:2 public; server 2:4 in home 1; client in home 2",
+    }
     with NetLab() as lab:
         pub0, pub1 = lab.add_public("pub0"), lab.add_public("pub1")
         home1, home2 = lab.add_home("home1"), lab.add_home("home2")
