@@ -7,12 +7,14 @@ NAT in home 1 for k:n, and clients in home 2. Every peer runs with NAT port mapp
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.lab_swarm import CorollaBootstrap, corolla_server, lab_maddr, run_corolla_client
+from tests.support.lab_swarm import CorollaBootstrap, LabNode, corolla_server, lab_maddr, run_corolla_client
 from tests.support.netlab import NetLab, lab_unavailable_reason
 from tests.support.swarm import (
     make_reference_model,
@@ -177,3 +179,116 @@ def test_stock_petals_reachability_check_gets_true_answers_from_corolla(lab, cha
         assert lines, result.stderr[-3000:]
         answers[host] = json.loads(lines[-1])["reachable"]
     assert answers == {"pub0": True, "home2": False}
+
+
+@pytest.mark.slow
+def test_home_router_outage_mid_generation_fails_over_with_the_same_tokens(lab, chain, tmp_path):
+    """Home 1's router drops everything for 20 s (and forgets its NAT state) while a client in home 2 is
+    generating through it: the client fails over to a backup for those blocks and the tokens are exact."""
+    num_blocks = json.loads((chain["model"] / "config.json").read_text())["num_hidden_layers"]
+    backup = corolla_server(
+        lab,
+        lab.add_public("pub2"),
+        tmp_path,
+        chain["model"],
+        "--initial-peers",
+        chain["boot"].maddr,
+        "--blocks",
+        f"{num_blocks // 2}:{num_blocks}",
+        "--dht-prefix",
+        chain["prefix"],
+        "--torch-dtype",
+        "float32",
+        "--throughput",
+        "1",
+        name="backup",
+    )  # fmt: skip  (a low throughput: clients prefer the home server while it works)
+    home1 = lab.hosts["home1"]
+    client = None
+    try:
+        backup.wait_state("online")
+        script = Path(__file__).parent / "support" / "lab_client.py"
+        argv = [sys.executable, str(script), str(chain["model"]), chain["prefix"], chain["boot"].maddr,
+                "--new-tokens", "400", "--request-timeout", "8"]  # fmt: skip
+        client = lab.popen(lab.hosts["home2"], argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = client.stdout.readline()
+        while line and '"generating"' not in line:
+            line = client.stdout.readline()
+        assert line, "the client never started generating"
+        route = json.loads(line)["generating"]
+        assert chain["home"].peer_id[-6:] in route, f"the client does not go through home 1: {route}"
+        steps_before = chain["home"].stats()["inference_steps"]
+        time.sleep(0.5)
+        lab.cut_home(home1)
+        time.sleep(20)
+        lab.restore_home(home1)
+        out, _ = client.communicate(timeout=300)
+        report = json.loads([row for row in out.splitlines() if row.startswith('{"exact"')][-1])
+        assert report["exact"] and report["new_tokens"] == 400, out[-3000:]
+        assert backup.stats()["inference_steps"] > 0  # the failover really happened
+        assert chain["home"].stats()["inference_steps"] > steps_before  # and it had started at home
+    finally:
+        lab.restore_home(home1)
+        if client is not None and client.poll() is None:
+            client.kill()
+        backup.stop()
+
+
+@pytest.mark.slow
+def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_servers(lab, chain, tmp_path):
+    """The node API of a computer at home: /api/status says "relay" with advice; /api/swarm marks relays.
+    (Runs last: its server joins the chain as a second server for the NAT'd span.)"""
+    node = LabNode(lab, lab.hosts["home1"], tmp_path / "node-home")
+    try:
+        status = node.request("GET", "/api/status")
+        assert status["reachability"]["state"] == "not_checked"  # nothing contributes yet
+        settings = node.request("GET", "/api/settings")
+        peers = [chain["boot"].maddr, lab_maddr(chain["public"], lab.hosts["pub1"])]
+        num_blocks = json.loads((chain["model"] / "config.json").read_text())["num_hidden_layers"]
+        settings.update(
+            swarm="custom", custom_peers=peers, model=str(chain["model"]), dht_prefix=chain["prefix"],
+            blocks=f"{num_blocks // 2}:{num_blocks}", torch_dtype="float32",
+        )  # fmt: skip
+        node.request("PUT", "/api/settings", settings)
+        node.request("POST", "/api/contribution/start")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            status = node.request("GET", "/api/status")
+            if status["contribution"]["state"] == "online" and status["reachability"]["state"] == "relay":
+                break
+            time.sleep(2)
+        reach = status["reachability"]
+        assert reach["state"] == "relay" and reach["using_relay"], status
+        assert "relay" in reach["summary"] and "forward" in reach["advice"].lower()
+        assert reach["relay_addrs"] and all("/p2p-circuit/" in addr for addr in reach["relay_addrs"])
+        swarm = node.request("GET", "/api/swarm")
+        servers = {s["peer_id"]: s for model in swarm for s in model["servers"]}
+        assert servers[chain["home"].peer_id]["using_relay"] is True
+        assert servers[chain["public"].peer_id]["using_relay"] is False
+        mine = [s for s in servers.values() if s.get("this_computer")]
+        assert len(mine) == 1 and mine[0]["using_relay"] is True
+    finally:
+        node.stop()
+
+
+@pytest.mark.slow
+def test_relay_peer_dies_and_the_nat_server_stays_reachable_through_another(lab, chain):
+    """The bootstrap (one of home 1's two relays) dies: within 60 s the NAT'd server's status names only
+    the surviving relay, and a client behind NAT still generates through it. (Last: the bootstrap is gone.)"""
+    boot, public_maddr = chain["boot"], lab_maddr(chain["public"], lab.hosts["pub1"])
+    boot.process.kill()
+    boot.process.wait(10)
+    deadline = time.monotonic() + 60
+    reach = {}
+    while time.monotonic() < deadline:
+        reach = chain["home"].stats()["reachability"]
+        if reach["state"] == "relay" and all(boot.peer_id not in addr for addr in reach["relay_addrs"]):
+            break
+        time.sleep(1)
+    assert reach["state"] == "relay" and reach["relay_addrs"], reach
+    assert all(boot.peer_id not in addr for addr in reach["relay_addrs"]), reach
+    assert any(chain["public"].peer_id in addr for addr in reach["relay_addrs"]), reach
+    steps_before = chain["home"].stats()["inference_steps"]
+    report = run_corolla_client(lab, lab.hosts["home2"], chain["model"], chain["prefix"], [public_maddr], 16)
+    assert report["exact"], report
+    assert chain["home"].stats()["inference_steps"] > steps_before

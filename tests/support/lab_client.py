@@ -25,6 +25,7 @@ def main() -> int:
     parser.add_argument("initial_peers", nargs="+")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--connect-timeout", type=float, default=120.0)
+    parser.add_argument("--request-timeout", type=float, default=20.0)
     parser.add_argument(
         "--until-usable", action="store_true", help="poll until a short generation succeeds; print when (wall clock)"
     )
@@ -43,7 +44,11 @@ def main() -> int:
         pad_token_id=3,
     )
     remote = corolla.AutoDistributedModelForCausalLM.from_pretrained(
-        args.model_dir, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, request_timeout=20.0
+        args.model_dir,
+        initial_peers=args.initial_peers,
+        dht_prefix=args.dht_prefix,
+        request_timeout=args.request_timeout,
+        max_retries=12,
     )
     try:
         deadline = time.monotonic() + args.connect_timeout
@@ -58,6 +63,7 @@ def main() -> int:
         else:
             print(json.dumps({"exact": False, "error": f"no route: {error!r}"}), flush=True)
             return 1
+        print(json.dumps({"generating": route}), flush=True)  # a fault test waits for this line
         started = time.perf_counter()
         got = remote.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[])
         elapsed = time.perf_counter() - started

@@ -6,7 +6,9 @@ stock peers). Waits are bounded; every process is stopped by the lab's close() a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -131,3 +133,57 @@ def run_corolla_client(
     report = json.loads(lines[-1])
     report["stderr_tail"] = result.stderr[-3000:]
     return report
+
+
+class LabNode:
+    """`corolla node` (the window's backend) in a lab host. Its API listens on that host's loopback, so
+    every request is made from inside the host's namespace."""
+
+    def __init__(self, lab: NetLab, host: Host, home: Path):
+        self.lab, self.host, self.home = lab, host, Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.home / "node.log"
+        env = {**os.environ, "COROLLA_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.process = lab.popen(host, [sys.executable, "-m", "corolla.cli", "node"], stdout=log,
+                                     stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        lock = self.home / "config" / "node.json"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                data = json.loads(lock.read_text())
+                if data["pid"] == self.process.pid:
+                    self.url, self.token = data["url"], Path(data["token_file"]).read_text().strip()
+                    self.request("GET", "/api/ping")
+                    return
+            except (FileNotFoundError, json.JSONDecodeError, KeyError, ProcessFailed):
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise ProcessFailed(f"the node did not start in {host.name}:\n{self.log_path.read_text()[-3000:]}")
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 120.0):
+        code = (
+            "import httpx, json, sys\n"
+            "url, token, method, path, body, timeout = json.loads(sys.argv[1])\n"
+            "r = httpx.request(method, url + path, json=body, timeout=timeout,"
+            " headers={'Authorization': 'Bearer ' + token})\n"
+            "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
+        )
+        args = json.dumps([self.url, self.token, method, path, body, timeout])
+        result = self.lab.run(self.host, [sys.executable, "-c", code, args], timeout=timeout + 30)
+        if result.returncode != 0:
+            raise ProcessFailed(f"{method} {path} failed: {result.stderr[-2000:]}")
+        reply = json.loads(result.stdout.strip().splitlines()[-1])
+        if reply["status"] >= 400:
+            raise ProcessFailed(f"{method} {path}: HTTP {reply['status']} {reply['body']}")
+        return reply["body"]
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessFailed):
+            self.request("POST", "/api/shutdown", timeout=20)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
