@@ -30,14 +30,15 @@ logger = logging.getLogger(__name__)
 
 SELF_CHECK_TIMEOUT = 5.0  # Petals' timeouts: asking a peer about itself, and about someone else
 OTHER_CHECK_TIMEOUT = 10.0
-DIAL_TIMEOUT = 8.0  # our own dial of a peer we were asked about (inside the asker's 10 s)
+CHECK_BUDGET = 9.0  # starting our probe and dialling the peer we were asked about: inside the asker's 10 s
 MAX_PEERS_ASKED = 5
 MAX_CONCURRENT_PROBES = 4
 PROBES_PER_ASKER_PER_MINUTE = 6  # every check makes us dial someone: a hostile peer must not use us as a cannon
 MAX_ASKERS_TRACKED = 1024
 PROBE_DAEMON_OPTIONS = dict(
-    dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True, startup_timeout=30
+    dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True, startup_timeout=5
 )
+TEMPORARY_PEER_STARTUP_TIMEOUT = 30
 
 
 def is_relay_address(maddr: str | Multiaddr) -> bool:
@@ -49,8 +50,6 @@ class ReachabilityProtocol(ServicerBase):  # the class name is on the wire: do n
 
     def __init__(self) -> None:
         self._main: P2P | None = None
-        self._probe: P2P | None = None
-        self._probe_lock = asyncio.Lock()
         self._probes = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
         self._asked: dict[PeerID, list[float]] = {}
         self.checks_answered = 0
@@ -63,10 +62,7 @@ class ReachabilityProtocol(ServicerBase):  # the class name is on the wire: do n
         if self._main is not None:
             with contextlib.suppress(Exception):
                 await self.remove_p2p_handlers(self._main)
-        if self._probe is not None:
-            with contextlib.suppress(Exception):
-                await self._probe.shutdown()
-        self._main = self._probe = None
+        self._main = None
 
     async def rpc_check(self, request: dht_pb2.PingRequest, context: P2PContext) -> dht_pb2.PingResponse:
         try:
@@ -91,22 +87,27 @@ class ReachabilityProtocol(ServicerBase):  # the class name is on the wire: do n
         self._asked[asker] = [*recent, now]
 
     async def can_dial(self, target: PeerID) -> bool:
-        """Whether a fresh, relay-less connection to `target` succeeds at an address we know for it."""
+        """Whether a fresh, relay-less connection to `target` succeeds at an address we know for it.
+
+        The probe daemon lives only for this check: checks are rare (a server's start), and a daemon
+        that outlives a killed server would be an orphan.
+        """
         addrs = await self._direct_addrs_of(target)
         if not addrs:
             return False
+        deadline = time.monotonic() + CHECK_BUDGET
         async with self._probes:
-            probe = await self._get_probe()
+            probe = await P2P.create(**PROBE_DAEMON_OPTIONS)
             try:
                 # hivemind has no public "connect"; its daemon client does (the probe only ever dials)
-                await asyncio.wait_for(probe._client.connect(target, addrs), DIAL_TIMEOUT)
+                await asyncio.wait_for(probe._client.connect(target, addrs), max(1.0, deadline - time.monotonic()))
                 return True
             except Exception as error:
                 logger.debug("could not dial %s at %s: %s", target, addrs, error)
                 return False
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(probe._client.disconnect(target), 5.0)
+                    await probe.shutdown()
 
     async def _direct_addrs_of(self, target: PeerID) -> list[Multiaddr]:
         if self._main is None:
@@ -115,12 +116,6 @@ class ReachabilityProtocol(ServicerBase):  # the class name is on the wire: do n
             if info.peer_id == target:
                 return [addr for addr in info.addrs if not is_relay_address(addr)]
         return []
-
-    async def _get_probe(self) -> P2P:
-        async with self._probe_lock:
-            if self._probe is None:
-                self._probe = await P2P.create(**PROBE_DAEMON_OPTIONS)
-            return self._probe
 
 
 async def ask_peers(p2p: P2P, peers: Sequence[PeerID], max_peers: int = MAX_PEERS_ASKED) -> list[bool]:
@@ -164,7 +159,7 @@ async def check_direct_reachability(
         announce_maddrs=list(announce_maddrs) or None,
         identity_path=identity_path,
         check_if_identity_free=False,
-        **{**PROBE_DAEMON_OPTIONS, "no_listen": False},
+        **{**PROBE_DAEMON_OPTIONS, "no_listen": False, "startup_timeout": TEMPORARY_PEER_STARTUP_TIMEOUT},
     )
     service = ReachabilityProtocol()  # answers "yes, it is me" to stock checkers calling us back
     node = None
