@@ -69,6 +69,12 @@ def test_lab_routers_masquerade_and_drop_outside_in(lab, tmp_path):
             server.terminate()
 
 
+def wait_for(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(2)
+
+
 # --- a swarm across homes -----------------------------------------------------------------------------
 
 
@@ -186,27 +192,10 @@ def test_home_router_outage_mid_generation_fails_over_with_the_same_tokens(lab, 
     """Home 1's router drops everything for 20 s (and forgets its NAT state) while a client in home 2 is
     generating through it: the client fails over to a backup for those blocks and the tokens are exact."""
     num_blocks = json.loads((chain["model"] / "config.json").read_text())["num_hidden_layers"]
-    backup = corolla_server(
-        lab,
-        lab.add_public("pub2"),
-        tmp_path,
-        chain["model"],
-        "--initial-peers",
-        chain["boot"].maddr,
-        "--blocks",
-        f"{num_blocks // 2}:{num_blocks}",
-        "--dht-prefix",
-        chain["prefix"],
-        "--torch-dtype",
-        "float32",
-        "--throughput",
-        "1",
-        name="backup",
-    )  # fmt: skip  (a low throughput: clients prefer the home server while it works)
     home1 = lab.hosts["home1"]
-    client = None
+    client = backup = None
+    steps_before = chain["home"].stats()["inference_steps"]
     try:
-        backup.wait_state("online")
         script = Path(__file__).parent / "support" / "lab_client.py"
         argv = [sys.executable, str(script), str(chain["model"]), chain["prefix"], chain["boot"].maddr,
                 "--new-tokens", "400", "--request-timeout", "8"]  # fmt: skip
@@ -217,7 +206,12 @@ def test_home_router_outage_mid_generation_fails_over_with_the_same_tokens(lab, 
         assert line, "the client never started generating"
         route = json.loads(line)["generating"]
         assert chain["home"].peer_id[-6:] in route, f"the client does not go through home 1: {route}"
-        steps_before = chain["home"].stats()["inference_steps"]
+        # The backup joins now (clients route to direct servers first), while home 1 is down.
+        backup = corolla_server(
+            lab, lab.add_public("pub2"), tmp_path, chain["model"], "--initial-peers", chain["boot"].maddr,
+            "--blocks", f"{num_blocks // 2}:{num_blocks}", "--dht-prefix", chain["prefix"], "--torch-dtype",
+            "float32", "--throughput", "10", name="backup",
+        )  # fmt: skip
         time.sleep(0.5)
         lab.cut_home(home1)
         time.sleep(20)
@@ -231,7 +225,8 @@ def test_home_router_outage_mid_generation_fails_over_with_the_same_tokens(lab, 
         lab.restore_home(home1)
         if client is not None and client.poll() is None:
             client.kill()
-        backup.stop()
+        if backup is not None:
+            backup.stop()
 
 
 @pytest.mark.slow
@@ -242,6 +237,10 @@ def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_server
     try:
         status = node.request("GET", "/api/status")
         assert status["reachability"]["state"] == "not_checked"  # nothing contributes yet
+        # Let the node's own first contribution (the private demo swarm) settle before changing settings:
+        # settings changed while it is still preparing the demo would race with it.
+        node.request("POST", "/api/contribution/start")
+        wait_for(lambda: node.request("GET", "/api/status")["contribution"]["state"] == "online", 240)
         settings = node.request("GET", "/api/settings")
         peers = [chain["boot"].maddr, lab_maddr(chain["public"], lab.hosts["pub1"])]
         num_blocks = json.loads((chain["model"] / "config.json").read_text())["num_hidden_layers"]
@@ -249,14 +248,19 @@ def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_server
             swarm="custom", custom_peers=peers, model=str(chain["model"]), dht_prefix=chain["prefix"],
             blocks=f"{num_blocks // 2}:{num_blocks}", torch_dtype="float32",
         )  # fmt: skip
-        node.request("PUT", "/api/settings", settings)
-        node.request("POST", "/api/contribution/start")
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+        node.request("PUT", "/api/settings", settings)  # restarts the block server in the lab swarm
+
+        def relayed_online() -> bool:
+            nonlocal status
             status = node.request("GET", "/api/status")
-            if status["contribution"]["state"] == "online" and status["reachability"]["state"] == "relay":
-                break
-            time.sleep(2)
+            contribution = status["contribution"]
+            return (
+                contribution["state"] == "online"
+                and contribution["start_block"] == num_blocks // 2
+                and status["reachability"]["state"] == "relay"
+            )
+
+        wait_for(relayed_online, 240)
         reach = status["reachability"]
         assert reach["state"] == "relay" and reach["using_relay"], status
         assert "relay" in reach["summary"] and "forward" in reach["advice"].lower()
