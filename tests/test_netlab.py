@@ -265,12 +265,18 @@ def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_server
         assert reach["state"] == "relay" and reach["using_relay"], status
         assert "relay" in reach["summary"] and "forward" in reach["advice"].lower()
         assert reach["relay_addrs"] and all("/p2p-circuit/" in addr for addr in reach["relay_addrs"])
-        swarm = node.request("GET", "/api/swarm")
-        servers = {s["peer_id"]: s for model in swarm for s in model["servers"]}
+        servers: dict = {}
+
+        def swarm_shows_this_computer() -> bool:
+            nonlocal servers
+            servers = {s["peer_id"]: s for model in node.request("GET", "/api/swarm") for s in model["servers"]}
+            return any(s.get("this_computer") for s in servers.values())
+
+        wait_for(swarm_shows_this_computer, 90)  # its first announcement may still be on its way
         assert servers[chain["home"].peer_id]["using_relay"] is True
         assert servers[chain["public"].peer_id]["using_relay"] is False
         mine = [s for s in servers.values() if s.get("this_computer")]
-        assert len(mine) == 1 and mine[0]["using_relay"] is True
+        assert len(mine) == 1 and mine[0]["using_relay"] is True, servers
     finally:
         node.stop()
 
