@@ -286,8 +286,7 @@ def test_relay_peer_dies_and_the_nat_server_stays_reachable_through_another(lab,
     """The bootstrap (one of home 1's two relays) dies: within 60 s the NAT'd server's status names only
     the surviving relay, and a client behind NAT still generates through it. (Last: the bootstrap is gone.)"""
     boot, public_maddr = chain["boot"], lab_maddr(chain["public"], lab.hosts["pub1"])
-    boot.process.kill()
-    boot.process.wait(10)
+    boot.kill()
     deadline = time.monotonic() + 60
     reach = {}
     while time.monotonic() < deadline:
