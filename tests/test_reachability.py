@@ -90,6 +90,8 @@ def test_plan_network_follows_the_users_word_and_asks_otherwise():
     assert relay.announce_maddrs == [relays[0] + "/p2p-circuit"]
     no_relays = asyncio.run(plan_network(relays, ["/ip4/0.0.0.0/tcp/0"], mode="relay", use_relay=False))
     assert no_relays.state == "unreachable" and no_relays.client_mode
+    local = asyncio.run(plan_network(relays, ["/ip4/127.0.0.1/tcp/0"]))
+    assert local.state == "local" and not local.client_mode and not local.answers  # nobody was asked
     first = asyncio.run(plan_network([], ["/ip4/0.0.0.0/tcp/0"]))
     assert first.state == "unknown" and not first.client_mode
 

@@ -43,7 +43,7 @@ class ContributionStatus(BaseModel):
 class Reachability(BaseModel):
     """Where this computer stands in the swarm's network (checked when it starts contributing)."""
 
-    state: Literal["not_checked", "checking", "direct", "relay", "unreachable", "unknown"]
+    state: Literal["not_checked", "checking", "direct", "relay", "unreachable", "unknown", "local"]
     summary: str
     advice: str = ""
     using_relay: bool = False

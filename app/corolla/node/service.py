@@ -390,7 +390,7 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
 def _reachability(stats: dict) -> m.Reachability:
     """The block server's own finding (see corolla.swarm.reachability), as the API shows it."""
     found = stats.get("reachability") or {}
-    if found.get("state") not in {"checking", "direct", "relay", "unreachable", "unknown"}:
+    if found.get("state") not in {"checking", "direct", "relay", "unreachable", "unknown", "local"}:
         return m.NOT_CHECKED
     return m.Reachability(
         state=found["state"],

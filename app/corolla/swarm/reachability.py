@@ -187,7 +187,7 @@ async def check_direct_reachability(
 class Reachability:
     """What a person needs to know about their connectivity (the node shows this as is)."""
 
-    state: str  # "checking" | "direct" | "relay" | "unreachable" | "unknown"
+    state: str  # "checking" | "direct" | "relay" | "unreachable" | "unknown" | "local"
     summary: str
     advice: str
     relay_addrs: list[str]
@@ -216,6 +216,7 @@ def describe(state: str, port: int | None, relay_addrs: Sequence[str] = ()) -> R
             "Not reachable: other peers cannot dial this computer and no relay has accepted it yet.",
             f"{forward}, or wait: Corolla keeps trying relays. Check that a firewall allows Corolla.",
         ),
+        "local": ("Serving this computer only (a private swarm on loopback): other computers cannot join.", ""),
         "unknown": (
             "Reachability unknown: no peer answered the check (older peers do not), so this computer "
             "acts as directly reachable.",
@@ -224,6 +225,10 @@ def describe(state: str, port: int | None, relay_addrs: Sequence[str] = ()) -> R
     }
     summary, advice = texts[state]
     return Reachability(state, summary, advice, list(relay_addrs), time.time())
+
+
+def _is_loopback(maddr: str) -> bool:
+    return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
 
 
 def port_of(maddrs: Sequence[str]) -> int | None:
@@ -243,7 +248,7 @@ def port_of(maddrs: Sequence[str]) -> int | None:
 class NetworkPlan:
     """The DHT options a server starts with, decided before it starts (as Petals decides)."""
 
-    state: str  # "direct" | "relay" | "unreachable" | "unknown"
+    state: str  # "direct" | "relay" | "unreachable" | "unknown" | "local"
     client_mode: bool  # a peer nobody can dial must not sit in others' routing tables
     use_auto_relay: bool
     force_reachability: str | None
@@ -272,6 +277,10 @@ async def plan_network(
 
     relays = [peer for peer in initial_peers if "/p2p/" in peer]
     answers: list[bool] = []
+    if mode == "auto" and host_maddrs and all(_is_loopback(maddr) for maddr in host_maddrs):
+        # Listening on loopback only (tests, the private demo swarm): nobody off this computer can dial it,
+        # and everybody on it can; asking would only cost a temporary daemon.
+        return NetworkPlan("local", False, False, None, [], list(announce_maddrs), answers)
     if mode == "direct" or (mode == "auto" and announce_maddrs):
         dialable: bool | None = True
     elif mode == "relay":
