@@ -262,15 +262,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from corolla.swarm.server.server import serve
 
     host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{args.port}"]
+    announce_maddrs = list(args.announce_maddrs)
+    if args.public_ip:
+        if not args.port:
+            print("corolla: error: --public-ip needs --port (the port forwarded to this computer)", file=sys.stderr)
+            return 2
+        version = "ip6" if ":" in args.public_ip else "ip4"
+        announce_maddrs.append(f"/{version}/{args.public_ip}/tcp/{args.port}")
     config = ServerConfig(
         model=args.model,
         initial_peers=args.initial_peers,
         new_swarm=args.new_swarm,
         dht_prefix=args.dht_prefix,
         host_maddrs=host_maddrs,
-        announce_maddrs=args.announce_maddrs,
+        announce_maddrs=announce_maddrs,
         identity_path=args.identity_path,
         public_name=args.public_name,
+        reachability=args.reachability,
         nat_port_map=args.nat_port_map,
         use_relay=not args.no_relay,
         use_auto_relay=not args.no_relay and not args.no_auto_relay,
@@ -333,6 +341,13 @@ def _add_serve_parser(commands) -> None:
     )
     swarm.add_argument(
         "--announce-maddrs", nargs="+", default=[], metavar="MADDR", help="tell peers to reach this server here"
+    )
+    swarm.add_argument("--public-ip", default=None, help="your router's public IP, with --port forwarded to you")
+    swarm.add_argument(
+        "--reachability",
+        choices=["auto", "direct", "relay"],
+        default="auto",
+        help="auto: ask peers whether they can dial this computer (default); direct or relay: skip the check",
     )
     swarm.add_argument("--identity-path", default=None, help="keeps the peer id stable across restarts")
     swarm.add_argument("--public-name", default=None, help="a name shown next to this server in swarm monitors")

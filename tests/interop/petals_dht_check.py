@@ -28,6 +28,7 @@ def main():
                     "start_block": server.start_block,
                     "end_block": server.end_block,
                     "cache_tokens_left": server.cache_tokens_left,
+                    "using_relay": server.using_relay,
                 },
             )
             entry["blocks"].append(index)

@@ -28,19 +28,28 @@ class ProcessFailed(AssertionError):
 class CorollaServer:
     """`corolla serve` in a subprocess; its state comes from the stats file it writes every second."""
 
-    def __init__(self, workdir: Path, model: str | Path, *args: str, name: str = "server"):
+    def __init__(
+        self,
+        workdir: Path,
+        model: str | Path,
+        *args: str,
+        name: str = "server",
+        launcher: list[str] = (),
+        network_flags: list[str] = LOOPBACK_FLAGS,
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.stats_path = self.workdir / f"{name}.stats.json"
         self.log_path = self.workdir / f"{name}.log"
         self.stats_path.unlink(missing_ok=True)
         command = [
+            *launcher,  # e.g. `ip netns exec HOST` for the network lab
             sys.executable,
             "-m",
             "corolla.cli",
             "serve",
             str(model),
-            *LOOPBACK_FLAGS,
+            *network_flags,
             "--stats-file",
             str(self.stats_path),
             "--num-threads",
@@ -170,18 +179,20 @@ class PetalsServer:
         blocks: str,
         dht_prefix: str,
         name: str = "petals-server",
+        launcher: list[str] = (),
+        network_flags: list[str] = ("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--no_auto_relay"),
     ):
         python = require_reference()
         self.log_path = Path(workdir) / f"{name}.log"
         command = [
+            *launcher,  # e.g. `ip netns exec HOST` for the network lab
             str(python),
             str(reference_dir() / "lib" / "petalsref_launch.py"),
             "petals.cli.run_server",
             str(model_dir),
             "--initial_peers",
             initial_peer,
-            "--host_maddrs",
-            "/ip4/127.0.0.1/tcp/0",
+            *network_flags,
             "--dht_prefix",
             dht_prefix,
             "--device",
@@ -194,7 +205,6 @@ class PetalsServer:
             blocks,
             "--throughput",
             "1.0",
-            "--no_auto_relay",
             "--skip_reachability_check",
             "--cache_dir",
             str(Path(workdir) / f"{name}-cache"),
@@ -221,10 +231,12 @@ class PetalsServer:
         _stop_group(self.process, signal.SIGTERM, 20)
 
 
-def run_reference_script(script: Path, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+def run_reference_script(
+    script: Path, *args: str, timeout: float = 300.0, launcher: list[str] = ()
+) -> subprocess.CompletedProcess:
     python = require_reference()
     return subprocess.run(
-        [str(python), str(script), *args],
+        [*launcher, str(python), str(script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

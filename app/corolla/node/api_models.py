@@ -70,6 +70,23 @@ class Lifetime(BaseModel):
     since: float | None = None
 
 
+class Reachability(BaseModel):
+    """Where this computer stands in the swarm's network (checked when it starts contributing)."""
+
+    state: Literal["not_checked", "checking", "direct", "relay", "unreachable", "unknown", "local"]
+    summary: str
+    advice: str = ""
+    using_relay: bool = False
+    relay_addrs: list[str] = Field(default_factory=list)
+    checked_at: float | None = None
+
+
+NOT_CHECKED = Reachability(
+    state="not_checked",
+    summary="Not checked yet: Corolla checks whether other peers can reach this computer when it contributes.",
+)
+
+
 class NodeStatus(BaseModel):
     version: str
     pid: int
@@ -87,6 +104,8 @@ class NodeStatus(BaseModel):
     awaiting_consent: bool = False
     pause_rule: PauseRule | None = None
     lifetime: Lifetime = Field(default_factory=Lifetime)
+
+    reachability: Reachability = NOT_CHECKED
 
 
 class ChatCreate(Strict):

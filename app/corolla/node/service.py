@@ -273,6 +273,7 @@ class NodeService:
             awaiting_consent=self.awaiting_consent,
             pause_rule=self._pause_rule if sup.state == "paused" and self._paused_by_policy else None,
             lifetime=m.Lifetime(**self.db.contribution_totals()),
+            reachability=_reachability(stats) if sup.pid is not None else m.NOT_CHECKED,
         )
 
     def server_log(self, lines: int) -> str:
@@ -463,3 +464,18 @@ def _force_exit(node: NodeService, paths: NodePaths, code: int) -> None:
         Path(paths.token_file).unlink(missing_ok=True)
     logging.shutdown()
     os._exit(code)
+
+
+def _reachability(stats: dict) -> m.Reachability:
+    """The block server's own finding (see corolla.swarm.reachability), as the API shows it."""
+    found = stats.get("reachability") or {}
+    if found.get("state") not in {"checking", "direct", "relay", "unreachable", "unknown", "local"}:
+        return m.NOT_CHECKED
+    return m.Reachability(
+        state=found["state"],
+        summary=str(found.get("summary", "")),
+        advice=str(found.get("advice", "")),
+        using_relay=bool(stats.get("using_relay")),
+        relay_addrs=[str(a) for a in found.get("relay_addrs", [])],
+        checked_at=found.get("checked_at"),
+    )

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 from hivemind import DHT
 
+from corolla.swarm.relays import relay_options
+
 logger = logging.getLogger(__name__)
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 PARENT_POLL_S = 0.5
@@ -88,6 +90,8 @@ def start_dht(
     use_relay: bool = True,
     use_auto_relay: bool = False,
     auto_nat: bool = True,
+    force_reachability: str | None = None,
+    trusted_relays: Sequence[str] = (),
     num_workers: int = 32,
     startup_timeout: float = 60.0,
 ) -> DHT:
@@ -110,6 +114,7 @@ def start_dht(
         use_auto_relay=use_auto_relay,
         auto_nat=auto_nat,
         startup_timeout=startup_timeout,
+        **relay_options(force_reachability, trusted_relays),
     )
     try:
         dht.run_in_background(await_ready=True, timeout=startup_timeout + 5)

@@ -23,6 +23,7 @@ class ServerConfig:
     use_relay: bool = True
     use_auto_relay: bool = True
     auto_nat: bool = True
+    reachability: str = "auto"  # "auto": ask peers whether they can dial us; "direct" or "relay": as told
     # Blocks
     blocks: tuple[int, int] | None = None  # explicit [start, end): no automatic choice, no rebalancing
     num_blocks: int | None = None

@@ -37,6 +37,7 @@ from corolla.swarm.models.loading import estimate_memory
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.peers import start_dht
 from corolla.swarm.protocol import ServerInfo, ServerState
+from corolla.swarm.reachability import NetworkPlan, ReachabilityProtocol, describe, plan_network, port_of, relay_state
 from corolla.swarm.server.adapters import check_adapter_folders, load_adapters
 from corolla.swarm.server.block_selection import choose_best_blocks, should_choose_other_blocks
 from corolla.swarm.server.config import ServerConfig
@@ -84,6 +85,9 @@ class BlockServer:
         self.announced_throughput = 0.0
         self.dht = None
         self._unsaved_throughput: Throughput | None = None
+        self.network: NetworkPlan | None = None
+        self.reachability_service: ReachabilityProtocol | None = None
+        self._reachability_watch: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._wake_announcer = asyncio.Event()
 
@@ -123,27 +127,51 @@ class BlockServer:
                 logger.warning("while stopping: %s", _one_line(body.exception()))
             return 0
         finally:
-            for task in (body, stop, writer):
-                task.cancel()
+            for task in (body, stop, writer, self._reachability_watch):
+                if task is not None:
+                    task.cancel()
+            if self.reachability_service is not None:  # and its probe daemon
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.reachability_service.detach(), timeout=DETACH_TIMEOUT_S)
             executor.shutdown(wait=False)
             self._set_state("offline", "stopped")
             self._write_stats()
 
     async def _serve_until_stopped(self, executor: ThreadPoolExecutor) -> None:
         check_adapter_folders(self.config.adapters)
+        self._set_state("joining", "checking whether other peers can reach this computer")
+        self._set_reachability("checking")
+        self.network = network = await plan_network(
+            self.config.initial_peers,
+            self.config.host_maddrs,
+            self.config.announce_maddrs,
+            self.config.identity_path,
+            mode=self.config.reachability,
+            use_relay=self.config.use_relay,
+        )
         self._set_state("joining", "starting the DHT")
         # In a thread: a signal during a slow join (unreachable peers) is handled at once.
         self.dht = await asyncio.to_thread(
             start_dht,
             self.config.initial_peers,
+            client_mode=network.client_mode,
             host_maddrs=self.config.host_maddrs,
-            announce_maddrs=self.config.announce_maddrs,
+            announce_maddrs=network.announce_maddrs,
             identity_path=self.config.identity_path,
             nat_port_map=self.config.nat_port_map,
             use_relay=self.config.use_relay,
-            use_auto_relay=self.config.use_auto_relay,
+            use_auto_relay=self.config.use_auto_relay and network.use_auto_relay,
             auto_nat=self.config.auto_nat,
+            force_reachability=network.force_reachability,
+            trusted_relays=network.trusted_relays,
         )
+        self.stats.using_relay = network.using_relay
+        main_p2p = await self.dht.replicate_p2p()
+        self.reachability_service = ReachabilityProtocol()  # answers other peers' checks (Petals §5.5)
+        if not network.client_mode:
+            await self.reachability_service.attach(main_p2p)
+        self._set_reachability(network.state)
+        self._reachability_watch = asyncio.create_task(self._watch_reachability(main_p2p))
         self.peer_id = self.dht.peer_id.to_base58()
         self.stats.peer_id = self.peer_id
         self.stats.visible_maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
@@ -240,7 +268,9 @@ class BlockServer:
         self.stats.start_block, self.stats.end_block = start, end
         explicit = not isinstance(self.config.throughput, str)  # an explicit value is announced as given
         self.announced_throughput = (
-            float(self.config.throughput) if explicit else self.throughput.announced(end - start)
+            float(self.config.throughput)
+            if explicit
+            else self.throughput.announced(end - start, using_relay=self.stats.using_relay)
         )
         self.stats.throughput = self.announced_throughput
         if isinstance(self.config.throughput, str):
@@ -337,7 +367,7 @@ class BlockServer:
             adapters=tuple(self.adapters),
             torch_dtype=dtype_name(self.dtype),
             quant_type=self.config.quant_type,
-            using_relay=False,
+            using_relay=self.stats.using_relay,
             cache_tokens_left=self.budget.tokens_left_dht if self.budget is not None else None,
             next_pings=None,
             extra={"corolla_version": __version__},
@@ -378,6 +408,23 @@ class BlockServer:
             await asyncio.sleep(1.0)
         logger.warning("the process that started this server is gone; stopping")
         self._stop.set()
+
+    # --- reachability ------------------------------------------------------------------------------
+    def _set_reachability(self, state: str, relay_addrs: list[str] = ()) -> None:
+        port = port_of(self.config.host_maddrs)
+        self.stats.reachability = describe(state, port, relay_addrs).to_dict()
+
+    async def _watch_reachability(self, p2p) -> None:
+        """A relayed server says whether it holds a relay right now (relays come and go)."""
+        if self.network is None or not self.network.trusted_relays:
+            return
+        while True:
+            with contextlib.suppress(Exception):
+                state, addrs = await relay_state(p2p, self.network.trusted_relays)
+                if state != self.stats.reachability.get("state") or addrs != self.stats.reachability.get("relay_addrs"):
+                    logger.info("reachability: %s %s", state, " ".join(addrs))
+                    self._set_reachability(state, addrs)
+            await asyncio.sleep(5.0)
 
     # --- stats -------------------------------------------------------------------------------------
     def _set_state(self, state: str, reason: str) -> None:

@@ -25,6 +25,8 @@ class ServerStats:
     end_block: int | None = None
     peer_id: str = ""
     visible_maddrs: list[str] = field(default_factory=list)
+    using_relay: bool = False
+    reachability: dict[str, Any] = field(default_factory=dict)  # reachability.Reachability, as a dict
     throughput: float = 0.0
     inference_rps: float | None = None
     forward_rps: float | None = None

@@ -1,0 +1,310 @@
+"""Can other peers dial this one? Petals' reachability protocol, wire-compatible, and where we stand.
+
+Wire (petals-protocol.md §5.5): the unary RPC `ReachabilityProtocol.rpc_check` takes a hivemind
+`PingRequest` whose `peer.node_id` carries the raw PeerID bytes of the peer to check, and answers a
+`PingResponse` whose `available` says whether the answering peer could dial it. A peer asked about
+itself answers True. To check another peer, the answering peer dials it from a separate stripped
+"probe" daemon (no relay, no listening, no NAT traversal), so only a direct connection counts.
+
+At start a server asks up to five peers whether it can be dialled (`check_direct_reachability`): a
+majority of yes means "direct"; a majority of no means "relay" (its DHT then runs in client mode and it
+reserves slots on libp2p relays); no answer at all means "unknown", which is treated as direct, as stock
+Petals does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import dht_pb2
+from hivemind.utils.multiaddr import Multiaddr
+
+logger = logging.getLogger(__name__)
+
+SELF_CHECK_TIMEOUT = 5.0  # Petals' timeouts: asking a peer about itself, and about someone else
+OTHER_CHECK_TIMEOUT = 10.0
+CHECK_BUDGET = 9.0  # starting our probe and dialling the peer we were asked about: inside the asker's 10 s
+MAX_PEERS_ASKED = 5
+MAX_CONCURRENT_PROBES = 4
+PROBES_PER_ASKER_PER_MINUTE = 6  # every check makes us dial someone: a hostile peer must not use us as a cannon
+MAX_ASKERS_TRACKED = 1024
+PROBE_DAEMON_OPTIONS = dict(
+    dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True, startup_timeout=5
+)
+TEMPORARY_PEER_STARTUP_TIMEOUT = 30
+
+
+def is_relay_address(maddr: str | Multiaddr) -> bool:
+    return "/p2p-circuit" in str(maddr)
+
+
+class ReachabilityProtocol(ServicerBase):  # the class name is on the wire: do not rename
+    """Answers other peers' reachability checks. Attach to the peer's main P2P with `attach`."""
+
+    def __init__(self) -> None:
+        self._main: P2P | None = None
+        self._probes = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+        self._asked: dict[PeerID, list[float]] = {}
+        self.checks_answered = 0
+
+    async def attach(self, p2p: P2P) -> None:
+        self._main = p2p
+        await self.add_p2p_handlers(p2p)
+
+    async def detach(self) -> None:
+        if self._main is not None:
+            with contextlib.suppress(Exception):
+                await self.remove_p2p_handlers(self._main)
+        self._main = None
+
+    async def rpc_check(self, request: dht_pb2.PingRequest, context: P2PContext) -> dht_pb2.PingResponse:
+        try:
+            target = PeerID(request.peer.node_id)
+        except Exception:
+            return dht_pb2.PingResponse(available=False)  # not a PeerID: nobody to dial
+        if target == context.local_id:
+            return dht_pb2.PingResponse(available=True)
+        self._rate_limit(context.remote_id)
+        available = await self.can_dial(target)
+        self.checks_answered += 1
+        logger.info("reachability check for ...%s: %s", str(target)[-6:], "dialable" if available else "not dialable")
+        return dht_pb2.PingResponse(available=available)
+
+    def _rate_limit(self, asker: PeerID) -> None:
+        now = time.monotonic()
+        recent = [t for t in self._asked.get(asker, ()) if now - t < 60.0]
+        if len(recent) >= PROBES_PER_ASKER_PER_MINUTE:
+            raise RuntimeError("too many reachability checks; try again later")  # the asker sees "no answer"
+        if asker not in self._asked and len(self._asked) >= MAX_ASKERS_TRACKED:
+            self._asked.pop(next(iter(self._asked)))
+        self._asked[asker] = [*recent, now]
+
+    async def can_dial(self, target: PeerID) -> bool:
+        """Whether a fresh, relay-less connection to `target` succeeds at an address we know for it.
+
+        The probe daemon lives only for this check: checks are rare (a server's start), and a daemon
+        that outlives a killed server would be an orphan.
+        """
+        addrs = await self._direct_addrs_of(target)
+        if not addrs:
+            return False
+        deadline = time.monotonic() + CHECK_BUDGET
+        async with self._probes:
+            probe = await P2P.create(**PROBE_DAEMON_OPTIONS)
+            try:
+                # hivemind has no public "connect"; its daemon client does (the probe only ever dials)
+                await asyncio.wait_for(probe._client.connect(target, addrs), max(1.0, deadline - time.monotonic()))
+                return True
+            except Exception as error:
+                logger.debug("could not dial %s at %s: %s", target, addrs, error)
+                return False
+            finally:
+                with contextlib.suppress(Exception):
+                    await probe.shutdown()
+
+    async def _direct_addrs_of(self, target: PeerID) -> list[Multiaddr]:
+        if self._main is None:
+            return []
+        for info in await asyncio.wait_for(self._main.list_peers(), 5.0):
+            if info.peer_id == target:
+                return [addr for addr in info.addrs if not is_relay_address(addr)]
+        return []
+
+
+async def ask_peers(p2p: P2P, peers: Sequence[PeerID], max_peers: int = MAX_PEERS_ASKED) -> list[bool]:
+    """Ask each peer (concurrently, at most `max_peers`) whether it can dial `p2p`; the answers received."""
+    request = dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=p2p.peer_id.to_bytes()))
+
+    async def ask(peer: PeerID) -> bool | None:
+        try:
+            stub = ReachabilityProtocol.get_stub(p2p, peer)
+            response = await asyncio.wait_for(stub.rpc_check(request), OTHER_CHECK_TIMEOUT + 2)
+            return bool(response.available)
+        except Exception as error:
+            logger.debug("%s did not check our reachability: %s", peer, error)
+            return None
+
+    answers = await asyncio.gather(*(ask(peer) for peer in list(peers)[:max_peers]))
+    return [answer for answer in answers if answer is not None]
+
+
+@dataclass
+class DirectCheck:
+    dialable: bool | None  # None: nobody answered
+    answers: list[bool]
+
+    @property
+    def reachable_via_relay(self) -> bool:
+        return self.dialable is False
+
+
+async def check_direct_reachability(
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str] = (),
+    identity_path: str | None = None,
+    threshold: float = 0.5,
+) -> DirectCheck:
+    """Start a temporary relay-less peer on the same addresses and ask the swarm whether it can dial it."""
+    p2p = await P2P.create(
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) or None,
+        identity_path=identity_path,
+        check_if_identity_free=False,
+        **{**PROBE_DAEMON_OPTIONS, "no_listen": False, "startup_timeout": TEMPORARY_PEER_STARTUP_TIMEOUT},
+    )
+    service = ReachabilityProtocol()  # answers "yes, it is me" to stock checkers calling us back
+    node = None
+    try:
+        await service.attach(p2p)
+        node = await asyncio.wait_for(DHTNode.create(p2p=p2p, initial_peers=list(initial_peers), client_mode=True), 30)
+        peers = list(node.protocol.routing_table.peer_id_to_uid.keys())
+        answers = await ask_peers(p2p, peers)
+    finally:
+        if node is not None:
+            with contextlib.suppress(Exception):
+                await node.shutdown()
+        await service.detach()
+        with contextlib.suppress(Exception):
+            await p2p.shutdown()
+    dialable = (sum(answers) / len(answers) >= threshold) if answers else None
+    logger.info("direct reachability: %d of %d peers could dial us", sum(answers), len(answers))
+    return DirectCheck(dialable, answers)
+
+
+# --- where this computer stands ---------------------------------------------------------------------
+
+
+@dataclass
+class Reachability:
+    """What a person needs to know about their connectivity (the node shows this as is)."""
+
+    state: str  # "checking" | "direct" | "relay" | "unreachable" | "unknown" | "local"
+    summary: str
+    advice: str
+    relay_addrs: list[str]
+    checked_at: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe(state: str, port: int | None, relay_addrs: Sequence[str] = ()) -> Reachability:
+    forward = (
+        f"Forward TCP port {port} on your router to this computer"
+        if port
+        else "Choose a fixed port (Settings or --port), forward it on your router to this computer"
+    )
+    texts = {
+        "checking": ("Checking whether other peers can reach this computer...", ""),
+        "direct": ("Reachable directly: other peers connect to this computer.", "Nothing to do."),
+        "relay": (
+            "Reachable via a relay: this computer is behind a router (NAT) that other peers cannot dial, "
+            "so they reach it through a relay peer.",
+            f"Nothing needed: relays work but are slower. For full speed: {forward.lower()}, "
+            "then restart contributing.",
+        ),
+        "unreachable": (
+            "Not reachable: other peers cannot dial this computer and no relay has accepted it yet.",
+            f"{forward}, or wait: Corolla keeps trying relays. Check that a firewall allows Corolla.",
+        ),
+        "local": ("Serving this computer only (a private swarm on loopback): other computers cannot join.", ""),
+        "unknown": (
+            "Reachability unknown: no peer answered the check (older peers do not), so this computer "
+            "acts as directly reachable.",
+            f"If clients cannot use your blocks: {forward.lower()}.",
+        ),
+    }
+    summary, advice = texts[state]
+    return Reachability(state, summary, advice, list(relay_addrs), time.time())
+
+
+def _is_loopback(maddr: str) -> bool:
+    return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
+
+
+def port_of(maddrs: Sequence[str]) -> int | None:
+    """The first fixed TCP port among listen addresses (None for port 0)."""
+    for maddr in maddrs:
+        with contextlib.suppress(Exception):
+            port = int(Multiaddr(maddr).value_for_protocol("tcp"))
+            if port:
+                return port
+    return None
+
+
+# --- how a server joins, given its reachability ---------------------------------------------------------
+
+
+@dataclass
+class NetworkPlan:
+    """The DHT options a server starts with, decided before it starts (as Petals decides)."""
+
+    state: str  # "direct" | "relay" | "unreachable" | "unknown" | "local"
+    client_mode: bool  # a peer nobody can dial must not sit in others' routing tables
+    use_auto_relay: bool
+    force_reachability: str | None
+    trusted_relays: list[str]
+    announce_maddrs: list[str]
+    answers: list[bool]
+
+    @property
+    def using_relay(self) -> bool:
+        return self.state == "relay"
+
+
+async def plan_network(
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str] = (),
+    identity_path: str | None = None,
+    mode: str = "auto",
+    use_relay: bool = True,
+) -> NetworkPlan:
+    """Decide how to join: `mode` "auto" asks the swarm; "direct" and "relay" are the user's word.
+
+    Explicit announce addresses (--public-ip, --announce-maddrs) mean the user vouches for them: direct.
+    """
+    from corolla.swarm.relays import circuit_addresses
+
+    relays = [peer for peer in initial_peers if "/p2p/" in peer]
+    answers: list[bool] = []
+    if mode == "auto" and host_maddrs and all(_is_loopback(maddr) for maddr in host_maddrs):
+        # Listening on loopback only (tests, the private demo swarm): nobody off this computer can dial it,
+        # and everybody on it can; asking would only cost a temporary daemon.
+        return NetworkPlan("local", False, False, None, [], list(announce_maddrs), answers)
+    if mode == "direct" or (mode == "auto" and announce_maddrs):
+        dialable: bool | None = True
+    elif mode == "relay":
+        dialable = False
+    elif not initial_peers:
+        dialable = None  # the first peer of a new swarm has nobody to ask
+    else:
+        check = await check_direct_reachability(initial_peers, host_maddrs, announce_maddrs, identity_path)
+        dialable, answers = check.dialable, check.answers
+    if dialable is True:
+        return NetworkPlan("direct", False, False, "public", [], list(announce_maddrs), answers)
+    if dialable is None:
+        return NetworkPlan("unknown", False, use_relay, None, [], list(announce_maddrs), answers)
+    if not use_relay or not relays:
+        return NetworkPlan("unreachable", True, False, "private" if use_relay else None, [], [], answers)
+    return NetworkPlan("relay", True, True, "private", relays, circuit_addresses(relays), answers)
+
+
+async def relay_state(p2p: P2P, relays: Sequence[str]) -> tuple[str, list[str]]:
+    """("relay", circuit addresses through connected relays) or ("unreachable", []) for a relayed peer."""
+    from corolla.swarm.relays import circuit_addresses, relay_peer_ids
+
+    connected = {str(info.peer_id) for info in await asyncio.wait_for(p2p.list_peers(), 10.0)}
+    live = [relay for relay, peer in zip(relays, relay_peer_ids(relays), strict=True) if peer in connected]
+    if not live:
+        return "unreachable", []
+    return "relay", [f"{addr}/p2p/{p2p.peer_id}" for addr in circuit_addresses(live)]

@@ -1,0 +1,66 @@
+"""libp2p circuit relays the way Corolla uses them (hivemind's p2pd, go-libp2p 0.32).
+
+What we measured in the network lab (tests/support/netlab.py) and why each option is here:
+- A relay serves reservations only once libp2p believes it is publicly reachable, and a NAT'd peer
+  looks for a relay only once libp2p believes it is private. libp2p learns both from AutoNAT, whose
+  servers never dial back private addresses, so on a private internet (the lab, a company network,
+  a private swarm on a LAN) neither ever happens. Corolla asks its own reachability check instead
+  (reachability.py) and tells p2pd the answer: `force_reachability` "public" or "private".
+- With relay discovery on (p2pd's default; hivemind has no switch for it), autorelay waits until it
+  knows four relay candidates or three minutes have passed. A server that knows its relays (its
+  initial peers) uses them at once: `trusted_relays` switches discovery off (see `_static_relays`).
+- go-libp2p advertises circuit addresses only through relays with public addresses. A NAT'd server
+  therefore announces `<relay>/p2p-circuit` for each trusted relay itself (`circuit_addresses`), which
+  libp2p keeps alongside any relay addresses it adds on the real internet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hivemind.p2p import P2P
+
+_patched = False
+
+
+def _static_relays() -> None:
+    """Make p2pd use only the named relays (no discovery, no 3-minute wait) whenever relays are named.
+
+    hivemind builds p2pd's command line itself and has no relay-discovery switch, so this wraps that
+    builder once per process; peers started without trusted relays get exactly hivemind's flags.
+    """
+    global _patched
+    if _patched:
+        return
+    original = P2P._make_process_args
+
+    def make_process_args(*args: Any, **kwargs: Any) -> list[str]:
+        if kwargs.get("trustedRelays"):
+            kwargs.setdefault("relayDiscovery", False)
+        return original(*args, **kwargs)
+
+    P2P._make_process_args = staticmethod(make_process_args)
+    _patched = True
+
+
+def relay_options(force_reachability: str | None, trusted_relays: Sequence[str]) -> dict[str, Any]:
+    """Extra hivemind P2P options: the reachability we determined, and the relays to reserve on."""
+    if force_reachability not in (None, "public", "private"):
+        raise ValueError(f"force_reachability must be public, private or None, not {force_reachability!r}")
+    options: dict[str, Any] = {}
+    if force_reachability:
+        options["force_reachability"] = force_reachability
+    if trusted_relays:
+        _static_relays()
+        options["trusted_relays"] = list(trusted_relays)
+    return options
+
+
+def circuit_addresses(relays: Sequence[str]) -> list[str]:
+    """`<relay maddr with /p2p/ID>/p2p-circuit` for each relay (the addresses a NAT'd peer announces)."""
+    return [f"{relay.rstrip('/')}/p2p-circuit" for relay in relays if "/p2p/" in relay and "p2p-circuit" not in relay]
+
+
+def relay_peer_ids(relays: Sequence[str]) -> list[str]:
+    return [relay.rsplit("/p2p/", 1)[1].strip("/") for relay in relays if "/p2p/" in relay]

@@ -1,0 +1,114 @@
+"""A Corolla swarm client run inside a lab host: greedy generation through the swarm vs the local model.
+
+Usage: python lab_client.py MODEL_DIR DHT_PREFIX INITIAL_PEER... [--new-tokens 64]
+Prints one JSON line: {"exact": bool, "new_tokens": n, "generate_s": s, "tokens_per_s": x, "route": str}.
+Default client settings (relays on, as a user at home gets them): no network flags at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import corolla
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("dht_prefix")
+    parser.add_argument("initial_peers", nargs="+")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--connect-timeout", type=float, default=120.0)
+    parser.add_argument("--request-timeout", type=float, default=20.0)
+    parser.add_argument(
+        "--until-usable", action="store_true", help="poll until a short generation succeeds; print when (wall clock)"
+    )
+    args = parser.parse_args()
+    if args.until_usable:
+        return wait_until_usable(args)
+    torch.set_num_threads(1)
+    ids = torch.randint(6, 500, (1, 6), generator=torch.Generator().manual_seed(0))
+    local = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    want = local.generate(
+        ids,
+        max_new_tokens=args.new_tokens,
+        do_sample=False,
+        attention_mask=torch.ones_like(ids),
+        eos_token_id=None,
+        pad_token_id=3,
+    )
+    remote = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+        args.model_dir,
+        initial_peers=args.initial_peers,
+        dht_prefix=args.dht_prefix,
+        request_timeout=args.request_timeout,
+        max_retries=12,
+    )
+    try:
+        deadline = time.monotonic() + args.connect_timeout
+        route, error = "", None
+        while time.monotonic() < deadline:  # the servers' announcements may still be on their way
+            try:
+                route = remote.route()
+                break
+            except Exception as exc:
+                error = exc
+                time.sleep(2.0)
+        else:
+            print(json.dumps({"exact": False, "error": f"no route: {error!r}"}), flush=True)
+            return 1
+        print(json.dumps({"generating": route}), flush=True)  # a fault test waits for this line
+        started = time.perf_counter()
+        got = remote.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[])
+        elapsed = time.perf_counter() - started
+    finally:
+        remote.close()
+    exact = torch.equal(got, want)
+    report = {
+        "exact": exact,
+        "new_tokens": int(got.shape[1] - ids.shape[1]),
+        "generate_s": round(elapsed, 3),
+        "tokens_per_s": round(args.new_tokens / elapsed, 2),
+        "route": route,
+    }
+    print(json.dumps(report), flush=True)
+    return 0 if exact else 1
+
+
+def wait_until_usable(args: argparse.Namespace) -> int:
+    """For benchmarks: started before the server, reports the wall-clock time its blocks first worked."""
+    ids = torch.tensor([[7, 8, 9]])
+    remote = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+        args.model_dir,
+        initial_peers=args.initial_peers,
+        dht_prefix=args.dht_prefix,
+        request_timeout=10.0,
+        max_retries=1,
+    )
+    print(json.dumps({"ready_at": time.time()}), flush=True)
+    deadline = time.monotonic() + args.connect_timeout
+    error = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                remote.route()
+                remote.generate(ids, max_new_tokens=2, eos_token_id=[])
+                print(json.dumps({"usable_at": time.time()}), flush=True)
+                return 0
+            except Exception as exc:
+                error = exc
+                time.sleep(1.0)
+    finally:
+        remote.close()
+    print(json.dumps({"usable_at": None, "error": repr(error)[:500]}), flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
