@@ -22,6 +22,7 @@ from corolla.swarm.peers import start_dht
 from corolla.swarm.protocol import ServerInfo, ServerState
 from corolla.swarm.server.handler import TransformerConnectionHandler
 from tests.adversarial.conftest import BLOCKS, HIDDEN, PREFIX
+from tests.adversarial.hostile import deep_tuples
 
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 3, "min_backoff": 0.2}
 TRAP_PREFIX = "tiny-trap"
@@ -155,3 +156,24 @@ def test_a_server_that_never_closes_cannot_hold_the_client(model_dir, server):
     finally:
         model.close()
         trap.close()
+
+
+def test_a_poisoned_entry_does_not_hide_the_rest_of_a_record():
+    """hivemind's lookup decodes every entry of a found record and fails the whole key on the first
+    that does not decode; Corolla's DHT processes skip that entry and keep the others."""
+    from hivemind.dht.node import _SearchState
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.storage import DictionaryDHTValue
+
+    async def lookup():
+        record = DictionaryDHTValue()
+        record.store("honest", MSGPackSerializer.dumps(forged_record(0, 1, name="")), 1e12)
+        record.store("poison", deep_tuples(400), 1e12)
+        received = MSGPackSerializer.loads(MSGPackSerializer.dumps(record))  # as it arrives from a peer
+        search = _SearchState(DHTID.generate(source="key"), float("inf"))
+        search.binary_value, search.expiration_time = received, 1e12
+        search.finish_search()
+        return await search.future
+
+    found = asyncio.run(lookup())
+    assert set(found.value) == {"honest"}

@@ -110,8 +110,36 @@ def _bounded_serializer_loads(cls: type, buf: bytes) -> Any:
 
 def harden_msgpack() -> None:
     """Make hivemind decode with `loads` everywhere in this process and in processes it forks later,
-    i.e. the DHT process, which decodes every value and RPC other peers send it with this function."""
+    i.e. the DHT process, which decodes every value and RPC other peers send it with this function.
+    Also make a DHT lookup skip the entries of a dictionary value that do not decode, instead of
+    failing the whole key: one peer's poisoned subkey must not hide every server of a block."""
+    from hivemind.dht import node as dht_node
+
     MSGPackSerializer.loads = classmethod(_bounded_serializer_loads)
+    search = dht_node._SearchState
+    if not getattr(search.finish_search, "_corolla", False):
+        search.finish_search = _finish_search_skipping_undecodable(search.finish_search)
+
+
+def _finish_search_skipping_undecodable(finish: Any) -> Any:
+    from hivemind.dht.storage import DictionaryDHTValue
+
+    def finish_search(state: Any) -> None:
+        value = state.binary_value
+        if state.record_validator is None and isinstance(value, DictionaryDHTValue):
+            for subkey, entry in list(value.items()):
+                try:
+                    loads(entry.value, max_bytes=MAX_DHT_MSGPACK_BYTES)
+                except DecodeError:
+                    del value[subkey]
+        try:
+            finish(state)
+        except DecodeError:  # a plain value that does not decode: found nothing usable
+            if not state.future.done():
+                state.future.set_result(None)
+
+    finish_search._corolla = True
+    return finish_search
 
 
 harden_msgpack()  # at import: every Corolla process that speaks to peers imports this module first
