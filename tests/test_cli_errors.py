@@ -87,6 +87,7 @@ def test_a_missing_device_is_an_error_not_a_silent_cpu(tiny_models):
     assert_short_error(result, 2, "CUDA")
 
 
+@pytest.mark.slow
 def test_an_unreachable_peer_is_one_line_in_every_command(tiny_models):
     model = str(tiny_models.get("llama"))
     for args in (
