@@ -141,6 +141,25 @@ def measure_perplexity(folder: Path, workdir: Path) -> dict:
             "target_percent": TARGETS.get(name),
             "within_target": None if name not in TARGETS else change <= TARGETS[name],
         }
+    # The anchor: the same quantizations done by transformers + bitsandbytes on the whole local model.
+    # Where the swarm's figures equal these, a missed target is the quantization's, not Corolla's.
+    from transformers import BitsAndBytesConfig
+
+    anchors = {
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    }
+    for name, quantization in anchors.items():
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, quantization_config=quantization, device_map="cpu"
+        ).eval()
+        with torch.inference_mode():
+            perplexity = math.exp(_nll(model(ids).logits, ids))
+        del model
+        report[f"anchor_transformers_bitsandbytes_{name}"] = {
+            "perplexity": round(perplexity, 4),
+            "change_percent": round(100.0 * (perplexity / baseline - 1.0), 3),
+        }
     return report
 
 

@@ -226,3 +226,17 @@ def test_a_qwen2_gguf_imports_as_the_model_it_was_made_from(tmp_path, quantizati
     # Corolla's engine runs it split in two spans.
     run = _cli("model", "generate", str(result.folder), "--prompt", "hello", "--max-new-tokens", "4", "--spans", "2")
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_force_replaces_an_existing_folder_only_once_the_new_one_is_complete(tmp_path):
+    from tests.support.gguf_files import write_tiny_qwen2_gguf
+
+    gguf_path, _ = write_tiny_qwen2_gguf(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier import")
+    result = _cli("model", "import", str(gguf_path), str(out), "--force", "--dht-prefix", "my-qwen")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    assert json.loads((out / "config.json").read_text())["dht_prefix"] == "my-qwen"
+    assert _entries(tmp_path) == ["out", "src"]  # no temporary or old folder left

@@ -78,3 +78,17 @@ def test_the_chat_pane_api_answers_paris(node):
     assert "Paris" in text
     saved = node.get(f"/api/chats/{chat['id']}").json()["messages"]
     assert "Paris" in saved[-1]["content"] and saved[-1]["status"] == "complete"
+
+
+def test_a_model_that_cannot_be_prepared_is_reported(tmp_path):
+    home = tmp_path / "home"
+    (home / "cache").mkdir(parents=True)
+    (home / "cache" / "models").write_text("a file where the models folder goes")  # the conversion cannot write
+    process = NodeProcess(home, extra_env={"COROLLA_DEFAULT_MODEL": "smollm2"})
+    try:
+        status = process.wait_contribution("failed", timeout=120)
+        assert "could not be prepared" in status["contribution"]["reason"]
+        assert status["model_card"]["name"] == "SmolLM2-135M-Instruct" and status["model_card"]["folder_bytes"] is None
+        assert process.get("/api/ping").status_code == 200  # the node itself keeps running
+    finally:
+        process.stop()

@@ -127,6 +127,13 @@ class NodeService:
             args += ["--public-name", s.public_name]
         return args
 
+    def _server_args_preparing_the_model(self) -> list[str]:
+        """server_args(), saying in the status while the default model is converted (first start)."""
+        if self.is_demo and not self.default_model.is_ready():
+            self.supervisor.state = "starting"
+            self.supervisor.reason = f"preparing {self.default_model.name} (first start: converting it, about a minute)"
+        return self.server_args()
+
     def _server_env_token(self) -> None:
         token = self.secrets.get("hf_token")
         if token:
@@ -145,7 +152,13 @@ class NodeService:
             self.settings = self.settings.model_copy(update={"contribute": True})
             self._save_settings()
             self._server_env_token()
-            self.supervisor.start(self.server_args())
+            try:
+                args = self._server_args_preparing_the_model()
+            except Exception as exc:  # the default model could not be converted (disk full, damaged file)
+                logger.error("the model could not be prepared: %s", exc)
+                self.supervisor.state, self.supervisor.reason = "failed", f"the model could not be prepared: {exc}"
+                return m.ActionResult(ok=False, message=self.supervisor.reason)
+            self.supervisor.start(args)
             self._paused_by_policy = False
             return m.ActionResult(ok=True, message="starting the block server")
         if action == "stop":

@@ -410,13 +410,16 @@ def _replace(partial: Path, out: Path) -> None:
     """Rename the finished folder into place; an existing OUT (--force) goes only once the new one is in."""
     if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old) if out.is_dir() and not out.is_symlink() else out.rename(old)
+        os.replace(out, old)  # a rename: folder, file or link alike
         try:
             os.replace(partial, out)
         except BaseException:
             os.replace(old, out)
             raise
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         os.replace(partial, out)
 

@@ -1,0 +1,45 @@
+"""The window's chat pane against a node serving the real default model: it answers the capital of
+France (greedy) and names the model (pytest-qt, offscreen)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("PySide6")
+pytestmark = pytest.mark.slow
+
+from corolla.gui.node_client import NodeClient  # noqa: E402
+from corolla.gui.window import MainWindow  # noqa: E402
+from tests.support.node import NodeProcess  # noqa: E402
+from tests.test_node_smollm2 import _home_with_converted_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def node(smollm2, tmp_path_factory):
+    home = _home_with_converted_model(tmp_path_factory.mktemp("gui-smollm2-node"), smollm2)
+    process = NodeProcess(home, extra_env={"COROLLA_DEFAULT_MODEL": "smollm2"})
+    try:
+        process.wait_contribution("online", timeout=300)
+    except BaseException:
+        process.stop()
+        raise
+    yield process
+    process.stop()
+
+
+def test_the_chat_pane_answers_paris(qtbot, node):
+    window = MainWindow(NodeClient(node.url, node.token))
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=120_000)
+    assert "SmolLM2-135M-Instruct" in window.contribute.fields["model"].text()
+    window.tabs.setCurrentWidget(window.chat)
+    window.chat.temperature.setValue(0.0)  # greedy
+    window.chat.input.setPlainText("What is the capital of France?")
+    finished = []
+    window.chat.reply_finished.connect(finished.append)
+    window.chat.send()
+    qtbot.waitUntil(lambda: bool(finished) and window.chat.stream is None, timeout=180_000)
+    assert finished[0]["status"] == "complete"
+    assert "Paris" in window.chat.messages[-1]["content"]
+    assert "Paris" in window.chat.transcript.toPlainText()
