@@ -164,6 +164,15 @@ def test_the_tray_icon_appears_its_menu_works_and_follows_the_node(node, tmp_pat
             desktop.xdotool("key", *(["Down"] * entries_down), "Return")
 
         desktop.wait(lambda: desktop.tray_colour() == "contributing", 30, "the icon is not the contributing flower")
+        # Ctrl+W closes the window to the tray (the app keeps running); clicking the icon brings it back.
+        window = desktop.windows("--onlyvisible", "--name", "^Corolla$")[0]
+        desktop.xdotool("windowfocus", "--sync", window, check=False)
+        desktop.xdotool("key", "--window", window, "ctrl+w")
+        desktop.wait(lambda: not desktop.windows("--onlyvisible", "--name", "^Corolla$"), 20, "Ctrl+W did not hide")
+        assert app.poll() is None
+        desktop.xdotool("mousemove", "--sync", "12", "16", "click", "1")
+        desktop.wait(lambda: desktop.windows("--onlyvisible", "--name", "^Corolla$"), 20, "the icon did not open it")
+        desktop.xdotool("windowmove", desktop.windows("--onlyvisible", "--name", "^Corolla$")[0], "120", "60")
         # Pause from the tray menu: the node follows, and so does the icon.
         menu_pick(3)  # status line (disabled), Open Corolla, Chat, Pause contributing
         desktop.wait(lambda: _state(node) == "paused", 60, "Pause in the tray did nothing")

@@ -146,7 +146,7 @@ class SwarmGraph(QGraphicsView):
         self.pinned: str | None = None
         self._pending: list = []
         self._slicer = QTimer(self)
-        self._slicer.setInterval(0)
+        self._slicer.setInterval(1)
         self._slicer.timeout.connect(self._apply_slice)
         self._fitted = False
         self.font_ = QFont(self.font())

@@ -113,6 +113,7 @@ class MainWindow(QMainWindow):
         corolla_menu.addAction("Settings…", QKeySequence("Ctrl+,"), lambda: self.open_settings())
         corolla_menu.addAction("New chat", QKeySequence("Ctrl+N"), self.new_chat)
         corolla_menu.addSeparator()
+        corolla_menu.addAction("Close window", QKeySequence("Ctrl+W"), self.close)  # to the tray, if any
         corolla_menu.addAction("Quit", QKeySequence("Ctrl+Q"), self.quit_app)
         for index in range(4):
             shortcut = QShortcut(QKeySequence(f"Ctrl+{index + 1}"), self)

@@ -125,7 +125,10 @@ class SwarmPane(QWidget):
         self._table_rows: list = []
         self._first_fill = True
         self._table_timer = QTimer(self)
-        self._table_timer.setInterval(0)
+        self._table_timer.setInterval(1)  # 1 ms, not 0: other timers and painting get their turn
+        self._sort: tuple[int, Qt.SortOrder] | None = None
+        self.peers.horizontalHeader().setSectionsClickable(True)
+        self.peers.horizontalHeader().sectionClicked.connect(self._sort_by)
         self._table_timer.timeout.connect(self._fill_slice)
 
     def show_swarm(self, models: list[dict]) -> None:
@@ -162,7 +165,6 @@ class SwarmPane(QWidget):
         hold the UI thread): no selection signals per cell (each would re-pin the map), no re-sort per
         cell, cells reused (changing text is far cheaper than new items)."""
         self.peers.blockSignals(True)
-        self.peers.setSortingEnabled(False)
         self._first_fill = self.peers.rowCount() == 0
         self.peers.setRowCount(len(servers))
         self.peers.blockSignals(False)
@@ -203,9 +205,19 @@ class SwarmPane(QWidget):
         self.peers.blockSignals(False)
         if not self._table_rows:
             self._table_timer.stop()
-            self.peers.setSortingEnabled(True)
+            if self._sort is not None:  # only a sort the user asked for (sorting 200 rows is not free)
+                self.peers.sortItems(*self._sort)
             if self._first_fill:
                 self.peers.resizeColumnsToContents()
+
+    def _sort_by(self, column: int) -> None:
+        same = self._sort is not None and self._sort[0] == column
+        ascending = Qt.SortOrder.AscendingOrder
+        order = Qt.SortOrder.DescendingOrder if same and self._sort[1] == ascending else ascending
+        self._sort = (column, order)
+        self.peers.horizontalHeader().setSortIndicatorShown(True)
+        self.peers.horizontalHeader().setSortIndicator(column, order)
+        self.peers.sortItems(column, order)
 
     def _row_selected(self) -> None:
         items = self.peers.selectedItems()
