@@ -300,11 +300,31 @@ async def plan_network(
 
 
 async def relay_state(p2p: P2P, relays: Sequence[str]) -> tuple[str, list[str]]:
-    """("relay", circuit addresses through connected relays) or ("unreachable", []) for a relayed peer."""
+    """("relay", circuit addresses that work now) or ("unreachable", []) for a relayed peer.
+
+    A connection to a relay does not prove a reservation there (libp2p may have lost it, e.g. after the
+    router dropped everything), so each address is proven end to end: a throwaway relay-capable daemon
+    dials this peer through it.
+    """
     from corolla.swarm.relays import circuit_addresses, relay_peer_ids
 
     connected = {str(info.peer_id) for info in await asyncio.wait_for(p2p.list_peers(), 10.0)}
     live = [relay for relay, peer in zip(relays, relay_peer_ids(relays), strict=True) if peer in connected]
     if not live:
         return "unreachable", []
-    return "relay", [f"{addr}/p2p/{p2p.peer_id}" for addr in circuit_addresses(live)]
+    working = []
+    probe = await P2P.create(**{**PROBE_DAEMON_OPTIONS, "use_relay": True, "startup_timeout": 10})
+    try:
+        for circuit in circuit_addresses(live):
+            try:
+                await asyncio.wait_for(probe._client.connect(p2p.peer_id, [Multiaddr(circuit)]), 10.0)
+                working.append(f"{circuit}/p2p/{p2p.peer_id}")
+            except Exception as error:
+                logger.debug("no working reservation at %s: %s", circuit, error)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(probe._client.disconnect(p2p.peer_id), 5.0)
+    finally:
+        with contextlib.suppress(Exception):
+            await probe.shutdown()
+    return ("relay", working) if working else ("unreachable", [])
