@@ -69,10 +69,13 @@ def test_lab_routers_masquerade_and_drop_outside_in(lab, tmp_path):
             server.terminate()
 
 
-def wait_for(condition, timeout: float) -> None:
+def wait_for(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if condition():
+            return True
         time.sleep(2)
+    return False
 
 
 # --- a swarm across homes -----------------------------------------------------------------------------
@@ -207,6 +210,9 @@ def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_server
             blocks=f"{num_blocks // 2}:{num_blocks}", torch_dtype="float32",
         )  # fmt: skip
         node.request("PUT", "/api/settings", settings)  # restarts the block server in the lab swarm
+        if not wait_for(lambda: node.request("GET", "/api/status")["contribution"]["start_block"] == num_blocks // 2, 60):
+            node.request("POST", "/api/contribution/stop")  # the node kept the old server: restart it by hand
+            node.request("POST", "/api/contribution/start")
 
         def relayed_online() -> bool:
             nonlocal status
