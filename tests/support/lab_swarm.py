@@ -133,7 +133,7 @@ def run_corolla_client(
     script = Path(__file__).with_name("lab_client.py")
     argv = [sys.executable, str(script), str(model), prefix, *initial_peers, "--new-tokens", str(new_tokens)]
     result = lab.run(host, argv, timeout=400)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(('{"exact"', '{"error"'))]
     if not lines:
         raise ProcessFailed(f"the lab client printed no report:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     report = json.loads(lines[-1])

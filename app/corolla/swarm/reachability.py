@@ -300,7 +300,11 @@ async def plan_network(
 
 
 async def relay_state(p2p: P2P, relays: Sequence[str]) -> tuple[str, list[str]]:
-    """("relay", circuit addresses through connected relays) or ("unreachable", []) for a relayed peer."""
+    """("relay", circuit addresses through the relays it is connected to) or ("unreachable", []).
+
+    A live connection to a relay is the evidence, not a proven reservation: libp2p may hold a connection
+    without a reservation for a while (see the report of issue 15).
+    """
     from corolla.swarm.relays import circuit_addresses, relay_peer_ids
 
     connected = {str(info.peer_id) for info in await asyncio.wait_for(p2p.list_peers(), 10.0)}

@@ -170,7 +170,7 @@ class BlockServer:
         self.reachability_service = ReachabilityProtocol()  # answers other peers' checks (Petals §5.5)
         if not network.client_mode:
             await self.reachability_service.attach(main_p2p)
-        self._set_reachability(network.state)
+        self._set_reachability("checking" if network.trusted_relays else network.state)  # relays: proven below
         self._reachability_watch = asyncio.create_task(self._watch_reachability(main_p2p))
         self.peer_id = self.dht.peer_id.to_base58()
         self.stats.peer_id = self.peer_id
@@ -424,7 +424,8 @@ class BlockServer:
                 if state != self.stats.reachability.get("state") or addrs != self.stats.reachability.get("relay_addrs"):
                     logger.info("reachability: %s %s", state, " ".join(addrs))
                     self._set_reachability(state, addrs)
-            await asyncio.sleep(5.0)
+            # quickly while looking for a relay, then a light check now and then
+            await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 4.0)
 
     # --- stats -------------------------------------------------------------------------------------
     def _set_state(self, state: str, reason: str) -> None:
