@@ -89,3 +89,21 @@ def test_the_server_log_is_capped_and_only_its_end_is_read(tmp_path, monkeypatch
     with open(supervisor.log_path, "ab") as log:
         log.write(b"after the cut\n")
     assert supervisor.log_path.read_bytes() == b"after the cut\n"
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_forces_the_node_and_still_leaves_nothing(tmp_path):
+    node = NodeProcess(tmp_path / "home", name="twice-node")
+    tree = []
+    try:
+        node.wait_contribution("online")
+        tree = descendants(node.process.pid)
+        os.killpg(node.process.pid, signal.SIGINT)
+        os.killpg(node.process.pid, signal.SIGINT)
+        left = wait_gone(tree, 15)
+        assert not left, f"still running after two Ctrl-C: {describe(left)}\n{node.log_tail()}"
+        assert "Traceback" not in node.log_path.read_text(errors="replace")
+        assert not (node.home / "config" / "node.json").exists()  # the lock is released even when forced
+    finally:
+        kill_all(alive(tree))
+        node.stop()
