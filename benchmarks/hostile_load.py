@@ -86,7 +86,7 @@ def time_steps(client: WireClient, peer_id: str, steps: int) -> list[float]:
 # --- the hostile peer (run in its own process) ------------------------------------------------------
 
 
-def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: Path) -> None:
+def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: Path, malformed_only: bool) -> None:
     """Attack while `switch` exists, until `switch`.stop exists (at most `seconds`)."""
     with HostilePeer(maddr) as hostile:
         counts = {"sent": 0, "refused_or_cut": 0}
@@ -102,7 +102,8 @@ def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: P
                 yield "rpc_inference", frame(b"\x00" * 1024, claimed_length=3 * 2**30)
                 yield "rpc_forward_stream", frame(bytes(range(256)) * 64)
                 yield "rpc_forward", runtime_pb2.ExpertRequest(uid="x" * 100_000)
-                yield "rpc_forward", full_forward
+                if not malformed_only:
+                    yield "rpc_forward", full_forward
                 zero.metadata = MSGPackSerializer.dumps({"max_length": 0, "session_id": str(uuid.uuid4())})
                 yield "rpc_inference", frame(zero.SerializeToString())
 
@@ -147,11 +148,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=8, help="hostile requests in flight")
+    parser.add_argument("--malformed-only", action="store_true", help="no valid full-size forward passes")
     parser.add_argument("--rounds", type=int, default=4, help="alternations of quiet and attacked steps")
     parser.add_argument("--attack", nargs=4, metavar=("MADDR", "PEER_ID", "SECONDS", "SWITCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.attack:
-        attack(args.attack[0], args.attack[1], float(args.attack[2]), args.concurrency, Path(args.attack[3]))
+        maddr, peer_id, seconds, switch = args.attack
+        attack(maddr, peer_id, float(seconds), args.concurrency, Path(switch), args.malformed_only)
         return
 
     from corolla.swarm.models.tiny import make_tiny_model
@@ -182,6 +185,7 @@ def main() -> None:
                 time_steps(client, server.peer_id, 20)  # warm-up
                 seconds = 600.0
                 command = [sys.executable, __file__, "--concurrency", str(args.concurrency)]
+                command += ["--malformed-only"] if args.malformed_only else []
                 command += ["--attack", server.maddr, server.peer_id, str(seconds), str(switch)]
                 hostile = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
                 time.sleep(8)  # the hostile peer joins the swarm
@@ -210,7 +214,7 @@ def main() -> None:
         "ratio_median": round(hit["median_ms"] / base["median_ms"], 3),
         "ratio_p99": round(hit["p99_ms"] / base["p99_ms"], 3),
         "target_ratio": 1.5,
-        "attack": {**attack_counts, "concurrency": args.concurrency},
+        "attack": {**attack_counts, "concurrency": args.concurrency, "malformed_only": args.malformed_only},
         "server_alive_after": alive,
     }
     result["meets_target"] = result["ratio_median"] <= 1.5 and result["ratio_p99"] <= 1.5

@@ -31,7 +31,7 @@ def test_schema_and_docs_need_the_token(node):
 
 def _servers(node) -> list[psutil.Process]:
     found = []
-    for child in psutil.Process(node.process.pid).children(recursive=True):
+    for child in psutil.Process(node.process.pid).children():  # the server itself, not its DHT process
         try:
             if "serve" in child.cmdline() and "corolla.cli" in " ".join(child.cmdline()):
                 found.append(child)
@@ -40,36 +40,33 @@ def _servers(node) -> list[psutil.Process]:
     return found
 
 
-def _server_environ(node, timeout: float = 60.0) -> dict[str, str]:
-    """The environment of the block server the node runs now."""
+def _server_environ(node, before: set[int], timeout: float = 60.0) -> dict[str, str]:
+    """The environment of the block server the node started since `before` (the pids there were)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for server in _servers(node):
             try:
-                return server.environ()
+                if server.pid not in before:
+                    return server.environ()
             except psutil.Error:
                 continue
         time.sleep(0.3)
-    raise AssertionError(f"no block server under the node:\n{node.log_tail()}")
+    raise AssertionError(f"no new block server under the node:\n{node.log_tail()}")
 
 
-def _stop_contribution(node, timeout: float = 60.0) -> None:
+def _restart_contribution(node) -> set[int]:
+    """Stop the contribution and start it again; returns the pids of the servers there were before."""
     node.post("/api/contribution/stop")
     node.wait_contribution("stopped")
-    deadline = time.monotonic() + timeout
-    while _servers(node):
-        assert time.monotonic() < deadline, "the block server outlived its stop"
-        time.sleep(0.3)
+    before = {server.pid for server in _servers(node)}
+    node.post("/api/contribution/start")
+    return before
 
 
 def test_a_deleted_hf_token_is_not_inherited_by_later_processes(node):
     secret = "hf_" + "a" * 34
     assert node.client.put("/api/secrets/hf-token", json={"token": secret}).status_code == 200
-    _stop_contribution(node)
-    node.post("/api/contribution/start")
-    assert _server_environ(node).get("HF_TOKEN") == secret
-    _stop_contribution(node)
+    assert _server_environ(node, _restart_contribution(node)).get("HF_TOKEN") == secret
     assert node.client.put("/api/secrets/hf-token", json={"token": None}).status_code == 200
-    node.post("/api/contribution/start")
-    assert not _server_environ(node).get("HF_TOKEN")
-    _stop_contribution(node)
+    assert not _server_environ(node, _restart_contribution(node)).get("HF_TOKEN")
+    node.post("/api/contribution/stop")
