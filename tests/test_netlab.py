@@ -210,7 +210,8 @@ def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_server
             blocks=f"{num_blocks // 2}:{num_blocks}", torch_dtype="float32",
         )  # fmt: skip
         node.request("PUT", "/api/settings", settings)  # restarts the block server in the lab swarm
-        if not wait_for(lambda: node.request("GET", "/api/status")["contribution"]["start_block"] == num_blocks // 2, 60):
+        serving_new_span = lambda: node.request("GET", "/api/status")["contribution"]["start_block"] == num_blocks // 2  # noqa: E731
+        if not wait_for(serving_new_span, 60):
             node.request("POST", "/api/contribution/stop")  # the node kept the old server: restart it by hand
             node.request("POST", "/api/contribution/start")
 
