@@ -25,21 +25,29 @@ if any(shutil.which(tool) is None for tool in TOOLS):
 from tests.support.node import NodeProcess  # noqa: E402
 
 
-def _free_display() -> int:
-    for number in range(90, 200):
-        if not Path(f"/tmp/.X{number}-lock").exists() and not Path(f"/tmp/.X11-unix/X{number}").exists():
-            return number
-    raise RuntimeError("no free X display number")
-
-
 class Desktop:
     """Xvfb plus trayer; xdotool commands on that display."""
 
     def __init__(self, home: Path):
-        self.display = f":{_free_display()}"
-        self.env = {**os.environ, "DISPLAY": self.display}
         self.processes: list[subprocess.Popen] = []
-        self._start(["Xvfb", self.display, "-screen", "0", "1280x800x24", "-nolisten", "tcp"])
+        # Xvfb picks a free display itself and writes its number to the pipe once it accepts clients
+        # (choosing one here raced with other X servers on the machine).
+        read_end, write_end = os.pipe()
+        self.processes.append(
+            subprocess.Popen(
+                ["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
+                pass_fds=(write_end,),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        os.close(write_end)
+        with os.fdopen(read_end) as numbers:
+            number = numbers.readline().strip()
+        assert number.isdigit(), "Xvfb did not start"
+        self.display = f":{number}"
+        self.env = {**os.environ, "DISPLAY": self.display}
         self.wait(lambda: self.xdotool("getdisplaygeometry", check=False).returncode == 0, 20, "Xvfb did not start")
         self.log = home / "desktop.log"
         try:
