@@ -191,7 +191,7 @@ def test_stock_petals_reachability_check_gets_true_answers_from_corolla(lab, cha
 
 
 @pytest.mark.slow
-def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_servers(lab, chain, tmp_path):
+def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_servers(lab, chain, tmp_path, qtbot):
     """The node API of a computer at home: /api/status says "relay" with advice; /api/swarm marks relays.
     (Runs last: its server joins the chain as a second server for the NAT'd span.)"""
     node = LabNode(lab, lab.hosts["home1"], tmp_path / "node-home")
@@ -230,6 +230,16 @@ def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_server
         assert reach["state"] == "relay" and reach["using_relay"], status
         assert "relay" in reach["summary"] and "forward" in reach["advice"].lower()
         assert reach["relay_addrs"] and all("/p2p-circuit/" in addr for addr in reach["relay_addrs"])
+        # The window's Contribute pane shows this node's status as a person reads it: "via a relay".
+        from corolla.gui.node_client import NodeClient
+        from corolla.gui.panes.contribute import ContributePane
+
+        pane = ContributePane(NodeClient(node.url, "unused: the pane only renders the status given"))
+        qtbot.addWidget(pane)
+        pane.show_status(status)
+        assert pane.fields["network"].text().startswith("Via a relay (slower). Nothing needed"), pane.fields[
+            "network"
+        ].text()
         servers: dict = {}
 
         def swarm_shows_this_computer() -> bool:

@@ -61,6 +61,31 @@ def duration(seconds: float) -> str:
     return f"{hours // 24} days {hours % 24} h"
 
 
+def model_text(status: dict) -> str:
+    """The model, and for the embedded default its size and licence (named honestly, random weights too)."""
+    card = status.get("model_card")
+    if not card or card["random_weights"]:  # the demo model's name already says "random weights"
+        return card["name"] if card else status["model"]
+    size = f"{card['parameters'] / 1e6:.0f} M parameters, " if card.get("parameters") else ""
+    return f"{card['name']} ({size}licence {card['license']})"
+
+
+def network_text(reachability: dict | None) -> str:
+    """Where this computer stands: reachable directly, via a relay, or not, with what to do."""
+    if not reachability or reachability.get("state") == "not_checked":
+        return "Checked when this computer contributes"
+    headline = {
+        "checking": "Checking…",
+        "direct": "Reachable directly",
+        "relay": "Via a relay (slower)",
+        "unreachable": "Not reachable",
+        "unknown": "Unknown (acting as reachable)",
+        "local": "This computer only",
+    }.get(reachability["state"], reachability["state"])
+    advice = reachability.get("advice") or ""
+    return f"{headline}. {advice}".strip() if advice and advice != "Nothing to do." else headline
+
+
 class ContributePane(QWidget):
     settings_changed = Signal()
 
@@ -137,6 +162,7 @@ class ContributePane(QWidget):
                 ("sessions", "Sessions"),
                 ("uptime", "Online"),
                 ("lifetime", "All time"),
+                ("network", "Network"),
             )
         ):
             caption = QLabel(label)
@@ -303,7 +329,8 @@ class ContributePane(QWidget):
         blocks = f"{c['start_block']}:{c['end_block']}" if c.get("start_block") is not None else "–"
         used = c["cache_bytes_total"] - c["cache_bytes_left"]
         life = status.get("lifetime") or {}
-        self.fields["model"].setText(status["model"])
+        self.fields["model"].setText(model_text(status))
+        self.fields["network"].setText(network_text(status.get("reachability")))
         self.fields["blocks"].setText(blocks)
         self.fields["throughput"].setText(f"{c['throughput']:.1f} tokens/s" if c.get("throughput") else "–")
         self.fields["cache"].setText(f"{human_bytes(used)} of {human_bytes(c['cache_bytes_total'])}")
