@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -106,4 +107,27 @@ def test_a_second_ctrl_c_forces_the_node_and_still_leaves_nothing(tmp_path):
         assert not (node.home / "config" / "node.json").exists()  # the lock is released even when forced
     finally:
         kill_all(alive(tree))
+        node.stop()
+
+
+@pytest.mark.slow
+def test_the_nodes_dht_processes_hold_none_of_its_api_connections(tmp_path):
+    """The node forks DHT processes (block server's and chat client's) while its API has connections open;
+    a forked copy of a kept-alive connection would outlive the node's close and hang the client reusing it."""
+    import psutil
+
+    node = NodeProcess(tmp_path / "home", name="fork-node")
+    try:
+        node.wait_contribution("online")
+        _chat_once(node)  # the chat client's DHT process is forked now, with this test's connection open
+        api_port = int(node.url.rsplit(":", 1)[1].split("/")[0])
+        holders = []
+        for pid in [p.pid for p in descendants(node.process.pid)[1:]]:  # the node itself holds them, rightly
+            with contextlib.suppress(psutil.Error):
+                for conn in psutil.Process(pid).net_connections(kind="tcp"):
+                    if api_port in (conn.laddr.port if conn.laddr else None, conn.raddr.port if conn.raddr else None):
+                        holders.append((pid, conn))
+        assert not holders, f"child processes hold the node's API sockets: {holders}"
+        assert node.status()["contribution"]["state"] == "online"  # the same connection still answers
+    finally:
         node.stop()

@@ -16,6 +16,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +44,23 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
+def _close_inherited_tcp_sockets() -> None:
+    """In the DHT child: close the TCP sockets the fork copied from the parent (a node's API listener and
+    its clients' kept-alive connections). A copy keeps a connection open after the parent closed it, so
+    a client that reuses it waits for an answer that never comes. The child needs none of them: it
+    speaks to its parent over a pipe and to p2pd over a Unix socket."""
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        fd = int(name)
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            probe = socket.socket(fileno=fd)  # learns the family and type; detached below, never closed
+            family, kind = probe.family, probe.type
+            probe.detach()
+            if family in (socket.AF_INET, socket.AF_INET6) and kind == socket.SOCK_STREAM:
+                os.close(fd)
+
+
 class CorollaDHT(DHT):
     """hivemind's DHT, with a child that has its own process group and dies with its parent."""
 
@@ -50,6 +69,7 @@ class CorollaDHT(DHT):
         super().start()
 
     def run(self) -> None:  # runs in the forked child
+        _close_inherited_tcp_sockets()
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
