@@ -131,3 +131,42 @@ def test_the_nodes_dht_processes_hold_none_of_its_api_connections(tmp_path):
         assert node.status()["contribution"]["state"] == "online"  # the same connection still answers
     finally:
         node.stop()
+
+
+def test_a_closed_supervisor_starts_no_server(tmp_path):
+    """The node's shutdown closes its supervisor; a start that races with it (a default model finished
+    preparing just then) must not leave a block server running with nobody to stop it."""
+    supervisor = ServerSupervisor(tmp_path / "server")
+    supervisor.close()
+    supervisor.start(["/nonexistent-model", "--new-swarm"])
+    supervisor.resume()
+    assert supervisor.process is None and not supervisor.wanted
+    assert supervisor.poll().pid is None
+
+
+@pytest.mark.slow
+def test_a_server_whose_starter_died_before_its_watch_began_stops_by_itself(tiny_models, tmp_path, monkeypatch):
+    """`--exit-with-parent` watches the pid its starter named: one already gone when the server comes up
+    (it died while the server was still importing) is noticed at once."""
+    from tests.support.swarm import CorollaServer
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    monkeypatch.setenv("COROLLA_PARENT_PID", str(gone.pid))
+    server = CorollaServer(
+        tmp_path,
+        tiny_models.get("llama"),
+        "--new-swarm",
+        "--dht-prefix",
+        "tiny-orphan",
+        "--blocks",
+        "0:2",
+        "--exit-with-parent",
+        name="orphan",
+    )
+    try:
+        code = server.process.wait(120)
+        assert code == 0, server.log_tail()
+        assert "the process that started this server is gone" in server.log_tail()
+    finally:
+        server.stop()

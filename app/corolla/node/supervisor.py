@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 from corolla.executable import corolla_command
+from corolla.swarm.server.config import PARENT_PID_ENV
 from corolla.swarm.server.stats import read_stats
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ServerSupervisor:
         self.started_at = 0.0
         self.pid_path = workdir / "server.pid"
         self._tree: list[psutil.Process] = []  # the server and what it started (DHT child, p2pd, ...)
+        self.closed = False  # the node is shutting down: nothing may start a server any more
         self._reap_orphan()
 
     def _reap_orphan(self) -> None:
@@ -138,6 +140,9 @@ class ServerSupervisor:
 
     # --- process -----------------------------------------------------------------------------------
     def _spawn(self) -> None:
+        if self.closed:  # a start that raced with the node's shutdown (e.g. a model prepared just now)
+            self.wanted = False
+            return
         self.stats_path.unlink(missing_ok=True)
         self._rotate_log()
         command = corolla_command("serve", *self.args, "--stats-file", str(self.stats_path), "--exit-with-parent")
@@ -148,7 +153,8 @@ class ServerSupervisor:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # The server watches this pid: a node that dies before the server's watch begins is still noticed.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
         )
         log.close()
         self._tree = []
@@ -234,6 +240,7 @@ class ServerSupervisor:
             self._kill_leftovers(process.pid)
 
     def close(self) -> None:
+        self.closed = True
         self.stop("the node is shutting down")
 
 

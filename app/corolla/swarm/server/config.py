@@ -7,6 +7,9 @@ from pathlib import Path
 
 from corolla.swarm import protocol
 
+# Set by whoever starts `corolla serve --exit-with-parent` to its own pid (see BlockServer's orphan watch).
+PARENT_PID_ENV = "COROLLA_PARENT_PID"
+
 
 @dataclass
 class ServerConfig:

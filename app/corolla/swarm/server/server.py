@@ -40,7 +40,7 @@ from corolla.swarm.protocol import ServerInfo, ServerState
 from corolla.swarm.reachability import NetworkPlan, ReachabilityProtocol, describe, plan_network, port_of, relay_state
 from corolla.swarm.server.adapters import check_adapter_folders, load_adapters
 from corolla.swarm.server.block_selection import choose_best_blocks, should_choose_other_blocks
-from corolla.swarm.server.config import ServerConfig
+from corolla.swarm.server.config import PARENT_PID_ENV, ServerConfig
 from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.stats import ServerStats
@@ -51,6 +51,15 @@ LEAVE_GRACE_S = 8.0  # from a stop request to leaving the serving loop (OFFLINE 
 ANNOUNCE_OFFLINE_TIMEOUT_S = 4.0
 DETACH_TIMEOUT_S = 2.0
 SHUTDOWN_DEADLINE_S = 12.0  # then the process exits whatever it was doing (the tests allow 15 s)
+
+
+def expected_parent_pid() -> int:
+    """The pid this server must outlive no longer than: the one its starter named in the environment
+    (a node that died while this process was still importing is then noticed), else the current parent."""
+    try:
+        return int(os.environ[PARENT_PID_ENV])
+    except (KeyError, ValueError):
+        return os.getppid()
 
 
 class BlockServer:
@@ -108,7 +117,7 @@ class BlockServer:
             loop.add_signal_handler(sig, self._on_signal, sig)
         writer = asyncio.create_task(self._write_stats_forever())
         if self.config.exit_with_parent:
-            self._orphan_watch = asyncio.create_task(self._stop_when_orphaned(os.getppid()))
+            self._orphan_watch = asyncio.create_task(self._stop_when_orphaned(expected_parent_pid()))
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         body = asyncio.create_task(self._serve_until_stopped(executor))
         stop = asyncio.create_task(self._stop.wait())
@@ -404,6 +413,7 @@ class BlockServer:
                 logger.warning("rebalancing check failed", exc_info=True)
 
     async def _stop_when_orphaned(self, parent: int) -> None:
+        """Stop once the starting process is gone (also when it was gone before this watch began)."""
         while os.getppid() == parent:
             await asyncio.sleep(1.0)
         logger.warning("the process that started this server is gone; stopping")
