@@ -124,6 +124,7 @@ def test_frozen_command_lines(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian/Ubuntu)")
+@pytest.mark.timeout(1800)  # the build, then two self-tests that each convert SmolLM2 from scratch
 def test_linux_packages_build_and_self_test_from_tarball_and_deb():
     result = subprocess.run(
         ["bash", str(PACKAGING / "build-linux.sh")], capture_output=True, text=True, timeout=2400, check=False
