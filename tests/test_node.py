@@ -200,6 +200,26 @@ def test_demo_command_runs_end_to_end_on_the_embedded_default(tmp_path):
     assert not (tmp_path / "demo-home" / "config" / "node.json").exists()  # the demo's node stopped again
 
 
+def test_demo_fails_fast_with_the_reason_when_the_model_cannot_be_prepared(tmp_path):
+    # A file where the model cache folder belongs: converting SmolLM2 fails at once. The demo (and so
+    # every package's --self-test) must say why and stop, not wait out its 15-minute timeout.
+    home = tmp_path / "broken-home"
+    (home / "cache").mkdir(parents=True)
+    (home / "cache" / "models").write_text("not a folder")
+    env = {**os.environ, "COROLLA_HOME": str(home), "COROLLA_DEFAULT_MODEL": "smollm2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "corolla.cli", "demo", "--max-new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "the node failed: the model could not be prepared" in result.stderr, result.stderr[-2000:]
+    assert not (home / "config" / "node.json").exists()  # the demo's node stopped again
+
+
 def _environ_home(process) -> str:
     try:
         return process.environ().get("COROLLA_HOME", "")

@@ -734,6 +734,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 status = _node_call("GET", "/api/status")
                 if status["contribution"]["state"] == "online":
                     break
+                if status["contribution"]["state"] == "failed":  # e.g. the model could not be prepared
+                    print(f"corolla: the node failed: {status['contribution']['reason']}", file=sys.stderr)
+                    return 1
             except _NoNode:
                 pass
             time.sleep(1)
