@@ -3,8 +3,8 @@
 #   build/dist/corolla/                        the one-folder PyInstaller bundle
 #   build/packages/corolla-V-linux-ARCH.tar.gz  the bundle as an archive (run ./corolla/corolla)
 #   build/packages/corolla_V_ARCH.deb           /opt/corolla, `corolla` on PATH, menu entry, icon
-# and runs `corolla --self-test` from the extracted archive and from the .deb unpacked into a
-# scratch root. Nothing here is committed (build/ is ignored).
+# and runs `corolla --self-test` from the extracted archive, then checks that the .deb unpacked into a
+# scratch root holds the same bundle and starts. Nothing here is committed (build/ is ignored).
 #
 # No AppImage: Debian ships neither appimagetool nor the AppImage type-2 runtime, and nothing outside
 # the package registries can be downloaded here; the .tar.gz is the distribution-neutral package.
@@ -78,7 +78,14 @@ if [[ "$SELF_TEST" == 1 ]]; then
   echo "self-test: extracted .tar.gz"
   "$SCRATCH/tar/corolla/corolla" --self-test
   rm -rf "$SCRATCH/tar"  # 1 GB: free it before unpacking the .deb
+  # The .deb carries the same bundle byte for byte (checked here), so one full self-test is enough:
+  # converting SmolLM2 a second time would prove nothing new. The unpacked copy must still start.
   dpkg -x "$DEB" "$SCRATCH/deb-root"
   echo "self-test: .deb unpacked into a scratch root"
-  "$SCRATCH/deb-root/opt/corolla/corolla" --self-test
+  diff -r --no-dereference "$BUNDLE" "$SCRATCH/deb-root/opt/corolla" >/dev/null \
+    || { echo "build-linux: the .deb's /opt/corolla differs from the bundle" >&2; exit 1; }
+  [[ "$(readlink "$SCRATCH/deb-root/usr/bin/corolla")" == /opt/corolla/corolla ]] \
+    || { echo "build-linux: the .deb's /usr/bin/corolla does not point at /opt/corolla/corolla" >&2; exit 1; }
+  "$SCRATCH/deb-root/opt/corolla/corolla" --version
+  echo "self-test: .deb payload equals the self-tested bundle and starts"
 fi

@@ -700,6 +700,7 @@ def self_test() -> int:
         else:
             os.environ["COROLLA_DEFAULT_MODEL"] = previous_model
         shutil.rmtree(home, ignore_errors=True)
+    sys.stdout.flush()  # the answer's last line first, then the verdict
     print(f"corolla self-test: {'passed' if code == 0 else 'FAILED'}", file=sys.stderr)
     return code
 
