@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -282,7 +283,8 @@ def _convert_into(partial: Path, summary: GgufSummary, dtype_name: str, prefix: 
         raise UnsupportedGgufError(f"the tokenizer of {name} cannot be converted: {exc}") from exc
     say(f"de-quantizing {summary.num_parameters / 1e6:.0f} M parameters to {dtype_name}")
     try:
-        model = _dequantized_model(summary.path, getattr(torch, dtype_name))
+        with _each_gguf_parsed_once():
+            model = _dequantized_model(summary.path, getattr(torch, dtype_name))
     except NotImplementedError as exc:
         raise UnsupportedGgufError(f"{name} cannot be converted: {exc}") from exc
     except (ValueError, KeyError, IndexError, RuntimeError) as exc:
@@ -312,6 +314,32 @@ def _convert_into(partial: Path, summary: GgufSummary, dtype_name: str, prefix: 
     }
     (partial / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     _fsync_folder(partial)
+
+
+@contextlib.contextmanager
+def _each_gguf_parsed_once():
+    """transformers parses the file with gguf's GGUFReader once for the config and again for the
+    weights (seconds each: it builds an object per vocabulary entry), and rebuilds gguf's tensor-name
+    map for every module of the model (hundreds of times, ~50 ms each). Both are pure functions of
+    their arguments and transformers looks them up on the `gguf` module at call time, so for the
+    duration of one conversion each is computed once. Nothing else runs gguf meanwhile."""
+    import gguf
+
+    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
 
 
 def _dequantized_model(path: Path, dtype):
