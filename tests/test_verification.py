@@ -4,7 +4,6 @@ flagged, and a span nobody else serves stays unverified."""
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import pytest

@@ -19,8 +19,8 @@ import concurrent.futures
 import contextlib
 import functools
 import json
-import os
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any

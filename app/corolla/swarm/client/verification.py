@@ -85,9 +85,7 @@ def pair_tolerance(view: SwarmView, peers_a: list[str], peers_b: list[str], loca
             info = span.server_info if span is not None else ledger_of(view).infos.get(peer)
             worst = max(
                 worst,
-                precision_tolerance(info.torch_dtype, info.quant_type)
-                if info
-                else UNKNOWN_PRECISION_TOLERANCE,
+                precision_tolerance(info.torch_dtype, info.quant_type) if info else UNKNOWN_PRECISION_TOLERANCE,
             )
         return worst
 
@@ -277,7 +275,10 @@ class SessionVerifier:
         self.steps_observed[peer] += 1
         if peer in self.view.spans:
             self.ledger.infos[peer] = self.view.spans[peer].server_info
-        if not self.ledger.should_check(peer, self.view.config.spot_check_rate) or len(self.tasks) >= MAX_CHECKS_IN_FLIGHT:
+        if (
+            not self.ledger.should_check(peer, self.view.config.spot_check_rate)
+            or len(self.tasks) >= MAX_CHECKS_IN_FLIGHT
+        ):
             return
         # Snapshots: the session goes on (and may roll back or reorder) while the check runs.
         prompts = self.session.prompts
@@ -497,8 +498,13 @@ async def check_server(model, peer: str) -> Verdict | None:
         if error <= tolerance:
             ledger.checks[peer] += 1
             return Verdict(
-                peer, "verified", f"its outputs for blocks {start}:{end} match this computer's own run "
-                f"(error {error:.3g}, tolerance {tolerance:.3g})", error, tolerance, ["this computer"]
+                peer,
+                "verified",
+                f"its outputs for blocks {start}:{end} match this computer's own run "
+                f"(error {error:.3g}, tolerance {tolerance:.3g})",
+                error,
+                tolerance,
+                ["this computer"],
             )
         evidence = {
             "peer_id": peer,
