@@ -4,6 +4,9 @@ flagged, and a span nobody else serves stays unverified."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import sys
 
 import pytest
@@ -127,3 +130,101 @@ def test_a_liar_is_flagged_and_the_output_is_the_honest_one(model_dir, swarm, ho
         assert not set(ledger.flagged) - {liar}, "an honest server was flagged"
     finally:
         model.close()
+
+
+def test_a_span_nobody_else_serves_is_never_flagged_and_stays_unverified(model_dir, swarm):
+    only = swarm["f32a"].peer_id
+    model = _client(model_dir, swarm, ["f32a"], rate=1.0)
+    try:
+        ledger = ledger_of(model.view)
+        tokens = model.generate(_prompt(0), max_new_tokens=8, do_sample=False)
+        assert tokens.shape == (1, 13)
+        assert ledger.steps[only] >= 8  # every step was a candidate for a check ...
+        assert not ledger.flagged and not ledger.checks  # ... but there was nobody to compare with
+        assert ledger.state(only) == "unverified"
+    finally:
+        model.close()
+
+
+@pytest.mark.slow
+def test_honest_servers_of_every_precision_are_never_flagged_in_200_sessions(model_dir, swarm):
+    names = [*HONEST, *QUANTIZED]
+    model = _client(model_dir, swarm, names, rate=1.0)  # every step checked: the strictest setting
+    try:
+        ledger = ledger_of(model.view)
+        for session in range(200):
+            if session % 10 == 0:  # each precision takes its turn as the first choice (and as checker)
+                _prefer(model, swarm[names[(session // 10) % len(names)]].peer_id)
+            model.generate(_prompt(session, length=4), max_new_tokens=3, do_sample=False)
+        assert not ledger.flagged, f"honest servers were flagged: {ledger.flagged}"
+        assert ledger.disputes == 0
+        for name in names:
+            assert ledger.checks[swarm[name].peer_id] > 0, f"{name} was never compared with another server"
+        assert sum(ledger.checks.values()) >= 2 * 200
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def node(model_dir, swarm, tmp_path_factory):
+    from tests.support.node import NodeProcess
+
+    node = NodeProcess(tmp_path_factory.mktemp("verify-node"))
+    try:
+        settings = node.get("/api/settings").json()
+        settings.update(
+            swarm="custom",
+            custom_peers=[swarm["f32a"].maddr],
+            model=str(model_dir),
+            dht_prefix=PREFIX,
+            contribute=False,
+        )
+        assert node.client.put("/api/settings", json=settings).status_code == 200
+        yield node
+    finally:
+        node.stop()
+
+
+def test_the_node_checks_a_server_on_purpose_and_remembers_a_liar(node, swarm):
+    liar, honest = swarm["noise"].peer_id, swarm["f32b"].peer_id
+    result = node.post("/api/swarm/check", json={"peer_id": liar}).json()
+    assert result["state"] == "flagged" and result["compared_with"] == ["this computer"]
+    assert result["max_error"] > 0.05 and "differ" in result["detail"]
+    result = node.post("/api/swarm/check", json={"peer_id": honest}).json()
+    assert result["state"] == "verified" and result["max_error"] < 0.01, result
+    missing = node.post("/api/swarm/check", json={"peer_id": "12D3KooWNobodyServesThis"})
+    assert missing.status_code == 404 and missing.json()["kind"] == "not_found"
+    assert node.client.post("/api/swarm/check", json={}).status_code == 422
+    unauthorized = node.client.post("/api/swarm/check", json={"peer_id": liar}, headers={"Authorization": "x"})
+    assert unauthorized.status_code == 401
+
+    servers = {s["peer_id"]: s for m in node.get("/api/swarm").json() for s in m["servers"]}
+    flagged = servers[liar]["verification"]
+    assert flagged["state"] == "flagged" and flagged["evidence"]["disagreed_with"] == ["this computer"]
+    assert flagged["evidence"]["blocks"] == [0, 6]
+    assert servers[honest]["verification"] == {"state": "verified", "checks": 1, "evidence": None}
+    assert servers[swarm["f32a"].peer_id]["verification"]["state"] == "unverified"  # never checked yet
+
+    # The flag is in the node's database, and `corolla swarm check` asks the running node.
+    databases = list(node.home.rglob("*.db")) + list(node.home.rglob("*.sqlite*"))
+    rows = [r for db in databases for r in _flagged_rows(db)]
+    assert [r[0] for r in rows] == [liar]
+    env = {**os.environ, "COROLLA_HOME": str(node.home)}
+    cli = subprocess.run(
+        [sys.executable, "-m", "corolla.cli", "swarm", "check", liar],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 3 and cli.stdout.startswith("flagged:"), cli.stdout + cli.stderr
+
+
+def _flagged_rows(path):
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return db.execute("SELECT peer_id, evidence FROM flagged_servers").fetchall()
+    except sqlite3.DatabaseError:
+        return []

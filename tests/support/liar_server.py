@@ -4,8 +4,9 @@
 
 KIND: `noise:SIZE` (adds Gaussian noise of SIZE times each output's RMS), `zeros`, `previous` (the
 session's previous step output where the shapes allow), optionally prefixed `after:N:` to be honest
-for the server's first N inference steps. It runs the real `corolla serve` with the handler class
-swapped for a subclass that corrupts rpc_inference outputs (CorollaServer's `launcher` hook).
+for the first N steps of every session (a liar that hopes checks look at a session's start).
+It runs the real `corolla serve` with the handler class swapped for a subclass that corrupts
+rpc_inference outputs (CorollaServer's `launcher` hook).
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ def lying_handler(kind: str) -> type:
         honest_steps = int(count)
 
     class LyingHandler(TransformerConnectionHandler):  # the class name stays on the wire (its base's)
-        steps = 0
-
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.previous: dict[int, torch.Tensor] = {}
+            self.previous: dict[int, tuple[int, torch.Tensor]] = {}  # per session cache: steps, last output
 
         async def _inference_step(self, span, cache, *args, **kwargs) -> torch.Tensor:
             out = await super()._inference_step(span, cache, *args, **kwargs)
-            LyingHandler.steps += 1
-            previous, self.previous[id(cache)] = self.previous.get(id(cache)), out
-            if LyingHandler.steps <= honest_steps or out.numel() == 0:
+            steps, previous = self.previous.get(id(cache), (0, None))
+            self.previous[id(cache)] = (steps + 1, out)
+            if len(self.previous) > 1000:  # closed sessions' entries: keep the newest
+                self.previous = dict(list(self.previous.items())[-500:])
+            if steps < honest_steps or out.numel() == 0:
                 return out
             if kind == "zeros":
                 return torch.zeros_like(out)

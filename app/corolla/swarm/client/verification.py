@@ -150,16 +150,16 @@ class Ledger:
 
     def flag(self, view: SwarmView, evidence: dict) -> None:
         peer = evidence["peer_id"]
-        first = peer not in self.flagged
-        self.flagged[peer] = evidence
         block(view, peer)
-        if first:
-            logger.warning("flagged server %s: %s", peer, evidence["detail"])
-            for callback in self.on_flag:
-                try:
-                    callback(evidence)
-                except Exception:
-                    logger.exception("recording a flagged server failed")
+        if peer in self.flagged:  # checks still in flight confirm it: the first evidence stays
+            return
+        self.flagged[peer] = evidence
+        logger.warning("flagged server %s: %s", peer, evidence["detail"])
+        for callback in self.on_flag:
+            try:
+                callback(evidence)
+            except Exception:
+                logger.exception("recording a flagged server failed")
 
 
 def block(view: SwarmView, peer: str) -> None:
@@ -311,10 +311,11 @@ class SessionVerifier:
         except Exception as exc:  # a checker failing is not evidence against anyone
             logger.debug("spot check of %s failed: %s", job.segment, exc)
             return
-        if verdict is not None and verdict.state == "flagged" and self.caught is None:
-            on_route = {s.segment.peer_id for s in self.session.streams}
-            if verdict.peer_id in on_route or verdict.peer_id == job.segment.peer_id:
-                self.caught = self.ledger.flagged.get(verdict.peer_id)
+        if verdict is None or verdict.state != "flagged" or self.caught is not None:
+            return
+        # Only a liar still on the route changes this session (after a re-route it no longer is).
+        if verdict.peer_id in {s.segment.peer_id for s in self.session.streams}:
+            self.caught = self.ledger.flagged.get(verdict.peer_id)
 
     def raise_if_caught(self) -> None:
         if self.caught is not None:
@@ -415,7 +416,9 @@ async def restart_route(session, position: int) -> None:
     """Re-route a whole session (flagged servers are blocked) and rebuild every cache up to `position`
     from the client's own first-span inputs: exact failover for a chain some of whose outputs were wrong."""
     await session.rollback(position)
+    session.verifier.cancel()  # checks of the old route: its liar is blocked already
     session.verifier.kept.clear()
+    session.verifier.caught = None
     first = session.streams[0].history if session.streams else None
     for stream in session.streams:
         await stream.close()
