@@ -227,13 +227,14 @@ class NodeService:
         models = model._loop.run(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
         own = (self.supervisor.poll().stats or {}).get("peer_id")
         route = self._current_route(model)
+        flagged = self.db.flagged_servers()
         result = []
         for health in models:
             data = health.to_dict()
             data["route"] = route if health.dht_prefix == model.dht_prefix else []
             for server in data["servers"]:
                 server["this_computer"] = server["peer_id"] == own
-                server["verification"] = self._verification(model, server, data["servers"])
+                server["verification"] = self._verification(model, server, data["servers"], flagged)
             result.append(data)
         return result
 
@@ -248,13 +249,13 @@ class NodeService:
             block(model.view, peer)
         ledger.on_flag.append(self.db.flag_server)
 
-    def _verification(self, model, server: dict, servers: list[dict]) -> dict:
+    def _verification(self, model, server: dict, servers: list[dict], flagged: dict[str, dict]) -> dict:
         """verified | unverified | flagged, with the number of checks passed and the evidence of a flag."""
         from corolla.swarm.client.verification import ledger_of
 
         ledger = ledger_of(model.view)
         peer = server["peer_id"]
-        evidence = ledger.flagged.get(peer) or self.db.flagged_servers().get(peer)
+        evidence = ledger.flagged.get(peer) or flagged.get(peer)
         start, end = server["start_block"], server["end_block"]
         second = any(
             other["peer_id"] != peer and other["start_block"] <= start and other["end_block"] >= end

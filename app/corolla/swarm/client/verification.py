@@ -448,7 +448,6 @@ async def restart_route(session, position: int) -> None:
 # --- checking a server on purpose ----------------------------------------------------------------
 
 LOCAL_CHECK_MAX_BYTES = 2 * 1024**3  # this computer runs the blocks itself when they weigh at most this
-CHECK_PROMPT = "The quick brown fox jumps over the lazy dog. Verify this span, please."
 
 
 async def find_span(view: SwarmView, peer: str):
@@ -488,7 +487,8 @@ async def check_server(model, peer: str) -> Verdict | None:
     ledger = ledger_of(view)
     ledger.infos[peer] = span.server_info
     start, end = span.start, span.end
-    ids = torch.tensor([[(7 + 31 * i) % max(8, int(model.config.vocab_size) - 1) for i in range(16)]])
+    vocab = int(getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings)
+    ids = torch.tensor([[(7 + 31 * i) % vocab for i in range(16)]])  # known inputs: the same every time
     with torch.no_grad():
         inputs = model.family.embed(model.client_model, ids).detach().float().cpu()
     claimed = await replay_on(view, [RouteSegment(peer, start, end)], inputs, timeout=CHECK_TIMEOUT_S)
