@@ -228,3 +228,41 @@ def _flagged_rows(path):
             return db.execute("SELECT peer_id, evidence FROM flagged_servers").fetchall()
     except sqlite3.DatabaseError:
         return []
+
+
+def test_a_chat_reply_through_a_liar_is_the_honest_reply(model_dir, swarm):
+    from corolla.swarm.client.chat import ChatSession
+
+    replies = {}
+    for name, usable in {"honest": ["f32a", "f32b"], "liar": ["f32a", "f32b", "zeros"]}.items():
+        model = _client(model_dir, swarm, usable, rate=0.5)
+        try:
+            if name == "liar":
+                _prefer(model, swarm["zeros"].peer_id)
+            pieces: list[str] = []
+            reply = ChatSession(model).send("hello there", max_new_tokens=20, on_text=pieces.append, do_sample=False)
+            replies[name] = (reply.text, reply.tokens, "".join(pieces))
+            if name == "liar":
+                assert swarm["zeros"].peer_id in ledger_of(model.view).flagged
+        finally:
+            model.close()
+    assert replies["liar"][:2] == replies["honest"][:2]  # the stored reply and its tokens are the honest ones
+    assert replies["liar"][2].endswith(replies["honest"][0][-5:])  # the stream ends with the honest text
+
+
+def test_a_rewound_reply_hands_out_agreeing_text_once(tiny_models):
+    from transformers import AutoTokenizer
+
+    from corolla.swarm.client.chat import ReplyWatcher
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models.get("llama")))
+    pieces: list[str] = []
+    watcher = ReplyWatcher(tokenizer, [], on_text=pieces.append)
+    for token in (300, 301, 302):
+        watcher(torch.tensor([token]))
+    shown = "".join(pieces)
+    watcher.rewind()
+    for token in (300, 301, 302, 303):  # the re-run agrees, then goes on
+        watcher(torch.tensor([token]))
+    assert "".join(pieces) == tokenizer.decode([300, 301, 302, 303], skip_special_tokens=True)
+    assert "".join(pieces).startswith(shown) and watcher.stream.tokens == [300, 301, 302, 303]

@@ -496,6 +496,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer
         criteria = list(stopping_criteria or [])
+        callback = streamer
         if streamer is not None and not hasattr(streamer, "put"):
             criteria.append(CallbackStopping(lambda ids, fn=streamer: fn(ids[:, -1])))
             streamer = None
@@ -538,6 +539,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                     logger.warning("%s; re-running the generation on honest servers", caught)
                     self._loop.run(restart_route(session._session, start_position))
                     session.pending = start_pending
+                    if callable(getattr(callback, "rewind", None)):
+                        callback.rewind()  # e.g. ReplyWatcher: the re-run's tokens replace this run's
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             if not own_session and sequences.shape[1] > input_ids.shape[1]:
                 session.pending = sequences[:, -1:]  # generated but never sent: the next turn sends it first
