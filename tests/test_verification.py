@@ -266,3 +266,26 @@ def test_a_rewound_reply_hands_out_agreeing_text_once(tiny_models):
         watcher(torch.tensor([token]))
     assert "".join(pieces) == tokenizer.decode([300, 301, 302, 303], skip_special_tokens=True)
     assert "".join(pieces).startswith(shown) and watcher.stream.tokens == [300, 301, 302, 303]
+
+
+def test_tolerances_relative_errors_and_promises():
+    from corolla.swarm.client.health import ModelHealth, ServerHealth, format_health
+    from corolla.swarm.client.verification import precision_tolerance, relative_error
+
+    assert precision_tolerance("float32", "none") < precision_tolerance("float16", None)
+    assert precision_tolerance("torch.bfloat16", "none") < precision_tolerance("float32", "int8")
+    assert precision_tolerance("float32", "int8") < precision_tolerance("bfloat16", "nf4") < 1.0  # zeros are caught
+    assert precision_tolerance(None, None) == precision_tolerance("float64", "gptq")  # unknown: the loosest
+    out = torch.randn(2, 5, 64)
+    assert relative_error(out, out) == 0.0
+    assert relative_error(torch.zeros_like(out), out) == pytest.approx(1.0)
+    assert relative_error(out * float("nan"), out) == float("inf")
+    assert relative_error(out[:, :4], out) == float("inf")  # a wrong shape never passes
+    assert 0.05 < relative_error(out + 0.1 * torch.randn_like(out), out) < 0.5
+    assert promised_steps(1.0) == 1 and promised_steps(0.5) == 10 and promised_steps(0.1) == 66
+
+    server = ServerHealth("12D3KooWLiarLiar", "online", 0, 6, 10.0, None, None, "0.1", False, None, None, None, None)
+    model = ModelHealth("tiny", 6, None, [server], [1] * 6)
+    text = format_health([model], {server.peer_id: {"dht_prefix": "tiny", "detail": "its outputs differ"}})
+    assert "FLAGGED" in text and "its outputs differ" in text
+    assert "FLAGGED" not in format_health([model])

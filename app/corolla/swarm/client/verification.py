@@ -48,6 +48,7 @@ TOLERANCE = {
 UNKNOWN_PRECISION_TOLERANCE = 0.9  # a server that announces nothing (old Petals) gets the loosest known
 FIRST_STEPS = 8  # a server's first steps in this client are all checked
 CHECK_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 10.0  # how long generate() waits, after its last token, for the checks in flight
 MAX_CHECKS_IN_FLIGHT = 4  # per session: checks are extra load on the swarm
 
 
@@ -322,7 +323,7 @@ class SessionVerifier:
             caught, self.caught = self.caught, None
             raise LiarCaught(caught)
 
-    async def settle(self, timeout: float = CHECK_TIMEOUT_S) -> None:
+    async def settle(self, timeout: float = SETTLE_TIMEOUT_S) -> None:
         """Wait (bounded) for the checks in flight, then raise LiarCaught if one caught a liar."""
         if self.tasks:
             with contextlib.suppress(TimeoutError):
