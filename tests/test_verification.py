@@ -289,3 +289,18 @@ def test_tolerances_relative_errors_and_promises():
     text = format_health([model], {server.peer_id: {"dht_prefix": "tiny", "detail": "its outputs differ"}})
     assert "FLAGGED" in text and "its outputs differ" in text
     assert "FLAGGED" not in format_health([model])
+
+
+def test_swarm_check_usage_errors(tmp_path):
+    env = {**os.environ, "COROLLA_HOME": str(tmp_path)}
+
+    def corolla_cli(*args):
+        command = [sys.executable, "-m", "corolla.cli", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    result = corolla_cli("swarm", "check")
+    assert result.returncode == 2 and "corolla swarm check PEER_ID" in result.stderr
+    result = corolla_cli("swarm")
+    assert result.returncode == 2 and "--initial-peers" in result.stderr
+    result = corolla_cli("swarm", "check", "12D3KooWSomeone")
+    assert result.returncode == 1 and "no Corolla node is running" in result.stderr
