@@ -248,6 +248,7 @@ class SessionVerifier:
         self.ledger = ledger_of(self.view)
         self.kept: dict[int, _Kept] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.owed: set[int] = set()  # streams whose sampled check waits for a free slot
         self.caught: dict | None = None
         self.enabled = self.view.config.spot_check_rate > 0  # 0: spot checks off
         self.checks_started = 0
@@ -276,11 +277,13 @@ class SessionVerifier:
         self.steps_observed[peer] += 1
         if peer in self.view.spans:
             self.ledger.infos[peer] = self.view.spans[peer].server_info
-        if (
-            not self.ledger.should_check(peer, self.view.config.spot_check_rate)
-            or len(self.tasks) >= MAX_CHECKS_IN_FLIGHT
-        ):
+        sampled = self.ledger.should_check(peer, self.view.config.spot_check_rate)
+        if not sampled and id(stream) not in self.owed:
             return
+        if len(self.tasks) >= MAX_CHECKS_IN_FLIGHT:
+            self.owed.add(id(stream))  # deferred, not dropped: the next step's check covers this one too
+            return
+        self.owed.discard(id(stream))
         # Snapshots: the session goes on (and may roll back or reorder) while the check runs.
         prompts = self.session.prompts
         if prompts is not None:
