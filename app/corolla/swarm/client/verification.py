@@ -246,9 +246,9 @@ class SessionVerifier:
         self.session = session
         self.view: SwarmView = session.view
         self.ledger = ledger_of(self.view)
-        self.kept: dict[int, _Kept] = {}
+        self.kept: dict[str, _Kept] = {}  # by the stream's session id (unique per server session)
         self.tasks: set[asyncio.Task] = set()
-        self.owed: set[int] = set()  # streams whose sampled check waits for a free slot
+        self.owed: set[str] = set()  # streams whose sampled check waits for a free slot
         self.caught: dict | None = None
         self.enabled = self.view.config.spot_check_rate > 0  # 0: spot checks off
         self.checks_started = 0
@@ -261,7 +261,7 @@ class SessionVerifier:
         peer = stream.segment.peer_id
         total = stream.history.shape[1]
         length = output.shape[1]
-        kept = self.kept.get(id(stream))
+        kept = self.kept.get(stream.session_id)
         if kept is None or kept.outputs.shape[0] != output.shape[0]:
             kept = _Kept(output, total - length)
         else:
@@ -273,17 +273,17 @@ class SessionVerifier:
                 kept.outputs = torch.cat([kept.outputs, output], dim=1)
             else:
                 kept = _Kept(output, total - length)
-        self.kept[id(stream)] = kept
+        self.kept[stream.session_id] = kept
         self.steps_observed[peer] += 1
         if peer in self.view.spans:
             self.ledger.infos[peer] = self.view.spans[peer].server_info
         sampled = self.ledger.should_check(peer, self.view.config.spot_check_rate)
-        if not sampled and id(stream) not in self.owed:
+        if not sampled and stream.session_id not in self.owed:
             return
         if len(self.tasks) >= MAX_CHECKS_IN_FLIGHT:
-            self.owed.add(id(stream))  # deferred, not dropped: the next step's check covers this one too
+            self.owed.add(stream.session_id)  # deferred, not dropped: the next step's check covers this one too
             return
-        self.owed.discard(id(stream))
+        self.owed.discard(stream.session_id)
         # Snapshots: the session goes on (and may roll back or reorder) while the check runs.
         prompts = self.session.prompts
         if prompts is not None:
