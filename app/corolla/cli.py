@@ -419,11 +419,11 @@ def _client_config(args: argparse.Namespace):
     )
 
 
-def _add_client_args(parser: argparse.ArgumentParser) -> None:
+def _add_client_args(parser: argparse.ArgumentParser, peers_required: bool = True) -> None:
     parser.add_argument(
         "--initial-peers",
         nargs="+",
-        required=True,
+        required=peers_required,
         metavar="MADDR",
         type=_peer_maddr,
         help="any peers of the swarm (multiaddrs ending in /p2p/PEER_ID)",
@@ -556,6 +556,11 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     from corolla.swarm.client.remote_model import _LoopThread
     from corolla.swarm.peers import start_dht
 
+    if args.action:
+        return _swarm_check(args.action)
+    if not args.initial_peers:
+        print("corolla: error: the following arguments are required: --initial-peers", file=sys.stderr)
+        return 2
     extra = {}
     for item in args.model or []:
         prefix, _, blocks = item.rpartition(":")
@@ -569,10 +574,11 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     try:
         p2p = loop.run(dht.replicate_p2p(), timeout=60)
         models = loop.run(read_swarm_health(dht, p2p, extra), timeout=120)
+        flagged = _flagged_servers()
         if args.json:
             print(json.dumps([m.to_dict() for m in models], indent=2))
         else:
-            print(format_health(models))
+            print(format_health(models, flagged))
         return 0
     finally:
         if p2p is not None:
@@ -582,13 +588,47 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         dht.shutdown()
 
 
+def _flagged_servers() -> dict[str, dict]:
+    """Servers this computer's node caught returning wrong results (its database; none if no node ran)."""
+    from corolla.node.paths import NodePaths
+
+    path = NodePaths.default().database
+    if not path.exists():
+        return {}
+    try:
+        from corolla.node.db import Database
+
+        db = Database(path)
+        try:
+            return db.flagged_servers()
+        finally:
+            db.close()
+    except Exception:  # a database another version wrote, or locked: the health view still works
+        return {}
+
+
+def _swarm_check(action: list[str]) -> int:
+    """`corolla swarm check PEER`: the running node checks one server on purpose."""
+    if len(action) != 2 or action[0] != "check":
+        print("corolla: error: usage: corolla swarm check PEER_ID", file=sys.stderr)
+        return 2
+    try:
+        result = _node_call("POST", "/api/swarm/check", {"peer_id": action[1]}, timeout=200)
+    except _NoNode as exc:
+        print(f"corolla: {exc}", file=sys.stderr)
+        return 1
+    compared = ", ".join(result.get("compared_with") or []) or "nothing"
+    print(f"{result['state']}: {result['detail']} (compared with {compared})")
+    return 0 if result["state"] != "flagged" else 3
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from corolla.node.service import run_node
 
     return run_node(port=args.port)
 
 
-def _node_call(method: str, path: str) -> dict:
+def _node_call(method: str, path: str, body: dict | None = None, timeout: float = 30) -> dict:
     import urllib.error
     import urllib.request
 
@@ -598,11 +638,13 @@ def _node_call(method: str, path: str) -> dict:
     address = find_running_node(NodePaths.default())
     if address is None:
         raise _NoNode("no Corolla node is running (start one with: corolla node)")
-    request = urllib.request.Request(
-        f"{address.url}{path}", method=method, headers={"Authorization": f"Bearer {address.token()}"}
-    )
+    headers = {"Authorization": f"Bearer {address.token()}"}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    request = urllib.request.Request(f"{address.url}{path}", data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise _NoNode(f"the node answered {exc.code}: {exc.read()[:300].decode(errors='replace')}") from exc
@@ -868,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     swarm = commands.add_parser("swarm", help="the swarm's health: coverage and servers of every model")
-    _add_client_args(swarm)
+    _add_client_args(swarm, peers_required=False)  # `corolla swarm check PEER` asks the running node
     swarm.add_argument(
         "--model",
         nargs="*",
@@ -876,6 +918,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also check these models (for swarms that do not announce a model index)",
     )
     swarm.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
+    swarm.add_argument(
+        "action",
+        nargs="*",
+        metavar="check PEER_ID",
+        help="check one server on purpose: the running node sends it known inputs and compares its outputs",
+    )
     swarm.set_defaults(func=cmd_swarm)
 
     model = commands.add_parser("model", help="inspect, build and run models locally")

@@ -127,6 +127,14 @@ def create_app(node) -> FastAPI:
     async def swarm() -> list[dict]:
         return await asyncio.to_thread(node.swarm_health)
 
+    @app.post("/api/swarm/check", dependencies=api, tags=["swarm"])
+    async def swarm_check(body: m.CheckServer) -> dict:
+        """Send a server known inputs and compare its outputs with this computer's run or other servers'."""
+        result = await asyncio.to_thread(node.check_server, body.peer_id)
+        if result is None:
+            raise HTTPException(404, f"no server {body.peer_id} serves the current model")
+        return result
+
     @app.get("/api/stats/history", dependencies=api, tags=["stats"])
     def stats_history(hours: int = 24) -> list[dict]:
         if not 1 <= hours <= 24 * 366:

@@ -163,6 +163,10 @@ class HfToken(Strict):
     token: str | None = Field(None, max_length=512, description="None removes the stored token")
 
 
+class CheckServer(Strict):
+    peer_id: str = Field(..., min_length=1, max_length=128)
+
+
 class Invite(Strict):
     invite: str = Field(..., max_length=8192)
 

@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from corolla.node.db import Database
 
@@ -37,6 +38,7 @@ class SwarmClientHost:
         self._lock = threading.Lock()
         self._client = None
         self._client_target: ClientTarget | None = None
+        self.on_new_client: Callable[[Any], None] | None = None  # e.g. to restore the node's flagged servers
 
     def get(self):
         from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
@@ -71,6 +73,8 @@ class SwarmClientHost:
                         raise NoSwarm(f"could not connect to the swarm: {exc}") from exc
                     logger.warning("connecting to the swarm failed (%s); retrying", exc)
             self._client_target = target
+            if self.on_new_client is not None:
+                self.on_new_client(self._client)
             return self._client
 
     def close(self) -> None:

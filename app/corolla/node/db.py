@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS contribution_hourly (
     inference_steps INTEGER NOT NULL DEFAULT 0, uptime_s REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS flagged_servers (
+    peer_id TEXT PRIMARY KEY, dht_prefix TEXT, evidence TEXT NOT NULL, flagged_at REAL NOT NULL
+);
 """
 
 
@@ -143,6 +146,19 @@ class Database:
             "uptime_s": float(row[2]),
             "since": None if row[3] is None else float(row[3]) * 3600,
         }
+
+    # --- servers caught returning wrong results (swarm/client/verification.py) ----------------------
+    def flag_server(self, evidence: dict[str, Any]) -> None:
+        self._execute(
+            "INSERT INTO flagged_servers VALUES (?, ?, ?, ?) ON CONFLICT(peer_id) DO UPDATE SET "
+            "evidence=excluded.evidence, flagged_at=excluded.flagged_at",
+            (evidence["peer_id"], evidence.get("dht_prefix"), json.dumps(evidence), time.time()),
+        )
+
+    def flagged_servers(self) -> dict[str, dict[str, Any]]:
+        """peer id -> the evidence recorded when it was flagged."""
+        rows = self._execute("SELECT peer_id, evidence FROM flagged_servers ORDER BY flagged_at")
+        return {r["peer_id"]: json.loads(r["evidence"]) for r in rows}
 
     # --- settings ----------------------------------------------------------------------------------
     def load_settings(self) -> dict[str, Any]:

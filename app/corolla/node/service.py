@@ -62,6 +62,7 @@ class NodeService:
         self.token = new_token(paths)
         self.started_at = time.time()
         self.chats = ChatService(self.db, SwarmClientHost(self._client_target, lambda: self.secrets.get("hf_token")))
+        self.chats.clients.on_new_client = self._restore_flagged_servers
         self._last_stats: dict | None = None
         self._paused_by_policy = False
         self._pause_rule: m.PauseRule | None = None
@@ -226,14 +227,63 @@ class NodeService:
         models = model._loop.run(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
         own = (self.supervisor.poll().stats or {}).get("peer_id")
         route = self._current_route(model)
+        flagged = self.db.flagged_servers()
         result = []
         for health in models:
             data = health.to_dict()
             data["route"] = route if health.dht_prefix == model.dht_prefix else []
             for server in data["servers"]:
                 server["this_computer"] = server["peer_id"] == own
+                server["verification"] = self._verification(model, server, data["servers"], flagged)
             result.append(data)
         return result
+
+    # --- spot checks (swarm/client/verification.py) --------------------------------------------------
+    def _restore_flagged_servers(self, model) -> None:
+        """A new swarm client starts with the node's flagged servers blocked, and records new flags here."""
+        from corolla.swarm.client.verification import block, ledger_of
+
+        ledger = ledger_of(model.view)
+        for peer, evidence in self.db.flagged_servers().items():
+            ledger.flagged[peer] = evidence
+            block(model.view, peer)
+        ledger.on_flag.append(self.db.flag_server)
+
+    def _verification(self, model, server: dict, servers: list[dict], flagged: dict[str, dict]) -> dict:
+        """verified | unverified | flagged, with the number of checks passed and the evidence of a flag."""
+        from corolla.swarm.client.verification import ledger_of
+
+        ledger = ledger_of(model.view)
+        peer = server["peer_id"]
+        evidence = ledger.flagged.get(peer) or flagged.get(peer)
+        start, end = server["start_block"], server["end_block"]
+        second = any(
+            other["peer_id"] != peer and other["start_block"] <= start and other["end_block"] >= end
+            for other in servers
+        )
+        if evidence is not None:
+            state = "flagged"
+        elif second and ledger.checks[peer]:
+            state = "verified"
+        else:
+            state = "unverified"
+        return {"state": state, "checks": int(ledger.checks[peer]), "evidence": evidence}
+
+    def check_server(self, peer_id: str) -> dict | None:
+        """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing."""
+        from corolla.swarm.client.verification import check_server
+
+        model = self.call_swarm(self.chats.clients.get)
+        verdict = self.call_swarm(lambda: model._loop.run(check_server(model, peer_id), timeout=180))
+        if verdict is None:
+            return None
+        return {
+            "peer_id": peer_id,
+            "state": verdict.state if verdict.state in ("verified", "flagged") else "unverified",
+            "detail": verdict.detail,
+            "max_error": verdict.max_error,
+            "compared_with": verdict.compared_with,
+        }
 
     @staticmethod
     def _current_route(model) -> list[dict]:

@@ -69,13 +69,33 @@ class ReplyWatcher:
         self.stops = [s for s in (stop or []) if s]
         self.on_text, self.should_stop = on_text, should_stop
         self.stopped_by = "length"  # or "eos", "stop string", "cancelled"
+        self._shown = ""  # text handed out before a rewind, not to be handed out twice
+
+    def rewind(self) -> None:
+        """generate() re-runs from the start of this reply (a server was caught returning wrong
+        results): forget the tokens; text already handed out is not repeated where the re-run agrees."""
+        self._shown = self._shown or self.stream.emitted
+        self.stream = TextStream(self.stream.tokenizer)
+        self.stopped_by = "length"
+
+    def _unseen(self, piece: str) -> str:
+        if not self._shown:
+            return piece
+        emitted = self.stream.emitted
+        if self._shown.startswith(emitted):
+            return ""  # shown already
+        if emitted.startswith(self._shown):
+            piece, self._shown = emitted[len(self._shown) :], ""
+            return piece
+        self._shown = ""  # the re-run differs from what was shown: the rest follows as it comes
+        return piece
 
     def __call__(self, tokens: torch.Tensor) -> bool:
         token = int(tokens[0])
         if token in self.eos:
             self.stopped_by = "eos"
             return True
-        piece = self.stream.push(token)
+        piece = self._unseen(self.stream.push(token))
         if self.stops and any(s in self.stream.emitted for s in self.stops):
             self.stopped_by = "stop string"
             return True

@@ -19,6 +19,9 @@ class ClientConfig:
     max_backoff: float = 10.0
     ban_timeout: float = 15.0  # first ban; doubles with each further failure
     ping_timeout: float = 2.0
+    # Share of a server's steps (after its first ones) re-run on another server to catch wrong results;
+    # 0 turns spot checks off. See verification.py and benchmarks/verification_overhead.py.
+    spot_check_rate: float = 0.1
     # Loopback-only peers (tests, the private demo swarm): no relays, no AutoNAT.
     use_relay: bool = True
     auto_nat: bool = True

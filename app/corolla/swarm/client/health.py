@@ -127,7 +127,9 @@ def _free_session_tokens(cache_tokens_left: int | None, num_blocks: int) -> int 
     return int(cache_tokens_left) // max(2 * num_blocks, 1)
 
 
-def format_health(models: list[ModelHealth]) -> str:
+def format_health(models: list[ModelHealth], flagged: dict[str, dict] | None = None) -> str:
+    """`flagged`: peer id -> evidence of servers caught returning wrong results (the node's record)."""
+    flagged = flagged or {}
     if not models:
         return "No models are announced in this swarm."
     lines = []
@@ -145,5 +147,10 @@ def format_health(models: list[ModelHealth]) -> str:
             lines.append(
                 f"  {s.state:<7} {s.start_block:>4}:{s.end_block:<4} …{s.peer_id[-8:]}{name}  "
                 f"{s.throughput:.1f} tok/s  {software}  {link}  free cache {free} tok  ping {ping}"
+                + ("  FLAGGED: returned wrong results" if s.peer_id in flagged else "")
             )
+    if flagged:
+        lines.append("Servers caught returning wrong results (never used by this computer):")
+        for peer, evidence in flagged.items():
+            lines.append(f"  …{peer[-8:]}  {evidence.get('dht_prefix') or '?'}: {evidence.get('detail', '')}")
     return "\n".join(lines)

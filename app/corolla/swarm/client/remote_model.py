@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -37,10 +38,13 @@ from corolla.swarm.client.prompts import PromptTuning
 from corolla.swarm.client.remote_forward import RemoteBlocks
 from corolla.swarm.client.routing import SwarmView
 from corolla.swarm.client.session import InferenceSession
+from corolla.swarm.client.verification import LiarCaught, restart_route
 from corolla.swarm.models import LoadOptions, load_client_parts, open_checkpoint, resolve_dht_prefix
 from corolla.swarm.peers import start_dht
 
+logger = logging.getLogger(__name__)
 TUNING_MODES = (None, "ptune", "deep_ptune")
+MAX_LIAR_RESTARTS = 3  # a generation re-runs at most this often after servers caught lying
 CANCEL_GRACE_S = 3.0  # for a cancelled coroutine to unwind (close its streams) before we move on
 
 
@@ -492,6 +496,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer
         criteria = list(stopping_criteria or [])
+        callback = streamer
         if streamer is not None and not hasattr(streamer, "put"):
             criteria.append(CallbackStopping(lambda ids, fn=streamer: fn(ids[:, -1])))
             streamer = None
@@ -507,19 +512,35 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("beam search needs its own session: call generate() without session=")
         if session.pending is not None and session.pending.shape[0] != input_ids.shape[0]:
             raise ValueError("the session's pending tokens are for another batch size")
-        rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+        start_position, start_pending = session.position, session.pending
         try:
-            with rng, torch.inference_mode(), self._loop.borrowed():
-                if seed is not None:
-                    torch.manual_seed(seed)
-                out = super().generate(
-                    input_ids,
-                    generation_config,
-                    stopping_criteria=criteria or None,
-                    streamer=streamer,
-                    cache=SwarmCache(session),
-                    **kwargs,
-                )
+            for restart in range(MAX_LIAR_RESTARTS + 1):
+                rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+                try:
+                    with rng, torch.inference_mode(), self._loop.borrowed():
+                        if seed is not None:
+                            torch.manual_seed(seed)
+                        out = super().generate(
+                            input_ids,
+                            generation_config,
+                            stopping_criteria=criteria or None,
+                            streamer=streamer,
+                            cache=SwarmCache(session),
+                            **kwargs,
+                        )
+                        # Checks still in flight decide whether these tokens stand (bounded wait).
+                        self._loop.run(session._session.verifier.settle())
+                    break
+                except LiarCaught as caught:
+                    if restart == MAX_LIAR_RESTARTS:
+                        raise
+                    # Re-route around the liar and re-run from where this call started: the tokens
+                    # returned are then the ones honest servers give (seeded sampling repeats too).
+                    logger.warning("%s; re-running the generation on honest servers", caught)
+                    self._loop.run(restart_route(session._session, start_position))
+                    session.pending = start_pending
+                    if callable(getattr(callback, "rewind", None)):
+                        callback.rewind()  # e.g. ReplyWatcher: the re-run's tokens replace this run's
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             if not own_session and sequences.shape[1] > input_ids.shape[1]:
                 session.pending = sequences[:, -1:]  # generated but never sent: the next turn sends it first

@@ -141,6 +141,7 @@ class SwarmView:
     bans: dict[str, _Ban] = field(default_factory=dict)
     last_refresh: float = 0.0
     announced: bool = False  # whether any server (in any state) announced any block at the last refresh
+    verification: object = None  # the client's spot-check ledger (verification.Ledger), made on first use
 
     def uids(self) -> list[str]:
         return [protocol.make_uid(self.dht_prefix, i) for i in range(self.num_blocks)]

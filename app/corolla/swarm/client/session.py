@@ -25,6 +25,7 @@ from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
+from corolla.swarm.client.verification import SessionVerifier
 
 logger = logging.getLogger(__name__)
 NOBODY_SERVES_ATTEMPTS = 3  # DHT reads that find no record at all of a model before saying nobody serves it
@@ -164,6 +165,7 @@ class InferenceSession:
         self.padded = False  # the batch has padding: every step sends the mask
         self._mask: torch.Tensor | None = None
         self._started = False
+        self.verifier = SessionVerifier(self)  # spot checks of the servers' outputs (verification.py)
 
     @property
     def route(self) -> list[RouteSegment]:
@@ -279,6 +281,7 @@ class InferenceSession:
         if self.position + length > self.max_length:
             raise ValueError(protocol.err_max_length_exceeded(self.position, length, self.max_length))
         mask = self._step_mask(attention_mask, hidden.shape[0], length)
+        self.verifier.raise_if_caught()
         if not self._started:
             await self._start(hidden.shape[0])
         if mask is not None:
@@ -288,6 +291,7 @@ class InferenceSession:
             for stream in self.streams:  # replays must see the reordered rows too
                 if stream.history is not None:
                     stream.history = stream.history[hypo_ids]
+            self.verifier.reorder(hypo_ids)
         self._mask = mask
         step_id = str(uuid.uuid4())
         self._refusals: dict[str, int] = {}
@@ -306,6 +310,7 @@ class InferenceSession:
                     )
                     self.view.on_success(stream.segment.peer_id)
                     stream.history = hidden if stream.history is None else torch.cat([stream.history, hidden], 1)
+                    self.verifier.observe(stream, output)
                     hidden = output
                     index += 1
                     break
@@ -401,6 +406,7 @@ class InferenceSession:
             raise ServerFailure(f"the server refused: {said}")
 
     async def close(self) -> None:
+        self.verifier.cancel()
         for stream in self.streams:
             await stream.close()
         self.streams = []

@@ -1,0 +1,540 @@
+"""Spot checks: catch servers that return wrong results (Petals itself has no verification at all).
+
+A session keeps every input of each span (for exact failover); this module also keeps each span's
+outputs. For a sample of steps it replays the span's inputs so far on a second, independent server
+(a fresh rpc_inference session, the same request a failover replay sends, so a server cannot tell a
+check from ordinary work) and compares every output position with what the first server returned.
+The check runs as a task beside the user's stream: the session never waits for it.
+
+- Tolerance comes from the two servers' announced dtype and quantization (TOLERANCE, calibrated on
+  honest float32/bfloat16/float16/int8/nf4 servers: see tests/test_verification.py).
+- A server's first FIRST_STEPS steps (per client) are all checked; later steps at `spot_check_rate`.
+- On a mismatch a third server, independent of both, breaks the tie. Without one nobody is flagged
+  (two servers disagreeing cannot tell which one lies); the dispute is logged.
+- A flagged server is blocked for this client (and, through `on_flag`, for the node), and the session
+  raises LiarCaught at its next step or when it settles; generate() then re-routes around the liar and
+  re-runs, so the tokens it returns are what honest servers give.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, choose_route
+
+logger = logging.getLogger(__name__)
+
+# Largest honest relative error of one server's outputs against the exact (float32) result, per
+# announced precision: measured on tiny random-weight models (the worst case: quantization error is
+# large next to their small residual stream), with a margin. Two servers may differ by the sum.
+TOLERANCE = {
+    "float32": 0.005,  # different kernels / batch shapes (and TF32 on GPUs) differ slightly
+    "float16": 0.02,
+    "bfloat16": 0.08,
+    "int8": 0.25,
+    "nf4": 0.9,
+}
+UNKNOWN_PRECISION_TOLERANCE = 0.9  # a server that announces nothing (old Petals) gets the loosest known
+FIRST_STEPS = 8  # a server's first steps in this client are all checked
+CHECK_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 10.0  # how long generate() waits, after its last token, for the checks in flight
+MAX_CHECKS_IN_FLIGHT = 4  # per session: checks are extra load on the swarm
+
+
+class LiarCaught(RuntimeError):
+    """A server on this session's route was caught returning wrong results; re-route and re-run."""
+
+    def __init__(self, evidence: dict):
+        self.evidence = evidence
+        super().__init__(
+            f"server …{evidence['peer_id'][-6:]} returned wrong results for blocks "
+            f"{evidence['blocks'][0]}:{evidence['blocks'][1]} (error {evidence['error']:.3g}, "
+            f"tolerance {evidence['tolerance']:.3g})"
+        )
+
+
+def precision_tolerance(torch_dtype: str | None, quant_type: str | None) -> float:
+    """What one honest server's outputs may differ from exact results, from its announcement."""
+    quant = (quant_type or "none").lower()
+    if quant in TOLERANCE:
+        return TOLERANCE[quant]
+    if quant not in ("none", ""):
+        return UNKNOWN_PRECISION_TOLERANCE
+    dtype = (torch_dtype or "").replace("torch.", "")
+    return TOLERANCE.get(dtype, UNKNOWN_PRECISION_TOLERANCE)
+
+
+def pair_tolerance(view: SwarmView, peers_a: list[str], peers_b: list[str], local: float | None = None) -> float:
+    """How far two honest computations of the same blocks may differ: the sum of the loosest tolerance
+    on each side (`local` is this computer's own run)."""
+
+    def side(peers: list[str]) -> float:
+        worst = 0.0
+        for peer in peers:
+            span = view.spans.get(peer)
+            info = span.server_info if span is not None else ledger_of(view).infos.get(peer)
+            worst = max(
+                worst,
+                precision_tolerance(info.torch_dtype, info.quant_type) if info else UNKNOWN_PRECISION_TOLERANCE,
+            )
+        return worst
+
+    return side(peers_a) + (local if local is not None else side(peers_b))
+
+
+def relative_error(claimed: torch.Tensor, reference: torch.Tensor) -> float:
+    """The largest per-position relative L2 difference, symmetric and in [0, 2] (zeros give 1)."""
+    a, b = claimed.float(), reference.float()
+    if a.shape != b.shape:
+        return math.inf
+    if not bool(torch.isfinite(a).all()):
+        return math.inf
+    diff = (a - b).norm(dim=-1)
+    scale = torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp_min(1e-6)
+    return float((diff / scale).max()) if diff.numel() else 0.0
+
+
+def promised_steps(rate: float, confidence: float = 0.999) -> int:
+    """Steps after a server starts lying within which a check catches it with `confidence` (every
+    check compares all of a span's outputs so far, so one sampled step after the lie is enough)."""
+    if rate >= 1:
+        return 1
+    if rate <= 0:
+        return math.inf
+    return math.ceil(math.log(1 - confidence) / math.log(1 - rate))
+
+
+@dataclass
+class Verdict:
+    peer_id: str
+    state: str  # verified | flagged | unverified | disputed
+    detail: str
+    max_error: float | None = None
+    tolerance: float | None = None
+    compared_with: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Ledger:
+    """What one client knows about servers' honesty: steps seen, checks passed, flags with evidence."""
+
+    first_steps: int = FIRST_STEPS
+    rng: random.Random = field(default_factory=random.Random)
+    steps: Counter = field(default_factory=Counter)
+    checks: Counter = field(default_factory=Counter)
+    flagged: dict[str, dict] = field(default_factory=dict)
+    disputes: int = 0
+    infos: dict = field(default_factory=dict)  # the last announcement seen of each server (its precision)
+    on_flag: list[Callable[[dict], None]] = field(default_factory=list)
+
+    def should_check(self, peer: str, rate: float) -> bool:
+        self.steps[peer] += 1
+        if self.steps[peer] <= self.first_steps:
+            return True
+        return rate > 0 and self.rng.random() < rate
+
+    def state(self, peer: str) -> str:
+        if peer in self.flagged:
+            return "flagged"
+        return "verified" if self.checks[peer] else "unverified"
+
+    def flag(self, view: SwarmView, evidence: dict) -> None:
+        peer = evidence["peer_id"]
+        block(view, peer)
+        if peer in self.flagged:  # checks still in flight confirm it: the first evidence stays
+            return
+        self.flagged[peer] = evidence
+        logger.warning("flagged server %s: %s", peer, evidence["detail"])
+        for callback in self.on_flag:
+            try:
+                callback(evidence)
+            except Exception:
+                logger.exception("recording a flagged server failed")
+
+
+def block(view: SwarmView, peer: str) -> None:
+    """Never route through `peer` again in this client."""
+    if peer not in view.config.blocked_servers:
+        view.config.blocked_servers.append(peer)
+    view.ban(peer)
+
+
+def ledger_of(view: SwarmView) -> Ledger:
+    if view.verification is None:
+        view.verification = Ledger()
+    return view.verification
+
+
+# --- running a span on other servers -------------------------------------------------------------
+
+
+async def replay_on(
+    view: SwarmView,
+    route: list[RouteSegment],
+    inputs: torch.Tensor,
+    *,
+    adapter: str | None = None,
+    prompts: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    timeout: float | None = None,
+) -> torch.Tensor:
+    """Outputs of `route` (segments covering some blocks in order) for `inputs` [batch, L, hidden],
+    each segment in a fresh inference session closed at once."""
+    from corolla.swarm.client.session import StepExtras, _ServerStream
+
+    timeout = timeout or view.config.request_timeout
+    hidden = inputs
+    offset = route[0].start
+    for segment in route:
+        stream = _ServerStream(segment, view.dht_prefix, inputs.shape[1], adapter)
+        try:
+            await stream.open(view, view.config.connect_timeout)
+            span_prompts = None
+            if prompts is not None:
+                span_prompts = prompts[segment.start - offset : segment.end - offset]
+            extras = StepExtras(span_prompts, None, mask)
+            hidden = await stream.step(hidden, str(uuid.uuid4()), 0, timeout, extras)
+        finally:
+            await stream.close()
+    return hidden
+
+
+def other_route(view: SwarmView, start: int, end: int, avoid: set[str]) -> list[RouteSegment] | None:
+    """A route over [start, end) through none of `avoid` (nor blocked servers): a random single server
+    that covers it all if there is one, else the cheapest chain; None if there is none."""
+    spans = {p: s for p, s in view.spans.items() if p not in avoid and p not in view.config.blocked_servers}
+    single = [p for p, s in spans.items() if s.start <= start and s.end >= end]
+    if single:
+        # Chosen at random: a liar cannot count on being checked by an accomplice it knows.
+        peer = ledger_of(view).rng.choice(sorted(single))
+        return [RouteSegment(peer, start, end)]
+    try:
+        return choose_route(spans, start, end, view.rtts)
+    except MissingBlocksError:
+        return None
+
+
+def peers_of(route: list[RouteSegment]) -> list[str]:
+    return [segment.peer_id for segment in route]
+
+
+# --- checks within a session ---------------------------------------------------------------------
+
+
+@dataclass
+class _Kept:
+    outputs: torch.Tensor  # every output of this stream's server from position `known_from` on
+    known_from: int
+
+
+class SessionVerifier:
+    """The spot checks of one inference session: `observe` after each span's step, `raise_if_caught`
+    before the next, `settle` at the end."""
+
+    def __init__(self, session):
+        self.session = session
+        self.view: SwarmView = session.view
+        self.ledger = ledger_of(self.view)
+        self.kept: dict[str, _Kept] = {}  # by the stream's session id (unique per server session)
+        self.tasks: set[asyncio.Task] = set()
+        self.owed: set[str] = set()  # streams whose sampled check waits for a free slot
+        self.caught: dict | None = None
+        self.enabled = self.view.config.spot_check_rate > 0  # 0: spot checks off
+        self.checks_started = 0
+        self.steps_observed: Counter = Counter()
+
+    def observe(self, stream, output: torch.Tensor) -> None:
+        """Called after `stream`'s server answered a step (its history already holds the inputs)."""
+        if not self.enabled or stream.history is None:
+            return
+        peer = stream.segment.peer_id
+        total = stream.history.shape[1]
+        length = output.shape[1]
+        kept = self.kept.get(stream.session_id)
+        if kept is None or kept.outputs.shape[0] != output.shape[0]:
+            kept = _Kept(output, total - length)
+        else:
+            end = kept.known_from + kept.outputs.shape[1]
+            if end > total - length:  # the session rolled back: forget outputs past the new position
+                kept.outputs = kept.outputs[:, : max(0, total - length - kept.known_from)]
+                end = kept.known_from + kept.outputs.shape[1]
+            if end == total - length:
+                kept.outputs = torch.cat([kept.outputs, output], dim=1)
+            else:
+                kept = _Kept(output, total - length)
+        self.kept[stream.session_id] = kept
+        self.steps_observed[peer] += 1
+        if peer in self.view.spans:
+            self.ledger.infos[peer] = self.view.spans[peer].server_info
+        sampled = self.ledger.should_check(peer, self.view.config.spot_check_rate)
+        if not sampled and stream.session_id not in self.owed:
+            return
+        if len(self.tasks) >= MAX_CHECKS_IN_FLIGHT:
+            self.owed.add(stream.session_id)  # deferred, not dropped: the next step's check covers this one too
+            return
+        self.owed.discard(stream.session_id)
+        # Snapshots: the session goes on (and may roll back or reorder) while the check runs.
+        prompts = self.session.prompts
+        if prompts is not None:
+            prompts = prompts[stream.segment.start : stream.segment.end]
+        job = _CheckJob(
+            segment=stream.segment,
+            inputs=stream.history,
+            claimed=kept.outputs,
+            known_from=kept.known_from,
+            step=self.steps_observed[peer],
+            adapter=self.session.adapter,
+            prompts=prompts,
+            mask=getattr(self.session, "_mask", None),
+        )
+        self.checks_started += 1
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        for kept in self.kept.values():
+            if kept.outputs.shape[0] == hypo_ids.shape[0]:
+                kept.outputs = kept.outputs[hypo_ids]
+
+    async def _run(self, job: _CheckJob) -> None:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                verdict = await check_outputs(self.view, job)
+        except Exception as exc:  # a checker failing is not evidence against anyone
+            logger.debug("spot check of %s failed: %s", job.segment, exc)
+            return
+        if verdict is None or verdict.state != "flagged" or self.caught is not None:
+            return
+        # Only a liar still on the route changes this session (after a re-route it no longer is).
+        if verdict.peer_id in {s.segment.peer_id for s in self.session.streams}:
+            self.caught = self.ledger.flagged.get(verdict.peer_id)
+
+    def raise_if_caught(self) -> None:
+        if self.caught is not None:
+            caught, self.caught = self.caught, None
+            raise LiarCaught(caught)
+
+    async def settle(self, timeout: float = SETTLE_TIMEOUT_S) -> None:
+        """Wait (bounded) for the checks in flight, then raise LiarCaught if one caught a liar."""
+        if self.tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        self.raise_if_caught()
+
+    def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+
+@dataclass
+class _CheckJob:
+    segment: RouteSegment
+    inputs: torch.Tensor  # [batch, positions, hidden]: every input of the span so far
+    claimed: torch.Tensor  # the server's outputs for positions [known_from, positions)
+    known_from: int
+    step: int
+    adapter: str | None = None
+    prompts: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+async def check_outputs(view: SwarmView, job: _CheckJob) -> Verdict | None:
+    """Compare a server's outputs with another server's run of the same inputs; None if no other
+    server covers the span (the server stays unverified)."""
+    ledger = ledger_of(view)
+    peer, start, end = job.segment.peer_id, job.segment.start, job.segment.end
+    checker = other_route(view, start, end, {peer})
+    if checker is None:
+        return None
+    mask = job.mask[:, : job.inputs.shape[1]] if job.mask is not None else None
+
+    async def run(route):
+        out = await replay_on(view, route, job.inputs, adapter=job.adapter, prompts=job.prompts, mask=mask)
+        return out[:, job.known_from :]
+
+    reference = await run(checker)
+    error = relative_error(job.claimed, reference)
+    tolerance = pair_tolerance(view, [peer], peers_of(checker))
+    if error <= tolerance:
+        for p in [peer, *peers_of(checker)]:
+            ledger.checks[p] += 1
+        return Verdict(peer, "verified", "agrees with another server", error, tolerance, peers_of(checker))
+    # They disagree: a third computation, through neither, breaks the tie.
+    third = other_route(view, start, end, {peer, *peers_of(checker)})
+    if third is None:
+        ledger.disputes += 1
+        logger.warning(
+            "server …%s and %s disagree on blocks %d:%d (error %.3g > %.3g) and no third server can tell "
+            "which is right",
+            peer[-6:],
+            ", ".join(p[-6:] for p in peers_of(checker)),
+            start,
+            end,
+            error,
+            tolerance,
+        )
+        return Verdict(peer, "disputed", "disagrees with another server; no third server", error, tolerance)
+    tiebreak = await run(third)
+    error_third = relative_error(job.claimed, tiebreak)
+    agree = relative_error(reference, tiebreak) <= pair_tolerance(view, peers_of(checker), peers_of(third))
+    if error_third > pair_tolerance(view, [peer], peers_of(third)) and agree:
+        liar, honest, liar_error = peer, [*peers_of(checker), *peers_of(third)], error
+        step = job.step
+    elif error_third <= pair_tolerance(view, [peer], peers_of(third)) and not agree and len(checker) == 1:
+        liar, honest, liar_error = checker[0].peer_id, [peer, *peers_of(third)], error
+        step = None  # caught while checking someone else
+    else:
+        ledger.disputes += 1
+        return Verdict(peer, "disputed", "three servers disagree", error, tolerance)
+    evidence = {
+        "peer_id": liar,
+        "dht_prefix": view.dht_prefix,
+        "blocks": [start, end],
+        "step": step,
+        "positions": int(job.inputs.shape[1]),
+        "error": float(liar_error) if math.isfinite(liar_error) else 2.0,
+        "tolerance": float(tolerance),
+        "disagreed_with": honest,
+        "flagged_at": time.time(),
+        "detail": f"its outputs for blocks {start}:{end} differ from {len(honest)} other servers' "
+        f"(error {liar_error:.3g}, tolerance {tolerance:.3g})",
+    }
+    ledger.flag(view, evidence)
+    return Verdict(liar, "flagged", evidence["detail"], liar_error, tolerance, honest)
+
+
+async def restart_route(session, position: int) -> None:
+    """Re-route a whole session (flagged servers are blocked) and rebuild every cache up to `position`
+    from the client's own first-span inputs: exact failover for a chain some of whose outputs were wrong."""
+    await session.rollback(position)
+    session.verifier.cancel()  # checks of the old route: its liar is blocked already
+    session.verifier.kept.clear()
+    session.verifier.caught = None
+    first = session.streams[0].history if session.streams else None
+    for stream in session.streams:
+        await stream.close()
+    session.streams = []
+    await session.view.refresh()
+    route = session.view.route(
+        0,
+        session.view.num_blocks,
+        cache_tokens_needed=(first.shape[0] if first is not None else 1) * session.max_length,
+        adapter=session.adapter,
+    )
+    streams = await session._open_segments(route)
+    session.streams = streams
+    session.position = position
+    if first is None or position == 0:
+        return
+    full = first[:, :position]
+    mask = getattr(session, "_mask", None)
+    for stream in streams:
+        extras = session._extras(stream, 0, None, mask[:, :position] if mask is not None else None)
+        output = await stream.step(full, str(uuid.uuid4()), 0, session.view.config.request_timeout, extras)
+        stream.history = full
+        session.verifier.observe(stream, output)
+        full = output
+
+
+# --- checking a server on purpose ----------------------------------------------------------------
+
+LOCAL_CHECK_MAX_BYTES = 2 * 1024**3  # this computer runs the blocks itself when they weigh at most this
+
+
+async def find_span(view: SwarmView, peer: str):
+    """The span `peer` announces for this model (also for blocked servers); None if it announces none."""
+    from corolla.swarm.dht_records import compute_spans, get_module_infos
+    from corolla.swarm.protocol import ServerState
+
+    await view.refresh()
+    if peer in view.spans:
+        return view.spans[peer]
+    infos = await get_module_infos(view.dht, view.uids())
+    return compute_spans(infos, min_state=ServerState.ONLINE).get(peer)
+
+
+def _local_runner(model, start: int, end: int):
+    """A float32 CPU copy of blocks [start, end) if this computer can hold them, else None."""
+    from corolla.swarm.models import LoadOptions, load_span
+    from corolla.swarm.models.loading import estimate_memory
+
+    try:
+        estimate = estimate_memory(model.checkpoint, torch.float32)
+        if sum(estimate.per_block_bytes[start:end]) > LOCAL_CHECK_MAX_BYTES:
+            return None
+        return load_span(model.checkpoint, start, end, LoadOptions(device="cpu", dtype="float32"))
+    except Exception as exc:  # no weights here (a hub model not downloaded), not enough memory, ...
+        logger.info("cannot run blocks %d:%d here: %s", start, end, exc)
+        return None
+
+
+async def check_server(model, peer: str) -> Verdict | None:
+    """Send `peer` known inputs for its blocks and compare its outputs with this computer's own run of
+    those blocks (when it can load them) or with other servers'. None if `peer` serves nothing here."""
+    view: SwarmView = model.view
+    span = await find_span(view, peer)
+    if span is None:
+        return None
+    ledger = ledger_of(view)
+    ledger.infos[peer] = span.server_info
+    start, end = span.start, span.end
+    vocab = int(getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings)
+    ids = torch.tensor([[(7 + 31 * i) % vocab for i in range(16)]])  # known inputs: the same every time
+    with torch.no_grad():
+        inputs = model.family.embed(model.client_model, ids).detach().float().cpu()
+    claimed = await replay_on(view, [RouteSegment(peer, start, end)], inputs, timeout=CHECK_TIMEOUT_S)
+    runner = await asyncio.to_thread(_local_runner, model, start, end)
+    if runner is not None:
+        with torch.no_grad():
+            reference = await asyncio.to_thread(lambda: runner(inputs, runner.new_cache()).float())
+        error = relative_error(claimed, reference)
+        tolerance = pair_tolerance(view, [peer], [], local=TOLERANCE["float32"])
+        if error <= tolerance:
+            ledger.checks[peer] += 1
+            return Verdict(
+                peer,
+                "verified",
+                f"its outputs for blocks {start}:{end} match this computer's own run "
+                f"(error {error:.3g}, tolerance {tolerance:.3g})",
+                error,
+                tolerance,
+                ["this computer"],
+            )
+        evidence = {
+            "peer_id": peer,
+            "dht_prefix": view.dht_prefix,
+            "blocks": [start, end],
+            "step": None,
+            "positions": int(inputs.shape[1]),
+            "error": float(error) if math.isfinite(error) else 2.0,
+            "tolerance": float(tolerance),
+            "disagreed_with": ["this computer"],
+            "flagged_at": time.time(),
+            "detail": f"its outputs for blocks {start}:{end} differ from this computer's own run "
+            f"(error {error:.3g}, tolerance {tolerance:.3g})",
+        }
+        ledger.flag(view, evidence)
+        return Verdict(peer, "flagged", evidence["detail"], error, tolerance, ["this computer"])
+    job = _CheckJob(RouteSegment(peer, start, end), inputs, claimed, 0, step=None)
+    verdict = await check_outputs(view, job)
+    if verdict is None:
+        return Verdict(
+            peer, "unverified", f"no other server covers blocks {start}:{end} and this computer cannot run them"
+        )
+    if verdict.state == "disputed":
+        verdict.state = "unverified"
+        verdict.detail = f"it {verdict.detail}, so neither can be trusted yet"
+    return verdict
