@@ -360,3 +360,24 @@ def test_generate_stop_strings(remote):
     stop = text[2:4]
     stopped = remote.generate(ids, max_new_tokens=10, eos_token_id=[], stop_strings=[stop])
     assert stopped.shape[1] < full.shape[1] and torch.equal(stopped, full[:, : stopped.shape[1]])
+
+
+def test_servers_push_each_step_to_the_next_server(remote, local, swarm):
+    """The client asks for server-to-server pushes; each server pushes to the next and the tokens
+    are still exactly the local model's."""
+    before = [server.stats() for server in swarm]
+    ids = prompt(seed=21)
+    want = local.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+    got = remote.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the stats files are rewritten every second
+        after = [server.stats() for server in swarm]
+        sent = [a["pushes_sent"] - b.get("pushes_sent", 0) for a, b in zip(after, before)]
+        received = [a["pushes_received"] - b.get("pushes_received", 0) for a, b in zip(after, before)]
+        if sent[0] >= 10 and received[2] >= 10:
+            break
+        time.sleep(0.5)
+    # 11 decode steps after the prompt; the last server has nobody to push to.
+    assert sent[0] >= 10 and sent[1] >= 10 and sent[2] == 0, sent
+    assert received[0] == 0 and received[1] >= 10 and received[2] >= 10, received
