@@ -28,6 +28,8 @@ def serve(tmp, model, prefix, blocks, *extra, name):
         "10",
         "--step-timeout",
         "30",
+        "--update-period",
+        "5",  # next_pings are measured (and announced) every 5 s
         *extra,
         name=name,
     )
@@ -55,6 +57,15 @@ def test_middle_server_killed_mid_push_gives_the_same_tokens(tiny_models, tmp_pa
             model_dir, initial_peers=[head.maddr], dht_prefix=prefix, **CLIENT_OPTIONS
         )
         try:
+            # The head measured its round trip to the next server and announced it (next_pings).
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                model._loop.run(model.view.refresh())
+                pings = model.view.spans[head.peer_id].server_info.next_pings or {}
+                if victim.peer_id in pings:
+                    break
+                time.sleep(1)
+            assert 0 < pings[victim.peer_id] < 2.0
             with model.inference_session(max_length=40) as session:
                 standby = None
                 tokens = 0
