@@ -373,8 +373,8 @@ def test_servers_push_each_step_to_the_next_server(remote, local, swarm):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # the stats files are rewritten every second
         after = [server.stats() for server in swarm]
-        sent = [a["pushes_sent"] - b.get("pushes_sent", 0) for a, b in zip(after, before)]
-        received = [a["pushes_received"] - b.get("pushes_received", 0) for a, b in zip(after, before)]
+        sent = [a["pushes_sent"] - b.get("pushes_sent", 0) for a, b in zip(after, before, strict=True)]
+        received = [a["pushes_received"] - b.get("pushes_received", 0) for a, b in zip(after, before, strict=True)]
         if sent[0] >= 10 and received[2] >= 10:
             break
         time.sleep(0.5)
