@@ -20,6 +20,7 @@ class ClientConfig:
     ban_timeout: float = 15.0  # first ban; doubles with each further failure
     ping_timeout: float = 2.0
     use_server_to_server: bool = True  # ask servers to push each step's output to the next server
+    speculative: bool = True  # greedy generation drafts tokens by prompt lookup (speculative.py)
     # Loopback-only peers (tests, the private demo swarm): no relays, no AutoNAT.
     use_relay: bool = True
     auto_nat: bool = True
