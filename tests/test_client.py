@@ -360,3 +360,52 @@ def test_generate_stop_strings(remote):
     stop = text[2:4]
     stopped = remote.generate(ids, max_new_tokens=10, eos_token_id=[], stop_strings=[stop])
     assert stopped.shape[1] < full.shape[1] and torch.equal(stopped, full[:, : stopped.shape[1]])
+
+
+def test_servers_push_each_step_to_the_next_server(remote, local, swarm):
+    """The client asks for server-to-server pushes; each server pushes to the next and the tokens
+    are still exactly the local model's."""
+    time.sleep(1.5)  # the stats files are rewritten every second: let them count the previous tests' pushes
+    before = [server.stats() for server in swarm]
+    ids = prompt(seed=21)
+    want = local.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+    got = remote.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=None)  # one token a step
+    assert torch.equal(got, want)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the stats files are rewritten every second
+        after = [server.stats() for server in swarm]
+        sent = [a["pushes_sent"] - b.get("pushes_sent", 0) for a, b in zip(after, before, strict=True)]
+        received = [a["pushes_received"] - b.get("pushes_received", 0) for a, b in zip(after, before, strict=True)]
+        if sent[0] >= 10 and received[2] >= 10:
+            break
+        time.sleep(0.5)
+    # 11 decode steps after the prompt; the last server has nobody to push to.
+    assert sent[0] >= 10 and sent[1] >= 10 and sent[2] == 0, sent
+    assert received[0] == 0 and received[1] >= 10 and received[2] >= 10, received
+
+
+def test_speculative_steps_give_the_greedy_tokens_exactly(remote, local):
+    """Prompt-lookup drafts (on by default for greedy decoding) go through the swarm as multi-token
+    steps; rejected drafts are rolled back on the servers; the tokens equal the local model's."""
+    base = prompt(seed=33, length=8)
+    ids = torch.cat([base, base, base[:, :3]], dim=1)  # a repetitive text: drafts are found and kept
+    want = local.generate(ids, max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids))
+    streamed = []
+    got = remote.generate(ids, max_new_tokens=24, do_sample=False, streamer=lambda t: streamed.append(int(t[0])))
+    assert torch.equal(got, want)
+    assert streamed == want[0, ids.shape[1] :].tolist()  # every token reaches the callback, in order
+    stats = remote.speculation.stats
+    assert stats.steps > 0 and 0 < stats.accepted <= stats.drafted
+    plain = remote.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=None)
+    assert remote.speculation is None and torch.equal(plain, want)
+
+
+def test_speculative_sampling_goes_through_rollback(remote, local):
+    """Sampling with drafts (asked for explicitly) keeps the model's distribution: at a temperature
+    near zero that distribution is the greedy token's."""
+    base = prompt(seed=34, length=8)
+    ids = torch.cat([base, base, base[:, :3]], dim=1)
+    want = local.generate(ids, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids))
+    got = remote.generate(ids, max_new_tokens=16, do_sample=True, temperature=1e-4, seed=3, prompt_lookup_num_tokens=6)
+    assert torch.equal(got, want)
+    assert remote.speculation.stats.steps > 0

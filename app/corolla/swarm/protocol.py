@@ -245,8 +245,12 @@ class ServerInfo:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, min(value, MAX_ANNOUNCED_INT))
-        if self.next_pings is not None and len(self.next_pings) > MAX_NEXT_PINGS:
-            self.next_pings = dict(list(self.next_pings.items())[:MAX_NEXT_PINGS])
+        if self.next_pings is not None:
+            # A peer's claimed RTTs steer routes: at most MAX_NEXT_PINGS, each in [0, inf].
+            pings = list(self.next_pings.items())[:MAX_NEXT_PINGS]
+            self.next_pings = {
+                peer[:MAX_LOGGED_CHARS]: max(rtt, 0.0) for peer, rtt in pings if rtt == rtt
+            }  # rtt == rtt drops NaN
         for name in ("public_name", "version", "torch_dtype", "quant_type"):
             value = getattr(self, name)
             if value is not None:

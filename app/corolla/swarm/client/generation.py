@@ -110,7 +110,7 @@ class SwarmCache:
     go to the servers as `hypo_ids` with the next step."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # speculative steps: a rejected draft is rolled back on the servers
     is_linear = (False,)
 
     def __init__(self, session):
@@ -120,6 +120,22 @@ class SwarmCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
+
+    def activate_past_recording(self) -> None:
+        """transformers asks for this before speculative steps; the servers keep every position anyway."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (rejected draft tokens); the servers roll back
+        (start_from_position) with the next step."""
+        if tokens_to_remove > 0:
+            raise ValueError("SwarmCache.crop takes a negative number of tokens to remove")
+        remove = -int(tokens_to_remove)
+        if remove == 0:
+            return
+        if remove > self.seen:
+            raise ValueError(f"cannot remove {remove} tokens: this generation sent {self.seen}")
+        self.session.rollback(self.session.position - remove)
+        self.seen -= remove
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         beam_idx = beam_idx.to("cpu", torch.int64)
@@ -143,6 +159,26 @@ class CallbackStopping(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None, **kwargs) -> torch.Tensor:
         stop = bool(self.fn(input_ids))
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class TokenCallbackStopping(StoppingCriteria):
+    """Calls `fn(tokens [batch]) -> bool` once per new token, also when a speculative step added several
+    at once; True stops every row (the tokens after it are not shown to `fn`)."""
+
+    def __init__(self, fn, prompt_length: int | None = None):
+        self.fn = fn
+        self._length = prompt_length  # None: only the last token of the first call is new
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None, **kwargs) -> torch.Tensor:
+        length = input_ids.shape[1]
+        first = length - 1 if self._length is None else self._length
+        self._length = length
+        stop = False
+        for column in range(max(first, 0), length):
+            if self.fn(input_ids[:, column]):
+                stop = True
+                break
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 

@@ -31,9 +31,10 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from corolla.swarm.client import speculative
 from corolla.swarm.client.autograd import remote_blocks
 from corolla.swarm.client.config import ClientConfig
-from corolla.swarm.client.generation import CallbackStopping, SwarmCache, generation_length
+from corolla.swarm.client.generation import CallbackStopping, SwarmCache, TokenCallbackStopping, generation_length
 from corolla.swarm.client.prompts import PromptTuning
 from corolla.swarm.client.remote_forward import RemoteBlocks
 from corolla.swarm.client.routing import SwarmView
@@ -498,7 +499,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         criteria = list(stopping_criteria or [])
         callback = streamer
         if streamer is not None and not hasattr(streamer, "put"):
-            criteria.append(CallbackStopping(lambda ids, fn=streamer: fn(ids[:, -1])))
+            criteria.append(TokenCallbackStopping(streamer, input_ids.shape[1]))
             streamer = None
         if should_stop is not None:
             criteria.append(CallbackStopping(lambda ids: should_stop()))
@@ -513,6 +514,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if session.pending is not None and session.pending.shape[0] != input_ids.shape[0]:
             raise ValueError("the session's pending tokens are for another batch size")
         start_position, start_pending = session.position, session.pending
+        if "prompt_lookup_num_tokens" not in kwargs:
+            draft = speculative.default_speculation(
+                kwargs, generation_config or self.generation_config, input_ids.shape[0], self.client_config.speculative
+            )
+            if draft is not None:
+                kwargs["prompt_lookup_num_tokens"] = draft
+        self.speculation = None
         try:
             for restart in range(MAX_LIAR_RESTARTS + 1):
                 rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
@@ -548,6 +556,37 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             if own_session:
                 session.close()
+
+    def _get_candidate_generator(self, generation_config, *args, logits_processor=None, **kwargs):
+        """Prompt lookup drafts with an adaptive length (speculative.py); other assistants as transformers does."""
+        if generation_config.prompt_lookup_num_tokens is None or generation_config.assistant_early_exit is not None:
+            return super()._get_candidate_generator(
+                generation_config, *args, logits_processor=logits_processor, **kwargs
+            )
+        cache = kwargs.get("model_kwargs", {}).get("cache")
+        room = None
+        if isinstance(cache, SwarmCache):
+
+            def room(sequence_length: int, cache=cache) -> int:
+                """Draft tokens that still fit in the session, after this step's undrafted tokens."""
+                session = cache.session
+                if not session.supports_rollback:  # stock Petals 2.2 servers ignore start_from_position
+                    return 0
+                pending = session.pending.shape[1] if cache.seen == 0 and session.pending is not None else 0
+                undrafted = sequence_length - cache.seen + pending + (self.pre_seq_len if session.position == 0 else 0)
+                # One position stays free for the model's own token after the draft.
+                return session.max_length - session.position - undrafted - 1
+
+        self.speculation = speculative.AdaptivePromptLookup(
+            room=room,
+            max_tokens=generation_config.prompt_lookup_num_tokens,
+            eos_token_id=generation_config._eos_token_tensor,
+            max_matching_ngram_size=generation_config.max_matching_ngram_size or speculative.MAX_NGRAM,
+            max_length=generation_config.max_length,
+            logits_processor=logits_processor,
+            vocab_size=self.config.get_text_config().vocab_size,
+        )
+        return self.speculation
 
 
 def _check_sampling(kwargs: dict) -> None:

@@ -71,33 +71,65 @@ def describe_route(route: list[RouteSegment]) -> str:
 def choose_route(
     spans: dict[str, RemoteSpan], start: int, end: int, rtts: dict[str, float], cache_tokens_needed: int | None = None
 ) -> list[RouteSegment]:
-    """The cheapest chain of segments covering [start, end); raises MissingBlocksError if impossible."""
-    best: list[float] = [math.inf] * (end + 1)
-    choice: list[tuple[int, str] | None] = [None] * (end + 1)
-    best[start] = 0.0
+    """The cheapest chain of segments covering [start, end); raises MissingBlocksError if impossible.
+
+    The cost is what a token travels with server-to-server push: client -> first server (half the
+    client's round trip to it), each server -> the next (half the RTT the server announces in
+    `next_pings`, or, where it announces none for that peer, half the client's round trip to the next
+    server), the last server -> client, plus a fixed cost per hop and each block's compute time.
+    A dynamic programme over blocks: `arriving[peer]` is the cheapest way to have the activation at
+    `peer`, about to compute the current block.
+    """
     covering: list[list[tuple[str, RemoteSpan]]] = [[] for _ in range(end)]  # who may be entered at each block
     for peer, span in spans.items():
         for block in range(max(span.start, start), min(span.end, end)):
             covering[block].append((peer, span))
-    for a in range(start, end):
-        if best[a] == math.inf:
-            continue
-        for peer, span in covering[a]:
-            rps = min(span.server_info.inference_rps or DEFAULT_INFERENCE_RPS, protocol.MAX_ANNOUNCED_RPS)
-            entry = best[a] + _rtt_cost(rtts.get(peer)) + HOP_COST
-            for b in range(a + 1, min(span.end, end) + 1):
-                cost = entry + (b - a) / rps + (0 if _has_cache(span, b - a, cache_tokens_needed) else NO_CACHE_PENALTY)
-                if cost < best[b] - 1e-12:
-                    best[b], choice[b] = cost, (a, peer)
-    if best[end] == math.inf:
+    if any(not covering[b] for b in range(start, end)):
         raise MissingBlocksError(_uncovered(spans, start, end) or [start], "the model")
-    route, b = [], end
-    while b > start:
-        a, peer = choice[b]
-        route.append(RouteSegment(peer, a, b))
-        b = a
-    route.reverse()
-    return _merge(route)
+
+    def entry_cost(span: RemoteSpan) -> float:
+        length = min(span.end, end) - max(span.start, start)
+        return HOP_COST + (0.0 if _has_cache(span, length, cache_tokens_needed) else NO_CACHE_PENALTY)
+
+    arriving = {peer: _rtt_cost(rtts.get(peer)) + entry_cost(span) for peer, span in covering[start]}
+    came_from: list[dict[str, str | None]] = [dict.fromkeys(arriving)]
+    for block in range(start, end):
+        done = {
+            peer: cost + 1 / _inference_rps(spans[peer]) for peer, cost in arriving.items()
+        }  # block computed on `peer`
+        if block + 1 == end:
+            break
+        arriving, back = {}, {}
+        for nxt, span in covering[block + 1]:
+            best, best_from = done.get(nxt, math.inf), nxt  # staying on the same server costs nothing more
+            enter = entry_cost(span)
+            for cur, cost in done.items():
+                if cur == nxt:
+                    continue
+                hop = cost + _transfer_cost(spans[cur], nxt, rtts) + enter
+                if hop < best - 1e-12:
+                    best, best_from = hop, cur
+            arriving[nxt], back[nxt] = best, best_from
+        came_from.append(back)
+    last = min(done, key=lambda peer: done[peer] + _rtt_cost(rtts.get(peer)))
+    peers = [last]
+    for back in reversed(came_from[1:]):
+        peers.append(back[peers[-1]])
+    peers.reverse()
+    return _merge([RouteSegment(peer, start + i, start + i + 1) for i, peer in enumerate(peers)])
+
+
+def _inference_rps(span: RemoteSpan) -> float:
+    return min(span.server_info.inference_rps or DEFAULT_INFERENCE_RPS, protocol.MAX_ANNOUNCED_RPS)
+
+
+def _transfer_cost(cur: RemoteSpan, nxt: str, rtts: dict[str, float]) -> float:
+    """One activation's trip from server `cur` to server `nxt`: what `cur` measured (next_pings, sent
+    straight there by push), else what the client measured to `nxt`."""
+    pings = cur.server_info.next_pings
+    if pings and nxt in pings:
+        return _rtt_cost(pings[nxt])
+    return _rtt_cost(rtts.get(nxt))
 
 
 def _merge(route: list[RouteSegment]) -> list[RouteSegment]:
@@ -111,9 +143,9 @@ def _merge(route: list[RouteSegment]) -> list[RouteSegment]:
 
 
 def _rtt_cost(rtt: float | None) -> float:
-    if rtt is None:
+    if rtt is None or math.isnan(rtt):
         return UNKNOWN_RTT
-    return min(rtt / 2, 5.0) if math.isfinite(rtt) else 5.0
+    return min(max(rtt, 0.0) / 2, 5.0) if math.isfinite(rtt) else 5.0
 
 
 def _has_cache(span: RemoteSpan, length: int, tokens: int | None) -> bool:

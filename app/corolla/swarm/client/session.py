@@ -24,6 +24,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol
+from corolla.swarm.client import push
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
 from corolla.swarm.client.verification import SessionVerifier
 
@@ -49,6 +50,8 @@ class StepExtras:
     prompts: torch.Tensor | None = None  # [span blocks, batch or 1, P, hidden]
     hypo_ids: torch.Tensor | None = None  # int64 [batch]
     mask: torch.Tensor | None = None  # int64 [batch, position + length]
+    next_servers: list | None = None  # where this server pushes its output (push.py)
+    upstream: str | None = None  # the server that pushes into this one (push.py)
 
 
 @dataclass
@@ -103,6 +106,10 @@ class _ServerStream:
         }
         if not self._stepped:
             metadata.update(max_length=self.max_length, active_adapter=self.adapter)
+        elif extras.next_servers:
+            metadata["next_servers"] = extras.next_servers
+        if extras.upstream:
+            metadata["corolla_upstream"] = extras.upstream
         tensors = [
             serialize_torch_tensor(inputs),
             _DUMMY if extras.prompts is None else serialize_torch_tensor(extras.prompts),
@@ -231,11 +238,16 @@ class InferenceSession:
         if position == 0:
             self.padded = False
 
-    def _extras(self, stream: _ServerStream, position: int, hypo_ids, mask) -> StepExtras:
+    def _extras(self, stream: _ServerStream, position: int, hypo_ids, mask, pushing: bool = False) -> StepExtras:
         prompts = None
         if position == 0 and self.prompts is not None:
             prompts = self.prompts[stream.segment.start : stream.segment.end]
-        return StepExtras(prompts, hypo_ids, mask)
+        next_servers = upstream = None
+        if pushing:
+            index = self.streams.index(stream)
+            next_servers = push.next_servers(self.streams, index)
+            upstream = self.streams[index - 1].segment.peer_id if index > 0 else None
+        return StepExtras(prompts, hypo_ids, mask, next_servers, upstream)
 
     def _step_mask(self, attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
         """The padding mask to send with this step (None without padding); checks its shape."""
@@ -295,6 +307,9 @@ class InferenceSession:
         self._mask = mask
         step_id = str(uuid.uuid4())
         self._refusals: dict[str, int] = {}
+        pushing = self.view.config.use_server_to_server and push.can_push(
+            has_prompts=self.prompts is not None, padded=mask is not None, reorders=hypo_ids is not None
+        )
         index = 0
         while index < len(self.streams):
             stream = self.streams[index]
@@ -306,7 +321,7 @@ class InferenceSession:
                         step_id,
                         stream.position,
                         self.view.config.request_timeout,
-                        self._extras(stream, stream.position, hypo_ids, mask),
+                        self._extras(stream, stream.position, hypo_ids, mask, pushing),
                     )
                     self.view.on_success(stream.segment.peer_id)
                     stream.history = hidden if stream.history is None else torch.cat([stream.history, hidden], 1)

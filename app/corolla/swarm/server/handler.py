@@ -101,6 +101,7 @@ class _SessionInputs:
         self._requests, self._pushes = requests, pushes
         self._read: asyncio.Future | None = None
         self.client_done = False
+        self.last_was_pushed = False
 
     async def next(self, timeout: float) -> runtime_pb2.ExpertRequest | None:
         """None when the client ended its stream or nothing came within `timeout`."""
@@ -109,6 +110,7 @@ class _SessionInputs:
         waiters = {self._read} if self._read is not None else set()
         push = asyncio.ensure_future(self._pushes.get())
         done, _ = await asyncio.wait(waiters | {push}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        self.last_was_pushed = push in done
         if push in done:
             return push.result()
         push.cancel()
@@ -494,11 +496,15 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                     yield response
                     if isinstance(step_id, str):
                         processed_steps.add(step_id)
-                    self._maybe_push(out, first, metadata)
+                    self._maybe_push(out, request, metadata)
+                    if metadata.get("pushed") is True:
+                        self.stats.steps_from_pushes += 1
                 request = await inputs.next(self.limits.step_timeout)
                 if request is not None:
                     self.stats.bytes_in += request.ByteSize()
                     metadata = decode_metadata(request.metadata)
+                    if not inputs.last_was_pushed:
+                        _follow_named_upstream(session, metadata)
         finally:
             inputs.close()
             self.stats.sessions_active -= 1
@@ -552,14 +558,31 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.stats.inference_steps += 1
         return out
 
-    # --- server-to-server pushes (old clients) -----------------------------------------------------
-    def _maybe_push(self, out: torch.Tensor, first, metadata: dict) -> None:
+    # --- server-to-server pushes ---------------------------------------------------------------------
+    def _maybe_push(self, out: torch.Tensor, request, metadata: dict) -> None:
+        """Send this step's output to the next server of the chain when the step names one.
+
+        The pushed copy carries this step's own trailing tensors (Petals' servers send the first
+        request's, which is wrong for a step that reorders beams); a step with deep prompts or a padding
+        mask is never pushed, as in Petals (those are per span, the next server needs its own)."""
         next_servers = metadata.get("next_servers")
         if not next_servers or self.p2p is None or not isinstance(next_servers, (list, tuple)):
             return
+        if len(request.tensors) > 3 or (len(request.tensors) > 1 and _numel(request.tensors[1]) > 0):
+            return
         try:
             peer_b58, next_session, start, end = next_servers[0]
-            uid = protocol.chain_uids(self.dht_prefix, int(start), int(end))
+            if not isinstance(next_session, str) or len(next_session) > MAX_SESSION_ID_CHARS:
+                raise ValueError("bad session id")
+            if len(next_servers) > protocol.MAX_CHAIN_LENGTH:
+                raise ValueError("too long a chain")
+            if (
+                type(start) is not int
+                or type(end) is not int
+                or not 0 <= start < end <= start + protocol.MAX_CHAIN_LENGTH
+            ):
+                raise ValueError(f"bad block range {start!r}:{end!r}")
+            uid = protocol.chain_uids(self.dht_prefix, start, end)
             push_metadata = {
                 **metadata,
                 "session_id": next_session,
@@ -567,12 +590,13 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 "pushed": True,
             }
             request = runtime_pb2.ExpertRequest(
-                uid=uid, tensors=[serialize(out), *first.tensors[1:]], metadata=MSGPackSerializer.dumps(push_metadata)
+                uid=uid, tensors=[serialize(out), *request.tensors[1:]], metadata=MSGPackSerializer.dumps(push_metadata)
             )
             peer = PeerID.from_base58(peer_b58)
         except Exception as exc:  # a malformed next_servers entry only disables the optimisation
-            logger.debug("not pushing: %s", exc)
+            logger.debug("not pushing: %s", protocol.shorten(str(exc)))
             return
+        self.stats.pushes_sent += 1
         task = asyncio.create_task(self._push(peer, request))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -587,7 +611,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A previous server's output for one of this server's sessions (old clients' server-to-server
         push). Accepted only into a session that is open here, over the same blocks, and only from one
-        pusher per session: the first peer that pushes to it (the session's upstream server)."""
+        pusher per session: the upstream server the client names, else the first peer that pushes to it."""
         try:
             metadata = decode_metadata(request.metadata)
             self._chain(request.uid)
@@ -606,4 +630,21 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             raise
         session.pusher = context.remote_id
         session.pushes.put_nowait(request)
+        self.stats.pushes_received += 1
         return runtime_pb2.ExpertResponse()
+
+
+def _follow_named_upstream(session: _Session, metadata: dict) -> None:
+    """A Corolla client names the server that pushes into this session (`corolla_upstream`), so after a
+    failover the replacement upstream may push here; without it, the first peer to push keeps the role."""
+    named = metadata.get("corolla_upstream")
+    if isinstance(named, str) and len(named) <= MAX_SESSION_ID_CHARS:
+        with contextlib.suppress(Exception):
+            session.pusher = PeerID.from_base58(named)
+
+
+def _numel(tensor: runtime_pb2.Tensor) -> int:
+    count = 1
+    for dim in tensor.size:
+        count *= dim
+    return count

@@ -43,12 +43,14 @@ from corolla.swarm.server.block_selection import choose_best_blocks, should_choo
 from corolla.swarm.server.config import PARENT_PID_ENV, ServerConfig
 from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
 from corolla.swarm.server.memory_cache import CacheBudget
+from corolla.swarm.server.pings import NextPings
 from corolla.swarm.server.stats import ServerStats
 from corolla.swarm.server.throughput import Throughput, cached_throughput, measure, save_throughput
 
 logger = logging.getLogger(__name__)
 LEAVE_GRACE_S = 8.0  # from a stop request to leaving the serving loop (OFFLINE sent, handlers off)
 ANNOUNCE_OFFLINE_TIMEOUT_S = 4.0
+NEXT_PINGS_UPDATE_S = 30.0  # DHT lookup of the next blocks' servers plus one round of pings
 DETACH_TIMEOUT_S = 2.0
 SHUTDOWN_DEADLINE_S = 12.0  # then the process exits whatever it was doing (the tests allow 15 s)
 
@@ -92,6 +94,7 @@ class BlockServer:
         self.budget: CacheBudget | None = None
         self.throughput: Throughput | None = None
         self.announced_throughput = 0.0
+        self.next_pings: NextPings | None = None
         self.dht = None
         self._unsaved_throughput: Throughput | None = None
         self.network: NetworkPlan | None = None
@@ -324,6 +327,7 @@ class BlockServer:
             handler.adapters = self.adapters
             p2p = await self.dht.replicate_p2p()
             await handler.attach(p2p)
+            self.next_pings = NextPings(p2p, self.peer_id)
             self.state = ServerState.ONLINE
             self._set_state("online", f"serving blocks [{start}, {end})")
             self._save_throughput()
@@ -378,7 +382,7 @@ class BlockServer:
             quant_type=self.config.quant_type,
             using_relay=self.stats.using_relay,
             cache_tokens_left=self.budget.tokens_left_dht if self.budget is not None else None,
-            next_pings=None,
+            next_pings=self.next_pings.announced() if self.next_pings and self.state != ServerState.OFFLINE else None,
             extra={"corolla_version": __version__},
         )
 
@@ -391,14 +395,29 @@ class BlockServer:
             )
 
     async def _announce_forever(self, start: int, end: int) -> None:
+        first = True
         while True:
             try:
                 await self._announce(start, end)
             except Exception:
                 logger.warning("announcement failed", exc_info=True)
+            await self._measure_next_pings(start, end)
+            if first:  # the first pings are announced at once, not an update period later
+                first = False
+                with contextlib.suppress(Exception):
+                    await self._announce(start, end)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_announcer.wait(), self.config.update_period)
             self._wake_announcer.clear()
+
+    async def _measure_next_pings(self, start: int, end: int) -> None:
+        if self.next_pings is None:
+            return
+        try:
+            update = self.next_pings.update(self.dht, self.dht_prefix, start, end, self.total_blocks)
+            await asyncio.wait_for(update, NEXT_PINGS_UPDATE_S)
+        except Exception as exc:  # pings only refine routes: they never stop the announcements
+            logger.info("could not measure next_pings: %s", _one_line(exc))
 
     async def _balance_forever(self, move: asyncio.Event) -> None:
         while True:

@@ -1,0 +1,97 @@
+"""Speculative steps through the swarm, drafted by prompt lookup (no second model).
+
+transformers' assisted generation does the verification: it drafts k tokens by finding the last
+n-gram of the conversation earlier in it (`prompt_lookup_num_tokens`), sends them with the last
+token as one multi-token step, keeps the longest prefix the model agrees with plus the model's own
+next token, and crops the cache past the rest (SwarmCache.crop: the servers roll back with
+`start_from_position` at the next step). Greedy output is the non-speculative output token for
+token; with sampling each position is sampled from the model's own distribution and a draft token
+is kept only when it equals that sample, so the distribution is unchanged (the random stream is
+consumed differently, so a seeded run picks other tokens than a seeded plain run).
+
+On a swarm a step costs about one trip through the chain whatever its length, so every accepted
+draft token saves a trip. k adapts like transformers' assistant heuristic (+2 after a fully accepted
+draft, -1 otherwise), and drafting pauses for a while when recent acceptance is low (a long draft
+still costs each server compute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+DEFAULT_DRAFT_TOKENS = 8  # the most draft tokens per step when speculation is on by default
+MAX_DRAFT_TOKENS = 32
+MAX_NGRAM = 3
+MIN_ACCEPTANCE = 0.2  # below this (moving average of accepted / drafted), drafting pauses
+PAUSE_STEPS = 8
+
+
+@dataclass
+class SpeculationStats:
+    steps: int = 0  # verification steps that carried a draft
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class AdaptivePromptLookup(PromptLookupCandidateGenerator):
+    """Prompt-lookup drafting with an adaptive draft length and a pause when drafts keep failing."""
+
+    def __init__(self, *, max_tokens: int, room=None, **kwargs):
+        self.max_tokens = max(1, min(int(max_tokens), MAX_DRAFT_TOKENS))
+        self.room = room  # room(sequence_length) -> the most draft tokens the session can still take
+        super().__init__(num_output_tokens=min(4, self.max_tokens), **kwargs)
+        self.stats = SpeculationStats()
+        self._recent = 0.5
+        self._paused = 0
+        self._drafted_now = 0
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        if self._paused > 0:
+            self._paused -= 1
+            self._drafted_now = 0
+            return input_ids, None
+        candidates, logits = super().get_candidates(input_ids, **kwargs)
+        if self.room is not None:
+            room = max(0, self.room(input_ids.shape[1]))
+            candidates = candidates[:, : input_ids.shape[1] + room]
+        self._drafted_now = candidates.shape[1] - input_ids.shape[1]
+        return candidates, logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        drafted = self._drafted_now
+        if drafted <= 0:
+            return
+        accepted = int(num_matches)
+        self.stats.steps += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        self._recent = 0.7 * self._recent + 0.3 * (accepted / drafted)
+        if accepted == drafted:
+            self.num_output_tokens = min(self.num_output_tokens + 2, self.max_tokens)
+        else:
+            self.num_output_tokens = max(1, self.num_output_tokens - 1)
+        if self._recent < MIN_ACCEPTANCE:
+            self._paused, self._recent = PAUSE_STEPS, 0.5
+
+
+def default_speculation(kwargs: dict, generation_config, rows: int, enabled: bool) -> int | None:
+    """How many draft tokens to use when the caller did not choose: on for greedy decoding of one
+    sequence (exactly the same tokens, fewer trips); off for sampling (same distribution, but a
+    seeded run would no longer equal a seeded plain run), beams, batches and an assistant model."""
+    if not enabled or rows != 1 or kwargs.get("assistant_model") is not None:
+        return None
+    if int(kwargs.get("num_beams") or generation_config.num_beams or 1) != 1:
+        return None
+    if int(kwargs.get("num_return_sequences") or 1) != 1:
+        return None
+    do_sample = kwargs.get("do_sample", generation_config.do_sample)
+    if do_sample:
+        return None
+    return DEFAULT_DRAFT_TOKENS

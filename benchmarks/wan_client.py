@@ -1,0 +1,91 @@
+"""The Corolla client side of benchmarks/wan_tokens_per_second.py, run inside a lab host.
+
+Usage: python wan_client.py MODEL_DIR DHT_PREFIX INITIAL_PEER --new-tokens N
+Prints one JSON line per mode: {"mode", "ms_per_token", "tokens_per_s", "exact", "route", speculation stats}.
+Modes: no push (the client waits for each server in turn), push, push + speculation on a "rewrite"
+prompt (a paragraph given, then its start again) and on a free prompt. Greedy; every output is
+checked against the local model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import corolla
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("dht_prefix")
+    parser.add_argument("initial_peers", nargs="+")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    local = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    paragraph = torch.randint(6, 500, (1, 24), generator=torch.Generator().manual_seed(7))
+    prompts = {
+        "free": torch.tensor([[1, 384, 456]]),
+        "rewrite": torch.cat([paragraph, paragraph[:, :4]], dim=1),
+    }
+    want = {
+        name: local.generate(
+            ids, max_new_tokens=args.new_tokens, do_sample=False, attention_mask=torch.ones_like(ids), eos_token_id=None
+        )
+        for name, ids in prompts.items()
+    }
+    modes = [
+        ("no_push", "free", False, None),
+        ("push", "free", True, None),
+        ("push_speculative_free", "free", True, 8),
+        ("push_rewrite", "rewrite", True, None),
+        ("push_speculative_rewrite", "rewrite", True, 8),
+    ]
+    remote = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+        args.model_dir, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, request_timeout=30.0
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                route = remote.route()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        for mode, prompt_name, push, draft in modes:
+            remote.client_config.use_server_to_server = push
+            ids = prompts[prompt_name]
+            remote.generate(ids, max_new_tokens=4, eos_token_id=[], prompt_lookup_num_tokens=None)  # warm-up
+            runs, out = [], None
+            for _ in range(3):
+                started = time.perf_counter()
+                out = remote.generate(
+                    ids, max_new_tokens=args.new_tokens, eos_token_id=[], prompt_lookup_num_tokens=draft
+                )
+                runs.append(time.perf_counter() - started)
+            seconds = sorted(runs)[1]
+            stats = remote.speculation.stats if remote.speculation is not None else None
+            report = {
+                "mode": mode,
+                "prompt": prompt_name,
+                "ms_per_token": round(1000 * seconds / args.new_tokens, 1),
+                "tokens_per_s": round(args.new_tokens / seconds, 2),
+                "exact": bool(torch.equal(out, want[prompt_name])),
+                "route": route,
+            }
+            if stats is not None:
+                report |= {"draft_steps": stats.steps, "drafted": stats.drafted, "accepted": stats.accepted}
+            print(json.dumps(report), flush=True)
+    finally:
+        remote.close()
+
+
+if __name__ == "__main__":
+    main()

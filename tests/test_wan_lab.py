@@ -1,0 +1,92 @@
+"""Push and speculative steps across distance, in the network lab: 3 servers on 3 hosts, 20 ms one
+way per direction into each server (a delaying forwarder in front of each announced address), a
+standby for the middle span on a 4th host, clients on a 5th. One lab for the module (slow: it starts
+a bootstrap and four servers in namespaces).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.lab_swarm import LAB_PORT, CorollaBootstrap, corolla_server
+from tests.support.netlab import NetLab, lab_unavailable_reason
+from tests.support.swarm import make_reference_model, reference_dir, reference_python, run_reference_script
+
+pytestmark = pytest.mark.slow
+PREFIX = "tiny-llama-hf"
+FRONT = LAB_PORT + 1
+DELAY_MS = 20.0
+COMMON = ["--dht-prefix", PREFIX, "--torch-dtype", "float32", "--throughput", "10", "--step-timeout", "60"]
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    reason = lab_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if not reference_python().exists():
+        pytest.skip("the stock Petals reference environment is not built (it makes the lab's model)")
+    work = tmp_path_factory.mktemp("wan-lab")
+    model = make_reference_model(work / "tiny-llama", PREFIX)
+    with NetLab() as lab:
+        boot = CorollaBootstrap(lab, lab.add_public("pub0"), work)
+        servers = {}
+        for name, blocks in [("s1", "0:2"), ("s2", "2:3"), ("s3", "3:4"), ("standby", "2:3")]:
+            host = lab.add_public(name)
+            lab.forwarder(host, FRONT, LAB_PORT, DELAY_MS)
+            servers[name] = corolla_server(
+                lab, host, work, model, "--initial-peers", boot.maddr, "--blocks", blocks, *COMMON,
+                name=name, announce_port=FRONT,
+            )  # fmt: skip
+        for server in servers.values():
+            server.wait_state("online")
+        yield {"lab": lab, "model": model, "boot": boot, "servers": servers, "client": lab.add_public("client")}
+        for server in servers.values():
+            server.stop()
+
+
+def test_push_and_speculation_survive_a_middle_server_killed_mid_generation(wan):
+    """The default client (push on; greedy, so speculative steps on) through the lab chain; the server
+    holding block 2 on its route is SIGKILLed mid-generation: the tokens equal the local model's."""
+    lab, servers = wan["lab"], wan["servers"]
+    script = Path(__file__).parent / "support" / "lab_client.py"
+    argv = [sys.executable, str(script), str(wan["model"]), PREFIX, wan["boot"].maddr, "--new-tokens", "48"]
+    client = lab.popen(wan["client"], argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = client.stdout.readline()
+        route = json.loads(line)["generating"]
+        middle = next(s for s in (servers["s2"], servers["standby"]) if s.peer_id[-6:] in route.split("2:3 via")[1])
+        time.sleep(1.5)  # a few tokens in: pushes and drafts are flowing
+        middle.kill()
+        out, err = client.communicate(timeout=400)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    report = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
+    assert report["exact"] and report["new_tokens"] == 48, (report, err[-3000:])
+    pushed = sum(s.stats().get("pushes_received", 0) for s in servers.values() if s is not middle)
+    assert pushed > 0
+
+
+def test_stock_petals_client_pushes_through_corolla_servers(wan):
+    """A stock Petals 2.2 client sends next_servers; the Corolla servers push to each other; its check
+    against the local model passes."""
+    lab, servers = wan["lab"], wan["servers"]
+    alive = [s for s in servers.values() if s.process.poll() is None]
+    before = sum(s.stats().get("pushes_received", 0) for s in alive)
+    result = run_reference_script(
+        reference_dir() / "client_check.py", str(wan["model"]), wan["boot"].maddr,
+        "--dht_prefix", PREFIX, "--new_tokens", "16",
+        timeout=400, launcher=lab.exec_argv(wan["client"].ns, []),
+    )  # fmt: skip
+    summary = [line for line in result.stdout.splitlines() if line.startswith("SUMMARY ")]
+    assert result.returncode == 0 and summary, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads(summary[-1].removeprefix("SUMMARY "))["ok"]
+    time.sleep(1.5)  # stats files are rewritten every second
+    assert sum(s.stats().get("pushes_received", 0) for s in alive) > before
