@@ -236,9 +236,9 @@ def decode_modes(span: BlockSpan, cached: int, steps: int, batch: int = 1) -> di
         del cache
     if device.type == "cuda":
         fast = span.fast_path
-        rows["cuda_graph"]["graph_used"] = fast.enabled and fast.replays > 0
-        if not fast.enabled:
-            rows["cuda_graph"]["fell_back_because"] = fast.disabled_reason
+        rows["cuda_graph"]["graph_used"] = fast.replays > 0
+        if fast.failures:
+            rows["cuda_graph"]["fell_back_because"] = fast.last_failure
     return rows
 
 

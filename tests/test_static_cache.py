@@ -123,6 +123,7 @@ def test_which_cache_a_session_gets(tiny_models):
     assert isinstance(span.new_cache(), SessionCache)  # no max_length: nothing to preallocate
     assert isinstance(span.new_cache(0), SessionCache)  # a session that reserves no cache
     assert isinstance(span.new_cache(64), StaticSessionCache)  # the CPU measured it faster
+    assert span.new_cache(64).decoder is None  # CUDA graphs only on a GPU
     enough = span.static_cache_bytes(2, 64)
     assert isinstance(span.new_cache(64, batch=2, reserved_bytes=enough), StaticSessionCache)
     assert isinstance(span.new_cache(64, batch=2, reserved_bytes=enough - 1), SessionCache)

@@ -24,14 +24,15 @@ graph of exactly the eager kernels, so its output is the eager one. benchmarks/g
 measures transformers' static cache + compile beside it.
 
 Any failure to capture (a kernel that syncs with the host, as bitsandbytes' LLM.int8 outlier split
-does, or the data-dependent expert routing of a mixture of experts) turns the fast path off for the
-span with one log line; the step then runs eagerly: never a wrong answer.
+does, or the data-dependent expert routing of a mixture of experts) sends the session to the eager
+path with one log line, and repeated failures turn the fast path off for the span: never a wrong
+answer, since the first replay of every graph is checked against the eager step it replaces.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,23 +46,32 @@ MAX_GRAPH_TOKENS = 8
 # The first replay must reproduce the eager warm-up of the same step (same kernels, same inputs);
 # anything further off means the capture went wrong, and the graph is dropped.
 REPLAY_CHECK_RTOL = 1e-3
+MAX_CAPTURE_FAILURES = 3
 
 
 @dataclass
 class DecodeFastPath:
-    """What the sessions of one loaded span share: the graphs' memory pool, and whether capture works."""
+    """What the sessions of one loaded span share: the graphs' memory pool, and whether capture works.
+
+    A failed capture sends that session's steps to the eager path, with one log line; after
+    `MAX_CAPTURE_FAILURES` failures (a kernel that can never be captured, not a passing collision
+    with another thread's work) no session of the span tries again.
+    """
 
     enabled: bool = True
     disabled_reason: str | None = None
     pool: object | None = None
     captures: int = 0
     replays: int = 0
-    sessions: int = field(default=0)
+    failures: int = 0
+    last_failure: str | None = None
 
-    def disable(self, reason: str) -> None:
-        if self.enabled:
+    def capture_failed(self, reason: str) -> None:
+        self.failures, self.last_failure = self.failures + 1, reason
+        logger.warning("CUDA-graph capture failed, the session's steps run eagerly: %s", reason)
+        if self.enabled and self.failures >= MAX_CAPTURE_FAILURES:
             self.enabled, self.disabled_reason = False, reason
-            logger.warning("CUDA-graph decode disabled, steps run eagerly: %s", reason)
+            logger.warning("CUDA-graph decode disabled for this span after %d failed captures", self.failures)
 
 
 def fixed_masks(span, positions: torch.Tensor, max_length: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -136,11 +146,13 @@ class GraphedDecoder:
     def __init__(self, span, cache: StaticSessionCache, shared: DecodeFastPath):
         self.span, self.cache, self.shared = span, cache, shared
         self._graphs: dict[int, _Captured] = {}
+        self.eager_only = False  # this session's capture failed
 
     def wants(self, hidden: torch.Tensor) -> bool:
         """Whether this step goes through a graph: a few tokens, after the prefill, graphs working."""
         return (
             self.shared.enabled
+            and not self.eager_only
             and self.cache.is_allocated
             and 1 <= hidden.shape[1] <= MAX_GRAPH_TOKENS
             and hidden.device.type == "cuda"
@@ -195,8 +207,9 @@ class GraphedDecoder:
             error = ((out.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
             if not error <= REPLAY_CHECK_RTOL:
                 raise RuntimeError(f"the replay differs from the eager step (relative error {error:.3g})")
-        except Exception as exc:
-            self.shared.disable(f"{type(exc).__name__}: {str(exc)[:300]}")
+        except Exception as exc:  # whatever the cause, this step and this session run eagerly
+            self.eager_only = True
+            self.shared.capture_failed(f"{type(exc).__name__}: {str(exc)[:300]}")
             return None  # the eager step rewrites the same cache slots
         finally:
             cache.fixed_shape = False
