@@ -61,8 +61,10 @@ def measure(span, cached: int, steps: int, batch: int = 1) -> dict:
         span(x0, cache)
         span(x, cache)
     times: dict[str, list[float]] = {name: [] for name in caches}
-    for _ in range(steps):
-        for name, cache in caches.items():  # alternate: drifting load hits both alike
+    order = list(caches.items())
+    for index in range(steps):
+        # Alternate, in ABBA order: drifting load on the machine hits both alike.
+        for name, cache in order if index % 2 == 0 else order[::-1]:
             cache.rollback(cached + 1)
             started = time.perf_counter()
             span(x, cache)
