@@ -99,7 +99,7 @@ def test_fixed_shape_step_matches_dynamic(tiny_models, preset):
     def run_step(hidden):
         with torch.inference_mode():
             step = steps.setdefault(hidden.shape[1], FixedShapeStep(span, cache, hidden.shape[1]))
-            return step.run_eagerly(hidden)
+            return step.run_eagerly(cache, hidden)
 
     worst = _session(span, run_step, cache, ReplayingDynamic(span))
     assert worst <= 1e-5, f"{preset}: max abs diff {worst}"
@@ -116,6 +116,25 @@ def test_a_step_that_outgrows_the_cache_gets_a_clear_error(tiny_models):
     assert cache.length == 6  # a refused step leaves the cache as it was
     out = span(torch.randn(2, 2, span.hidden_size), cache)
     assert out.shape == (2, 2, span.hidden_size) and cache.length == 8
+
+
+def test_a_closed_session_frees_its_cache_at_once(tiny_models):
+    """No reference cycle: the buffers go with the last reference, not at a later garbage collection."""
+    import gc
+    import weakref
+
+    span = _span(tiny_models, "llama")
+    cache = span.new_cache(16, static=True)
+    span(torch.randn(1, 4, span.hidden_size), cache)
+    with torch.inference_mode():
+        FixedShapeStep(span, cache, 1).run_eagerly(cache, torch.randn(1, 1, span.hidden_size))
+    keys = weakref.ref(cache.cache.layers[1].keys)
+    gc.disable()
+    try:
+        del cache
+        assert keys() is None
+    finally:
+        gc.enable()
 
 
 def test_which_cache_a_session_gets(tiny_models):

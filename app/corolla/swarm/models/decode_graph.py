@@ -93,26 +93,29 @@ def fixed_masks(span, positions: torch.Tensor, max_length: int, dtype: torch.dty
 
 
 class FixedShapeStep:
-    """One step of `tokens` new tokens over `cache` in fixed shape; inputs go into `hidden_in`."""
+    """One step of `tokens` new tokens over a session's static cache in fixed shape; inputs go into
+    `hidden_in`. It holds the cache's layers and shared state, not the session cache itself (which
+    holds the graphs that hold this): no reference cycle keeps a closed session's memory."""
 
     def __init__(self, span, cache: StaticSessionCache, tokens: int):
-        self.span, self.cache, self.tokens = span, cache, tokens
+        self.span, self.tokens = span, tokens
+        self.kv, self.state, self.max_length = cache.cache, cache.state, cache.max_length
         self.hidden_in = torch.zeros((cache.batch_size, tokens, span.hidden_size), dtype=span.dtype, device=span.device)
         self.offsets = torch.arange(tokens, device=span.device)
 
     def __call__(self) -> torch.Tensor:
-        span, cache = self.span, self.cache
-        positions = cache.position + self.offsets
+        span = self.span
+        positions = self.state.position + self.offsets
         hidden = self.hidden_in
         ctx = LayerCallContext(
             config=span.config,
             rotary_emb=span.rotary_emb,
             hidden_states=hidden,
-            cache=cache.cache,
+            cache=self.kv,
             attention_mask=None,
             position_ids=positions.unsqueeze(0),
             layer_types=span._span_layer_types,
-            fixed_masks=fixed_masks(span, positions, cache.max_length, span.dtype),
+            fixed_masks=fixed_masks(span, positions, self.max_length, span.dtype),
         )
         kwargs_by_type = span.family.layer_kwargs(ctx)
         for layer, layer_type in zip(span.layers, span.layer_types, strict=True):
@@ -120,16 +123,20 @@ class FixedShapeStep:
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def run_eagerly(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The step without a graph (what a replay does), advancing the cache."""
+    def start(self, cache: StaticSessionCache, hidden: torch.Tensor) -> None:
+        """Load this step's inputs and position, and put the cache in fixed shape."""
         self.hidden_in.copy_(hidden)
-        self.cache.position.fill_(self.cache.length)
-        self.cache.fixed_shape = True
+        self.state.position.fill_(cache.length)
+        self.state.fixed_shape = True
+
+    def run_eagerly(self, cache: StaticSessionCache, hidden: torch.Tensor) -> torch.Tensor:
+        """The step without a graph (what a replay computes), advancing the cache."""
+        self.start(cache, hidden)
         try:
             out = self()
         finally:
-            self.cache.fixed_shape = False
-        self.cache.advance(self.tokens)
+            self.state.fixed_shape = False
+        cache.advance(self.tokens)
         return out
 
 
@@ -141,55 +148,41 @@ class _Captured:
 
 
 class GraphedDecoder:
-    """The CUDA graphs of one session, by step length."""
+    """The CUDA graphs of one session, by step length (the session's cache holds it)."""
 
-    def __init__(self, span, cache: StaticSessionCache, shared: DecodeFastPath):
-        self.span, self.cache, self.shared = span, cache, shared
+    def __init__(self, span, shared: DecodeFastPath):
+        self.span, self.shared = span, shared
         self._graphs: dict[int, _Captured] = {}
         self.eager_only = False  # this session's capture failed
 
-    def wants(self, hidden: torch.Tensor) -> bool:
+    def wants(self, cache: StaticSessionCache, hidden: torch.Tensor) -> bool:
         """Whether this step goes through a graph: a few tokens, after the prefill, graphs working."""
         return (
             self.shared.enabled
             and not self.eager_only
-            and self.cache.is_allocated
+            and cache.is_allocated
             and 1 <= hidden.shape[1] <= MAX_GRAPH_TOKENS
             and hidden.device.type == "cuda"
         )
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def step(self, cache: StaticSessionCache, hidden: torch.Tensor) -> torch.Tensor | None:
         """The step's output through a graph; None when it must run eagerly (capture failed)."""
         tokens = hidden.shape[1]
-        self.check_fits(hidden)
+        check_fits(cache, hidden)
         captured = self._graphs.get(tokens)
         if captured is None:
-            return self._capture(hidden)
-        captured.step.hidden_in.copy_(hidden)
-        self.cache.position.fill_(self.cache.length)
+            return self._capture(cache, hidden)
+        captured.step.start(cache, hidden)
+        captured.step.state.fixed_shape = False  # a replay runs no Python: the flag is for eager calls
         captured.graph.replay()
-        self.cache.advance(tokens)
+        cache.advance(tokens)
         self.shared.replays += 1
         return captured.out.clone()  # the next replay overwrites `out`
 
-    def check_fits(self, hidden: torch.Tensor) -> None:
-        batch, tokens = hidden.shape[:2]
-        if batch != self.cache.batch_size:
-            raise CacheCapacityError(
-                f"this session's cache was allocated for a batch of {self.cache.batch_size}, the step has {batch}"
-            )
-        if self.cache.length + tokens > self.cache.max_length:
-            raise CacheCapacityError(
-                f"the step's {tokens} tokens do not fit: the cache holds {self.cache.length} of at most "
-                f"{self.cache.max_length}"
-            )
-
-    def _capture(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        tokens, cache = hidden.shape[1], self.cache
+    def _capture(self, cache: StaticSessionCache, hidden: torch.Tensor) -> torch.Tensor | None:
+        tokens = hidden.shape[1]
         step = FixedShapeStep(self.span, cache, tokens)
-        step.hidden_in.copy_(hidden)
-        cache.position.fill_(cache.length)
-        cache.fixed_shape = True
+        step.start(cache, hidden)
         try:
             # Warm up on a side stream (lazy cuBLAS and allocator set-up must not be captured). The
             # warm-up is the real step: it writes this step's keys and values, which the replay rewrites.
@@ -212,8 +205,21 @@ class GraphedDecoder:
             self.shared.capture_failed(f"{type(exc).__name__}: {str(exc)[:300]}")
             return None  # the eager step rewrites the same cache slots
         finally:
-            cache.fixed_shape = False
+            step.state.fixed_shape = False
         self._graphs[tokens] = _Captured(step, graph, out)
         self.shared.captures += 1
         cache.advance(tokens)
         return out.clone()
+
+
+def check_fits(cache: StaticSessionCache, hidden: torch.Tensor) -> None:
+    """A step that outgrows the session's bucket (its batch) or its cache (max_length) is refused."""
+    batch, tokens = hidden.shape[:2]
+    if batch != cache.batch_size:
+        raise CacheCapacityError(
+            f"this session's cache was allocated for a batch of {cache.batch_size}, the step has {batch}"
+        )
+    if cache.length + tokens > cache.max_length:
+        raise CacheCapacityError(
+            f"the step's {tokens} tokens do not fit: the cache holds {cache.length} of at most {cache.max_length}"
+        )

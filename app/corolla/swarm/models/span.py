@@ -80,7 +80,7 @@ class BlockSpan:
         graphs = self.device.type == "cuda" and os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         cache = StaticSessionCache(self.family, self.config, self.start, self.end, max_length, for_graphs=graphs)
         if graphs:
-            cache.decoder = GraphedDecoder(self, cache, self.fast_path)
+            cache.decoder = GraphedDecoder(self, self.fast_path)
         return cache
 
     def sub(self, start: int, end: int) -> BlockSpan:
@@ -138,9 +138,9 @@ class BlockSpan:
             and position_ids is None
             and prompts is None
             and not torch.is_grad_enabled()
-            and decoder.wants(hidden)
+            and decoder.wants(cache, hidden)
         ):
-            out = decoder.step(hidden)
+            out = decoder.step(cache, hidden)
             if out is not None:
                 return out
         if position_ids is None:

@@ -19,6 +19,8 @@ sliding cache cannot do once the window has moved.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
@@ -37,17 +39,29 @@ def static_cache_pays(device: torch.device) -> bool:
     return device.type in STATIC_CACHE_DEVICES
 
 
+@dataclass
+class StaticCacheState:
+    """What a session's layers share with its cache and its fixed-shape steps. (Not the cache
+    itself: no reference cycle, so a closed session's buffers are freed at once, not at the next
+    garbage collection.)"""
+
+    for_graphs: bool
+    fixed_shape: bool = False
+    position: torch.Tensor | None = None  # device scalar: the write position in fixed shape
+    nbytes: int = 0
+
+
 class StaticKVLayer(CacheLayerMixin):
     is_compileable = False  # transformers' mask helpers must treat it like a dynamic layer (eager view)
     is_croppable = True
 
-    def __init__(self, max_length: int, sliding_window: int | None, owner: StaticSessionCache):
+    def __init__(self, max_length: int, sliding_window: int | None, state: StaticCacheState):
         super().__init__()
         self.max_length = max_length
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.length = 0
-        self._owner = owner
+        self._state = state
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, key_dim = key_states.shape
@@ -55,7 +69,7 @@ class StaticKVLayer(CacheLayerMixin):
         # A fixed-shape step multiplies masked-out slots by 0, and 0 x NaN is NaN: zeros for graphs.
         # Eager views never read past the length, so they take uncommitted memory (pages fill as
         # tokens arrive). Ordinary tensors, not inference tensors: hypo_ids reorder them in place.
-        alloc = torch.zeros if self._owner.for_graphs else torch.empty
+        alloc = torch.zeros if self._state.for_graphs else torch.empty
         with torch.inference_mode(False), torch.no_grad():
             self.keys = alloc((batch, heads, self.max_length, key_dim), dtype=key_states.dtype, device=self.device)
             self.values = alloc(
@@ -64,7 +78,9 @@ class StaticKVLayer(CacheLayerMixin):
                 device=self.device,
             )
         self.is_initialized = True
-        self._owner._allocated(self)
+        self._state.nbytes += tensor_nbytes(self.keys) + tensor_nbytes(self.values)
+        if self._state.position is None:
+            self._state.position = torch.zeros((), dtype=torch.long, device=self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -74,8 +90,8 @@ class StaticKVLayer(CacheLayerMixin):
             raise CacheCapacityError(
                 f"this session's cache holds a batch of {self.keys.shape[0]}, the step has {key_states.shape[0]}"
             )
-        if self._owner.fixed_shape:
-            slots = self._owner.position + torch.arange(new, device=self.device)
+        if self._state.fixed_shape:
+            slots = self._state.position + torch.arange(new, device=self.device)
             self.keys.index_copy_(2, slots, key_states)
             self.values.index_copy_(2, slots, value_states)
             return self.keys, self.values
@@ -92,7 +108,7 @@ class StaticKVLayer(CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """What the dynamic layer of the same kind reports (or the whole buffer, in fixed shape)."""
-        if self._owner.fixed_shape:
+        if self._state.fixed_shape:
             return self.max_length, 0
         if self.sliding_window is None:
             return self.length + query_length, 0
@@ -138,24 +154,20 @@ class StaticSessionCache:
         if max_length <= 0:
             raise CacheCapacityError("a static cache needs max_length > 0")
         self.start, self.end, self.max_length = start, end, max_length
-        self.for_graphs = for_graphs
-        self.fixed_shape = False
-        self.position: torch.Tensor | None = None  # device scalar: the write position in fixed shape
+        self.state = StaticCacheState(for_graphs)
         self.decoder = None  # a decode_graph.GraphedDecoder, once the span attaches one
         types = family.layer_types(config)
         window = getattr(config, "sliding_window", None)
         layers: list = [DummyLayer() for _ in range(config.num_hidden_layers)]
         for index in range(start, end):
             sliding = types[index] == SLIDING_ATTENTION and window is not None
-            layers[index] = StaticKVLayer(max_length, window if sliding else None, self)
+            layers[index] = StaticKVLayer(max_length, window if sliding else None, self.state)
         self.cache = Cache(layers=layers)
         self._span_layers: list[StaticKVLayer] = layers[start:end]
-        self._nbytes = 0
 
-    def _allocated(self, layer: StaticKVLayer) -> None:
-        self._nbytes += tensor_nbytes(layer.keys) + tensor_nbytes(layer.values)
-        if self.position is None:
-            self.position = torch.zeros((), dtype=torch.long, device=layer.device)
+    @property
+    def position(self) -> torch.Tensor | None:
+        return self.state.position
 
     @property
     def length(self) -> int:
@@ -185,4 +197,4 @@ class StaticSessionCache:
 
     def nbytes(self) -> int:
         """Bytes allocated (the whole max_length, once the first step has run)."""
-        return self._nbytes
+        return self.state.nbytes
