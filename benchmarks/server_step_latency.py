@@ -2,10 +2,12 @@
 
 Measured in one run, one after the other, with the same client code:
 - raw: a hivemind stream round trip to an echo handler in another process (transport only);
-- compute: the span's own step time, in-process (no network);
+- compute: the span's own step time, in-process (no network), on the static cache a server session
+  gets (and, beside it, on the dynamic cache);
 - corolla: a Corolla block server serving the span;
 - petals: a stock Petals 2.2 server serving the same span (needs ../shared/reference-petals' venv).
-Targets: corolla - raw - compute <= 1 ms; corolla <= 0.5 x petals. Prints JSON.
+Targets: corolla - raw - compute <= 1 ms; corolla <= 0.5 x petals. Prints JSON. `--no-petals` skips
+the stock server (the per-step overhead figures, every run, in a minute).
 
 Usage (as root, preferably in a loopback-only namespace):
     unshare -n sh -c 'ip link set lo up && .venv/bin/python benchmarks/server_step_latency.py'
@@ -129,10 +131,12 @@ def measure_echo(client_dht, peer_id: str, hidden: int, steps: int) -> list[floa
     return asyncio.run(run())
 
 
-def measure_compute(model_dir: Path, blocks: int, steps: int) -> list[float]:
+def measure_compute(model_dir: Path, blocks: int, steps: int, static: bool = True) -> list[float]:
+    """The span's own step time in-process, on the cache a server session gets (static: preallocated
+    to the session's max_length) or the dynamic one."""
     torch.set_num_threads(1)
     span = load_span(model_dir, 0, blocks)
-    cache = span.new_cache()
+    cache = span.new_cache(steps + 8, static=static)
     x = torch.randn(1, 1, span.hidden_size)
     span(x, cache)
     times = []
@@ -156,6 +160,7 @@ def summary(values: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--no-petals", action="store_true", help="skip the stock Petals server (faster)")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
@@ -171,6 +176,7 @@ def main() -> None:
         hidden, blocks = config["hidden_size"], config["num_hidden_layers"]
         report["model"] = {"hidden_size": hidden, "blocks": blocks}
         report["compute"] = summary(measure_compute(model, blocks, args.steps))
+        report["compute_dynamic_cache"] = summary(measure_compute(model, blocks, args.steps, static=False))
 
         # In its own process group: the DHT process and p2pd it forks go with it.
         echo = subprocess.Popen(
@@ -206,7 +212,7 @@ def main() -> None:
         finally:
             server.stop()
 
-        if reference_python().exists():
+        if reference_python().exists() and not args.no_petals:
             seed = CorollaServer(
                 tmp,
                 model,
@@ -233,6 +239,8 @@ def main() -> None:
                 seed.stop()
     corolla, raw, compute = (report[k]["median_ms"] for k in ("corolla", "raw_stream_round_trip", "compute"))
     report["corolla_overhead_ms"] = round(corolla - raw - compute, 3)
+    # The host-side share of a server step (what CUDA graphs remove on a GPU): server step over compute.
+    report["corolla_step_over_compute"] = round(corolla / compute, 2)
     report["target_overhead_ms"] = 1.0
     if "petals" in report:
         report["corolla_over_petals"] = round(corolla / report["petals"]["median_ms"], 3)

@@ -6,6 +6,8 @@ Which file plays which role:
 - checkpoint.py: a local folder or hub repo, its config and weight index; reads only the shards asked for.
 - loading.py: builds the meta skeleton and loads blocks [a, b) or the client parts into it.
 - span.py / cache.py: a loaded span and its per-session KV cache; client_parts.py: embeddings and head.
+- static_cache.py: the KV cache preallocated to a session's max_length (exactly the dynamic path's
+  results, rollback at any depth); decode_graph.py: its decode steps as CUDA graphs on a GPU.
 - devices.py: device and dtype choice and checks; quantization.py: int8 / nf4 via bitsandbytes.
 - memory.py: bytes held by a loaded part; tiny.py: tiny random models for tests and the offline demo.
 """

@@ -23,3 +23,8 @@ class DeviceError(EngineError):
 
 class CacheRollbackError(EngineError):
     """A session cache cannot be rolled back to the requested position."""
+
+
+class CacheCapacityError(EngineError):
+    """A step does not fit the session's preallocated cache: more tokens than its max_length, or
+    another batch size than the one the cache was allocated for."""

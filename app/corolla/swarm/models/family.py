@@ -52,6 +52,9 @@ class LayerCallContext:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     layer_types: frozenset[str]
+    # Fixed-shape steps (CUDA graphs): the masks per layer type over the whole static cache, built
+    # from a device-side position; they replace the masks transformers would size from the cache.
+    fixed_masks: dict[str, torch.Tensor] | None = None
 
 
 class ModelFamily:
@@ -88,6 +91,11 @@ class ModelFamily:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return (getattr(config, "num_key_value_heads", None) or heads) * head_dim
 
+    def cached_kv_dim(self, config: PretrainedConfig) -> int:
+        """Width of the keys one token really stores per block in the cache (kv_dim, unless the
+        layers widen the keys before caching them)."""
+        return self.kv_dim(config)
+
     def base_model(self, model: nn.Module) -> nn.Module:
         return model.base_model
 
@@ -121,6 +129,8 @@ class ModelFamily:
     def _masks(
         self, ctx: LayerCallContext, single_token_fast_path: bool = False, **extra: Any
     ) -> dict[str, torch.Tensor | None]:
+        if ctx.fixed_masks is not None:
+            return ctx.fixed_masks
         # One new token without padding attends to every cached one: full attention needs no mask.
         # (The decode step of every swarm session; building the mask costs more than the attention.)
         unmasked = single_token_fast_path and ctx.attention_mask is None and ctx.hidden_states.shape[1] == 1

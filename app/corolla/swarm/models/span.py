@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from corolla.swarm.models.cache import SessionCache
+from corolla.swarm.models.decode_graph import DecodeFastPath, GraphedDecoder
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.family import LayerCallContext, ModelFamily
 from corolla.swarm.models.memory import module_nbytes
+from corolla.swarm.models.static_cache import StaticSessionCache, static_cache_pays
+
+# COROLLA_CUDA_GRAPHS=0 keeps CUDA decode steps eager (the static cache stays).
+CUDA_GRAPHS_ENV = "COROLLA_CUDA_GRAPHS"
 
 
 @dataclass
@@ -25,6 +31,8 @@ class BlockSpan:
     device: torch.device
     dtype: torch.dtype
     quantization: str = "none"
+    # Shared by this span and its sub-spans: the CUDA graphs' memory pool, and whether capture works.
+    fast_path: DecodeFastPath = field(default_factory=DecodeFastPath)
 
     def __post_init__(self) -> None:
         types = self.family.layer_types(self.config)
@@ -44,8 +52,36 @@ class BlockSpan:
         modules = [self.layers] + ([self.rotary_emb] if self.rotary_emb is not None else [])
         return sum(module_nbytes(m) for m in modules)
 
-    def new_cache(self) -> SessionCache:
-        return SessionCache(self.config, self.start, self.end)
+    def static_cache_bytes(self, batch: int, max_length: int) -> int:
+        """What a static cache of `batch` x `max_length` tokens allocates on this span."""
+        width = self.family.cached_kv_dim(self.config)
+        return 2 * batch * max_length * self.num_blocks * width * self.dtype.itemsize
+
+    def new_cache(
+        self,
+        max_length: int | None = None,
+        *,
+        batch: int = 1,
+        reserved_bytes: int | None = None,
+        static: bool | None = None,
+    ) -> SessionCache | StaticSessionCache:
+        """A session's cache. Given its `max_length`, a static cache where one measured faster on this
+        device type and its allocation fits `reserved_bytes` (the session's reservation), with CUDA
+        graphs for its decode steps on a GPU; otherwise a dynamic one. `static` forces the choice."""
+        if static is None:
+            static = (
+                max_length is not None
+                and max_length > 0
+                and static_cache_pays(self.device)
+                and (reserved_bytes is None or self.static_cache_bytes(batch, max_length) <= reserved_bytes)
+            )
+        if not static:
+            return SessionCache(self.config, self.start, self.end)
+        graphs = self.device.type == "cuda" and os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
+        cache = StaticSessionCache(self.family, self.config, self.start, self.end, max_length, for_graphs=graphs)
+        if graphs:
+            cache.decoder = GraphedDecoder(self, self.fast_path)
+        return cache
 
     def sub(self, start: int, end: int) -> BlockSpan:
         """A view of blocks [start, end) of this span sharing its weights (a request may ask for fewer)."""
@@ -55,7 +91,16 @@ class BlockSpan:
             return self
         layers = nn.ModuleList(list(self.layers)[start - self.start : end - self.start])
         return BlockSpan(
-            self.family, self.config, start, end, layers, self.rotary_emb, self.device, self.dtype, self.quantization
+            self.family,
+            self.config,
+            start,
+            end,
+            layers,
+            self.rotary_emb,
+            self.device,
+            self.dtype,
+            self.quantization,
+            self.fast_path,
         )
 
     def forward(
@@ -86,6 +131,18 @@ class BlockSpan:
         self._validate(hidden_states, attention_mask, position_ids, past)
         length = hidden_states.shape[1]
         hidden = hidden_states.to(device=self.device, dtype=self.dtype)
+        decoder = getattr(cache, "decoder", None)
+        if (
+            decoder is not None
+            and attention_mask is None
+            and position_ids is None
+            and prompts is None
+            and not torch.is_grad_enabled()
+            and decoder.wants(cache, hidden)
+        ):
+            out = decoder.step(cache, hidden)
+            if out is not None:
+                return out
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=self.device).unsqueeze(0)
         else:

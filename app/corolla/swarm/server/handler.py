@@ -36,6 +36,7 @@ from corolla.swarm import protocol
 from corolla.swarm.models.cache import SessionCache
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.models.static_cache import StaticSessionCache
 from corolla.swarm.server import block_args
 from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.compute_queue import ComputeQueue, Priority
@@ -478,7 +479,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self, span: BlockSpan, first, first_metadata: dict, requests, session: _Session, batch: int
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         max_length = first_metadata["max_length"]
-        cache = span.new_cache()
+        # Static (preallocated) where it pays and fits the session's reservation; else dynamic.
+        reserved = self.budget.session_bytes(batch, max_length, span.num_blocks)
+        cache = span.new_cache(max_length, batch=batch, reserved_bytes=reserved)
         inputs = _SessionInputs(requests, session.pushes)
         self.stats.sessions_opened += 1
         self.stats.sessions_active += 1
@@ -512,7 +515,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     async def _inference_step(
         self,
         span: BlockSpan,
-        cache: SessionCache,
+        cache: SessionCache | StaticSessionCache,
         request,
         metadata: dict,
         first_metadata: dict,

@@ -26,6 +26,10 @@ class FalconFamily(ModelFamily):
             return config.num_kv_heads * head_dim
         return head_dim if config.multi_query else config.hidden_size
 
+    def cached_kv_dim(self, config) -> int:
+        # The new decoder architecture broadcasts its kv heads to every query head before caching.
+        return config.hidden_size if config.new_decoder_architecture else self.kv_dim(config)
+
     def layer_types(self, config) -> list[str]:
         return [FULL_ATTENTION] * config.num_hidden_layers
 
@@ -35,9 +39,9 @@ class FalconFamily(ModelFamily):
         alibi = None
         if config.alibi:
             mask = ctx.attention_mask
-            if mask is None:
-                past = ctx.cache.get_seq_length()
-                mask = torch.ones((batch, past + length), device=hidden.device, dtype=torch.long)
+            if mask is None:  # every key the cache shows (the whole buffer in a fixed-shape step)
+                kv_length = ctx.cache.get_mask_sizes(length, 0)[0]
+                mask = torch.ones((batch, kv_length), device=hidden.device, dtype=torch.long)
             alibi = build_alibi_tensor(mask, config.num_attention_heads, dtype=hidden.dtype)
         # Alibi is added onto the mask, so it must always be materialised.
         causal_mask = self._masks(ctx, allow_is_causal_skip=False)[FULL_ATTENTION]
