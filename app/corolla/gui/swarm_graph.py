@@ -33,6 +33,7 @@ CLIENT_X = -170
 SCENE_W = 900.0
 MIN_ZOOM = 0.8  # below this, text is no longer legible: the view scrolls instead
 EVIDENCE_CHARS = 600  # the most of a flagged server's evidence a tooltip shows
+SELECTED_LIGHT, SELECTED_DARK = "#2f6fe0", "#7fb2ff"  # the pinned server's outline (the palette's blue)
 
 
 def latency_colour(ping_ms: float | None) -> str:
@@ -76,6 +77,8 @@ def trust_text(server: dict) -> str:
     v = verification(server)
     if v is None:
         return "–"
+    if server.get("this_computer"):
+        return "this computer (never checks itself)"
     checks = int(v.get("checks") or 0)
     if v["state"] == "flagged":
         return "FLAGGED: wrong results"
@@ -213,7 +216,7 @@ class ServerLayer(QGraphicsItem):
         outline = QPen(QColor(c.text), 1)
         own = QPen(QColor(c.accent), 2.5)
         dashed = QPen(QColor(c.text), 1, Qt.PenStyle.DashLine)
-        pinned = QPen(QColor(c.accent), 3)
+        pinned = QPen(QColor(SELECTED_DARK if c.dark else SELECTED_LIGHT), 3.5)  # unlike any state colour
         flagged = QPen(QColor(c.bad), 3)
         hatch = QBrush(QColor(c.bad), Qt.BrushStyle.BDiagPattern)
         label_pen = QPen(QColor("#101012"))
@@ -279,6 +282,7 @@ class SwarmGraph(QGraphicsView):
         self.scene_.addItem(self.client_label)
         self.model: dict | None = None
         self.pinned: str | None = None
+        self.cell = SCENE_W
         self._fitted = False
 
     # --- data ---------------------------------------------------------------------------------------
@@ -307,7 +311,7 @@ class SwarmGraph(QGraphicsView):
             return
         servers = model["servers"]
         blocks = max(model["num_blocks"], 1)
-        cell = SCENE_W / blocks
+        cell = self.cell = SCENE_W / blocks
         lanes = assign_lanes(servers)
         lane_count = max(lanes.values(), default=-1) + 1
         boxes = []
@@ -383,8 +387,12 @@ class SwarmGraph(QGraphicsView):
         for i, (segment, box) in enumerate(segments):
             rect = box.rect
             ping = box.server.get("ping_ms")
+            # The route enters and leaves a server where its span of blocks starts and ends (a server may
+            # serve more blocks than the route takes from it).
+            start_x = min(max(segment["start"] * self.cell, rect.left()), rect.right())
+            end_x = min(max(segment["end"] * self.cell, rect.left()), rect.right())
             if rebuild:
-                target = QPointF(rect.left(), rect.center().y())
+                target = QPointF(start_x, rect.center().y())
                 path = QPainterPath(previous)
                 dx = max((target.x() - previous.x()) / 2, 20)
                 path.cubicTo(previous + QPointF(dx, 0), target - QPointF(dx, 0), target)
@@ -397,7 +405,7 @@ class SwarmGraph(QGraphicsView):
                 f"route: blocks {segment['start']}:{segment['end']} via {server_label(box.server)}, "
                 f"ping {'–' if ping is None else f'{ping:.0f} ms'}"
             )
-            previous = QPointF(rect.right(), rect.center().y())
+            previous = QPointF(end_x, rect.center().y())
 
     # --- interaction --------------------------------------------------------------------------------
     def fit(self) -> None:

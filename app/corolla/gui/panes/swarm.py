@@ -307,6 +307,7 @@ class SwarmPane(QWidget):
         self._table_servers: list[dict] = []
         self._table_queued = False
         self._stale = False
+        self._sized_for: str | None = None
 
     def focus_first(self) -> None:
         self.map.setFocus()
@@ -366,10 +367,12 @@ class SwarmPane(QWidget):
 
     def _update_table(self) -> None:
         self._table_queued = False
-        first = self.table.rowCount() == 0
         self.table.set_servers(self._table_servers)
         self._reselect()
-        if first and self._table_servers:
+        # Columns fit their contents once per model shown (not per refresh: the user may have resized them).
+        prefix = (self.map.model or {}).get("dht_prefix")
+        if self._table_servers and prefix != self._sized_for:
+            self._sized_for = prefix
             self.peers.resizeColumnsToContents()
 
     def _reselect(self) -> None:
