@@ -17,6 +17,8 @@ import pytest
 
 pytest.importorskip("PySide6")
 
+from PySide6.QtCore import Qt
+
 from corolla.gui.node_client import NodeClient
 from corolla.gui.prefs import open_prefs
 
@@ -160,6 +162,13 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     assert trust[HONEST] == "verified (3 checks)" and trust[OLD] == "–"  # no verdict: nothing claimed
     assert "Not verified" not in server_details(graph.boxes_by_peer[OLD].server)
     pane.grab()  # the hatched, outlined box paints
+
+    # Hovering the flagged box shows its evidence; clicking it pins it (details below the map).
+    point = graph.mapFromScene(liar.rect.center())
+    qtbot.mouseMove(graph.viewport(), point)
+    qtbot.waitUntil(lambda: "largest difference: 0.5" in graph.layer.toolTip(), timeout=5_000)
+    qtbot.mouseClick(graph.viewport(), Qt.MouseButton.LeftButton, pos=point)
+    assert graph.pinned == LIAR and "FLAGGED" in pane.details.text()
 
     # Check this server: the request runs in the background; the verdict comes back in the pane.
     checked: list[dict] = []

@@ -331,7 +331,9 @@ class ContributePane(QWidget):
             "restarting": colours.bad,
             "failed": colours.bad,
         }.get(c["state"], colours.muted)
-        self.state.setStyleSheet(f"font-size: 20px; font-weight: 600; color: {colour}")
+        style = f"font-size: 20px; font-weight: 600; color: {colour}"
+        if self.state.styleSheet() != style:  # a style sheet change re-styles and re-lays out: once a second is waste
+            self.state.setStyleSheet(style)
         running = c["state"] in ("online", "starting", "loading", "restarting")
         self.start_button.setEnabled(c["state"] in ("stopped", "failed"))
         self.pause_button.setEnabled(running)
