@@ -481,6 +481,7 @@ def test_checking_a_server_says_so_when_the_node_cannot(qtbot, window, node):
     else:
         assert "cannot check servers: it predates spot checks" in window.swarm.check_result.text()
         assert window.swarm.table.data(window.swarm.table.index(0, 2)) == "–"
+        assert window.swarm.peers.isColumnHidden(2)  # no verdicts from this node: no Trust column
 
 
 def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):

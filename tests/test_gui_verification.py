@@ -161,6 +161,7 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     assert trust[LIAR] == "FLAGGED: wrong results" and trust[FRESH] == "not checked yet"
     assert trust[HONEST] == "verified (3 checks)" and trust[OLD] == "–"  # no verdict: nothing claimed
     assert "Not verified" not in server_details(graph.boxes_by_peer[OLD].server)
+    assert not pane.peers.isColumnHidden(2)
     pane.grab()  # the hatched, outlined box paints
 
     # Hovering the flagged box shows its evidence; clicking it pins it (details below the map).

@@ -373,7 +373,11 @@ class SwarmPane(QWidget):
         prefix = (self.map.model or {}).get("dht_prefix")
         if self._table_servers and prefix != self._sized_for:
             self._sized_for = prefix
-            self.peers.resizeColumnsToContents()
+            for column in range(len(PEER_COLUMNS) - 1):  # the last one stretches to the table's edge
+                self.peers.resizeColumnToContents(column)
+        # A node that does not check servers has no verdicts: no Trust column rather than a column of "–".
+        checked = any(verification(s) is not None for s in self._table_servers)
+        self.peers.setColumnHidden(PEER_COLUMNS.index("Trust"), not checked)
 
     def _reselect(self) -> None:
         """Keep the pinned server selected in the table across refreshes (rows move when sorted)."""
