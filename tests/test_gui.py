@@ -102,15 +102,17 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     window.tabs.setCurrentWidget(window.swarm)
     window.refresh_swarm()
     qtbot.waitUntil(lambda: window.swarm.map.model is not None and bool(window.swarm.map.edges), timeout=60_000)
-    own = [item for item in window.swarm.map.items_by_peer.values() if item.server.get("this_computer")]
+    own = [box for box in window.swarm.map.boxes_by_peer.values() if box.server.get("this_computer")]
     assert len(own) == 1 and (own[0].server["start_block"], own[0].server["end_block"]) == (0, 6)
     assert window.swarm.map.model["route"][0]["peer_id"] == own[0].peer_id
     assert "every block is served" in window.swarm.summary.text()
     assert window.swarm.coverage.counts == [1] * 6
-    qtbot.waitUntil(lambda: window.swarm.peers.rowCount() >= 1, timeout=5_000)
-    assert window.swarm.peers.item(0, 0).text() == "★ this computer"
+    qtbot.waitUntil(lambda: window.swarm.table.rowCount() >= 1, timeout=5_000)
+    assert window.swarm.table.data(window.swarm.table.index(0, 0)) == "★ this computer"
     window.swarm.map.pin(own[0].peer_id)
     assert own[0].peer_id in window.swarm.details.text()
+    # A server is never checked against itself: the button stays off for this computer's own server.
+    assert not window.swarm.check_button.isEnabled()
     assert "0:6 via" in window.chat.route_text
     assert window.chat.model_picker.currentText().startswith("corolla-demo-tiny-llama")
     window.grab()
@@ -164,6 +166,105 @@ def test_ctrl_n_starts_a_chat_and_esc_stops_a_reply(qtbot, window, node):
         ),
         timeout=30_000,
     )
+
+
+def test_keyboard_tab_order_and_shortcuts_in_every_pane(qtbot, window):
+    from PySide6.QtGui import QKeySequence, QShortcut
+    from PySide6.QtWidgets import (
+        QAbstractButton,
+        QAbstractItemView,
+        QAbstractSlider,
+        QAbstractSpinBox,
+        QApplication,
+        QComboBox,
+        QGraphicsView,
+        QLineEdit,
+        QMenu,
+        QPlainTextEdit,
+        QWidget,
+    )
+
+    qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=60_000)
+    window.activateWindow()
+    qtbot.waitUntil(window.isActiveWindow, timeout=5_000)
+
+    def tabbing(start, steps: int) -> list:
+        start.setFocus()
+        seen = [QApplication.focusWidget()]
+        for _ in range(steps):
+            qtbot.keyClick(QApplication.focusWidget(), Qt.Key.Key_Tab)
+            seen.append(QApplication.focusWidget())
+        return seen
+
+    def in_order(seen: list, expected: list) -> bool:
+        """The expected controls that can take focus now come in this order, none skipped."""
+        wanted = [w for w in expected if w.isEnabled() and w.isVisibleTo(window)]
+        return [w for w in seen if w in wanted][: len(wanted)] == wanted
+
+    # Ctrl+1..4 switch panes and put the keyboard where the pane's work starts.
+    c, s, st = window.contribute, window.swarm, window.stats
+    for key, pane, first in (
+        (Qt.Key.Key_2, window.chat, window.chat.input),
+        (Qt.Key.Key_3, s, s.map),
+        (Qt.Key.Key_4, st, st.range_buttons[st.range]),
+        (Qt.Key.Key_1, c, c.pause_button),
+    ):
+        qtbot.keyClick(window, key, Qt.KeyboardModifier.ControlModifier)
+        assert window.tabs.currentWidget() is pane and QApplication.focusWidget() is first, pane.accessibleName()
+
+    # Tab walks each pane's controls in reading order.
+    chain = [c.start_button, c.pause_button, c.resume_button, c.stop_button, c.invite, c.copy_invite]
+    chain += [c.log_button, c.device, c.blocks, c.apply_button]
+    assert in_order(tabbing(c.pause_button, 8), chain)
+    window.tabs.setCurrentWidget(window.chat)
+    ch = window.chat
+    assert in_order(
+        tabbing(ch.new_button, 5), [ch.new_button, ch.search, ch.chats, ch.model_picker, ch.settings_toggle]
+    )
+    assert in_order(tabbing(ch.input, 1), [ch.input, ch.send_button])
+    window.tabs.setCurrentWidget(s)
+    assert in_order(tabbing(s.fit_button, 2), [s.fit_button, s.map, s.peers])
+    # The range buttons are one exclusive group (like radio buttons): Tab stops once, on the checked one.
+    window.tabs.setCurrentWidget(st)
+    seen = tabbing(st.range_buttons[st.range], 1)
+    assert seen[1] not in st.range_buttons.values()
+
+    # Alt mnemonics on the pane's buttons; Ctrl+0 fits the map; Ctrl+P pauses and resumes from anywhere.
+    window.tabs.setCurrentWidget(st)
+    qtbot.keyClick(window, Qt.Key.Key_7, Qt.KeyboardModifier.AltModifier)
+    qtbot.waitUntil(lambda: st.range == "7d", timeout=5_000)  # a mnemonic clicks after a short animation
+    qtbot.keyClick(window, Qt.Key.Key_2, Qt.KeyboardModifier.AltModifier)
+    qtbot.waitUntil(lambda: st.range == "24h", timeout=5_000)
+    qtbot.keyClick(window, Qt.Key.Key_0, Qt.KeyboardModifier.ControlModifier)
+    assert window.tabs.currentWidget() is s and s.map._fitted
+    qtbot.keyClick(window, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
+    qtbot.waitUntil(lambda: window.status["contribution"]["state"] == "paused", timeout=60_000)
+    qtbot.keyClick(window, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
+    qtbot.waitUntil(lambda: window.status["contribution"]["state"] != "paused", timeout=60_000)
+
+    # No key is bound twice (Qt would then fire neither), and every shortcut is in a menu or a pane.
+    menus = window.menuBar().findChildren(QMenu)
+    keys = [seq.toString() for menu in menus for action in menu.actions() for seq in action.shortcuts()]
+    keys += [shortcut.key().toString() for shortcut in window.findChildren(QShortcut)]
+    assert len(keys) == len(set(keys)), keys
+    assert {"Ctrl+N", "Ctrl+P", "Ctrl+1", "Ctrl+4", "F5", "Ctrl+F", "F2", "Ctrl+R", "Ctrl+0", "Ctrl+K"} <= set(keys)
+    assert QKeySequence("Esc").toString() in keys and QKeySequence("Del").toString() in keys
+
+    # Every control the keyboard can reach says what it is.
+    kinds = (QAbstractButton, QLineEdit, QComboBox, QAbstractSpinBox, QAbstractSlider, QAbstractItemView)
+    kinds += (QGraphicsView, QPlainTextEdit)
+    unnamed = [
+        w
+        for w in window.findChildren(QWidget)
+        if isinstance(w, kinds)
+        and w.focusPolicy() & Qt.FocusPolicy.TabFocus
+        and not w.accessibleName()
+        and not (isinstance(w, QAbstractButton) and w.text())
+        and w.window() is window
+        and not type(w).__module__.startswith("pyqtgraph")
+        and w.objectName() != "qt_spinbox_lineedit"  # a spin box's own line edit: the box itself is named
+    ]
+    assert not unnamed, [(type(w).__name__, w.objectName()) for w in unnamed]
 
 
 def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):
@@ -365,6 +466,24 @@ def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
     assert window.contribute.rule_banner.text().startswith("Paused by your rule:")
 
 
+def test_checking_a_server_says_so_when_the_node_cannot(qtbot, window, node):
+    """Against the real node: a node without spot checks (no `verification` field, no check endpoint)
+    gets a clear message; one with them answers for a peer it does not know with its own message."""
+    window.tabs.setCurrentWidget(window.swarm)
+    qtbot.waitUntil(lambda: bool(window.swarm.map.boxes_by_peer), timeout=60_000)
+    own = next(box.server for box in window.swarm.map.boxes_by_peer.values() if box.server.get("this_computer"))
+    window.swarm.selected = {**own, "this_computer": False, "peer_id": "12D3KooWNotInThisSwarm", "public_name": "x"}
+    window.swarm.check_selected()
+    assert window.swarm.check_result.isVisibleTo(window) and "Checking x" in window.swarm.check_result.text()
+    qtbot.waitUntil(lambda: window.swarm.checking is None, timeout=60_000)
+    if "verification" in own:
+        assert window.swarm.check_result.text().startswith("Could not check x: ")
+    else:
+        assert "cannot check servers: it predates spot checks" in window.swarm.check_result.text()
+        assert window.swarm.table.data(window.swarm.table.index(0, 2)) == "–"
+        assert window.swarm.peers.isColumnHidden(2)  # no verdicts from this node: no Trust column
+
+
 def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
     from corolla.gui.panes.swarm import SwarmPane
 
@@ -403,21 +522,37 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
     }
     pane.show_swarm([model])
     graph = pane.map
-    qtbot.waitUntil(lambda: not graph._pending, timeout=10_000)  # items are updated in short slices
-    assert len(graph.items_by_peer) == 200 and len(graph.edges) == 1
+    assert len(graph.boxes_by_peer) == 200 and len(graph.edges) == 1
     assert graph.transform().m11() >= 0.8  # text stays legible: the view scrolls instead
-    rects = [item.rect() for item in graph.items_by_peer.values()]
+    rects = [box.rect for box in graph.boxes_by_peer.values()]
     overlapping = sum(1 for i, a in enumerate(rects) for b in rects[i + 1 :] if a.intersects(b))
     assert overlapping == 0
+    qtbot.waitUntil(lambda: pane.table.rowCount() == 200, timeout=10_000)
+    # Sorting by ping puts the fastest first, numerically, and survives the next refresh.
+    pane.peers.sortByColumn(5, Qt.SortOrder.AscendingOrder)
+    pings = [pane.table.servers[row]["ping_ms"] for row in range(200)]
+    assert pings == sorted(pings)
+    # Picking a row pins the server on the map; the selection follows it across refreshes.
+    pane.peers.selectRow(3)
+    pinned = pane.table.servers[3]["peer_id"]
+    assert graph.pinned == pinned and pinned in pane.details.text()
     graph.scale(1.5, 1.5)
     graph.horizontalScrollBar().setValue(100)
     zoom = graph.transform().m11()
     model["servers"] = servers[:150]
     pane.show_swarm([model])
-    qtbot.waitUntil(lambda: not graph._pending and pane.peers.rowCount() == 150, timeout=10_000)
-    assert len(graph.items_by_peer) == 150
+    qtbot.waitUntil(lambda: pane.table.rowCount() == 150, timeout=10_000)
+    assert len(graph.boxes_by_peer) == 150
     assert graph.transform().m11() == zoom  # a live update never resets the view
-    assert servers[0]["peer_id"] in graph.items_by_peer[servers[0]["peer_id"]].toolTip()
+    assert [pane.table.servers[r]["ping_ms"] for r in range(150)] == sorted(s["ping_ms"] for s in servers[:150])
+    selected = pane.peers.selectionModel().selectedRows()
+    assert len(selected) == 1 and pane.table.data(selected[0], Qt.ItemDataRole.UserRole) == pinned
+    # Hovering a box shows that server's details as the layer's tooltip.
+    box = graph.boxes_by_peer[servers[0]["peer_id"]]
+    assert graph.layer.box_at(box.rect.center()) is box
+    from corolla.gui.swarm_graph import server_details
+
+    assert servers[0]["peer_id"] in server_details(box.server)
     assert "Weakest" in pane.weakest.text()
     pane.grab()
 

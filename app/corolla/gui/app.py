@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -98,11 +99,27 @@ def main(argv: list[str] | None = None) -> int:
             timer.stop()
             splash.setText("The node did not start. Run `corolla node` in a terminal to see why.")
 
+    def leave(signum: int, _frame) -> None:
+        """SIGTERM or Ctrl+C: quit as the tray's Quit does (a handler that raised, as the CLI's does,
+        would be swallowed by the Qt slot it interrupts, and the app would live on)."""
+        window = state.get("window")
+        if window is not None:
+            window.quit_app()
+        app.exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, leave)
+    # Python runs signal handlers only when it gets control: a short timer gives it control even while
+    # nothing else calls into Python.
+    wake = QTimer()
+    wake.timeout.connect(lambda: None)
+    wake.start(250)
     timer = QTimer()
     timer.timeout.connect(poll)
     timer.start(300)
     QTimer.singleShot(0, poll)
     code = app.exec()
+    wake.stop()
     # Tear the window and tray down while Qt and Python are both alive (an interpreter exit with live
     # Qt objects holding Python callbacks is what ended in "Fatal Python error: none_dealloc").
     timer.stop()

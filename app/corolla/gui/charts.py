@@ -38,6 +38,10 @@ class HourlyChart(pg.PlotWidget):
         self.hover.setZValue(10)
         self.hover.hide()
         self.addItem(self.hover)
+        # An empty period says so, over an axis that still reads (0 to 5), not a blank box.
+        self.empty = pg.TextItem("Nothing in this period yet", color=c.muted, anchor=(0.5, 0.5))
+        self.empty.hide()
+        self.addItem(self.empty)
         self.scene().sigMouseMoved.connect(self._mouse_moved)
         self.setAccessibleName(title)
 
@@ -54,7 +58,10 @@ class HourlyChart(pg.PlotWidget):
         )
         self.addItem(self.bars)
         top = max(values, default=0)
-        self.setYRange(0, top * 1.15 if top > 0 else 1, padding=0)
+        self.setYRange(0, top * 1.15 if top > 0 else 5, padding=0)
+        self.empty.setVisible(top <= 0 and bool(starts))
+        if starts:
+            self.empty.setPos((starts[0] + starts[-1] + slot_seconds) / 2, 2.5)
         if self.integer and top < 10:  # counts: whole-number ticks only
             self.getAxis("left").setTickSpacing(major=1, minor=1)
         else:

@@ -10,6 +10,9 @@ from PySide6.QtNetwork import QNetworkAccessManager, QNetworkReply, QNetworkRequ
 
 OnOk = Callable[[object], None]
 OnError = Callable[[str], None]
+# What a call hears when the node has no such endpoint (an older node): a 404 without the node's own
+# error message (its own 404s, such as an unknown peer, always say what was not found).
+ENDPOINT_MISSING = "the node answered 404"
 
 
 class NodeClient(QObject):

@@ -114,7 +114,7 @@ class SettingsDialog(QDialog):
         form = QFormLayout(model)
         row = QHBoxLayout()
         self.model = QLineEdit()
-        self.model.setPlaceholderText("Hugging Face id or a folder; empty: the offline demo model")
+        self.model.setPlaceholderText("Hugging Face id or a folder; empty: the built-in SmolLM2-135M-Instruct")
         check = QPushButton("Check")
         check.clicked.connect(self.check_model)
         row.addWidget(self.model, 1)

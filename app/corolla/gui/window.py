@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from PySide6.QtCore import QEventLoop, QSettings, Qt, QTimer
-from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
     QFrame,
@@ -95,12 +95,13 @@ class MainWindow(QMainWindow):
         self.chat = ChatPane(client, self.prefs)
         self.swarm = SwarmPane(client, self.prefs)
         self.stats = StatsPane(client, self.prefs)
-        for pane, title in (
+        panes = (
             (self.contribute, "Contribute"),
             (self.chat, "Chat"),
             (self.swarm, "Swarm"),
             (self.stats, "Stats"),
-        ):
+        )
+        for pane, title in panes:
             self.tabs.addTab(pane, title)
             pane.setAccessibleName(f"{title} pane")
         self.tabs.setCurrentIndex(min(max(int(self.prefs.value("window/pane", 0) or 0), 0), 3))
@@ -108,16 +109,41 @@ class MainWindow(QMainWindow):
         column.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
 
+        # Every shortcut sits in a menu, so the menus are where people find them.
         menu = self.menuBar()
         corolla_menu = menu.addMenu("&Corolla")
-        corolla_menu.addAction("Settings…", QKeySequence("Ctrl+,"), lambda: self.open_settings())
-        corolla_menu.addAction("New chat", QKeySequence("Ctrl+N"), self.new_chat)
+        corolla_menu.addAction("&Settings…", QKeySequence("Ctrl+,"), lambda: self.open_settings())
+        corolla_menu.addAction("&New chat", QKeySequence("Ctrl+N"), self.new_chat)
+        corolla_menu.addAction("&Pause or resume contributing", QKeySequence("Ctrl+P"), self.toggle_pause)
         corolla_menu.addSeparator()
-        corolla_menu.addAction("Close window", QKeySequence("Ctrl+W"), self.close)  # to the tray, if any
-        corolla_menu.addAction("Quit", QKeySequence("Ctrl+Q"), self.quit_app)
-        for index in range(4):
-            shortcut = QShortcut(QKeySequence(f"Ctrl+{index + 1}"), self)
-            shortcut.activated.connect(lambda i=index: self.tabs.setCurrentIndex(i))
+        corolla_menu.addAction("&Close window", QKeySequence("Ctrl+W"), self.close)  # to the tray, if any
+        corolla_menu.addAction("&Quit", QKeySequence("Ctrl+Q"), self.quit_app)
+        view_menu = menu.addMenu("&View")
+        for index, (_pane, title) in enumerate(panes):
+            view_menu.addAction(
+                f"&{index + 1} {title}",
+                QKeySequence(f"Ctrl+{index + 1}"),
+                lambda i=index: self.show_pane(self.tabs.widget(i)),
+            )
+        view_menu.addSeparator()
+        view_menu.addAction("&Refresh", QKeySequence(QKeySequence.StandardKey.Refresh), self.refresh_all)
+        chat_menu = menu.addMenu("C&hat")
+        chat_menu.addAction("&Search chats", QKeySequence(QKeySequence.StandardKey.Find), self._search_chats)
+        chat_menu.addAction("&Rename chat…", QKeySequence("F2"), lambda: self.chat.rename_chat())
+        # Del and Esc act only inside the chat list and the chat pane (they are the pane's own shortcuts);
+        # the menu names them after a tab, which Qt shows as the entry's shortcut.
+        chat_menu.addAction("&Delete chat\tDel", lambda: self.chat.delete_chat())
+        chat_menu.addAction("Re&generate the last answer", QKeySequence("Ctrl+R"), self.chat.regenerate)
+        chat_menu.addAction("S&top the reply\tEsc", self.chat.stop)
+        swarm_menu = menu.addMenu("S&warm")
+        swarm_menu.addAction("&Fit the map", QKeySequence("Ctrl+0"), lambda: self._on_swarm(self.swarm.map.fit))
+        zoom_in = swarm_menu.addAction("Zoom &in", lambda: self._on_swarm(lambda: self.swarm.map.zoom(1.25)))
+        zoom_in.setShortcuts([QKeySequence("Ctrl++"), QKeySequence("Ctrl+=")])
+        zoom_out = swarm_menu.addAction("Zoom &out", lambda: self._on_swarm(lambda: self.swarm.map.zoom(0.8)))
+        zoom_out.setShortcut(QKeySequence("Ctrl+-"))
+        swarm_menu.addAction(
+            "&Check the selected server", QKeySequence("Ctrl+K"), lambda: self._on_swarm(self.swarm.check_selected)
+        )
 
         self.banner = plain_label("")
         self.statusBar().addWidget(self.banner, 1)
@@ -125,6 +151,7 @@ class MainWindow(QMainWindow):
         self.contribute.settings_changed.connect(self.refresh_all)
         self.chat.resume_requested.connect(lambda: self.contribute.control("resume"))
         self.chat.reply_finished.connect(lambda _: self.refresh_stats())
+        self.swarm.checked.connect(lambda _: self.refresh_swarm())
         self._timers = []
         for interval, refresh in ((1000, self.refresh_status), (5000, self.refresh_swarm), (10000, self.refresh_stats)):
             timer = QTimer(self)
@@ -272,6 +299,30 @@ class MainWindow(QMainWindow):
     def new_chat(self) -> None:
         self.show_window(self.chat)
         self.chat.new_chat()
+
+    # --- keyboard -----------------------------------------------------------------------------------
+    def show_pane(self, pane: QWidget) -> None:
+        """Switch to a pane and put the keyboard where its work starts."""
+        self.tabs.setCurrentWidget(pane)
+        pane.focus_first()
+
+    def toggle_pause(self) -> None:
+        state = ((self.status or {}).get("contribution") or {}).get("state")
+        if state == "paused":
+            self.contribute.control("resume")
+        elif state in ("online", "starting", "loading", "restarting"):
+            self.contribute.control("pause")
+        else:
+            self.banner.setText("Nothing to pause: this computer is not contributing now.")
+
+    def _search_chats(self) -> None:
+        self.tabs.setCurrentWidget(self.chat)
+        self.chat.search.setFocus()
+        self.chat.search.selectAll()
+
+    def _on_swarm(self, action) -> None:
+        self.tabs.setCurrentWidget(self.swarm)
+        action()
 
     # --- tray ---------------------------------------------------------------------------------------
     def install_tray(self) -> bool:

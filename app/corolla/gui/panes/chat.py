@@ -106,7 +106,7 @@ class ChatPane(QWidget):
         side = QWidget()
         side_layout = QVBoxLayout(side)
         side_layout.setContentsMargins(0, 0, 0, 0)
-        self.new_button = QPushButton("New chat")
+        self.new_button = QPushButton("&New chat")
         self.new_button.setToolTip("Start a new conversation (Ctrl+N)")
         self.new_button.setAccessibleName("New chat")
         self.new_button.clicked.connect(lambda: self.new_chat())
@@ -153,7 +153,7 @@ class ChatPane(QWidget):
         self.model_picker.activated.connect(self._model_picked)
         top.addWidget(QLabel("Model"))
         top.addWidget(self.model_picker, 1)
-        self.settings_toggle = QPushButton("Parameters")
+        self.settings_toggle = QPushButton("&Parameters")
         self.settings_toggle.setCheckable(True)
         self.settings_toggle.setAccessibleName("Show the sampling parameters")
         top.addWidget(self.settings_toggle)
@@ -243,10 +243,9 @@ class ChatPane(QWidget):
 
         escape = QShortcut(QKeySequence(Qt.Key.Key_Escape), self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
         escape.activated.connect(self.stop)
-        find = QShortcut(QKeySequence.StandardKey.Find, self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
-        find.activated.connect(self.search.setFocus)
-        rename = QShortcut(QKeySequence(Qt.Key.Key_F2), self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
-        rename.activated.connect(lambda: self.rename_chat())
+        # Ctrl+F, F2, Ctrl+R and Ctrl+N are the window's (its Chat menu); Del deletes the chat picked in the list.
+        delete = QShortcut(QKeySequence(Qt.Key.Key_Delete), self.chats, context=Qt.ShortcutContext.WidgetShortcut)
+        delete.activated.connect(self._delete_current)
         self.setTabOrder(self.new_button, self.search)
         self.setTabOrder(self.search, self.chats)
         self.setTabOrder(self.chats, self.model_picker)
@@ -254,7 +253,22 @@ class ChatPane(QWidget):
         self.setTabOrder(self.settings_toggle, self.transcript)
         self.setTabOrder(self.transcript, self.input)
         self.setTabOrder(self.input, self.send_button)
+        self.setTabOrder(self.send_button, self.stop_button)
+        self.setTabOrder(self.stop_button, self.regenerate_button)
+        self.setTabOrder(self.settings_toggle, self.system)  # the parameters, when shown, follow their toggle
+        self.setTabOrder(self.system, self.temperature)
+        self.setTabOrder(self.temperature, self.top_p)
+        self.setTabOrder(self.top_p, self.max_tokens)
+        self.setTabOrder(self.max_tokens, self.transcript)
         self._render()
+
+    def focus_first(self) -> None:
+        self.input.setFocus()
+
+    def _delete_current(self) -> None:
+        item = self.chats.currentItem()
+        if item is not None and item.data(Qt.ItemDataRole.UserRole) is not None:
+            self.delete_chat(item.data(Qt.ItemDataRole.UserRole))
 
     # --- the chat list ------------------------------------------------------------------------------
     def refresh_chats(self) -> None:

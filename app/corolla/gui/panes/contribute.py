@@ -3,6 +3,7 @@ this run's and all-time counters, the last failure with its log, and the GPU / b
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from PySide6.QtCore import Qt, Signal
@@ -121,16 +122,16 @@ class ContributePane(QWidget):
         layout.addWidget(self.rule_banner)
 
         buttons = QHBoxLayout()
-        self.start_button, self.pause_button = QPushButton("Start contributing"), QPushButton("Pause")
-        self.resume_button, self.stop_button = QPushButton("Resume"), QPushButton("Stop")
+        self.start_button, self.pause_button = QPushButton("&Start contributing"), QPushButton("&Pause")
+        self.resume_button, self.stop_button = QPushButton("&Resume"), QPushButton("S&top")
         for button, action, tip in (
-            (self.start_button, "start", "Serve blocks of the model for the swarm"),
-            (self.pause_button, "pause", "Stop serving for now; Resume picks up with the same blocks"),
-            (self.resume_button, "resume", "Serve again"),
+            (self.start_button, "start", "Serve blocks of the model for the swarm (Alt+S)"),
+            (self.pause_button, "pause", "Stop serving for now; Resume picks up with the same blocks (Ctrl+P)"),
+            (self.resume_button, "resume", "Serve again (Ctrl+P)"),
             (self.stop_button, "stop", "Stop contributing until you start again (also after a restart)"),
         ):
             button.clicked.connect(lambda _=False, a=action: self.control(a))
-            button.setAccessibleName(button.text())
+            button.setAccessibleName(button.text().replace("&", ""))
             button.setToolTip(tip)
             buttons.addWidget(button)
         buttons.addStretch(1)
@@ -141,7 +142,7 @@ class ContributePane(QWidget):
         self.invite = QLineEdit()
         self.invite.setReadOnly(True)
         self.invite.setAccessibleName("Invite string")
-        self.copy_invite = QPushButton("Copy invite")
+        self.copy_invite = QPushButton("C&opy invite")
         self.copy_invite.setAccessibleName("Copy the invite string")
         self.copy_invite.clicked.connect(self._copy_invite)
         invite_row.addWidget(self.invite, 1)
@@ -183,7 +184,7 @@ class ContributePane(QWidget):
         self.failure = plain_label("none")
         self.failure.setWordWrap(True)
         self.fields["failure"] = self.failure
-        self.log_button = QPushButton("Show log…")
+        self.log_button = QPushButton("Show &log…")
         self.log_button.setAccessibleName("Show the block server's log")
         self.log_button.clicked.connect(self.show_log)
         failure_row.addWidget(self.failure, 1)
@@ -207,7 +208,7 @@ class ContributePane(QWidget):
         self.estimate.setWordWrap(True)
         form.addRow("Blocks", self.blocks)
         form.addRow("", self.estimate)
-        self.apply_button = QPushButton("Apply")
+        self.apply_button = QPushButton("&Apply")
         self.apply_button.setAccessibleName("Apply the accelerator and block count")
         self.apply_button.clicked.connect(self.apply_share)
         self.apply_note = plain_label("")
@@ -217,6 +218,28 @@ class ContributePane(QWidget):
         form.addRow("", row)
         layout.addWidget(hardware)
         layout.addStretch(1)
+        chain = [
+            self.start_button,
+            self.pause_button,
+            self.resume_button,
+            self.stop_button,
+            self.invite,
+            self.copy_invite,
+            self.log_button,
+            self.device,
+            self.blocks,
+            self.apply_button,
+        ]
+        for first, second in itertools.pairwise(chain):
+            self.setTabOrder(first, second)
+
+    def focus_first(self) -> None:
+        """The first control that can act now (disabled buttons take no focus)."""
+        for button in (self.start_button, self.pause_button, self.resume_button, self.stop_button):
+            if button.isEnabled():
+                button.setFocus()
+                return
+        self.log_button.setFocus()
 
     # --- actions ------------------------------------------------------------------------------------
     def control(self, action: str) -> None:
@@ -308,7 +331,9 @@ class ContributePane(QWidget):
             "restarting": colours.bad,
             "failed": colours.bad,
         }.get(c["state"], colours.muted)
-        self.state.setStyleSheet(f"font-size: 20px; font-weight: 600; color: {colour}")
+        style = f"font-size: 20px; font-weight: 600; color: {colour}"
+        if self.state.styleSheet() != style:  # a style sheet change re-styles and re-lays out: once a second is waste
+            self.state.setStyleSheet(style)
         running = c["state"] in ("online", "starting", "loading", "restarting")
         self.start_button.setEnabled(c["state"] in ("stopped", "failed"))
         self.pause_button.setEnabled(running)
@@ -325,7 +350,7 @@ class ContributePane(QWidget):
         if invite and invite != self.invite.text():
             self.invite.setText(invite)
             self.invite.setCursorPosition(0)
-            self.copy_invite.setText("Copy invite")
+            self.copy_invite.setText("C&opy invite")
         blocks = f"{c['start_block']}:{c['end_block']}" if c.get("start_block") is not None else "–"
         used = c["cache_bytes_total"] - c["cache_bytes_left"]
         life = status.get("lifetime") or {}

@@ -51,7 +51,7 @@ class StatsPane(QWidget):
         self.range_group = QButtonGroup(self)
         self.range_buttons: dict[str, QPushButton] = {}
         for key, text in (("24h", "24 hours"), ("7d", "7 days"), ("30d", "30 days")):
-            button = QPushButton(text)
+            button = QPushButton("&" + text)  # Alt+2, Alt+7, Alt+3
             button.setCheckable(True)
             button.setAccessibleName(f"Show the last {text}")
             button.clicked.connect(lambda _=False, k=key: self.set_range(k))
@@ -70,6 +70,9 @@ class StatsPane(QWidget):
         if self.range not in RANGES:
             self.range = "24h"
         self.range_buttons[self.range].setChecked(True)
+
+    def focus_first(self) -> None:
+        self.range_buttons[self.range].setFocus()
 
     @property
     def hours(self) -> int:

@@ -1,34 +1,169 @@
 """Swarm: the health of the model this node serves — coverage per block (weakest marked), the map of
-servers and the route, a legend, and every server in a sortable table."""
+servers and the route, a legend, every server in a sortable table with the node's verdict on it
+(spot checks), and "Check this server" for the one selected."""
 
 from __future__ import annotations
 
-import time
-
-from PySide6.QtCore import QSettings, Qt, QTimer
-from PySide6.QtGui import QColor, QPainter, QPen
+from PySide6.QtCore import QAbstractTableModel, QItemSelectionModel, QModelIndex, QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QBrush, QColor, QPainter, QPen
 from PySide6.QtWidgets import (
+    QAbstractItemView,
     QHBoxLayout,
     QHeaderView,
     QPushButton,
     QSplitter,
-    QTableWidget,
-    QTableWidgetItem,
+    QTableView,
     QVBoxLayout,
     QWidget,
 )
 
 from corolla.gui import theme
-from corolla.gui.node_client import NodeClient
-from corolla.gui.swarm_graph import SwarmGraph, server_details, server_label, state_colour
+from corolla.gui.node_client import ENDPOINT_MISSING, NodeClient
+from corolla.gui.swarm_graph import (
+    SwarmGraph,
+    evidence_text,
+    server_details,
+    server_label,
+    state_colour,
+    trust_text,
+    verification,
+)
 from corolla.gui.widgets import CoverageStrip, block_ranges, plain_label, weakest_blocks
 
-TABLE_SLICE_S = 0.008
-PEER_COLUMNS = ["Server", "State", "Blocks", "Tokens/s", "Ping (ms)", "Software", "Link", "Free cache (tokens)"]
+PEER_COLUMNS = [
+    "Server",
+    "State",
+    "Trust",
+    "Blocks",
+    "Tokens/s",
+    "Ping (ms)",
+    "Software",
+    "Link",
+    "Free cache (tokens)",
+]
+CHECK_TIMEOUT_MS = 180_000  # a check runs the server's blocks and compares them: allow for a slow swarm
+
+
+def _free_slots(s: dict) -> int | None:
+    """Free cache in tokens per block pair (what a new session can still get), or None if unannounced."""
+    if s.get("cache_tokens_left") is None:
+        return None
+    return s["cache_tokens_left"] // max(2 * (s["end_block"] - s["start_block"]), 1)
+
+
+def _software(s: dict) -> str:
+    return f"corolla {s['corolla_version']}" if s.get("corolla_version") else f"petals {s.get('version')}"
+
+
+def row_cells(s: dict) -> list[str]:
+    """A server's cells as the table shows them."""
+    free = _free_slots(s)
+    return [
+        server_label(s),
+        s["state"].lower(),
+        trust_text(s),
+        f"{s['start_block']}:{s['end_block']}",
+        f"{s['throughput']:.1f}",
+        "–" if s.get("ping_ms") is None else f"{s['ping_ms']:.1f}",
+        _software(s),
+        "relay" if s.get("using_relay") else "direct",
+        "?" if free is None else f"{free:,}",
+    ]
+
+
+def sort_key(s: dict, column: int):
+    """What a column sorts by: numbers as numbers, unknown pings last, flagged servers first by trust."""
+    if column == 2:
+        return {"flagged": 0, "unverified": 1, "verified": 2}.get((verification(s) or {}).get("state"), 1)
+    if column == 3:
+        return (s["start_block"], s["end_block"])
+    if column == 4:
+        return s["throughput"]
+    if column == 5:
+        return s["ping_ms"] if s.get("ping_ms") is not None else float("inf")
+    if column == 8:
+        free = _free_slots(s)
+        return -1 if free is None else free
+    return row_cells(s)[column].lower()
+
+
+class ServerTable(QAbstractTableModel):
+    """The servers as rows. A refresh swaps a list and tells the view which rows changed; the view asks
+    only for the cells it shows, so 200 servers cost what one screenful costs."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.servers: list[dict] = []
+        self._cells: dict[int, list[str]] = {}  # formatted on demand: the view asks only for visible rows
+        self.sort_key: tuple[int, Qt.SortOrder] | None = None
+
+    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: B008 (Qt's signature)
+        return 0 if parent.isValid() else len(self.servers)
+
+    def columnCount(self, parent=QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(PEER_COLUMNS)
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return PEER_COLUMNS[section]
+        return None
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        row, column = index.row(), index.column()
+        if role == Qt.ItemDataRole.DisplayRole:
+            cells = self._cells.get(row)
+            if cells is None:
+                cells = self._cells[row] = row_cells(self.servers[row])
+            return cells[column]
+        if role == Qt.ItemDataRole.UserRole:
+            return self.servers[row]["peer_id"]
+        if role == Qt.ItemDataRole.ForegroundRole and column == 2:
+            v = verification(self.servers[row])
+            if v and v["state"] == "flagged":
+                return QColor(theme.colours().bad)
+            if v and v["state"] == "verified":
+                return QColor(theme.colours().good)
+        if role == Qt.ItemDataRole.ToolTipRole and column == 2:
+            return server_details(self.servers[row])
+        return None
+
+    def set_servers(self, servers: list[dict]) -> None:
+        if self.sort_key is not None:
+            column, direction = self.sort_key
+            servers = sorted(
+                servers, key=lambda s: sort_key(s, column), reverse=direction == Qt.SortOrder.DescendingOrder
+            )
+        old, new = len(self.servers), len(servers)
+        if new < old:
+            self.beginRemoveRows(QModelIndex(), new, old - 1)
+        elif new > old:
+            self.beginInsertRows(QModelIndex(), old, new - 1)
+        self.servers = list(servers)
+        self._cells = {}
+        if new < old:
+            self.endRemoveRows()
+        elif new > old:
+            self.endInsertRows()
+        if new:
+            self.dataChanged.emit(self.index(0, 0), self.index(new - 1, len(PEER_COLUMNS) - 1))
+
+    def sort(self, column: int, order=Qt.SortOrder.AscendingOrder) -> None:
+        if column < 0:  # no sort asked for: keep the node's order
+            self.sort_key = None
+            return
+        self.sort_key = (column, order)
+        self.layoutAboutToBeChanged.emit()
+        self.set_servers(self.servers)
+        self.layoutChanged.emit()
+
+    def row_of(self, peer_id: str | None) -> int:
+        return next((i for i, s in enumerate(self.servers) if s["peer_id"] == peer_id), -1)
 
 
 class Swatch(QWidget):
-    """One legend entry: a filled box, a dashed box or a line, and its meaning."""
+    """One legend entry: a filled box, a dashed box, a hatched box or a line, and its meaning."""
 
     def __init__(self, kind: str, colour: str, text: str, parent: QWidget | None = None):
         super().__init__(parent)
@@ -50,15 +185,21 @@ class Swatch(QWidget):
                 pen.setStyle(Qt.PenStyle.DashLine)
             if self.kind == "own":
                 pen = QPen(QColor(c.accent), 2.5)
+            if self.kind == "flagged":
+                pen = QPen(QColor(c.bad), 2.5)
             painter.setPen(pen)
             painter.setBrush(QColor(self.colour))
             painter.drawRect(3, 3, 16, 12)
+            if self.kind == "flagged":
+                painter.fillRect(3, 3, 16, 12, QBrush(QColor(c.bad), Qt.BrushStyle.BDiagPattern))
         painter.setPen(QColor(c.text))
         painter.drawText(24, 13, self.text)
         painter.end()
 
 
 class SwarmPane(QWidget):
+    checked = Signal(dict)  # a server was checked on purpose: the node's verdict may have changed
+
     def __init__(self, client: NodeClient, prefs: QSettings, parent: QWidget | None = None):
         super().__init__(parent)
         self.client, self.prefs = client, prefs
@@ -67,6 +208,7 @@ class SwarmPane(QWidget):
         self.summary = plain_label("Reading the swarm…")
         self.summary.setStyleSheet("font-size: 15px; font-weight: 600")
         self.summary.setWordWrap(True)
+        self.summary.setAccessibleName("Swarm summary")
         layout.addWidget(self.summary)
         self.coverage = CoverageStrip()
         self.weakest = plain_label("")
@@ -82,14 +224,15 @@ class SwarmPane(QWidget):
             ("box", state_colour("OFFLINE"), "offline"),
             ("own", state_colour("ONLINE"), "this computer"),
             ("dashed", state_colour("ONLINE"), "relayed"),
+            ("flagged", state_colour("ONLINE"), "⚠ flagged"),
             ("line", c.good, "route < 50 ms"),
             ("line", c.warn, "< 200 ms"),
             ("line", c.bad, "≥ 200 ms"),
         ):
             legend.addWidget(Swatch(kind, colour, text))
         legend.addStretch(1)
-        self.fit_button = QPushButton("Fit")
-        self.fit_button.setToolTip("Show the whole swarm (Ctrl+wheel zooms, drag scrolls)")
+        self.fit_button = QPushButton("&Fit")
+        self.fit_button.setToolTip("Show the whole swarm (Ctrl+0). Ctrl+wheel or Ctrl++ / Ctrl+- zoom; drag scrolls")
         self.fit_button.setAccessibleName("Fit the map to the window")
         legend.addWidget(self.fit_button)
         layout.addLayout(legend)
@@ -97,17 +240,27 @@ class SwarmPane(QWidget):
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.setObjectName("swarmSplitter")
         self.map = SwarmGraph()
+        self.map.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.fit_button.clicked.connect(self.map.fit)
-        self.map.server_clicked.connect(self._show_server)
-        self.peers = QTableWidget(0, len(PEER_COLUMNS))
+        self.map.server_clicked.connect(self._server_pinned)
+        self.table = ServerTable(self)
+        self.peers = QTableView()
+        self.peers.setModel(self.table)
         self.peers.setAccessibleName("Servers")
-        self.peers.setHorizontalHeaderLabels(PEER_COLUMNS)
-        self.peers.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.peers.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.peers.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.peers.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.peers.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.peers.setTabKeyNavigation(False)  # Tab leaves the table; arrows move between servers
         self.peers.verticalHeader().hide()
-        self.peers.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        self.peers.horizontalHeader().setStretchLastSection(True)
-        self.peers.itemSelectionChanged.connect(self._row_selected)
+        header = self.peers.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        header.setStretchLastSection(True)
+        header.setResizeContentsPrecision(40)  # fit columns to the first rows, not all 200
+        header.setSortIndicator(-1, Qt.SortOrder.AscendingOrder)
+        self.peers.setSortingEnabled(True)
+        header.setSortIndicatorShown(False)  # no sort until the user asks (the node's order otherwise)
+        header.sectionClicked.connect(lambda _: header.setSortIndicatorShown(True))
+        self.peers.selectionModel().currentRowChanged.connect(self._row_selected)
         self.splitter.addWidget(self.map)
         self.splitter.addWidget(self.peers)
         self.splitter.setSizes([420, 180])
@@ -116,37 +269,81 @@ class SwarmPane(QWidget):
             self.splitter.restoreState(state)
         self.splitter.splitterMoved.connect(lambda *_: prefs.setValue("swarm/splitter", self.splitter.saveState()))
         layout.addWidget(self.splitter, 1)
-        self.details = plain_label("Hover over a server for details; click it to pin them here.")
+
+        bottom = QHBoxLayout()
+        self.details = plain_label(
+            "Hover over a server for details; click it (or pick it in the table) to pin them here."
+        )
         self.details.setWordWrap(True)
+        self.details.setAccessibleName("Server details")
         self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        layout.addWidget(self.details)
+        self.check_button = QPushButton("Chec&k this server")
+        self.check_button.setAccessibleName("Check the selected server's results")
+        self.check_button.setToolTip(
+            "Send the selected server known inputs and compare its answer with this computer's own run of "
+            "those blocks or with other servers (Ctrl+K)"
+        )
+        self.check_button.setEnabled(False)
+        self.check_button.clicked.connect(self.check_selected)
+        bottom.addWidget(self.details, 1)
+        bottom.addWidget(self.check_button, 0, Qt.AlignmentFlag.AlignTop)
+        layout.addLayout(bottom)
+        self.check_result = plain_label("")
+        self.check_result.setWordWrap(True)
+        self.check_result.setAccessibleName("Check result")
+        self.check_result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.check_result.hide()
+        layout.addWidget(self.check_result)
+
+        # Ctrl+0, Ctrl++ / Ctrl+-, Ctrl+K: the window's Swarm menu.
+        self.setTabOrder(self.fit_button, self.map)
+        self.setTabOrder(self.map, self.peers)
+        self.setTabOrder(self.peers, self.check_button)
+
         self.models: list[dict] = []
         self.own_prefix: str | None = None
-        self._table_rows: list = []
-        self._first_fill = True
-        self._table_timer = QTimer(self)
-        self._table_timer.setInterval(1)  # 1 ms, not 0: other timers and painting get their turn
-        self._sort: tuple[int, Qt.SortOrder] | None = None
-        self.peers.horizontalHeader().setSectionsClickable(True)
-        self.peers.horizontalHeader().sectionClicked.connect(self._sort_by)
-        self._table_timer.timeout.connect(self._fill_slice)
+        self.selected: dict | None = None
+        self.checking: str | None = None
+        self._table_servers: list[dict] = []
+        self._table_queued = False
+        self._stale = False
+        self._sized_for: str | None = None
 
+    def focus_first(self) -> None:
+        self.map.setFocus()
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._stale:
+            self.show_swarm(self.models)
+
+    # --- data ---------------------------------------------------------------------------------------
     def show_swarm(self, models: list[dict]) -> None:
         self.models = models
+        if not self.isVisible():
+            # Drawn when the pane is shown: a refresh behind another pane (a chat streaming, the window in
+            # the tray) costs the UI thread nothing.
+            self._stale = True
+            return
+        self._stale = False
         model = next((m for m in models if m["dht_prefix"] == self.own_prefix), models[0] if models else None)
         if model is None:
             self.summary.setText("No model is announced in this swarm yet.")
             self.coverage.set_counts([])
             self.weakest.setText("")
             self.map.set_model(None)
-            self.peers.setRowCount(0)
+            self._table_servers = []
+            self._update_table()
             return
-        online = sum(1 for s in model["servers"] if s["state"] == "ONLINE")
+        servers = model["servers"]
+        online = sum(1 for s in servers if s["state"] == "ONLINE")
         missing = model["missing_blocks"]
         state = "every block is served" if model["healthy"] else f"blocks {block_ranges(missing)} are not served"
+        flagged = sum(1 for s in servers if (verification(s) or {}).get("state") == "flagged")
+        warning = f" — ⚠ {flagged} server(s) flagged for wrong results" if flagged else ""
         self.summary.setText(
-            f"{model['dht_prefix']}: {model['num_blocks']} blocks, {online} of {len(model['servers'])} "
-            f"server(s) online — {state}"
+            f"{model['dht_prefix']}: {model['num_blocks']} blocks, {online} of {len(servers)} "
+            f"server(s) online — {state}{warning}"
         )
         low, weakest = weakest_blocks(model["online_per_block"])
         self.coverage.set_counts(model["online_per_block"])
@@ -156,76 +353,127 @@ class SwarmPane(QWidget):
             self.weakest.setText(f"Every block has {low} online server(s)")
         self.map.set_model(model)
         # The table on the next turn of the event loop: the map's update and the table's are two
-        # short stalls, never one long one.
-        self._table_servers = model["servers"]
-        QTimer.singleShot(0, lambda: self._fill_table(self._table_servers))
+        # short stalls, never one longer one.
+        self._table_servers = servers
+        if not self._table_queued:
+            self._table_queued = True
+            QTimer.singleShot(0, self._update_table)
+        if self.selected is not None:
+            fresh = self.map.boxes_by_peer.get(self.selected["peer_id"])
+            if fresh is not None:
+                self.selected = fresh.server
+                if self.checking is None:
+                    self.details.setText(server_details(fresh.server))
 
-    def _fill_table(self, servers: list[dict]) -> None:
-        """Refill the table in short slices between event-loop turns (hundreds of rows would otherwise
-        hold the UI thread): no selection signals per cell (each would re-pin the map), no re-sort per
-        cell, cells reused (changing text is far cheaper than new items)."""
-        self.peers.blockSignals(True)
-        self._first_fill = self.peers.rowCount() == 0
-        self.peers.setRowCount(len(servers))
-        self.peers.blockSignals(False)
-        self._table_rows = list(enumerate(servers))
-        self._fill_slice()
-        if self._table_rows:
-            self._table_timer.start()
+    def _update_table(self) -> None:
+        self._table_queued = False
+        self.table.set_servers(self._table_servers)
+        self._reselect()
+        # Columns fit their contents once per model shown (not per refresh: the user may have resized them).
+        prefix = (self.map.model or {}).get("dht_prefix")
+        if self._table_servers and prefix != self._sized_for:
+            self._sized_for = prefix
+            for column in range(len(PEER_COLUMNS) - 1):  # the last one stretches to the table's edge
+                self.peers.resizeColumnToContents(column)
+        # A node that does not check servers has no verdicts: no Trust column rather than a column of "–".
+        checked = any(verification(s) is not None for s in self._table_servers)
+        self.peers.setColumnHidden(PEER_COLUMNS.index("Trust"), not checked)
 
-    def _fill_slice(self) -> None:
-        started = time.perf_counter()
-        self.peers.blockSignals(True)
-        while self._table_rows and time.perf_counter() - started < TABLE_SLICE_S:
-            row, s = self._table_rows.pop(0)
-            free = (
-                s["cache_tokens_left"] // max(2 * (s["end_block"] - s["start_block"]), 1)
-                if s.get("cache_tokens_left") is not None
-                else None
-            )
-            software = f"corolla {s['corolla_version']}" if s.get("corolla_version") else f"petals {s.get('version')}"
-            cells = [
-                server_label(s),
-                s["state"].lower(),
-                f"{s['start_block']}:{s['end_block']}",
-                f"{s['throughput']:.1f}",
-                "–" if s.get("ping_ms") is None else f"{s['ping_ms']:.1f}",
-                software,
-                "relay" if s.get("using_relay") else "direct",
-                "?" if free is None else f"{free:,}",
-            ]
-            for column, text in enumerate(cells):
-                item = self.peers.item(row, column)
-                if item is None:
-                    item = QTableWidgetItem(text)
-                    self.peers.setItem(row, column, item)
-                elif item.text() != text:
-                    item.setText(text)
-                item.setData(Qt.ItemDataRole.UserRole, s["peer_id"])
-        self.peers.blockSignals(False)
-        if not self._table_rows:
-            self._table_timer.stop()
-            if self._sort is not None:  # only a sort the user asked for (sorting 200 rows is not free)
-                self.peers.sortItems(*self._sort)
-            if self._first_fill:
-                self.peers.resizeColumnsToContents()
+    def _reselect(self) -> None:
+        """Keep the pinned server selected in the table across refreshes (rows move when sorted)."""
+        selection = self.peers.selectionModel()
+        row = self.table.row_of(self.map.pinned)
+        selection.blockSignals(True)
+        if row < 0:
+            selection.clearSelection()
+        else:
+            index = self.table.index(row, 0)
+            flags = QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows
+            selection.setCurrentIndex(index, flags)
+        selection.blockSignals(False)
+        self.peers.viewport().update()
 
-    def _sort_by(self, column: int) -> None:
-        same = self._sort is not None and self._sort[0] == column
-        ascending = Qt.SortOrder.AscendingOrder
-        order = Qt.SortOrder.DescendingOrder if same and self._sort[1] == ascending else ascending
-        self._sort = (column, order)
-        self.peers.horizontalHeader().setSortIndicatorShown(True)
-        self.peers.horizontalHeader().setSortIndicator(column, order)
-        self.peers.sortItems(column, order)
-
-    def _row_selected(self) -> None:
-        items = self.peers.selectedItems()
-        if items:
-            self.map.pin(items[0].data(Qt.ItemDataRole.UserRole))
+    def _row_selected(self, current: QModelIndex, _previous: QModelIndex) -> None:
+        if current.isValid():
+            self.map.pin(self.table.data(current, Qt.ItemDataRole.UserRole))
 
     def show_error(self, message: str) -> None:
         self.summary.setText(f"The swarm cannot be read now: {message}")
 
-    def _show_server(self, server: dict) -> None:
+    def _server_pinned(self, server: dict) -> None:
+        self.selected = server
         self.details.setText(server_details(server))
+        self._reselect()
+        own = bool(server.get("this_computer"))
+        self.check_button.setEnabled(self.checking is None and not own)
+        self.check_button.setToolTip(
+            "This is this computer's own server: a server is never checked against itself."
+            if own
+            else "Send this server known inputs and compare its answer with this computer's own run of those "
+            "blocks or with other servers (Ctrl+K)"
+        )
+
+    # --- checking a server on purpose ---------------------------------------------------------------
+    def check_selected(self) -> None:
+        """Ask the node to check the selected server (it runs beside everything else: the request is
+        asynchronous and the window stays responsive); show its verdict when it comes."""
+        server = self.selected
+        if server is None or self.checking is not None or server.get("this_computer"):
+            return
+        peer = server["peer_id"]
+        self.checking = peer
+        self.check_button.setEnabled(False)
+        self.check_button.setText("Checking…")
+        self.check_result.setStyleSheet("")
+        self.check_result.setText(f"Checking {server_label(server)}: sending it known inputs…")
+        self.check_result.show()
+        self.client.call(
+            "POST",
+            "/api/swarm/check",
+            {"peer_id": peer},
+            on_ok=lambda result: self._checked(server, result),
+            on_error=lambda message: self._check_failed(server, message),
+            timeout_ms=CHECK_TIMEOUT_MS,
+        )
+
+    def _check_done(self) -> None:
+        self.checking = None
+        self.check_button.setText("Chec&k this server")
+        self.check_button.setEnabled(self.selected is not None and not self.selected.get("this_computer"))
+
+    def _checked(self, server: dict, result: dict | None) -> None:
+        self._check_done()
+        result = result if isinstance(result, dict) else {}
+        state = result.get("state")
+        c = theme.colours()
+        headline = {
+            "verified": "✓ Honest",
+            "flagged": "⚠ FLAGGED: it returned wrong results",
+            "unverified": "Could not be verified",
+        }.get(state, str(state or "No verdict"))
+        parts = [f"{server_label(server)}: {headline}."]
+        if result.get("detail"):
+            parts.append(str(result["detail"])[:500])
+        if isinstance(result.get("max_error"), (int, float)):
+            parts.append(f"Largest difference: {result['max_error']:.3g}.")
+        compared = result.get("compared_with")
+        if isinstance(compared, list) and compared:
+            names = ", ".join(str(p) if len(str(p)) < 16 else "…" + str(p)[-6:] for p in compared[:6])
+            parts.append(f"Compared with: {names}.")
+        evidence = evidence_text(result.get("evidence"))
+        if evidence:
+            parts.append(evidence.replace("\n", "; "))
+        colour = {"verified": c.good, "flagged": c.bad}.get(state, c.warn)
+        self.check_result.setStyleSheet(f"color: {colour}")
+        self.check_result.setText(" ".join(parts))
+        self.checked.emit(result)
+
+    def _check_failed(self, server: dict, message: str) -> None:
+        self._check_done()
+        self.check_result.setStyleSheet(f"color: {theme.colours().warn}")
+        if message == ENDPOINT_MISSING:
+            self.check_result.setText(
+                "This node cannot check servers: it predates spot checks. Update Corolla to check servers on purpose."
+            )
+        else:
+            self.check_result.setText(f"Could not check {server_label(server)}: {message}")

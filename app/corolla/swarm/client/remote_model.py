@@ -489,10 +489,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         _check_sampling(kwargs)
         if isinstance(kwargs.get("eos_token_id"), list) and not kwargs["eos_token_id"]:
             kwargs["eos_token_id"] = None  # Corolla's spelling of "no end-of-sequence token"
-        if session is None and kwargs.get("attention_mask") is None:
+        if kwargs.get("attention_mask") is None:
             # No mask given means no padding. Left to itself, transformers would infer a mask from pad
             # tokens in the prompt, and where pad is also a chat-template token (SmolLM2: <|im_end|>) it
             # masks real tokens out: different text, and a "padded" batch that stock servers refuse.
+            # Also on a session's later turns, where that inferred mask (this turn's tokens only) failed
+            # the step's [batch, past + length] check: a chat's second message never got an answer.
             kwargs["attention_mask"] = torch.ones_like(input_ids)
         if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer
