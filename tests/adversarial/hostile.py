@@ -51,24 +51,33 @@ def handle_name(rpc: str) -> str:
 class HostilePeer(WireClient):
     """A WireClient that can also write raw bytes on a stream and store raw bytes in the DHT."""
 
+    async def _open(self, peer_id: str, rpc: str):
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handle_name(rpc))
+        return reader, writer
+
+    @staticmethod
+    async def _exchange(reader, writer, payload: bytes, read_for: float) -> bytes:
+        """Write `payload` on an open stream and return what comes back within `read_for` seconds
+        (until the server closes its side)."""
+        received = b""
+        try:
+            writer.write(payload)
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+            with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+                async with asyncio.timeout(read_for):
+                    while chunk := await reader.read(65536):
+                        received += chunk
+        finally:
+            writer.close()
+        return received
+
     def raw_stream(self, peer_id: str, rpc: str, payload: bytes, read_for: float = 5.0) -> bytes:
         """Open a stream to `rpc`, write `payload`, and return what comes back within `read_for`
         seconds (until the server closes its side)."""
 
         async def call() -> bytes:
-            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handle_name(rpc))
-            received = b""
-            try:
-                writer.write(payload)
-                with contextlib.suppress(ConnectionError, OSError):
-                    await writer.drain()
-                with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
-                    async with asyncio.timeout(read_for):
-                        while chunk := await reader.read(65536):
-                            received += chunk
-            finally:
-                writer.close()
-            return received
+            return await self._exchange(*await self._open(peer_id, rpc), payload, read_for)
 
         return self.run(call(), timeout=read_for + 30)
 
@@ -77,23 +86,10 @@ class HostilePeer(WireClient):
 
         async def one(payload: bytes) -> bytes:
             try:
-                _, reader, writer = await self.p2p.call_binary_stream_handler(
-                    PeerID.from_base58(peer_id), handle_name(rpc)
-                )
+                stream = await self._open(peer_id, rpc)
             except Exception as exc:
                 return repr(exc).encode()
-            received = b""
-            try:
-                writer.write(payload)
-                with contextlib.suppress(ConnectionError, OSError):
-                    await writer.drain()
-                with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
-                    async with asyncio.timeout(hold_s):
-                        while chunk := await reader.read(65536):
-                            received += chunk
-            finally:
-                writer.close()
-            return received
+            return await self._exchange(*stream, payload, hold_s)
 
         async def all_of_them() -> list[bytes]:
             return await asyncio.gather(*(one(p) for p in payloads))
