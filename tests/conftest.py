@@ -98,8 +98,9 @@ def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_swarm(tiny_models, tmp_path_factory):
     """Three Corolla servers (blocks 0:2, 2:4, 4:6 of the tiny Llama, float32, prefix
-    TINY_SWARM_PREFIX) started once for every test that only reads from a swarm (the swarm client
-    and transformers API tests): none of them stops, pauses or reconfigures a server."""
+    TINY_SWARM_PREFIX) started once for every test that only reads from a swarm (the swarm client,
+    transformers API and chat-cache tests): none of them stops, pauses or reconfigures a server. The
+    KV budget (12 x 4096 tokens a block) holds more than the node keeps of its chat sessions at once."""
     from tests.support.swarm import TINY_SWARM_PREFIX, start_chain
 
     servers = start_chain(
@@ -110,6 +111,8 @@ def tiny_swarm(tiny_models, tmp_path_factory):
         TINY_SWARM_PREFIX,
         "--step-timeout",
         "30",
+        "--attn-cache-tokens",
+        str(12 * 4096),
     )
     yield servers
     for server in servers:
