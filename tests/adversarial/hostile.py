@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 from functools import partial
 
 import msgpack
@@ -112,6 +113,11 @@ class HostilePeer(WireClient):
         IS_DICTIONARY tag makes the receiver decode `value` as a whole dictionary)."""
         self.dht.run_coroutine(partial(_store_raw, target=target_peer, key=key, tag=tag, value=value))
 
+    def store_filler(self, target_peer: str, key: str, count: int, size: int) -> None:
+        """Store `count` values of `size` bytes under `key`, each under a subkey of its own (built in
+        the DHT process: hivemind's pipe to it takes small calls only)."""
+        self.dht.run_coroutine(partial(_store_filler, target=target_peer, key=key, count=count, size=size))
+
     def store_records(self, target_peer: str, uids: list[str], records: dict[str, tuple]) -> None:
         """Store `records` ({subkey: value}) under each of `uids` in `target_peer`'s DHT storage, in
         one store RPC per uid (what a flood of servers announcing themselves would leave there)."""
@@ -133,6 +139,13 @@ async def _store_raw(dht: DHT, node: DHTNode, target: str, key: str, tag: bytes,
     )
     with contextlib.suppress(Exception):  # the point is what happens to the receiver
         await node.protocol.get_stub(PeerID.from_base58(target)).rpc_store(request, timeout=10)
+
+
+async def _store_filler(dht: DHT, node: DHTNode, target: str, key: str, count: int, size: int) -> None:
+    value = MSGPackSerializer.dumps(b"x" * (size - 5))  # bin32 header: 5 bytes
+    for _ in range(count):
+        subkey = MSGPackSerializer.dumps(f"filler-{uuid.uuid4().hex}")
+        await _store_raw(dht, node, target=target, key=key, tag=subkey, value=value)
 
 
 async def _store_many(dht: DHT, node: DHTNode, target: str, uid: str, records: dict) -> None:
