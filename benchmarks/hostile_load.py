@@ -35,7 +35,7 @@ from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol
 from tests.adversarial.hostile import HostilePeer, deep_metadata, frame
-from tests.support.swarm import CorollaServer
+from tests.support.swarm import tiny_block_server
 from tests.support.wire import WireClient, step_request
 
 PREFIX = "bench-hostile"
@@ -161,25 +161,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="corolla-hostile-bench-") as tmp:
         model = make_tiny_model("llama", Path(tmp) / "model")
-        server = CorollaServer(
-            Path(tmp),
-            model,
-            "--new-swarm",
-            "--dht-prefix",
-            PREFIX,
-            "--blocks",
-            f"0:{BLOCKS}",
-            "--torch-dtype",
-            "float32",
-            "--throughput",
-            "25",
-            "--inference-max-length",
-            "1024",
-            "--max-batch-size",
-            "256",
-        )
-        try:
-            server.wait_state("online")
+        with tiny_block_server(Path(tmp), model, PREFIX, BLOCKS, inference_max_length=1024) as server:
             switch = Path(tmp) / "attack-on"
             with WireClient(server.maddr) as client:
                 time_steps(client, server.peer_id, 20)  # warm-up
@@ -203,8 +185,6 @@ def main() -> None:
                 output = hostile.communicate(timeout=120)[0] or ""
                 attack_counts = json.loads(output.splitlines()[-1]) if output.strip() else {}
             alive = server.process.poll() is None
-        finally:
-            server.stop()
     base, hit = summary(quiet), summary(attacked)
     result = {
         "benchmark": "hostile_load",

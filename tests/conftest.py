@@ -93,3 +93,27 @@ def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct-Q4_1"
     import_gguf(smollm2_gguf, folder, dht_prefix=SMOLLM2_PREFIX)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_swarm(tiny_models, tmp_path_factory):
+    """Three Corolla servers (blocks 0:2, 2:4, 4:6 of the tiny Llama, float32, prefix
+    TINY_SWARM_PREFIX) started once for every test that only reads from a swarm (the swarm client,
+    transformers API and chat-cache tests): none of them stops, pauses or reconfigures a server. The
+    KV budget (12 x 4096 tokens a block) holds more than the node keeps of its chat sessions at once."""
+    from tests.support.swarm import TINY_SWARM_PREFIX, start_chain
+
+    servers = start_chain(
+        tmp_path_factory.mktemp("tiny-swarm"),
+        tiny_models.get("llama"),
+        ["0:2", "2:4", "4:6"],
+        "--dht-prefix",
+        TINY_SWARM_PREFIX,
+        "--step-timeout",
+        "30",
+        "--attn-cache-tokens",
+        str(12 * 4096),
+    )
+    yield servers
+    for server in servers:
+        server.stop()

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm.client.routing import MissingBlocksError
-from tests.support.swarm import CorollaServer, start_chain
+from tests.support.swarm import TINY_SWARM_PREFIX, CorollaServer
 
-PREFIX = "tiny-client"
+PREFIX = TINY_SWARM_PREFIX
 LOCAL = {"initial_peers": None}
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 4, "min_backoff": 0.2}
 
@@ -42,19 +42,8 @@ def model_dir(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def swarm(model_dir, tmp_path_factory):
-    servers = start_chain(
-        tmp_path_factory.mktemp("client-swarm"),
-        model_dir,
-        ["0:2", "2:4", "4:6"],
-        "--dht-prefix",
-        PREFIX,
-        "--step-timeout",
-        "30",
-    )
-    yield servers
-    for server in servers:
-        server.stop()
+def swarm(tiny_swarm):
+    return tiny_swarm
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The distributed model as a transformers model: transformers' own generate() through 2 Corolla
-servers equals local generate() token for token (float32), for every decoding strategy and argument."""
+"""The distributed model as a transformers model: transformers' own generate() through the session's
+3 Corolla servers equals local generate() token for token (float32), for every decoding strategy and
+argument."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from transformers import (
 )
 
 import corolla
-from tests.support.swarm import start_chain
+from tests.support.swarm import TINY_SWARM_PREFIX
 
-PREFIX = "tiny-hf"
+PREFIX = TINY_SWARM_PREFIX
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 20.0, "max_retries": 3, "min_backoff": 0.2}
 NO_EOS = {"eos_token_id": None, "pad_token_id": 3}
 
@@ -33,13 +34,8 @@ def model_dir(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def swarm(model_dir, tmp_path_factory):
-    servers = start_chain(
-        tmp_path_factory.mktemp("hf-swarm"), model_dir, ["0:3", "3:6"], "--dht-prefix", PREFIX, "--step-timeout", "30"
-    )
-    yield servers
-    for server in servers:
-        server.stop()
+def swarm(tiny_swarm):
+    return tiny_swarm
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 from corolla.swarm import protocol
 from corolla.swarm.dht_records import get_module_infos
 from corolla.swarm.models import load_span
-from tests.support.swarm import CorollaServer
+from tests.support.swarm import tiny_block_server
 from tests.support.wire import WireClient, new_ids, step_request
 
 PREFIX = "tiny-test"
@@ -27,32 +27,19 @@ def model_dir(tiny_models):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = CorollaServer(
+    with tiny_block_server(
         tmp_path_factory.mktemp("server"),
         model_dir,
-        "--new-swarm",
-        "--dht-prefix",
         PREFIX,
-        "--blocks",
-        f"0:{BLOCKS}",
-        "--torch-dtype",
-        "float32",
-        "--throughput",
-        "25",
+        BLOCKS,
         "--attn-cache-tokens",
         str(CACHE_TOKENS),
-        "--inference-max-length",
-        "64",
-        "--max-batch-size",
-        "256",
         "--step-timeout",
         "20",
         "--update-period",
         "5",
-    )
-    process.wait_state("online")
-    yield process
-    process.stop()
+    ) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -33,31 +33,30 @@ def _parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
-def _positive_int(text: str) -> int:
+def _parsed(text: str, parse, expected: str):
+    """`parse(text)`, or argparse's clear error naming what was expected."""
     try:
-        value = int(text)
+        return parse(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from exc
+
+
+def _positive_int(text: str) -> int:
+    value = _parsed(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from exc
+    value = _parsed(text, int, "a port number")
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0..65535, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    value = _parsed(text, float, "a number")
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value

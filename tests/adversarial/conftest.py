@@ -11,7 +11,7 @@ import torch
 from corolla.swarm import protocol
 from corolla.swarm.models import load_span
 from tests.adversarial.hostile import HostilePeer, Resources
-from tests.support.swarm import CorollaServer
+from tests.support.swarm import CorollaServer, tiny_block_server
 from tests.support.wire import WireClient, new_ids, step_request
 
 PREFIX = "tiny-hostile"
@@ -29,34 +29,21 @@ def model_dir(tiny_models):
 
 @pytest.fixture(scope="package")
 def server(model_dir, tmp_path_factory):
-    process = CorollaServer(
+    with tiny_block_server(
         tmp_path_factory.mktemp("hostile-server"),
         model_dir,
-        "--new-swarm",
-        "--dht-prefix",
         PREFIX,
-        "--blocks",
-        f"0:{BLOCKS}",
-        "--torch-dtype",
-        "float32",
-        "--throughput",
-        "25",
+        BLOCKS,
         "--attn-cache-tokens",
         str(CACHE_TOKENS),
-        "--inference-max-length",
-        "64",
-        "--max-batch-size",
-        "256",
         "--max-open-sessions",
         str(MAX_OPEN_SESSIONS),
         "--step-timeout",
         "20",
         "--update-period",
         "5",
-    )
-    process.wait_state("online")
-    yield process
-    process.stop()
+    ) as process:
+        yield process
 
 
 @pytest.fixture(scope="package")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 from functools import partial
 
 import msgpack
@@ -51,24 +52,33 @@ def handle_name(rpc: str) -> str:
 class HostilePeer(WireClient):
     """A WireClient that can also write raw bytes on a stream and store raw bytes in the DHT."""
 
+    async def _open(self, peer_id: str, rpc: str):
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handle_name(rpc))
+        return reader, writer
+
+    @staticmethod
+    async def _exchange(reader, writer, payload: bytes, read_for: float) -> bytes:
+        """Write `payload` on an open stream and return what comes back within `read_for` seconds
+        (until the server closes its side)."""
+        received = b""
+        try:
+            writer.write(payload)
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+            with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+                async with asyncio.timeout(read_for):
+                    while chunk := await reader.read(65536):
+                        received += chunk
+        finally:
+            writer.close()
+        return received
+
     def raw_stream(self, peer_id: str, rpc: str, payload: bytes, read_for: float = 5.0) -> bytes:
         """Open a stream to `rpc`, write `payload`, and return what comes back within `read_for`
         seconds (until the server closes its side)."""
 
         async def call() -> bytes:
-            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handle_name(rpc))
-            received = b""
-            try:
-                writer.write(payload)
-                with contextlib.suppress(ConnectionError, OSError):
-                    await writer.drain()
-                with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
-                    async with asyncio.timeout(read_for):
-                        while chunk := await reader.read(65536):
-                            received += chunk
-            finally:
-                writer.close()
-            return received
+            return await self._exchange(*await self._open(peer_id, rpc), payload, read_for)
 
         return self.run(call(), timeout=read_for + 30)
 
@@ -77,23 +87,10 @@ class HostilePeer(WireClient):
 
         async def one(payload: bytes) -> bytes:
             try:
-                _, reader, writer = await self.p2p.call_binary_stream_handler(
-                    PeerID.from_base58(peer_id), handle_name(rpc)
-                )
+                stream = await self._open(peer_id, rpc)
             except Exception as exc:
                 return repr(exc).encode()
-            received = b""
-            try:
-                writer.write(payload)
-                with contextlib.suppress(ConnectionError, OSError):
-                    await writer.drain()
-                with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
-                    async with asyncio.timeout(hold_s):
-                        while chunk := await reader.read(65536):
-                            received += chunk
-            finally:
-                writer.close()
-            return received
+            return await self._exchange(*stream, payload, hold_s)
 
         async def all_of_them() -> list[bytes]:
             return await asyncio.gather(*(one(p) for p in payloads))
@@ -116,6 +113,11 @@ class HostilePeer(WireClient):
         IS_DICTIONARY tag makes the receiver decode `value` as a whole dictionary)."""
         self.dht.run_coroutine(partial(_store_raw, target=target_peer, key=key, tag=tag, value=value))
 
+    def store_filler(self, target_peer: str, key: str, count: int, size: int) -> None:
+        """Store `count` values of `size` bytes under `key`, each under a subkey of its own (built in
+        the DHT process: hivemind's pipe to it takes small calls only)."""
+        self.dht.run_coroutine(partial(_store_filler, target=target_peer, key=key, count=count, size=size))
+
     def store_records(self, target_peer: str, uids: list[str], records: dict[str, tuple]) -> None:
         """Store `records` ({subkey: value}) under each of `uids` in `target_peer`'s DHT storage, in
         one store RPC per uid (what a flood of servers announcing themselves would leave there)."""
@@ -137,6 +139,13 @@ async def _store_raw(dht: DHT, node: DHTNode, target: str, key: str, tag: bytes,
     )
     with contextlib.suppress(Exception):  # the point is what happens to the receiver
         await node.protocol.get_stub(PeerID.from_base58(target)).rpc_store(request, timeout=10)
+
+
+async def _store_filler(dht: DHT, node: DHTNode, target: str, key: str, count: int, size: int) -> None:
+    value = MSGPackSerializer.dumps(b"x" * (size - 5))  # bin32 header: 5 bytes
+    for _ in range(count):
+        subkey = MSGPackSerializer.dumps(f"filler-{uuid.uuid4().hex}")
+        await _store_raw(dht, node, target=target, key=key, tag=subkey, value=value)
 
 
 async def _store_many(dht: DHT, node: DHTNode, target: str, uid: str, records: dict) -> None:

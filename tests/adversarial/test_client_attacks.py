@@ -177,3 +177,30 @@ def test_a_poisoned_entry_does_not_hide_the_rest_of_a_record():
 
     found = asyncio.run(lookup())
     assert set(found.value) == {"honest"}
+
+
+POISONS = {  # name: (count, value), or (count, size) for values built in the hostile peer's DHT process
+    "malformed": (1, b"\xc1\xc1\xc1"),  # 0xc1 is never valid msgpack
+    "over-nested": (1, deep_tuples(400)),
+    "oversized": (5, 1024 * 1024),  # together over p2pd's 4 MiB message cap
+    "flooded": (140, protocol.MAX_DHT_VALUE_BYTES - 16),  # each under the value cap, together over 4 MiB
+}
+
+
+@pytest.mark.parametrize("poison", list(POISONS))
+def test_a_poisoned_key_read_over_the_network_keeps_its_honest_servers(hostile, accomplice, honest, server, poison):
+    """A hostile peer stores bad values under a model's block key in a server's DHT; an honest reader
+    (another process, asking over the network) still sees the honest server stored under that key.
+    (Each used to make the whole key read empty: the undecodable entry failed the lookup, and a key
+    grown past p2pd's message cap failed every reply that carried it.)"""
+    uid = protocol.make_uid(f"poisoned-{poison}", 0)
+    honest_peer = fake_peer_id()
+    accomplice.store_records(server.peer_id, [uid], {honest_peer: forged_record(0, 1, name="")})
+    count, value = POISONS[poison]
+    if isinstance(value, bytes):
+        hostile.store_raw(server.peer_id, uid, MSGPackSerializer.dumps(fake_peer_id()), value)
+    else:
+        hostile.store_filler(server.peer_id, uid, count, value)
+    (info,) = honest.run(get_module_infos(honest.dht, [uid]))
+    assert set(info.servers) == {honest_peer}
+    assert server.process.poll() is None

@@ -145,11 +145,11 @@ class LabNode:
     """`corolla node` (the window's backend) in a lab host. Its API listens on that host's loopback, so
     every request is made from inside the host's namespace."""
 
-    def __init__(self, lab: NetLab, host: Host, home: Path):
+    def __init__(self, lab: NetLab, host: Host, home: Path, extra_env: dict[str, str] | None = None):
         self.lab, self.host, self.home = lab, host, Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_path = self.home / "node.log"
-        env = {**os.environ, "COROLLA_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "COROLLA_HOME": str(self.home), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         with open(self.log_path, "ab") as log:
             self.process = lab.popen(host, [sys.executable, "-m", "corolla.cli", "node"], stdout=log,
                                      stderr=subprocess.STDOUT, env=env)  # fmt: skip

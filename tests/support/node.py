@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,3 +111,15 @@ def sse_events(response: httpx.Response):
         elif not line and data:
             yield event, json.loads("\n".join(data))
             event, data = None, []
+
+
+def home_with_converted_model(home: Path, smollm2: Path) -> Path:
+    """A user cache that already holds the converted SmolLM2 (hard links: no copy, no conversion)."""
+    target = home / "cache" / "models" / "SmolLM2-135M-Instruct-Q4_1"
+    target.parent.mkdir(parents=True)
+    try:
+        shutil.copytree(smollm2, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(smollm2, target)
+    return home

@@ -13,11 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# The DHT prefix of the session's shared tiny swarm (tests/conftest.py: `tiny_swarm`).
+TINY_SWARM_PREFIX = "tiny-swarm"
 LOOPBACK_FLAGS = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--no-relay", "--no-auto-nat"]
 
 
@@ -102,6 +105,37 @@ class CorollaServer:
 
     def kill(self) -> None:
         _stop_group(self.process, signal.SIGKILL, 10.0)
+
+
+@contextlib.contextmanager
+def tiny_block_server(
+    workdir: Path, model: str | Path, prefix: str, blocks: int, *extra: str, inference_max_length: int = 64
+) -> Iterator[CorollaServer]:
+    """A one-server swarm serving blocks 0..`blocks` of a tiny model in float32, online, stopped on
+    exit: the server the wire-level tests and benchmarks drive directly (`extra`: more serve flags)."""
+    server = CorollaServer(
+        workdir,
+        model,
+        "--new-swarm",
+        "--dht-prefix",
+        prefix,
+        "--blocks",
+        f"0:{blocks}",
+        "--torch-dtype",
+        "float32",
+        "--throughput",
+        "25",
+        "--inference-max-length",
+        str(inference_max_length),
+        "--max-batch-size",
+        "256",
+        *extra,
+    )
+    try:
+        server.wait_state("online")
+        yield server
+    finally:
+        server.stop()
 
 
 def _stop_group(process: subprocess.Popen, sig: int, timeout: float) -> int:

@@ -44,6 +44,12 @@ MAX_REQUEST_BYTES = 256 * 1024 * 1024
 # Bounded decoding of peer-supplied msgpack (metadata, rpc_info replies, DHT values and RPCs).
 MAX_MSGPACK_DEPTH = 32  # ext-type nesting (tuples, DHT dictionaries); arrays nest on msgpack's own stack
 MAX_DHT_MSGPACK_BYTES = 8 * 1024 * 1024  # any msgpack the DHT process reads (p2pd caps messages at 4 MiB)
+# What a DHT node stores for others: one value (a server's record is ~1 KiB), and all subkeys of one key
+# together, so that a lookup's reply (hivemind asks for up to 16 keys at once) stays under p2pd's 4 MiB
+# message cap: a key filled past that made every reply that carried it fail, and honest readers saw the
+# key as empty.
+MAX_DHT_VALUE_BYTES = 32 * 1024
+MAX_DHT_KEY_BYTES = 192 * 1024
 MAX_LOGGED_CHARS = 96  # peer-supplied text echoed into logs and error replies is cut to this
 MAX_ANNOUNCED_RPS = 1e6  # the fastest real servers announce ~1e4 tokens/s; anything above is a claim
 MAX_ANNOUNCED_INT = 1 << 40  # blocks and cache tokens
@@ -119,19 +125,67 @@ def harden_msgpack() -> None:
     search = dht_node._SearchState
     if not getattr(search.finish_search, "_corolla", False):
         search.finish_search = _finish_search_skipping_undecodable(search.finish_search)
+    _cap_dht_storage()
+
+
+def _cap_dht_storage() -> None:
+    """Make every DHT storage (and cache) in this process refuse a value over MAX_DHT_VALUE_BYTES and a
+    new or grown subkey that would take its key past MAX_DHT_KEY_BYTES. A full key keeps what it holds:
+    its servers refresh their own entries at their size, so only growth past the cap is refused."""
+    from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
+
+    if getattr(DHTLocalStorage.store_subkey, "_corolla", False):
+        return
+    store_subkey, store = DHTLocalStorage.store_subkey, DHTLocalStorage.store
+
+    def capped_store_subkey(storage: Any, key: Any, subkey: Any, value: bytes, expiration_time: float) -> bool:
+        if len(value) > MAX_DHT_VALUE_BYTES:
+            return False
+        found = storage.get(key)
+        if found is not None and isinstance(found.value, DictionaryDHTValue):
+            sizes = {k: len(entry.value) for k, entry in found.value.items()}
+            before = sizes.get(subkey, 0)
+            if len(value) > before and sum(sizes.values()) - before + len(value) > MAX_DHT_KEY_BYTES:
+                return False
+        return store_subkey(storage, key, subkey, value, expiration_time)
+
+    def capped_store(storage: Any, key: Any, value: Any, expiration_time: float, subkey: Any = None) -> bool:
+        if subkey is None and isinstance(value, (bytes, bytearray)) and len(value) > MAX_DHT_VALUE_BYTES:
+            return False
+        return store(storage, key, value, expiration_time, subkey)
+
+    capped_store_subkey._corolla = True
+    DHTLocalStorage.store_subkey, DHTLocalStorage.store = capped_store_subkey, capped_store
 
 
 def _finish_search_skipping_undecodable(finish: Any) -> Any:
     from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.dht.validation import DHTRecord
+
+    def decodable_value(state: Any, subkey: Any, value: bytes, expiration_time: float) -> bool:
+        try:
+            if state.record_validator is not None:  # as hivemind's finish_search does before decoding
+                subkey_bytes = state.serializer.dumps(subkey)
+                record = DHTRecord(state.key_id.to_bytes(), subkey_bytes, value, expiration_time)
+                value = state.record_validator.strip_value(record)
+            loads(value, max_bytes=MAX_DHT_MSGPACK_BYTES)
+            return True
+        except Exception:  # DecodeError, or a validator choking on a hostile record
+            return False
 
     def finish_search(state: Any) -> None:
+        # Every real DHT has a record validator (hivemind wraps even none in a CompositeValidator), so
+        # this must not depend on there being none. The found value may be this node's own storage
+        # object: the usable entries go into a copy, never deleted from what the storage holds.
         value = state.binary_value
-        if state.record_validator is None and isinstance(value, DictionaryDHTValue):
-            for subkey, entry in list(value.items()):
-                try:
-                    loads(entry.value, max_bytes=MAX_DHT_MSGPACK_BYTES)
-                except DecodeError:
-                    del value[subkey]
+        if isinstance(value, DictionaryDHTValue):
+            items = list(value.items())
+            usable = [(k, v) for k, v in items if decodable_value(state, k, v.value, v.expiration_time)]
+            if len(usable) < len(items):
+                kept = DictionaryDHTValue(value.maxsize)
+                for subkey, entry in usable:
+                    kept.store(subkey, entry.value, entry.expiration_time)
+                state.binary_value = kept
         try:
             finish(state)
         except DecodeError:  # a plain value that does not decode: found nothing usable

@@ -5,40 +5,12 @@ same import_gguf the node calls; the self-test converts from scratch in a fresh 
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
 from tests.support.node import NodeProcess, sse_events
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"
-
-
-def _home_with_converted_model(home, smollm2):
-    """A user cache that already holds the converted model (hard links: no copy, no conversion)."""
-    target = home / "cache" / "models" / "SmolLM2-135M-Instruct-Q4_1"
-    target.parent.mkdir(parents=True)
-    try:
-        shutil.copytree(smollm2, target, copy_function=os.link)
-    except OSError:
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(smollm2, target)
-    return home
-
-
-@pytest.fixture(scope="module")
-def node(smollm2, tmp_path_factory):
-    home = _home_with_converted_model(tmp_path_factory.mktemp("smollm2-node"), smollm2)
-    process = NodeProcess(home, extra_env={"COROLLA_DEFAULT_MODEL": "smollm2"})
-    try:
-        process.wait_contribution("online", timeout=300)
-    except BaseException:
-        process.stop()
-        raise
-    yield process
-    process.stop()
 
 
 def test_status_names_the_model_honestly(node):

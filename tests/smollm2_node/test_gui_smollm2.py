@@ -10,21 +10,6 @@ pytestmark = pytest.mark.slow
 
 from corolla.gui.node_client import NodeClient  # noqa: E402
 from corolla.gui.window import MainWindow  # noqa: E402
-from tests.support.node import NodeProcess  # noqa: E402
-from tests.test_node_smollm2 import _home_with_converted_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def node(smollm2, tmp_path_factory):
-    home = _home_with_converted_model(tmp_path_factory.mktemp("gui-smollm2-node"), smollm2)
-    process = NodeProcess(home, extra_env={"COROLLA_DEFAULT_MODEL": "smollm2"})
-    try:
-        process.wait_contribution("online", timeout=300)
-    except BaseException:
-        process.stop()
-        raise
-    yield process
-    process.stop()
 
 
 def test_the_chat_pane_answers_paris(qtbot, node):
