@@ -48,8 +48,9 @@ TOLERANCE = {
 UNKNOWN_PRECISION_TOLERANCE = 0.9  # a server that announces nothing (old Petals) gets the loosest known
 FIRST_STEPS = 8  # a server's first steps in this client are all checked
 CHECK_TIMEOUT_S = 60.0
-SETTLE_TIMEOUT_S = 10.0  # how long generate() waits, after its last token, for the checks in flight
+SETTLE_TIMEOUT_S = 30.0  # at most this long generate() waits, after its last token, for checks in flight
 MAX_CHECKS_IN_FLIGHT = 4  # per session: checks are extra load on the swarm
+MAX_CHECK_RETRIES = 2  # per server session: a check that fails (not one that mismatches) is tried again
 
 
 class LiarCaught(RuntimeError):
@@ -249,6 +250,7 @@ class SessionVerifier:
         self.kept: dict[str, _Kept] = {}  # by the stream's session id (unique per server session)
         self.tasks: set[asyncio.Task] = set()
         self.owed: set[str] = set()  # streams whose sampled check waits for a free slot
+        self.failures: Counter = Counter()  # checks that failed (not mismatched), per stream
         self.caught: dict | None = None
         self.enabled = self.view.config.spot_check_rate > 0  # 0: spot checks off
         self.checks_started = 0
@@ -284,11 +286,16 @@ class SessionVerifier:
             self.owed.add(stream.session_id)  # deferred, not dropped: the next step's check covers this one too
             return
         self.owed.discard(stream.session_id)
+        self._launch(stream, kept)
+
+    def _launch(self, stream, kept: _Kept) -> None:
         # Snapshots: the session goes on (and may roll back or reorder) while the check runs.
+        peer = stream.segment.peer_id
         prompts = self.session.prompts
         if prompts is not None:
             prompts = prompts[stream.segment.start : stream.segment.end]
         job = _CheckJob(
+            stream_id=stream.session_id,
             segment=stream.segment,
             inputs=stream.history,
             claimed=kept.outputs,
@@ -314,6 +321,9 @@ class SessionVerifier:
                 verdict = await check_outputs(self.view, job)
         except Exception as exc:  # a checker failing is not evidence against anyone
             logger.debug("spot check of %s failed: %s", job.segment, exc)
+            self.failures[job.stream_id] += 1
+            if self.failures[job.stream_id] <= MAX_CHECK_RETRIES:  # a busy checker: try again next step
+                self.owed.add(job.stream_id)
             return
         if verdict is None or verdict.state != "flagged" or self.caught is not None:
             return
@@ -326,8 +336,15 @@ class SessionVerifier:
             caught, self.caught = self.caught, None
             raise LiarCaught(caught)
 
-    async def settle(self, timeout: float = SETTLE_TIMEOUT_S) -> None:
-        """Wait (bounded) for the checks in flight, then raise LiarCaught if one caught a liar."""
+    async def settle(self, timeout: float | None = None) -> None:
+        """Run the checks still owed, wait (bounded) for those in flight, then raise LiarCaught if one
+        caught a liar."""
+        timeout = timeout or min(self.view.config.request_timeout, SETTLE_TIMEOUT_S)
+        for stream in self.session.streams:
+            kept = self.kept.get(stream.session_id)
+            if stream.session_id in self.owed and kept is not None:
+                self.owed.discard(stream.session_id)
+                self._launch(stream, kept)
         if self.tasks:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -341,6 +358,7 @@ class SessionVerifier:
 
 @dataclass
 class _CheckJob:
+    stream_id: str | None
     segment: RouteSegment
     inputs: torch.Tensor  # [batch, positions, hidden]: every input of the span so far
     claimed: torch.Tensor  # the server's outputs for positions [known_from, positions)
@@ -528,7 +546,7 @@ async def check_server(model, peer: str) -> Verdict | None:
         }
         ledger.flag(view, evidence)
         return Verdict(peer, "flagged", evidence["detail"], error, tolerance, ["this computer"])
-    job = _CheckJob(RouteSegment(peer, start, end), inputs, claimed, 0, step=None)
+    job = _CheckJob(None, RouteSegment(peer, start, end), inputs, claimed, 0, step=None)
     verdict = await check_outputs(view, job)
     if verdict is None:
         return Verdict(
