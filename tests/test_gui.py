@@ -574,6 +574,12 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
 
     assert servers[0]["peer_id"] in server_details(box.server)
     assert "Weakest" in pane.weakest.text()
+    # Behind another pane a refresh costs nothing: it is drawn when the pane is shown again.
+    pane.hide()
+    pane.show_swarm([{**model, "servers": servers[:100]}])
+    assert len(graph.boxes_by_peer) == 150
+    pane.show()
+    assert len(graph.boxes_by_peer) == 100
     pane.grab()
 
 
