@@ -28,7 +28,7 @@ os.environ.setdefault("COROLLA_DEFAULT_MODEL", "smollm2")
 # (fraction of the model's blocks where each extra server starts and ends, its public name)
 EXTRA_SERVERS = ((0.0, 0.5, "alder"), (0.5, 1.0, "birch"), (0.2, 0.8, "cedar"))
 PROMPTS = (
-    "Hello, swarm! Who serves this model?",
+    "What is the capital of France?",
     "Write a short Python function that adds two numbers, in a code block.",
 )
 

@@ -430,6 +430,26 @@ def test_quit_really_quits_even_with_a_tray(node, tmp_path):
     assert "Fatal Python error" not in result.stderr
 
 
+def test_sigterm_quits_the_app(node, tmp_path):
+    """`corolla app` ends on SIGTERM (a logout, `kill`) as its Quit does; the CLI's raising handler alone
+    was swallowed by the Qt slot it interrupted and the app lived on."""
+    (node.home / "config" / "app-first-run-done").write_text("1")
+    env = {**os.environ, "COROLLA_HOME": str(node.home), "QT_QPA_PLATFORM": "offscreen"}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    app = subprocess.Popen([sys.executable, "-m", "corolla.cli", "app"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # past the start: the window is open on the running node
+        assert app.poll() is None
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(20) == 128 + signal.SIGTERM
+        assert "Fatal Python error" not in app.stderr.read()
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    assert node.status()["contribution"]["state"] == "online"  # the node is its own process: it keeps on
+
+
 def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
     from PySide6.QtWidgets import QLabel
 
@@ -554,6 +574,12 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
 
     assert servers[0]["peer_id"] in server_details(box.server)
     assert "Weakest" in pane.weakest.text()
+    # Behind another pane a refresh costs nothing: it is drawn when the pane is shown again.
+    pane.hide()
+    pane.show_swarm([{**model, "servers": servers[:100]}])
+    assert len(graph.boxes_by_peer) == 150
+    pane.show()
+    assert len(graph.boxes_by_peer) == 100
     pane.grab()
 
 

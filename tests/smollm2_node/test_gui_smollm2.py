@@ -18,6 +18,8 @@ def test_the_chat_pane_answers_paris(qtbot, node):
     window.show()
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=120_000)
     assert "SmolLM2-135M-Instruct" in window.contribute.fields["model"].text()
+    # The picker marks the node's own model (its prefix comes from the model card: not part of the name).
+    qtbot.waitUntil(lambda: "(this node's model)" in window.chat.model_picker.currentText(), timeout=60_000)
     window.tabs.setCurrentWidget(window.chat)
     window.chat.temperature.setValue(0.0)  # greedy
     window.chat.input.setPlainText("What is the capital of France?")

@@ -243,7 +243,13 @@ class MainWindow(QMainWindow):
 
         def shown(models: list[dict]) -> None:
             own = (self.status or {}).get("model")
-            prefix = next((m["dht_prefix"] for m in models if own and m["dht_prefix"] in own), None)
+            card_prefix = ((self.status or {}).get("model_card") or {}).get("dht_prefix")
+            # The built-in model's card names its prefix (SmolLM2's is not part of its name); other models'
+            # prefixes are part of the name the node reports.
+            prefix = next(
+                (m["dht_prefix"] for m in models if m["dht_prefix"] == card_prefix or (own and m["dht_prefix"] in own)),
+                None,
+            )
             self.swarm.own_prefix = prefix
             self.swarm.show_swarm(models)
             self.chat.show_models(models, prefix)
