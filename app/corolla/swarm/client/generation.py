@@ -168,7 +168,12 @@ class TokenCallbackStopping(StoppingCriteria):
 
     def __init__(self, fn, prompt_length: int | None = None):
         self.fn = fn
+        self._prompt_length = prompt_length
         self._length = prompt_length  # None: only the last token of the first call is new
+
+    def rewind(self) -> None:
+        """The generation starts again from its prompt (a re-run after a liar was caught)."""
+        self._length = self._prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None, **kwargs) -> torch.Tensor:
         length = input_ids.shape[1]

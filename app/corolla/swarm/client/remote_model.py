@@ -499,9 +499,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer
         criteria = list(stopping_criteria or [])
-        callback = streamer
+        callback, token_callback = streamer, None
         if streamer is not None and not hasattr(streamer, "put"):
-            criteria.append(TokenCallbackStopping(streamer, input_ids.shape[1]))
+            token_callback = TokenCallbackStopping(streamer, input_ids.shape[1])
+            criteria.append(token_callback)
             streamer = None
         if should_stop is not None:
             criteria.append(CallbackStopping(lambda ids: should_stop()))
@@ -549,6 +550,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                     logger.warning("%s; re-running the generation on honest servers", caught)
                     self._loop.run(restart_route(session._session, start_position))
                     session.pending = start_pending
+                    if token_callback is not None:
+                        token_callback.rewind()  # the re-run's tokens are new to the callback again
                     if callable(getattr(callback, "rewind", None)):
                         callback.rewind()  # e.g. ReplyWatcher: the re-run's tokens replace this run's
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
