@@ -151,8 +151,8 @@ class StaticSessionCache:
         *,
         for_graphs: bool = False,
     ):
-        if max_length <= 0:
-            raise CacheCapacityError("a static cache needs max_length > 0")
+        if not isinstance(max_length, int) or max_length <= 0:
+            raise CacheCapacityError(f"a static cache needs a max_length > 0, got {max_length!r}")
         self.start, self.end, self.max_length = start, end, max_length
         self.state = StaticCacheState(for_graphs)
         self.decoder = None  # a decode_graph.GraphedDecoder, once the span attaches one
