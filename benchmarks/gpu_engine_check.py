@@ -262,10 +262,15 @@ def decode_modes(span: BlockSpan, cached: int, steps: int, batch: int = 1) -> di
     return rows
 
 
-def span_decode(device: torch.device, blocks: int, smoke: bool, bandwidth: float | None, deadline: float) -> dict:
+def span_decode(
+    device: torch.device, blocks: int, smoke: bool, bandwidth: float | None, deadline: float, quants: list[str]
+) -> dict:
     report: dict = {"blocks": blocks}
     lengths = (16, 64) if smoke else (128, 2048)
-    quants = ("none",) if smoke or not _has_bitsandbytes() else ("none", "int8", "nf4")
+    if smoke or not _has_bitsandbytes():
+        for quant in set(quants) - {"none"}:
+            report[quant] = {"skipped": "bitsandbytes is not installed" if not smoke else "CUDA only"}
+        quants = [q for q in quants if q == "none"]
     steps = 10 if smoke else 30
     for quant in quants:
         if time.monotonic() > deadline:
@@ -460,6 +465,7 @@ def main() -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: check that it runs")
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip what would start after this")
     parser.add_argument("--skip", nargs="*", default=(), help="sections to skip: correctness hf e2e")
+    parser.add_argument("--quants", nargs="*", default=["none", "int8", "nf4"], choices=["none", "int8", "nf4"])
     args = parser.parse_args()
     began = time.monotonic()
     deadline = began + args.budget_s
@@ -481,7 +487,7 @@ def main() -> None:
             report["tiny_correctness_vs_fp32"] = correctness("cuda")
         except Exception:
             report["tiny_correctness_error"] = traceback.format_exc()
-    report["span_decode"] = span_decode(device, 2 if smoke else args.blocks, smoke, bandwidth, deadline)
+    report["span_decode"] = span_decode(device, 2 if smoke else args.blocks, smoke, bandwidth, deadline, args.quants)
     if "hf" not in args.skip:
         report["hf_generate"] = {}
         for compiled in (False, True):
@@ -510,7 +516,8 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gpu_engine_check.json"), "w") as f:
+        name = "gpu_engine_check" + ("" if set(args.quants) == {"none", "int8", "nf4"} else "." + "-".join(args.quants))
+        with open(os.path.join(os.environ["OUT"], name + ".json"), "w") as f:
             f.write(text)
 
 

@@ -2,8 +2,8 @@
 
 Measured in one run, one after the other, with the same client code:
 - raw: a hivemind stream round trip to an echo handler in another process (transport only);
-- compute: the span's own step time, in-process (no network), on the static cache a server session
-  gets (and, beside it, on the dynamic cache);
+- compute: the span's own step time, in-process (no network), on the cache a server session gets
+  (and, beside it, on the static cache);
 - corolla: a Corolla block server serving the span;
 - petals: a stock Petals 2.2 server serving the same span (needs ../shared/reference-petals' venv).
 Targets: corolla - raw - compute <= 1 ms; corolla <= 0.5 x petals. Prints JSON. `--no-petals` skips
@@ -131,9 +131,9 @@ def measure_echo(client_dht, peer_id: str, hidden: int, steps: int) -> list[floa
     return asyncio.run(run())
 
 
-def measure_compute(model_dir: Path, blocks: int, steps: int, static: bool = True) -> list[float]:
-    """The span's own step time in-process, on the cache a server session gets (static: preallocated
-    to the session's max_length) or the dynamic one."""
+def measure_compute(model_dir: Path, blocks: int, steps: int, static: bool | None = None) -> list[float]:
+    """The span's own step time in-process, on the cache a server session of this max_length gets
+    (`static` None), or on the static / the dynamic cache."""
     torch.set_num_threads(1)
     span = load_span(model_dir, 0, blocks)
     cache = span.new_cache(steps + 8, static=static)
@@ -176,7 +176,7 @@ def main() -> None:
         hidden, blocks = config["hidden_size"], config["num_hidden_layers"]
         report["model"] = {"hidden_size": hidden, "blocks": blocks}
         report["compute"] = summary(measure_compute(model, blocks, args.steps))
-        report["compute_dynamic_cache"] = summary(measure_compute(model, blocks, args.steps, static=False))
+        report["compute_static_cache"] = summary(measure_compute(model, blocks, args.steps, static=True))
 
         # In its own process group: the DHT process and p2pd it forks go with it.
         echo = subprocess.Popen(

@@ -1,8 +1,8 @@
 """Static vs dynamic KV cache on the CPU: the per-step time of a span's decode step, measured in one
 run, alternating the two so that load on the machine hits both alike. Prints JSON.
 
-The figures decide `STATIC_CACHE_DEVICES` in corolla/swarm/models/static_cache.py: the static cache
-is used on a device type only where it measured faster. Usage:
+The figures decide `STATIC_CACHE_MIN_MAX_LENGTH` in corolla/swarm/models/static_cache.py: the static
+cache is used only where it measured faster. Usage:
     python benchmarks/static_cache_cpu.py [--steps 30] [--threads 1]
 """
 

@@ -72,7 +72,7 @@ class BlockSpan:
             static = (
                 max_length is not None
                 and max_length > 0
-                and static_cache_pays(self.device)
+                and static_cache_pays(self.device, max_length)
                 and (reserved_bytes is None or self.static_cache_bytes(batch, max_length) <= reserved_bytes)
             )
         if not static:
