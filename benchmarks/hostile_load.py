@@ -89,6 +89,7 @@ def time_steps(client: WireClient, peer_id: str, steps: int) -> list[float]:
 def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: Path, malformed_only: bool) -> None:
     """Attack while `switch` exists, until `switch`.stop exists (at most `seconds`)."""
     with HostilePeer(maddr) as hostile:
+        switch.with_suffix(".ready").touch()  # joined: the timed rounds may begin
         counts = {"sent": 0, "refused_or_cut": 0}
         hidden = serialize_torch_tensor(torch.randn(1, 2, HIDDEN))
         full_forward = runtime_pb2.ExpertRequest(
@@ -170,7 +171,15 @@ def main() -> None:
                 command += ["--malformed-only"] if args.malformed_only else []
                 command += ["--attack", server.maddr, server.peer_id, str(seconds), str(switch)]
                 hostile = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-                time.sleep(8)  # the hostile peer joins the swarm
+                # The hostile peer joins the swarm first (its DHT and p2pd take seconds, more on a busy
+                # machine): attacked rounds timed before it could send would measure no attack at all.
+                ready = switch.with_suffix(".ready")
+                deadline = time.monotonic() + 180
+                while not ready.exists() and hostile.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if not ready.exists():
+                    hostile.kill()
+                    raise SystemExit("the hostile peer did not join the swarm")
                 quiet: list[float] = []
                 attacked: list[float] = []
                 per_round = max(args.steps // args.rounds, 10)

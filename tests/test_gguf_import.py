@@ -176,7 +176,12 @@ def test_the_converted_smollm2_folder(smollm2):
 
 
 @pytest.mark.slow
-def test_an_interrupted_import_leaves_nothing_and_the_next_one_completes(smollm2_gguf, tmp_path):
+def test_an_interrupted_import_leaves_nothing_and_the_next_one_completes(smollm2_gguf, tmp_path, tmp_path_factory):
+    """SmolLM2's import is killed mid-way (it takes long enough to be caught de-quantizing); the next
+    import into the same folder, of a tiny Qwen2 file (seconds, not another full SmolLM2 conversion:
+    the session's `smollm2` fixture is that), removes what the kill left and completes."""
+    from tests.support.gguf_files import write_tiny_qwen2_gguf
+
     out = tmp_path / "smol"
     command = [sys.executable, "-m", "corolla.cli", "model", "import", str(smollm2_gguf), str(out)]
     killed = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -189,7 +194,8 @@ def test_an_interrupted_import_leaves_nothing_and_the_next_one_completes(smollm2
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".smol.partial-")]  # what the kill left
 
-    result = _cli("model", "import", str(smollm2_gguf), str(out), "--torch-dtype", "float16")
+    next_gguf, _ = write_tiny_qwen2_gguf(tmp_path_factory.mktemp("next-import"))
+    result = _cli("model", "import", str(next_gguf), str(out), "--torch-dtype", "float16")
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("reading", "converting the tokenizer", "de-quantizing", "writing safetensors", "done in"):
         assert stage in result.stderr

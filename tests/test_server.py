@@ -32,12 +32,9 @@ def server(model_dir, tmp_path_factory):
         model_dir,
         PREFIX,
         BLOCKS,
-        "--attn-cache-tokens",
-        str(CACHE_TOKENS),
-        "--step-timeout",
-        "20",
-        "--update-period",
-        "5",
+        cache_tokens=CACHE_TOKENS,
+        step_timeout=20,
+        update_period=5,
     ) as process:
         yield process
 

@@ -34,14 +34,11 @@ def server(model_dir, tmp_path_factory):
         model_dir,
         PREFIX,
         BLOCKS,
-        "--attn-cache-tokens",
-        str(CACHE_TOKENS),
         "--max-open-sessions",
         str(MAX_OPEN_SESSIONS),
-        "--step-timeout",
-        "20",
-        "--update-period",
-        "5",
+        cache_tokens=CACHE_TOKENS,
+        step_timeout=20,
+        update_period=5,
     ) as process:
         yield process
 

@@ -82,6 +82,18 @@ class HostilePeer(WireClient):
 
         return self.run(call(), timeout=read_for + 30)
 
+    def raw_streams(self, peer_id: str, rpc: str, payloads: list[bytes], read_for: float = 5.0) -> list[bytes]:
+        """raw_stream for each payload, all at once: what came back on each within `read_for` seconds
+        (a stream that cannot be opened fails the call, as in raw_stream)."""
+
+        async def call() -> list[bytes]:
+            async def one(payload: bytes) -> bytes:
+                return await self._exchange(*await self._open(peer_id, rpc), payload, read_for)
+
+            return await asyncio.gather(*(one(p) for p in payloads))
+
+        return self.run(call(), timeout=read_for + 30)
+
     def open_streams(self, peer_id: str, rpc: str, payloads: list[bytes], hold_s: float) -> list[bytes]:
         """Many streams at once, each sent its payload and held open for `hold_s` seconds."""
 

@@ -109,10 +109,21 @@ class CorollaServer:
 
 @contextlib.contextmanager
 def tiny_block_server(
-    workdir: Path, model: str | Path, prefix: str, blocks: int, *extra: str, inference_max_length: int = 64
+    workdir: Path,
+    model: str | Path,
+    prefix: str,
+    blocks: int,
+    *extra: str,
+    inference_max_length: int = 64,
+    cache_tokens: int | None = None,
+    step_timeout: float | None = None,
+    update_period: float | None = None,
 ) -> Iterator[CorollaServer]:
     """A one-server swarm serving blocks 0..`blocks` of a tiny model in float32, online, stopped on
-    exit: the server the wire-level tests and benchmarks drive directly (`extra`: more serve flags)."""
+    exit: the server the wire-level tests and benchmarks drive directly (`extra`: more serve flags;
+    the options left None keep the server's defaults)."""
+    options = {"--attn-cache-tokens": cache_tokens, "--step-timeout": step_timeout, "--update-period": update_period}
+    flags = [str(part) for flag, value in options.items() if value is not None for part in (flag, value)]
     server = CorollaServer(
         workdir,
         model,
@@ -129,6 +140,7 @@ def tiny_block_server(
         str(inference_max_length),
         "--max-batch-size",
         "256",
+        *flags,
         *extra,
     )
     try:

@@ -50,6 +50,7 @@ MAX_DHT_MSGPACK_BYTES = 8 * 1024 * 1024  # any msgpack the DHT process reads (p2
 # key as empty.
 MAX_DHT_VALUE_BYTES = 32 * 1024
 MAX_DHT_KEY_BYTES = 192 * 1024
+MAX_DHT_SUBKEYS = 1024  # per key: bounds the work of each store too (a block has tens of real servers)
 MAX_LOGGED_CHARS = 96  # peer-supplied text echoed into logs and error replies is cut to this
 MAX_ANNOUNCED_RPS = 1e6  # the fastest real servers announce ~1e4 tokens/s; anything above is a claim
 MAX_ANNOUNCED_INT = 1 << 40  # blocks and cache tokens
@@ -129,9 +130,10 @@ def harden_msgpack() -> None:
 
 
 def _cap_dht_storage() -> None:
-    """Make every DHT storage (and cache) in this process refuse a value over MAX_DHT_VALUE_BYTES and a
-    new or grown subkey that would take its key past MAX_DHT_KEY_BYTES. A full key keeps what it holds:
-    its servers refresh their own entries at their size, so only growth past the cap is refused."""
+    """Make every DHT storage (and cache) in this process refuse a value over MAX_DHT_VALUE_BYTES, a new
+    subkey past MAX_DHT_SUBKEYS, and a new or grown subkey that would take its key past
+    MAX_DHT_KEY_BYTES. A full key keeps what it holds: its servers refresh their own entries at their
+    size, so only growth past the caps is refused."""
     from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 
     if getattr(DHTLocalStorage.store_subkey, "_corolla", False):
@@ -143,6 +145,8 @@ def _cap_dht_storage() -> None:
             return False
         found = storage.get(key)
         if found is not None and isinstance(found.value, DictionaryDHTValue):
+            if subkey not in found.value and len(found.value) >= MAX_DHT_SUBKEYS:
+                return False
             sizes = {k: len(entry.value) for k, entry in found.value.items()}
             before = sizes.get(subkey, 0)
             if len(value) > before and sum(sizes.values()) - before + len(value) > MAX_DHT_KEY_BYTES:
