@@ -291,6 +291,24 @@ def test_tolerances_relative_errors_and_promises():
     assert "FLAGGED" not in format_health([model])
 
 
+def test_two_loose_precisions_never_wave_zeros_through():
+    # nf4 + nf4 allowances sum past 1, the relative error of zeros: the pair's tolerance is capped below it.
+    from types import SimpleNamespace
+
+    from corolla.swarm.client.verification import Ledger, pair_tolerance, relative_error
+    from corolla.swarm.protocol import ServerInfo, ServerState
+
+    ledger = Ledger()
+    for peer, quant in [("liar", "nf4"), ("checker", "nf4"), ("exact", "none")]:
+        ledger.infos[peer] = ServerInfo(ServerState.ONLINE, 1.0, 0, 6, torch_dtype="float32", quant_type=quant)
+    view = SimpleNamespace(spans={}, verification=ledger)  # pair_tolerance reads only these
+    out = torch.randn(1, 5, 64)
+    zeros_error = relative_error(torch.zeros_like(out), out)
+    assert pair_tolerance(view, ["liar"], ["checker"]) < zeros_error
+    assert pair_tolerance(view, ["liar"], ["exact"]) < zeros_error
+    assert pair_tolerance(view, ["exact"], ["exact"]) < 0.05  # exact pairs stay tight
+
+
 def test_swarm_check_usage_errors(tmp_path):
     env = {**os.environ, "COROLLA_HOME": str(tmp_path)}
 

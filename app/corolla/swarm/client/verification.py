@@ -46,6 +46,11 @@ TOLERANCE = {
     "nf4": 0.9,
 }
 UNKNOWN_PRECISION_TOLERANCE = 0.9  # a server that announces nothing (old Petals) gets the loosest known
+# Two servers may differ by the sum of their tolerances, but never by this much: a relative error of
+# 1 is what zeros (or any output unrelated to the input) give, so a pair of loose precisions (nf4 + nf4
+# sums to 1.8) must not wave garbage through. Measured on SmolLM2's real weights, 10-block spans against
+# float32: bfloat16 <= 0.032, int8 <= 0.11, nf4 <= 0.34, so honest pairs stay well below it.
+MAX_PAIR_TOLERANCE = 0.9
 FIRST_STEPS = 8  # a server's first steps in this client are all checked
 CHECK_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 30.0  # at most this long generate() waits, after its last token, for checks in flight
@@ -91,7 +96,7 @@ def pair_tolerance(view: SwarmView, peers_a: list[str], peers_b: list[str], loca
             )
         return worst
 
-    return side(peers_a) + (local if local is not None else side(peers_b))
+    return min(side(peers_a) + (local if local is not None else side(peers_b)), MAX_PAIR_TOLERANCE)
 
 
 def relative_error(claimed: torch.Tensor, reference: torch.Tensor) -> float:
