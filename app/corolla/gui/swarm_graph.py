@@ -217,6 +217,8 @@ class ServerLayer(QGraphicsItem):
         own = QPen(QColor(c.accent), 2.5)
         dashed = QPen(QColor(c.text), 1, Qt.PenStyle.DashLine)
         pinned = QPen(QColor(SELECTED_DARK if c.dark else SELECTED_LIGHT), 3.5)  # unlike any state colour
+        pinned_relayed = QPen(pinned)  # pinning a relayed server keeps it drawn as relayed
+        pinned_relayed.setStyle(Qt.PenStyle.DashLine)
         flagged = QPen(QColor(c.bad), 3)
         hatch = QBrush(QColor(c.bad), Qt.BrushStyle.BDiagPattern)
         label_pen = QPen(QColor("#101012"))
@@ -231,7 +233,7 @@ class ServerLayer(QGraphicsItem):
                 fill.setAlphaF(0.85 if key[1] else 0.55)
                 fills[key] = QBrush(fill)
             if box.peer_id == self.pinned:
-                pen = pinned
+                pen = pinned_relayed if s.get("using_relay") else pinned
             elif box.flagged:
                 pen = flagged
             elif s.get("this_computer"):
