@@ -242,6 +242,11 @@ def peers_of(route: list[RouteSegment]) -> list[str]:
 class _Kept:
     outputs: torch.Tensor  # every output of this stream's server from position `known_from` on
     known_from: int
+    checked_to: int = -1  # the end position of the outputs the last check launched compared
+
+    @property
+    def end(self) -> int:
+        return self.known_from + self.outputs.shape[1]
 
 
 class SessionVerifier:
@@ -276,6 +281,7 @@ class SessionVerifier:
             if end > total - length:  # the session rolled back: forget outputs past the new position
                 kept.outputs = kept.outputs[:, : max(0, total - length - kept.known_from)]
                 end = kept.known_from + kept.outputs.shape[1]
+                kept.checked_to = min(kept.checked_to, end)  # outputs past it will be new ones
             if end == total - length:
                 kept.outputs = torch.cat([kept.outputs, output], dim=1)
             else:
@@ -310,6 +316,7 @@ class SessionVerifier:
             prompts=prompts,
             mask=getattr(self.session, "_mask", None),
         )
+        kept.checked_to = kept.end
         self.checks_started += 1
         task = asyncio.get_running_loop().create_task(self._run(job))
         self.tasks.add(task)
@@ -347,7 +354,10 @@ class SessionVerifier:
         timeout = timeout or min(self.view.config.request_timeout, SETTLE_TIMEOUT_S)
         for stream in self.session.streams:
             kept = self.kept.get(stream.session_id)
-            if stream.session_id in self.owed and kept is not None:
+            # Owed checks, and a last one for any server whose latest outputs no check has compared:
+            # a lie in the steps after the last sampled check would otherwise reach the returned tokens
+            # (one replay of the span per generate() at most; streamed text is already out).
+            if kept is not None and self.enabled and (stream.session_id in self.owed or kept.checked_to < kept.end):
                 self.owed.discard(stream.session_id)
                 self._launch(stream, kept)
         if self.tasks:
