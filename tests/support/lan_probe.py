@@ -1,10 +1,10 @@
 """LAN discovery probes, run inside a lab host's namespace (tests/test_lan_discovery.py).
 
-    announce NAME MODEL PREFIX MADDR...   Corolla's announcer: prints "announced", stays on the air
-    browse SECONDS                        Corolla's listener: prints the swarms it found as JSON
-    raw-listen SECONDS                    a plain socket on 224.0.0.251:5353: prints JSON counts of
-                                          the mDNS packets that mention Corolla's service type
-    hostile COUNT ADDRESS                 a hostile neighbour: malformed records, then COUNT valid ones
+announce NAME MODEL PREFIX MADDR...   Corolla's announcer: prints "announced", stays on the air
+browse SECONDS                        Corolla's listener: prints the swarms it found as JSON
+raw-listen SECONDS                    a plain socket on 224.0.0.251:5353: prints JSON counts of
+                                      the mDNS packets that mention Corolla's service type
+hostile COUNT ADDRESS                 a hostile neighbour: malformed records, then COUNT valid ones
 """
 
 from __future__ import annotations
@@ -66,12 +66,14 @@ async def hostile(count: int, address: str) -> None:
     from zeroconf.asyncio import AsyncZeroconf
 
     maddr = f"/ip4/{address}/tcp/31337/p2p/{FAKE_PEER}"
+    extra = [f"k{i}" for i in range(40)]
     malformed = {
         "no-version": {"name": "x", "model": "m", "prefix": "p", "p0": maddr},
         "bad-maddr": {"v": "1", "name": "x", "model": "m", "prefix": "p", "p0": "/ip4/1.2.3.4/udp/1"},
         "loopback": {"v": "1", "name": "x", "model": "m", "prefix": "p", "p0": maddr.replace(address, "127.0.0.1")},
-        "oversized": {"v": "1", "name": "x" * 200, "model": "m" * 250, "prefix": "p", "p0": maddr},
-        "many-keys": {"v": "1", "name": "x", "model": "m", "prefix": "p", "p0": maddr, **{f"k{i}": "y" for i in range(40)}},
+        "oversized": {"v": "1", "name": "x" * 200, "model": "m" * 240, "prefix": "p", "p0": maddr},
+        "many-keys": {"v": "1", "name": "x", "model": "m", "prefix": "p", "p0": maddr, **dict.fromkeys(extra, "y")},
+        "huge": {"v": "1", "name": "x", "model": "m", "prefix": "p", **{f"p{i}": "/" + "z" * 240 for i in range(10)}},
         "not-utf8": {b"v": b"1", b"name": b"\xff\xfe", b"model": b"m", b"prefix": b"p", b"p0": maddr.encode()},
     }
     records = [(f"bad {key}", props) for key, props in malformed.items()]

@@ -1,0 +1,148 @@
+"""Swarms on this network: mDNS announcements between two computers of one lab home (multicast on the
+home's LAN bridge), bounded decoding of hostile records, and a node that stays silent until the user
+switches discovery on. The probes run in the hosts' namespaces (tests/support/lan_probe.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from corolla.node.lan_discovery import MAX_SWARMS, decode_announcement, encode_announcement
+from corolla.node.settings import parse_invite
+from tests.support.lab_swarm import LabNode
+from tests.support.netlab import NetLab, lab_unavailable_reason
+
+PROBE = str(Path(__file__).parent / "support" / "lan_probe.py")
+PEER = "QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    reason = lab_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with NetLab() as lab:
+        alice = lab.add_home("alice")
+        lab.add_home_host(alice.home, "bob")
+        yield lab
+
+
+def start_probe(lab: NetLab, host, *args: str) -> subprocess.Popen:
+    """A probe that prints a first line once it is ready ("announced", "listening")."""
+    process = lab.popen(host, [sys.executable, PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    if not first.strip():
+        process.kill()
+        pytest.fail(f"probe {args[0]} did not start: {process.stderr.read()[-3000:]}")
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def browse(lab: NetLab, host, seconds: float) -> list[dict]:
+    result = lab.run(host, [sys.executable, PROBE, "browse", str(seconds)], timeout=seconds + 30)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def raw_counts(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_swarm_announced_on_one_computer_is_listed_on_another(lab):
+    alice, bob = lab.hosts["alice"], lab.hosts["bob"]
+    listener = start_probe(lab, bob, "raw-listen", "8")
+    maddrs = [f"/ip4/{alice.ip}/tcp/4000/p2p/{PEER}", f"/ip4/127.0.0.1/tcp/4000/p2p/{PEER}"]
+    announcer = start_probe(lab, alice, "announce", "Alice's PC", "tiny-llama", "tiny-prefix", *maddrs)
+    try:
+        found = browse(lab, bob, 3)
+    finally:
+        stop(announcer)
+    assert len(found) == 1, found
+    swarm = found[0]
+    assert (swarm["name"], swarm["model"], swarm["dht_prefix"]) == ("Alice's PC", "tiny-llama", "tiny-prefix")
+    assert swarm["peers"] == maddrs[:1]  # its loopback address is not announced: no neighbour can dial it
+    assert parse_invite(swarm["invite"]) == {"peers": maddrs[:1], "dht_prefix": "tiny-prefix", "model": "tiny-llama"}
+    # The raw listener heard it too: the control for the silence test below (this LAN carries mDNS).
+    assert raw_counts(listener)["corolla"] > 0
+
+
+def test_hostile_neighbour_cannot_flood_or_inject_malformed_swarms(lab):
+    """Seven malformed records (no version, a UDP address, a loopback peer, oversized fields, 40 extra
+    keys, a 2.5 KB record, invalid UTF-8) are dropped; of 40 valid ones at most MAX_SWARMS are kept."""
+    alice, bob = lab.hosts["alice"], lab.hosts["bob"]
+    hostile = start_probe(lab, alice, "hostile", "40", alice.ip)
+    try:
+        found = browse(lab, bob, 6)
+    finally:
+        stop(hostile)
+    names = [swarm["name"] for swarm in found]
+    assert all(name.startswith("flood ") for name in names), names
+    assert len(found) == MAX_SWARMS  # full: the rest is dropped unresolved
+
+
+def test_decoding_is_bounded_and_never_raises():
+    maddr = f"/ip4/192.168.1.10/tcp/4000/p2p/{PEER}"
+    good = {k.encode(): v.encode() for k, v in encode_announcement("PC", "m", "p", [maddr]).items()}
+    assert decode_announcement(good, 200).peers == (maddr,)
+    assert decode_announcement(good, 5000) is None  # the whole record is too large
+    assert decode_announcement({**good, b"name": b"n" * 65}, 300) is None
+    assert decode_announcement({**good, b"p0": b"/ip4/10.0.0.1/tcp/1"}, 200) is None
+    assert decode_announcement({**good, b"p0": b"\xff"}, 200) is None
+    assert decode_announcement({**good, b"model": None}, 200) is None
+    assert decode_announcement({**good, **{f"k{i}".encode(): b"" for i in range(20)}}, 300) is None
+    with pytest.raises(ValueError):
+        encode_announcement("PC", "m", "p", [f"/ip4/127.0.0.1/tcp/4000/p2p/{PEER}"])  # nothing dialable
+
+
+def wait_for(condition, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    return condition()
+
+
+def test_node_is_silent_until_discovery_is_on_then_lists_and_joins_a_neighbours_swarm(lab, tmp_path):
+    alice, bob = lab.hosts["alice"], lab.hosts["bob"]
+    # Awaiting the first-run consent: no block server starts, the node only runs its API and discovery.
+    node = LabNode(lab, alice, tmp_path / "node-alice", extra_env={"COROLLA_AWAIT_CONSENT": "1"})
+    try:
+        assert node.request("GET", "/api/settings")["lan_discovery"] is False  # off by default
+        listener = start_probe(lab, bob, "raw-listen", "6")
+        assert raw_counts(listener)["corolla"] == 0  # off: no query, no announcement on the LAN
+        off = node.request("GET", "/api/lan/swarms")
+        assert off["enabled"] is False and off["swarms"] == [] and off["announcing"] is False
+
+        maddrs = [f"/ip4/{bob.ip}/tcp/4100/p2p/{PEER}"]
+        announcer = start_probe(lab, bob, "announce", "Bob's laptop", "tiny-llama", "bob-prefix", *maddrs)
+        try:
+            settings = node.request("GET", "/api/settings")
+            node.request("PUT", "/api/settings", {**settings, "lan_discovery": True})
+            listed = wait_for(lambda: node.request("GET", "/api/lan/swarms")["swarms"], 30)
+        finally:
+            stop(announcer)
+        assert [s["name"] for s in listed] == ["Bob's laptop"], listed
+        status = node.request("GET", "/api/lan/swarms")
+        assert status["enabled"] is True and status["announcing"] is False
+        assert "private swarm" in status["not_announced_because"]  # this node's swarm is not on the LAN
+        joined = node.request("POST", "/api/settings/join", {"invite": listed[0]["invite"]})
+        assert joined["swarm"] == "custom" and joined["custom_peers"] == maddrs
+        assert joined["dht_prefix"] == "bob-prefix"
+    finally:
+        node.stop()
