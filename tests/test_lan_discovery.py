@@ -69,8 +69,11 @@ def test_swarm_announced_on_one_computer_is_listed_on_another(lab):
     announcer = start_probe(lab, alice, "announce", "Alice's PC", "tiny-llama", "tiny-prefix", *maddrs)
     try:
         found = browse(lab, bob, 3)
+        cli = lab.run(bob, [sys.executable, "-m", "corolla.cli", "swarm", "lan"], timeout=60)
     finally:
         stop(announcer)
+    assert cli.returncode == 0 and "Alice's PC: tiny-llama (1 address(es))" in cli.stdout, cli.stdout + cli.stderr
+    assert found[0]["invite"] in cli.stdout
     assert len(found) == 1, found
     swarm = found[0]
     assert (swarm["name"], swarm["model"], swarm["dht_prefix"]) == ("Alice's PC", "tiny-llama", "tiny-prefix")
