@@ -18,6 +18,7 @@ from tests.support.lab_swarm import LabNode
 from tests.support.netlab import NetLab, lab_unavailable_reason
 
 PROBE = str(Path(__file__).parent / "support" / "lan_probe.py")
+GUI_JOIN = str(Path(__file__).parent / "support" / "lan_gui_join.py")
 PEER = "QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
 
 
@@ -138,13 +139,20 @@ def test_node_is_silent_until_discovery_is_on_then_lists_and_joins_a_neighbours_
             settings = node.request("GET", "/api/settings")
             node.request("PUT", "/api/settings", {**settings, "lan_discovery": True})
             listed = wait_for(lambda: node.request("GET", "/api/lan/swarms")["swarms"], 30)
+            assert [s["name"] for s in listed] == ["Bob's laptop"], listed
+            status = node.request("GET", "/api/lan/swarms")
+            assert status["enabled"] is True and status["announcing"] is False
+            assert "private swarm" in status["not_announced_because"]  # this node's swarm is not on the LAN
+            # The window in alice, against its node: the list shows Bob's swarm, one click joins it.
+            gui = lab.run(alice, [sys.executable, GUI_JOIN, node.url, node.token], timeout=120)
         finally:
             stop(announcer)
-        assert [s["name"] for s in listed] == ["Bob's laptop"], listed
-        status = node.request("GET", "/api/lan/swarms")
-        assert status["enabled"] is True and status["announcing"] is False
-        assert "private swarm" in status["not_announced_because"]  # this node's swarm is not on the LAN
-        joined = node.request("POST", "/api/settings/join", {"invite": listed[0]["invite"]})
+        assert gui.returncode == 0, gui.stderr[-3000:]
+        report = json.loads(gui.stdout.strip().splitlines()[-1])
+        assert report["settings_loaded"] and report["discovery_checkbox"] and report["list_visible"], report
+        assert report["items"] == ["Bob's laptop — tiny-llama"] and not report["join_enabled_before_choice"]
+        assert report["accepted"] and not report["error"], report
+        joined = node.request("GET", "/api/settings")
         assert joined["swarm"] == "custom" and joined["custom_peers"] == maddrs
         assert joined["dht_prefix"] == "bob-prefix"
     finally:

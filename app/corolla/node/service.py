@@ -408,7 +408,7 @@ class NodeService:
                 return
             try:
                 self.lan = LanDiscovery()
-            except OSError as exc:  # no multicast-capable network here: try again later
+            except Exception as exc:  # no multicast-capable network here: try again later
                 logger.warning("LAN discovery cannot start: %s", exc)
                 self._lan_retry_at = time.monotonic() + 30
                 return
