@@ -157,3 +157,38 @@ def test_node_is_silent_until_discovery_is_on_then_lists_and_joins_a_neighbours_
         assert joined["dht_prefix"] == "bob-prefix"
     finally:
         node.stop()
+
+
+@pytest.mark.slow
+def test_node_announces_its_private_swarm_only_while_discovery_is_on(lab, tmp_path, tiny_models):
+    """A node serving a private swarm on the LAN: silent with discovery off (a listener on the LAN hears
+    nothing), announced with it on (a neighbour lists it with the node's LAN address), gone once off."""
+    alice, bob = lab.hosts["alice"], lab.hosts["bob"]
+    node = LabNode(lab, alice, tmp_path / "node-alice", extra_env={"COROLLA_AWAIT_CONSENT": "1"})
+    try:
+        settings = node.request("GET", "/api/settings")
+        settings.update(model=str(tiny_models.get("llama")), torch_dtype="float32", listen_on_lan=True)
+        settings.update(public_name="Alice's desktop", dht_prefix="tiny-lan", lan_discovery=False)
+        node.request("PUT", "/api/settings", settings)
+        node.request("POST", "/api/contribution/start")
+        online = wait_for(lambda: node.request("GET", "/api/status")["contribution"]["state"] == "online", 120)
+        assert online, node.log_path.read_text()[-3000:]
+        assert node.request("GET", "/api/status")["invite"]  # a private swarm a neighbour could join by hand
+
+        listener = start_probe(lab, bob, "raw-listen", "6")
+        assert raw_counts(listener)["corolla"] == 0  # off: the swarm is not announced
+
+        node.request("PUT", "/api/settings", {**settings, "lan_discovery": True})
+        assert wait_for(lambda: node.request("GET", "/api/lan/swarms")["announcing"], 30)
+        found = browse(lab, bob, 3)
+        assert [s["name"] for s in found] == ["Alice's desktop"], found
+        assert found[0]["peers"] and all(f"/ip4/{alice.ip}/tcp/" in p for p in found[0]["peers"]), found
+
+        node.request("PUT", "/api/settings", {**settings, "lan_discovery": False})
+        assert wait_for(lambda: not node.request("GET", "/api/lan/swarms")["announcing"], 30)
+        time.sleep(2)  # the goodbye packets go out as discovery closes
+        listener = start_probe(lab, bob, "raw-listen", "5")
+        assert raw_counts(listener)["corolla"] == 0  # off again: silent
+        assert browse(lab, bob, 3) == []
+    finally:
+        node.stop()
