@@ -107,6 +107,7 @@ def test_decoding_is_bounded_and_never_raises():
     assert decode_announcement({**good, b"p0": b"/ip4/10.0.0.1/tcp/1"}, 200) is None
     assert decode_announcement({**good, b"p0": b"\xff"}, 200) is None
     assert decode_announcement({**good, b"model": None}, 200) is None
+    assert decode_announcement({**good, b"model": b"tiny\x1b[2J"}, 200) is None  # a terminal escape
     assert decode_announcement({**good, **{f"k{i}".encode(): b"" for i in range(20)}}, 300) is None
     with pytest.raises(ValueError):
         encode_announcement("PC", "m", "p", [f"/ip4/127.0.0.1/tcp/4000/p2p/{PEER}"])  # nothing dialable

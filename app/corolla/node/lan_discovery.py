@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 SERVICE_TYPE = "_corolla._tcp.local."
 PROTOCOL_VERSION = b"1"
 MAX_SWARMS = 32  # a hostile LAN peer announcing thousands of swarms fills this and no more
+MAX_REJECTED = 256  # malformed announcements remembered, so their repeats cost no new lookups
 MAX_PEERS = 6  # bootstrap addresses per swarm (one TXT string each)
 MAX_TXT_BYTES = 2048  # the whole TXT record of one announcement
 MAX_TXT_KEYS = 16
@@ -93,6 +94,8 @@ def decode_announcement(properties: dict, text_size: int, now: float | None = No
         name, model, prefix = fields.get("name", ""), fields.get("model", ""), fields.get("prefix", "")
         if not name or len(name) > MAX_NAME or len(model) > MAX_MODEL or len(prefix) > MAX_PREFIX:
             return None
+        if not (name + model + prefix).isprintable():
+            return None  # no control characters (terminal escapes) reach a listing
         peers = [fields[f"p{i}"] for i in range(MAX_PEERS) if f"p{i}" in fields]
         if not peers or any(len(p) > MAX_MADDR or not _MADDR.match(p) for p in peers):
             return None
@@ -127,6 +130,7 @@ class LanDiscovery:
         self._zc = Zeroconf(interfaces=interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
         self._lock = threading.Lock()
         self._found: dict[str, LanSwarm] = {}
+        self._rejected: set[str] = set()
         self._announced = None  # the ServiceInfo on the air, if any
         self._announced_key: tuple | None = None
         self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
@@ -140,8 +144,8 @@ class LanDiscovery:
                 self._found.pop(name, None)
             return
         with self._lock:
-            if name not in self._found and len(self._found) >= MAX_SWARMS:
-                return  # full: a flood of announcements costs no lookups and no memory
+            if name in self._rejected or (name not in self._found and len(self._found) >= MAX_SWARMS):
+                return  # full, or known bad: a flood of announcements costs no lookups and no memory
             if self._announced is not None and name == self._announced.name:
                 return  # our own swarm
         try:
@@ -152,6 +156,10 @@ class LanDiscovery:
         swarm = decode_announcement(info.properties, len(info.text or b"")) if info else None
         if swarm is None:
             logger.info("ignored a malformed LAN announcement %r", name[:100])
+            with self._lock:
+                if len(self._rejected) >= MAX_REJECTED:
+                    self._rejected.clear()
+                self._rejected.add(name)
             return
         with self._lock:
             if name in self._found or len(self._found) < MAX_SWARMS:
