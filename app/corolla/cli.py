@@ -555,6 +555,8 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     from corolla.swarm.client.remote_model import _LoopThread
     from corolla.swarm.peers import start_dht
 
+    if args.action == ["lan"]:
+        return _swarm_lan(args.json)
     if args.action:
         return _swarm_check(args.action)
     if not args.initial_peers:
@@ -604,6 +606,33 @@ def _flagged_servers() -> dict[str, dict]:
             db.close()
     except Exception:  # a database another version wrote, or locked: the health view still works
         return {}
+
+
+LAN_LISTEN_S = 3.0  # mDNS answers to a fresh query arrive within about a second
+
+
+def _swarm_lan(as_json: bool) -> int:
+    """`corolla swarm lan`: listen a few seconds for private swarms announced on this network."""
+    from corolla.node.lan_discovery import LanDiscovery
+
+    try:
+        lan = LanDiscovery()
+    except OSError as exc:
+        print(f"corolla: cannot listen on the local network: {exc}", file=sys.stderr)
+        return 1
+    try:
+        time.sleep(LAN_LISTEN_S)
+        swarms = lan.swarms()
+    finally:
+        lan.close()
+    if as_json:
+        print(json.dumps([s.to_dict() for s in swarms], indent=2))
+    elif not swarms:
+        print("No Corolla swarm is announced on this network.")
+    else:
+        for swarm in swarms:
+            print(f"{swarm.name}: {swarm.model} ({len(swarm.peers)} address(es))\n  join: {swarm.invite}")
+    return 0
 
 
 def _swarm_check(action: list[str]) -> int:
@@ -920,8 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument(
         "action",
         nargs="*",
-        metavar="check PEER_ID",
-        help="check one server on purpose: the running node sends it known inputs and compares its outputs",
+        metavar="check PEER_ID | lan",
+        help="check PEER_ID: the running node sends one server known inputs and compares its outputs; "
+        "lan: list the private swarms other computers on this network announce",
     )
     swarm.set_defaults(func=cmd_swarm)
 

@@ -179,17 +179,20 @@ class NetLab:
         wan_ip, lan_prefix = f"{INTERNET}.{100 + index}", f"192.168.{index}"
         self._attach_to_internet(router, "wan", wan_ip)
         home = Home(index, router, wan_ip, lan_prefix)
-        ns = self._netns(name)
-        self._veth(router, "lan", ns, "eth0")
+        # The home's LAN is a bridge in the router (as a home router's switch): more hosts can join it
+        # (add_home_host), and broadcast and multicast (mDNS) reach every host of the home.
+        self._ip(router, "link", "add", "lan", "type", "bridge")
+        self._ip(router, "link", "set", "lan", "up")
         self._ip(router, "addr", "add", f"{lan_prefix}.1/24", "dev", "lan")
-        self._ip(ns, "addr", "add", f"{lan_prefix}.10/24", "dev", "eth0")
-        self._ip(ns, "route", "add", "default", "via", f"{lan_prefix}.1")
         rules = [
             ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
             ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"],
             ["iptables", "-P", "FORWARD", "DROP"],
             ["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
             ["iptables", "-A", "FORWARD", "-i", "lan", "-o", "wan", "-j", "ACCEPT"],
+            # Within the LAN the bridge switches freely (where br_netfilter is loaded, bridged frames
+            # meet this FORWARD chain too, and the DROP policy would cut the home's hosts apart).
+            ["iptables", "-A", "FORWARD", "-i", "lan", "-o", "lan", "-j", "ACCEPT"],
             # The router itself accepts nothing from outside that it did not ask for.
             ["iptables", "-P", "INPUT", "DROP"],
             ["iptables", "-A", "INPUT", "-i", "lo", "-j", "ACCEPT"],
@@ -198,9 +201,20 @@ class NetLab:
         ]
         for rule in rules:
             _sh(*self.exec_argv(router, rule))
-        host = Host(name, ns, f"{lan_prefix}.10", wan_ip, home)
-        home.hosts.append(host)
         self.homes.append(home)
+        return self.add_home_host(home, name)
+
+    def add_home_host(self, home: Home, name: str) -> Host:
+        """One more computer on a home's LAN (192.168.i.10, .11, ...), behind the same router."""
+        ns = self._netns(name)
+        port = f"lp{len(home.hosts)}"
+        self._veth(home.router_ns, port, ns, "eth0")
+        self._ip(home.router_ns, "link", "set", port, "master", "lan")
+        address = f"{home.lan_prefix}.{10 + len(home.hosts)}"
+        self._ip(ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        self._ip(ns, "route", "add", "default", "via", f"{home.lan_prefix}.1")
+        host = Host(name, ns, address, home.wan_ip, home)
+        home.hosts.append(host)
         self.hosts[name] = host
         return host
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
     QButtonGroup,
     QCheckBox,
@@ -16,6 +17,8 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
     QRadioButton,
@@ -28,6 +31,7 @@ from corolla.gui.node_client import NodeClient
 from corolla.gui.widgets import plain_label
 from corolla.units import human_bytes
 
+LAN_REFRESH_MS = 3000
 TIME_WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
 FIELD_NAMES = {
     "time_window": "Daily window",
@@ -106,7 +110,16 @@ class SettingsDialog(QDialog):
         self.peers.setMinimumHeight(72)
         self.peers.setMaximumHeight(110)
         swarm_layout.addWidget(self.invite)
+        swarm_layout.addWidget(self._lan_section())
         swarm_layout.addWidget(self.peers)
+        self.lan_discovery = QCheckBox("Find swarms on this network, and announce my private swarm to it")
+        self.lan_discovery.setAccessibleName("Swarms on this network: find and announce")
+        self.lan_discovery.setToolTip(
+            "Computers of this home or office running Corolla see each other's private swarms (mDNS). "
+            "Off: nothing is announced and nothing listens. The public swarm is never announced."
+        )
+        self.lan_discovery.clicked.connect(self._lan_discovery_toggled)
+        swarm_layout.addWidget(self.lan_discovery)
         self.swarm_choice.buttonToggled.connect(lambda *_: self._swarm_changed())
         layout.addWidget(swarm)
 
@@ -173,9 +186,106 @@ class SettingsDialog(QDialog):
         self._update_save_text()
         self.client.call("GET", "/api/settings", on_ok=self.load, on_error=self.error.setText)
 
+    # --- swarms on this network ---------------------------------------------------------------------
+    def _lan_section(self) -> QWidget:
+        """ "Swarms on this network": the node's mDNS findings, each joinable with one click."""
+        self.lan_box = QWidget()
+        box = QVBoxLayout(self.lan_box)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(plain_label("Swarms on this network"))
+        row = QHBoxLayout()
+        self.lan_list = QListWidget()
+        self.lan_list.setAccessibleName("Swarms on this network")
+        self.lan_list.setMaximumHeight(90)
+        self.lan_list.itemSelectionChanged.connect(self._lan_selection_changed)
+        self.lan_list.itemDoubleClicked.connect(lambda _: self.join_lan_swarm())
+        self.lan_join = QPushButton("Join")
+        self.lan_join.setEnabled(False)
+        self.lan_join.clicked.connect(self.join_lan_swarm)
+        row.addWidget(self.lan_list, 1)
+        row.addWidget(self.lan_join, 0, Qt.AlignmentFlag.AlignTop)
+        box.addLayout(row)
+        self.lan_note = plain_label("")
+        self.lan_note.setWordWrap(True)
+        box.addWidget(self.lan_note)
+        self.lan_available = True
+        self.lan_timer = QTimer(self)
+        self.lan_timer.setInterval(LAN_REFRESH_MS)
+        self.lan_timer.timeout.connect(self.refresh_lan)
+        self.lan_timer.start()
+        self.refresh_lan()
+        return self.lan_box
+
+    def refresh_lan(self) -> None:
+        self.client.call("GET", "/api/lan/swarms", on_ok=self._show_lan, on_error=self._lan_unavailable)
+
+    def _lan_unavailable(self, message: str) -> None:
+        # An older node without the endpoint (or one that stopped): the invite field still works.
+        self.lan_timer.stop()
+        self.lan_available = False
+        self.lan_list.clear()
+        self.lan_join.setEnabled(False)
+        self.lan_note.setText("This node cannot list swarms on this network; paste an invite instead.")
+
+    def _show_lan(self, payload: dict) -> None:
+        chosen = self._chosen_lan_invite()
+        self.lan_list.clear()
+        for swarm in payload.get("swarms") or []:
+            item = QListWidgetItem(f"{swarm['name']} — {swarm['model']}")
+            item.setData(Qt.ItemDataRole.UserRole, swarm["invite"])
+            item.setToolTip("\n".join(swarm["peers"]))
+            self.lan_list.addItem(item)
+            if swarm["invite"] == chosen:
+                item.setSelected(True)
+        if not payload.get("enabled"):
+            note = "Switch on “Find swarms on this network” below to see them."
+        elif not payload.get("swarms"):
+            note = "Looking… no swarm is announced on this network yet."
+        else:
+            note = ""
+        self.lan_note.setText(note)
+        self._lan_selection_changed()
+
+    def _chosen_lan_invite(self) -> str | None:
+        items = self.lan_list.selectedItems()
+        return items[0].data(Qt.ItemDataRole.UserRole) if items else None
+
+    def _lan_selection_changed(self) -> None:
+        self.lan_join.setEnabled(self._chosen_lan_invite() is not None)
+
+    def join_lan_swarm(self) -> None:
+        """Join the chosen swarm through its invite, exactly as if it had been pasted."""
+        invite = self._chosen_lan_invite()
+        if invite is None:
+            return
+        self.invite.setText(invite)
+        self.save()
+
+    def _lan_discovery_toggled(self, checked: bool) -> None:
+        """Takes effect at once, so the list fills while the dialog is open."""
+        if self.settings is None:
+            return
+
+        def applied(settings: dict) -> None:
+            self.settings = settings
+            self.refresh_lan()
+
+        self.client.call(
+            "PUT",
+            "/api/settings",
+            {**self.settings, "lan_discovery": checked},
+            on_ok=applied,
+            on_error=lambda e: self.error.setText(f"Not saved. {friendly_error(e)}"),
+        )
+
+    def done(self, result: int) -> None:
+        self.lan_timer.stop()
+        super().done(result)
+
     def _swarm_changed(self) -> None:
         """Only the chosen way of joining shows its field."""
         self.invite.setVisible(self.invite_option.isChecked())
+        self.lan_box.setVisible(self.invite_option.isChecked())
         self.peers.setVisible(self.custom.isChecked())
         if self.invite_option.isChecked():
             self.invite.setFocus()
@@ -199,6 +309,8 @@ class SettingsDialog(QDialog):
         self.window.setText(settings.get("time_window") or "")
         self.autostart.setChecked(autostart.is_enabled())
         self.contribute.setChecked(settings.get("contribute", True))
+        self.lan_discovery.setChecked(settings.get("lan_discovery", False))
+        self.lan_discovery.setVisible("lan_discovery" in settings)  # an older node has no such setting
         self._swarm_changed()
 
     def check_model(self) -> None:
@@ -241,7 +353,18 @@ class SettingsDialog(QDialog):
             "allow_on_battery": self.on_battery.isChecked(),
             "time_window": self.window.text().strip() or None,
             "contribute": self.contribute.isChecked(),
+            **self._lan_changes(swarm),
         }
+
+    def _lan_changes(self, swarm: str) -> dict:
+        if "lan_discovery" not in (self.settings or {}):
+            return {}
+        on = self.lan_discovery.isChecked()
+        changes = {"lan_discovery": on}
+        if on and swarm == "private":
+            # Announcing a private swarm is only useful if neighbours can reach it.
+            changes["listen_on_lan"] = True
+        return changes
 
     def save(self) -> None:
         self.error.setText("")

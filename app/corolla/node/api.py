@@ -105,6 +105,12 @@ def create_app(node) -> FastAPI:
         node.apply_settings(node.settings.model_copy(update=changes))
         return node.settings
 
+    @app.get("/api/lan/swarms", dependencies=api, tags=["settings"])
+    def lan_swarms() -> m.LanSwarms:
+        """Private swarms other computers on this network announce (join one with its invite), and
+        whether this computer's own swarm is announced. Empty while discovery is switched off."""
+        return m.LanSwarms(**node.lan_swarms())
+
     @app.put("/api/secrets/hf-token", dependencies=api, tags=["settings"])
     def hf_token(body: m.HfToken) -> m.ActionResult:
         node.set_hf_token(body.token)

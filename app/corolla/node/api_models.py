@@ -174,3 +174,19 @@ class Invite(Strict):
 class ActionResult(BaseModel):
     ok: bool
     message: str
+
+
+class LanSwarm(BaseModel):
+    name: str
+    model: str
+    dht_prefix: str
+    peers: list[str]
+    invite: str = Field(..., description="POST it to /api/settings/join to join this swarm")
+    seen_at: float
+
+
+class LanSwarms(BaseModel):
+    enabled: bool = Field(..., description="the lan_discovery setting")
+    announcing: bool
+    not_announced_because: str | None = None
+    swarms: list[LanSwarm]

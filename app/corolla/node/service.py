@@ -23,6 +23,7 @@ from corolla.node.chats import ChatService, ClientTarget, NoSwarm, SwarmClientHo
 from corolla.node.db import Database
 from corolla.node.default_model import DefaultModel
 from corolla.node.instance import AlreadyRunning, claim, new_token, release
+from corolla.node.lan_discovery import LanDiscovery, default_human_name, lan_maddrs
 from corolla.node.paths import NodePaths
 from corolla.node.secrets import SecretStore
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings, contribution_allowed, make_invite
@@ -70,6 +71,8 @@ class NodeService:
         # the user agrees in the first-run dialog (which then starts contribution, or switches it off).
         self.awaiting_consent = os.environ.get("COROLLA_AWAIT_CONSENT") == "1"
         self._shutdown = asyncio.Event()
+        self.lan: LanDiscovery | None = None  # exists only while the user has discovery switched on
+        self._lan_retry_at = 0.0
 
     # --- the model ---------------------------------------------------------------------------------
     @property
@@ -377,6 +380,56 @@ class NodeService:
     def tick(self) -> None:
         status = self.supervisor.poll()
         self._record_stats(status.stats)
+        self.sync_lan(status.state, status.stats or {})
+
+    # --- swarms on this network --------------------------------------------------------------------
+    def lan_announcement_blocker(self, state: str, stats: dict) -> str | None:
+        """Why this computer's swarm is not announced on the LAN now (None: it is)."""
+        s = self.settings
+        if not s.lan_discovery:
+            return "discovery is switched off"
+        if s.swarm != "private":
+            return "only a private swarm hosted here is announced"
+        if not s.listen_on_lan:
+            return "the private swarm listens on this computer only (switch on: listen on the local network)"
+        if state != "online" or not lan_maddrs(stats.get("visible_maddrs") or []):
+            return "the private swarm is not online yet"
+        return None
+
+    def sync_lan(self, state: str, stats: dict) -> None:
+        """Start, update or stop discovery to match the settings (each tick, from a worker thread)."""
+        if not self.settings.lan_discovery:
+            if self.lan is not None:
+                self.lan.close()
+                self.lan = None
+            return
+        if self.lan is None:
+            if time.monotonic() < self._lan_retry_at:
+                return
+            try:
+                self.lan = LanDiscovery()
+            except Exception as exc:  # no multicast-capable network here: try again later
+                logger.warning("LAN discovery cannot start: %s", exc)
+                self._lan_retry_at = time.monotonic() + 30
+                return
+        if self.lan_announcement_blocker(state, stats) is None:
+            name = self.settings.public_name or default_human_name()
+            try:
+                self.lan.announce(name, self.model_display_name(), self.dht_prefix() or "", stats["visible_maddrs"])
+            except Exception:
+                logger.warning("could not announce the swarm on the LAN", exc_info=True)
+        else:
+            self.lan.withdraw()
+
+    def lan_swarms(self) -> dict:
+        sup = self.supervisor.poll()
+        lan = self.lan
+        return {
+            "enabled": self.settings.lan_discovery,
+            "announcing": bool(lan and lan.announcing),
+            "not_announced_because": self.lan_announcement_blocker(sup.state, sup.stats or {}),
+            "swarms": [swarm.to_dict() for swarm in lan.swarms()] if lan else [],
+        }
 
     def policy_tick(self) -> None:
         battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
@@ -441,6 +494,9 @@ class NodeService:
                 await asyncio.wait_for(self._shutdown.wait(), 1.0)
 
     def close(self) -> None:
+        if self.lan is not None:
+            self.lan.close()  # says goodbye on the LAN: neighbours drop this swarm from their lists
+            self.lan = None
         self.chats.clients.close()
         self.supervisor.close()
         self.db.close()

@@ -38,6 +38,10 @@ class Settings(BaseModel):
     allow_on_battery: bool = True
     time_window: str | None = Field(None, description="HH:MM-HH:MM, local time; may wrap midnight")
     listen_on_lan: bool = False
+    # Swarms on this network (mDNS): off, nothing is announced and nothing listens. On, the node lists
+    # the swarms its neighbours announce, and announces its own private swarm when that listens on
+    # the LAN (never the public swarm).
+    lan_discovery: bool = False
 
     @field_validator("time_window")
     @classmethod

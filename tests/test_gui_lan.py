@@ -1,0 +1,89 @@
+"""The settings dialog's "Swarms on this network" against a real node (pytest-qt, offscreen): the switch
+takes effect at once, Save with a private swarm makes it reachable on the LAN, and a node without the
+endpoint leaves the invite field working. (Listing and joining a neighbour's swarm: test_lan_discovery.)"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pytest
+
+pytest.importorskip("PySide6")
+
+from corolla.gui.node_client import NodeClient
+from corolla.gui.settings_dialog import SettingsDialog
+from tests.support.node import NodeProcess
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    # Awaiting consent: no block server, only the API (and discovery once switched on).
+    process = NodeProcess(tmp_path_factory.mktemp("lan-gui-node"), extra_env={"COROLLA_AWAIT_CONSENT": "1"})
+    yield process
+    process.stop()
+
+
+def test_discovery_switch_applies_at_once_and_save_opens_the_private_swarm_to_the_lan(qtbot, node):
+    dialog = SettingsDialog(NodeClient(node.url, node.token))
+    qtbot.addWidget(dialog)
+    dialog.show()
+    qtbot.waitUntil(lambda: dialog.settings is not None, timeout=20_000)
+    assert not dialog.lan_discovery.isChecked() and not dialog.lan_box.isVisible()  # off by default; private
+    dialog.invite_option.setChecked(True)
+    assert dialog.lan_box.isVisible() and dialog.invite.isVisible()
+    qtbot.waitUntil(lambda: "Switch on" in dialog.lan_note.text(), timeout=10_000)
+    assert dialog.lan_list.count() == 0 and not dialog.lan_join.isEnabled()
+
+    dialog.lan_discovery.click()  # as a person does: the node starts listening now, not on Save
+    qtbot.waitUntil(lambda: node.get("/api/settings").json()["lan_discovery"], timeout=10_000)
+    qtbot.waitUntil(lambda: "Looking" in dialog.lan_note.text(), timeout=10_000)
+    assert node.get("/api/lan/swarms").json()["enabled"] is True
+
+    dialog.private.setChecked(True)
+    with qtbot.waitSignal(dialog.accepted, timeout=20_000):
+        dialog.save()
+    saved = node.get("/api/settings").json()
+    assert saved["lan_discovery"] and saved["listen_on_lan"] and saved["swarm"] == "private"
+
+
+class _OldNode(http.server.BaseHTTPRequestHandler):
+    """A node from before LAN discovery: its settings have no lan_discovery, /api/lan/swarms is unknown."""
+
+    def do_GET(self):
+        if self.path == "/api/settings":
+            settings = {"swarm": "private", "custom_peers": [], "model": None, "torch_dtype": "auto",
+                        "quant_type": "none", "memory_cap_gib": None, "only_when_idle": False,
+                        "allow_on_battery": True, "time_window": None, "contribute": True}  # fmt: skip
+            self._answer(200, settings)
+        else:
+            self._answer(404, {"kind": "not_found", "message": "Not Found"})
+
+    def _answer(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_node_without_lan_discovery_leaves_the_invite_field_working(qtbot):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OldNode)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dialog = SettingsDialog(NodeClient(f"http://127.0.0.1:{server.server_port}", "token"))
+        qtbot.addWidget(dialog)
+        dialog.show()
+        qtbot.waitUntil(lambda: dialog.settings is not None, timeout=10_000)
+        dialog.invite_option.setChecked(True)
+        qtbot.waitUntil(lambda: "cannot list swarms" in dialog.lan_note.text(), timeout=10_000)
+        assert not dialog.lan_timer.isActive() and not dialog.lan_join.isEnabled()
+        assert not dialog.lan_discovery.isVisible()  # no switch for a setting the node does not have
+        assert dialog.invite.isVisible() and "lan_discovery" not in dialog._changes()
+    finally:
+        server.shutdown()
