@@ -32,7 +32,7 @@ import corolla
 from corolla.swarm.client.config import ClientConfig
 from corolla.swarm.client.verification import FIRST_STEPS, Ledger, ledger_of, promised_steps
 from corolla.swarm.models.tiny import make_tiny_model
-from tests.support.swarm import REPO, CorollaServer
+from tests.support.swarm import REPO, CorollaServer, route_first_through
 
 PREFIX = "bench-verify"
 LIAR = [sys.executable, str(REPO / "tests" / "support" / "liar_server.py")]
@@ -71,17 +71,9 @@ def client(model: Path, maddr: str, blocked: list[str], rate: float):
     )
 
 
-def prefer(model, peer: str) -> None:
-    """Route through `peer` first (every setting takes the same route; checks go to the others)."""
-    model._loop.run(model.view.refresh())
-    for other in model.view.rtts:
-        model.view.rtts[other] = 0.5
-    model.view.rtts[peer] = 0.0001
-
-
 def tokens_per_second(models: dict, new_tokens: int, rounds: int, primary: str) -> dict:
     for model in models.values():
-        prefer(model, primary)
+        route_first_through(model, primary)
         model.generate(PROMPT, max_new_tokens=FIRST_STEPS + 2, do_sample=False)  # warm-up, first-step checks
     runs = {name: [] for name in models}
     for _ in range(rounds):
@@ -100,7 +92,7 @@ def steps_until_caught(model, liar: str, lied_from: int, warm: bool, runs: int, 
         model.view.bans.pop(liar, None)
         if warm:
             ledger_of(model.view).steps[liar] = FIRST_STEPS
-        prefer(model, liar)
+        route_first_through(model, liar)
         model.generate(PROMPT, max_new_tokens=new_tokens, do_sample=False)
         evidence = ledger_of(model.view).flagged.get(liar)
         found.append(None if evidence is None or evidence["step"] is None else evidence["step"] - lied_from + 1)

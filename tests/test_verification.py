@@ -14,7 +14,7 @@ import torch
 
 import corolla
 from corolla.swarm.client.verification import ledger_of, promised_steps
-from tests.support.swarm import REPO, CorollaServer
+from tests.support.swarm import REPO, CorollaServer, route_first_through
 
 PREFIX = "tiny-verify"
 LIAR = [sys.executable, str(REPO / "tests" / "support" / "liar_server.py")]
@@ -84,14 +84,6 @@ def _client(model_dir, swarm, usable: list[str], rate: float):
     )
 
 
-def _prefer(model, peer: str) -> None:
-    """Make `peer` the closest server, so routes go through it first (the liar's best case)."""
-    model._loop.run(model.view.refresh())
-    for other in model.view.rtts:
-        model.view.rtts[other] = 0.5
-    model.view.rtts[peer] = 0.0001
-
-
 def _prompt(seed: int, length: int = 5) -> torch.Tensor:
     return torch.randint(6, 500, (1, length), generator=torch.Generator().manual_seed(seed))
 
@@ -112,7 +104,7 @@ def test_a_liar_is_flagged_and_the_output_is_the_honest_one(model_dir, swarm, ho
     model = _client(model_dir, swarm, ["f32a", "f32b", lie], rate=rate)
     try:
         ledger = ledger_of(model.view)
-        _prefer(model, liar)
+        route_first_through(model, liar)
         assert liar[-6:] in model.route()
         for seed in range(2):
             tokens = model.generate(_prompt(seed), max_new_tokens=30, do_sample=False)
@@ -154,7 +146,7 @@ def test_honest_servers_of_every_precision_are_never_flagged_in_200_sessions(mod
         ledger = ledger_of(model.view)
         for session in range(200):
             if session % 10 == 0:  # each precision takes its turn as the first choice (and as checker)
-                _prefer(model, swarm[names[(session // 10) % len(names)]].peer_id)
+                route_first_through(model, swarm[names[(session // 10) % len(names)]].peer_id)
             model.generate(_prompt(session, length=4), max_new_tokens=3, do_sample=False)
         assert not ledger.flagged, f"honest servers were flagged: {ledger.flagged}"
         assert ledger.disputes == 0
@@ -238,7 +230,7 @@ def test_a_chat_reply_through_a_liar_is_the_honest_reply(model_dir, swarm):
         model = _client(model_dir, swarm, usable, rate=0.5)
         try:
             if name == "liar":
-                _prefer(model, swarm["zeros"].peer_id)
+                route_first_through(model, swarm["zeros"].peer_id)
             pieces: list[str] = []
             reply = ChatSession(model).send("hello there", max_new_tokens=20, on_text=pieces.append, do_sample=False)
             replies[name] = (reply.text, reply.tokens, "".join(pieces))
