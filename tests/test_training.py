@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import corolla
-from corolla.swarm.client.remote_forward import _call
+from corolla.swarm import protocol
+from corolla.swarm.client.remote_forward import _call, _call_with_reply_metadata
 from corolla.swarm.client.routing import RouteSegment
 from tests.support.swarm import start_chain
 
@@ -188,6 +189,44 @@ def test_bad_training_requests_are_clear_errors(model_dir, swarm):
             time.sleep(0.2)
         assert server.stats()["requests_refused"] >= before[1] + len(cases)
         assert _budget(server) == before[0]
+    finally:
+        remote.close()
+
+
+def test_backward_sends_no_inputs_when_the_server_kept_the_graph(model_dir, swarm):
+    """The forward reply says the graph was kept; a backward with only the output gradients then equals
+    the full request's; a graph that is gone is a clear error, and the client falls back to the full
+    request by itself."""
+    remote = connect(model_dir, swarm[0].maddr)
+    try:
+        remote.route()
+        segment = RouteSegment(swarm[0].peer_id, 0, 3)
+        hidden, grad = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+        none = torch.zeros(0)
+
+        def call(method, args, extra=None):
+            run = _call_with_reply_metadata(remote.view, segment, method, args, None, None, 20.0, extra)
+            return remote._loop.run(run)
+
+        _, reply = call("rpc_forward", [hidden, none], {"corolla_keep_graph": "k1"})
+        assert reply == {protocol.GRAPH_KEPT_KEY: True}
+        (lite,), _ = call("rpc_backward", [none, grad, none], {"corolla_graph": "k1"})
+        (full,), _ = call("rpc_backward", [hidden, grad, none])
+        assert torch.allclose(lite, full, atol=1e-6)
+        with pytest.raises(Exception, match="forward graph of this backward request is not kept"):
+            call("rpc_backward", [none, grad, none], {"corolla_graph": "k1"})  # taken by the first backward
+        assert call("rpc_forward", [hidden, none])[1] == {}  # no graph asked for, none kept
+
+        # The client's own fallback: the graph is gone (taken here first), the full request follows.
+        blocks = remote.blocks
+        _, hops = remote._loop.run(blocks.forward(hidden, keep_graphs=True))
+        assert all(all(hop.graphs_kept) for hop in hops)
+        first = hops[0]
+        call("rpc_backward", [none, grad, none], {"corolla_graph": first.graph_keys[0]})
+        grads, _ = remote._loop.run(blocks.backward(hops, grad))
+        _, fresh = remote._loop.run(blocks.forward(hidden, keep_graphs=True))
+        want, _ = remote._loop.run(blocks.backward(fresh, grad))
+        assert torch.allclose(grads, want, atol=1e-6)
     finally:
         remote.close()
 

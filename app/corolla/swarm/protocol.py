@@ -369,6 +369,13 @@ class ModelInfo:
 
 
 # Error texts stock clients and chat.petals.dev match on (protocol doc §2.10).
+# Corolla's training extension (forward_graphs.py): a forward reply's metadata carries this key (True)
+# when the server kept the forward graph; a backward that then sends no inputs gets ERR_GRAPH_GONE
+# back if the graph is gone by then, and the client sends the full request.
+GRAPH_KEPT_KEY = "corolla_graph_kept"
+ERR_GRAPH_GONE = "the forward graph of this backward request is not kept here: send its inputs"
+
+
 def err_max_length_exceeded(prefix: int, current: int, max_length: int) -> str:
     return f"Maximum length exceeded: prefix {prefix} + current {current} exceeds pre-allocated maximum {max_length}"
 

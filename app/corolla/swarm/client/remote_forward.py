@@ -11,6 +11,7 @@ run concurrently. A padding mask goes to Corolla servers as the `attention_mask`
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import split_for_streaming
@@ -31,6 +33,7 @@ MAX_UNARY_BYTES = 1024 * 1024  # Petals: MAX_UNARY_PAYLOAD_SIZE // 2
 MAX_TOKENS_PER_REQUEST = 1024  # Petals' MAX_TOKENS_IN_BATCH
 CHUNKS_IN_FLIGHT = 3  # per server: under a server's cap on queued forward/backward requests per peer (4)
 MAX_REPLY_BYTES = protocol.MAX_REQUEST_BYTES
+GRAPH_KEPT = protocol.GRAPH_KEPT_KEY
 _DUMMY = torch.zeros(0)
 
 
@@ -46,6 +49,7 @@ class Hop:
     segment: RouteSegment
     inputs: torch.Tensor
     graph_keys: list[str] = field(default_factory=list)
+    graphs_kept: list[bool] = field(default_factory=list)  # per chunk: the server said it kept the graph
 
 
 def _request_tensors(args: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[list, dict]:
@@ -69,6 +73,22 @@ async def _call(
     extra_metadata: dict | None = None,
 ) -> list[torch.Tensor]:
     """One rpc_forward/rpc_backward call (unary or streamed by size); returns the reply's tensors."""
+    tensors, _ = await _call_with_reply_metadata(view, segment, method, args, mask, adapter, timeout, extra_metadata)
+    return tensors
+
+
+async def _call_with_reply_metadata(
+    view: SwarmView,
+    segment: RouteSegment,
+    method: str,
+    args: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    adapter: str | None,
+    timeout: float,
+    extra_metadata: dict | None = None,
+) -> tuple[list[torch.Tensor], dict]:
+    """`_call`, also returning the reply's metadata (Corolla servers say there whether they kept the
+    forward graph; stock servers send none)."""
     uid = protocol.chain_uids(view.dht_prefix, segment.start, segment.end)
     serialized, metadata = _request_tensors(args, mask)
     metadata.update(points=0.0, active_adapter=adapter, **(extra_metadata or {}))
@@ -79,6 +99,7 @@ async def _call(
         request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized, metadata=packed)
         response = await asyncio.wait_for(getattr(stub, method)(request), timeout)
         protos = list(response.tensors)
+        reply_metadata = _reply_metadata(response.metadata)
     else:
 
         async def parts() -> AsyncIterator[runtime_pb2.ExpertRequest]:
@@ -86,10 +107,12 @@ async def _call(
                 for part in split_for_streaming(tensor, protocol.STREAM_CHUNK_BYTES):
                     yield runtime_pb2.ExpertRequest(uid=uid, tensors=[part], metadata=packed)
 
-        protos = []
+        protos, reply_metadata = [], {}
         async with asyncio.timeout(timeout):
             total = 0
             async for response in await getattr(stub, f"{method}_stream")(parts()):
+                if response.metadata and not reply_metadata:
+                    reply_metadata = _reply_metadata(response.metadata)
                 for part in response.tensors:
                     total += len(part.buffer)
                     if total > MAX_REPLY_BYTES:
@@ -106,7 +129,18 @@ async def _call(
                         )
     if len(protos) > protocol.MAX_TENSORS_PER_REQUEST:
         raise RemoteCallFailed(f"the server replied with {len(protos)} tensors")
-    return [deserialize_torch_tensor(p) for p in protos]
+    return [deserialize_torch_tensor(p) for p in protos], reply_metadata
+
+
+def _reply_metadata(raw: bytes) -> dict:
+    """A reply's metadata, bounded; anything unreadable counts as none."""
+    if not raw or len(raw) > protocol.MAX_METADATA_BYTES:
+        return {}
+    try:
+        metadata = protocol.loads(raw, max_bytes=protocol.MAX_METADATA_BYTES)
+    except protocol.DecodeError:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _expect(tensor: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
@@ -130,15 +164,17 @@ class RemoteBlocks:
         prompts: torch.Tensor | None,
         mask: torch.Tensor | None,
         graph_keys: list[str] | None = None,
+        graphs_kept: list[bool] | None = None,
     ) -> torch.Tensor:
         chunks = _row_chunks(hidden)
         keys = [str(uuid.uuid4()) for _ in chunks] if graph_keys is not None else [None] * len(chunks)
         if graph_keys is not None:
             graph_keys[:] = keys
+        kept = [False] * len(chunks)
 
-        async def chunk(rows: slice, key: str | None) -> torch.Tensor:
+        async def chunk(index: int, rows: slice, key: str | None) -> torch.Tensor:
             args = [hidden[rows], _DUMMY if prompts is None else prompts[segment.start : segment.end, rows]]
-            (out, *_) = await _call(
+            (out, *_), reply = await _call_with_reply_metadata(
                 self.view,
                 segment,
                 "rpc_forward",
@@ -148,9 +184,14 @@ class RemoteBlocks:
                 self.view.config.request_timeout,
                 None if key is None else {"corolla_keep_graph": key},
             )
+            kept[index] = key is not None and reply.get(GRAPH_KEPT) is True
             return _expect(out, hidden[rows].shape, "hidden states").to(hidden.dtype)
 
-        outs = await _gather_bounded([chunk(rows, key) for rows, key in zip(chunks, keys, strict=True)])
+        outs = await _gather_bounded(
+            [chunk(i, rows, key) for i, (rows, key) in enumerate(zip(chunks, keys, strict=True))]
+        )
+        if graphs_kept is not None:
+            graphs_kept[:] = kept
         return torch.cat(outs, dim=0)
 
     async def _segment_backward(
@@ -161,23 +202,41 @@ class RemoteBlocks:
         prompts: torch.Tensor | None,
         mask: torch.Tensor | None,
         graph_keys: list[str] | None = None,
+        graphs_kept: list[bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         chunks = _row_chunks(inputs)
         keys = graph_keys if graph_keys and len(graph_keys) == len(chunks) else [None] * len(chunks)
+        kept = graphs_kept if graphs_kept and len(graphs_kept) == len(chunks) else [False] * len(chunks)
 
-        async def chunk(rows: slice, key: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        async def chunk(rows: slice, key: str | None, kept: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             span_prompts = None if prompts is None else prompts[segment.start : segment.end, rows]
             args = [inputs[rows], grad_outputs[rows], _DUMMY if span_prompts is None else span_prompts]
-            grads = await _call(
+            call = functools.partial(
+                _call,
                 self.view,
                 segment,
                 "rpc_backward",
-                args,
-                None if mask is None else mask[rows],
-                self.adapter,
-                self.view.config.request_timeout,
-                None if key is None else {"corolla_graph": key},
+                adapter=self.adapter,
+                timeout=self.view.config.request_timeout,
             )
+            grads = None
+            if kept:
+                # The server holds this chunk's forward graph, inputs and prompts: send only the
+                # gradients (a third of the bytes). Should it have dropped the graph since, it says
+                # so, and the full request follows.
+                try:
+                    grads = await call(
+                        [_DUMMY, grad_outputs[rows], _DUMMY], None, extra_metadata={"corolla_graph": key}
+                    )
+                except P2PHandlerError as exc:
+                    if protocol.ERR_GRAPH_GONE not in str(exc):
+                        raise
+            if grads is None:
+                grads = await call(
+                    args,
+                    None if mask is None else mask[rows],
+                    extra_metadata=None if key is None else {"corolla_graph": key},
+                )
             grad_inputs = _expect(grads[0], inputs[rows].shape, "input gradients").to(inputs.dtype)
             if span_prompts is None:
                 return grad_inputs, None
@@ -185,7 +244,7 @@ class RemoteBlocks:
                 raise RemoteCallFailed("the server returned no prompt gradients")
             return grad_inputs, _expect(grads[1], span_prompts.shape, "prompt gradients").to(prompts.dtype)
 
-        results = await _gather_bounded([chunk(rows, key) for rows, key in zip(chunks, keys, strict=True)])
+        results = await _gather_bounded([chunk(rows, key, k) for rows, key, k in zip(chunks, keys, kept, strict=True)])
         grad_inputs = torch.cat([r[0] for r in results], dim=0)
         grad_prompts = None if prompts is None else torch.cat([r[1] for r in results], dim=1)
         return grad_inputs, grad_prompts
@@ -233,14 +292,17 @@ class RemoteBlocks:
                 continue
             for segment in route:
                 keys: list[str] = []
+                kept: list[bool] = []
                 try:
-                    out = await self._segment_forward(segment, hidden, prompts, mask, keys if keep_graphs else None)
+                    out = await self._segment_forward(
+                        segment, hidden, prompts, mask, keys if keep_graphs else None, kept
+                    )
                 except Exception as exc:
                     attempt += 1
                     await self._failed(segment, exc, attempt)
                     break  # route again from this segment's first block
                 self.view.on_success(segment.peer_id)
-                hops.append(Hop(segment, hidden, keys))
+                hops.append(Hop(segment, hidden, keys, kept))
                 hidden, position = out, segment.end
         if start == 0 and end == self.view.num_blocks:
             self.last_route = [hop.segment for hop in hops]
@@ -266,7 +328,9 @@ class RemoteBlocks:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         segment = hop.segment
         try:
-            grads = await self._segment_backward(segment, hop.inputs, grad_outputs, prompts, mask, hop.graph_keys)
+            grads = await self._segment_backward(
+                segment, hop.inputs, grad_outputs, prompts, mask, hop.graph_keys, hop.graphs_kept
+            )
             self.view.on_success(segment.peer_id)
             return grads
         except Exception as exc:
@@ -281,7 +345,7 @@ class RemoteBlocks:
                 for inner_hop in reversed(inner):
                     failing = inner_hop.segment
                     grads, span_grads = await self._segment_backward(
-                        failing, inner_hop.inputs, grads, prompts, mask, inner_hop.graph_keys
+                        failing, inner_hop.inputs, grads, prompts, mask, inner_hop.graph_keys, inner_hop.graphs_kept
                     )
                     self.view.on_success(failing.peer_id)
                     if grad_prompts is not None:

@@ -5,7 +5,9 @@ three forward passes per block. A Corolla client names each forward request (`co
 and its backward (`corolla_graph`); the server keeps that forward's graph for a short while, within
 a byte budget, and the backward only backpropagates through it. Anything unusual (another peer, other
 inputs, an evicted or expired graph) falls back to the re-run, so results never depend on the cache.
-Stock peers never send these keys.
+Stock peers never send these keys. The forward reply tells the client (GRAPH_KEPT_KEY in its metadata)
+that the graph was kept, and the client's backward then sends only the output gradients: the inputs
+and prompts are the kept graph's (at most ERR_GRAPH_GONE, and the full request follows).
 """
 
 from __future__ import annotations
@@ -62,10 +64,11 @@ class ForwardGraphs:
         for key in [k for k, g in self._graphs.items() if g.expires < now]:
             self._drop(key)
 
-    def keep(self, key: str, graph: KeptGraph) -> None:
+    def keep(self, key: str, graph: KeptGraph) -> bool:
+        """Keep `graph` under `key` (evicting older ones); False if it is too large to keep."""
         self._expire()
         if graph.nbytes > self.max_bytes:
-            return
+            return False
         full_key = (graph.peer, key)
         if full_key in self._graphs:
             self._drop(full_key)
@@ -77,6 +80,7 @@ class ForwardGraphs:
         graph.expires = time.monotonic() + self.ttl
         self._graphs[full_key] = graph
         self.nbytes += graph.nbytes
+        return True
 
     def take(
         self,
@@ -88,13 +92,19 @@ class ForwardGraphs:
         mask: torch.Tensor | None,
     ) -> KeptGraph | None:
         """The graph of the forward pass with exactly these inputs from this peer, removed; or None."""
+        graph = self.take_trusted(key, peer, uid)
+        if graph is None or not (
+            _same(graph.inputs, inputs) and _same(graph.prompts, prompts) and _same(graph.mask, mask)
+        ):
+            return None
+        return graph
+
+    def take_trusted(self, key: str, peer: Any, uid: str) -> KeptGraph | None:
+        """The graph this peer kept under `key` for these blocks, removed; or None. For a backward
+        request that sends no inputs: the graph's own inputs, prompts and mask are the request's."""
         self._expire()
         graph = self._graphs.get((peer, key))
         if graph is None:
             return None
         self._drop((peer, key))
-        if graph.uid != uid or not (
-            _same(graph.inputs, inputs) and _same(graph.prompts, prompts) and _same(graph.mask, mask)
-        ):
-            return None
-        return graph
+        return graph if graph.uid == uid else None

@@ -283,7 +283,8 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     # --- forward and backward ----------------------------------------------------------------------
     async def _forward(
         self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, bool]:
+        """The outputs, and whether this forward's graph was kept for the backward that follows."""
         span = self._chain(uid)
         args, kwargs = unpack_args_kwargs(metadata, tensors)
         if not args:
@@ -294,6 +295,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         adapter = block_args.check_adapter(metadata, self.adapters)
         self.stats.forward_requests += 1
         keep = graph_key(metadata, "corolla_keep_graph")  # a Corolla client's backward will follow
+        kept = False
         if keep is None or peer is None:
             run = run_with_adapter(adapter, lambda: block_args.forward(span, hidden, prompts, mask))
             out = await asyncio.wait_for(self._compute(run, Priority.FORWARD), self.limits.request_timeout)
@@ -303,10 +305,10 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 self._compute(run, Priority.FORWARD), self.limits.request_timeout
             )
             nbytes = block_args.graph_nbytes(span, hidden)
-            kept = KeptGraph(peer, uid, hidden, prompts, mask, leaf, prompt_leaf, graph, nbytes, 0.0)
-            self.graphs.keep(keep, kept)
+            graph = KeptGraph(peer, uid, hidden, prompts, mask, leaf, prompt_leaf, graph, nbytes, 0.0)
+            kept = self.graphs.keep(keep, graph)
         self.stats.tokens_processed += hidden.shape[0] * hidden.shape[1]
-        return out
+        return out, kept
 
     async def _backward(
         self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
@@ -316,6 +318,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         args, kwargs = unpack_args_kwargs(metadata, tensors)
         if len(args) < 2:
             raise BadRequest("backward needs inputs and grad_outputs")
+        key = graph_key(metadata, "corolla_graph")
+        if key is not None and is_dummy(args[0]):
+            return await self._backward_kept(key, uid, args[1], peer)
         inputs = self._hidden_states(args[0])
         grad_outputs = args[1]
         if not isinstance(grad_outputs, torch.Tensor) or grad_outputs.shape != inputs.shape:
@@ -326,7 +331,6 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         mask = block_args.padding_mask(kwargs, inputs.shape[0], inputs.shape[1])
         adapter = block_args.check_adapter(metadata, self.adapters)
         self.stats.backward_requests += 1
-        key = graph_key(metadata, "corolla_graph")
         kept = None if key is None else self.graphs.take(key, peer, uid, inputs, prompts, mask)
         if kept is not None:  # the forward's graph: backpropagate without re-running it
             self.stats.backward_graphs_reused += 1
@@ -338,11 +342,29 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             self.limits.request_timeout,
         )
 
+    async def _backward_kept(self, key: str, uid: str, grad_outputs: Any, peer: PeerID | None) -> list[torch.Tensor]:
+        """A backward request that sends no inputs: those of the forward graph this peer had kept."""
+        kept = None if peer is None else self.graphs.take_trusted(key, peer, uid)
+        if kept is None:
+            raise BadRequest(protocol.ERR_GRAPH_GONE)
+        if not isinstance(grad_outputs, torch.Tensor) or grad_outputs.shape != kept.inputs.shape:
+            raise BadRequest("grad_outputs must have the shape of the inputs")
+        if not grad_outputs.is_floating_point():
+            raise BadRequest("grad_outputs must be floating point")
+        self.stats.backward_requests += 1
+        self.stats.backward_graphs_reused += 1
+        run = functools.partial(block_args.backward_through, kept.out, kept.leaf, kept.prompt_leaf, grad_outputs)
+        return await asyncio.wait_for(self._compute(run, Priority.BACKWARD), self.limits.request_timeout)
+
+    @staticmethod
+    def _forward_reply_metadata(kept: bool) -> bytes:
+        return MSGPackSerializer.dumps({protocol.GRAPH_KEPT_KEY: True}) if kept else b""
+
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
-                out = await self._forward(
+                out, kept = await self._forward(
                     request.uid,
                     decode_metadata(request.metadata),
                     deserialize_tensors(request.tensors),
@@ -351,7 +373,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
-        response = runtime_pb2.ExpertResponse(tensors=[serialize(out)])
+        response = runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=self._forward_reply_metadata(kept))
         self.stats.bytes_out += response.ByteSize()
         return response
 
@@ -361,13 +383,15 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         try:
             async with self._queued(context.remote_id):
                 uid, metadata, tensors = await self._gather(requests)
-                out = await self._forward(uid, metadata, tensors, context.remote_id)
+                out, kept = await self._forward(uid, metadata, tensors, context.remote_id)
         except (BadRequest, TimeoutError) as exc:
             self._refused(exc)
             raise
+        reply_metadata = self._forward_reply_metadata(kept)
         for part in stream_parts(serialize(out)):
             self.stats.bytes_out += part.ByteSize()
-            yield runtime_pb2.ExpertRequest(tensors=[part])
+            yield runtime_pb2.ExpertRequest(tensors=[part], metadata=reply_metadata)
+            reply_metadata = b""  # on the first message only
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
