@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import corolla
+from corolla.swarm.client import speculative
 from corolla.swarm.client.routing import MissingBlocksError
 from tests.support.swarm import TINY_SWARM_PREFIX, CorollaServer
 
@@ -387,6 +388,31 @@ def test_speculative_steps_give_the_greedy_tokens_exactly(remote, local):
     assert stats.steps > 0 and 0 < stats.accepted <= stats.drafted
     plain = remote.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=None)
     assert remote.speculation is None and torch.equal(plain, want)
+
+
+def test_failed_drafts_back_off_exponentially():
+    """Text that never repeats itself costs a handful of drafts: each pause after a failed probe is
+    twice the last (capped), a probe with any acceptance goes on drafting, a good draft ends the backoff."""
+    lookup = speculative.AdaptivePromptLookup(max_tokens=8, max_matching_ngram_size=3, max_length=1000)
+    ids = torch.tensor([[5, 6, 7, 5, 6]])  # "5 6" was seen before: a draft is found
+
+    def draft(accepted: int) -> int:
+        """One verification step with a draft that kept `accepted` tokens; returns the pause that follows."""
+        candidates, _ = lookup.get_candidates(ids)
+        drafted = candidates.shape[1] - ids.shape[1]
+        assert drafted > 0
+        lookup.update_candidate_strategy(ids, None, min(accepted, drafted))
+        paused = lookup._paused
+        for _ in range(paused):  # paused steps draft nothing
+            assert lookup.get_candidates(ids)[0].shape == ids.shape
+        return paused
+
+    pauses = [draft(0) for _ in range(7)]
+    assert pauses == [0, 0, 8, 16, 32, 64, 64], pauses
+    assert draft(1) == 0  # the probe kept a token: drafting goes on
+    lookup.num_output_tokens = 1
+    draft(1)  # a fully accepted draft: the next pause is short again
+    assert max(draft(0) for _ in range(4)) == 8
 
 
 def test_speculative_sampling_goes_through_rollback(remote, local):

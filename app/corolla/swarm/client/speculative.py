@@ -12,7 +12,10 @@ consumed differently, so a seeded run picks other tokens than a seeded plain run
 On a swarm a step costs about one trip through the chain whatever its length, so every accepted
 draft token saves a trip. k adapts like transformers' assistant heuristic (+2 after a fully accepted
 draft, -1 otherwise), and drafting pauses for a while when recent acceptance is low (a long draft
-still costs each server compute).
+still costs each server compute). A failed draft is not free on any route (the longer step, the
+rollback, and transformers' assisted loop costing more per step than its plain one): after a pause
+one draft probes again, and while probes keep failing each pause is twice as long as the last (up to
+MAX_PAUSE_STEPS), so text that never repeats itself costs a handful of drafts; a good draft resets it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ DEFAULT_DRAFT_TOKENS = 8  # the most draft tokens per step when speculation is o
 MAX_DRAFT_TOKENS = 32
 MAX_NGRAM = 3
 MIN_ACCEPTANCE = 0.2  # below this (moving average of accepted / drafted), drafting pauses
-PAUSE_STEPS = 8
+PAUSE_STEPS = 8  # the first pause; each pause after a failed probe doubles it
+MAX_PAUSE_STEPS = 64
+GOOD_DRAFT = 0.5  # a draft at least this well accepted ends the backoff
 
 
 @dataclass
@@ -50,6 +55,7 @@ class AdaptivePromptLookup(PromptLookupCandidateGenerator):
         self.stats = SpeculationStats()
         self._recent = 0.5
         self._paused = 0
+        self._pause_steps = PAUSE_STEPS  # the next pause's length
         self._drafted_now = 0
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
@@ -77,8 +83,13 @@ class AdaptivePromptLookup(PromptLookupCandidateGenerator):
             self.num_output_tokens = min(self.num_output_tokens + 2, self.max_tokens)
         else:
             self.num_output_tokens = max(1, self.num_output_tokens - 1)
+        if accepted >= GOOD_DRAFT * drafted:
+            self._pause_steps = PAUSE_STEPS
         if self._recent < MIN_ACCEPTANCE:
-            self._paused, self._recent = PAUSE_STEPS, 0.5
+            self._paused = self._pause_steps
+            self._pause_steps = min(2 * self._pause_steps, MAX_PAUSE_STEPS)
+            # The probe after the pause decides alone: a miss pauses again, any acceptance goes on.
+            self._recent = MIN_ACCEPTANCE
 
 
 def default_speculation(kwargs: dict, generation_config, rows: int, enabled: bool) -> int | None:
