@@ -16,6 +16,8 @@ still costs each server compute). A failed draft is not free on any route (the l
 rollback, and transformers' assisted loop costing more per step than its plain one): after a pause
 one draft probes again, and while probes keep failing each pause is twice as long as the last (up to
 MAX_PAUSE_STEPS), so text that never repeats itself costs a handful of drafts; a good draft resets it.
+A draft also needs a match of at least MIN_NGRAM tokens (transformers falls back to a single token,
+whose continuation is rarely the model's: in free text most of those drafts failed).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 DEFAULT_DRAFT_TOKENS = 8  # the most draft tokens per step when speculation is on by default
 MAX_DRAFT_TOKENS = 32
 MAX_NGRAM = 3
+MIN_NGRAM = 2  # a draft needs the last MIN_NGRAM tokens seen before: one repeated token predicts little
 MIN_ACCEPTANCE = 0.2  # below this (moving average of accepted / drafted), drafting pauses
 PAUSE_STEPS = 8  # the first pause; each pause after a failed probe doubles it
 MAX_PAUSE_STEPS = 64
@@ -63,6 +66,9 @@ class AdaptivePromptLookup(PromptLookupCandidateGenerator):
             self._paused -= 1
             self._drafted_now = 0
             return input_ids, None
+        if not _seen_before(input_ids, MIN_NGRAM):
+            self._drafted_now = 0
+            return input_ids, None
         candidates, logits = super().get_candidates(input_ids, **kwargs)
         if self.room is not None:
             room = max(0, self.room(input_ids.shape[1]))
@@ -90,6 +96,14 @@ class AdaptivePromptLookup(PromptLookupCandidateGenerator):
             self._pause_steps = min(2 * self._pause_steps, MAX_PAUSE_STEPS)
             # The probe after the pause decides alone: a miss pauses again, any acceptance goes on.
             self._recent = MIN_ACCEPTANCE
+
+
+def _seen_before(input_ids: torch.LongTensor, n: int) -> bool:
+    """Whether the last `n` tokens occur earlier in the sequence, with at least one token after them."""
+    if input_ids.shape[1] <= n:
+        return False
+    earlier = input_ids[0, :-1].unfold(0, n, 1)  # every n-gram that ends before the last position
+    return bool((earlier == input_ids[0, -n:]).all(dim=1).any())
 
 
 def default_speculation(kwargs: dict, generation_config, rows: int, enabled: bool) -> int | None:
