@@ -196,7 +196,7 @@ def test_bad_training_requests_are_clear_errors(model_dir, swarm):
 def test_backward_sends_no_inputs_when_the_server_kept_the_graph(model_dir, swarm):
     """The forward reply says the graph was kept; a backward with only the output gradients then equals
     the full request's; a graph that is gone is a clear error, and the client falls back to the full
-    request by itself."""
+    request by itself. A backward may ask for the input gradients of the first positions only."""
     remote = connect(model_dir, swarm[0].maddr)
     try:
         remote.route()
@@ -215,6 +215,11 @@ def test_backward_sends_no_inputs_when_the_server_kept_the_graph(model_dir, swar
         assert torch.allclose(lite, full, atol=1e-6)
         with pytest.raises(Exception, match="forward graph of this backward request is not kept"):
             call("rpc_backward", [none, grad, none], {"corolla_graph": "k1"})  # taken by the first backward
+        # Prompt tuning needs the input gradients of the prompts' positions only: the first 2 here.
+        (prefix,), _ = call("rpc_backward", [hidden, grad, none], {protocol.GRAD_PREFIX_KEY: 2})
+        assert prefix.shape == (2, 2, 64) and torch.allclose(prefix, full[:, :2], atol=1e-6)
+        with pytest.raises(Exception, match="must be a positive int"):
+            call("rpc_backward", [hidden, grad, none], {protocol.GRAD_PREFIX_KEY: -1})
         assert call("rpc_forward", [hidden, none])[1] == {}  # no graph asked for, none kept
 
         # The client's own fallback: the graph is gone (taken here first), the full request follows.

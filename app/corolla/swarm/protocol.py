@@ -374,6 +374,9 @@ class ModelInfo:
 # back if the graph is gone by then, and the client sends the full request.
 GRAPH_KEPT_KEY = "corolla_graph_kept"
 ERR_GRAPH_GONE = "the forward graph of this backward request is not kept here: send its inputs"
+# A backward request's metadata may ask for the input gradients of the first N positions only (prompt
+# tuning: the token embeddings are frozen, the prompts come first); stock servers send them all.
+GRAD_PREFIX_KEY = "corolla_grad_prefix"
 
 
 def err_max_length_exceeded(prefix: int, current: int, max_length: int) -> str:

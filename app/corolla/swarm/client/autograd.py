@@ -12,19 +12,20 @@ from corolla.swarm.client.remote_forward import RemoteBlocks
 
 class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, prompts, blocks, mask, run):
+    def forward(ctx, hidden, prompts, blocks, mask, run, grad_prefix):
         deep = prompts is not None and prompts.numel() > 0
         sent_prompts = prompts.detach().contiguous() if deep else None
         out, hops = run(blocks.forward(hidden.detach(), sent_prompts, mask, keep_graphs=True))
         ctx.blocks, ctx.hops, ctx.mask, ctx.run, ctx.prompts = blocks, hops, mask, run, sent_prompts
+        ctx.grad_prefix = grad_prefix
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_prompts = ctx.run(
-            ctx.blocks.backward(ctx.hops, grad_output.contiguous(), ctx.prompts, ctx.mask)
+            ctx.blocks.backward(ctx.hops, grad_output.contiguous(), ctx.prompts, ctx.mask, ctx.grad_prefix)
         )
-        return grad_hidden, grad_prompts, None, None, None
+        return grad_hidden, grad_prompts, None, None, None, None
 
 
 def remote_blocks(
@@ -33,12 +34,14 @@ def remote_blocks(
     prompts: torch.Tensor | None,
     mask: torch.Tensor | None,
     run: Callable[[Any], Any],
+    grad_prefix: int | None = None,
 ) -> torch.Tensor:
     """hidden [batch, length, hidden] through every remote block; differentiable with respect to
     `hidden` and the deep `prompts` [num_blocks, batch, P, hidden]. `run` runs a coroutine on the
-    client's event loop."""
+    client's event loop. `grad_prefix`: only the first that many positions of `hidden` need gradients
+    (the others' come back as zeros: give it only when nothing uses them)."""
     differentiable = hidden.requires_grad or (prompts is not None and prompts.requires_grad)
     if not (torch.is_grad_enabled() and differentiable):  # no backward will follow: a plain forward
         plain = None if prompts is None else prompts.detach().contiguous()
         return run(blocks.forward(hidden.detach(), plain, mask))[0]
-    return _RemoteBlocksFunction.apply(hidden, prompts, blocks, mask, run)
+    return _RemoteBlocksFunction.apply(hidden, prompts, blocks, mask, run, grad_prefix)

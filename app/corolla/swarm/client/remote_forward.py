@@ -143,6 +143,17 @@ def _reply_metadata(raw: bytes) -> dict:
     return metadata if isinstance(metadata, dict) else {}
 
 
+def _full_input_grads(grads: torch.Tensor, inputs: torch.Tensor, prefix: int | None) -> torch.Tensor:
+    """Input gradients of the inputs' shape: a Corolla server asked for a prefix sends only its
+    positions (the rest are zeros here), a stock server sends them all."""
+    if prefix is None or prefix >= inputs.shape[1] or tuple(grads.shape) == tuple(inputs.shape):
+        return _expect(grads, inputs.shape, "input gradients").to(inputs.dtype)
+    _expect(grads, (inputs.shape[0], prefix, *inputs.shape[2:]), "input gradients")
+    full = inputs.new_zeros(inputs.shape)
+    full[:, :prefix] = grads
+    return full
+
+
 def _expect(tensor: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
     if tuple(tensor.shape) != tuple(shape):
         raise RemoteCallFailed(f"server returned {what} of shape {tuple(tensor.shape)}, expected {tuple(shape)}")
@@ -203,8 +214,12 @@ class RemoteBlocks:
         mask: torch.Tensor | None,
         graph_keys: list[str] | None = None,
         graphs_kept: list[bool] | None = None,
+        grad_prefix: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients with respect to the segment's inputs (with `grad_prefix`, only the first positions'
+        are asked for, the rest come back as zeros) and to its deep prompts."""
         chunks = _row_chunks(inputs)
+        prefix = {} if grad_prefix is None else {protocol.GRAD_PREFIX_KEY: int(grad_prefix)}
         keys = graph_keys if graph_keys and len(graph_keys) == len(chunks) else [None] * len(chunks)
         kept = graphs_kept if graphs_kept and len(graphs_kept) == len(chunks) else [False] * len(chunks)
 
@@ -226,7 +241,7 @@ class RemoteBlocks:
                 # so, and the full request follows.
                 try:
                     grads = await call(
-                        [_DUMMY, grad_outputs[rows], _DUMMY], None, extra_metadata={"corolla_graph": key}
+                        [_DUMMY, grad_outputs[rows], _DUMMY], None, extra_metadata={"corolla_graph": key, **prefix}
                     )
                 except P2PHandlerError as exc:
                     if protocol.ERR_GRAPH_GONE not in str(exc):
@@ -235,9 +250,9 @@ class RemoteBlocks:
                 grads = await call(
                     args,
                     None if mask is None else mask[rows],
-                    extra_metadata=None if key is None else {"corolla_graph": key},
+                    extra_metadata={**prefix, **({} if key is None else {"corolla_graph": key})},
                 )
-            grad_inputs = _expect(grads[0], inputs[rows].shape, "input gradients").to(inputs.dtype)
+            grad_inputs = _full_input_grads(grads[0], inputs[rows], grad_prefix)
             if span_prompts is None:
                 return grad_inputs, None
             if len(grads) < 2:
@@ -314,22 +329,31 @@ class RemoteBlocks:
         grad_outputs: torch.Tensor,
         prompts: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        grad_prefix: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gradients with respect to the first hop's inputs and to the deep prompts (if any)."""
+        """Gradients with respect to the first hop's inputs and to the deep prompts (if any). With
+        `grad_prefix`, only the first that many positions' input gradients are needed: the first hop's
+        server sends only those (prompt tuning: the positions after the prompts are frozen embeddings)."""
         grad_prompts = None if prompts is None else torch.zeros_like(prompts)
         for hop in reversed(hops):
-            grad_outputs, span_grads = await self._backward_range(hop, grad_outputs, prompts, mask)
+            prefix = grad_prefix if hop is hops[0] else None
+            grad_outputs, span_grads = await self._backward_range(hop, grad_outputs, prompts, mask, prefix)
             if grad_prompts is not None:
                 grad_prompts[hop.segment.start : hop.segment.end] += span_grads
         return grad_outputs, grad_prompts
 
     async def _backward_range(
-        self, hop: Hop, grad_outputs: torch.Tensor, prompts: torch.Tensor | None, mask: torch.Tensor | None
+        self,
+        hop: Hop,
+        grad_outputs: torch.Tensor,
+        prompts: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        grad_prefix: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         segment = hop.segment
         try:
             grads = await self._segment_backward(
-                segment, hop.inputs, grad_outputs, prompts, mask, hop.graph_keys, hop.graphs_kept
+                segment, hop.inputs, grad_outputs, prompts, mask, hop.graph_keys, hop.graphs_kept, grad_prefix
             )
             self.view.on_success(segment.peer_id)
             return grads

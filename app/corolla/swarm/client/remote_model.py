@@ -425,6 +425,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return torch.cat([prompts, hidden], dim=1), mask
 
     def _stateless(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # Prompt tuning with frozen embeddings: only the prompts' positions need input gradients.
+        grad_prefix = self.pre_seq_len if self.pre_seq_len and not hidden.requires_grad else None
         hidden, mask = self._prefix(hidden, mask)
         send_mask = None
         if mask is not None:
@@ -437,7 +439,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         deep = None
         if self.prompt_tuning is not None and self.prompt_tuning.deep:
             deep = self.prompt_tuning.deep_prompts(hidden.shape[0])
-        out = remote_blocks(self.blocks, hidden.cpu(), deep, send_mask, self._loop.run)
+        out = remote_blocks(self.blocks, hidden.cpu(), deep, send_mask, self._loop.run, grad_prefix)
         out = out.to(hidden.device)
         return out[:, self.pre_seq_len :]
 

@@ -313,7 +313,20 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     async def _backward(
         self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
     ) -> list[torch.Tensor]:
-        """[grad_inputs], plus grad_prompts when deep prompts were sent (Petals' reply)."""
+        """[grad_inputs], plus grad_prompts when deep prompts were sent (Petals' reply). With
+        GRAD_PREFIX_KEY (a Corolla client whose first positions alone need gradients: prompt tuning),
+        grad_inputs covers only that many first positions."""
+        prefix = metadata.get(protocol.GRAD_PREFIX_KEY)
+        if prefix is not None and not (type(prefix) is int and prefix >= 1):
+            raise BadRequest(f"{protocol.GRAD_PREFIX_KEY} must be a positive int, got {protocol.shorten(prefix)}")
+        grads = await self._backward_grads(uid, metadata, tensors, peer)
+        if prefix is not None and prefix < grads[0].shape[1]:
+            grads[0] = grads[0][:, :prefix].contiguous()
+        return grads
+
+    async def _backward_grads(
+        self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None
+    ) -> list[torch.Tensor]:
         span = self._chain(uid)
         args, kwargs = unpack_args_kwargs(metadata, tensors)
         if len(args) < 2:
