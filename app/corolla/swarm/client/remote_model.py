@@ -521,7 +521,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         start_position, start_pending = session.position, session.pending
         if "prompt_lookup_num_tokens" not in kwargs:
             draft = speculative.default_speculation(
-                kwargs, generation_config or self.generation_config, input_ids.shape[0], self.client_config.speculative
+                kwargs,
+                generation_config or self.generation_config,
+                input_ids.shape[0],
+                self.client_config.speculative,
+                custom_stopping=bool(stopping_criteria),
             )
             if draft is not None:
                 kwargs["prompt_lookup_num_tokens"] = draft

@@ -106,11 +106,15 @@ def _seen_before(input_ids: torch.LongTensor, n: int) -> bool:
     return bool((earlier == input_ids[0, -n:]).all(dim=1).any())
 
 
-def default_speculation(kwargs: dict, generation_config, rows: int, enabled: bool) -> int | None:
+def default_speculation(
+    kwargs: dict, generation_config, rows: int, enabled: bool, custom_stopping: bool = False
+) -> int | None:
     """How many draft tokens to use when the caller did not choose: on for greedy decoding of one
     sequence (exactly the same tokens, fewer trips); off for sampling (same distribution, but a
-    seeded run would no longer equal a seeded plain run), beams, batches and an assistant model."""
-    if not enabled or rows != 1 or kwargs.get("assistant_model") is not None:
+    seeded run would no longer equal a seeded plain run), beams, batches, an assistant model, and
+    the caller's own stopping criteria (transformers asks them only after a whole speculative step,
+    so one that would stop in the middle of it sees the step's later tokens too)."""
+    if not enabled or rows != 1 or custom_stopping or kwargs.get("assistant_model") is not None:
         return None
     if int(kwargs.get("num_beams") or generation_config.num_beams or 1) != 1:
         return None
