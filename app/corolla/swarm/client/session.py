@@ -23,7 +23,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
-from corolla.swarm import protocol
+from corolla.swarm import protocol, steptrace
 from corolla.swarm.client import push
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
 from corolla.swarm.client.verification import SessionVerifier
@@ -119,12 +119,14 @@ class _ServerStream:
             tensors.append(serialize_torch_tensor(extras.mask))
         request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
         self._outbox.put_nowait(request)
+        steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])
         self._stepped = True
         try:
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
                 response = await anext(self._responses)
         except StopAsyncIteration as exc:
             raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
+        steptrace.mark("client_reply", step=step_id, server=self.segment.peer_id[-6:])
         output = deserialize_torch_tensor(response.tensors[0])
         if output.shape != inputs.shape:
             raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")
@@ -182,17 +184,23 @@ class InferenceSession:
         return describe_route(self.route)
 
     async def _open_segments(self, segments: list[RouteSegment]) -> list[_ServerStream]:
-        streams = []
-        for segment in segments:
-            stream = _ServerStream(segment, self.view.dht_prefix, self.max_length, self.adapter)
-            try:
-                await stream.open(self.view, self.view.config.connect_timeout)
-            except Exception as exc:
-                for opened in streams:
-                    await opened.close()
-                self.view.ban(segment.peer_id)
-                raise ServerFailure(f"could not open a session with server …{segment.peer_id[-6:]}: {exc}") from exc
-            streams.append(stream)
+        """One session per segment, opened all at once (each open may cost a round trip to its server)."""
+        streams = [_ServerStream(s, self.view.dht_prefix, self.max_length, self.adapter) for s in segments]
+        results = await asyncio.gather(
+            *(stream.open(self.view, self.view.config.connect_timeout) for stream in streams), return_exceptions=True
+        )
+        failed = [(stream, r) for stream, r in zip(streams, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            for stream, result in zip(streams, results, strict=True):
+                if not isinstance(result, BaseException):
+                    await stream.close()
+            for stream, _ in failed:
+                self.view.ban(stream.segment.peer_id)
+            stream, exc = failed[0]
+            if not isinstance(exc, Exception):
+                raise exc
+            peer = stream.segment.peer_id[-6:]
+            raise ServerFailure(f"could not open a session with server …{peer}: {exc}") from exc
         return streams
 
     async def _start(self, batch: int) -> None:
@@ -422,8 +430,8 @@ class InferenceSession:
 
     async def close(self) -> None:
         self.verifier.cancel()
-        for stream in self.streams:
-            await stream.close()
+        # All at once: each close waits for its server to end the stream, a round trip away.
+        await asyncio.gather(*(stream.close() for stream in self.streams), return_exceptions=True)
         self.streams = []
 
 
