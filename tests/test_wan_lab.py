@@ -93,9 +93,30 @@ def test_corolla_client_pushes_through_a_stock_server_in_the_middle(wan):
     assert servers["s1"].stats().get("pushes_sent", 0) > sent_before
 
 
+def test_stock_petals_client_pushes_through_corolla_servers(wan):
+    """A stock Petals 2.2 client sends next_servers; the Corolla servers push to each other; its check
+    against the local model passes."""
+    lab, servers = wan["lab"], wan["servers"]
+    wan["stock"].stop()  # its route must go through Corolla servers only (the stock one says it is offline)
+    alive = [s for s in servers.values() if s.process.poll() is None]
+    before = sum(s.stats().get("pushes_received", 0) for s in alive)
+    result = run_reference_script(
+        reference_dir() / "client_check.py", str(wan["model"]), wan["boot"].maddr,
+        "--dht_prefix", PREFIX, "--new_tokens", "16",
+        timeout=400, launcher=lab.exec_argv(wan["client"].ns, []),
+    )  # fmt: skip
+    summary = [line for line in result.stdout.splitlines() if line.startswith("SUMMARY ")]
+    assert result.returncode == 0 and summary, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads(summary[-1].removeprefix("SUMMARY "))["ok"]
+    time.sleep(1.5)  # stats files are rewritten every second
+    assert sum(s.stats().get("pushes_received", 0) for s in alive) > before
+
+
 def test_push_and_speculation_survive_a_middle_server_killed_mid_generation(wan):
     """The default client (push on; greedy, so speculative steps on) through the lab chain; the server
-    holding block 2 on its route is SIGKILLed mid-generation: the tokens equal the local model's."""
+    holding block 2 on its route is SIGKILLed mid-generation: the tokens equal the local model's. Last
+    in the module: a killed server's announcement lingers on the DHT (up to 240 s), and stock Petals
+    clients would spend minutes timing out on it."""
     lab, servers = wan["lab"], wan["servers"]
     script = Path(__file__).parent / "support" / "lab_client.py"
     argv = [sys.executable, str(script), str(wan["model"]), PREFIX, wan["boot"].maddr, "--new-tokens", "48"]
@@ -115,22 +136,3 @@ def test_push_and_speculation_survive_a_middle_server_killed_mid_generation(wan)
     assert report["exact"] and report["new_tokens"] == 48, (report, err[-3000:])
     pushed = sum(s.stats().get("pushes_received", 0) for s in servers.values() if s is not middle)
     assert pushed > 0
-
-
-def test_stock_petals_client_pushes_through_corolla_servers(wan):
-    """A stock Petals 2.2 client sends next_servers; the Corolla servers push to each other; its check
-    against the local model passes."""
-    lab, servers = wan["lab"], wan["servers"]
-    wan["stock"].stop()  # its route must go through Corolla servers only (the stock one says it is offline)
-    alive = [s for s in servers.values() if s.process.poll() is None]
-    before = sum(s.stats().get("pushes_received", 0) for s in alive)
-    result = run_reference_script(
-        reference_dir() / "client_check.py", str(wan["model"]), wan["boot"].maddr,
-        "--dht_prefix", PREFIX, "--new_tokens", "16",
-        timeout=400, launcher=lab.exec_argv(wan["client"].ns, []),
-    )  # fmt: skip
-    summary = [line for line in result.stdout.splitlines() if line.startswith("SUMMARY ")]
-    assert result.returncode == 0 and summary, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads(summary[-1].removeprefix("SUMMARY "))["ok"]
-    time.sleep(1.5)  # stats files are rewritten every second
-    assert sum(s.stats().get("pushes_received", 0) for s in alive) > before
