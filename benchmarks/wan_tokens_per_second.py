@@ -72,8 +72,10 @@ PING = (
 )
 
 
-def prefix(servers: int) -> str:
-    return f"tiny-llama-c{servers}-hf"
+def prefix(servers: int, kind: str = "corolla") -> str:
+    """A DHT prefix per chain and per kind of server: the stopped stock servers' announcements linger,
+    and the Corolla client's spot checks would spend time dialling them."""
+    return f"tiny-llama-{kind}{servers}-hf"
 
 
 def port(servers: int) -> int:
@@ -133,7 +135,7 @@ def stock_server(lab, host, work, model, boot, blocks: str, servers: int, index:
         "--announce_maddrs", f"/ip4/{host.ip}/tcp/{port(servers) + 1}", "--no_auto_relay",
     ]  # fmt: skip
     return PetalsServer(
-        work, model, boot.maddr, blocks, prefix(servers), name=f"stock-c{servers}-{index}",
+        work, model, boot.maddr, blocks, prefix(servers, "stock"), name=f"stock-c{servers}-{index}",
         launcher=lab.exec_argv(host.ns, []), network_flags=flags,
     )  # fmt: skip
 
@@ -150,7 +152,7 @@ def run_stock(lab, model, boot, client_host, servers: int, new_tokens: int) -> d
         ROOT / "tests" / "interop" / "petals_generate_speed.py",
         str(model),
         boot.maddr,
-        prefix(servers),
+        prefix(servers, "stock"),
         str(new_tokens),
         timeout=300,
         launcher=lab.exec_argv(client_host.ns, []),
