@@ -22,7 +22,7 @@ proven first: a bare TCP ping-pong through a forwarder against its configured de
 its tokens, the same measure as Petals'; `steady_ms_per_token` is the time between tokens once the
 generation runs. Both are compared with the floor.
 
-Usage (root; the lab needs network namespaces), about 6 minutes with the defaults:
+Usage (root; the lab needs network namespaces), 6.5-7 minutes with the defaults on a loaded 2-core machine:
     unshare -n sh -c 'ip link set lo up && PYTHONPATH=app .venv/bin/python benchmarks/wan_tokens_per_second.py'
 Parts: --chains 3 --variants clean --skip-stock, and so on.
 """
