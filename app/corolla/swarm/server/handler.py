@@ -58,6 +58,7 @@ from corolla.swarm.server.streams import StreamLimits, add_stream_handler
 logger = logging.getLogger(__name__)
 NONE_COMPRESSION = runtime_pb2.CompressionType.NONE
 MAX_SESSION_ID_CHARS = 128
+MAX_PUSH_BYTES = 2 * 1024 * 1024  # p2pd unary payloads (rpc_push) are capped at 2 MiB
 # Single-token steps faster than this run on the event loop itself (a slow device never blocks it long).
 INLINE_MAX_TOKENS = 8
 INLINE_MAX_MS = 2.0
@@ -583,6 +584,8 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         if not next_servers or self.p2p is None or not isinstance(next_servers, (list, tuple)):
             return False
         if len(request.tensors) > 3 or (len(request.tensors) > 1 and _numel(request.tensors[1]) > 0):
+            return False
+        if len(out.buffer) > MAX_PUSH_BYTES:  # a long prompt's output: rpc_push is unary, p2pd would refuse it
             return False
         try:
             peer_b58, next_session, start, end = next_servers[0]
