@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import corolla
+from corolla.swarm import steptrace
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("dht_prefix")
     parser.add_argument("initial_peers", nargs="+")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--modes", default="", help="comma-separated subset of the modes (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     local = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
@@ -46,6 +48,8 @@ def main() -> None:
         ("push_rewrite", "rewrite", True, None),
         ("push_speculative_rewrite", "rewrite", True, 8),
     ]
+    if args.modes:
+        modes = [m for m in modes if m[0] in args.modes.split(",")]
     remote = corolla.AutoDistributedModelForCausalLM.from_pretrained(
         args.model_dir, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, request_timeout=30.0
     )
@@ -61,6 +65,7 @@ def main() -> None:
                 time.sleep(2)
         for mode, prompt_name, push, draft in modes:
             remote.client_config.use_server_to_server = push
+            steptrace.mark("mode", name=mode)  # benchmarks/wan_trace.py splits the trace by mode
             ids = prompts[prompt_name]
             remote.generate(ids, max_new_tokens=4, eos_token_id=[], prompt_lookup_num_tokens=None)  # warm-up
             runs, out = [], None

@@ -1,7 +1,8 @@
 """Push and speculative steps across distance, in the network lab: 3 servers on 3 hosts, 20 ms one
 way per direction into each server (a delaying forwarder in front of each announced address), a
-standby for the middle span on a 4th host, clients on a 5th. One lab for the module (slow: it starts
-a bootstrap and four servers in namespaces).
+standby for the middle span on a 4th host, a stock Petals 2.2 server for the middle span on a 5th,
+clients on a 6th. One lab for the module (slow: it starts a bootstrap and five servers in namespaces,
+all at once).
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lab_swarm import LAB_PORT, CorollaBootstrap, corolla_server
+from tests.support.lab_swarm import LAB_PORT, CorollaBootstrap, corolla_server, run_corolla_client
 from tests.support.netlab import NetLab, lab_unavailable_reason
-from tests.support.swarm import make_reference_model, reference_dir, reference_python, run_reference_script
+from tests.support.swarm import (
+    PetalsServer,
+    make_reference_model,
+    reference_dir,
+    reference_python,
+    run_reference_script,
+)
 
 pytestmark = pytest.mark.slow
 PREFIX = "tiny-llama-hf"
@@ -44,19 +51,76 @@ def wan(tmp_path_factory):
                 lab, host, work, model, "--initial-peers", boot.maddr, "--blocks", blocks, *COMMON,
                 name=name, announce_port=FRONT,
             )  # fmt: skip
+        stock_host = lab.add_public("stock2")
+        lab.forwarder(stock_host, FRONT, LAB_PORT, DELAY_MS)
+        stock = PetalsServer(
+            work, model, boot.maddr, "2:3", PREFIX, name="stock2", launcher=lab.exec_argv(stock_host.ns, []),
+            network_flags=[
+                "--host_maddrs", f"/ip4/127.0.0.1/tcp/{LAB_PORT}",
+                "--announce_maddrs", f"/ip4/{stock_host.ip}/tcp/{FRONT}", "--no_auto_relay",
+            ],
+        )  # fmt: skip
         for server in servers.values():
             server.wait_state("online")
-        yield {"lab": lab, "model": model, "boot": boot, "servers": servers, "client": lab.add_public("client")}
+        stock.wait_started()
+        yield {
+            "lab": lab, "model": model, "boot": boot, "servers": servers, "stock": stock,
+            "client": lab.add_public("client"),
+        }  # fmt: skip
+        stock.stop()
         for server in servers.values():
             server.stop()
 
 
+def corolla_peers(wan) -> list[str]:
+    return [s.peer_id for s in wan["servers"].values() if s.process.poll() is None]
+
+
+def test_corolla_client_pushes_through_a_stock_server_in_the_middle(wan):
+    """Corolla s1, stock Petals 2.2 s2, Corolla s3 (the Corolla middle servers blocked for this client):
+    s1 pushes its output to the stock server, which takes it (2.2 servers accept pushes, never send
+    them); the tokens equal the local model's."""
+    lab, servers = wan["lab"], wan["servers"]
+    sent_before = servers["s1"].stats().get("pushes_sent", 0)
+    blocked = [servers["s2"].peer_id, servers["standby"].peer_id]
+    report = run_corolla_client(
+        lab, wan["client"], wan["model"], PREFIX, [wan["boot"].maddr, "--blocked", *blocked], new_tokens=24
+    )
+    assert report.get("exact") and report["new_tokens"] == 24, report
+    middle = report["route"].split(", ")[1]
+    assert middle.startswith("2:3") and not any(peer[-6:] in middle for peer in blocked), report["route"]
+    time.sleep(1.5)  # stats files are rewritten every second
+    assert servers["s1"].stats().get("pushes_sent", 0) > sent_before
+
+
+def test_stock_petals_client_pushes_through_corolla_servers(wan):
+    """A stock Petals 2.2 client sends next_servers; the Corolla servers push to each other; its check
+    against the local model passes."""
+    lab, servers = wan["lab"], wan["servers"]
+    wan["stock"].stop()  # its route must go through Corolla servers only (the stock one says it is offline)
+    alive = [s for s in servers.values() if s.process.poll() is None]
+    before = sum(s.stats().get("pushes_received", 0) for s in alive)
+    result = run_reference_script(
+        reference_dir() / "client_check.py", str(wan["model"]), wan["boot"].maddr,
+        "--dht_prefix", PREFIX, "--new_tokens", "16",
+        timeout=400, launcher=lab.exec_argv(wan["client"].ns, []),
+    )  # fmt: skip
+    summary = [line for line in result.stdout.splitlines() if line.startswith("SUMMARY ")]
+    assert result.returncode == 0 and summary, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads(summary[-1].removeprefix("SUMMARY "))["ok"]
+    time.sleep(1.5)  # stats files are rewritten every second
+    assert sum(s.stats().get("pushes_received", 0) for s in alive) > before
+
+
 def test_push_and_speculation_survive_a_middle_server_killed_mid_generation(wan):
     """The default client (push on; greedy, so speculative steps on) through the lab chain; the server
-    holding block 2 on its route is SIGKILLed mid-generation: the tokens equal the local model's."""
+    holding block 2 on its route is SIGKILLed mid-generation: the tokens equal the local model's. Last
+    in the module: a killed server's announcement lingers on the DHT (up to 240 s), and stock Petals
+    clients would spend minutes timing out on it."""
     lab, servers = wan["lab"], wan["servers"]
     script = Path(__file__).parent / "support" / "lab_client.py"
     argv = [sys.executable, str(script), str(wan["model"]), PREFIX, wan["boot"].maddr, "--new-tokens", "48"]
+    argv += ["--allowed", *corolla_peers(wan)]  # not the stock server: this test kills a Corolla one
     client = lab.popen(wan["client"], argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = client.stdout.readline()
@@ -72,21 +136,3 @@ def test_push_and_speculation_survive_a_middle_server_killed_mid_generation(wan)
     assert report["exact"] and report["new_tokens"] == 48, (report, err[-3000:])
     pushed = sum(s.stats().get("pushes_received", 0) for s in servers.values() if s is not middle)
     assert pushed > 0
-
-
-def test_stock_petals_client_pushes_through_corolla_servers(wan):
-    """A stock Petals 2.2 client sends next_servers; the Corolla servers push to each other; its check
-    against the local model passes."""
-    lab, servers = wan["lab"], wan["servers"]
-    alive = [s for s in servers.values() if s.process.poll() is None]
-    before = sum(s.stats().get("pushes_received", 0) for s in alive)
-    result = run_reference_script(
-        reference_dir() / "client_check.py", str(wan["model"]), wan["boot"].maddr,
-        "--dht_prefix", PREFIX, "--new_tokens", "16",
-        timeout=400, launcher=lab.exec_argv(wan["client"].ns, []),
-    )  # fmt: skip
-    summary = [line for line in result.stdout.splitlines() if line.startswith("SUMMARY ")]
-    assert result.returncode == 0 and summary, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads(summary[-1].removeprefix("SUMMARY "))["ok"]
-    time.sleep(1.5)  # stats files are rewritten every second
-    assert sum(s.stats().get("pushes_received", 0) for s in alive) > before

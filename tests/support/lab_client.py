@@ -26,6 +26,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--connect-timeout", type=float, default=120.0)
     parser.add_argument("--request-timeout", type=float, default=20.0)
+    parser.add_argument("--blocked", nargs="*", default=[], help="peer ids the client must not route through")
+    parser.add_argument("--allowed", nargs="*", default=None, help="the only peer ids the client may route through")
     parser.add_argument(
         "--until-usable", action="store_true", help="poll until a short generation succeeds; print when (wall clock)"
     )
@@ -49,6 +51,8 @@ def main() -> int:
         dht_prefix=args.dht_prefix,
         request_timeout=args.request_timeout,
         max_retries=12,
+        blocked_servers=args.blocked,
+        allowed_servers=args.allowed,
     )
     try:
         deadline = time.monotonic() + args.connect_timeout

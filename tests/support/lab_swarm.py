@@ -76,15 +76,22 @@ def stock_server(
 
 
 def corolla_server(
-    lab: NetLab, host: Host, workdir: Path, model: Path, *args: str, name: str, announce_port: int | None = None
+    lab: NetLab,
+    host: Host,
+    workdir: Path,
+    model: Path,
+    *args: str,
+    name: str,
+    announce_port: int | None = None,
+    listen_port: int = LAB_PORT,
 ) -> CorollaServer:
-    """`corolla serve` in a lab host, listening on all its interfaces at LAB_PORT (or on loopback behind a
-    delay forwarder at announce_port, which it then announces)."""
+    """`corolla serve` in a lab host, listening on all its interfaces at `listen_port` (or on loopback
+    behind a delay forwarder at announce_port, which it then announces)."""
     if announce_port is None:
-        flags = ["--port", str(LAB_PORT)]
+        flags = ["--port", str(listen_port)]
     else:
         flags = [
-            "--host-maddrs", f"/ip4/127.0.0.1/tcp/{LAB_PORT}",
+            "--host-maddrs", f"/ip4/127.0.0.1/tcp/{listen_port}",
             "--announce-maddrs", f"/ip4/{host.ip}/tcp/{announce_port}",
         ]  # fmt: skip
     return CorollaServer(

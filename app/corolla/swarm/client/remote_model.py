@@ -31,6 +31,7 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from corolla.swarm import steptrace
 from corolla.swarm.client import speculative
 from corolla.swarm.client.autograd import remote_blocks
 from corolla.swarm.client.config import ClientConfig
@@ -546,7 +547,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                             **kwargs,
                         )
                         # Checks still in flight decide whether these tokens stand (bounded wait).
+                        steptrace.mark("settle")
                         self._loop.run(session._session.verifier.settle())
+                        steptrace.mark("settled")
                     break
                 except LiarCaught as caught:
                     if restart == MAX_LIAR_RESTARTS:

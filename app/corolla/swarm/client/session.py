@@ -23,7 +23,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
-from corolla.swarm import protocol
+from corolla.swarm import protocol, steptrace
 from corolla.swarm.client import push
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
 from corolla.swarm.client.verification import SessionVerifier
@@ -67,6 +67,8 @@ class _ServerStream:
     _outbox: asyncio.Queue | None = None
     _responses: object | None = None
     _stepped: bool = False
+    _unread_replies: int = 0  # replies to register() still to be read before the next step's
+    corolla: bool = False  # a Corolla server (announces corolla_version): reads next_servers in any step
 
     @property
     def position(self) -> int:
@@ -84,6 +86,31 @@ class _ServerStream:
 
         stub = protocol.server_stub(view.p2p, PeerID.from_base58(self.segment.peer_id))
         self._responses = await asyncio.wait_for(stub.rpc_inference(requests()), timeout)
+
+    def register(self, batch: int, hidden_size: int) -> None:
+        """Open the session at the server with an empty step (max_length, no tokens) without waiting for
+        its reply, so the route's first real step can already be pushed into it (a server takes pushes
+        only into sessions it knows). Corolla servers only: what a stock server makes of an empty first
+        step is not part of the protocol."""
+        if self._outbox is None or self._stepped:
+            return
+        empty = torch.zeros(batch, 0, hidden_size)
+        metadata = {
+            "session_id": self.session_id,
+            "step_id": str(uuid.uuid4()),
+            "points": 0.0,
+            "args_structure": ARGS_STRUCTURE,
+            "start_from_position": 0,
+            "max_length": self.max_length,
+            "active_adapter": self.adapter,
+        }
+        uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
+        tensors = [serialize_torch_tensor(empty), _DUMMY, _DUMMY_IDS]
+        self._outbox.put_nowait(
+            runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
+        )
+        self._stepped = True
+        self._unread_replies += 1
 
     async def step(
         self,
@@ -106,7 +133,9 @@ class _ServerStream:
         }
         if not self._stepped:
             metadata.update(max_length=self.max_length, active_adapter=self.adapter)
-        elif extras.next_servers:
+        # Not in a stock server's first step: Petals 2.1-2.3.0.dev1 would keep pushing every later step
+        # to the chain named there, stale after a failover.
+        if extras.next_servers and (self._stepped or self.corolla):
             metadata["next_servers"] = extras.next_servers
         if extras.upstream:
             metadata["corolla_upstream"] = extras.upstream
@@ -119,12 +148,17 @@ class _ServerStream:
             tensors.append(serialize_torch_tensor(extras.mask))
         request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
         self._outbox.put_nowait(request)
+        steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])
         self._stepped = True
         try:
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
+                while self._unread_replies:  # register()'s reply came long ago; it carries nothing
+                    await anext(self._responses)
+                    self._unread_replies -= 1
                 response = await anext(self._responses)
         except StopAsyncIteration as exc:
             raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
+        steptrace.mark("client_reply", step=step_id, server=self.segment.peer_id[-6:])
         output = deserialize_torch_tensor(response.tensors[0])
         if output.shape != inputs.shape:
             raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")
@@ -182,20 +216,30 @@ class InferenceSession:
         return describe_route(self.route)
 
     async def _open_segments(self, segments: list[RouteSegment]) -> list[_ServerStream]:
-        streams = []
-        for segment in segments:
-            stream = _ServerStream(segment, self.view.dht_prefix, self.max_length, self.adapter)
-            try:
-                await stream.open(self.view, self.view.config.connect_timeout)
-            except Exception as exc:
-                for opened in streams:
-                    await opened.close()
-                self.view.ban(segment.peer_id)
-                raise ServerFailure(f"could not open a session with server …{segment.peer_id[-6:]}: {exc}") from exc
-            streams.append(stream)
+        """One session per segment, opened all at once (each open may cost a round trip to its server)."""
+        streams = [_ServerStream(s, self.view.dht_prefix, self.max_length, self.adapter) for s in segments]
+        for stream in streams:
+            span = self.view.spans.get(stream.segment.peer_id)
+            stream.corolla = span is not None and bool(span.server_info.extra.get("corolla_version"))
+        results = await asyncio.gather(
+            *(stream.open(self.view, self.view.config.connect_timeout) for stream in streams), return_exceptions=True
+        )
+        failed = [(stream, r) for stream, r in zip(streams, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            for stream, result in zip(streams, results, strict=True):
+                if not isinstance(result, BaseException):
+                    await stream.close()
+            for stream, _ in failed:
+                self.view.ban(stream.segment.peer_id)
+            stream, exc = failed[0]
+            if not isinstance(exc, Exception):
+                raise exc
+            peer = stream.segment.peer_id[-6:]
+            raise ServerFailure(f"could not open a session with server …{peer}: {exc}") from exc
         return streams
 
     async def _start(self, batch: int) -> None:
+        steptrace.mark("session_start")
         config = self.view.config
         for attempt in range(config.max_retries + 1):
             try:
@@ -225,6 +269,7 @@ class InferenceSession:
                 if attempt == config.max_retries:
                     raise ServerFailure(f"could not open an inference session: {exc}") from exc
         self._started = True
+        steptrace.mark("session_opened")
         logger.info("route: %s", self.describe())
 
     async def rollback(self, position: int) -> None:
@@ -266,6 +311,14 @@ class InferenceSession:
         if self.position == 0:
             self.padded = has_padding
         return attention_mask.to(torch.int64) if self.padded else None
+
+    def _register_downstream(self, batch: int, hidden_size: int) -> None:
+        """Open every Corolla server's session after the first one before the first step, so that step is
+        pushed along the chain too (else it costs a client round trip per server, as without push)."""
+        for stream in self.streams[1:]:
+            if not stream.corolla:
+                return  # the push chain stops at the first session that is not open (push.next_servers)
+            stream.register(batch, hidden_size)
 
     def _check_padding_support(self) -> None:
         spans = self.view.spans
@@ -310,6 +363,8 @@ class InferenceSession:
         pushing = self.view.config.use_server_to_server and push.can_push(
             has_prompts=self.prompts is not None, padded=mask is not None, reorders=hypo_ids is not None
         )
+        if pushing and self.position == 0:
+            self._register_downstream(hidden.shape[0], hidden.shape[2])
         index = 0
         while index < len(self.streams):
             stream = self.streams[index]
@@ -422,9 +477,11 @@ class InferenceSession:
 
     async def close(self) -> None:
         self.verifier.cancel()
-        for stream in self.streams:
-            await stream.close()
+        steptrace.mark("session_close")
+        # All at once: each close waits for its server to end the stream, a round trip away.
+        await asyncio.gather(*(stream.close() for stream in self.streams), return_exceptions=True)
         self.streams = []
+        steptrace.mark("session_closed")
 
 
 def server_refusal(exc: BaseException) -> str | None:

@@ -32,7 +32,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from corolla.swarm import protocol
+from corolla.swarm import protocol, steptrace
 from corolla.swarm.models.cache import SessionCache
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
@@ -58,6 +58,7 @@ from corolla.swarm.server.streams import StreamLimits, add_stream_handler
 logger = logging.getLogger(__name__)
 NONE_COMPRESSION = runtime_pb2.CompressionType.NONE
 MAX_SESSION_ID_CHARS = 128
+MAX_PUSH_BYTES = 2 * 1024 * 1024  # p2pd unary payloads (rpc_push) are capped at 2 MiB
 # Single-token steps faster than this run on the event loop itself (a slow device never blocks it long).
 INLINE_MAX_TOKENS = 8
 INLINE_MAX_MS = 2.0
@@ -530,16 +531,26 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 if step_id is not None and (not isinstance(step_id, str) or len(step_id) > MAX_SESSION_ID_CHARS):
                     raise BadRequest("step_id must be a string of at most 128 characters")
                 if step_id is None or step_id not in processed_steps:  # a duplicate step gets no reply
+                    steptrace.mark("step_start", step=step_id, pushed=metadata.get("pushed") is True)
                     out = await self._inference_step(span, cache, request, metadata, first_metadata, batch, max_length)
-                    response = runtime_pb2.ExpertResponse(tensors=[serialize(out)])
+                    steptrace.mark("computed", step=step_id)
+                    serialized = serialize(out)
+                    # The push first: it is on the chain's critical path, while the client reads this
+                    # reply only after the previous servers' ones (and needs it only to fail over).
+                    if self._maybe_push(serialized, request, metadata):
+                        await asyncio.sleep(0)  # let the push task hand its bytes to p2pd before the reply
+                    response = runtime_pb2.ExpertResponse(tensors=[serialized])
                     self.stats.bytes_out += response.ByteSize()
                     yield response
+                    steptrace.mark("replied", step=step_id)
                     if isinstance(step_id, str):
                         processed_steps.add(step_id)
-                    self._maybe_push(out, request, metadata)
                     if metadata.get("pushed") is True:
                         self.stats.steps_from_pushes += 1
                 request = await inputs.next(self.limits.step_timeout)
+                if request is not None and steptrace.enabled():
+                    step = decode_metadata(request.metadata).get("step_id")
+                    steptrace.mark("input", pushed=inputs.last_was_pushed, step=step)
                 if request is not None:
                     self.stats.bytes_in += request.ByteSize()
                     metadata = decode_metadata(request.metadata)
@@ -599,17 +610,20 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         return out
 
     # --- server-to-server pushes ---------------------------------------------------------------------
-    def _maybe_push(self, out: torch.Tensor, request, metadata: dict) -> None:
+    def _maybe_push(self, out: runtime_pb2.Tensor, request, metadata: dict) -> bool:
         """Send this step's output to the next server of the chain when the step names one.
 
         The pushed copy carries this step's own trailing tensors (Petals' servers send the first
         request's, which is wrong for a step that reorders beams); a step with deep prompts or a padding
-        mask is never pushed, as in Petals (those are per span, the next server needs its own)."""
+        mask is never pushed, as in Petals (those are per span, the next server needs its own). `out` is
+        the serialized output; returns whether a push was started."""
         next_servers = metadata.get("next_servers")
         if not next_servers or self.p2p is None or not isinstance(next_servers, (list, tuple)):
-            return
+            return False
         if len(request.tensors) > 3 or (len(request.tensors) > 1 and _numel(request.tensors[1]) > 0):
-            return
+            return False
+        if len(out.buffer) > MAX_PUSH_BYTES:  # a long prompt's output: rpc_push is unary, p2pd would refuse it
+            return False
         try:
             peer_b58, next_session, start, end = next_servers[0]
             if not isinstance(next_session, str) or len(next_session) > MAX_SESSION_ID_CHARS:
@@ -630,21 +644,24 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 "pushed": True,
             }
             request = runtime_pb2.ExpertRequest(
-                uid=uid, tensors=[serialize(out), *request.tensors[1:]], metadata=MSGPackSerializer.dumps(push_metadata)
+                uid=uid, tensors=[out, *request.tensors[1:]], metadata=MSGPackSerializer.dumps(push_metadata)
             )
             peer = PeerID.from_base58(peer_b58)
         except Exception as exc:  # a malformed next_servers entry only disables the optimisation
             logger.debug("not pushing: %s", protocol.shorten(str(exc)))
-            return
+            return False
         self.stats.pushes_sent += 1
         task = asyncio.create_task(self._push(peer, request))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return True
 
     async def _push(self, peer: PeerID, request: runtime_pb2.ExpertRequest) -> None:
         try:
             stub = self.get_stub(self.p2p, peer)
+            steptrace.mark("push_send")
             await stub.rpc_push(request, timeout=self.limits.request_timeout)
+            steptrace.mark("push_acked")
         except Exception as exc:
             logger.debug("push to %s failed: %s", peer, protocol.shorten(str(exc)))
 
@@ -654,6 +671,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         pusher per session: the upstream server the client names, else the first peer that pushes to it."""
         try:
             metadata = decode_metadata(request.metadata)
+            steptrace.mark("push_received", step=metadata.get("step_id"))
             self._chain(request.uid)
             session_id = metadata.get("session_id")
             session = self.sessions.get(session_id) if isinstance(session_id, str) else None

@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from corolla import __version__
-from corolla.swarm import protocol
+from corolla.swarm import protocol, steptrace
 from corolla.swarm.dht_records import compute_spans, declare_blocks, declare_model, get_module_infos
 from corolla.swarm.models import LoadOptions, load_span, open_checkpoint, resolve_dht_prefix
 from corolla.swarm.models.devices import (
@@ -186,6 +186,7 @@ class BlockServer:
         self._reachability_watch = asyncio.create_task(self._watch_reachability(main_p2p))
         self.peer_id = self.dht.peer_id.to_base58()
         self.stats.peer_id = self.peer_id
+        steptrace.set_role(f"server-{self.peer_id[-6:]}")
         self.stats.visible_maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         self._set_state("joining", "measuring throughput")
         self.throughput = await asyncio.to_thread(self._get_throughput)

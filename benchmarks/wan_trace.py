@@ -1,0 +1,85 @@
+"""Reads the step traces (corolla.swarm.steptrace) of one benchmark client run and its servers.
+
+All lab hosts share the machine's wall clock, so the client's and the servers' events of one step
+(same `step_id`) line up. What comes out is what the network floor needs from "compute measured in
+the run" and the measured steady time per token:
+- `server_compute_ms`: per chain position, the median time from a step's start to its output;
+- `client_gap_ms`: the median time from the last server's reply to the client's next send (the
+  client's own work between tokens: final norm, lm_head, choosing the token, the next embedding);
+- `steady_ms_per_token`: the median time between the first sends of consecutive steps (one token
+  each without speculation): the per-token time once a generation runs, without the session's
+  opening and closing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def _events(folder: Path) -> list[dict]:
+    events = []
+    for path in Path(folder).glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a killed process
+    return sorted(events, key=lambda e: e["t"])
+
+
+def _mode_events(events: list[dict], mode: str) -> list[dict]:
+    """The client's events between its `mode` marker and the next marker (benchmarks/wan_client.py)."""
+    inside, kept = False, []
+    for event in events:
+        if event["event"] == "mode":
+            inside = event.get("name") == mode
+        elif inside and event["event"] in ("client_send", "client_reply"):
+            kept.append(event)
+    return kept
+
+
+def summarize(client_dir: Path, server_dir: Path, mode: str = "push") -> dict:
+    client = _mode_events(_events(client_dir), mode)
+    steps = {e["step"] for e in client}
+    by_step: dict[str, list[dict]] = defaultdict(list)
+    for event in _events(server_dir):
+        if event.get("step") in steps:
+            by_step[event["step"]].append(event)
+    pushed = {step for step, events in by_step.items() if any(e["event"] == "push_received" for e in events)}
+
+    # Chain position of each server, from the order the client sends to them.
+    order: list[str] = []
+    for event in client:
+        if event["event"] == "client_send" and event["server"] not in order:
+            order.append(event["server"])
+    compute: dict[str, list[float]] = defaultdict(list)
+    for events in by_step.values():
+        started = {}
+        for event in events:
+            if event["event"] == "step_start":
+                started[event["who"]] = event["t"]
+            elif event["event"] == "computed" and event["who"] in started:
+                compute[event["who"][-6:]].append(1000 * (event["t"] - started.pop(event["who"])))
+
+    gaps, firsts = [], []
+    for before, after in itertools.pairwise(client):
+        if before["event"] == "client_reply" and after["event"] == "client_send" and before["step"] != after["step"]:
+            gaps.append(1000 * (after["t"] - before["t"]))
+    seen = set()
+    for event in client:
+        if event["event"] == "client_send" and event["step"] not in seen:
+            seen.add(event["step"])
+            firsts.append((event["step"], event["t"]))
+    # The median skips the few intervals that span a generation's end and the next one's start.
+    steady = [1000 * (t2 - t1) for (_, t1), (_, t2) in itertools.pairwise(firsts)]
+    server_compute = [round(statistics.median(compute[s]), 2) if compute.get(s) else None for s in order]
+    return {
+        "server_compute_ms": server_compute,
+        "client_gap_ms": round(statistics.median(gaps), 2) if gaps else None,
+        "steady_ms_per_token": round(statistics.median(steady), 1) if steady else None,
+        "pushed_steps": len(pushed),
+    }
