@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-INTERNET = "10.77.0"
+INTERNET = os.environ.get("COROLLA_LAB_INTERNET", "10.77.0")
 NETNS_DIR = Path("/run/netns")
 _PREFIX = "cl"
 

@@ -597,4 +597,5 @@ def _reachability(stats: dict) -> m.Reachability:
         using_relay=bool(stats.get("using_relay")),
         relay_addrs=[str(a) for a in found.get("relay_addrs", [])],
         checked_at=found.get("checked_at"),
+        relay_proven_at=found.get("relay_proven_at"),
     )

@@ -192,12 +192,15 @@ class Reachability:
     advice: str
     relay_addrs: list[str]
     checked_at: float
+    relay_proven_at: float | None = None  # when a stranger last reached this computer through a relay
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def describe(state: str, port: int | None, relay_addrs: Sequence[str] = ()) -> Reachability:
+def describe(
+    state: str, port: int | None, relay_addrs: Sequence[str] = (), relay_proven_at: float | None = None
+) -> Reachability:
     forward = (
         f"Forward TCP port {port} on your router to this computer"
         if port
@@ -224,7 +227,7 @@ def describe(state: str, port: int | None, relay_addrs: Sequence[str] = ()) -> R
         ),
     }
     summary, advice = texts[state]
-    return Reachability(state, summary, advice, list(relay_addrs), time.time())
+    return Reachability(state, summary, advice, list(relay_addrs), time.time(), relay_proven_at)
 
 
 def _is_loopback(maddr: str) -> bool:
@@ -299,16 +302,74 @@ async def plan_network(
     return NetworkPlan("relay", True, True, "private", relays, circuit_addresses(relays), answers)
 
 
-async def relay_state(p2p: P2P, relays: Sequence[str]) -> tuple[str, list[str]]:
-    """("relay", circuit addresses through the relays it is connected to) or ("unreachable", []).
+RELAY_PROOF_TIMEOUT = 20.0  # one dial through one relay, including the relay's hop to us
+RELAY_PROOF_TTL = 300.0  # a proven relay is proven again after this long (reservations expire, relays restart)
+RELAY_RETRY_S = 10.0  # after a failed proof (the reservation may still be on its way)
+PROOF_DAEMON_OPTIONS = dict(
+    dht_mode="client", use_relay=True, auto_nat=False, nat_port_map=False, no_listen=True, startup_timeout=10
+)
 
-    A live connection to a relay is the evidence, not a proven reservation: libp2p may hold a connection
-    without a reservation for a while (see the report of issue 15).
-    """
-    from corolla.swarm.relays import circuit_addresses, relay_peer_ids
+
+async def connected_relays(p2p: P2P, relays: Sequence[str]) -> list[str]:
+    """The relays (maddrs with /p2p/ID) this peer holds a live connection to."""
+    from corolla.swarm.relays import relay_peer_ids
 
     connected = {str(info.peer_id) for info in await asyncio.wait_for(p2p.list_peers(), 10.0)}
-    live = [relay for relay, peer in zip(relays, relay_peer_ids(relays), strict=True) if peer in connected]
-    if not live:
-        return "unreachable", []
-    return "relay", [f"{addr}/p2p/{p2p.peer_id}" for addr in circuit_addresses(live)]
+    return [relay for relay, peer in zip(relays, relay_peer_ids(relays), strict=True) if peer in connected]
+
+
+async def prove_relayed(p2p: P2P, relays: Sequence[str], timeout: float = RELAY_PROOF_TIMEOUT) -> list[str]:
+    """The relays through which a stranger really reached this peer, end to end.
+
+    A fresh peer that knows no address of ours but `<relay>/p2p-circuit` dials our PeerID there. The dial
+    completes only if the relay holds our reservation and forwards the connection to us, and the security
+    handshake with our key ran through it. (Once connected, libp2p may add a direct connection by hole
+    punching, which is why the dialler is told nothing else: the first connection can only be the relayed
+    one.) A live connection to a relay proves none of that: a relay may refuse reservations, or lose them.
+    """
+    from corolla.swarm.relays import circuit_multiaddr
+
+    proven: list[str] = []
+    for relay in relays:  # a fresh dialler each time: an earlier one has learnt our direct addresses
+        probe = await P2P.create(**PROOF_DAEMON_OPTIONS)
+        try:
+            # hivemind has no public "connect"; its daemon client does
+            await asyncio.wait_for(probe._client.connect(p2p.peer_id, [circuit_multiaddr(relay)]), timeout)
+            proven.append(relay)
+        except Exception as error:
+            logger.info("no relayed connection through %s yet: %s", relay, str(error)[:200])
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.shutdown()
+    return proven
+
+
+@dataclass
+class RelayProof:
+    """What a relayed server knows about its relays: which were proven, and when it last tried."""
+
+    proven: list[str]
+    proven_at: float | None  # when the proof was made (or tried, if nothing was proven)
+    tried: list[str]  # the relays connected when it was made (a new or lost one calls for a new proof)
+
+    def fresh(self, live: Sequence[str], now: float) -> bool:
+        ttl = RELAY_PROOF_TTL if self.proven else RELAY_RETRY_S  # a failed proof is retried soon
+        return self.proven_at is not None and now - self.proven_at < ttl and set(self.tried) == set(live)
+
+
+async def relay_state(p2p: P2P, relays: Sequence[str], proof: RelayProof | None = None) -> tuple[str, RelayProof]:
+    """("relay", proof) once a stranger reached this peer through a relay it is connected to, else
+    ("unreachable", proof with nothing proven). A recent proof is kept while its relays stay connected."""
+    live = await connected_relays(p2p, relays)
+    now = time.time()
+    if proof is not None and proof.fresh(live, now):
+        return ("relay" if proof.proven else "unreachable"), proof
+    proven = await prove_relayed(p2p, live) if live else []
+    return ("relay" if proven else "unreachable"), RelayProof(proven, now, list(live))
+
+
+def relayed_addresses(p2p: P2P, relays: Sequence[str]) -> list[str]:
+    """The full circuit addresses of this peer through `relays`, as others dial them."""
+    from corolla.swarm.relays import circuit_addresses
+
+    return [f"{addr}/p2p/{p2p.peer_id}" for addr in circuit_addresses(relays)]

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 _patched = False
 
@@ -64,3 +65,24 @@ def circuit_addresses(relays: Sequence[str]) -> list[str]:
 
 def relay_peer_ids(relays: Sequence[str]) -> list[str]:
     return [relay.rsplit("/p2p/", 1)[1].strip("/") for relay in relays if "/p2p/" in relay]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def circuit_multiaddr(relay: str) -> Multiaddr:
+    """`<relay>/p2p-circuit` as a Multiaddr p2pd accepts (for dialling a peer through that relay).
+
+    hivemind's Python multiaddr encodes a /p2p/ value as a CID, which p2pd's Go parser rejects, so the
+    binary form is written here: /p2p/ is code 421 with the raw multihash, /p2p-circuit is code 290.
+    """
+    address, peer = relay.rstrip("/").removesuffix("/p2p-circuit").rsplit("/p2p/", 1)
+    peer_bytes = PeerID.from_base58(peer).to_bytes()
+    raw = Multiaddr(address).to_bytes() + _varint(421) + _varint(len(peer_bytes)) + peer_bytes + _varint(290)
+    return Multiaddr(raw)

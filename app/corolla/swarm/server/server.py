@@ -37,7 +37,16 @@ from corolla.swarm.models.loading import estimate_memory
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.peers import start_dht
 from corolla.swarm.protocol import ServerInfo, ServerState
-from corolla.swarm.reachability import NetworkPlan, ReachabilityProtocol, describe, plan_network, port_of, relay_state
+from corolla.swarm.reachability import (
+    NetworkPlan,
+    ReachabilityProtocol,
+    RelayProof,
+    describe,
+    plan_network,
+    port_of,
+    relay_state,
+    relayed_addresses,
+)
 from corolla.swarm.server.adapters import check_adapter_folders, load_adapters
 from corolla.swarm.server.block_selection import choose_best_blocks, should_choose_other_blocks
 from corolla.swarm.server.config import PARENT_PID_ENV, ServerConfig
@@ -439,22 +448,26 @@ class BlockServer:
         self._stop.set()
 
     # --- reachability ------------------------------------------------------------------------------
-    def _set_reachability(self, state: str, relay_addrs: list[str] = ()) -> None:
+    def _set_reachability(self, state: str, relay_addrs: list[str] = (), proven_at: float | None = None) -> None:
         port = port_of(self.config.host_maddrs)
-        self.stats.reachability = describe(state, port, relay_addrs).to_dict()
+        self.stats.reachability = describe(state, port, relay_addrs, proven_at).to_dict()
 
     async def _watch_reachability(self, p2p) -> None:
-        """A relayed server says whether it holds a relay right now (relays come and go)."""
+        """A relayed server says "relay" only while a stranger has really reached it through one: each
+        relay it is connected to is proven by a dial through it (relay_state), again when relays come
+        or go, and every few minutes."""
         if self.network is None or not self.network.trusted_relays:
             return
+        proof: RelayProof | None = None
         while True:
             with contextlib.suppress(Exception):
-                state, addrs = await relay_state(p2p, self.network.trusted_relays)
+                state, proof = await relay_state(p2p, self.network.trusted_relays, proof)
+                addrs = relayed_addresses(p2p, proof.proven)
                 if state != self.stats.reachability.get("state") or addrs != self.stats.reachability.get("relay_addrs"):
                     logger.info("reachability: %s %s", state, " ".join(addrs))
-                    self._set_reachability(state, addrs)
-            # quickly while looking for a relay, then a light check now and then
-            await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 4.0)
+                    self._set_reachability(state, addrs, proof.proven_at if proof.proven else None)
+            # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
+            await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 5.0)
 
     # --- stats -------------------------------------------------------------------------------------
     def _set_state(self, state: str, reason: str) -> None:
