@@ -3,9 +3,11 @@
 What we measured in the network lab (tests/support/netlab.py) and why each option is here:
 - A relay serves reservations only once libp2p believes it is publicly reachable, and a NAT'd peer
   looks for a relay only once libp2p believes it is private. libp2p learns both from AutoNAT, whose
-  servers never dial back private addresses, so on a private internet (the lab, a company network,
-  a private swarm on a LAN) neither ever happens. Corolla asks its own reachability check instead
-  (reachability.py) and tells p2pd the answer: `force_reachability` "public" or "private".
+  servers never dial back private addresses, so on a private internet (a company network, a private
+  swarm on a LAN, the lab when built on 10.77.0.0/24) neither ever happens. Corolla asks its own
+  reachability check instead (reachability.py) and tells p2pd the answer: `force_reachability`
+  "public" or "private". (On a public-looking internet, the lab's default, stock Petals servers'
+  AutoNAT does work: tests/test_netlab.py runs a stock server behind NAT.)
 - With relay discovery on (p2pd's default; hivemind has no switch for it), autorelay waits until it
   knows four relay candidates or three minutes have passed. A server that knows its relays (its
   initial peers) uses them at once: `trusted_relays` switches discovery off (see `_static_relays`).

@@ -195,7 +195,7 @@ class BlockServer:
         self._reachability_watch = asyncio.create_task(self._watch_reachability(main_p2p))
         self.peer_id = self.dht.peer_id.to_base58()
         self.stats.peer_id = self.peer_id
-        self.stats.visible_maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        self.stats.visible_maddrs = await self._visible_maddrs(main_p2p, network)
         self._set_state("joining", "measuring throughput")
         self.throughput = await asyncio.to_thread(self._get_throughput)
         while not self._stop.is_set():
@@ -446,6 +446,16 @@ class BlockServer:
             await asyncio.sleep(1.0)
         logger.warning("the process that started this server is gone; stopping")
         self._stop.set()
+
+    async def _visible_maddrs(self, p2p, network: NetworkPlan) -> list[str]:
+        """The addresses libp2p shows others (printed, and in the stats). Behind NAT with relays on public
+        addresses it may show none for a while: its auto-relay replaces every public address (our
+        announced circuit addresses too) by circuit addresses of the relays it holds reservations on,
+        which it reports late. Nothing waits for that: the planned circuit addresses stand in."""
+        try:
+            return [str(m) for m in await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), 10.0)]
+        except ValueError:  # hivemind: "No multiaddrs found"
+            return [f"{maddr}/p2p/{self.peer_id}" for maddr in network.announce_maddrs]
 
     # --- reachability ------------------------------------------------------------------------------
     def _set_reachability(self, state: str, relay_addrs: list[str] = (), proven_at: float | None = None) -> None:
