@@ -15,8 +15,10 @@ Petals does.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,7 +32,10 @@ logger = logging.getLogger(__name__)
 
 SELF_CHECK_TIMEOUT = 5.0  # Petals' timeouts: asking a peer about itself, and about someone else
 OTHER_CHECK_TIMEOUT = 10.0
-CHECK_BUDGET = 9.0  # starting our probe and dialling the peer we were asked about: inside the asker's 10 s
+CHECK_BUDGET = 5.0  # starting our probe and dialling the peer we were asked about (inside the asker's 10 s).
+# A dial to a dialable peer takes a few round trips (well under 2 s even at 300 ms); a NAT drops the
+# SYN silently, so "not dialable" is only known when this runs out: it sets how long a NAT'd server
+# waits for its answer. A peer misjudged as not dialable still works, through a relay.
 MAX_PEERS_ASKED = 5
 MAX_CONCURRENT_PROBES = 4
 PROBES_PER_ASKER_PER_MINUTE = 6  # every check makes us dial someone: a hostile peer must not use us as a cannon
@@ -300,6 +305,39 @@ async def plan_network(
     if not use_relay or not relays:
         return NetworkPlan("unreachable", True, False, "private" if use_relay else None, [], [], answers)
     return NetworkPlan("relay", True, True, "private", relays, circuit_addresses(relays), answers)
+
+
+class PlanInBackground:
+    """`plan_network` in a thread of its own, started before the heavy imports and the model's opening:
+    a NAT'd server's answer takes seconds (a NAT drops the probes silently), which then overlap them."""
+
+    def __init__(self, **kwargs) -> None:
+        self._future: concurrent.futures.Future[NetworkPlan] = concurrent.futures.Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        threading.Thread(target=self._run, args=(kwargs,), name="corolla-reachability", daemon=True).start()
+
+    def _run(self, kwargs: dict) -> None:
+        async def plan() -> NetworkPlan:
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            return await plan_network(**kwargs)
+
+        try:
+            self._future.set_result(asyncio.run(plan()))
+        except BaseException as error:  # handed to whoever awaits the plan
+            self._future.set_exception(error)
+
+    async def result(self) -> NetworkPlan:
+        return await asyncio.wrap_future(self._future)
+
+    def cancel(self, timeout: float = 15.0) -> None:
+        """Stop a check still running and wait until its temporary daemon is gone (no orphan p2pd)."""
+        if self._future.done():
+            return
+        if self._loop is not None and self._task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop just closed
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        concurrent.futures.wait([self._future], timeout)
 
 
 RELAY_PROOF_TIMEOUT = 20.0  # one dial through one relay, including the relay's hop to us

@@ -39,6 +39,7 @@ from corolla.swarm.peers import start_dht
 from corolla.swarm.protocol import ServerInfo, ServerState
 from corolla.swarm.reachability import (
     NetworkPlan,
+    PlanInBackground,
     ReachabilityProtocol,
     RelayProof,
     describe,
@@ -74,8 +75,9 @@ def expected_parent_pid() -> int:
 
 
 class BlockServer:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, early_plan: PlanInBackground | None = None):
         self.config = config
+        self._early_plan = early_plan  # the reachability check, if the caller started it already
         self.stats = ServerStats(model=config.model)
         self.checkpoint = open_checkpoint(
             config.model, token=config.token, revision=config.revision, cache_dir=config.cache_dir
@@ -120,6 +122,8 @@ class BlockServer:
         try:
             return asyncio.run(self._main())
         finally:
+            if self._early_plan is not None:
+                self._early_plan.cancel()  # stopped while still checking: its daemon goes too
             if self.dht is not None:
                 self.dht.shutdown()  # bounded: in order if it answers, else killed with p2pd
 
@@ -162,14 +166,10 @@ class BlockServer:
         check_adapter_folders(self.config.adapters)
         self._set_state("joining", "checking whether other peers can reach this computer")
         self._set_reachability("checking")
-        self.network = network = await plan_network(
-            self.config.initial_peers,
-            self.config.host_maddrs,
-            self.config.announce_maddrs,
-            self.config.identity_path,
-            mode=self.config.reachability,
-            use_relay=self.config.use_relay,
-        )
+        if self._early_plan is not None:
+            self.network = network = await self._early_plan.result()
+        else:
+            self.network = network = await plan_network(**network_plan_arguments(self.config))
         self._set_state("joining", "starting the DHT")
         # In a thread: a signal during a slow join (unreachable peers) is handled at once.
         self.dht = await asyncio.to_thread(
@@ -506,9 +506,27 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
-def serve(config: ServerConfig) -> int:
+def network_plan_arguments(config: ServerConfig) -> dict:
+    """What `plan_network` needs from a server's configuration."""
+    return dict(
+        initial_peers=config.initial_peers,
+        host_maddrs=config.host_maddrs,
+        announce_maddrs=config.announce_maddrs,
+        identity_path=config.identity_path,
+        mode=config.reachability,
+        use_relay=config.use_relay,
+    )
+
+
+def serve(config: ServerConfig, early_plan: PlanInBackground | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code = BlockServer(config).run()
+    try:
+        server = BlockServer(config, early_plan)
+    except BaseException:
+        if early_plan is not None:
+            early_plan.cancel()  # e.g. the model cannot be opened: no check left running
+        raise
+    code = server.run()
     # Everything is cleaned up (OFFLINE said, DHT and p2pd gone, stats written). Leave now: a thread
     # still loading weights when a signal came would hold the interpreter's exit until it finished,
     # and finalizing torch and hivemind objects takes seconds more (measured: ~6 s of garbage
