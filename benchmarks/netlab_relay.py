@@ -13,7 +13,7 @@
    `--delay-ms` puts a delaying forwarder in front of every public peer's address (bootstrap/relay and
    the first server), so both paths see the same per-link delay.
 
-Usage (root; the lab needs network namespaces and iptables):
+Usage (root; the lab needs network namespaces and iptables; about 4 minutes on 2 loaded cores):
     unshare -n sh -c 'ip link set lo up && PYTHONPATH=app .venv/bin/python benchmarks/netlab_relay.py'
 """
 
