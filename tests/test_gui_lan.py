@@ -87,3 +87,56 @@ def test_a_node_without_lan_discovery_leaves_the_invite_field_working(qtbot):
         assert dialog.invite.isVisible() and "lan_discovery" not in dialog._changes()
     finally:
         server.shutdown()
+
+
+def test_the_discovery_switch_is_not_offered_with_the_public_swarm(qtbot, node):
+    """The public swarm has nothing on the LAN to find or announce: no switch, and saving it turns
+    discovery off (the node also keeps it off there)."""
+    before = node.get("/api/settings").json()
+    node.put("/api/settings", json={**before, "swarm": "private", "lan_discovery": True}).raise_for_status()
+    dialog = SettingsDialog(NodeClient(node.url, node.token))
+    qtbot.addWidget(dialog)
+    dialog.show()
+    qtbot.waitUntil(lambda: dialog.settings is not None, timeout=20_000)
+    assert dialog.lan_discovery.isVisible() and dialog.lan_discovery.isChecked()
+    dialog.public.setChecked(True)
+    assert not dialog.lan_discovery.isVisible()
+    assert dialog._changes()["lan_discovery"] is False
+    dialog.custom.setChecked(True)
+    assert dialog.lan_discovery.isVisible()  # back where it means something
+    dialog.public.setChecked(True)
+    with qtbot.waitSignal(dialog.accepted, timeout=20_000):
+        dialog.save()
+    saved = node.get("/api/settings").json()
+    assert saved["swarm"] == "public" and saved["lan_discovery"] is False
+    # A node told otherwise (an API client, an old settings file) still neither listens nor announces.
+    node.put("/api/settings", json={**saved, "lan_discovery": True}).raise_for_status()
+    lan = node.get("/api/lan/swarms").json()
+    assert lan["enabled"] is False and lan["swarms"] == [] and "public" in lan["not_announced_because"]
+    node.put("/api/settings", json=before).raise_for_status()
+
+
+def test_joining_a_swarm_takes_its_model(node):
+    """An invite (pasted, or a neighbour's LAN announcement) names the swarm's model: joining serves it."""
+    from corolla.node.settings import make_invite
+
+    peers = ["/ip4/192.168.7.10/tcp/4100/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"]
+    before = node.get("/api/settings").json()
+    assert before["model"] is None  # the built-in model, as a fresh node has it
+    demo_name = node.get("/api/status").json()["model_card"]["name"]
+    joined = node.post(
+        "/api/settings/join", json={"invite": make_invite(peers, "their-prefix", "their-org/Their-Model")}
+    )
+    assert joined.status_code == 200, joined.text
+    settings = node.get("/api/settings").json()
+    assert settings["model"] == "their-org/Their-Model" and settings["dht_prefix"] == "their-prefix"
+    assert settings["swarm"] == "custom" and settings["custom_peers"] == peers
+    # The built-in model, named as a neighbour's node announces it: back to the built-in model.
+    node.post("/api/settings/join", json={"invite": make_invite(peers, "p", demo_name)}).raise_for_status()
+    assert node.get("/api/settings").json()["model"] is None
+    # A folder on the neighbour's computer cannot be served from here: a clear error, nothing changed.
+    current = node.get("/api/settings").json()
+    refused = node.post("/api/settings/join", json={"invite": make_invite(peers, "p", "/home/bob/models/secret")})
+    assert refused.status_code == 400 and "copy that folder" in refused.text, refused.text
+    assert node.get("/api/settings").json() == current
+    node.put("/api/settings", json=before).raise_for_status()

@@ -155,7 +155,7 @@ def test_node_is_silent_until_discovery_is_on_then_lists_and_joins_a_neighbours_
         assert report["accepted"] and not report["error"], report
         joined = node.request("GET", "/api/settings")
         assert joined["swarm"] == "custom" and joined["custom_peers"] == maddrs
-        assert joined["dht_prefix"] == "bob-prefix"
+        assert joined["dht_prefix"] == "bob-prefix" and joined["model"] == "tiny-llama"  # the swarm's model too
     finally:
         node.stop()
 

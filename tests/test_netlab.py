@@ -7,6 +7,7 @@ NAT in home 1 for k:n, and clients in home 2. Every peer runs with NAT port mapp
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lab_swarm import CorollaBootstrap, LabNode, corolla_server, lab_maddr, run_corolla_client
+from tests.support.lab_swarm import (
+    CorollaBootstrap,
+    LabNode,
+    corolla_server,
+    lab_maddr,
+    public_relays,
+    run_corolla_client,
+    stock_server,
+)
 from tests.support.netlab import NetLab, lab_unavailable_reason
 from tests.support.swarm import (
     make_reference_model,
@@ -41,7 +50,11 @@ def lab():
 
 
 def test_lab_routers_masquerade_and_drop_outside_in(lab, tmp_path):
-    """The lab itself: homes reach the internet, nothing reaches into a home, the forwarder delays."""
+    """The lab itself: sealed off from the machine's network, homes reach the internet, nothing reaches
+    into a home, the forwarder delays."""
+    assert lab.leaks() == []
+    outer = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout.splitlines()
+    assert all("link/loopback" in line for line in outer), outer  # the namespace the lab was built from
     pub, home1, home2 = lab.hosts["pub1"], lab.hosts["home1"], lab.hosts["home2"]
     echo = ["python3", "-c", "import http.server as h; h.HTTPServer(('0.0.0.0', 8000), h.BaseHTTPRequestHandler)"]
     servers = [lab.popen(host, [*echo[:2], echo[2] + ".serve_forever()"]) for host in (pub, home1)]
@@ -54,12 +67,12 @@ def test_lab_routers_masquerade_and_drop_outside_in(lab, tmp_path):
         assert not lab.can_connect(pub, home1.ip, 8000)  # a home's LAN is not routed from outside
         assert not lab.can_connect(pub, home1.public_ip, 8000)  # no port forwarding on its router
         assert not lab.can_connect(home2, home1.public_ip, 8000)  # nor from the neighbours
-        seen = lab.run(home1, ["python3", "-c", "import socket; s=socket.create_connection(('10.77.0.11',8000)); "
+        seen = lab.run(home1, ["python3", "-c", f"import socket; s=socket.create_connection(({pub.ip!r}, 8000)); "
                                "print(s.getsockname()[0])"])  # fmt: skip
         assert seen.stdout.strip() == home1.ip  # its own view; the server sees the router's address
         forwarder = lab.forwarder(pub, 9000, 8000, delay_ms=150)
         timing = (
-            "import socket,time; s=socket.create_connection(('10.77.0.11',9000)); t=time.monotonic(); "
+            f"import socket,time; s=socket.create_connection(({pub.ip!r}, 9000)); t=time.monotonic(); "
             "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.recv(100); print(time.monotonic()-t)"
         )
         assert float(lab.run(home1, ["python3", "-c", timing]).stdout) >= 0.3  # 150 ms each way
@@ -89,6 +102,60 @@ def model_and_prefix(tiny_models, tmp_path_factory):
         model = make_reference_model(tmp_path_factory.mktemp("ref-model") / "tiny-llama", REFERENCE_PREFIX)
         return model, REFERENCE_PREFIX
     return tiny_models.get("llama"), "tiny-lab"
+
+
+@pytest.mark.slow
+def test_stock_petals_server_behind_nat_serves_corolla_and_stock_clients_behind_another_nat(
+    lab, model_and_prefix, tmp_path
+):
+    """The anchor: a stock Petals 2.2 server in home 1 (its own reachability check, stock auto-relay) for
+    blocks k:n, a Corolla server in public for 0:k, clients in home 2: Corolla's and stock Petals', greedy
+    64 tokens, token-exact. Works because the lab's internet is public-looking (netlab.py) and has four
+    relay-capable public peers (lab_swarm.public_relays). (Before the chain fixture: its own peers.)"""
+    model, prefix = model_and_prefix
+    if prefix != REFERENCE_PREFIX:
+        pytest.skip("the stock Petals reference environment is not built")
+    num_blocks = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    k = num_blocks // 2
+    boot = CorollaBootstrap(lab, lab.hosts["pub0"], tmp_path, name="anchor-bootstrap")
+    relays = public_relays(lab, tmp_path, boot.maddr)
+    public = stock = None
+    try:
+        public = corolla_server(
+            lab, lab.hosts["pub1"], tmp_path, model, "--initial-peers", boot.maddr, "--blocks", f"0:{k}",
+            "--dht-prefix", prefix, "--torch-dtype", "float32", "--throughput", "10", name="anchor-public",
+        )  # fmt: skip
+        peers = [boot.maddr, lab_maddr(public, lab.hosts["pub1"]), *(relay.maddr for relay in relays)]
+        stock = stock_server(lab, lab.hosts["home1"], tmp_path, model, peers, f"{k}:{num_blocks}", prefix, "stock-nat")
+        stock.wait_started()
+        log = stock.log_path.read_text(errors="replace")
+        assert "This server is accessible via relays" in log  # its own check: not dialable
+        stock_id = re.search(r"Running a server on \[.*?/p2p/(\w+)'", log).group(1)
+        # Its libp2p takes a relay once AutoNAT calls it private: seconds, not a fixed time; bounded tries.
+        deadline, report = time.monotonic() + 240, {}
+        while time.monotonic() < deadline:
+            report = run_corolla_client(lab, lab.hosts["home2"], model, prefix, [boot.maddr], 64)
+            if report.get("exact"):
+                break
+            time.sleep(5)
+        assert report.get("exact") and report["new_tokens"] == 64, report
+        assert f"{k}:{num_blocks} via …{stock_id[-6:]}" in report["route"], report["route"]
+        # A stock client finds the relayed server's circuit address by libp2p peer routing, which only
+        # peers connected to that server can answer (those holding its reservations: two of the four).
+        # So it starts from all the public peers, as stock clients of the public swarm do.
+        result = run_reference_script(
+            reference_dir() / "client_check.py", str(model), *peers, "--dht_prefix", prefix,
+            "--new_tokens", "64", timeout=400, launcher=lab.exec_argv(lab.hosts["home2"].ns, []),
+        )  # fmt: skip
+        summary = [line for line in result.stdout.splitlines() if line.startswith("SUMMARY ")]
+        assert result.returncode == 0 and summary, result.stdout[-3000:] + result.stderr[-3000:]
+        assert json.loads(summary[-1].removeprefix("SUMMARY "))["ok"]
+    finally:
+        for server in (stock, public):
+            if server is not None:
+                server.stop()
+        for peer in (*relays, boot):
+            peer.kill()
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +198,8 @@ def test_nat_server_detects_it_is_not_dialable_and_announces_relay(chain):
     assert reach["state"] == "relay", reach
     assert any(chain["boot"].peer_id in addr and "/p2p-circuit/" in addr for addr in reach["relay_addrs"])
     assert "forward" in reach["advice"].lower()
+    # "relay" is proven: a fresh peer that knew only the circuit address reached it through the relay
+    assert reach["relay_proven_at"] and reach["relay_proven_at"] <= time.time(), reach
 
 
 @pytest.mark.slow

@@ -15,9 +15,11 @@ from corolla.node.service import _reachability
 from corolla.swarm.reachability import (
     ReachabilityProtocol,
     ask_peers,
+    connected_relays,
     describe,
     plan_network,
     port_of,
+    relay_state,
 )
 from corolla.swarm.relays import circuit_addresses, relay_options, relay_peer_ids
 
@@ -121,3 +123,36 @@ def test_relay_options():
         "/ip4/1.2.3.4/tcp/1/p2p/QmA/p2p-circuit"
     ]
     assert relay_peer_ids(["/ip4/1.2.3.4/tcp/1/p2p/QmA"]) == ["QmA"]
+
+
+def test_relay_state_means_a_stranger_reached_us_through_the_relay():
+    """ "relay" is proven by a dial through the relay, not by a connection to it: a peer holding a reservation
+    is proven; a peer connected to the same relay without one (no auto-relay) is not: unreachable."""
+
+    async def scenario():
+        relay = await _peer(use_relay=True, force_reachability="public")
+        relays = [str((await relay.get_visible_maddrs())[0])]
+        options = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, initial_peers=relays)
+        behind_nat = await P2P.create(**options, use_auto_relay=True, **relay_options("private", relays))
+        no_reservation = await P2P.create(**options, use_auto_relay=False, force_reachability="private")
+        try:
+            state, proof = "unreachable", None
+            for _ in range(30):  # the reservation is made a moment after the connection
+                state, proof = await relay_state(behind_nat, relays, proof)
+                if state == "relay":
+                    break
+                proof = None  # try again now, not after the retry interval
+                await asyncio.sleep(0.5)
+            kept_state, kept = await relay_state(behind_nat, relays, proof)  # recent: no new dial
+            connected = await connected_relays(no_reservation, relays)
+            refused, refused_proof = await relay_state(no_reservation, relays)
+            return state, proof, kept_state, kept, connected, refused, refused_proof, relays
+        finally:
+            for peer in (no_reservation, behind_nat, relay):
+                await peer.shutdown()
+
+    state, proof, kept_state, kept, connected, refused, refused_proof, relays = asyncio.run(scenario())
+    assert state == "relay" and proof.proven == relays and proof.proven_at and proof.tried == relays
+    assert kept_state == "relay" and kept is proof
+    assert connected == relays  # connected to the relay, yet nobody can reach it through it
+    assert refused == "unreachable" and refused_proof.proven == [] and refused_proof.tried == relays

@@ -257,9 +257,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         args.throughput_cache = str(NodePaths.default().cache_dir / "throughput.json")
 
-    from corolla.swarm.server.config import ServerConfig
-    from corolla.swarm.server.server import serve
-
     host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{args.port}"]
     announce_maddrs = list(args.announce_maddrs)
     if args.public_ip:
@@ -268,6 +265,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         version = "ip6" if ":" in args.public_ip else "ip4"
         announce_maddrs.append(f"/{version}/{args.public_ip}/tcp/{args.port}")
+    # The reachability check first, in the background: behind NAT its answer takes seconds, which
+    # overlap importing the model code and opening the model.
+    from corolla.swarm.reachability import PlanInBackground
+
+    early_plan = PlanInBackground(
+        initial_peers=list(args.initial_peers),
+        host_maddrs=host_maddrs,
+        announce_maddrs=announce_maddrs,
+        identity_path=args.identity_path,
+        mode=args.reachability,
+        use_relay=not args.no_relay,
+    )
+
+    from corolla.swarm.server.config import ServerConfig
+    from corolla.swarm.server.server import serve
+
     config = ServerConfig(
         model=args.model,
         initial_peers=args.initial_peers,
@@ -306,7 +319,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout,
         adapters=args.adapters,
     )
-    return serve(config)
+    return serve(config, early_plan)
 
 
 def _check_model_argument(model: str) -> None:

@@ -60,18 +60,21 @@ class StockBootstrap:
 
 
 def stock_server(
-    lab: NetLab, host: Host, workdir: Path, model: Path, initial_peer: str, blocks: str, prefix: str, name: str
-) -> PetalsServer:
+    lab: NetLab, host: Host, workdir: Path, model: Path, initial_peer: str | list[str], blocks: str, prefix: str,
+    name: str,
+) -> PetalsServer:  # fmt: skip
     """A stock Petals server with stock relay settings (auto-relay on) and its own reachability check."""
+    peers = [initial_peer] if isinstance(initial_peer, str) else list(initial_peer)
     return PetalsServer(
         workdir,
         model,
-        initial_peer,
+        peers[0],
         blocks,
         prefix,
         name=name,
         launcher=lab.exec_argv(host.ns, []),
-        network_flags=["--host_maddrs", f"/ip4/0.0.0.0/tcp/{LAB_PORT}"],
+        # argparse keeps the last --initial_peers: all of them
+        network_flags=["--host_maddrs", f"/ip4/0.0.0.0/tcp/{LAB_PORT}", "--initial_peers", *peers],
     )
 
 
@@ -111,9 +114,11 @@ def python_in(lab: NetLab, host: Host) -> list[str]:
 class CorollaBootstrap:
     """`python -m corolla.swarm.bootstrap` on a public lab host (relay service on, answers reachability checks)."""
 
-    def __init__(self, lab: NetLab, host: Host, workdir: Path, name: str = "bootstrap"):
+    def __init__(self, lab: NetLab, host: Host, workdir: Path, name: str = "bootstrap", initial_peers: list[str] = ()):
         self.log_path = Path(workdir) / f"{name}.log"
         argv = [sys.executable, "-m", "corolla.swarm.bootstrap", "--port", str(LAB_PORT)]
+        if initial_peers:
+            argv += ["--initial-peers", *initial_peers]
         with open(self.log_path, "wb") as log:
             self.process = lab.popen(host, argv, stdout=log, stderr=subprocess.STDOUT)
         match = _wait_log(self.log_path, rf"/ip4/{re.escape(host.ip)}/tcp/{LAB_PORT}/p2p/(\w+)", self.process, 90)
@@ -125,6 +130,18 @@ class CorollaBootstrap:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, 9)
         self.process.wait(10)
+
+
+def public_relays(lab: NetLab, workdir: Path, initial_peer: str, count: int = 2) -> list[CorollaBootstrap]:
+    """More public peers that relay (Corolla bootstraps on new public hosts relay-1, relay-2, ...).
+
+    A stock Petals server behind NAT takes a relay only once libp2p's auto-relay knows four candidates,
+    or after three minutes (go-libp2p's autorelay boot delay); the real swarm has dozens of public peers,
+    a lab with a bootstrap and one public server has two."""
+    return [
+        CorollaBootstrap(lab, lab.add_public(f"relay{i}"), workdir, name=f"relay{i}", initial_peers=[initial_peer])
+        for i in range(1, count + 1)
+    ]
 
 
 def lab_maddr(server: CorollaServer, host: Host) -> str:

@@ -3,13 +3,21 @@
 Layout (every namespace is created from inside the test's own loopback-only namespace, and the only
 links are veth pairs between lab namespaces, so no packet can reach the machine's real network):
 
-    "internet": one bridge (namespace <tag>-inet) on 10.77.0.0/24
-      public host i   10.77.0.(10+i)                     (directly reachable)
-      home i router   10.77.0.(100+i) | 192.168.i.1/24   (MASQUERADE, stateful firewall, no forwarding)
+    "internet": one bridge (namespace <tag>-inet) on 11.77.0.0/24
+      public host i   11.77.0.(10+i)                     (directly reachable)
+      home i router   11.77.0.(100+i) | 192.168.i.1/24   (MASQUERADE, stateful firewall, no forwarding)
         home host      192.168.i.10                       (reachable only through its own connections)
 
-A private internet range on purpose: libp2p treats documentation ranges (198.51.100.0/24) as
-unroutable and its peer routing then fails even between public peers.
+A public-looking internet range on purpose (11.0.0.0/8 is neither private nor reserved to libp2p):
+- libp2p's AutoNAT never dials back private addresses (10/8, 172.16/12, 192.168/16, 100.64/10), so on
+  a private "internet" a stock Petals server behind NAT never learns that it is private and never
+  takes a relay; on 11.77.0.0/24 its AutoNAT and auto-relay work as on the real internet;
+- libp2p treats documentation ranges (198.51.100.0/24, ...) as unroutable, and its peer routing then
+  fails even between public peers.
+These addresses are safe: the lab's namespaces have no link to the machine's network (only veth pairs
+between lab namespaces) and no default route out of the internet segment, so no packet can leave;
+`NetLab.leaks()` checks that, and the lab's own test asserts it. COROLLA_LAB_INTERNET=10.77.0 builds
+the old private-range lab (for comparing libp2p's behaviour).
 
 Bandwidth: tbf on every link's egress. This kernel has no netem, so delay and loss live in user
 space: `DelayForwarder` is a TCP forwarder in front of a host's announced address (peers dial the
@@ -34,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-INTERNET = "10.77.0"
+INTERNET = os.environ.get("COROLLA_LAB_INTERNET", "11.77.0")
 NETNS_DIR = Path("/run/netns")
 _PREFIX = "cl"
 
@@ -229,6 +237,21 @@ class NetLab:
              "-j", "ACCEPT"],
         ):  # fmt: skip
             _sh(*self.exec_argv(router, rule))
+
+    def leaks(self) -> list[str]:
+        """Every way out of the lab found (empty when sealed): a link that is not the lab's own (loopback,
+        veth, bridge) in any lab namespace, or a route off the internet segment from a public host or router."""
+        found = []
+        for ns in self.namespaces:
+            for line in _sh("ip", "-n", ns, "-o", "-d", "link", "show").stdout.splitlines():
+                name = line.split(":")[1].strip().split("@")[0]
+                if not any(kind in line for kind in ("link/loopback", " veth ", " bridge ")):
+                    found.append(f"{ns}: link {name}")
+            homes_lan = ns.endswith(tuple(f"-{h.name}" for h in self.hosts.values() if h.behind_nat))
+            for route in _sh("ip", "-n", ns, "route", "show").stdout.splitlines():
+                if route.startswith("default") and not homes_lan:  # a home host's default goes to its router
+                    found.append(f"{ns}: route {route}")
+        return found
 
     # --- faults -------------------------------------------------------------------------------------
     def cut_home(self, host: Host) -> None:

@@ -59,6 +59,9 @@ class NodeProcess:
     def get(self, path: str, **kwargs) -> httpx.Response:
         return self.client.get(path, **kwargs)
 
+    def put(self, path: str, **kwargs) -> httpx.Response:
+        return self.client.put(path, **kwargs)
+
     def post(self, path: str, **kwargs) -> httpx.Response:
         return self.client.post(path, **kwargs)
 

@@ -283,7 +283,10 @@ class SettingsDialog(QDialog):
         super().done(result)
 
     def _swarm_changed(self) -> None:
-        """Only the chosen way of joining shows its field."""
+        """Only the chosen way of joining shows its field; the public swarm has nothing on the LAN to
+        find or announce, so the discovery switch is not offered with it."""
+        has_setting = "lan_discovery" in (self.settings or {})  # an older node has no such setting
+        self.lan_discovery.setVisible(has_setting and not self.public.isChecked())
         self.invite.setVisible(self.invite_option.isChecked())
         self.lan_box.setVisible(self.invite_option.isChecked())
         self.peers.setVisible(self.custom.isChecked())
@@ -359,7 +362,7 @@ class SettingsDialog(QDialog):
     def _lan_changes(self, swarm: str) -> dict:
         if "lan_discovery" not in (self.settings or {}):
             return {}
-        on = self.lan_discovery.isChecked()
+        on = self.lan_discovery.isChecked() and swarm != "public"  # not offered there: off
         changes = {"lan_discovery": on}
         if on and swarm == "private":
             # Announcing a private swarm is only useful if neighbours can reach it.

@@ -102,6 +102,12 @@ def create_app(node) -> FastAPI:
         changes = {"swarm": "custom", "custom_peers": data["peers"]}
         if data.get("dht_prefix"):
             changes["dht_prefix"] = data["dht_prefix"]
+        if data.get("model"):
+            # The swarm's model too: blocks of another model under its prefix would only be turned away.
+            try:
+                changes["model"] = node.model_setting_for(str(data["model"]))
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from exc
         node.apply_settings(node.settings.model_copy(update=changes))
         return node.settings
 

@@ -79,6 +79,7 @@ class Reachability(BaseModel):
     using_relay: bool = False
     relay_addrs: list[str] = Field(default_factory=list)
     checked_at: float | None = None
+    relay_proven_at: float | None = None  # "relay": when a peer last reached this computer through one
 
 
 NOT_CHECKED = Reachability(

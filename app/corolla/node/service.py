@@ -94,6 +94,21 @@ class NodeService:
     def dht_prefix(self) -> str | None:
         return self.settings.dht_prefix or (self.default_model.dht_prefix if self.is_demo else None)
 
+    def model_setting_for(self, announced: str) -> str | None:
+        """The `model` setting that serves the model a swarm names in its invite or LAN announcement:
+        None for the built-in model (named by its display name or its id), else the name as given (a
+        repo id, or a folder that exists here). A folder on the neighbour's computer cannot be served
+        from here: ValueError with what to do."""
+        if announced in (self.default_model.name, self.default_model.dht_prefix):
+            return None
+        looks_like_path = announced.startswith(("/", "~", ".")) or "\\" in announced or announced[1:3] == ":\\"
+        if looks_like_path and not Path(announced).expanduser().is_dir():
+            raise ValueError(
+                f"this swarm serves the model in the folder {announced} on its own computer; copy that folder "
+                "to this computer and choose it under Model, then join again"
+            )
+        return announced
+
     # --- the block server ---------------------------------------------------------------------------
     def server_args(self) -> list[str]:
         s = self.settings
@@ -388,6 +403,8 @@ class NodeService:
         s = self.settings
         if not s.lan_discovery:
             return "discovery is switched off"
+        if s.swarm == "public":
+            return "discovery is off on the public swarm"
         if s.swarm != "private":
             return "only a private swarm hosted here is announced"
         if not s.listen_on_lan:
@@ -397,8 +414,9 @@ class NodeService:
         return None
 
     def sync_lan(self, state: str, stats: dict) -> None:
-        """Start, update or stop discovery to match the settings (each tick, from a worker thread)."""
-        if not self.settings.lan_discovery:
+        """Start, update or stop discovery to match the settings (each tick, from a worker thread).
+        Never on the public swarm: there is nothing on the LAN to find or announce for it."""
+        if not self.settings.lan_discovery or self.settings.swarm == "public":
             if self.lan is not None:
                 self.lan.close()
                 self.lan = None
@@ -425,7 +443,7 @@ class NodeService:
         sup = self.supervisor.poll()
         lan = self.lan
         return {
-            "enabled": self.settings.lan_discovery,
+            "enabled": self.settings.lan_discovery and self.settings.swarm != "public",
             "announcing": bool(lan and lan.announcing),
             "not_announced_because": self.lan_announcement_blocker(sup.state, sup.stats or {}),
             "swarms": [swarm.to_dict() for swarm in lan.swarms()] if lan else [],
@@ -597,4 +615,5 @@ def _reachability(stats: dict) -> m.Reachability:
         using_relay=bool(stats.get("using_relay")),
         relay_addrs=[str(a) for a in found.get("relay_addrs", [])],
         checked_at=found.get("checked_at"),
+        relay_proven_at=found.get("relay_proven_at"),
     )

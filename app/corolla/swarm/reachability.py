@@ -15,8 +15,10 @@ Petals does.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,7 +32,10 @@ logger = logging.getLogger(__name__)
 
 SELF_CHECK_TIMEOUT = 5.0  # Petals' timeouts: asking a peer about itself, and about someone else
 OTHER_CHECK_TIMEOUT = 10.0
-CHECK_BUDGET = 9.0  # starting our probe and dialling the peer we were asked about: inside the asker's 10 s
+CHECK_BUDGET = 5.0  # starting our probe and dialling the peer we were asked about (inside the asker's 10 s).
+# A dial to a dialable peer takes a few round trips (well under 2 s even at 300 ms); a NAT drops the
+# SYN silently, so "not dialable" is only known when this runs out: it sets how long a NAT'd server
+# waits for its answer. A peer misjudged as not dialable still works, through a relay.
 MAX_PEERS_ASKED = 5
 MAX_CONCURRENT_PROBES = 4
 PROBES_PER_ASKER_PER_MINUTE = 6  # every check makes us dial someone: a hostile peer must not use us as a cannon
@@ -192,12 +197,15 @@ class Reachability:
     advice: str
     relay_addrs: list[str]
     checked_at: float
+    relay_proven_at: float | None = None  # when a stranger last reached this computer through a relay
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def describe(state: str, port: int | None, relay_addrs: Sequence[str] = ()) -> Reachability:
+def describe(
+    state: str, port: int | None, relay_addrs: Sequence[str] = (), relay_proven_at: float | None = None
+) -> Reachability:
     forward = (
         f"Forward TCP port {port} on your router to this computer"
         if port
@@ -224,7 +232,7 @@ def describe(state: str, port: int | None, relay_addrs: Sequence[str] = ()) -> R
         ),
     }
     summary, advice = texts[state]
-    return Reachability(state, summary, advice, list(relay_addrs), time.time())
+    return Reachability(state, summary, advice, list(relay_addrs), time.time(), relay_proven_at)
 
 
 def _is_loopback(maddr: str) -> bool:
@@ -299,16 +307,107 @@ async def plan_network(
     return NetworkPlan("relay", True, True, "private", relays, circuit_addresses(relays), answers)
 
 
-async def relay_state(p2p: P2P, relays: Sequence[str]) -> tuple[str, list[str]]:
-    """("relay", circuit addresses through the relays it is connected to) or ("unreachable", []).
+class PlanInBackground:
+    """`plan_network` in a thread of its own, started before the heavy imports and the model's opening:
+    a NAT'd server's answer takes seconds (a NAT drops the probes silently), which then overlap them."""
 
-    A live connection to a relay is the evidence, not a proven reservation: libp2p may hold a connection
-    without a reservation for a while (see the report of issue 15).
-    """
-    from corolla.swarm.relays import circuit_addresses, relay_peer_ids
+    def __init__(self, **kwargs) -> None:
+        self._future: concurrent.futures.Future[NetworkPlan] = concurrent.futures.Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        threading.Thread(target=self._run, args=(kwargs,), name="corolla-reachability", daemon=True).start()
+
+    def _run(self, kwargs: dict) -> None:
+        async def plan() -> NetworkPlan:
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            return await plan_network(**kwargs)
+
+        try:
+            self._future.set_result(asyncio.run(plan()))
+        except BaseException as error:  # handed to whoever awaits the plan
+            self._future.set_exception(error)
+
+    async def result(self) -> NetworkPlan:
+        return await asyncio.wrap_future(self._future)
+
+    def cancel(self, timeout: float = 15.0) -> None:
+        """Stop a check still running and wait until its temporary daemon is gone (no orphan p2pd)."""
+        if self._future.done():
+            return
+        if self._loop is not None and self._task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop just closed
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        concurrent.futures.wait([self._future], timeout)
+
+
+RELAY_PROOF_TIMEOUT = 20.0  # one dial through one relay, including the relay's hop to us
+RELAY_PROOF_TTL = 300.0  # a proven relay is proven again after this long (reservations expire, relays restart)
+RELAY_RETRY_S = 10.0  # after a failed proof (the reservation may still be on its way)
+PROOF_DAEMON_OPTIONS = dict(
+    dht_mode="client", use_relay=True, auto_nat=False, nat_port_map=False, no_listen=True, startup_timeout=10
+)
+
+
+async def connected_relays(p2p: P2P, relays: Sequence[str]) -> list[str]:
+    """The relays (maddrs with /p2p/ID) this peer holds a live connection to."""
+    from corolla.swarm.relays import relay_peer_ids
 
     connected = {str(info.peer_id) for info in await asyncio.wait_for(p2p.list_peers(), 10.0)}
-    live = [relay for relay, peer in zip(relays, relay_peer_ids(relays), strict=True) if peer in connected]
-    if not live:
-        return "unreachable", []
-    return "relay", [f"{addr}/p2p/{p2p.peer_id}" for addr in circuit_addresses(live)]
+    return [relay for relay, peer in zip(relays, relay_peer_ids(relays), strict=True) if peer in connected]
+
+
+async def prove_relayed(p2p: P2P, relays: Sequence[str], timeout: float = RELAY_PROOF_TIMEOUT) -> list[str]:
+    """The relays through which a stranger really reached this peer, end to end.
+
+    A fresh peer that knows no address of ours but `<relay>/p2p-circuit` dials our PeerID there. The dial
+    completes only if the relay holds our reservation and forwards the connection to us, and the security
+    handshake with our key ran through it. (Once connected, libp2p may add a direct connection by hole
+    punching, which is why the dialler is told nothing else: the first connection can only be the relayed
+    one.) A live connection to a relay proves none of that: a relay may refuse reservations, or lose them.
+    """
+    from corolla.swarm.relays import circuit_multiaddr
+
+    proven: list[str] = []
+    for relay in relays:  # a fresh dialler each time: an earlier one has learnt our direct addresses
+        probe = await P2P.create(**PROOF_DAEMON_OPTIONS)
+        try:
+            # hivemind has no public "connect"; its daemon client does
+            await asyncio.wait_for(probe._client.connect(p2p.peer_id, [circuit_multiaddr(relay)]), timeout)
+            proven.append(relay)
+        except Exception as error:
+            logger.info("no relayed connection through %s yet: %s", relay, str(error)[:200])
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.shutdown()
+    return proven
+
+
+@dataclass
+class RelayProof:
+    """What a relayed server knows about its relays: which were proven, and when it last tried."""
+
+    proven: list[str]
+    proven_at: float | None  # when the proof was made (or tried, if nothing was proven)
+    tried: list[str]  # the relays connected when it was made (a new or lost one calls for a new proof)
+
+    def fresh(self, live: Sequence[str], now: float) -> bool:
+        ttl = RELAY_PROOF_TTL if self.proven else RELAY_RETRY_S  # a failed proof is retried soon
+        return self.proven_at is not None and now - self.proven_at < ttl and set(self.tried) == set(live)
+
+
+async def relay_state(p2p: P2P, relays: Sequence[str], proof: RelayProof | None = None) -> tuple[str, RelayProof]:
+    """("relay", proof) once a stranger reached this peer through a relay it is connected to, else
+    ("unreachable", proof with nothing proven). A recent proof is kept while its relays stay connected."""
+    live = await connected_relays(p2p, relays)
+    now = time.time()
+    if proof is not None and proof.fresh(live, now):
+        return ("relay" if proof.proven else "unreachable"), proof
+    proven = await prove_relayed(p2p, live) if live else []
+    return ("relay" if proven else "unreachable"), RelayProof(proven, now, list(live))
+
+
+def relayed_addresses(p2p: P2P, relays: Sequence[str]) -> list[str]:
+    """The full circuit addresses of this peer through `relays`, as others dial them."""
+    from corolla.swarm.relays import circuit_addresses
+
+    return [f"{addr}/p2p/{p2p.peer_id}" for addr in circuit_addresses(relays)]

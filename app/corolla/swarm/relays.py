@@ -3,9 +3,11 @@
 What we measured in the network lab (tests/support/netlab.py) and why each option is here:
 - A relay serves reservations only once libp2p believes it is publicly reachable, and a NAT'd peer
   looks for a relay only once libp2p believes it is private. libp2p learns both from AutoNAT, whose
-  servers never dial back private addresses, so on a private internet (the lab, a company network,
-  a private swarm on a LAN) neither ever happens. Corolla asks its own reachability check instead
-  (reachability.py) and tells p2pd the answer: `force_reachability` "public" or "private".
+  servers never dial back private addresses, so on a private internet (a company network, a private
+  swarm on a LAN, the lab when built on 10.77.0.0/24) neither ever happens. Corolla asks its own
+  reachability check instead (reachability.py) and tells p2pd the answer: `force_reachability`
+  "public" or "private". (On a public-looking internet, the lab's default, stock Petals servers'
+  AutoNAT does work: tests/test_netlab.py runs a stock server behind NAT.)
 - With relay discovery on (p2pd's default; hivemind has no switch for it), autorelay waits until it
   knows four relay candidates or three minutes have passed. A server that knows its relays (its
   initial peers) uses them at once: `trusted_relays` switches discovery off (see `_static_relays`).
@@ -19,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 _patched = False
 
@@ -64,3 +67,24 @@ def circuit_addresses(relays: Sequence[str]) -> list[str]:
 
 def relay_peer_ids(relays: Sequence[str]) -> list[str]:
     return [relay.rsplit("/p2p/", 1)[1].strip("/") for relay in relays if "/p2p/" in relay]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def circuit_multiaddr(relay: str) -> Multiaddr:
+    """`<relay>/p2p-circuit` as a Multiaddr p2pd accepts (for dialling a peer through that relay).
+
+    hivemind's Python multiaddr encodes a /p2p/ value as a CID, which p2pd's Go parser rejects, so the
+    binary form is written here: /p2p/ is code 421 with the raw multihash, /p2p-circuit is code 290.
+    """
+    address, peer = relay.rstrip("/").removesuffix("/p2p-circuit").rsplit("/p2p/", 1)
+    peer_bytes = PeerID.from_base58(peer).to_bytes()
+    raw = Multiaddr(address).to_bytes() + _varint(421) + _varint(len(peer_bytes)) + peer_bytes + _varint(290)
+    return Multiaddr(raw)

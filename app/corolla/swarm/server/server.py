@@ -37,7 +37,17 @@ from corolla.swarm.models.loading import estimate_memory
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.peers import start_dht
 from corolla.swarm.protocol import ServerInfo, ServerState
-from corolla.swarm.reachability import NetworkPlan, ReachabilityProtocol, describe, plan_network, port_of, relay_state
+from corolla.swarm.reachability import (
+    NetworkPlan,
+    PlanInBackground,
+    ReachabilityProtocol,
+    RelayProof,
+    describe,
+    plan_network,
+    port_of,
+    relay_state,
+    relayed_addresses,
+)
 from corolla.swarm.server.adapters import check_adapter_folders, load_adapters
 from corolla.swarm.server.block_selection import choose_best_blocks, should_choose_other_blocks
 from corolla.swarm.server.config import PARENT_PID_ENV, ServerConfig
@@ -65,8 +75,9 @@ def expected_parent_pid() -> int:
 
 
 class BlockServer:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, early_plan: PlanInBackground | None = None):
         self.config = config
+        self._early_plan = early_plan  # the reachability check, if the caller started it already
         self.stats = ServerStats(model=config.model)
         self.checkpoint = open_checkpoint(
             config.model, token=config.token, revision=config.revision, cache_dir=config.cache_dir
@@ -111,6 +122,8 @@ class BlockServer:
         try:
             return asyncio.run(self._main())
         finally:
+            if self._early_plan is not None:
+                self._early_plan.cancel()  # stopped while still checking: its daemon goes too
             if self.dht is not None:
                 self.dht.shutdown()  # bounded: in order if it answers, else killed with p2pd
 
@@ -153,14 +166,10 @@ class BlockServer:
         check_adapter_folders(self.config.adapters)
         self._set_state("joining", "checking whether other peers can reach this computer")
         self._set_reachability("checking")
-        self.network = network = await plan_network(
-            self.config.initial_peers,
-            self.config.host_maddrs,
-            self.config.announce_maddrs,
-            self.config.identity_path,
-            mode=self.config.reachability,
-            use_relay=self.config.use_relay,
-        )
+        if self._early_plan is not None:
+            self.network = network = await self._early_plan.result()
+        else:
+            self.network = network = await plan_network(**network_plan_arguments(self.config))
         self._set_state("joining", "starting the DHT")
         # In a thread: a signal during a slow join (unreachable peers) is handled at once.
         self.dht = await asyncio.to_thread(
@@ -187,7 +196,7 @@ class BlockServer:
         self.peer_id = self.dht.peer_id.to_base58()
         self.stats.peer_id = self.peer_id
         steptrace.set_role(f"server-{self.peer_id[-6:]}")
-        self.stats.visible_maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
+        self.stats.visible_maddrs = await self._visible_maddrs(main_p2p, network)
         self._set_state("joining", "measuring throughput")
         self.throughput = await asyncio.to_thread(self._get_throughput)
         while not self._stop.is_set():
@@ -439,23 +448,37 @@ class BlockServer:
         logger.warning("the process that started this server is gone; stopping")
         self._stop.set()
 
+    async def _visible_maddrs(self, p2p, network: NetworkPlan) -> list[str]:
+        """The addresses libp2p shows others (printed, and in the stats). Behind NAT with relays on public
+        addresses it may show none for a while: its auto-relay replaces every public address (our
+        announced circuit addresses too) by circuit addresses of the relays it holds reservations on,
+        which it reports late. Nothing waits for that: the planned circuit addresses stand in."""
+        try:
+            return [str(m) for m in await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), 10.0)]
+        except ValueError:  # hivemind: "No multiaddrs found"
+            return [f"{maddr}/p2p/{self.peer_id}" for maddr in network.announce_maddrs]
+
     # --- reachability ------------------------------------------------------------------------------
-    def _set_reachability(self, state: str, relay_addrs: list[str] = ()) -> None:
+    def _set_reachability(self, state: str, relay_addrs: list[str] = (), proven_at: float | None = None) -> None:
         port = port_of(self.config.host_maddrs)
-        self.stats.reachability = describe(state, port, relay_addrs).to_dict()
+        self.stats.reachability = describe(state, port, relay_addrs, proven_at).to_dict()
 
     async def _watch_reachability(self, p2p) -> None:
-        """A relayed server says whether it holds a relay right now (relays come and go)."""
+        """A relayed server says "relay" only while a stranger has really reached it through one: each
+        relay it is connected to is proven by a dial through it (relay_state), again when relays come
+        or go, and every few minutes."""
         if self.network is None or not self.network.trusted_relays:
             return
+        proof: RelayProof | None = None
         while True:
             with contextlib.suppress(Exception):
-                state, addrs = await relay_state(p2p, self.network.trusted_relays)
+                state, proof = await relay_state(p2p, self.network.trusted_relays, proof)
+                addrs = relayed_addresses(p2p, proof.proven)
                 if state != self.stats.reachability.get("state") or addrs != self.stats.reachability.get("relay_addrs"):
                     logger.info("reachability: %s %s", state, " ".join(addrs))
-                    self._set_reachability(state, addrs)
-            # quickly while looking for a relay, then a light check now and then
-            await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 4.0)
+                    self._set_reachability(state, addrs, proof.proven_at if proof.proven else None)
+            # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
+            await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 5.0)
 
     # --- stats -------------------------------------------------------------------------------------
     def _set_state(self, state: str, reason: str) -> None:
@@ -484,9 +507,27 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
-def serve(config: ServerConfig) -> int:
+def network_plan_arguments(config: ServerConfig) -> dict:
+    """What `plan_network` needs from a server's configuration."""
+    return dict(
+        initial_peers=config.initial_peers,
+        host_maddrs=config.host_maddrs,
+        announce_maddrs=config.announce_maddrs,
+        identity_path=config.identity_path,
+        mode=config.reachability,
+        use_relay=config.use_relay,
+    )
+
+
+def serve(config: ServerConfig, early_plan: PlanInBackground | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code = BlockServer(config).run()
+    try:
+        server = BlockServer(config, early_plan)
+    except BaseException:
+        if early_plan is not None:
+            early_plan.cancel()  # e.g. the model cannot be opened: no check left running
+        raise
+    code = server.run()
     # Everything is cleaned up (OFFLINE said, DHT and p2pd gone, stats written). Leave now: a thread
     # still loading weights when a signal came would hold the interpreter's exit until it finished,
     # and finalizing torch and hivemind objects takes seconds more (measured: ~6 s of garbage
