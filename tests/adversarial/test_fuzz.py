@@ -56,6 +56,7 @@ def handler(local_span):
         request_timeout=5.0,
         session_timeout=10.0,
         step_timeout=1.0,
+        refusal_burst=None,  # what is fuzzed is behind the door that turns a peer of many refusals away
     )
     yield TransformerConnectionHandler(local_span, PREFIX, budget, limits, ServerStats(), executor)
     executor.shutdown(wait=True)
