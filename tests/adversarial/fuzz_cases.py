@@ -45,10 +45,24 @@ def _good_tensor(batch: int, length: int, hidden: int, special: str | None) -> r
     return serialize_torch_tensor(values)
 
 
+SPECIAL_FLOATS = (float("nan"), float("inf"), -1e308, 0.5, -0.0)
+PEER_ID_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
 class RequestFuzzer:
     def __init__(self, seed: int, prefix: str, blocks: int, hidden: int):
-        self.rng = random.Random(seed)
+        self.rng = r = random.Random(seed)
         self.prefix, self.blocks, self.hidden = prefix, blocks, hidden
+        self._scalars = [  # made once: building these lists per call was most of the generators' time
+            lambda: r.randint(-(2**63), 2**64 - 1),
+            lambda: r.randint(-3, 100),
+            lambda: r.choice(SPECIAL_FLOATS),
+            lambda: None,
+            lambda: r.choice((True, False)),
+            lambda: self.text(30, lowest=1),
+            lambda: self.raw_bytes(30),
+            lambda: b"__T" + str(r.randint(-2, 9)).encode(),
+        ]
 
     def text(self, longest: int, lowest: int = 32) -> str:
         """Up to `longest` random characters below U+2FFF."""
@@ -75,19 +89,7 @@ class RequestFuzzer:
         return r.choice(choices)()
 
     def scalar(self):
-        r = self.rng
-        return r.choice(
-            [
-                lambda: r.randint(-(2**63), 2**64 - 1),
-                lambda: r.randint(-3, 100),
-                lambda: r.choice([float("nan"), float("inf"), -1e308, 0.5, -0.0]),
-                lambda: None,
-                lambda: r.choice([True, False]),
-                lambda: self.text(30, lowest=1),
-                lambda: self.raw_bytes(30),
-                lambda: b"__T" + str(r.randint(-2, 9)).encode(),
-            ]
-        )()
+        return self.rng.choice(self._scalars)()
 
     def structure(self, depth: int = 0):
         r = self.rng
@@ -216,16 +218,19 @@ INFO_KEYS += ("public_name", "version", "adapters", "next_pings", "torch_dtype",
 class RecordFuzzer(RequestFuzzer):
     """Encoded {subkey: value} entries of one block's DHT record, mostly server infos gone wrong."""
 
-    def number(self):
+    def __init__(self, seed: int, prefix: str, blocks: int, hidden: int):
+        super().__init__(seed, prefix, blocks, hidden)
         r = self.rng
-        return r.choice(
-            [
-                lambda: r.randint(0, 12),
-                lambda: r.randint(-(2**63), 2**64 - 1),
-                lambda: r.choice([0.0, 1.5, 1e300, float("inf"), float("nan"), -1.0]),
-                self.scalar,
-            ]
-        )()
+        self._numbers = [
+            lambda: r.randint(0, 12),
+            lambda: r.randint(-(2**63), 2**64 - 1),
+            lambda: r.choice((0.0, 1.5, 1e300, float("inf"), float("nan"), -1.0)),
+            self.scalar,
+        ]
+        self._subkeys = [lambda: PeerID_like(r), lambda: str(self.scalar())[:200], lambda: "x" * r.randint(100, 300)]
+
+    def number(self):
+        return self.rng.choice(self._numbers)()
 
     def info(self):
         r = self.rng
@@ -244,13 +249,7 @@ class RecordFuzzer(RequestFuzzer):
         r = self.rng
         entries = {}
         for _ in range(r.choice([0, 1, 2, 5, 40])):
-            subkey = r.choice(
-                [
-                    lambda: PeerID_like(r),
-                    lambda: str(self.scalar())[:200],
-                    lambda: "x" * r.randint(100, 300),
-                ]
-            )()
+            subkey = r.choice(self._subkeys)()
             value = self.info() if r.random() < 0.85 else self.structure()
             try:
                 raw = MSGPackSerializer.dumps(value)
@@ -271,5 +270,4 @@ class RecordFuzzer(RequestFuzzer):
 
 
 def PeerID_like(r: random.Random) -> str:
-    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-    return "12D3KooW" + "".join(r.choice(alphabet) for _ in range(44))
+    return "12D3KooW" + "".join(r.choices(PEER_ID_ALPHABET, k=44))
