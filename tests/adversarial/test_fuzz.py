@@ -30,6 +30,7 @@ from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHan
 from corolla.swarm.server.memory_cache import AllocationError, CacheBudget
 from corolla.swarm.server.packing import BadRequest
 from corolla.swarm.server.stats import ServerStats
+from corolla.swarm.server.streams import TURNED_AWAY
 from tests.adversarial.conftest import BLOCKS, HIDDEN, PREFIX
 from tests.adversarial.fuzz_cases import RecordFuzzer, RequestFuzzer
 
@@ -38,6 +39,7 @@ DHT_RECORDS = int(os.environ.get("COROLLA_FUZZ_DHT_RECORDS", "10000"))
 WIRE_CASES = int(os.environ.get("COROLLA_FUZZ_WIRE_CASES", "200"))
 SEED = int(os.environ.get("COROLLA_FUZZ_SEED", "20261129"))
 HANG_S = 10.0
+REFILL_WAIT_S = 0.25  # a peer turned away for too many refusals earns a few back in this while
 WIRE_STREAMS_AT_ONCE = 4
 REFUSALS = (BadRequest, AllocationError, EngineError, TimeoutError, protocol.DecodeError)
 UNARY = ["rpc_info", "rpc_forward", "rpc_backward", "rpc_push"]
@@ -125,20 +127,33 @@ def test_fuzz_every_rpc_in_process(rpc, handler):
 @pytest.mark.slow
 @pytest.mark.parametrize("rpc", UNARY + STREAMING)
 def test_fuzz_every_rpc_over_the_wire(rpc, hostile, server, check, resources):
+    """Each case really reaches the handler: one the server turned away at the door (the hostile peer
+    ran out of refusals) is sent again once its budget has refilled a little."""
     fuzzer = RequestFuzzer(SEED + 7 + zlib.crc32(rpc.encode()) % 1000, PREFIX, BLOCKS, HIDDEN)
     deadline = time.monotonic() + 30 + WIRE_CASES * 2  # hang guard for the whole run
+    turned_away = 0
     if rpc in UNARY:
         for _ in range(WIRE_CASES):
-            assert time.monotonic() < deadline, "the server stopped answering fuzzed requests in time"
             request = fuzzer.info_request() if rpc == "rpc_info" else fuzzer.request()
-            hostile.unary(server.peer_id, rpc, request, timeout=HANG_S)
+            while True:
+                assert time.monotonic() < deadline, "the server stopped answering fuzzed requests in time"
+                if TURNED_AWAY not in str(hostile.unary(server.peer_id, rpc, request, timeout=HANG_S)):
+                    break
+                turned_away += 1
+                time.sleep(REFILL_WAIT_S)
     else:
         # A stream is read for 0.3 s whatever the server does with it: WIRE_STREAMS_AT_ONCE of them at a
         # time (within the per-peer caps on queued work and sessions), the same cases in the same order.
         for start in range(0, WIRE_CASES, WIRE_STREAMS_AT_ONCE):
-            assert time.monotonic() < deadline, "the server stopped answering fuzzed requests in time"
             batch = [fuzzer.raw_frames() for _ in range(min(WIRE_STREAMS_AT_ONCE, WIRE_CASES - start))]
-            hostile.raw_streams(server.peer_id, rpc, batch, read_for=0.3)
+            while batch:
+                assert time.monotonic() < deadline, "the server stopped answering fuzzed requests in time"
+                replies = hostile.raw_streams(server.peer_id, rpc, batch, read_for=0.3)
+                batch = [case for case, reply in zip(batch, replies, strict=True) if TURNED_AWAY.encode() in reply]
+                turned_away += len(batch)
+                if batch:
+                    time.sleep(REFILL_WAIT_S)
+    print(f"{rpc}: {WIRE_CASES} cases, {turned_away} sent again after being turned away")
     assert server.process.poll() is None, server.log_tail()
     check.all_well()
     assert resources.growth_mib() < 64
