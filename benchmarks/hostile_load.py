@@ -262,6 +262,8 @@ def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
                 time.sleep(1.5)  # the stats file is written every second
                 after = server.stats()
             alive = server.process.poll() is None
+    if os.environ.get("HOSTILE_DUMP"):
+        print(json.dumps({"quiet": quiet, "attacked": attacked}), file=sys.stderr)
     base, hit = summary(quiet), summary(attacked)
     on_s = counts.get("on_s") or 1.0
     server_side = {key: after.get(key, 0) - before.get(key, 0) for key in ("requests_refused", "requests_turned_away")}
