@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto.p2pd_pb2 import RPCError
 
@@ -224,7 +225,9 @@ async def add_stream_handler(
                         request, nbytes = receiving.result()
                     except asyncio.IncompleteReadError:
                         return  # the caller closed or died
-                    except StreamRefused as exc:
+                    except (StreamRefused, DecodeError) as exc:
+                        if isinstance(exc, DecodeError):
+                            exc = StreamRefused(f"a message that does not parse: {exc}")
                         if limits.refusals is not None:
                             limits.refusals.charge(stream_info.peer_id)
                         if limits.refusal_log is not None:
