@@ -4,12 +4,25 @@ One Corolla block server (a tiny random Llama, 6 blocks) on 127.0.0.1. An honest
 token steps ([1, 1, hidden]) in one inference session: first with no attack (baseline), then while a
 hostile peer in another process sends malformed and oversized requests as fast as it can (deeply
 nested metadata, 3 GiB length prefixes, garbage frames, unknown blocks, free sessions, and full-size
-forward passes). The two alternate over several rounds in one session of the same server, so that
-noise from the rest of the machine falls on both alike; each side's latencies are pooled. Target
-(issue 10): median and p99 under attack <= 1.5 x without. Prints JSON.
+forward passes) with 8 requests in flight. The two alternate over several rounds in one session of
+the same server, so that noise from the rest of the machine falls on both alike; each side's
+latencies are pooled. Target (issue 10): median and p99 under attack <= 1.5 x without. Prints JSON.
 
-Usage (as root, preferably in a loopback-only namespace):
-    unshare -n sh -c 'ip link set lo up && .venv/bin/python benchmarks/hostile_load.py'
+Methodology. On a real swarm the attacker is another computer; here it shares the server's cores
+(2 on the dev machine), so every cycle its Python and its p2pd spend building requests is taken from
+the server and the honest client, and that alone slows the honest step whatever the server does. So
+the benchmark runs twice, each on a fresh server: `attacker_niced` runs the attacker and its p2pd at
+nice 19 (they still get the CPU the others leave idle, and send hundreds of requests a second: see
+`attack.sent_per_s`), which stands in for "another computer" and is what `meets_target` judges;
+`equal_priority` runs it at the server's priority, reported alongside. Each run reports the attack
+rate (sent, refused after being read, turned away unread, per second of attack), and the CPU each
+party used (`cpu_cores_busy`, in cores: server Python, server p2pd and DHT, attacker Python, attacker
+p2pd and DHT, honest client and its p2pd), quiet vs attacked.
+
+Usage (as root, in a loopback-only namespace; about 90 s for both runs):
+    unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python benchmarks/hostile_load.py
+Options: --methodology {both,attacker-niced,equal-priority}, --malformed-only (no valid full-size
+forward passes), --rounds, --steps, --concurrency.
 """
 
 from __future__ import annotations
@@ -262,8 +275,6 @@ def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
                 time.sleep(1.5)  # the stats file is written every second
                 after = server.stats()
             alive = server.process.poll() is None
-    if os.environ.get("HOSTILE_DUMP"):
-        print(json.dumps({"quiet": quiet, "attacked": attacked}), file=sys.stderr)
     base, hit = summary(quiet), summary(attacked)
     on_s = counts.get("on_s") or 1.0
     server_side = {key: after.get(key, 0) - before.get(key, 0) for key in ("requests_refused", "requests_turned_away")}
@@ -316,6 +327,8 @@ def main() -> None:
         "benchmark": "hostile_load",
         "target_ratio": 1.5,
         "judged_on": "attacker_niced" if "attacker_niced" in runs else "equal_priority",
+        "methodology_note": "attacker_niced: the attacker and its p2pd at nice 19, standing in for another "
+        "computer (on this machine they share the server's cores); equal_priority: at the server's priority",
         "concurrency": args.concurrency,
         "malformed_only": args.malformed_only,
         "rounds": args.rounds,
