@@ -58,6 +58,8 @@ PREFIX = "bench-hostile"
 BLOCKS = 6
 HIDDEN = 64
 CHAIN = protocol.chain_uids(PREFIX, 0, BLOCKS)
+TRACE_TO: str | None = None  # --trace DIR: the client's stamps per step (the server's: COROLLA_STEP_TRACE)
+PHASE = "warm-up"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -155,6 +157,11 @@ def time_steps(client: WireClient, peer_id: str, steps: int) -> list[float]:
                 break
 
     client.run(run(), timeout=600)
+    if TRACE_TO:
+        with open(TRACE_TO, "a") as out:
+            for i, (start, done) in enumerate(zip(sent, received[1:], strict=True)):
+                stamps = {"session": session_id, "step": str(i), "phase": PHASE, "sent": start, "received": done}
+                out.write(json.dumps(stamps) + "\n")
     return [done - start for start, done in zip(sent, received[1:], strict=True)]
 
 
@@ -232,9 +239,15 @@ def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
     """One server, one honest client, one attacker at `attacker_nice`: quiet and attacked rounds."""
     from corolla.swarm.models.tiny import make_tiny_model
 
+    global TRACE_TO, PHASE
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        TRACE_TO = str(Path(args.trace) / f"client-nice{attacker_nice}.jsonl")
+        os.environ["COROLLA_STEP_TRACE"] = str(Path(args.trace) / f"server-nice{attacker_nice}.jsonl")
     with tempfile.TemporaryDirectory(prefix="corolla-hostile-bench-") as tmp:
         model = make_tiny_model("llama", Path(tmp) / "model")
-        with tiny_block_server(Path(tmp), model, PREFIX, BLOCKS, inference_max_length=1024) as server:
+        threads = ("--num-threads", str(args.server_threads)) if args.server_threads else ()
+        with tiny_block_server(Path(tmp), model, PREFIX, BLOCKS, *threads, inference_max_length=1024) as server:
             switch = Path(tmp) / "attack-on"
             with WireClient(server.maddr) as client:
                 time_steps(client, server.peer_id, 20)  # warm-up
@@ -260,11 +273,13 @@ def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
                 before = server.stats()
                 for _ in range(args.rounds):
                     meter.start()
+                    PHASE = "quiet"
                     quiet += time_steps(client, server.peer_id, per_round)
                     meter.stop("quiet")
                     switch.touch()
                     time.sleep(1.0)  # the attack reaches full speed
                     meter.start()
+                    PHASE = "attacked"
                     attacked += time_steps(client, server.peer_id, per_round)
                     meter.stop("attacked")
                     switch.unlink()
@@ -309,6 +324,8 @@ def main() -> None:
         default="both",
         help="the attacker at the server's CPU priority, at nice 19 (standing in for another computer), or both",
     )
+    parser.add_argument("--server-threads", type=int, help="the server's --num-threads (default: its own choice)")
+    parser.add_argument("--trace", metavar="DIR", help="write per-step stamps of client and server to DIR (jsonl)")
     parser.add_argument("--attack", nargs=4, metavar=("MADDR", "PEER_ID", "SECONDS", "SWITCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.attack:

@@ -37,7 +37,7 @@ from corolla.swarm.models.cache import SessionCache
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.models.static_cache import StaticSessionCache
-from corolla.swarm.server import block_args
+from corolla.swarm.server import block_args, step_trace
 from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.compute_queue import ComputeQueue, Priority
 from corolla.swarm.server.forward_graphs import ForwardGraphs, KeptGraph, graph_key
@@ -176,6 +176,8 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self._background: set[asyncio.Task] = set()
         # Moving average of step compute times; starts high so the first (cold) steps run off the loop.
         self._step_ms = INLINE_MAX_MS * 2
+        self._last_compute = (0.0, 0.0)  # the last token step's compute stamps, for step_trace
+        self._last_inline = False
 
     async def attach(self, p2p: P2P) -> None:
         self.p2p = p2p
@@ -238,7 +240,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             started = time.perf_counter()
             out = fn()
             if priority == Priority.INFERENCE:  # what a token step costs, not someone's full batch
-                self._step_ms = 0.8 * self._step_ms + 0.2 * (time.perf_counter() - started) * 1000
+                ended = time.perf_counter()
+                self._step_ms = 0.8 * self._step_ms + 0.2 * (ended - started) * 1000
+                self._last_compute = (started, ended)
             return out
 
         try:
@@ -532,6 +536,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.stats.sessions_opened += 1
         self.stats.sessions_active += 1
         processed_steps: set[str] = set()
+        traced, read_at = step_trace.enabled(), 0.0
         try:
             request, metadata = first, first_metadata
             while request is not None and len(request.tensors) > 0:  # an empty request closes the session
@@ -539,9 +544,22 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 if step_id is not None and (not isinstance(step_id, str) or len(step_id) > MAX_SESSION_ID_CHARS):
                     raise BadRequest("step_id must be a string of at most 128 characters")
                 if step_id is None or step_id not in processed_steps:  # a duplicate step gets no reply
+                    queue_state = (self.compute_queue.busy, self.compute_queue.waiting) if traced else None
+                    started = step_trace.now() if traced else 0.0
                     out = await self._inference_step(span, cache, request, metadata, first_metadata, batch, max_length)
                     response = runtime_pb2.ExpertResponse(tensors=[serialize(out)])
                     self.stats.bytes_out += response.ByteSize()
+                    if traced:
+                        step_trace.record(
+                            session=first_metadata.get("session_id"),
+                            step=step_id,
+                            read=read_at,
+                            handler=started,
+                            compute=self._last_compute,
+                            reply=step_trace.now(),
+                            queue=queue_state,
+                            inline=self._last_inline,
+                        )
                     yield response
                     if isinstance(step_id, str):
                         processed_steps.add(step_id)
@@ -549,6 +567,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                     if metadata.get("pushed") is True:
                         self.stats.steps_from_pushes += 1
                 request = await inputs.next(self.limits.step_timeout)
+                read_at = step_trace.now() if traced else 0.0
                 if request is not None:
                     self.stats.bytes_in += request.ByteSize()
                     metadata = decode_metadata(request.metadata)
@@ -557,6 +576,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         finally:
             inputs.close()
             self.stats.sessions_active -= 1
+            step_trace.flush()
 
     async def _inference_step(
         self,
@@ -601,8 +621,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 adapter, lambda: span(hidden, cache, attention_mask=mask, position_ids=position_ids, prompts=prompts)
             ),
             Priority.INFERENCE,
-            inline=self._can_run_inline(batch * length),
+            inline=(inline := self._can_run_inline(batch * length)),
         )
+        self._last_inline = inline
         self.stats.tokens_processed += batch * length
         self.stats.inference_steps += 1
         return out
