@@ -324,7 +324,7 @@ def main() -> None:
         default="both",
         help="the attacker at the server's CPU priority, at nice 19 (standing in for another computer), or both",
     )
-    parser.add_argument("--server-threads", type=int, help="the server's --num-threads (default: its own choice)")
+    parser.add_argument("--server-threads", type=int, help="the server's --num-threads (default 1)")
     parser.add_argument("--trace", metavar="DIR", help="write per-step stamps of client and server to DIR (jsonl)")
     parser.add_argument("--attack", nargs=4, metavar=("MADDR", "PEER_ID", "SECONDS", "SWITCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
