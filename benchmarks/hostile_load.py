@@ -4,19 +4,34 @@ One Corolla block server (a tiny random Llama, 6 blocks) on 127.0.0.1. An honest
 token steps ([1, 1, hidden]) in one inference session: first with no attack (baseline), then while a
 hostile peer in another process sends malformed and oversized requests as fast as it can (deeply
 nested metadata, 3 GiB length prefixes, garbage frames, unknown blocks, free sessions, and full-size
-forward passes). The two alternate over several rounds in one session of the same server, so that
-noise from the rest of the machine falls on both alike; each side's latencies are pooled. Target
-(issue 10): median and p99 under attack <= 1.5 x without. Prints JSON.
+forward passes) with 8 requests in flight. The two alternate over several rounds in one session of
+the same server, so that noise from the rest of the machine falls on both alike; each side's
+latencies are pooled. Target (issue 10): median and p99 under attack <= 1.5 x without. Prints JSON.
 
-Usage (as root, preferably in a loopback-only namespace):
-    unshare -n sh -c 'ip link set lo up && .venv/bin/python benchmarks/hostile_load.py'
+Methodology. On a real swarm the attacker is another computer; here it shares the server's cores
+(2 on the dev machine), so every cycle its Python and its p2pd spend building requests is taken from
+the server and the honest client, and that alone slows the honest step whatever the server does. So
+the benchmark runs twice, each on a fresh server: `attacker_niced` runs the attacker and its p2pd at
+nice 19 (they still get the CPU the others leave idle, and send hundreds of requests a second: see
+`attack.sent_per_s`), which stands in for "another computer" and is what `meets_target` judges;
+`equal_priority` runs it at the server's priority, reported alongside. Each run reports the attack
+rate (sent, refused after being read, turned away unread, per second of attack), and the CPU each
+party used (`cpu_cores_busy`, in cores: server Python, server p2pd and DHT, attacker Python, attacker
+p2pd and DHT, honest client and its p2pd), quiet vs attacked.
+
+Usage (as root, in a loopback-only namespace; about 90 s for both runs):
+    unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python benchmarks/hostile_load.py
+Options: --methodology {both,attacker-niced,equal-priority}, --malformed-only (no valid full-size
+forward passes), --rounds, --steps, --concurrency.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +40,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +49,7 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
-from corolla.swarm import protocol
+from corolla.swarm import protocol, steptrace
 from tests.adversarial.hostile import HostilePeer, deep_metadata, frame
 from tests.support.swarm import tiny_block_server
 from tests.support.wire import WireClient, step_request
@@ -42,6 +58,8 @@ PREFIX = "bench-hostile"
 BLOCKS = 6
 HIDDEN = 64
 CHAIN = protocol.chain_uids(PREFIX, 0, BLOCKS)
+TRACE_TO: str | None = None  # --trace DIR: the client's stamps per step (the server's: COROLLA_STEP_TRACE)
+PHASE = "warm-up"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,6 +70,65 @@ def percentile(values: list[float], q: float) -> float:
 def summary(latencies_s: list[float]) -> dict:
     ms = [v * 1000 for v in latencies_s]
     return {"steps": len(ms), "median_ms": round(statistics.median(ms), 3), "p99_ms": round(percentile(ms, 0.99), 3)}
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by each party's processes, counted separately while the
+    attack is on and while it is off: where the honest step's time goes."""
+
+    def __init__(self, parties: dict[str, list[int]]):
+        """`parties`: name -> the pids counted under it (each alone, not its children)."""
+        self.roots = {name: [psutil.Process(pid) for pid in pids] for name, pids in parties.items()}
+        self.totals: dict[str, dict[str, float]] = {"quiet": {}, "attacked": {}}
+        self._start: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        out = {}
+        for name, roots in self.roots.items():
+            seconds = 0.0
+            for root in roots:
+                with contextlib.suppress(psutil.Error):
+                    times = root.cpu_times()
+                    seconds += times.user + times.system
+            out[name] = seconds
+        return out
+
+    def start(self) -> None:
+        self._start, self._wall = self._now(), time.monotonic()
+
+    def stop(self, phase: str) -> None:
+        now, wall = self._now(), time.monotonic() - self._wall
+        bucket = self.totals[phase]
+        for name, seconds in now.items():
+            bucket[name] = bucket.get(name, 0.0) + seconds - self._start[name]
+        bucket["wall_s"] = bucket.get("wall_s", 0.0) + wall
+
+    def report(self) -> dict:
+        """Per phase: each party's CPU seconds as a share of the phase's wall time (2.0 = both cores)."""
+        out = {}
+        for phase, bucket in self.totals.items():
+            wall = bucket.get("wall_s", 0.0) or 1.0
+            out[phase] = {name: round(seconds / wall, 3) for name, seconds in bucket.items() if name != "wall_s"}
+            out[phase]["wall_s"] = round(wall, 2)
+        return out
+
+
+def parties(server_pid: int, hostile_pid: int) -> dict[str, list[int]]:
+    """Every process of the run by party: the server's Python and its helpers (p2pd, the DHT child
+    and its p2pd), the attacker's likewise, and the honest client (this process and its p2pd)."""
+
+    def tree(pid: int) -> list[int]:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+    own = [p.pid for p in psutil.Process().children() if p.pid not in (server_pid, hostile_pid)]
+    honest = [os.getpid(), *own, *(c for pid in own for c in tree(pid))]
+    return {
+        "server_python": [server_pid],
+        "server_p2pd_and_dht": tree(server_pid),
+        "attacker_python": [hostile_pid],
+        "attacker_p2pd_and_dht": tree(hostile_pid),
+        "honest_client_and_p2pd": honest,
+    }
 
 
 def time_steps(client: WireClient, peer_id: str, steps: int) -> list[float]:
@@ -80,6 +157,13 @@ def time_steps(client: WireClient, peer_id: str, steps: int) -> list[float]:
                 break
 
     client.run(run(), timeout=600)
+    if TRACE_TO:
+        to_wall = steptrace.now() - time.perf_counter()  # the server stamps on the trace's (wall) clock
+        with open(TRACE_TO, "a") as out:
+            for i, (start, done) in enumerate(zip(sent, received[1:], strict=True)):
+                stamps = {"session": session_id, "step": str(i), "phase": PHASE}
+                stamps.update(sent=start + to_wall, received=done + to_wall)
+                out.write(json.dumps(stamps) + "\n")
     return [done - start for start, done in zip(sent, received[1:], strict=True)]
 
 
@@ -134,9 +218,17 @@ def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: P
                 except Exception:
                     counts["refused_or_cut"] += 1
 
+        async def attack_clock(deadline: float) -> None:
+            """Seconds the attack was on, for its rate."""
+            stop = switch.with_suffix(".stop")
+            while time.monotonic() < deadline and not stop.exists():
+                await asyncio.sleep(0.05)
+                if switch.exists():
+                    counts["on_s"] = counts.get("on_s", 0.0) + 0.05
+
         async def main():
             deadline = time.monotonic() + seconds
-            await asyncio.gather(*(worker(deadline) for _ in range(concurrency)))
+            await asyncio.gather(attack_clock(deadline), *(worker(deadline) for _ in range(concurrency)))
 
         hostile.run(main(), timeout=seconds + 60)
         print(json.dumps(counts), flush=True)
@@ -145,24 +237,21 @@ def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: P
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=8, help="hostile requests in flight")
-    parser.add_argument("--malformed-only", action="store_true", help="no valid full-size forward passes")
-    parser.add_argument("--rounds", type=int, default=4, help="alternations of quiet and attacked steps")
-    parser.add_argument("--attack", nargs=4, metavar=("MADDR", "PEER_ID", "SECONDS", "SWITCH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.attack:
-        maddr, peer_id, seconds, switch = args.attack
-        attack(maddr, peer_id, float(seconds), args.concurrency, Path(switch), args.malformed_only)
-        return
-
+def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
+    """One server, one honest client, one attacker at `attacker_nice`: quiet and attacked rounds."""
     from corolla.swarm.models.tiny import make_tiny_model
 
+    global TRACE_TO, PHASE
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        run_dir = Path(args.trace) / f"nice{attacker_nice}"  # the server's own lines land here too
+        run_dir.mkdir(exist_ok=True)
+        TRACE_TO = str(run_dir / "client.jsonl")
+        os.environ[steptrace.ENV] = str(run_dir)
     with tempfile.TemporaryDirectory(prefix="corolla-hostile-bench-") as tmp:
         model = make_tiny_model("llama", Path(tmp) / "model")
-        with tiny_block_server(Path(tmp), model, PREFIX, BLOCKS, inference_max_length=1024) as server:
+        threads = ("--num-threads", str(args.server_threads)) if args.server_threads else ()
+        with tiny_block_server(Path(tmp), model, PREFIX, BLOCKS, *threads, inference_max_length=1024) as server:
             switch = Path(tmp) / "attack-on"
             with WireClient(server.maddr) as client:
                 time_steps(client, server.peer_id, 20)  # warm-up
@@ -170,7 +259,8 @@ def main() -> None:
                 command = [sys.executable, __file__, "--concurrency", str(args.concurrency)]
                 command += ["--malformed-only"] if args.malformed_only else []
                 command += ["--attack", server.maddr, server.peer_id, str(seconds), str(switch)]
-                hostile = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+                nice = (lambda: os.nice(attacker_nice)) if attacker_nice else None
+                hostile = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=nice)
                 # The hostile peer joins the swarm first (its DHT and p2pd take seconds, more on a busy
                 # machine): attacked rounds timed before it could send would measure no attack at all.
                 ready = switch.with_suffix(".ready")
@@ -183,30 +273,90 @@ def main() -> None:
                 quiet: list[float] = []
                 attacked: list[float] = []
                 per_round = max(args.steps // args.rounds, 10)
+                meter = CpuMeter(parties(server.process.pid, hostile.pid))
+                before = server.stats()
                 for _ in range(args.rounds):
+                    meter.start()
+                    PHASE = "quiet"
                     quiet += time_steps(client, server.peer_id, per_round)
+                    meter.stop("quiet")
                     switch.touch()
                     time.sleep(1.0)  # the attack reaches full speed
+                    meter.start()
+                    PHASE = "attacked"
                     attacked += time_steps(client, server.peer_id, per_round)
+                    meter.stop("attacked")
                     switch.unlink()
                     time.sleep(1.0)  # and dies down
                 switch.with_suffix(".stop").touch()
                 output = hostile.communicate(timeout=120)[0] or ""
-                attack_counts = json.loads(output.splitlines()[-1]) if output.strip() else {}
+                counts = json.loads(output.splitlines()[-1]) if output.strip() else {}
+                time.sleep(1.5)  # the stats file is written every second
+                after = server.stats()
             alive = server.process.poll() is None
     base, hit = summary(quiet), summary(attacked)
-    result = {
-        "benchmark": "hostile_load",
+    on_s = counts.get("on_s") or 1.0
+    server_side = {key: after.get(key, 0) - before.get(key, 0) for key in ("requests_refused", "requests_turned_away")}
+    return {
+        "attacker_nice": attacker_nice,
         "baseline": base,
         "under_attack": hit,
-        "rounds": args.rounds,
         "ratio_median": round(hit["median_ms"] / base["median_ms"], 3),
         "ratio_p99": round(hit["p99_ms"] / base["p99_ms"], 3),
-        "target_ratio": 1.5,
-        "attack": {**attack_counts, "concurrency": args.concurrency, "malformed_only": args.malformed_only},
+        "attack": {
+            "sent": counts.get("sent"),
+            "failed_at_the_attacker": counts.get("refused_or_cut"),
+            "on_s": round(on_s, 1),
+            "sent_per_s": round(counts.get("sent", 0) / on_s, 1),
+            **server_side,
+            "refused_or_turned_away_per_s": round(sum(server_side.values()) / on_s, 1),
+        },
         "server_alive_after": alive,
+        "cpu_cores_busy": meter.report(),
     }
-    result["meets_target"] = result["ratio_median"] <= 1.5 and result["ratio_p99"] <= 1.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=8, help="hostile requests in flight")
+    parser.add_argument("--malformed-only", action="store_true", help="no valid full-size forward passes")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations of quiet and attacked steps")
+    parser.add_argument(
+        "--methodology",
+        choices=["both", "equal-priority", "attacker-niced"],
+        default="both",
+        help="the attacker at the server's CPU priority, at nice 19 (standing in for another computer), or both",
+    )
+    parser.add_argument("--server-threads", type=int, help="the server's --num-threads (default 1)")
+    parser.add_argument("--trace", metavar="DIR", help="write per-step stamps of client and server to DIR (jsonl)")
+    parser.add_argument("--attack", nargs=4, metavar=("MADDR", "PEER_ID", "SECONDS", "SWITCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.attack:
+        maddr, peer_id, seconds, switch = args.attack
+        attack(maddr, peer_id, float(seconds), args.concurrency, Path(switch), args.malformed_only)
+        return
+
+    started = time.monotonic()
+    runs = {}
+    if args.methodology in ("both", "attacker-niced"):
+        runs["attacker_niced"] = measure(args, attacker_nice=19)
+    if args.methodology in ("both", "equal-priority"):
+        runs["equal_priority"] = measure(args, attacker_nice=0)
+    judged = runs.get("attacker_niced") or runs["equal_priority"]
+    result = {
+        "benchmark": "hostile_load",
+        "target_ratio": 1.5,
+        "judged_on": "attacker_niced" if "attacker_niced" in runs else "equal_priority",
+        "methodology_note": "attacker_niced: the attacker and its p2pd at nice 19, standing in for another "
+        "computer (on this machine they share the server's cores); equal_priority: at the server's priority",
+        "concurrency": args.concurrency,
+        "malformed_only": args.malformed_only,
+        "rounds": args.rounds,
+        **runs,
+        "meets_target": judged["ratio_median"] <= 1.5 and judged["ratio_p99"] <= 1.5 and judged["server_alive_after"],
+        "wall_s": round(time.monotonic() - started, 1),
+    }
     print(json.dumps(result, indent=2))
 
 

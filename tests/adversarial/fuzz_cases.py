@@ -3,6 +3,7 @@ built from valid templates so that the fuzzer reaches past the first check as of
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 
@@ -29,10 +30,47 @@ METADATA_KEYS = [
 ]
 
 
+@functools.cache
+def _deep_tuples(depth: int) -> bytes:
+    return deep_tuples(depth)
+
+
+@functools.cache
+def _good_tensor(batch: int, length: int, hidden: int, special: str | None) -> runtime_pb2.Tensor:
+    """Hidden states of one shape, made once: their values do not matter to the server's checks, and
+    making fresh ones for each of tens of thousands of cases was a good part of the fuzzer's time."""
+    values = torch.randn(batch, length, hidden, generator=torch.Generator().manual_seed(batch * 1000 + length))
+    if special is not None and values.numel():
+        values[0, 0, 0] = float(special)
+    return serialize_torch_tensor(values)
+
+
+SPECIAL_FLOATS = (float("nan"), float("inf"), -1e308, 0.5, -0.0)
+PEER_ID_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
 class RequestFuzzer:
     def __init__(self, seed: int, prefix: str, blocks: int, hidden: int):
-        self.rng = random.Random(seed)
+        self.rng = r = random.Random(seed)
         self.prefix, self.blocks, self.hidden = prefix, blocks, hidden
+        self._scalars = [  # made once: building these lists per call was most of the generators' time
+            lambda: r.randint(-(2**63), 2**64 - 1),
+            lambda: r.randint(-3, 100),
+            lambda: r.choice(SPECIAL_FLOATS),
+            lambda: None,
+            lambda: r.choice((True, False)),
+            lambda: self.text(30, lowest=1),
+            lambda: self.raw_bytes(30),
+            lambda: b"__T" + str(r.randint(-2, 9)).encode(),
+        ]
+
+    def text(self, longest: int, lowest: int = 32) -> str:
+        """Up to `longest` random characters below U+2FFF."""
+        r = self.rng
+        return "".join(map(chr, r.choices(range(lowest, 0x2FFF), k=r.randint(0, longest))))
+
+    def raw_bytes(self, longest: int) -> bytes:
+        return self.rng.randbytes(self.rng.randint(0, longest))
 
     # --- pieces --------------------------------------------------------------------------------
     def uid(self) -> str:
@@ -44,26 +82,14 @@ class RequestFuzzer:
         choices = [
             lambda: f"{self.prefix}.{r.randrange(-5, 10**6)}",
             lambda: " ".join(f"{self.prefix}.{r.randrange(self.blocks)}" for _ in range(r.randint(1, 8))),
-            lambda: "".join(chr(r.randrange(32, 0x2FFF)) for _ in range(r.randint(0, 40))),
+            lambda: self.text(40),
             lambda: f"{self.prefix}." * r.randint(1, 2000),
             lambda: "",
         ]
         return r.choice(choices)()
 
     def scalar(self):
-        r = self.rng
-        return r.choice(
-            [
-                lambda: r.randint(-(2**63), 2**64 - 1),
-                lambda: r.randint(-3, 100),
-                lambda: r.choice([float("nan"), float("inf"), -1e308, 0.5, -0.0]),
-                lambda: None,
-                lambda: r.choice([True, False]),
-                lambda: "".join(chr(r.randrange(1, 0x2FFF)) for _ in range(r.randint(0, 30))),
-                lambda: bytes(r.randrange(256) for _ in range(r.randint(0, 30))),
-                lambda: b"__T" + str(r.randint(-2, 9)).encode(),
-            ]
-        )()
+        return self.rng.choice(self._scalars)()
 
     def structure(self, depth: int = 0):
         r = self.rng
@@ -81,9 +107,9 @@ class RequestFuzzer:
         r = self.rng
         roll = r.random()
         if roll < 0.05:
-            return bytes(r.randrange(256) for _ in range(r.randint(0, 64)))
+            return self.raw_bytes(64)
         if roll < 0.08:
-            return msgpack.packb({"args_structure": msgpack.ExtType(0x40, deep_tuples(r.randint(30, 400)))})
+            return msgpack.packb({"args_structure": msgpack.ExtType(0x40, _deep_tuples(r.randint(30, 400)))})
         if roll < 0.10:
             return MSGPackSerializer.dumps(self.structure())
         meta = {"args_structure": ARGS, "session_id": f"s{r.randrange(50)}", "step_id": f"t{r.randrange(10**6)}"}
@@ -101,10 +127,8 @@ class RequestFuzzer:
 
     def tensor(self, batch: int, length: int) -> runtime_pb2.Tensor:
         r = self.rng
-        good = torch.randn(batch, length, self.hidden)
-        if r.random() < 0.03 and good.numel():
-            good[0, 0, 0] = r.choice([float("nan"), float("inf")])
-        proto = serialize_torch_tensor(good)
+        special = r.choice(["nan", "inf"]) if r.random() < 0.03 else None
+        proto = _good_tensor(batch, length, self.hidden, special)
         roll = r.random()
         if roll < 0.6:
             return proto
@@ -117,7 +141,7 @@ class RequestFuzzer:
             del mutated.size[:]
             mutated.size.extend(r.choice([0, 1, 2, 64, 300, 2**31, 2**31 - 1]) for _ in range(r.randint(0, 6)))
         elif field == 2:
-            mutated.buffer = bytes(r.randrange(256) for _ in range(r.choice([0, 1, 7, 64, 4 * self.hidden])))
+            mutated.buffer = r.randbytes(r.choice([0, 1, 7, 64, 4 * self.hidden]))
         elif field == 3:
             mutated.compression = r.randint(0, 12)
         else:
@@ -130,11 +154,7 @@ class RequestFuzzer:
         count = r.choice([0, 1, 2, 3, 3, 3, 9])
         out = [self.tensor(batch, length)]
         for _ in range(count - 1):
-            out.append(
-                serialize_torch_tensor(torch.zeros(0))
-                if r.random() < 0.7
-                else serialize_torch_tensor(torch.randint(-2, 4, (batch,), dtype=torch.int64))
-            )
+            out.append(_EMPTY if r.random() < 0.7 else _hypo_ids(tuple(r.randint(-2, 3) for _ in range(batch))))
         return out[:count]
 
     # --- whole requests ------------------------------------------------------------------------
@@ -180,7 +200,15 @@ class RequestFuzzer:
             return b"\x00" + struct.pack(">Q", r.randint(0, 2**64 - 1)) + body[:64]
         if roll < 0.9:
             return bytes([r.randrange(256)]) + struct.pack(">Q", len(body)) + body
-        return bytes(r.randrange(256) for _ in range(r.randint(0, 300)))
+        return self.raw_bytes(300)
+
+
+_EMPTY = serialize_torch_tensor(torch.zeros(0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hypo_ids(values: tuple[int, ...]) -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(torch.tensor(values, dtype=torch.int64))
 
 
 INFO_KEYS = ("start_block", "end_block", "inference_rps", "forward_rps", "network_rps", "cache_tokens_left")
@@ -190,16 +218,19 @@ INFO_KEYS += ("public_name", "version", "adapters", "next_pings", "torch_dtype",
 class RecordFuzzer(RequestFuzzer):
     """Encoded {subkey: value} entries of one block's DHT record, mostly server infos gone wrong."""
 
-    def number(self):
+    def __init__(self, seed: int, prefix: str, blocks: int, hidden: int):
+        super().__init__(seed, prefix, blocks, hidden)
         r = self.rng
-        return r.choice(
-            [
-                lambda: r.randint(0, 12),
-                lambda: r.randint(-(2**63), 2**64 - 1),
-                lambda: r.choice([0.0, 1.5, 1e300, float("inf"), float("nan"), -1.0]),
-                self.scalar,
-            ]
-        )()
+        self._numbers = [
+            lambda: r.randint(0, 12),
+            lambda: r.randint(-(2**63), 2**64 - 1),
+            lambda: r.choice((0.0, 1.5, 1e300, float("inf"), float("nan"), -1.0)),
+            self.scalar,
+        ]
+        self._subkeys = [lambda: PeerID_like(r), lambda: str(self.scalar())[:200], lambda: "x" * r.randint(100, 300)]
+
+    def number(self):
+        return self.rng.choice(self._numbers)()
 
     def info(self):
         r = self.rng
@@ -218,13 +249,7 @@ class RecordFuzzer(RequestFuzzer):
         r = self.rng
         entries = {}
         for _ in range(r.choice([0, 1, 2, 5, 40])):
-            subkey = r.choice(
-                [
-                    lambda: PeerID_like(r),
-                    lambda: str(self.scalar())[:200],
-                    lambda: "x" * r.randint(100, 300),
-                ]
-            )()
+            subkey = r.choice(self._subkeys)()
             value = self.info() if r.random() < 0.85 else self.structure()
             try:
                 raw = MSGPackSerializer.dumps(value)
@@ -237,7 +262,7 @@ class RecordFuzzer(RequestFuzzer):
                     raw[r.randrange(len(raw))] = r.randrange(256)
                 raw = bytes(raw)
             elif roll < 0.12:
-                raw = msgpack.packb(msgpack.ExtType(0x40, deep_tuples(r.randint(20, 300))))
+                raw = msgpack.packb(msgpack.ExtType(0x40, _deep_tuples(r.randint(20, 300))))
             elif roll < 0.14:
                 raw = raw[: r.randrange(max(len(raw), 1))]
             entries[subkey] = raw
@@ -245,5 +270,4 @@ class RecordFuzzer(RequestFuzzer):
 
 
 def PeerID_like(r: random.Random) -> str:
-    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-    return "12D3KooW" + "".join(r.choice(alphabet) for _ in range(44))
+    return "12D3KooW" + "".join(r.choices(PEER_ID_ALPHABET, k=44))

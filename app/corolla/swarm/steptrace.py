@@ -1,8 +1,10 @@
-"""Per-step timestamps for diagnosing latency across a chain (off unless COROLLA_STEP_TRACE is set).
+"""Per-step timestamps for diagnosing latency (off unless COROLLA_STEP_TRACE is set; never in production).
 
 COROLLA_STEP_TRACE names a directory; each process appends JSON lines `{"t", "who", "event", ...}` to
-its own file there. Every lab host shares the machine's wall clock, so the files of a client and its
-servers merge into one timeline per `step_id` (benchmarks/wan_trace.py does that).
+its own file there. Every stamp is on the wall clock, which all processes (and every lab host) of one
+machine share, so the files of a client and its servers merge into one timeline per step:
+benchmarks/wan_trace.py follows a step along a chain, benchmarks/step_trace_report.py splits an honest
+step's latency under attack (benchmarks/hostile_load.py --trace) into its legs.
 """
 
 from __future__ import annotations
@@ -10,14 +12,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TextIO
 
-_DIR = os.environ.get("COROLLA_STEP_TRACE")
-_file = None
+ENV = "COROLLA_STEP_TRACE"
+_files: dict[str, TextIO] = {}
 _who = f"{os.getpid()}"
 
 
 def enabled() -> bool:
-    return bool(_DIR)
+    return bool(os.environ.get(ENV))
+
+
+def now() -> float:
+    """The trace's clock, for stamps passed as fields."""
+    return time.time()
 
 
 def set_role(who: str) -> None:
@@ -27,10 +35,11 @@ def set_role(who: str) -> None:
 
 def mark(event: str, **fields: object) -> None:
     """Record one event (no-op unless tracing is on)."""
-    global _file
-    if not _DIR:
+    directory = os.environ.get(ENV)
+    if not directory:
         return
-    if _file is None:
-        os.makedirs(_DIR, exist_ok=True)
-        _file = open(os.path.join(_DIR, f"{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
-    _file.write(json.dumps({"t": time.time(), "who": _who, "event": event, **fields}) + "\n")
+    out = _files.get(directory)
+    if out is None:
+        os.makedirs(directory, exist_ok=True)
+        out = _files[directory] = open(os.path.join(directory, f"{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
+    out.write(json.dumps({"t": time.time(), "who": _who, "event": event, **fields}) + "\n")

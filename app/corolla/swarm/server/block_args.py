@@ -80,6 +80,14 @@ def forward(
     return span(hidden, attention_mask=mask, position_ids=positions(mask, 0, hidden.shape[1]), prompts=prompts)
 
 
+def one_block_each(span: BlockSpan, prompts: torch.Tensor | None) -> list[tuple[BlockSpan, torch.Tensor | None]]:
+    """The span as one-block spans in order, each with its block's deep prompts."""
+    return [
+        (span.sub(block, block + 1), None if prompts is None else prompts[i : i + 1])
+        for i, block in enumerate(range(span.start, span.end))
+    ]
+
+
 def backward(
     span: BlockSpan,
     inputs: torch.Tensor,

@@ -35,6 +35,11 @@ class ComputeQueue:
         self._busy = False
 
     @property
+    def busy(self) -> bool:
+        """A job is on the thread now."""
+        return self._busy
+
+    @property
     def waiting(self) -> int:
         return sum(1 for *_, granted in self._waiting if not granted.done())
 

@@ -52,8 +52,9 @@ from corolla.swarm.server.packing import (
     stream_parts,
     unpack_args_kwargs,
 )
+from corolla.swarm.server.refusals import RefusalBudget, RefusalLog
 from corolla.swarm.server.stats import ServerStats
-from corolla.swarm.server.streams import StreamLimits, add_stream_handler
+from corolla.swarm.server.streams import TURNED_AWAY, StreamLimits, add_stream_handler
 
 logger = logging.getLogger(__name__)
 NONE_COMPRESSION = runtime_pb2.CompressionType.NONE
@@ -62,6 +63,8 @@ MAX_PUSH_BYTES = 2 * 1024 * 1024  # p2pd unary payloads (rpc_push) are capped at
 # Single-token steps faster than this run on the event loop itself (a slow device never blocks it long).
 INLINE_MAX_TOKENS = 8
 INLINE_MAX_MS = 2.0
+# Forward passes over more tokens than this run one block per compute job (see _forward_block_by_block).
+PIECEWISE_MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class HandlerLimits:
     max_queued_per_peer: int = 4  # forward/backward requests waiting for or on the compute thread
     max_queued: int = 64
     max_stream_messages: int = 256  # messages in one forward/backward stream
+    # Refusals a peer may run up (a burst, refilled per second) before it is turned away unread;
+    # None: never turned away.
+    refusal_burst: int | None = 64
+    refusals_per_s: float = 16.0
 
 
 @dataclass
@@ -154,16 +161,24 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         max_message = largest + protocol.MAX_METADATA_BYTES + 64 * 1024
         # A whole forward/backward request: hidden states (and, for backward, their gradients).
         self.max_request_bytes = 2 * limits.max_batch_size * span.hidden_size * 4 + 1024 * 1024
+        self.refusals = None
+        if limits.refusal_burst is not None:
+            self.refusals = RefusalBudget(limits.refusal_burst, limits.refusals_per_s, self._count_turned_away)
+        self.refusal_log = RefusalLog(logger)
         self.stream_limits = StreamLimits(
             max_message_bytes=max_message,
             buffered_bytes=2 * max_message + 16 * 1024 * 1024,
             streams_per_peer=2 * limits.max_sessions_per_peer,
+            refusals=self.refusals,
+            refusal_log=self.refusal_log,
         )
         self.adapters: tuple[str, ...] = ()  # LoRA adapters this server can activate (none yet)
         self.p2p: P2P | None = None
         self._background: set[asyncio.Task] = set()
         # Moving average of step compute times; starts high so the first (cold) steps run off the loop.
         self._step_ms = INLINE_MAX_MS * 2
+        self._last_compute = (0.0, 0.0)  # the last token step's compute stamps, for steptrace
+        self._last_inline = False
 
     async def attach(self, p2p: P2P) -> None:
         self.p2p = p2p
@@ -225,7 +240,12 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         def timed() -> torch.Tensor:
             started = time.perf_counter()
             out = fn()
-            self._step_ms = 0.8 * self._step_ms + 0.2 * (time.perf_counter() - started) * 1000
+            if priority == Priority.INFERENCE:  # what a token step costs, not someone's full batch
+                ended = time.perf_counter()
+                self._step_ms = 0.8 * self._step_ms + 0.2 * (ended - started) * 1000
+                if steptrace.enabled():  # the same interval on the trace's clock
+                    wall_end = steptrace.now()
+                    self._last_compute = (wall_end - (ended - started), wall_end)
             return out
 
         try:
@@ -238,9 +258,19 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     def _can_run_inline(self, tokens: int) -> bool:
         return tokens <= INLINE_MAX_TOKENS and self._step_ms < INLINE_MAX_MS
 
-    def _refused(self, exc: BaseException) -> None:
+    def _refused(self, exc: BaseException, peer: PeerID) -> None:
         self.stats.requests_refused += 1
-        logger.info("refused a request: %s", protocol.shorten(str(exc) or type(exc).__name__, 300))
+        if self.refusals is not None:
+            self.refusals.charge(peer)
+        self.refusal_log.refused(protocol.shorten(str(exc) or type(exc).__name__, 300))
+
+    def _count_turned_away(self) -> None:
+        self.stats.requests_turned_away += 1
+
+    def _admit(self, peer: PeerID) -> None:
+        """Turn `peer` away before its request is looked at when it has run up too many refusals."""
+        if self.refusals is not None and not self.refusals.admits(peer):
+            raise BadRequest(TURNED_AWAY)
 
     @contextlib.asynccontextmanager
     async def _queued(self, peer: PeerID) -> AsyncIterator[None]:
@@ -298,8 +328,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         keep = graph_key(metadata, "corolla_keep_graph")  # a Corolla client's backward will follow
         kept = False
         if keep is None or peer is None:
-            run = run_with_adapter(adapter, lambda: block_args.forward(span, hidden, prompts, mask))
-            out = await asyncio.wait_for(self._compute(run, Priority.FORWARD), self.limits.request_timeout)
+            out = await asyncio.wait_for(
+                self._forward_block_by_block(span, hidden, prompts, mask, adapter), self.limits.request_timeout
+            )
         else:
             run = run_with_adapter(adapter, lambda: block_args.forward_keeping_graph(span, hidden, prompts, mask))
             out, leaf, prompt_leaf, graph = await asyncio.wait_for(
@@ -310,6 +341,25 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             kept = self.graphs.keep(keep, graph)
         self.stats.tokens_processed += hidden.shape[0] * hidden.shape[1]
         return out, kept
+
+    async def _forward_block_by_block(
+        self,
+        span: BlockSpan,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        adapter: str | None,
+    ) -> torch.Tensor:
+        """A long forward pass, one compute job per block: a job on the thread cannot be interrupted,
+        so a token step that arrives meanwhile waits for one block of it, not for the whole span (a
+        full batch through a span takes as long as hundreds of token steps)."""
+        pieces = [(span, prompts)]
+        if hidden.shape[0] * hidden.shape[1] > PIECEWISE_MIN_TOKENS:
+            pieces = block_args.one_block_each(span, prompts)
+        for piece, piece_prompts in pieces:
+            run = run_with_adapter(adapter, functools.partial(block_args.forward, piece, hidden, piece_prompts, mask))
+            hidden = await self._compute(run, Priority.FORWARD)
+        return hidden
 
     async def _backward(
         self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
@@ -375,6 +425,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         return MSGPackSerializer.dumps({protocol.GRAPH_KEPT_KEY: True}) if kept else b""
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        self._admit(context.remote_id)
         try:
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
@@ -385,7 +436,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                     context.remote_id,
                 )
         except (BadRequest, TimeoutError) as exc:
-            self._refused(exc)
+            self._refused(exc, context.remote_id)
             raise
         response = runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=self._forward_reply_metadata(kept))
         self.stats.bytes_out += response.ByteSize()
@@ -399,7 +450,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 uid, metadata, tensors = await self._gather(requests)
                 out, kept = await self._forward(uid, metadata, tensors, context.remote_id)
         except (BadRequest, TimeoutError) as exc:
-            self._refused(exc)
+            self._refused(exc, context.remote_id)
             raise
         reply_metadata = self._forward_reply_metadata(kept)
         for part in stream_parts(serialize(out)):
@@ -408,6 +459,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             reply_metadata = b""  # on the first message only
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        self._admit(context.remote_id)
         try:
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
@@ -418,7 +470,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                     context.remote_id,
                 )
         except (BadRequest, TimeoutError) as exc:
-            self._refused(exc)
+            self._refused(exc, context.remote_id)
             raise
         response = runtime_pb2.ExpertResponse(tensors=[serialize(g) for g in grad])
         self.stats.bytes_out += response.ByteSize()
@@ -432,7 +484,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 uid, metadata, tensors = await self._gather(requests)
                 grad = await self._backward(uid, metadata, tensors, context.remote_id)
         except (BadRequest, TimeoutError) as exc:
-            self._refused(exc)
+            self._refused(exc, context.remote_id)
             raise
         for part in [p for g in grad for p in stream_parts(serialize(g))]:
             self.stats.bytes_out += part.ByteSize()
@@ -469,7 +521,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             self._check_session_slot(context.remote_id, session_id, reserving=max_length > 0)
             nbytes = self.budget.session_bytes(batch, max_length, span.num_blocks)
         except BadRequest as exc:
-            self._refused(exc)
+            self._refused(exc, context.remote_id)
             raise
         # Registered before waiting for cache, so that waiting sessions count against the caps too.
         session = _Session(context.remote_id, first.uid, asyncio.Queue(maxsize=16), reserving=max_length > 0)
@@ -480,7 +532,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 async for response in self._run_session(span, first, metadata, requests, session, batch):
                     yield response
         except Exception as exc:
-            self._refused(exc)
+            self._refused(exc, context.remote_id)
             raise
         finally:
             self.sessions.pop(session_id, None)
@@ -524,6 +576,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.stats.sessions_opened += 1
         self.stats.sessions_active += 1
         processed_steps: set[str] = set()
+        traced, read_at = steptrace.enabled(), 0.0
         try:
             request, metadata = first, first_metadata
             while request is not None and len(request.tensors) > 0:  # an empty request closes the session
@@ -532,6 +585,8 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                     raise BadRequest("step_id must be a string of at most 128 characters")
                 if step_id is None or step_id not in processed_steps:  # a duplicate step gets no reply
                     steptrace.mark("step_start", step=step_id, pushed=metadata.get("pushed") is True)
+                    queue_state = (self.compute_queue.busy, self.compute_queue.waiting) if traced else None
+                    started = steptrace.now() if traced else 0.0
                     out = await self._inference_step(span, cache, request, metadata, first_metadata, batch, max_length)
                     steptrace.mark("computed", step=step_id)
                     serialized = serialize(out)
@@ -541,6 +596,18 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                         await asyncio.sleep(0)  # let the push task hand its bytes to p2pd before the reply
                     response = runtime_pb2.ExpertResponse(tensors=[serialized])
                     self.stats.bytes_out += response.ByteSize()
+                    if traced:  # one line per step: where its time went (benchmarks/step_trace_report.py)
+                        steptrace.mark(
+                            "server_step",
+                            session=first_metadata.get("session_id"),
+                            step=step_id,
+                            read=read_at,
+                            handler=started,
+                            compute=self._last_compute,
+                            reply=steptrace.now(),
+                            queue=queue_state,
+                            inline=self._last_inline,
+                        )
                     yield response
                     steptrace.mark("replied", step=step_id)
                     if isinstance(step_id, str):
@@ -548,7 +615,8 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                     if metadata.get("pushed") is True:
                         self.stats.steps_from_pushes += 1
                 request = await inputs.next(self.limits.step_timeout)
-                if request is not None and steptrace.enabled():
+                if request is not None and traced:
+                    read_at = steptrace.now()
                     step = decode_metadata(request.metadata).get("step_id")
                     steptrace.mark("input", pushed=inputs.last_was_pushed, step=step)
                 if request is not None:
@@ -603,8 +671,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
                 adapter, lambda: span(hidden, cache, attention_mask=mask, position_ids=position_ids, prompts=prompts)
             ),
             Priority.INFERENCE,
-            inline=self._can_run_inline(batch * length),
+            inline=(inline := self._can_run_inline(batch * length)),
         )
+        self._last_inline = inline
         self.stats.tokens_processed += batch * length
         self.stats.inference_steps += 1
         return out
@@ -669,6 +738,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         """A previous server's output for one of this server's sessions (old clients' server-to-server
         push). Accepted only into a session that is open here, over the same blocks, and only from one
         pusher per session: the upstream server the client names, else the first peer that pushes to it."""
+        self._admit(context.remote_id)
         try:
             metadata = decode_metadata(request.metadata)
             steptrace.mark("push_received", step=metadata.get("step_id"))
@@ -684,7 +754,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             if session.pushes.full():
                 raise BadRequest("rpc_push: the session's queue of pushed steps is full")
         except BadRequest as exc:
-            self._refused(exc)
+            self._refused(exc, context.remote_id)
             raise
         session.pusher = context.remote_id
         session.pushes.put_nowait(request)

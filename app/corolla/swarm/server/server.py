@@ -337,6 +337,12 @@ class BlockServer:
             handler.adapters = self.adapters
             p2p = await self.dht.replicate_p2p()
             await handler.attach(p2p)
+            # What is alive now (torch, the model, hivemind: ~400k objects) lives as long as the span;
+            # frozen, it is left out of the collector's full passes, each of which would otherwise walk
+            # all of it (hundreds of ms) and stall every token step meanwhile. A flood of requests
+            # makes such passes frequent.
+            gc.collect()
+            gc.freeze()
             self.next_pings = NextPings(p2p, self.peer_id)
             self.state = ServerState.ONLINE
             self._set_state("online", f"serving blocks [{start}, {end})")
@@ -370,6 +376,7 @@ class BlockServer:
             except Exception as exc:
                 logger.warning("could not remove the RPC handlers: %s", _one_line(exc))
         self.span = self.budget = None
+        gc.unfreeze()  # the old span's objects may hold cycles: let the collector see them again
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

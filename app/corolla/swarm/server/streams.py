@@ -25,8 +25,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto.p2pd_pb2 import RPCError
+
+from corolla.swarm.server.refusals import RefusalBudget, RefusalLog
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ MIN_BODY_RATE = 1024 * 1024  # bytes/s a sender must at least keep up once it an
 BODY_GRACE_S = 10.0
 BUDGET_WAIT_S = 10.0
 LARGE_BODY_BYTES = 256 * 1024
+TURNED_AWAY = "too many of this peer's requests were refused; try again in a few seconds"
 
 
 class StreamRefused(Exception):
@@ -48,6 +52,8 @@ class StreamLimits:
     max_message_bytes: int
     buffered_bytes: int  # read-but-unprocessed request bytes of all streams together
     streams_per_peer: int
+    refusals: RefusalBudget | None = None  # a peer out of refusals has its streams closed unread
+    refusal_log: RefusalLog | None = None
     _buffered: int = 0
     _freed: asyncio.Condition | None = None
     _open: Counter = field(default_factory=Counter)
@@ -159,9 +165,16 @@ async def add_stream_handler(
 
     async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id
+        if limits.refusals is not None and not limits.refusals.admits(peer):
+            # Turned away unread: no reply to wait for, no linger (the cheapest way to say no).
+            with contextlib.suppress(ConnectionError, OSError), contextlib.closing(writer):
+                await P2P.send_protobuf(RPCError(message=TURNED_AWAY), writer)
+            return
         limits._open[peer] += 1
         try:
             if limits._open[peer] > limits.streams_per_peer:
+                if limits.refusals is not None:
+                    limits.refusals.charge(peer)
                 with contextlib.suppress(ConnectionError, OSError), contextlib.closing(writer):
                     message = f"too many open streams from one peer (at most {limits.streams_per_peer})"
                     await P2P.send_protobuf(RPCError(message=message), writer)
@@ -212,8 +225,15 @@ async def add_stream_handler(
                         request, nbytes = receiving.result()
                     except asyncio.IncompleteReadError:
                         return  # the caller closed or died
-                    except StreamRefused as exc:
-                        logger.info("%s: ended a stream of %s: %s", name, stream_info.peer_id, exc)
+                    except (StreamRefused, DecodeError) as exc:
+                        if isinstance(exc, DecodeError):
+                            exc = StreamRefused(f"a message that does not parse: {exc}")
+                        if limits.refusals is not None:
+                            limits.refusals.charge(stream_info.peer_id)
+                        if limits.refusal_log is not None:
+                            limits.refusal_log.refused(f"{name.rsplit('.', 1)[-1]}: ended a stream: {exc}")
+                        else:
+                            logger.info("%s: ended a stream of %s: %s", name, stream_info.peer_id, exc)
                         with contextlib.suppress(ConnectionError, OSError):
                             await P2P.send_protobuf(RPCError(message=str(exc)), writer)
                         return

@@ -1,0 +1,136 @@
+"""A peer that keeps being refused is turned away at the door, and long forward passes give way to
+token steps block by block: the pieces in isolation, then the door on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from corolla.swarm.server import block_args
+from corolla.swarm.server.compute_queue import ComputeQueue
+from corolla.swarm.server.handler import TransformerConnectionHandler
+from corolla.swarm.server.refusals import MAX_TRACKED_PEERS, RefusalBudget, RefusalLog
+from corolla.swarm.server.streams import TURNED_AWAY
+from tests.adversarial.conftest import CHAIN, HIDDEN
+from tests.adversarial.hostile import HostilePeer, frame
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_peer_is_turned_away_once_its_refusals_run_out_and_admitted_again_as_they_refill():
+    clock, turned_away = Clock(), []
+    budget = RefusalBudget(burst=4, per_second=2.0, on_turned_away=lambda: turned_away.append(1), clock=clock)
+    assert budget.admits("honest") and budget.admits("hostile")
+    for _ in range(4):
+        budget.charge("hostile")
+    assert not budget.admits("hostile") and budget.admits("honest")
+    clock.now += 0.5  # one refusal earned back
+    assert budget.admits("hostile")
+    budget.charge("hostile")
+    assert not budget.admits("hostile")
+    assert len(turned_away) == 2
+
+
+def test_many_requests_in_flight_run_a_peer_into_debt_bounded_by_one_burst():
+    clock = Clock()
+    budget = RefusalBudget(burst=4, per_second=2.0, clock=clock)
+    for _ in range(100):
+        budget.charge("hostile")
+    clock.now += 3.9  # from -4 (one burst of debt) back to 3.8
+    assert budget.admits("hostile")
+    for _ in range(100):
+        budget.charge("hostile")
+    clock.now += 2.0  # -4 + 4 = 0: still out
+    assert not budget.admits("hostile")
+
+
+def test_the_budget_forgets_peers_that_owe_nothing_so_new_identities_cannot_grow_it():
+    clock = Clock()
+    budget = RefusalBudget(burst=4, per_second=2.0, clock=clock)
+    for index in range(MAX_TRACKED_PEERS):
+        budget.charge(f"peer-{index}")
+    clock.now += 10  # everyone's bucket is full again
+    budget.charge("one-more")
+    assert budget.tracked() <= 2
+
+
+def test_refusals_are_logged_at_once_up_to_a_limit_then_summed_up(caplog):
+    clock = Clock()
+    log = RefusalLog(logging.getLogger("refusal-test"), interval_s=10, lines_per_interval=3, clock=clock)
+    with caplog.at_level(logging.INFO, logger="refusal-test"):
+        for index in range(500):
+            log.refused(f"reason {index % 7}")
+        assert len(caplog.records) == 3
+        clock.now += 11
+        log.refused("after the interval")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 5
+    assert lines[3].startswith("refused 497 more requests, most often: ")
+    assert lines[4] == "refused a request: after the interval"
+
+
+def test_a_long_forward_pass_runs_block_by_block_with_the_same_result(local_span):
+    """Each block a job of its own on the compute queue (which runs a waiting token step before the
+    next one), and the result exactly the whole span's."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    handler = TransformerConnectionHandler.__new__(TransformerConnectionHandler)
+    handler.compute_queue, handler._step_ms = ComputeQueue(executor), 10.0
+    jobs: list[str] = []
+    original = handler.compute_queue.run
+
+    async def counting_run(fn, priority):
+        jobs.append(priority.name)
+        return await original(fn, priority)
+
+    handler.compute_queue.run = counting_run
+    hidden = torch.randn(2, 40, HIDDEN)
+    prompts = torch.randn(local_span.num_blocks, 1, 3, HIDDEN)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :5] = 0
+    try:
+        for p, m in [(None, None), (prompts, mask)]:
+            got = asyncio.run(handler._forward_block_by_block(local_span, hidden, p, m, None))
+            assert torch.equal(got, block_args.forward(local_span, hidden, p, m))
+    finally:
+        executor.shutdown()
+    assert jobs == ["FORWARD"] * (2 * local_span.num_blocks)
+
+
+def test_a_peer_out_of_refusals_is_turned_away_unread_while_others_are_served(server, check):
+    """A fresh identity (the shared hostile peer's budget belongs to the other tests) sends malformed
+    requests until the server stops reading them; an honest peer is served meanwhile, and after a
+    pause the same peer is heard again. (A stream turned away is closed at once, so its caller mostly
+    sees the reset, not the reason: the server's count says it happened.)"""
+
+    def turned_away() -> int:
+        return server.stats().get("requests_turned_away", 0)
+
+    before = turned_away()
+    with HostilePeer(server.maddr) as peer:
+        garbage = frame(b"\x07" * 64)
+        for _ in range(10):
+            peer.raw_streams(server.peer_id, "rpc_forward_stream", [garbage] * 32, read_for=0.5)
+        unary = peer.unary(server.peer_id, "rpc_forward", runtime_pb2.ExpertRequest(uid=CHAIN))
+        assert TURNED_AWAY in str(unary), unary
+        check.session_matches_local(seed=5)
+        time.sleep(1.5)  # the stats file is written every second
+        assert turned_away() > before
+        reply = ""
+        for _ in range(40):
+            reply = str(peer.unary(server.peer_id, "rpc_forward", runtime_pb2.ExpertRequest(uid=CHAIN)))
+            if TURNED_AWAY not in reply:
+                break
+            time.sleep(0.5)
+        assert "forward needs hidden states" in reply, reply
+    check.all_well()
