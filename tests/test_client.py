@@ -374,6 +374,29 @@ def test_servers_push_each_step_to_the_next_server(remote, local, swarm):
     assert received[0] == 0 and received[1] >= 10 and received[2] >= 10, received
 
 
+def test_generate_closes_its_sessions_behind_its_return(remote, local, swarm):
+    """generate() returns before its sessions have closed (a round trip saved per call); the closes
+    still finish, a generation started meanwhile gives the same tokens, and every server ends up
+    with the sessions it had before."""
+    remote._loop.wait_background()
+    time.sleep(1.5)  # the stats files are rewritten every second
+    before = [server.stats()["sessions_active"] for server in swarm]
+    ids = prompt(seed=23)
+    want = local.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    first = remote.generate(ids, max_new_tokens=6, do_sample=False)
+    second = remote.generate(ids, max_new_tokens=6, do_sample=False)  # while the first may still be closing
+    assert torch.equal(first, want) and torch.equal(second, want)
+    remote._loop.wait_background()
+    assert not remote._loop._background
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        active = [server.stats()["sessions_active"] for server in swarm]
+        if active == before:
+            break
+        time.sleep(0.5)
+    assert active == before
+
+
 def test_speculative_steps_give_the_greedy_tokens_exactly(remote, local):
     """Prompt-lookup drafts (on by default for greedy decoding) go through the swarm as multi-token
     steps; rejected drafts are rolled back on the servers; the tokens equal the local model's."""

@@ -39,7 +39,7 @@ from corolla.swarm.client.generation import CallbackStopping, SwarmCache, TokenC
 from corolla.swarm.client.prompts import PromptTuning
 from corolla.swarm.client.remote_forward import RemoteBlocks
 from corolla.swarm.client.routing import SwarmView
-from corolla.swarm.client.session import InferenceSession
+from corolla.swarm.client.session import CLOSE_TIMEOUT, InferenceSession
 from corolla.swarm.client.verification import LiarCaught, restart_route
 from corolla.swarm.models import LoadOptions, load_client_parts, open_checkpoint, resolve_dht_prefix
 from corolla.swarm.peers import start_dht
@@ -48,6 +48,11 @@ logger = logging.getLogger(__name__)
 TUNING_MODES = (None, "ptune", "deep_ptune")
 MAX_LIAR_RESTARTS = 3  # a generation re-runs at most this often after servers caught lying
 CANCEL_GRACE_S = 3.0  # for a cancelled coroutine to unwind (close its streams) before we move on
+# Sessions generate() closes behind its return, at most this many at once; past it a close is awaited
+# (a swarm that never answers a close must not pile up streams). Each close is bounded by its streams'
+# CLOSE_TIMEOUT; the model's close() waits up to BACKGROUND_CLOSE_WAIT_S for them before shutting down.
+MAX_BACKGROUND_CLOSES = 8
+BACKGROUND_CLOSE_WAIT_S = 2 * CLOSE_TIMEOUT
 
 
 class _LoopThread:
@@ -67,6 +72,8 @@ class _LoopThread:
         self._returned = threading.Event()
         self._closed = False
         self._local = threading.local()
+        self._background: set[concurrent.futures.Future] = set()  # closes still running (close_later)
+        self._background_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="corolla-client", daemon=True)
         self.thread.start()
 
@@ -100,6 +107,31 @@ class _LoopThread:
             with contextlib.suppress(BaseException):
                 concurrent.futures.wait([future], timeout=CANCEL_GRACE_S)
             raise
+
+    def close_later(self, coroutine) -> bool:
+        """Run a close on the loop without waiting for it; False (nothing started) when too many are
+        already in flight, and the caller closes in the foreground instead."""
+        with self._background_lock:
+            if self._closed or len(self._background) >= MAX_BACKGROUND_CLOSES:
+                coroutine.close()
+                return False
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+            self._background.add(future)
+        future.add_done_callback(self._forget)
+        return True
+
+    def _forget(self, future: concurrent.futures.Future) -> None:
+        with self._background_lock:
+            self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            logger.debug("a background session close failed: %s", future.exception())
+
+    def wait_background(self, timeout: float = BACKGROUND_CLOSE_WAIT_S) -> None:
+        """Wait (bounded) for the closes close_later started: the servers free their sessions now."""
+        with self._background_lock:
+            pending = list(self._background)
+        if pending and not getattr(self._local, "borrowed", False):
+            concurrent.futures.wait(pending, timeout=timeout)
 
     @contextlib.contextmanager
     def borrowed(self):
@@ -189,6 +221,13 @@ class RemoteSession:
 
     def close(self, timeout: float | None = None) -> None:
         self.model._loop.run(self._session.close(), timeout)
+
+    def close_in_background(self) -> None:
+        """Close without waiting for the servers' end of the streams (a round trip): generate() returns
+        its tokens at once. Later steps on this session fail as on a closed session."""
+        # The close cancels the session's spot checks first thing, on the loop (tasks are not thread-safe).
+        if not self.model._loop.close_later(self._session.close()):
+            self.close()
 
     def __enter__(self) -> RemoteSession:
         return self
@@ -334,6 +373,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return RemoteSession(self, max_length + self.pre_seq_len, prompts)
 
     def close(self) -> None:
+        self._loop.wait_background()  # sessions generate() left closing: the servers free them now
         with contextlib.suppress(Exception):
             self._loop.run(self.view.p2p.shutdown(), timeout=10)
         self._loop.stop()
@@ -569,7 +609,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return out
         finally:
             if own_session:
-                session.close()
+                session.close_in_background()
 
     def _get_candidate_generator(self, generation_config, *args, logits_processor=None, **kwargs):
         """Prompt lookup drafts with an adaptive length (speculative.py); other assistants as transformers does."""
