@@ -16,7 +16,9 @@ proven first: a bare TCP ping-pong through a forwarder against its configured de
    and (longest chain) with push + speculative steps on a free prompt and on a "rewrite" prompt.
 3. The floor per chain: with push a token travels client -> s1 -> ... -> client, (servers + 1)
    one-way delays, plus the compute measured in the run (the servers' step times and the client's
-   own work between tokens, from the step traces: benchmarks/wan_trace.py).
+   own work between tokens, from the step traces: benchmarks/wan_trace.py). Reported twice: on the
+   configured delay, and on the legs as the lab check measured them (`*_vs_measured_floor`: the
+   forwarder's own copy adds about 0.7 ms a leg, which no client can avoid).
 
 `ms_per_token` is a whole generate() call (opening and closing the sessions included) divided by
 its tokens, the same measure as Petals'; `steady_ms_per_token` is the time between tokens once the
@@ -294,8 +296,12 @@ def main() -> None:
                 server.stop()
             forwarders.stop()
 
+    # The lab's legs take what its check measured (the forwarder's own copy adds a little to the
+    # configured delay; stock Petals pays it too): the floor on those measured legs is reported beside.
+    measured_leg = args.delay_ms + max(0.0, results.get("lab_check", {}).get("lab_overhead_ms_per_leg", 0.0))
     for servers, chain in results["chains"].items():
-        network = (int(servers) + 1) * args.delay_ms
+        legs = int(servers) + 1
+        network = legs * args.delay_ms
         for variant in variants:
             block = chain.get(variant)
             if not block:
@@ -321,6 +327,12 @@ def main() -> None:
                     if push.get("steady_ms_per_token")
                     else None,
                 }
+                measured_floor = legs * measured_leg + compute
+                block["floor"]["measured_network_ms"] = round(legs * measured_leg, 2)
+                block["floor"]["push_vs_measured_floor"] = round(push["ms_per_token"] / measured_floor, 3)
+                if push.get("steady_ms_per_token"):
+                    steady = push["steady_ms_per_token"] / measured_floor
+                    block["floor"]["push_steady_vs_measured_floor"] = round(steady, 3)
     results["duration_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(results, indent=2))
 
