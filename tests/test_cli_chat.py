@@ -48,11 +48,21 @@ def _chat_command(model, maddr: str, *args: str) -> list[str]:
     return ["-m", "corolla.cli", "chat", str(model), "--initial-peers", maddr, "--dht-prefix", PREFIX, *LOOPBACK, *args]
 
 
+def _spawn_chat(args: list[str], **options) -> pexpect.spawn:
+    """The chat on a terminal, with Ctrl-C as a terminal gives it: a suite started in the background
+    (`cmd &` in a script) ignores SIGINT, and a program inherits that, so Ctrl-C would do nothing."""
+    return pexpect.spawn(sys.executable, args, timeout=120, encoding="utf-8", preexec_fn=_default_sigint, **options)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_mid_reply_returns_to_the_prompt_and_the_next_message_works(served):
     model, maddr = served
     # Replies long enough to be interrupted: random weights rarely say end-of-sequence.
     args = _chat_command(model, maddr, "--max-new-tokens", "4000", "--max-length", "8192")
-    child = pexpect.spawn(sys.executable, args, env={**os.environ, "TERM": "dumb"}, timeout=120, encoding="utf-8")
+    child = _spawn_chat(args, env={**os.environ, "TERM": "dumb"})
     try:
         child.expect_exact("> ")
         for turn in range(2):
@@ -74,7 +84,7 @@ def test_ctrl_c_mid_reply_returns_to_the_prompt_and_the_next_message_works(serve
 
 def test_ctrl_c_at_the_prompt_quits_cleanly(served):
     model, maddr = served
-    child = pexpect.spawn(sys.executable, _chat_command(model, maddr), timeout=120, encoding="utf-8")
+    child = _spawn_chat(_chat_command(model, maddr))
     try:
         child.expect_exact("> ")
         child.sendintr()
@@ -149,7 +159,7 @@ def test_swarm_text_and_json_agree_and_say_nothing_else(served):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_chat_group_at_the_prompt_leaves_nothing(served, sig):
     model, maddr = served
-    child = pexpect.spawn(sys.executable, _chat_command(model, maddr), timeout=120, encoding="utf-8")
+    child = _spawn_chat(_chat_command(model, maddr))
     tree = []
     try:
         child.expect_exact("> ")
