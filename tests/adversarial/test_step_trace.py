@@ -57,11 +57,11 @@ def _session(local_span, session_id: str, steps: list[torch.Tensor]) -> list[tor
 def test_each_step_is_traced_in_order_and_the_outputs_do_not_change(local_span, tmp_path, monkeypatch):
     torch.manual_seed(0)
     steps = [torch.randn(1, 4, HIDDEN), *(torch.randn(1, 1, HIDDEN) for _ in range(3))]
-    monkeypatch.delenv(steptrace.ENV, raising=False)
+    monkeypatch.setattr(steptrace, "_directory", None)
     untraced = _session(local_span, "untraced", steps)
 
     trace = tmp_path / "trace"
-    monkeypatch.setenv(steptrace.ENV, str(trace))
+    monkeypatch.setattr(steptrace, "_directory", str(trace))
     traced = _session(local_span, "traced", steps)
 
     assert all(torch.equal(a, b) for a, b in zip(untraced, traced, strict=True))
@@ -75,6 +75,6 @@ def test_each_step_is_traced_in_order_and_the_outputs_do_not_change(local_span, 
 
 
 def test_nothing_is_written_when_the_trace_is_off(tmp_path, monkeypatch):
-    monkeypatch.delenv(steptrace.ENV, raising=False)
+    monkeypatch.setattr(steptrace, "_directory", None)
     steptrace.mark("server_step", session="s", step="0")
     assert not steptrace.enabled() and not list(tmp_path.iterdir())

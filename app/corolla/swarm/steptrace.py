@@ -15,12 +15,19 @@ import time
 from typing import TextIO
 
 ENV = "COROLLA_STEP_TRACE"
+_directory = os.environ.get(ENV)  # read once: marks sit on every step's path
 _files: dict[str, TextIO] = {}
 _who = f"{os.getpid()}"
 
 
 def enabled() -> bool:
-    return bool(os.environ.get(ENV))
+    return bool(_directory)
+
+
+def set_directory(directory: str | None) -> None:
+    """Trace into `directory` from now on (None: off); processes started later take COROLLA_STEP_TRACE."""
+    global _directory
+    _directory = directory
 
 
 def now() -> float:
@@ -35,7 +42,7 @@ def set_role(who: str) -> None:
 
 def mark(event: str, **fields: object) -> None:
     """Record one event (no-op unless tracing is on)."""
-    directory = os.environ.get(ENV)
+    directory = _directory
     if not directory:
         return
     out = _files.get(directory)

@@ -177,6 +177,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self._background: set[asyncio.Task] = set()
         # Moving average of step compute times; starts high so the first (cold) steps run off the loop.
         self._step_ms = INLINE_MAX_MS * 2
+        self._traced = steptrace.enabled()
         self._last_compute = (0.0, 0.0)  # the last token step's compute stamps, for steptrace
         self._last_inline = False
 
@@ -243,7 +244,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             if priority == Priority.INFERENCE:  # what a token step costs, not someone's full batch
                 ended = time.perf_counter()
                 self._step_ms = 0.8 * self._step_ms + 0.2 * (ended - started) * 1000
-                if steptrace.enabled():  # the same interval on the trace's clock
+                if self._traced:  # the same interval on the trace's clock
                     wall_end = steptrace.now()
                     self._last_compute = (wall_end - (ended - started), wall_end)
             return out
@@ -576,7 +577,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.stats.sessions_opened += 1
         self.stats.sessions_active += 1
         processed_steps: set[str] = set()
-        traced, read_at = steptrace.enabled(), 0.0
+        traced, read_at = self._traced, 0.0
         try:
             request, metadata = first, first_metadata
             while request is not None and len(request.tensors) > 0:  # an empty request closes the session
