@@ -290,6 +290,9 @@ class SettingsDialog(QDialog):
         self.invite.setVisible(self.invite_option.isChecked())
         self.lan_box.setVisible(self.invite_option.isChecked())
         self.peers.setVisible(self.custom.isChecked())
+        # Grow (never shrink) to fit what just appeared: squeezed, the peers box overlapped the switch.
+        self.layout().activate()
+        self.resize(self.width(), max(self.height(), self.sizeHint().height()))
         if self.invite_option.isChecked():
             self.invite.setFocus()
         elif self.custom.isChecked():
