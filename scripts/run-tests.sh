@@ -26,7 +26,11 @@ if ! command -v iptables >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-g
 fi
 .venv/bin/ruff check app tests benchmarks packaging
 .venv/bin/ruff format --check app tests benchmarks packaging
+# Most tests wait on processes and sockets rather than compute, so two pytest-xdist workers (one test
+# file at a time each, so a file's module-scoped swarm or lab is built once) roughly halve the wall time
+# on 2 cores. COROLLA_TEST_WORKERS=0 runs everything in one process; a later `-n` on the command line wins.
+WORKERS=(-n "${COROLLA_TEST_WORKERS:-2}" --dist loadfile)
 if [[ "$(id -u)" == 0 ]] && command -v ip >/dev/null && unshare -n true 2>/dev/null; then
-  exec unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python -m pytest "$@"
+  exec unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python -m pytest "${WORKERS[@]}" "$@"
 fi
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest "${WORKERS[@]}" "$@"

@@ -18,6 +18,10 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # GUI tests never need a 
 os.environ.setdefault("COROLLA_DEFAULT_MODEL", "tiny")
 # Every process this test session starts inherits this mark, so the straggler sweep below only ever
 # touches this session's processes, never those of another run on the same machine.
+# Under pytest-xdist each worker is a session of its own (its own fixtures, its own sweep), and workers
+# inherit the controller's environment, so a worker takes a mark of its own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["COROLLA_TEST_SESSION"] = f"{uuid.uuid4().hex}-{os.environ['PYTEST_XDIST_WORKER']}"
 SESSION_MARK = os.environ.setdefault("COROLLA_TEST_SESSION", uuid.uuid4().hex)
 
 

@@ -290,15 +290,28 @@ def run_reference_script(
     script: Path, *args: str, timeout: float = 300.0, launcher: list[str] = ()
 ) -> subprocess.CompletedProcess:
     python = require_reference()
-    return subprocess.run(
+    # Its own process group: a stock client forks its DHT process (same command line), which outlives a
+    # killed parent, so a timeout takes the whole group down, not just the script.
+    process = subprocess.Popen(
         [*launcher, str(python), str(script), *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         env=reference_env(),
         cwd=str(reference_dir()),
-        check=False,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as timed_out:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise subprocess.TimeoutExpired(process.args, timeout, stdout, stderr) from timed_out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever it forked and left behind
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def make_reference_model(out_dir: Path, dht_prefix: str, layers: int | None = None) -> Path:
