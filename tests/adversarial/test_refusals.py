@@ -165,15 +165,15 @@ def test_a_peer_out_of_refusals_is_turned_away_unread_while_others_are_served(se
 
 
 def test_a_turned_away_peer_waits_for_its_answers_while_an_honest_session_is_served(server, check):
-    """A fresh identity sends a burst of refused requests all at once: once its refusals run out, the
-    rest are turned away, the first of them held before the answer (so a peer that waits for each
-    answer cannot come straight back), at most its share at a time and the others answered at once;
-    meanwhile an honest session runs token-exact."""
+    """A fresh identity sends a burst of refused requests all at once, unary and streams: once its
+    refusals run out, the rest are turned away, the first of them held before the answer (so a peer
+    that waits for each answer cannot come straight back), at most its share at a time and the others
+    answered at once; meanwhile an honest session runs token-exact."""
     burst = 3 * MAX_HELD_PER_PEER + 64  # past the refusal burst and past the share held
     stats_before = server.stats()
     with HostilePeer(server.maddr) as peer:
 
-        async def one() -> tuple[str, float]:
+        async def unary() -> tuple[str, float]:
             started = time.monotonic()
             try:
                 await peer.stub(server.peer_id).rpc_forward(runtime_pb2.ExpertRequest(uid=CHAIN), timeout=30)
@@ -182,11 +182,17 @@ def test_a_turned_away_peer_waits_for_its_answers_while_an_honest_session_is_ser
                 reply = str(exc)
             return reply, time.monotonic() - started
 
+        async def stream() -> tuple[str, float]:
+            started = time.monotonic()
+            opened = await peer._open(server.peer_id, "rpc_forward_stream")
+            reply = await peer._exchange(*opened, frame(b"\x07" * 64), read_for=20)
+            return reply.decode(errors="replace"), time.monotonic() - started
+
         async def all_at_once() -> list[tuple[str, float]]:
-            return await asyncio.gather(*(one() for _ in range(burst)))
+            return await asyncio.gather(*(unary() if i % 2 else stream() for i in range(burst)))
 
         replies: list[tuple[str, float]] = []
-        attack = threading.Thread(target=lambda: replies.extend(peer.run(all_at_once(), timeout=60)))
+        attack = threading.Thread(target=lambda: replies.extend(peer.run(all_at_once(), timeout=90)))
         attack.start()
         try:
             check.session_matches_local(seed=9)
@@ -195,9 +201,9 @@ def test_a_turned_away_peer_waits_for_its_answers_while_an_honest_session_is_ser
     time.sleep(1.5)  # the stats file is written every second
     stats = server.stats()
     held = stats["requests_held"] - stats_before.get("requests_held", 0)
-    turned_away = [elapsed for reply, elapsed in replies if TURNED_AWAY in reply]
-    refused = [reply for reply, _ in replies if "forward needs hidden states" in reply]
-    assert len(turned_away) + len(refused) == burst, [r for r, _ in replies][:5]
+    assert len(replies) == burst and all(reply != "answered" for reply, _ in replies)
+    # A turned-away stream is closed right after its answer: p2pd's reset may overtake it (streams.py).
+    turned_away = [elapsed for reply, elapsed in replies if TURNED_AWAY in reply or reply == ""]
     assert len(turned_away) > MAX_HELD_PER_PEER and 0 < held < len(turned_away)
     assert sum(elapsed >= HOLD_S for elapsed in turned_away) >= held  # held ones waited their time
     check.all_well()
