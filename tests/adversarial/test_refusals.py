@@ -93,6 +93,46 @@ def test_turned_away_requests_are_held_up_to_a_cap_per_peer_and_in_all_past_whic
     assert len(held) == 6
 
 
+def test_a_held_unary_call_that_its_caller_gives_up_on_ends_like_any_refused_call():
+    """p2pd cancels a unary call whose caller timed out; hivemind forgets the call only when its handler
+    returns or raises an Exception, so a held request must not end in CancelledError (the table of
+    calls would grow by one each time). hivemind's own unary dispatch, the handler's own door."""
+    from uuid import uuid4
+
+    from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
+    from hivemind.proto import p2pd_pb2
+
+    handler = TransformerConnectionHandler.__new__(TransformerConnectionHandler)
+    handler.refusals = RefusalBudget(burst=1, per_second=0.01, hold_s=30)
+    handler.refusals.charge("hostile")  # out of refusals: turned away, and held
+    control = ControlClient.__new__(ControlClient)
+    control.unary_handlers, control._handler_tasks = {}, {}
+    control.persistent_conn_max_msg_size = 1 << 20
+    control._read_task = control._write_task = None
+
+    async def unary(data: bytes, remote_id) -> bytes:
+        await handler._admit("hostile")
+        return b"served"
+
+    async def scenario() -> None:
+        control._pending_messages = asyncio.Queue()
+        control.unary_handlers["forward"] = unary
+        call_id = uuid4()
+        request = p2pd_pb2.CallUnaryRequest(proto="forward", peer=b"", data=b"")
+        control._handler_tasks[call_id] = task = asyncio.create_task(
+            control._handle_persistent_request(call_id, request)
+        )
+        await asyncio.sleep(0.05)
+        assert handler.refusals.held() == 1 and not task.done()
+        task.cancel()  # what hivemind does when p2pd says the caller cancelled
+        await asyncio.wait([task])
+        assert control._handler_tasks == {} and handler.refusals.held() == 0
+        reply = control._pending_messages.get_nowait().unaryResponse
+        assert TURNED_AWAY in reply.error.decode()
+
+    asyncio.run(scenario())
+
+
 def test_refusals_are_logged_at_once_up_to_a_limit_then_summed_up(caplog):
     clock = Clock()
     log = RefusalLog(logging.getLogger("refusal-test"), interval_s=10, lines_per_interval=3, clock=clock)

@@ -277,7 +277,11 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         """Turn `peer` away before its request is looked at when it has run up too many refusals
         (after holding the request a while: refusals.py)."""
         if self.refusals is not None and not self.refusals.admits(peer):
-            await self.refusals.hold(peer)
+            # A caller that gives up waiting has its call cancelled by p2pd. It ends as every refused
+            # call ends all the same: hivemind forgets a unary call only when its handler returns or
+            # raises an Exception, so a peer with short timeouts would otherwise grow that table forever.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.refusals.hold(peer)
             raise BadRequest(TURNED_AWAY)
 
     @contextlib.asynccontextmanager
