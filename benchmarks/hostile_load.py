@@ -22,12 +22,14 @@ p2pd) at three CPU priorities:
 - `attacker_niced`: at nice 19, which still has a small weight in the scheduler and is not always
   preempted at once, so some of the attacker's own cost still lands on the honest step;
 - `equal_priority`: at the server's priority, the worst case of an attacker on the same machine.
-Each run reports the attack rate (sent, refused after being read, turned away unread, per second of
-attack), and the CPU each party used (`cpu_cores_busy`, in cores: server Python, server p2pd and DHT,
-attacker Python, attacker p2pd and DHT, honest client and its p2pd), quiet vs attacked. p99 is taken
-over 1,200 steps a side by default (a p99 of 300 steps is the 3rd-worst sample, too noisy to judge).
+Each run reports the attack rate (sent, refused after being read, turned away unread and how many of
+those the server held before answering, per second of attack: the attacker waits for each answer, so
+its rate is what the server's answers allow), and the CPU each party used (`cpu_cores_busy`, in
+cores: server Python, server p2pd and DHT, attacker Python, attacker p2pd and DHT, honest client and
+its p2pd), quiet vs attacked. p99 is taken over 1,200 steps a side by default (a p99 of 300 steps
+is the 3rd-worst sample, too noisy to judge).
 
-Usage (as root, in a loopback-only namespace; about 3 minutes for the three runs):
+Usage (as root, in a loopback-only namespace; about 4-5 minutes for the three runs, 70-90 s each):
     unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python benchmarks/hostile_load.py
 Options: --methodology {all,attacker-idle,attacker-niced,equal-priority}, --malformed-only (no valid
 full-size forward passes), --rounds, --steps, --concurrency.
