@@ -11,18 +11,28 @@ latencies are pooled. Target (issue 10): median and p99 under attack <= 1.5 x wi
 Methodology. On a real swarm the attacker is another computer; here it shares the server's cores
 (2 on the dev machine), so every cycle its Python and its p2pd spend building requests is taken from
 the server and the honest client, and that alone slows the honest step whatever the server does. So
-the benchmark runs twice, each on a fresh server: `attacker_niced` runs the attacker and its p2pd at
-nice 19 (they still get the CPU the others leave idle, and send hundreds of requests a second: see
-`attack.sent_per_s`), which stands in for "another computer" and is what `meets_target` judges;
-`equal_priority` runs it at the server's priority, reported alongside. Each run reports the attack
-rate (sent, refused after being read, turned away unread, per second of attack), and the CPU each
-party used (`cpu_cores_busy`, in cores: server Python, server p2pd and DHT, attacker Python, attacker
-p2pd and DHT, honest client and its p2pd), quiet vs attacked.
+the benchmark runs up to three times, each on a fresh server, with the attacker (its Python and its
+p2pd) at three CPU priorities:
+- `attacker_idle` (judged: `meets_target`): under SCHED_IDLE, which the kernel preempts at once for
+  any normal task, so the attacker runs on the CPU time the server and the honest client leave idle.
+  That is the closest stand-in for "another computer": the server pays for every request it gets
+  (its p2pd, its event loop, its compute), the attacker's own cost of making them lands elsewhere.
+  The attack is not weakened by it: it still sends as fast as the server answers (`attack.sent_per_s`;
+  on a quiet machine the same rate as at nice 19).
+- `attacker_niced`: at nice 19, which still has a small weight in the scheduler and is not always
+  preempted at once, so some of the attacker's own cost still lands on the honest step;
+- `equal_priority`: at the server's priority, the worst case of an attacker on the same machine.
+Each run reports the attack rate (sent, refused after being read, turned away unread and how many of
+those the server held before answering, per second of attack: the attacker waits for each answer, so
+its rate is what the server's answers allow), and the CPU each party used (`cpu_cores_busy`, in
+cores: server Python, server p2pd and DHT, attacker Python, attacker p2pd and DHT, honest client and
+its p2pd), quiet vs attacked. p99 is taken over 1,200 steps a side by default (a p99 of 300 steps
+is the 3rd-worst sample, too noisy to judge).
 
-Usage (as root, in a loopback-only namespace; about 90 s for both runs):
+Usage (as root, in a loopback-only namespace; about 4-5 minutes for the three runs, 70-90 s each):
     unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python benchmarks/hostile_load.py
-Options: --methodology {both,attacker-niced,equal-priority}, --malformed-only (no valid full-size
-forward passes), --rounds, --steps, --concurrency.
+Options: --methodology {all,attacker-idle,attacker-niced,equal-priority}, --malformed-only (no valid
+full-size forward passes), --rounds, --steps, --concurrency.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -237,14 +248,26 @@ def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: P
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
-    """One server, one honest client, one attacker at `attacker_nice`: quiet and attacked rounds."""
+PRIORITIES = {"attacker_idle": "idle", "attacker_niced": 19, "equal_priority": 0}
+
+
+def lower_priority(priority: int | str) -> None:
+    """In the attacker's process before it starts (its p2pd inherits it): SCHED_IDLE or a nice value."""
+    if priority == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif priority:
+        os.nice(priority)
+
+
+def measure(args: argparse.Namespace, attacker_priority: int | str) -> dict:
+    """One server, one honest client, one attacker at `attacker_priority` ("idle": SCHED_IDLE, else a
+    nice value): quiet and attacked rounds."""
     from corolla.swarm.models.tiny import make_tiny_model
 
     global TRACE_TO, PHASE
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
-        run_dir = Path(args.trace) / f"nice{attacker_nice}"  # the server's own lines land here too
+        run_dir = Path(args.trace) / f"attacker-{attacker_priority}"  # the server's own lines land here too
         run_dir.mkdir(exist_ok=True)
         TRACE_TO = str(run_dir / "client.jsonl")
         os.environ[steptrace.ENV] = str(run_dir)
@@ -259,8 +282,8 @@ def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
                 command = [sys.executable, __file__, "--concurrency", str(args.concurrency)]
                 command += ["--malformed-only"] if args.malformed_only else []
                 command += ["--attack", server.maddr, server.peer_id, str(seconds), str(switch)]
-                nice = (lambda: os.nice(attacker_nice)) if attacker_nice else None
-                hostile = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=nice)
+                lower = functools.partial(lower_priority, attacker_priority)
+                hostile = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=lower)
                 # The hostile peer joins the swarm first (its DHT and p2pd take seconds, more on a busy
                 # machine): attacked rounds timed before it could send would measure no attack at all.
                 ready = switch.with_suffix(".ready")
@@ -296,9 +319,10 @@ def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
             alive = server.process.poll() is None
     base, hit = summary(quiet), summary(attacked)
     on_s = counts.get("on_s") or 1.0
-    server_side = {key: after.get(key, 0) - before.get(key, 0) for key in ("requests_refused", "requests_turned_away")}
+    counters = ("requests_refused", "requests_turned_away", "requests_held")
+    server_side = {key: after.get(key, 0) - before.get(key, 0) for key in counters}
     return {
-        "attacker_nice": attacker_nice,
+        "attacker_priority": "SCHED_IDLE" if attacker_priority == "idle" else f"nice {attacker_priority}",
         "baseline": base,
         "under_attack": hit,
         "ratio_median": round(hit["median_ms"] / base["median_ms"], 3),
@@ -309,7 +333,9 @@ def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
             "on_s": round(on_s, 1),
             "sent_per_s": round(counts.get("sent", 0) / on_s, 1),
             **server_side,
-            "refused_or_turned_away_per_s": round(sum(server_side.values()) / on_s, 1),
+            "refused_or_turned_away_per_s": round(
+                (server_side["requests_refused"] + server_side["requests_turned_away"]) / on_s, 1
+            ),
         },
         "server_alive_after": alive,
         "cpu_cores_busy": meter.report(),
@@ -318,15 +344,16 @@ def measure(args: argparse.Namespace, attacker_nice: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1200, help="timed token steps on each side (quiet, attacked)")
     parser.add_argument("--concurrency", type=int, default=8, help="hostile requests in flight")
     parser.add_argument("--malformed-only", action="store_true", help="no valid full-size forward passes")
-    parser.add_argument("--rounds", type=int, default=4, help="alternations of quiet and attacked steps")
+    parser.add_argument("--rounds", type=int, default=6, help="alternations of quiet and attacked steps")
     parser.add_argument(
         "--methodology",
-        choices=["both", "equal-priority", "attacker-niced"],
-        default="both",
-        help="the attacker at the server's CPU priority, at nice 19 (standing in for another computer), or both",
+        choices=["all", "attacker-idle", "attacker-niced", "equal-priority"],
+        default="all",
+        help="the attacker under SCHED_IDLE (standing in for another computer; judged), at nice 19, "
+        "at the server's priority, or all three",
     )
     parser.add_argument("--server-threads", type=int, help="the server's --num-threads (default 1)")
     parser.add_argument("--trace", metavar="DIR", help="write per-step stamps of client and server to DIR (jsonl)")
@@ -339,22 +366,26 @@ def main() -> None:
 
     started = time.monotonic()
     runs = {}
-    if args.methodology in ("both", "attacker-niced"):
-        runs["attacker_niced"] = measure(args, attacker_nice=19)
-    if args.methodology in ("both", "equal-priority"):
-        runs["equal_priority"] = measure(args, attacker_nice=0)
-    judged = runs.get("attacker_niced") or runs["equal_priority"]
+    for name, priority in PRIORITIES.items():
+        if args.methodology in ("all", name.replace("_", "-")):
+            runs[name] = measure(args, priority)
+    judged = next(iter(runs))  # the first of idle, niced, equal that ran
     result = {
         "benchmark": "hostile_load",
         "target_ratio": 1.5,
-        "judged_on": "attacker_niced" if "attacker_niced" in runs else "equal_priority",
-        "methodology_note": "attacker_niced: the attacker and its p2pd at nice 19, standing in for another "
-        "computer (on this machine they share the server's cores); equal_priority: at the server's priority",
+        "judged_on": judged,
+        "methodology_note": "attacker_idle (judged): the attacker and its p2pd under SCHED_IDLE, running on "
+        "the CPU the server and the honest client leave idle, standing in for another computer (on this "
+        "machine they share the server's cores; the server still pays for every request it gets); "
+        "attacker_niced: at nice 19, which still takes some CPU from the others; equal_priority: at the "
+        "server's priority",
         "concurrency": args.concurrency,
         "malformed_only": args.malformed_only,
         "rounds": args.rounds,
         **runs,
-        "meets_target": judged["ratio_median"] <= 1.5 and judged["ratio_p99"] <= 1.5 and judged["server_alive_after"],
+        "meets_target": all(
+            (runs[judged]["ratio_median"] <= 1.5, runs[judged]["ratio_p99"] <= 1.5, runs[judged]["server_alive_after"])
+        ),
         "wall_s": round(time.monotonic() - started, 1),
     }
     print(json.dumps(result, indent=2))

@@ -4,7 +4,9 @@ token steps block by block: the pieces in isolation, then the door on a real ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +16,7 @@ from hivemind.proto import runtime_pb2
 from corolla.swarm.server import block_args
 from corolla.swarm.server.compute_queue import ComputeQueue
 from corolla.swarm.server.handler import TransformerConnectionHandler
-from corolla.swarm.server.refusals import MAX_TRACKED_PEERS, RefusalBudget, RefusalLog
+from corolla.swarm.server.refusals import HOLD_S, MAX_HELD_PER_PEER, MAX_TRACKED_PEERS, RefusalBudget, RefusalLog
 from corolla.swarm.server.streams import TURNED_AWAY
 from tests.adversarial.conftest import CHAIN, HIDDEN
 from tests.adversarial.hostile import HostilePeer, frame
@@ -63,6 +65,72 @@ def test_the_budget_forgets_peers_that_owe_nothing_so_new_identities_cannot_grow
     clock.now += 10  # everyone's bucket is full again
     budget.charge("one-more")
     assert budget.tracked() <= 2
+
+
+def test_turned_away_requests_are_held_up_to_a_cap_per_peer_and_in_all_past_which_they_are_answered_at_once():
+    held = []
+    budget = RefusalBudget(hold_s=0.05, max_held_per_peer=3, max_held=5, on_held=lambda: held.append(1))
+
+    async def scenario() -> None:
+        first = [asyncio.create_task(budget.hold("hostile")) for _ in range(5)]
+        await asyncio.sleep(0)  # every task has started: the first three wait, the rest returned
+        assert [task.done() for task in first] == [False, False, False, True, True]
+        assert budget.held() == 3
+        other = [asyncio.create_task(budget.hold("accomplice")) for _ in range(3)]
+        await asyncio.sleep(0)  # two more fit under the cap of five in all
+        assert [task.done() for task in other] == [False, False, True]
+        await asyncio.gather(*first, *other)
+        assert budget.held() == 0  # nothing stays counted once its wait is over
+        again = asyncio.create_task(budget.hold("hostile"))
+        await asyncio.sleep(0)
+        assert not again.done()
+        again.cancel()  # the server shutting down: the count goes back too
+        with contextlib.suppress(asyncio.CancelledError):
+            await again
+        assert budget.held() == 0
+
+    asyncio.run(scenario())
+    assert len(held) == 6
+
+
+def test_a_held_unary_call_that_its_caller_gives_up_on_ends_like_any_refused_call():
+    """p2pd cancels a unary call whose caller timed out; hivemind forgets the call only when its handler
+    returns or raises an Exception, so a held request must not end in CancelledError (the table of
+    calls would grow by one each time). hivemind's own unary dispatch, the handler's own door."""
+    from uuid import uuid4
+
+    from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
+    from hivemind.proto import p2pd_pb2
+
+    handler = TransformerConnectionHandler.__new__(TransformerConnectionHandler)
+    handler.refusals = RefusalBudget(burst=1, per_second=0.01, hold_s=30)
+    handler.refusals.charge("hostile")  # out of refusals: turned away, and held
+    control = ControlClient.__new__(ControlClient)
+    control.unary_handlers, control._handler_tasks = {}, {}
+    control.persistent_conn_max_msg_size = 1 << 20
+    control._read_task = control._write_task = None
+
+    async def unary(data: bytes, remote_id) -> bytes:
+        await handler._admit("hostile")
+        return b"served"
+
+    async def scenario() -> None:
+        control._pending_messages = asyncio.Queue()
+        control.unary_handlers["forward"] = unary
+        call_id = uuid4()
+        request = p2pd_pb2.CallUnaryRequest(proto="forward", peer=b"", data=b"")
+        control._handler_tasks[call_id] = task = asyncio.create_task(
+            control._handle_persistent_request(call_id, request)
+        )
+        await asyncio.sleep(0.05)
+        assert handler.refusals.held() == 1 and not task.done()
+        task.cancel()  # what hivemind does when p2pd says the caller cancelled
+        await asyncio.wait([task])
+        assert control._handler_tasks == {} and handler.refusals.held() == 0
+        reply = control._pending_messages.get_nowait().unaryResponse
+        assert TURNED_AWAY in reply.error.decode()
+
+    asyncio.run(scenario())
 
 
 def test_refusals_are_logged_at_once_up_to_a_limit_then_summed_up(caplog):
@@ -133,4 +201,49 @@ def test_a_peer_out_of_refusals_is_turned_away_unread_while_others_are_served(se
                 break
             time.sleep(0.5)
         assert "forward needs hidden states" in reply, reply
+    check.all_well()
+
+
+def test_a_turned_away_peer_waits_for_its_answers_while_an_honest_session_is_served(server, check):
+    """A fresh identity sends a burst of refused requests all at once, unary and streams: once its
+    refusals run out, the rest are turned away, the first of them held before the answer (so a peer
+    that waits for each answer cannot come straight back), at most its share at a time and the others
+    answered at once; meanwhile an honest session runs token-exact."""
+    burst = 3 * MAX_HELD_PER_PEER + 64  # past the refusal burst and past the share held
+    stats_before = server.stats()
+    with HostilePeer(server.maddr) as peer:
+
+        async def unary() -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                await peer.stub(server.peer_id).rpc_forward(runtime_pb2.ExpertRequest(uid=CHAIN), timeout=30)
+                reply = "answered"
+            except Exception as exc:
+                reply = str(exc)
+            return reply, time.monotonic() - started
+
+        async def stream() -> tuple[str, float]:
+            started = time.monotonic()
+            opened = await peer._open(server.peer_id, "rpc_forward_stream")
+            reply = await peer._exchange(*opened, frame(b"\x07" * 64), read_for=20)
+            return reply.decode(errors="replace"), time.monotonic() - started
+
+        async def all_at_once() -> list[tuple[str, float]]:
+            return await asyncio.gather(*(unary() if i % 2 else stream() for i in range(burst)))
+
+        replies: list[tuple[str, float]] = []
+        attack = threading.Thread(target=lambda: replies.extend(peer.run(all_at_once(), timeout=90)))
+        attack.start()
+        try:
+            check.session_matches_local(seed=9)
+        finally:
+            attack.join()
+    time.sleep(1.5)  # the stats file is written every second
+    stats = server.stats()
+    held = stats["requests_held"] - stats_before.get("requests_held", 0)
+    assert len(replies) == burst and all(reply != "answered" for reply, _ in replies)
+    # A turned-away stream is closed right after its answer: p2pd's reset may overtake it (streams.py).
+    turned_away = [elapsed for reply, elapsed in replies if TURNED_AWAY in reply or reply == ""]
+    assert len(turned_away) > MAX_HELD_PER_PEER and 0 < held < len(turned_away)
+    assert sum(elapsed >= HOLD_S for elapsed in turned_away) >= held  # held ones waited their time
     check.all_well()

@@ -163,7 +163,9 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.max_request_bytes = 2 * limits.max_batch_size * span.hidden_size * 4 + 1024 * 1024
         self.refusals = None
         if limits.refusal_burst is not None:
-            self.refusals = RefusalBudget(limits.refusal_burst, limits.refusals_per_s, self._count_turned_away)
+            self.refusals = RefusalBudget(
+                limits.refusal_burst, limits.refusals_per_s, self._count_turned_away, self._count_held
+            )
         self.refusal_log = RefusalLog(logger)
         self.stream_limits = StreamLimits(
             max_message_bytes=max_message,
@@ -268,9 +270,18 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     def _count_turned_away(self) -> None:
         self.stats.requests_turned_away += 1
 
-    def _admit(self, peer: PeerID) -> None:
-        """Turn `peer` away before its request is looked at when it has run up too many refusals."""
+    def _count_held(self) -> None:
+        self.stats.requests_held += 1
+
+    async def _admit(self, peer: PeerID) -> None:
+        """Turn `peer` away before its request is looked at when it has run up too many refusals
+        (after holding the request a while: refusals.py)."""
         if self.refusals is not None and not self.refusals.admits(peer):
+            # A caller that gives up waiting has its call cancelled by p2pd. It ends as every refused
+            # call ends all the same: hivemind forgets a unary call only when its handler returns or
+            # raises an Exception, so a peer with short timeouts would otherwise grow that table forever.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.refusals.hold(peer)
             raise BadRequest(TURNED_AWAY)
 
     @contextlib.asynccontextmanager
@@ -426,7 +437,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         return MSGPackSerializer.dumps({protocol.GRAPH_KEPT_KEY: True}) if kept else b""
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        self._admit(context.remote_id)
+        await self._admit(context.remote_id)
         try:
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
@@ -460,7 +471,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             reply_metadata = b""  # on the first message only
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        self._admit(context.remote_id)
+        await self._admit(context.remote_id)
         try:
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
@@ -739,7 +750,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         """A previous server's output for one of this server's sessions (old clients' server-to-server
         push). Accepted only into a session that is open here, over the same blocks, and only from one
         pusher per session: the upstream server the client names, else the first peer that pushes to it."""
-        self._admit(context.remote_id)
+        await self._admit(context.remote_id)
         try:
             metadata = decode_metadata(request.metadata)
             steptrace.mark("push_received", step=metadata.get("step_id"))

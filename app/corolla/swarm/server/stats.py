@@ -44,6 +44,7 @@ class ServerStats:
     backward_graphs_reused: int = 0  # backward passes that reused their forward's graph (no re-run)
     requests_refused: int = 0
     requests_turned_away: int = 0  # unread: the peer had run up too many refusals
+    requests_held: int = 0  # of those, held a while before the answer (refusals.py)
     pushes_sent: int = 0  # step outputs pushed to the next server of a chain
     pushes_received: int = 0
     steps_from_pushes: int = 0  # steps computed from a pushed copy (it arrived before the client's)

@@ -166,8 +166,10 @@ async def add_stream_handler(
     async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id
         if limits.refusals is not None and not limits.refusals.admits(peer):
-            # Turned away unread: no reply to wait for, no linger (the cheapest way to say no).
+            # Turned away unread: held a while (refusals.py says why), then no reply to wait for, no
+            # linger (the cheapest way to say no).
             with contextlib.suppress(ConnectionError, OSError), contextlib.closing(writer):
+                await limits.refusals.hold(peer)
                 await P2P.send_protobuf(RPCError(message=TURNED_AWAY), writer)
             return
         limits._open[peer] += 1
