@@ -28,7 +28,9 @@ from collections.abc import Callable, Hashable
 
 MAX_TRACKED_PEERS = 4096  # past this, peers whose bucket is full again are forgotten (they owe nothing)
 HOLD_S = 2.0  # how long a turned-away request waits for its answer
-MAX_HELD_PER_PEER = 32
+# Only peers that used up their refusals are held, so the share protects no honest peer: it only splits
+# the hold among several attackers. A peer keeps at most 64 streams open (streams.py) plus its unary calls.
+MAX_HELD_PER_PEER = 128
 MAX_HELD = 256  # each held stream keeps a socket open in this process and in p2pd
 
 
