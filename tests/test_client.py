@@ -438,6 +438,24 @@ def test_failed_drafts_back_off_exponentially():
     assert max(draft(0) for _ in range(4)) == 8
 
 
+def test_ngram_index_answers_as_a_scan_of_the_whole_sequence():
+    """Whether a draft can be looked up (the last 2 tokens occurred before, with a token after them),
+    answered from n-grams indexed as the sequence grows, equals a scan of the whole sequence."""
+
+    def scanned(sequence: torch.Tensor, n: int) -> bool:
+        return any(sequence[i : i + n].tolist() == sequence[-n:].tolist() for i in range(len(sequence) - n))
+
+    generator = torch.Generator().manual_seed(35)
+    for _ in range(50):
+        sequence = torch.randint(0, 5, (50,), generator=generator)
+        index, length = speculative.NgramIndex(2), 1
+        while length <= len(sequence):
+            assert index.seen_before(sequence[:length]) == scanned(sequence[:length], 2), sequence[:length]
+            length += int(torch.randint(1, 4, (1,), generator=generator))  # one token, or an accepted draft
+        shorter = sequence[:10]  # a new sequence (not a continuation): indexed afresh
+        assert index.seen_before(shorter) == scanned(shorter, 2)
+
+
 def test_speculative_sampling_goes_through_rollback(remote, local):
     """Sampling with drafts (asked for explicitly) keeps the model's distribution: at a temperature
     near zero that distribution is the greedy token's."""

@@ -19,8 +19,11 @@ from transformers import (
     TextIteratorStreamer,
     TextStreamer,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import corolla
+from corolla.swarm.client.generation import SwarmCache
+from corolla.swarm.client.remote_model import step_output
 from tests.support.swarm import TINY_SWARM_PREFIX
 
 PREFIX = TINY_SWARM_PREFIX
@@ -211,3 +214,53 @@ def test_forward_returns_logits_and_loss(remote, local):
     want = local(ids, attention_mask=mask, labels=ids)
     assert torch.allclose(got.logits, want.logits, atol=1e-4)
     assert abs(got.loss.item() - want.loss.item()) < 1e-4
+
+
+def test_step_output_is_the_causal_lm_output_transformers_builds():
+    logits, cache = torch.randn(2, 1, 7), object()
+    fast, slow = step_output(logits, cache), CausalLMOutputWithPast(logits=logits, cache=cache)
+    assert type(fast) is type(slow)
+    assert list(fast.keys()) == list(slow.keys()) == ["logits", "cache"]
+    assert vars(fast) == vars(slow)
+    assert fast.to_tuple() == slow.to_tuple()
+    assert fast["cache"] is cache and fast.get("cache") is cache and fast.logits is logits and fast.loss is None
+
+
+def test_generation_hooks_pass_a_step_only_what_it_uses(remote):
+    """The per-step hooks send only the new tokens; an unpadded batch's mask and the position ids are
+    dropped after its first step, a padded batch's mask grows with every token."""
+    ids = prompt(batch=2, length=5, seed=19)
+    for padded in (False, True):
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[1, :2] = 0
+        kwargs = {"attention_mask": mask, "position_ids": mask.cumsum(-1) - 1, "use_cache": True, "logits_to_keep": 1}
+        with remote.inference_session(max_length=8, batch_size=2) as session:
+            cache = SwarmCache(session)
+            inputs = remote.prepare_inputs_for_generation(ids, cache=cache, **kwargs)
+            assert set(inputs) == {"input_ids", "cache", "attention_mask", "use_cache", "logits_to_keep"}
+            out = remote(**inputs)
+            assert out.logits.shape == (2, 1, remote.config.vocab_size)
+            kwargs = remote._update_model_kwargs_for_generation(out, {"cache": cache, **kwargs})
+            assert kwargs["position_ids"] is None
+            if padded:
+                assert torch.equal(kwargs["attention_mask"], torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1))
+            else:
+                assert kwargs["attention_mask"] is None
+            longer = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            inputs = remote.prepare_inputs_for_generation(longer, next_sequence_length=1, **kwargs)
+            assert torch.equal(inputs["input_ids"], longer[:, -1:])
+            remote(**inputs)
+            assert session.position == 6
+
+
+def test_padded_batch_long_greedy_with_scores_equals_local(remote, local):
+    ids = prompt(batch=2, length=6, seed=20)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    ids = ids.masked_fill(mask == 0, 3)
+    options = dict(max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True, output_scores=True, **NO_EOS)
+    got = remote.generate(ids, attention_mask=mask, **options)
+    want = local.generate(ids, attention_mask=mask, **options)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got.scores, want.scores, strict=True))

@@ -121,6 +121,13 @@ class SwarmCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
+    @property
+    def needs_mask(self) -> bool:
+        """Whether steps still need generate()'s attention mask: until this call's first step has gone
+        out (it tells the session whether the batch is padded), and for a padded batch. Unpadded, the
+        servers' caches give every position, and the mask is dropped (no per-token growth)."""
+        return self.seen == 0 or self.session.padded
+
     def activate_past_recording(self) -> None:
         """transformers asks for this before speculative steps; the servers keep every position anyway."""
 

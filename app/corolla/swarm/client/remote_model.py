@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +48,8 @@ from corolla.swarm.peers import start_dht
 
 logger = logging.getLogger(__name__)
 TUNING_MODES = (None, "ptune", "deep_ptune")
+# generate()'s per-step keywords that a swarm step has no use for (positions follow the servers' caches).
+_NOT_FORWARDED = frozenset({"labels", "next_sequence_length", "position_ids", "token_type_ids", "past_key_values"})
 MAX_LIAR_RESTARTS = 3  # a generation re-runs at most this often after servers caught lying
 CANCEL_GRACE_S = 3.0  # for a cancelled coroutine to unwind (close its streams) before we move on
 # Sessions generate() closes behind its return, at most this many at once; past it a close is awaited
@@ -205,6 +209,11 @@ class RemoteSession:
     @property
     def replacements(self) -> int:
         return self._session.replacements
+
+    @property
+    def padded(self) -> bool:
+        """The batch has padding: every step carries the attention mask."""
+        return self._session.padded
 
     def step(
         self,
@@ -450,6 +459,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.family.head(self.client_model, hidden)
+        if labels is None and isinstance(cache, SwarmCache):
+            return step_output(logits, cache)
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits.float(), labels.to(logits.device), vocab_size=logits.shape[-1])
@@ -611,6 +622,64 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if own_session:
                 session.close_in_background()
 
+    # transformers' decoding loops call these two once per step. Their generic versions serve every
+    # architecture (clones for compiled graphs, position ids, 4D masks, a mask grown by a column per
+    # token); a swarm step needs only the new tokens, the SwarmCache and, for padded batches, the mask.
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The new tokens and the SwarmCache (plus the mask while it is needed); anything else, such as
+        a generation started from `inputs_embeds`, goes through transformers' generic version."""
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if not isinstance(cache, SwarmCache) or inputs_embeds is not None:
+            return super().prepare_inputs_for_generation(
+                input_ids,
+                next_sequence_length=next_sequence_length,
+                cache=cache,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                is_first_iteration=is_first_iteration,
+                **kwargs,
+            )
+        if next_sequence_length is not None:
+            input_ids = input_ids[:, -next_sequence_length:]
+        inputs = {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask}
+        for key, value in kwargs.items():
+            if key not in _NOT_FORWARDED:
+                inputs[key] = value
+        return inputs
+
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: Any,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict[str, Any]:
+        """With a SwarmCache, positions follow the servers' caches: the position ids generate() derives
+        from the mask are dropped (never sent), and so is the mask of an unpadded batch (it would only be
+        checked for zeros and left unsent); a padded batch's mask grows as usual."""
+        cache = model_kwargs.get("cache")
+        if isinstance(cache, SwarmCache) and model_kwargs.get("token_type_ids") is None:
+            model_kwargs["position_ids"] = None
+            mask = model_kwargs.get("attention_mask")
+            if mask is not None and cache.needs_mask:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], num_new_tokens))], dim=-1)
+            else:
+                mask = None
+            model_kwargs["attention_mask"] = mask
+            return model_kwargs
+        return super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+
     def _get_candidate_generator(self, generation_config, *args, logits_processor=None, **kwargs):
         """Prompt lookup drafts with an adaptive length (speculative.py); other assistants as transformers does."""
         if generation_config.prompt_lookup_num_tokens is None or generation_config.assistant_early_exit is not None:
@@ -641,6 +710,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             vocab_size=self.config.get_text_config().vocab_size,
         )
         return self.speculation
+
+
+def step_output(logits: torch.Tensor, cache: SwarmCache) -> CausalLMOutputWithPast:
+    """`CausalLMOutputWithPast(logits=logits, cache=cache)`, filled in directly: a decoding step builds
+    one per token, and the dataclass route (field lookups and checks per attribute) costs ~20 us of
+    the ~100 us a token costs the client. The same object: the fields are items and attributes, the
+    rest None (tests/test_hf_api.py compares the two)."""
+    out = CausalLMOutputWithPast.__new__(CausalLMOutputWithPast)
+    OrderedDict.__setitem__(out, "logits", logits)
+    OrderedDict.__setitem__(out, "cache", cache)
+    vars(out).update(_NO_OUTPUTS, logits=logits, cache=cache)
+    return out
+
+
+_NO_OUTPUTS = dict.fromkeys(field.name for field in dataclasses.fields(CausalLMOutputWithPast))
 
 
 def _check_sampling(kwargs: dict) -> None:

@@ -60,13 +60,14 @@ class AdaptivePromptLookup(PromptLookupCandidateGenerator):
         self._paused = 0
         self._pause_steps = PAUSE_STEPS  # the next pause's length
         self._drafted_now = 0
+        self._ngrams = NgramIndex(MIN_NGRAM)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
         if self._paused > 0:
             self._paused -= 1
             self._drafted_now = 0
             return input_ids, None
-        if not _seen_before(input_ids, MIN_NGRAM):
+        if not self._ngrams.seen_before(input_ids[0]):
             self._drafted_now = 0
             return input_ids, None
         candidates, logits = super().get_candidates(input_ids, **kwargs)
@@ -98,12 +99,29 @@ class AdaptivePromptLookup(PromptLookupCandidateGenerator):
             self._recent = MIN_ACCEPTANCE
 
 
-def _seen_before(input_ids: torch.LongTensor, n: int) -> bool:
-    """Whether the last `n` tokens occur earlier in the sequence, with at least one token after them."""
-    if input_ids.shape[1] <= n:
-        return False
-    earlier = input_ids[0, :-1].unfold(0, n, 1)  # every n-gram that ends before the last position
-    return bool((earlier == input_ids[0, -n:]).all(dim=1).any())
+class NgramIndex:
+    """The n-grams of one growing sequence, indexed as it grows: asked once per decoding step whether
+    the last n tokens occurred before, it looks only at the new tokens (a scan of the whole sequence
+    per step costs several tensor operations a token)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.tokens: list[int] = []
+        self.grams: set[tuple[int, ...]] = set()  # every n-gram that ends before the last known token
+
+    def seen_before(self, sequence: torch.Tensor) -> bool:
+        """Whether the last `n` tokens of `sequence` (1-D) occur earlier in it, with at least one token
+        after them. Within a generate() call a sequence only grows; anything else starts a new index."""
+        length = sequence.shape[0]
+        if length < len(self.tokens):
+            self.tokens, self.grams = [], set()
+        tokens = self.tokens
+        n = self.n
+        for token in sequence[len(tokens) :].tolist():
+            if len(tokens) >= n:
+                self.grams.add(tuple(tokens[-n:]))  # it now has a token after it
+            tokens.append(token)
+        return len(tokens) > n and tuple(tokens[-n:]) in self.grams
 
 
 def default_speculation(
