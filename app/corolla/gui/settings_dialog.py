@@ -174,6 +174,9 @@ class SettingsDialog(QDialog):
         self.error.setStyleSheet("color: #b03a2e")
         self.error.setWordWrap(True)
         layout.addWidget(self.error)
+        # The dialog grows for a field that appears and never shrinks back: the spare room stays here,
+        # above the buttons, instead of opening gaps between the sections.
+        layout.addStretch(1)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel)
         self.save_button = buttons.button(QDialogButtonBox.StandardButton.Save)
         if first_run:
