@@ -450,6 +450,31 @@ def test_sigterm_quits_the_app(node, tmp_path):
     assert node.status()["contribution"]["state"] == "online"  # the node is its own process: it keeps on
 
 
+def test_a_second_app_on_the_same_node_hands_over_and_another_home_is_another_instance(node, tmp_path):
+    """`corolla app` is one window per node: started again for the same home it hands over to the running
+    one and exits; a different COROLLA_HOME (a portable install, another node) is an instance of its own."""
+    from corolla.gui.app import _instance_name
+    from corolla.node.paths import NodePaths
+
+    (node.home / "config" / "app-first-run-done").write_text("1")
+    env = {**os.environ, "COROLLA_HOME": str(node.home), "QT_QPA_PLATFORM": "offscreen"}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    command = [sys.executable, "-m", "corolla.cli", "app"]
+    first = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(4)  # past the start: the first app listens for others
+        assert first.poll() is None
+        second = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        assert second.wait(30) == 0  # handed over
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        first.wait(20)
+    other = NodePaths(tmp_path / "b" / "config", tmp_path / "b" / "data", tmp_path / "b" / "cache")
+    this = NodePaths(node.home / "config", node.home / "data", node.home / "cache")
+    assert _instance_name(this) == _instance_name(this) != _instance_name(other)
+
+
 def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
     from PySide6.QtWidgets import QLabel
 

@@ -6,6 +6,7 @@ agrees in the welcome dialog."""
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import signal
 import sys
@@ -27,13 +28,16 @@ NODE_START_TIMEOUT_S = 120
 FIRST_RUN_MARKER = "app-first-run-done"
 
 
-def _instance_name() -> str:
-    return f"corolla-app-{getpass.getuser()}"
+def _instance_name(paths: NodePaths) -> str:
+    """One window per node: per user and per node home (a portable or second COROLLA_HOME is another
+    node, whose app must not hand itself over to this one's)."""
+    home = hashlib.sha256(str(paths.config_dir.resolve()).encode()).hexdigest()[:12]
+    return f"corolla-app-{getpass.getuser()}-{home}"
 
 
-def _focus_existing() -> bool:
+def _focus_existing(name: str) -> bool:
     socket = QLocalSocket()
-    socket.connectToServer(_instance_name())
+    socket.connectToServer(name)
     if socket.waitForConnected(300):
         socket.write(b"show")
         socket.waitForBytesWritten(300)
@@ -55,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     icon = _icon_file()
     if icon.exists():
         app.setWindowIcon(QIcon(str(icon)))
-    if _focus_existing():
-        return 0
-    QLocalServer.removeServer(_instance_name())
-    server = QLocalServer()
-    server.listen(_instance_name())
     paths = NodePaths.default()
+    instance = _instance_name(paths)
+    if _focus_existing(instance):
+        return 0
+    QLocalServer.removeServer(instance)
+    server = QLocalServer()
+    server.listen(instance)
     marker = paths.config_dir / FIRST_RUN_MARKER
     first_run = not marker.exists()
     splash = QLabel("Starting Corolla's node…")
