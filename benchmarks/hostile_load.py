@@ -4,9 +4,10 @@ One Corolla block server (a tiny random Llama, 6 blocks) on 127.0.0.1. An honest
 token steps ([1, 1, hidden]) in one inference session: first with no attack (baseline), then while a
 hostile peer in another process sends malformed and oversized requests as fast as it can (deeply
 nested metadata, 3 GiB length prefixes, garbage frames, unknown blocks, free sessions, and full-size
-forward passes) with 8 requests in flight. The two alternate over several rounds in one session of
-the same server, so that noise from the rest of the machine falls on both alike; each side's
-latencies are pooled. Target (issue 10): median and p99 under attack <= 1.5 x without. Prints JSON.
+forward passes) with 8 requests in flight (`--concurrency 8,64,512,2048` runs each number in turn).
+The two alternate over several rounds in one session of the same server, so that noise from the rest
+of the machine falls on both alike; each side's latencies are pooled. Target (issue 10): median and
+p99 under attack <= 1.5 x without. Prints JSON.
 
 Methodology. On a real swarm the attacker is another computer; here it shares the server's cores
 (2 on the dev machine), so every cycle its Python and its p2pd spend building requests is taken from
@@ -24,9 +25,10 @@ p2pd) at three CPU priorities:
 - `equal_priority`: at the server's priority, the worst case of an attacker on the same machine.
 Each run reports the attack rate (sent, refused after being read, turned away unread and how many of
 those the server held before answering, per second of attack: the attacker waits for each answer, so
-its rate is what the server's answers allow), and the CPU each party used (`cpu_cores_busy`, in
+its rate is what the server's answers allow), the CPU each party used (`cpu_cores_busy`, in
 cores: server Python, server p2pd and DHT, attacker Python, attacker p2pd and DHT, honest client and
-its p2pd), quiet vs attacked. p99 is taken over 1,200 steps a side by default (a p99 of 300 steps
+its p2pd), quiet vs attacked, and how much the server's memory grew while attacked. An honest step
+left without a reply for a minute fails the run (`--keep-log FILE` keeps the server's log then). p99 is taken over 1,200 steps a side by default (a p99 of 300 steps
 is the 3rd-worst sample, too noisy to judge).
 
 Usage (as root, in a loopback-only namespace; about 4-5 minutes for the three runs, 70-90 s each):
@@ -71,6 +73,13 @@ HIDDEN = 64
 CHAIN = protocol.chain_uids(PREFIX, 0, BLOCKS)
 TRACE_TO: str | None = None  # --trace DIR: the client's stamps per step (the server's: COROLLA_STEP_TRACE)
 PHASE = "warm-up"
+
+
+STEP_WAIT_S = 60.0  # an honest step with no reply by then is lost: the run fails and says so
+
+
+class StepLost(RuntimeError):
+    pass
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -142,6 +151,16 @@ def parties(server_pid: int, hostile_pid: int) -> dict[str, list[int]]:
     }
 
 
+def server_memory_mib(server_pid: int) -> dict[str, float]:
+    """Resident memory of the server's Python and of its helpers (p2pd, the DHT child and its p2pd)."""
+    root = psutil.Process(server_pid)
+    helpers = 0
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            helpers += child.memory_info().rss
+    return {"server_python": root.memory_info().rss / 2**20, "server_p2pd_and_dht": helpers / 2**20}
+
+
 def time_steps(client: WireClient, peer_id: str, steps: int) -> list[float]:
     """One session: a 4-token prompt, then `steps` single-token steps, each sent after the previous
     reply; returns each step's round trip."""
@@ -156,7 +175,10 @@ def time_steps(client: WireClient, peer_id: str, steps: int) -> list[float]:
         for i in range(steps):
             sent.append(time.perf_counter())
             yield step_request(CHAIN, torch.randn(1, 1, HIDDEN), session_id=session_id, step_id=str(i))
-            await replies.get()
+            try:
+                await asyncio.wait_for(replies.get(), STEP_WAIT_S)
+            except TimeoutError:
+                raise StepLost(f"honest step {i} of session {session_id} got no reply in {STEP_WAIT_S} s") from None
         yield step_request("", None)
 
     async def run():
@@ -205,14 +227,18 @@ def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: P
 
         source = payloads()
 
-        async def worker(deadline: float) -> None:
+        attack_on = asyncio.Event()
+        finished = asyncio.Event()
+
+        async def worker() -> None:
             from hivemind.p2p import PeerID
 
             target = PeerID.from_base58(peer_id)
-            stop = switch.with_suffix(".stop")
-            while time.monotonic() < deadline and not stop.exists():
-                if not switch.exists():
-                    await asyncio.sleep(0.01)
+            while not finished.is_set():
+                if not attack_on.is_set():
+                    # Workers wait on the one switch watcher: hundreds of workers each polling the file
+                    # would keep the attacker busy in the quiet rounds too and skew the baseline.
+                    await attack_on.wait()
                     continue
                 rpc, payload = next(source)
                 counts["sent"] += 1
@@ -229,17 +255,26 @@ def attack(maddr: str, peer_id: str, seconds: float, concurrency: int, switch: P
                 except Exception:
                     counts["refused_or_cut"] += 1
 
-        async def attack_clock(deadline: float) -> None:
-            """Seconds the attack was on, for its rate."""
+        async def switch_watcher(deadline: float) -> None:
+            """Turns the attack on and off with the switch file; counts the seconds it was on, for its rate."""
             stop = switch.with_suffix(".stop")
-            while time.monotonic() < deadline and not stop.exists():
-                await asyncio.sleep(0.05)
+            last = time.monotonic()
+            while last < deadline and not stop.exists():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                if attack_on.is_set():
+                    counts["on_s"] = counts.get("on_s", 0.0) + now - last
+                last = now
                 if switch.exists():
-                    counts["on_s"] = counts.get("on_s", 0.0) + 0.05
+                    attack_on.set()
+                else:
+                    attack_on.clear()
+            finished.set()
+            attack_on.set()  # wakes the waiting workers, which see `finished`
 
         async def main():
             deadline = time.monotonic() + seconds
-            await asyncio.gather(attack_clock(deadline), *(worker(deadline) for _ in range(concurrency)))
+            await asyncio.gather(switch_watcher(deadline), *(worker() for _ in range(concurrency)))
 
         hostile.run(main(), timeout=seconds + 60)
         print(json.dumps(counts), flush=True)
@@ -259,6 +294,17 @@ def lower_priority(priority: int | str) -> None:
         os.nice(priority)
 
 
+@contextlib.contextmanager
+def _keep_log_on_failure(log: Path, keep: str | None):
+    """When the run fails, copy the server's log to `keep` (the run's folder is deleted on the way out)."""
+    try:
+        yield
+    except BaseException:
+        if keep:
+            Path(keep).write_bytes(log.read_bytes())
+        raise
+
+
 def measure(args: argparse.Namespace, attacker_priority: int | str) -> dict:
     """One server, one honest client, one attacker at `attacker_priority` ("idle": SCHED_IDLE, else a
     nice value): quiet and attacked rounds."""
@@ -274,7 +320,10 @@ def measure(args: argparse.Namespace, attacker_priority: int | str) -> dict:
     with tempfile.TemporaryDirectory(prefix="corolla-hostile-bench-") as tmp:
         model = make_tiny_model("llama", Path(tmp) / "model")
         threads = ("--num-threads", str(args.server_threads)) if args.server_threads else ()
-        with tiny_block_server(Path(tmp), model, PREFIX, BLOCKS, *threads, inference_max_length=1024) as server:
+        with (
+            tiny_block_server(Path(tmp), model, PREFIX, BLOCKS, *threads, inference_max_length=1024) as server,
+            _keep_log_on_failure(server.log_path, args.keep_log),
+        ):
             switch = Path(tmp) / "attack-on"
             with WireClient(server.maddr) as client:
                 time_steps(client, server.peer_id, 20)  # warm-up
@@ -298,6 +347,8 @@ def measure(args: argparse.Namespace, attacker_priority: int | str) -> dict:
                 per_round = max(args.steps // args.rounds, 10)
                 meter = CpuMeter(parties(server.process.pid, hostile.pid))
                 before = server.stats()
+                memory_before = server_memory_mib(server.process.pid)
+                memory_peak = dict(memory_before)
                 for _ in range(args.rounds):
                     meter.start()
                     PHASE = "quiet"
@@ -309,6 +360,8 @@ def measure(args: argparse.Namespace, attacker_priority: int | str) -> dict:
                     PHASE = "attacked"
                     attacked += time_steps(client, server.peer_id, per_round)
                     meter.stop("attacked")
+                    for part, mib in server_memory_mib(server.process.pid).items():  # the attack still on
+                        memory_peak[part] = max(memory_peak[part], mib)
                     switch.unlink()
                     time.sleep(1.0)  # and dies down
                 switch.with_suffix(".stop").touch()
@@ -338,6 +391,9 @@ def measure(args: argparse.Namespace, attacker_priority: int | str) -> dict:
             ),
         },
         "server_alive_after": alive,
+        # Resident memory at the end of each attacked round (the attack's requests still in flight or
+        # held), highest of the rounds, against before the first attack.
+        "server_memory_growth_mib": {part: round(memory_peak[part] - memory_before[part], 1) for part in memory_before},
         "cpu_cores_busy": meter.report(),
     }
 
@@ -345,7 +401,12 @@ def measure(args: argparse.Namespace, attacker_priority: int | str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1200, help="timed token steps on each side (quiet, attacked)")
-    parser.add_argument("--concurrency", type=int, default=8, help="hostile requests in flight")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[8],
+        help="hostile requests in flight; a comma-separated list runs each in turn (e.g. 8,64,512,2048)",
+    )
     parser.add_argument("--malformed-only", action="store_true", help="no valid full-size forward passes")
     parser.add_argument("--rounds", type=int, default=6, help="alternations of quiet and attacked steps")
     parser.add_argument(
@@ -356,20 +417,27 @@ def main() -> None:
         "at the server's priority, or all three",
     )
     parser.add_argument("--server-threads", type=int, help="the server's --num-threads (default 1)")
+    parser.add_argument("--keep-log", metavar="FILE", help="where to copy the server's log when a run fails")
     parser.add_argument("--trace", metavar="DIR", help="write per-step stamps of client and server to DIR (jsonl)")
     parser.add_argument("--attack", nargs=4, metavar=("MADDR", "PEER_ID", "SECONDS", "SWITCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.attack:
         maddr, peer_id, seconds, switch = args.attack
-        attack(maddr, peer_id, float(seconds), args.concurrency, Path(switch), args.malformed_only)
+        attack(maddr, peer_id, float(seconds), args.concurrency[0], Path(switch), args.malformed_only)
         return
 
     started = time.monotonic()
-    runs = {}
-    for name, priority in PRIORITIES.items():
-        if args.methodology in ("all", name.replace("_", "-")):
-            runs[name] = measure(args, priority)
-    judged = next(iter(runs))  # the first of idle, niced, equal that ran
+    by_concurrency: dict[str, dict] = {}
+    for concurrency in args.concurrency:
+        runs = by_concurrency[str(concurrency)] = {}
+        for name, priority in PRIORITIES.items():
+            if args.methodology in ("all", name.replace("_", "-")):
+                runs[name] = measure(argparse.Namespace(**{**vars(args), "concurrency": concurrency}), priority)
+    judged = next(iter(by_concurrency[str(args.concurrency[0])]))  # the first of idle, niced, equal that ran
+
+    def meets(run: dict) -> bool:
+        return run["ratio_median"] <= 1.5 and run["ratio_p99"] <= 1.5 and run["server_alive_after"]
+
     result = {
         "benchmark": "hostile_load",
         "target_ratio": 1.5,
@@ -382,10 +450,10 @@ def main() -> None:
         "concurrency": args.concurrency,
         "malformed_only": args.malformed_only,
         "rounds": args.rounds,
-        **runs,
-        "meets_target": all(
-            (runs[judged]["ratio_median"] <= 1.5, runs[judged]["ratio_p99"] <= 1.5, runs[judged]["server_alive_after"])
-        ),
+        # One entry per number of hostile requests in flight, each with its runs by methodology.
+        "by_concurrency": by_concurrency,
+        "meets_target_by_concurrency": {c: meets(runs[judged]) for c, runs in by_concurrency.items()},
+        "meets_target": all(meets(runs[judged]) for runs in by_concurrency.values()),
         "wall_s": round(time.monotonic() - started, 1),
     }
     print(json.dumps(result, indent=2))

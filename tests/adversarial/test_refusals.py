@@ -5,18 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import resource
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import torch
 from hivemind.proto import runtime_pb2
 
-from corolla.swarm.server import block_args
+from corolla.swarm.server import block_args, streams
 from corolla.swarm.server.compute_queue import ComputeQueue
 from corolla.swarm.server.handler import TransformerConnectionHandler
-from corolla.swarm.server.refusals import HOLD_S, MAX_HELD_PER_PEER, MAX_TRACKED_PEERS, RefusalBudget, RefusalLog
+from corolla.swarm.server.open_files import TARGET
+from corolla.swarm.server.refusals import (
+    HOLD_S,
+    MAX_HELD,
+    MAX_HELD_PER_PEER,
+    MAX_TRACKED_PEERS,
+    RefusalBudget,
+    RefusalLog,
+    held_cap,
+)
 from corolla.swarm.server.streams import TURNED_AWAY
 from tests.adversarial.conftest import CHAIN, HIDDEN
 from tests.adversarial.hostile import HostilePeer, frame
@@ -30,18 +45,20 @@ class Clock:
         return self.now
 
 
-def test_a_peer_is_turned_away_once_its_refusals_run_out_and_admitted_again_as_they_refill():
+def test_a_peer_is_turned_away_once_its_refusals_run_out_stays_out_while_it_keeps_sending_and_is_heard_after_a_pause():
     clock, turned_away = Clock(), []
     budget = RefusalBudget(burst=4, per_second=2.0, on_turned_away=lambda: turned_away.append(1), clock=clock)
     assert budget.admits("honest") and budget.admits("hostile")
     for _ in range(4):
         budget.charge("hostile")
-    assert not budget.admits("hostile") and budget.admits("honest")
-    clock.now += 0.5  # one refusal earned back
+    assert not budget.admits("hostile") and budget.admits("honest")  # turned away, and charged for it
+    clock.now += 0.5  # one refusal earned back, and spent on the request turned away
+    assert not budget.admits("hostile")
+    clock.now += 1.0  # a pause: two earned back
     assert budget.admits("hostile")
     budget.charge("hostile")
     assert not budget.admits("hostile")
-    assert len(turned_away) == 2
+    assert len(turned_away) == 3
 
 
 def test_many_requests_in_flight_run_a_peer_into_debt_bounded_by_one_burst():
@@ -93,6 +110,87 @@ def test_turned_away_requests_are_held_up_to_a_cap_per_peer_and_in_all_past_whic
     assert len(held) == 6
 
 
+def test_the_hold_grows_with_how_long_the_peer_has_been_out_up_to_a_limit_and_starts_over_once_it_is_heard():
+    clock = Clock()
+    budget = RefusalBudget(burst=1, per_second=0.001, hold_s=2.0, max_hold_s=30.0, clock=clock)
+    budget.charge("hostile")
+    assert not budget.admits("hostile")  # out from now on
+    for out_for, expected in [(0, 2.0), (1, 2.0), (10, 10.0), (29, 29.0), (600, 30.0)]:
+        clock.now = 100.0 + out_for
+        assert not budget.admits("hostile")
+        # Up to half as long again at random, so that requests held together are not all answered at once.
+        holds = [budget.hold_time("hostile") for _ in range(50)]
+        assert all(expected <= hold <= 1.5 * expected for hold in holds) and len(set(holds)) > 1
+    assert 2.0 <= budget.hold_time("another") <= 3.0
+    clock.now += 5000  # a long pause: the bucket is full again, the peer is heard, its next spell starts over
+    assert budget.admits("hostile")
+    budget.charge("hostile")
+    assert not budget.admits("hostile") and budget.hold_time("hostile") <= 3.0
+
+
+def test_held_requests_are_bounded_in_bytes_as_well_as_in_number():
+    """A turned-away unary request is in memory already: holding many large ones would hold their bytes."""
+    budget = RefusalBudget(hold_s=0.05, max_held_bytes=1000)
+
+    async def scenario() -> None:
+        large, second, small = (
+            asyncio.create_task(budget.hold(p, nbytes=n)) for p, n in [("a", 600), ("a", 600), ("b", 400)]
+        )
+        await asyncio.sleep(0)
+        assert [large.done(), second.done(), small.done()] == [False, True, False]  # 600 + 400 fit, not 600 more
+        assert budget.held() == 2 and budget.held_bytes() == 1000
+        await asyncio.gather(large, small)
+        assert budget.held() == 0 and budget.held_bytes() == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_held_stream_is_read_and_dropped_and_let_go_as_soon_as_its_caller_hangs_up_or_pushes_too_much():
+    """While a turned-away stream is held, what its caller sends must not pile up (in p2pd, in the
+    kernel), and a caller that hung up must not keep its socket held: real sockets, the server's drain."""
+    budget = RefusalBudget(hold_s=30.0)
+
+    async def held_stream() -> tuple[asyncio.Task, socket.socket, asyncio.StreamWriter]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        held = asyncio.create_task(budget.hold("hostile", wait=functools.partial(streams._drain_held, reader)))
+        return held, theirs, writer
+
+    async def scenario() -> None:
+        held, theirs, writer = await held_stream()
+        await asyncio.to_thread(theirs.sendall, b"\x07" * 200_000)  # read and dropped: the send completes
+        await asyncio.sleep(0.1)
+        assert not held.done() and budget.held() == 1
+        theirs.close()  # the caller hangs up
+        await asyncio.wait_for(held, 2)
+        writer.close()
+
+        held, theirs, writer = await held_stream()
+        await asyncio.to_thread(theirs.sendall, b"\x07" * (streams.HELD_STREAM_MAX_BYTES + 64 * 1024))
+        await asyncio.wait_for(held, 2)  # pushing, not waiting for an answer: answered at once
+        assert budget.held() == 0
+        theirs.close()
+        writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_hold_is_sized_to_the_open_file_limit():
+    assert held_cap(100) == 64 and held_cap(1024) == 512 and held_cap(1 << 20) == MAX_HELD
+
+
+def test_open_file_limit_is_raised_towards_the_target_never_past_the_hard_limit():
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    code = (
+        "import resource; from corolla.swarm.server.open_files import raise_open_file_limit as r; "
+        "print(r(4096), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    for lowered_hard, expected in [(hard, 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)), (512, 512)]:
+        lower = functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, (256, lowered_hard))
+        out = subprocess.run([sys.executable, "-c", code], preexec_fn=lower, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == [str(expected), str(expected)], out
+
+
 def test_a_held_unary_call_that_its_caller_gives_up_on_ends_like_any_refused_call():
     """p2pd cancels a unary call whose caller timed out; hivemind forgets the call only when its handler
     returns or raises an Exception, so a held request must not end in CancelledError (the table of
@@ -111,7 +209,7 @@ def test_a_held_unary_call_that_its_caller_gives_up_on_ends_like_any_refused_cal
     control._read_task = control._write_task = None
 
     async def unary(data: bytes, remote_id) -> bytes:
-        await handler._admit("hostile")
+        await handler._admit("hostile", runtime_pb2.ExpertRequest(uid=CHAIN))
         return b"served"
 
     async def scenario() -> None:
@@ -213,7 +311,7 @@ def test_a_turned_away_peer_waits_for_its_answers_while_an_honest_session_is_ser
     refusals run out, the rest are turned away, the first of them held before the answer (so a peer
     that waits for each answer cannot come straight back), at most its share at a time and the others
     answered at once; meanwhile an honest session runs token-exact."""
-    burst = 3 * MAX_HELD_PER_PEER + 64  # past the refusal burst and past the share held
+    burst = MAX_HELD_PER_PEER + 256  # past the refusal burst and past the share held
     # Earlier tests' held requests end and are counted first (the stats file is written every second).
     time.sleep(HOLD_S + 1.5)
     stats_before = server.stats()
@@ -253,3 +351,14 @@ def test_a_turned_away_peer_waits_for_its_answers_while_an_honest_session_is_ser
     assert len(turned_away) > MAX_HELD_PER_PEER and 0 < held < len(turned_away)
     assert sum(elapsed >= HOLD_S for elapsed in turned_away) >= held  # held ones waited their time
     check.all_well()
+
+
+def test_the_server_and_its_p2pd_run_with_the_raised_open_file_limit(server):
+    """Each held stream keeps a socket open in the server and in p2pd: both get the raised limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    expected = TARGET if hard == resource.RLIM_INFINITY else min(TARGET, hard)
+    serving = psutil.Process(server.process.pid)
+    daemons = [child for child in serving.children(recursive=True) if child.name() == "p2pd"]
+    assert daemons
+    for process in [serving, *daemons]:
+        assert process.rlimit(psutil.RLIMIT_NOFILE)[0] >= expected, process

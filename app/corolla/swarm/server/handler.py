@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator  # noqa: UP035
 
 import torch
+from google.protobuf.message import Message
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
@@ -42,6 +43,7 @@ from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.compute_queue import ComputeQueue, Priority
 from corolla.swarm.server.forward_graphs import ForwardGraphs, KeptGraph, graph_key
 from corolla.swarm.server.memory_cache import CacheBudget
+from corolla.swarm.server.open_files import open_file_limit
 from corolla.swarm.server.packing import (
     BadRequest,
     decode_metadata,
@@ -52,7 +54,7 @@ from corolla.swarm.server.packing import (
     stream_parts,
     unpack_args_kwargs,
 )
-from corolla.swarm.server.refusals import RefusalBudget, RefusalLog
+from corolla.swarm.server.refusals import RefusalBudget, RefusalLog, held_cap
 from corolla.swarm.server.stats import ServerStats
 from corolla.swarm.server.streams import TURNED_AWAY, StreamLimits, add_stream_handler
 
@@ -164,7 +166,11 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.refusals = None
         if limits.refusal_burst is not None:
             self.refusals = RefusalBudget(
-                limits.refusal_burst, limits.refusals_per_s, self._count_turned_away, self._count_held
+                limits.refusal_burst,
+                limits.refusals_per_s,
+                self._count_turned_away,
+                self._count_held,
+                max_held=held_cap(open_file_limit()),
             )
         self.refusal_log = RefusalLog(logger)
         self.stream_limits = StreamLimits(
@@ -273,15 +279,15 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
     def _count_held(self) -> None:
         self.stats.requests_held += 1
 
-    async def _admit(self, peer: PeerID) -> None:
-        """Turn `peer` away before its request is looked at when it has run up too many refusals
-        (after holding the request a while: refusals.py)."""
+    async def _admit(self, peer: PeerID, request: Message) -> None:
+        """Turn `peer` away before its `request` is looked at when it has run up too many refusals
+        (after holding the request a while: refusals.py; it is in memory already, so it counts)."""
         if self.refusals is not None and not self.refusals.admits(peer):
             # A caller that gives up waiting has its call cancelled by p2pd. It ends as every refused
             # call ends all the same: hivemind forgets a unary call only when its handler returns or
             # raises an Exception, so a peer with short timeouts would otherwise grow that table forever.
             with contextlib.suppress(asyncio.CancelledError):
-                await self.refusals.hold(peer)
+                await self.refusals.hold(peer, request.ByteSize())
             raise BadRequest(TURNED_AWAY)
 
     @contextlib.asynccontextmanager
@@ -437,7 +443,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         return MSGPackSerializer.dumps({protocol.GRAPH_KEPT_KEY: True}) if kept else b""
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        await self._admit(context.remote_id)
+        await self._admit(context.remote_id, request)
         try:
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
@@ -471,7 +477,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
             reply_metadata = b""  # on the first message only
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        await self._admit(context.remote_id)
+        await self._admit(context.remote_id, request)
         try:
             self.stats.bytes_in += request.ByteSize()
             async with self._queued(context.remote_id):
@@ -750,7 +756,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         """A previous server's output for one of this server's sessions (old clients' server-to-server
         push). Accepted only into a session that is open here, over the same blocks, and only from one
         pusher per session: the upstream server the client names, else the first peer that pushes to it."""
-        await self._admit(context.remote_id)
+        await self._admit(context.remote_id, request)
         try:
             metadata = decode_metadata(request.metadata)
             steptrace.mark("push_received", step=metadata.get("step_id"))

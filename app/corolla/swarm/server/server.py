@@ -53,6 +53,7 @@ from corolla.swarm.server.block_selection import choose_best_blocks, should_choo
 from corolla.swarm.server.config import PARENT_PID_ENV, ServerConfig
 from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
 from corolla.swarm.server.memory_cache import CacheBudget
+from corolla.swarm.server.open_files import raise_open_file_limit
 from corolla.swarm.server.pings import NextPings
 from corolla.swarm.server.stats import ServerStats
 from corolla.swarm.server.throughput import Throughput, cached_throughput, measure, save_throughput
@@ -528,6 +529,7 @@ def network_plan_arguments(config: ServerConfig) -> dict:
 
 def serve(config: ServerConfig, early_plan: PlanInBackground | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_file_limit()  # before p2pd starts, which inherits it: open_files.py says why
     try:
         server = BlockServer(config, early_plan)
     except BaseException:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mmap
 from collections import Counter
@@ -40,6 +41,7 @@ MIN_BODY_RATE = 1024 * 1024  # bytes/s a sender must at least keep up once it an
 BODY_GRACE_S = 10.0
 BUDGET_WAIT_S = 10.0
 LARGE_BODY_BYTES = 256 * 1024
+HELD_STREAM_MAX_BYTES = 1024 * 1024  # what the caller of a held stream may send while it waits (read, dropped)
 TURNED_AWAY = "too many of this peer's requests were refused; try again in a few seconds"
 
 
@@ -151,6 +153,23 @@ async def _read_body(reader: asyncio.StreamReader, length: int) -> _Body:
     return body
 
 
+async def _drain_held(reader: asyncio.StreamReader, seconds: float) -> None:
+    """While a turned-away stream is held, read and drop what its caller sends, so that nothing piles up
+    for it in p2pd or in the kernel; end the hold early when the caller hangs up (its socket is freed at
+    once) or sends more than `HELD_STREAM_MAX_BYTES` (it is not waiting for an answer, it is pushing)."""
+
+    async def drain() -> None:
+        received = 0
+        while received <= HELD_STREAM_MAX_BYTES:
+            chunk = await reader.read(64 * 1024)
+            if not chunk:
+                return
+            received += len(chunk)
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(drain(), seconds)
+
+
 async def add_stream_handler(
     p2p: P2P,
     name: str,
@@ -169,7 +188,7 @@ async def add_stream_handler(
             # Turned away unread: held a while (refusals.py says why), then no reply to wait for, no
             # linger (the cheapest way to say no).
             with contextlib.suppress(ConnectionError, OSError), contextlib.closing(writer):
-                await limits.refusals.hold(peer)
+                await limits.refusals.hold(peer, wait=functools.partial(_drain_held, reader))
                 await P2P.send_protobuf(RPCError(message=TURNED_AWAY), writer)
             return
         limits._open[peer] += 1
