@@ -120,7 +120,11 @@ class _SessionInputs:
             self._read = asyncio.ensure_future(anext(self._requests))
         waiters = {self._read} if self._read is not None else set()
         push = asyncio.ensure_future(self._pushes.get())
-        done, _ = await asyncio.wait(waiters | {push}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(waiters | {push}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the session is being torn down: leave no waiter on its queue behind
+            push.cancel()
+            raise
         self.last_was_pushed = push in done
         if push in done:
             return push.result()
