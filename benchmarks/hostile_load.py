@@ -28,8 +28,9 @@ those the server held before answering, per second of attack: the attacker waits
 its rate is what the server's answers allow), the CPU each party used (`cpu_cores_busy`, in
 cores: server Python, server p2pd and DHT, attacker Python, attacker p2pd and DHT, honest client and
 its p2pd), quiet vs attacked, and how much the server's memory grew while attacked. An honest step
-left without a reply for a minute fails the run (`--keep-log FILE` keeps the server's log then). p99 is taken over 1,200 steps a side by default (a p99 of 300 steps
-is the 3rd-worst sample, too noisy to judge).
+left without a reply for a minute fails the run (`--keep-log FILE` keeps the server's log then).
+p99 is taken over 1,200 steps a side by default (a p99 of 300 steps is the 3rd-worst sample, too
+noisy to judge).
 
 Usage (as root, in a loopback-only namespace; about 4-5 minutes for the three runs, 70-90 s each):
     unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python benchmarks/hostile_load.py
