@@ -122,13 +122,12 @@ class _SessionInputs:
         push = asyncio.ensure_future(self._pushes.get())
         try:
             done, _ = await asyncio.wait(waiters | {push}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # the session is being torn down: leave no waiter on its queue behind
-            push.cancel()
-            raise
+        finally:  # no waiter left on the queue: not after a step that came from the client, nor a teardown
+            if not push.done():
+                push.cancel()
         self.last_was_pushed = push in done
         if push in done:
             return push.result()
-        push.cancel()
         if self._read in done:
             read, self._read = self._read, None
             try:

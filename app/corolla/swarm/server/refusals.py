@@ -39,12 +39,12 @@ from collections.abc import Awaitable, Callable, Hashable
 MAX_TRACKED_PEERS = 4096  # past this, peers whose bucket is full again are forgotten (they owe nothing)
 HOLD_S = 2.0  # how long a turned-away request waits for its answer at first
 MAX_HOLD_S = 30.0  # and at most, once its peer has been out of refusals that long
-# Only peers that used up their refusals are held, so a per-peer share would protect no honest peer (it
-# would only split the hold among several attackers): one peer may take all of it.
-MAX_HELD_PER_PEER = 1024
 # Measured per held request: a stream costs ~9 KB in this process and ~38 KB in p2pd, a small unary
 # call ~4 KB and ~16 KB; at this cap both stay well under 64 MiB.
 MAX_HELD = 1024
+# Only peers that used up their refusals are held, so a per-peer share would protect no honest peer (it
+# would only split the hold among several attackers): one peer may take all of it.
+MAX_HELD_PER_PEER = MAX_HELD
 # A held unary request is already read whole, up to 4 MiB each: hivemind keeps three copies of it in
 # this process while it is held, p2pd one. So holding is bounded in those bytes too; past this, requests
 # are answered at once.
@@ -91,12 +91,11 @@ class RefusalBudget:
         if peer not in self._buckets:
             return True
         now = self.clock()
-        tokens = self._tokens(peer, now)
-        if tokens >= 1:
+        if self._tokens(peer, now) >= 1:
             self._out_since.pop(peer, None)
             return True
         self._out_since.setdefault(peer, now)
-        self._buckets[peer] = (max(-self.burst, tokens - 1), now)
+        self.charge(peer)
         self.on_turned_away()
         return False
 
@@ -113,7 +112,8 @@ class RefusalBudget:
         """How long a turned-away request of `peer` waits: `hold_s`, or as long as the peer has been
         out of refusals, up to `max_hold_s`; then up to half as long again, at random, so that
         requests held together are not all answered in the same instant (and sent again all at once)."""
-        out_for = self.clock() - self._out_since.get(peer, self.clock())
+        now = self.clock()
+        out_for = now - self._out_since.get(peer, now)
         return min(self.max_hold_s, max(self.hold_s, out_for)) * random.uniform(1.0, 1.5)
 
     async def hold(
