@@ -12,7 +12,11 @@ class ClientConfig:
     allowed_servers: list[str] | None = None  # base58 peer ids; None: any
     blocked_servers: list[str] = field(default_factory=list)
     connect_timeout: float = 5.0
-    request_timeout: float = 30.0  # per step; a dead server is noticed within this
+    request_timeout: float = 30.0  # per step, at most; a stalling server is hedged long before (speed.py)
+    # A step is overdue after this floor plus 4x the server's expected step time (measured here, else
+    # announced); an overdue step is sent to another server of the same blocks too (hedged).
+    step_deadline_floor: float = 3.0
+    hedge: bool = True  # False: an overdue step is a failure of its server (re-route and replay) instead
     update_period: float = 60.0
     max_retries: int = 8  # per step; then the error propagates (never an endless loop)
     min_backoff: float = 0.5

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from hivemind.dht import DHT
@@ -69,7 +70,12 @@ def describe_route(route: list[RouteSegment]) -> str:
 
 
 def choose_route(
-    spans: dict[str, RemoteSpan], start: int, end: int, rtts: dict[str, float], cache_tokens_needed: int | None = None
+    spans: dict[str, RemoteSpan],
+    start: int,
+    end: int,
+    rtts: dict[str, float],
+    cache_tokens_needed: int | None = None,
+    discounts: dict[str, float] | None = None,
 ) -> list[RouteSegment]:
     """The cheapest chain of segments covering [start, end); raises MissingBlocksError if impossible.
 
@@ -78,8 +84,10 @@ def choose_route(
     `next_pings`, or, where it announces none for that peer, half the client's round trip to the next
     server), the last server -> client, plus a fixed cost per hop and each block's compute time.
     A dynamic programme over blocks: `arriving[peer]` is the cheapest way to have the activation at
-    `peer`, about to compute the current block.
+    `peer`, about to compute the current block. `discounts` divides the announced speed of servers this
+    client measured to be slower than they announce (speed.py).
     """
+    discounts = discounts or {}
     covering: list[list[tuple[str, RemoteSpan]]] = [[] for _ in range(end)]  # who may be entered at each block
     for peer, span in spans.items():
         for block in range(max(span.start, start), min(span.end, end)):
@@ -95,7 +103,7 @@ def choose_route(
     came_from: list[dict[str, str | None]] = [dict.fromkeys(arriving)]
     for block in range(start, end):
         done = {
-            peer: cost + 1 / _inference_rps(spans[peer]) for peer, cost in arriving.items()
+            peer: cost + discounts.get(peer, 1.0) / _inference_rps(spans[peer]) for peer, cost in arriving.items()
         }  # block computed on `peer`
         if block + 1 == end:
             break
@@ -174,6 +182,7 @@ class SwarmView:
     last_refresh: float = 0.0
     announced: bool = False  # whether any server (in any state) announced any block at the last refresh
     verification: object = None  # the client's spot-check ledger (verification.Ledger), made on first use
+    speed: object = None  # the client's step times and slow servers (speed.SpeedLedger), made on first use
 
     def uids(self) -> list[str]:
         return [protocol.make_uid(self.dht_prefix, i) for i in range(self.num_blocks)]
@@ -227,14 +236,25 @@ class SwarmView:
         await asyncio.gather(*(ping(peer) for peer in peers))
 
     def route(
-        self, start: int, end: int, cache_tokens_needed: int | None = None, adapter: str | None = None
+        self,
+        start: int,
+        end: int,
+        cache_tokens_needed: int | None = None,
+        adapter: str | None = None,
+        avoid: Collection[str] = (),
     ) -> list[RouteSegment]:
-        """The best route over [start, end); with `adapter`, only through servers that announce it."""
+        """The best route over [start, end); with `adapter`, only through servers that announce it; never
+        through `avoid`."""
         spans = self.spans
-        if adapter:
-            spans = {peer: span for peer, span in spans.items() if adapter in span.server_info.adapters}
+        if adapter or avoid:
+            spans = {
+                peer: span
+                for peer, span in spans.items()
+                if peer not in avoid and (not adapter or adapter in span.server_info.adapters)
+            }
+        discounts = getattr(self.speed, "discounts", None)
         try:
-            return choose_route(spans, start, end, self.rtts, cache_tokens_needed)
+            return choose_route(spans, start, end, self.rtts, cache_tokens_needed, discounts)
         except MissingBlocksError as exc:
             if adapter:
                 raise MissingBlocksError(exc.blocks, f"{self.dht_prefix} with adapter {adapter!r}") from None

@@ -26,6 +26,7 @@ from hivemind.utils import MSGPackSerializer
 from corolla.swarm import protocol, steptrace
 from corolla.swarm.client import push
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
+from corolla.swarm.client.speed import speed_of
 from corolla.swarm.client.verification import SessionVerifier
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class _ServerStream:
     _stepped: bool = False
     _unread_replies: int = 0  # replies to register() still to be read before the next step's
     corolla: bool = False  # a Corolla server (announces corolla_version): reads next_servers in any step
+    slow: dict | None = None  # evidence that its server is consistently slow (speed.py): replaced at the next step
+    kept_slow: bool = False  # ... unless nobody else serves its blocks
 
     @property
     def position(self) -> int:
@@ -117,9 +120,14 @@ class _ServerStream:
         inputs: torch.Tensor,
         step_id: str,
         position: int,
-        timeout: float,
+        timeout: float | None,
         extras: StepExtras | None = None,
     ) -> torch.Tensor:
+        """Send one step and wait (at most `timeout`) for its reply."""
+        self.send(inputs, step_id, position, extras)
+        return await self.read(inputs, step_id, timeout)
+
+    def send(self, inputs: torch.Tensor, step_id: str, position: int, extras: StepExtras | None = None) -> None:
         if self._outbox is None:
             raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
         uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
@@ -150,6 +158,9 @@ class _ServerStream:
         self._outbox.put_nowait(request)
         steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])
         self._stepped = True
+
+    async def read(self, inputs: torch.Tensor, step_id: str, timeout: float | None) -> torch.Tensor:
+        """The server's reply to the step just sent (`timeout` None: the caller bounds the wait)."""
         try:
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
                 while self._unread_replies:  # register()'s reply came long ago; it carries nothing
@@ -206,6 +217,7 @@ class InferenceSession:
         self.padded = False  # the batch has padding: every step sends the mask
         self._mask: torch.Tensor | None = None
         self._started = False
+        self._closing: set[asyncio.Task] = set()  # streams of replaced servers, closing in the background
         self.verifier = SessionVerifier(self)  # spot checks of the servers' outputs (verification.py)
 
     @property
@@ -368,16 +380,22 @@ class InferenceSession:
         index = 0
         while index < len(self.streams):
             stream = self.streams[index]
+            if stream.slow is not None and not stream.kept_slow:
+                replaced, output = await self._leave_slow(index, hidden)
+                if replaced:
+                    hidden = output
+                    index += replaced
+                    continue
             attempt = 0
             while True:
                 try:
-                    output = await stream.step(
-                        hidden,
-                        step_id,
-                        stream.position,
-                        self.view.config.request_timeout,
-                        self._extras(stream, stream.position, hypo_ids, mask, pushing),
+                    replaced, output = await self._race(
+                        index, hidden, step_id, self._extras(stream, stream.position, hypo_ids, mask, pushing)
                     )
+                    if replaced:  # a hedge answered first: its servers stand in the overdue one's place
+                        hidden = output
+                        index += replaced
+                        break
                     self.view.on_success(stream.segment.peer_id)
                     stream.history = hidden if stream.history is None else torch.cat([stream.history, hidden], 1)
                     self.verifier.observe(stream, output)
@@ -414,6 +432,176 @@ class InferenceSession:
         self.position += length
         return hidden
 
+    async def _race(
+        self, index: int, hidden: torch.Tensor, step_id: str, extras: StepExtras
+    ) -> tuple[int, torch.Tensor]:
+        """Stream `index`'s step, with a deadline from what this client expects of its server (speed.py).
+
+        Overdue, the step is hedged: another server of the same blocks gets the kept inputs replayed and
+        this step, and whichever answers first wins. Returns (0, output) when the stream's own server
+        answered, (n, output) when the n streams of the hedge now stand in its place. Without hedging
+        (or past request_timeout) an overdue step raises, and the caller fails over as for any error.
+        """
+        stream = self.streams[index]
+        config = self.view.config
+        speed = speed_of(self.view)
+        segment = stream.segment
+        tokens = hidden.shape[0] * hidden.shape[1]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = speed.deadline(self.view, segment.peer_id, segment.end - segment.start, tokens)
+        stream.send(hidden, step_id, stream.position, extras)
+        hedge: asyncio.Task | None = None
+        racing = True
+
+        def hedge_done(task: asyncio.Task) -> None:
+            if racing and not task.cancelled() and task.exception() is None:
+                limit.reschedule(loop.time())  # stop waiting for the overdue server: the hedge answered
+
+        def overdue() -> None:
+            nonlocal hedge
+            if not config.hedge:
+                limit.reschedule(loop.time())
+                return
+            hedge = loop.create_task(self._hedge(index, hidden))
+            hedge.add_done_callback(hedge_done)
+
+        try:
+            async with asyncio.timeout(config.request_timeout) as limit:
+                timer = loop.call_at(started + deadline, overdue) if deadline < config.request_timeout else None
+                try:
+                    output = await stream.read(hidden, step_id, None)
+                finally:
+                    racing = False
+                    if timer is not None:
+                        timer.cancel()
+        except Exception as exc:
+            try:
+                if hedge is not None and not hedge.done():  # the overdue server failed; the hedge still runs
+                    await asyncio.wait({hedge}, timeout=max(config.request_timeout - (loop.time() - started), 0.0))
+            except BaseException:
+                self._drop_hedge(hedge)
+                raise
+            if hedge is not None and hedge.done() and not hedge.cancelled() and hedge.exception() is None:
+                return self._hedge_won(index, hedge.result(), tokens, loop.time() - started, hidden.shape[1])
+            if hedge is not None:
+                self._drop_hedge(hedge)
+            if isinstance(exc, TimeoutError):  # overdue and no hedge answered: a failure of this server
+                speed.stalled(self.view, segment.peer_id, segment.start, segment.end, tokens, loop.time() - started)
+            raise
+        except BaseException:
+            if hedge is not None:
+                self._drop_hedge(hedge)
+            raise
+        speed.observe(segment.peer_id, tokens, loop.time() - started)
+        if hedge is not None:
+            self._drop_hedge(hedge)  # the overdue server answered first after all
+        if stream.slow is None:
+            stream.slow = speed.judge(self.view, segment.peer_id, segment.start, segment.end, tokens)
+            if stream.slow is not None:
+                speed.mark_slow(stream.slow)
+        return 0, output
+
+    async def _hedge(self, index: int, inputs: torch.Tensor) -> tuple[list[_ServerStream], torch.Tensor]:
+        """The overdue stream `index`'s blocks on other servers, with its history and `inputs` replayed."""
+        overdue = self.streams[index]
+        segment = overdue.segment
+        speed = speed_of(self.view)
+        speed.hedges += 1
+        logger.warning(
+            "server …%s is overdue at step %d; sending the step to another server too",
+            segment.peer_id[-6:],
+            self.position,
+        )
+        try:
+            route = self._route_around(segment, inputs.shape[0])
+        except MissingBlocksError:
+            await self.view.refresh()
+            route = self._route_around(segment, inputs.shape[0])
+        history = inputs if overdue.history is None else torch.cat([overdue.history, inputs], dim=1)
+        return await self._replay(route, history)
+
+    def _route_around(self, segment: RouteSegment, batch: int) -> list[RouteSegment]:
+        return self.view.route(
+            segment.start,
+            segment.end,
+            cache_tokens_needed=batch * self.max_length,
+            adapter=self.adapter,
+            avoid={segment.peer_id},
+        )
+
+    def _hedge_won(
+        self, index: int, won: tuple[list[_ServerStream], torch.Tensor], tokens: int, waited: float, length: int
+    ) -> tuple[int, torch.Tensor]:
+        streams, full = won
+        loser = self.streams[index]
+        segment = loser.segment
+        speed = speed_of(self.view)
+        speed.hedges_won += 1
+        speed.stalled(self.view, segment.peer_id, segment.start, segment.end, tokens, waited)
+        self.view.ban(segment.peer_id)
+        self.streams[index : index + 1] = streams
+        self._close_later(loser)
+        self.replacements += 1
+        logger.info("the hedge answered first; new route: %s", self.describe())
+        return len(streams), full[:, -length:]
+
+    def _drop_hedge(self, hedge: asyncio.Task) -> None:
+        """A hedge that lost (or is no longer needed): cancel it, or close what it opened."""
+        if not hedge.done():
+            hedge.cancel()  # _replay closes its streams on the way out
+        elif not hedge.cancelled() and hedge.exception() is None:
+            for stream in hedge.result()[0]:
+                self._close_later(stream)
+
+    async def _leave_slow(self, index: int, inputs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """Replace stream `index`, judged slow, by other servers (its history and `inputs` replayed); keep
+        it if nobody else can take its blocks. Returns (0, None) when it stays."""
+        slow = self.streams[index]
+        try:
+            route = self._route_around(slow.segment, inputs.shape[0])
+            history = inputs if slow.history is None else torch.cat([slow.history, inputs], dim=1)
+            streams, full = await self._replay(route, history)
+        except Exception as exc:
+            logger.info("keeping slow server …%s: no other route (%s)", slow.segment.peer_id[-6:], exc)
+            slow.kept_slow = True
+            return 0, None
+        self.streams[index : index + 1] = streams
+        self._close_later(slow)
+        self.replacements += 1
+        logger.info("left slow server …%s; new route: %s", slow.segment.peer_id[-6:], self.describe())
+        return len(streams), full[:, -inputs.shape[1] :]
+
+    async def _replay(
+        self, route: list[RouteSegment], history: torch.Tensor
+    ) -> tuple[list[_ServerStream], torch.Tensor]:
+        """New sessions along `route`, each sent the whole `history` (the previous one's full output):
+        the streams and the last one's output. On failure (or cancellation) nothing stays open."""
+        new_streams: list[_ServerStream] = []
+        speed = speed_of(self.view)
+        loop = asyncio.get_running_loop()
+        try:
+            new_streams = await self._open_segments(route)
+            full = history
+            for stream in new_streams:  # replay: each new server gets the previous one's full output
+                extras = self._extras(stream, 0, None, self._mask)
+                started = loop.time()
+                output = await stream.step(full, str(uuid.uuid4()), 0, self.view.config.request_timeout, extras)
+                speed.observe(stream.segment.peer_id, full.shape[0] * full.shape[1], loop.time() - started)
+                stream.history = full
+                full = output
+        except BaseException:
+            for stream in new_streams:
+                self._close_later(stream)
+            raise
+        return new_streams, full
+
+    def _close_later(self, stream: _ServerStream) -> None:
+        """Close a stream without waiting for its server (a staller would hold the step for CLOSE_TIMEOUT)."""
+        task = asyncio.get_running_loop().create_task(stream.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def _replace(self, index: int, inputs: torch.Tensor, attempt: int) -> tuple[int, torch.Tensor | None]:
         """Swap stream `index` for new servers covering its blocks and replay its history through them.
 
@@ -421,7 +609,7 @@ class InferenceSession:
         """
         failed = self.streams[index]
         self.view.ban(failed.segment.peer_id)
-        await failed.close()
+        self._close_later(failed)
         delay = (
             0.0
             if attempt == 1
@@ -433,23 +621,14 @@ class InferenceSession:
         route = self.view.route(
             segment.start, segment.end, cache_tokens_needed=inputs.shape[0] * self.max_length, adapter=self.adapter
         )
-        new_streams: list[_ServerStream] = []
+        history = inputs if failed.history is None else torch.cat([failed.history, inputs], dim=1)
         try:
-            new_streams = await self._open_segments(route)
-            history = inputs if failed.history is None else torch.cat([failed.history, inputs], dim=1)
-            full = history
-            for stream in new_streams:  # replay: each new server gets the previous one's full output
-                extras = self._extras(stream, 0, None, self._mask)
-                output = await stream.step(full, str(uuid.uuid4()), 0, self.view.config.request_timeout, extras)
-                stream.history = full
-                full = output
+            new_streams, full = await self._replay(route, history)
         except Exception as exc:
             self._note_refusal(exc)
             logger.warning("replacement route %s failed: %s", describe_route(route), exc)
-            for stream in new_streams:
-                await stream.close()
-            for stream in new_streams:
-                self.view.ban(stream.segment.peer_id)
+            for segment in route:
+                self.view.ban(segment.peer_id)
             # Leave a placeholder that fails at once, so the caller retries with a fresh route.
             return 0, None
         self.streams[index : index + 1] = new_streams
@@ -476,10 +655,11 @@ class InferenceSession:
             raise ServerFailure(f"the server refused: {said}")
 
     async def close(self) -> None:
-        self.verifier.cancel()
+        self.verifier.detach()  # checks still in flight finish on their own (and can still flag)
         steptrace.mark("session_close")
         # All at once: each close waits for its server to end the stream, a round trip away.
-        await asyncio.gather(*(stream.close() for stream in self.streams), return_exceptions=True)
+        closing = [stream.close() for stream in self.streams] + list(self._closing)
+        await asyncio.gather(*closing, return_exceptions=True)
         self.streams = []
         steptrace.mark("session_closed")
 

@@ -19,7 +19,6 @@ The check runs as a task beside the user's stream: the session never waits for i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, choose_route
+from corolla.swarm.client.speed import speed_of
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ UNKNOWN_PRECISION_TOLERANCE = 0.9  # a server that announces nothing (old Petals
 MAX_PAIR_TOLERANCE = 0.9
 FIRST_STEPS = 8  # a server's first steps in this client are all checked
 CHECK_TIMEOUT_S = 60.0
-SETTLE_TIMEOUT_S = 30.0  # at most this long generate() waits, after its last token, for checks in flight
+# At most this long generate() waits, after its last token, for checks in flight; the rest finish in the
+# background (and can still flag the server, for later generations). A checker that stalls counts against it.
+SETTLE_TIMEOUT_S = 1.0
 MAX_CHECKS_IN_FLIGHT = 4  # per session: checks are extra load on the swarm
 MAX_CHECK_RETRIES = 2  # per server session: a check that fails (not one that mismatches) is tried again
 
@@ -143,6 +145,7 @@ class Ledger:
     disputes: int = 0
     infos: dict = field(default_factory=dict)  # the last announcement seen of each server (its precision)
     on_flag: list[Callable[[dict], None]] = field(default_factory=list)
+    background: set = field(default_factory=set)  # checks of closed sessions, still running
 
     def should_check(self, peer: str, rate: float) -> bool:
         self.steps[peer] += 1
@@ -196,21 +199,33 @@ async def replay_on(
     timeout: float | None = None,
 ) -> torch.Tensor:
     """Outputs of `route` (segments covering some blocks in order) for `inputs` [batch, L, hidden],
-    each segment in a fresh inference session closed at once."""
+    each segment in a fresh inference session closed at once. Without `timeout`, each server gets the
+    deadline this client expects of it (speed.py), and one that misses it is counted as stalling."""
     from corolla.swarm.client.session import StepExtras, _ServerStream
 
-    timeout = timeout or view.config.request_timeout
+    speed = speed_of(view)
+    loop = asyncio.get_running_loop()
+    tokens = inputs.shape[0] * inputs.shape[1]
     hidden = inputs
     offset = route[0].start
     for segment in route:
         stream = _ServerStream(segment, view.dht_prefix, inputs.shape[1], adapter)
+        peer, blocks = segment.peer_id, segment.end - segment.start
+        deadline = timeout or speed.deadline(view, peer, blocks, tokens)
         try:
             await stream.open(view, view.config.connect_timeout)
             span_prompts = None
             if prompts is not None:
                 span_prompts = prompts[segment.start - offset : segment.end - offset]
             extras = StepExtras(span_prompts, None, mask)
-            hidden = await stream.step(hidden, str(uuid.uuid4()), 0, timeout, extras)
+            started = loop.time()
+            try:
+                hidden = await stream.step(hidden, str(uuid.uuid4()), 0, deadline, extras)
+            except TimeoutError:
+                speed.stalled(view, peer, segment.start, segment.end, tokens, loop.time() - started, what="check")
+                view.ban(peer)
+                raise
+            speed.observe(peer, tokens, loop.time() - started)
         finally:
             await stream.close()
     return hidden
@@ -348,10 +363,9 @@ class SessionVerifier:
             caught, self.caught = self.caught, None
             raise LiarCaught(caught)
 
-    async def settle(self, timeout: float | None = None) -> None:
-        """Run the checks still owed, wait (bounded) for those in flight, then raise LiarCaught if one
-        caught a liar."""
-        timeout = timeout or min(self.view.config.request_timeout, SETTLE_TIMEOUT_S)
+    async def settle(self, timeout: float = SETTLE_TIMEOUT_S) -> None:
+        """Run the checks still owed, wait (at most `timeout`) for those in flight, then raise LiarCaught
+        if one caught a liar. Checks still running go on without this session (`detach`)."""
         for stream in self.session.streams:
             kept = self.kept.get(stream.session_id)
             # Owed checks, and a last one for any server whose latest outputs no check has compared:
@@ -360,15 +374,22 @@ class SessionVerifier:
             if kept is not None and self.enabled and (stream.session_id in self.owed or kept.checked_to < kept.end):
                 self.owed.discard(stream.session_id)
                 self._launch(stream, kept)
-        if self.tasks:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        if self.tasks:  # asyncio.wait, not a gather under a timeout: the checks must outlive this wait
+            await asyncio.wait(list(self.tasks), timeout=timeout)
         self.raise_if_caught()
 
     def cancel(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+
+    def detach(self) -> None:
+        """The session closes: its checks in flight run to their end (CHECK_TIMEOUT_S at most) in the
+        background, where a mismatch still flags the server for this client's later sessions."""
+        background = self.ledger.background
+        for task in self.tasks:
+            background.add(task)
+            task.add_done_callback(background.discard)
+        self.owed.clear()
 
 
 @dataclass
