@@ -197,3 +197,19 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     pane.check_selected()
     qtbot.waitUntil(lambda: pane.checking is None, timeout=10_000)
     assert pane.check_result.text() == "Could not check birch: no server 12D3KooWGone in this swarm"
+
+
+def test_a_slow_server_is_marked_beside_its_verdict():
+    from corolla.gui.swarm_graph import server_details, trust_text
+
+    verified = {"state": "verified", "checks": 2, "evidence": None}
+    evidence = {"kind": "slow", "times_slower": 12.3, "detail": "slower than it announces: steps take 0.6 s here"}
+    slow = _server(FRESH, 1, 5, verified, speed={"state": "slow", "steps": 9, "step_s": 0.6, "evidence": evidence})
+    assert trust_text(slow) == "verified (2 checks) · slow (12x announced)"
+    assert "⏱ Slow: slower than it announces" in server_details(slow)
+    stalled = {"kind": "stalled", "times_slower": 480.0, "detail": "a step of 1 token(s) had no answer after 3.2 s"}
+    staller = _server(FRESH, 1, 5, None, speed={"state": "slow", "steps": 1, "evidence": stalled})
+    assert trust_text(staller) == "stalled (480x announced)"  # slow shows even from a node without verdicts
+    measured = _server(HONEST, 0, 3, verified, speed={"state": "measured", "steps": 30, "step_s": 0.012})
+    assert trust_text(measured) == "verified (2 checks)" and "Steps here take 12 ms" in server_details(measured)
+    assert trust_text(_server(OLD, 2, 6, verified)) == "verified (2 checks)"  # an older node: no speed field

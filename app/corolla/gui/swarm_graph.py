@@ -72,8 +72,33 @@ def verification(server: dict) -> dict | None:
     return v if isinstance(v, dict) and v.get("state") in ("verified", "unverified", "flagged") else None
 
 
+def speed(server: dict) -> dict | None:
+    """The node's measure of a server's speed (slow | measured | unmeasured), or None from an older node."""
+    v = server.get("speed")
+    return v if isinstance(v, dict) and v.get("state") in ("slow", "measured", "unmeasured") else None
+
+
+def slow_text(server: dict) -> str:
+    """'slow (12x announced)' for a server this computer found slow, else ''."""
+    v = speed(server)
+    if v is None or v["state"] != "slow":
+        return ""
+    evidence = v.get("evidence") if isinstance(v.get("evidence"), dict) else {}
+    times = evidence.get("times_slower")
+    stalled = str(evidence.get("kind", "")).startswith("stalled")
+    what = "stalled" if stalled else "slow"
+    return f"{what} ({times:.0f}x announced)" if isinstance(times, (int, float)) else what
+
+
 def trust_text(server: dict) -> str:
-    """A short verdict for the table: 'verified (3 checks)', 'not checked yet', 'FLAGGED', or '–'."""
+    """A short verdict for the table: 'verified (3 checks)', 'not checked yet', 'FLAGGED', or '–', with
+    'slow (12x announced)' after it for a server found slower than it announces."""
+    text = _trust_text(server)
+    slow = slow_text(server)
+    return f"{text} · {slow}" if slow and text != "–" else (slow or text)
+
+
+def _trust_text(server: dict) -> str:
     v = verification(server)
     if v is None:
         return "–"
@@ -140,6 +165,13 @@ def server_details(s: dict) -> str:
             text += f"\n✓ Verified: its results matched other servers in {checks} spot check(s)."
         else:
             text += "\nNot verified yet: no spot check has compared its results with another server."
+    pace = speed(s)
+    if pace is not None and pace["state"] == "slow":
+        evidence = pace.get("evidence") if isinstance(pace.get("evidence"), dict) else {}
+        detail = str(evidence.get("detail") or "")[:300]
+        text += f"\n⏱ Slow: {detail or 'slower than it announces'}; Corolla routes around it when it can."
+    elif pace is not None and pace["state"] == "measured" and isinstance(pace.get("step_s"), (int, float)):
+        text += f"\nSteps here take {pace['step_s'] * 1000:.0f} ms."
     return text
 
 

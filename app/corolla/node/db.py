@@ -33,7 +33,11 @@ CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flagged_servers (
     peer_id TEXT PRIMARY KEY, dht_prefix TEXT, evidence TEXT NOT NULL, flagged_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS slow_servers (
+    peer_id TEXT PRIMARY KEY, dht_prefix TEXT, evidence TEXT NOT NULL, noted_at REAL NOT NULL
+);
 """
+SLOW_MEMORY_S = 24 * 3600  # a server found slow is remembered this long (it may have been busy that day)
 
 
 class Database:
@@ -158,6 +162,22 @@ class Database:
     def flagged_servers(self) -> dict[str, dict[str, Any]]:
         """peer id -> the evidence recorded when it was flagged."""
         rows = self._execute("SELECT peer_id, evidence FROM flagged_servers ORDER BY flagged_at")
+        return {r["peer_id"]: json.loads(r["evidence"]) for r in rows}
+
+    # --- servers found slower than they announce (swarm/client/speed.py) ---------------------------
+    def note_slow_server(self, evidence: dict[str, Any]) -> None:
+        self._execute(
+            "INSERT INTO slow_servers VALUES (?, ?, ?, ?) ON CONFLICT(peer_id) DO UPDATE SET "
+            "evidence=excluded.evidence, noted_at=excluded.noted_at",
+            (evidence["peer_id"], evidence.get("dht_prefix"), json.dumps(evidence), time.time()),
+        )
+
+    def slow_servers(self) -> dict[str, dict[str, Any]]:
+        """peer id -> the evidence of its latest slowness, for those noted within SLOW_MEMORY_S."""
+        rows = self._execute(
+            "SELECT peer_id, evidence FROM slow_servers WHERE noted_at >= ? ORDER BY noted_at",
+            (time.time() - SLOW_MEMORY_S,),
+        )
         return {r["peer_id"]: json.loads(r["evidence"]) for r in rows}
 
     # --- settings ----------------------------------------------------------------------------------

@@ -246,6 +246,7 @@ class NodeService:
         own = (self.supervisor.poll().stats or {}).get("peer_id")
         route = self._current_route(model)
         flagged = self.db.flagged_servers()
+        slow = self.db.slow_servers()
         result = []
         for health in models:
             data = health.to_dict()
@@ -253,12 +254,14 @@ class NodeService:
             for server in data["servers"]:
                 server["this_computer"] = server["peer_id"] == own
                 server["verification"] = self._verification(model, server, data["servers"], flagged)
+                server["speed"] = self._speed(model, server, slow)
             result.append(data)
         return result
 
     # --- spot checks (swarm/client/verification.py) --------------------------------------------------
     def _restore_flagged_servers(self, model) -> None:
         """A new swarm client starts with the node's flagged servers blocked, and records new flags here."""
+        from corolla.swarm.client.speed import speed_of
         from corolla.swarm.client.verification import block, ledger_of
 
         ledger = ledger_of(model.view)
@@ -266,6 +269,10 @@ class NodeService:
             ledger.flagged[peer] = evidence
             block(model.view, peer)
         ledger.on_flag.append(self.db.flag_server)
+        speed = speed_of(model.view)  # servers found slow lately keep their discount in routing
+        for evidence in self.db.slow_servers().values():
+            speed.mark_slow(evidence)
+        speed.on_slow.append(self.db.note_slow_server)
 
     def _verification(self, model, server: dict, servers: list[dict], flagged: dict[str, dict]) -> dict:
         """verified | unverified | flagged, with the number of checks passed and the evidence of a flag."""
@@ -286,6 +293,17 @@ class NodeService:
         else:
             state = "unverified"
         return {"state": state, "checks": int(ledger.checks[peer]), "evidence": evidence}
+
+    @staticmethod
+    def _speed(model, server: dict, slow: dict[str, dict]) -> dict:
+        """slow | measured | unmeasured: this client's step times of the server against its announcement,
+        with the evidence of a slow verdict (this session's, else the node's record)."""
+        from corolla.swarm.client.speed import speed_of
+
+        summary = speed_of(model.view).summary(server["peer_id"])
+        if summary["evidence"] is None and server["peer_id"] in slow:
+            summary.update(state="slow", evidence=slow[server["peer_id"]])
+        return summary
 
     def check_server(self, peer_id: str) -> dict | None:
         """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing."""
