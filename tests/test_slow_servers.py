@@ -263,3 +263,23 @@ def test_a_stalling_checker_never_holds_a_generation(model_dir, swarm, baseline)
         assert staller not in ledger_of(model.view).flagged  # slow is not a lie
     finally:
         model.close()
+
+
+def test_the_node_database_remembers_slow_servers_for_a_day(tmp_path):
+    from corolla.node.db import SLOW_MEMORY_S, Database
+
+    db = Database(tmp_path / "node.db")
+    try:
+        evidence = {"peer_id": "12D3KooWSlow", "dht_prefix": "m", "kind": "stalled", "times_slower": 500.0}
+        db.note_slow_server(evidence)
+        assert db.slow_servers() == {"12D3KooWSlow": evidence}
+        db._execute("UPDATE slow_servers SET noted_at = noted_at - ?", (SLOW_MEMORY_S + 1,))
+        assert db.slow_servers() == {}  # it may only have been busy that day
+        # A new client starts with the remembered discount (what the node does for each new client).
+        db.note_slow_server(evidence)
+        speed = SpeedLedger()
+        for remembered in db.slow_servers().values():
+            speed.mark_slow(remembered)
+        assert speed.discounts["12D3KooWSlow"] == 500.0 and speed.summary("12D3KooWSlow")["state"] == "slow"
+    finally:
+        db.close()

@@ -196,6 +196,15 @@ def test_the_node_checks_a_server_on_purpose_and_remembers_a_liar(node, swarm):
     assert flagged["evidence"]["blocks"] == [0, 6]
     assert servers[honest]["verification"] == {"state": "verified", "checks": 1, "evidence": None}
     assert servers[swarm["f32a"].peer_id]["verification"]["state"] == "unverified"  # never checked yet
+    # Beside the verdicts, each server's speed as this node measured it (the check timed the honest one).
+    assert servers[honest]["speed"]["state"] == "measured" and servers[honest]["speed"]["steps"] >= 1
+    assert servers[swarm["f32a"].peer_id]["speed"] == {
+        "state": "unmeasured",
+        "steps": 0,
+        "step_s": None,
+        "stalls": 0,
+        "evidence": None,
+    }
 
     # The flag is in the node's database, and `corolla swarm check` asks the running node.
     databases = list(node.home.rglob("*.db")) + list(node.home.rglob("*.sqlite*"))

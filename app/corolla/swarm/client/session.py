@@ -37,6 +37,7 @@ MASKED_ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {"attention_mask": b"__T3"
 _DUMMY = serialize_torch_tensor(torch.zeros(0))
 _DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
 CLOSE_TIMEOUT = 5.0
+_CLOSING: set[asyncio.Task] = set()  # streams of replaced servers, closing in the background (CLOSE_TIMEOUT each)
 
 
 class ServerFailure(RuntimeError):
@@ -217,7 +218,6 @@ class InferenceSession:
         self.padded = False  # the batch has padding: every step sends the mask
         self._mask: torch.Tensor | None = None
         self._started = False
-        self._closing: set[asyncio.Task] = set()  # streams of replaced servers, closing in the background
         self.verifier = SessionVerifier(self)  # spot checks of the servers' outputs (verification.py)
 
     @property
@@ -455,11 +455,13 @@ class InferenceSession:
         racing = True
 
         def hedge_done(task: asyncio.Task) -> None:
-            if racing and not task.cancelled() and task.exception() is None:
+            if racing and not limit.expired() and not task.cancelled() and task.exception() is None:
                 limit.reschedule(loop.time())  # stop waiting for the overdue server: the hedge answered
 
         def overdue() -> None:
             nonlocal hedge
+            if not racing or limit.expired():
+                return
             if not config.hedge:
                 limit.reschedule(loop.time())
                 return
@@ -596,11 +598,12 @@ class InferenceSession:
             raise
         return new_streams, full
 
-    def _close_later(self, stream: _ServerStream) -> None:
+    @staticmethod
+    def _close_later(stream: _ServerStream) -> None:
         """Close a stream without waiting for its server (a staller would hold the step for CLOSE_TIMEOUT)."""
         task = asyncio.get_running_loop().create_task(stream.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        _CLOSING.add(task)  # a strong reference: the loop keeps only weak ones
+        task.add_done_callback(_CLOSING.discard)
 
     async def _replace(self, index: int, inputs: torch.Tensor, attempt: int) -> tuple[int, torch.Tensor | None]:
         """Swap stream `index` for new servers covering its blocks and replay its history through them.
@@ -658,8 +661,7 @@ class InferenceSession:
         self.verifier.detach()  # checks still in flight finish on their own (and can still flag)
         steptrace.mark("session_close")
         # All at once: each close waits for its server to end the stream, a round trip away.
-        closing = [stream.close() for stream in self.streams] + list(self._closing)
-        await asyncio.gather(*closing, return_exceptions=True)
+        await asyncio.gather(*(stream.close() for stream in self.streams), return_exceptions=True)
         self.streams = []
         steptrace.mark("session_closed")
 

@@ -42,6 +42,7 @@ RECENT_STEPS = 8  # a verdict reads the median of this many latest steps of one 
 DEFAULT_RPS = 300.0  # per block, for a server that announces no speed (as routing assumes)
 UNKNOWN_RTT_S = 0.15
 MAX_DISCOUNT = 1e4
+MAX_PEERS = 1024  # servers whose step times are kept
 
 
 def size_bucket(tokens: int) -> int:
@@ -96,6 +97,8 @@ class SpeedLedger:
 
     # --- measurements ----------------------------------------------------------------------------
     def observe(self, peer: str, tokens: int, seconds: float) -> None:
+        if peer not in self.times and len(self.times) >= MAX_PEERS:  # a long-lived client: forget the oldest
+            del self.times[next(iter(self.times))]
         buckets = self.times.setdefault(peer, {})
         bucket = size_bucket(tokens)
         if bucket in buckets:
@@ -137,17 +140,18 @@ class SpeedLedger:
         ewma = self.times.get(peer, {}).get(size_bucket(tokens))
         if ewma is None or len(ewma.recent) < SLOW_MIN_STEPS:
             return None
+        typical = ewma.typical
         span = view.spans.get(peer)
-        if span is None:
+        if span is None or typical <= SLOW_MARGIN_S:  # (every verdict needs at least this much per step)
             return None
         blocks = end - start
         announced = announced_seconds(span.server_info, blocks, tokens, view.rtts.get(peer))
-        typical = ewma.typical
         if typical > SLOW_FACTOR * announced + SLOW_MARGIN_S:
             return self._evidence(view, peer, start, end, ewma, announced, "slower than it announces")
-        for other, other_span in view.spans.items():
-            theirs = self.times.get(other, {}).get(size_bucket(tokens))
-            if other == peer or theirs is None or len(theirs.recent) < SLOW_MIN_STEPS:
+        for other, buckets in self.times.items():  # the servers measured here: few, unlike the swarm's spans
+            theirs = buckets.get(size_bucket(tokens))
+            other_span = view.spans.get(other)
+            if other == peer or theirs is None or other_span is None or len(theirs.recent) < SLOW_MIN_STEPS:
                 continue
             if other_span.start <= start and other_span.end >= end:
                 per_block = theirs.typical * blocks / max(other_span.end - other_span.start, 1)
@@ -200,7 +204,7 @@ class SpeedLedger:
         first = peer not in self.slow
         self.slow[peer] = evidence
         if first:
-            logger.warning("slow server %s: %s", peer, evidence["detail"])
+            logger.warning("slow server %s: %s", peer, evidence.get("detail", ""))
         for callback in self.on_slow:
             try:
                 callback(evidence)
