@@ -112,6 +112,9 @@ def main() -> None:
                 peer = servers[name].peer_id
                 result[name] = {}
                 for mode, adaptive in modes.items():
+                    if name == "20 s per step" and not adaptive:  # every step is inside the 30 s timeout
+                        result[name][mode] = {"seconds": None, "note": "never left: >= 20 s per token"}
+                        continue
                     m = client(model, maddr, [honest, peer], adaptive)
                     try:
                         route_first_through(m, peer)
