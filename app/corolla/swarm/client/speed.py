@@ -16,7 +16,8 @@ blocks with the kept inputs replayed, and whichever answers first wins.
 
 A server whose steps are consistently (the median of its latest ones) SLOW_FACTOR times slower than
 announced, or than another server of the same blocks measured here, is judged slow: the session
-replaces it and routing discounts its announced speed by what was measured (`discounts`). Losing a
+replaces it and routing discounts its announced speed by what was measured (`discounts`, fading
+with a half-life of DISCOUNT_HALF_LIFE_S). Losing a
 hedge race (a stall) does the same. Each verdict keeps its evidence, which `on_slow` hands on (the node records it).
 """
 
@@ -43,6 +44,7 @@ DEFAULT_RPS = 300.0  # per block, for a server that announces no speed (as routi
 UNKNOWN_RTT_S = 0.15
 MAX_DISCOUNT = 1e4
 MAX_PEERS = 1024  # servers whose step times are kept
+DISCOUNT_HALF_LIFE_S = 600.0  # a slow verdict's weight in routing halves this often
 
 
 def size_bucket(tokens: int) -> int:
@@ -89,7 +91,7 @@ class SpeedLedger:
     floor: float = DEADLINE_FLOOR_S
     times: dict[str, dict[int, _Ewma]] = field(default_factory=dict)  # peer -> size bucket -> step seconds
     slow: dict[str, dict] = field(default_factory=dict)  # peer -> evidence of the latest verdict
-    discounts: dict[str, float] = field(default_factory=dict)  # peer -> factor its announced speed is divided by
+    marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer -> (discount, wall time marked)
     stalls: Counter = field(default_factory=Counter)  # steps (and checks) a server let run past their deadline
     hedges: int = 0  # steps sent to a second server because the first was overdue
     hedges_won: int = 0  # ... where the second server answered first
@@ -200,7 +202,8 @@ class SpeedLedger:
     def mark_slow(self, evidence: dict) -> None:
         peer = evidence["peer_id"]
         factor = min(max(float(evidence.get("times_slower") or 1.0), SLOW_FACTOR), MAX_DISCOUNT)
-        self.discounts[peer] = max(self.discounts.get(peer, 1.0), factor)
+        at = float(evidence.get("at") or time.time())
+        self.marks[peer] = (max(self.discount(peer), factor), at)
         first = peer not in self.slow
         self.slow[peer] = evidence
         if first:
@@ -210,6 +213,22 @@ class SpeedLedger:
                 callback(evidence)
             except Exception:
                 logger.exception("recording a slow server failed")
+
+    def discount(self, peer: str, now: float | None = None) -> float:
+        """What `peer`'s announced speed is divided by in routing: the factor it was found slower by,
+        halving (towards 1) every DISCOUNT_HALF_LIFE_S, since a server slow once may only have been busy."""
+        mark = self.marks.get(peer)
+        if mark is None:
+            return 1.0
+        factor, at = mark
+        age = max((time.time() if now is None else now) - at, 0.0)
+        return 1.0 + (factor - 1.0) * 0.5 ** (age / DISCOUNT_HALF_LIFE_S)
+
+    @property
+    def discounts(self) -> dict[str, float]:
+        """peer -> discount, for routing (choose_route)."""
+        now = time.time()
+        return {peer: self.discount(peer, now) for peer in self.marks}
 
     def summary(self, peer: str) -> dict:
         """For the node's swarm view: slow or not, and what was measured against what was announced."""
