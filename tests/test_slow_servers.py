@@ -37,7 +37,12 @@ SERVERS = {
     "after5": "after:5:stall",
     "blip": "once:3:2",
     "sluggish": "delay:0.6",
+    # A chain: the staller serves the second half, so the hedge replaces a pushed-to middle of the route.
+    "head": None,
+    "tail": None,
+    "tail_after5": "after:5:stall",
 }
+BLOCKS = {"head": "0:3", "tail": "3:6", "tail_after5": "3:6"}
 CLIENT = {"use_relay": False, "auto_nat": False, "request_timeout": 30.0, "max_retries": 3, "min_backoff": 0.2}
 NEW_TOKENS = 16
 
@@ -107,7 +112,7 @@ def _serve(tmp, model, name, slowness, join):
         "--dht-prefix",
         PREFIX,
         "--blocks",
-        "0:6",
+        BLOCKS.get(name, "0:6"),
         "--torch-dtype",
         "float32",
         "--throughput",
@@ -301,3 +306,29 @@ def test_the_node_database_remembers_slow_servers_for_a_day(tmp_path):
         assert speed.discount("12D3KooWSlow", later) == pytest.approx(1 + 499 / 4, rel=0.01)
     finally:
         db.close()
+
+
+def test_a_stalling_server_in_the_middle_of_a_pushing_chain_is_hedged_exactly(model_dir, swarm):
+    """Servers push each step to the next one; the hedge takes the staller's place in that chain."""
+    honest_chain = _client(model_dir, swarm, ["head", "tail"])
+    try:
+        _timed_generate(honest_chain)  # warm
+        want, baseline_s = _timed_generate(honest_chain)
+        assert honest_chain.view.config.use_server_to_server
+    finally:
+        honest_chain.close()
+    peer = swarm["tail_after5"].peer_id
+    model = _client(model_dir, swarm, ["head", "tail", "tail_after5"])
+    try:
+        route_first_through(model, peer)
+        assert model.route().startswith("0:3 via") and f"3:6 via …{peer[-6:]}" in model.route()
+        tokens, seconds = _timed_generate(model)
+        assert torch.equal(tokens, want)
+        assert speed_of(model.view).hedges_won == 1 and peer[-6:] not in model.route()
+        print(f"chain: {seconds:.2f} s against {baseline_s:.2f} s without the staller")
+        assert seconds - baseline_s <= 5.0 + 1.0
+        # The session goes on through the hedge's server, pushed to by the head as before.
+        again, _ = _timed_generate(model)
+        assert torch.equal(again, want)
+    finally:
+        model.close()
