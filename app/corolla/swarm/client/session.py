@@ -6,6 +6,11 @@ the replacement(s) the whole history in one first message; the replacement's out
 current step's positions before it goes downstream. Downstream servers never notice, and the output
 equals what the failed server would have produced. (Petals' own client loses the position here:
 its issue 587.)
+
+A server that stays connected but answers late is handled the same way, in seconds: each step has a
+deadline from what this client expects of that server (speed.py); an overdue step is hedged (the
+same replay on another server of the same blocks, racing the overdue one; the first answer wins),
+and a server consistently slower than it announces is replaced at its next step.
 """
 
 from __future__ import annotations
