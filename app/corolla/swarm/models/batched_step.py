@@ -1,0 +1,146 @@
+"""One forward for the token steps of several inference sessions on the same span.
+
+A decode step reads every weight of its blocks whether it carries one row or sixteen, so the steps of
+sessions that wait at the same time are run together. Each session keeps its own cache of its own
+length; for the joint forward their caches are laid side by side, left-padded to the longest, with a
+padding mask and per-row positions (the layout transformers uses for batched generation, so every
+family's attention variant, rotary or ALiBi, handles it as it handles a padded batch). Afterwards
+each session's cache takes only its own new keys and values, through the layer's own `update`, and
+each session gets its own rows of the output. A session's result equals its result alone up to
+floating-point summation order (greedy decoding stays token-exact; tests/test_batched_steps.py).
+
+Sliding-window layers keep only their last `window - 1` positions. In the joint layout those are laid
+right-aligned under a shared timeline of the longest session's length, so the window (a distance from
+each query) and the padding mask cut exactly what each session alone would see.
+
+Static (preallocated) caches join too, through their valid prefix; those captured for CUDA graphs
+keep their own batch-1 fast path. Steps that cannot join a batch run alone, as before: deep prompts,
+gradients, an empty cache, steps longer than a sliding window, and cache layers of other kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from corolla.swarm.models.cache import SessionCache
+from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.models.static_cache import StaticKVLayer, StaticSessionCache
+
+# The layer kinds whose state is exactly (keys, values[, cumulative length]): laid side by side safely.
+_BATCHABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticKVLayer)
+
+
+@dataclass
+class StepRow:
+    """One session's step: its cache, its new hidden states [batch, length, hidden], and optionally
+    its padding mask [batch, past + length] and position ids [batch or 1, length]."""
+
+    cache: SessionCache | StaticSessionCache
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.hidden.shape[1])
+
+
+def can_join(span: BlockSpan, cache: object, length: int) -> bool:
+    """Whether a step of `length` new tokens on `cache` may run in a joint forward on `span`."""
+    if type(cache) not in (SessionCache, StaticSessionCache) or (cache.start, cache.end) != (span.start, span.end):
+        return False
+    if cache.length == 0:
+        return False
+    if isinstance(cache, StaticSessionCache) and (
+        cache.state.for_graphs or not cache.is_allocated or cache.length + length > cache.max_length
+    ):
+        return False
+    for layer in cache.cache.layers[span.start : span.end]:
+        if type(layer) not in _BATCHABLE_LAYERS or not layer.is_initialized:
+            return False
+        if getattr(layer, "record_past", False):
+            return False
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and length >= window:
+            return False
+    return True
+
+
+def joint_cost_tokens(steps: list[StepRow]) -> int:
+    """Cached positions the joint layout holds (what the padded copy costs), for the batch cap."""
+    longest = max(step.cache.length for step in steps)
+    return sum(step.rows for step in steps) * (longest + steps[0].length)
+
+
+def forward_joined(span: BlockSpan, steps: list[StepRow]) -> list[torch.Tensor]:
+    """Run every step in one forward on `span`; returns each step's output [rows, length, hidden].
+
+    All steps have the same new length and pass `can_join`. Each step's cache gets its new tokens;
+    when the forward fails, no cache has changed."""
+    length = steps[0].length
+    if any(step.length != length for step in steps):
+        raise ValueError("steps of a joint forward must have the same length")
+    pasts = [step.cache.length for step in steps]
+    longest = max(pasts)
+    joint = SessionCache(span.config, span.start, span.end)
+    for index in range(span.start, span.end):
+        layers = [step.cache.cache.layers[index] for step in steps]
+        keys, values = zip(*(_visible(layer) for layer in layers), strict=True)
+        stored = max(k.shape[2] for k in keys)  # a sliding layer: at most window - 1
+        target = joint.cache.layers[index]
+        target.update(_left_padded(list(keys), stored), _left_padded(list(values), stored))
+        if isinstance(target, DynamicSlidingWindowLayer):
+            target.cumulative_length = longest  # the shared timeline, not the positions it keeps
+    masks, positions = [], []
+    for step, past in zip(steps, pasts, strict=True):
+        mask = torch.zeros(step.rows, longest + length, dtype=torch.long)
+        if step.attention_mask is not None:
+            mask[:, longest - past :] = step.attention_mask.to(torch.long)
+        else:
+            mask[:, longest - past :] = 1
+        masks.append(mask)
+        if step.position_ids is not None:
+            positions.append(step.position_ids.to(torch.long).expand(step.rows, length))
+        else:
+            positions.append(torch.arange(past, past + length).expand(step.rows, length))
+    hidden = torch.cat([step.hidden.to(device=span.device, dtype=span.dtype) for step in steps])
+    out = span(hidden, joint, attention_mask=torch.cat(masks), position_ids=torch.cat(positions))
+    # Only now, with the forward done, does any session's cache change.
+    results, first = [], 0
+    for step in steps:
+        rows = slice(first, first + step.rows)
+        for index in range(span.start, span.end):
+            layer = joint.cache.layers[index]
+            # The new positions are the last `length` it keeps (a sliding layer drops from the front).
+            step.cache.cache.layers[index].update(layer.keys[rows, :, -length:], layer.values[rows, :, -length:])
+        results.append(out[rows])
+        first += step.rows
+    return results
+
+
+def _visible(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a layer's next step attends to: all it keeps (a dynamic layer), or the
+    written prefix of a static buffer (of a sliding layer, its last window - 1 positions)."""
+    if not isinstance(layer, StaticKVLayer):
+        return layer.keys, layer.values
+    start = 0 if layer.sliding_window is None else max(0, layer.length - layer.sliding_window + 1)
+    return layer.keys[:, :, start : layer.length], layer.values[:, :, start : layer.length]
+
+
+def _left_padded(tensors: list[torch.Tensor], longest: int) -> torch.Tensor:
+    """[rows_i, heads, length_i, dim] each -> [sum rows_i, heads, longest, dim], real positions last."""
+    rows = sum(t.shape[0] for t in tensors)
+    sample = tensors[0]
+    joint = sample.new_zeros(rows, sample.shape[1], longest, sample.shape[3])
+    first = 0
+    for tensor in tensors:
+        joint[first : first + tensor.shape[0], :, longest - tensor.shape[2] :] = tensor
+        first += tensor.shape[0]
+    return joint

@@ -1,0 +1,103 @@
+"""Token steps of several sessions in one forward (swarm/models/batched_step.py) equal each session's
+steps alone, for every family: caches of different lengths, padding masks, beams (batch > 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corolla.swarm.models import load_span, open_checkpoint
+from corolla.swarm.models.batched_step import StepRow, can_join, forward_joined
+from corolla.swarm.models.tiny import PRESETS
+
+PROMPT_LENGTHS = [3, 9, 5, 1]
+STEPS = 6
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("step_length", [1, 3])
+def test_joint_steps_equal_steps_alone(tiny_models, preset, step_length):
+    """Dynamic and static caches side by side (every other session static), one-token steps and
+    three-token drafts; the tiny presets' sliding windows (4) are outgrown by the longer prompts."""
+    span = load_span(open_checkpoint(tiny_models.get(preset)), 0, 6)
+    generator = torch.Generator().manual_seed(3)
+    hidden_size = span.hidden_size
+    max_length = max(PROMPT_LENGTHS) + STEPS * step_length
+    alone = [span.new_cache(max_length, static=i % 2 == 1) for i, _ in enumerate(PROMPT_LENGTHS)]
+    joined = [span.new_cache(max_length, static=i % 2 == 1) for i, _ in enumerate(PROMPT_LENGTHS)]
+    for length, a, b in zip(PROMPT_LENGTHS, alone, joined, strict=True):
+        prompt = torch.randn(1, length, hidden_size, generator=generator)
+        span(prompt, a)
+        span(prompt, b)
+    worst = 0.0
+    for _ in range(STEPS):
+        steps = [torch.randn(1, step_length, hidden_size, generator=generator) for _ in PROMPT_LENGTHS]
+        expected = [span(h, cache) for h, cache in zip(steps, alone, strict=True)]
+        assert all(can_join(span, cache, step_length) for cache in joined)
+        got = forward_joined(span, [StepRow(cache, h) for h, cache in zip(steps, joined, strict=True)])
+        for want, have, a, b in zip(expected, got, alone, joined, strict=True):
+            assert have.shape == want.shape
+            worst = max(worst, (have - want).abs().max().item())
+            assert a.length == b.length
+    assert worst < 1e-4, f"{preset}: joint steps differ from steps alone by {worst}"
+
+
+def test_rows_with_their_own_masks_and_beams(tiny_models):
+    """A session with left padding of its own (batch 2) beside a plain one."""
+    span = load_span(open_checkpoint(tiny_models.get("llama")), 0, 6)
+    generator = torch.Generator().manual_seed(5)
+    size = span.hidden_size
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    padded_prompt = torch.randn(2, 5, size, generator=generator)
+    plain_prompt = torch.randn(1, 7, size, generator=generator)
+
+    def positions(mask, length):
+        full = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return full[:, -length:]
+
+    caches = {name: [span.new_cache(static=False) for _ in range(2)] for name in ("alone", "joined")}
+    for pair in caches.values():
+        span(padded_prompt, pair[0], attention_mask=mask, position_ids=positions(mask, 5))
+        span(plain_prompt, pair[1])
+    for _ in range(4):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        h1, h2 = torch.randn(2, 1, size, generator=generator), torch.randn(1, 1, size, generator=generator)
+        a1 = span(h1, caches["alone"][0], attention_mask=mask, position_ids=positions(mask, 1))
+        a2 = span(h2, caches["alone"][1])
+        j1, j2 = forward_joined(
+            span,
+            [
+                StepRow(caches["joined"][0], h1, mask, positions(mask, 1)),
+                StepRow(caches["joined"][1], h2),
+            ],
+        )
+        assert (j1 - a1).abs().max() < 1e-4 and (j2 - a2).abs().max() < 1e-4
+
+
+def test_what_cannot_join(tiny_models):
+    span = load_span(open_checkpoint(tiny_models.get("llama")), 0, 6)
+    empty = span.new_cache(static=False)
+    assert not can_join(span, empty, 1)  # nothing cached yet: a prefill runs alone
+    static = span.new_cache(4, static=True)
+    span(torch.randn(1, 2, span.hidden_size), static)
+    assert can_join(span, static, 2)
+    assert not can_join(span, static, 3)  # past its max_length: the step is refused alone
+    other = span.sub(0, 3).new_cache(static=False)
+    span.sub(0, 3)(torch.randn(1, 2, span.hidden_size), other)
+    assert not can_join(span, other, 1)  # a cache of another span
+    with pytest.raises(ValueError):
+        a, b = span.new_cache(static=False), span.new_cache(static=False)
+        span(torch.randn(1, 2, span.hidden_size), a)
+        span(torch.randn(1, 2, span.hidden_size), b)
+        forward_joined(
+            span, [StepRow(a, torch.randn(1, 1, span.hidden_size)), StepRow(b, torch.randn(1, 2, span.hidden_size))]
+        )
+
+
+def test_steps_longer_than_a_sliding_window_run_alone(tiny_models):
+    span = load_span(open_checkpoint(tiny_models.get("mistral")), 0, 6)
+    window = span.config.sliding_window  # 4 in the tiny preset: the tests' prompts outgrow it
+    cache = span.new_cache(static=False)
+    span(torch.randn(1, 2, span.hidden_size), cache)
+    assert can_join(span, cache, window - 1)
+    assert not can_join(span, cache, window)
