@@ -154,7 +154,7 @@ def corolla_rounds(tmp: Path, model: Path, args, all_prompts: list[list[int]]) -
     try:
         peer = server.maddr
         report["server_threads"] = server.stats().get("num_threads")
-        for speculative in (True, False):
+        for speculative in {"on": (True,), "off": (False,), "both": (True, False)}[args.speculation]:
             rounds = []
             for n in args.sessions:
                 commands = [
@@ -169,7 +169,9 @@ def corolla_rounds(tmp: Path, model: Path, args, all_prompts: list[list[int]]) -
                 rounds.append(run_clients(commands, {**os.environ, "PYTHONUNBUFFERED": "1"}))
                 print(json.dumps({"corolla": rounds[-1], "speculative": speculative}), file=sys.stderr)
             report["speculation_on" if speculative else "speculation_off"] = rounds
-        report["server_stats"] = {k: server.stats().get(k) for k in ("batch_sizes", "max_concurrent_sessions")}
+        stats = server.stats()
+        keys = ("token_steps", "step_forwards", "joint_forwards", "batch_sizes", "sessions_peak")
+        report["server_stats"] = {k: stats.get(k) for k in keys}
     finally:
         server.stop()
     return report
@@ -209,7 +211,8 @@ def petals_rounds(tmp: Path, model: Path, args, all_prompts: list[list[int]]) ->
 
 def judge(report: dict) -> dict:
     """The issue's targets, read off this run's own figures."""
-    rounds = {r["sessions"]: r for r in report["corolla"]["speculation_off"]}
+    corolla = report["corolla"]
+    rounds = {r["sessions"]: r for r in corolla.get("speculation_off", corolla.get("speculation_on", []))}
     verdict: dict = {}
     if 1 in rounds and 16 in rounds:
         one, many = rounds[1], rounds[16]
@@ -238,6 +241,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--server-threads", type=int, default=None)
     parser.add_argument("--skip-petals", action="store_true")
+    parser.add_argument("--speculation", choices=("on", "off", "both"), default="both")
     args = parser.parse_args()
     if args.client:
         corolla_client(*json.loads(args.client))

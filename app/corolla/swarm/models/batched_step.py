@@ -93,11 +93,8 @@ def forward_joined(span: BlockSpan, steps: list[StepRow]) -> list[torch.Tensor]:
     for index in range(span.start, span.end):
         layers = [step.cache.cache.layers[index] for step in steps]
         keys, values = zip(*(_visible(layer) for layer in layers), strict=True)
-        stored = max(k.shape[2] for k in keys)  # a sliding layer: at most window - 1
-        target = joint.cache.layers[index]
-        target.update(_left_padded(list(keys), stored), _left_padded(list(values), stored))
-        if isinstance(target, DynamicSlidingWindowLayer):
-            target.cumulative_length = longest  # the shared timeline, not the positions it keeps
+        window = getattr(layers[0], "sliding_window", None)
+        joint.cache.layers[index] = _JointLayer(list(keys), list(values), length, longest, window)
     masks, positions = [], []
     for step, past in zip(steps, pasts, strict=True):
         mask = torch.zeros(step.rows, longest + length, dtype=torch.long)
@@ -118,8 +115,8 @@ def forward_joined(span: BlockSpan, steps: list[StepRow]) -> list[torch.Tensor]:
         rows = slice(first, first + step.rows)
         for index in range(span.start, span.end):
             layer = joint.cache.layers[index]
-            # The new positions are the last `length` it keeps (a sliding layer drops from the front).
-            step.cache.cache.layers[index].update(layer.keys[rows, :, -length:], layer.values[rows, :, -length:])
+            new = slice(layer.stored - length, layer.stored)
+            step.cache.cache.layers[index].update(layer.keys[rows, :, new], layer.values[rows, :, new])
         results.append(out[rows])
         first += step.rows
     return results
@@ -134,13 +131,48 @@ def _visible(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys[:, :, start : layer.length], layer.values[:, :, start : layer.length]
 
 
-def _left_padded(tensors: list[torch.Tensor], longest: int) -> torch.Tensor:
-    """[rows_i, heads, length_i, dim] each -> [sum rows_i, heads, longest, dim], real positions last."""
+class _JointLayer(DynamicLayer):
+    """One layer of the joint layout: every session's visible keys and values, right-aligned in one
+    buffer with room for the step's new positions (written in place: no copy of the whole layout per
+    step), reporting the mask sizes its sessions' own layers would report on the shared timeline."""
+
+    def __init__(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], room: int, timeline: int, window: int | None
+    ):
+        super().__init__()
+        self.stored = max(k.shape[2] for k in keys)  # a sliding layer's: at most window - 1
+        self.keys = _left_padded(keys, self.stored, room)
+        self.values = _left_padded(values, self.stored, room)
+        self.device, self.is_initialized = self.keys.device, True
+        self.timeline, self.sliding_window, self.is_sliding = timeline, window, window is not None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.stored + key_states.shape[-2]
+        self.keys[:, :, self.stored : end] = key_states
+        self.values[:, :, self.stored : end] = value_states
+        self.stored, self.timeline = end, self.timeline + key_states.shape[-2]
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.timeline
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.sliding_window is None:
+            return self.timeline + query_length, 0
+        offset = max(self.timeline - self.sliding_window + 1, 0)
+        if self.timeline >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, offset
+        return self.timeline + query_length, offset
+
+
+def _left_padded(tensors: list[torch.Tensor], longest: int, room: int) -> torch.Tensor:
+    """[rows_i, heads, length_i, dim] each -> [sum rows_i, heads, longest + room, dim]: real positions
+    end at `longest`, `room` free positions follow."""
     rows = sum(t.shape[0] for t in tensors)
     sample = tensors[0]
-    joint = sample.new_zeros(rows, sample.shape[1], longest, sample.shape[3])
+    joint = sample.new_zeros(rows, sample.shape[1], longest + room, sample.shape[3])
     first = 0
     for tensor in tensors:
-        joint[first : first + tensor.shape[0], :, longest - tensor.shape[2] :] = tensor
+        joint[first : first + tensor.shape[0], :, longest - tensor.shape[2] : longest] = tensor
         first += tensor.shape[0]
     return joint

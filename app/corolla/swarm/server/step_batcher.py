@@ -20,6 +20,7 @@ import torch
 
 from corolla.swarm.models.batched_step import StepRow, forward_joined, joint_cost_tokens
 from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.server.stats import ServerStats
 
 # Rows in one joint forward: past a few dozen rows a CPU or GPU forward stops getting cheaper per row.
 MAX_ROWS = 32
@@ -46,8 +47,8 @@ class _Waiting:
 
 class StepBatcher:
     """`run_on_thread(job)` runs `job` on the compute thread at inference priority; `run_alone(span,
-    adapter, step)` is the single-session forward (with its adapter); `bytes_per_token` is what one
-    cached position of the whole span costs."""
+    adapter, step)` is the single-session forward (with its adapter), `run_joined` the joint one;
+    `bytes_per_token` is what one cached position of the whole span costs. Counts go to `stats`."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class StepBatcher:
         run_alone: Callable[[BlockSpan, str | None, StepRow], torch.Tensor],
         run_joined: Callable[[BlockSpan, str | None, list[StepRow]], list[torch.Tensor]],
         bytes_per_token: int,
+        stats: ServerStats,
     ):
         self._run_on_thread = run_on_thread
         self._run_alone = run_alone
@@ -63,10 +65,9 @@ class StepBatcher:
         self._lock = threading.Lock()  # the pending list is read by the compute thread too
         self._pending: list[_Waiting] = []
         self._drainer: asyncio.Task | None = None
-        self.forwards = 0
-        self.joint_forwards = 0
-        self.steps = 0
-        self.batch_sizes: dict[str, int] = {label: 0 for _, label in BATCH_BUCKETS} | {"33+": 0}
+        self.stats = stats
+        for _, label in (*BATCH_BUCKETS, (None, "33+")):
+            stats.batch_sizes.setdefault(label, 0)
 
     @property
     def waiting(self) -> int:
@@ -127,7 +128,7 @@ class StepBatcher:
             fits = rows + item.step.rows <= MAX_ROWS and (
                 joint_cost_tokens([t.step for t in taken] + [item.step]) <= self._max_joint_tokens
             )
-            if item.key == head.key and item.span is head.span and fits:
+            if item.key == head.key and fits:  # sub-spans of one key share the same weights
                 taken.append(item)
                 rows += item.step.rows
             else:
@@ -139,20 +140,20 @@ class StepBatcher:
         """On the compute thread: one forward for all of `taken`, or each alone if that failed."""
         if not taken:
             return []
-        self.steps += len(taken)
+        self.stats.token_steps += len(taken)
         self._count_batch(len(taken))
         head = taken[0]
         if len(taken) > 1:
             try:
                 outputs = self._run_joined(head.span, head.adapter, [item.step for item in taken])
-                self.forwards += 1
-                self.joint_forwards += 1
+                self.stats.step_forwards += 1
+                self.stats.joint_forwards += 1
                 return outputs
             except Exception:
                 pass
         results: list = []
         for item in taken:
-            self.forwards += 1
+            self.stats.step_forwards += 1
             try:
                 results.append(self._run_alone(item.span, item.adapter, item.step))
             except Exception as exc:
@@ -162,9 +163,9 @@ class StepBatcher:
     def _count_batch(self, size: int) -> None:
         for limit, label in BATCH_BUCKETS:
             if size <= limit:
-                self.batch_sizes[label] += 1
+                self.stats.batch_sizes[label] += 1
                 return
-        self.batch_sizes["33+"] += 1
+        self.stats.batch_sizes["33+"] += 1
 
 
 def joined_forward(span: BlockSpan, steps: list[StepRow]) -> list[torch.Tensor]:
