@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,6 +153,7 @@ def corolla_rounds(tmp: Path, model: Path, args, all_prompts: list[list[int]]) -
     try:
         peer = server.maddr
         report["server_threads"] = server.stats().get("num_threads")
+        report["server_omp_wait_policy"] = server.stats().get("omp_wait_policy")
         for speculative in {"on": (True,), "off": (False,), "both": (True, False)}[args.speculation]:
             rounds = []
             for n in args.sessions:
@@ -217,9 +217,7 @@ def judge(report: dict) -> dict:
     if 1 in rounds and 16 in rounds:
         one, many = rounds[1], rounds[16]
         verdict["n16_over_n1"] = round(many["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"], 2)
-        verdict["n16_p50_over_n1_p50"] = round(
-            many["session_ms_per_token_p50"] / one["session_ms_per_token_p50"], 2
-        )
+        verdict["n16_p50_over_n1_p50"] = round(many["session_ms_per_token_p50"] / one["session_ms_per_token_p50"], 2)
     if 1 in rounds:
         verdict["never_below_n1"] = all(
             r["aggregate_tokens_per_s"] >= rounds[1]["aggregate_tokens_per_s"] for r in rounds.values()

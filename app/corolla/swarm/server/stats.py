@@ -58,6 +58,7 @@ class ServerStats:
     batch_sizes: dict[str, int] = field(default_factory=dict)
     sessions_peak: int = 0  # the most inference sessions open at once
     num_threads: int = 0  # torch's intra-op threads for the blocks
+    omp_wait_policy: str = ""  # OMP_WAIT_POLICY as the server started (cli.py sets PASSIVE by default)
 
     def snapshot(self) -> dict[str, Any]:
         data = asdict(self)
