@@ -76,17 +76,24 @@ def can_join(span: BlockSpan, cache: object, length: int) -> bool:
 def joint_cost_tokens(steps: list[StepRow]) -> int:
     """Cached positions the joint layout holds (what the padded copy costs), for the batch cap."""
     longest = max(step.cache.length for step in steps)
-    return sum(step.rows for step in steps) * (longest + steps[0].length)
+    return sum(step.rows for step in steps) * (longest + max(step.length for step in steps))
+
+
+def padded_positions(steps: list[StepRow]) -> tuple[int, int]:
+    """(positions a joint forward computes, positions the steps asked for): shorter steps are padded
+    at their end to the longest step's length."""
+    width = max(step.length for step in steps)
+    return sum(step.rows for step in steps) * width, sum(step.rows * step.length for step in steps)
 
 
 def forward_joined(span: BlockSpan, steps: list[StepRow]) -> list[torch.Tensor]:
     """Run every step in one forward on `span`; returns each step's output [rows, length, hidden].
 
-    All steps have the same new length and pass `can_join`. Each step's cache gets its new tokens;
-    when the forward fails, no cache has changed."""
-    length = steps[0].length
-    if any(step.length != length for step in steps):
-        raise ValueError("steps of a joint forward must have the same length")
+    Every step passes `can_join` for its own length. Steps shorter than the longest (a one-token step
+    beside a speculative draft) are padded at their end: a causal model's real positions never see
+    later ones, so the padding changes nothing they compute, and only each step's own positions go
+    back into its cache. Each step's cache gets its new tokens; if the forward fails, none changed."""
+    width = max(step.length for step in steps)
     pasts = [step.cache.length for step in steps]
     longest = max(pasts)
     joint = SessionCache(span.config, span.start, span.end)
@@ -94,30 +101,33 @@ def forward_joined(span: BlockSpan, steps: list[StepRow]) -> list[torch.Tensor]:
         layers = [step.cache.cache.layers[index] for step in steps]
         keys, values = zip(*(_visible(layer) for layer in layers), strict=True)
         window = getattr(layers[0], "sliding_window", None)
-        joint.cache.layers[index] = _JointLayer(list(keys), list(values), length, longest, window)
-    masks, positions = [], []
+        joint.cache.layers[index] = _JointLayer(list(keys), list(values), width, longest, window)
+    hidden, masks, positions = [], [], []
     for step, past in zip(steps, pasts, strict=True):
-        mask = torch.zeros(step.rows, longest + length, dtype=torch.long)
+        pad = width - step.length
+        rows_hidden = step.hidden.to(device=span.device, dtype=span.dtype)
+        hidden.append(torch.nn.functional.pad(rows_hidden, (0, 0, 0, pad)) if pad else rows_hidden)
+        mask = torch.ones(step.rows, longest + width, dtype=torch.long)
+        mask[:, : longest - past] = 0
         if step.attention_mask is not None:
-            mask[:, longest - past :] = step.attention_mask.to(torch.long)
-        else:
-            mask[:, longest - past :] = 1
+            mask[:, longest - past : longest + step.length] = step.attention_mask.to(torch.long)
         masks.append(mask)
         if step.position_ids is not None:
-            positions.append(step.position_ids.to(torch.long).expand(step.rows, length))
+            own = step.position_ids.to(torch.long).expand(step.rows, step.length)
+            after = own[:, -1:] + torch.arange(1, pad + 1)  # the padding continues the positions
+            positions.append(torch.cat([own, after], dim=1))
         else:
-            positions.append(torch.arange(past, past + length).expand(step.rows, length))
-    hidden = torch.cat([step.hidden.to(device=span.device, dtype=span.dtype) for step in steps])
-    out = span(hidden, joint, attention_mask=torch.cat(masks), position_ids=torch.cat(positions))
+            positions.append(torch.arange(past, past + width).expand(step.rows, width))
+    out = span(torch.cat(hidden), joint, attention_mask=torch.cat(masks), position_ids=torch.cat(positions))
     # Only now, with the forward done, does any session's cache change.
     results, first = [], 0
     for step in steps:
         rows = slice(first, first + step.rows)
         for index in range(span.start, span.end):
             layer = joint.cache.layers[index]
-            new = slice(layer.stored - length, layer.stored)
+            new = slice(layer.stored - width, layer.stored - width + step.length)
             step.cache.cache.layers[index].update(layer.keys[rows, :, new], layer.values[rows, :, new])
-        results.append(out[rows])
+        results.append(out[rows, : step.length])
         first += step.rows
     return results
 

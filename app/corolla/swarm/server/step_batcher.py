@@ -3,8 +3,9 @@
 Each session's handler hands its token step here instead of to the compute queue. One drain task
 asks the queue for the compute thread (at inference priority, so token steps still go before forward
 and backward passes); when the thread is granted, the job takes every step then waiting that can share
-a forward with the oldest one (same blocks, adapter and step length; within the row and memory caps),
-so steps that arrived while the previous forward ran join the next one. The oldest step always goes
+a forward with the oldest one (same blocks and adapter; within the row, memory and padding caps),
+so steps that arrived while the previous forward ran join the next one. Steps of different lengths
+join too, padded, while the padding stays within MAX_PADDING times the positions asked for. The oldest step always goes
 first, so no session starves; a session whose step failed in a joint forward has it run again alone,
 so one bad step fails only its own session (swarm/models/batched_step.py says what joins).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from corolla.swarm.models.batched_step import StepRow, forward_joined, joint_cost_tokens
+from corolla.swarm.models.batched_step import StepRow, forward_joined, joint_cost_tokens, padded_positions
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.server.stats import ServerStats
 
@@ -29,6 +30,9 @@ MAX_ROWS = 32
 MAX_JOINT_BYTES = 256 * 2**20
 # Steps longer than this (prefills, replays) run alone: they fill a forward by themselves.
 MAX_STEP_TOKENS = 8
+# Steps of different lengths (one token beside a speculative draft) share a forward, padded to the
+# longest, while the forward computes at most this many times the positions asked for.
+MAX_PADDING = 2
 # Batch-size buckets of the stats (how many sessions each forward carried).
 BATCH_BUCKETS = ((1, "1"), (2, "2"), (4, "3-4"), (8, "5-8"), (16, "9-16"), (32, "17-32"))
 
@@ -42,7 +46,7 @@ class _Waiting:
     key: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key = (self.span.start, self.span.end, self.adapter, self.step.length)
+        self.key = (self.span.start, self.span.end, self.adapter)
 
 
 class StepBatcher:
@@ -125,8 +129,12 @@ class StepBatcher:
         head, taken, rest = live[0], [live[0]], []
         rows = head.step.rows
         for item in live[1:]:
-            fits = rows + item.step.rows <= MAX_ROWS and (
-                joint_cost_tokens([t.step for t in taken] + [item.step]) <= self._max_joint_tokens
+            steps = [t.step for t in taken] + [item.step]
+            computed, asked = padded_positions(steps)
+            fits = (
+                rows + item.step.rows <= MAX_ROWS
+                and joint_cost_tokens(steps) <= self._max_joint_tokens
+                and computed <= MAX_PADDING * asked
             )
             if item.key == head.key and fits:  # sub-spans of one key share the same weights
                 taken.append(item)
