@@ -116,3 +116,56 @@ def test_steps_longer_than_a_sliding_window_run_alone(tiny_models):
     span(torch.randn(1, 2, span.hidden_size), cache)
     assert can_join(span, cache, window - 1)
     assert not can_join(span, cache, window)
+
+
+def test_batcher_joins_waiting_steps_and_isolates_a_bad_one(tiny_models):
+    """The server's batcher over a real compute thread: steps that wait together share a forward,
+    the oldest goes first, and a step that breaks the joint forward fails alone."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from corolla.swarm.models.errors import EngineError
+    from corolla.swarm.server.compute_queue import ComputeQueue, Priority
+    from corolla.swarm.server.stats import ServerStats
+    from corolla.swarm.server.step_batcher import StepBatcher, joined_forward
+
+    span = load_span(open_checkpoint(tiny_models.get("llama")), 0, 6)
+    size = span.hidden_size
+    stats = ServerStats()
+
+    async def scenario():
+        queue = ComputeQueue(ThreadPoolExecutor(max_workers=1))
+        batcher = StepBatcher(
+            run_on_thread=lambda job: queue.run(job, Priority.INFERENCE),
+            run_alone=lambda span, adapter, step: span(step.hidden, step.cache),
+            run_joined=lambda span, adapter, steps: joined_forward(span, steps),
+            bytes_per_token=1024,
+            stats=stats,
+        )
+        caches = [span.new_cache(static=False) for _ in range(5)]
+        twins = [span.new_cache(static=False) for _ in range(4)]  # the same sessions, run alone
+        for i, cache in enumerate(caches):
+            prompt = torch.randn(1, 3, size)
+            span(prompt, cache)
+            if i < 4:
+                span(prompt, twins[i])
+        # Hold the compute thread so that all five steps are waiting when it frees up.
+        blocker = asyncio.ensure_future(queue.run(lambda: __import__("time").sleep(0.3), Priority.INFERENCE))
+        await asyncio.sleep(0.05)
+        good = [torch.randn(1, 1, size) for _ in range(4)]
+        bad = torch.randn(1, 1, size + 1)  # the wrong hidden size: breaks a joint forward
+        tasks = [batcher.step(span, None, StepRow(c, h)) for c, h in zip(caches, [*good, bad], strict=True)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await blocker
+        expected = [span(h, twin) for h, twin in zip(good, twins, strict=True)]
+        return caches, expected, results
+
+    caches, expected, results = asyncio.run(scenario())
+    assert isinstance(results[4], EngineError)
+    assert caches[4].length == 3  # the bad step changed nothing
+    for out, want, cache in zip(results[:4], expected, caches[:4], strict=True):
+        assert isinstance(out, torch.Tensor) and (out - want).abs().max() < 1e-5
+        assert cache.length == 4
+    # All five were taken together; the joint forward failed, so each ran alone.
+    assert stats.token_steps == 5 and stats.joint_forwards == 0 and stats.step_forwards == 5
+    assert stats.batch_sizes["5-8"] == 1
