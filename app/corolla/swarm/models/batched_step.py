@@ -180,9 +180,15 @@ def _left_padded(tensors: list[torch.Tensor], longest: int, room: int) -> torch.
     end at `longest`, `room` free positions follow."""
     rows = sum(t.shape[0] for t in tensors)
     sample = tensors[0]
-    joint = sample.new_zeros(rows, sample.shape[1], longest + room, sample.shape[3])
+    # Uninitialised but for the padding: masked positions must hold finite numbers (0 x NaN is NaN), and
+    # zeroing the whole buffer cost a fifth of a 16-session SmolLM2 step on the CPU.
+    joint = sample.new_empty(rows, sample.shape[1], longest + room, sample.shape[3])
     first = 0
     for tensor in tensors:
-        joint[first : first + tensor.shape[0], :, longest - tensor.shape[2] : longest] = tensor
+        rows_of = slice(first, first + tensor.shape[0])
+        pad = longest - tensor.shape[2]
+        if pad:
+            joint[rows_of, :, :pad] = 0
+        joint[rows_of, :, pad:longest] = tensor
         first += tensor.shape[0]
     return joint
