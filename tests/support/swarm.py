@@ -39,6 +39,7 @@ class CorollaServer:
         name: str = "server",
         launcher: list[str] = (),
         network_flags: list[str] = LOOPBACK_FLAGS,
+        num_threads: int | None = 1,
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -55,8 +56,8 @@ class CorollaServer:
             *network_flags,
             "--stats-file",
             str(self.stats_path),
-            "--num-threads",
-            "1",
+            # One torch thread unless asked (None: the server's own default, as a user runs it).
+            *(["--num-threads", str(num_threads)] if num_threads else []),
             *args,
         ]
         with open(self.log_path, "wb") as log:
@@ -236,6 +237,7 @@ class PetalsServer:
         name: str = "petals-server",
         launcher: list[str] = (),
         network_flags: list[str] = ("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--no_auto_relay"),
+        env: dict[str, str] | None = None,
     ):
         python = require_reference()
         self.log_path = Path(workdir) / f"{name}.log"
@@ -268,7 +270,7 @@ class PetalsServer:
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=reference_env()
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env or reference_env()
             )
 
     def wait_started(self, timeout: float = 240.0) -> None:

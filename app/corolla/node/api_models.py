@@ -34,6 +34,12 @@ class ContributionStatus(BaseModel):
     inference_steps: int = 0
     sessions_active: int = 0
     sessions_opened: int = 0
+    sessions_peak: int = 0  # the most sessions open at once this run
+    # Continuous batching: token steps, the forwards that computed them, and how many sessions each
+    # forward carried (bucket label -> forwards).
+    token_steps: int = 0
+    step_forwards: int = 0
+    batch_sizes: dict[str, int] = {}
     cache_bytes_total: int = 0
     cache_bytes_left: int = 0
     uptime_s: float = 0.0

@@ -87,6 +87,16 @@ def network_text(reachability: dict | None) -> str:
     return f"{headline}. {advice}".strip() if advice and advice != "Nothing to do." else headline
 
 
+def together_text(contribution: dict) -> str:
+    """How many chats shared each computed step (continuous batching), in words."""
+    steps, forwards = contribution.get("token_steps", 0), contribution.get("step_forwards", 0)
+    if not forwards:
+        return "–"
+    busiest = [label for label, count in (contribution.get("batch_sizes") or {}).items() if count]
+    most = busiest[-1].replace("-", "–") if busiest else "1"
+    return f"{steps / forwards:.1f} chats a step on average, up to {most} at once"
+
+
 class ContributePane(QWidget):
     settings_changed = Signal()
 
@@ -160,7 +170,8 @@ class ContributePane(QWidget):
                 ("throughput", "Throughput"),
                 ("cache", "Cache in use"),
                 ("tokens", "Tokens served"),
-                ("sessions", "Sessions"),
+                ("sessions", "Chats served"),
+                ("together", "Served together"),
                 ("uptime", "Online"),
                 ("lifetime", "All time"),
                 ("network", "Network"),
@@ -362,7 +373,10 @@ class ContributePane(QWidget):
         # This run's counters restart with the server; the all-time line comes from the node's records,
         # the same numbers the Stats pane charts.
         self.fields["tokens"].setText(f"{c['tokens_served']:,} this run")
-        self.fields["sessions"].setText(f"{c['sessions_active']} active, {c['sessions_opened']} this run")
+        self.fields["sessions"].setText(
+            f"{c['sessions_active']} now, at most {c.get('sessions_peak', 0)} at once, {c['sessions_opened']} this run"
+        )
+        self.fields["together"].setText(together_text(c))
         self.fields["uptime"].setText(duration(c.get("uptime_s") or 0) + " this run" if running else "–")
         since = life.get("since")
         self.fields["lifetime"].setText(

@@ -34,6 +34,7 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from corolla.swarm import protocol, steptrace
+from corolla.swarm.models.batched_step import StepRow, can_join
 from corolla.swarm.models.cache import SessionCache
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
@@ -56,6 +57,7 @@ from corolla.swarm.server.packing import (
 )
 from corolla.swarm.server.refusals import RefusalBudget, RefusalLog, held_cap
 from corolla.swarm.server.stats import ServerStats
+from corolla.swarm.server.step_batcher import MAX_STEP_TOKENS, StepBatcher, joined_forward
 from corolla.swarm.server.streams import TURNED_AWAY, StreamLimits, add_stream_handler
 
 logger = logging.getLogger(__name__)
@@ -159,6 +161,14 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         self.sessions: dict[str, _Session] = {}
         self.load = _PeerLoad()
         self.compute_queue = ComputeQueue(executor)
+        # Token steps of several sessions that wait at once share one forward (step_batcher.py).
+        self.batcher = StepBatcher(
+            run_on_thread=lambda job: self._compute(job, Priority.INFERENCE),
+            run_alone=_step_alone,
+            run_joined=lambda span, adapter, steps: run_with_adapter(adapter, lambda: joined_forward(span, steps))(),
+            bytes_per_token=2 * span.family.kv_dim(span.config) * span.dtype.itemsize * span.num_blocks,
+            stats=stats,
+        )
         self.graphs = ForwardGraphs()
         # The largest message an honest peer sends: a full batch of float32 hidden states (inference
         # sends it whole), or one 4 MiB chunk of a forward/backward stream; plus metadata and framing.
@@ -210,6 +220,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         await asyncio.gather(*registrations)
 
     async def detach(self) -> None:
+        self.batcher.close()
         if self.p2p is not None:
             await self.remove_p2p_handlers(self.p2p)
 
@@ -596,6 +607,7 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         inputs = _SessionInputs(requests, session.pushes)
         self.stats.sessions_opened += 1
         self.stats.sessions_active += 1
+        self.stats.sessions_peak = max(self.stats.sessions_peak, self.stats.sessions_active)
         processed_steps: set[str] = set()
         traced, read_at = self._traced, 0.0
         try:
@@ -687,13 +699,21 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         mask = block_args.padding_mask(kwargs, batch, cache.length + length)
         position_ids = block_args.positions(mask, cache.length, length)
         adapter = block_args.check_adapter(first_metadata, self.adapters)
-        out = await self._compute(
-            run_with_adapter(
-                adapter, lambda: span(hidden, cache, attention_mask=mask, position_ids=position_ids, prompts=prompts)
-            ),
-            Priority.INFERENCE,
-            inline=(inline := self._can_run_inline(batch * length)),
-        )
+        inline = self._can_run_inline(batch * length)
+        if not inline and prompts is None and length <= MAX_STEP_TOKENS and can_join(span, cache, length):
+            try:
+                out = await self.batcher.step(span, adapter, StepRow(cache, hidden, mask, position_ids))
+            except EngineError as exc:
+                raise BadRequest(str(exc)) from exc
+        else:
+            out = await self._compute(
+                run_with_adapter(
+                    adapter,
+                    lambda: span(hidden, cache, attention_mask=mask, position_ids=position_ids, prompts=prompts),
+                ),
+                Priority.INFERENCE,
+                inline=inline,
+            )
         self._last_inline = inline
         self.stats.tokens_processed += batch * length
         self.stats.inference_steps += 1
@@ -781,6 +801,12 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         session.pushes.put_nowait(request)
         self.stats.pushes_received += 1
         return runtime_pb2.ExpertResponse()
+
+
+def _step_alone(span: BlockSpan, adapter: str | None, step: StepRow) -> torch.Tensor:
+    """One session's token step on its own (what a step that finds no company runs)."""
+    run = lambda: span(step.hidden, step.cache, attention_mask=step.attention_mask, position_ids=step.position_ids)  # noqa: E731
+    return run_with_adapter(adapter, run)()
 
 
 def _follow_named_upstream(session: _Session, metadata: dict) -> None:

@@ -120,6 +120,8 @@ class BlockServer:
         """Serve until SIGTERM or SIGINT (a second one forces the exit); returns the process exit code."""
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
+        self.stats.num_threads = torch.get_num_threads()
+        self.stats.omp_wait_policy = os.environ.get("OMP_WAIT_POLICY", "")
         try:
             return asyncio.run(self._main())
         finally:

@@ -50,6 +50,15 @@ class ServerStats:
     steps_from_pushes: int = 0  # steps computed from a pushed copy (it arrived before the client's)
     bytes_in: int = 0
     bytes_out: int = 0
+    # Continuous batching (step_batcher.py): token steps, the forwards that ran them, how many of those
+    # carried several sessions, and how many sessions each forward carried (bucketed).
+    token_steps: int = 0
+    step_forwards: int = 0
+    joint_forwards: int = 0
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+    sessions_peak: int = 0  # the most inference sessions open at once
+    num_threads: int = 0  # torch's intra-op threads for the blocks
+    omp_wait_policy: str = ""  # OMP_WAIT_POLICY as the server started (cli.py sets PASSIVE by default)
 
     def snapshot(self) -> dict[str, Any]:
         data = asdict(self)
