@@ -219,7 +219,8 @@ def test_keyboard_tab_order_and_shortcuts_in_every_pane(qtbot, window):
     window.tabs.setCurrentWidget(window.chat)
     ch = window.chat
     assert in_order(
-        tabbing(ch.new_button, 5), [ch.new_button, ch.search, ch.chats, ch.model_picker, ch.settings_toggle]
+        tabbing(ch.new_button, 6),
+        [ch.new_button, ch.search, ch.chats, ch.model_picker, ch.settings_toggle, ch.privacy_picker],
     )
     assert in_order(tabbing(ch.input, 1), [ch.input, ch.send_button])
     window.tabs.setCurrentWidget(s)

@@ -25,16 +25,6 @@ from hivemind.p2p import PeerID
 
 LEVELS = ("any", "members", "peers", "local")
 MAX_PEERS = 1024
-# One honest sentence per level, for the window, the CLI and the API's docs.
-EXPLANATIONS = {
-    "any": "Any server of the swarm may receive this chat's hidden states, and any of them can read the text "
-    "back from them.",
-    "members": "Only servers of the private swarms you created or joined receive this chat's hidden states; "
-    "each of them can read the text back, so this protects it only as far as you trust those computers.",
-    "peers": "Only the servers you listed receive this chat's hidden states; each of them can read the text "
-    "back, so this protects it only as far as you trust those computers.",
-    "local": "Only this computer's own server receives this chat's hidden states: the text never leaves it.",
-}
 
 
 class PrivacyError(ValueError):
@@ -115,9 +105,6 @@ class Privacy:
 
     def allows(self, peer: str) -> bool:
         return self.peers is None or peer in self.peers
-
-    def explain(self) -> str:
-        return EXPLANATIONS[self.level]
 
     def to_dict(self) -> dict:
         return {"level": self.level, "peers": sorted(self.peers) if self.peers is not None else None}
