@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -67,7 +68,6 @@ def public_text(max_chars: int = 400_000) -> str:
     """English prose nobody wrote for this benchmark: the standard library's docstrings."""
     import importlib
     import inspect
-    import sys
 
     texts, total = [], 0
     skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}
@@ -137,16 +137,26 @@ def positions(num_blocks: int, k: int) -> dict[str, tuple[int, int]]:
     return {"first": (first, mid), "last": (mid, last), "only": (first, last)}
 
 
-def recovered(attacks: Attacks, states: list[torch.Tensor], layers: tuple[int, ...], ids: torch.Tensor) -> dict:
+def predictions(attacks: Attacks, states: list[torch.Tensor], layers: list[int]) -> dict[int, dict]:
+    """Each attack's token per position, from each layer's hidden states (computed once per chat)."""
+    return {
+        layer: {
+            "nearest": attacks.nearest(states[layer]),
+            "inverter": attacks.invert(layer, states[layer]),
+            "lens": attacks.lens(states[layer]),  # at position t: the token at t + 1
+        }
+        for layer in layers
+    }
+
+
+def recovered(predicted: dict[int, dict], layers: tuple[int, ...], ids: torch.Tensor) -> dict:
     """Per position of `ids`, whether each attack names the token there from any of `layers`."""
     n = ids.shape[0]
-    found = {"nearest": torch.zeros(n, dtype=torch.bool), "lens": torch.zeros(n, dtype=torch.bool)}
-    found["inverter"] = torch.zeros(n, dtype=torch.bool)
+    found = {attack: torch.zeros(n, dtype=torch.bool) for attack in ("nearest", "lens", "inverter")}
     for layer in layers:
-        found["nearest"] |= attacks.nearest(states[layer]) == ids
-        found["inverter"] |= attacks.invert(layer, states[layer]) == ids
-        predicted = attacks.lens(states[layer])  # at position t: the token at t + 1
-        found["lens"][1:] |= predicted[:-1] == ids[1:]
+        found["nearest"] |= predicted[layer]["nearest"] == ids
+        found["inverter"] |= predicted[layer]["inverter"] == ids
+        found["lens"][1:] |= predicted[layer]["lens"][:-1] == ids[1:]
     found["any"] = found["nearest"] | found["lens"] | found["inverter"]
     return found
 
@@ -192,6 +202,8 @@ def main() -> None:
             )
         ids = full[0]
         states = hidden_states(model, full)
+        predicted = predictions(attacks, states, layers)
+        print(f"chat {index + 1}: {ids.shape[0]} tokens", file=sys.stderr, flush=True)
         # The user's own words: the prompt's tokens inside the template (the template's are public).
         begin = prompt.index(text)
         masks = {
@@ -203,7 +215,7 @@ def main() -> None:
         masks["reply"][prompt_ids.shape[1] :] = True
         for k in KS:
             for where, pair in positions(num_blocks, k).items():
-                found = recovered(attacks, states, pair, ids)
+                found = recovered(predicted, pair, ids)
                 for attack, hits in found.items():
                     for part, mask in masks.items():
                         cell = totals.setdefault(f"k={k}", {}).setdefault(where, {}).setdefault(attack, {})

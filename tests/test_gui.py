@@ -698,7 +698,7 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         qtbot.waitUntil(lambda: dialog.settings is not None, timeout=10_000)
         assert dialog.private.isChecked() and not dialog.invite.isVisible() and not dialog.peers.isVisible()
         # The first run offers the privacy level, with its sentence; "only these peers" asks for them.
-        assert dialog.privacy.currentData() == "any" and "any of them can read" in dialog.privacy_note.text()
+        assert dialog.privacy.currentData() == "any" and "can read all of its text" in dialog.privacy_note.text()
         dialog.privacy.setCurrentIndex(dialog.privacy.findData("peers"))
         assert dialog.trusted_peers.isVisible()
         dialog.privacy.setCurrentIndex(dialog.privacy.findData("members"))

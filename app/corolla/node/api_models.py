@@ -110,15 +110,15 @@ class NodeStatus(BaseModel):
 
 
 PrivacyLevel = Literal["any", "members", "peers", "local"]
-# One honest sentence per level (the swarm client's privacy.py says the same; the window imports this).
+# What each level means, honestly, following benchmarks/privacy.py (the window shows it; one per level).
 PRIVACY_SENTENCES = {
-    "any": "Any server of the swarm may receive this chat's hidden states, and any of them can read the text "
-    "back from them.",
-    "members": "Only servers of the private swarms you created or joined receive this chat's hidden states; "
-    "each of them can read the text back, so this protects it only as far as you trust those computers.",
-    "peers": "Only the servers you listed receive this chat's hidden states; each of them can read the text "
-    "back, so this protects it only as far as you trust those computers.",
-    "local": "Only this computer's own server receives this chat's hidden states: the text never leaves it.",
+    "any": "Any server of the swarm may receive this chat, and the first server of a route can read all of its "
+    "text back (later ones about half; see SECURITY.md): keep private things out of it.",
+    "members": "Only servers of the private swarms you created or joined receive this chat, and each of them "
+    "can read its text back: it is as private as those computers are trustworthy.",
+    "peers": "Only the servers you listed receive this chat, and each of them can read its text back: it is "
+    "as private as those computers are trustworthy.",
+    "local": "Only this computer's own server receives this chat: its text never leaves this computer.",
 }
 PRIVACY_LABELS = {
     "any": "Any server",
