@@ -276,12 +276,13 @@ class SwarmView:
         return protocol.server_stub(self.p2p, PeerID.from_base58(peer))
 
     def under(self, privacy: Privacy | None) -> SwarmView:
-        """This view restricted to `privacy` (itself for None or the same policy): one view per policy,
-        sharing the DHT, the config, the bans and the spot-check ledger, with spans of its own."""
+        """This view restricted to `privacy` (itself for None or the same policy; a restricted view only
+        narrows further): one view per policy, sharing the DHT, the config, the bans and the spot-check
+        ledger, with spans of its own."""
         if privacy is None or privacy == self.privacy:
             return self
-        if self.privacy.restricted:
-            raise ValueError(f"this client is restricted to privacy '{self.privacy}'; it cannot widen it")
+        if self.privacy.restricted and not (privacy.peers is not None and privacy.peers <= self.privacy.peers):
+            raise ValueError(f"this client is restricted to privacy '{self.privacy}'; a call can only narrow it")
         view = self._restricted.get(privacy)
         if view is None:
             from corolla.swarm.client.verification import ledger_of
