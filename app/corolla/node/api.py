@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corolla import __version__
 from corolla.node import api_models as m
-from corolla.node.settings import Settings, parse_invite
+from corolla.node.settings import PEER_ID, Settings, parse_invite
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 
@@ -101,6 +101,7 @@ def create_app(node) -> FastAPI:
             raise HTTPException(400, str(exc)) from exc
         # The inviting swarm's servers are members of a swarm this node joined ("members" privacy).
         members = [peer.rsplit("/p2p/", 1)[1] for peer in data["peers"] if "/p2p/" in peer]
+        members = [peer for peer in members if PEER_ID.match(peer)]
         known = [p for p in node.settings.swarm_members if p not in members]
         changes = {"swarm": "custom", "custom_peers": data["peers"], "swarm_members": (members + known)[:1024]}
         if data.get("dht_prefix"):

@@ -16,7 +16,7 @@ PUBLIC_INITIAL_PEERS = [
     "/dns/bootstrap2.petals.dev/tcp/31338/p2p/QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5",
 ]
 INVITE_PREFIX = "corolla-invite:"
-_PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,128}$")  # base58; the node checks the multihash itself
+PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,128}$")  # base58; the node checks the multihash itself
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
 
 
@@ -55,7 +55,7 @@ class Settings(BaseModel):
     @classmethod
     def _check_peer_ids(cls, value: list[str]) -> list[str]:
         for peer in value:
-            if not _PEER_ID.match(peer):
+            if not PEER_ID.match(peer):
                 raise ValueError(f"{peer[:80]!r} is not a peer id")
         return value
 
