@@ -190,7 +190,7 @@ class MainWindow(QMainWindow):
         self.refresh_stats()
         self.chat.refresh_chats()
         self._once(
-            "settings", "GET", "/api/settings", lambda s: self.chat.set_default_privacy(s.get("default_privacy", "any"))
+            "settings", "GET", "/api/settings", lambda s: self.chat.set_default_privacy(s.get("default_privacy"))
         )
         self.client.call(
             "GET",

@@ -174,11 +174,13 @@ class ChatPane(QWidget):
         self.privacy_note.setObjectName("muted")
         self.privacy_note.setWordWrap(True)
         self.privacy_note.setAccessibleName("What the privacy level means")
-        privacy_row.addWidget(QLabel("Who may read"))
+        self.privacy_label = QLabel("Who may read")
+        privacy_row.addWidget(self.privacy_label)
         privacy_row.addWidget(self.privacy_picker)
         privacy_row.addWidget(self.privacy_note, 1)
         main_layout.addLayout(privacy_row)
         self.default_privacy = "any"  # the node's default_privacy setting (the window sets it)
+        self.privacy_supported = True
 
         self.parameters = QWidget()
         settings = QHBoxLayout(self.parameters)
@@ -351,7 +353,7 @@ class ChatPane(QWidget):
             {
                 "title": NEW_TITLE,
                 "system_prompt": self.system.text().strip() or None,
-                "privacy": {"level": self.privacy_level()},
+                **({"privacy": {"level": self.privacy_level()}} if self.privacy_supported else {}),
             },
             on_ok=created,
             on_error=lambda e: self.info.setText(f"Could not create a chat: {e}"),
@@ -464,8 +466,12 @@ class ChatPane(QWidget):
     def privacy_level(self) -> str:
         return self.privacy_picker.currentData() or "any"
 
-    def set_default_privacy(self, level: str) -> None:
-        """The node's default for new chats; shown while no chat (or one without a choice) is open."""
+    def set_default_privacy(self, level: str | None) -> None:
+        """The node's default for new chats; shown while no chat (or one without a choice) is open. None:
+        the node predates privacy levels (its API would refuse the field), so the picker is hidden."""
+        self.privacy_supported = level is not None
+        for widget in (self.privacy_label, self.privacy_picker, self.privacy_note):
+            widget.setVisible(self.privacy_supported)
         self.default_privacy = level if level in PRIVACY_LABELS else "any"
         if self.chat is None or not self.chat.get("privacy"):
             self._show_privacy(self.default_privacy)
