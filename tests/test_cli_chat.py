@@ -112,6 +112,22 @@ def test_the_servers_refusal_reaches_the_user(served):
     assert last.startswith("corolla: error:") and re.search(r"99999", last) and "8192" in last, result.stderr
 
 
+def test_trusted_only_chats_through_the_named_servers_and_refuses_what_they_cannot_cover(served):
+    model, maddr = served
+    result, _ = _run(*_chat_command(model, maddr, "--prompt", "hi", "--max-new-tokens", "3", "--trusted-only"))
+    assert result.returncode == 0, result.stderr
+    assert "privacy: members of my swarms (1 peer)" in result.stderr
+    stranger = "QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"  # serves nothing here
+    result, _ = _run(*_chat_command(model, maddr, "--prompt", "hi", "--trusted-peers", stranger))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("corolla: error: privacy") and "block(s) 0, 1, 2, 3, 4, 5" in last, result.stderr
+    assert "looking again" not in result.stderr  # at once: waiting would not change who is trusted
+    for bad, says in [("not-a-peer", "is not a peer id"), (None, "is empty")]:
+        result, _ = _run(*_chat_command(model, maddr, "--prompt", "hi", "--trusted-peers", *([bad] if bad else [])))
+        assert result.returncode == 2 and says in result.stderr.strip().splitlines()[-1], result.stderr
+
+
 def test_a_model_nobody_serves_is_reported_with_progress(served):
     model, maddr = served
     args = ["-m", "corolla.cli", "chat", str(model), "--initial-peers", maddr, "--dht-prefix", "nobody-serves-this"]

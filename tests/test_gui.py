@@ -145,6 +145,34 @@ def test_enter_sends_shift_enter_breaks_and_empty_send_is_explained(qtbot, windo
     assert "Type a message first" in window.chat.info.text() and window.chat.stream is None
 
 
+def test_a_chat_keeps_who_may_read_it_and_shows_who_saw_the_reply(qtbot, window, node):
+    chat = window.chat
+    window.tabs.setCurrentWidget(chat)
+    qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=60_000)
+    own = node.status()["contribution"]["peer_id"]
+    chat.chat_id, chat.chat, chat.messages = None, None, []
+    chat._show_privacy("local")  # picked before the chat exists: the new chat takes it
+    assert "never leaves" in chat.privacy_note.text()
+    finished = _chat_until_done(qtbot, window, "keep this between us", key_enter=False)
+    assert finished[-1]["seen_by"][0]["peer_id"] == own
+    assert node.get(f"/api/chats/{chat.chat_id}").json()["privacy"]["level"] == "local"
+    assert chat.seen_by.text().startswith("The last reply's text was seen by: this computer")
+    assert "blocks 0–6" in chat.seen_by.text()
+    # "Only these peers" with no trusted peers set: the node refuses, and the picker goes back.
+    peers = chat.privacy_picker.findData("peers")
+    chat.privacy_picker.setCurrentIndex(peers)
+    chat._privacy_picked(peers)
+    qtbot.waitUntil(lambda: "Could not change who may read" in chat.info.text(), timeout=10_000)
+    assert chat.privacy_level() == "local"
+    members = chat.privacy_picker.findData("members")
+    chat.privacy_picker.setCurrentIndex(members)
+    chat._privacy_picked(members)
+    qtbot.waitUntil(lambda: chat.info.text().startswith("From the next reply on"), timeout=10_000)
+    assert node.get(f"/api/chats/{chat.chat_id}").json()["privacy"]["level"] == "members"
+    chat._load(node.get(f"/api/chats/{chat.chat_id}").json())  # as when the chat is opened again
+    assert chat.privacy_level() == "members" and "this computer" in chat.seen_by.text()
+
+
 def test_ctrl_n_starts_a_chat_and_esc_stops_a_reply(qtbot, window, node):
     window.tabs.setCurrentWidget(window.contribute)
     window.activateWindow()  # window shortcuts go to the active window
@@ -219,7 +247,8 @@ def test_keyboard_tab_order_and_shortcuts_in_every_pane(qtbot, window):
     window.tabs.setCurrentWidget(window.chat)
     ch = window.chat
     assert in_order(
-        tabbing(ch.new_button, 5), [ch.new_button, ch.search, ch.chats, ch.model_picker, ch.settings_toggle]
+        tabbing(ch.new_button, 6),
+        [ch.new_button, ch.search, ch.chats, ch.model_picker, ch.settings_toggle, ch.privacy_picker],
     )
     assert in_order(tabbing(ch.input, 1), [ch.input, ch.send_button])
     window.tabs.setCurrentWidget(s)
@@ -668,6 +697,12 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         dialog.show()
         qtbot.waitUntil(lambda: dialog.settings is not None, timeout=10_000)
         assert dialog.private.isChecked() and not dialog.invite.isVisible() and not dialog.peers.isVisible()
+        # The first run offers the privacy level, with its sentence; "only these peers" asks for them.
+        assert dialog.privacy.currentData() == "any" and "can read all of its text" in dialog.privacy_note.text()
+        dialog.privacy.setCurrentIndex(dialog.privacy.findData("peers"))
+        assert dialog.trusted_peers.isVisible()
+        dialog.privacy.setCurrentIndex(dialog.privacy.findData("members"))
+        assert not dialog.trusted_peers.isVisible() and "private swarms" in dialog.privacy_note.text()
         dialog.custom.setChecked(True)
         assert dialog.peers.isVisible() and not dialog.invite.isVisible()
         dialog.check_model()
@@ -688,6 +723,7 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
             dialog.save()
         qtbot.waitUntil(lambda: window.contribute.state.text() in ("Starting…", "Loading the model…", "Contributing"))
         assert not process.status()["awaiting_consent"]
+        assert process.get("/api/settings").json()["default_privacy"] == "members"
 
         process.stop()  # stopped from a terminal
         qtbot.waitUntil(lambda: window.node_banner.isVisible(), timeout=20_000)

@@ -131,6 +131,7 @@ def test_joining_a_swarm_takes_its_model(node):
     settings = node.get("/api/settings").json()
     assert settings["model"] == "their-org/Their-Model" and settings["dht_prefix"] == "their-prefix"
     assert settings["swarm"] == "custom" and settings["custom_peers"] == peers
+    assert settings["swarm_members"][0] == "QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"  # "members" privacy
     # The built-in model, named as a neighbour's node announces it: back to the built-in model.
     node.post("/api/settings/join", json={"invite": make_invite(peers, "p", demo_name)}).raise_for_status()
     assert node.get("/api/settings").json()["model"] is None

@@ -252,3 +252,48 @@ def test_a_node_too_busy_to_answer_keeps_its_lock(tmp_path):
         first.stop()
     # Once it is gone, its lock is stale and is replaced.
     assert claim(paths, "http://127.0.0.1:1").pid == os.getpid()
+
+
+def test_a_chat_keeps_its_privacy_and_who_saw_each_reply(node):
+    own = node.wait_contribution("online")["contribution"]["peer_id"]
+    chat = node.post("/api/chats", json={"title": "private", "privacy": {"level": "local"}}).json()
+    assert chat["privacy"] == {"level": "local", "peers": None}
+    with node.client.stream(
+        "POST", f"/api/chats/{chat['id']}/messages", json={"content": "my secret", "max_new_tokens": 4}
+    ) as response:
+        events = list(sse_events(response))
+    done = events[-1][1]
+    assert events[-1][0] == "done", events
+    assert done["seen_by"] == [{"peer_id": own, "name": done["seen_by"][0]["name"], "blocks": [[0, 6]]}]
+    stored = node.get(f"/api/chats/{chat['id']}").json()
+    assert stored["privacy"]["level"] == "local"
+    assert stored["messages"][1]["seen_by"] == done["seen_by"] and stored["messages"][0]["seen_by"] is None
+
+    # Bad peer lists are refused with the reason; the chat keeps its choice.
+    for bad, says in [(["not-a-peer"], "not a peer id"), ([], "empty")]:
+        answer = node.patch(f"/api/chats/{chat['id']}", json={"privacy": {"level": "peers", "peers": bad}})
+        assert answer.status_code == 400 and says in answer.json()["message"], answer.text
+    assert node.get(f"/api/chats/{chat['id']}").json()["privacy"]["level"] == "local"
+
+    # Only a peer that serves nothing: the reply fails at once, naming the blocks nobody allowed holds.
+    stranger = "QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
+    changed = node.patch(f"/api/chats/{chat['id']}", json={"privacy": {"level": "peers", "peers": [stranger]}})
+    assert changed.status_code == 200 and changed.json()["privacy"]["peers"] == [stranger]
+    with node.client.stream(
+        "POST", f"/api/chats/{chat['id']}/messages", json={"content": "again", "max_new_tokens": 4}
+    ) as response:
+        events = list(sse_events(response))
+    kind, error = events[-1]
+    assert kind == "error" and "block(s) 0, 1, 2, 3, 4, 5" in error["message"], events
+
+    # The OpenAI endpoint's extension field, and who saw the reply in its answer.
+    body = {
+        "model": node.get("/v1/models").json()["data"][0]["id"],
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "corolla_privacy": {"level": "members"},
+    }
+    reply = node.post("/v1/chat/completions", json=body).json()
+    assert [r["peer_id"] for r in reply["corolla_seen_by"]] == [own], reply
+    body["corolla_privacy"] = {"level": "peers", "peers": ["nope"]}
+    assert node.post("/v1/chat/completions", json=body).status_code == 400

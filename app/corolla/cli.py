@@ -455,6 +455,20 @@ def _add_client_args(parser: argparse.ArgumentParser, peers_required: bool = Tru
     )
 
 
+def _chat_privacy(args: argparse.Namespace):
+    """--trusted-only: only the servers named in --initial-peers and --trusted-peers receive the chat's
+    hidden states; --trusted-peers alone: only those. None: any server."""
+    if not args.trusted_only and args.trusted_peers is None:
+        return None
+    from corolla.swarm.client.privacy import Privacy
+
+    if args.trusted_only:
+        return Privacy.members(
+            [*(maddr.rsplit("/p2p/", 1)[-1] for maddr in args.initial_peers), *(args.trusted_peers or ())]
+        )
+    return Privacy.only(args.trusted_peers)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_model_argument(args.model)
     _progress(f"joining the swarm through {' '.join(args.initial_peers)} ...")  # before the slow imports
@@ -467,6 +481,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     # The client's own warnings (a server failing, routing retries) as progress lines; hivemind is quiet.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="corolla: %(message)s")
     config = _client_config(args)
+    privacy = _chat_privacy(args)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model,
         initial_peers=args.initial_peers,
@@ -477,7 +492,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         token=args.token,
         revision=args.revision,
         client_config=config,
+        privacy=privacy,
     )
+    if privacy is not None:
+        _progress(f"privacy: {privacy}: no other server receives this chat's hidden states")
     chat = ChatSession(model, system_prompt=args.system, max_length=args.max_length)
     sampling = sampling_kwargs(args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
 
@@ -552,13 +570,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _find_route(model, attempts: int = 6) -> str:
     """The route a session would take now; waits a little (saying so) for servers still joining, and
     says at once when nobody announces the model at all."""
-    from corolla.swarm.client.routing import MissingBlocksError
+    from corolla.swarm.client.routing import MissingBlocksError, PrivacyCoverageError
     from corolla.swarm.client.session import NOBODY_SERVES_ATTEMPTS
 
     for attempt in range(attempts):
         try:
             return model.route()
         except MissingBlocksError as exc:
+            if isinstance(exc, PrivacyCoverageError):
+                raise  # the trusted servers cannot cover the model: waiting would not change that
             if not model.view.announced and attempt >= NOBODY_SERVES_ATTEMPTS - 1:
                 raise MissingBlocksError(exc.blocks, model.dht_prefix, nobody=True) from None
             if attempt == attempts - 1:
@@ -954,6 +974,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats")
     chat.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     chat.add_argument("--stop", nargs="*", default=None, help="stop sequences")
+    chat.add_argument(
+        "--trusted-only",
+        action="store_true",
+        help="send this chat's hidden states only to the servers named in --initial-peers and --trusted-peers "
+        "(every server that receives them can read the text back; fails at once, naming the blocks, if they "
+        "cannot run the whole model)",
+    )
+    chat.add_argument(
+        "--trusted-peers",
+        nargs="*",
+        metavar="PEER_ID",
+        default=None,
+        help="only these servers (peer ids or multiaddrs ending in /p2p/PEER_ID) receive the chat's hidden states",
+    )
     chat.set_defaults(func=cmd_chat)
 
     swarm = commands.add_parser("swarm", help="the swarm's health: coverage and servers of every model")
@@ -1076,7 +1110,7 @@ def _interrupt(signum, frame) -> None:
 def _user_error_types() -> tuple[type, ...]:
     """The errors that are the user's to fix (one line, exit 2). Only from modules already loaded:
     importing them would pull torch and hivemind into every command, the window's included."""
-    return _loaded(("corolla.swarm.models.errors", "EngineError"))
+    return _loaded(("corolla.swarm.models.errors", "EngineError"), ("corolla.swarm.client.privacy", "PrivacyError"))
 
 
 def _runtime_error_types() -> tuple[type, ...]:

@@ -65,6 +65,9 @@ class NodeProcess:
     def post(self, path: str, **kwargs) -> httpx.Response:
         return self.client.post(path, **kwargs)
 
+    def patch(self, path: str, **kwargs) -> httpx.Response:
+        return self.client.patch(path, **kwargs)
+
     def delete(self, path: str, **kwargs) -> httpx.Response:
         return self.client.delete(path, **kwargs)
 

@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
 from corolla.gui.widgets import plain_label
+from corolla.node.api_models import PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.units import human_bytes
 
 LAN_REFRESH_MS = 3000
@@ -40,7 +41,17 @@ FIELD_NAMES = {
     "model": "Model",
     "invite": "Invite",
     "dht_prefix": "Swarm prefix",
+    "trusted_peers": "Trusted peers",
 }
+
+
+def privacy_picker() -> QComboBox:
+    """The four privacy levels, each with its label (the level is the item's data)."""
+    picker = QComboBox()
+    for level, label in PRIVACY_LABELS.items():
+        picker.addItem(label, level)
+        picker.setItemData(picker.count() - 1, PRIVACY_SENTENCES[level], Qt.ItemDataRole.ToolTipRole)
+    return picker
 
 
 def friendly_error(message: str) -> str:
@@ -147,6 +158,23 @@ class SettingsDialog(QDialog):
         self.hf_token.setPlaceholderText("for gated models (kept in the system keyring)")
         form.addRow("Hugging Face token", self.hf_token)
         layout.addWidget(model)
+
+        privacy = QGroupBox("Privacy")
+        privacy_form = self._privacy_form = QFormLayout(privacy)
+        self.privacy = privacy_picker()
+        self.privacy.setAccessibleName("Who may read new chats")
+        self.privacy_note = plain_label("")
+        self.privacy_note.setWordWrap(True)
+        self.trusted_peers = QPlainTextEdit()
+        self.trusted_peers.setAccessibleName("Trusted peers, one peer id per line")
+        self.trusted_peers.setPlaceholderText("12D3KooW… (one peer id per line)")
+        self.trusted_peers.setMaximumHeight(72)
+        self.privacy.currentIndexChanged.connect(lambda _: self._privacy_changed())
+        privacy_form.addRow("Who may read new chats", self.privacy)
+        privacy_form.addRow("", self.privacy_note)
+        privacy_form.addRow("Trusted peers", self.trusted_peers)
+        self._privacy_changed()
+        layout.addWidget(privacy)
 
         limits = QGroupBox("Limits")
         limits_form = QFormLayout(limits)
@@ -301,6 +329,14 @@ class SettingsDialog(QDialog):
         elif self.custom.isChecked():
             self.peers.setFocus()
 
+    def _privacy_changed(self) -> None:
+        level = self.privacy.currentData()
+        self.privacy_note.setText(PRIVACY_SENTENCES[level])
+        self.trusted_peers.setVisible(level == "peers")
+        label = self._privacy_form.labelForField(self.trusted_peers)
+        if label is not None:
+            label.setVisible(level == "peers")
+
     def _update_save_text(self) -> None:
         if self.first_run:
             self.save_button.setText("Agree and start contributing" if self.contribute.isChecked() else "Save")
@@ -320,6 +356,8 @@ class SettingsDialog(QDialog):
         self.contribute.setChecked(settings.get("contribute", True))
         self.lan_discovery.setChecked(settings.get("lan_discovery", False))
         self.lan_discovery.setVisible("lan_discovery" in settings)  # an older node has no such setting
+        self.privacy.setCurrentIndex(max(0, self.privacy.findData(settings.get("default_privacy", "any"))))
+        self.trusted_peers.setPlainText("\n".join(settings.get("trusted_peers") or []))
         self._swarm_changed()
 
     def check_model(self) -> None:
@@ -363,7 +401,14 @@ class SettingsDialog(QDialog):
             "time_window": self.window.text().strip() or None,
             "contribute": self.contribute.isChecked(),
             **self._lan_changes(swarm),
+            **self._privacy_changes(),
         }
+
+    def _privacy_changes(self) -> dict:
+        if "default_privacy" not in (self.settings or {}):
+            return {}  # an older node has no privacy settings
+        peers = [p.strip() for p in self.trusted_peers.toPlainText().splitlines() if p.strip()]
+        return {"default_privacy": self.privacy.currentData(), "trusted_peers": peers}
 
     def _lan_changes(self, swarm: str) -> dict:
         if "lan_discovery" not in (self.settings or {}):

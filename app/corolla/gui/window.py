@@ -189,6 +189,9 @@ class MainWindow(QMainWindow):
         self.refresh_swarm()
         self.refresh_stats()
         self.chat.refresh_chats()
+        self._once(
+            "settings", "GET", "/api/settings", lambda s: self.chat.set_default_privacy(s.get("default_privacy"))
+        )
         self.client.call(
             "GET",
             "/api/hardware",

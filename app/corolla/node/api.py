@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corolla import __version__
 from corolla.node import api_models as m
-from corolla.node.settings import Settings, parse_invite
+from corolla.node.settings import PEER_ID, Settings, parse_invite
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 
@@ -99,7 +99,11 @@ def create_app(node) -> FastAPI:
             data = parse_invite(invite.invite)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
-        changes = {"swarm": "custom", "custom_peers": data["peers"]}
+        # The inviting swarm's servers are members of a swarm this node joined ("members" privacy).
+        members = [peer.rsplit("/p2p/", 1)[1] for peer in data["peers"] if "/p2p/" in peer]
+        members = [peer for peer in members if PEER_ID.match(peer)]
+        known = [p for p in node.settings.swarm_members if p not in members]
+        changes = {"swarm": "custom", "custom_peers": data["peers"], "swarm_members": (members + known)[:1024]}
         if data.get("dht_prefix"):
             changes["dht_prefix"] = data["dht_prefix"]
         if data.get("model"):
@@ -163,7 +167,9 @@ def create_app(node) -> FastAPI:
 
     @app.post("/api/chats", dependencies=api, tags=["chats"], status_code=201)
     def create_chat(body: m.ChatCreate) -> m.Chat:
-        return m.Chat(**node.db.create_chat(body.title, node.model_display_name(), body.system_prompt))
+        privacy = node.check_privacy_choice(body.privacy) if body.privacy is not None else None
+        chat = node.db.create_chat(body.title, node.model_display_name(), body.system_prompt, privacy)
+        return m.Chat(**chat)
 
     def _chat(chat_id: str) -> dict:
         chat = node.db.get_chat(chat_id) if len(chat_id) <= 64 else None
@@ -177,9 +183,14 @@ def create_app(node) -> FastAPI:
         return m.Chat(**chat, messages=[m.Message(**msg) for msg in node.db.messages(chat_id)])
 
     @app.patch("/api/chats/{chat_id}", dependencies=api, tags=["chats"])
-    def rename_chat(chat_id: str, body: m.ChatUpdate) -> m.Chat:
+    def update_chat(chat_id: str, body: m.ChatUpdate) -> m.Chat:
+        """Rename a chat and/or change who may receive its hidden states (from its next reply on)."""
         _chat(chat_id)
-        node.db.rename_chat(chat_id, body.title.strip() or "Chat")
+        if body.privacy is not None:
+            node.db.set_chat_privacy(chat_id, node.check_privacy_choice(body.privacy))
+            node.chats.forget(chat_id)  # its open session was routed under the old choice
+        if body.title is not None:
+            node.db.rename_chat(chat_id, body.title.strip() or "Chat")
         return m.Chat(**_chat(chat_id))
 
     @app.delete("/api/chats/{chat_id}", dependencies=api, tags=["chats"])

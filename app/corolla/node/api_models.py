@@ -115,13 +115,50 @@ class NodeStatus(BaseModel):
     reachability: Reachability = NOT_CHECKED
 
 
+PrivacyLevel = Literal["any", "members", "peers", "local"]
+# What each level means, honestly, following benchmarks/privacy.py (the window shows it; one per level).
+PRIVACY_SENTENCES = {
+    "any": "Any server of the swarm may receive this chat, and the first server of a route can read all of its "
+    "text back (later ones about half; see SECURITY.md): keep private things out of it.",
+    "members": "Only servers of the private swarms you created or joined receive this chat, and each of them "
+    "can read its text back: it is as private as those computers are trustworthy.",
+    "peers": "Only the servers you listed receive this chat, and each of them can read its text back: it is "
+    "as private as those computers are trustworthy.",
+    "local": "Only this computer's own server receives this chat: its text never leaves this computer.",
+}
+PRIVACY_LABELS = {
+    "any": "Any server",
+    "members": "Members of my swarms",
+    "peers": "Only these peers",
+    "local": "This computer only",
+}
+
+
+class PrivacyChoice(Strict):
+    """Who may receive a chat's hidden states. "members" and "local" are resolved by the node (its own
+    server, the swarms it created or joined); "peers" names them."""
+
+    level: PrivacyLevel = "any"
+    peers: list[str] | None = Field(None, max_length=1024, description='peer ids; only for level "peers"')
+
+
+class Recipient(BaseModel):
+    """A server that received a reply's hidden states."""
+
+    peer_id: str
+    name: str = ""
+    blocks: list[list[int]] = Field(default_factory=list, description="[start, end) ranges it ran")
+
+
 class ChatCreate(Strict):
     title: str = Field("New chat", max_length=200)
     system_prompt: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
+    privacy: PrivacyChoice | None = Field(None, description="None: the node's default_privacy setting")
 
 
 class ChatUpdate(Strict):
-    title: str = Field(..., min_length=1, max_length=200)
+    title: str | None = Field(None, min_length=1, max_length=200)
+    privacy: PrivacyChoice | None = None
 
 
 class Message(BaseModel):
@@ -131,6 +168,7 @@ class Message(BaseModel):
     status: Literal["complete", "streaming", "interrupted", "stopped", "failed"]
     tokens: int
     created_at: float
+    seen_by: list[Recipient] | None = Field(None, description="replies: the servers that received its hidden states")
 
 
 class Chat(BaseModel):
@@ -140,6 +178,7 @@ class Chat(BaseModel):
     system_prompt: str | None
     created_at: float
     updated_at: float
+    privacy: PrivacyChoice | None = None
     messages: list[Message] | None = None
 
 

@@ -93,6 +93,8 @@ class ChatService:
         # holds KV cache on the swarm's servers, so only the MAX_CACHED_SESSIONS latest stay open.
         self._sessions: OrderedDict[str, object] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        # A chat's stored privacy choice -> the client's Privacy (the node resolves members and local).
+        self.privacy_for: Callable[[dict | None], Any] = lambda stored: None
 
     def forget(self, chat_id: str) -> None:
         session = self._sessions.pop(chat_id, None)
@@ -103,14 +105,20 @@ class ChatService:
         from corolla.swarm.client.chat import ChatSession
 
         model = self.clients.get()
+        privacy = self.privacy_for(chat.get("privacy"))
         session = self._sessions.get(chat["id"])
-        if session is None or session.model is not model:
+        if session is not None and (session.model is not model or session.privacy != privacy):
+            self.forget(chat["id"])  # another client, or the chat's trusted servers changed
+            session = None
+        if session is None:
             history = [
                 {"role": m["role"], "content": m["content"]}
                 for m in self.db.messages(chat["id"])
                 if m["content"] and m["id"] not in exclude
             ]
-            session = ChatSession(model, system_prompt=chat["system_prompt"], max_length=4096, messages=history)
+            session = ChatSession(
+                model, system_prompt=chat["system_prompt"], max_length=4096, messages=history, privacy=privacy
+            )
             self._sessions[chat["id"]] = session
         self._sessions.move_to_end(chat["id"])
         self._evict(keep=chat["id"])
@@ -162,7 +170,10 @@ class ChatService:
             self.db.update_message(reply["id"], "".join(pieces), len(pieces), "streaming")  # write first
             loop.call_soon_threadsafe(queue.put_nowait, {"type": "token", "text": piece})
 
+        session = None
+
         def run():
+            nonlocal session
             try:
                 session = self._session_for(chat, exclude={user["id"], reply["id"]})
                 sampling = request.generate_kwargs()
@@ -175,6 +186,7 @@ class ChatService:
                     **sampling,
                 )
                 status = "stopped" if result.stopped_by == "cancelled" else "complete"
+                self.db.set_seen_by(reply["id"], result.seen_by)
                 self.db.update_message(reply["id"], result.text, result.tokens, status)
                 loop.call_soon_threadsafe(
                     queue.put_nowait,
@@ -185,9 +197,12 @@ class ChatService:
                         "tokens": result.tokens,
                         "tokens_per_second": round(result.tokens_per_second, 2),
                         "stopped_by": result.stopped_by,
+                        "seen_by": result.seen_by,
                     },
                 )
             except Exception as exc:  # reported to the user; the partial reply stays
+                if session is not None and session.last_seen_by:  # they received it all the same
+                    self.db.set_seen_by(reply["id"], session.last_seen_by)
                 self.forget(chat["id"])
                 self.db.update_message(reply["id"], "".join(pieces), len(pieces), "failed")
                 kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__

@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS slow_servers (
 );
 """
 SLOW_MEMORY_S = 24 * 3600  # a server found slow is remembered this long (it may have been busy that day)
+# Columns added after the first release: (table, column, declaration), added to older databases on open.
+# chats.privacy: the chat's privacy choice (JSON {"level", "peers"}; NULL: the node's default).
+# messages.seen_by: a reply's recipients, the servers that received its hidden states (JSON list).
+ADDED_COLUMNS = [("chats", "privacy", "TEXT"), ("messages", "seen_by", "TEXT")]
 
 
 class Database:
@@ -50,11 +54,18 @@ class Database:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
+        self._add_columns()
         self.interrupted_on_start = self._mark_interrupted()
 
     def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
             return self._conn.execute(sql, args)
+
+    def _add_columns(self) -> None:
+        for table, column, declaration in ADDED_COLUMNS:
+            present = {row["name"] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def _mark_interrupted(self) -> int:
         return self._execute("UPDATE messages SET status='interrupted' WHERE status='streaming'").rowcount
@@ -64,17 +75,27 @@ class Database:
             self._conn.close()
 
     # --- chats -----------------------------------------------------------------------------------
-    def create_chat(self, title: str, model: str | None, system_prompt: str | None) -> dict:
+    def create_chat(
+        self, title: str, model: str | None, system_prompt: str | None, privacy: dict | None = None
+    ) -> dict:
         now, chat_id = time.time(), uuid.uuid4().hex
-        self._execute("INSERT INTO chats VALUES (?, ?, ?, ?, ?, ?)", (chat_id, title, model, system_prompt, now, now))
+        self._execute(
+            "INSERT INTO chats (id, title, model, system_prompt, created_at, updated_at, privacy) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (chat_id, title, model, system_prompt, now, now, None if privacy is None else json.dumps(privacy)),
+        )
         return self.get_chat(chat_id)
 
     def get_chat(self, chat_id: str) -> dict | None:
         row = self._execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
-        return dict(row) if row else None
+        return _chat_row(row) if row else None
 
     def list_chats(self) -> list[dict]:
-        return [dict(r) for r in self._execute("SELECT * FROM chats ORDER BY updated_at DESC")]
+        return [_chat_row(r) for r in self._execute("SELECT * FROM chats ORDER BY updated_at DESC")]
+
+    def set_chat_privacy(self, chat_id: str, privacy: dict | None) -> bool:
+        value = None if privacy is None else json.dumps(privacy)
+        return self._execute("UPDATE chats SET privacy=? WHERE id=?", (value, chat_id)).rowcount > 0
 
     def rename_chat(self, chat_id: str, title: str) -> bool:
         return self._execute("UPDATE chats SET title=? WHERE id=?", (title, chat_id)).rowcount > 0
@@ -86,13 +107,18 @@ class Database:
             "SELECT * FROM chats WHERE title LIKE ? ESCAPE '\\' OR id IN "
             "(SELECT chat_id FROM messages WHERE content LIKE ? ESCAPE '\\') ORDER BY updated_at DESC"
         )
-        return [dict(r) for r in self._execute(sql, (pattern, pattern))]
+        return [_chat_row(r) for r in self._execute(sql, (pattern, pattern))]
 
     def delete_chat(self, chat_id: str) -> bool:
         return self._execute("DELETE FROM chats WHERE id=?", (chat_id,)).rowcount > 0
 
     def messages(self, chat_id: str) -> list[dict]:
-        return [dict(r) for r in self._execute("SELECT * FROM messages WHERE chat_id=? ORDER BY seq", (chat_id,))]
+        rows = self._execute("SELECT * FROM messages WHERE chat_id=? ORDER BY seq", (chat_id,))
+        return [_message_row(r) for r in rows]
+
+    def set_seen_by(self, message_id: str, seen_by: list[dict]) -> None:
+        """Keep with a reply the servers that received its hidden states."""
+        self._execute("UPDATE messages SET seen_by=? WHERE id=?", (json.dumps(seen_by), message_id))
 
     def add_message(self, chat_id: str, role: str, content: str, status: str = "complete") -> dict:
         now, message_id = time.time(), uuid.uuid4().hex
@@ -101,7 +127,8 @@ class Database:
                 "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE chat_id=?", (chat_id,)
             ).fetchone()[0]
             self._conn.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                "INSERT INTO messages (id, chat_id, role, content, status, tokens, created_at, seq) "
+                "VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
                 (message_id, chat_id, role, content, status, now, seq),
             )
             self._conn.execute("UPDATE chats SET updated_at=? WHERE id=?", (now, chat_id))
@@ -114,6 +141,7 @@ class Database:
             "tokens": 0,
             "created_at": now,
             "seq": seq,
+            "seen_by": None,
         }
 
     def delete_messages_after(self, chat_id: str, seq: int) -> int:
@@ -193,3 +221,15 @@ class Database:
                     (key, json.dumps(value)),
                 )
             self._conn.execute("COMMIT")
+
+
+def _chat_row(row: sqlite3.Row) -> dict:
+    chat = dict(row)
+    chat["privacy"] = json.loads(chat["privacy"]) if chat.get("privacy") else None
+    return chat
+
+
+def _message_row(row: sqlite3.Row) -> dict:
+    message = dict(row)
+    message["seen_by"] = json.loads(message["seen_by"]) if message.get("seen_by") else None
+    return message

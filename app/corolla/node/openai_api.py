@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from corolla.node.api_models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS
+from corolla.node.api_models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, PrivacyChoice
 from corolla.swarm.client.generation import sampling_kwargs
 
 
@@ -34,6 +34,8 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+    # Corolla's extension: who may receive this request's hidden states (None: the node's default).
+    corolla_privacy: PrivacyChoice | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -70,22 +72,30 @@ def make_router(node, auth) -> APIRouter:
             "data": [{"id": model_name(), "object": "model", "created": int(node.started_at), "owned_by": "corolla"}],
         }
 
-    def generate(prompt_ids: list[int], request: _Sampling, on_text, should_stop) -> tuple[str, int, str]:
+    def generate(prompt_ids: list[int], request: _Sampling, on_text, should_stop) -> tuple[str, int, str, list]:
         import torch
 
-        from corolla.swarm.client.chat import ReplyWatcher
+        from corolla.swarm.client.chat import ReplyWatcher, seen_by
 
         model = node.chats.clients.get()
+        stored = node.check_privacy_choice(request.corolla_privacy) if request.corolla_privacy else None
         watcher = ReplyWatcher(model.tokenizer, model.eos_token_ids, request.stops(), on_text, should_stop)
-        model.generate(
-            torch.tensor([prompt_ids]),
-            max_new_tokens=request.max_tokens or 256,
-            eos_token_id=[],
-            streamer=watcher,
-            **request.sampling(),
-        )
+        length = len(prompt_ids) + (request.max_tokens or 256)
+        session = model.inference_session(max_length=length, privacy=node.privacy_for(stored))
+        try:
+            model.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=request.max_tokens or 256,
+                eos_token_id=[],
+                streamer=watcher,
+                session=session,
+                **request.sampling(),
+            )
+            recipients = seen_by(session)
+        finally:
+            session.close_in_background()  # the reply need not wait for the servers' goodbyes
         finish = "stop" if watcher.stopped_by in ("eos", "stop string") else "length"
-        return watcher.text(), len(watcher.stream.tokens), finish
+        return watcher.text(), len(watcher.stream.tokens), finish, recipients
 
     def chat_prompt(request: ChatCompletionRequest) -> list[int]:
         tokenizer = node.chats.clients.get().tokenizer
@@ -104,11 +114,13 @@ def make_router(node, auth) -> APIRouter:
 
     async def respond(request: _Sampling, prompt_fn, kind: str):
         check_model(request.model)
+        if request.corolla_privacy is not None:
+            node.check_privacy_choice(request.corolla_privacy)  # a bad peer list: 400 before anything runs
         prompt_ids = await asyncio.to_thread(node.call_swarm, prompt_fn, request)
         created, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         usage_prompt = len(prompt_ids)
         if not request.stream:
-            text, tokens, finish = await asyncio.to_thread(
+            text, tokens, finish, recipients = await asyncio.to_thread(
                 node.call_swarm, generate, prompt_ids, request, lambda piece: None, lambda: False
             )
             usage = {"prompt_tokens": usage_prompt, "completion_tokens": tokens, "total_tokens": usage_prompt + tokens}
@@ -121,6 +133,7 @@ def make_router(node, auth) -> APIRouter:
                     "model": request.model,
                     "choices": [choice],
                     "usage": usage,
+                    "corolla_seen_by": recipients,
                 }
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             return {
@@ -130,6 +143,7 @@ def make_router(node, auth) -> APIRouter:
                 "model": request.model,
                 "choices": [choice],
                 "usage": usage,
+                "corolla_seen_by": recipients,
             }
         return StreamingResponse(_stream(request, prompt_ids, kind, ident, created), media_type="text/event-stream")
 
@@ -138,7 +152,7 @@ def make_router(node, auth) -> APIRouter:
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
-        def chunk(delta: dict | None, text: str | None, finish: str | None) -> str:
+        def chunk(delta: dict | None, text: str | None, finish: str | None, seen: list | None = None) -> str:
             if kind == "chat":
                 body = {
                     "id": ident,
@@ -155,18 +169,20 @@ def make_router(node, auth) -> APIRouter:
                     "model": request.model,
                     "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
                 }
+            if seen is not None:
+                body["corolla_seen_by"] = seen
             return f"data: {json.dumps(body)}\n\n"
 
         def run():
             try:
-                _, _, finish = node.call_swarm(
+                _, _, finish, seen = node.call_swarm(
                     generate,
                     prompt_ids,
                     request,
                     lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece)),
                     cancel.is_set,
                 )
-                loop.call_soon_threadsafe(queue.put_nowait, ("finish", finish))
+                loop.call_soon_threadsafe(queue.put_nowait, ("finish", (finish, seen)))
             except Exception as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", str(exc)))
 
@@ -179,7 +195,7 @@ def make_router(node, auth) -> APIRouter:
                 if what == "piece":
                     yield chunk({"content": value}, value, None)
                 elif what == "finish":
-                    yield chunk({}, "", value)
+                    yield chunk({}, "", value[0], value[1])
                     break
                 else:
                     yield f"data: {json.dumps({'error': {'message': value, 'type': 'swarm_error'}})}\n\n"

@@ -64,6 +64,7 @@ class NodeService:
         self.started_at = time.time()
         self.chats = ChatService(self.db, SwarmClientHost(self._client_target, lambda: self.secrets.get("hf_token")))
         self.chats.clients.on_new_client = self._restore_flagged_servers
+        self.chats.privacy_for = self.privacy_for
         self._last_stats: dict | None = None
         self._paused_by_policy = False
         self._pause_rule: m.PauseRule | None = None
@@ -224,6 +225,7 @@ class NodeService:
 
     def call_swarm(self, fn, *args):
         """Run a swarm call; swarm-side failures become 503 errors that say what to do."""
+        from corolla.swarm.client.privacy import PrivacyError
         from corolla.swarm.client.routing import MissingBlocksError
         from corolla.swarm.client.session import ServerFailure
         from corolla.swarm.models.errors import EngineError
@@ -232,6 +234,8 @@ class NodeService:
             return fn(*args)
         except NoSwarm as exc:  # the node's own state: contribution is off in a private swarm
             raise HTTPException(409, str(exc)) from exc
+        except PrivacyError as exc:  # e.g. "only these peers" with an empty list of trusted peers
+            raise HTTPException(400, str(exc)) from exc
         except EngineError as exc:  # a model that cannot be opened or is not supported
             raise HTTPException(400, str(exc)) from exc
         except (MissingBlocksError, ServerFailure) as exc:  # the swarm, not this request, is at fault
@@ -320,6 +324,59 @@ class NodeService:
             "max_error": verdict.max_error,
             "compared_with": verdict.compared_with,
         }
+
+    # --- privacy: who may receive a chat's hidden states ----------------------------------------------
+    def check_privacy_choice(self, choice: m.PrivacyChoice) -> dict:
+        """A chat's choice as stored; HTTP 400 for a malformed or empty peer list."""
+        from corolla.swarm.client.privacy import PrivacyError, check_peer_ids
+
+        if choice.level == "peers":
+            try:
+                peers = sorted(check_peer_ids(choice.peers or self.settings.trusted_peers, "list of trusted peers"))
+            except PrivacyError as exc:
+                raise HTTPException(400, str(exc)) from exc
+            return {"level": "peers", "peers": peers}
+        if choice.peers:
+            raise HTTPException(400, f'privacy level "{choice.level}" takes no peer list (only "peers" does)')
+        return {"level": choice.level, "peers": None}
+
+    def own_peer_ids(self) -> set[str]:
+        """This computer's block server, while it serves."""
+        stats = self.supervisor.poll().stats or {}
+        peer = stats.get("peer_id") if stats.get("state") == "online" else None
+        return {peer} if peer else set()
+
+    def privacy_for(self, stored: dict | None):
+        """The swarm client's Privacy for a chat's stored choice (None: the default_privacy setting).
+        "local" is this computer's server; "members" adds the servers of the swarms this node joined by
+        invite and, in its own private swarm (reached only through its invite or the LAN), every server
+        in it. Raises NoSwarm (HTTP 409) when the choice names nobody now."""
+        from corolla.swarm.client.privacy import Privacy
+
+        level = (stored or {}).get("level") or self.settings.default_privacy
+        if level == "any":
+            return Privacy()
+        if level == "peers":
+            return Privacy.only((stored or {}).get("peers") or self.settings.trusted_peers)
+        own = self.own_peer_ids()
+        if level == "local":
+            if not own:
+                raise NoSwarm(
+                    "privacy is 'this computer only', but this computer serves no blocks now: start contributing "
+                    "(it must serve the whole model), or choose another privacy level for this chat"
+                )
+            return Privacy.local(own)
+        members = own | set(self.settings.swarm_members)
+        if self.settings.swarm == "private":
+            model = self.chats.clients.get()
+            model._loop.run(model.view.refresh_if_stale(), timeout=30)
+            members |= set(model.view.spans)
+        if not members:
+            raise NoSwarm(
+                "privacy is 'members of my swarms', but this node is in no private swarm: create one (contribute "
+                "in the private swarm) or join one with an invite, or choose another privacy level for this chat"
+            )
+        return Privacy.members(members)
 
     @staticmethod
     def _current_route(model) -> list[dict]:

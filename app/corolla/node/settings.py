@@ -16,6 +16,7 @@ PUBLIC_INITIAL_PEERS = [
     "/dns/bootstrap2.petals.dev/tcp/31338/p2p/QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5",
 ]
 INVITE_PREFIX = "corolla-invite:"
+PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,128}$")  # base58; the node checks the multihash itself
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
 
 
@@ -42,6 +43,21 @@ class Settings(BaseModel):
     # the swarms its neighbours announce, and announces its own private swarm when that listens on
     # the LAN (never the public swarm).
     lan_discovery: bool = False
+    # Who may receive the hidden states of a new chat (each chat keeps its own choice): "any" server,
+    # "members" of the private swarms this node created or joined, only the "peers" in trusted_peers,
+    # or this computer's own server ("local").
+    default_privacy: Literal["any", "members", "peers", "local"] = "any"
+    trusted_peers: list[str] = Field(default_factory=list, max_length=1024, description="peer ids")
+    # Peer ids of the servers of private swarms this node joined (from their invites): members.
+    swarm_members: list[str] = Field(default_factory=list, max_length=1024)
+
+    @field_validator("trusted_peers", "swarm_members")
+    @classmethod
+    def _check_peer_ids(cls, value: list[str]) -> list[str]:
+        for peer in value:
+            if not PEER_ID.match(peer):
+                raise ValueError(f"{peer[:80]!r} is not a peer id")
+        return value
 
     @field_validator("time_window")
     @classmethod

@@ -32,6 +32,7 @@ from corolla.gui.node_client import NodeClient
 from corolla.gui.prefs import read_float, read_int
 from corolla.gui.transcript import Transcript
 from corolla.gui.widgets import plain_label
+from corolla.node.api_models import PRIVACY_LABELS, PRIVACY_SENTENCES
 
 MAX_NEW_TOKENS = 2048  # the node's limit per reply (corolla.node.api_models.MAX_NEW_TOKENS; a test checks)
 NEW_TITLE = "New chat"
@@ -159,6 +160,28 @@ class ChatPane(QWidget):
         top.addWidget(self.settings_toggle)
         main_layout.addLayout(top)
 
+        # Who may read this chat: the level (per chat; new chats take the node's default_privacy).
+        privacy_row = QHBoxLayout()
+        self.privacy_picker = QComboBox()
+        self.privacy_picker.setAccessibleName("Who may read this chat")
+        for level, label in PRIVACY_LABELS.items():
+            self.privacy_picker.addItem(label, level)
+            self.privacy_picker.setItemData(
+                self.privacy_picker.count() - 1, PRIVACY_SENTENCES[level], Qt.ItemDataRole.ToolTipRole
+            )
+        self.privacy_picker.activated.connect(self._privacy_picked)
+        self.privacy_note = plain_label("")
+        self.privacy_note.setObjectName("muted")
+        self.privacy_note.setWordWrap(True)
+        self.privacy_note.setAccessibleName("What the privacy level means")
+        self.privacy_label = QLabel("Who may read")
+        privacy_row.addWidget(self.privacy_label)
+        privacy_row.addWidget(self.privacy_picker)
+        privacy_row.addWidget(self.privacy_note, 1)
+        main_layout.addLayout(privacy_row)
+        self.default_privacy = "any"  # the node's default_privacy setting (the window sets it)
+        self.privacy_supported = True
+
         self.parameters = QWidget()
         settings = QHBoxLayout(self.parameters)
         settings.setContentsMargins(0, 0, 0, 0)
@@ -208,6 +231,11 @@ class ChatPane(QWidget):
         self.info.setWordWrap(True)
         self.info.setAccessibleName("Chat status")
         main_layout.addWidget(self.info)
+        self.seen_by = plain_label("")
+        self.seen_by.setObjectName("muted")
+        self.seen_by.setWordWrap(True)
+        self.seen_by.setAccessibleName("Who saw the last reply")
+        main_layout.addWidget(self.seen_by)
         entry = QHBoxLayout()
         self.input = MessageBox()
         self.input.setPlaceholderText("Message the swarm — Enter sends, Shift+Enter for a new line")
@@ -250,16 +278,16 @@ class ChatPane(QWidget):
         self.setTabOrder(self.search, self.chats)
         self.setTabOrder(self.chats, self.model_picker)
         self.setTabOrder(self.model_picker, self.settings_toggle)
-        self.setTabOrder(self.settings_toggle, self.transcript)
-        self.setTabOrder(self.transcript, self.input)
-        self.setTabOrder(self.input, self.send_button)
-        self.setTabOrder(self.send_button, self.stop_button)
-        self.setTabOrder(self.stop_button, self.regenerate_button)
-        self.setTabOrder(self.settings_toggle, self.system)  # the parameters, when shown, follow their toggle
+        self.setTabOrder(self.settings_toggle, self.privacy_picker)
+        self.setTabOrder(self.privacy_picker, self.system)  # the parameters, when shown, follow the privacy row
         self.setTabOrder(self.system, self.temperature)
         self.setTabOrder(self.temperature, self.top_p)
         self.setTabOrder(self.top_p, self.max_tokens)
         self.setTabOrder(self.max_tokens, self.transcript)
+        self.setTabOrder(self.transcript, self.input)
+        self.setTabOrder(self.input, self.send_button)
+        self.setTabOrder(self.send_button, self.stop_button)
+        self.setTabOrder(self.stop_button, self.regenerate_button)
         self._render()
 
     def focus_first(self) -> None:
@@ -322,7 +350,11 @@ class ChatPane(QWidget):
         self.client.call(
             "POST",
             "/api/chats",
-            {"title": NEW_TITLE, "system_prompt": self.system.text().strip() or None},
+            {
+                "title": NEW_TITLE,
+                "system_prompt": self.system.text().strip() or None,
+                **({"privacy": {"level": self.privacy_level()}} if self.privacy_supported else {}),
+            },
             on_ok=created,
             on_error=lambda e: self.info.setText(f"Could not create a chat: {e}"),
         )
@@ -339,6 +371,7 @@ class ChatPane(QWidget):
             return  # another chat was picked meanwhile
         self.chat = {k: v for k, v in chat.items() if k != "messages"}
         self.messages = chat["messages"]
+        self._show_privacy((chat.get("privacy") or {}).get("level") or self.default_privacy)
         self._render()
 
     def rename_chat(self, chat_id: str | None = None, title: str | None = None) -> None:
@@ -429,6 +462,61 @@ class ChatPane(QWidget):
             "GET", f"/api/chats/{chat_id}", on_ok=write, on_error=lambda e: self.info.setText(f"Could not export: {e}")
         )
 
+    # --- privacy: who may read a chat, who saw its replies --------------------------------------------
+    def privacy_level(self) -> str:
+        return self.privacy_picker.currentData() or "any"
+
+    def set_default_privacy(self, level: str | None) -> None:
+        """The node's default for new chats; shown while no chat (or one without a choice) is open. None:
+        the node predates privacy levels (its API would refuse the field), so the picker is hidden."""
+        self.privacy_supported = level is not None
+        for widget in (self.privacy_label, self.privacy_picker, self.privacy_note):
+            widget.setVisible(self.privacy_supported)
+        self.default_privacy = level if level in PRIVACY_LABELS else "any"
+        if self.chat is None or not self.chat.get("privacy"):
+            self._show_privacy(self.default_privacy)
+
+    def _show_privacy(self, level: str) -> None:
+        self.privacy_picker.setCurrentIndex(max(0, self.privacy_picker.findData(level)))
+        self.privacy_note.setText(PRIVACY_SENTENCES.get(level, ""))
+
+    def _privacy_picked(self, index: int) -> None:
+        level = self.privacy_picker.itemData(index)
+        self.privacy_note.setText(PRIVACY_SENTENCES.get(level, ""))
+        if self.chat_id is None:
+            return  # the next new chat takes it
+        chat_id, previous = self.chat_id, ((self.chat or {}).get("privacy") or {}).get("level", self.default_privacy)
+
+        def changed(chat: dict) -> None:
+            if self.chat is not None and self.chat.get("id") == chat["id"]:
+                self.chat["privacy"] = chat.get("privacy")
+            self.info.setText(f"From the next reply on: {PRIVACY_LABELS[level].lower()}.")
+
+        def refused(message: str) -> None:
+            if self.chat_id == chat_id:
+                self._show_privacy(previous)
+            self.info.setText(f"Could not change who may read this chat: {message}")
+
+        self.client.call(
+            "PATCH", f"/api/chats/{chat_id}", {"privacy": {"level": level}}, on_ok=changed, on_error=refused
+        )
+
+    def _show_seen_by(self) -> None:
+        """Who received the hidden states of the chat's last reply (kept with each reply by the node)."""
+        last = next((m for m in reversed(self.messages) if m.get("role") == "assistant"), None)
+        seen = (last or {}).get("seen_by")
+        if not seen:
+            self.seen_by.setText("")
+            return
+        own = ((self.node_status or {}).get("contribution") or {}).get("peer_id")
+        parts = []
+        for server in seen:
+            who = "this computer" if server["peer_id"] == own else (server.get("name") or "a server")
+            blocks = ", ".join(f"{a}–{b}" for a, b in server["blocks"])
+            parts.append(f"{who} (…{server['peer_id'][-6:]}, blocks {blocks})")
+        self.seen_by.setText("The last reply's text was seen by: " + "; ".join(parts) + ".")
+        self.seen_by.setToolTip("\n".join(server["peer_id"] for server in seen))
+
     # --- models -------------------------------------------------------------------------------------
     def show_models(self, models: list[dict], own_prefix: str | None) -> None:
         self.model_picker.blockSignals(True)
@@ -457,6 +545,7 @@ class ChatPane(QWidget):
 
     # --- sending ------------------------------------------------------------------------------------
     def _render(self) -> None:
+        self._show_seen_by()
         self.transcript.set_messages(
             self.messages,
             empty_text="Ask anything. Replies come from the swarm's servers, a few blocks of the model each."
@@ -541,7 +630,8 @@ class ChatPane(QWidget):
             self.transcript.update_last()
             return
         if kind == "done":
-            self.messages[-1].update(content=data["text"], status=data["status"])
+            self.messages[-1].update(content=data["text"], status=data["status"], seen_by=data.get("seen_by"))
+            self._show_seen_by()
             self.info.setText(
                 f"{data['tokens']} tokens in {time.perf_counter() - self.started:.1f} s, "
                 f"{data['tokens_per_second']:.1f} tokens/s"

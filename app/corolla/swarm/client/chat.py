@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from corolla.swarm.client.privacy import Privacy
 from corolla.swarm.client.remote_model import DistributedModelForCausalLM, RemoteSession
 
 ABANDON_TIMEOUT_S = 5.0
@@ -121,6 +122,7 @@ class ChatReply:
     tokens: int
     seconds: float
     stopped_by: str  # "eos", "stop string", "length" or "cancelled"
+    seen_by: list[dict] = field(default_factory=list)  # the servers that received this turn's hidden states
 
     @property
     def tokens_per_second(self) -> float:
@@ -133,8 +135,10 @@ class ChatSession:
     system_prompt: str | None = None
     max_length: int = 2048
     messages: list[dict] = field(default_factory=list)
+    privacy: Privacy | None = None  # who may receive this chat's hidden states (None: the model's policy)
     _session: RemoteSession | None = None
     _sent: list[int] = field(default_factory=list)
+    last_seen_by: list[dict] = field(default_factory=list)  # the last turn's recipients (also when it failed)
 
     def _render(self) -> list[int]:
         tokenizer = self.model.tokenizer
@@ -172,7 +176,11 @@ class ChatSession:
             self.reset_session()
             new = ids
         if self._session is None:
-            self._session = self.model.inference_session(max_length=max(self.max_length, len(ids) + max_new_tokens))
+            self._session = self.model.inference_session(
+                max_length=max(self.max_length, len(ids) + max_new_tokens), privacy=self.privacy
+            )
+        self._session.recipients.clear()  # from here on: who receives this turn's hidden states
+        self.last_seen_by = []
         watcher = ReplyWatcher(self.model.tokenizer, self.model.eos_token_ids, stop, on_text, should_stop)
         started = time.perf_counter()
         try:
@@ -185,6 +193,7 @@ class ChatSession:
                 **sampling,
             )
         except BaseException:
+            self.last_seen_by = seen_by(self._session)
             # Interrupted mid-step (a hard Ctrl-C, an error): what the servers hold is unknown, so the
             # reply keeps what was shown and the next turn starts a fresh session from the rendering.
             self.messages.append({"role": "assistant", "content": watcher.text()})
@@ -197,7 +206,8 @@ class ChatSession:
         self._sent = self._sent[: self._session.position]
         self._session.pending = None  # the last token comes back in the next turn's rendering
         self.messages.append({"role": "assistant", "content": reply})
-        return ChatReply(reply, len(generated), elapsed, watcher.stopped_by)
+        self.last_seen_by = seen_by(self._session)
+        return ChatReply(reply, len(generated), elapsed, watcher.stopped_by, self.last_seen_by)
 
     def abandon_session(self) -> None:
         """Drop the session without trusting it (bounded: a server that does not answer is left)."""
@@ -213,3 +223,14 @@ class ChatSession:
 
     def close(self) -> None:
         self.reset_session()
+
+
+def seen_by(session: RemoteSession) -> list[dict]:
+    """The servers that received a session's hidden states since its recipients were last cleared:
+    [{"peer_id", "name", "blocks": [[start, end], ...]}], ordered by their first block."""
+    names = session.server_names()
+    rows = [
+        {"peer_id": peer, "name": names.get(peer, ""), "blocks": [list(r) for r in sorted(ranges)]}
+        for peer, ranges in session.recipients.items()
+    ]
+    return sorted(rows, key=lambda row: (row["blocks"][0] if row["blocks"] else [0, 0], row["peer_id"]))

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import split_for_streaming
 
 from corolla.swarm import protocol
-from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView
+from corolla.swarm.client.privacy import PrivacyViolation
+from corolla.swarm.client.routing import MissingBlocksError, PrivacyCoverageError, RouteSegment, SwarmView
 
 logger = logging.getLogger(__name__)
 MAX_UNARY_BYTES = 1024 * 1024  # Petals: MAX_UNARY_PAYLOAD_SIZE // 2
@@ -93,7 +93,7 @@ async def _call_with_reply_metadata(
     serialized, metadata = _request_tensors(args, mask)
     metadata.update(points=0.0, active_adapter=adapter, **(extra_metadata or {}))
     packed = MSGPackSerializer.dumps(metadata)
-    stub = protocol.server_stub(view.p2p, PeerID.from_base58(segment.peer_id))
+    stub = view.stub(segment.peer_id)  # refuses a peer outside the privacy policy
     size = sum(t.numel() * t.element_size() for t in args)
     if size <= MAX_UNARY_BYTES:
         request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized, metadata=packed)
@@ -271,6 +271,8 @@ class RemoteBlocks:
 
     async def _failed(self, segment: RouteSegment, exc: BaseException, attempt: int) -> None:
         config = self.view.config
+        if isinstance(exc, PrivacyCoverageError | PrivacyViolation):
+            raise exc  # retrying cannot help: only a change of policy could
         if attempt > config.max_retries:
             if isinstance(exc, MissingBlocksError):
                 raise exc

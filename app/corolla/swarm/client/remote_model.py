@@ -38,6 +38,7 @@ from corolla.swarm.client import speculative
 from corolla.swarm.client.autograd import remote_blocks
 from corolla.swarm.client.config import ClientConfig
 from corolla.swarm.client.generation import CallbackStopping, SwarmCache, TokenCallbackStopping, generation_length
+from corolla.swarm.client.privacy import Privacy, as_privacy
 from corolla.swarm.client.prompts import PromptTuning
 from corolla.swarm.client.remote_forward import RemoteBlocks
 from corolla.swarm.client.routing import SwarmView
@@ -182,10 +183,17 @@ class _LoopThread:
 class RemoteSession:
     """A multi-step inference session (synchronous wrapper); use as a context manager."""
 
-    def __init__(self, model: DistributedModelForCausalLM, max_length: int, prompts: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model: DistributedModelForCausalLM,
+        max_length: int,
+        prompts: torch.Tensor | None = None,
+        privacy: Privacy | None = None,
+    ):
         self.model = model
         self.max_length = max_length
-        self._session = InferenceSession(model.view, max_length, adapter=model.active_adapter, prompts=prompts)
+        view = model.view.under(privacy)
+        self._session = InferenceSession(view, max_length, adapter=model.active_adapter, prompts=prompts)
         self.pending: torch.Tensor | None = None  # tokens generated but not yet sent to the servers
 
     @property
@@ -209,6 +217,24 @@ class RemoteSession:
     @property
     def replacements(self) -> int:
         return self._session.replacements
+
+    @property
+    def privacy(self) -> Privacy:
+        return self._session.view.privacy
+
+    @property
+    def recipients(self) -> dict[str, set[tuple[int, int]]]:
+        """Every server that received this session's hidden states: peer id -> block ranges."""
+        return self._session.recipients
+
+    def server_names(self) -> dict[str, str]:
+        """The public names the servers this session used announce (peer id -> name)."""
+        spans = {**self.model.view.spans, **self._session.view.spans}
+        return {
+            peer: str(span.server_info.public_name or "")
+            for peer, span in spans.items()
+            if peer in self._session.recipients
+        }
 
     @property
     def padded(self) -> bool:
@@ -302,8 +328,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         active_adapter: str | None = None,
+        privacy: Privacy | list[str] | dict | str | None = None,
         **config_overrides: Any,
     ) -> DistributedModelForCausalLM:
+        """`privacy`: who may receive this client's hidden states, for every call (privacy.py): None or
+        "any", `Privacy.members(ids)` / `.only(ids)` / `.local(ids)`, or a list of peer ids (only these)."""
+        privacy = as_privacy(privacy)  # a bad peer list fails here, before anything starts
         if tuning_mode not in TUNING_MODES:
             raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
         if tuning_mode and (type(pre_seq_len) is not int or pre_seq_len < 1):
@@ -330,7 +360,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         loop = _LoopThread()
         try:
             p2p = loop.run(dht.replicate_p2p(), timeout=60)
-            view = SwarmView(dht, p2p, prefix, checkpoint.num_blocks, config)
+            view = SwarmView(dht, p2p, prefix, checkpoint.num_blocks, config, privacy=privacy)
             return cls(
                 checkpoint.config,
                 checkpoint=checkpoint,
@@ -362,6 +392,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return self.view.dht_prefix
 
     @property
+    def privacy(self) -> Privacy:
+        """Who may receive this client's hidden states (from_pretrained's `privacy`)."""
+        return self.view.privacy
+
+    @property
     def pre_seq_len(self) -> int:
         return 0 if self.prompt_tuning is None else self.prompt_tuning.pre_seq_len
 
@@ -373,13 +408,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         route = self.view.route(0, self.view.num_blocks, max_length, adapter=self.active_adapter)
         return describe_route(route)
 
-    def inference_session(self, max_length: int, batch_size: int = 1) -> RemoteSession:
-        """A session for up to `max_length` tokens (prompt-tuning prefixes are added on top)."""
+    def inference_session(
+        self, max_length: int, batch_size: int = 1, privacy: Privacy | list[str] | dict | str | None = None
+    ) -> RemoteSession:
+        """A session for up to `max_length` tokens (prompt-tuning prefixes are added on top); `privacy`
+        narrows who may receive its hidden states (default: the model's own policy)."""
+        privacy = as_privacy(privacy) if privacy is not None else None
         prompts = None
         if self.prompt_tuning is not None and self.prompt_tuning.deep:
             with torch.no_grad():
                 prompts = self.prompt_tuning.deep_prompts(batch_size)
-        return RemoteSession(self, max_length + self.pre_seq_len, prompts)
+        return RemoteSession(self, max_length + self.pre_seq_len, prompts, privacy)
 
     def close(self) -> None:
         self._loop.wait_background()  # sessions generate() left closing: the servers free them now
@@ -527,6 +566,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         should_stop: Callable[[], bool] | None = None,
         streamer: Any = None,
         stopping_criteria: Any = None,
+        privacy: Privacy | list[str] | dict | str | None = None,
         **kwargs: Any,
     ) -> Any:
         """transformers' generate() over a swarm inference session; every strategy and argument works.
@@ -535,7 +575,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         (continue a multi-turn RemoteSession: its cache is reused, the previous turn's last token is
         sent first), `should_stop()` (polled after every token), `streamer` may also be a plain
         callable `fn(tokens [batch]) -> bool` (True stops), `stop_strings` without a tokenizer (the
-        model's own), and `eos_token_id=[]` for no end-of-sequence token.
+        model's own), `eos_token_id=[]` for no end-of-sequence token, and `privacy` (who may receive
+        this call's hidden states; see from_pretrained; a `session=` keeps the privacy it was opened with).
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -565,7 +606,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if own_session:
             total = generation_length(input_ids.shape[1], generation_config or self.generation_config, kwargs)
             rows = input_ids.shape[0] * max(beams, int(kwargs.get("num_return_sequences") or 1))
-            session = self.inference_session(max_length=total, batch_size=rows)
+            session = self.inference_session(max_length=total, batch_size=rows, privacy=privacy)
+        elif privacy is not None and as_privacy(privacy) != session.privacy:
+            raise ValueError(f"this session was opened with privacy '{session.privacy}'; open another for another")
         elif beams > 1:
             raise ValueError("beam search needs its own session: call generate() without session=")
         if session.pending is not None and session.pending.shape[0] != input_ids.shape[0]:
@@ -619,6 +662,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 session.pending = sequences[:, -1:]  # generated but never sent: the next turn sends it first
             return out
         finally:
+            self.last_recipients = session.recipients  # who received this call's hidden states
             if own_session:
                 session.close_in_background()
 

@@ -13,6 +13,7 @@ at most MAX_PINGS_PER_REFRESH pings per refresh, all within one ping timeout.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -26,6 +27,7 @@ from hivemind.proto import runtime_pb2
 
 from corolla.swarm import protocol
 from corolla.swarm.client.config import ClientConfig
+from corolla.swarm.client.privacy import Privacy, PrivacyViolation
 from corolla.swarm.dht_records import RemoteSpan, compute_spans, get_module_infos
 from corolla.swarm.protocol import ServerState
 
@@ -53,6 +55,21 @@ class MissingBlocksError(RuntimeError):
                 "model until someone serves them"
             )
         super().__init__(message)
+
+
+class PrivacyCoverageError(MissingBlocksError):
+    """The servers the privacy policy allows cannot cover the model: fails at once (waiting would not
+    help; only a change of policy or a trusted server for these blocks would)."""
+
+    def __init__(self, blocks: list[int], dht_prefix: str, privacy: Privacy):
+        self.blocks, self.privacy = blocks, privacy
+        shown = ", ".join(map(str, blocks[:20])) + (" ..." if len(blocks) > 20 else "")
+        RuntimeError.__init__(
+            self,
+            f"privacy '{privacy}': no allowed server holds block(s) {shown} of {dht_prefix} (other servers do, "
+            "but they may not see this text); serve these blocks on a computer you trust, add its peer id, or "
+            "choose a wider privacy level",
+        )
 
 
 @dataclass(frozen=True)
@@ -183,6 +200,11 @@ class SwarmView:
     announced: bool = False  # whether any server (in any state) announced any block at the last refresh
     verification: object = None  # the client's spot-check ledger (verification.Ledger), made on first use
     speed: object = None  # the client's step times and slow servers (speed.SpeedLedger), made on first use
+    # Who may receive tensors: spans of servers outside it are dropped at every refresh (the one place
+    # all routes, failovers, spot checks and push targets come from), and stub() refuses them.
+    privacy: Privacy = field(default_factory=Privacy)
+    excluded: dict[str, RemoteSpan] = field(default_factory=dict)  # online spans the privacy keeps out
+    _restricted: dict = field(default_factory=dict, repr=False)  # privacy -> view (under())
 
     def uids(self) -> list[str]:
         return [protocol.make_uid(self.dht_prefix, i) for i in range(self.num_blocks)]
@@ -196,6 +218,8 @@ class SwarmView:
         spans = {
             p: s for p, s in spans.items() if p not in self.config.blocked_servers and (allowed is None or p in allowed)
         }
+        self.excluded = {p: s for p, s in spans.items() if not self.privacy.allows(p)}
+        spans = {p: s for p, s in spans.items() if self.privacy.allows(p)}
         now = time.monotonic()
         unbanned = {p: s for p, s in spans.items() if self.bans.get(p, _Ban(0, 0)).until <= now}
         # Bans are ignored where honouring them would leave a block without any server.
@@ -226,7 +250,7 @@ class SwarmView:
                     return
                 started = time.perf_counter()
                 try:
-                    stub = protocol.server_stub(self.p2p, PeerID.from_base58(peer))
+                    stub = self.stub(peer)
                     timeout = min(self.config.ping_timeout, left)
                     await asyncio.wait_for(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout), timeout)
                     self.rtts[peer] = time.perf_counter() - started
@@ -256,9 +280,39 @@ class SwarmView:
         try:
             return choose_route(spans, start, end, self.rtts, cache_tokens_needed, discounts)
         except MissingBlocksError as exc:
+            if self.privacy.restricted:
+                held_outside = [b for b in exc.blocks if not _uncovered(self.excluded, b, b + 1)]
+                if held_outside:
+                    raise PrivacyCoverageError(exc.blocks, self.dht_prefix, self.privacy) from None
             if adapter:
                 raise MissingBlocksError(exc.blocks, f"{self.dht_prefix} with adapter {adapter!r}") from None
             raise MissingBlocksError(exc.blocks, self.dht_prefix) from None
+
+    def stub(self, peer: str):
+        """The RPC stub of `peer`; PrivacyViolation if the privacy policy keeps it out. Every stream,
+        forward, backward and ping the client opens goes through here."""
+        if not self.privacy.allows(peer):
+            raise PrivacyViolation(f"refused to contact server …{peer[-6:]}: it is outside privacy '{self.privacy}'")
+        return protocol.server_stub(self.p2p, PeerID.from_base58(peer))
+
+    def under(self, privacy: Privacy | None) -> SwarmView:
+        """This view restricted to `privacy` (itself for None or the same policy; a restricted view only
+        narrows further): one view per policy, sharing the DHT, the config, the bans and the spot-check
+        ledger, with spans of its own."""
+        if privacy is None or privacy == self.privacy:
+            return self
+        if self.privacy.restricted and not (privacy.peers is not None and privacy.peers <= self.privacy.peers):
+            raise ValueError(f"this client is restricted to privacy '{self.privacy}'; a call can only narrow it")
+        view = self._restricted.get(privacy)
+        if view is None:
+            from corolla.swarm.client.verification import ledger_of
+
+            ledger_of(self)  # made here, so the restricted view shares it
+            view = dataclasses.replace(
+                self, privacy=privacy, spans={}, rtts=dict(self.rtts), excluded={}, last_refresh=0.0, _restricted={}
+            )
+            self._restricted[privacy] = view
+        return view
 
     def ban(self, peer: str) -> None:
         """Temporarily avoid a failing server: 15 s, doubling with each further failure."""

@@ -23,14 +23,20 @@ from dataclasses import dataclass, field
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol, steptrace
 from corolla.swarm.client import push
-from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, describe_route
+from corolla.swarm.client.privacy import PrivacyViolation
+from corolla.swarm.client.routing import (
+    MissingBlocksError,
+    PrivacyCoverageError,
+    RouteSegment,
+    SwarmView,
+    describe_route,
+)
 from corolla.swarm.client.speed import speed_of
 from corolla.swarm.client.verification import SessionVerifier
 
@@ -93,7 +99,7 @@ class _ServerStream:
                     return
                 yield request
 
-        stub = protocol.server_stub(view.p2p, PeerID.from_base58(self.segment.peer_id))
+        stub = view.stub(self.segment.peer_id)  # refuses a peer outside the privacy policy
         self._responses = await asyncio.wait_for(stub.rpc_inference(requests()), timeout)
 
     def register(self, batch: int, hidden_size: int) -> None:
@@ -223,6 +229,9 @@ class InferenceSession:
         self.padded = False  # the batch has padding: every step sends the mask
         self._mask: torch.Tensor | None = None
         self._started = False
+        # Every server this session has sent hidden states to (route, failover, spot-check replays):
+        # peer id -> the block ranges it received. What the node keeps per reply ("who saw it").
+        self.recipients: dict[str, set[tuple[int, int]]] = {}
         self.verifier = SessionVerifier(self)  # spot checks of the servers' outputs (verification.py)
 
     @property
@@ -232,9 +241,15 @@ class InferenceSession:
     def describe(self) -> str:
         return describe_route(self.route)
 
+    def saw(self, segments: list[RouteSegment]) -> None:
+        """Note that these servers received (or are about to receive) this session's hidden states."""
+        for segment in segments:
+            self.recipients.setdefault(segment.peer_id, set()).add((segment.start, segment.end))
+
     async def _open_segments(self, segments: list[RouteSegment]) -> list[_ServerStream]:
         """One session per segment, opened all at once (each open may cost a round trip to its server)."""
         streams = [_ServerStream(s, self.view.dht_prefix, self.max_length, self.adapter) for s in segments]
+        self.saw(segments)
         for stream in streams:
             span = self.view.spans.get(stream.segment.peer_id)
             stream.corolla = span is not None and bool(span.server_info.extra.get("corolla_version"))
@@ -249,7 +264,7 @@ class InferenceSession:
             for stream, _ in failed:
                 self.view.ban(stream.segment.peer_id)
             stream, exc = failed[0]
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc, PrivacyViolation):
                 raise exc
             peer = stream.segment.peer_id[-6:]
             raise ServerFailure(f"could not open a session with server …{peer}: {exc}") from exc
@@ -270,6 +285,8 @@ class InferenceSession:
                 )
                 self.streams = await self._open_segments(route)
                 break
+            except PrivacyCoverageError:
+                raise  # waiting would not help: only the policy or a trusted server could
             except MissingBlocksError as exc:
                 if not self.view.announced and attempt >= NOBODY_SERVES_ATTEMPTS - 1:
                     raise MissingBlocksError(exc.blocks, self.view.dht_prefix, nobody=True) from None
@@ -368,6 +385,7 @@ class InferenceSession:
             await self._start(hidden.shape[0])
         if mask is not None:
             self._check_padding_support()
+        self.saw(self.route)
         if hypo_ids is not None:
             hypo_ids = hypo_ids.to(torch.int64).cpu()
             for stream in self.streams:  # replays must see the reordered rows too
@@ -410,6 +428,8 @@ class InferenceSession:
                 except Exception as exc:
                     attempt += 1
                     self._note_refusal(exc)
+                    if isinstance(exc, PrivacyViolation):
+                        raise
                     if attempt > self.view.config.max_retries:
                         if isinstance(exc, MissingBlocksError):
                             raise
@@ -424,7 +444,7 @@ class InferenceSession:
                     try:
                         replaced, hidden_out = await self._replace(index, hidden, attempt)
                     except MissingBlocksError as missing:
-                        if attempt >= self.view.config.max_retries:
+                        if isinstance(missing, PrivacyCoverageError) or attempt >= self.view.config.max_retries:
                             raise
                         logger.warning("%s; retrying", missing)
                         continue

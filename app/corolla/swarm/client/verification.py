@@ -330,6 +330,7 @@ class SessionVerifier:
             adapter=self.session.adapter,
             prompts=prompts,
             mask=getattr(self.session, "_mask", None),
+            witness=getattr(self.session, "saw", None),
         )
         kept.checked_to = kept.end
         self.checks_started += 1
@@ -403,6 +404,7 @@ class _CheckJob:
     adapter: str | None = None
     prompts: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    witness: Callable[[list[RouteSegment]], None] | None = None  # told which servers a replay goes to
 
 
 async def check_outputs(view: SwarmView, job: _CheckJob) -> Verdict | None:
@@ -416,6 +418,8 @@ async def check_outputs(view: SwarmView, job: _CheckJob) -> Verdict | None:
     mask = job.mask[:, : job.inputs.shape[1]] if job.mask is not None else None
 
     async def run(route):
+        if job.witness is not None:
+            job.witness(route)
         out = await replay_on(view, route, job.inputs, adapter=job.adapter, prompts=job.prompts, mask=mask)
         return out[:, job.known_from :]
 
