@@ -121,6 +121,9 @@ class ChatPane(QWidget):
         self.search.textChanged.connect(lambda _: self._search_timer.start())
         self.chats = QListWidget()
         self.chats.setAccessibleName("Conversations")
+        # A long title ends in "…" (its tooltip has all of it) instead of scrolling the list sideways.
+        self.chats.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.chats.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.chats.currentItemChanged.connect(self._chat_selected)
         self.chats.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.chats.customContextMenuRequested.connect(self._chat_menu)
@@ -286,7 +289,9 @@ class ChatPane(QWidget):
         for chat in self.chat_list:
             item = QListWidgetItem(chat["title"])
             item.setData(Qt.ItemDataRole.UserRole, chat["id"])
-            item.setToolTip(time.strftime("updated %d %b %Y %H:%M", time.localtime(chat["updated_at"])))
+            item.setToolTip(
+                chat["title"] + time.strftime("\nUpdated %d %b %Y, %H:%M", time.localtime(chat["updated_at"]))
+            )
             self.chats.addItem(item)
             if chat["id"] == self.chat_id:
                 self.chats.setCurrentItem(item)
