@@ -125,6 +125,9 @@ class Message(BaseModel):
     status: Literal["complete", "streaming", "interrupted", "stopped", "failed"]
     tokens: int
     created_at: float
+    finish_reason: Literal["stop", "length"] | None = Field(
+        None, description='a complete reply: "stop" (the model ended it) or "length" (cut at max_new_tokens)'
+    )
 
 
 class Chat(BaseModel):
@@ -158,6 +161,10 @@ class SendMessage(Sampling):
 
 class Regenerate(Sampling):
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="0: greedy (the same answer again)")
+
+
+class Continue(Sampling):
+    """Write more of the last answer (one cut at max_new_tokens), appended to it."""
 
 
 class HfToken(Strict):

@@ -46,6 +46,9 @@ class Database:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(messages)")}
+        if "finish_reason" not in columns:  # databases from before replies kept why they ended
+            self._conn.execute("ALTER TABLE messages ADD COLUMN finish_reason TEXT")
         self.interrupted_on_start = self._mark_interrupted()
 
     def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
@@ -97,7 +100,8 @@ class Database:
                 "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE chat_id=?", (chat_id,)
             ).fetchone()[0]
             self._conn.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                "INSERT INTO messages (id, chat_id, role, content, status, tokens, created_at, seq) "
+                "VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
                 (message_id, chat_id, role, content, status, now, seq),
             )
             self._conn.execute("UPDATE chats SET updated_at=? WHERE id=?", (now, chat_id))
@@ -110,14 +114,19 @@ class Database:
             "tokens": 0,
             "created_at": now,
             "seq": seq,
+            "finish_reason": None,
         }
 
     def delete_messages_after(self, chat_id: str, seq: int) -> int:
         return self._execute("DELETE FROM messages WHERE chat_id=? AND seq>?", (chat_id, seq)).rowcount
 
-    def update_message(self, message_id: str, content: str, tokens: int, status: str) -> None:
+    def update_message(
+        self, message_id: str, content: str, tokens: int, status: str, finish_reason: str | None = None
+    ) -> None:
+        """`finish_reason` (a finished reply): "stop" (the model ended it) or "length" (the token limit)."""
         self._execute(
-            "UPDATE messages SET content=?, tokens=?, status=? WHERE id=?", (content, tokens, status, message_id)
+            "UPDATE messages SET content=?, tokens=?, status=?, finish_reason=? WHERE id=?",
+            (content, tokens, status, finish_reason, message_id),
         )
 
     # --- contribution stats ------------------------------------------------------------------------
