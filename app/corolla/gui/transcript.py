@@ -139,6 +139,7 @@ def readable_markdown(text: str) -> str:
 class Transcript(QTextBrowser):
     retry_requested = Signal()
     resume_requested = Signal()
+    continue_requested = Signal()
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -149,6 +150,7 @@ class Transcript(QTextBrowser):
         self.code_blocks: list[str] = []
         self.messages: list[dict] = []
         self._tail_start: int | None = None
+        self._tail_index = -1  # which message _tail_start is the start of
         self._tail_code_start = 0
         self._open: dict | None = None  # the streaming turn: its frame, where its open part starts
         self._flush = QTimer(self)
@@ -166,6 +168,7 @@ class Transcript(QTextBrowser):
         self.document().clear()
         self.code_blocks = []
         self._tail_start = None
+        self._tail_index = len(messages) - 1
         self.document().setDocumentMargin(12)
         if not messages and empty_text:
             cursor = self.textCursor()
@@ -201,13 +204,19 @@ class Transcript(QTextBrowser):
     def _render_tail(self) -> None:
         if not self.messages:
             return
-        if self._tail_start is None:
-            self.set_messages(self.messages)
+        if self._tail_start is None or self._tail_index != len(self.messages) - 1:
+            self.set_messages(self.messages)  # a turn was added or removed since: draw them all
             return
         bar = self.verticalScrollBar()
         at_bottom, keep = self._at_bottom(), bar.value()
         message = self.messages[-1]
-        if self._open is not None and message.get("status") in ("streaming", "complete") and not message.get("error"):
+        cut = message.get("finish_reason") == "length"  # its header note and Continue: the whole turn again
+        if (
+            self._open is not None
+            and message.get("status") in ("streaming", "complete")
+            and not message.get("error")
+            and not cut
+        ):
             self._render_open(message.get("content") or "")  # only the part still being written
             if message.get("status") == "complete":
                 self._open = None
@@ -269,6 +278,9 @@ class Transcript(QTextBrowser):
         meta.setForeground(QColor(c.muted))
         when = time.strftime("%H:%M", time.localtime(message.get("created_at") or time.time()))
         note = STATUS_NOTE.get(message.get("status", "complete"), "")
+        cut = message.get("status", "complete") == "complete" and message.get("finish_reason") == "length"
+        if cut:
+            note = "cut off at the length limit"
         cursor.insertText(f"   {when}" + (f" · {note}" if note else ""), meta)
         cursor.insertBlock()
         cursor.setCharFormat(QTextCharFormat())
@@ -284,6 +296,9 @@ class Transcript(QTextBrowser):
         if message.get("error"):
             cursor.setPosition(turn.lastPosition())
             self._insert_error(cursor, message["error"], message.get("error_action", "retry"))
+        elif cut and message is (self.messages[-1] if self.messages else None):
+            cursor.setPosition(turn.lastPosition())
+            self._insert_continue(cursor)
 
     def _insert_markdown(self, cursor: QTextCursor, text: str, parent) -> None:
         """Insert at the end of `parent` (the turn's frame); the cursor ends there too."""
@@ -366,6 +381,20 @@ class Transcript(QTextBrowser):
         link.setFontWeight(QFont.Weight.Bold)
         cursor.insertText("Resume contributing" if action == "resume" else "Retry", link)
 
+    def _insert_continue(self, cursor: QTextCursor) -> None:
+        c = theme.colours()
+        cursor.insertBlock()
+        meta = QTextCharFormat()
+        meta.setForeground(QColor(c.muted))
+        cursor.insertText("The answer reached the length limit before it was finished.  ", meta)
+        link = QTextCharFormat()
+        link.setAnchor(True)
+        link.setAnchorHref("continue:")
+        link.setForeground(QColor(c.accent))
+        link.setFontUnderline(True)
+        link.setFontWeight(QFont.Weight.Bold)
+        cursor.insertText("Continue", link)
+
     # --- links --------------------------------------------------------------------------------------
     def _anchor(self, url: QUrl) -> None:
         scheme = url.scheme()
@@ -377,5 +406,7 @@ class Transcript(QTextBrowser):
             self.retry_requested.emit()
         elif scheme == "resume":
             self.resume_requested.emit()
+        elif scheme == "continue":
+            self.continue_requested.emit()
         elif scheme in ("http", "https"):
             QDesktopServices.openUrl(url)  # only web links leave the window; no file: or custom schemes
