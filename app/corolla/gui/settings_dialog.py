@@ -144,6 +144,7 @@ class SettingsDialog(QDialog):
         form.addRow("Quantization", self.quant)
         self.model_info = plain_label("")
         self.model_info.setWordWrap(True)
+        self.model_info.hide()  # until Check says something: an empty row was a gap in the form
         form.addRow("", self.model_info)
         self.hf_token = QLineEdit()
         self.hf_token.setEchoMode(QLineEdit.EchoMode.Password)
@@ -350,6 +351,7 @@ class SettingsDialog(QDialog):
         if self.model.text().strip():
             query["model"] = self.model.text().strip()
         self.model_info.setText("Reading the model's configuration…")
+        self.model_info.show()
 
         def shown(report: dict) -> None:
             plan = report["plan"]

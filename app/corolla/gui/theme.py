@@ -142,15 +142,18 @@ def apply(app: QApplication) -> Colours:
 
 
 INDICATORS = (QStyle.PrimitiveElement.PE_IndicatorCheckBox, QStyle.PrimitiveElement.PE_IndicatorRadioButton)
+OUTLINED = (*INDICATORS, QStyle.PrimitiveElement.PE_PanelLineEdit)
 
 
 class IndicatorStyle(QProxyStyle):
-    """Fusion, with check box and radio button outlines a person can see on dark (Fusion draws them a
-    shade darker than the window, which on a dark window is close to black on near-black)."""
+    """Fusion, with check box, radio button and text field outlines a person can see on dark (Fusion
+    draws them a shade darker than the window, which on a dark window is close to black on near-black)."""
 
     def drawPrimitive(self, element, option, painter: QPainter, widget=None) -> None:
         super().drawPrimitive(element, option, painter, widget)
-        if element not in INDICATORS or not is_dark():
+        if element not in OUTLINED or not is_dark():
+            return
+        if element == QStyle.PrimitiveElement.PE_PanelLineEdit and (widget is None or widget.parent() is None):
             return
         enabled = bool(option.state & QStyle.StateFlag.State_Enabled)
         painter.save()
@@ -158,7 +161,10 @@ class IndicatorStyle(QProxyStyle):
         painter.setBrush(Qt.BrushStyle.NoBrush)
         painter.setPen(QPen(QColor("#9a9ba3" if enabled else "#55565c"), 1.2))
         rect = QRectF(option.rect).adjusted(0.6, 0.6, -0.6, -0.6)
-        if element == QStyle.PrimitiveElement.PE_IndicatorRadioButton:
+        if element == QStyle.PrimitiveElement.PE_PanelLineEdit:
+            painter.setPen(QPen(QColor("#4a4b52"), 1))  # a text field's edge, quieter than a check box's
+            painter.drawRoundedRect(rect, 2, 2)
+        elif element == QStyle.PrimitiveElement.PE_IndicatorRadioButton:
             painter.drawEllipse(rect)
         else:
             painter.drawRoundedRect(rect, 2, 2)

@@ -379,7 +379,7 @@ class Transcript(QTextBrowser):
         link.setForeground(QColor(c.accent))
         link.setFontUnderline(True)
         link.setFontWeight(QFont.Weight.Bold)
-        cursor.insertText("Resume contributing" if action == "resume" else "Retry", link)
+        cursor.insertText({"resume": "Resume contributing", "start": "Start contributing"}.get(action, "Retry"), link)
 
     def _insert_continue(self, cursor: QTextCursor) -> None:
         c = theme.colours()
@@ -404,8 +404,8 @@ class Transcript(QTextBrowser):
                 QGuiApplication.clipboard().setText(self.code_blocks[index])
         elif scheme == "retry":
             self.retry_requested.emit()
-        elif scheme == "resume":
-            self.resume_requested.emit()
+        elif scheme in ("resume", "start"):
+            self.resume_requested.emit()  # the node's resume starts a server that never started
         elif scheme == "continue":
             self.continue_requested.emit()
         elif scheme in ("http", "https"):

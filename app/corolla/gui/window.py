@@ -56,7 +56,8 @@ def status_line(status: dict | None) -> str:
 
 
 def node_memory(paths=None) -> int | None:
-    """Bytes of memory the node and its block server hold (resident), or None if unknown."""
+    """Bytes of memory the node and its block server hold, or None if unknown: each process's own pages
+    (USS), so the libraries they share are not counted once per process."""
     try:
         import psutil
 
@@ -66,7 +67,13 @@ def node_memory(paths=None) -> int | None:
         if pid is None:
             return None
         node = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in (node, *node.children(recursive=True)))
+        total = 0
+        for process in (node, *node.children(recursive=True)):
+            try:
+                total += process.memory_full_info().uss
+            except psutil.AccessDenied:
+                total += process.memory_info().rss
+        return total
     except Exception:  # psutil missing, the node gone meanwhile, no permission: say nothing
         return None
 
@@ -320,7 +327,12 @@ class MainWindow(QMainWindow):
             route = (model or {}).get("route") or []
             self.chat.route_text = route_text(route)
 
-        self._once("swarm", "GET", "/api/swarm", shown, self.swarm.show_error, timeout_ms=90_000)
+        def failed(message: str) -> None:
+            self.swarm.show_error(message)
+            if not self.chat.model_picker.itemData(0):  # nothing known yet: say why the list is empty
+                self.chat.show_unreachable("The swarm cannot be read yet")
+
+        self._once("swarm", "GET", "/api/swarm", shown, failed, timeout_ms=90_000)
 
     def refresh_stats(self) -> None:
         if self.reachable:

@@ -168,7 +168,9 @@ class Continue(Sampling):
 
 
 class HfToken(Strict):
-    token: str | None = Field(None, max_length=512, description="None removes the stored token")
+    # Printable ASCII without spaces, as Hugging Face tokens are: the token goes into the block server's
+    # environment, where a NUL or a newline cannot go (the fuzz test found a 500 there).
+    token: str | None = Field(None, max_length=512, pattern=r"^[!-~]*$", description="None removes the stored token")
 
 
 class CheckServer(Strict):

@@ -469,9 +469,9 @@ class ChatPane(QWidget):
         self.model_picker.blockSignals(False)
         self.own_prefix = own_prefix
 
-    def show_unreachable(self) -> None:
+    def show_unreachable(self, note: str = "The node is not running") -> None:
         self.model_picker.clear()
-        self.model_picker.addItem("The node is not running", None)
+        self.model_picker.addItem(note, None)
         self.route_text = ""
 
     def _model_picked(self, index: int) -> None:
@@ -570,7 +570,11 @@ class ChatPane(QWidget):
         """The inline "Resume contributing": resume (or start, if the user said "Not now" at first), say
         so, and ask the question again once this computer serves the model."""
         self._resend_when_online = True
-        self.info.setText("Resuming contributing… the question is asked again once this computer serves the model.")
+        starting = bool((self.node_status or {}).get("awaiting_consent"))
+        self.info.setText(
+            f"{'Starting' if starting else 'Resuming'} contributing… the question is asked again once this "
+            "computer serves the model."
+        )
         self.resume_requested.emit()
 
     def status_changed(self, status: dict | None) -> None:
@@ -639,7 +643,10 @@ class ChatPane(QWidget):
         else:
             target = {"role": "assistant", "content": "", "created_at": time.time(), "status": "failed"}
             self.messages.append(target)
-        if kind == "no_swarm" and self._paused():
+        if kind == "no_swarm" and (self.node_status or {}).get("awaiting_consent"):
+            target["error"] = "This computer has not started contributing yet, so no server in this swarm can answer."
+            target["error_action"] = "start"
+        elif kind == "no_swarm" and self._paused():
             target["error"] = "Contribution is paused, so no server in this private swarm can answer."
             target["error_action"] = "resume"
         elif kind == "no_swarm":

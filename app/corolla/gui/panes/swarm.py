@@ -398,11 +398,11 @@ class SwarmPane(QWidget):
             self.map.pin(self.table.data(current, Qt.ItemDataRole.UserRole))
 
     def show_error(self, message: str) -> None:
-        self.summary.setText(f"The swarm cannot be read now: {message}")
+        self.summary.setText(f"The swarm cannot be read now. {sentence(message)}")
 
     def show_unreachable(self) -> None:
         """The node is not running: the swarm it saw is not shown as if it were current."""
-        self.models = []
+        self.models, self._stale = [], False  # nothing to redraw when shown: this is what it shows
         self.summary.setText("The node is not running, so the swarm cannot be seen from here.")
         self.coverage.set_counts([])
         self.weakest.setText("")
