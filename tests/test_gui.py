@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 pytest.importorskip("PySide6")
@@ -688,12 +689,21 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         assert dialog.error.text().startswith("Daily window: write it as HH:MM-HH:MM")
         assert "Value error" not in dialog.error.text()
         dialog.window.setText("")
+        assert not dialog.on_battery.isChecked()  # as BOINC: not on battery unless asked
+        assert dialog.cpu_percent.isVisibleTo(dialog) and dialog.cpu_percent.value() == 100
+        dialog.cpu_percent.setValue(50)  # half the cores: the block server computes with fewer threads
         assert dialog.save_button.text() == "Agree and start contributing"
+        assert dialog.save_button.icon().isNull()  # no floppy disk on "Agree"
         assert process.status()["contribution"]["state"] == "stopped"
         with qtbot.waitSignal(dialog.accepted, timeout=30_000):
             dialog.save()
         qtbot.waitUntil(lambda: window.contribute.state.text() in ("Starting…", "Loading the model…", "Contributing"))
         assert not process.status()["awaiting_consent"]
+        assert process.get("/api/settings").json()["cpu_percent"] == 50
+        qtbot.waitUntil(lambda: bool(process.status()["contribution"]["pid"]), timeout=60_000)
+        server = psutil.Process(process.status()["contribution"]["pid"]).cmdline()
+        cores = os.cpu_count() or 1
+        assert server[server.index("--num-threads") + 1] == str(max(1, round(cores / 2)))
 
         process.stop()  # stopped from a terminal
         qtbot.waitUntil(lambda: window.node_banner.isVisible(), timeout=20_000)
