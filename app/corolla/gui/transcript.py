@@ -21,6 +21,7 @@ from PySide6.QtGui import (
     QFont,
     QFontDatabase,
     QGuiApplication,
+    QTextBlockFormat,
     QTextCharFormat,
     QTextCursor,
     QTextDocument,
@@ -327,6 +328,11 @@ class Transcript(QTextBrowser):
             code_frame.setTopMargin(6)
             code_frame.setBottomMargin(6)
             code_frame.setWidth(QTextLength(QTextLength.Type.PercentageLength, 100))
+            if not cursor.block().text():  # a reply that opens with code: no empty line above its frame
+                flat = cursor.blockFormat()
+                flat.setLineHeight(0, QTextBlockFormat.LineHeightTypes.FixedHeight.value)
+                flat.setBottomMargin(0)
+                cursor.setBlockFormat(flat)
             cursor.insertFrame(code_frame)
             label = QTextCharFormat()
             label.setForeground(QColor(c.muted))
