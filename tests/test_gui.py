@@ -842,6 +842,11 @@ def test_the_node_going_down_keeps_the_conversation_and_clears_what_is_stale(qtb
     assert [m["role"] for m in window.chat.messages] == ["user", "assistant"]
     assert window.chat.messages[-1]["status"] == "complete" and "The reply failed" in text
 
+    window.chat.continue_reply()  # Continue while the node is down: the answer stays, Continue is offered again
+    qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)
+    assert window.chat.messages[-1]["content"] == answer and window.chat.messages[-1]["error_action"] == "continue"
+    assert window.chat.messages[-1]["finish_reason"] == "length" and "Could not continue" in window.chat.info.text()
+
     window.chat.input.setPlainText("a question that cannot be sent")
     window.chat.send()  # the question is not lost either: it goes back into the box
     qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)

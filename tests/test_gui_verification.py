@@ -196,4 +196,4 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     pane.selected = {**graph.boxes_by_peer[OLD].server, "peer_id": "12D3KooWGone"}
     pane.check_selected()
     qtbot.waitUntil(lambda: pane.checking is None, timeout=10_000)
-    assert pane.check_result.text() == "Could not check birch: no server 12D3KooWGone in this swarm"
+    assert pane.check_result.text() == "Could not check birch: no server 12D3KooWGone in this swarm."

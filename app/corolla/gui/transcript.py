@@ -385,7 +385,8 @@ class Transcript(QTextBrowser):
         link.setForeground(QColor(c.accent))
         link.setFontUnderline(True)
         link.setFontWeight(QFont.Weight.Bold)
-        cursor.insertText({"resume": "Resume contributing", "start": "Start contributing"}.get(action, "Retry"), link)
+        links = {"resume": "Resume contributing", "start": "Start contributing", "continue": "Continue"}
+        cursor.insertText(links.get(action, "Retry"), link)
 
     def _insert_continue(self, cursor: QTextCursor) -> None:
         c = theme.colours()

@@ -99,6 +99,7 @@ class ChatPane(QWidget):
         self._replacing = False  # a regenerate: the answers after the last question go when the node says
         self._unsent: str | None = None  # a message sent but not yet confirmed by the node
         self._resend_when_online = False  # "Resume contributing" was pressed: ask again once online
+        self._continuing: str | None = None  # Continue: the answer as it was before, until the node is done
 
         outer = QHBoxLayout(self)
         outer.setContentsMargins(6, 6, 6, 6)
@@ -529,9 +530,11 @@ class ChatPane(QWidget):
         if not self.messages or self.messages[-1]["role"] != "assistant":
             self.info.setText("There is no answer to continue.")
             return
+        self.messages[-1].pop("error", None)
+        self.messages[-1].pop("error_action", None)
         self._begin()
         last = self.messages[-1]
-        self.reply_text = last.get("content") or ""
+        self.reply_text = self._continuing = last.get("content") or ""
         last.update(status="streaming", finish_reason=None)
         self._render()
         self.stream = self.client.stream(
@@ -636,6 +639,17 @@ class ChatPane(QWidget):
             self.info.setText(f"Not sent: {message}. Your message is back in the box to send again.")
             self._finish("failed")
             return
+        if self._continuing is not None and self.messages:
+            # Continue failed: the answer is what it was (or longer, if some arrived), and the way on is
+            # to continue again, never Retry (which would answer the question anew).
+            target = self.messages[-1]
+            unchanged = (target.get("content") or "") == self._continuing
+            target.update(status="complete" if unchanged else "failed", finish_reason="length" if unchanged else None)
+            target["error"] = f"Could not continue: {message}."
+            target["error_action"] = "continue"
+            self.info.setText(target["error"])
+            self._finish("failed")
+            return
         if self.messages and self.messages[-1]["role"] == "assistant":
             target = self.messages[-1]
             if not self._replacing:  # an answer the node never began to replace keeps its own status
@@ -666,6 +680,7 @@ class ChatPane(QWidget):
     def _finish(self, status: str) -> None:
         self.stream = None
         self._replacing = False
+        self._continuing = None
         self.send_button.setEnabled(True)
         self.regenerate_button.setEnabled(True)
         self.stop_button.setEnabled(False)
