@@ -714,6 +714,8 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         qtbot.waitUntil(lambda: window.reachable and not window.node_banner.isVisible(), timeout=120_000)
         restarted_pid = json.loads((home / "config" / "node.json").read_text())["pid"]
         assert window.client.url != process.url or restarted_pid != process.process.pid
+        log = (home / "data" / "node.log").read_text()  # a node the window starts keeps a log
+        assert "started by the window" in log and "corolla node: API on" in log and "\r" not in log
     finally:
         process.stop()
         if restarted_pid is None:
