@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import signal
 import sys
 import threading
@@ -664,6 +665,12 @@ def _swarm_check(action: list[str]) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    if not sys.stderr.isatty():
+        # A log file (the window's node, `corolla demo`, a service): progress bars there are thousands of
+        # carriage-return frames; the status says what the node is doing instead. Set before anything
+        # imports tqdm (it reads TQDM_* when imported); inherited by the block server the node starts.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from corolla.node.service import run_node
 
     return run_node(port=args.port)

@@ -294,9 +294,10 @@ class MainWindow(QMainWindow):
         self.node_banner_text.setText(
             "Starting the node…"
             if restarting
-            else f"The node is not running ({message.removeprefix('the node does not answer ').strip('()')}): "
-            "nothing is contributed and chat is unavailable."
+            else "The node is not running: nothing is contributed and chat is unavailable."
         )
+        # The technical reason (e.g. "Connection refused") is for whoever asks, on hover.
+        self.node_banner_text.setToolTip(sentence(message.removeprefix("the node does not answer ").strip("()")))
         self.restart_button.setEnabled(not restarting)
         self.node_banner.show()
         self.banner.setText("The node does not answer.")

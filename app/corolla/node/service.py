@@ -326,9 +326,12 @@ class NodeService:
     def status(self) -> m.NodeStatus:
         sup = self.supervisor.poll()
         stats = sup.stats or {}
+        reason = sup.reason
+        if self.default_model.preparing and self.default_model.stage:  # the first start's conversion, step by step
+            reason = f"{reason}: {self.default_model.stage}"
         contribution = m.ContributionStatus(
             state=sup.state,
-            reason=sup.reason,
+            reason=reason,
             restarts=sup.restarts,
             last_failure=sup.last_failure,
             pid=sup.pid,
@@ -544,12 +547,6 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
     from corolla.node.api import create_app
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not sys.stderr.isatty():
-        # A log file (the window's node, `corolla demo`, a service): progress bars there are thousands
-        # of carriage-return frames; the status says what the node is doing instead. Inherited by the
-        # block server it starts.
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")
     paths = (paths or NodePaths.default()).ensure()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
