@@ -361,7 +361,14 @@ def test_pause_explains_resume_in_chat_and_counters_stay(qtbot, window, node):
     qtbot.waitUntil(lambda: window.chat.messages[-1].get("error_action") == "resume", timeout=60_000)
     assert "Resume contributing" in window.chat.transcript.toPlainText()
     window.chat.transcript.resume_requested.emit()  # the inline "Resume contributing" link
+    assert window.chat.info.text().startswith("Resuming contributing…")  # it says what it does
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=120_000)
+    # ... and asks the question again once this computer serves: the answer comes without a Retry.
+    qtbot.waitUntil(
+        lambda: window.chat.stream is None and window.chat.messages[-1].get("status") == "complete", timeout=120_000
+    )
+    stored = node.get(f"/api/chats/{_chat['id']}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["status"] == "complete"
 
 
 def test_settings_are_remembered(qtbot, node, prefs):
