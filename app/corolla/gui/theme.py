@@ -65,6 +65,7 @@ DARK = Colours(
 
 _scheme: bool | None = None  # cached: painting asks for every item; apply() refreshes it
 _choice = "system"  # the user's choice (the window's preferences keep it)
+_style = None
 
 
 def set_choice(choice: str) -> None:
@@ -100,8 +101,10 @@ def apply(app: QApplication) -> Colours:
     global _scheme
     _scheme = None
     c = colours()
+    global _style
     if not isinstance(app.style(), IndicatorStyle):
-        app.setStyle(IndicatorStyle("Fusion"))
+        _style = IndicatorStyle("Fusion")  # held here too: Qt calls back into it for every indicator drawn
+        app.setStyle(_style)
     palette = QPalette()
     if c.dark:
         window, base, text = QColor("#26272b"), QColor(c.base), QColor(c.text)
