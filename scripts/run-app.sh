@@ -12,22 +12,8 @@ CORO="$ROOT/.venv/bin/corolla"
 if [[ $# -gt 0 ]]; then
   exec "$CORO" "$@"
 fi
-# Qt's xcb plugin (X11, and XWayland) needs these system libraries; a bare Debian/Ubuntu desktop lacks
-# some, and Qt's own message names only the first. Name (and offer to install) all that are missing.
-QT_XCB_LIBS=(
-  "libxcb-cursor.so.0:libxcb-cursor0" "libxcb-icccm.so.4:libxcb-icccm4" "libxcb-keysyms.so.1:libxcb-keysyms1"
-  "libxcb-shape.so.0:libxcb-shape0" "libxcb-xinerama.so.0:libxcb-xinerama0" "libxcb-randr.so.0:libxcb-randr0"
-  "libxcb-render-util.so.0:libxcb-render-util0" "libxcb-image.so.0:libxcb-image0"
-  "libxkbcommon-x11.so.0:libxkbcommon-x11-0" "libEGL.so.1:libegl1" "libfontconfig.so.1:libfontconfig1"
-  "libdbus-1.so.3:libdbus-1-3"
-)
-missing_qt_packages() {
-  local entry missing=()
-  for entry in "${QT_XCB_LIBS[@]}"; do
-    /sbin/ldconfig -p 2>/dev/null | grep -q "${entry%%:*}" || missing+=("${entry##*:}")
-  done
-  echo "${missing[@]}"
-}
+# shellcheck source=qt-libs.sh
+source "$ROOT/scripts/qt-libs.sh"
 if [[ "$(uname)" == "Linux" && -n "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]]; then
   MISSING="$(missing_qt_packages)"
   if [[ -n "$MISSING" ]]; then

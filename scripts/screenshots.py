@@ -7,7 +7,7 @@ block servers joining its private swarm: two direct, and "cedar" started with `-
 which makes it a relayed server as a NAT'd one is (its DHT in client mode, a reservation on the relay,
 only `<relay>/p2p-circuit` addresses announced, using_relay in its record), so peers it has not dialled
 itself reach it through the relay. Chats twice through the window, then captures Contribute, Chat,
-Swarm (cedar pinned) and Stats in each theme.
+Swarm (cedar pinned), Stats and the Settings dialog in each theme.
 
 Usage: python scripts/screenshots.py OUT_DIR
        python scripts/screenshots.py --capture URL TOKEN OUT_DIR THEME   (one theme; used internally)
@@ -99,6 +99,12 @@ def capture(url: str, token: str, out: Path, theme_name: str) -> None:
     window.stats.refresh()
     wait(20, lambda: bool(window.stats.history))
     shot("stats")
+    window.open_settings()  # check boxes and radio buttons as they look in this theme
+    dialog = window.settings_dialog
+    wait(20, lambda: dialog.settings is not None)
+    wait(0.8)
+    dialog.grab().save(str(out / f"settings-{theme_name}.png"))
+    dialog.reject()
     window.quit_app()
     os._exit(0)  # the node and servers belong to the parent
 

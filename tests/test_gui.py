@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 pytest.importorskip("PySide6")
@@ -59,7 +60,7 @@ def _chat_until_done(qtbot, window, text: str, key_enter: bool = True) -> list[d
 
 def test_contribute_chat_map_and_stats(qtbot, window, node):
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=60_000)
-    assert window.contribute.fields["blocks"].text() == "0:6"
+    assert window.contribute.fields["blocks"].text() == "0–5 (6 blocks)"
     assert "random weights" in window.contribute.fields["model"].text()
     qtbot.waitUntil(lambda: "recommended" in window.contribute.hardware.text(), timeout=30_000)
     assert "of 6 blocks" in window.contribute.estimate.text()
@@ -113,7 +114,7 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     assert own[0].peer_id in window.swarm.details.text()
     # A server is never checked against itself: the button stays off for this computer's own server.
     assert not window.swarm.check_button.isEnabled()
-    assert "0:6 via" in window.chat.route_text
+    assert window.chat.route_text.startswith("blocks 0–5 from the server …")
     assert window.chat.model_picker.currentText().startswith("corolla-demo-tiny-llama")
     window.grab()
 
@@ -389,7 +390,14 @@ def test_pause_explains_resume_in_chat_and_counters_stay(qtbot, window, node):
     qtbot.waitUntil(lambda: window.chat.messages[-1].get("error_action") == "resume", timeout=60_000)
     assert "Resume contributing" in window.chat.transcript.toPlainText()
     window.chat.transcript.resume_requested.emit()  # the inline "Resume contributing" link
+    assert window.chat.info.text().startswith("Resuming contributing…")  # it says what it does
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=120_000)
+    # ... and asks the question again once this computer serves: the answer comes without a Retry.
+    qtbot.waitUntil(
+        lambda: window.chat.stream is None and window.chat.messages[-1].get("status") == "complete", timeout=120_000
+    )
+    stored = node.get(f"/api/chats/{_chat['id']}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["status"] == "complete"
 
 
 def test_settings_are_remembered(qtbot, node, prefs):
@@ -657,11 +665,17 @@ def test_tray_states_icons_and_menu(qtbot):
     tray.set_state("paused", status_line({"contribution": {"state": "paused"}, "pause_rule": None}))
     texts = [a.text() for a in tray.menu.actions()]
     assert texts[0] == "Paused by you" and not tray.menu.actions()[0].isEnabled()
-    assert "Resume contributing" in texts and "Quit (contribution stays paused)" in texts
+    assert "Resume contributing" in texts and "Quit" in texts
     next(a for a in tray.menu.actions() if a.text() == "Resume contributing").trigger()
     assert calls == [False]
+    tray = Tray(
+        parent, calls.append, calls.append, calls.append, lambda: calls.append("ask"), lambda: calls.append("stop")
+    )
     tray.set_state("contributing", "Contributing blocks 0:6")
-    assert "Quit (the node keeps contributing)" in [a.text() for a in tray.menu.actions()]
+    texts = [a.text() for a in tray.menu.actions()]
+    assert "Quit…" in texts and "Quit and stop the node" in texts  # the first asks; the second says
+    next(a for a in tray.menu.actions() if a.text() == "Quit and stop the node").trigger()
+    assert calls[-1] == "stop"
 
 
 def test_the_window_never_imports_torch_or_hivemind():
@@ -706,7 +720,7 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         dialog.custom.setChecked(True)
         assert dialog.peers.isVisible() and not dialog.invite.isVisible()
         dialog.check_model()
-        qtbot.waitUntil(lambda: "block(s)" in dialog.model_info.text(), timeout=30_000)
+        qtbot.waitUntil(lambda: "this computer can serve" in dialog.model_info.text(), timeout=30_000)
         assert dialog.peers.height() >= 72  # Check no longer squeezes the peers box
         dialog.peers.setPlainText("not-an-address")
         dialog.save()
@@ -717,23 +731,34 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         assert dialog.error.text().startswith("Daily window: write it as HH:MM-HH:MM")
         assert "Value error" not in dialog.error.text()
         dialog.window.setText("")
+        assert not dialog.on_battery.isChecked()  # as BOINC: not on battery unless asked
+        assert dialog.cpu_percent.isVisibleTo(dialog) and dialog.cpu_percent.value() == 100
+        dialog.cpu_percent.setValue(50)  # half the cores: the block server computes with fewer threads
         assert dialog.save_button.text() == "Agree and start contributing"
+        assert dialog.save_button.icon().isNull()  # no floppy disk on "Agree"
         assert process.status()["contribution"]["state"] == "stopped"
         with qtbot.waitSignal(dialog.accepted, timeout=30_000):
             dialog.save()
         qtbot.waitUntil(lambda: window.contribute.state.text() in ("Starting…", "Loading the model…", "Contributing"))
         assert not process.status()["awaiting_consent"]
         assert process.get("/api/settings").json()["default_privacy"] == "members"
+        assert process.get("/api/settings").json()["cpu_percent"] == 50
+        qtbot.waitUntil(lambda: bool(process.status()["contribution"]["pid"]), timeout=60_000)
+        server = psutil.Process(process.status()["contribution"]["pid"]).cmdline()
+        cores = os.cpu_count() or 1
+        assert server[server.index("--num-threads") + 1] == str(max(1, round(cores / 2)))
 
         process.stop()  # stopped from a terminal
         qtbot.waitUntil(lambda: window.node_banner.isVisible(), timeout=20_000)
         assert "not running" in window.node_banner_text.text()
         assert window.contribute.state.text() == "The node does not answer"
-        assert window.banner.text() == "The node does not answer"  # said once, not twice
+        assert window.banner.text() == "The node does not answer."  # said once, not twice
         window.restart_button.click()
         qtbot.waitUntil(lambda: window.reachable and not window.node_banner.isVisible(), timeout=120_000)
         restarted_pid = json.loads((home / "config" / "node.json").read_text())["pid"]
         assert window.client.url != process.url or restarted_pid != process.process.pid
+        log = (home / "data" / "node.log").read_text()  # a node the window starts keeps a log
+        assert "started by the window" in log and "corolla node: API on" in log and "\r" not in log
     finally:
         process.stop()
         if restarted_pid is None:
@@ -799,3 +824,155 @@ def test_qt_bindings_keep_none_alive():
     for _ in range(2000):
         label.setText("x")
     assert sys.getrefcount(None) > before - 100
+
+
+def _dead_url() -> str:
+    """An address where nothing listens: what the window meets while the node is down."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_a_reply_cut_at_the_length_limit_says_so_and_continue_writes_more(qtbot, window, node):
+    window.tabs.setCurrentWidget(window.chat)
+    window.chat.new_chat()
+    qtbot.waitUntil(lambda: window.chat.chat_id is not None and not window.chat.messages, timeout=10_000)
+    window.chat.max_tokens.setValue(4)
+    finished = _chat_until_done(qtbot, window, "count to one hundred", key_enter=False)
+    assert finished[0]["finish_reason"] == "length"  # the random-weight demo model never ends by itself
+    first = window.chat.messages[-1]["content"]
+    assert "length limit" in window.chat.info.text()
+    assert "cut off at the length limit" in window.chat.transcript.toPlainText()
+    assert "Continue" in window.chat.transcript.toPlainText()
+    stored = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"][-1]
+    assert stored["finish_reason"] == "length" and stored["status"] == "complete"
+
+    finished.clear()
+    window.chat.transcript.continue_requested.emit()  # the "Continue" link
+    qtbot.waitUntil(lambda: bool(finished) and window.chat.stream is None, timeout=120_000)
+    messages = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # more of the same answer, not a new one
+    assert messages[-1]["content"].startswith(first) and len(messages[-1]["content"]) > len(first)
+    assert window.chat.messages[-1]["content"] == messages[-1]["content"]
+
+
+def test_the_node_going_down_keeps_the_conversation_and_clears_what_is_stale(qtbot, window, node):
+    qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=60_000)
+    qtbot.waitUntil(lambda: window.contribute.fields["throughput"].text() != "–", timeout=60_000)
+    window.tabs.setCurrentWidget(window.chat)
+    window.chat.new_chat()
+    qtbot.waitUntil(lambda: window.chat.chat_id is not None and not window.chat.messages, timeout=10_000)
+    window.chat.max_tokens.setValue(4)
+    _chat_until_done(qtbot, window, "a question to keep", key_enter=False)
+    answer = window.chat.messages[-1]["content"]
+    assert answer and "tokens/s" in window.chat.info.text()
+
+    url = window.client.url
+    window.client.retarget(_dead_url(), window.client.token)  # the node stops answering
+    qtbot.waitUntil(lambda: window.node_banner.isVisibleTo(window), timeout=20_000)
+    # Nothing the node said earlier is shown as if it were still true.
+    assert window.contribute.fields["throughput"].text() == "–"
+    assert window.contribute.fields["uptime"].text() == "–"
+    assert not window.contribute.invite_box.isVisibleTo(window)
+    assert "not running" in window.swarm.summary.text() and window.swarm.coverage.counts == []
+    assert window.chat.model_picker.currentText() == "The node is not running"
+
+    window.chat.retry()  # Retry while the node is down: the conversation stays in view
+    qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)
+    text = window.chat.transcript.toPlainText()
+    assert "a question to keep" in text and answer.strip()[:10] in text
+    assert [m["role"] for m in window.chat.messages] == ["user", "assistant"]
+    assert window.chat.messages[-1]["status"] == "complete" and "The reply failed" in text
+
+    window.chat.continue_reply()  # Continue while the node is down: the answer stays, Continue is offered again
+    qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)
+    assert window.chat.messages[-1]["content"] == answer and window.chat.messages[-1]["error_action"] == "continue"
+    assert window.chat.messages[-1]["finish_reason"] == "length" and "Could not continue" in window.chat.info.text()
+
+    window.chat.input.setPlainText("a question that cannot be sent")
+    window.chat.send()  # the question is not lost either: it goes back into the box
+    qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)
+    assert window.chat.input.toPlainText() == "a question that cannot be sent"
+    assert window.chat.info.text().startswith("Not sent")
+    assert "a question that cannot be sent" not in window.chat.transcript.toPlainText()
+
+    window.client.retarget(url, window.client.token)  # the node is back
+    qtbot.waitUntil(lambda: window.reachable and not window.node_banner.isVisibleTo(window), timeout=20_000)
+    assert window.chat.info.text() == ""  # no "(Connection refused)" left behind
+    qtbot.waitUntil(lambda: window.contribute.fields["throughput"].text() != "–", timeout=30_000)
+    stored = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["content"] == answer
+
+    window.chat.new_chat()  # an empty chat shows no figures from the last reply
+    qtbot.waitUntil(lambda: not window.chat.messages and window.chat.info.text() == "", timeout=10_000)
+
+
+QUIT_ASK_SCRIPT = r"""
+import sys
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+app = QApplication([])
+from corolla.gui.node_client import NodeClient
+from corolla.gui.prefs import open_prefs
+from corolla.gui.window import MainWindow
+from corolla.node.paths import NodePaths
+window = MainWindow(NodeClient(sys.argv[1], sys.argv[2]), prefs=open_prefs(sys.argv[3]), paths=NodePaths.default())
+window.show()
+def answer():
+    box = getattr(window, "quit_box", None)
+    if box is None or not box.isVisible():
+        QTimer.singleShot(100, answer)
+        return
+    print("asked:", box.informativeText().replace("\n", " "), flush=True)
+    box.checkBox().setChecked(True)
+    next(b for b in box.buttons() if b.text() == "Stop the node and quit").click()
+QTimer.singleShot(1500, lambda: (answer(), window.ask_quit()))  # after a few polls of the node
+QTimer.singleShot(30000, lambda: app.exit(3))
+code = app.exec()
+window.deleteLater()
+app.processEvents()
+sys.exit(code)
+"""
+
+
+def test_consent_given_another_way_ends_the_welcome_and_quit_can_stop_the_node(tmp_path):
+    """The welcome dialog is done with once the node stops waiting, however the user agreed ("Not now",
+    then Start, or the chat's link); Quit asks whether the node should stop too, and stops it."""
+    home = tmp_path / "home"
+    process = NodeProcess(home, extra_env={"COROLLA_AWAIT_CONSENT": "1"}, name="quit-node")
+    try:
+        env = {**os.environ, "COROLLA_HOME": str(home), "QT_QPA_PLATFORM": "offscreen"}
+        env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+        marker = home / "config" / "app-first-run-done"
+        app = subprocess.Popen([sys.executable, "-m", "corolla.cli", "app"], env=env, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(4)  # the window is open, its welcome dialog too: nothing agreed yet
+            assert app.poll() is None and not marker.exists()
+            process.post("/api/contribution/start")  # as Start on the Contribute tab does
+            deadline = time.monotonic() + 30
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert marker.exists()  # the next start opens no welcome dialog
+        finally:
+            app.terminate()
+            app.wait(20)
+
+        prefs = tmp_path / "quit.ini"
+        result = subprocess.run(
+            [sys.executable, "-c", QUIT_ASK_SCRIPT, process.url, process.token, str(prefs)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+            env={**os.environ, "COROLLA_HOME": str(home)},
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "asked: When the window quits, Corolla's node keeps contributing" in result.stdout, result.stdout
+        assert "of memory" in result.stdout  # what staying costs, measured
+        assert process.process.wait(60) == 0  # the node stopped, cleanly
+        assert "[quit]\nnode=stop" in prefs.read_text()  # remembered: the next Quit does not ask
+    finally:
+        process.stop()

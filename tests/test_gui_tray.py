@@ -191,9 +191,14 @@ def test_the_tray_icon_appears_its_menu_works_and_follows_the_node(node, tmp_pat
             60,
             "Resume did nothing",
         )
-        # Quit from the tray menu really ends the app (the node keeps running).
+        # "Quit…" in the tray menu asks whether the node should stop too; "Keep it running and quit" (the
+        # default button) really ends the app, and the node keeps running.
         time.sleep(1)
         menu_pick(4)
+        desktop.wait(lambda: desktop.windows("--onlyvisible", "--name", "^Quit Corolla$"), 20, "Quit… asked nothing")
+        question = desktop.windows("--onlyvisible", "--name", "^Quit Corolla$")[0]
+        desktop.xdotool("windowfocus", "--sync", question, check=False)
+        desktop.xdotool("key", "Return")  # to the focused question: its default button
         desktop.wait(lambda: app.poll() is not None, 20, "Quit in the tray did not end the app")
         assert app.returncode == 0, (tmp_path / "app.log").read_text()
         assert "Fatal Python error" not in (tmp_path / "app.log").read_text()

@@ -150,11 +150,11 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     # Flagged: marked on the map, named in the summary, the evidence in its details; unverified said so.
     liar = graph.boxes_by_peer[LIAR]
     assert liar.flagged and liar.label.text().startswith("⚠")
-    assert "1 server(s) flagged for wrong results" in pane.summary.text()
+    assert "1 server flagged for wrong results" in pane.summary.text()
     details = server_details(liar.server)
     assert "FLAGGED" in details and "largest difference: 0.5" in details and HONEST in details
     assert "Not verified yet" in server_details(graph.boxes_by_peer[FRESH].server)
-    assert graph.boxes_by_peer[HONEST].verified and "3 spot check(s)" in server_details(
+    assert graph.boxes_by_peer[HONEST].verified and "3 spot checks" in server_details(
         graph.boxes_by_peer[HONEST].server
     )
     trust = {pane.table.servers[r]["peer_id"]: pane.table.data(pane.table.index(r, 2)) for r in range(5)}
@@ -196,7 +196,7 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     pane.selected = {**graph.boxes_by_peer[OLD].server, "peer_id": "12D3KooWGone"}
     pane.check_selected()
     qtbot.waitUntil(lambda: pane.checking is None, timeout=10_000)
-    assert pane.check_result.text() == "Could not check birch: no server 12D3KooWGone in this swarm"
+    assert pane.check_result.text() == "Could not check birch: no server 12D3KooWGone in this swarm."
 
 
 def test_a_slow_server_is_marked_beside_its_verdict():

@@ -113,6 +113,34 @@ def test_openai_client_streams_and_not(node):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}], max_tokens=2)
 
 
+def test_a_reply_says_why_it_ended_and_continue_writes_more_of_it(node):
+    chat_id, events = _chat(node, "count to a hundred", max_new_tokens=3)
+    done = next(data for kind, data in events if kind == "done")
+    assert done["finish_reason"] == "length"  # the random-weight demo model never ends by itself
+    first = node.get(f"/api/chats/{chat_id}").json()["messages"][-1]
+    assert first["finish_reason"] == "length" and first["status"] == "complete"
+    with node.client.stream("POST", f"/api/chats/{chat_id}/continue", json={"max_new_tokens": 3}) as response:
+        assert response.status_code == 200
+        events = list(sse_events(response))
+    assert [kind for kind, _ in events if kind != "token"] == ["done"]  # no new message: the same one grows
+    done = events[-1][1]
+    pieces = "".join(data["text"] for kind, data in events if kind == "token")
+    assert done["text"] == first["content"] + pieces and done["finish_reason"] == "length"
+    messages = node.get(f"/api/chats/{chat_id}").json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[-1]["content"] == done["text"]
+    empty = node.post("/api/chats", json={"title": "empty"}).json()
+    assert node.post(f"/api/chats/{empty['id']}/continue", json={}).status_code == 409
+
+
+def test_contribution_defaults_and_the_processor_share():
+    from corolla.node.service import cpu_threads
+    from corolla.node.settings import Settings
+
+    assert Settings().allow_on_battery is False  # as BOINC: not on battery unless asked
+    assert Settings().cpu_percent == 100
+    assert cpu_threads(50, cores=8) == 4 and cpu_threads(10, cores=2) == 1 and cpu_threads(100, cores=6) == 6
+
+
 def test_killed_block_server_is_restarted_with_a_reason(node):
     before = node.wait_contribution("online")
     os.kill(before["contribution"]["pid"], signal.SIGKILL)
@@ -162,6 +190,8 @@ def test_node_killed_mid_reply_keeps_the_streamed_part(tmp_path):
     try:
         status = second.status()
         assert status["interrupted_replies_recovered"] == 1
+        # The window's "Last failure" says the node before was killed, not "none".
+        assert "ended without shutting down" in (status["contribution"]["last_failure"] or "")
         messages = second.get(f"/api/chats/{chat['id']}").json()["messages"]
         assert [m["role"] for m in messages] == ["user", "assistant"]
         assert messages[0]["content"] == "tell me a long story"
@@ -195,6 +225,9 @@ def test_demo_command_runs_end_to_end_on_the_embedded_default(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "random weights" in result.stdout and "(this computer)" in result.stdout
+    assert "corolla: " in result.stderr  # what the node is doing while it starts: never a silent wait
+    log = (tmp_path / "demo-home" / "data" / "node.log").read_text()
+    assert "\r" not in log and "top_k" not in log  # no progress-bar frames, no warning on every reply
     served = int(result.stdout.split("has served ")[1].split()[0])
     assert served >= 8
     assert not (tmp_path / "demo-home" / "config" / "node.json").exists()  # the demo's node stopped again

@@ -690,6 +690,12 @@ def _swarm_check(action: list[str]) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    if not sys.stderr.isatty():
+        # A log file (the window's node, `corolla demo`, a service): progress bars there are thousands of
+        # carriage-return frames; the status says what the node is doing instead. Set before anything
+        # imports tqdm (it reads TQDM_* when imported); inherited by the block server the node starts.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from corolla.node.service import run_node
 
     return run_node(port=args.port)
@@ -835,15 +841,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        print("starting a Corolla node ...", file=sys.stderr)
+        print(f"starting a Corolla node (its log: {paths.data_dir / 'node.log'}) ...", file=sys.stderr)
     try:
-        deadline = time.monotonic() + args.timeout
-        status = None
+        began = time.monotonic()
+        deadline = began + args.timeout
+        status, said, said_at = None, None, began
         while time.monotonic() < deadline:
             try:
                 status = _node_call("GET", "/api/status")
                 if status["contribution"]["state"] == "online":
                     break
+                # What the node is doing, when it changes, and every 15 s while it takes long (the first
+                # start converts the model for about a minute): never a silent wait.
+                reason = status["contribution"]["reason"] or status["contribution"]["state"]
+                now = time.monotonic()
+                if reason != said or now - said_at >= 15:
+                    elapsed = f" ({now - began:.0f} s so far)" if reason == said else ""
+                    print(f"corolla: {reason}{elapsed}", file=sys.stderr, flush=True)
+                    said, said_at = reason, now
                 if status["contribution"]["state"] == "failed":  # e.g. the model could not be prepared
                     print(f"corolla: the node failed: {status['contribution']['reason']}", file=sys.stderr)
                     return 1

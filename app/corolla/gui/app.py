@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     state = {"window": None, "started": time.monotonic(), "spawned": False}
 
     def agreed() -> None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("1")
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("1")
 
     def open_window(url: str, token: str) -> None:
         client = NodeClient(url, token)
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         splash.close()
         if first_run:
             window.open_settings(first_run=True, on_done=agreed)  # the marker only once the user agreed
+            window.consent_known.connect(agreed)  # ... in the dialog or another way (Start, the chat's link)
         state["window"] = window
         if os.environ.get("COROLLA_APP_EXIT_AFTER_PAINT"):  # packaging/report.py times the cold start
             QTimer.singleShot(0, lambda: (window.grab(), print("corolla: first paint", flush=True), app.exit(0)))
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             open_window(*found)
             return
         if not state["spawned"]:
-            start_node(await_consent=first_run)
+            start_node(await_consent=first_run, paths=paths)
             state["spawned"] = True
         if time.monotonic() - state["started"] > NODE_START_TIMEOUT_S:
             timer.stop()

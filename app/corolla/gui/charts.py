@@ -18,14 +18,9 @@ class HourlyChart(pg.PlotWidget):
 
     def __init__(self, title: str, unit: str, integer: bool = False, parent: QWidget | None = None):
         super().__init__(parent=parent, axisItems={"bottom": pg.DateAxisItem(orientation="bottom")})
-        self.unit, self.integer = unit, integer
+        self.unit, self.integer, self.chart_title = unit, integer, title
         c = theme.colours()
-        self.setBackground(QColor(c.base))
-        self.setTitle(title, color=c.text, size="10pt")
-        self.setLabel("left", unit, color=c.muted)
-        for axis in ("left", "bottom"):
-            self.getAxis(axis).setPen(QColor(c.muted))
-            self.getAxis(axis).setTextPen(QColor(c.muted))
+        self.restyle()
         self.getAxis("left").enableAutoSIPrefix(False)  # "minutes", never "minutes (x0.001)"
         self.showGrid(x=False, y=True, alpha=0.25)
         self.setMouseEnabled(x=False, y=False)
@@ -44,6 +39,20 @@ class HourlyChart(pg.PlotWidget):
         self.addItem(self.empty)
         self.scene().sigMouseMoved.connect(self._mouse_moved)
         self.setAccessibleName(title)
+
+    def restyle(self) -> None:
+        """The theme's colours (again, after a switch between light and dark)."""
+        c = theme.colours()
+        self.setBackground(QColor(c.base))
+        self.setTitle(self.chart_title, color=c.text, size="10pt")
+        self.setLabel("left", self.unit, color=c.muted)
+        for axis in ("left", "bottom"):
+            self.getAxis(axis).setPen(QColor(c.muted))
+            self.getAxis(axis).setTextPen(QColor(c.muted))
+        if getattr(self, "hover", None) is not None:
+            self.hover.setColor(QColor(c.text))
+            self.hover.fill = pg.mkBrush(QColor(c.assistant_bubble))
+            self.empty.setColor(QColor(c.muted))
 
     def set_series(self, starts: list[float], values: list[float], slot_seconds: float, colour: str) -> None:
         self.slots, self.slot_seconds = list(zip(starts, values, strict=True)), slot_seconds

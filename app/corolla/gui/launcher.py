@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,15 @@ def running_node(paths: NodePaths | None = None) -> tuple[str, str] | None:
     except (OSError, ValueError, KeyError):
         return None
     return None
+
+
+def running_pid(paths: NodePaths | None = None) -> int | None:
+    """The pid in the node's lock file (the window's own machine only: not a WSL node's)."""
+    paths = paths or NodePaths.default()
+    try:
+        return int(json.loads(paths.lock_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 WSL_DISTRO = "Corolla"
@@ -50,9 +60,26 @@ def lock_file_command(distro: str = WSL_DISTRO) -> list[str]:
     ]
 
 
-def start_node(platform: str = sys.platform, await_consent: bool = False) -> subprocess.Popen:
-    """`corolla node` in its own session (or detached on Windows), so it outlives the window. With
-    `await_consent` (the first run) the node contributes nothing until the user agrees in the window."""
+LOG_KEEP_BYTES = 5 * 1024 * 1024
+
+
+def node_log(paths: NodePaths | None = None) -> Path:
+    """Where a node the window starts writes (the same file `corolla demo` uses): appended to, and moved
+    to node.log.1 once it passes 5 MB, so a long-lived install keeps two bounded logs."""
+    paths = (paths or NodePaths.default()).ensure()
+    log = paths.data_dir / "node.log"
+    try:
+        if log.stat().st_size > LOG_KEEP_BYTES:
+            log.replace(log.with_name("node.log.1"))
+    except OSError:
+        pass
+    return log
+
+
+def start_node(platform: str = sys.platform, await_consent: bool = False, paths: NodePaths | None = None):
+    """`corolla node` in its own session (or detached on Windows), so it outlives the window; its output
+    goes to node_log(). With `await_consent` (the first run) the node contributes nothing until the user
+    agrees in the window."""
     env = None
     if await_consent:  # WSLENV carries the variable into the WSL distro on Windows
         wslenv = ":".join(filter(None, (os.environ.get("WSLENV"), "COROLLA_AWAIT_CONSENT")))
@@ -62,11 +89,14 @@ def start_node(platform: str = sys.platform, await_consent: bool = False) -> sub
         options: dict = {"creationflags": flags}
     else:
         options = {"start_new_session": True}
-    return subprocess.Popen(
-        node_command(platform),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        **options,
-    )
+    with open(node_log(paths), "ab") as log:
+        log.write(f"--- started by the window at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            node_command(platform),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            **options,
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import (
     QButtonGroup,
     QCheckBox,
@@ -16,19 +17,21 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QListWidget,
     QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
     QRadioButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
-from corolla.gui.widgets import plain_label
+from corolla.gui.widgets import plain_label, plural, sentence
 from corolla.node.api_models import PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.units import human_bytes
 
@@ -152,6 +155,7 @@ class SettingsDialog(QDialog):
         form.addRow("Quantization", self.quant)
         self.model_info = plain_label("")
         self.model_info.setWordWrap(True)
+        self.model_info.hide()  # until Check says something: an empty row was a gap in the form
         form.addRow("", self.model_info)
         self.hf_token = QLineEdit()
         self.hf_token.setEchoMode(QLineEdit.EchoMode.Password)
@@ -181,6 +185,17 @@ class SettingsDialog(QDialog):
         self.memory_cap = QDoubleSpinBox()
         self.memory_cap.setRange(0, 4096)
         self.memory_cap.setSuffix(" GiB (0: no cap)")
+        self.memory_cap.setAccessibleName("Memory cap in GiB; 0 is no cap")
+        self.cpu_percent = QSpinBox()
+        self.cpu_percent.setRange(10, 100)
+        self.cpu_percent.setSingleStep(10)
+        self.cpu_percent.setSuffix(" % of the processor cores")
+        self.cpu_percent.setAccessibleName("Processor share for contributing, in percent of the cores")
+        self.cpu_percent.setToolTip(
+            "The block server computes with this share of the cores (fewer threads): each step is slower, "
+            "none is paused, so the people using the swarm are never left waiting mid-answer."
+        )
+        self.cpu_percent.setValue(100)
         self.idle_only = QCheckBox("Only when the computer is idle")
         self.on_battery = QCheckBox("Also on battery")
         self.window = QLineEdit()
@@ -192,6 +207,8 @@ class SettingsDialog(QDialog):
         self.contribute.toggled.connect(lambda _: self._update_save_text())
         limits_form.addRow("", self.contribute)
         limits_form.addRow("Memory", self.memory_cap)
+        self.cpu_row_label = QLabel("Processor")
+        limits_form.addRow(self.cpu_row_label, self.cpu_percent)
         limits_form.addRow("", self.idle_only)
         limits_form.addRow("", self.on_battery)
         limits_form.addRow("Daily window", self.window)
@@ -209,13 +226,16 @@ class SettingsDialog(QDialog):
         self.save_button = buttons.button(QDialogButtonBox.StandardButton.Save)
         if first_run:
             buttons.button(QDialogButtonBox.StandardButton.Cancel).setText("Not now")
+            # "Agree and start contributing" is no Save: no floppy disk on it, nor a cancel sign on "Not now".
+            for button in buttons.buttons():
+                button.setIcon(QIcon())
         buttons.accepted.connect(self.save)
         buttons.rejected.connect(self.reject)
         layout.addWidget(buttons)
         self.private.setChecked(True)
         self._swarm_changed()
         self._update_save_text()
-        self.client.call("GET", "/api/settings", on_ok=self.load, on_error=self.error.setText)
+        self.client.call("GET", "/api/settings", on_ok=self.load, on_error=lambda e: self.error.setText(sentence(e)))
 
     # --- swarms on this network ---------------------------------------------------------------------
     def _lan_section(self) -> QWidget:
@@ -306,7 +326,7 @@ class SettingsDialog(QDialog):
             "/api/settings",
             {**self.settings, "lan_discovery": checked},
             on_ok=applied,
-            on_error=lambda e: self.error.setText(f"Not saved. {friendly_error(e)}"),
+            on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),
         )
 
     def done(self, result: int) -> None:
@@ -321,9 +341,7 @@ class SettingsDialog(QDialog):
         self.invite.setVisible(self.invite_option.isChecked())
         self.lan_box.setVisible(self.invite_option.isChecked())
         self.peers.setVisible(self.custom.isChecked())
-        # Grow (never shrink) to fit what just appeared: squeezed, the peers box overlapped the switch.
-        self.layout().activate()
-        self.resize(self.width(), max(self.height(), self.sizeHint().height()))
+        self._grow()  # squeezed, the peers box overlapped the switch
         if self.invite_option.isChecked():
             self.invite.setFocus()
         elif self.custom.isChecked():
@@ -351,6 +369,10 @@ class SettingsDialog(QDialog):
         self.memory_cap.setValue(settings.get("memory_cap_gib") or 0)
         self.idle_only.setChecked(settings["only_when_idle"])
         self.on_battery.setChecked(settings["allow_on_battery"])
+        has_cpu = "cpu_percent" in settings  # an older node has no such setting
+        self.cpu_percent.setVisible(has_cpu)
+        self.cpu_row_label.setVisible(has_cpu)
+        self.cpu_percent.setValue(settings.get("cpu_percent", 100))
         self.window.setText(settings.get("time_window") or "")
         self.autostart.setChecked(autostart.is_enabled())
         self.contribute.setChecked(settings.get("contribute", True))
@@ -367,21 +389,28 @@ class SettingsDialog(QDialog):
         if self.model.text().strip():
             query["model"] = self.model.text().strip()
         self.model_info.setText("Reading the model's configuration…")
+        self.model_info.show()
 
         def shown(report: dict) -> None:
             plan = report["plan"]
             self.model_info.setText(
                 f"{plan['family']} with {plan['num_blocks']} blocks; each block needs "
                 f"{human_bytes(plan['bytes_per_block'])} plus {human_bytes(plan['cache_bytes_per_block'])} of cache "
-                f"in {plan['dtype']}; this computer can serve {plan['recommended_blocks']} block(s)."
+                f"in {plan['dtype']}; this computer can serve {plural(plan['recommended_blocks'], 'block')}."
             )
+            self._grow()
 
         self.client.call(
             "GET",
             f"/api/hardware?{urlencode(query)}",
             on_ok=shown,
-            on_error=lambda e: self.model_info.setText(f"Cannot use this model: {e}"),
+            on_error=lambda e: (self.model_info.setText(sentence(f"Cannot use this model: {e}")), self._grow()),
         )
+
+    def _grow(self) -> None:
+        """Grow (never shrink) to fit text that just appeared: squeezed, the boxes below it overlapped."""
+        self.layout().activate()
+        self.resize(self.width(), max(self.height(), self.sizeHint().height()))
 
     def _changes(self) -> dict:
         swarm = "private" if self.private.isChecked() else "public" if self.public.isChecked() else "custom"
@@ -398,6 +427,7 @@ class SettingsDialog(QDialog):
             "memory_cap_gib": self.memory_cap.value() or None,
             "only_when_idle": self.idle_only.isChecked(),
             "allow_on_battery": self.on_battery.isChecked(),
+            **({"cpu_percent": self.cpu_percent.value()} if "cpu_percent" in (self.settings or {}) else {}),
             "time_window": self.window.text().strip() or None,
             "contribute": self.contribute.isChecked(),
             **self._lan_changes(swarm),
@@ -431,11 +461,14 @@ class SettingsDialog(QDialog):
         try:
             autostart.set_enabled(self.autostart.isChecked())
         except OSError as exc:
-            self.error.setText(f"Could not change start at login: {exc}")
+            self.error.setText(sentence(f"Could not change start at login: {exc}"))
             return
         if self.hf_token.text().strip():
             self.client.call(
-                "PUT", "/api/secrets/hf-token", {"token": self.hf_token.text().strip()}, on_error=self.error.setText
+                "PUT",
+                "/api/secrets/hf-token",
+                {"token": self.hf_token.text().strip()},
+                on_error=lambda e: self.error.setText(sentence(e)),
             )
 
         def saved(settings: dict) -> None:
@@ -449,7 +482,7 @@ class SettingsDialog(QDialog):
                 "POST",
                 f"/api/contribution/{action}",
                 on_ok=lambda _: self.accept(),
-                on_error=lambda e: self.error.setText(f"Saved, but could not {action} contributing: {e}"),
+                on_error=lambda e: self.error.setText(sentence(f"Saved, but could not {action} contributing: {e}")),
             )
 
         if self.invite_option.isChecked():
@@ -458,7 +491,7 @@ class SettingsDialog(QDialog):
                 "/api/settings/join",
                 {"invite": self.invite.text().strip()},
                 on_ok=saved,
-                on_error=lambda e: self.error.setText(f"This invite does not work: {friendly_error(e)}"),
+                on_error=lambda e: self.error.setText(sentence(f"This invite does not work: {friendly_error(e)}")),
             )
         else:
             self.client.call(
@@ -466,5 +499,5 @@ class SettingsDialog(QDialog):
                 "/api/settings",
                 self._changes(),
                 on_ok=saved,
-                on_error=lambda e: self.error.setText(f"Not saved. {friendly_error(e)}"),
+                on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),
             )

@@ -162,7 +162,8 @@ def server_details(s: dict) -> str:
                 text += "\nEvidence:\n" + evidence
         elif v["state"] == "verified":
             checks = int(v.get("checks") or 0)
-            text += f"\n✓ Verified: its results matched other servers in {checks} spot check(s)."
+            spot_checks = f"{checks} spot check{'' if checks == 1 else 's'}"
+            text += f"\n✓ Verified: its results matched other servers in {spot_checks}."
         else:
             text += "\nNot verified yet: no spot check has compared its results with another server."
     pace = speed(s)

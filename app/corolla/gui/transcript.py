@@ -1,11 +1,17 @@
 """The chat transcript: one frame per turn, Markdown rendered (GitHub dialect, raw HTML off: a model's
-text can never inject markup), fenced code in monospace with a Copy link, inline errors with Retry.
+text can never inject markup), fenced code in monospace with syntax colours and a Copy link, inline
+errors with Retry.
+
+A model's text reads as written: a line break is a line break (Markdown would join the lines of a
+paragraph, and code written without a fence lost its lines and indentation), leading spaces stay, and
+paragraphs have a blank line's gap between them.
 
 Streaming re-renders only the last turn, at most ~25 times a second, and keeps the reader's place:
 it follows the reply only when the view was already at the bottom."""
 
 from __future__ import annotations
 
+import re
 import time
 
 from PySide6.QtCore import QTimer, QUrl, Signal
@@ -15,6 +21,7 @@ from PySide6.QtGui import (
     QFont,
     QFontDatabase,
     QGuiApplication,
+    QTextBlockFormat,
     QTextCharFormat,
     QTextCursor,
     QTextDocument,
@@ -24,12 +31,18 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QTextBrowser, QWidget
 
 from corolla.gui import theme
+from corolla.gui.highlight import highlight
 
 MARKDOWN = QTextDocument.MarkdownFeature(
     QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value | QTextDocument.MarkdownFeature.MarkdownNoHTML.value
 )
-STATUS_NOTE = {"interrupted": "interrupted", "stopped": "stopped", "failed": "failed"}
+STATUS_NOTE = {"interrupted": "interrupted", "stopped": "stopped by you", "failed": "failed"}
 FLUSH_MS = 40
+NBSP = "\u00a0"
+LINE_BREAK = "\u2028"  # a line break inside a paragraph (Markdown's hard break would start a new block)
+LIST_ITEM = re.compile(r"^\s*([-*+]|\d{1,9}[.)])(\s|$)")
+# Lines Markdown gives a meaning of their own at the start of a line: never joined, never re-indented.
+BLOCK_START = re.compile(r"^\s*(#{1,6}\s|>|\||([-*_=]\s*){3,}$|[-=]+\s*$)")
 
 
 def stable_end(text: str, start: int) -> int:
@@ -73,9 +86,61 @@ def split_fences(text: str) -> list[tuple[str, str, str]]:
     return parts
 
 
+def readable_markdown(text: str) -> str:
+    """Markdown (outside code fences) that keeps the text's own lines: each line break becomes a hard
+    break, and a paragraph line's leading spaces become no-break spaces, which Markdown keeps. An indented
+    block after a blank line (Markdown's own code block) is fenced, so it shows as code with Copy.
+    Lists, quotes, headings and tables keep their Markdown meaning."""
+    lines = text.split("\n")
+    out: list[str] = []
+    in_list = False
+    code: list[str] = []
+
+    def flush_code() -> None:
+        if code:
+            while code and not code[-1].strip():
+                code.pop()
+            out.extend(["```", *(c[4:] if c.startswith("    ") else c.lstrip("\t") for c in code), "```", ""])
+            code.clear()
+
+    for i, line in enumerate(lines):
+        expanded = line.replace("\t", "    ")
+        stripped = expanded.strip()
+        previous_blank = i == 0 or not lines[i - 1].strip()
+        indent = len(expanded) - len(expanded.lstrip(" "))
+        if code and (not stripped or indent >= 4):
+            code.append(expanded)
+            continue
+        flush_code()
+        if not stripped:
+            out.append("")
+            continue
+        if LIST_ITEM.match(expanded):
+            in_list = True
+        elif previous_blank and indent == 0:
+            in_list = False
+        if previous_blank and indent >= 4 and not in_list:
+            code.append(expanded)
+            continue
+        if indent and not in_list and not LIST_ITEM.match(expanded) and not BLOCK_START.match(expanded):
+            expanded = NBSP * indent + expanded.lstrip(" ")
+        if in_list and out and out[-1].endswith(LINE_BREAK):
+            expanded = expanded.lstrip(" ")  # a list item's next line: its indentation is the list's
+        line_end = "\n"
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.strip() and not any(p.match(x) for p in (BLOCK_START, LIST_ITEM) for x in (following, expanded)):
+            line_end = LINE_BREAK  # the next line continues this paragraph: on a line of its own
+        elif following.strip() and in_list and LIST_ITEM.match(expanded) and not LIST_ITEM.match(following):
+            line_end = LINE_BREAK  # a list item's own next line
+        out.append(expanded.rstrip() + line_end)
+    flush_code()
+    return "".join(line if line.endswith((LINE_BREAK, "\n")) else line + "\n" for line in out).rstrip("\n")
+
+
 class Transcript(QTextBrowser):
     retry_requested = Signal()
     resume_requested = Signal()
+    continue_requested = Signal()
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -86,6 +151,7 @@ class Transcript(QTextBrowser):
         self.code_blocks: list[str] = []
         self.messages: list[dict] = []
         self._tail_start: int | None = None
+        self._tail_index = -1  # which message _tail_start is the start of
         self._tail_code_start = 0
         self._open: dict | None = None  # the streaming turn: its frame, where its open part starts
         self._flush = QTimer(self)
@@ -103,6 +169,7 @@ class Transcript(QTextBrowser):
         self.document().clear()
         self.code_blocks = []
         self._tail_start = None
+        self._tail_index = len(messages) - 1
         self.document().setDocumentMargin(12)
         if not messages and empty_text:
             cursor = self.textCursor()
@@ -138,13 +205,19 @@ class Transcript(QTextBrowser):
     def _render_tail(self) -> None:
         if not self.messages:
             return
-        if self._tail_start is None:
-            self.set_messages(self.messages)
+        if self._tail_start is None or self._tail_index != len(self.messages) - 1:
+            self.set_messages(self.messages)  # a turn was added or removed since: draw them all
             return
         bar = self.verticalScrollBar()
         at_bottom, keep = self._at_bottom(), bar.value()
         message = self.messages[-1]
-        if self._open is not None and message.get("status") in ("streaming", "complete") and not message.get("error"):
+        cut = message.get("finish_reason") == "length"  # its header note and Continue: the whole turn again
+        if (
+            self._open is not None
+            and message.get("status") in ("streaming", "complete")
+            and not message.get("error")
+            and not cut
+        ):
             self._render_open(message.get("content") or "")  # only the part still being written
             if message.get("status") == "complete":
                 self._open = None
@@ -206,6 +279,9 @@ class Transcript(QTextBrowser):
         meta.setForeground(QColor(c.muted))
         when = time.strftime("%H:%M", time.localtime(message.get("created_at") or time.time()))
         note = STATUS_NOTE.get(message.get("status", "complete"), "")
+        cut = message.get("status", "complete") == "complete" and message.get("finish_reason") == "length"
+        if cut:
+            note = "cut off at the length limit"
         cursor.insertText(f"   {when}" + (f" · {note}" if note else ""), meta)
         cursor.insertBlock()
         cursor.setCharFormat(QTextCharFormat())
@@ -221,14 +297,26 @@ class Transcript(QTextBrowser):
         if message.get("error"):
             cursor.setPosition(turn.lastPosition())
             self._insert_error(cursor, message["error"], message.get("error_action", "retry"))
+        elif cut and message is (self.messages[-1] if self.messages else None):
+            cursor.setPosition(turn.lastPosition())
+            self._insert_continue(cursor)
 
     def _insert_markdown(self, cursor: QTextCursor, text: str, parent) -> None:
         """Insert at the end of `parent` (the turn's frame); the cursor ends there too."""
         c = theme.colours()
-        for kind, language, body in split_fences(text):
+        parts = [
+            part
+            for kind, language, body in split_fences(text)
+            for part in (split_fences(readable_markdown(body)) if kind == "text" else [(kind, language, body)])
+        ]
+        for kind, language, body in parts:
             cursor.setPosition(parent.lastPosition())
             if kind == "text":
-                cursor.insertMarkdown(body, MARKDOWN)
+                if not body.strip():
+                    continue
+                start = cursor.position()
+                cursor.insertMarkdown(body.strip("\n"), MARKDOWN)
+                self._space_paragraphs(start, cursor.position())
                 continue
             index = len(self.code_blocks)
             self.code_blocks.append(body)
@@ -240,6 +328,11 @@ class Transcript(QTextBrowser):
             code_frame.setTopMargin(6)
             code_frame.setBottomMargin(6)
             code_frame.setWidth(QTextLength(QTextLength.Type.PercentageLength, 100))
+            if not cursor.block().text():  # a reply that opens with code: no empty line above its frame
+                flat = cursor.blockFormat()
+                flat.setLineHeight(0, QTextBlockFormat.LineHeightTypes.FixedHeight.value)
+                flat.setBottomMargin(0)
+                cursor.setBlockFormat(flat)
             cursor.insertFrame(code_frame)
             label = QTextCharFormat()
             label.setForeground(QColor(c.muted))
@@ -251,11 +344,34 @@ class Transcript(QTextBrowser):
             link.setFontUnderline(True)
             cursor.insertText("Copy", link)
             cursor.insertBlock()
-            code = QTextCharFormat()
-            code.setFont(self.mono)
-            code.setForeground(QColor(c.text))
-            cursor.insertText(body, code)
+            for piece, colour, bold, italic in highlight(body, language, c.dark):
+                code = QTextCharFormat()
+                code.setFont(self.mono)
+                code.setForeground(QColor(colour or c.text))
+                if bold:
+                    code.setFontWeight(QFont.Weight.Bold)
+                code.setFontItalic(italic)
+                cursor.insertText(piece, code)
         cursor.setPosition(parent.lastPosition())
+
+    def _space_paragraphs(self, start: int, end: int) -> None:
+        """A blank line's gap after each paragraph (Qt's Markdown import leaves only a few pixels, so
+        paragraphs ran together); list items stay close, with the gap after the list."""
+        gap = self.fontMetrics().lineSpacing() * 0.7
+        block = self.document().findBlock(start)
+        while block.isValid() and block.position() <= end:
+            following = block.next()
+            if not block.text():  # the empty blocks around a code frame keep no gap of their own
+                block = following
+                continue
+            fmt = block.blockFormat()
+            in_list = block.textList() is not None
+            next_in_same_list = in_list and following.isValid() and following.textList() is block.textList()
+            fmt.setTopMargin(0)
+            fmt.setBottomMargin(2 if next_in_same_list else gap)
+            cursor = QTextCursor(block)
+            cursor.setBlockFormat(fmt)
+            block = following
 
     def _insert_error(self, cursor: QTextCursor, text: str, action: str) -> None:
         c = theme.colours()
@@ -269,7 +385,22 @@ class Transcript(QTextBrowser):
         link.setForeground(QColor(c.accent))
         link.setFontUnderline(True)
         link.setFontWeight(QFont.Weight.Bold)
-        cursor.insertText("Resume contributing" if action == "resume" else "Retry", link)
+        links = {"resume": "Resume contributing", "start": "Start contributing", "continue": "Continue"}
+        cursor.insertText(links.get(action, "Retry"), link)
+
+    def _insert_continue(self, cursor: QTextCursor) -> None:
+        c = theme.colours()
+        cursor.insertBlock()
+        meta = QTextCharFormat()
+        meta.setForeground(QColor(c.muted))
+        cursor.insertText("The answer reached the length limit before it was finished.  ", meta)
+        link = QTextCharFormat()
+        link.setAnchor(True)
+        link.setAnchorHref("continue:")
+        link.setForeground(QColor(c.accent))
+        link.setFontUnderline(True)
+        link.setFontWeight(QFont.Weight.Bold)
+        cursor.insertText("Continue", link)
 
     # --- links --------------------------------------------------------------------------------------
     def _anchor(self, url: QUrl) -> None:
@@ -280,7 +411,9 @@ class Transcript(QTextBrowser):
                 QGuiApplication.clipboard().setText(self.code_blocks[index])
         elif scheme == "retry":
             self.retry_requested.emit()
-        elif scheme == "resume":
-            self.resume_requested.emit()
+        elif scheme in ("resume", "start"):
+            self.resume_requested.emit()  # the node's resume starts a server that never started
+        elif scheme == "continue":
+            self.continue_requested.emit()
         elif scheme in ("http", "https"):
             QDesktopServices.openUrl(url)  # only web links leave the window; no file: or custom schemes

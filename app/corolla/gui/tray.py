@@ -75,6 +75,7 @@ class Tray(QSystemTrayIcon):
         open_chat: Callable[[], None],
         toggle_pause: Callable[[bool], None],
         quit_app: Callable[[], None],
+        quit_and_stop: Callable[[], None] | None = None,
     ):
         super().__init__(flower_icon("idle"), parent)
         self.state, self.status_line = "idle", "Connecting to the node…"
@@ -84,6 +85,7 @@ class Tray(QSystemTrayIcon):
             toggle_pause,
             quit_app,
         )
+        self._quit_and_stop = quit_and_stop
         self.menu = QMenu(parent)
         self.menu.setObjectName("trayMenu")
         self.menu.aboutToShow.connect(self.rebuild_menu)
@@ -120,9 +122,6 @@ class Tray(QSystemTrayIcon):
         elif self.state in ("paused", "idle"):
             self.menu.addAction("Resume contributing").triggered.connect(lambda: self._toggle_pause(False))
         self.menu.addSeparator()
-        quit_text = {
-            "contributing": "Quit (the node keeps contributing)",
-            "error": "Quit (the node keeps trying to contribute)",
-            "paused": "Quit (contribution stays paused)",
-        }.get(self.state, "Quit")
-        self.menu.addAction(quit_text).triggered.connect(self._quit)
+        self.menu.addAction("Quit…" if self._quit_and_stop is not None else "Quit").triggered.connect(self._quit)
+        if self._quit_and_stop is not None and self.state != "unreachable":
+            self.menu.addAction("Quit and stop the node").triggered.connect(self._quit_and_stop)

@@ -19,6 +19,36 @@ def plain_label(text: str = "", parent: QWidget | None = None) -> QLabel:
     return label
 
 
+def sentence(text: str) -> str:
+    """A message as a sentence: a capital first letter and a full stop ("the node answered 404" ->
+    "The node answered 404.")."""
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?", "…", ":")) else text + "."
+
+
+def plural(n: int, noun: str) -> str:
+    """plural(1, "session") -> "1 session"; plural(3, "token") -> "3 tokens" (thousands separated)."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def block_span(start: int | None, end: int | None) -> str:
+    """The blocks a server holds, as people count them on the map's strip: (0, 30) -> "blocks 0–29"."""
+    if start is None or end is None:
+        return ""
+    return f"block {start}" if end - start == 1 else f"blocks {start}–{end - 1}"
+
+
+def route_text(route: list[dict]) -> str:
+    """[{start, end, peer_id}] -> "blocks 0–29 from the server …21r58S" (one hop) or "3 servers: …"."""
+    hops = [f"{block_span(r['start'], r['end'])} from …{r['peer_id'][-6:]}" for r in route]
+    if len(hops) == 1:
+        return hops[0].replace(" from …", " from the server …")
+    return f"{len(hops)} servers: " + ", ".join(hops) if hops else ""
+
+
 def weakest_blocks(online_per_block: list[int]) -> tuple[int, list[int]]:
     """(the fewest servers any block has, the blocks with that few)."""
     if not online_per_block:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 
-from PySide6.QtCore import QEventLoop, QSettings, Qt, QTimer
-from PySide6.QtGui import QKeySequence
+from PySide6.QtCore import QEventLoop, QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QActionGroup, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
+    QCheckBox,
     QFrame,
     QHBoxLayout,
     QMainWindow,
+    QMessageBox,
     QPushButton,
     QSystemTrayIcon,
     QTabWidget,
@@ -24,7 +26,7 @@ from corolla.gui.node_client import NodeClient
 from corolla.gui.panes import ChatPane, ContributePane, StatsPane, SwarmPane
 from corolla.gui.prefs import open_prefs
 from corolla.gui.tray import Tray, tray_state
-from corolla.gui.widgets import plain_label
+from corolla.gui.widgets import block_span, plain_label, plural, route_text, sentence
 
 __all__ = ["MainWindow", "tray_state"]
 NODE_RESTART_TIMEOUT_S = 90
@@ -39,8 +41,8 @@ def status_line(status: dict | None) -> str:
     c = status["contribution"]
     state = c["state"]
     if state == "online":
-        blocks = f"blocks {c['start_block']}:{c['end_block']}" if c.get("start_block") is not None else "blocks"
-        return f"Contributing {blocks} · {c['sessions_active']} active session(s)"
+        blocks = block_span(c.get("start_block"), c.get("end_block"))
+        return f"Contributing {blocks or 'blocks'} · {plural(c['sessions_active'], 'active session')}"
     if state == "paused":
         rule = status.get("pause_rule")
         return f"Paused ({rule['until']})" if rule else "Paused by you"
@@ -53,7 +55,52 @@ def status_line(status: dict | None) -> str:
     }.get(state, state)
 
 
+def node_memory(paths=None) -> int | None:
+    """Bytes of memory the node and its block server hold, or None if unknown: each process's own pages
+    (USS), so the libraries they share are not counted once per process."""
+    try:
+        import psutil
+
+        from corolla.gui.launcher import running_pid
+
+        pid = running_pid(paths)
+        if pid is None:
+            return None
+        node = psutil.Process(pid)
+        total = 0
+        for process in (node, *node.children(recursive=True)):
+            try:
+                total += process.memory_full_info().uss
+            except psutil.AccessDenied:
+                total += process.memory_info().rss
+        return total
+    except Exception:  # psutil missing, the node gone meanwhile, no permission: say nothing
+        return None
+
+
+def quit_question(status: dict | None, memory: int | None) -> str:
+    """What quitting leaves running, in a person's words."""
+    from corolla.units import human_bytes
+
+    state = ((status or {}).get("contribution") or {}).get("state")
+    held = f", holding about {human_bytes(memory)} of memory" if memory else ""
+    if state in ("online", "starting", "loading", "restarting"):
+        doing = f"keeps contributing to the swarm in the background{held}"
+    elif state == "paused":
+        doing = f"stays paused in the background{held}"
+    else:
+        doing = f"keeps running in the background{held}, ready for chats"
+    return (
+        f"When the window quits, Corolla's node {doing}. Stop it too if you want this computer's memory and "
+        "processor back; it starts again the next time you open Corolla."
+    )
+
+
 class MainWindow(QMainWindow):
+    # The node no longer waits for the user's go-ahead: given in the welcome dialog, by Start, by the
+    # chat's "Resume contributing", or the node was never waiting. The welcome dialog is then done with.
+    consent_known = Signal()
+
     def __init__(self, client: NodeClient, prefs: QSettings | None = None, paths=None, parent: QWidget | None = None):
         super().__init__(parent)
         self.client = client
@@ -66,6 +113,12 @@ class MainWindow(QMainWindow):
         self.tray: Tray | None = None
         self._in_flight: set[str] = set()
         self._restart_deadline: float | None = None
+        chosen = str(self.prefs.value("window/theme", "system") or "system")
+        if chosen != theme.choice():
+            theme.set_choice(chosen)
+            app = QApplication.instance()
+            if app is not None:
+                theme.apply(app)
         self.setWindowTitle("Corolla")
         self.setMinimumSize(760, 520)
         if not self.restoreGeometry(self.prefs.value("window/geometry") or b""):
@@ -117,7 +170,8 @@ class MainWindow(QMainWindow):
         corolla_menu.addAction("&Pause or resume contributing", QKeySequence("Ctrl+P"), self.toggle_pause)
         corolla_menu.addSeparator()
         corolla_menu.addAction("&Close window", QKeySequence("Ctrl+W"), self.close)  # to the tray, if any
-        corolla_menu.addAction("&Quit", QKeySequence("Ctrl+Q"), self.quit_app)
+        corolla_menu.addAction("&Quit…", QKeySequence("Ctrl+Q"), self.ask_quit)
+        corolla_menu.addAction("Quit and stop the &node", lambda: self.quit_app(stop_node=True))
         view_menu = menu.addMenu("&View")
         for index, (_pane, title) in enumerate(panes):
             view_menu.addAction(
@@ -127,6 +181,15 @@ class MainWindow(QMainWindow):
             )
         view_menu.addSeparator()
         view_menu.addAction("&Refresh", QKeySequence(QKeySequence.StandardKey.Refresh), self.refresh_all)
+        view_menu.addSeparator()
+        theme_menu = view_menu.addMenu("&Theme")
+        self.theme_actions = QActionGroup(self)
+        for choice, text in (("system", "&System"), ("light", "&Light"), ("dark", "&Dark")):
+            action = theme_menu.addAction(text, lambda c=choice: self.set_theme(c))
+            action.setCheckable(True)
+            action.setData(choice)
+            self.theme_actions.addAction(action)
+        self._check_theme_action()
         chat_menu = menu.addMenu("C&hat")
         chat_menu.addAction("&Search chats", QKeySequence(QKeySequence.StandardKey.Find), self._search_chats)
         chat_menu.addAction("&Rename chat…", QKeySequence("F2"), lambda: self.chat.rename_chat())
@@ -147,7 +210,7 @@ class MainWindow(QMainWindow):
 
         self.banner = plain_label("")
         self.statusBar().addWidget(self.banner, 1)
-        client.error.connect(self.banner.setText)
+        client.error.connect(lambda message: self.banner.setText(sentence(message)))
         self.contribute.settings_changed.connect(self.refresh_all)
         self.chat.resume_requested.connect(lambda: self.contribute.control("resume"))
         self.chat.reply_finished.connect(lambda _: self.refresh_stats())
@@ -196,7 +259,7 @@ class MainWindow(QMainWindow):
             "GET",
             "/api/hardware",
             on_ok=self.contribute.show_hardware,
-            on_error=lambda e: self.contribute.hardware.setText(f"Not available: {e}"),
+            on_error=lambda e: self.contribute.hardware.setText(sentence(f"Not available: {e}")),
         )
 
     def refresh_status(self) -> None:
@@ -208,10 +271,12 @@ class MainWindow(QMainWindow):
         self.node_banner.hide()
         self._restart_timer.stop()
         self.contribute.show_status(status)
-        self.chat.node_status = status
+        self.chat.status_changed(status)
         self.stats.show_lifetime(status.get("lifetime"))
         if self.contribute.hardware_report is None and status["contribution"]["state"] == "online":
             self._once("hardware", "GET", "/api/hardware", self.contribute.show_hardware, timeout_ms=60_000)
+        if not status.get("awaiting_consent"):
+            self.consent_known.emit()
         c = status["contribution"]
         self.banner.setText(f"{status['model']} · {status['swarm']} swarm · secrets: {status['secrets_storage']}")
         if self.tray is not None:
@@ -221,22 +286,28 @@ class MainWindow(QMainWindow):
             if state == "error" and was == "contributing" and self.tray.supportsMessages():
                 self.tray.showMessage("Corolla stopped contributing", c["reason"], QSystemTrayIcon.MessageIcon.Warning)
         if was_unreachable:
+            self.chat.node_back()
             self.refresh_all()
 
     def _node_unreachable(self, message: str) -> None:
+        was_reachable = self.reachable
         self.status, self.reachable = None, False
-        self.chat.node_status = None
+        self.chat.status_changed(None)
         restarting = self._restart_timer.isActive()
         self.node_banner_text.setText(
             "Starting the node…"
             if restarting
-            else f"The node is not running ({message.removeprefix('the node does not answer ').strip('()')}): "
-            "nothing is contributed and chat is unavailable."
+            else "The node is not running: nothing is contributed and chat is unavailable."
         )
+        # The technical reason (e.g. "Connection refused") is for whoever asks, on hover.
+        self.node_banner_text.setToolTip(sentence(message.removeprefix("the node does not answer ").strip("()")))
         self.restart_button.setEnabled(not restarting)
         self.node_banner.show()
-        self.banner.setText("The node does not answer")
+        self.banner.setText("The node does not answer.")
         self.contribute.show_unreachable()
+        if was_reachable:  # once, when it goes: the panes stop showing what the node last said
+            self.swarm.show_unreachable()
+            self.chat.show_unreachable()
         if self.tray is not None:
             self.tray.set_state("unreachable", status_line(None))
 
@@ -258,9 +329,14 @@ class MainWindow(QMainWindow):
             self.chat.show_models(models, prefix)
             model = next((m for m in models if m["dht_prefix"] == prefix), models[0] if models else None)
             route = (model or {}).get("route") or []
-            self.chat.route_text = ", ".join(f"{r['start']}:{r['end']} via …{r['peer_id'][-6:]}" for r in route)
+            self.chat.route_text = route_text(route)
 
-        self._once("swarm", "GET", "/api/swarm", shown, self.swarm.show_error, timeout_ms=90_000)
+        def failed(message: str) -> None:
+            self.swarm.show_error(message)
+            if not self.chat.model_picker.itemData(0):  # nothing known yet: say why the list is empty
+                self.chat.show_unreachable("The swarm cannot be read yet")
+
+        self._once("swarm", "GET", "/api/swarm", shown, failed, timeout_ms=90_000)
 
     def refresh_stats(self) -> None:
         if self.reachable:
@@ -272,9 +348,9 @@ class MainWindow(QMainWindow):
         from corolla.gui.launcher import start_node
 
         try:
-            start_node()
+            start_node(paths=self.paths)
         except OSError as exc:
-            self.node_banner_text.setText(f"Could not start the node: {exc}")
+            self.node_banner_text.setText(sentence(f"Could not start the node: {exc}"))
             return
         self._restart_deadline = time.monotonic() + NODE_RESTART_TIMEOUT_S
         self.restart_button.setEnabled(False)
@@ -342,7 +418,8 @@ class MainWindow(QMainWindow):
             open_window=self.show_window,
             open_chat=lambda: self.show_window(self.chat),
             toggle_pause=lambda pause: self.contribute.control("pause" if pause else "resume"),
-            quit_app=self.quit_app,
+            quit_app=self.ask_quit,
+            quit_and_stop=lambda: self.quit_app(stop_node=True),
         )
         self.tray.show()
         if self.status is not None:
@@ -363,12 +440,26 @@ class MainWindow(QMainWindow):
         if self.tabs.widget(index) is self.stats:
             self.stats.refresh()
 
+    def set_theme(self, choice: str) -> None:
+        """System, Light or Dark, at once and remembered (COROLLA_THEME, if set, still wins)."""
+        self.prefs.setValue("window/theme", choice)
+        theme.set_choice(choice)
+        self._check_theme_action()
+        self._scheme_changed()
+
+    def _check_theme_action(self) -> None:
+        for action in self.theme_actions.actions():
+            action.setChecked(action.data() == theme.choice())
+
     def _scheme_changed(self, *_args) -> None:
         app = QApplication.instance()
         if app is not None:
             theme.apply(app)
         self.chat._render()
         self.swarm.show_swarm(self.swarm.models)
+        self.stats.restyle()
+        if self.status is not None:
+            self.contribute.show_status(self.status)
 
     def save_state(self) -> None:
         self.prefs.setValue("window/geometry", self.saveGeometry())
@@ -387,10 +478,46 @@ class MainWindow(QMainWindow):
         self.chat.commit_delete()
         event.accept()
 
-    def quit_app(self) -> None:
-        """Quit the window and the tray (the node keeps running: it is its own process). Qt 6 asks every
-        window to close first, so the close handler must know this is a quit, not a hide."""
+    def ask_quit(self) -> None:
+        """Quit, asking first (as BOINC's Exit does) whether the node should stop too: it is its own
+        process and, left running, keeps contributing and holds the model in memory. The answer can be
+        remembered; "Quit and stop the node" in the menus is always there."""
+        remembered = str(self.prefs.value("quit/node", "") or "")
+        if not self.reachable or remembered in ("keep", "stop"):
+            self.quit_app(stop_node=self.reachable and remembered == "stop")
+            return
+        box = QMessageBox(self)
+        box.setWindowTitle("Quit Corolla")
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setText("Stop the node too?")
+        box.setInformativeText(quit_question(self.status, node_memory(self.paths)))
+        stop = box.addButton("Stop the node and quit", QMessageBox.ButtonRole.AcceptRole)
+        keep = box.addButton("Keep it running and quit", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)
+        remember = QCheckBox("Remember my choice (the Corolla menu has both ways to quit)")
+        box.setCheckBox(remember)
+        self.quit_box = box
+        box.exec()
+        chosen = box.clickedButton()
+        if chosen not in (stop, keep):
+            return
+        if remember.isChecked():
+            self.prefs.setValue("quit/node", "stop" if chosen is stop else "keep")
+        self.quit_app(stop_node=chosen is stop)
+
+    def quit_app(self, stop_node: bool = False) -> None:
+        """Quit the window and the tray; the node keeps running (it is its own process) unless
+        `stop_node`. Qt 6 asks every window to close first, so the close handler must know this is a
+        quit, not a hide."""
         self.quitting = True
+        if stop_node and self.reachable:
+            shutdown = self.client.call("POST", "/api/shutdown", on_error=lambda _: None, timeout_ms=5000)
+            loop = QEventLoop()
+            shutdown.finished.connect(loop.quit)
+            QTimer.singleShot(5000, loop.quit)
+            if not shutdown.isFinished():
+                loop.exec()
         self.save_state()
         deleting = self.chat.commit_delete()
         if deleting is not None and not deleting.isFinished():  # a chat in its undo time: delete it now

@@ -232,6 +232,24 @@ def create_app(node) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.post(
+        "/api/chats/{chat_id}/continue",
+        dependencies=api,
+        tags=["chats"],
+        responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
+    )
+    async def continue_reply(chat_id: str, body: m.Continue):
+        chat = _chat(chat_id)
+        messages = node.db.messages(chat_id)
+        if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+            raise HTTPException(409, "this chat has no answer to continue")
+
+        async def events():
+            async for event in node.chats.stream_continue(chat, body):
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     @app.post("/api/shutdown", dependencies=api, tags=["node"])
     def shutdown() -> m.ActionResult:
         node.request_shutdown()

@@ -169,6 +169,9 @@ class Message(BaseModel):
     tokens: int
     created_at: float
     seen_by: list[Recipient] | None = Field(None, description="replies: the servers that received its hidden states")
+    finish_reason: Literal["stop", "length"] | None = Field(
+        None, description='a complete reply: "stop" (the model ended it) or "length" (cut at max_new_tokens)'
+    )
 
 
 class Chat(BaseModel):
@@ -205,8 +208,14 @@ class Regenerate(Sampling):
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="0: greedy (the same answer again)")
 
 
+class Continue(Sampling):
+    """Write more of the last answer (one cut at max_new_tokens), appended to it."""
+
+
 class HfToken(Strict):
-    token: str | None = Field(None, max_length=512, description="None removes the stored token")
+    # Printable ASCII without spaces, as Hugging Face tokens are: the token goes into the block server's
+    # environment, where a NUL or a newline cannot go (the fuzz test found a 500 there).
+    token: str | None = Field(None, max_length=512, pattern=r"^[!-~]*$", description="None removes the stored token")
 
 
 class CheckServer(Strict):

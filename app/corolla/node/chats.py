@@ -13,6 +13,9 @@ from typing import Any
 
 from corolla.node.db import Database
 
+# Why a finished reply ended, as OpenAI's API says it: the model ended it, or it hit max_new_tokens.
+FINISH_REASON = {"eos": "stop", "stop string": "stop", "length": "length"}
+
 logger = logging.getLogger(__name__)
 CONNECT_ATTEMPTS = 3
 MAX_CACHED_SESSIONS = 8
@@ -157,9 +160,27 @@ class ChatService:
             async for event in self._stream(chat, request, user, request.content):
                 yield event
 
-    async def _stream(self, chat: dict, request, user: dict, content: str) -> AsyncIterator[dict]:
-        reply = self.db.add_message(chat["id"], "assistant", "", status="streaming")
-        yield {"type": "message", "message": reply}
+    async def stream_continue(self, chat: dict, request) -> AsyncIterator[dict]:
+        """Write more of the last answer: "token" pieces appended to it, then "done" with its whole text."""
+        lock = self._locks.setdefault(chat["id"], asyncio.Lock())
+        async with lock:
+            messages = self.db.messages(chat["id"])
+            if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+                yield {"type": "error", "kind": "nothing_to_continue", "message": "there is no answer to continue"}
+                return
+            async for event in self._stream(chat, request, None, None, continuing=messages[-1]):
+                yield event
+
+    async def _stream(
+        self, chat: dict, request, user: dict | None, content: str | None, continuing: dict | None = None
+    ) -> AsyncIterator[dict]:
+        if continuing is None:
+            reply = self.db.add_message(chat["id"], "assistant", "", status="streaming")
+            yield {"type": "message", "message": reply}
+            before, tokens_before = "", 0
+        else:
+            reply, before, tokens_before = continuing, continuing["content"], continuing["tokens"]
+            self.db.update_message(reply["id"], before, tokens_before, "streaming")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -167,7 +188,8 @@ class ChatService:
 
         def on_text(piece: str) -> None:
             pieces.append(piece)
-            self.db.update_message(reply["id"], "".join(pieces), len(pieces), "streaming")  # write first
+            written = before + "".join(pieces)
+            self.db.update_message(reply["id"], written, tokens_before + len(pieces), "streaming")  # write first
             loop.call_soon_threadsafe(queue.put_nowait, {"type": "token", "text": piece})
 
         session = None
@@ -175,36 +197,39 @@ class ChatService:
         def run():
             nonlocal session
             try:
-                session = self._session_for(chat, exclude={user["id"], reply["id"]})
-                sampling = request.generate_kwargs()
-                result = session.send(
-                    content,
-                    max_new_tokens=request.max_new_tokens,
-                    stop=request.stop,
-                    on_text=on_text,
-                    should_stop=cancel.is_set,
-                    **sampling,
-                )
+                generate = dict(max_new_tokens=request.max_new_tokens, stop=request.stop, on_text=on_text)
+                generate.update(should_stop=cancel.is_set, **request.generate_kwargs())
+                if continuing is None:
+                    session = self._session_for(chat, exclude={user["id"], reply["id"]})
+                    result = session.send(content, **generate)
+                else:
+                    session = self._session_for(chat, exclude=set())
+                    result = session.continue_reply(**generate)
                 status = "stopped" if result.stopped_by == "cancelled" else "complete"
-                self.db.set_seen_by(reply["id"], result.seen_by)
-                self.db.update_message(reply["id"], result.text, result.tokens, status)
+                seen_by = merged_recipients((continuing or {}).get("seen_by") or [], result.seen_by)
+                self.db.set_seen_by(reply["id"], seen_by)
+                finish = FINISH_REASON.get(result.stopped_by)
+                text, tokens = before + result.text, tokens_before + result.tokens
+                self.db.update_message(reply["id"], text, tokens, status, finish)
                 loop.call_soon_threadsafe(
                     queue.put_nowait,
                     {
                         "type": "done",
                         "status": status,
-                        "text": result.text,
+                        "text": text,
                         "tokens": result.tokens,
                         "tokens_per_second": round(result.tokens_per_second, 2),
                         "stopped_by": result.stopped_by,
-                        "seen_by": result.seen_by,
+                        "seen_by": seen_by,
+                        "finish_reason": finish,
                     },
                 )
             except Exception as exc:  # reported to the user; the partial reply stays
                 if session is not None and session.last_seen_by:  # they received it all the same
-                    self.db.set_seen_by(reply["id"], session.last_seen_by)
+                    earlier = (continuing or {}).get("seen_by") or []
+                    self.db.set_seen_by(reply["id"], merged_recipients(earlier, session.last_seen_by))
                 self.forget(chat["id"])
-                self.db.update_message(reply["id"], "".join(pieces), len(pieces), "failed")
+                self.db.update_message(reply["id"], before + "".join(pieces), tokens_before + len(pieces), "failed")
                 kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
                 loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", "kind": kind, "message": str(exc)})
 
@@ -218,3 +243,14 @@ class ChatService:
         finally:
             cancel.set()  # the client went away: stop generating, keep what was written
             await asyncio.shield(worker)
+
+
+def merged_recipients(earlier: list[dict], later: list[dict] | None) -> list[dict]:
+    """A reply's recipients over all its parts (a continued answer keeps who saw its first part)."""
+    merged, seen = [], set()
+    for recipient in [*earlier, *(later or [])]:
+        key = (recipient.get("peer_id"), tuple(recipient.get("blocks") or ()))
+        if key not in seen:
+            seen.add(key)
+            merged.append(recipient)
+    return merged

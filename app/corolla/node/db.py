@@ -41,7 +41,8 @@ SLOW_MEMORY_S = 24 * 3600  # a server found slow is remembered this long (it may
 # Columns added after the first release: (table, column, declaration), added to older databases on open.
 # chats.privacy: the chat's privacy choice (JSON {"level", "peers"}; NULL: the node's default).
 # messages.seen_by: a reply's recipients, the servers that received its hidden states (JSON list).
-ADDED_COLUMNS = [("chats", "privacy", "TEXT"), ("messages", "seen_by", "TEXT")]
+# messages.finish_reason: why a complete reply ended ("stop" or "length").
+ADDED_COLUMNS = [("chats", "privacy", "TEXT"), ("messages", "seen_by", "TEXT"), ("messages", "finish_reason", "TEXT")]
 
 
 class Database:
@@ -142,14 +143,19 @@ class Database:
             "created_at": now,
             "seq": seq,
             "seen_by": None,
+            "finish_reason": None,
         }
 
     def delete_messages_after(self, chat_id: str, seq: int) -> int:
         return self._execute("DELETE FROM messages WHERE chat_id=? AND seq>?", (chat_id, seq)).rowcount
 
-    def update_message(self, message_id: str, content: str, tokens: int, status: str) -> None:
+    def update_message(
+        self, message_id: str, content: str, tokens: int, status: str, finish_reason: str | None = None
+    ) -> None:
+        """`finish_reason` (a finished reply): "stop" (the model ended it) or "length" (the token limit)."""
         self._execute(
-            "UPDATE messages SET content=?, tokens=?, status=? WHERE id=?", (content, tokens, status, message_id)
+            "UPDATE messages SET content=?, tokens=?, status=?, finish_reason=? WHERE id=?",
+            (content, tokens, status, finish_reason, message_id),
         )
 
     # --- contribution stats ------------------------------------------------------------------------

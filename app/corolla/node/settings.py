@@ -36,7 +36,11 @@ class Settings(BaseModel):
     public_name: str | None = Field(None, max_length=128)
     contribute: bool = True
     only_when_idle: bool = False
-    allow_on_battery: bool = True
+    allow_on_battery: bool = False  # as BOINC: a laptop on battery does not serve unless asked to
+    # The block server's share of the processor: its compute threads are this share of the cores (a
+    # duty cycle, as BOINC's CPU-time cap is, would stall every session mid-step, adding latency for
+    # the swarm's users; fewer threads make each step slower but never stop it).
+    cpu_percent: int = Field(100, ge=10, le=100, description="use at most this share of the processor cores")
     time_window: str | None = Field(None, description="HH:MM-HH:MM, local time; may wrap midnight")
     listen_on_lan: bool = False
     # Swarms on this network (mDNS): off, nothing is announced and nothing listens. On, the node lists

@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 from corolla.gui.node_client import NodeClient
 from corolla.gui.prefs import read_float, read_int
 from corolla.gui.transcript import Transcript
-from corolla.gui.widgets import plain_label
+from corolla.gui.widgets import plain_label, plural, sentence
 from corolla.node.api_models import PRIVACY_LABELS, PRIVACY_SENTENCES
 
 MAX_NEW_TOKENS = 2048  # the node's limit per reply (corolla.node.api_models.MAX_NEW_TOKENS; a test checks)
@@ -97,6 +97,10 @@ class ChatPane(QWidget):
         self.node_status: dict | None = None
         self.route_text = ""
         self.pending_delete: dict | None = None
+        self._replacing = False  # a regenerate: the answers after the last question go when the node says
+        self._unsent: str | None = None  # a message sent but not yet confirmed by the node
+        self._resend_when_online = False  # "Resume contributing" was pressed: ask again once online
+        self._continuing: str | None = None  # Continue: the answer as it was before, until the node is done
 
         outer = QHBoxLayout(self)
         outer.setContentsMargins(6, 6, 6, 6)
@@ -122,6 +126,9 @@ class ChatPane(QWidget):
         self.search.textChanged.connect(lambda _: self._search_timer.start())
         self.chats = QListWidget()
         self.chats.setAccessibleName("Conversations")
+        # A long title ends in "…" (its tooltip has all of it) instead of scrolling the list sideways.
+        self.chats.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.chats.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.chats.currentItemChanged.connect(self._chat_selected)
         self.chats.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.chats.customContextMenuRequested.connect(self._chat_menu)
@@ -224,7 +231,8 @@ class ChatPane(QWidget):
 
         self.transcript = Transcript()
         self.transcript.retry_requested.connect(self.retry)
-        self.transcript.resume_requested.connect(self.resume_requested)
+        self.transcript.resume_requested.connect(self._resume_and_resend)
+        self.transcript.continue_requested.connect(self.continue_reply)
         main_layout.addWidget(self.transcript, 1)
         self.info = plain_label("")
         self.info.setObjectName("muted")
@@ -314,7 +322,9 @@ class ChatPane(QWidget):
         for chat in self.chat_list:
             item = QListWidgetItem(chat["title"])
             item.setData(Qt.ItemDataRole.UserRole, chat["id"])
-            item.setToolTip(time.strftime("updated %d %b %Y %H:%M", time.localtime(chat["updated_at"])))
+            item.setToolTip(
+                chat["title"] + time.strftime("\nUpdated %d %b %Y, %H:%M", time.localtime(chat["updated_at"]))
+            )
             self.chats.addItem(item)
             if chat["id"] == self.chat_id:
                 self.chats.setCurrentItem(item)
@@ -341,6 +351,7 @@ class ChatPane(QWidget):
         def created(chat):
             self.chat_id, self.chat = chat["id"], chat
             self.messages = []
+            self.info.setText("")
             self._render()
             self.refresh_chats()
             self.input.setFocus()
@@ -356,7 +367,7 @@ class ChatPane(QWidget):
                 **({"privacy": {"level": self.privacy_level()}} if self.privacy_supported else {}),
             },
             on_ok=created,
-            on_error=lambda e: self.info.setText(f"Could not create a chat: {e}"),
+            on_error=lambda e: self.info.setText(sentence(f"Could not create a chat: {e}")),
         )
 
     def _chat_selected(self, item, _previous=None) -> None:
@@ -372,7 +383,14 @@ class ChatPane(QWidget):
         self.chat = {k: v for k, v in chat.items() if k != "messages"}
         self.messages = chat["messages"]
         self._show_privacy((chat.get("privacy") or {}).get("level") or self.default_privacy)
+        self.info.setText("")  # the last reply's figures belong to the chat it came from
         self._render()
+
+    def node_back(self) -> None:
+        """The node answers again: a line saying it did not is stale (an inline error stays with its
+        message, with its Retry)."""
+        if self.stream is None:
+            self.info.setText("")
 
     def rename_chat(self, chat_id: str | None = None, title: str | None = None) -> None:
         chat_id = chat_id or self.chat_id
@@ -394,7 +412,7 @@ class ChatPane(QWidget):
             f"/api/chats/{chat_id}",
             {"title": title[:200]},
             on_ok=lambda _: self.refresh_chats(),
-            on_error=lambda e: self.info.setText(f"Could not rename the chat: {e}"),
+            on_error=lambda e: self.info.setText(sentence(f"Could not rename the chat: {e}")),
         )
 
     def delete_chat(self, chat_id: str | None = None) -> None:
@@ -430,7 +448,7 @@ class ChatPane(QWidget):
                 "DELETE",
                 f"/api/chats/{pending['chat']['id']}",
                 on_ok=lambda _: self.refresh_chats(),
-                on_error=lambda e: self.info.setText(f"Could not delete the chat: {e}"),
+                on_error=lambda e: self.info.setText(sentence(f"Could not delete the chat: {e}")),
             )
 
     def export_dialog(self, chat_id: str, kind: str) -> None:
@@ -454,12 +472,15 @@ class ChatPane(QWidget):
                 else:
                     path.write_text(json.dumps({**chat, "messages": messages}, indent=2, ensure_ascii=False), "utf-8")
             except OSError as exc:
-                self.info.setText(f"Could not export: {exc}")
+                self.info.setText(sentence(f"Could not export: {exc}"))
                 return
             self.info.setText(f"Exported to {path}")
 
         self.client.call(
-            "GET", f"/api/chats/{chat_id}", on_ok=write, on_error=lambda e: self.info.setText(f"Could not export: {e}")
+            "GET",
+            f"/api/chats/{chat_id}",
+            on_ok=write,
+            on_error=lambda e: self.info.setText(sentence(f"Could not export: {e}")),
         )
 
     # --- privacy: who may read a chat, who saw its replies --------------------------------------------
@@ -525,7 +546,8 @@ class ChatPane(QWidget):
         for model in models:
             covered = sum(1 for n in model["online_per_block"] if n > 0)
             servers = sum(1 for s in model["servers"] if s["state"] == "ONLINE")
-            text = f"{model['dht_prefix']} — {covered}/{model['num_blocks']} blocks served by {servers} server(s)"
+            served = f"{covered} of {model['num_blocks']} blocks served, by {plural(servers, 'server')}"
+            text = f"{model['dht_prefix']} — {served}"
             if model["dht_prefix"] == own_prefix:
                 own_index = self.model_picker.count()
                 text += " (this node's model)"
@@ -535,6 +557,11 @@ class ChatPane(QWidget):
         self.model_picker.setCurrentIndex(own_index)
         self.model_picker.blockSignals(False)
         self.own_prefix = own_prefix
+
+    def show_unreachable(self, note: str = "The node is not running") -> None:
+        self.model_picker.clear()
+        self.model_picker.addItem(note, None)
+        self.route_text = ""
 
     def _model_picked(self, index: int) -> None:
         prefix = self.model_picker.itemData(index)
@@ -565,7 +592,7 @@ class ChatPane(QWidget):
         self.regenerate_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.reply_text, self.pieces, self.started = "", 0, time.perf_counter()
-        route = f" route: {self.route_text}" if self.route_text else ""
+        route = f" The last route: {self.route_text}." if self.route_text else ""
         self.info.setText(f"Finding servers…{route}")
 
     def regenerate(self) -> None:
@@ -575,15 +602,33 @@ class ChatPane(QWidget):
         if self.chat_id is None or not any(m["role"] == "user" for m in self.messages):
             self.info.setText("There is no message to answer again yet.")
             return
-        while self.messages and self.messages[-1]["role"] != "user":
-            self.messages.pop()
+        # The old answer stays in view until the node confirms the new one (its first event): with the
+        # node down, the conversation must not go blank.
+        self._replacing = True
         self._begin()
-        self._render()
         self.stream = self.client.stream(
             f"/api/chats/{self.chat_id}/regenerate", self._sampling(), self._on_event, self._on_error
         )
 
     retry = regenerate
+
+    def continue_reply(self) -> None:
+        """Write more of the last answer, which stopped at the length limit (LM Studio's Continue)."""
+        if self.stream is not None or self.chat_id is None:
+            return
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            self.info.setText("There is no answer to continue.")
+            return
+        self.messages[-1].pop("error", None)
+        self.messages[-1].pop("error_action", None)
+        self._begin()
+        last = self.messages[-1]
+        self.reply_text = self._continuing = last.get("content") or ""
+        last.update(status="streaming", finish_reason=None)
+        self._render()
+        self.stream = self.client.stream(
+            f"/api/chats/{self.chat_id}/continue", self._sampling(), self._on_event, self._on_error
+        )
 
     def send(self) -> None:
         text = self.input.toPlainText().strip()
@@ -597,6 +642,7 @@ class ChatPane(QWidget):
         if self.chat_id is None:
             self.new_chat(then=self.send)
             return
+        self._unsent = text  # back into the box if the node never takes it
         self.input.clear()
         if not any(m["role"] == "user" for m in self.messages) and (self.chat or {}).get("title") == NEW_TITLE:
             self.rename_chat(self.chat_id, auto_title(text))
@@ -612,12 +658,40 @@ class ChatPane(QWidget):
             self.info.setText("Stopped; what arrived is kept.")
             self._finish("stopped")
 
+    def _resume_and_resend(self) -> None:
+        """The inline "Resume contributing": resume (or start, if the user said "Not now" at first), say
+        so, and ask the question again once this computer serves the model."""
+        self._resend_when_online = True
+        starting = bool((self.node_status or {}).get("awaiting_consent"))
+        self.info.setText(
+            f"{'Starting' if starting else 'Resuming'} contributing… the question is asked again once this "
+            "computer serves the model."
+        )
+        self.resume_requested.emit()
+
+    def status_changed(self, status: dict | None) -> None:
+        self.node_status = status
+        state = ((status or {}).get("contribution") or {}).get("state")
+        if self._resend_when_online and state == "online" and self.stream is None:
+            self._resend_when_online = False
+            self.info.setText("Contributing again; asking the question again…")
+            self.retry()
+        elif self._resend_when_online and state in ("stopped", "failed") and not (status or {}).get("awaiting_consent"):
+            self._resend_when_online = False
+            self.info.setText("Contributing did not resume; see the Contribute tab.")
+
     def _paused(self) -> bool:
         c = (self.node_status or {}).get("contribution") or {}
         return c.get("state") == "paused" or bool((self.node_status or {}).get("awaiting_consent"))
 
     def _on_event(self, kind: str, data: dict) -> None:
         if kind == "message":
+            if self._replacing and data["message"]["role"] == "assistant":
+                while self.messages and self.messages[-1]["role"] != "user":
+                    self.messages.pop()  # the node has deleted the answer it is replacing
+            self._replacing = False
+            if data["message"]["role"] == "user":
+                self._unsent = None
             self.messages.append(data["message"])
             self._render()
             return
@@ -630,11 +704,18 @@ class ChatPane(QWidget):
             self.transcript.update_last()
             return
         if kind == "done":
-            self.messages[-1].update(content=data["text"], status=data["status"], seen_by=data.get("seen_by"))
+            finish = data.get("finish_reason")
+            self.messages[-1].update(
+                content=data["text"], status=data["status"], finish_reason=finish, seen_by=data.get("seen_by")
+            )
             self._show_seen_by()
+            ending = {
+                "length": f" It stopped at the length limit ({self.max_tokens.value()} tokens): Continue writes more.",
+                "stop": " The model finished its answer.",
+            }.get(finish, "")
             self.info.setText(
                 f"{data['tokens']} tokens in {time.perf_counter() - self.started:.1f} s, "
-                f"{data['tokens_per_second']:.1f} tokens/s"
+                f"{data['tokens_per_second']:.1f} tokens/s.{ending}"
             )
             self._finish(data["status"])
             self.reply_finished.emit(data)
@@ -643,13 +724,35 @@ class ChatPane(QWidget):
             self._show_failure(data.get("kind"), data.get("message") or "the reply failed")
 
     def _show_failure(self, kind: str | None, message: str) -> None:
+        if self._unsent is not None:  # the question never reached the node: nothing to retry; keep it
+            if not self.input.toPlainText().strip():
+                self.input.setPlainText(self._unsent)
+            self._unsent = None
+            self.info.setText(f"Not sent: {message}. Your message is back in the box to send again.")
+            self._finish("failed")
+            return
+        if self._continuing is not None and self.messages:
+            # Continue failed: the answer is what it was (or longer, if some arrived), and the way on is
+            # to continue again, never Retry (which would answer the question anew).
+            target = self.messages[-1]
+            unchanged = (target.get("content") or "") == self._continuing
+            target.update(status="complete" if unchanged else "failed", finish_reason="length" if unchanged else None)
+            target["error"] = f"Could not continue: {message}."
+            target["error_action"] = "continue"
+            self.info.setText(target["error"])
+            self._finish("failed")
+            return
         if self.messages and self.messages[-1]["role"] == "assistant":
             target = self.messages[-1]
+            if not self._replacing:  # an answer the node never began to replace keeps its own status
+                target["status"] = "failed"
         else:
-            target = {"role": "assistant", "content": "", "created_at": time.time()}
+            target = {"role": "assistant", "content": "", "created_at": time.time(), "status": "failed"}
             self.messages.append(target)
-        target["status"] = "failed"
-        if kind == "no_swarm" and self._paused():
+        if kind == "no_swarm" and (self.node_status or {}).get("awaiting_consent"):
+            target["error"] = "This computer has not started contributing yet, so no server in this swarm can answer."
+            target["error_action"] = "start"
+        elif kind == "no_swarm" and self._paused():
             target["error"] = "Contribution is paused, so no server in this private swarm can answer."
             target["error_action"] = "resume"
         elif kind == "no_swarm":
@@ -658,16 +761,18 @@ class ChatPane(QWidget):
             )
             target["error_action"] = "retry"
         else:
-            target["error"] = f"The reply failed: {message}"
+            target["error"] = f"The reply failed: {message}."
             target["error_action"] = "retry"
         self.info.setText(target["error"])
         self._finish("failed")
 
     def _on_error(self, message: str) -> None:
-        self._show_failure("stream", f"{message}. What arrived is kept")
+        self._show_failure("stream", f"{message}. What arrived is kept" if self.reply_text else message)
 
     def _finish(self, status: str) -> None:
         self.stream = None
+        self._replacing = False
+        self._continuing = None
         self.send_button.setEnabled(True)
         self.regenerate_button.setEnabled(True)
         self.stop_button.setEnabled(False)

@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
-from corolla.gui.widgets import plain_label
+from corolla.gui.widgets import plain_label, plural, sentence
 from corolla.units import human_bytes
 
 STATE_TEXT = {
@@ -43,9 +43,7 @@ STATE_TEXT = {
 }
 
 
-def plural(n: int, noun: str) -> str:
-    """plural(1, "session") -> "1 session"; plural(3, "token") -> "3 tokens" (thousands separated)."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+ACTION_TEXT = {"start": "Starting…", "pause": "Pausing…", "resume": "Resuming…", "stop": "Stopping…"}
 
 
 def duration(seconds: float) -> str:
@@ -254,12 +252,12 @@ class ContributePane(QWidget):
 
     # --- actions ------------------------------------------------------------------------------------
     def control(self, action: str) -> None:
-        self.reason.setText(f"{action}…")
+        self.reason.setText(ACTION_TEXT.get(action, f"{action}…"))
         self.client.call(
             "POST",
             f"/api/contribution/{action}",
-            on_ok=lambda r: self.reason.setText(r["message"]),
-            on_error=lambda e: self.reason.setText(f"Could not {action}: {e}"),
+            on_ok=lambda r: self.reason.setText(sentence(r["message"])),
+            on_error=lambda e: self.reason.setText(sentence(f"Could not {action}: {e}")),
         )
 
     def _copy_invite(self) -> None:
@@ -308,11 +306,11 @@ class ContributePane(QWidget):
                     self.apply_note.setText("Saved; the server restarts with the new share."),
                     self.settings_changed.emit(),
                 ),
-                on_error=lambda e: self.apply_note.setText(f"Not saved: {e}"),
+                on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}")),
             )
 
         self.client.call(
-            "GET", "/api/settings", on_ok=got, on_error=lambda e: self.apply_note.setText(f"Not saved: {e}")
+            "GET", "/api/settings", on_ok=got, on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}"))
         )
 
     # --- views --------------------------------------------------------------------------------------
@@ -323,6 +321,11 @@ class ContributePane(QWidget):
         for button in (self.start_button, self.pause_button, self.resume_button, self.stop_button):
             button.setEnabled(False)
         self.rule_banner.hide()
+        # What the node last said about its server is not true now: no invite, no live figures.
+        self.invite_box.hide()
+        for name in ("blocks", "throughput", "cache", "tokens", "sessions", "uptime", "network"):
+            self.fields[name].setText("–")
+        self.last_status = None
 
     def show_status(self, status: dict) -> None:
         self.last_status = status
@@ -332,7 +335,7 @@ class ContributePane(QWidget):
             self.reason.setText("Nothing is served for the swarm until you agree in the welcome dialog or press Start.")
         else:
             self.state.setText(STATE_TEXT.get(c["state"], c["state"]))
-            self.reason.setText(c["reason"])
+            self.reason.setText(sentence(c["reason"]))
         colours = theme.colours()
         colour = {
             "online": colours.good,
@@ -362,7 +365,8 @@ class ContributePane(QWidget):
             self.invite.setText(invite)
             self.invite.setCursorPosition(0)
             self.copy_invite.setText("C&opy invite")
-        blocks = f"{c['start_block']}:{c['end_block']}" if c.get("start_block") is not None else "–"
+        start, end = c.get("start_block"), c.get("end_block")
+        blocks = f"{start}–{end - 1} ({plural(end - start, 'block')})" if start is not None and end else "–"
         used = c["cache_bytes_total"] - c["cache_bytes_left"]
         life = status.get("lifetime") or {}
         self.fields["model"].setText(model_text(status))
@@ -384,7 +388,7 @@ class ContributePane(QWidget):
             f"{duration(life.get('uptime_s', 0))} online"
             + (time.strftime(" since %d %b %Y", time.localtime(since)) if since else "")
         )
-        self.failure.setText(c.get("last_failure") or "none")
+        self.failure.setText(sentence(c["last_failure"]) if c.get("last_failure") else "None.")
 
     def show_hardware(self, report: dict) -> None:
         self.hardware_report = report

@@ -128,6 +128,11 @@ class StatsPane(QWidget):
         )
         self._draw()
 
+    def restyle(self) -> None:
+        for chart in (self.charts or {}).values():
+            chart.restyle()
+        self._draw()
+
     def _draw(self) -> None:
         if self.charts is None or not self.isVisible():
             return

@@ -28,7 +28,7 @@ from corolla.gui.swarm_graph import (
     trust_text,
     verification,
 )
-from corolla.gui.widgets import CoverageStrip, block_ranges, plain_label, weakest_blocks
+from corolla.gui.widgets import CoverageStrip, block_ranges, plain_label, plural, sentence, weakest_blocks
 
 PEER_COLUMNS = [
     "Server",
@@ -340,17 +340,17 @@ class SwarmPane(QWidget):
         missing = model["missing_blocks"]
         state = "every block is served" if model["healthy"] else f"blocks {block_ranges(missing)} are not served"
         flagged = sum(1 for s in servers if (verification(s) or {}).get("state") == "flagged")
-        warning = f" — ⚠ {flagged} server(s) flagged for wrong results" if flagged else ""
+        warning = f" — ⚠ {plural(flagged, 'server')} flagged for wrong results" if flagged else ""
         self.summary.setText(
-            f"{model['dht_prefix']}: {model['num_blocks']} blocks, {online} of {len(servers)} "
-            f"server(s) online — {state}{warning}"
+            f"{model['dht_prefix']}: {model['num_blocks']} blocks, {online} of {plural(len(servers), 'server')} "
+            f"online — {state}{warning}"
         )
         low, weakest = weakest_blocks(model["online_per_block"])
         self.coverage.set_counts(model["online_per_block"])
         if weakest and len(weakest) < len(model["online_per_block"]):
-            self.weakest.setText(f"Weakest: blocks {block_ranges(weakest)} with {low} server(s) each")
+            self.weakest.setText(f"Weakest: blocks {block_ranges(weakest)}, with {plural(low, 'server')} each")
         else:
-            self.weakest.setText(f"Every block has {low} online server(s)")
+            self.weakest.setText(f"Every block has {plural(low, 'online server')}")
         self.map.set_model(model)
         # The table on the next turn of the event loop: the map's update and the table's are two
         # short stalls, never one longer one.
@@ -398,7 +398,17 @@ class SwarmPane(QWidget):
             self.map.pin(self.table.data(current, Qt.ItemDataRole.UserRole))
 
     def show_error(self, message: str) -> None:
-        self.summary.setText(f"The swarm cannot be read now: {message}")
+        self.summary.setText(f"The swarm cannot be read now. {sentence(message)}")
+
+    def show_unreachable(self) -> None:
+        """The node is not running: the swarm it saw is not shown as if it were current."""
+        self.models, self._stale = [], False  # nothing to redraw when shown: this is what it shows
+        self.summary.setText("The node is not running, so the swarm cannot be seen from here.")
+        self.coverage.set_counts([])
+        self.weakest.setText("")
+        self.map.set_model(None)
+        self._table_servers = []
+        self._update_table()
 
     def _server_pinned(self, server: dict) -> None:
         self.selected = server
@@ -476,4 +486,4 @@ class SwarmPane(QWidget):
                 "This node cannot check servers: it predates spot checks. Update Corolla to check servers on purpose."
             )
         else:
-            self.check_result.setText(f"Could not check {server_label(server)}: {message}")
+            self.check_result.setText(sentence(f"Could not check {server_label(server)}: {message}"))

@@ -140,12 +140,20 @@ class ChatSession:
     _sent: list[int] = field(default_factory=list)
     last_seen_by: list[dict] = field(default_factory=list)  # the last turn's recipients (also when it failed)
 
-    def _render(self) -> list[int]:
+    def _render(self, continuing: bool = False) -> list[int]:
+        """The conversation as token ids, ready for the assistant to write; `continuing`: the last message
+        is the assistant's, left open so that generation goes on from its end."""
         tokenizer = self.model.tokenizer
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + self.messages
         if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if continuing:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+            else:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return tokenizer(text, add_special_tokens=False).input_ids
+        if continuing:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
+            return tokenizer(text + f"assistant: {messages[-1]['content']}").input_ids
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tokenizer(text).input_ids
 
@@ -161,7 +169,31 @@ class ChatSession:
     ) -> ChatReply:
         """Add a user message and generate the assistant's reply, streaming text pieces to `on_text`."""
         self.messages.append({"role": "user", "content": text})
-        ids = self._render()
+        return self._generate(self._render(), max_new_tokens, stop, on_text, should_stop, sampling)
+
+    def continue_reply(
+        self,
+        *,
+        max_new_tokens: int = 256,
+        stop: list[str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        **sampling,
+    ) -> ChatReply:
+        """Write more of the last assistant message (one cut at the token limit): the reply returned is
+        the new text only; the message in `messages` grows by it."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("there is no answer to continue")
+        ids = self._render(continuing=True)
+        before = self.messages.pop()["content"]  # _generate appends what it writes as a message
+        try:
+            reply = self._generate(ids, max_new_tokens, stop, on_text, should_stop, sampling)
+        finally:
+            written = self.messages.pop()["content"] if self.messages[-1]["role"] == "assistant" else ""
+            self.messages.append({"role": "assistant", "content": before + written})
+        return reply
+
+    def _generate(self, ids: list[int], max_new_tokens: int, stop, on_text, should_stop, sampling) -> ChatReply:
         common = _common_prefix(ids, self._sent)
         if (
             self._session is not None

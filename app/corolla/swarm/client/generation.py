@@ -63,14 +63,16 @@ def sampling_kwargs(
     seed: int | None = None,
 ) -> dict:
     """`generate()` keywords from user-facing settings, where a temperature of 0 means greedy."""
-    return {
+    kwargs = {
         "do_sample": temperature > 0,
         "temperature": temperature or 1.0,
         "top_p": top_p,
-        "top_k": top_k or 0,  # 0, not None: transformers' default would be 50
         "repetition_penalty": repetition_penalty,
         "seed": seed,
     }
+    if temperature > 0:  # greedy has no top-k: passed, transformers warns on every reply that it is ignored
+        kwargs["top_k"] = top_k or 0  # 0, not None: transformers' default would be 50
+    return kwargs
 
 
 def next_tokens(

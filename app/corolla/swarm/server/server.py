@@ -348,7 +348,7 @@ class BlockServer:
             gc.freeze()
             self.next_pings = NextPings(p2p, self.peer_id)
             self.state = ServerState.ONLINE
-            self._set_state("online", f"serving blocks [{start}, {end})")
+            self._set_state("online", f"serving blocks {start}–{end - 1}")
             self._save_throughput()
             for maddr in self.stats.visible_maddrs:
                 print(f"corolla: serving {self.dht_prefix}; others join with --initial-peers {maddr}", flush=True)
