@@ -207,7 +207,7 @@ def test_a_slow_server_is_marked_beside_its_verdict():
     slow = _server(FRESH, 1, 5, verified, speed={"state": "slow", "steps": 9, "step_s": 0.6, "evidence": evidence})
     assert trust_text(slow) == "verified (2 checks) · slow (12x announced)"
     assert "⏱ Slow: slower than it announces" in server_details(slow)
-    stalled = {"kind": "stalled", "times_slower": 480.0, "detail": "a step of 1 token(s) had no answer after 3.2 s"}
+    stalled = {"kind": "stalled", "times_slower": 480.0, "detail": "a step of 1 token had no answer after 3.2 s"}
     staller = _server(FRESH, 1, 5, None, speed={"state": "slow", "steps": 1, "evidence": stalled})
     assert trust_text(staller) == "stalled (480x announced)"  # slow shows even from a node without verdicts
     measured = _server(HONEST, 0, 3, verified, speed={"state": "measured", "steps": 30, "step_s": 0.012})

@@ -323,7 +323,7 @@ class ContributePane(QWidget):
         self.rule_banner.hide()
         # What the node last said about its server is not true now: no invite, no live figures.
         self.invite_box.hide()
-        for name in ("blocks", "throughput", "cache", "tokens", "sessions", "uptime", "network"):
+        for name in ("blocks", "throughput", "cache", "tokens", "sessions", "together", "uptime", "network"):
             self.fields[name].setText("–")
         self.last_status = None
 
