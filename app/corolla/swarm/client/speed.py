@@ -194,7 +194,10 @@ class SpeedLedger:
             "times_slower": round(waited / max(announced, 1e-6), 1),
             "steps": self.stalls[peer],
             "at": time.time(),
-            "detail": f"a {what} of {tokens} token{"" if tokens == 1 else "s"} had no answer after {waited:.3g} s ({announced:.3g} s expected)",
+            "detail": (
+                f"a {what} of {tokens} token{'' if tokens == 1 else 's'} had no answer after {waited:.3g} s "
+                f"({announced:.3g} s expected)"
+            ),
         }
         self.mark_slow(evidence)
         return evidence
