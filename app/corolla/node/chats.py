@@ -195,6 +195,14 @@ class ChatService:
         session = None
 
         def run():
+            try:
+                answer()
+            except BaseException as exc:  # the error handling itself failed: the stream must still end
+                logger.exception("a reply failed while its failure was being recorded")
+                event = {"type": "error", "kind": type(exc).__name__, "message": f"internal error: {exc}"}
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        def answer():
             nonlocal session
             try:
                 generate = dict(max_new_tokens=request.max_new_tokens, stop=request.stop, on_text=on_text)
@@ -249,7 +257,7 @@ def merged_recipients(earlier: list[dict], later: list[dict] | None) -> list[dic
     """A reply's recipients over all its parts (a continued answer keeps who saw its first part)."""
     merged, seen = [], set()
     for recipient in [*earlier, *(later or [])]:
-        key = (recipient.get("peer_id"), tuple(recipient.get("blocks") or ()))
+        key = repr(sorted(recipient.items()))  # blocks are lists of ranges: compared as text
         if key not in seen:
             seen.add(key)
             merged.append(recipient)
