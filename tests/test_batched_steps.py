@@ -127,7 +127,7 @@ def test_batcher_joins_waiting_steps_and_isolates_a_bad_one(tiny_models):
     from corolla.swarm.models.errors import EngineError
     from corolla.swarm.server.compute_queue import ComputeQueue, Priority
     from corolla.swarm.server.stats import ServerStats
-    from corolla.swarm.server.step_batcher import StepBatcher, joined_forward
+    from corolla.swarm.server.step_batcher import StepBatcher
 
     span = load_span(open_checkpoint(tiny_models.get("llama")), 0, 6)
     size = span.hidden_size
@@ -137,8 +137,6 @@ def test_batcher_joins_waiting_steps_and_isolates_a_bad_one(tiny_models):
         queue = ComputeQueue(ThreadPoolExecutor(max_workers=1))
         batcher = StepBatcher(
             run_on_thread=lambda job: queue.run(job, Priority.INFERENCE),
-            run_alone=lambda span, adapter, step: span(step.hidden, step.cache),
-            run_joined=lambda span, adapter, steps: joined_forward(span, steps),
             bytes_per_token=1024,
             stats=stats,
         )

@@ -57,7 +57,7 @@ from corolla.swarm.server.packing import (
 )
 from corolla.swarm.server.refusals import RefusalBudget, RefusalLog, held_cap
 from corolla.swarm.server.stats import ServerStats
-from corolla.swarm.server.step_batcher import MAX_STEP_TOKENS, StepBatcher, joined_forward
+from corolla.swarm.server.step_batcher import MAX_STEP_TOKENS, StepBatcher
 from corolla.swarm.server.streams import TURNED_AWAY, StreamLimits, add_stream_handler
 
 logger = logging.getLogger(__name__)
@@ -164,8 +164,6 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         # Token steps of several sessions that wait at once share one forward (step_batcher.py).
         self.batcher = StepBatcher(
             run_on_thread=lambda job: self._compute(job, Priority.INFERENCE),
-            run_alone=_step_alone,
-            run_joined=lambda span, adapter, steps: run_with_adapter(adapter, lambda: joined_forward(span, steps))(),
             bytes_per_token=2 * span.family.kv_dim(span.config) * span.dtype.itemsize * span.num_blocks,
             stats=stats,
         )
@@ -801,12 +799,6 @@ class TransformerConnectionHandler(ServicerBase):  # the name is on the wire: do
         session.pushes.put_nowait(request)
         self.stats.pushes_received += 1
         return runtime_pb2.ExpertResponse()
-
-
-def _step_alone(span: BlockSpan, adapter: str | None, step: StepRow) -> torch.Tensor:
-    """One session's token step on its own (what a step that finds no company runs)."""
-    run = lambda: span(step.hidden, step.cache, attention_mask=step.attention_mask, position_ids=step.position_ids)  # noqa: E731
-    return run_with_adapter(adapter, run)()
 
 
 def _follow_named_upstream(session: _Session, metadata: dict) -> None:

@@ -13,6 +13,7 @@ so one bad step fails only its own session (swarm/models/batched_step.py says wh
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 
 from corolla.swarm.models.batched_step import StepRow, forward_joined, joint_cost_tokens, padded_positions
 from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.stats import ServerStats
 
 # Rows in one joint forward: past a few dozen rows a CPU or GPU forward stops getting cheaper per row.
@@ -50,21 +52,16 @@ class _Waiting:
 
 
 class StepBatcher:
-    """`run_on_thread(job)` runs `job` on the compute thread at inference priority; `run_alone(span,
-    adapter, step)` is the single-session forward (with its adapter), `run_joined` the joint one;
-    `bytes_per_token` is what one cached position of the whole span costs. Counts go to `stats`."""
+    """`run_on_thread(job)` runs `job` on the compute thread at inference priority; `bytes_per_token` is
+    what one cached position of the whole span costs. Counts go to `stats`."""
 
     def __init__(
         self,
         run_on_thread: Callable[[Callable[[], list]], Awaitable[list]],
-        run_alone: Callable[[BlockSpan, str | None, StepRow], torch.Tensor],
-        run_joined: Callable[[BlockSpan, str | None, list[StepRow]], list[torch.Tensor]],
         bytes_per_token: int,
         stats: ServerStats,
     ):
         self._run_on_thread = run_on_thread
-        self._run_alone = run_alone
-        self._run_joined = run_joined
         self._max_joint_tokens = max(1, MAX_JOINT_BYTES // max(1, bytes_per_token))
         self._lock = threading.Lock()  # the pending list is read by the compute thread too
         self._pending: list[_Waiting] = []
@@ -72,11 +69,6 @@ class StepBatcher:
         self.stats = stats
         for _, label in (*BATCH_BUCKETS, (None, "33+")):
             stats.batch_sizes.setdefault(label, 0)
-
-    @property
-    def waiting(self) -> int:
-        with self._lock:
-            return sum(1 for item in self._pending if not item.done.done())
 
     async def step(self, span: BlockSpan, adapter: str | None, step: StepRow) -> torch.Tensor:
         """This session's step, computed alone or together with others waiting at the same time."""
@@ -153,7 +145,8 @@ class StepBatcher:
         head = taken[0]
         if len(taken) > 1:
             try:
-                outputs = self._run_joined(head.span, head.adapter, [item.step for item in taken])
+                steps = [item.step for item in taken]
+                outputs = run_with_adapter(head.adapter, lambda: forward_joined(head.span, steps))()
                 self.stats.step_forwards += 1
                 self.stats.joint_forwards += 1
                 return outputs
@@ -163,7 +156,7 @@ class StepBatcher:
         for item in taken:
             self.stats.step_forwards += 1
             try:
-                results.append(self._run_alone(item.span, item.adapter, item.step))
+                results.append(run_with_adapter(item.adapter, functools.partial(_alone, item))())
             except Exception as exc:
                 results.append(exc)
         return results
@@ -176,7 +169,6 @@ class StepBatcher:
         self.stats.batch_sizes["33+"] += 1
 
 
-def joined_forward(span: BlockSpan, steps: list[StepRow]) -> list[torch.Tensor]:
-    """forward_joined under inference mode (the span's own call sets it for the single path)."""
-    with torch.inference_mode():
-        return forward_joined(span, steps)
+def _alone(item: _Waiting) -> torch.Tensor:
+    step = item.step
+    return item.span(step.hidden, step.cache, attention_mask=step.attention_mask, position_ids=step.position_ids)
