@@ -95,7 +95,11 @@ class _LoopThread:
 
     def run(self, coroutine, timeout: float | None = None):
         """Run `coroutine` on the loop and wait for it. On a timeout or a Ctrl-C in the waiting thread the
-        coroutine is cancelled (and given a moment to unwind) before the error propagates."""
+        coroutine is cancelled (and given a moment to unwind) before the error propagates. On a stopped
+        loop it fails at once (nothing would ever run the coroutine)."""
+        if self._closed:
+            coroutine.close()
+            raise RuntimeError("the swarm client was closed")
         if getattr(self._local, "borrowed", False):
             task = self.loop.create_task(coroutine if timeout is None else asyncio.wait_for(coroutine, timeout))
             try:
@@ -125,6 +129,10 @@ class _LoopThread:
             self._background.add(future)
         future.add_done_callback(self._forget)
         return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _forget(self, future: concurrent.futures.Future) -> None:
         with self._background_lock:
@@ -283,6 +291,8 @@ class RemoteSession:
         self.pending = None
 
     def close(self, timeout: float | None = None) -> None:
+        if self.model._loop.closed:
+            return  # the client closed first: its streams ended with its connections (e.g. settings changed)
         self.model._loop.run(self._session.close(), timeout)
 
     def close_in_background(self) -> None:
