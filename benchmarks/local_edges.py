@@ -4,8 +4,9 @@
 For each k, in the same run (the clients take turns, each repetition visits every k, so load drifts fall
 on all of them): tokens per second and milliseconds per token over a 48-token reply (speculation and spot
 checks off, so every token is one step), the weights the client holds for its edge blocks, whether the
-tokens equal k = 0's, and, from benchmarks/privacy.sample.json, what the first server on the route still
-recovers of the user's words and the reply at that k (what the cost buys). Prints one JSON object.
+tokens equal k = 0's, the client's compute per token for its edge blocks measured alone, and, from
+benchmarks/privacy.sample.json, what the first server on the route still recovers of the user's words
+and the reply at that k (what the cost buys). Prints one JSON object.
 
 Usage (as root, in a loopback-only namespace):
     unshare -n sh -c 'ip link set lo up && PYTHONPATH=app .venv/bin/python benchmarks/local_edges.py \
@@ -24,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,6 +56,21 @@ def leaks() -> dict:
     return {key: table[key]["first"]["any"] for key in table if "first" in table[key]}
 
 
+def edge_step_ms(edges, prompt: int, tokens: int) -> float:
+    """The client's own compute per token for its edge blocks, alone (no swarm): a prompt, then one-token
+    steps through both edge spans, as a session runs them."""
+    if edges is None:
+        return 0.0
+    hidden = torch.randn(1, prompt, edges.head.hidden_size, generator=torch.Generator().manual_seed(0))
+    caches = edges.session()
+    caches.after(caches.before(hidden, hypo_ids=None, mask=None, prompts=None), mask=None, prompts=None)
+    step = hidden[:, -1:]
+    begin = time.perf_counter()
+    for _ in range(tokens):
+        caches.after(caches.before(step, hypo_ids=None, mask=None, prompts=None), mask=None, prompts=None)
+    return round(1000 * (time.perf_counter() - begin) / tokens, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a converted SmolLM2 folder (else the bundled GGUF is converted)")
@@ -79,12 +94,10 @@ def main() -> None:
             "10",
             name="edges",
         )
-        clients, rss_added = {}, {}
+        clients = {}
         try:
             server.wait_state("online", timeout=300)
-            process = psutil.Process(os.getpid())
             for k in KS:
-                before = process.memory_info().rss
                 clients[k] = corolla.AutoDistributedModelForCausalLM.from_pretrained(
                     model,
                     initial_peers=[server.maddr],
@@ -95,7 +108,6 @@ def main() -> None:
                     speculative=False,
                     spot_check_rate=0.0,
                 )
-                rss_added[k] = process.memory_info().rss - before
             tokenizer = clients[0].tokenizer
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": MESSAGE}], add_generation_prompt=True, return_tensors="pt"
@@ -122,7 +134,7 @@ def main() -> None:
                     "ms_per_token": round(1000 * seconds / args.tokens, 2),
                     "time_vs_k0": round(seconds / base, 3),
                     "edge_weights_mb": round(edges.memory_bytes() / 2**20, 1) if edges is not None else 0.0,
-                    "client_rss_mb_vs_k0": round((rss_added[k] - rss_added[0]) / 2**20, 1),
+                    "edge_compute_ms_per_token": edge_step_ms(edges, ids.shape[1], args.tokens),
                     "same_tokens_as_k0": bool(torch.equal(outputs[k], outputs[0])),
                     "first_server_recovers_percent": first_server.get(f"k={k}"),
                 }
