@@ -734,6 +734,10 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         assert not dialog.on_battery.isChecked()  # as BOINC: not on battery unless asked
         assert dialog.cpu_percent.isVisibleTo(dialog) and dialog.cpu_percent.value() == 100
         dialog.cpu_percent.setValue(50)  # half the cores: the block server computes with fewer threads
+        # Blocks run here: off by default, with the sentence that says how little it protects.
+        assert dialog.local_blocks.isVisibleTo(dialog) and dialog.local_blocks.value() == 0
+        assert "protects little" in dialog.local_blocks_row.text()
+        dialog.local_blocks.setValue(1)
         assert dialog.save_button.text() == "Agree and start contributing"
         assert dialog.save_button.icon().isNull()  # no floppy disk on "Agree"
         assert process.status()["contribution"]["state"] == "stopped"
@@ -743,6 +747,7 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         assert not process.status()["awaiting_consent"]
         assert process.get("/api/settings").json()["default_privacy"] == "members"
         assert process.get("/api/settings").json()["cpu_percent"] == 50
+        assert process.get("/api/settings").json()["chat_local_blocks"] == 1
         qtbot.waitUntil(lambda: bool(process.status()["contribution"]["pid"]), timeout=60_000)
         server = psutil.Process(process.status()["contribution"]["pid"]).cmdline()
         cores = os.cpu_count() or 1

@@ -330,3 +330,37 @@ def test_a_chat_keeps_its_privacy_and_who_saw_each_reply(node):
     assert [r["peer_id"] for r in reply["corolla_seen_by"]] == [own], reply
     body["corolla_privacy"] = {"level": "peers", "peers": ["nope"]}
     assert node.post("/v1/chat/completions", json=body).status_code == 400
+
+
+def test_blocks_run_on_this_computer_keep_the_edges_from_every_server(node):
+    """The chat_local_blocks setting: the node's client runs the first and last k blocks itself, so its
+    own server (the whole swarm here) receives only the middle; a k the model cannot spare is an error
+    sentence in the chat, and a k out of the setting's range is refused."""
+    own = node.wait_contribution("online")["contribution"]["peer_id"]
+    before = node.get("/api/settings").json()
+    assert before["chat_local_blocks"] == 0
+    try:
+        node.put("/api/settings", json={**before, "chat_local_blocks": 2}).raise_for_status()
+        chat = node.post("/api/chats", json={"title": "edges"}).json()
+        with node.client.stream(
+            "POST", f"/api/chats/{chat['id']}/messages", json={"content": "hello", "max_new_tokens": 4}
+        ) as response:
+            events = list(sse_events(response))
+        assert events[-1][0] == "done", events
+        assert [(r["peer_id"], r["blocks"]) for r in events[-1][1]["seen_by"]] == [(own, [[2, 4]])]
+
+        node.put("/api/settings", json={**before, "chat_local_blocks": 3}).raise_for_status()
+        with node.client.stream(
+            "POST", f"/api/chats/{chat['id']}/messages", json={"content": "again", "max_new_tokens": 4}
+        ) as response:
+            events = list(sse_events(response))
+        kind, error = events[-1]
+        assert kind == "error" and "at most 2 at each end" in error["message"], events
+        assert node.get(f"/api/chats/{chat['id']}").json()["messages"][0]["content"] == "hello"  # nothing lost
+
+        for bad in (-1, 33, "two"):
+            answer = node.put("/api/settings", json={**before, "chat_local_blocks": bad})
+            assert answer.status_code in (400, 422), answer.text
+        assert node.get("/api/settings").json()["chat_local_blocks"] == 3
+    finally:
+        node.put("/api/settings", json=before).raise_for_status()

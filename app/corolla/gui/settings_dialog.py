@@ -36,6 +36,12 @@ from corolla.node.api_models import PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.units import human_bytes
 
 LAN_REFRESH_MS = 3000
+# What benchmarks/privacy.py and benchmarks/local_edges.py measured (README "Who can read my chat").
+LOCAL_BLOCKS_SENTENCE = (
+    "Runs the first and last blocks of the model here, so no server gets your words as such or the model's "
+    "final output. It protects little: the first server can still read most of a chat back. Only the choice "
+    "above keeps your text away from a server."
+)
 TIME_WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
 FIELD_NAMES = {
     "time_window": "Daily window",
@@ -177,6 +183,15 @@ class SettingsDialog(QDialog):
         privacy_form.addRow("Who may read new chats", self.privacy)
         privacy_form.addRow("", self.privacy_note)
         privacy_form.addRow("Trusted peers", self.trusted_peers)
+        self.local_blocks = QSpinBox()
+        self.local_blocks.setRange(0, 8)
+        self.local_blocks.setSpecialValueText("none")
+        self.local_blocks.setAccessibleName("Blocks run on this computer at each end of the model")
+        self.local_blocks_row = plain_label(LOCAL_BLOCKS_SENTENCE)
+        self.local_blocks_row.setWordWrap(True)
+        self.local_blocks_row.setObjectName("muted")
+        privacy_form.addRow("Blocks run on this computer", self.local_blocks)
+        privacy_form.addRow("", self.local_blocks_row)
         self._privacy_changed()
         layout.addWidget(privacy)
 
@@ -380,6 +395,12 @@ class SettingsDialog(QDialog):
         self.lan_discovery.setVisible("lan_discovery" in settings)  # an older node has no such setting
         self.privacy.setCurrentIndex(max(0, self.privacy.findData(settings.get("default_privacy", "any"))))
         self.trusted_peers.setPlainText("\n".join(settings.get("trusted_peers") or []))
+        self.local_blocks.setValue(int(settings.get("chat_local_blocks") or 0))
+        for widget in (self.local_blocks, self.local_blocks_row):  # an older node has no such setting
+            widget.setVisible("chat_local_blocks" in settings)
+        label = self._privacy_form.labelForField(self.local_blocks)
+        if label is not None:
+            label.setVisible("chat_local_blocks" in settings)
         self._swarm_changed()
 
     def check_model(self) -> None:
@@ -438,7 +459,10 @@ class SettingsDialog(QDialog):
         if "default_privacy" not in (self.settings or {}):
             return {}  # an older node has no privacy settings
         peers = [p.strip() for p in self.trusted_peers.toPlainText().splitlines() if p.strip()]
-        return {"default_privacy": self.privacy.currentData(), "trusted_peers": peers}
+        changes = {"default_privacy": self.privacy.currentData(), "trusted_peers": peers}
+        if "chat_local_blocks" in (self.settings or {}):
+            changes["chat_local_blocks"] = self.local_blocks.value()
+        return changes
 
     def _lan_changes(self, swarm: str) -> dict:
         if "lan_discovery" not in (self.settings or {}):

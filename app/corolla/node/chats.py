@@ -31,6 +31,7 @@ class ClientTarget:
     dht_prefix: str | None
     peers: tuple[str, ...]
     loopback_only: bool
+    local_edge_blocks: int = 0
 
 
 class SwarmClientHost:
@@ -64,6 +65,7 @@ class SwarmClientHost:
                         initial_peers=list(target.peers),
                         dht_prefix=target.dht_prefix,
                         token=self._token(),
+                        local_edge_blocks=target.local_edge_blocks,
                         **options,
                     )
                     break

@@ -228,12 +228,13 @@ class NodeService:
         if s.swarm == "private":
             stats = self.supervisor.poll().stats or {}
             peers = tuple(stats.get("visible_maddrs") or ()) if stats.get("state") == "online" else ()
-            return ClientTarget(self.model_path(), self.dht_prefix(), peers, loopback_only=not s.listen_on_lan)
+            return ClientTarget(self.model_path(), self.dht_prefix(), peers, not s.listen_on_lan, s.chat_local_blocks)
         peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else s.custom_peers)
-        return ClientTarget(self.model_path(), self.dht_prefix(), peers, loopback_only=False)
+        return ClientTarget(self.model_path(), self.dht_prefix(), peers, False, s.chat_local_blocks)
 
     def call_swarm(self, fn, *args):
         """Run a swarm call; swarm-side failures become 503 errors that say what to do."""
+        from corolla.swarm.client.local_edges import LocalEdgesError
         from corolla.swarm.client.privacy import PrivacyError
         from corolla.swarm.client.routing import MissingBlocksError
         from corolla.swarm.client.session import ServerFailure
@@ -245,6 +246,8 @@ class NodeService:
             raise HTTPException(409, str(exc)) from exc
         except PrivacyError as exc:  # e.g. "only these peers" with an empty list of trusted peers
             raise HTTPException(400, str(exc)) from exc
+        except LocalEdgesError as exc:  # more local blocks than the model can spare: the setting says what
+            raise HTTPException(400, f"{exc} (lower 'Blocks run on this computer' in the settings)") from exc
         except EngineError as exc:  # a model that cannot be opened or is not supported
             raise HTTPException(400, str(exc)) from exc
         except (MissingBlocksError, ServerFailure) as exc:  # the swarm, not this request, is at fault

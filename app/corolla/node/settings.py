@@ -52,6 +52,10 @@ class Settings(BaseModel):
     # or this computer's own server ("local").
     default_privacy: Literal["any", "members", "peers", "local"] = "any"
     trusted_peers: list[str] = Field(default_factory=list, max_length=1024, description="peer ids")
+    # Blocks the node's swarm client runs itself at each end of the model (swarm/client/local_edges.py):
+    # no server receives token embeddings or final states. It hides little (README "Who can read my
+    # chat"); the cost is 2k blocks of compute per token here. 0: the swarm runs every block.
+    chat_local_blocks: int = Field(0, ge=0, le=32, description="blocks run on this computer at each end")
     # Peer ids of the servers of private swarms this node joined (from their invites): members.
     swarm_members: list[str] = Field(default_factory=list, max_length=1024)
 

@@ -38,6 +38,7 @@ from corolla.swarm.client import speculative
 from corolla.swarm.client.autograd import remote_blocks
 from corolla.swarm.client.config import ClientConfig
 from corolla.swarm.client.generation import CallbackStopping, SwarmCache, TokenCallbackStopping, generation_length
+from corolla.swarm.client.local_edges import LocalEdges, LocalEdgesError, check_edge_blocks
 from corolla.swarm.client.privacy import Privacy, as_privacy
 from corolla.swarm.client.prompts import PromptTuning
 from corolla.swarm.client.remote_forward import RemoteBlocks
@@ -94,7 +95,11 @@ class _LoopThread:
 
     def run(self, coroutine, timeout: float | None = None):
         """Run `coroutine` on the loop and wait for it. On a timeout or a Ctrl-C in the waiting thread the
-        coroutine is cancelled (and given a moment to unwind) before the error propagates."""
+        coroutine is cancelled (and given a moment to unwind) before the error propagates. On a stopped
+        loop it fails at once (nothing would ever run the coroutine)."""
+        if self._closed:
+            coroutine.close()
+            raise RuntimeError("the swarm client was closed")
         if getattr(self._local, "borrowed", False):
             task = self.loop.create_task(coroutine if timeout is None else asyncio.wait_for(coroutine, timeout))
             try:
@@ -124,6 +129,10 @@ class _LoopThread:
             self._background.add(future)
         future.add_done_callback(self._forget)
         return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _forget(self, future: concurrent.futures.Future) -> None:
         with self._background_lock:
@@ -193,7 +202,16 @@ class RemoteSession:
         self.model = model
         self.max_length = max_length
         view = model.view.under(privacy)
-        self._session = InferenceSession(view, max_length, adapter=model.active_adapter, prompts=prompts)
+        edges = model.local_edges
+        self._session = InferenceSession(
+            view,
+            max_length,
+            adapter=model.active_adapter,
+            prompts=prompts,
+            blocks=edges.remote_range if edges is not None else None,
+        )
+        self._prompts = prompts
+        self._edges = edges.session() if edges is not None else None  # caches of the blocks run here
         self.pending: torch.Tensor | None = None  # tokens generated but not yet sent to the servers
 
     @property
@@ -248,13 +266,33 @@ class RemoteSession:
         hypo_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model._loop.run(self._session.step(hidden, hypo_ids=hypo_ids, attention_mask=attention_mask))
+        if self._edges is None:
+            return self.model._loop.run(self._session.step(hidden, hypo_ids=hypo_ids, attention_mask=attention_mask))
+        position = self._session.position
+        if self._edges.position != position:  # a failed step or a restart left them apart
+            self._edges.rollback(position)
+        try:
+            hidden = self._edges.before(hidden, hypo_ids=hypo_ids, mask=attention_mask, prompts=self._prompts)
+            out = self.model._loop.run(self._session.step(hidden, hypo_ids=hypo_ids, attention_mask=attention_mask))
+            return self._edges.after(out, mask=attention_mask, prompts=self._prompts)
+        except BaseException:
+            self._edges.rollback(position)  # the swarm did not take this step: neither do the edges
+            raise
+
+    @property
+    def local_blocks(self) -> str | None:
+        """Which blocks ran on this computer (None: all went to the swarm)."""
+        return self.model.local_edges.describe() if self._edges is not None else None
 
     def rollback(self, position: int) -> None:
         self.model._loop.run(self._session.rollback(position))
+        if self._edges is not None:
+            self._edges.rollback(position)
         self.pending = None
 
     def close(self, timeout: float | None = None) -> None:
+        if self.model._loop.closed:
+            return  # the client closed first: its streams ended with its connections (e.g. settings changed)
         self.model._loop.run(self._session.close(), timeout)
 
     def close_in_background(self) -> None:
@@ -291,8 +329,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         active_adapter: str | None = None,
+        local_edges: LocalEdges | None = None,
     ):
         super().__init__(config)
+        self.local_edges = local_edges  # blocks this client runs itself at each end (local_edges.py)
         self.checkpoint, self.client_parts, self.dht = checkpoint, client_parts, dht
         self.view, self._loop, self.client_config = view, loop, client_config
         self.client_model: nn.Module = client_parts.model  # embeddings, final norm, head (registered: .to() works)
@@ -347,9 +387,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("initial_peers is empty: give the multiaddrs of at least one peer of the swarm")
         checkpoint = open_checkpoint(model_name_or_path, token=token, revision=revision)
         prefix = resolve_dht_prefix(checkpoint, dht_prefix or config.dht_prefix)
-        client_parts = load_client_parts(
-            checkpoint, LoadOptions(device=device, dtype=torch_dtype, token=token, revision=revision)
-        )
+        edge_blocks = check_edge_blocks(config.local_edge_blocks, checkpoint.num_blocks)
+        if edge_blocks and active_adapter:
+            raise LocalEdgesError("local edge blocks run without adapters: use local_edge_blocks=0 with an adapter")
+        options = LoadOptions(device=device, dtype=torch_dtype, token=token, revision=revision)
+        client_parts = load_client_parts(checkpoint, options)
+        local_edges = LocalEdges.load(checkpoint, edge_blocks, options) if edge_blocks else None
         dht = start_dht(
             initial_peers,
             client_mode=True,
@@ -372,6 +415,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 tuning_mode=tuning_mode,
                 pre_seq_len=pre_seq_len,
                 active_adapter=active_adapter,
+                local_edges=local_edges,
             ).to(client_parts.device)
         except BaseException:
             loop.stop()
@@ -405,8 +449,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._loop.run(self.view.refresh())
         from corolla.swarm.client.routing import describe_route
 
-        route = self.view.route(0, self.view.num_blocks, max_length, adapter=self.active_adapter)
-        return describe_route(route)
+        start, end = self.local_edges.remote_range if self.local_edges is not None else (0, self.view.num_blocks)
+        route = describe_route(self.view.route(start, end, max_length, adapter=self.active_adapter))
+        return route if self.local_edges is None else f"{route}; {self.local_edges.describe()}"
 
     def inference_session(
         self, max_length: int, batch_size: int = 1, privacy: Privacy | list[str] | dict | str | None = None
@@ -530,8 +575,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         deep = None
         if self.prompt_tuning is not None and self.prompt_tuning.deep:
             deep = self.prompt_tuning.deep_prompts(hidden.shape[0])
-        out = remote_blocks(self.blocks, hidden.cpu(), deep, send_mask, self._loop.run, grad_prefix)
-        out = out.to(hidden.device)
+        edges = self.local_edges
+        if edges is None:
+            out = remote_blocks(self.blocks, hidden.cpu(), deep, send_mask, self._loop.run, grad_prefix)
+            return out.to(hidden.device)[:, self.pre_seq_len :]
+        # Blocks [0, k) and [L - k, L) run here, differentiably; the swarm gets [k, L - k). Every position
+        # of the edges' outputs depends on the prompts, so no grad_prefix shortcut.
+        grad = torch.is_grad_enabled()
+        local_mask = None if send_mask is None else send_mask.to(hidden.device)
+        hidden = edges.run(edges.head, hidden, local_mask, deep, grad)
+        out = remote_blocks(self.blocks, hidden.cpu(), deep, send_mask, self._loop.run, None, edges.remote_range)
+        out = edges.run(edges.tail, out.to(hidden.device), local_mask, deep, grad)
         return out[:, self.pre_seq_len :]
 
     def _step_session(self, cache: SwarmCache, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -207,7 +207,8 @@ class _ServerStream:
 
 
 class InferenceSession:
-    """A session over [0, num_blocks) of a model. Use from the client's event loop."""
+    """A session over blocks [start, end) of a model (default: all of them; a client running edge blocks
+    itself routes only the middle, local_edges.py). Use from the client's event loop."""
 
     def __init__(
         self,
@@ -216,8 +217,10 @@ class InferenceSession:
         *,
         adapter: str | None = None,
         prompts: torch.Tensor | None = None,
+        blocks: tuple[int, int] | None = None,
     ):
         self.view = view
+        self.start, self.end = blocks if blocks is not None else (0, view.num_blocks)
         self.max_length = max_length
         self.adapter = adapter
         # Deep prompts [num_blocks, batch or 1, P, hidden]: each span gets its blocks' slice with the
@@ -281,7 +284,7 @@ class InferenceSession:
                 else:
                     await self.view.refresh_if_stale()
                 route = self.view.route(
-                    0, self.view.num_blocks, cache_tokens_needed=batch * self.max_length, adapter=self.adapter
+                    self.start, self.end, cache_tokens_needed=batch * self.max_length, adapter=self.adapter
                 )
                 self.streams = await self._open_segments(route)
                 break

@@ -487,8 +487,8 @@ async def restart_route(session, position: int) -> None:
     session.streams = []
     await session.view.refresh()
     route = session.view.route(
-        0,
-        session.view.num_blocks,
+        session.start,
+        session.end,
         cache_tokens_needed=(first.shape[0] if first is not None else 1) * session.max_length,
         adapter=session.adapter,
     )
