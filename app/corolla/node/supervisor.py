@@ -15,8 +15,7 @@ from pathlib import Path
 import psutil
 
 from corolla.executable import corolla_command
-from corolla.swarm.server.config import PARENT_PID_ENV
-from corolla.swarm.server.stats import read_stats
+from corolla.swarm.server.stats import PARENT_PID_ENV, read_stats
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0

@@ -1,6 +1,6 @@
 """The block server's lifecycle: join, choose blocks, load, serve, announce, rebalance, leave.
 
-One process: the DHT and p2pd run as hivemind's child processes; RPCs are served on this process's
+One process: the DHT runs on a thread of it and p2pd as its child process; RPCs are served on this process's
 asyncio loop; the blocks run on one compute thread, so the loop stays responsive during a step.
 """
 
@@ -188,6 +188,7 @@ class BlockServer:
             auto_nat=self.config.auto_nat,
             force_reachability=network.force_reachability,
             trusted_relays=network.trusted_relays,
+            in_process=True,  # no forked copy of this process (torch imported): local_dht.py says why
         )
         self.stats.using_relay = network.using_relay
         main_p2p = await self.dht.replicate_p2p()
@@ -222,10 +223,13 @@ class BlockServer:
         timer.start()
 
     def _force_exit(self, code: int) -> None:
-        """Leave now: kill the DHT child's group (p2pd too) and exit without waiting for anything."""
+        """Leave now: kill p2pd (and a DHT child's group) and exit without waiting for anything."""
         if self.dht is not None and self.dht.pid is not None:
             with contextlib.suppress(OSError):
                 os.killpg(self.dht.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
         self.stats.state, self.stats.state_reason = "offline", "forced to stop"
         with contextlib.suppress(Exception):
             self._write_stats()
