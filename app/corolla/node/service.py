@@ -195,9 +195,12 @@ class NodeService:
             self._save_settings()
             self.supervisor.stop()
             return m.ActionResult(ok=True, message="Stopped: nothing is served until you start again.")
-        if action == "pause":
-            self.supervisor.pause("paused by the user")
-            return m.ActionResult(ok=True, message="Paused.")
+        if action == "pause":  # the blocks stay loaded: resuming takes about a second
+            self.supervisor.pause("paused by the user; the model stays loaded", keep_model=True)
+            return m.ActionResult(ok=True, message="Paused; the model stays loaded, so resuming is quick.")
+        if action == "pause-free":
+            self.supervisor.pause("paused by the user; the model's memory is freed")
+            return m.ActionResult(ok=True, message="Paused and the model unloaded: its memory is free.")
         if self.supervisor.args is None:
             return self.contribution("start")
         self.supervisor.resume()
@@ -425,6 +428,7 @@ class NodeService:
             cache_bytes_left=stats.get("cache_bytes_left", 0),
             uptime_s=stats.get("uptime_s", 0.0),
             peer_id=stats.get("peer_id"),
+            model_kept=sup.state == "paused" and self.supervisor.keeping_model,
         )
         invite = None
         if self.settings.swarm == "private" and stats.get("visible_maddrs") and sup.state == "online":
