@@ -22,7 +22,7 @@ from corolla.node import api_models as m
 from corolla.node.chats import ChatService, ClientTarget, NoSwarm, SwarmClientHost
 from corolla.node.db import Database
 from corolla.node.default_model import DefaultModel
-from corolla.node.instance import AlreadyRunning, claim, new_token, read_address, release
+from corolla.node.instance import NODE_PID_ENV, AlreadyRunning, claim, new_token, read_address, release
 from corolla.node.lan_discovery import LanDiscovery, default_human_name, lan_maddrs
 from corolla.node.paths import NodePaths
 from corolla.node.secrets import SecretStore
@@ -642,6 +642,7 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
         sock.close()
         print(f"corolla: {exc}; its token is in {exc.address.token_file}", file=sys.stderr)
         return 1
+    os.environ[NODE_PID_ENV] = str(os.getpid())  # inherited by p2pd and the server: orphans are found
     node = NodeService(paths)
     if previous is not None and previous.pid != os.getpid() and node.supervisor.last_failure is None:
         started = time.strftime("%d %b %H:%M", time.localtime(previous.started_at))
