@@ -13,17 +13,61 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import signal
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import hivemind.p2p.p2p_daemon as p2p_daemon
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 3.0
+PR_SET_PDEATHSIG = 1
+
+
+class _SubprocessDyingWithParent:
+    """asyncio.subprocess for hivemind's p2p_daemon module only: p2pd gets SIGKILL once the thread that
+    started it is gone (Linux). With the DHT on a thread, p2pd is this process's own child and nothing
+    else would end it after a SIGKILL of this process (hivemind's forked DHT child watched for that)."""
+
+    def __init__(self, libc: ctypes.CDLL):
+        self._libc = libc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio.subprocess, name)
+
+    def _die_with_parent(self) -> None:  # in the child, between fork and exec
+        self._libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    async def create_subprocess_exec(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("preexec_fn", self._die_with_parent)
+        return await asyncio.subprocess.create_subprocess_exec(*args, **kwargs)
+
+
+class _AsyncioForP2PD:
+    def __init__(self, subprocess: _SubprocessDyingWithParent):
+        self.subprocess = subprocess
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+def _p2pd_dies_with_its_parent() -> None:
+    if not sys.platform.startswith("linux") or isinstance(p2p_daemon.asyncio, _AsyncioForP2PD):
+        return
+    with contextlib.suppress(OSError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        p2p_daemon.asyncio = _AsyncioForP2PD(_SubprocessDyingWithParent(libc))
+
+
+_p2pd_dies_with_its_parent()
 
 
 class DHTFuture:
