@@ -56,7 +56,7 @@ class ServerSupervisor:
         self.next_start_at: float | None = None
         self.started_at = 0.0
         self.pid_path = workdir / "server.pid"
-        self._tree: list[psutil.Process] = []  # the server and what it started (DHT child, p2pd, ...)
+        self._tree: list[psutil.Process] = []  # the server and what it started (p2pd, probe daemons)
         self.closed = False  # the node is shutting down: nothing may start a server any more
         self.keeping_model = False  # paused with the blocks loaded (the server runs, OFFLINE)
         self._reap_orphan()
@@ -132,7 +132,7 @@ class ServerSupervisor:
         if self.process is not None and self.process.poll() is not None:
             code = self.process.returncode
             self.keeping_model = False  # a restarted server serves: the pause went with the process
-            self._kill_leftovers(self.process.pid)  # an abrupt death leaves its DHT child and p2pd
+            self._kill_leftovers(self.process.pid)  # an abrupt death may leave p2pd
             self.process = None
             if self.wanted:
                 self.failures += 1

@@ -30,6 +30,7 @@ from hivemind.p2p import P2P
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 3.0
 PR_SET_PDEATHSIG = 1
+SIG_IGN = ctypes.c_void_p(1)
 
 
 class _SubprocessDyingWithParent:
@@ -43,8 +44,11 @@ class _SubprocessDyingWithParent:
     def __getattr__(self, name: str) -> Any:
         return getattr(asyncio.subprocess, name)
 
-    def _die_with_parent(self) -> None:  # in the child, between fork and exec
-        self._libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    def _die_with_parent(self) -> None:  # in the child, between fork and exec: the C library only
+        self._libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        # A terminal's Ctrl-C reaches the whole group: only the parent handles it and then stops p2pd in
+        # order (p2pd, a Go program, keeps a SIGINT it inherited as ignored).
+        self._libc.signal(int(signal.SIGINT), SIG_IGN)
 
     async def create_subprocess_exec(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("preexec_fn", self._die_with_parent)

@@ -1,7 +1,9 @@
 """Starting and stopping hivemind peers the way Corolla wants them.
 
-NAT port mapping stays off unless asked for. The DHT runs in a forked child process (with p2pd as its
-own child); Corolla's child differs from hivemind's in three ways that make it behave under signals:
+NAT port mapping stays off unless asked for. The block server and the node's swarm client run their
+DHT on a thread (`in_process=True`, local_dht.py: no forked copy of a process holding torch; p2pd is
+their own child and dies with them). Otherwise the DHT runs in a forked child process (with p2pd as
+its own child); Corolla's child differs from hivemind's in three ways that make it behave under signals:
 
 - it leads its own process group, so a terminal's Ctrl-C or a `kill` of the caller's group reaches the
   caller only, which then says goodbye on the DHT (OFFLINE) and shuts the child down in order;
