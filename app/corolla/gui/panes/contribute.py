@@ -138,7 +138,7 @@ class ContributePane(QWidget):
         buttons = QHBoxLayout()
         self.start_button, self.pause_button = QPushButton("&Start contributing"), QPushButton("&Pause")
         self.resume_button, self.stop_button = QPushButton("&Resume"), QPushButton("S&top")
-        self.free_button = QPushButton("Pause and &free memory")
+        self.free_button = QPushButton("Pause and free &memory")
         for button, action, tip in (
             (self.start_button, "start", "Serve blocks of the model for the swarm (Alt+S)"),
             (
