@@ -15,7 +15,9 @@ Then the pauses: "pause" followed by "resume" (time until the server is online a
 "pause and free memory" (the footprint while paused that way), where the node offers them.
 
 With `--before REF`, the same run is repeated for the code at git commit REF (its app/ extracted to
-a temporary folder), so before and after come from one run on one machine state.
+a temporary folder), so before and after come from one run on one machine state. `--speed-rounds N`
+then also compares chat speed: a node of each code (no window) serving at once, N chats each,
+alternating between them, so a busy machine slows both alike.
 
 Targets (issue 29, SmolLM2 float32 on CPU): chatting at most 1.2 GB PSS in at most 5 processes, idle
 at most 400 MB PSS, resume after a memory-keeping pause at most 2 s.
@@ -128,7 +130,7 @@ def measure(window_pid: int, node_pid: int, home: Path) -> dict:
 
 # --- a node and a window -----------------------------------------------------------------------------
 class Run:
-    def __init__(self, app_dir: Path, model: str, smollm2: Path | None, workdir: Path):
+    def __init__(self, app_dir: Path, model: str, smollm2: Path | None, workdir: Path, window: bool = True):
         self.home = workdir / "home"
         self.home.mkdir(parents=True)
         if model == "smollm2" and smollm2 is not None:
@@ -144,7 +146,7 @@ class Run:
             "PYTHONPATH": str(app_dir),
             "COROLLA_HOME": str(self.home),
             "COROLLA_DEFAULT_MODEL": model,
-            "COROLLA_AWAIT_CONSENT": "1",
+            "COROLLA_AWAIT_CONSENT": "1" if window else "0",
             "PYTHONUNBUFFERED": "1",
             "QT_QPA_PLATFORM": "offscreen",
         }
@@ -159,15 +161,17 @@ class Run:
         )
         self.url, self.token = self._wait_node()
         self.api = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=300)
-        self.window = subprocess.Popen(
-            [sys.executable, "-c", WINDOW, self.url, self.token, str(workdir / "window.ini")],
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            start_new_session=True,
-            env=self.env,
-            cwd=workdir,
-        )
-        assert self.window.stdout is not None and b"window shown" in self.window.stdout.readline()
+        self.window: subprocess.Popen | None = None
+        if window:
+            self.window = subprocess.Popen(
+                [sys.executable, "-c", WINDOW, self.url, self.token, str(workdir / "window.ini")],
+                stdout=subprocess.PIPE,
+                stderr=self.log,
+                start_new_session=True,
+                env=self.env,
+                cwd=workdir,
+            )
+            assert self.window.stdout is not None and b"window shown" in self.window.stdout.readline()
 
     def _wait_node(self, timeout: float = 120.0) -> tuple[str, str]:
         lock = self.home / "config" / "node.json"
@@ -184,7 +188,7 @@ class Run:
         raise RuntimeError("the node did not start")
 
     def measure(self) -> dict:
-        return measure(self.window.pid, self.node.pid, self.home)
+        return measure(self.window.pid if self.window else -1, self.node.pid, self.home)
 
     def state(self) -> str:
         return self.api.get("/api/status").json()["contribution"]["state"]
@@ -223,9 +227,10 @@ class Run:
             result["tokens_per_s"] = round((len(times) - 1) / (times[-1] - times[0]), 2)
 
     def close(self) -> None:
-        self.window.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.window.wait(10)
+        if self.window is not None:
+            self.window.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.window.wait(10)
         with contextlib.suppress(Exception):
             self.api.close()
         with contextlib.suppress(ProcessLookupError):
@@ -261,6 +266,31 @@ def scenario(app_dir: Path, model: str, smollm2: Path | None) -> dict:
             return result
         finally:
             run.close()
+
+
+def chat_speed(codes: dict[str, Path], model: str, smollm2: Path | None, rounds: int) -> dict:
+    """Chat tokens/s of each code's node (no window), all serving at once, chats alternating between
+    them round by round: a busy machine slows each alike."""
+    with tempfile.TemporaryDirectory(prefix="corolla-speed-") as tmp:
+        runs: dict[str, Run] = {}
+        try:
+            for label, app_dir in codes.items():
+                runs[label] = Run(app_dir, model, smollm2, Path(tmp) / label, window=False)
+            for run in runs.values():
+                run.wait_state("online")
+            speeds: dict[str, list] = {label: [] for label in runs}
+            for i in range(rounds):
+                for label in list(runs)[:: 1 if i % 2 == 0 else -1]:
+                    chat: dict = {}
+                    runs[label].stream_chat(threading.Event(), chat)
+                    speeds[label].append(chat.get("tokens_per_s"))
+            return {
+                label: {"tokens_per_s": v, "mean": round(sum(v) / len(v), 2) if all(v) else None}
+                for label, v in speeds.items()
+            }
+        finally:
+            for run in runs.values():
+                run.close()
 
 
 def pauses(run: Run) -> dict:
@@ -301,6 +331,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,tiny")
     parser.add_argument("--before", metavar="REF", help="also measure the code at this git commit, same run")
     parser.add_argument("--smollm2", type=Path, default=os.environ.get("COROLLA_TEST_SMOLLM2"))
+    parser.add_argument("--speed-rounds", type=int, default=0, help="with --before: chats per node, alternating")
     args = parser.parse_args()
     codes = {"after": ROOT / "app"}
     with tempfile.TemporaryDirectory(prefix="corolla-footprint-before-") as tmp:
@@ -313,6 +344,11 @@ def main() -> None:
                 report["runs"][f"{model}/{label}"] = figures
                 print(f"{model}/{label}: {json.dumps(_summary(figures))}", file=sys.stderr, flush=True)
         report["summary"] = {name: _summary(figures) for name, figures in report["runs"].items()}
+        if args.speed_rounds and args.before:
+            for model in args.models.split(","):
+                report.setdefault("chat_speed_alternating", {})[model] = chat_speed(
+                    codes, model, args.smollm2, args.speed_rounds
+                )
     print(json.dumps(report, indent=1))
 
 

@@ -113,6 +113,14 @@ def test_pause_keeps_the_model_loaded_and_resumes_the_same_server(node):
     assert resumed["pid"] == before["pid"], "resuming restarted the server instead of serving its loaded blocks"
     assert resumed["restarts"] == before["restarts"] and not resumed["model_kept"]
     assert _tokens(_chat(node)) > 0  # routed to the resumed server: it serves again
+    # Stop while paused with the model kept: the waiting server leaves in order (no orphan), Start serves.
+    assert node.post("/api/contribution/pause").status_code == 200
+    node.wait_contribution("paused", timeout=60)
+    assert node.post("/api/contribution/stop").status_code == 200
+    assert node.wait_contribution("stopped", timeout=60)["contribution"]["pid"] is None
+    server.wait(30)
+    assert node.post("/api/contribution/start").status_code == 200
+    node.wait_contribution("online", timeout=120)
 
 
 @pytest.mark.slow
