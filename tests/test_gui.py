@@ -379,6 +379,8 @@ def test_pause_explains_resume_in_chat_and_counters_stay(qtbot, window, node):
     assert lifetime["tokens_served"] > 0  # all-time counters do not drop with the paused server
     assert f"{lifetime['tokens_served']:,} tokens" in window.contribute.fields["lifetime"].text()
     assert window.contribute.resume_button.isEnabled()
+    # Pause kept the model loaded: the same server waits, and freeing its memory is still on offer.
+    assert node.status()["contribution"]["model_kept"] and window.contribute.free_button.isEnabled()
 
     window.tabs.setCurrentWidget(window.chat)
     _chat = node.post("/api/chats", json={"title": "paused"}).json()

@@ -252,6 +252,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # other programs, and a step then waited on a thread that had been descheduled: with two threads
     # and four sessions a step took 0.3-1.5 s instead of 0.05 s. A user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from corolla.memory import cap_malloc_arenas
+
+    cap_malloc_arenas()  # before any thread allocates: memory.py says why
     # Checked before anything heavy is imported or loaded.
     if not args.initial_peers and not args.new_swarm:
         raise UsageError("give --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
@@ -696,8 +699,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         # imports tqdm (it reads TQDM_* when imported); inherited by the block server the node starts.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
+    from corolla.memory import cap_malloc_arenas
     from corolla.node.service import run_node
 
+    cap_malloc_arenas()
     return run_node(port=args.port)
 
 

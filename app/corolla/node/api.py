@@ -128,8 +128,8 @@ def create_app(node) -> FastAPI:
 
     @app.post("/api/contribution/{action}", dependencies=api, tags=["contribution"])
     def contribution(action: str) -> m.ActionResult:
-        if action not in ("start", "stop", "pause", "resume"):
-            raise HTTPException(404, "action must be start, stop, pause or resume")
+        if action not in ("start", "stop", "pause", "pause-free", "resume"):
+            raise HTTPException(404, "action must be start, stop, pause, pause-free or resume")
         return node.contribution(action)
 
     @app.get("/api/contribution/log", dependencies=api, tags=["contribution"])

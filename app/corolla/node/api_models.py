@@ -44,6 +44,7 @@ class ContributionStatus(BaseModel):
     cache_bytes_left: int = 0
     uptime_s: float = 0.0
     peer_id: str | None = None
+    model_kept: bool = False  # paused with the model loaded (resume takes about a second)
 
 
 class ModelCard(BaseModel):

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from corolla.node.paths import NodePaths
 
+# Set in the node's environment to its pid: every process it starts (p2pd, the block server) carries it,
+# so what a killed node left behind is found (reap_orphans_of).
+NODE_PID_ENV = "COROLLA_NODE_PID"
+
 
 @dataclass(frozen=True)
 class NodeAddress:
@@ -123,7 +127,7 @@ def reap_orphans_of(dead: NodeAddress) -> int:
             if (
                 process.pid != os.getpid()
                 and process.info["ppid"] == 1
-                and is_node_command(cmdline)
+                and (is_node_command(cmdline) or _started_by(process, dead.pid))
                 and process.info["create_time"] >= dead.started_at - 1
             ):
                 for child in process.children(recursive=True):
@@ -133,6 +137,15 @@ def reap_orphans_of(dead: NodeAddress) -> int:
         except psutil.Error:
             pass
     return reaped
+
+
+def _started_by(process, node_pid: int) -> bool:
+    """A process whose environment names `node_pid` as its node (p2pd: the node's DHT runs in-process, so
+    its p2pd is the node's own child and outlives a killed node)."""
+    try:
+        return process.environ().get(NODE_PID_ENV) == str(node_pid)
+    except Exception:  # another user's process, or gone
+        return False
 
 
 def release(paths: NodePaths) -> None:

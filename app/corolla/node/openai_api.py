@@ -15,7 +15,6 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from corolla.node.api_models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, PrivacyChoice
-from corolla.swarm.client.generation import sampling_kwargs
 
 
 class ChatMessage(BaseModel):
@@ -44,6 +43,8 @@ class _Sampling(BaseModel):
         return stops
 
     def sampling(self) -> dict:
+        from corolla.swarm.client.generation import sampling_kwargs  # lazy: an idle node never imports torch
+
         return sampling_kwargs(self.temperature, self.top_p, seed=self.seed)
 
 

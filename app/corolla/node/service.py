@@ -22,7 +22,7 @@ from corolla.node import api_models as m
 from corolla.node.chats import ChatService, ClientTarget, NoSwarm, SwarmClientHost
 from corolla.node.db import Database
 from corolla.node.default_model import DefaultModel
-from corolla.node.instance import AlreadyRunning, claim, new_token, read_address, release
+from corolla.node.instance import NODE_PID_ENV, AlreadyRunning, claim, new_token, read_address, release
 from corolla.node.lan_discovery import LanDiscovery, default_human_name, lan_maddrs
 from corolla.node.paths import NodePaths
 from corolla.node.secrets import SecretStore
@@ -195,9 +195,12 @@ class NodeService:
             self._save_settings()
             self.supervisor.stop()
             return m.ActionResult(ok=True, message="Stopped: nothing is served until you start again.")
-        if action == "pause":
-            self.supervisor.pause("paused by the user")
-            return m.ActionResult(ok=True, message="Paused.")
+        if action == "pause":  # the blocks stay loaded: resuming takes about a second
+            self.supervisor.pause("paused by the user; the model stays loaded", keep_model=True)
+            return m.ActionResult(ok=True, message="Paused; the model stays loaded, so resuming is quick.")
+        if action == "pause-free":
+            self.supervisor.pause("paused by the user; the model's memory is freed")
+            return m.ActionResult(ok=True, message="Paused and the model unloaded: its memory is free.")
         if self.supervisor.args is None:
             return self.contribution("start")
         self.supervisor.resume()
@@ -428,6 +431,7 @@ class NodeService:
             cache_bytes_left=stats.get("cache_bytes_left", 0),
             uptime_s=stats.get("uptime_s", 0.0),
             peer_id=stats.get("peer_id"),
+            model_kept=sup.state == "paused" and self.supervisor.keeping_model,
         )
         invite = None
         if self.settings.swarm == "private" and stats.get("visible_maddrs") and sup.state == "online":
@@ -641,6 +645,7 @@ def run_node(port: int = 0, paths: NodePaths | None = None) -> int:
         sock.close()
         print(f"corolla: {exc}; its token is in {exc.address.token_file}", file=sys.stderr)
         return 1
+    os.environ[NODE_PID_ENV] = str(os.getpid())  # inherited by p2pd and the server: orphans are found
     node = NodeService(paths)
     if previous is not None and previous.pid != os.getpid() and node.supervisor.last_failure is None:
         started = time.strftime("%d %b %H:%M", time.localtime(previous.started_at))

@@ -15,8 +15,7 @@ from pathlib import Path
 import psutil
 
 from corolla.executable import corolla_command
-from corolla.swarm.server.config import PARENT_PID_ENV
-from corolla.swarm.server.stats import read_stats
+from corolla.swarm.server.stats import PARENT_PID_ENV, read_stats
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
@@ -57,8 +56,9 @@ class ServerSupervisor:
         self.next_start_at: float | None = None
         self.started_at = 0.0
         self.pid_path = workdir / "server.pid"
-        self._tree: list[psutil.Process] = []  # the server and what it started (DHT child, p2pd, ...)
+        self._tree: list[psutil.Process] = []  # the server and what it started (p2pd, probe daemons)
         self.closed = False  # the node is shutting down: nothing may start a server any more
+        self.keeping_model = False  # paused with the blocks loaded (the server runs, OFFLINE)
         self._reap_orphan()
 
     def _reap_orphan(self) -> None:
@@ -81,6 +81,8 @@ class ServerSupervisor:
     def start(self, args: list[str]) -> None:
         """Run `corolla serve ARGS` (replacing a running server if the arguments changed)."""
         if self.process is not None and self.process.poll() is None and args == self.args:
+            if self.keeping_model:
+                self.resume()
             self.wanted = True
             return
         self._terminate()
@@ -92,15 +94,34 @@ class ServerSupervisor:
         self._terminate()
         self.state, self.reason, self.next_start_at = "stopped", reason, None
 
-    def pause(self, reason: str) -> None:
+    def pause(self, reason: str, keep_model: bool = False) -> None:
+        """Stop serving. `keep_model`: the server stays running with its blocks loaded, OFFLINE for the
+        swarm (resumed in about a second); otherwise it exits and its memory is freed."""
+        if keep_model and self.running and hasattr(signal, "SIGUSR1"):
+            self.process.send_signal(signal.SIGUSR1)
+            self.wanted = False  # a crash meanwhile is not restarted: the user paused
+            self.keeping_model = True
+            self.state, self.reason = "paused", reason
+            return
         self.wanted = False
+        self.keeping_model = False
         self._terminate()
         self.state, self.reason, self.next_start_at = "paused", reason, None
 
     def resume(self) -> None:
+        if self.keeping_model and self.running:
+            self.process.send_signal(signal.SIGUSR2)
+            self.wanted, self.keeping_model = True, False
+            self.state, self.reason = "starting", "resuming"
+            return
+        self.keeping_model = False
         if self.args is not None and (self.process is None or self.process.poll() is not None):
             self.wanted = True
             self._spawn()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     # --- status ------------------------------------------------------------------------------------
     def poll(self) -> SupervisorStatus:
@@ -110,7 +131,8 @@ class ServerSupervisor:
         self._cap_log()
         if self.process is not None and self.process.poll() is not None:
             code = self.process.returncode
-            self._kill_leftovers(self.process.pid)  # an abrupt death leaves its DHT child and p2pd
+            self.keeping_model = False  # a restarted server serves: the pause went with the process
+            self._kill_leftovers(self.process.pid)  # an abrupt death may leave p2pd
             self.process = None
             if self.wanted:
                 self.failures += 1
@@ -127,9 +149,10 @@ class ServerSupervisor:
             self._spawn()
         stats = read_stats(self.stats_path) if self.process is not None else None
         if self.process is not None and stats is not None:
-            self.state = {"online": "online", "loading": "loading", "joining": "starting"}.get(
-                stats.get("state"), self.state
-            )
+            states = {"online": "online", "loading": "loading", "joining": "starting"}
+            if self.keeping_model:
+                states = {"loading": "paused", "online": "paused", "paused": "paused"}  # until it has paused
+            self.state = states.get(stats.get("state"), self.state)
             if self.state == "online":
                 self.reason = stats.get("state_reason", "")
                 if now - self.started_at > HEALTHY_AFTER_S:
@@ -165,6 +188,7 @@ class ServerSupervisor:
 
     def _terminate(self, timeout: float = 20.0) -> None:
         process, self.process = self.process, None
+        self.keeping_model = False
         if process is None:
             return
         if process.poll() is None:

@@ -1,7 +1,9 @@
 """Starting and stopping hivemind peers the way Corolla wants them.
 
-NAT port mapping stays off unless asked for. The DHT runs in a forked child process (with p2pd as its
-own child); Corolla's child differs from hivemind's in three ways that make it behave under signals:
+NAT port mapping stays off unless asked for. The block server and the node's swarm client run their
+DHT on a thread (`in_process=True`, local_dht.py: no forked copy of a process holding torch; p2pd is
+their own child and dies with them). Otherwise the DHT runs in a forked child process (with p2pd as
+its own child); Corolla's child differs from hivemind's in three ways that make it behave under signals:
 
 - it leads its own process group, so a terminal's Ctrl-C or a `kill` of the caller's group reaches the
   caller only, which then says goodbye on the DHT (OFFLINE) and shuts the child down in order;
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 
 from hivemind import DHT
 
+from corolla.swarm.local_dht import InProcessDHT
 from corolla.swarm.relays import relay_options
 
 logger = logging.getLogger(__name__)
@@ -114,16 +117,18 @@ def start_dht(
     trusted_relays: Sequence[str] = (),
     num_workers: int = 32,
     startup_timeout: float = 60.0,
-) -> DHT:
+    in_process: bool = False,
+) -> DHT | InProcessDHT:
     """A running hivemind DHT (a forked child process) and its p2pd daemon.
+
+    `in_process`: the DHT runs on a thread of this process instead (local_dht.py): no forked copy of a
+    process that has imported torch; p2pd is then a child of this process.
 
     `nat_port_map` stays off by default: hivemind's own default probes the gateway with NAT-PMP
     and UPnP, which a user did not ask for and which loopback-only tests must never do.
     Raises PeerStartError (one readable line) when the DHT cannot start or reach its initial peers.
     """
-    dht = CorollaDHT(
-        initial_peers=list(initial_peers),
-        start=False,
+    options = dict(
         client_mode=client_mode,
         num_workers=num_workers,
         host_maddrs=list(host_maddrs),
@@ -136,6 +141,12 @@ def start_dht(
         startup_timeout=startup_timeout,
         **relay_options(force_reachability, trusted_relays),
     )
+    if in_process:
+        try:
+            return InProcessDHT(list(initial_peers), **options)
+        except Exception as exc:
+            raise PeerStartError(_describe_start_failure(exc, initial_peers)) from exc
+    dht = CorollaDHT(initial_peers=list(initial_peers), start=False, **options)
     try:
         dht.run_in_background(await_ready=True, timeout=startup_timeout + 5)
     except BaseException as exc:

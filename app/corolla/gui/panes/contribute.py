@@ -43,7 +43,13 @@ STATE_TEXT = {
 }
 
 
-ACTION_TEXT = {"start": "Starting…", "pause": "Pausing…", "resume": "Resuming…", "stop": "Stopping…"}
+ACTION_TEXT = {
+    "start": "Starting…",
+    "pause": "Pausing…",
+    "pause-free": "Pausing and unloading the model…",
+    "resume": "Resuming…",
+    "stop": "Stopping…",
+}
 
 
 def duration(seconds: float) -> str:
@@ -132,9 +138,19 @@ class ContributePane(QWidget):
         buttons = QHBoxLayout()
         self.start_button, self.pause_button = QPushButton("&Start contributing"), QPushButton("&Pause")
         self.resume_button, self.stop_button = QPushButton("&Resume"), QPushButton("S&top")
+        self.free_button = QPushButton("Pause and free &memory")
         for button, action, tip in (
             (self.start_button, "start", "Serve blocks of the model for the swarm (Alt+S)"),
-            (self.pause_button, "pause", "Stop serving for now; Resume picks up with the same blocks (Ctrl+P)"),
+            (
+                self.pause_button,
+                "pause",
+                "Stop serving for now; the model stays loaded, so Resume is back in a second (Ctrl+P)",
+            ),
+            (
+                self.free_button,
+                "pause-free",
+                "Stop serving and unload the model: its memory is free; Resume loads it again",
+            ),
             (self.resume_button, "resume", "Serve again (Ctrl+P)"),
             (self.stop_button, "stop", "Stop contributing until you start again (also after a restart)"),
         ):
@@ -230,6 +246,7 @@ class ContributePane(QWidget):
         chain = [
             self.start_button,
             self.pause_button,
+            self.free_button,
             self.resume_button,
             self.stop_button,
             self.invite,
@@ -318,7 +335,7 @@ class ContributePane(QWidget):
         self.state.setText("The node does not answer")
         self.state.setStyleSheet(f"font-size: 20px; font-weight: 600; color: {theme.colours().bad}")
         self.reason.setText("Nothing is contributed while the node is stopped. Restart it from the banner above.")
-        for button in (self.start_button, self.pause_button, self.resume_button, self.stop_button):
+        for button in (self.start_button, self.pause_button, self.free_button, self.resume_button, self.stop_button):
             button.setEnabled(False)
         self.rule_banner.hide()
         # What the node last said about its server is not true now: no invite, no live figures.
@@ -351,6 +368,7 @@ class ContributePane(QWidget):
         running = c["state"] in ("online", "starting", "loading", "restarting")
         self.start_button.setEnabled(c["state"] in ("stopped", "failed"))
         self.pause_button.setEnabled(running)
+        self.free_button.setEnabled(running or bool(c.get("model_kept")))
         self.resume_button.setEnabled(c["state"] == "paused")
         self.stop_button.setEnabled(c["state"] != "stopped")
         rule = status.get("pause_rule")

@@ -399,6 +399,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             host_maddrs=config.host_maddrs,
             use_relay=config.use_relay,
             auto_nat=config.auto_nat,
+            in_process=True,  # no forked copy of a process holding torch and the client's weights
         )
         loop = _LoopThread()
         try:

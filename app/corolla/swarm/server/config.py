@@ -7,8 +7,9 @@ from pathlib import Path
 
 from corolla.swarm import protocol
 
-# Set by whoever starts `corolla serve --exit-with-parent` to its own pid (see BlockServer's orphan watch).
-PARENT_PID_ENV = "COROLLA_PARENT_PID"
+# Set by whoever starts `corolla serve --exit-with-parent` to its own pid (see BlockServer's orphan watch);
+# defined in stats.py, which the node reads without importing torch.
+from corolla.swarm.server.stats import PARENT_PID_ENV  # noqa: F401
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The block server's lifecycle: join, choose blocks, load, serve, announce, rebalance, leave.
 
-One process: the DHT and p2pd run as hivemind's child processes; RPCs are served on this process's
+One process: the DHT runs on a thread of it and p2pd as its child process; RPCs are served on this process's
 asyncio loop; the blocks run on one compute thread, so the loop stays responsive during a step.
 """
 
@@ -113,6 +113,7 @@ class BlockServer:
         self.reachability_service: ReachabilityProtocol | None = None
         self._reachability_watch: asyncio.Task | None = None
         self._stop = asyncio.Event()
+        self._paused, self._resumed = asyncio.Event(), asyncio.Event()  # a pause that keeps the blocks
         self._wake_announcer = asyncio.Event()
 
     # --- entry point -------------------------------------------------------------------------------
@@ -134,6 +135,9 @@ class BlockServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if hasattr(signal, "SIGUSR1"):
+            loop.add_signal_handler(signal.SIGUSR1, self._on_pause, True)
+            loop.add_signal_handler(signal.SIGUSR2, self._on_pause, False)
         writer = asyncio.create_task(self._write_stats_forever())
         if self.config.exit_with_parent:
             self._orphan_watch = asyncio.create_task(self._stop_when_orphaned(expected_parent_pid()))
@@ -188,6 +192,7 @@ class BlockServer:
             auto_nat=self.config.auto_nat,
             force_reachability=network.force_reachability,
             trusted_relays=network.trusted_relays,
+            in_process=True,  # no forked copy of this process (torch imported): local_dht.py says why
         )
         self.stats.using_relay = network.using_relay
         main_p2p = await self.dht.replicate_p2p()
@@ -222,10 +227,13 @@ class BlockServer:
         timer.start()
 
     def _force_exit(self, code: int) -> None:
-        """Leave now: kill the DHT child's group (p2pd too) and exit without waiting for anything."""
+        """Leave now: kill p2pd (and a DHT child's group) and exit without waiting for anything."""
         if self.dht is not None and self.dht.pid is not None:
             with contextlib.suppress(OSError):
                 os.killpg(self.dht.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
         self.stats.state, self.stats.state_reason = "offline", "forced to stop"
         with contextlib.suppress(Exception):
             self._write_stats()
@@ -334,31 +342,56 @@ class BlockServer:
                 session_timeout=self.config.session_timeout,
                 step_timeout=self.config.step_timeout,
             )
-            handler = TransformerConnectionHandler(
-                self.span, self.dht_prefix, self.budget, limits, self.stats, executor
-            )
-            handler.adapters = self.adapters
-            p2p = await self.dht.replicate_p2p()
-            await handler.attach(p2p)
             # What is alive now (torch, the model, hivemind: ~400k objects) lives as long as the span;
             # frozen, it is left out of the collector's full passes, each of which would otherwise walk
             # all of it (hundreds of ms) and stall every token step meanwhile. A flood of requests
             # makes such passes frequent.
             gc.collect()
             gc.freeze()
-            self.next_pings = NextPings(p2p, self.peer_id)
-            self.state = ServerState.ONLINE
-            self._set_state("online", f"serving blocks {start}–{end - 1}")
             self._save_throughput()
-            for maddr in self.stats.visible_maddrs:
-                print(f"corolla: serving {self.dht_prefix}; others join with --initial-peers {maddr}", flush=True)
-            tasks.append(asyncio.create_task(self._announce_forever(start, end)))
-            if self.config.blocks is None:
-                tasks.append(asyncio.create_task(self._balance_forever(move)))
-            stop_wait = asyncio.create_task(self._stop.wait())
-            move_wait = asyncio.create_task(move.wait())
-            tasks += [stop_wait, move_wait]
-            await asyncio.wait({stop_wait, move_wait}, return_when=asyncio.FIRST_COMPLETED)
+            first = True
+            while True:
+                handler = TransformerConnectionHandler(
+                    self.span, self.dht_prefix, self.budget, limits, self.stats, executor
+                )
+                handler.adapters = self.adapters
+                p2p = await self.dht.replicate_p2p()
+                await handler.attach(p2p)
+                self.next_pings = NextPings(p2p, self.peer_id)
+                self.state = ServerState.ONLINE
+                self._set_state("online", f"serving blocks {start}–{end - 1}")
+                if first:
+                    for maddr in self.stats.visible_maddrs:
+                        print(
+                            f"corolla: serving {self.dht_prefix}; others join with --initial-peers {maddr}", flush=True
+                        )
+                    first = False
+                tasks.append(asyncio.create_task(self._announce_forever(start, end)))
+                if self.config.blocks is None:
+                    tasks.append(asyncio.create_task(self._balance_forever(move)))
+                stop_wait = asyncio.create_task(self._stop.wait())
+                move_wait = asyncio.create_task(move.wait())
+                pause_wait = asyncio.create_task(self._paused.wait())
+                tasks += [stop_wait, move_wait, pause_wait]
+                await asyncio.wait({stop_wait, move_wait, pause_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if self._stop.is_set() or move.is_set():
+                    break
+                # Paused, keeping the blocks loaded: OFFLINE for the swarm and no handlers until resumed.
+                for task in tasks:
+                    task.cancel()
+                tasks = []
+                await self._go_quiet(start, end, handler)
+                handler = None
+                self._set_state("paused", "paused; the blocks stay loaded")
+                resume_wait = asyncio.create_task(self._resumed.wait())
+                stop_wait = asyncio.create_task(self._stop.wait())
+                tasks += [resume_wait, stop_wait]
+                await asyncio.wait({resume_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                for task in tasks:
+                    task.cancel()
+                tasks = []
+                if self._stop.is_set():
+                    break
         finally:
             for task in tasks:
                 task.cancel()
@@ -367,8 +400,17 @@ class BlockServer:
 
     async def _leave(self, start: int, end: int, handler: TransformerConnectionHandler | None) -> None:
         """Say OFFLINE on the DHT and stop serving; each part bounded, none allowed to raise."""
-        self.state = ServerState.OFFLINE
         self._set_state("leaving", "announcing OFFLINE")
+        await self._go_quiet(start, end, handler)
+        self.span = self.budget = None
+        gc.unfreeze()  # the old span's objects may hold cycles: let the collector see them again
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    async def _go_quiet(self, start: int, end: int, handler: TransformerConnectionHandler | None) -> None:
+        """OFFLINE on the DHT and the RPC handlers removed (open sessions end: their clients move on)."""
+        self.state = ServerState.OFFLINE
         try:
             await asyncio.wait_for(self._announce(start, end), timeout=ANNOUNCE_OFFLINE_TIMEOUT_S)
         except Exception as exc:  # p2pd already gone (a signal to the whole group), or the DHT is stuck
@@ -378,11 +420,12 @@ class BlockServer:
                 await asyncio.wait_for(handler.detach(), timeout=DETACH_TIMEOUT_S)
             except Exception as exc:
                 logger.warning("could not remove the RPC handlers: %s", _one_line(exc))
-        self.span = self.budget = None
-        gc.unfreeze()  # the old span's objects may hold cycles: let the collector see them again
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    def _on_pause(self, pause: bool) -> None:
+        """SIGUSR1 pauses serving while keeping the blocks loaded; SIGUSR2 resumes (the node's Pause)."""
+        logger.info("%s", "pausing (the blocks stay loaded)" if pause else "resuming")
+        (self._paused if pause else self._resumed).set()
+        (self._resumed if pause else self._paused).clear()
 
     # --- announcements -----------------------------------------------------------------------------
     def _server_info(self, start: int, end: int) -> ServerInfo:

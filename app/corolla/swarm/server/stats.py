@@ -13,6 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The pid a server must not outlive (its starter's), in its environment; here so that the node reads it
+# without importing the server (torch).
+PARENT_PID_ENV = "COROLLA_PARENT_PID"
+
 
 @dataclass
 class ServerStats:
