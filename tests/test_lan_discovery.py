@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from corolla.node.lan_discovery import MAX_SWARMS, decode_announcement, encode_announcement
 from corolla.node.invites import parse_invite
+from corolla.node.lan_discovery import MAX_SWARMS, decode_announcement, encode_announcement
 from tests.support.lab_swarm import LabNode
 from tests.support.netlab import NetLab, lab_unavailable_reason
 

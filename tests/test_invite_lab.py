@@ -1,0 +1,158 @@
+"""Inviting friends in other homes, in the network lab (tests/support/netlab.py), everything through the
+node's API as the window drives it: no `corolla serve` flags, no hand-written multiaddrs.
+
+A is on the lab's internet, B (and C, D) each behind their own NAT router. A chooses "Let others join";
+its invite survives pause, resume and a restart of its node (kept key and port); bad invites get one
+sentence and change nothing; B joins with A's invite, contributes and chats. The SmolLM2 story (three
+homes each serving a third of the blocks; A restarts and D joins with the old invite) needs
+COROLLA_TEST_SMOLLM2.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.lab_swarm import LabNode
+from tests.support.netlab import LabUnavailable, NetLab, lab_unavailable_reason
+
+pytestmark = pytest.mark.slow
+TINY = {"COROLLA_DEFAULT_MODEL": "tiny"}
+
+
+@pytest.fixture(scope="module")
+def lab():
+    reason = lab_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        with NetLab() as lab:
+            lab.add_public("alice")
+            lab.add_home("bob")
+            lab.add_home("carol")
+            lab.add_home("dave")
+            yield lab
+    except LabUnavailable as error:
+        pytest.skip(str(error))
+
+
+def _invite_peers(invite: str) -> list[str]:
+    body = invite.split(":", 1)[1]
+    return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["peers"]
+
+
+def _let_others_join(node: LabNode, **extra) -> dict:
+    settings = node.request("GET", "/api/settings")
+    return node.request("PUT", "/api/settings", {**settings, "listen_on_lan": True, **extra})
+
+
+def _online_with_invite(node: LabNode, timeout: float = 300) -> dict:
+    return node.wait_status(
+        lambda s: s["contribution"]["state"] == "online" and s.get("invite"), timeout, "invite while online"
+    )
+
+
+def test_the_invite_of_a_public_node_survives_pause_resume_and_restart(lab, tmp_path):
+    alice = lab.hosts["alice"]
+    home = tmp_path / "alice"
+    node = LabNode(lab, alice, home, extra_env=TINY)
+    try:
+        status = node.wait_status(lambda s: s["contribution"]["state"] == "online", 300, "online")
+        # "This computer only" (the default): no invite, and the window says what the choice means.
+        assert status["invite"] is None and status["sharing"]["choice"] == "local"
+        assert "nobody else" in status["sharing"]["sentence"]
+        settings = _let_others_join(node)
+        port = settings["swarm_port"]
+        status = _online_with_invite(node)
+        assert status["sharing"]["sentence"] == f"Let others join: other computers connect to this one on port {port}."
+        assert status["sharing"]["outside"] == "yes", status["sharing"]  # A has a public address
+        peers = _invite_peers(status["invite"])
+        assert peers[0] == f"/ip4/{alice.ip}/tcp/{port}/p2p/{status['contribution']['peer_id']}", peers
+        assert not any(p.startswith("/ip4/127.") for p in peers)
+        key = home / "config" / "swarm-identity.key"
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+        first = (status["contribution"]["peer_id"], port, status["invite"])
+
+        node.request("POST", "/api/contribution/pause")
+        node.wait_status(lambda s: s["contribution"]["state"] == "paused", 60, "paused")
+        node.request("POST", "/api/contribution/resume")
+        status = _online_with_invite(node)
+        assert (status["contribution"]["peer_id"], status["sharing"]["port"], status["invite"]) == first
+    finally:
+        node.stop()
+    node = LabNode(lab, alice, home, extra_env=TINY)
+    try:
+        status = _online_with_invite(node)
+        assert (status["contribution"]["peer_id"], status["sharing"]["port"], status["invite"]) == first
+        assert status["sharing"]["port_notice"] is None
+    finally:
+        node.stop()
+
+
+def test_bad_invites_get_a_sentence_each_and_change_nothing(lab, tmp_path):
+    bob = lab.hosts["bob"]
+    node = LabNode(lab, bob, tmp_path / "bob", extra_env={**TINY, "COROLLA_AWAIT_CONSENT": "1"})
+    try:
+        before = node.request("GET", "/api/settings")
+        down = "/ip4/11.77.0.10/tcp/31999/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
+        dead = (
+            "corolla-invite:"
+            + base64.urlsafe_b64encode(
+                json.dumps({"v": 2, "peers": [down], "dht_prefix": "x", "model": "m"}).encode()
+            ).decode()
+        )
+        cases = [
+            ("corolla-invite:eyJ2IjoyLCJwZWVycyI6W", 400, "damaged"),
+            ("https://example.org/join/1234", 400, "not a Corolla invite"),
+            ("corolla-invite:" + "A" * 20000, 400, "too long"),
+            (dead, 503, "tried 11.77.0.10:31999"),
+        ]
+        for invite, code, says in cases:
+            status, body = node.call("POST", "/api/settings/join", {"invite": invite}, timeout=60)
+            assert status == code and says in body["message"], (invite[:40], status, body)
+            assert "\n" not in body["message"]
+        assert node.request("GET", "/api/settings") == before
+    finally:
+        node.stop()
+
+
+def test_a_friend_behind_nat_joins_with_the_invite_contributes_and_chats(lab, tmp_path, record_property):
+    alice, bob = lab.hosts["alice"], lab.hosts["bob"]
+    a = LabNode(lab, alice, tmp_path / "alice", extra_env=TINY)
+    b = LabNode(lab, bob, tmp_path / "bob", extra_env={**TINY, "COROLLA_AWAIT_CONSENT": "1"})
+    try:
+        a.wait_status(lambda s: s["contribution"]["state"] == "online", 300, "online")
+        _let_others_join(a)
+        invite = _online_with_invite(a)["invite"]
+        pasted = time.monotonic()
+        joined = b.request("POST", "/api/settings/join", {"invite": invite})
+        assert joined["swarm"] == "custom" and joined["custom_peers"][0].startswith(f"/ip4/{alice.ip}/")
+        b.request("POST", "/api/contribution/start")
+        status = b.wait_status(lambda s: s["contribution"]["state"] == "online", 300, "contributing")
+        contributing_s = time.monotonic() - pasted
+        reply = b.chat("What is the capital of France?")
+        first_reply_s = time.monotonic() - pasted
+        assert reply["end"]["type"] == "done", reply
+        # B is behind NAT: its invite carries its relay address through A, and the members it joined through.
+        status = b.wait_status(lambda s: s.get("invite"), 120, "an invite of its own")
+        peers = _invite_peers(status["invite"])
+        assert any(p.startswith(f"/ip4/{alice.ip}/") for p in peers), peers
+        record_property("paste_to_contributing_s", round(contributing_s, 1))
+        record_property("paste_to_first_reply_s", round(first_reply_s, 1))
+        print(f"tiny: paste->contributing {contributing_s:.1f} s, paste->first reply {first_reply_s:.1f} s")
+        swarm = b.request("GET", "/api/swarm")
+        assert swarm and swarm[0]["servers"], swarm
+    finally:
+        b.stop()
+        a.stop()
+
+
+def smollm2_folder() -> Path | None:
+    folder = os.environ.get("COROLLA_TEST_SMOLLM2")
+    return Path(folder) if folder and Path(folder, "config.json").is_file() else None
