@@ -156,3 +156,90 @@ def test_a_friend_behind_nat_joins_with_the_invite_contributes_and_chats(lab, tm
 def smollm2_folder() -> Path | None:
     folder = os.environ.get("COROLLA_TEST_SMOLLM2")
     return Path(folder) if folder and Path(folder, "config.json").is_file() else None
+
+
+def _figures(name: str, figures: dict) -> None:
+    """Printed, and written next to the test's temporary files for the README's table."""
+    print(f"{name}: {json.dumps(figures)}", flush=True)
+
+
+def _start_contributing(node: LabNode, **settings) -> None:
+    current = node.request("GET", "/api/settings")
+    node.request("PUT", "/api/settings", {**current, **settings})
+    node.request("POST", "/api/contribution/start")
+
+
+def _chat_until_answered(node: LabNode, prompt: str, budget_s: float) -> tuple[dict, int]:
+    """The first reply that completes (a chat sent too early fails with a sentence; the user tries again)."""
+    deadline, tries = time.monotonic() + budget_s, 0
+    while True:
+        tries += 1
+        reply = node.chat(prompt, max_new_tokens=12)
+        if (reply["end"] and reply["end"]["type"] == "done") or time.monotonic() > deadline:
+            return reply, tries
+        time.sleep(3)
+
+
+def test_smollm2_across_three_homes_and_a_new_friend_after_the_creator_restarts(lab, tmp_path):
+    """A (public) creates the swarm; B and C (each behind NAT) join with A's invite and serve a third of
+    SmolLM2 each; C's chat answers "Paris" through all three. A's node restarts; D joins with the invite
+    A shared before and chats."""
+    folder = smollm2_folder()
+    if folder is None:
+        pytest.skip("set COROLLA_TEST_SMOLLM2 to a converted SmolLM2-135M-Instruct folder")
+    consent = {"COROLLA_AWAIT_CONSENT": "1"}
+    homes = {name: tmp_path / name for name in ("alice", "bob", "carol", "dave")}
+    own = {"model": str(folder), "num_blocks": 10, "torch_dtype": "float32"}
+    a = LabNode(lab, lab.hosts["alice"], homes["alice"], extra_env=consent)
+    nodes = [a]
+    try:
+        _start_contributing(a, **own, listen_on_lan=True, public_name="Alice")
+        status = _online_with_invite(a, 600)
+        invite, alice_id = status["invite"], status["contribution"]["peer_id"]
+        figures: dict = {}
+        ids = {"alice": alice_id}
+        for name in ("bob", "carol"):
+            node = LabNode(lab, lab.hosts[name], homes[name], extra_env=consent)
+            nodes.append(node)
+            pasted = time.monotonic()
+            node.request("POST", "/api/settings/join", {"invite": invite})
+            _start_contributing(node, num_blocks=10, torch_dtype="float32", public_name=name.title())
+            status = node.wait_status(lambda s: s["contribution"]["state"] == "online", 600, "contributing")
+            figures[f"{name}_paste_to_contributing_s"] = round(time.monotonic() - pasted, 1)
+            ids[name] = status["contribution"]["peer_id"]
+            if name == "carol":
+                reply, tries = _chat_until_answered(node, "What is the capital of France?", 240)
+                figures["carol_paste_to_first_reply_s"] = round(time.monotonic() - pasted, 1)
+                figures["carol_chat_tries"] = tries
+                assert reply["end"]["type"] == "done" and "Paris" in reply["text"], reply
+                seen = {r["peer_id"] for r in reply["end"]["seen_by"]}
+                assert {ids["alice"], ids["bob"], ids["carol"]} <= seen, (seen, ids)
+        carol = nodes[2]
+        swarm = carol.request("GET", "/api/swarm")
+        names = {s.get("public_name") for s in swarm[0]["servers"]}
+        assert {"Alice", "Bob", "Carol"} <= names, names
+
+        # A's node restarts (same key, same port): a new friend D joins with the invite shared before.
+        a.stop()
+        nodes.remove(a)
+        restarted = time.monotonic()
+        a = LabNode(lab, lab.hosts["alice"], homes["alice"])
+        nodes.append(a)
+        status = _online_with_invite(a, 600)
+        assert status["contribution"]["peer_id"] == alice_id
+        figures["alice_restart_to_online_s"] = round(time.monotonic() - restarted, 1)
+        d = LabNode(lab, lab.hosts["dave"], homes["dave"], extra_env=consent)
+        nodes.append(d)
+        pasted = time.monotonic()
+        d.request("POST", "/api/settings/join", {"invite": invite})
+        d.request("POST", "/api/contribution/stop")  # D only chats
+        reply, tries = _chat_until_answered(d, "What is the capital of France?", 300)
+        figures["dave_after_restart_paste_to_first_reply_s"] = round(time.monotonic() - pasted, 1)
+        figures["dave_chat_tries"] = tries
+        assert reply["end"]["type"] == "done" and "Paris" in reply["text"], reply
+        swarm = d.call("GET", "/api/swarm")
+        assert swarm[0] == 200, swarm
+        _figures("smollm2 three homes", figures)
+    finally:
+        for node in reversed(nodes):
+            node.stop()

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -63,6 +64,7 @@ LEAVE_GRACE_S = 8.0  # from a stop request to leaving the serving loop (OFFLINE 
 ANNOUNCE_OFFLINE_TIMEOUT_S = 4.0
 NEXT_PINGS_UPDATE_S = 30.0  # DHT lookup of the next blocks' servers plus one round of pings
 DETACH_TIMEOUT_S = 2.0
+REJOIN_CHECK_S = 10.0  # how often a server checks that it still reaches one of its initial peers
 SHUTDOWN_DEADLINE_S = 12.0  # then the process exits whatever it was doing (the tests allow 15 s)
 
 
@@ -353,6 +355,8 @@ class BlockServer:
             for maddr in self.stats.visible_maddrs:
                 print(f"corolla: serving {self.dht_prefix}; others join with --initial-peers {maddr}", flush=True)
             tasks.append(asyncio.create_task(self._announce_forever(start, end)))
+            if self.config.initial_peers:
+                tasks.append(asyncio.create_task(self._rejoin_forever()))
             if self.config.blocks is None:
                 tasks.append(asyncio.create_task(self._balance_forever(move)))
             stop_wait = asyncio.create_task(self._stop.wait())
@@ -429,6 +433,25 @@ class BlockServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_announcer.wait(), self.config.update_period)
             self._wake_announcer.clear()
+
+    async def _rejoin_forever(self) -> None:
+        """Back into the swarm after losing it (a member restarted, this home's link came back): the
+        initial peers are dialled again and the announcement repeated at once, so a restarted member
+        learns this server's blocks within seconds instead of never (see peers.rejoin_if_alone)."""
+        from corolla.swarm.peers import peers_by_id, rejoin_if_alone
+
+        peers = peers_by_id(self.config.initial_peers)
+        while True:
+            await asyncio.sleep(REJOIN_CHECK_S)
+            try:
+                coroutine = self.dht.run_coroutine(partial(rejoin_if_alone, peers=peers), return_future=True)
+                answered = await asyncio.wait_for(coroutine, 60.0)
+            except Exception as exc:  # the DHT is busy or going away: the next round tries again
+                logger.info("could not check the swarm's initial peers: %s", _one_line(exc))
+                continue
+            if answered:
+                logger.info("rejoined the swarm through %d initial peer(s); announcing again", answered)
+                self._wake_announcer.set()
 
     async def _measure_next_pings(self, start: int, end: int) -> None:
         if self.next_pings is None:
