@@ -175,6 +175,8 @@ class NodeService:
         ]
         if s.public_name:
             args += ["--public-name", s.public_name]
+        elif s.swarm != "public":  # friends see each other by name (the computer's); never on the public swarm
+            args += ["--public-name", default_human_name()]
         if s.cpu_percent < 100:
             args += ["--num-threads", str(cpu_threads(s.cpu_percent))]
         return args

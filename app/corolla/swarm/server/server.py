@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -64,6 +65,8 @@ LEAVE_GRACE_S = 8.0  # from a stop request to leaving the serving loop (OFFLINE 
 ANNOUNCE_OFFLINE_TIMEOUT_S = 4.0
 NEXT_PINGS_UPDATE_S = 30.0  # DHT lookup of the next blocks' servers plus one round of pings
 DETACH_TIMEOUT_S = 2.0
+RETAKE_RELAY_AFTER_S = 20.0  # a relay connected again but not carrying us this long: restart to reserve
+RETAKE_RELAY_EXIT_CODE = 75  # EX_TEMPFAIL: the node starts the server again at once, not counted as a crash
 REJOIN_CHECK_S = 10.0  # how often a server checks that it still reaches one of its initial peers
 SHUTDOWN_DEADLINE_S = 12.0  # then the process exits whatever it was doing (the tests allow 15 s)
 
@@ -115,6 +118,7 @@ class BlockServer:
         self.reachability_service: ReachabilityProtocol | None = None
         self._reachability_watch: asyncio.Task | None = None
         self._stop = asyncio.Event()
+        self.exit_code = 0  # RETAKE_RELAY_EXIT_CODE: stopped to take a relay again (the node restarts it at once)
         self._wake_announcer = asyncio.Event()
 
     # --- entry point -------------------------------------------------------------------------------
@@ -155,7 +159,7 @@ class BlockServer:
                     raise body.exception()
                 # Stopping anyway: the signal also reached a child that was starting (p2pd, shm manager).
                 logger.warning("while stopping: %s", _one_line(body.exception()))
-            return 0
+            return self.exit_code
         finally:
             for task in (body, stop, writer, self._reachability_watch):
                 if task is not None:
@@ -503,6 +507,7 @@ class BlockServer:
         if self.network is None or not self.network.trusted_relays:
             return
         proof: RelayProof | None = None
+        had_relay, lost_since = False, None
         while True:
             with contextlib.suppress(Exception):
                 state, proof = await relay_state(p2p, self.network.trusted_relays, proof)
@@ -510,6 +515,18 @@ class BlockServer:
                 if state != self.stats.reachability.get("state") or addrs != self.stats.reachability.get("relay_addrs"):
                     logger.info("reachability: %s %s", state, " ".join(addrs))
                     self._set_reachability(state, addrs, proof.proven_at if proof.proven else None)
+                had_relay = had_relay or state == "relay"
+                # The relay restarted (connected again, yet nothing comes through it): go-libp2p's auto-relay
+                # backs off for an hour from a relay whose reservation failed while it was away, so this
+                # server would stay unreachable that long. A new p2pd reserves at once: stop, and the node
+                # starts the server again (a few seconds; the blocks are read from the page cache).
+                regained = had_relay and state == "unreachable" and bool(proof.tried)
+                lost_since = (lost_since or time.monotonic()) if regained else None
+                if lost_since is not None and time.monotonic() - lost_since > RETAKE_RELAY_AFTER_S:
+                    logger.warning("the relay came back without this server's reservation: restarting to take it")
+                    self.exit_code = RETAKE_RELAY_EXIT_CODE
+                    self._stop.set()
+                    return
             # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
             await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 5.0)
 
