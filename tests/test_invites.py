@@ -155,3 +155,18 @@ def test_the_sharing_sentences_name_the_port_and_the_fix():
     assert public.outside == "yes" and not public.fixes
     relayed = sharing_status(True, 31400, ["192.168.2.10"], "relay", True, None)
     assert relayed.outside == "relay" and not any("NAT-PMP" in fix for fix in relayed.fixes)
+
+
+def test_a_new_swarm_on_a_public_address_says_so_and_one_behind_a_router_does_not():
+    """The creator of a swarm has nobody to ask: listening on a public address, it is public at once (its
+    relay then serves NAT'd members without waiting for AutoNAT)."""
+    import asyncio
+
+    from corolla.swarm.reachability import listens_on_public_address, plan_network
+
+    assert listens_on_public_address(["/ip4/11.77.0.10/tcp/31400"])
+    assert not listens_on_public_address(["/ip4/192.168.1.10/tcp/31400", "/ip4/100.64.0.7/tcp/1"])
+    public = asyncio.run(plan_network([], ["/ip4/11.77.0.10/tcp/31400"]))
+    assert public.state == "direct" and public.force_reachability == "public" and not public.client_mode
+    home = asyncio.run(plan_network([], ["/ip4/192.168.1.10/tcp/31400"]))
+    assert home.state == "unknown"
