@@ -153,6 +153,26 @@ def test_a_friend_behind_nat_joins_with_the_invite_contributes_and_chats(lab, tm
         a.stop()
 
 
+def test_behind_a_home_router_the_window_says_so_before_sharing_with_the_fix(lab, tmp_path):
+    """Everyone behind NAT: the creator's node says that people in other homes probably cannot reach it,
+    and how to fix it (forward port N to this LAN address, NAT-PMP/UPnP, a reachable member's invite)."""
+    dave = lab.hosts["dave"]
+    node = LabNode(lab, dave, tmp_path / "dave", extra_env=TINY)
+    try:
+        node.wait_status(lambda s: s["contribution"]["state"] == "online", 300, "online")
+        port = _let_others_join(node)["swarm_port"]
+        status = _online_with_invite(node)
+        sharing = status["sharing"]
+        assert sharing["outside"] == "no", sharing
+        assert dave.ip in sharing["outside_sentence"] and "behind a router" in sharing["outside_sentence"]
+        assert sharing["fixes"][0].startswith(f"Forward TCP port {port} on your router to this computer ({dave.ip})")
+        assert any("NAT-PMP/UPnP" in fix for fix in sharing["fixes"])
+        assert any("reachable" in fix for fix in sharing["fixes"])
+        assert f"/ip4/{dave.ip}/tcp/{port}/" in _invite_peers(status["invite"])[0]  # its neighbours can join
+    finally:
+        node.stop()
+
+
 def smollm2_folder() -> Path | None:
     folder = os.environ.get("COROLLA_TEST_SMOLLM2")
     return Path(folder) if folder and Path(folder, "config.json").is_file() else None
