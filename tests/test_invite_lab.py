@@ -153,6 +153,43 @@ def test_a_friend_behind_nat_joins_with_the_invite_contributes_and_chats(lab, tm
         a.stop()
 
 
+def test_a_friend_joins_from_the_first_run_dialog_in_one_paste(lab, tmp_path):
+    """The window's way: paste the invite in the welcome dialog, agree; a damaged paste is explained first
+    and changes nothing. The node then contributes with the swarm's model and chats."""
+    import sys
+
+    alice, carol = lab.hosts["alice"], lab.hosts["carol"]
+    a = LabNode(lab, alice, tmp_path / "alice", extra_env=TINY)
+    c = LabNode(lab, carol, tmp_path / "carol", extra_env={**TINY, "COROLLA_AWAIT_CONSENT": "1"})
+    try:
+        a.wait_status(lambda s: s["contribution"]["state"] == "online", 300, "online")
+        _let_others_join(a)
+        invite = _online_with_invite(a)["invite"]
+        before = c.request("GET", "/api/settings")
+        script = str(Path(__file__).parent / "support" / "invite_gui_join.py")
+        result = lab.run(carol, [sys.executable, script, c.url, c.token, invite], timeout=180)
+        report = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+        assert report.get("accepted"), (report, result.stderr[-3000:])
+        assert "This invite does not work" in report["damaged_error"] and "damaged" in report["damaged_error"]
+        assert report["open_after_damaged"] and report["save_text"] == "Agree and start contributing"
+        settings = c.request("GET", "/api/settings")
+        assert settings["swarm"] == "custom" and settings["custom_peers"] != before["custom_peers"]
+        c.wait_status(lambda s: s["contribution"]["state"] == "online", 300, "contributing")
+        contributing_s = time.time() - report["pasted_at"]
+        reply = c.chat("What is the capital of France?")
+        assert reply["end"]["type"] == "done", reply
+        _figures(
+            "tiny, first-run dialog",
+            {
+                "paste_to_contributing_s": round(contributing_s, 1),
+                "paste_to_first_reply_s": round(time.time() - report["pasted_at"], 1),
+            },
+        )
+    finally:
+        c.stop()
+        a.stop()
+
+
 def test_behind_a_home_router_the_window_says_so_before_sharing_with_the_fix(lab, tmp_path):
     """Everyone behind NAT: the creator's node says that people in other homes probably cannot reach it,
     and how to fix it (forward port N to this LAN address, NAT-PMP/UPnP, a reachable member's invite)."""
