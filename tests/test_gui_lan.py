@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import threading
 
 import pytest
@@ -118,9 +119,12 @@ def test_the_discovery_switch_is_not_offered_with_the_public_swarm(qtbot, node):
 
 def test_joining_a_swarm_takes_its_model(node):
     """An invite (pasted, or a neighbour's LAN announcement) names the swarm's model: joining serves it."""
-    from corolla.node.settings import make_invite
+    from corolla.node.invites import make_invite
 
-    peers = ["/ip4/192.168.7.10/tcp/4100/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"]
+    member = socket.socket()  # the inviting member's port answers: joining tries it first
+    member.bind(("127.0.0.1", 0))
+    member.listen()
+    peers = [f"/ip4/127.0.0.1/tcp/{member.getsockname()[1]}/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"]
     before = node.get("/api/settings").json()
     assert before["model"] is None  # the built-in model, as a fresh node has it
     demo_name = node.get("/api/status").json()["model_card"]["name"]
@@ -140,4 +144,41 @@ def test_joining_a_swarm_takes_its_model(node):
     refused = node.post("/api/settings/join", json={"invite": make_invite(peers, "p", "/home/bob/models/secret")})
     assert refused.status_code == 400 and "copy that folder" in refused.text, refused.text
     assert node.get("/api/settings").json() == current
+    member.close()
+    node.put("/api/settings", json=before).raise_for_status()
+
+
+def test_the_private_swarm_choice_says_what_it_means_and_the_pane_says_who_can_join(qtbot, node):
+    """Settings: This computer only / Let others join, one sentence each (with the kept port once chosen);
+    Save keeps the choice. Contribute: the same choice, what reaches whom, and the fixes."""
+    from corolla.gui.panes.contribute import ContributePane
+
+    before = node.get("/api/settings").json()
+    fresh = {"swarm": "private", "listen_on_lan": False, "lan_discovery": False}
+    node.put("/api/settings", json={**before, **fresh}).raise_for_status()
+    dialog = SettingsDialog(NodeClient(node.url, node.token))
+    qtbot.addWidget(dialog)
+    dialog.show()
+    qtbot.waitUntil(lambda: dialog.settings is not None, timeout=10000)
+    assert dialog.sharing_box.isVisible() and dialog.only_here.isChecked()
+    assert "nobody else can join" in dialog.sharing_note.text()
+    dialog.let_join.setChecked(True)
+    assert "Other computers connect to this one on" in dialog.sharing_note.text()
+    assert dialog.nat_port_map.isVisible() and not dialog.nat_port_map.isChecked()  # off unless switched on
+    dialog.save()
+    qtbot.waitUntil(lambda: node.get("/api/settings").json()["listen_on_lan"] is True, timeout=10000)
+    assert node.get("/api/settings").json()["nat_port_map"] is False
+
+    status = node.get("/api/status").json()
+    sharing = status["sharing"]
+    assert sharing["choice"] == "others" and sharing["sentence"].startswith("Let others join")
+    pane = ContributePane(NodeClient(node.url, node.token))
+    qtbot.addWidget(pane)
+    pane.show()
+    pane.show_status(status)
+    assert pane.invite_box.isVisible() and pane.let_join.isChecked()
+    assert pane.share_sentence.text() == sharing["sentence"]
+    assert not pane.invite.isVisible()  # no server online yet: no invite to copy
+    pane.only_here.click()
+    qtbot.waitUntil(lambda: node.get("/api/settings").json()["listen_on_lan"] is False, timeout=10000)
     node.put("/api/settings", json=before).raise_for_status()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from corolla.node.invites import parse_invite
 from corolla.node.lan_discovery import MAX_SWARMS, decode_announcement, encode_announcement
-from corolla.node.settings import parse_invite
 from tests.support.lab_swarm import LabNode
 from tests.support.netlab import NetLab, lab_unavailable_reason
 
@@ -79,7 +79,8 @@ def test_swarm_announced_on_one_computer_is_listed_on_another(lab):
     swarm = found[0]
     assert (swarm["name"], swarm["model"], swarm["dht_prefix"]) == ("Alice's PC", "tiny-llama", "tiny-prefix")
     assert swarm["peers"] == maddrs[:1]  # its loopback address is not announced: no neighbour can dial it
-    assert parse_invite(swarm["invite"]) == {"peers": maddrs[:1], "dht_prefix": "tiny-prefix", "model": "tiny-llama"}
+    invite = parse_invite(swarm["invite"])
+    assert (invite.peers, invite.dht_prefix, invite.model) == (maddrs[:1], "tiny-prefix", "tiny-llama")
     # The raw listener heard it too: the control for the silence test below (this LAN carries mDNS).
     assert raw_counts(listener)["corolla"] > 0
 

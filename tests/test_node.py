@@ -62,7 +62,7 @@ def test_contribute_chat_and_stats_end_to_end(node):
     status = node.wait_contribution("online")
     assert status["model_is_demo"] and "random weights" in status["model"]
     assert status["contribution"]["start_block"] == 0 and status["contribution"]["end_block"] == 6
-    assert status["invite"].startswith("corolla-invite:")
+    assert status["invite"] is None and status["sharing"]["choice"] == "local"  # "This computer only"
     chat_id, events = _chat(node)
     kinds = [kind for kind, _ in events]
     assert kinds[:2] == ["message", "message"] and kinds[-1] == "done", events

@@ -758,6 +758,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("model_preparing"):
         print("model: converting the default model (first start; about a minute)")
     print(f"secrets: {status['secrets_storage']}")
+    sharing = status.get("sharing")
+    if sharing:
+        print(f"who can join: {sharing['sentence']}")
+        if sharing.get("port_notice"):
+            print(f"  {sharing['port_notice']}")
+        if sharing["choice"] == "others":
+            print(f"  {sharing['outside_sentence']}")
+            for fix in sharing.get("fixes") or []:
+                print(f"  - {fix}")
     if status.get("invite"):
         print(f"invite others to this private swarm with: {status['invite']}")
     return 0

@@ -210,6 +210,62 @@ class LabNode:
             raise ProcessFailed(f"{method} {path}: HTTP {reply['status']} {reply['body']}")
         return reply["body"]
 
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, object]:
+        """(HTTP status, JSON body) without raising on an error status: the error bodies are tested too."""
+        code = (
+            "import httpx, json, sys\n"
+            "url, token, method, path, body, timeout = json.loads(sys.argv[1])\n"
+            "r = httpx.request(method, url + path, json=body, timeout=timeout,"
+            " headers={'Authorization': 'Bearer ' + token})\n"
+            "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
+        )
+        args = json.dumps([self.url, self.token, method, path, body, timeout])
+        result = self.lab.run(self.host, [sys.executable, "-c", code, args], timeout=timeout + 30)
+        if result.returncode != 0:
+            raise ProcessFailed(f"{method} {path} failed: {result.stderr[-2000:]}")
+        reply = json.loads(result.stdout.strip().splitlines()[-1])
+        return reply["status"], reply["body"]
+
+    def chat(self, prompt: str, max_new_tokens: int = 8, timeout: float = 300.0) -> dict:
+        """A new chat and one reply through the node's API, as the window sends it: the reply's text, its
+        end event, and the seconds to the first token and to the end."""
+        code = (
+            "import httpx, json, sys, time\n"
+            "url, token, prompt, n, timeout = json.loads(sys.argv[1])\n"
+            "h = {'Authorization': 'Bearer ' + token}\n"
+            "t0 = time.monotonic(); first = None; text = []; end = None\n"
+            "chat = httpx.post(url + '/api/chats', json={'title': 'lab'}, headers=h, timeout=60).json()\n"
+            "body = {'content': prompt, 'max_new_tokens': n}\n"
+            "with httpx.stream('POST', url + '/api/chats/' + chat['id'] + '/messages', json=body, headers=h,"
+            " timeout=timeout) as r:\n"
+            "    for line in r.iter_lines():\n"
+            "        if not line.startswith('data:'): continue\n"
+            "        event = json.loads(line[5:])\n"
+            "        if event['type'] == 'token':\n"
+            "            first = first or time.monotonic() - t0; text.append(event['text'])\n"
+            "        elif event['type'] in ('done', 'error'): end = event\n"
+            "print(json.dumps({'text': ''.join(text), 'end': end, 'first_token_s': first,"
+            " 'total_s': time.monotonic() - t0}))\n"
+        )
+        args = json.dumps([self.url, self.token, prompt, max_new_tokens, timeout])
+        result = self.lab.run(self.host, [sys.executable, "-c", code, args], timeout=timeout + 60)
+        if result.returncode != 0:
+            raise ProcessFailed(f"the chat failed in {self.host.name}: {result.stderr[-2000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def wait_status(self, predicate, timeout: float = 300.0, what: str = "the expected status") -> dict:
+        deadline = time.monotonic() + timeout
+        status: dict = {}
+        while time.monotonic() < deadline:
+            status = self.request("GET", "/api/status")
+            if predicate(status):
+                return status
+            if self.process.poll() is not None:
+                break
+            time.sleep(1.0)
+        tail = self.log_path.read_text()[-3000:]
+        raise ProcessFailed(f"{self.host.name}: no {what} within {timeout} s: {status}\n{tail}")
+
     def stop(self) -> None:
         with contextlib.suppress(ProcessFailed):
             self.request("POST", "/api/shutdown", timeout=20)

@@ -121,6 +121,8 @@ class SettingsDialog(QDialog):
         for button in (self.private, self.public, self.invite_option, self.custom):
             self.swarm_choice.addButton(button)
             swarm_layout.addWidget(button)
+            if button is self.private:
+                swarm_layout.addWidget(self._sharing_section())
         self.invite = QLineEdit()
         self.invite.setPlaceholderText("corolla-invite:…")
         self.invite.setAccessibleName("Invite string")
@@ -252,6 +254,52 @@ class SettingsDialog(QDialog):
         self._update_save_text()
         self.client.call("GET", "/api/settings", on_ok=self.load, on_error=lambda e: self.error.setText(sentence(e)))
 
+    # --- who can join the private swarm -------------------------------------------------------------
+    def _sharing_section(self) -> QWidget:
+        """This computer only / Let others join, each explained in one sentence (with the kept port)."""
+        self.sharing_box = QWidget()
+        box = QVBoxLayout(self.sharing_box)
+        box.setContentsMargins(24, 0, 0, 0)
+        self.only_here = QRadioButton("This computer only")
+        self.let_join = QRadioButton("Let others join")
+        self.sharing_choice = QButtonGroup(self)
+        row = QHBoxLayout()
+        for button in (self.only_here, self.let_join):
+            self.sharing_choice.addButton(button)
+            row.addWidget(button)
+            button.toggled.connect(lambda _: self._sharing_changed())
+        row.addStretch(1)
+        box.addLayout(row)
+        self.sharing_note = plain_label("")
+        self.sharing_note.setWordWrap(True)
+        self.sharing_note.setObjectName("muted")
+        box.addWidget(self.sharing_note)
+        self.nat_port_map = QCheckBox("Ask the router to open the port (NAT-PMP/UPnP)")
+        self.nat_port_map.setToolTip(
+            "Off unless you switch it on: Corolla then asks your home router to forward the swarm's port to "
+            "this computer, so friends in other homes can reach it directly."
+        )
+        box.addWidget(self.nat_port_map)
+        self.only_here.setChecked(True)
+        return self.sharing_box
+
+    def _sharing_changed(self) -> None:
+        port = (self.settings or {}).get("swarm_port")
+        on = f"port {port}" if port else "a port chosen once, when it first starts"
+        self.sharing_note.setText(
+            f"Other computers connect to this one on {on}; you share an invite with them."
+            if self.let_join.isChecked()
+            else "The swarm listens on this computer only: nobody else can join it."
+        )
+        self.nat_port_map.setVisible(self.let_join.isChecked() and "nat_port_map" in (self.settings or {}))
+
+    def _sharing_changes(self, swarm: str) -> dict:
+        if "swarm_port" not in (self.settings or {}):
+            return {}  # an older node: no such choice
+        if swarm != "private":
+            return {"nat_port_map": self.nat_port_map.isChecked()}
+        return {"listen_on_lan": self.let_join.isChecked(), "nat_port_map": self.nat_port_map.isChecked()}
+
     # --- swarms on this network ---------------------------------------------------------------------
     def _lan_section(self) -> QWidget:
         """ "Swarms on this network": the node's mDNS findings, each joinable with one click."""
@@ -353,6 +401,7 @@ class SettingsDialog(QDialog):
         find or announce, so the discovery switch is not offered with it."""
         has_setting = "lan_discovery" in (self.settings or {})  # an older node has no such setting
         self.lan_discovery.setVisible(has_setting and not self.public.isChecked())
+        self.sharing_box.setVisible(self.private.isChecked() and "swarm_port" in (self.settings or {}))
         self.invite.setVisible(self.invite_option.isChecked())
         self.lan_box.setVisible(self.invite_option.isChecked())
         self.peers.setVisible(self.custom.isChecked())
@@ -392,6 +441,9 @@ class SettingsDialog(QDialog):
         self.autostart.setChecked(autostart.is_enabled())
         self.contribute.setChecked(settings.get("contribute", True))
         self.lan_discovery.setChecked(settings.get("lan_discovery", False))
+        (self.let_join if settings.get("listen_on_lan") else self.only_here).setChecked(True)
+        self.nat_port_map.setChecked(settings.get("nat_port_map", False))
+        self._sharing_changed()
         self.lan_discovery.setVisible("lan_discovery" in settings)  # an older node has no such setting
         self.privacy.setCurrentIndex(max(0, self.privacy.findData(settings.get("default_privacy", "any"))))
         self.trusted_peers.setPlainText("\n".join(settings.get("trusted_peers") or []))
@@ -451,6 +503,7 @@ class SettingsDialog(QDialog):
             **({"cpu_percent": self.cpu_percent.value()} if "cpu_percent" in (self.settings or {}) else {}),
             "time_window": self.window.text().strip() or None,
             "contribute": self.contribute.isChecked(),
+            **self._sharing_changes(swarm),
             **self._lan_changes(swarm),
             **self._privacy_changes(),
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -15,8 +16,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corolla import __version__
 from corolla.node import api_models as m
-from corolla.node.settings import PEER_ID, Settings, parse_invite
+from corolla.node.settings import Settings
 
+logger = logging.getLogger(__name__)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 
 
@@ -54,6 +56,16 @@ def create_app(node) -> FastAPI:
         )
         body = m.ErrorBody(kind=kind, message=str(exc.detail)).model_dump()
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        # Never a bare "Internal Server Error": the user reads a sentence, the details go to the log.
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        message = (
+            f"The node could not do this ({type(exc).__name__}: {str(exc)[:300]}). Try again; if it keeps "
+            "failing, the node's log has the details."
+        )
+        return JSONResponse(m.ErrorBody(kind="internal", message=message).model_dump(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -94,26 +106,10 @@ def create_app(node) -> FastAPI:
         return node.settings
 
     @app.post("/api/settings/join", dependencies=api, tags=["settings"])
-    def join(invite: m.Invite) -> Settings:
-        try:
-            data = parse_invite(invite.invite)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        # The inviting swarm's servers are members of a swarm this node joined ("members" privacy).
-        members = [peer.rsplit("/p2p/", 1)[1] for peer in data["peers"] if "/p2p/" in peer]
-        members = [peer for peer in members if PEER_ID.match(peer)]
-        known = [p for p in node.settings.swarm_members if p not in members]
-        changes = {"swarm": "custom", "custom_peers": data["peers"], "swarm_members": (members + known)[:1024]}
-        if data.get("dht_prefix"):
-            changes["dht_prefix"] = data["dht_prefix"]
-        if data.get("model"):
-            # The swarm's model too: blocks of another model under its prefix would only be turned away.
-            try:
-                changes["model"] = node.model_setting_for(str(data["model"]))
-            except ValueError as exc:
-                raise HTTPException(400, str(exc)) from exc
-        node.apply_settings(node.settings.model_copy(update=changes))
-        return node.settings
+    async def join(invite: m.Invite) -> Settings:
+        """Join a private swarm with its invite: its addresses are tried first (nothing changes when
+        the invite is unusable or none of them answers; the error says which were tried and what to do)."""
+        return await asyncio.to_thread(node.join_swarm, invite.invite)
 
     @app.get("/api/lan/swarms", dependencies=api, tags=["settings"])
     def lan_swarms() -> m.LanSwarms:

@@ -95,6 +95,19 @@ NOT_CHECKED = Reachability(
 )
 
 
+class Sharing(BaseModel):
+    """Who can join this computer's swarm, as the window says it before an invite is shared."""
+
+    choice: Literal["local", "others"] = Field(..., description="This computer only, or Let others join")
+    port: int | None = Field(None, description="the TCP port other computers connect to (kept across restarts)")
+    lan_addresses: list[str] = Field(default_factory=list)
+    sentence: str = Field(..., description="what the choice means, in one sentence")
+    outside: Literal["yes", "relay", "no", "unknown"] = Field(..., description="can people in other homes reach it")
+    outside_sentence: str
+    fixes: list[str] = Field(default_factory=list, description="what makes it reachable from outside")
+    port_notice: str | None = Field(None, description="the kept port was taken: a new one, and the invite changed")
+
+
 class NodeStatus(BaseModel):
     version: str
     pid: int
@@ -114,6 +127,7 @@ class NodeStatus(BaseModel):
     lifetime: Lifetime = Field(default_factory=Lifetime)
 
     reachability: Reachability = NOT_CHECKED
+    sharing: Sharing | None = None  # None on the public swarm
 
 
 PrivacyLevel = Literal["any", "members", "peers", "local"]
@@ -224,7 +238,8 @@ class CheckServer(Strict):
 
 
 class Invite(Strict):
-    invite: str = Field(..., max_length=8192)
+    # Bounded here only against abuse; the invite reader says in a sentence when one is too long.
+    invite: str = Field(..., max_length=1 << 20)
 
 
 class ActionResult(BaseModel):

@@ -75,7 +75,11 @@ class SwarmClientHost:
                     if "bootstrap" not in str(exc):
                         raise
                     if attempt + 1 == CONNECT_ATTEMPTS:
-                        raise NoSwarm(f"could not connect to the swarm: {exc}") from exc
+                        raise NoSwarm(
+                            f"None of the swarm's known members answered ({len(target.peers)} address(es) tried; "
+                            f"{str(exc)[:200]}): check that a member's Corolla is contributing, or paste a "
+                            "fresh invite from a member under Settings, Swarm"
+                        ) from exc
                     logger.warning("connecting to the swarm failed (%s); retrying", exc)
             self._client_target = target
             if self.on_new_client is not None:

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from corolla.node.settings import make_invite
+from corolla.node.invites import make_invite
 
 logger = logging.getLogger(__name__)
 

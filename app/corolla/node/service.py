@@ -23,10 +23,12 @@ from corolla.node.chats import ChatService, ClientTarget, NoSwarm, SwarmClientHo
 from corolla.node.db import Database
 from corolla.node.default_model import DefaultModel
 from corolla.node.instance import NODE_PID_ENV, AlreadyRunning, claim, new_token, read_address, release
+from corolla.node.invites import make_invite
 from corolla.node.lan_discovery import LanDiscovery, default_human_name, lan_maddrs
 from corolla.node.paths import NodePaths
 from corolla.node.secrets import SecretStore
-from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings, contribution_allowed, make_invite
+from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings, contribution_allowed
+from corolla.node.sharing import SwarmAddress, lan_addresses, sharing_status
 from corolla.node.supervisor import ServerSupervisor
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ SERVER_FIELDS = (
     "public_name",
     "listen_on_lan",
     "cpu_percent",
+    "swarm_port",
+    "nat_port_map",
 )
 
 
@@ -81,6 +85,7 @@ class NodeService:
         self._shutdown = asyncio.Event()
         self.lan: LanDiscovery | None = None  # exists only while the user has discovery switched on
         self._lan_retry_at = 0.0
+        self.address = SwarmAddress(paths.config_dir / "swarm-identity.key")
 
     # --- the model ---------------------------------------------------------------------------------
     @property
@@ -118,17 +123,35 @@ class NodeService:
         return announced
 
     # --- the block server ---------------------------------------------------------------------------
+    def _swarm_port(self) -> int:
+        """The kept swarm port (chosen on first use); a port another program took is replaced, and said."""
+        s = self.settings
+        loopback_only = s.swarm == "private" and not s.listen_on_lan
+        running = self.supervisor.process is not None and self.supervisor.process.poll() is None
+        port = self.address.port_for(s.swarm_port, loopback_only, our_server_holds_it=running)
+        if port != s.swarm_port:
+            self.settings = s.model_copy(update={"swarm_port": port})
+            self._save_settings()
+        return port
+
     def server_args(self) -> list[str]:
         s = self.settings
         args = [self.model_path()]
+        port = self._swarm_port()
+        s = self.settings
         if s.swarm == "private":
             args.append("--new-swarm")
             if s.listen_on_lan:
-                args += ["--host-maddrs", "/ip4/0.0.0.0/tcp/0"]
+                args += ["--host-maddrs", f"/ip4/0.0.0.0/tcp/{port}"]
             else:
-                args += ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--no-relay", "--no-auto-nat"]
+                args += ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--no-relay", "--no-auto-nat"]
         else:
             args += ["--initial-peers", *(PUBLIC_INITIAL_PEERS if s.swarm == "public" else s.custom_peers)]
+            args += ["--host-maddrs", f"/ip4/0.0.0.0/tcp/{port}"]
+        # The same peer id across pauses, restarts and reboots: invites already shared keep working.
+        args += ["--identity-path", str(self.address.identity())]
+        if s.nat_port_map and not (s.swarm == "private" and not s.listen_on_lan):
+            args.append("--nat-port-map")
         if self.dht_prefix():
             args += ["--dht-prefix", self.dht_prefix()]
         if s.blocks:
@@ -152,6 +175,8 @@ class NodeService:
         ]
         if s.public_name:
             args += ["--public-name", s.public_name]
+        elif s.swarm != "public":  # friends see each other by name (the computer's); never on the public swarm
+            args += ["--public-name", default_human_name()]
         if s.cpu_percent < 100:
             args += ["--num-threads", str(cpu_threads(s.cpu_percent))]
         return args
@@ -225,6 +250,48 @@ class NodeService:
         elif not settings.contribute and old.contribute:
             self.supervisor.stop("contribution switched off")
 
+    # --- joining a private swarm --------------------------------------------------------------------
+    def join_swarm(self, text: str) -> Settings:
+        """Join the swarm an invite names: read it (bounded), try every address, then switch. Anything
+        wrong is an HTTP error whose message says what to do; the settings are then left as they were."""
+        from corolla.node.invites import InviteError, parse_invite
+        from corolla.node.settings import PEER_ID
+        from corolla.node.sharing import probe_addresses
+
+        try:
+            invite = parse_invite(text)
+        except InviteError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        own = (self.supervisor.poll().stats or {}).get("peer_id")
+        if own and all(peer == own for peer in invite.peer_ids):
+            raise HTTPException(
+                400, "This is this computer's own invite: send it to your friends, who paste it on their computers."
+            )
+        changes: dict = {}
+        if invite.model:
+            try:  # the swarm's model too: blocks of another model under its prefix would only be turned away
+                changes["model"] = self.model_setting_for(invite.model)
+            except ValueError as exc:
+                raise HTTPException(400, sentence_of(exc)) from exc
+        answered, tried = probe_addresses(invite.peers)
+        if not answered:
+            raise HTTPException(
+                503,
+                f"None of the invite's {len(tried)} address(es) answered (tried {', '.join(tried)}). The computer "
+                "that made it may be off or not contributing, or its router does not let others in: ask them to "
+                "check that Corolla is contributing with Let others join, or ask another member for their invite.",
+            )
+        # Addresses that answered first; loopback ones only from this very computer's invite (tests).
+        usable = [p for p in invite.peers if not p.startswith(("/ip4/127.", "/ip6/::1/"))] or invite.peers
+        peers = sorted(usable, key=lambda p: p not in answered)
+        members = [p for p in invite.peer_ids if PEER_ID.match(p)]
+        known = [p for p in self.settings.swarm_members if p not in members]
+        changes.update(swarm="custom", custom_peers=peers, swarm_members=(members + known)[:1024])
+        if invite.dht_prefix:
+            changes["dht_prefix"] = invite.dht_prefix
+        self.apply_settings(self.settings.model_copy(update=changes))
+        return self.settings
+
     # --- the swarm client --------------------------------------------------------------------------
     def _client_target(self) -> ClientTarget:
         s = self.settings
@@ -242,6 +309,7 @@ class NodeService:
         from corolla.swarm.client.routing import MissingBlocksError
         from corolla.swarm.client.session import ServerFailure
         from corolla.swarm.models.errors import EngineError
+        from corolla.swarm.peers import PeerStartError
 
         try:
             return fn(*args)
@@ -255,6 +323,12 @@ class NodeService:
             raise HTTPException(400, str(exc)) from exc
         except (MissingBlocksError, ServerFailure) as exc:  # the swarm, not this request, is at fault
             raise HTTPException(503, str(exc)) from exc
+        except PeerStartError as exc:  # no initial peer answered (a member restarted elsewhere, all are off)
+            raise HTTPException(
+                503,
+                f"This computer cannot reach the swarm: {sentence_of(exc)} Check that at least one member's "
+                "Corolla is contributing, or paste a fresh invite from a member under Settings, Swarm.",
+            ) from exc
 
     def swarm_health(self) -> list[dict]:
         from corolla.swarm.client.health import read_swarm_health
@@ -433,9 +507,19 @@ class NodeService:
             peer_id=stats.get("peer_id"),
             model_kept=sup.state == "paused" and self.supervisor.keeping_model,
         )
-        invite = None
-        if self.settings.swarm == "private" and stats.get("visible_maddrs") and sup.state == "online":
-            invite = make_invite(stats["visible_maddrs"], self.dht_prefix() or "", self.model_id())
+        invite = self.invite(stats) if sup.state == "online" else None
+        sharing = None
+        if self.settings.swarm != "public":
+            others = self.settings.swarm == "custom" or self.settings.listen_on_lan
+            state = (stats.get("reachability") or {}).get("state", "checking") if sup.pid is not None else "checking"
+            sharing = sharing_status(
+                others,
+                self.settings.swarm_port,
+                lan_addresses(),
+                state,
+                self.settings.nat_port_map,
+                self.address.port_notice,
+            )
         return m.NodeStatus(
             version=__version__,
             pid=os.getpid(),
@@ -453,7 +537,23 @@ class NodeService:
             pause_rule=self._pause_rule if sup.state == "paused" and self._paused_by_policy else None,
             lifetime=m.Lifetime(**self.db.contribution_totals()),
             reachability=_reachability(stats) if sup.pid is not None else m.NOT_CHECKED,
+            sharing=sharing,
         )
+
+    def invite(self, stats: dict) -> str | None:
+        """The invite to this swarm, only where others may join: every address a friend might dial (this
+        server's public, relay and LAN ones; for a member that joined, the members it joined through)."""
+        s = self.settings
+        if s.swarm == "public" or (s.swarm == "private" and not s.listen_on_lan):
+            return None
+        if s.swarm == "custom" and not s.swarm_members:
+            return None  # custom peers typed by hand: not a private swarm this node was invited to
+        own = [a for a in stats.get("visible_maddrs") or () if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
+        relayed = (stats.get("reachability") or {}).get("relay_addrs") or []
+        members = list(s.custom_peers) if s.swarm == "custom" else []
+        if not own and not relayed:
+            return None
+        return make_invite([*own, *relayed, *members], self.dht_prefix() or "", self.model_id(), s.public_name)
 
     def server_log(self, lines: int) -> str:
         """The block server's last log lines (the window shows them next to the last failure)."""
@@ -616,6 +716,11 @@ class NodeService:
         self.chats.clients.close()
         self.supervisor.close()
         self.db.close()
+
+
+def sentence_of(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 def pause_rule(settings: Settings, reason: str) -> m.PauseRule:

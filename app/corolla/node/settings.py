@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import re
 from typing import Literal
 
@@ -15,7 +13,6 @@ PUBLIC_INITIAL_PEERS = [
     "/dns/bootstrap1.petals.dev/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY",
     "/dns/bootstrap2.petals.dev/tcp/31338/p2p/QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5",
 ]
-INVITE_PREFIX = "corolla-invite:"
 PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,128}$")  # base58; the node checks the multihash itself
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
 
@@ -42,7 +39,14 @@ class Settings(BaseModel):
     # the swarm's users; fewer threads make each step slower but never stop it).
     cpu_percent: int = Field(100, ge=10, le=100, description="use at most this share of the processor cores")
     time_window: str | None = Field(None, description="HH:MM-HH:MM, local time; may wrap midnight")
+    # "Let others join" (True) or "This computer only" (False): whether the private swarm listens beyond
+    # loopback (on every interface, at swarm_port) and shows an invite.
     listen_on_lan: bool = False
+    # The TCP port of this computer's swarm peer, chosen once (on first start) and kept, so that invites
+    # and a forwarded router port stay valid across pauses, restarts and reboots.
+    swarm_port: int | None = Field(None, ge=1024, le=65535)
+    # Ask the home router to forward swarm_port (NAT-PMP/UPnP); off unless the user switches it on.
+    nat_port_map: bool = False
     # Swarms on this network (mDNS): off, nothing is announced and nothing listens. On, the node lists
     # the swarms its neighbours announce, and announces its own private swarm when that listens on
     # the LAN (never the public swarm).
@@ -81,23 +85,6 @@ class Settings(BaseModel):
             if not peer.startswith("/") or "/p2p/" not in peer or len(peer) > 512:
                 raise ValueError(f"{peer!r} is not a multiaddr ending in /p2p/<peer id>")
         return value
-
-
-def make_invite(maddrs: list[str], dht_prefix: str, model: str) -> str:
-    payload = json.dumps({"peers": maddrs, "dht_prefix": dht_prefix, "model": model}).encode()
-    return INVITE_PREFIX + base64.urlsafe_b64encode(payload).decode()
-
-
-def parse_invite(invite: str) -> dict:
-    if not invite.startswith(INVITE_PREFIX):
-        raise ValueError("an invite starts with corolla-invite:")
-    try:
-        data = json.loads(base64.urlsafe_b64decode(invite[len(INVITE_PREFIX) :].encode()))
-        peers = [str(p) for p in data["peers"]]
-    except Exception as exc:
-        raise ValueError("this invite is damaged; ask for a new one") from exc
-    Settings(swarm="custom", custom_peers=peers)  # validates the addresses
-    return {"peers": peers, "dht_prefix": data.get("dht_prefix"), "model": data.get("model")}
 
 
 def contribution_allowed(

@@ -25,6 +25,9 @@ LOG_KEEP_BYTES = 2**20
 LOG_TAIL_BYTES = 64 * 2**10  # after a crash only the end of the log is read
 
 
+RETAKE_RELAY_EXIT_CODE = 75  # as corolla.swarm.server.server (not imported: the node stays light)
+
+
 def restart_delay(failures: int) -> float:
     """1, 2, 4, ... 60 s after the 1st, 2nd, 3rd ... consecutive crash."""
     return min(2.0 ** max(failures - 1, 0), MAX_BACKOFF_S)
@@ -134,7 +137,11 @@ class ServerSupervisor:
             self.keeping_model = False  # a restarted server serves: the pause went with the process
             self._kill_leftovers(self.process.pid)  # an abrupt death may leave p2pd
             self.process = None
-            if self.wanted:
+            if self.wanted and code == RETAKE_RELAY_EXIT_CODE:  # no crash: it stopped to reserve its relay again
+                self.state, self.reason = "restarting", "taking the swarm's relay again (it restarted)"
+                self.next_start_at = now
+                logger.info(self.reason)
+            elif self.wanted:
                 self.failures += 1
                 self.restarts += 1
                 delay = restart_delay(self.failures)

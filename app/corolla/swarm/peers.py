@@ -14,6 +14,7 @@ its own child); Corolla's child differs from hivemind's in three ways that make 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -166,3 +167,39 @@ def _describe_start_failure(exc: Exception, initial_peers: Sequence[str]) -> str
     if initial_peers:
         return f"could not join the swarm through {' '.join(initial_peers)}: {text[:300]}"
     return f"could not start the DHT: {text[:300]}"
+
+
+def peers_by_id(maddrs: Sequence[str]) -> dict[str, list[str]]:
+    """Initial peers grouped by peer id (an invite names several addresses of one member)."""
+    grouped: dict[str, list[str]] = {}
+    for maddr in maddrs:
+        if "/p2p/" in maddr and "p2p-circuit" not in maddr:
+            address, peer = maddr.rsplit("/p2p/", 1)
+            grouped.setdefault(peer.strip("/"), []).append(address)
+    return grouped
+
+
+async def rejoin_if_alone(_dht, node, peers: dict[str, list[str]]) -> int:
+    """In the DHT process: when none of the initial peers is connected or the routing table is empty (a
+    member restarted, a home's connection came back), dial them again and ping them into the routing
+    table. Returns how many answered (0 when nothing was needed or nobody answered).
+
+    hivemind joins through its initial peers once, at start; without this a NAT'd member whose only
+    link was a restarted member stays alone, its records stored nowhere, until its own restart."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    p2p = node.protocol.p2p
+    connected = {str(info.peer_id) for info in await p2p.list_peers()}
+    if node.protocol.routing_table.peer_id_to_uid and any(peer in connected for peer in peers):
+        return 0
+    answered = 0
+    for peer, addresses in peers.items():
+        try:
+            peer_id = PeerID.from_base58(peer)
+            await asyncio.wait_for(p2p._client.connect(peer_id, [Multiaddr(a) for a in addresses]), 10.0)
+            if await asyncio.wait_for(node.protocol.call_ping(peer_id), 10.0) is not None:
+                answered += 1
+        except Exception:  # this one is still away: the next round tries again
+            continue
+    return answered

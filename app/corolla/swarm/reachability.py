@@ -235,6 +235,50 @@ def describe(
     return Reachability(state, summary, advice, list(relay_addrs), time.time(), relay_proven_at)
 
 
+def relay_candidates(initial_peers: Sequence[str]) -> list[str]:
+    """One address per peer to reserve a relay slot on: go-libp2p's auto-relay counts each trusted relay
+    address as a candidate, so three addresses of one peer (an invite's public, LAN and loopback ones)
+    made it wait its three-minute boot delay for candidates that never came. Public addresses first;
+    loopback and circuit addresses are no relay for a peer in another home."""
+    import ipaddress
+
+    def rank(maddr: str) -> int:
+        try:
+            ip = ipaddress.ip_address(maddr.split("/")[2])
+        except (ValueError, IndexError):
+            return 0
+        return 2 if ip.is_loopback else 1 if ip.is_private else 0
+
+    chosen: dict[str, str] = {}
+    for maddr in sorted((p for p in initial_peers if "/p2p/" in p and "p2p-circuit" not in p), key=rank):
+        peer = maddr.rsplit("/p2p/", 1)[1].strip("/")
+        if peer not in chosen and rank(maddr) < 2:
+            chosen[peer] = maddr
+    return list(chosen.values())
+
+
+def listens_on_public_address(host_maddrs: Sequence[str]) -> bool:
+    """Whether a listen address is (or, for 0.0.0.0, an interface has) a public IPv4 address."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    def public(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return ip.is_global and ip not in ipaddress.ip_network("100.64.0.0/10")
+
+    hosts = {maddr.split("/")[2] for maddr in host_maddrs if maddr.startswith("/ip4/")}
+    if "0.0.0.0" in hosts:
+        with contextlib.suppress(Exception):
+            for addrs in psutil.net_if_addrs().values():
+                hosts.update(a.address for a in addrs if a.family == socket.AF_INET)
+    return any(public(host) for host in hosts)
+
+
 def _is_loopback(maddr: str) -> bool:
     return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
 
@@ -283,7 +327,7 @@ async def plan_network(
     """
     from corolla.swarm.relays import circuit_addresses
 
-    relays = [peer for peer in initial_peers if "/p2p/" in peer]
+    relays = relay_candidates(initial_peers)
     answers: list[bool] = []
     if mode == "auto" and host_maddrs and all(_is_loopback(maddr) for maddr in host_maddrs):
         # Listening on loopback only (tests, the private demo swarm): nobody off this computer can dial it,
@@ -294,7 +338,10 @@ async def plan_network(
     elif mode == "relay":
         dialable = False
     elif not initial_peers:
-        dialable = None  # the first peer of a new swarm has nobody to ask
+        # The first peer of a new swarm has nobody to ask. Listening on an interface with a public
+        # address, it is on the internet itself: saying so lets libp2p serve relay reservations at once
+        # (otherwise AutoNAT needs peers to dial back first, and NAT'd members wait minutes for a relay).
+        dialable = True if listens_on_public_address(host_maddrs) else None
     else:
         check = await check_direct_reachability(initial_peers, host_maddrs, announce_maddrs, identity_path)
         dialable, answers = check.dialable, check.answers

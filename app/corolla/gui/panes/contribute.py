@@ -9,6 +9,7 @@ import time
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
+    QButtonGroup,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -21,6 +22,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QRadioButton,
     QScrollArea,
     QSlider,
     QVBoxLayout,
@@ -161,8 +163,34 @@ class ContributePane(QWidget):
         buttons.addStretch(1)
         layout.addLayout(buttons)
 
-        self.invite_box = QGroupBox("Invite others to this private swarm")
-        invite_row = QHBoxLayout(self.invite_box)
+        self.invite_box = QGroupBox("Who can join this swarm")
+        invite_layout = QVBoxLayout(self.invite_box)
+        choice_row = QHBoxLayout()
+        self.only_here = QRadioButton("This computer only")
+        self.let_join = QRadioButton("Let others join")
+        self.only_here.setAccessibleName("This computer only: nobody else can join")
+        self.let_join.setAccessibleName("Let others join: other computers connect to this one")
+        self.share_choice = QButtonGroup(self)
+        for button in (self.only_here, self.let_join):
+            self.share_choice.addButton(button)
+            choice_row.addWidget(button)
+            button.clicked.connect(lambda _=False: self._choose_sharing())
+        choice_row.addStretch(1)
+        self.choice_widgets = QWidget()
+        self.choice_widgets.setLayout(choice_row)
+        choice_row.setContentsMargins(0, 0, 0, 0)
+        invite_layout.addWidget(self.choice_widgets)
+        self.share_sentence = plain_label("")  # what the choice means, with the port
+        self.share_sentence.setWordWrap(True)
+        self.port_notice = plain_label("")  # the kept port was taken: the invite changed
+        self.port_notice.setObjectName("banner")
+        self.port_notice.setWordWrap(True)
+        self.port_notice.hide()
+        self.outside = plain_label("")  # whether people in other homes can reach this computer, and the fixes
+        self.outside.setWordWrap(True)
+        for label in (self.share_sentence, self.port_notice, self.outside):
+            invite_layout.addWidget(label)
+        invite_row = QHBoxLayout()
         self.invite = QLineEdit()
         self.invite.setReadOnly(True)
         self.invite.setAccessibleName("Invite string")
@@ -171,6 +199,7 @@ class ContributePane(QWidget):
         self.copy_invite.clicked.connect(self._copy_invite)
         invite_row.addWidget(self.invite, 1)
         invite_row.addWidget(self.copy_invite)
+        invite_layout.addLayout(invite_row)
         self.invite_box.hide()
         layout.addWidget(self.invite_box)
 
@@ -249,6 +278,8 @@ class ContributePane(QWidget):
             self.free_button,
             self.resume_button,
             self.stop_button,
+            self.only_here,
+            self.let_join,
             self.invite,
             self.copy_invite,
             self.log_button,
@@ -275,6 +306,25 @@ class ContributePane(QWidget):
             f"/api/contribution/{action}",
             on_ok=lambda r: self.reason.setText(sentence(r["message"])),
             on_error=lambda e: self.reason.setText(sentence(f"Could not {action}: {e}")),
+        )
+
+    def _choose_sharing(self) -> None:
+        """This computer only / Let others join: the node restarts its server on the chosen interfaces."""
+        others = self.let_join.isChecked()
+
+        def switch(settings: dict) -> None:
+            if settings.get("listen_on_lan") == others:
+                return
+            self.client.call(
+                "PUT",
+                "/api/settings",
+                {**settings, "listen_on_lan": others},
+                on_ok=lambda _: self.share_sentence.setText("Restarting the server for your choice…"),
+                on_error=lambda e: self.share_sentence.setText(sentence(f"Could not change who can join: {e}")),
+            )
+
+        self.client.call(
+            "GET", "/api/settings", on_ok=switch, on_error=lambda e: self.share_sentence.setText(sentence(e))
         )
 
     def _copy_invite(self) -> None:
@@ -331,6 +381,32 @@ class ContributePane(QWidget):
         )
 
     # --- views --------------------------------------------------------------------------------------
+    def _show_sharing(self, status: dict) -> None:
+        """Who can join, what reaches whom (before the invite is shared), the fixes, and the invite."""
+        sharing = status.get("sharing")
+        invite = status.get("invite")
+        self.invite_box.setVisible(bool(sharing) or bool(invite))
+        if not sharing:  # the public swarm, or an older node: only its invite, if any
+            self.choice_widgets.hide()
+        else:
+            self.choice_widgets.setVisible(status.get("swarm") == "private")
+            button = self.let_join if sharing["choice"] == "others" else self.only_here
+            if not button.isChecked():
+                button.setChecked(True)
+            self.share_sentence.setText(sharing["sentence"])
+            self.port_notice.setVisible(bool(sharing.get("port_notice")))
+            self.port_notice.setText(sharing.get("port_notice") or "")
+            lines = [sharing["outside_sentence"]] if sharing["choice"] == "others" else []
+            lines += [f"• {fix}" for fix in sharing.get("fixes") or []]
+            self.outside.setText("\n".join(lines))
+            self.outside.setVisible(bool(lines))
+        for widget in (self.invite, self.copy_invite):
+            widget.setVisible(bool(invite))
+        if invite and invite != self.invite.text():
+            self.invite.setText(invite)
+            self.invite.setCursorPosition(0)
+            self.copy_invite.setText("C&opy invite")
+
     def show_unreachable(self) -> None:
         self.state.setText("The node does not answer")
         self.state.setStyleSheet(f"font-size: 20px; font-weight: 600; color: {theme.colours().bad}")
@@ -377,12 +453,7 @@ class ContributePane(QWidget):
             self.rule_banner.setText(
                 f"Paused by your rule: {rule['message'].removeprefix('paused: ')}, {rule['until']}."
             )
-        invite = status.get("invite")
-        self.invite_box.setVisible(bool(invite))
-        if invite and invite != self.invite.text():
-            self.invite.setText(invite)
-            self.invite.setCursorPosition(0)
-            self.copy_invite.setText("C&opy invite")
+        self._show_sharing(status)
         start, end = c.get("start_block"), c.get("end_block")
         blocks = f"{start}–{end - 1} ({plural(end - start, 'block')})" if start is not None and end else "–"
         used = c["cache_bytes_total"] - c["cache_bytes_left"]

@@ -15,7 +15,9 @@ import random
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -63,6 +65,9 @@ LEAVE_GRACE_S = 8.0  # from a stop request to leaving the serving loop (OFFLINE 
 ANNOUNCE_OFFLINE_TIMEOUT_S = 4.0
 NEXT_PINGS_UPDATE_S = 30.0  # DHT lookup of the next blocks' servers plus one round of pings
 DETACH_TIMEOUT_S = 2.0
+RETAKE_RELAY_AFTER_S = 10.0  # a relay connected again but not carrying us this long: restart to reserve
+RETAKE_RELAY_EXIT_CODE = 75  # EX_TEMPFAIL: the node starts the server again at once, not counted as a crash
+REJOIN_CHECK_S = 10.0  # how often a server checks that it still reaches one of its initial peers
 SHUTDOWN_DEADLINE_S = 12.0  # then the process exits whatever it was doing (the tests allow 15 s)
 
 
@@ -114,6 +119,7 @@ class BlockServer:
         self._reachability_watch: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._paused, self._resumed = asyncio.Event(), asyncio.Event()  # a pause that keeps the blocks
+        self.exit_code = 0  # RETAKE_RELAY_EXIT_CODE: stopped to take a relay again (the node restarts it at once)
         self._wake_announcer = asyncio.Event()
 
     # --- entry point -------------------------------------------------------------------------------
@@ -157,7 +163,7 @@ class BlockServer:
                     raise body.exception()
                 # Stopping anyway: the signal also reached a child that was starting (p2pd, shm manager).
                 logger.warning("while stopping: %s", _one_line(body.exception()))
-            return 0
+            return self.exit_code
         finally:
             for task in (body, stop, writer, self._reachability_watch):
                 if task is not None:
@@ -367,6 +373,8 @@ class BlockServer:
                         )
                     first = False
                 tasks.append(asyncio.create_task(self._announce_forever(start, end)))
+                if self.config.initial_peers:
+                    tasks.append(asyncio.create_task(self._rejoin_forever()))
                 if self.config.blocks is None:
                     tasks.append(asyncio.create_task(self._balance_forever(move)))
                 stop_wait = asyncio.create_task(self._stop.wait())
@@ -473,6 +481,25 @@ class BlockServer:
                 await asyncio.wait_for(self._wake_announcer.wait(), self.config.update_period)
             self._wake_announcer.clear()
 
+    async def _rejoin_forever(self) -> None:
+        """Back into the swarm after losing it (a member restarted, this home's link came back): the
+        initial peers are dialled again and the announcement repeated at once, so a restarted member
+        learns this server's blocks within seconds instead of never (see peers.rejoin_if_alone)."""
+        from corolla.swarm.peers import peers_by_id, rejoin_if_alone
+
+        peers = peers_by_id(self.config.initial_peers)
+        while True:
+            await asyncio.sleep(REJOIN_CHECK_S)
+            try:
+                coroutine = self.dht.run_coroutine(partial(rejoin_if_alone, peers=peers), return_future=True)
+                answered = await asyncio.wait_for(coroutine, 60.0)
+            except Exception as exc:  # the DHT is busy or going away: the next round tries again
+                logger.info("could not check the swarm's initial peers: %s", _one_line(exc))
+                continue
+            if answered:
+                logger.info("rejoined the swarm through %d initial peer(s); announcing again", answered)
+                self._wake_announcer.set()
+
     async def _measure_next_pings(self, start: int, end: int) -> None:
         if self.next_pings is None:
             return
@@ -523,6 +550,7 @@ class BlockServer:
         if self.network is None or not self.network.trusted_relays:
             return
         proof: RelayProof | None = None
+        had_relay, lost_since = False, None
         while True:
             with contextlib.suppress(Exception):
                 state, proof = await relay_state(p2p, self.network.trusted_relays, proof)
@@ -530,6 +558,18 @@ class BlockServer:
                 if state != self.stats.reachability.get("state") or addrs != self.stats.reachability.get("relay_addrs"):
                     logger.info("reachability: %s %s", state, " ".join(addrs))
                     self._set_reachability(state, addrs, proof.proven_at if proof.proven else None)
+                had_relay = had_relay or state == "relay"
+                # The relay restarted (connected again, yet nothing comes through it): go-libp2p's auto-relay
+                # backs off for an hour from a relay whose reservation failed while it was away, so this
+                # server would stay unreachable that long. A new p2pd reserves at once: stop, and the node
+                # starts the server again (a few seconds; the blocks are read from the page cache).
+                regained = had_relay and state == "unreachable" and bool(proof.tried)
+                lost_since = (lost_since or time.monotonic()) if regained else None
+                if lost_since is not None and time.monotonic() - lost_since > RETAKE_RELAY_AFTER_S:
+                    logger.warning("the relay came back without this server's reservation: restarting to take it")
+                    self.exit_code = RETAKE_RELAY_EXIT_CODE
+                    self._stop.set()
+                    return
             # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
             await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 5.0)
 
