@@ -59,6 +59,8 @@ def pushed_hops(
             continue
         pings = next_pings[index - 1] or {}
         link_rtt = _finite(pings.get(peers[index]))
+        if link_rtt is None and peers[index] in pings:  # the previous server cannot reach it: no push
+            continue
         one_way = (link_rtt if link_rtt is not None else client_rtt) / 2
         hops[index] = client_rtt - one_way >= PUSH_MIN_SAVING_S
     return hops
