@@ -93,11 +93,29 @@ def petals_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int) -> f
         bootstrap.shutdown()
 
 
+def traced_hops(folder: Path, new_tokens: int) -> dict:
+    """The 3-server chain with step traces on (which cost time of their own): where each hop's time goes."""
+    from corolla.swarm import steptrace
+    from hop_trace import hops
+
+    os.environ[steptrace.ENV] = str(folder)  # the servers inherit it
+    steptrace.set_directory(str(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_reference_model(Path(tmp) / "model", PREFIX)
+        tokens_per_s = corolla_chain(Path(tmp), model, CHAINS[3], new_tokens)
+    steptrace.set_directory(None)
+    return {"corolla_tokens_per_s_traced": round(tokens_per_s, 1), "median_ms_per_hop": hops(folder)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-petals", action="store_true")
+    parser.add_argument("--trace", metavar="DIR", help="only the 3-server chain, step-traced: legs per hop")
     args = parser.parse_args()
+    if args.trace:
+        print(json.dumps(traced_hops(Path(args.trace), args.new_tokens), indent=2))
+        return
     report: dict = {"new_tokens": args.new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

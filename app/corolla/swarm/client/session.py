@@ -27,7 +27,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
-from corolla.swarm import protocol, steptrace
+from corolla.swarm import protocol, steptrace, wire
 from corolla.swarm.client import push, route_choice
 from corolla.swarm.client.privacy import PrivacyViolation
 from corolla.swarm.client.routing import (
@@ -160,7 +160,7 @@ class _ServerStream:
         if extras.upstream:
             metadata["corolla_upstream"] = extras.upstream
         tensors = [
-            serialize_torch_tensor(inputs),
+            wire.serialize_plain(inputs),
             _DUMMY if extras.prompts is None else serialize_torch_tensor(extras.prompts),
             _DUMMY_IDS if extras.hypo_ids is None else serialize_torch_tensor(extras.hypo_ids),
         ]
