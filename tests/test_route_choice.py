@@ -43,11 +43,14 @@ def test_long_links_are_pushed_short_ones_are_not():
 
 
 def test_the_servers_own_link_counts_against_the_saving():
-    rtts = {"a": 0.001, "b": 0.006, "c": 0.006}
-    # b is 6 ms from the client; a says it is as far from b (3 ms one way saves 3 ms): pushed.
-    assert route_choice.pushed_hops(None, PEERS, rtts, [{"b": 0.006}, None, None])[1]
-    # a is 9 ms from b: a push would arrive later than the client's own copy.
-    assert not route_choice.pushed_hops(None, PEERS, rtts, [{"b": 0.009}, None, None])[1]
+    rtts = {"a": 0.001, "b": 0.003, "c": 0.003}
+    # b is 3 ms from the client: by that alone a push saves 1.5 ms, not enough.
+    assert not route_choice.pushed_hops(None, PEERS, rtts, [None, None, None])[1]
+    assert not route_choice.pushed_hops(None, PEERS, rtts, [{"b": 0.003}, None, None])[1]
+    # a is 0.5 ms from b: its push arrives 2.75 ms before the client's copy would.
+    assert route_choice.pushed_hops(None, PEERS, rtts, [{"b": 0.0005}, None, None])[1]
+    # A link announced longer than the client's own counts as the client's (a late push costs no time).
+    assert route_choice.pushed_hops(None, PEERS, {"b": 0.006}, [{"b": 0.009}, None, None])[1]
     # Unreachable (inf) from a: no push; an unknown round trip from the client: pushed (safe on long links).
     assert not route_choice.pushed_hops(None, PEERS, rtts, [{"b": math.inf}, None, None])[1]
     assert route_choice.pushed_hops(None, PEERS, {"a": 0.001}, [None] * 3) == [False, True, True]

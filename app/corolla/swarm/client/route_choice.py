@@ -5,7 +5,7 @@ between the two servers; it costs an extra message per server per step (the push
 copy that keeps failover exact), which on short links costs the few CPU cores more than the round trips
 it saves (loopback, tiny Llama, 3 servers: 115 tok/s with push against 176 without, same run). So a hop
 is pushed only where the saving is at least PUSH_MIN_SAVING_S, judged from the smallest round trip the
-client measured to each server (routing.SwarmView._ping) and the servers' own `next_pings`.
+client measured to each server (its pings and its own direct token steps) and the servers' own `next_pings`.
 
 Speculative steps (speculative.py) save a trip per accepted draft token, but transformers' assisted loop
 costs more per token than its plain one even when no draft is made (loopback, 1 server: 209 tok/s with
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from corolla.swarm.client.routing import SwarmView
 
 PUSH_MIN_SAVING_S = 0.002  # a pushed hop must save at least this much per step
-SPECULATE_TRIP_S = 0.02  # a trip through the route at least this long: speculation's overhead is small beside it
+SPECULATE_TRIP_S = 0.05  # a trip through the route at least this long: speculation's overhead is small beside it
 PAYING_ACCEPTANCE = 0.3  # measured acceptance (accepted / drafted) at which drafts pay on short routes
 MIN_DRAFTED = 8  # draft tokens a session needs before its own acceptance decides
 REPEATED_SHARE = 0.1  # share of the prompt's n-grams seen earlier in it that makes drafts likely
@@ -61,7 +61,10 @@ def pushed_hops(
         link_rtt = _finite(pings.get(peers[index]))
         if link_rtt is None and peers[index] in pings:  # the previous server cannot reach it: no push
             continue
-        one_way = (link_rtt if link_rtt is not None else client_rtt) / 2
+        # A push that arrives after the client's own copy costs no time (the copy is used), so a link the
+        # server announces as longer than the client's counts as the client's: announced pings are EMAs of
+        # unary calls, which a busy machine inflates.
+        one_way = min(link_rtt if link_rtt is not None else client_rtt, client_rtt) / 2
         hops[index] = client_rtt - one_way >= PUSH_MIN_SAVING_S
     return hops
 
