@@ -1,6 +1,8 @@
 """Tokens/s of a 64-token greedy generation through 1, 2 and 3 servers, in one run, beside:
 the same model's local `generate()`, the stock Petals 2.2 client and servers on the same model and
-chains, and a raw hivemind stream round trip (the floor of one extra hop).
+chains, and a raw hivemind stream round trip (the floor of one extra hop). Corolla twice per chain, on
+the same servers: the default client (push and speculative steps where they pay: route_choice.py) and
+the same client told to push on every hop and draft on every generation (the default before that choice).
 
 Targets: Corolla >= 3x Petals tokens/s on the tiny model; each extra hop costs <= 2x the raw round trip.
 Usage (as root, preferably in a loopback-only namespace):
@@ -52,14 +54,26 @@ def time_generate(fn, new_tokens: int) -> float:
     return new_tokens / sorted(runs)[1]
 
 
-def corolla_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int) -> float:
+def corolla_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int, everywhere: bool = False) -> dict:
+    """Tokens/s of the default client (push and speculation where they pay: route_choice.py) and, with
+    `everywhere`, of the same client told to push on every hop and draft on every generation (what the
+    default was before the choice), on the same servers."""
     servers = start_chain(tmp, model, chain, name=f"corolla-{len(chain)}")
     try:
         with corolla.AutoDistributedModelForCausalLM.from_pretrained(
             model, initial_peers=[servers[0].maddr], dht_prefix=PREFIX, use_relay=False, auto_nat=False
         ) as remote:
             assert remote.route().count("via") == len(chain)
-            return time_generate(lambda n: remote.generate(PROMPT, max_new_tokens=n, eos_token_id=[]), new_tokens)
+            out = {
+                "auto": time_generate(lambda n: remote.generate(PROMPT, max_new_tokens=n, eos_token_id=[]), new_tokens)
+            }
+            if everywhere:
+                remote.client_config.use_server_to_server = True
+                out["everywhere"] = time_generate(
+                    lambda n: remote.generate(PROMPT, max_new_tokens=n, eos_token_id=[], prompt_lookup_num_tokens=8),
+                    new_tokens,
+                )
+            return out
     finally:
         for server in servers:
             server.stop()
@@ -93,12 +107,30 @@ def petals_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int) -> f
         bootstrap.shutdown()
 
 
+def traced_hops(folder: Path, new_tokens: int) -> dict:
+    """The 3-server chain with step traces on (which cost time of their own): where each hop's time goes."""
+    from corolla.swarm import steptrace
+    from hop_trace import hops
+
+    os.environ[steptrace.ENV] = str(folder)  # the servers inherit it
+    steptrace.set_directory(str(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_reference_model(Path(tmp) / "model", PREFIX)
+        tokens_per_s = corolla_chain(Path(tmp), model, CHAINS[3], new_tokens)["auto"]
+    steptrace.set_directory(None)
+    return {"corolla_tokens_per_s_traced": round(tokens_per_s, 1), "median_ms_per_hop": hops(folder)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-petals", action="store_true")
+    parser.add_argument("--trace", metavar="DIR", help="only the 3-server chain, step-traced: legs per hop")
     args = parser.parse_args()
-    report: dict = {"new_tokens": args.new_tokens}
+    if args.trace:
+        print(json.dumps(traced_hops(Path(args.trace), args.new_tokens), indent=2))
+        return
+    report: dict = {"new_tokens": args.new_tokens, "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_reference_model(tmp / "model", PREFIX)
@@ -126,13 +158,16 @@ def main() -> None:
         finally:
             os.killpg(echo.pid, signal.SIGKILL)
             echo.wait()
-        report["corolla_tokens_per_s"] = {
-            n: round(corolla_chain(tmp, model, chain, args.new_tokens), 1) for n, chain in CHAINS.items()
+        runs = {n: corolla_chain(tmp, model, chain, args.new_tokens, everywhere=True) for n, chain in CHAINS.items()}
+        report["corolla_tokens_per_s"] = {n: round(run["auto"], 1) for n, run in runs.items()}
+        report["corolla_push_and_drafts_everywhere_tokens_per_s"] = {
+            n: round(r["everywhere"], 1) for n, r in runs.items()
         }
         if not args.skip_petals and reference_python().exists():
             report["petals_tokens_per_s"] = {
-                n: round(petals_chain(tmp, model, CHAINS[n], args.new_tokens), 1) for n in (1, 3)
+                n: round(petals_chain(tmp, model, CHAINS[n], args.new_tokens), 1) for n in CHAINS
             }
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     per_token_ms = {n: 1000 / tps for n, tps in report["corolla_tokens_per_s"].items()}
     report["corolla_ms_per_extra_hop"] = round((per_token_ms[3] - per_token_ms[1]) / 2, 3)
     report["target_ms_per_extra_hop"] = round(2 * report["raw_stream_round_trip"]["median_ms"], 3)

@@ -3,7 +3,8 @@
 Usage: python wan_client.py MODEL_DIR DHT_PREFIX INITIAL_PEER --new-tokens N
 Prints one JSON line per mode: {"mode", "ms_per_token", "tokens_per_s", "exact", "route", speculation stats}.
 Modes: no push (the client waits for each server in turn), push, push + speculation on a "rewrite"
-prompt (a paragraph given, then its start again) and on a free prompt. Greedy; every output is
+prompt (a paragraph given, then its start again) and on a free prompt, and the default client ("auto":
+push and speculation where they pay, route_choice.py) on both prompts. Greedy; every output is
 checked against the local model.
 """
 
@@ -18,6 +19,8 @@ from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm import steptrace
+
+DEFAULT = object()  # the client's own choice of speculation (no prompt_lookup_num_tokens passed)
 
 
 def main() -> None:
@@ -50,6 +53,9 @@ def main() -> None:
         ("push_speculative_free", "free", True, 8),
         ("push_rewrite", "rewrite", True, None),
         ("push_speculative_rewrite", "rewrite", True, 8),
+        # The default client: push and speculation where they pay on this route (route_choice.py).
+        ("auto", "free", None, DEFAULT),
+        ("auto_rewrite", "rewrite", None, DEFAULT),
     ]
     if args.modes:
         modes = [m for m in modes if m[0] in args.modes.split(",")]
@@ -70,13 +76,12 @@ def main() -> None:
             remote.client_config.use_server_to_server = push
             steptrace.mark("mode", name=mode)  # benchmarks/wan_trace.py splits the trace by mode
             ids = prompts[prompt_name]
+            options = {} if draft is DEFAULT else {"prompt_lookup_num_tokens": draft}
             remote.generate(ids, max_new_tokens=4, eos_token_id=[], prompt_lookup_num_tokens=None)  # warm-up
             runs, out = [], None
             for _ in range(3):
                 started = time.perf_counter()
-                out = remote.generate(
-                    ids, max_new_tokens=args.new_tokens, eos_token_id=[], prompt_lookup_num_tokens=draft
-                )
+                out = remote.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[], **options)
                 if mode == "push_close_awaited":
                     remote._loop.wait_background()
                 runs.append(time.perf_counter() - started)

@@ -284,7 +284,7 @@ def main() -> None:
                 if variant != current:
                     set_variant(lab, forwarders, args, current := variant)
                 longest = servers == max(chains) and variant == "clean"
-                modes = (args.modes or "") if longest else "no_push,push,push_close_awaited"
+                modes = (args.modes or "") if longest else "no_push,push,push_close_awaited,auto"
                 client_trace = trace / f"client-{variant}-{servers}"
                 report = run_corolla(lab, model, boot, client_host, servers, args, modes, client_trace)
                 if "push" in report:
@@ -314,6 +314,7 @@ def main() -> None:
                     mode["vs_stock_petals_tokens_per_s"] = round(stock_ms / mode["ms_per_token"], 3)
             push = block.get("corolla", {}).get("push")
             awaited = block.get("corolla", {}).get("push_close_awaited")
+            auto = block.get("corolla", {}).get("auto")
             if isinstance(push, dict) and push.get("server_compute_ms") and push.get("client_gap_ms") is not None:
                 compute = sum(c for c in push["server_compute_ms"] if c) + push["client_gap_ms"]
                 floor = network + compute
@@ -323,6 +324,7 @@ def main() -> None:
                     "ms_per_token": round(floor, 1),
                     "push_vs_floor": round(push["ms_per_token"] / floor, 3),
                     "push_close_awaited_vs_floor": round(awaited["ms_per_token"] / floor, 3) if awaited else None,
+                    "auto_vs_floor": round(auto["ms_per_token"] / floor, 3) if auto else None,
                     "push_steady_vs_floor": round(push["steady_ms_per_token"] / floor, 3)
                     if push.get("steady_ms_per_token")
                     else None,

@@ -359,7 +359,11 @@ def test_servers_push_each_step_to_the_next_server(remote, local, swarm):
     before = [server.stats() for server in swarm]
     ids = prompt(seed=21)
     want = local.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
-    got = remote.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=None)  # one token a step
+    remote.client_config.use_server_to_server = True  # on every hop (loopback's own choice: none)
+    try:
+        got = remote.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=None)  # a token a step
+    finally:
+        remote.client_config.use_server_to_server = None
     assert torch.equal(got, want)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # the stats files are rewritten every second

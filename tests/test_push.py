@@ -11,7 +11,15 @@ from transformers import AutoModelForCausalLM
 import corolla
 from tests.support.swarm import CorollaServer
 
-CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 4, "min_backoff": 0.2}
+# Push on every hop: on loopback the client would choose direct round trips (route_choice.py).
+CLIENT_OPTIONS = {
+    "use_relay": False,
+    "auto_nat": False,
+    "request_timeout": 10.0,
+    "max_retries": 4,
+    "min_backoff": 0.2,
+    "use_server_to_server": True,
+}
 
 
 def serve(tmp, model, prefix, blocks, *extra, name):

@@ -314,7 +314,7 @@ def test_the_node_database_remembers_slow_servers_for_a_day(tmp_path):
 
 def test_a_stalling_server_in_the_middle_of_a_pushing_chain_is_hedged_exactly(model_dir, swarm):
     """Servers push each step to the next one; the hedge takes the staller's place in that chain."""
-    honest_chain = _client(model_dir, swarm, ["head", "tail"])
+    honest_chain = _client(model_dir, swarm, ["head", "tail"], use_server_to_server=True)
     try:
         _timed_generate(honest_chain)  # warm
         want, baseline_s = _timed_generate(honest_chain)
@@ -322,7 +322,7 @@ def test_a_stalling_server_in_the_middle_of_a_pushing_chain_is_hedged_exactly(mo
     finally:
         honest_chain.close()
     peer = swarm["tail_after5"].peer_id
-    model = _client(model_dir, swarm, ["head", "tail", "tail_after5"])
+    model = _client(model_dir, swarm, ["head", "tail", "tail_after5"], use_server_to_server=True)
     try:
         route_first_through(model, peer)
         assert model.route().startswith("0:3 via") and f"3:6 via …{peer[-6:]}" in model.route()

@@ -20,6 +20,10 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
+from corolla.swarm import wire
+
+wire.install()  # one socket write per stream message, same bytes (wire.py)
+
 UID_DELIMITER = "."
 CHAIN_DELIMITER = " "
 MODELS_INDEX_KEY = "_petals.models"

@@ -26,11 +26,14 @@ class ClientConfig:
     # Share of a server's steps (after its first ones) re-run on another server to catch wrong results;
     # 0 turns spot checks off. See verification.py and benchmarks/verification_overhead.py.
     spot_check_rate: float = 0.1
-    use_server_to_server: bool = True  # ask servers to push each step's output to the next server
+    # Ask servers to push each step's output to the next server: True on every hop, False never, None
+    # where the measured round trips say it pays (route_choice.py).
+    use_server_to_server: bool | None = None
     # Blocks run by this client itself at each end of the model (local_edges.py): no server receives
     # token embeddings or final states. Costs 2k blocks of compute and memory here; hides little.
     local_edge_blocks: int = 0
-    speculative: bool = True  # greedy generation drafts tokens by prompt lookup (speculative.py)
+    # Greedy generation drafts tokens by prompt lookup (speculative.py) where it pays (route_choice.py).
+    speculative: bool = True
     # Loopback-only peers (tests, the private demo swarm): no relays, no AutoNAT.
     use_relay: bool = True
     auto_nat: bool = True

@@ -25,16 +25,19 @@ class _Stream(Protocol):
     def segment(self): ...
 
 
-def next_servers(streams: Sequence[_Stream], index: int) -> list[tuple[str, str, int, int]] | None:
+def next_servers(
+    streams: Sequence[_Stream], index: int, pushed: Sequence[bool] | None = None
+) -> list[tuple[str, str, int, int]] | None:
     """The downstream chain that stream `index` should push this step to, or None.
 
     Only sessions that have already stepped can take a push (a server registers a session with its
     first message, and a session's first message carries its whole history, which only the client
-    has), and the chain must be contiguous, so it stops at the first one that has not.
+    has), and the chain must be contiguous, so it stops at the first one that has not, and at the
+    first hop not to be pushed (`pushed[i]`: whether stream i takes pushes; route_choice.py).
     """
     chain = []
-    for stream in streams[index + 1 :]:
-        if not stream._stepped:
+    for offset, stream in enumerate(streams[index + 1 :], start=index + 1):
+        if not stream._stepped or (pushed is not None and not pushed[offset]):
             break
         segment = stream.segment
         chain.append((segment.peer_id, stream.session_id, segment.start, segment.end))

@@ -34,7 +34,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.swarm import steptrace
-from corolla.swarm.client import speculative
+from corolla.swarm.client import route_choice, speculative
 from corolla.swarm.client.autograd import remote_blocks
 from corolla.swarm.client.config import ClientConfig
 from corolla.swarm.client.generation import CallbackStopping, SwarmCache, TokenCallbackStopping, generation_length
@@ -213,6 +213,7 @@ class RemoteSession:
         self._prompts = prompts
         self._edges = edges.session() if edges is not None else None  # caches of the blocks run here
         self.pending: torch.Tensor | None = None  # tokens generated but not yet sent to the servers
+        self.speculated = speculative.SpeculationStats()  # drafts of this session's generations so far
 
     @property
     def position(self) -> int:
@@ -677,7 +678,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 self.client_config.speculative,
                 custom_stopping=bool(stopping_criteria),
             )
-            if draft is not None:
+            if draft is not None and route_choice.speculation_pays(
+                _trip_s(session), session.speculated, input_ids
+            ):  # only where it pays on this route and text (route_choice.py)
                 kwargs["prompt_lookup_num_tokens"] = draft
         self.speculation = None
         try:
@@ -712,6 +715,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                         token_callback.rewind()  # the re-run's tokens are new to the callback again
                     if callable(getattr(callback, "rewind", None)):
                         callback.rewind()  # e.g. ReplyWatcher: the re-run's tokens replace this run's
+            if self.speculation is not None:  # what this session's drafts achieved: its next turn's choice
+                session.speculated.steps += self.speculation.stats.steps
+                session.speculated.drafted += self.speculation.stats.drafted
+                session.speculated.accepted += self.speculation.stats.accepted
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             if not own_session and sequences.shape[1] > input_ids.shape[1]:
                 session.pending = sequences[:, -1:]  # generated but never sent: the next turn sends it first
@@ -809,6 +816,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             vocab_size=self.config.get_text_config().vocab_size,
         )
         return self.speculation
+
+
+def _trip_s(session: RemoteSession) -> float | None:
+    """A step's network time through the session's route (or the one it would take); None if unknown."""
+    inner = session._session
+    view = inner.view
+    route = inner.route
+    if not route and view.spans:
+        with contextlib.suppress(Exception):
+            route = view.route(0, view.num_blocks)
+    peers = [segment.peer_id for segment in route]
+    return route_choice.route_trip_s(peers, route_choice.link_rtts(view, peers)) if route else None
 
 
 def step_output(logits: torch.Tensor, cache: SwarmCache) -> CausalLMOutputWithPast:

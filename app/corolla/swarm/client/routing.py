@@ -195,6 +195,7 @@ class SwarmView:
     config: ClientConfig
     spans: dict[str, RemoteSpan] = field(default_factory=dict)
     rtts: dict[str, float] = field(default_factory=dict)
+    direct_step_s: dict[str, float] = field(default_factory=dict)  # fastest direct token step per peer (route_choice)
     bans: dict[str, _Ban] = field(default_factory=dict)
     last_refresh: float = 0.0
     announced: bool = False  # whether any server (in any state) announced any block at the last refresh
@@ -248,12 +249,17 @@ class SwarmView:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     return
-                started = time.perf_counter()
                 try:
                     stub = self.stub(peer)
-                    timeout = min(self.config.ping_timeout, left)
-                    await asyncio.wait_for(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout), timeout)
-                    self.rtts[peer] = time.perf_counter() - started
+                    # Twice: the first also opens the connection (several round trips); the smaller of the
+                    # two is the link's, which route_choice.py weighs against what a push saves.
+                    for _ in range(2):
+                        timeout = min(self.config.ping_timeout, deadline - time.perf_counter())
+                        if timeout <= 0:
+                            return
+                        started = time.perf_counter()
+                        await asyncio.wait_for(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout), timeout)
+                        self.rtts[peer] = min(self.rtts[peer], time.perf_counter() - started)
                 except Exception:
                     pass
 

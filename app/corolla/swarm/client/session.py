@@ -27,8 +27,8 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
-from corolla.swarm import protocol, steptrace
-from corolla.swarm.client import push
+from corolla.swarm import protocol, steptrace, wire
+from corolla.swarm.client import push, route_choice
 from corolla.swarm.client.privacy import PrivacyViolation
 from corolla.swarm.client.routing import (
     MissingBlocksError,
@@ -160,7 +160,7 @@ class _ServerStream:
         if extras.upstream:
             metadata["corolla_upstream"] = extras.upstream
         tensors = [
-            serialize_torch_tensor(inputs),
+            wire.serialize_plain(inputs),
             _DUMMY if extras.prompts is None else serialize_torch_tensor(extras.prompts),
             _DUMMY_IDS if extras.hypo_ids is None else serialize_torch_tensor(extras.hypo_ids),
         ]
@@ -327,9 +327,25 @@ class InferenceSession:
         next_servers = upstream = None
         if pushing:
             index = self.streams.index(stream)
-            next_servers = push.next_servers(self.streams, index)
-            upstream = self.streams[index - 1].segment.peer_id if index > 0 else None
+            hops = self._pushed_hops()
+            next_servers = push.next_servers(self.streams, index, hops)
+            upstream = self.streams[index - 1].segment.peer_id if hops[index] else None
         return StepExtras(prompts, hypo_ids, mask, next_servers, upstream)
+
+    def _probe_direct(self) -> bool:
+        """Whether this step goes without push to time the servers it would push into (once per server and
+        client, only where the client chooses per route: see route_choice.note_direct_step)."""
+        if self.view.config.use_server_to_server is not None or self.position == 0:
+            return False
+        return route_choice.unmeasured_pushed(self.view, self.route, self._pushed_hops())
+
+    def _pushed_hops(self) -> list[bool]:
+        """Per stream, whether the server before it pushes into it (route_choice.py)."""
+        peers = [s.segment.peer_id for s in self.streams]
+        infos = [getattr(self.view.spans.get(p), "server_info", None) for p in peers]
+        pings = [info.next_pings if info is not None else None for info in infos]
+        rtts = route_choice.link_rtts(self.view, peers)
+        return route_choice.pushed_hops(self.view.config.use_server_to_server, peers, rtts, pings)
 
     def _step_mask(self, attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
         """The padding mask to send with this step (None without padding); checks its shape."""
@@ -352,8 +368,9 @@ class InferenceSession:
     def _register_downstream(self, batch: int, hidden_size: int) -> None:
         """Open every Corolla server's session after the first one before the first step, so that step is
         pushed along the chain too (else it costs a client round trip per server, as without push)."""
-        for stream in self.streams[1:]:
-            if not stream.corolla:
+        hops = self._pushed_hops()
+        for index, stream in enumerate(self.streams[1:], start=1):
+            if not stream.corolla or not hops[index]:
                 return  # the push chain stops at the first session that is not open (push.next_servers)
             stream.register(batch, hidden_size)
 
@@ -398,8 +415,13 @@ class InferenceSession:
         self._mask = mask
         step_id = str(uuid.uuid4())
         self._refusals: dict[str, int] = {}
-        pushing = self.view.config.use_server_to_server and push.can_push(
-            has_prompts=self.prompts is not None, padded=mask is not None, reorders=hypo_ids is not None
+        pushing = (
+            self.view.config.use_server_to_server is not False
+            and push.can_push(
+                has_prompts=self.prompts is not None, padded=mask is not None, reorders=hypo_ids is not None
+            )
+            and any(self._pushed_hops())
+            and not self._probe_direct()
         )
         if pushing and self.position == 0:
             self._register_downstream(hidden.shape[0], hidden.shape[2])
@@ -524,6 +546,8 @@ class InferenceSession:
                 self._drop_hedge(hedge)
             raise
         speed.observe(segment.peer_id, tokens, loop.time() - started)
+        if extras.upstream is None and hidden.shape[1] == 1:  # a direct token step: bounds the link's round trip
+            route_choice.note_direct_step(self.view, segment.peer_id, loop.time() - started)
         if hedge is not None:
             self._drop_hedge(hedge)  # the overdue server answered first after all
         if stream.slow is None:

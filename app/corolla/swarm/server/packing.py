@@ -16,7 +16,7 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
-from corolla.swarm import protocol
+from corolla.swarm import protocol, wire
 
 ALLOWED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 ALLOWED_COMPRESSION = {
@@ -114,6 +114,8 @@ def is_dummy(tensor: Any) -> bool:
 
 
 def serialize(tensor: torch.Tensor, compression: int = runtime_pb2.CompressionType.NONE) -> runtime_pb2.Tensor:
+    if compression == runtime_pb2.CompressionType.NONE:
+        return wire.serialize_plain(tensor.detach().to("cpu"))  # the same bytes, without hivemind's descriptor
     return serialize_torch_tensor(tensor.detach().to("cpu"), compression, allow_inplace=True)
 
 

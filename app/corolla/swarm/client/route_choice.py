@@ -1,0 +1,129 @@
+"""What pays on a route: server-to-server push per hop and speculative steps, from measured round trips.
+
+Push (push.py) saves, for each pushed hop, the client's round trip to that server less the one-way trip
+between the two servers; it costs an extra message per server per step (the push, and the client's own
+copy that keeps failover exact), which on short links costs the few CPU cores more than the round trips
+it saves (loopback, tiny Llama, 3 servers: 115 tok/s with push against 176 without, same run). So a hop
+is pushed only where the saving is at least PUSH_MIN_SAVING_S, judged from the smallest round trip the
+client measured to each server (its pings and its own direct token steps) and the servers' own `next_pings`.
+
+Speculative steps (speculative.py) save a trip per accepted draft token, but transformers' assisted loop
+costs more per token than its plain one even when no draft is made (loopback, 1 server: 209 tok/s with
+it against 392 without, 3 drafts, none accepted). It pays where a trip through the route is long
+against that overhead, or where drafts get accepted: measured on the session's earlier generations,
+and before any, where the text already repeats itself (prompt lookup drafts only from repeats).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from corolla.swarm.client.speculative import MIN_NGRAM, NgramIndex, SpeculationStats
+
+if TYPE_CHECKING:
+    from corolla.swarm.client.routing import SwarmView
+
+PUSH_MIN_SAVING_S = 0.002  # a pushed hop must save at least this much per step
+SPECULATE_TRIP_S = 0.05  # a trip through the route at least this long: speculation's overhead is small beside it
+PAYING_ACCEPTANCE = 0.3  # measured acceptance (accepted / drafted) at which drafts pay on short routes
+MIN_DRAFTED = 8  # draft tokens a session needs before its own acceptance decides
+REPEATED_SHARE = 0.1  # share of the prompt's n-grams seen earlier in it that makes drafts likely
+
+
+def _finite(rtt: float | None) -> float | None:
+    return rtt if rtt is not None and math.isfinite(rtt) and rtt >= 0 else None
+
+
+def pushed_hops(
+    mode: bool | None, peers: Sequence[str], rtts: dict[str, float], next_pings: Sequence[dict | None]
+) -> list[bool]:
+    """For each server of the route, whether the one before it should push into it (the first: never).
+
+    `mode` True pushes every hop, False none; None decides per hop from the client's round trip to the
+    server (`rtts`) and the previous server's announced round trip to it (`next_pings[i - 1]`): a hop is
+    pushed when that saves at least PUSH_MIN_SAVING_S. A server the client has no round trip for is
+    pushed into (the choice that does not lose on long links, where not knowing costs most).
+    """
+    hops = [False] * len(peers)
+    for index in range(1, len(peers)):
+        if mode is not None:
+            hops[index] = bool(mode)
+            continue
+        client_rtt = _finite(rtts.get(peers[index]))
+        if client_rtt is None:
+            hops[index] = True
+            continue
+        pings = next_pings[index - 1] or {}
+        link_rtt = _finite(pings.get(peers[index]))
+        if link_rtt is None and peers[index] in pings:  # the previous server cannot reach it: no push
+            continue
+        # A push that arrives after the client's own copy costs no time (the copy is used), so a link the
+        # server announces as longer than the client's counts as the client's: announced pings are EMAs of
+        # unary calls, which a busy machine inflates.
+        one_way = min(link_rtt if link_rtt is not None else client_rtt, client_rtt) / 2
+        hops[index] = client_rtt - one_way >= PUSH_MIN_SAVING_S
+    return hops
+
+
+def note_direct_step(view: SwarmView, peer: str, seconds: float) -> None:
+    """A token step sent straight to `peer` (not pushed into) took `seconds`, round trip and compute: an
+    upper bound of the link's round trip, and unlike a ping (a unary call through both p2pd daemons, which a
+    busy machine inflates several-fold) measured on the session's own stream."""
+    if seconds < view.direct_step_s.get(peer, math.inf):
+        view.direct_step_s[peer] = seconds
+
+
+def link_rtts(view: SwarmView, peers: Sequence[str]) -> dict[str, float]:
+    """The client's round trip to each of `peers`: the smaller of its pings and its fastest direct token step."""
+    floors = view.direct_step_s
+    rtts = {}
+    for peer in peers:
+        known = [x for x in (_finite(view.rtts.get(peer)), floors.get(peer)) if x is not None]
+        if known:
+            rtts[peer] = min(known)
+    return rtts
+
+
+def unmeasured_pushed(view: SwarmView, route: Sequence, hops: Sequence[bool]) -> bool:
+    """Whether a server this route pushes into has never had a direct token step timed (see note_direct_step)."""
+    floors = view.direct_step_s
+    return any(hop and segment.peer_id not in floors for segment, hop in zip(route, hops, strict=True))
+
+
+def route_trip_s(peers: Sequence[str], rtts: dict[str, float]) -> float | None:
+    """A step's network time through the route without push (a round trip per server); None if unknown."""
+    known = [_finite(rtts.get(peer)) for peer in peers]
+    if not known or any(rtt is None for rtt in known):
+        return None
+    return sum(known)
+
+
+def repeats_itself(input_ids: torch.Tensor) -> bool:
+    """Whether prompt lookup could draft from this text: its last MIN_NGRAM tokens occur earlier, or a
+    tenth of its n-grams do (quotes, code, rewriting)."""
+    tokens = input_ids[0].tolist() if input_ids.ndim == 2 else input_ids.tolist()
+    if len(tokens) <= MIN_NGRAM:
+        return False
+    if NgramIndex(MIN_NGRAM).seen_before(torch.tensor(tokens)):
+        return True
+    seen, repeated = set(), 0
+    for i in range(len(tokens) - MIN_NGRAM + 1):
+        gram = tuple(tokens[i : i + MIN_NGRAM])
+        repeated += gram in seen
+        seen.add(gram)
+    return repeated >= REPEATED_SHARE * (len(tokens) - MIN_NGRAM + 1)
+
+
+def speculation_pays(trip_s: float | None, measured: SpeculationStats | None, input_ids: torch.Tensor) -> bool:
+    """Whether a greedy generation should draft: on a long route always (the adaptive draft length and
+    pauses bound what failed drafts cost there); else by the session's measured acceptance once it has
+    drafted enough, and before that by whether the text repeats itself."""
+    if trip_s is not None and trip_s >= SPECULATE_TRIP_S:
+        return True
+    if measured is not None and measured.drafted >= MIN_DRAFTED:
+        return measured.acceptance >= PAYING_ACCEPTANCE
+    return repeats_itself(input_ids)
