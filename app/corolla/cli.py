@@ -593,8 +593,8 @@ def _find_route(model, attempts: int = 6) -> str:
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
+    from corolla.swarm.client.client_loop import ClientLoop
     from corolla.swarm.client.health import format_health, read_swarm_health
-    from corolla.swarm.client.remote_model import _LoopThread
     from corolla.swarm.peers import start_dht
 
     if args.action == ["lan"]:
@@ -612,7 +612,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
             return 2
         extra[prefix] = int(blocks)
     dht = start_dht(args.initial_peers, client_mode=True, use_relay=not args.no_relay, auto_nat=not args.no_auto_nat)
-    loop = _LoopThread()
+    loop = ClientLoop()
     p2p = None
     try:
         p2p = loop.run(dht.replicate_p2p(), timeout=60)
