@@ -349,17 +349,5 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
         return out[:, self.pre_seq_len :] if first else out
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 class AutoDistributedModelForCausalLM(DistributedModelForCausalLM):
     """The Petals name: `AutoDistributedModelForCausalLM.from_pretrained(...)`."""
