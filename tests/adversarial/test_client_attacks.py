@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm import protocol
-from corolla.swarm.client.session import CLOSE_TIMEOUT, InferenceSession
+from corolla.swarm.client.session import InferenceSession
+from corolla.swarm.client.streams import CLOSE_TIMEOUT
 from corolla.swarm.dht_records import MAX_SERVERS_PER_BLOCK, compute_spans, declare_blocks, get_module_infos
 from corolla.swarm.peers import start_dht
 from corolla.swarm.protocol import ServerInfo, ServerState

@@ -400,7 +400,7 @@ class NodeService:
 
     def check_server(self, peer_id: str) -> dict | None:
         """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing."""
-        from corolla.swarm.client.verification import check_server
+        from corolla.swarm.client.server_check import check_server
 
         model = self.call_swarm(self.chats.clients.get)
         verdict = self.call_swarm(lambda: model._loop.run(check_server(model, peer_id), timeout=180))

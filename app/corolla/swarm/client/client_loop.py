@@ -9,7 +9,7 @@ import contextlib
 import logging
 import threading
 
-from corolla.swarm.client.session import CLOSE_TIMEOUT
+from corolla.swarm.client.streams import CLOSE_TIMEOUT
 
 logger = logging.getLogger(__name__)
 CANCEL_GRACE_S = 3.0  # for a cancelled coroutine to unwind (close its streams) before we move on

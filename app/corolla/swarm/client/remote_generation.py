@@ -21,7 +21,7 @@ from corolla.swarm.client import route_choice, speculative
 from corolla.swarm.client.generation import CallbackStopping, SwarmCache, TokenCallbackStopping, generation_length
 from corolla.swarm.client.privacy import Privacy, as_privacy
 from corolla.swarm.client.remote_session import RemoteSession
-from corolla.swarm.client.verification import LiarCaught, restart_route
+from corolla.swarm.client.verification import LiarCaught
 
 logger = logging.getLogger(__name__)
 # generate()'s per-step keywords that a swarm step has no use for (positions follow the servers' caches).
@@ -130,7 +130,7 @@ class RemoteGenerationMixin(GenerationMixin):
                     # Re-route around the liar and re-run from where this call started: the tokens
                     # returned are then the ones honest servers give (seeded sampling repeats too).
                     logger.warning("%s; re-running the generation on honest servers", caught)
-                    self._loop.run(restart_route(session._session, start_position))
+                    self._loop.run(session._session.restart(start_position))
                     session.pending = start_pending
                     if token_callback is not None:
                         token_callback.rewind()  # the re-run's tokens are new to the callback again

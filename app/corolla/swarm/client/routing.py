@@ -27,6 +27,7 @@ from hivemind.proto import runtime_pb2
 
 from corolla.swarm import protocol
 from corolla.swarm.client.config import ClientConfig
+from corolla.swarm.client.ledger import ledger_of
 from corolla.swarm.client.privacy import Privacy, PrivacyViolation
 from corolla.swarm.dht_records import RemoteSpan, compute_spans, get_module_infos
 from corolla.swarm.protocol import ServerState
@@ -311,8 +312,6 @@ class SwarmView:
             raise ValueError(f"this client is restricted to privacy '{self.privacy}'; a call can only narrow it")
         view = self._restricted.get(privacy)
         if view is None:
-            from corolla.swarm.client.verification import ledger_of
-
             ledger_of(self)  # made here, so the restricted view shares it
             view = dataclasses.replace(
                 self, privacy=privacy, spans={}, rtts=dict(self.rtts), excluded={}, last_refresh=0.0, _restricted={}

@@ -16,19 +16,14 @@ and a server consistently slower than it announces is replaced at its next step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from dataclasses import dataclass, field
 
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
-from hivemind.proto import runtime_pb2
-from hivemind.utils import MSGPackSerializer
 
-from corolla.swarm import protocol, steptrace, wire
+from corolla.swarm import protocol, steptrace
 from corolla.swarm.client import push, route_choice
+from corolla.swarm.client.failover import FailoverMixin
 from corolla.swarm.client.privacy import PrivacyViolation
 from corolla.swarm.client.routing import (
     MissingBlocksError,
@@ -37,176 +32,15 @@ from corolla.swarm.client.routing import (
     SwarmView,
     describe_route,
 )
-from corolla.swarm.client.speed import speed_of
+from corolla.swarm.client.streams import CLOSE_TIMEOUT, ServerFailure, ServerStream, StepExtras, replay
 from corolla.swarm.client.verification import SessionVerifier
 
+__all__ = ["CLOSE_TIMEOUT", "InferenceSession", "ServerFailure"]
 logger = logging.getLogger(__name__)
 NOBODY_SERVES_ATTEMPTS = 3  # DHT reads that find no record at all of a model before saying nobody serves it
-ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {})
-# Corolla servers read the padding mask as a keyword (stock servers never get one: see _check_padding).
-MASKED_ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {"attention_mask": b"__T3"})
-_DUMMY = serialize_torch_tensor(torch.zeros(0))
-_DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
-CLOSE_TIMEOUT = 5.0
-_CLOSING: set[asyncio.Task] = set()  # streams of replaced servers, closing in the background (CLOSE_TIMEOUT each)
 
 
-class ServerFailure(RuntimeError):
-    pass
-
-
-@dataclass
-class StepExtras:
-    """What a step sends besides hidden states: this span's deep prompts (first step only), the beams'
-    reordering of the servers' caches, the padding mask over every position so far."""
-
-    prompts: torch.Tensor | None = None  # [span blocks, batch or 1, P, hidden]
-    hypo_ids: torch.Tensor | None = None  # int64 [batch]
-    mask: torch.Tensor | None = None  # int64 [batch, position + length]
-    next_servers: list | None = None  # where this server pushes its output (push.py)
-    upstream: str | None = None  # the server that pushes into this one (push.py)
-
-
-@dataclass
-class _ServerStream:
-    """One rpc_inference stream to one server for blocks [start, end)."""
-
-    segment: RouteSegment
-    dht_prefix: str
-    max_length: int
-    adapter: str | None = None
-    history: torch.Tensor | None = None  # every input this span has received, [batch, positions, hidden]
-    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    _outbox: asyncio.Queue | None = None
-    _responses: object | None = None
-    _stepped: bool = False
-    _unread_replies: int = 0  # replies to register() still to be read before the next step's
-    corolla: bool = False  # a Corolla server (announces corolla_version): reads next_servers in any step
-    slow: dict | None = None  # evidence that its server is consistently slow (speed.py): replaced at the next step
-    kept_slow: bool = False  # ... unless nobody else serves its blocks
-
-    @property
-    def position(self) -> int:
-        return 0 if self.history is None else self.history.shape[1]
-
-    async def open(self, view: SwarmView, timeout: float) -> None:
-        self._outbox = outbox = asyncio.Queue()
-
-        async def requests():
-            while True:  # its own reference: close() drops self._outbox while this may still run
-                request = await outbox.get()
-                if request is None:
-                    return
-                yield request
-
-        stub = view.stub(self.segment.peer_id)  # refuses a peer outside the privacy policy
-        self._responses = await asyncio.wait_for(stub.rpc_inference(requests()), timeout)
-
-    def register(self, batch: int, hidden_size: int) -> None:
-        """Open the session at the server with an empty step (max_length, no tokens) without waiting for
-        its reply, so the route's first real step can already be pushed into it (a server takes pushes
-        only into sessions it knows). Corolla servers only: what a stock server makes of an empty first
-        step is not part of the protocol."""
-        if self._outbox is None or self._stepped:
-            return
-        empty = torch.zeros(batch, 0, hidden_size)
-        metadata = {
-            "session_id": self.session_id,
-            "step_id": str(uuid.uuid4()),
-            "points": 0.0,
-            "args_structure": ARGS_STRUCTURE,
-            "start_from_position": 0,
-            "max_length": self.max_length,
-            "active_adapter": self.adapter,
-        }
-        uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
-        tensors = [serialize_torch_tensor(empty), _DUMMY, _DUMMY_IDS]
-        self._outbox.put_nowait(
-            runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
-        )
-        self._stepped = True
-        self._unread_replies += 1
-
-    async def step(
-        self,
-        inputs: torch.Tensor,
-        step_id: str,
-        position: int,
-        timeout: float | None,
-        extras: StepExtras | None = None,
-    ) -> torch.Tensor:
-        """Send one step and wait (at most `timeout`) for its reply."""
-        self.send(inputs, step_id, position, extras)
-        return await self.read(inputs, step_id, timeout)
-
-    def send(self, inputs: torch.Tensor, step_id: str, position: int, extras: StepExtras | None = None) -> None:
-        if self._outbox is None:
-            raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
-        uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
-        extras = extras or StepExtras()
-        metadata = {
-            "session_id": self.session_id,
-            "step_id": step_id,
-            "points": 0.0,
-            "args_structure": ARGS_STRUCTURE if extras.mask is None else MASKED_ARGS_STRUCTURE,
-            "start_from_position": position,
-        }
-        if not self._stepped:
-            metadata.update(max_length=self.max_length, active_adapter=self.adapter)
-        # Not in a stock server's first step: Petals 2.1-2.3.0.dev1 would keep pushing every later step
-        # to the chain named there, stale after a failover.
-        if extras.next_servers and (self._stepped or self.corolla):
-            metadata["next_servers"] = extras.next_servers
-        if extras.upstream:
-            metadata["corolla_upstream"] = extras.upstream
-        tensors = [
-            wire.serialize_plain(inputs),
-            _DUMMY if extras.prompts is None else serialize_torch_tensor(extras.prompts),
-            _DUMMY_IDS if extras.hypo_ids is None else serialize_torch_tensor(extras.hypo_ids),
-        ]
-        if extras.mask is not None:
-            tensors.append(serialize_torch_tensor(extras.mask))
-        request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
-        self._outbox.put_nowait(request)
-        steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])
-        self._stepped = True
-
-    async def read(self, inputs: torch.Tensor, step_id: str, timeout: float | None) -> torch.Tensor:
-        """The server's reply to the step just sent (`timeout` None: the caller bounds the wait)."""
-        try:
-            async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
-                while self._unread_replies:  # register()'s reply came long ago; it carries nothing
-                    await anext(self._responses)
-                    self._unread_replies -= 1
-                response = await anext(self._responses)
-        except StopAsyncIteration as exc:
-            raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
-        steptrace.mark("client_reply", step=step_id, server=self.segment.peer_id[-6:])
-        output = deserialize_torch_tensor(response.tensors[0])
-        if output.shape != inputs.shape:
-            raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")
-        return output
-
-    async def close(self) -> None:
-        if self._outbox is None:
-            return
-        if self._stepped:
-            self._outbox.put_nowait(runtime_pb2.ExpertRequest())  # the empty request closes the session
-        self._outbox.put_nowait(None)
-        try:
-            # A server that never closes its side must not hold the client (or a node's thread) forever.
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                async for _ in self._responses:
-                    pass
-        except Exception:
-            pass  # a stream that breaks or stalls while closing changes nothing
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._responses.aclose(), CLOSE_TIMEOUT)
-        self._outbox = None
-
-
-class InferenceSession:
+class InferenceSession(FailoverMixin):
     """A session over blocks [start, end) of a model (default: all of them; a client running edge blocks
     itself routes only the middle, local_edges.py). Use from the client's event loop."""
 
@@ -226,7 +60,7 @@ class InferenceSession:
         # Deep prompts [num_blocks, batch or 1, P, hidden]: each span gets its blocks' slice with the
         # step that starts at position 0 (the first one, and every replay).
         self.prompts = prompts
-        self.streams: list[_ServerStream] = []
+        self.streams: list[ServerStream] = []
         self.position = 0
         self.replacements = 0
         self.padded = False  # the batch has padding: every step sends the mask
@@ -249,9 +83,9 @@ class InferenceSession:
         for segment in segments:
             self.recipients.setdefault(segment.peer_id, set()).add((segment.start, segment.end))
 
-    async def _open_segments(self, segments: list[RouteSegment]) -> list[_ServerStream]:
+    async def _open_segments(self, segments: list[RouteSegment]) -> list[ServerStream]:
         """One session per segment, opened all at once (each open may cost a round trip to its server)."""
-        streams = [_ServerStream(s, self.view.dht_prefix, self.max_length, self.adapter) for s in segments]
+        streams = [ServerStream(s, self.view.dht_prefix, self.max_length, self.adapter) for s in segments]
         self.saw(segments)
         for stream in streams:
             span = self.view.spans.get(stream.segment.peer_id)
@@ -320,7 +154,35 @@ class InferenceSession:
         if position == 0:
             self.padded = False
 
-    def _extras(self, stream: _ServerStream, position: int, hypo_ids, mask, pushing: bool = False) -> StepExtras:
+    async def restart(self, position: int) -> None:
+        """Re-route the whole session (flagged servers are blocked) and rebuild every cache up to
+        `position` from the client's own first-span inputs: exact failover for a chain some of whose
+        outputs were wrong (verification.py caught a liar)."""
+        await self.rollback(position)
+        self.verifier.cancel()  # checks of the old route: its liar is blocked already
+        self.verifier.kept.clear()
+        self.verifier.caught = None
+        first = self.streams[0].history if self.streams else None
+        for stream in self.streams:
+            await stream.close()
+        self.streams = []
+        await self.view.refresh()
+        batch = first.shape[0] if first is not None else 1
+        route = self.view.route(self.start, self.end, cache_tokens_needed=batch * self.max_length, adapter=self.adapter)
+        self.streams = await self._open_segments(route)
+        self.position = position
+        if first is None or position == 0:
+            return
+        mask = self._mask[:, :position] if self._mask is not None else None
+        await replay(
+            self.streams,
+            first[:, :position],
+            extras_for=lambda stream: self._extras(stream, 0, None, mask),
+            timeout_for=lambda stream, inputs: self.view.config.request_timeout,
+            on_output=lambda stream, inputs, output, seconds: self.verifier.observe(stream, output),
+        )
+
+    def _extras(self, stream: ServerStream, position: int, hypo_ids, mask, pushing: bool = False) -> StepExtras:
         prompts = None
         if position == 0 and self.prompts is not None:
             prompts = self.prompts[stream.segment.start : stream.segment.end]
@@ -482,233 +344,6 @@ class InferenceSession:
         self.position += length
         return hidden
 
-    async def _race(
-        self, index: int, hidden: torch.Tensor, step_id: str, extras: StepExtras
-    ) -> tuple[int, torch.Tensor]:
-        """Stream `index`'s step, with a deadline from what this client expects of its server (speed.py).
-
-        Overdue, the step is hedged: another server of the same blocks gets the kept inputs replayed and
-        this step, and whichever answers first wins. Returns (0, output) when the stream's own server
-        answered, (n, output) when the n streams of the hedge now stand in its place. Without hedging
-        (or past request_timeout) an overdue step raises, and the caller fails over as for any error.
-        """
-        stream = self.streams[index]
-        config = self.view.config
-        speed = speed_of(self.view)
-        segment = stream.segment
-        tokens = hidden.shape[0] * hidden.shape[1]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = speed.deadline(self.view, segment.peer_id, segment.end - segment.start, tokens)
-        stream.send(hidden, step_id, stream.position, extras)
-        hedge: asyncio.Task | None = None
-        racing = True
-
-        def hedge_done(task: asyncio.Task) -> None:
-            if racing and not limit.expired() and not task.cancelled() and task.exception() is None:
-                limit.reschedule(loop.time())  # stop waiting for the overdue server: the hedge answered
-
-        def overdue() -> None:
-            nonlocal hedge
-            if not racing or limit.expired():
-                return
-            if not config.hedge:
-                limit.reschedule(loop.time())
-                return
-            hedge = loop.create_task(self._hedge(index, hidden))
-            hedge.add_done_callback(hedge_done)
-
-        try:
-            async with asyncio.timeout(config.request_timeout) as limit:
-                timer = loop.call_at(started + deadline, overdue) if deadline < config.request_timeout else None
-                try:
-                    output = await stream.read(hidden, step_id, None)
-                finally:
-                    racing = False
-                    if timer is not None:
-                        timer.cancel()
-        except Exception as exc:
-            try:
-                if hedge is not None and not hedge.done():  # the overdue server failed; the hedge still runs
-                    await asyncio.wait({hedge}, timeout=max(config.request_timeout - (loop.time() - started), 0.0))
-            except BaseException:
-                self._drop_hedge(hedge)
-                raise
-            if hedge is not None and hedge.done() and not hedge.cancelled() and hedge.exception() is None:
-                return self._hedge_won(index, hedge.result(), tokens, loop.time() - started, hidden.shape[1])
-            if hedge is not None:
-                self._drop_hedge(hedge)
-            if isinstance(exc, TimeoutError):  # overdue and no hedge answered: a failure of this server
-                speed.stalled(self.view, segment.peer_id, segment.start, segment.end, tokens, loop.time() - started)
-            raise
-        except BaseException:
-            if hedge is not None:
-                self._drop_hedge(hedge)
-            raise
-        speed.observe(segment.peer_id, tokens, loop.time() - started)
-        if extras.upstream is None and hidden.shape[1] == 1:  # a direct token step: bounds the link's round trip
-            route_choice.note_direct_step(self.view, segment.peer_id, loop.time() - started)
-        if hedge is not None:
-            self._drop_hedge(hedge)  # the overdue server answered first after all
-        if stream.slow is None:
-            stream.slow = speed.judge(self.view, segment.peer_id, segment.start, segment.end, tokens)
-            if stream.slow is not None:
-                speed.mark_slow(stream.slow)
-        return 0, output
-
-    async def _hedge(self, index: int, inputs: torch.Tensor) -> tuple[list[_ServerStream], torch.Tensor]:
-        """The overdue stream `index`'s blocks on other servers, with its history and `inputs` replayed."""
-        overdue = self.streams[index]
-        segment = overdue.segment
-        speed = speed_of(self.view)
-        speed.hedges += 1
-        logger.warning(
-            "server …%s is overdue at step %d; sending the step to another server too",
-            segment.peer_id[-6:],
-            self.position,
-        )
-        try:
-            route = self._route_around(segment, inputs.shape[0])
-        except MissingBlocksError:
-            await self.view.refresh()
-            route = self._route_around(segment, inputs.shape[0])
-        history = inputs if overdue.history is None else torch.cat([overdue.history, inputs], dim=1)
-        return await self._replay(route, history)
-
-    def _route_around(self, segment: RouteSegment, batch: int) -> list[RouteSegment]:
-        return self.view.route(
-            segment.start,
-            segment.end,
-            cache_tokens_needed=batch * self.max_length,
-            adapter=self.adapter,
-            avoid={segment.peer_id},
-        )
-
-    def _hedge_won(
-        self, index: int, won: tuple[list[_ServerStream], torch.Tensor], tokens: int, waited: float, length: int
-    ) -> tuple[int, torch.Tensor]:
-        streams, full = won
-        loser = self.streams[index]
-        segment = loser.segment
-        speed = speed_of(self.view)
-        speed.hedges_won += 1
-        speed.stalled(self.view, segment.peer_id, segment.start, segment.end, tokens, waited)
-        self.view.ban(segment.peer_id)
-        self.streams[index : index + 1] = streams
-        self._close_later(loser)
-        self.replacements += 1
-        logger.info("the hedge answered first; new route: %s", self.describe())
-        return len(streams), full[:, -length:]
-
-    def _drop_hedge(self, hedge: asyncio.Task) -> None:
-        """A hedge that lost (or is no longer needed): cancel it, or close what it opened."""
-        if not hedge.done():
-            hedge.cancel()  # _replay closes its streams on the way out
-        elif not hedge.cancelled() and hedge.exception() is None:
-            for stream in hedge.result()[0]:
-                self._close_later(stream)
-
-    async def _leave_slow(self, index: int, inputs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """Replace stream `index`, judged slow, by other servers (its history and `inputs` replayed); keep
-        it if nobody else can take its blocks. Returns (0, None) when it stays."""
-        slow = self.streams[index]
-        try:
-            route = self._route_around(slow.segment, inputs.shape[0])
-            history = inputs if slow.history is None else torch.cat([slow.history, inputs], dim=1)
-            streams, full = await self._replay(route, history)
-        except Exception as exc:
-            logger.info("keeping slow server …%s: no other route (%s)", slow.segment.peer_id[-6:], exc)
-            slow.kept_slow = True
-            return 0, None
-        self.streams[index : index + 1] = streams
-        self._close_later(slow)
-        self.replacements += 1
-        logger.info("left slow server …%s; new route: %s", slow.segment.peer_id[-6:], self.describe())
-        return len(streams), full[:, -inputs.shape[1] :]
-
-    async def _replay(
-        self, route: list[RouteSegment], history: torch.Tensor
-    ) -> tuple[list[_ServerStream], torch.Tensor]:
-        """New sessions along `route`, each sent the whole `history` (the previous one's full output):
-        the streams and the last one's output. On failure (or cancellation) nothing stays open."""
-        new_streams: list[_ServerStream] = []
-        speed = speed_of(self.view)
-        loop = asyncio.get_running_loop()
-        try:
-            new_streams = await self._open_segments(route)
-            full = history
-            for stream in new_streams:  # replay: each new server gets the previous one's full output
-                extras = self._extras(stream, 0, None, self._mask)
-                started = loop.time()
-                output = await stream.step(full, str(uuid.uuid4()), 0, self.view.config.request_timeout, extras)
-                speed.observe(stream.segment.peer_id, full.shape[0] * full.shape[1], loop.time() - started)
-                stream.history = full
-                full = output
-        except BaseException:
-            for stream in new_streams:
-                self._close_later(stream)
-            raise
-        return new_streams, full
-
-    @staticmethod
-    def _close_later(stream: _ServerStream) -> None:
-        """Close a stream without waiting for its server (a staller would hold the step for CLOSE_TIMEOUT)."""
-        task = asyncio.get_running_loop().create_task(stream.close())
-        _CLOSING.add(task)  # a strong reference: the loop keeps only weak ones
-        task.add_done_callback(_CLOSING.discard)
-
-    async def _replace(self, index: int, inputs: torch.Tensor, attempt: int) -> tuple[int, torch.Tensor | None]:
-        """Swap stream `index` for new servers covering its blocks and replay its history through them.
-
-        Returns how many streams now stand in its place and their output for this step (0 on failure).
-        """
-        failed = self.streams[index]
-        self.view.ban(failed.segment.peer_id)
-        self._close_later(failed)
-        delay = (
-            0.0
-            if attempt == 1
-            else min(self.view.config.min_backoff * 2 ** (attempt - 2), self.view.config.max_backoff)
-        )
-        await asyncio.sleep(delay)
-        await self.view.refresh()
-        segment = failed.segment
-        route = self.view.route(
-            segment.start, segment.end, cache_tokens_needed=inputs.shape[0] * self.max_length, adapter=self.adapter
-        )
-        history = inputs if failed.history is None else torch.cat([failed.history, inputs], dim=1)
-        try:
-            new_streams, full = await self._replay(route, history)
-        except Exception as exc:
-            self._note_refusal(exc)
-            logger.warning("replacement route %s failed: %s", describe_route(route), exc)
-            for segment in route:
-                self.view.ban(segment.peer_id)
-            # Leave a placeholder that fails at once, so the caller retries with a fresh route.
-            return 0, None
-        self.streams[index : index + 1] = new_streams
-        self.replacements += 1
-        logger.info("new route: %s", self.describe())
-        return len(new_streams), full[:, -inputs.shape[1] :]
-
-    def _note_refusal(self, exc: Exception) -> None:
-        """Count what servers answer with an error of their own (not a timeout or a broken stream)."""
-        said = server_refusal(exc)
-        if said is not None:
-            self._refusals[said] = self._refusals.get(said, 0) + 1
-
-    @property
-    def _last_refusal(self) -> str | None:
-        refusals = getattr(self, "_refusals", {})
-        return max(refusals, key=refusals.get) if refusals else None
-
-    def _raise_if_refused_again(self) -> None:
-        """The same refusal from the server and from its replacement: this request cannot succeed (too
-        long a session, say); retrying would only hide the reason."""
-        said = self._last_refusal
-        if said is not None and self._refusals[said] >= 2:
-            raise ServerFailure(f"the server refused: {said}")
-
     async def close(self) -> None:
         self.verifier.detach()  # checks still in flight finish on their own (and can still flag)
         steptrace.mark("session_close")
@@ -716,13 +351,3 @@ class InferenceSession:
         await asyncio.gather(*(stream.close() for stream in self.streams), return_exceptions=True)
         self.streams = []
         steptrace.mark("session_closed")
-
-
-def server_refusal(exc: BaseException) -> str | None:
-    """The server's own error text from hivemind's "Failed to call handler `X` at PEER: TEXT"; None for
-    failures that are not a server's answer (timeouts, closed streams)."""
-    if not isinstance(exc, P2PHandlerError):
-        return None
-    text = str(exc)
-    marker = text.find(": ", text.find(" at ") + 1) if " at " in text else -1
-    return (text[marker + 2 :] if marker >= 0 else text).strip()[:500] or None

@@ -21,18 +21,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from corolla.swarm.client.ledger import FIRST_STEPS, Ledger, block, ledger_of
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, choose_route
 from corolla.swarm.client.speed import speed_of
+from corolla.swarm.client.streams import ServerStream, StepExtras, replay
 
+__all__ = ["FIRST_STEPS", "Ledger", "block", "ledger_of"]  # where callers have always found them
 logger = logging.getLogger(__name__)
 
 # Largest honest relative error of one server's outputs against the exact (float32) result, per
@@ -51,7 +52,6 @@ UNKNOWN_PRECISION_TOLERANCE = 0.9  # a server that announces nothing (old Petals
 # sums to 1.8) must not wave garbage through. Measured on SmolLM2's real weights, 10-block spans against
 # float32: bfloat16 <= 0.032, int8 <= 0.11, nf4 <= 0.34, so honest pairs stay well below it.
 MAX_PAIR_TOLERANCE = 0.9
-FIRST_STEPS = 8  # a server's first steps in this client are all checked
 CHECK_TIMEOUT_S = 60.0
 # At most this long generate() waits, after its last token, for checks in flight; the rest finish in the
 # background (and can still flag the server, for later generations). A checker that stalls counts against it.
@@ -133,58 +133,6 @@ class Verdict:
     compared_with: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Ledger:
-    """What one client knows about servers' honesty: steps seen, checks passed, flags with evidence."""
-
-    first_steps: int = FIRST_STEPS
-    rng: random.Random = field(default_factory=random.Random)
-    steps: Counter = field(default_factory=Counter)
-    checks: Counter = field(default_factory=Counter)
-    flagged: dict[str, dict] = field(default_factory=dict)
-    disputes: int = 0
-    infos: dict = field(default_factory=dict)  # the last announcement seen of each server (its precision)
-    on_flag: list[Callable[[dict], None]] = field(default_factory=list)
-    background: set = field(default_factory=set)  # checks of closed sessions, still running
-
-    def should_check(self, peer: str, rate: float) -> bool:
-        self.steps[peer] += 1
-        if self.steps[peer] <= self.first_steps:
-            return True
-        return rate > 0 and self.rng.random() < rate
-
-    def state(self, peer: str) -> str:
-        if peer in self.flagged:
-            return "flagged"
-        return "verified" if self.checks[peer] else "unverified"
-
-    def flag(self, view: SwarmView, evidence: dict) -> None:
-        peer = evidence["peer_id"]
-        block(view, peer)
-        if peer in self.flagged:  # checks still in flight confirm it: the first evidence stays
-            return
-        self.flagged[peer] = evidence
-        logger.warning("flagged server %s: %s", peer, evidence["detail"])
-        for callback in self.on_flag:
-            try:
-                callback(evidence)
-            except Exception:
-                logger.exception("recording a flagged server failed")
-
-
-def block(view: SwarmView, peer: str) -> None:
-    """Never route through `peer` again in this client."""
-    if peer not in view.config.blocked_servers:
-        view.config.blocked_servers.append(peer)
-    view.ban(peer)
-
-
-def ledger_of(view: SwarmView) -> Ledger:
-    if view.verification is None:
-        view.verification = Ledger()
-    return view.verification
-
-
 # --- running a span on other servers -------------------------------------------------------------
 
 
@@ -201,34 +149,39 @@ async def replay_on(
     """Outputs of `route` (segments covering some blocks in order) for `inputs` [batch, L, hidden],
     each segment in a fresh inference session closed at once. Without `timeout`, each server gets the
     deadline this client expects of it (speed.py), and one that misses it is counted as stalling."""
-    from corolla.swarm.client.session import StepExtras, _ServerStream
-
     speed = speed_of(view)
-    loop = asyncio.get_running_loop()
     tokens = inputs.shape[0] * inputs.shape[1]
-    hidden = inputs
     offset = route[0].start
-    for segment in route:
-        stream = _ServerStream(segment, view.dht_prefix, inputs.shape[1], adapter)
-        peer, blocks = segment.peer_id, segment.end - segment.start
-        deadline = timeout or speed.deadline(view, peer, blocks, tokens)
-        try:
+    streams = [ServerStream(segment, view.dht_prefix, inputs.shape[1], adapter) for segment in route]
+
+    def extras_for(stream: ServerStream) -> StepExtras:
+        segment = stream.segment
+        span_prompts = None if prompts is None else prompts[segment.start - offset : segment.end - offset]
+        return StepExtras(span_prompts, None, mask)
+
+    def timeout_for(stream: ServerStream, _inputs: torch.Tensor) -> float:
+        return timeout or speed.deadline(
+            view, stream.segment.peer_id, stream.segment.end - stream.segment.start, tokens
+        )
+
+    def stalled(stream: ServerStream, seconds: float) -> None:
+        segment = stream.segment
+        speed.stalled(view, segment.peer_id, segment.start, segment.end, tokens, seconds, what="check")
+        view.ban(segment.peer_id)
+
+    try:
+        for stream in streams:
             await stream.open(view, view.config.connect_timeout)
-            span_prompts = None
-            if prompts is not None:
-                span_prompts = prompts[segment.start - offset : segment.end - offset]
-            extras = StepExtras(span_prompts, None, mask)
-            started = loop.time()
-            try:
-                hidden = await stream.step(hidden, str(uuid.uuid4()), 0, deadline, extras)
-            except TimeoutError:
-                speed.stalled(view, peer, segment.start, segment.end, tokens, loop.time() - started, what="check")
-                view.ban(peer)
-                raise
-            speed.observe(peer, tokens, loop.time() - started)
-        finally:
-            await stream.close()
-    return hidden
+        return await replay(
+            streams,
+            inputs,
+            extras_for=extras_for,
+            timeout_for=timeout_for,
+            on_output=lambda stream, _inputs, _output, seconds: speed.observe(stream.segment.peer_id, tokens, seconds),
+            on_timeout=stalled,
+        )
+    finally:
+        await asyncio.gather(*(stream.close() for stream in streams), return_exceptions=True)
 
 
 def other_route(view: SwarmView, start: int, end: int, avoid: set[str]) -> list[RouteSegment] | None:
@@ -320,7 +273,7 @@ class SessionVerifier:
         prompts = self.session.prompts
         if prompts is not None:
             prompts = prompts[stream.segment.start : stream.segment.end]
-        job = _CheckJob(
+        job = CheckJob(
             stream_id=stream.session_id,
             segment=stream.segment,
             inputs=stream.history,
@@ -343,7 +296,7 @@ class SessionVerifier:
             if kept.outputs.shape[0] == hypo_ids.shape[0]:
                 kept.outputs = kept.outputs[hypo_ids]
 
-    async def _run(self, job: _CheckJob) -> None:
+    async def _run(self, job: CheckJob) -> None:
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 verdict = await check_outputs(self.view, job)
@@ -394,7 +347,7 @@ class SessionVerifier:
 
 
 @dataclass
-class _CheckJob:
+class CheckJob:
     stream_id: str | None
     segment: RouteSegment
     inputs: torch.Tensor  # [batch, positions, hidden]: every input of the span so far
@@ -407,7 +360,7 @@ class _CheckJob:
     witness: Callable[[list[RouteSegment]], None] | None = None  # told which servers a replay goes to
 
 
-async def check_outputs(view: SwarmView, job: _CheckJob) -> Verdict | None:
+async def check_outputs(view: SwarmView, job: CheckJob) -> Verdict | None:
     """Compare a server's outputs with another server's run of the same inputs; None if no other
     server covers the span (the server stays unverified)."""
     ledger = ledger_of(view)
@@ -472,127 +425,3 @@ async def check_outputs(view: SwarmView, job: _CheckJob) -> Verdict | None:
     }
     ledger.flag(view, evidence)
     return Verdict(liar, "flagged", evidence["detail"], liar_error, tolerance, honest)
-
-
-async def restart_route(session, position: int) -> None:
-    """Re-route a whole session (flagged servers are blocked) and rebuild every cache up to `position`
-    from the client's own first-span inputs: exact failover for a chain some of whose outputs were wrong."""
-    await session.rollback(position)
-    session.verifier.cancel()  # checks of the old route: its liar is blocked already
-    session.verifier.kept.clear()
-    session.verifier.caught = None
-    first = session.streams[0].history if session.streams else None
-    for stream in session.streams:
-        await stream.close()
-    session.streams = []
-    await session.view.refresh()
-    route = session.view.route(
-        session.start,
-        session.end,
-        cache_tokens_needed=(first.shape[0] if first is not None else 1) * session.max_length,
-        adapter=session.adapter,
-    )
-    streams = await session._open_segments(route)
-    session.streams = streams
-    session.position = position
-    if first is None or position == 0:
-        return
-    full = first[:, :position]
-    mask = getattr(session, "_mask", None)
-    for stream in streams:
-        extras = session._extras(stream, 0, None, mask[:, :position] if mask is not None else None)
-        output = await stream.step(full, str(uuid.uuid4()), 0, session.view.config.request_timeout, extras)
-        stream.history = full
-        session.verifier.observe(stream, output)
-        full = output
-
-
-# --- checking a server on purpose ----------------------------------------------------------------
-
-LOCAL_CHECK_MAX_BYTES = 2 * 1024**3  # this computer runs the blocks itself when they weigh at most this
-
-
-async def find_span(view: SwarmView, peer: str):
-    """The span `peer` announces for this model (also for blocked servers); None if it announces none."""
-    from corolla.swarm.dht_records import compute_spans, get_module_infos
-    from corolla.swarm.protocol import ServerState
-
-    await view.refresh()
-    if peer in view.spans:
-        return view.spans[peer]
-    infos = await get_module_infos(view.dht, view.uids())
-    return compute_spans(infos, min_state=ServerState.ONLINE).get(peer)
-
-
-def _local_runner(model, start: int, end: int):
-    """A float32 CPU copy of blocks [start, end) if this computer can hold them, else None."""
-    from corolla.swarm.models import LoadOptions, load_span
-    from corolla.swarm.models.loading import estimate_memory
-
-    try:
-        estimate = estimate_memory(model.checkpoint, torch.float32)
-        if sum(estimate.per_block_bytes[start:end]) > LOCAL_CHECK_MAX_BYTES:
-            return None
-        return load_span(model.checkpoint, start, end, LoadOptions(device="cpu", dtype="float32"))
-    except Exception as exc:  # no weights here (a hub model not downloaded), not enough memory, ...
-        logger.info("cannot run blocks %d:%d here: %s", start, end, exc)
-        return None
-
-
-async def check_server(model, peer: str) -> Verdict | None:
-    """Send `peer` known inputs for its blocks and compare its outputs with this computer's own run of
-    those blocks (when it can load them) or with other servers'. None if `peer` serves nothing here."""
-    view: SwarmView = model.view
-    span = await find_span(view, peer)
-    if span is None:
-        return None
-    ledger = ledger_of(view)
-    ledger.infos[peer] = span.server_info
-    start, end = span.start, span.end
-    vocab = int(getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings)
-    ids = torch.tensor([[(7 + 31 * i) % vocab for i in range(16)]])  # known inputs: the same every time
-    with torch.no_grad():
-        inputs = model.family.embed(model.client_model, ids).detach().float().cpu()
-    claimed = await replay_on(view, [RouteSegment(peer, start, end)], inputs, timeout=CHECK_TIMEOUT_S)
-    runner = await asyncio.to_thread(_local_runner, model, start, end)
-    if runner is not None:
-        with torch.no_grad():
-            reference = await asyncio.to_thread(lambda: runner(inputs, runner.new_cache()).float())
-        error = relative_error(claimed, reference)
-        tolerance = pair_tolerance(view, [peer], [], local=TOLERANCE["float32"])
-        if error <= tolerance:
-            ledger.checks[peer] += 1
-            return Verdict(
-                peer,
-                "verified",
-                f"its outputs for blocks {start}:{end} match this computer's own run "
-                f"(error {error:.3g}, tolerance {tolerance:.3g})",
-                error,
-                tolerance,
-                ["this computer"],
-            )
-        evidence = {
-            "peer_id": peer,
-            "dht_prefix": view.dht_prefix,
-            "blocks": [start, end],
-            "step": None,
-            "positions": int(inputs.shape[1]),
-            "error": float(error) if math.isfinite(error) else 2.0,
-            "tolerance": float(tolerance),
-            "disagreed_with": ["this computer"],
-            "flagged_at": time.time(),
-            "detail": f"its outputs for blocks {start}:{end} differ from this computer's own run "
-            f"(error {error:.3g}, tolerance {tolerance:.3g})",
-        }
-        ledger.flag(view, evidence)
-        return Verdict(peer, "flagged", evidence["detail"], error, tolerance, ["this computer"])
-    job = _CheckJob(None, RouteSegment(peer, start, end), inputs, claimed, 0, step=None)
-    verdict = await check_outputs(view, job)
-    if verdict is None:
-        return Verdict(
-            peer, "unverified", f"no other server covers blocks {start}:{end} and this computer cannot run them"
-        )
-    if verdict.state == "disputed":
-        verdict.state = "unverified"
-        verdict.detail = f"it {verdict.detail}, so neither can be trusted yet"
-    return verdict

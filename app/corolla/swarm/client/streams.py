@@ -1,0 +1,223 @@
+"""One rpc_inference stream to one server, as the client drives it, and the replay that fills a new
+server's cache: what sessions (session.py), their failover (failover.py) and spot checks
+(verification.py) all send and read through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from corolla.swarm import protocol, steptrace, wire
+from corolla.swarm.client.routing import RouteSegment, SwarmView
+
+ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {})
+# Corolla servers read the padding mask as a keyword (stock servers never get one: see _check_padding).
+MASKED_ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {"attention_mask": b"__T3"})
+_DUMMY = serialize_torch_tensor(torch.zeros(0))
+_DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
+CLOSE_TIMEOUT = 5.0
+
+
+class ServerFailure(RuntimeError):
+    pass
+
+
+@dataclass
+class StepExtras:
+    """What a step sends besides hidden states: this span's deep prompts (first step only), the beams'
+    reordering of the servers' caches, the padding mask over every position so far."""
+
+    prompts: torch.Tensor | None = None  # [span blocks, batch or 1, P, hidden]
+    hypo_ids: torch.Tensor | None = None  # int64 [batch]
+    mask: torch.Tensor | None = None  # int64 [batch, position + length]
+    next_servers: list | None = None  # where this server pushes its output (push.py)
+    upstream: str | None = None  # the server that pushes into this one (push.py)
+
+
+@dataclass
+class ServerStream:
+    """One rpc_inference stream to one server for blocks [start, end)."""
+
+    segment: RouteSegment
+    dht_prefix: str
+    max_length: int
+    adapter: str | None = None
+    history: torch.Tensor | None = None  # every input this span has received, [batch, positions, hidden]
+    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    _outbox: asyncio.Queue | None = None
+    _responses: object | None = None
+    _stepped: bool = False
+    _unread_replies: int = 0  # replies to register() still to be read before the next step's
+    corolla: bool = False  # a Corolla server (announces corolla_version): reads next_servers in any step
+    slow: dict | None = None  # evidence that its server is consistently slow (speed.py): replaced at the next step
+    kept_slow: bool = False  # ... unless nobody else serves its blocks
+
+    @property
+    def position(self) -> int:
+        return 0 if self.history is None else self.history.shape[1]
+
+    async def open(self, view: SwarmView, timeout: float) -> None:
+        self._outbox = outbox = asyncio.Queue()
+
+        async def requests():
+            while True:  # its own reference: close() drops self._outbox while this may still run
+                request = await outbox.get()
+                if request is None:
+                    return
+                yield request
+
+        stub = view.stub(self.segment.peer_id)  # refuses a peer outside the privacy policy
+        self._responses = await asyncio.wait_for(stub.rpc_inference(requests()), timeout)
+
+    def register(self, batch: int, hidden_size: int) -> None:
+        """Open the session at the server with an empty step (max_length, no tokens) without waiting for
+        its reply, so the route's first real step can already be pushed into it (a server takes pushes
+        only into sessions it knows). Corolla servers only: what a stock server makes of an empty first
+        step is not part of the protocol."""
+        if self._outbox is None or self._stepped:
+            return
+        empty = torch.zeros(batch, 0, hidden_size)
+        metadata = {
+            "session_id": self.session_id,
+            "step_id": str(uuid.uuid4()),
+            "points": 0.0,
+            "args_structure": ARGS_STRUCTURE,
+            "start_from_position": 0,
+            "max_length": self.max_length,
+            "active_adapter": self.adapter,
+        }
+        uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
+        tensors = [serialize_torch_tensor(empty), _DUMMY, _DUMMY_IDS]
+        self._outbox.put_nowait(
+            runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
+        )
+        self._stepped = True
+        self._unread_replies += 1
+
+    async def step(
+        self,
+        inputs: torch.Tensor,
+        step_id: str,
+        position: int,
+        timeout: float | None,
+        extras: StepExtras | None = None,
+    ) -> torch.Tensor:
+        """Send one step and wait (at most `timeout`) for its reply."""
+        self.send(inputs, step_id, position, extras)
+        return await self.read(inputs, step_id, timeout)
+
+    def send(self, inputs: torch.Tensor, step_id: str, position: int, extras: StepExtras | None = None) -> None:
+        if self._outbox is None:
+            raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
+        uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
+        extras = extras or StepExtras()
+        metadata = {
+            "session_id": self.session_id,
+            "step_id": step_id,
+            "points": 0.0,
+            "args_structure": ARGS_STRUCTURE if extras.mask is None else MASKED_ARGS_STRUCTURE,
+            "start_from_position": position,
+        }
+        if not self._stepped:
+            metadata.update(max_length=self.max_length, active_adapter=self.adapter)
+        # Not in a stock server's first step: Petals 2.1-2.3.0.dev1 would keep pushing every later step
+        # to the chain named there, stale after a failover.
+        if extras.next_servers and (self._stepped or self.corolla):
+            metadata["next_servers"] = extras.next_servers
+        if extras.upstream:
+            metadata["corolla_upstream"] = extras.upstream
+        tensors = [
+            wire.serialize_plain(inputs),
+            _DUMMY if extras.prompts is None else serialize_torch_tensor(extras.prompts),
+            _DUMMY_IDS if extras.hypo_ids is None else serialize_torch_tensor(extras.hypo_ids),
+        ]
+        if extras.mask is not None:
+            tensors.append(serialize_torch_tensor(extras.mask))
+        request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
+        self._outbox.put_nowait(request)
+        steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])
+        self._stepped = True
+
+    async def read(self, inputs: torch.Tensor, step_id: str, timeout: float | None) -> torch.Tensor:
+        """The server's reply to the step just sent (`timeout` None: the caller bounds the wait)."""
+        try:
+            async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
+                while self._unread_replies:  # register()'s reply came long ago; it carries nothing
+                    await anext(self._responses)
+                    self._unread_replies -= 1
+                response = await anext(self._responses)
+        except StopAsyncIteration as exc:
+            raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
+        steptrace.mark("client_reply", step=step_id, server=self.segment.peer_id[-6:])
+        output = deserialize_torch_tensor(response.tensors[0])
+        if output.shape != inputs.shape:
+            raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")
+        return output
+
+    async def close(self) -> None:
+        if self._outbox is None:
+            return
+        if self._stepped:
+            self._outbox.put_nowait(runtime_pb2.ExpertRequest())  # the empty request closes the session
+        self._outbox.put_nowait(None)
+        try:
+            # A server that never closes its side must not hold the client (or a node's thread) forever.
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                async for _ in self._responses:
+                    pass
+        except Exception:
+            pass  # a stream that breaks or stalls while closing changes nothing
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._responses.aclose(), CLOSE_TIMEOUT)
+        self._outbox = None
+
+
+def server_refusal(exc: BaseException) -> str | None:
+    """The server's own error text from hivemind's "Failed to call handler `X` at PEER: TEXT"; None for
+    failures that are not a server's answer (timeouts, closed streams)."""
+    if not isinstance(exc, P2PHandlerError):
+        return None
+    text = str(exc)
+    marker = text.find(": ", text.find(" at ") + 1) if " at " in text else -1
+    return (text[marker + 2 :] if marker >= 0 else text).strip()[:500] or None
+
+
+async def replay(
+    streams: list[ServerStream],
+    history: torch.Tensor,
+    *,
+    extras_for: Callable[[ServerStream], StepExtras],
+    timeout_for: Callable[[ServerStream, torch.Tensor], float | None],
+    on_output: Callable[[ServerStream, torch.Tensor, torch.Tensor, float], None] | None = None,
+    on_timeout: Callable[[ServerStream, float], None] | None = None,
+) -> torch.Tensor:
+    """Send `history` [batch, positions, hidden] through `streams` (new sessions of consecutive spans)
+    as each one's first step: each gets the previous one's full output and keeps it as its history.
+    Returns the last one's output. `on_output(stream, inputs, output, seconds)` sees each answer,
+    `on_timeout(stream, seconds)` each server that missed its deadline (the TimeoutError propagates)."""
+    loop = asyncio.get_running_loop()
+    full = history
+    for stream in streams:
+        started = loop.time()
+        try:
+            output = await stream.step(full, str(uuid.uuid4()), 0, timeout_for(stream, full), extras_for(stream))
+        except TimeoutError:
+            if on_timeout is not None:
+                on_timeout(stream, loop.time() - started)
+            raise
+        stream.history = full
+        if on_output is not None:
+            on_output(stream, full, output, loop.time() - started)
+        full = output
+    return full
