@@ -133,7 +133,7 @@ def test_a_reply_says_why_it_ended_and_continue_writes_more_of_it(node):
 
 
 def test_contribution_defaults_and_the_processor_share():
-    from corolla.node.service import cpu_threads
+    from corolla.node.contribution import cpu_threads
     from corolla.node.settings import Settings
 
     assert Settings().allow_on_battery is False  # as BOINC: not on battery unless asked

@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corolla import __version__
 from corolla.node import api_models as m
+from corolla.node.errors import NodeError
 from corolla.node.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -49,13 +50,19 @@ def create_app(node) -> FastAPI:
                 401, "missing or wrong token (see the node's api-token file)", headers={"WWW-Authenticate": "Bearer"}
             )
 
+    def error_body(status: int, message: str, headers=None) -> JSONResponse:
+        kind = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "swarm_unavailable"}.get(
+            status, "bad_request"
+        )
+        return JSONResponse(m.ErrorBody(kind=kind, message=message).model_dump(), status_code=status, headers=headers)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        kind = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "swarm_unavailable"}.get(
-            exc.status_code, "bad_request"
-        )
-        body = m.ErrorBody(kind=kind, message=str(exc.detail)).model_dump()
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return error_body(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(NodeError)
+    async def node_error(request: Request, exc: NodeError):  # the node's services say what went wrong
+        return error_body(exc.status, exc.message)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

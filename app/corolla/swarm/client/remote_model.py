@@ -204,6 +204,10 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
                 prompts = self.prompt_tuning.deep_prompts(batch_size)
         return RemoteSession(self, max_length + self.pre_seq_len, prompts, privacy)
 
+    def run_async(self, coroutine, timeout: float | None = None) -> Any:
+        """Run a coroutine on this client's event loop (where its P2P objects live) and wait for it."""
+        return self._loop.run(coroutine, timeout)
+
     def close(self) -> None:
         self._loop.wait_background()  # sessions generate() left closing: the servers free them now
         with contextlib.suppress(Exception):

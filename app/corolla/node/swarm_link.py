@@ -1,0 +1,242 @@
+"""The node's link to the swarm as a client: joining a private swarm by invite, the swarm client it
+chats through, the swarm's health with what this client knows of each server (spot checks, speed), and
+who may receive a chat's hidden states (privacy)."""
+
+from __future__ import annotations
+
+import logging
+
+from corolla.node import api_models as m
+from corolla.node.chats import ClientTarget, NoSwarm
+from corolla.node.errors import NodeError, sentence_of
+from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmLinkMixin:
+    """The swarm client side of NodeService (service.py): uses its `settings`, `supervisor`, `chats`,
+    `db`, `apply_settings` and the model methods of ContributionMixin."""
+
+    def join_swarm(self, text: str) -> Settings:
+        """Join the swarm an invite names: read it (bounded), try every address, then switch. Anything
+        wrong is an HTTP error whose message says what to do; the settings are then left as they were."""
+        from corolla.node.invites import InviteError, parse_invite
+        from corolla.node.settings import PEER_ID
+        from corolla.node.sharing import probe_addresses
+
+        try:
+            invite = parse_invite(text)
+        except InviteError as exc:
+            raise NodeError(400, str(exc)) from exc
+        own = (self.supervisor.poll().stats or {}).get("peer_id")
+        if own and all(peer == own for peer in invite.peer_ids):
+            raise NodeError(
+                400, "This is this computer's own invite: send it to your friends, who paste it on their computers."
+            )
+        changes: dict = {}
+        if invite.model:
+            try:  # the swarm's model too: blocks of another model under its prefix would only be turned away
+                changes["model"] = self.model_setting_for(invite.model)
+            except ValueError as exc:
+                raise NodeError(400, sentence_of(exc)) from exc
+        answered, tried = probe_addresses(invite.peers)
+        if not answered:
+            raise NodeError(
+                503,
+                f"None of the invite's {len(tried)} address(es) answered (tried {', '.join(tried)}). The computer "
+                "that made it may be off or not contributing, or its router does not let others in: ask them to "
+                "check that Corolla is contributing with Let others join, or ask another member for their invite.",
+            )
+        # Addresses that answered first; loopback ones only from this very computer's invite (tests).
+        usable = [p for p in invite.peers if not p.startswith(("/ip4/127.", "/ip6/::1/"))] or invite.peers
+        peers = sorted(usable, key=lambda p: p not in answered)
+        members = [p for p in invite.peer_ids if PEER_ID.match(p)]
+        known = [p for p in self.settings.swarm_members if p not in members]
+        changes.update(swarm="custom", custom_peers=peers, swarm_members=(members + known)[:1024])
+        if invite.dht_prefix:
+            changes["dht_prefix"] = invite.dht_prefix
+        self.apply_settings(self.settings.model_copy(update=changes))
+        return self.settings
+
+    def _client_target(self) -> ClientTarget:
+        s = self.settings
+        if s.swarm == "private":
+            stats = self.supervisor.poll().stats or {}
+            peers = tuple(stats.get("visible_maddrs") or ()) if stats.get("state") == "online" else ()
+            return ClientTarget(self.model_path(), self.dht_prefix(), peers, not s.listen_on_lan, s.chat_local_blocks)
+        peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else s.custom_peers)
+        return ClientTarget(self.model_path(), self.dht_prefix(), peers, False, s.chat_local_blocks)
+
+    def call_swarm(self, fn, *args):
+        """Run a swarm call; swarm-side failures become 503 errors that say what to do."""
+        from corolla.swarm.client.local_edges import LocalEdgesError
+        from corolla.swarm.client.privacy import PrivacyError
+        from corolla.swarm.client.routing import MissingBlocksError
+        from corolla.swarm.client.session import ServerFailure
+        from corolla.swarm.models.errors import EngineError
+        from corolla.swarm.peers import PeerStartError
+
+        try:
+            return fn(*args)
+        except NoSwarm as exc:  # the node's own state: contribution is off in a private swarm
+            raise NodeError(409, str(exc)) from exc
+        except PrivacyError as exc:  # e.g. "only these peers" with an empty list of trusted peers
+            raise NodeError(400, str(exc)) from exc
+        except LocalEdgesError as exc:  # more local blocks than the model can spare: the setting says what
+            raise NodeError(400, f"{exc} (lower 'Blocks run on this computer' in the settings)") from exc
+        except EngineError as exc:  # a model that cannot be opened or is not supported
+            raise NodeError(400, str(exc)) from exc
+        except (MissingBlocksError, ServerFailure) as exc:  # the swarm, not this request, is at fault
+            raise NodeError(503, str(exc)) from exc
+        except PeerStartError as exc:  # no initial peer answered (a member restarted elsewhere, all are off)
+            raise NodeError(
+                503,
+                f"This computer cannot reach the swarm: {sentence_of(exc)} Check that at least one member's "
+                "Corolla is contributing, or paste a fresh invite from a member under Settings, Swarm.",
+            ) from exc
+
+    def swarm_health(self) -> list[dict]:
+        from corolla.swarm.client.health import read_swarm_health
+
+        model = self.call_swarm(self.chats.clients.get)
+        extra = {model.dht_prefix: model.view.num_blocks}
+        models = model.run_async(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
+        own = (self.supervisor.poll().stats or {}).get("peer_id")
+        route = self._current_route(model)
+        flagged = self.db.flagged_servers()
+        slow = self.db.slow_servers()
+        result = []
+        for health in models:
+            data = health.to_dict()
+            data["route"] = route if health.dht_prefix == model.dht_prefix else []
+            for server in data["servers"]:
+                server["this_computer"] = server["peer_id"] == own
+                server["verification"] = self._verification(model, server, data["servers"], flagged)
+                server["speed"] = self._speed(model, server, slow)
+            result.append(data)
+        return result
+
+    def _restore_flagged_servers(self, model) -> None:
+        """A new swarm client starts with the node's flagged servers blocked, and records new flags here."""
+        from corolla.swarm.client.speed import speed_of
+        from corolla.swarm.client.verification import block, ledger_of
+
+        ledger = ledger_of(model.view)
+        for peer, evidence in self.db.flagged_servers().items():
+            ledger.flagged[peer] = evidence
+            block(model.view, peer)
+        ledger.on_flag.append(self.db.flag_server)
+        speed = speed_of(model.view)  # servers found slow lately keep their discount in routing
+        for evidence in self.db.slow_servers().values():
+            speed.mark_slow(evidence)
+        speed.on_slow.append(self.db.note_slow_server)
+
+    def _verification(self, model, server: dict, servers: list[dict], flagged: dict[str, dict]) -> dict:
+        """verified | unverified | flagged, with the number of checks passed and the evidence of a flag."""
+        from corolla.swarm.client.verification import ledger_of
+
+        ledger = ledger_of(model.view)
+        peer = server["peer_id"]
+        evidence = ledger.flagged.get(peer) or flagged.get(peer)
+        start, end = server["start_block"], server["end_block"]
+        second = any(
+            other["peer_id"] != peer and other["start_block"] <= start and other["end_block"] >= end
+            for other in servers
+        )
+        if evidence is not None:
+            state = "flagged"
+        elif second and ledger.checks[peer]:
+            state = "verified"
+        else:
+            state = "unverified"
+        return {"state": state, "checks": int(ledger.checks[peer]), "evidence": evidence}
+
+    @staticmethod
+    def _speed(model, server: dict, slow: dict[str, dict]) -> dict:
+        """slow | measured | unmeasured: this client's step times of the server against its announcement,
+        with the evidence of a slow verdict (this session's, else the node's record)."""
+        from corolla.swarm.client.speed import speed_of
+
+        summary = speed_of(model.view).summary(server["peer_id"])
+        if summary["evidence"] is None and server["peer_id"] in slow:
+            summary.update(state="slow", evidence=slow[server["peer_id"]])
+        return summary
+
+    def check_server(self, peer_id: str) -> dict | None:
+        """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing."""
+        from corolla.swarm.client.server_check import check_server
+
+        model = self.call_swarm(self.chats.clients.get)
+        verdict = self.call_swarm(lambda: model.run_async(check_server(model, peer_id), timeout=180))
+        if verdict is None:
+            return None
+        return {
+            "peer_id": peer_id,
+            "state": verdict.state if verdict.state in ("verified", "flagged") else "unverified",
+            "detail": verdict.detail,
+            "max_error": verdict.max_error,
+            "compared_with": verdict.compared_with,
+        }
+
+    def check_privacy_choice(self, choice: m.PrivacyChoice) -> dict:
+        """A chat's choice as stored; HTTP 400 for a malformed or empty peer list."""
+        from corolla.swarm.client.privacy import PrivacyError, check_peer_ids
+
+        if choice.level == "peers":
+            try:
+                peers = sorted(check_peer_ids(choice.peers or self.settings.trusted_peers, "list of trusted peers"))
+            except PrivacyError as exc:
+                raise NodeError(400, str(exc)) from exc
+            return {"level": "peers", "peers": peers}
+        if choice.peers:
+            raise NodeError(400, f'privacy level "{choice.level}" takes no peer list (only "peers" does)')
+        return {"level": choice.level, "peers": None}
+
+    def own_peer_ids(self) -> set[str]:
+        """This computer's block server, while it serves."""
+        stats = self.supervisor.poll().stats or {}
+        peer = stats.get("peer_id") if stats.get("state") == "online" else None
+        return {peer} if peer else set()
+
+    def privacy_for(self, stored: dict | None):
+        """The swarm client's Privacy for a chat's stored choice (None: the default_privacy setting).
+        "local" is this computer's server; "members" adds the servers of the swarms this node joined by
+        invite and, in its own private swarm (reached only through its invite or the LAN), every server
+        in it. Raises NoSwarm (HTTP 409) when the choice names nobody now."""
+        from corolla.swarm.client.privacy import Privacy
+
+        level = (stored or {}).get("level") or self.settings.default_privacy
+        if level == "any":
+            return Privacy()
+        if level == "peers":
+            return Privacy.only((stored or {}).get("peers") or self.settings.trusted_peers)
+        own = self.own_peer_ids()
+        if level == "local":
+            if not own:
+                raise NoSwarm(
+                    "privacy is 'this computer only', but this computer serves no blocks now: start contributing "
+                    "(it must serve the whole model), or choose another privacy level for this chat"
+                )
+            return Privacy.local(own)
+        members = own | set(self.settings.swarm_members)
+        if self.settings.swarm == "private":
+            model = self.chats.clients.get()
+            model.run_async(model.view.refresh_if_stale(), timeout=30)
+            members |= set(model.view.spans)
+        if not members:
+            raise NoSwarm(
+                "privacy is 'members of my swarms', but this node is in no private swarm: create one (contribute "
+                "in the private swarm) or join one with an invite, or choose another privacy level for this chat"
+            )
+        return Privacy.members(members)
+
+    @staticmethod
+    def _current_route(model) -> list[dict]:
+        """The chain of servers a new chat session would take now (the map draws it); [] if none."""
+        try:
+            model.run_async(model.view.refresh_if_stale(), timeout=30)
+            segments = model.view.route(0, model.view.num_blocks)
+        except Exception:  # no complete route: the map shows the gap instead
+            return []
+        return [{"peer_id": s.peer_id, "start": s.start, "end": s.end} for s in segments]
