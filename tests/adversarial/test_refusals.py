@@ -369,14 +369,14 @@ def test_the_server_and_its_p2pd_run_with_the_raised_open_file_limit(server):
 def test_a_session_torn_down_while_it_waits_for_its_next_step_leaves_no_task_behind():
     """Cancelling a session mid-wait (its stream reset, the server stopping) must also cancel its wait
     for pushed steps; left pending, that task is only found by the garbage collector, which warns."""
-    from corolla.swarm.server.handler import _SessionInputs
+    from corolla.swarm.server.inference import SessionInputs
 
     async def never_sends():
         await asyncio.Event().wait()
         yield
 
     async def scenario() -> None:
-        inputs = _SessionInputs(never_sends(), asyncio.Queue())
+        inputs = SessionInputs(never_sends(), asyncio.Queue())
         waiting = asyncio.create_task(inputs.next(timeout=30))
         await asyncio.sleep(0.05)
         waiting.cancel()

@@ -43,6 +43,7 @@ STREAM_CHUNK_BYTES = 4 * 1024 * 1024  # hivemind DEFAULT_MAX_MSG_SIZE
 MAX_METADATA_BYTES = 64 * 1024
 MAX_CHAIN_LENGTH = 1024
 MAX_OPEN_SESSIONS = 256
+MAX_SESSION_ID_CHARS = 128  # session and step ids a peer sends
 MAX_TENSORS_PER_REQUEST = 8
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 # Bounded decoding of peer-supplied msgpack (metadata, rpc_info replies, DHT values and RPCs).

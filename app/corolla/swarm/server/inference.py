@@ -1,0 +1,230 @@
+"""Inference sessions' work: what the handler's rpc_inference runs once a session is admitted."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+# hivemind tells streaming RPCs apart by `typing.AsyncIterator` annotations (not collections.abc's).
+from typing import AsyncIterator  # noqa: UP035
+
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from corolla.swarm import protocol, steptrace
+from corolla.swarm.models.batched_step import StepRow, can_join
+from corolla.swarm.models.cache import SessionCache
+from corolla.swarm.models.errors import EngineError
+from corolla.swarm.models.span import BlockSpan
+from corolla.swarm.models.static_cache import StaticSessionCache
+from corolla.swarm.server import block_args
+from corolla.swarm.server.adapters import run_with_adapter
+from corolla.swarm.server.compute_queue import Priority
+from corolla.swarm.server.packing import (
+    BadRequest,
+    decode_metadata,
+    deserialize_tensors,
+    is_dummy,
+    serialize,
+    unpack_args_kwargs,
+)
+from corolla.swarm.server.push import follow_named_upstream
+from corolla.swarm.server.step_batcher import MAX_STEP_TOKENS
+
+
+@dataclass
+class OpenSession:
+    """An open inference session: who opened it, which blocks, and where pushed steps go."""
+
+    owner: PeerID
+    chain: str
+    pushes: asyncio.Queue
+    pusher: PeerID | None = None
+    reserving: bool = True
+
+
+class SessionInputs:
+    """The next message of an inference session: from the client's stream or a server's push."""
+
+    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], pushes: asyncio.Queue):
+        self._requests, self._pushes = requests, pushes
+        self._read: asyncio.Future | None = None
+        self.client_done = False
+        self.last_was_pushed = False
+
+    async def next(self, timeout: float) -> runtime_pb2.ExpertRequest | None:
+        """None when the client ended its stream or nothing came within `timeout`."""
+        if self._read is None and not self.client_done:
+            self._read = asyncio.ensure_future(anext(self._requests))
+        waiters = {self._read} if self._read is not None else set()
+        push = asyncio.ensure_future(self._pushes.get())
+        try:
+            done, _ = await asyncio.wait(waiters | {push}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # no waiter left on the queue: not after a step that came from the client, nor a teardown
+            if not push.done():
+                push.cancel()
+        self.last_was_pushed = push in done
+        if push in done:
+            return push.result()
+        if self._read in done:
+            read, self._read = self._read, None
+            try:
+                return read.result()
+            except StopAsyncIteration:
+                self.client_done = True
+                return None
+        return None
+
+    def close(self) -> None:
+        if self._read is not None:
+            self._read.cancel()
+
+
+class InferenceMixin:
+    """Inference sessions (rpc_inference): a session's parameters, its loop of token steps (from the
+    client's stream or pushed by the previous server), and one step against the session's KV cache,
+    joined with other sessions' steps where they can share a forward (step_batcher.py).
+
+    Uses the handler's `limits`, `stats`, `budget`, `batcher`, `compute_queue`, `adapters`, `_traced`,
+    `_last_compute`, `_last_inline`, `_hidden_states`, `_compute`, `_can_run_inline` and `_maybe_push`."""
+
+    def _session_params(self, metadata: dict) -> tuple[int, float, str]:
+        max_length = metadata.get("max_length")
+        if type(max_length) is not int or max_length < 0:
+            raise BadRequest("the first message of an inference session needs an integer max_length >= 0")
+        if max_length > self.limits.inference_max_length:
+            raise BadRequest(protocol.err_cannot_allocate(max_length, self.limits.inference_max_length))
+        alloc_timeout = metadata.get("alloc_timeout", 0.0)
+        if type(alloc_timeout) not in (int, float) or alloc_timeout < 0:
+            raise BadRequest("alloc_timeout must be a number >= 0")
+        session_id = metadata.get("session_id")
+        if session_id is not None and (
+            not isinstance(session_id, str) or len(session_id) > protocol.MAX_SESSION_ID_CHARS
+        ):
+            raise BadRequest("session_id must be a string of at most 128 characters")
+        return max_length, float(alloc_timeout), session_id or f"anonymous-{id(metadata)}"
+
+    async def _run_session(
+        self, span: BlockSpan, first, first_metadata: dict, requests, session: OpenSession, batch: int
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        max_length = first_metadata["max_length"]
+        # Static (preallocated) where it pays and fits the session's reservation; else dynamic.
+        reserved = self.budget.session_bytes(batch, max_length, span.num_blocks)
+        cache = span.new_cache(max_length, batch=batch, reserved_bytes=reserved)
+        inputs = SessionInputs(requests, session.pushes)
+        self.stats.sessions_opened += 1
+        self.stats.sessions_active += 1
+        self.stats.sessions_peak = max(self.stats.sessions_peak, self.stats.sessions_active)
+        processed_steps: set[str] = set()
+        traced, read_at = self._traced, 0.0
+        try:
+            request, metadata = first, first_metadata
+            while request is not None and len(request.tensors) > 0:  # an empty request closes the session
+                step_id = metadata.get("step_id")
+                if step_id is not None and (
+                    not isinstance(step_id, str) or len(step_id) > protocol.MAX_SESSION_ID_CHARS
+                ):
+                    raise BadRequest("step_id must be a string of at most 128 characters")
+                if step_id is None or step_id not in processed_steps:  # a duplicate step gets no reply
+                    steptrace.mark("step_start", step=step_id, pushed=metadata.get("pushed") is True)
+                    queue_state = (self.compute_queue.busy, self.compute_queue.waiting) if traced else None
+                    started = steptrace.now() if traced else 0.0
+                    out = await self._inference_step(span, cache, request, metadata, first_metadata, batch, max_length)
+                    steptrace.mark("computed", step=step_id)
+                    serialized = serialize(out)
+                    # The push first: it is on the chain's critical path, while the client reads this
+                    # reply only after the previous servers' ones (and needs it only to fail over).
+                    if self._maybe_push(serialized, request, metadata):
+                        await asyncio.sleep(0)  # let the push task hand its bytes to p2pd before the reply
+                    response = runtime_pb2.ExpertResponse(tensors=[serialized])
+                    self.stats.bytes_out += response.ByteSize()
+                    if traced:  # one line per step: where its time went (benchmarks/step_trace_report.py)
+                        steptrace.mark(
+                            "server_step",
+                            session=first_metadata.get("session_id"),
+                            step=step_id,
+                            read=read_at,
+                            handler=started,
+                            compute=self._last_compute,
+                            reply=steptrace.now(),
+                            queue=queue_state,
+                            inline=self._last_inline,
+                        )
+                    yield response
+                    steptrace.mark("replied", step=step_id)
+                    if isinstance(step_id, str):
+                        processed_steps.add(step_id)
+                    if metadata.get("pushed") is True:
+                        self.stats.steps_from_pushes += 1
+                request = await inputs.next(self.limits.step_timeout)
+                if request is not None and traced:
+                    read_at = steptrace.now()
+                    step = decode_metadata(request.metadata).get("step_id")
+                    steptrace.mark("input", pushed=inputs.last_was_pushed, step=step)
+                if request is not None:
+                    self.stats.bytes_in += request.ByteSize()
+                    metadata = decode_metadata(request.metadata)
+                    if not inputs.last_was_pushed:
+                        follow_named_upstream(session, metadata)
+        finally:
+            inputs.close()
+            self.stats.sessions_active -= 1
+
+    async def _inference_step(
+        self,
+        span: BlockSpan,
+        cache: SessionCache | StaticSessionCache,
+        request,
+        metadata: dict,
+        first_metadata: dict,
+        batch: int,
+        max_length: int,
+    ) -> torch.Tensor:
+        tensors = deserialize_tensors(request.tensors)
+        args, kwargs = unpack_args_kwargs({"args_structure": first_metadata.get("args_structure")}, tensors)
+        hidden = self._hidden_states(args[0] if args else None, batch)
+        prompts = block_args.deep_prompts(args[1] if len(args) > 1 else None, span, hidden) if hidden.shape[1] else None
+        position = metadata.get("start_from_position")
+        if position is not None:
+            if type(position) is not int or position < 0 or position > cache.length:
+                raise BadRequest(f"start_from_position must be an int in [0, {cache.length}], got {position!r}")
+            if position < cache.length:
+                try:
+                    cache.rollback(position)
+                except EngineError as exc:
+                    raise BadRequest(str(exc)) from exc
+        length = hidden.shape[1]
+        if cache.length + length > max_length:
+            raise BadRequest(protocol.err_max_length_exceeded(cache.length, length, max_length))
+        hypo_ids = args[2] if len(args) > 2 else None
+        if not is_dummy(hypo_ids):
+            if hypo_ids.dtype != torch.int64 or tuple(hypo_ids.shape) != (batch,):
+                raise BadRequest(f"hypo_ids must be int64 of shape [{batch}]")
+            if bool(((hypo_ids < 0) | (hypo_ids >= batch)).any()):
+                raise BadRequest("hypo_ids must index rows of the batch")
+            cache.cache.reorder_cache(hypo_ids.to(span.device))
+        if length == 0:
+            return torch.empty(batch, 0, span.hidden_size, dtype=span.dtype)
+        mask = block_args.padding_mask(kwargs, batch, cache.length + length)
+        position_ids = block_args.positions(mask, cache.length, length)
+        adapter = block_args.check_adapter(first_metadata, self.adapters)
+        inline = self._can_run_inline(batch * length)
+        if not inline and prompts is None and length <= MAX_STEP_TOKENS and can_join(span, cache, length):
+            try:
+                out = await self.batcher.step(span, adapter, StepRow(cache, hidden, mask, position_ids))
+            except EngineError as exc:
+                raise BadRequest(str(exc)) from exc
+        else:
+            out = await self._compute(
+                run_with_adapter(
+                    adapter,
+                    lambda: span(hidden, cache, attention_mask=mask, position_ids=position_ids, prompts=prompts),
+                ),
+                Priority.INFERENCE,
+                inline=inline,
+            )
+        self._last_inline = inline
+        self.stats.tokens_processed += batch * length
+        self.stats.inference_steps += 1
+        return out

@@ -1,0 +1,117 @@
+"""Server-to-server push (Petals' `next_servers`): sending a step's output on, and taking one in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from corolla.swarm import protocol, steptrace
+from corolla.swarm.server.packing import BadRequest, decode_metadata
+
+logger = logging.getLogger(__name__)
+MAX_PUSH_BYTES = 2 * 1024 * 1024  # p2pd unary payloads (rpc_push) are capped at 2 MiB
+
+
+class PushMixin:
+    """Server-to-server push: a step's output sent on to the next server of the chain the client named
+    (`next_servers`), and pushed steps accepted into this server's open sessions (rpc_push).
+
+    Uses the handler's `p2p`, `dht_prefix`, `limits`, `stats`, `sessions`, `_background`, `_chain`
+    and `get_stub`."""
+
+    def _maybe_push(self, out: runtime_pb2.Tensor, request, metadata: dict) -> bool:
+        """Send this step's output to the next server of the chain when the step names one.
+
+        The pushed copy carries this step's own trailing tensors (Petals' servers send the first
+        request's, which is wrong for a step that reorders beams); a step with deep prompts or a padding
+        mask is never pushed, as in Petals (those are per span, the next server needs its own). `out` is
+        the serialized output; returns whether a push was started."""
+        next_servers = metadata.get("next_servers")
+        if not next_servers or self.p2p is None or not isinstance(next_servers, (list, tuple)):
+            return False
+        if len(request.tensors) > 3 or (len(request.tensors) > 1 and _numel(request.tensors[1]) > 0):
+            return False
+        if len(out.buffer) > MAX_PUSH_BYTES:  # a long prompt's output: rpc_push is unary, p2pd would refuse it
+            return False
+        try:
+            peer_b58, next_session, start, end = next_servers[0]
+            if not isinstance(next_session, str) or len(next_session) > protocol.MAX_SESSION_ID_CHARS:
+                raise ValueError("bad session id")
+            if len(next_servers) > protocol.MAX_CHAIN_LENGTH:
+                raise ValueError("too long a chain")
+            if (
+                type(start) is not int
+                or type(end) is not int
+                or not 0 <= start < end <= start + protocol.MAX_CHAIN_LENGTH
+            ):
+                raise ValueError(f"bad block range {start!r}:{end!r}")
+            uid = protocol.chain_uids(self.dht_prefix, start, end)
+            push_metadata = {
+                **metadata,
+                "session_id": next_session,
+                "next_servers": list(next_servers[1:]),
+                "pushed": True,
+            }
+            request = runtime_pb2.ExpertRequest(
+                uid=uid, tensors=[out, *request.tensors[1:]], metadata=MSGPackSerializer.dumps(push_metadata)
+            )
+            peer = PeerID.from_base58(peer_b58)
+        except Exception as exc:  # a malformed next_servers entry only disables the optimisation
+            logger.debug("not pushing: %s", protocol.shorten(str(exc)))
+            return False
+        self.stats.pushes_sent += 1
+        task = asyncio.create_task(self._push(peer, request))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    async def _push(self, peer: PeerID, request: runtime_pb2.ExpertRequest) -> None:
+        try:
+            stub = self.get_stub(self.p2p, peer)
+            steptrace.mark("push_send")
+            await stub.rpc_push(request, timeout=self.limits.request_timeout)
+            steptrace.mark("push_acked")
+        except Exception as exc:
+            logger.debug("push to %s failed: %s", peer, protocol.shorten(str(exc)))
+
+    def _take_push(self, request: runtime_pb2.ExpertRequest, pusher: PeerID) -> None:
+        """Queue a pushed step into the session it names: only a session open here, over the same
+        blocks, and from one pusher per session (the upstream server the client names, else the first
+        peer that pushes to it). BadRequest otherwise."""
+        metadata = decode_metadata(request.metadata)
+        steptrace.mark("push_received", step=metadata.get("step_id"))
+        self._chain(request.uid)
+        session_id = metadata.get("session_id")
+        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None:
+            raise BadRequest("rpc_push: no open session with this id")
+        if request.uid != session.chain:
+            raise BadRequest("rpc_push: these blocks are not the session's")
+        if session.pusher is not None and session.pusher != pusher:
+            raise BadRequest("rpc_push: another peer pushes to this session")
+        if session.pushes.full():
+            raise BadRequest("rpc_push: the session's queue of pushed steps is full")
+        session.pusher = pusher
+        session.pushes.put_nowait(request)
+        self.stats.pushes_received += 1
+
+
+def follow_named_upstream(session, metadata: dict) -> None:
+    """A Corolla client names the server that pushes into this session (`corolla_upstream`), so after a
+    failover the replacement upstream may push here; without it, the first peer to push keeps the role."""
+    named = metadata.get("corolla_upstream")
+    if isinstance(named, str) and len(named) <= protocol.MAX_SESSION_ID_CHARS:
+        with contextlib.suppress(Exception):
+            session.pusher = PeerID.from_base58(named)
+
+
+def _numel(tensor: runtime_pb2.Tensor) -> int:
+    count = 1
+    for dim in tensor.size:
+        count *= dim
+    return count
