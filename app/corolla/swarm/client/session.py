@@ -307,7 +307,7 @@ class InferenceSession(FailoverMixin):
                         index += replaced
                         break
                     self.view.on_success(stream.segment.peer_id)
-                    stream.history = hidden if stream.history is None else torch.cat([stream.history, hidden], 1)
+                    stream.remember(hidden)
                     self.verifier.observe(stream, output)
                     hidden = output
                     index += 1

@@ -52,7 +52,6 @@ class ServerStream:
     dht_prefix: str
     max_length: int
     adapter: str | None = None
-    history: torch.Tensor | None = None  # every input this span has received, [batch, positions, hidden]
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     _outbox: asyncio.Queue | None = None
     _responses: object | None = None
@@ -61,10 +60,37 @@ class ServerStream:
     corolla: bool = False  # a Corolla server (announces corolla_version): reads next_servers in any step
     slow: dict | None = None  # evidence that its server is consistently slow (speed.py): replaced at the next step
     kept_slow: bool = False  # ... unless nobody else serves its blocks
+    # Every input this span has received, [batch, positions, hidden]: the first `_kept` positions of a
+    # buffer that grows by doubling, so a token step appends in place instead of copying the whole
+    # history (a torch.cat per token made a long session's steps O(length)).
+    _buffer: torch.Tensor | None = None
+    _kept: int = 0
+
+    @property
+    def history(self) -> torch.Tensor | None:
+        """The inputs so far (a view: never written to later, appends go past it or to a new buffer)."""
+        return None if self._buffer is None else self._buffer[:, : self._kept]
+
+    @history.setter
+    def history(self, value: torch.Tensor | None) -> None:
+        self._buffer, self._kept = value, 0 if value is None else value.shape[1]
+
+    def remember(self, inputs: torch.Tensor) -> None:
+        """Append a step's inputs to the history."""
+        if self._buffer is None:
+            self.history = inputs
+            return
+        needed = self._kept + inputs.shape[1]
+        if needed > self._buffer.shape[1]:
+            grown = self._buffer.new_empty(inputs.shape[0], max(needed, 2 * self._buffer.shape[1]), inputs.shape[2])
+            grown[:, : self._kept] = self._buffer[:, : self._kept]
+            self._buffer = grown
+        self._buffer[:, self._kept : needed] = inputs
+        self._kept = needed
 
     @property
     def position(self) -> int:
-        return 0 if self.history is None else self.history.shape[1]
+        return self._kept
 
     async def open(self, view: SwarmView, timeout: float) -> None:
         self._outbox = outbox = asyncio.Queue()

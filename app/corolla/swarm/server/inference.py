@@ -81,6 +81,14 @@ class SessionInputs:
             self._read.cancel()
 
 
+@dataclass(frozen=True)
+class _SessionArgs:
+    """What a session's first message fixes for all its steps."""
+
+    args_structure: object
+    adapter: str | None
+
+
 class InferenceMixin:
     """Inference sessions (rpc_inference): a session's parameters, its loop of token steps (from the
     client's stream or pushed by the previous server), and one step against the session's KV cache,
@@ -117,6 +125,10 @@ class InferenceMixin:
         self.stats.sessions_active += 1
         self.stats.sessions_peak = max(self.stats.sessions_peak, self.stats.sessions_active)
         processed_steps: set[str] = set()
+        # Fixed for the session: read once, not at every token step.
+        session_args = _SessionArgs(
+            first_metadata.get("args_structure"), block_args.check_adapter(first_metadata, self.adapters)
+        )
         traced, read_at = self._traced, 0.0
         try:
             request, metadata = first, first_metadata
@@ -130,7 +142,7 @@ class InferenceMixin:
                     steptrace.mark("step_start", step=step_id, pushed=metadata.get("pushed") is True)
                     queue_state = (self.compute_queue.busy, self.compute_queue.waiting) if traced else None
                     started = steptrace.now() if traced else 0.0
-                    out = await self._inference_step(span, cache, request, metadata, first_metadata, batch, max_length)
+                    out = await self._inference_step(span, cache, request, metadata, session_args, batch, max_length)
                     steptrace.mark("computed", step=step_id)
                     serialized = serialize(out)
                     # The push first: it is on the chain's critical path, while the client reads this
@@ -177,12 +189,12 @@ class InferenceMixin:
         cache: SessionCache | StaticSessionCache,
         request,
         metadata: dict,
-        first_metadata: dict,
+        session_args: _SessionArgs,
         batch: int,
         max_length: int,
     ) -> torch.Tensor:
         tensors = deserialize_tensors(request.tensors)
-        args, kwargs = unpack_args_kwargs({"args_structure": first_metadata.get("args_structure")}, tensors)
+        args, kwargs = unpack_args_kwargs({"args_structure": session_args.args_structure}, tensors)
         hidden = self._hidden_states(args[0] if args else None, batch)
         prompts = block_args.deep_prompts(args[1] if len(args) > 1 else None, span, hidden) if hidden.shape[1] else None
         position = metadata.get("start_from_position")
@@ -208,7 +220,7 @@ class InferenceMixin:
             return torch.empty(batch, 0, span.hidden_size, dtype=span.dtype)
         mask = block_args.padding_mask(kwargs, batch, cache.length + length)
         position_ids = block_args.positions(mask, cache.length, length)
-        adapter = block_args.check_adapter(first_metadata, self.adapters)
+        adapter = session_args.adapter
         inline = self._can_run_inline(batch * length)
         if not inline and prompts is None and length <= MAX_STEP_TOKENS and can_join(span, cache, length):
             try:
