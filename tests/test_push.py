@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import corolla
-from tests.support.swarm import CorollaServer
+from corolla.testing.swarm import CorollaServer
 
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 4, "min_backoff": 0.2}
 

@@ -18,7 +18,7 @@ import psutil
 from fastapi import HTTPException
 
 from corolla import __version__
-from corolla.node import api_models as m
+from corolla.api import models as m
 from corolla.node.chats import ChatService, ClientTarget, NoSwarm, SwarmClientHost
 from corolla.node.db import Database
 from corolla.node.default_model import DefaultModel
@@ -435,6 +435,7 @@ class NodeService:
             started_at=self.started_at,
             model=self.model_display_name(),
             model_is_demo=self.is_demo,
+            dht_prefix=self.dht_prefix() or self.chats.clients.dht_prefix(),
             model_card=m.ModelCard(**self.default_model.card().to_dict()) if self.is_demo else None,
             model_preparing=self.default_model.preparing,
             swarm=self.settings.swarm,
