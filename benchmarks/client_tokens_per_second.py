@@ -22,22 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm.peers import start_dht
-from server_step_latency import measure_echo, summary
-from tests.support.swarm import (
+from corolla.testing.swarm import (
     PetalsServer,
     make_reference_model,
     reference_python,
     run_reference_script,
     start_chain,
 )
+from server_step_latency import measure_echo, summary
 
 PREFIX = "bench-llama-hf"
 CHAINS = {1: ["0:4"], 2: ["0:2", "2:4"], 3: ["0:2", "2:3", "3:4"]}

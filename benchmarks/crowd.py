@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 HERE = Path(__file__).resolve().parent
 TOPICS = [
     "bees", "the sea", "a lighthouse", "bread", "winter", "a robot", "the moon", "trains",
@@ -129,7 +127,7 @@ def converted_smollm2(tmp: Path, given: str | None) -> Path:
 
 
 def corolla_rounds(tmp: Path, model: Path, args, all_prompts: list[list[int]]) -> dict:
-    from tests.support.swarm import CorollaServer
+    from corolla.testing.swarm import CorollaServer
 
     prefix = "crowd-corolla"
     threads = ["--num-threads", str(args.server_threads)] if args.server_threads else []
@@ -179,7 +177,7 @@ def corolla_rounds(tmp: Path, model: Path, args, all_prompts: list[list[int]]) -
 
 def petals_rounds(tmp: Path, model: Path, args, all_prompts: list[list[int]]) -> list[dict]:
     from corolla.swarm.peers import start_dht
-    from tests.support.swarm import PetalsServer, reference_dir, reference_env, reference_python
+    from corolla.testing.swarm import PetalsServer, reference_dir, reference_env, reference_python
 
     prefix = "crowd-petals"
     bootstrap = start_dht(use_relay=False, auto_nat=False)
@@ -247,7 +245,7 @@ def main() -> None:
     args.sessions = [int(n) for n in args.sessions.split(",")]
     from transformers import AutoTokenizer
 
-    from tests.support.swarm import reference_python
+    from corolla.testing.swarm import reference_python
 
     report: dict = {"new_tokens": args.new_tokens, "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:

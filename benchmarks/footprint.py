@@ -45,7 +45,6 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MB = 1e6
 TARGETS = {"chatting_pss_bytes": 1.2e9, "chatting_processes": 5, "idle_pss_bytes": 400e6, "resume_s": 2.0}

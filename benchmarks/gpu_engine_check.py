@@ -23,15 +23,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corolla.swarm.models import LoadOptions, load_client_parts, load_span, open_checkpoint
 from corolla.swarm.models.span import BlockSpan
@@ -401,7 +398,7 @@ def write_checkpoint(folder: Path, smoke: bool, blocks: int, device: torch.devic
 def end_to_end(device: torch.device, smoke: bool, bandwidth: float | None, new_tokens: int = 64) -> dict:
     """`corolla serve` (all blocks, one server) + a Corolla client on loopback: greedy tokens/s."""
     import corolla
-    from tests.support.swarm import CorollaServer
+    from corolla.testing.swarm import CorollaServer
 
     blocks = 4 if smoke else 32
     dtype = "float32" if smoke else "bfloat16"

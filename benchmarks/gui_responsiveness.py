@@ -34,7 +34,6 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # The node serves the tiny random-weight model: the window's costs do not depend on the weights, and the
 # embedded default would be converted (minutes) before anything is measured.
 os.environ.setdefault("COROLLA_DEFAULT_MODEL", "tiny")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COLD_START = r"""
 import time, sys
@@ -310,7 +309,7 @@ def main() -> None:
         return
     from PySide6.QtWidgets import QApplication
 
-    from tests.support.node import NodeProcess
+    from corolla.testing.node import NodeProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         node = NodeProcess(Path(tmp) / "home", name="bench-node")

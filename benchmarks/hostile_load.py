@@ -56,17 +56,14 @@ from pathlib import Path
 
 import psutil
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol, steptrace
-from tests.adversarial.hostile import HostilePeer, deep_metadata, frame
-from tests.support.swarm import tiny_block_server
-from tests.support.wire import WireClient, step_request
+from corolla.testing.hostile import HostilePeer, deep_metadata, frame
+from corolla.testing.swarm import tiny_block_server
+from corolla.testing.wire import WireClient, step_request
 
 PREFIX = "bench-hostile"
 BLOCKS = 6

@@ -20,18 +20,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import corolla
 from corolla.node.default_model import SMOLLM2_PREFIX, bundled_gguf
-from tests.support.swarm import CorollaServer
+from corolla.testing.swarm import CorollaServer
 
 KS = (0, 1, 2, 4)
 LEAKS = Path(__file__).parent / "privacy.sample.json"

@@ -1,9 +1,9 @@
-"""Home networks, measured in the network lab (tests/support/netlab.py), all in one run:
+"""Home networks, measured in the network lab (corolla/testing/netlab.py), all in one run:
 
 1. Server start -> its blocks usable by a client behind another NAT: a Corolla server behind NAT vs a
    stock Petals 2.2 server behind NAT, same lab, same initial peers, same client (a Corolla client in
    home 2 that is already running and retries every second). Target: Corolla <= 0.5x.
-   The lab's internet is public-looking (tests/support/netlab.py), so the stock server's libp2p AutoNAT
+   The lab's internet is public-looking (corolla/testing/netlab.py), so the stock server's libp2p AutoNAT
    finds it private and its auto-relay takes a relay, as on the real internet. `--relays N` adds N more
    relay-capable public peers (default 2, so four with the bootstrap and the first server): go-libp2p's
    auto-relay waits for four candidates or three minutes, and the real swarm has many more than four.
@@ -27,9 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.lab_swarm import (
+from corolla.testing import LAB_CLIENT
+from corolla.testing.lab_swarm import (
     LAB_PORT,
     CorollaBootstrap,
     corolla_server,
@@ -38,15 +37,15 @@ from tests.support.lab_swarm import (
     run_corolla_client,
     stock_server,
 )
-from tests.support.netlab import NetLab
-from tests.support.swarm import make_reference_model, reference_python
+from corolla.testing.netlab import NetLab
+from corolla.testing.swarm import make_reference_model, reference_python
 
 PREFIX = "tiny-llama-hf"
 COMMON = ["--dht-prefix", PREFIX, "--torch-dtype", "float32", "--throughput", "10", "--num-threads", "1"]
 
 
 def start_poller(lab: NetLab, host, model: Path, peers: list[str], timeout: float) -> subprocess.Popen:
-    script = Path(__file__).resolve().parents[1] / "tests" / "support" / "lab_client.py"
+    script = LAB_CLIENT
     argv = [sys.executable, str(script), str(model), PREFIX, *peers, "--until-usable"]
     argv += ["--connect-timeout", str(timeout)]
     process = lab.popen(host, argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

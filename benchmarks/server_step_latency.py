@@ -29,9 +29,6 @@ from pathlib import Path
 from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing.AsyncIterator annotations)
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from hivemind.compression import serialize_torch_tensor
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
@@ -41,7 +38,7 @@ from corolla.swarm import protocol
 from corolla.swarm.models import load_span
 from corolla.swarm.peers import start_dht
 from corolla.swarm.server.handler import TransformerConnectionHandler
-from tests.support.swarm import CorollaServer, PetalsServer, make_reference_model, reference_python
+from corolla.testing.swarm import CorollaServer, PetalsServer, make_reference_model, reference_python
 
 PREFIX = "bench-llama-hf"
 

@@ -26,12 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import corolla
 from corolla.swarm.client.speed import speed_of
 from corolla.swarm.models.tiny import make_tiny_model
-from tests.support.swarm import REPO, CorollaServer, route_first_through
+from corolla.testing.swarm import REPO, CorollaServer, route_first_through
 
 PREFIX = "bench-slow"
 SLOW = [sys.executable, str(REPO / "tests" / "support" / "slow_server.py")]

@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import corolla  # noqa: E402
-from tests.support.swarm import CorollaServer, start_chain  # noqa: E402
+from corolla.testing.swarm import CorollaServer, start_chain  # noqa: E402
 
 PROSE = Path(__file__).parent / "data" / "prose.txt"
 CLIENT = dict(use_relay=False, auto_nat=False)

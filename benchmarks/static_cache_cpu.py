@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
 
 from corolla.swarm.models import load_span, open_checkpoint
 from corolla.swarm.models.static_cache import StaticSessionCache

@@ -17,18 +17,15 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import corolla
 from corolla.swarm.peers import start_dht
-from tests.support.swarm import (
+from corolla.testing.swarm import (
     PetalsServer,
     make_reference_model,
     reference_dir,

@@ -26,10 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "app"))
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.gui_responsiveness import markdown_tokens  # noqa: E402
+from gui_responsiveness import markdown_tokens  # noqa: E402  (benchmarks/ is the script's own folder)
 
 UNFENCED = (
     "\n\nHere is the helper:\ndef reverse(s):\n    return s[::-1]\n\nAnd again, indented:\n\n    x = 1\n    y = 2\n"

@@ -26,13 +26,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import corolla
 from corolla.swarm.client.config import ClientConfig
 from corolla.swarm.client.verification import FIRST_STEPS, Ledger, ledger_of, promised_steps
 from corolla.swarm.models.tiny import make_tiny_model
-from tests.support.swarm import REPO, CorollaServer, route_first_through
+from corolla.testing.swarm import REPO, CorollaServer, route_first_through
 
 PREFIX = "bench-verify"
 LIAR = [sys.executable, str(REPO / "tests" / "support" / "liar_server.py")]

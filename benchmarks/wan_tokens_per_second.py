@@ -1,4 +1,4 @@
-"""Tokens/s across real distances, in the network lab (tests/support/netlab.py), all in one run.
+"""Tokens/s across real distances, in the network lab (corolla/testing/netlab.py), all in one run.
 
 Lab: a bootstrap peer on pub0, servers on pub1..pub3, the client on pub4. A delaying forwarder in
 front of each server's announced address adds `--delay-ms` one way per direction, so every link into
@@ -43,12 +43,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from tests.support.lab_swarm import LAB_PORT, CorollaBootstrap, corolla_server  # noqa: E402
-from tests.support.netlab import NetLab  # noqa: E402
-from tests.support.swarm import PetalsServer, make_reference_model, run_reference_script  # noqa: E402
+from corolla.testing.lab_swarm import LAB_PORT, CorollaBootstrap, corolla_server  # noqa: E402
+from corolla.testing.netlab import NetLab  # noqa: E402
+from corolla.testing.swarm import PetalsServer, make_reference_model, run_reference_script  # noqa: E402
 from wan_trace import summarize  # noqa: E402
 
 MODEL_PREFIX = "tiny-llama-hf"

@@ -19,7 +19,7 @@ if ! QT_QPA_PLATFORM=offscreen .venv/bin/python -c "from PySide6.QtWidgets impor
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgl1 libegl1 libxkbcommon0 \
     libfontconfig1 libdbus-1-3 libglib2.0-0 >&2
 fi
-# The network lab (tests/support/netlab.py) builds NAT routers with iptables; its tests skip without it.
+# The network lab (corolla/testing/netlab.py) builds NAT routers with iptables; its tests skip without it.
 if ! command -v iptables >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
   echo "installing iptables for the network lab..." >&2
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >&2

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("COROLLA_DEFAULT_MODEL", "smollm2")
 # (fraction of the model's blocks where each extra server starts and ends, its public name, relayed)
 EXTRA_SERVERS = ((0.0, 0.5, "alder", False), (0.5, 1.0, "birch", False), (0.2, 0.8, "cedar", True))
@@ -179,7 +178,7 @@ def main() -> int:
         return 0
     out = Path(sys.argv[1]).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from tests.support.node import NodeProcess
+    from corolla.testing.node import NodeProcess
 
     processes: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -105,7 +105,7 @@ def tiny_swarm(tiny_models, tmp_path_factory):
     TINY_SWARM_PREFIX) started once for every test that only reads from a swarm (the swarm client,
     transformers API and chat-cache tests): none of them stops, pauses or reconfigures a server. The
     KV budget (12 x 4096 tokens a block) holds more than the node keeps of its chat sessions at once."""
-    from tests.support.swarm import TINY_SWARM_PREFIX, start_chain
+    from corolla.testing.swarm import TINY_SWARM_PREFIX, start_chain
 
     servers = start_chain(
         tmp_path_factory.mktemp("tiny-swarm"),

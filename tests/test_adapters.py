@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import corolla
-from tests.support.swarm import LOOPBACK_FLAGS, CorollaServer, start_chain
+from corolla.testing.swarm import LOOPBACK_FLAGS, CorollaServer, start_chain
 
 peft = pytest.importorskip("peft")
 PREFIX = "tiny-lora"

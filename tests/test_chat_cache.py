@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from corolla.node.api_models import SendMessage
+from corolla.api.models import SendMessage
 from corolla.node.chats import MAX_CACHED_SESSIONS, ChatService, ClientTarget, SwarmClientHost
 from corolla.node.db import Database
-from tests.support.swarm import TINY_SWARM_PREFIX
-from tests.support.wire import WireClient
+from corolla.testing.swarm import TINY_SWARM_PREFIX
+from corolla.testing.wire import WireClient
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def service(tiny_models, tiny_swarm, tmp_path):
     chats.db.close()
 
 
-def reply(service: ChatService, chat: dict) -> dict:
+def reply(service: ChatService, chat: dict):
     async def run() -> dict:
         request = SendMessage(content="hello there", max_new_tokens=2)
         events = [event async for event in service.stream_reply(chat, request)]
@@ -55,21 +55,21 @@ def test_least_recently_used_chat_session_is_evicted_and_closed(service, tiny_sw
     with WireClient(tiny_swarm[0].maddr) as wire:
         full = cache_free(wire, tiny_swarm)
         for chat in chats[:MAX_CACHED_SESSIONS]:
-            assert reply(service, chat)["type"] == "done"
+            assert reply(service, chat).type == "done"
         first = service._sessions[chats[0]["id"]]
         assert list(service._sessions) == [c["id"] for c in chats[:MAX_CACHED_SESSIONS]]  # at the cap, kept
         held = cache_free(wire, tiny_swarm)
         per_session = [(f - h) // MAX_CACHED_SESSIONS for f, h in zip(full, held, strict=True)]
         assert all(p > 0 for p in per_session)  # each open chat holds KV cache on every server
 
-        assert reply(service, chats[-1])["type"] == "done"  # one more chat: the oldest goes
+        assert reply(service, chats[-1]).type == "done"  # one more chat: the oldest goes
         assert len(service._sessions) == MAX_CACHED_SESSIONS and chats[0]["id"] not in service._sessions
         assert first._session is None  # its inference session was closed, not just dropped
         # ... and the servers got its cache back: still 8 sessions' worth held, not 9.
         assert cache_settles_at(wire, tiny_swarm, held) == held
 
         # Using a chat makes it the most recent: the next eviction takes chat 1, not chat 2.
-        assert reply(service, chats[2])["type"] == "done"
-        assert reply(service, chats[0])["type"] == "done"  # chat 0 comes back with its history
+        assert reply(service, chats[2]).type == "done"
+        assert reply(service, chats[0]).type == "done"  # chat 0 comes back with its history
         assert chats[1]["id"] not in service._sessions and chats[2]["id"] in service._sessions
         assert [m["role"] for m in service.db.messages(chats[0]["id"])] == ["user", "assistant"] * 2

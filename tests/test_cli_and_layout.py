@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import corolla
-from tests.support.node import NodeProcess
+from corolla.testing.node import NodeProcess
 
 APP = Path(corolla.__file__).parent
 

@@ -13,8 +13,8 @@ import pexpect
 import pytest
 import torch
 
+from corolla.testing.swarm import CorollaServer
 from tests.support.procs import descendants, describe, kill_all, wait_gone
-from tests.support.swarm import CorollaServer
 
 PREFIX = "tiny-clichat"
 LOOPBACK = ["--no-relay", "--no-auto-nat"]

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import corolla
 from corolla.swarm.client import speculative
 from corolla.swarm.client.routing import MissingBlocksError
-from tests.support.swarm import TINY_SWARM_PREFIX, CorollaServer
+from corolla.testing.swarm import TINY_SWARM_PREFIX, CorollaServer
 
 PREFIX = TINY_SWARM_PREFIX
 LOCAL = {"initial_peers": None}

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 import corolla
-from tests.support.swarm import CorollaServer
+from corolla.testing.swarm import CorollaServer
 
 PREFIX = "crowd-test"
 TOPICS = ["bees", "the sea", "bread", "winter", "a robot", "the moon", "trains", "a garden", "rain", "mountains",

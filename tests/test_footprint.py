@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from tests.support.node import NodeProcess, sse_events
+from corolla.testing.node import NodeProcess, sse_events
 from tests.support.procs import describe
 
 

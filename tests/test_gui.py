@@ -22,7 +22,7 @@ from PySide6.QtWidgets import QPlainTextEdit  # noqa: E402
 from corolla.gui.node_client import NodeClient  # noqa: E402
 from corolla.gui.prefs import open_prefs  # noqa: E402
 from corolla.gui.window import MainWindow, tray_state  # noqa: E402
-from tests.support.node import NodeProcess  # noqa: E402
+from corolla.testing.node import NodeProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -421,8 +421,8 @@ def test_settings_are_remembered(qtbot, node, prefs):
 
 
 def test_max_tokens_matches_the_node():
+    from corolla.api.models import MAX_NEW_TOKENS as NODE_MAX
     from corolla.gui.panes.chat import MAX_NEW_TOKENS
-    from corolla.node.api_models import MAX_NEW_TOKENS as NODE_MAX
 
     assert MAX_NEW_TOKENS == NODE_MAX
 

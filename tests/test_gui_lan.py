@@ -15,7 +15,7 @@ pytest.importorskip("PySide6")
 
 from corolla.gui.node_client import NodeClient
 from corolla.gui.settings_dialog import SettingsDialog
-from tests.support.node import NodeProcess
+from corolla.testing.node import NodeProcess
 
 
 @pytest.fixture(scope="module")

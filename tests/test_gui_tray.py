@@ -22,7 +22,7 @@ if any(shutil.which(tool) is None for tool in TOOLS):
         "needs Debian's xvfb, trayer and xdotool (apt-get install xvfb trayer xdotool)", allow_module_level=True
     )
 
-from tests.support.node import NodeProcess  # noqa: E402
+from corolla.testing.node import NodeProcess  # noqa: E402
 
 
 class Desktop:

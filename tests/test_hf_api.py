@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import corolla
 from corolla.swarm.client.generation import SwarmCache
 from corolla.swarm.client.remote_model import step_output
-from tests.support.swarm import TINY_SWARM_PREFIX
+from corolla.testing.swarm import TINY_SWARM_PREFIX
 
 PREFIX = TINY_SWARM_PREFIX
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 20.0, "max_retries": 3, "min_backoff": 0.2}

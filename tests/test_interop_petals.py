@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.swarm import (
+from corolla.testing.swarm import (
     CorollaServer,
     PetalsServer,
     make_reference_model,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import corolla
-from tests.support.swarm import CorollaServer, PetalsServer, require_reference, run_reference_script
+from corolla.testing.swarm import CorollaServer, PetalsServer, require_reference, run_reference_script
 
 pytestmark = pytest.mark.slow
 PREFIX = "SmolLM2-135M-Instruct-Q4_1-hf"

@@ -12,7 +12,13 @@ import torch
 
 import corolla
 from corolla.swarm.peers import start_dht
-from tests.support.swarm import PetalsServer, make_reference_model, require_reference, run_reference_script, start_chain
+from corolla.testing.swarm import (
+    PetalsServer,
+    make_reference_model,
+    require_reference,
+    run_reference_script,
+    start_chain,
+)
 
 pytestmark = pytest.mark.slow
 PREFIX = "tiny-llama-hf"

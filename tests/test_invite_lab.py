@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lab_swarm import LabNode
-from tests.support.netlab import LabUnavailable, NetLab, lab_unavailable_reason
+from corolla.testing.lab_swarm import LabNode
+from corolla.testing.netlab import LabUnavailable, NetLab, lab_unavailable_reason
 
 pytestmark = pytest.mark.slow
 TINY = {"COROLLA_DEFAULT_MODEL": "tiny"}

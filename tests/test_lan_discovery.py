@@ -14,8 +14,8 @@ import pytest
 
 from corolla.node.invites import parse_invite
 from corolla.node.lan_discovery import MAX_SWARMS, decode_announcement, encode_announcement
-from tests.support.lab_swarm import LabNode
-from tests.support.netlab import NetLab, lab_unavailable_reason
+from corolla.testing.lab_swarm import LabNode
+from corolla.testing.netlab import NetLab, lab_unavailable_reason
 
 PROBE = str(Path(__file__).parent / "support" / "lan_probe.py")
 GUI_JOIN = str(Path(__file__).parent / "support" / "lan_gui_join.py")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm.client.local_edges import LocalEdgesError
-from tests.support.swarm import TINY_SWARM_PREFIX
+from corolla.testing.swarm import TINY_SWARM_PREFIX
 from tests.test_training import local_greedy, local_loss, train
 
 CLIENT = {"use_relay": False, "auto_nat": False, "request_timeout": 20.0, "max_retries": 4, "min_backoff": 0.2}

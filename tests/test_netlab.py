@@ -1,4 +1,4 @@
-"""Home networks in the network lab (tests/support/netlab.py): NAT, relays and reachability.
+"""Home networks in the network lab (corolla/testing/netlab.py): NAT, relays and reachability.
 
 One lab per module: a public bootstrap (pub0), a public server (pub1) for blocks 0:k, a server behind
 NAT in home 1 for k:n, and clients in home 2. Every peer runs with NAT port mapping off.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lab_swarm import (
+from corolla.testing import LAB_CLIENT
+from corolla.testing.lab_swarm import (
     CorollaBootstrap,
     LabNode,
     corolla_server,
@@ -24,8 +25,8 @@ from tests.support.lab_swarm import (
     run_corolla_client,
     stock_server,
 )
-from tests.support.netlab import NetLab, lab_unavailable_reason
-from tests.support.swarm import (
+from corolla.testing.netlab import NetLab, lab_unavailable_reason
+from corolla.testing.swarm import (
     make_reference_model,
     reference_dir,
     reference_python,
@@ -359,7 +360,7 @@ def test_home_router_outage_mid_generation_fails_over_with_the_same_tokens(lab, 
     client = backup = None
     sessions_before = chain["home"].stats()["sessions_opened"]
     try:
-        script = Path(__file__).parent / "support" / "lab_client.py"
+        script = LAB_CLIENT
         argv = [sys.executable, str(script), str(chain["model"]), chain["prefix"], entry,
                 "--new-tokens", "400", "--request-timeout", "8"]  # fmt: skip
         client = lab.popen(lab.hosts["home2"], argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

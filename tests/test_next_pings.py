@@ -13,7 +13,7 @@ from corolla.swarm.client.routing import choose_route
 from corolla.swarm.dht_records import RemoteSpan
 from corolla.swarm.protocol import ServerInfo, ServerState
 from corolla.swarm.server.pings import PINGS_PER_GROUP, NextPings
-from tests.support.swarm import reference_env, reference_python, require_reference
+from corolla.testing.swarm import reference_env, reference_python, require_reference
 
 
 def _span(peer, start, end, next_pings=None):

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.node import NodeProcess, sse_events
+from corolla.testing.node import NodeProcess, sse_events
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.support.node import NodeProcess
+from corolla.testing.node import NodeProcess
 
 pytestmark = pytest.mark.slow
 EXCLUDED = r"^/api/(shutdown|contribution/.*|settings.*)$"

@@ -13,7 +13,7 @@ import pytest
 
 from corolla.node import supervisor as supervisor_module
 from corolla.node.supervisor import ServerSupervisor
-from tests.support.node import NodeProcess
+from corolla.testing.node import NodeProcess
 from tests.support.procs import alive, descendants, describe, kill_all, wait_gone
 
 
@@ -148,7 +148,7 @@ def test_a_closed_supervisor_starts_no_server(tmp_path):
 def test_a_server_whose_starter_died_before_its_watch_began_stops_by_itself(tiny_models, tmp_path, monkeypatch):
     """`--exit-with-parent` watches the pid its starter named: one already gone when the server comes up
     (it died while the server was still importing) is noticed at once."""
-    from tests.support.swarm import CorollaServer
+    from corolla.testing.swarm import CorollaServer
 
     gone = subprocess.Popen(["true"])
     gone.wait()

@@ -16,7 +16,7 @@ import torch
 import corolla
 from corolla.swarm.client.privacy import Privacy, PrivacyError
 from corolla.swarm.client.routing import PrivacyCoverageError
-from tests.support.swarm import REPO, CorollaServer
+from corolla.testing.swarm import REPO, CorollaServer
 
 PREFIX = "tiny-privacy"
 RECORDER = [sys.executable, str(REPO / "tests" / "support" / "recording_server.py")]

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import corolla
-from tests.support.swarm import CorollaServer
+from corolla.testing.swarm import CorollaServer
 
 # Push on every hop: on loopback the client would choose direct round trips (route_choice.py).
 CLIENT_OPTIONS = {

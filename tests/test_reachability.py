@@ -10,7 +10,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import dht_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
-from corolla.node import api_models as m
+from corolla.api import models as m
 from corolla.node.service import _reachability
 from corolla.swarm.reachability import (
     ReachabilityProtocol,

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import corolla
 from corolla.swarm.client import route_choice
 from corolla.swarm.client.speculative import SpeculationStats
-from tests.support.swarm import TINY_SWARM_PREFIX
+from corolla.testing.swarm import TINY_SWARM_PREFIX
 
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 4, "min_backoff": 0.2}
 PEERS = ["a", "b", "c"]

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
+from corolla.testing.swarm import LOOPBACK_FLAGS
 from tests.support.procs import descendants, kill_all
-from tests.support.swarm import LOOPBACK_FLAGS
 
 
 def _serve(workdir, home, model: str, stats) -> subprocess.Popen:

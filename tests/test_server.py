@@ -11,8 +11,8 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 from corolla.swarm import protocol
 from corolla.swarm.dht_records import get_module_infos
 from corolla.swarm.models import load_span
-from tests.support.swarm import tiny_block_server
-from tests.support.wire import WireClient, new_ids, step_request
+from corolla.testing.swarm import tiny_block_server
+from corolla.testing.wire import WireClient, new_ids, step_request
 
 PREFIX = "tiny-test"
 BLOCKS = 6

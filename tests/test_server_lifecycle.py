@@ -8,8 +8,8 @@ import pytest
 
 from corolla.swarm import protocol
 from corolla.swarm.dht_records import get_module_infos
-from tests.support.swarm import CorollaServer
-from tests.support.wire import WireClient
+from corolla.testing.swarm import CorollaServer
+from corolla.testing.wire import WireClient
 
 PREFIX = "tiny-lifecycle"
 

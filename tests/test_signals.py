@@ -17,8 +17,8 @@ import time
 import pytest
 
 from corolla.swarm.peers import start_dht
+from corolla.testing.swarm import CorollaServer
 from tests.support.procs import alive, descendants, describe, group_members, kill_all, wait_gone
-from tests.support.swarm import CorollaServer
 
 PREFIX = "tiny-signals"
 

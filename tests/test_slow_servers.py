@@ -25,7 +25,7 @@ from corolla.swarm.client.speed import (
 from corolla.swarm.client.verification import ledger_of
 from corolla.swarm.dht_records import RemoteSpan
 from corolla.swarm.protocol import ServerInfo, ServerState
-from tests.support.swarm import REPO, CorollaServer, route_first_through
+from corolla.testing.swarm import REPO, CorollaServer, route_first_through
 
 PREFIX = "tiny-slow"
 SLOW = [sys.executable, str(REPO / "tests" / "support" / "slow_server.py")]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import corolla
-from tests.support.swarm import start_chain
+from corolla.testing.swarm import start_chain
 
 pytestmark = pytest.mark.slow
 PREFIX = "SmolLM2-135M-Instruct-Q4_1-hf"

@@ -16,7 +16,7 @@ import corolla
 from corolla.swarm import protocol
 from corolla.swarm.client.remote_forward import _call, _call_with_reply_metadata
 from corolla.swarm.client.routing import RouteSegment
-from tests.support.swarm import start_chain
+from corolla.testing.swarm import start_chain
 
 PREFIX = "tiny-train"
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 20.0, "max_retries": 4, "min_backoff": 0.2}

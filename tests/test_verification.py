@@ -14,7 +14,7 @@ import torch
 
 import corolla
 from corolla.swarm.client.verification import ledger_of, promised_steps
-from tests.support.swarm import REPO, CorollaServer, route_first_through
+from corolla.testing.swarm import REPO, CorollaServer, route_first_through
 
 PREFIX = "tiny-verify"
 LIAR = [sys.executable, str(REPO / "tests" / "support" / "liar_server.py")]
@@ -159,7 +159,7 @@ def test_honest_servers_of_every_precision_are_never_flagged_in_200_sessions(mod
 
 @pytest.fixture(scope="module")
 def node(model_dir, swarm, tmp_path_factory):
-    from tests.support.node import NodeProcess
+    from corolla.testing.node import NodeProcess
 
     node = NodeProcess(tmp_path_factory.mktemp("verify-node"))
     try:

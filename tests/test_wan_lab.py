@@ -11,13 +11,13 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.support.lab_swarm import LAB_PORT, CorollaBootstrap, corolla_server, run_corolla_client
-from tests.support.netlab import NetLab, lab_unavailable_reason
-from tests.support.swarm import (
+from corolla.testing import LAB_CLIENT
+from corolla.testing.lab_swarm import LAB_PORT, CorollaBootstrap, corolla_server, run_corolla_client
+from corolla.testing.netlab import NetLab, lab_unavailable_reason
+from corolla.testing.swarm import (
     PetalsServer,
     make_reference_model,
     reference_dir,
@@ -118,7 +118,7 @@ def test_push_and_speculation_survive_a_middle_server_killed_mid_generation(wan)
     in the module: a killed server's announcement lingers on the DHT (up to 240 s), and stock Petals
     clients would spend minutes timing out on it."""
     lab, servers = wan["lab"], wan["servers"]
-    script = Path(__file__).parent / "support" / "lab_client.py"
+    script = LAB_CLIENT
     argv = [sys.executable, str(script), str(wan["model"]), PREFIX, wan["boot"].maddr, "--new-tokens", "48"]
     argv += ["--allowed", *corolla_peers(wan)]  # not the stock server: this test kills a Corolla one
     client = lab.popen(wan["client"], argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,4 +1,13 @@
-"""Corolla: join and use a Petals swarm from a desktop app."""
+"""Corolla: join and use a Petals swarm from a desktop app.
+
+- swarm/: the Petals-compatible swarm (engine, block server, client); no Qt, no HTTP.
+- node/: the per-user daemon (`corolla node`): local API, supervisor of the block server, history.
+- api/: the node's API contract (types, reply events, SSE, the client core), shared by all sides.
+- gui/: the window and tray; talks to the node only through its API; never imports torch or hivemind.
+- cli/: the `corolla` command line, one module per command group.
+- executable.py: how to start `corolla` again (source install or bundle); units.py: human-readable sizes;
+  uninstall.py: what `corolla uninstall` clears.
+"""
 
 __version__ = "0.1.0"
 

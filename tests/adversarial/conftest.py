@@ -10,9 +10,9 @@ import torch
 
 from corolla.swarm import protocol
 from corolla.swarm.models import load_span
-from tests.adversarial.hostile import HostilePeer, Resources
-from tests.support.swarm import CorollaServer, tiny_block_server
-from tests.support.wire import WireClient, new_ids, step_request
+from corolla.testing.hostile import HostilePeer, Resources
+from corolla.testing.swarm import CorollaServer, tiny_block_server
+from corolla.testing.wire import WireClient, new_ids, step_request
 
 PREFIX = "tiny-hostile"
 BLOCKS = 6

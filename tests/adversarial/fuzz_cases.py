@@ -13,7 +13,7 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
-from tests.adversarial.hostile import deep_tuples
+from corolla.testing.hostile import deep_tuples
 
 ARGS = ((b"__T0", b"__T1", b"__T2"), {})
 DTYPES = ["float32", "float16", "bfloat16", "int64", "int8", "bool", "float64", "", "complex64", "x" * 40]

@@ -22,8 +22,8 @@ from corolla.swarm.dht_records import MAX_SERVERS_PER_BLOCK, compute_spans, decl
 from corolla.swarm.peers import start_dht
 from corolla.swarm.protocol import ServerInfo, ServerState
 from corolla.swarm.server.handler import TransformerConnectionHandler
+from corolla.testing.hostile import deep_tuples
 from tests.adversarial.conftest import BLOCKS, HIDDEN, PREFIX
-from tests.adversarial.hostile import deep_tuples
 
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 3, "min_backoff": 0.2}
 TRAP_PREFIX = "tiny-trap"

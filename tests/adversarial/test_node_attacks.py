@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.support.node import NodeProcess
+from corolla.testing.node import NodeProcess
 
 pytestmark = pytest.mark.slow
 

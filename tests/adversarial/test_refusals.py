@@ -33,8 +33,8 @@ from corolla.swarm.server.refusals import (
     held_cap,
 )
 from corolla.swarm.server.streams import TURNED_AWAY
+from corolla.testing.hostile import HostilePeer, frame
 from tests.adversarial.conftest import CHAIN, HIDDEN
-from tests.adversarial.hostile import HostilePeer, frame
 
 
 class Clock:

@@ -13,8 +13,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol
-from tests.adversarial.conftest import CHAIN, HIDDEN, MAX_OPEN_SESSIONS, PREFIX
-from tests.adversarial.hostile import (
+from corolla.testing.hostile import (
     deep_dictionary,
     deep_metadata,
     deep_tuples,
@@ -23,7 +22,8 @@ from tests.adversarial.hostile import (
     inference_request,
     is_dictionary_tag,
 )
-from tests.support.wire import new_ids, step_request
+from corolla.testing.wire import new_ids, step_request
+from tests.adversarial.conftest import CHAIN, HIDDEN, MAX_OPEN_SESSIONS, PREFIX
 
 MAX_RSS_GROWTH_MIB = 64
 UNARY = ["rpc_forward", "rpc_backward", "rpc_push"]

@@ -16,8 +16,8 @@ from corolla.swarm import protocol, steptrace
 from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHandler
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.stats import ServerStats
+from corolla.testing.wire import step_request
 from tests.adversarial.conftest import HIDDEN, PREFIX
-from tests.support.wire import step_request
 
 SPAN_BLOCKS = 2
 PEER = PeerID(bytes([0, 36, 8, 1, 18, 32]) + bytes([7]) * 32)

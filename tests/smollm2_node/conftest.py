@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.node import NodeProcess, home_with_converted_model
+from corolla.testing.node import NodeProcess, home_with_converted_model
 
 
 @pytest.fixture(scope="package")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.node import NodeProcess, sse_events
+from corolla.testing.node import NodeProcess, sse_events
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"

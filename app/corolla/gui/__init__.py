@@ -1,9 +1,14 @@
 """The desktop window and tray icon (PySide6). It never imports torch or hivemind: it talks to the
-node only through the node's local HTTP API.
+node only through the node's local HTTP API, whose types it shares with the node (corolla/api/).
 
-- node_client.py: the one non-blocking API client (QNetworkAccessManager), JSON calls and SSE streams.
-- launcher.py: find the running node, or start one, without blocking the UI.
-- widgets.py: the coverage map and the bar chart (painted with QPainter).
-- panes.py: Contribute, Chat, Swarm and Stats panes; window.py: the window, the tray and refreshes.
-- app.py: `corolla app` / `corolla-gui`: single instance, no quit on last window closed.
+- app.py: `corolla app`: single instance (QLocalServer), no quit on last window closed, finds or starts the node.
+- launcher.py: find the running node (node/instance.py's lock file and ping), or start one.
+- node_client.py: the window's face of the node client (QNetworkAccessManager): JSON calls and SSE streams.
+- window.py: the main window: the panes, the banner, refresh timers, quitting.
+- panes/: Contribute, Chat, Swarm and Stats, one module each.
+- transcript.py: the chat transcript (Markdown, code blocks); highlight.py: code colours (Pygments).
+- swarm_graph.py: the swarm map; charts.py: the contribution charts (pyqtgraph).
+- settings_dialog.py: settings, also the first run's; prefs.py: what the window remembers (QSettings).
+- tray.py: the tray icon and its menu; autostart.py: start at login per OS.
+- theme.py: light or dark palettes; widgets.py: small shared widgets (plain-text labels and the like).
 """

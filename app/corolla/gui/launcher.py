@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from corolla.executable import corolla_command
+from corolla.node.instance import find_running_node, read_address
 from corolla.node.paths import NodePaths
 
 
 def running_node(paths: NodePaths | None = None) -> tuple[str, str] | None:
-    """(url, token) of a node that answers, or None. Reads the lock file; never imports the node."""
-    paths = paths or NodePaths.default()
-    try:
-        data = json.loads(paths.lock_file.read_text())
-        with urllib.request.urlopen(f"{data['url']}/api/ping", timeout=1) as response:
-            if response.status == 200:
-                return data["url"], Path(data["token_file"]).read_text().strip()
-    except (OSError, ValueError, KeyError):
+    """(url, token) of a node that answers, or None: node/instance.py's lookup (its lock file and a ping;
+    nothing of the node's service is imported)."""
+    address = find_running_node(paths or NodePaths.default(), timeout=1)
+    if address is None:
         return None
-    return None
+    try:
+        return address.url, address.token()
+    except OSError:
+        return None
 
 
 def running_pid(paths: NodePaths | None = None) -> int | None:
     """The pid in the node's lock file (the window's own machine only: not a WSL node's)."""
-    paths = paths or NodePaths.default()
+    address = read_address(paths or NodePaths.default())
     try:
-        return int(json.loads(paths.lock_file.read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(address.pid) if address is not None else None
+    except (TypeError, ValueError):  # a lock file another program wrote
         return None
 
 

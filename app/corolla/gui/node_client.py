@@ -1,18 +1,21 @@
-"""A non-blocking client of the node's API: every call returns at once and reports through callbacks."""
+"""The window's face of the node client (corolla/api/client.py is the core): non-blocking, every call
+returns at once and reports through callbacks."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from PySide6.QtCore import QByteArray, QObject, QUrl, Signal
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkReply, QNetworkRequest
 
+from corolla.api.client import ENDPOINT_MISSING, decode_payload, encode_body, error_message, request_headers
+from corolla.api.client import unreachable_message as _unreachable
+from corolla.api.sse import SseParser
+
+__all__ = ["ENDPOINT_MISSING", "NodeClient"]
+
 OnOk = Callable[[object], None]
 OnError = Callable[[str], None]
-# What a call hears when the node has no such endpoint (an older node): a 404 without the node's own
-# error message (its own 404s, such as an unknown peer, always say what was not found).
-ENDPOINT_MISSING = "the node answered 404"
 
 
 class NodeClient(QObject):
@@ -29,12 +32,8 @@ class NodeClient(QObject):
 
     def _request(self, path: str, timeout_ms: int = 120_000) -> QNetworkRequest:
         request = QNetworkRequest(QUrl(self.url + path))
-        request.setRawHeader(b"Authorization", f"Bearer {self.token}".encode())
-        request.setHeader(QNetworkRequest.KnownHeaders.ContentTypeHeader, "application/json")
-        # One connection per request: the node forks helper processes (hivemind's DHT) that inherit its
-        # open sockets, so a kept-alive connection the node has closed can stay open in the child and a
-        # request reusing it would hang until its timeout. Loopback connections cost next to nothing.
-        request.setRawHeader(b"Connection", b"close")
+        for name, value in request_headers(self.token).items():
+            request.setRawHeader(name.encode(), value.encode())
         request.setTransferTimeout(timeout_ms)
         return request
 
@@ -47,7 +46,7 @@ class NodeClient(QObject):
         on_error: OnError | None = None,
         timeout_ms: int = 120_000,
     ) -> QNetworkReply:
-        data = QByteArray(json.dumps(body).encode()) if body is not None else QByteArray()
+        data = QByteArray(encode_body(body) or b"")
         reply = self.manager.sendCustomRequest(self._request(path, timeout_ms), method.encode(), data)
 
         def finished():
@@ -55,15 +54,11 @@ class NodeClient(QObject):
             raw = bytes(reply.readAll())
             status = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute)
             if reply.error() != QNetworkReply.NetworkError.NoError and not status:
-                self._fail(on_error, f"the node does not answer ({reply.errorString()})")
+                self._fail(on_error, _unreachable(reply.errorString()))
                 return
-            try:
-                payload = json.loads(raw) if raw else None
-            except json.JSONDecodeError:
-                payload = None
+            payload = decode_payload(raw)
             if status and status >= 400:
-                message = payload.get("message") if isinstance(payload, dict) else None
-                self._fail(on_error, message or f"the node answered {status}")
+                self._fail(on_error, error_message(status, payload))
             elif on_ok is not None:
                 on_ok(payload)
 
@@ -73,28 +68,15 @@ class NodeClient(QObject):
     def stream(
         self, path: str, body: dict, on_event: Callable[[str, dict], None], on_error: OnError | None = None
     ) -> QNetworkReply:
-        """POST and read server-sent events as they arrive."""
-        reply = self.manager.post(self._request(path), QByteArray(json.dumps(body).encode()))
-        buffer = bytearray()
+        """POST and read server-sent events as they arrive: on_event(event name, JSON data)."""
+        reply = self.manager.post(self._request(path), QByteArray(encode_body(body)))
+        parser = SseParser()
 
         def ready():
-            buffer.extend(bytes(reply.readAll()))
-            while b"\n\n" in buffer:
-                block, _, rest = bytes(buffer).partition(b"\n\n")
-                buffer[:] = rest
-                event, data = "message", []
-                for line in block.decode(errors="replace").splitlines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].strip())
-                if not data:
-                    continue
-                try:
-                    payload = json.loads("\n".join(data))
-                except json.JSONDecodeError:
-                    continue  # a malformed event is skipped; the stream goes on
-                on_event(event, payload)
+            for event in parser.feed(bytes(reply.readAll())):
+                payload = decode_payload(event.data.encode())
+                if payload is not None:  # a malformed event is skipped; the stream goes on
+                    on_event(event.event, payload)
 
         def finished():
             reply.deleteLater()

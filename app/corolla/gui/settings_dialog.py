@@ -29,10 +29,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api.models import PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
 from corolla.gui.widgets import plain_label, plural, sentence
-from corolla.node.api_models import PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.units import human_bytes
 
 LAN_REFRESH_MS = 3000

@@ -30,6 +30,10 @@ from corolla.gui.widgets import block_span, plain_label, plural, route_text, sen
 
 __all__ = ["MainWindow", "tray_state"]
 NODE_RESTART_TIMEOUT_S = 90
+# The swarm read is a DHT read and a route on the node: every 5 s only while someone looks at the map;
+# with another pane shown, every 30 s (the chat's model list and route); nothing while the window is hidden.
+SWARM_POLL_MS = 5000
+SWARM_POLL_OTHER_PANES = 6
 
 
 def status_line(status: dict | None) -> str:
@@ -216,7 +220,9 @@ class MainWindow(QMainWindow):
         self.chat.reply_finished.connect(lambda _: self.refresh_stats())
         self.swarm.checked.connect(lambda _: self.refresh_swarm())
         self._timers = []
-        for interval, refresh in ((1000, self.refresh_status), (5000, self.refresh_swarm), (10000, self.refresh_stats)):
+        self._swarm_ticks = 0
+        polls = ((1000, self.refresh_status), (SWARM_POLL_MS, self._poll_swarm), (10000, self.refresh_stats))
+        for interval, refresh in polls:
             timer = QTimer(self)
             timer.timeout.connect(refresh)
             timer.start(interval)
@@ -316,14 +322,9 @@ class MainWindow(QMainWindow):
             return
 
         def shown(models: list[dict]) -> None:
-            own = (self.status or {}).get("model")
-            card_prefix = ((self.status or {}).get("model_card") or {}).get("dht_prefix")
-            # The built-in model's card names its prefix (SmolLM2's is not part of its name); other models'
-            # prefixes are part of the name the node reports.
-            prefix = next(
-                (m["dht_prefix"] for m in models if m["dht_prefix"] == card_prefix or (own and m["dht_prefix"] in own)),
-                None,
-            )
+            # The node says which prefix its model has (None until it knows: no swarm read yet).
+            own = (self.status or {}).get("dht_prefix")
+            prefix = next((m["dht_prefix"] for m in models if m["dht_prefix"] == own), None)
             self.swarm.own_prefix = prefix
             self.swarm.show_swarm(models)
             self.chat.show_models(models, prefix)
@@ -337,6 +338,15 @@ class MainWindow(QMainWindow):
                 self.chat.show_unreachable("The swarm cannot be read yet")
 
         self._once("swarm", "GET", "/api/swarm", shown, failed, timeout_ms=90_000)
+
+    def _poll_swarm(self) -> None:
+        self._swarm_ticks += 1
+        if not self.isVisible():
+            return
+        looked_at = self.tabs.currentWidget() is self.swarm
+        unknown = not self.chat.model_picker.itemData(0)  # the chat has no model list yet
+        if looked_at or unknown or self._swarm_ticks % SWARM_POLL_OTHER_PANES == 0:
+            self.refresh_swarm()
 
     def refresh_stats(self) -> None:
         if self.reachable:
@@ -426,6 +436,11 @@ class MainWindow(QMainWindow):
             self._status_shown(self.status)
         return True
 
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._swarm_ticks:  # shown again from the tray: the swarm was not polled while hidden
+            self.refresh_swarm()
+
     def show_window(self, pane: QWidget | None = None) -> None:
         if pane is not None:
             self.tabs.setCurrentWidget(pane)
@@ -439,6 +454,8 @@ class MainWindow(QMainWindow):
         self.prefs.setValue("window/pane", index)
         if self.tabs.widget(index) is self.stats:
             self.stats.refresh()
+        elif self.tabs.widget(index) is self.swarm:
+            self.refresh_swarm()  # the map as it is now, not as it was when last polled
 
     def set_theme(self, choice: str) -> None:
         """System, Light or Dark, at once and remembered (COROLLA_THEME, if set, still wins)."""

@@ -6,10 +6,12 @@ history in SQLite and serves the local API (and an OpenAI-compatible one) on 127
 - db.py: SQLite (WAL): chats, messages, hourly contribution stats, settings.
 - secrets.py: the OS keyring, or memory for this run when no secure backend exists (and it says so).
 - hardware.py: accelerators, memory, per-block needs and a recommended block count.
+- default_model.py: the embedded default model (SmolLM2, converted once from its GGUF) and its card.
+- lan_discovery.py: private swarms announced and found on the local network (mDNS).
 - settings.py: the typed settings and the swarm choices (public, custom peers, private + invite).
 - supervisor.py: the block server child process: states, reasons, restarts with backoff.
 - chats.py: chat sessions over the swarm client, streamed and written through to the database.
-- api_models.py: the API's request and response types (shared with the window).
-- api.py / openai_api.py: the local API and the OpenAI-compatible endpoints (FastAPI).
+- api.py / openai_api.py: the local API and the OpenAI-compatible endpoints (FastAPI); their types are
+  in corolla/api/.
 - service.py: wires it all together; `run_node()` is the entry point.
 """

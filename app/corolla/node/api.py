@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 
@@ -15,7 +14,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corolla import __version__
-from corolla.node import api_models as m
+from corolla.api import models as m
+from corolla.api.sse import encode_event
 from corolla.node.errors import NodeError
 from corolla.node.settings import Settings
 
@@ -214,7 +214,7 @@ def create_app(node) -> FastAPI:
 
         async def events():
             async for event in node.chats.stream_reply(chat, body):
-                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                yield encode_event(event)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -231,7 +231,7 @@ def create_app(node) -> FastAPI:
 
         async def events():
             async for event in node.chats.stream_regenerate(chat, body):
-                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                yield encode_event(event)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -249,7 +249,7 @@ def create_app(node) -> FastAPI:
 
         async def events():
             async for event in node.chats.stream_continue(chat, body):
-                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                yield encode_event(event)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

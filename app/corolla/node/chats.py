@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from corolla.api import events as ev
+from corolla.api.models import Message
 from corolla.node.db import Database
 
 # Why a finished reply ended, as OpenAI's API says it: the model ended it, or it hit max_new_tokens.
@@ -86,6 +88,11 @@ class SwarmClientHost:
                 self.on_new_client(self._client)
             return self._client
 
+    def dht_prefix(self) -> str | None:
+        """The prefix the open client found for the model (None before the first swarm read)."""
+        client = self._client
+        return getattr(client, "dht_prefix", None) if client is not None else None
+
     def close(self) -> None:
         if self._client is not None:
             try:
@@ -146,7 +153,7 @@ class ChatService:
             if lock is not None:
                 self._locks.pop(chat_id, None)
 
-    async def stream_regenerate(self, chat: dict, request) -> AsyncIterator[dict]:
+    async def stream_regenerate(self, chat: dict, request) -> AsyncIterator[ev.ReplyEvent]:
         """Answer the last user message again: the replies after it are deleted first."""
         lock = self._locks.setdefault(chat["id"], asyncio.Lock())
         async with lock:
@@ -156,33 +163,33 @@ class ChatService:
             async for event in self._stream(chat, request, last_user, last_user["content"]):
                 yield event
 
-    async def stream_reply(self, chat: dict, request) -> AsyncIterator[dict]:
-        """Events: {"type": "message", ...} for the saved user message, then "token" pieces, then "done"
-        (or "error"). The assistant message is saved as `streaming` first and updated with each piece."""
+    async def stream_reply(self, chat: dict, request) -> AsyncIterator[ev.ReplyEvent]:
+        """Events: MessageSaved for the user message, then for the reply, then TokenPiece pieces, then
+        ReplyDone (or ReplyFailed). The reply is saved as `streaming` first and each piece appended to it."""
         lock = self._locks.setdefault(chat["id"], asyncio.Lock())
         async with lock:
             user = self.db.add_message(chat["id"], "user", request.content)
-            yield {"type": "message", "message": user}
+            yield ev.MessageSaved(message=Message(**user))
             async for event in self._stream(chat, request, user, request.content):
                 yield event
 
-    async def stream_continue(self, chat: dict, request) -> AsyncIterator[dict]:
+    async def stream_continue(self, chat: dict, request) -> AsyncIterator[ev.ReplyEvent]:
         """Write more of the last answer: "token" pieces appended to it, then "done" with its whole text."""
         lock = self._locks.setdefault(chat["id"], asyncio.Lock())
         async with lock:
             messages = self.db.messages(chat["id"])
             if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
-                yield {"type": "error", "kind": "nothing_to_continue", "message": "there is no answer to continue"}
+                yield ev.ReplyFailed(kind="nothing_to_continue", message="there is no answer to continue")
                 return
             async for event in self._stream(chat, request, None, None, continuing=messages[-1]):
                 yield event
 
     async def _stream(
         self, chat: dict, request, user: dict | None, content: str | None, continuing: dict | None = None
-    ) -> AsyncIterator[dict]:
+    ) -> AsyncIterator[ev.ReplyEvent]:
         if continuing is None:
             reply = self.db.add_message(chat["id"], "assistant", "", status="streaming")
-            yield {"type": "message", "message": reply}
+            yield ev.MessageSaved(message=Message(**reply))
             before, tokens_before = "", 0
         else:
             reply, before, tokens_before = continuing, continuing["content"], continuing["tokens"]
@@ -194,9 +201,9 @@ class ChatService:
 
         def on_text(piece: str) -> None:
             pieces.append(piece)
-            written = before + "".join(pieces)
-            self.db.update_message(reply["id"], written, tokens_before + len(pieces), "streaming")  # write first
-            loop.call_soon_threadsafe(queue.put_nowait, {"type": "token", "text": piece})
+            # Written first, appended (not the whole reply again: that was quadratic in its length).
+            self.db.append_to_message(reply["id"], piece, tokens_before + len(pieces))
+            loop.call_soon_threadsafe(queue.put_nowait, ev.TokenPiece(text=piece))
 
         session = None
 
@@ -205,7 +212,7 @@ class ChatService:
                 answer()
             except BaseException as exc:  # the error handling itself failed: the stream must still end
                 logger.exception("a reply failed while its failure was being recorded")
-                event = {"type": "error", "kind": type(exc).__name__, "message": f"internal error: {exc}"}
+                event = ev.ReplyFailed(kind=type(exc).__name__, message=f"internal error: {exc}")
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         def answer():
@@ -225,19 +232,16 @@ class ChatService:
                 finish = FINISH_REASON.get(result.stopped_by)
                 text, tokens = before + result.text, tokens_before + result.tokens
                 self.db.update_message(reply["id"], text, tokens, status, finish)
-                loop.call_soon_threadsafe(
-                    queue.put_nowait,
-                    {
-                        "type": "done",
-                        "status": status,
-                        "text": text,
-                        "tokens": result.tokens,
-                        "tokens_per_second": round(result.tokens_per_second, 2),
-                        "stopped_by": result.stopped_by,
-                        "seen_by": seen_by,
-                        "finish_reason": finish,
-                    },
+                done = ev.ReplyDone(
+                    status=status,
+                    text=text,
+                    tokens=result.tokens,
+                    tokens_per_second=round(result.tokens_per_second, 2),
+                    stopped_by=result.stopped_by,
+                    seen_by=seen_by,
+                    finish_reason=finish,
                 )
+                loop.call_soon_threadsafe(queue.put_nowait, done)
             except Exception as exc:  # reported to the user; the partial reply stays
                 if session is not None and session.last_seen_by:  # they received it all the same
                     earlier = (continuing or {}).get("seen_by") or []
@@ -245,14 +249,14 @@ class ChatService:
                 self.forget(chat["id"])
                 self.db.update_message(reply["id"], before + "".join(pieces), tokens_before + len(pieces), "failed")
                 kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
-                loop.call_soon_threadsafe(queue.put_nowait, {"type": "error", "kind": kind, "message": str(exc)})
+                loop.call_soon_threadsafe(queue.put_nowait, ev.ReplyFailed(kind=kind, message=str(exc)))
 
         worker = loop.run_in_executor(None, run)
         try:
             while True:
                 event = await queue.get()
                 yield event
-                if event["type"] in ("done", "error"):
+                if event.type in ev.ENDS_REPLY:
                     break
         finally:
             cancel.set()  # the client went away: stop generating, keep what was written

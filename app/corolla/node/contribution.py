@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from corolla.node import api_models as m
+from corolla.api import models as m
 from corolla.node.lan_discovery import default_human_name
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings, contribution_allowed
 

@@ -158,6 +158,10 @@ class Database:
             (content, tokens, status, finish_reason, message_id),
         )
 
+    def append_to_message(self, message_id: str, piece: str, tokens: int) -> None:
+        """A streamed piece added to the end of a reply (its status stays `streaming`)."""
+        self._execute("UPDATE messages SET content=content||?, tokens=? WHERE id=?", (piece, tokens, message_id))
+
     # --- contribution stats ------------------------------------------------------------------------
     def add_contribution(self, hour: int, tokens: int, sessions: int, steps: int, uptime_s: float) -> None:
         self._execute(

@@ -7,10 +7,10 @@ import json
 import os
 import secrets
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from corolla.api.client import ping
 from corolla.node.paths import NodePaths
 
 # Set in the node's environment to its pid: every process it starts (p2pd, the block server) carries it,
@@ -38,21 +38,18 @@ class AlreadyRunning(RuntimeError):
 def read_address(paths: NodePaths) -> NodeAddress | None:
     try:
         return NodeAddress(**json.loads(paths.lock_file.read_text()))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+    except (OSError, ValueError, TypeError):  # none, unreadable, or another version's
         return None
 
 
 def is_alive(address: NodeAddress, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{address.url}/api/ping", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    return ping(address.url, timeout)
 
 
-def find_running_node(paths: NodePaths) -> NodeAddress | None:
+def find_running_node(paths: NodePaths, timeout: float = 2.0) -> NodeAddress | None:
+    """The node of this lock file if it answers a ping (the CLI, the window and `corolla demo` all ask here)."""
     address = read_address(paths)
-    return address if address is not None and is_alive(address) else None
+    return address if address is not None and is_alive(address, timeout) else None
 
 
 def new_token(paths: NodePaths) -> str:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from corolla.node.api_models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, PrivacyChoice
+from corolla.api.models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, PrivacyChoice
 
 
 class ChatMessage(BaseModel):

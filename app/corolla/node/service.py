@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from corolla.node import api_models as m
+from corolla.api import models as m
 from corolla.node.chats import ChatService, SwarmClientHost
 from corolla.node.contribution import ContributionMixin
 from corolla.node.db import Database

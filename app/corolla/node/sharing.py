@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from corolla.node import api_models as m
+from corolla.api import models as m
 
 PORT_RANGE = (31330, 31999)  # below the usual ephemeral range, so an outgoing connection rarely takes it
 

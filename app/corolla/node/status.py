@@ -7,7 +7,7 @@ import logging
 import os
 
 from corolla import __version__
-from corolla.node import api_models as m
+from corolla.api import models as m
 from corolla.node.invites import make_invite
 from corolla.node.sharing import lan_addresses, sharing_status
 
@@ -65,6 +65,7 @@ class StatusMixin:
             started_at=self.started_at,
             model=self.model_display_name(),
             model_is_demo=self.is_demo,
+            dht_prefix=self.dht_prefix() or self.chats.clients.dht_prefix(),
             model_card=m.ModelCard(**self.default_model.card().to_dict()) if self.is_demo else None,
             model_preparing=self.default_model.preparing,
             swarm=self.settings.swarm,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from corolla.node import api_models as m
+from corolla.api import models as m
 from corolla.node.chats import ClientTarget, NoSwarm
 from corolla.node.errors import NodeError, sentence_of
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings

@@ -1,6 +1,6 @@
 """libp2p circuit relays the way Corolla uses them (hivemind's p2pd, go-libp2p 0.32).
 
-What we measured in the network lab (tests/support/netlab.py) and why each option is here:
+What we measured in the network lab (corolla/testing/netlab.py) and why each option is here:
 - A relay serves reservations only once libp2p believes it is publicly reachable, and a NAT'd peer
   looks for a relay only once libp2p believes it is private. libp2p learns both from AutoNAT, whose
   servers never dial back private addresses, so on a private internet (a company network, a private

@@ -1,4 +1,5 @@
-"""The window's panes, one module each: contribute, chat, swarm, stats."""
+"""The window's panes: contribute, chat, swarm, stats (one module each; the Chat pane's widgets,
+conversations and replies are in chat_layout.py, chat_list.py and chat_reply.py)."""
 
 from corolla.gui.panes.chat import ChatPane
 from corolla.gui.panes.contribute import ContributePane

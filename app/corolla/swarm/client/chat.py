@@ -31,25 +31,37 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class TextStream:
-    """Turns token ids into text pieces without ever splitting a multi-byte character."""
+    """Turns token ids into text pieces without ever splitting a multi-byte character.
+
+    Each token decodes a short window (the tokens of the last piece, for context, and the new ones), not
+    the whole reply again: the cost per token stays flat as the reply grows. The context matters because
+    tokenizers decode a word's leading space or a byte sequence differently at the start of a text."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.emitted = ""
+        self._context = 0  # where the window decoded for the next piece starts
+        self._shown = 0  # tokens whose text has been handed out
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        before = self._decode(self.tokens[self._context : self._shown])
+        text = self._decode(self.tokens[self._context :])
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new yet, or half a character
             return ""
-        piece, self.emitted = text[len(self.emitted) :], text
+        piece = text[len(before) :]
+        self._context, self._shown = self._shown, len(self.tokens)
+        self.emitted += piece
         return piece
 
     def text(self) -> str:
         """Everything so far, without a multi-byte character cut off at the end (a reply that stops
         there reads the same streamed and not streamed)."""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self._decode(self.tokens)
         return self.emitted if text.endswith("\ufffd") else text
 
 
@@ -68,6 +80,7 @@ class ReplyWatcher:
         self.stream = TextStream(tokenizer)
         self.eos = set(eos_token_ids)
         self.stops = [s for s in (stop or []) if s]
+        self._longest_stop = max((len(s) for s in self.stops), default=1)
         self.on_text, self.should_stop = on_text, should_stop
         self.stopped_by = "length"  # or "eos", "stop string", "cancelled"
         self._shown = ""  # text handed out before a rewind, not to be handed out twice
@@ -96,8 +109,11 @@ class ReplyWatcher:
         if token in self.eos:
             self.stopped_by = "eos"
             return True
-        piece = self._unseen(self.stream.push(token))
-        if self.stops and any(s in self.stream.emitted for s in self.stops):
+        new = self.stream.push(token)
+        piece = self._unseen(new)
+        # A stop string that was not there before overlaps the new text: only the end is searched.
+        tail = self.stream.emitted[-(len(new) + self._longest_stop - 1) :] if new else ""
+        if self.stops and any(s in tail for s in self.stops):
             self.stopped_by = "stop string"
             return True
         if piece and self.on_text is not None:

@@ -1,58 +1,13 @@
-"""Choosing the next token: greedy or sampled, with transformers' own public logits processors.
-
-The processors run in the order `generate()` uses (repetition penalty, then temperature, top-k,
-top-p), softmax in float32, then `torch.multinomial` on the global generator, so a seeded swarm
-generation picks the same tokens as a local `generate()` seeded the same way.
+"""What transformers' own `generate()` needs to run over the swarm: the user's sampling settings as
+its keywords, a cache that stands for the servers' caches, stopping criteria that call back per token,
+and the length a call can reach. Sampling itself is transformers' (its logits processors, in its order).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import GenerationConfig
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 from transformers.generation.stopping_criteria import StoppingCriteria
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> SamplingParams:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        return self
-
-    def processors(self) -> LogitsProcessorList:
-        processors = LogitsProcessorList()
-        if self.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if self.do_sample:
-            if self.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k is not None:
-                processors.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                processors.append(TopPLogitsWarper(self.top_p))
-        return processors
 
 
 def sampling_kwargs(
@@ -73,37 +28,6 @@ def sampling_kwargs(
     if temperature > 0:  # greedy has no top-k: passed, transformers warns on every reply that it is ignored
         kwargs["top_k"] = top_k or 0  # 0, not None: transformers' default would be 50
     return kwargs
-
-
-def next_tokens(
-    logits: torch.Tensor, sequences: torch.Tensor, params: SamplingParams, processors: LogitsProcessorList
-) -> torch.Tensor:
-    """[batch, vocab] logits of the last position -> [batch] token ids."""
-    scores = processors(sequences, logits.to(torch.float32))
-    if not params.do_sample:
-        return scores.argmax(dim=-1)
-    probs = torch.nn.functional.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
-
-
-class StopChecker:
-    """End of generation: an end-of-sequence token, or a stop string in the decoded continuation."""
-
-    def __init__(self, eos_token_ids: list[int], stop_strings: list[str] | None = None, tokenizer=None):
-        if stop_strings and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        self.eos = set(eos_token_ids)
-        self.stop_strings = [s for s in (stop_strings or []) if s]
-        self.tokenizer = tokenizer
-
-    def is_eos(self, token: int) -> bool:
-        return token in self.eos
-
-    def stop_string_hit(self, new_tokens: list[int]) -> bool:
-        if not self.stop_strings:
-            return False
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=False)
-        return any(s in text for s in self.stop_strings)
 
 
 class SwarmCache:

@@ -9,6 +9,9 @@ Which file plays which role:
 - static_cache.py: the KV cache preallocated to a session's max_length (exactly the dynamic path's
   results, rollback at any depth); decode_graph.py: its decode steps as CUDA graphs on a GPU.
 - devices.py: device and dtype choice and checks; quantization.py: int8 / nf4 via bitsandbytes.
+- batched_step.py: one forward for the token steps of several sessions on the same span.
+- naming.py: the DHT prefix a model is announced under; errors.py: errors with a message a person can act on.
+- gguf_import.py: a GGUF file turned into an ordinary checkpoint folder (`corolla model import`).
 - memory.py: bytes held by a loaded part; tiny.py: tiny random models for tests and the offline demo.
 """
 

@@ -1,12 +1,22 @@
 """The block server: serves a span of blocks to the swarm over Petals' RPC protocol.
 
-- config.py: every setting of a server, one typed object.
-- memory_cache.py: KV-cache budget with Petals' accounting units, all-or-nothing allocation.
-- packing.py: tensors and metadata in and out of protobuf messages, with limits on sizes.
-- handler.py: the RPC handler (`TransformerConnectionHandler.rpc_*`), inference sessions.
+Which file plays which role:
+- server.py: the lifecycle that ties the rest together: join, choose blocks, load, serve, announce
+  (JOINING, ONLINE, OFFLINE on the DHT), rebalance, leave.
+- config.py: every setting of a server, one typed object (the `corolla serve` flags map onto it).
+- handler.py: the RPC handler (`TransformerConnectionHandler.rpc_*`, names on the wire): admission,
+  forward/backward, inference sessions and server-to-server push.
+- streams.py: streaming RPC registration whose error replies reach the caller.
+- packing.py: tensors and metadata in and out of protobuf messages, with a limit on every peer-controlled size;
+  block_args.py: the optional inputs of a request (deep prompts, padding mask, adapter name).
+- compute_queue.py: the one compute thread, fed in priority order; step_batcher.py: continuous batching
+  of the token steps waiting for it; forward_graphs.py: recent forward graphs kept for their backward.
+- memory_cache.py: the KV-cache budget with Petals' accounting units, all-or-nothing allocation.
+- adapters.py: LoRA adapters a request may activate.
+- refusals.py: what the server does about peers whose requests it keeps refusing.
 - block_selection.py: which blocks to serve and when to move (pure functions).
-- throughput.py: local throughput measurement, cached per device, model and dtype.
-- announcer.py: DHT announcements (JOINING, ONLINE, OFFLINE) and reading the swarm's module infos.
-- stats.py: counters a parent process can read while the server runs.
-- server.py: the lifecycle that ties these together.
+- throughput.py: local throughput measurement, cached per device, model and dtype;
+  pings.py: `next_pings`, round trips to the servers likely to follow this one in a chain.
+- stats.py: counters a parent process (the node) reads while the server runs.
+- open_files.py: the process's limit on open files.
 """

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.swarm import ProcessFailed, _stop_group
+from corolla.api.sse import json_events
+from corolla.testing.swarm import ProcessFailed, _stop_group
 
 
 class NodeProcess:
@@ -107,16 +108,8 @@ class NodeProcess:
 
 
 def sse_events(response: httpx.Response):
-    """Parse a server-sent event stream into (event, data) pairs as they arrive."""
-    event, data = None, []
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif not line and data:
-            yield event, json.loads("\n".join(data))
-            event, data = None, []
+    """Parse a server-sent event stream into (event, data) pairs as they arrive (the app's own parser)."""
+    return json_events(response.iter_lines())
 
 
 def home_with_converted_model(home: Path, smollm2: Path) -> Path:

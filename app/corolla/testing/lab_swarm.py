@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support.netlab import Host, NetLab
-from tests.support.swarm import (
+from corolla.testing.netlab import Host, NetLab
+from corolla.testing.swarm import (
     CorollaServer,
     PetalsServer,
     ProcessFailed,

@@ -19,7 +19,7 @@ from hivemind.proto import dht_pb2, runtime_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from corolla.swarm.server.handler import TransformerConnectionHandler
-from tests.support.wire import WireClient
+from corolla.testing.wire import WireClient
 
 TUPLE_EXT = 0x40
 DICTIONARY_EXT = 0x50

@@ -1,5 +1,5 @@
-"""The local API's request and response types. The window imports this module too (no torch in here),
-so both sides of the API share one definition."""
+"""The local API's request and response types. The node, the window, the CLI and the tests import this
+module (no torch in here), so all sides of the API share one definition."""
 
 from __future__ import annotations
 
@@ -114,6 +114,7 @@ class NodeStatus(BaseModel):
     started_at: float
     model: str
     model_is_demo: bool
+    dht_prefix: str | None = Field(None, description="the model's prefix in the swarm; None until the node knows it")
     swarm: str
     contribution: ContributionStatus
     secrets_storage: str

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # app/corolla/testing/swarm.py: the repository
 # The DHT prefix of the session's shared tiny swarm (tests/conftest.py: `tiny_swarm`).
 TINY_SWARM_PREFIX = "tiny-swarm"
 LOOPBACK_FLAGS = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--no-relay", "--no-auto-nat"]
