@@ -128,6 +128,22 @@ def test_trusted_only_chats_through_the_named_servers_and_refuses_what_they_cann
         assert result.returncode == 2 and says in result.stderr.strip().splitlines()[-1], result.stderr
 
 
+def test_local_blocks_answer_the_same_and_too_many_is_a_usage_error(served):
+    """--local-blocks K runs the first and last K blocks here: the same greedy reply as without; a K the
+    model cannot spare (6 blocks: at most 2 at each end) is the user's to fix, in one line."""
+    model, maddr = served
+    plain, _ = _run(*_chat_command(model, maddr, "--prompt", "hi there", "--max-new-tokens", "6"))
+    edged, _ = _run(
+        *_chat_command(model, maddr, "--prompt", "hi there", "--max-new-tokens", "6", "--local-blocks", "2")
+    )
+    assert plain.returncode == 0 and edged.returncode == 0, (plain.stderr, edged.stderr)
+    assert edged.stdout == plain.stdout and edged.stdout.strip()
+    result, _ = _run(*_chat_command(model, maddr, "--prompt", "hi", "--local-blocks", "3"))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("corolla: error:") and "at most 2 at each end" in last, result.stderr
+
+
 def test_a_model_nobody_serves_is_reported_with_progress(served):
     model, maddr = served
     args = ["-m", "corolla.cli", "chat", str(model), "--initial-peers", maddr, "--dht-prefix", "nobody-serves-this"]

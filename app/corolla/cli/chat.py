@@ -24,6 +24,7 @@ def _client_config(args: argparse.Namespace):
         use_relay=not args.no_relay,
         auto_nat=not args.no_auto_nat,
         request_timeout=args.request_timeout,
+        local_edge_blocks=getattr(args, "local_blocks", 0),
     )
 
 

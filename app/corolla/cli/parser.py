@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="only these servers (peer ids or multiaddrs ending in /p2p/PEER_ID) receive the chat's hidden states",
     )
+    chat.add_argument(
+        "--local-blocks",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run the model's first K and last K blocks on this computer, so no server receives the token "
+        "embeddings or the final states (it protects little: the first server can still read most of the text "
+        "back; only --trusted-only keeps it from a server)",
+    )
     chat.set_defaults(func=cmd_chat)
 
     swarm = commands.add_parser("swarm", help="the swarm's health: coverage and servers of every model")
@@ -191,14 +200,18 @@ def _interrupt(signum, frame) -> None:
 def _user_error_types() -> tuple[type, ...]:
     """The errors that are the user's to fix (one line, exit 2). Only from modules already loaded:
     importing them would pull torch and hivemind into every command, the window's included."""
-    return _loaded(("corolla.swarm.models.errors", "EngineError"), ("corolla.swarm.client.privacy", "PrivacyError"))
+    return _loaded(
+        ("corolla.swarm.models.errors", "EngineError"),
+        ("corolla.swarm.client.privacy", "PrivacyError"),
+        ("corolla.swarm.client.local_edges", "LocalEdgesError"),
+    )
 
 
 def _runtime_error_types() -> tuple[type, ...]:
     """Failures of the swarm or the network, not of the command line (one line, exit 1)."""
     return _loaded(
         ("corolla.swarm.client.routing", "MissingBlocksError"),
-        ("corolla.swarm.client.session", "ServerFailure"),
+        ("corolla.swarm.client.streams", "ServerFailure"),
         ("corolla.swarm.peers", "PeerStartError"),
         ("corolla.node.instance", "AlreadyRunning"),
     )
