@@ -49,6 +49,7 @@ SERVER_FIELDS = (
     "cpu_percent",
     "swarm_port",
     "nat_port_map",
+    "public_address",
 )
 
 
@@ -86,6 +87,10 @@ class NodeService:
         self.lan: LanDiscovery | None = None  # exists only while the user has discovery switched on
         self._lan_retry_at = 0.0
         self.address = SwarmAddress(paths.config_dir / "swarm-identity.key")
+        if self.settings.swarm_port is None:  # chosen once, on the first start: the window can name it at once
+            port = self.address.port_for(None, loopback_only=False, our_server_holds_it=False)
+            self.settings = self.settings.model_copy(update={"swarm_port": port})
+            self._save_settings()
 
     # --- the model ---------------------------------------------------------------------------------
     @property
@@ -152,6 +157,10 @@ class NodeService:
         args += ["--identity-path", str(self.address.identity())]
         if s.nat_port_map and not (s.swarm == "private" and not s.listen_on_lan):
             args.append("--nat-port-map")
+        if s.public_address and not (s.swarm == "private" and not s.listen_on_lan):
+            # The port forwarded by hand: announced, with the LAN addresses (announcing replaces them).
+            lan = [f"/ip4/{ip}/tcp/{port}" for ip in lan_addresses() if ip != s.public_address]
+            args += ["--announce-maddrs", f"/ip4/{s.public_address}/tcp/{port}", *lan]
         if self.dht_prefix():
             args += ["--dht-prefix", self.dht_prefix()]
         if s.blocks:

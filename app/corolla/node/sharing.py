@@ -112,10 +112,10 @@ def sharing_status(
         )
     lan = next((a for a in addresses if not is_public(a)), addresses[0] if addresses else None)
     sentence = f"Let others join: other computers connect to this one on port {port}."
+    where = f" ({lan})" if lan else ""
     forward = (
-        f"Forward TCP port {port} on your router to this computer ({lan}), then restart contributing."
-        if lan
-        else f"Forward TCP port {port} on your router to this computer, then restart contributing."
+        f"Forward TCP port {port} on your router to this computer{where}, then enter the router's public "
+        "address in Settings, next to Let others join."
     )
     fixes = [forward]
     if not nat_port_map:
