@@ -71,13 +71,12 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     qtbot.waitUntil(lambda: "Reading" not in log_view.toPlainText(), timeout=10_000)
     assert log_view.toPlainText().strip()
     window.contribute.log_dialog.close()
-    # The private swarm's invite is in the window, ready to copy.
+    # Who can join the private swarm: "This computer only" (the default) says so, and offers no invite
+    # (joining with "Let others join", the invite and its Copy button: test_invite_lab, test_gui_lan).
     qtbot.waitUntil(lambda: window.contribute.invite_box.isVisibleTo(window), timeout=30_000)
-    assert window.contribute.invite.text() == node.status()["invite"]
-    window.contribute.copy_invite.click()
-    from PySide6.QtGui import QGuiApplication
-
-    assert QGuiApplication.clipboard().text() == node.status()["invite"]
+    assert window.contribute.only_here.isChecked() and window.contribute.let_join.isVisibleTo(window)
+    assert "nobody else can join" in window.contribute.share_sentence.text()
+    assert not window.contribute.invite.isVisibleTo(window) and node.status()["invite"] is None
 
     window.tabs.setCurrentWidget(window.chat)
     finished = _chat_until_done(qtbot, window, "hello from the window\nsecond line")

@@ -1,4 +1,4 @@
-"""Inviting friends in other homes, in the network lab (tests/support/netlab.py), everything through the
+"""Inviting friends in other homes, in the network lab (corolla/testing/netlab.py), everything through the
 node's API as the window drives it: no `corolla serve` flags, no hand-written multiaddrs.
 
 A is on the lab's internet, B (and C, D) each behind their own NAT router. A chooses "Let others join";
@@ -208,6 +208,37 @@ def test_behind_a_home_router_the_window_says_so_before_sharing_with_the_fix(lab
         assert f"/ip4/{dave.ip}/tcp/{port}/" in _invite_peers(status["invite"])[0]  # its neighbours can join
     finally:
         node.stop()
+
+
+def test_with_the_port_forwarded_by_hand_a_friend_in_another_home_joins_and_chats(lab, tmp_path):
+    """Everyone behind NAT, the fix taken: the creator's router forwards the kept port (a DNAT rule) and
+    the user enters the router's public address; the invite then starts with it and B, in another home,
+    joins and chats."""
+    dave, bob = lab.hosts["dave"], lab.hosts["bob"]
+    d = LabNode(lab, dave, tmp_path / "dave", extra_env={**TINY, "COROLLA_AWAIT_CONSENT": "1"})
+    b = LabNode(lab, bob, tmp_path / "bob", extra_env={**TINY, "COROLLA_AWAIT_CONSENT": "1"})
+    try:
+        port = _let_others_join(d)["swarm_port"]
+        lab.forward_port(dave, port)
+        _let_others_join(d, public_address=dave.public_ip)
+        d.request("POST", "/api/contribution/start")
+        status = d.wait_status(
+            lambda s: s["contribution"]["state"] == "online" and s.get("invite") and s["sharing"]["outside"] == "yes",
+            300,
+            "reachable with an invite",
+        )
+        assert _invite_peers(status["invite"])[0].startswith(f"/ip4/{dave.public_ip}/tcp/{port}/p2p/")
+        pasted = time.monotonic()
+        b.request("POST", "/api/settings/join", {"invite": status["invite"]})
+        b.request("POST", "/api/contribution/stop")  # B only chats
+        reply, tries = _chat_until_answered(b, "What is the capital of France?", 120)
+        assert reply["end"]["type"] == "done", reply
+        _figures(
+            "tiny, port forwarded", {"paste_to_first_reply_s": round(time.monotonic() - pasted, 1), "tries": tries}
+        )
+    finally:
+        b.stop()
+        d.stop()
 
 
 def smollm2_folder() -> Path | None:

@@ -136,6 +136,9 @@ def test_node_is_silent_until_discovery_is_on_then_lists_and_joins_a_neighbours_
         assert off["enabled"] is False and off["swarms"] == [] and off["announcing"] is False
 
         maddrs = [f"/ip4/{bob.ip}/tcp/4100/p2p/{PEER}"]
+        # Bob's swarm port answers (joining dials an invite's addresses before it changes anything).
+        listening = "import socket,time\ns=socket.socket(); s.bind(('0.0.0.0',4100)); s.listen(); time.sleep(600)"
+        lab.popen(bob, [sys.executable, "-c", listening])
         announcer = start_probe(lab, bob, "announce", "Bob's laptop", "tiny-llama", "bob-prefix", *maddrs)
         try:
             settings = node.request("GET", "/api/settings")

@@ -280,6 +280,14 @@ class SettingsDialog(QDialog):
             "this computer, so friends in other homes can reach it directly."
         )
         box.addWidget(self.nat_port_map)
+        self.public_address = QLineEdit()
+        self.public_address.setPlaceholderText(
+            "Forwarded the port by hand? Your router's public address, e.g. 203.0.113.7"
+        )
+        self.public_address.setAccessibleName(
+            "The router's public address, where the port is forwarded to this computer"
+        )
+        box.addWidget(self.public_address)
         self.only_here.setChecked(True)
         return self.sharing_box
 
@@ -292,13 +300,17 @@ class SettingsDialog(QDialog):
             else "The swarm listens on this computer only: nobody else can join it."
         )
         self.nat_port_map.setVisible(self.let_join.isChecked() and "nat_port_map" in (self.settings or {}))
+        self.public_address.setVisible(self.let_join.isChecked() and "public_address" in (self.settings or {}))
 
     def _sharing_changes(self, swarm: str) -> dict:
         if "swarm_port" not in (self.settings or {}):
             return {}  # an older node: no such choice
-        if swarm != "private":
-            return {"nat_port_map": self.nat_port_map.isChecked()}
-        return {"listen_on_lan": self.let_join.isChecked(), "nat_port_map": self.nat_port_map.isChecked()}
+        changes = {"nat_port_map": self.nat_port_map.isChecked()}
+        if "public_address" in (self.settings or {}):
+            changes["public_address"] = self.public_address.text().strip() or None
+        if swarm == "private":
+            changes["listen_on_lan"] = self.let_join.isChecked()
+        return changes
 
     # --- swarms on this network ---------------------------------------------------------------------
     def _lan_section(self) -> QWidget:
@@ -443,6 +455,7 @@ class SettingsDialog(QDialog):
         self.lan_discovery.setChecked(settings.get("lan_discovery", False))
         (self.let_join if settings.get("listen_on_lan") else self.only_here).setChecked(True)
         self.nat_port_map.setChecked(settings.get("nat_port_map", False))
+        self.public_address.setText(settings.get("public_address") or "")
         self._sharing_changed()
         self.lan_discovery.setVisible("lan_discovery" in settings)  # an older node has no such setting
         self.privacy.setCurrentIndex(max(0, self.privacy.findData(settings.get("default_privacy", "any"))))

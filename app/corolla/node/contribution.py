@@ -92,6 +92,10 @@ class ContributionMixin:
         args += ["--identity-path", str(self.address.identity())]
         if s.nat_port_map and not (s.swarm == "private" and not s.listen_on_lan):
             args.append("--nat-port-map")
+        if s.public_address and not (s.swarm == "private" and not s.listen_on_lan):
+            # The port forwarded by hand: announced, with the LAN addresses (announcing replaces them).
+            lan = [f"/ip4/{ip}/tcp/{port}" for ip in lan_addresses() if ip != s.public_address]
+            args += ["--announce-maddrs", f"/ip4/{s.public_address}/tcp/{port}", *lan]
         if self.dht_prefix():
             args += ["--dht-prefix", self.dht_prefix()]
         if s.blocks:

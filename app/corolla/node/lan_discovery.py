@@ -102,7 +102,7 @@ def decode_announcement(properties: dict, text_size: int, now: float | None = No
         if any(ipaddress.ip_address(p.split("/")[2]).is_loopback for p in peers):
             return None  # a neighbour pointing us at our own loopback is no swarm of theirs
         name = _clip(name, MAX_NAME)
-        invite = make_invite(peers, prefix, model)
+        invite = make_invite(peers, prefix, model, name)
         return LanSwarm(name, model, prefix, tuple(peers), invite, now if now is not None else time.time())
     except (UnicodeDecodeError, ValueError, AttributeError, TypeError):
         return None

@@ -48,6 +48,7 @@ SERVER_FIELDS = (
     "cpu_percent",
     "swarm_port",
     "nat_port_map",
+    "public_address",
 )
 
 
@@ -82,6 +83,10 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
         self.lan: LanDiscovery | None = None  # exists only while the user has discovery switched on
         self._lan_retry_at = 0.0
         self.address = SwarmAddress(paths.config_dir / "swarm-identity.key")
+        if self.settings.swarm_port is None:  # chosen once, on the first start: the window can name it at once
+            port = self.address.port_for(None, loopback_only=False, our_server_holds_it=False)
+            self.settings = self.settings.model_copy(update={"swarm_port": port})
+            self._save_settings()
 
     # --- the block server ---------------------------------------------------------------------------
 

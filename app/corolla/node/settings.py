@@ -47,6 +47,9 @@ class Settings(BaseModel):
     swarm_port: int | None = Field(None, ge=1024, le=65535)
     # Ask the home router to forward swarm_port (NAT-PMP/UPnP); off unless the user switches it on.
     nat_port_map: bool = False
+    # The router's public IPv4 address, where the user forwarded swarm_port to this computer by hand:
+    # announced (with the LAN addresses) and put first in the invite.
+    public_address: str | None = Field(None, pattern=r"^(\d{1,3}\.){3}\d{1,3}$")
     # Swarms on this network (mDNS): off, nothing is announced and nothing listens. On, the node lists
     # the swarms its neighbours announce, and announces its own private swarm when that listens on
     # the LAN (never the public swarm).

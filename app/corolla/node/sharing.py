@@ -8,12 +8,14 @@ import ipaddress
 import os
 import random
 import socket
+import time
 from pathlib import Path
 
 import psutil
 
 from corolla.api import models as m
 
+KEPT_PORT_WAIT_S = 3.0
 PORT_RANGE = (31330, 31999)  # below the usual ephemeral range, so an outgoing connection rarely takes it
 
 
@@ -50,6 +52,12 @@ class SwarmAddress:
         host = "127.0.0.1" if loopback_only else "0.0.0.0"
         if kept is not None and (our_server_holds_it or _free(kept, host)):
             return kept
+        if kept is not None:  # our own stopped server's p2pd may take a moment to let it go
+            deadline = time.monotonic() + KEPT_PORT_WAIT_S
+            while time.monotonic() < deadline:
+                time.sleep(0.25)
+                if _free(kept, host):
+                    return kept
         for _ in range(200):
             port = random.randint(*PORT_RANGE)
             if _free(port, "0.0.0.0") and _free(port, "127.0.0.1"):
@@ -112,10 +120,10 @@ def sharing_status(
         )
     lan = next((a for a in addresses if not is_public(a)), addresses[0] if addresses else None)
     sentence = f"Let others join: other computers connect to this one on port {port}."
+    where = f" ({lan})" if lan else ""
     forward = (
-        f"Forward TCP port {port} on your router to this computer ({lan}), then restart contributing."
-        if lan
-        else f"Forward TCP port {port} on your router to this computer, then restart contributing."
+        f"Forward TCP port {port} on your router to this computer{where}, then enter the router's public "
+        "address in Settings, next to Let others join."
     )
     fixes = [forward]
     if not nat_port_map:
