@@ -15,6 +15,7 @@ import psutil
 from corolla.api import models as m
 from corolla.node.lan_discovery import default_human_name
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings, contribution_allowed
+from corolla.node.sharing import lan_addresses
 
 logger = logging.getLogger(__name__)
 
