@@ -226,15 +226,16 @@ class LabNode:
         reply = json.loads(result.stdout.strip().splitlines()[-1])
         return reply["status"], reply["body"]
 
-    def chat(self, prompt: str, max_new_tokens: int = 8, timeout: float = 300.0) -> dict:
-        """A new chat and one reply through the node's API, as the window sends it: the reply's text, its
-        end event, and the seconds to the first token and to the end."""
+    def chat(self, prompt: str, max_new_tokens: int = 8, timeout: float = 300.0, privacy: dict | None = None) -> dict:
+        """A new chat (with `privacy`: who may read it) and one reply through the node's API, as the window
+        sends it: the reply's text, its end event, and the seconds to the first token and to the end."""
         code = (
             "import httpx, json, sys, time\n"
-            "url, token, prompt, n, timeout = json.loads(sys.argv[1])\n"
+            "url, token, prompt, n, timeout, privacy = json.loads(sys.argv[1])\n"
             "h = {'Authorization': 'Bearer ' + token}\n"
             "t0 = time.monotonic(); first = None; text = []; end = None\n"
-            "chat = httpx.post(url + '/api/chats', json={'title': 'lab'}, headers=h, timeout=60).json()\n"
+            "chat = httpx.post(url + '/api/chats', json={'title': 'lab', 'privacy': privacy}, headers=h,"
+            " timeout=60).json()\n"
             "body = {'content': prompt, 'max_new_tokens': n}\n"
             "with httpx.stream('POST', url + '/api/chats/' + chat['id'] + '/messages', json=body, headers=h,"
             " timeout=timeout) as r:\n"
@@ -247,7 +248,7 @@ class LabNode:
             "print(json.dumps({'text': ''.join(text), 'end': end, 'first_token_s': first,"
             " 'total_s': time.monotonic() - t0}))\n"
         )
-        args = json.dumps([self.url, self.token, prompt, max_new_tokens, timeout])
+        args = json.dumps([self.url, self.token, prompt, max_new_tokens, timeout, privacy])
         result = self.lab.run(self.host, [sys.executable, "-c", code, args], timeout=timeout + 60)
         if result.returncode != 0:
             raise ProcessFailed(f"the chat failed in {self.host.name}: {result.stderr[-2000:]}")
