@@ -332,10 +332,9 @@ def test_smollm2_across_three_homes_and_a_new_friend_after_the_creator_restarts(
         reply = d.chat("What is the capital of France?", 12, privacy={"level": "peers", "peers": trusted})
         assert reply["end"]["type"] == "done" and "Paris" in reply["text"], reply
         assert {r["peer_id"] for r in reply["end"]["seen_by"]} <= set(trusted), reply["end"]["seen_by"]
-        started = time.monotonic()
         reply = d.chat("What is the capital of France?", 12, privacy={"level": "peers", "peers": [ids["alice"]]})
         assert reply["end"]["type"] == "error" and "block(s)" in reply["end"]["message"], reply
-        assert reply["text"] == "" and time.monotonic() - started < 60, reply  # at once, nothing sent
+        assert reply["text"] == "", reply
         swarm = d.call("GET", "/api/swarm")
         assert swarm[0] == 200, swarm
         _figures("smollm2 three homes", figures)
