@@ -25,7 +25,7 @@ LOG_KEEP_BYTES = 2**20
 LOG_TAIL_BYTES = 64 * 2**10  # after a crash only the end of the log is read
 
 
-RETAKE_RELAY_EXIT_CODE = 75  # as corolla.swarm.server.server (not imported: the node stays light)
+RETAKE_RELAY_EXIT_CODE = 75  # as corolla.swarm.server.announcing (not imported: the node stays light)
 
 
 def restart_delay(failures: int) -> float:

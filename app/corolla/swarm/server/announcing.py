@@ -1,0 +1,175 @@
+"""What a running block server tells the swarm and keeps learning from it: its announcements (JOINING,
+ONLINE, OFFLINE with its span and throughput), rejoining its initial peers when it lost them, the
+measured pings to the next servers, rebalancing its blocks, its visible addresses and whether others
+can reach it (with the relay retake after a relay came back)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from functools import partial
+
+from corolla import __version__
+from corolla.swarm import protocol
+from corolla.swarm.dht_records import compute_spans, declare_blocks, declare_model, get_module_infos
+from corolla.swarm.models.devices import (
+    dtype_name,
+)
+from corolla.swarm.protocol import ServerInfo, ServerState
+from corolla.swarm.reachability import (
+    NetworkPlan,
+    RelayProof,
+    describe,
+    port_of,
+    relay_state,
+    relayed_addresses,
+)
+from corolla.swarm.server.block_selection import should_choose_other_blocks
+
+logger = logging.getLogger(__name__)
+NEXT_PINGS_UPDATE_S = 30.0  # DHT lookup of the next blocks' servers plus one round of pings
+RETAKE_RELAY_AFTER_S = 10.0  # a relay connected again but not carrying us this long: restart to reserve
+RETAKE_RELAY_EXIT_CODE = 75  # EX_TEMPFAIL: the node starts the server again at once, not counted as a crash
+REJOIN_CHECK_S = 10.0  # how often a server checks that it still reaches one of its initial peers
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+class SwarmPresenceMixin:
+    """The swarm-facing loops of BlockServer (server.py): uses its config, dht, stats, state, span, peer_id,
+    throughput, next_pings and _set_state."""
+
+    def _server_info(self, start: int, end: int) -> ServerInfo:
+        measured = isinstance(self.config.throughput, str)
+        return ServerInfo(
+            state=self.state,
+            throughput=float(self.announced_throughput),
+            start_block=start,
+            end_block=end,
+            public_name=self.config.public_name,
+            version=protocol.PETALS_COMPAT_VERSION,
+            network_rps=self.throughput.network_rps if measured else None,
+            forward_rps=self.throughput.forward_rps if measured else None,
+            inference_rps=self.throughput.inference_rps if measured else None,
+            adapters=tuple(self.adapters),
+            torch_dtype=dtype_name(self.dtype),
+            quant_type=self.config.quant_type,
+            using_relay=self.stats.using_relay,
+            cache_tokens_left=self.budget.tokens_left_dht if self.budget is not None else None,
+            next_pings=self.next_pings.announced() if self.next_pings and self.state != ServerState.OFFLINE else None,
+            extra={"corolla_version": __version__},
+        )
+
+    async def _announce(self, start: int, end: int) -> None:
+        await declare_blocks(self.dht, self._uids(start, end), self._server_info(start, end), self.config.expiration)
+        if self.state != ServerState.OFFLINE:
+            repository = None if self.checkpoint.is_local else f"https://huggingface.co/{self.checkpoint.source_name}"
+            await declare_model(
+                self.dht, self.dht_prefix, protocol.ModelInfo(self.total_blocks, repository), self.config.expiration
+            )
+
+    async def _announce_forever(self, start: int, end: int) -> None:
+        first = True
+        while True:
+            try:
+                await self._announce(start, end)
+            except Exception:
+                logger.warning("announcement failed", exc_info=True)
+            await self._measure_next_pings(start, end)
+            if first:  # the first pings are announced at once, not an update period later
+                first = False
+                with contextlib.suppress(Exception):
+                    await self._announce(start, end)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_announcer.wait(), self.config.update_period)
+            self._wake_announcer.clear()
+
+    async def _rejoin_forever(self) -> None:
+        """Back into the swarm after losing it (a member restarted, this home's link came back): the
+        initial peers are dialled again and the announcement repeated at once, so a restarted member
+        learns this server's blocks within seconds instead of never (see peers.rejoin_if_alone)."""
+        from corolla.swarm.peers import peers_by_id, rejoin_if_alone
+
+        peers = peers_by_id(self.config.initial_peers)
+        while True:
+            await asyncio.sleep(REJOIN_CHECK_S)
+            try:
+                coroutine = self.dht.run_coroutine(partial(rejoin_if_alone, peers=peers), return_future=True)
+                answered = await asyncio.wait_for(coroutine, 60.0)
+            except Exception as exc:  # the DHT is busy or going away: the next round tries again
+                logger.info("could not check the swarm's initial peers: %s", one_line(exc))
+                continue
+            if answered:
+                logger.info("rejoined the swarm through %d initial peer(s); announcing again", answered)
+                self._wake_announcer.set()
+
+    async def _measure_next_pings(self, start: int, end: int) -> None:
+        if self.next_pings is None:
+            return
+        try:
+            update = self.next_pings.update(self.dht, self.dht_prefix, start, end, self.total_blocks)
+            await asyncio.wait_for(update, NEXT_PINGS_UPDATE_S)
+        except Exception as exc:  # pings only refine routes: they never stop the announcements
+            logger.info("could not measure next_pings: %s", one_line(exc))
+
+    async def _balance_forever(self, move: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(random.uniform(0, 2 * self.config.mean_balance_check_period))
+            try:
+                infos = await get_module_infos(self.dht, self._uids(0, self.total_blocks))
+                spans = compute_spans(infos, min_state=ServerState.JOINING)
+                if should_choose_other_blocks(self.peer_id, spans, self.total_blocks, self.config.balance_quality):
+                    move.set()
+                    return
+            except Exception:
+                logger.warning("rebalancing check failed", exc_info=True)
+
+    async def _visible_maddrs(self, p2p, network: NetworkPlan) -> list[str]:
+        """The addresses libp2p shows others (printed, and in the stats). Behind NAT with relays on public
+        addresses it may show none for a while: its auto-relay replaces every public address (our
+        announced circuit addresses too) by circuit addresses of the relays it holds reservations on,
+        which it reports late. Nothing waits for that: the planned circuit addresses stand in."""
+        try:
+            return [str(m) for m in await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), 10.0)]
+        except ValueError:  # hivemind: "No multiaddrs found"
+            return [f"{maddr}/p2p/{self.peer_id}" for maddr in network.announce_maddrs]
+
+    def _set_reachability(self, state: str, relay_addrs: list[str] = (), proven_at: float | None = None) -> None:
+        port = port_of(self.config.host_maddrs)
+        self.stats.reachability = describe(state, port, relay_addrs, proven_at).to_dict()
+
+    async def _watch_reachability(self, p2p) -> None:
+        """A relayed server says "relay" only while a stranger has really reached it through one: each
+        relay it is connected to is proven by a dial through it (relay_state), again when relays come
+        or go, and every few minutes."""
+        if self.network is None or not self.network.trusted_relays:
+            return
+        proof: RelayProof | None = None
+        had_relay, lost_since = False, None
+        while True:
+            with contextlib.suppress(Exception):
+                state, proof = await relay_state(p2p, self.network.trusted_relays, proof)
+                addrs = relayed_addresses(p2p, proof.proven)
+                if state != self.stats.reachability.get("state") or addrs != self.stats.reachability.get("relay_addrs"):
+                    logger.info("reachability: %s %s", state, " ".join(addrs))
+                    self._set_reachability(state, addrs, proof.proven_at if proof.proven else None)
+                had_relay = had_relay or state == "relay"
+                # The relay restarted (connected again, yet nothing comes through it): go-libp2p's auto-relay
+                # backs off for an hour from a relay whose reservation failed while it was away, so this
+                # server would stay unreachable that long. A new p2pd reserves at once: stop, and the node
+                # starts the server again (a few seconds; the blocks are read from the page cache).
+                regained = had_relay and state == "unreachable" and bool(proof.tried)
+                lost_since = (lost_since or time.monotonic()) if regained else None
+                if lost_since is not None and time.monotonic() - lost_since > RETAKE_RELAY_AFTER_S:
+                    logger.warning("the relay came back without this server's reservation: restarting to take it")
+                    self.exit_code = RETAKE_RELAY_EXIT_CODE
+                    self._stop.set()
+                    return
+            # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
+            await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 5.0)
