@@ -11,6 +11,7 @@ replicate_p2p and shutdown; futures are awaitable from any event loop and have .
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import ctypes
@@ -117,6 +118,9 @@ class InProcessDHT:
         except BaseException:
             self._stop_loop()
             raise
+        # A program that ends without shutting the DHT down (an error on the way out) still leaves the
+        # swarm in order instead of having the thread's pending tasks destroyed at exit.
+        atexit.register(self.shutdown)
 
     # --- hivemind DHT's interface --------------------------------------------------------------------
     def run_coroutine(
@@ -182,5 +186,20 @@ class InProcessDHT:
         self._stop_loop()
 
     def _stop_loop(self) -> None:
+        """End the DHT's tasks (cancelled, not left pending to be destroyed at exit), then its thread."""
+        atexit.unregister(self.shutdown)
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(self.shutdown_timeout)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(self.shutdown_timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
