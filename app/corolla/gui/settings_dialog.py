@@ -3,9 +3,7 @@ Face token, contribution limits, and start at login."""
 
 from __future__ import annotations
 
-import re
-
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import (
     QButtonGroup,
@@ -19,8 +17,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QListWidget,
-    QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
     QRadioButton,
@@ -32,26 +28,17 @@ from PySide6.QtWidgets import (
 from corolla.api.models import PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
+from corolla.gui.settings_checks import friendly_error, local_problems
+from corolla.gui.settings_sharing import SharingSettingsMixin
 from corolla.gui.widgets import plain_label, plural, sentence
 from corolla.units import human_bytes
 
-LAN_REFRESH_MS = 3000
 # What benchmarks/privacy.py and benchmarks/local_edges.py measured (README "Who can read my chat").
 LOCAL_BLOCKS_SENTENCE = (
     "Runs the first and last blocks of the model here, so no server gets your words as such or the model's "
     "final output. It protects little: the first server can still read most of a chat back. Only the choice "
     "above keeps your text away from a server."
 )
-TIME_WINDOW = re.compile(r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
-FIELD_NAMES = {
-    "time_window": "Daily window",
-    "custom_peers": "Custom peers",
-    "memory_cap_gib": "Memory",
-    "model": "Model",
-    "invite": "Invite",
-    "dht_prefix": "Swarm prefix",
-    "trusted_peers": "Trusted peers",
-}
 
 
 def privacy_picker() -> QComboBox:
@@ -63,38 +50,7 @@ def privacy_picker() -> QComboBox:
     return picker
 
 
-def friendly_error(message: str) -> str:
-    """The node's validation message, as a person reads it: "time_window: Value error, time_window must
-    look like 22:00-07:00" -> "Daily window: must look like 22:00-07:00"."""
-    parts = []
-    for problem in message.split("; "):
-        field, _, text = problem.partition(": ")
-        if not text:
-            parts.append(problem)
-            continue
-        key = field.split(".")[0]
-        text = text.removeprefix("Value error, ").removeprefix(f"{key} ")
-        parts.append(f"{FIELD_NAMES.get(key, key.replace('_', ' ').capitalize())}: {text}")
-    return "; ".join(parts)
-
-
-def local_problems(window: str, peers: list[str], custom: bool, invite: str | None) -> list[str]:
-    """What can be said before asking the node (the node checks again)."""
-    problems = []
-    if window and not TIME_WINDOW.match(window):
-        problems.append("Daily window: write it as HH:MM-HH:MM, e.g. 22:00-07:00 (it may wrap midnight)")
-    if custom:
-        if not peers:
-            problems.append("Custom peers: add at least one address, one per line")
-        bad = [p for p in peers if not p.startswith("/") or "/p2p/" not in p]
-        if bad:
-            problems.append(f"Custom peers: {bad[0][:80]!r} is not a multiaddr ending in /p2p/<peer id>")
-    if invite is not None and not invite.startswith("corolla-invite:"):
-        problems.append("Invite: paste the whole string, starting with corolla-invite:")
-    return problems
-
-
-class SettingsDialog(QDialog):
+class SettingsDialog(SharingSettingsMixin, QDialog):
     def __init__(self, client: NodeClient, first_run: bool = False, parent: QWidget | None = None):
         super().__init__(parent)
         self.client = client
@@ -255,154 +211,8 @@ class SettingsDialog(QDialog):
         self.client.call("GET", "/api/settings", on_ok=self.load, on_error=lambda e: self.error.setText(sentence(e)))
 
     # --- who can join the private swarm -------------------------------------------------------------
-    def _sharing_section(self) -> QWidget:
-        """This computer only / Let others join, each explained in one sentence (with the kept port)."""
-        self.sharing_box = QWidget()
-        box = QVBoxLayout(self.sharing_box)
-        box.setContentsMargins(24, 0, 0, 0)
-        self.only_here = QRadioButton("This computer only")
-        self.let_join = QRadioButton("Let others join")
-        self.sharing_choice = QButtonGroup(self)
-        row = QHBoxLayout()
-        for button in (self.only_here, self.let_join):
-            self.sharing_choice.addButton(button)
-            row.addWidget(button)
-            button.toggled.connect(lambda _: self._sharing_changed())
-        row.addStretch(1)
-        box.addLayout(row)
-        self.sharing_note = plain_label("")
-        self.sharing_note.setWordWrap(True)
-        self.sharing_note.setObjectName("muted")
-        box.addWidget(self.sharing_note)
-        self.nat_port_map = QCheckBox("Ask the router to open the port (NAT-PMP/UPnP)")
-        self.nat_port_map.setToolTip(
-            "Off unless you switch it on: Corolla then asks your home router to forward the swarm's port to "
-            "this computer, so friends in other homes can reach it directly."
-        )
-        box.addWidget(self.nat_port_map)
-        self.public_address = QLineEdit()
-        self.public_address.setPlaceholderText(
-            "Forwarded the port by hand? Your router's public address, e.g. 203.0.113.7"
-        )
-        self.public_address.setAccessibleName(
-            "The router's public address, where the port is forwarded to this computer"
-        )
-        box.addWidget(self.public_address)
-        self.only_here.setChecked(True)
-        return self.sharing_box
-
-    def _sharing_changed(self) -> None:
-        port = (self.settings or {}).get("swarm_port")
-        on = f"port {port}" if port else "a port chosen once, when it first starts"
-        self.sharing_note.setText(
-            f"Other computers connect to this one on {on}; you share an invite with them."
-            if self.let_join.isChecked()
-            else "The swarm listens on this computer only: nobody else can join it."
-        )
-        self.nat_port_map.setVisible(self.let_join.isChecked() and "nat_port_map" in (self.settings or {}))
-        self.public_address.setVisible(self.let_join.isChecked() and "public_address" in (self.settings or {}))
-
-    def _sharing_changes(self, swarm: str) -> dict:
-        if "swarm_port" not in (self.settings or {}):
-            return {}  # an older node: no such choice
-        changes = {"nat_port_map": self.nat_port_map.isChecked()}
-        if "public_address" in (self.settings or {}):
-            changes["public_address"] = self.public_address.text().strip() or None
-        if swarm == "private":
-            changes["listen_on_lan"] = self.let_join.isChecked()
-        return changes
 
     # --- swarms on this network ---------------------------------------------------------------------
-    def _lan_section(self) -> QWidget:
-        """ "Swarms on this network": the node's mDNS findings, each joinable with one click."""
-        self.lan_box = QWidget()
-        box = QVBoxLayout(self.lan_box)
-        box.setContentsMargins(0, 0, 0, 0)
-        box.addWidget(plain_label("Swarms on this network"))
-        row = QHBoxLayout()
-        self.lan_list = QListWidget()
-        self.lan_list.setAccessibleName("Swarms on this network")
-        self.lan_list.setMaximumHeight(90)
-        self.lan_list.itemSelectionChanged.connect(self._lan_selection_changed)
-        self.lan_list.itemDoubleClicked.connect(lambda _: self.join_lan_swarm())
-        self.lan_join = QPushButton("Join")
-        self.lan_join.setEnabled(False)
-        self.lan_join.clicked.connect(self.join_lan_swarm)
-        row.addWidget(self.lan_list, 1)
-        row.addWidget(self.lan_join, 0, Qt.AlignmentFlag.AlignTop)
-        box.addLayout(row)
-        self.lan_note = plain_label("")
-        self.lan_note.setWordWrap(True)
-        box.addWidget(self.lan_note)
-        self.lan_available = True
-        self.lan_timer = QTimer(self)
-        self.lan_timer.setInterval(LAN_REFRESH_MS)
-        self.lan_timer.timeout.connect(self.refresh_lan)
-        self.lan_timer.start()
-        self.refresh_lan()
-        return self.lan_box
-
-    def refresh_lan(self) -> None:
-        self.client.call("GET", "/api/lan/swarms", on_ok=self._show_lan, on_error=self._lan_unavailable)
-
-    def _lan_unavailable(self, message: str) -> None:
-        # An older node without the endpoint (or one that stopped): the invite field still works.
-        self.lan_timer.stop()
-        self.lan_available = False
-        self.lan_list.clear()
-        self.lan_join.setEnabled(False)
-        self.lan_note.setText("This node cannot list swarms on this network; paste an invite instead.")
-
-    def _show_lan(self, payload: dict) -> None:
-        chosen = self._chosen_lan_invite()
-        self.lan_list.clear()
-        for swarm in payload.get("swarms") or []:
-            item = QListWidgetItem(f"{swarm['name']} — {swarm['model']}")
-            item.setData(Qt.ItemDataRole.UserRole, swarm["invite"])
-            item.setToolTip("\n".join(swarm["peers"]))
-            self.lan_list.addItem(item)
-            if swarm["invite"] == chosen:
-                item.setSelected(True)
-        if not payload.get("enabled"):
-            note = "Switch on “Find swarms on this network” below to see them."
-        elif not payload.get("swarms"):
-            note = "Looking… no swarm is announced on this network yet."
-        else:
-            note = ""
-        self.lan_note.setText(note)
-        self._lan_selection_changed()
-
-    def _chosen_lan_invite(self) -> str | None:
-        items = self.lan_list.selectedItems()
-        return items[0].data(Qt.ItemDataRole.UserRole) if items else None
-
-    def _lan_selection_changed(self) -> None:
-        self.lan_join.setEnabled(self._chosen_lan_invite() is not None)
-
-    def join_lan_swarm(self) -> None:
-        """Join the chosen swarm through its invite, exactly as if it had been pasted."""
-        invite = self._chosen_lan_invite()
-        if invite is None:
-            return
-        self.invite.setText(invite)
-        self.save()
-
-    def _lan_discovery_toggled(self, checked: bool) -> None:
-        """Takes effect at once, so the list fills while the dialog is open."""
-        if self.settings is None:
-            return
-
-        def applied(settings: dict) -> None:
-            self.settings = settings
-            self.refresh_lan()
-
-        self.client.call(
-            "PUT",
-            "/api/settings",
-            {**self.settings, "lan_discovery": checked},
-            on_ok=applied,
-            on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),
-        )
 
     def done(self, result: int) -> None:
         self.lan_timer.stop()
@@ -528,16 +338,6 @@ class SettingsDialog(QDialog):
         changes = {"default_privacy": self.privacy.currentData(), "trusted_peers": peers}
         if "chat_local_blocks" in (self.settings or {}):
             changes["chat_local_blocks"] = self.local_blocks.value()
-        return changes
-
-    def _lan_changes(self, swarm: str) -> dict:
-        if "lan_discovery" not in (self.settings or {}):
-            return {}
-        on = self.lan_discovery.isChecked() and swarm != "public"  # not offered there: off
-        changes = {"lan_discovery": on}
-        if on and swarm == "private":
-            # Announcing a private swarm is only useful if neighbours can reach it.
-            changes["listen_on_lan"] = True
         return changes
 
     def save(self) -> None:
