@@ -13,5 +13,9 @@ history in SQLite and serves the local API (and an OpenAI-compatible one) on 127
 - chats.py: chat sessions over the swarm client, streamed and written through to the database.
 - api.py / openai_api.py: the local API and the OpenAI-compatible endpoints (FastAPI); their types are
   in corolla/api/.
-- service.py: wires it all together; `run_node()` is the entry point.
+- service.py: the node's state, settings and background work; `run_node()` is the entry point. Its other
+  methods by job: contribution.py (the model and the block server child), swarm_link.py (the swarm
+  client: joining by invite, health, spot checks, privacy), status.py (its reports); errors.py: the
+  NodeError its services raise and api.py answers.
+- invites.py: invites (version 2, bounded reading); sharing.py: the kept key and port, who can join.
 """

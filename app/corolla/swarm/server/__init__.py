@@ -1,11 +1,14 @@
 """The block server: serves a span of blocks to the swarm over Petals' RPC protocol.
 
 Which file plays which role:
-- server.py: the lifecycle that ties the rest together: join, choose blocks, load, serve, announce
-  (JOINING, ONLINE, OFFLINE on the DHT), rebalance, leave.
+- server.py: the lifecycle that ties the rest together: join, choose blocks, load, serve, pause, leave;
+  announcing.py: what it tells the swarm and learns from it (JOINING, ONLINE, OFFLINE on the DHT,
+  rejoining initial peers, next pings, rebalancing, reachability and the relay retake).
 - config.py: every setting of a server, one typed object (the `corolla serve` flags map onto it).
-- handler.py: the RPC handler (`TransformerConnectionHandler.rpc_*`, names on the wire): admission,
-  forward/backward, inference sessions and server-to-server push.
+- handler.py: the RPC handler (`TransformerConnectionHandler.rpc_*`, names on the wire) and its state;
+  the work of each RPC lives in admission.py (caps and refusal accounting, first for every RPC),
+  training.py (forward/backward), inference.py (sessions and token steps) and push.py
+  (server-to-server push, sending and taking).
 - streams.py: streaming RPC registration whose error replies reach the caller.
 - packing.py: tensors and metadata in and out of protobuf messages, with a limit on every peer-controlled size;
   block_args.py: the optional inputs of a request (deep prompts, padding mask, adapter name).
