@@ -63,6 +63,7 @@ def corolla_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int, eve
             out = {
                 "auto": time_generate(lambda n: remote.generate(PROMPT, max_new_tokens=n, eos_token_id=[]), new_tokens)
             }
+            out["choice"] = auto_choice(remote)
             if everywhere:
                 remote.client_config.use_server_to_server = True
                 out["everywhere"] = time_generate(
@@ -101,6 +102,23 @@ def petals_chain(tmp: Path, model: Path, chain: list[str], new_tokens: int) -> f
         for server in servers:
             server.stop()
         bootstrap.shutdown()
+
+
+def auto_choice(remote) -> dict:
+    """What the default client chose on this route after its runs (route_choice.py): hops pushed into,
+    whether the last generation drafted, and the round trips the choice rests on."""
+    from corolla.swarm.client import route_choice
+
+    view = remote.view
+    peers = [segment.peer_id for segment in view.route(0, view.num_blocks)]
+    rtts = route_choice.link_rtts(view, peers)
+    pings = [getattr(view.spans.get(p), "server_info", None) for p in peers]
+    pings = [info.next_pings if info is not None else None for info in pings]
+    return {
+        "pushed_hops": route_choice.pushed_hops(None, peers, rtts, pings),
+        "speculation": remote.speculation is not None,
+        "link_rtt_ms": [round(1000 * rtts[p], 2) if p in rtts else None for p in peers],
+    }
 
 
 def traced_hops(folder: Path, new_tokens: int) -> dict:
@@ -156,6 +174,7 @@ def main() -> None:
             echo.wait()
         runs = {n: corolla_chain(tmp, model, chain, args.new_tokens, everywhere=True) for n, chain in CHAINS.items()}
         report["corolla_tokens_per_s"] = {n: round(run["auto"], 1) for n, run in runs.items()}
+        report["corolla_choice"] = {n: run["choice"] for n, run in runs.items()}
         report["corolla_push_and_drafts_everywhere_tokens_per_s"] = {
             n: round(r["everywhere"], 1) for n, r in runs.items()
         }

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 PUSH_MIN_SAVING_S = 0.002  # a pushed hop must save at least this much per step
 SPECULATE_TRIP_S = 0.05  # a trip through the route at least this long: speculation's overhead is small beside it
 PAYING_ACCEPTANCE = 0.3  # measured acceptance (accepted / drafted) at which drafts pay on short routes
+PROBE_STEPS = 3  # direct token steps timed per server pushed into (then one every REPROBE_EVERY positions)
+REPROBE_EVERY = 256
 MIN_DRAFTED = 8  # draft tokens a session needs before its own acceptance decides
 REPEATED_SHARE = 0.1  # share of the prompt's n-grams seen earlier in it that makes drafts likely
 
@@ -75,6 +77,7 @@ def note_direct_step(view: SwarmView, peer: str, seconds: float) -> None:
     busy machine inflates several-fold) measured on the session's own stream."""
     if seconds < view.direct_step_s.get(peer, math.inf):
         view.direct_step_s[peer] = seconds
+    view.direct_steps[peer] = view.direct_steps.get(peer, 0) + 1
 
 
 def link_rtts(view: SwarmView, peers: Sequence[str]) -> dict[str, float]:
@@ -88,10 +91,13 @@ def link_rtts(view: SwarmView, peers: Sequence[str]) -> dict[str, float]:
     return rtts
 
 
-def unmeasured_pushed(view: SwarmView, route: Sequence, hops: Sequence[bool]) -> bool:
-    """Whether a server this route pushes into has never had a direct token step timed (see note_direct_step)."""
-    floors = view.direct_step_s
-    return any(hop and segment.peer_id not in floors for segment, hop in zip(route, hops, strict=True))
+def unmeasured_pushed(view: SwarmView, route: Sequence, hops: Sequence[bool], position: int) -> bool:
+    """Whether to time the servers this route pushes into with a direct token step now: until each has
+    PROBE_STEPS of them (one can land on a busy moment), then every REPROBE_EVERY positions."""
+    pushed = [segment.peer_id for segment, hop in zip(route, hops, strict=True) if hop]
+    if any(view.direct_steps.get(peer, 0) < PROBE_STEPS for peer in pushed):
+        return True
+    return bool(pushed) and position % REPROBE_EVERY == 0
 
 
 def route_trip_s(peers: Sequence[str], rtts: dict[str, float]) -> float | None:

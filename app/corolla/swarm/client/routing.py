@@ -197,6 +197,7 @@ class SwarmView:
     spans: dict[str, RemoteSpan] = field(default_factory=dict)
     rtts: dict[str, float] = field(default_factory=dict)
     direct_step_s: dict[str, float] = field(default_factory=dict)  # fastest direct token step per peer (route_choice)
+    direct_steps: dict[str, int] = field(default_factory=dict)  # how many were timed
     bans: dict[str, _Ban] = field(default_factory=dict)
     last_refresh: float = 0.0
     announced: bool = False  # whether any server (in any state) announced any block at the last refresh

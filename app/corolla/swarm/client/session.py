@@ -195,11 +195,11 @@ class InferenceSession(FailoverMixin):
         return StepExtras(prompts, hypo_ids, mask, next_servers, upstream)
 
     def _probe_direct(self) -> bool:
-        """Whether this step goes without push to time the servers it would push into (once per server and
-        client, only where the client chooses per route: see route_choice.note_direct_step)."""
+        """Whether this step goes without push to time the servers it would push into (a few times per server
+        and client, only where the client chooses per route: see route_choice.unmeasured_pushed)."""
         if self.view.config.use_server_to_server is not None or self.position == 0:
             return False
-        return route_choice.unmeasured_pushed(self.view, self.route, self._pushed_hops())
+        return route_choice.unmeasured_pushed(self.view, self.route, self._pushed_hops(), self.position)
 
     def _pushed_hops(self) -> list[bool]:
         """Per stream, whether the server before it pushes into it (route_choice.py)."""
