@@ -11,7 +11,7 @@ from hivemind.proto import dht_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from corolla.api import models as m
-from corolla.node.service import _reachability
+from corolla.node.status import _reachability
 from corolla.swarm.reachability import (
     ReachabilityProtocol,
     ask_peers,
