@@ -184,8 +184,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         node = NodeProcess(Path(tmp) / "home", name="screenshot-node")
         try:
-            # The first start converts the embedded model (minutes on a small machine).
-            status = node.wait_contribution("online", timeout=900, predicate=lambda s: bool(s.get("invite")))
+            # The first start converts the embedded model (minutes on a small machine). The private swarm
+            # lets others join (the window's "Let others join"): the other servers join with its invite.
+            node.wait_contribution("online", timeout=900)
+            settings = node.get("/api/settings").json()
+            node.put("/api/settings", json={**settings, "listen_on_lan": True}).raise_for_status()
+            status = node.wait_contribution("online", timeout=300, predicate=lambda s: bool(s.get("invite")))
             invite = json.loads(base64.urlsafe_b64decode(status["invite"].split(":", 1)[1]))
             card = status.get("model_card") or {}
             home = Path(tmp) / "home"
