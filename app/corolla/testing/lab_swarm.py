@@ -194,21 +194,11 @@ class LabNode:
         raise ProcessFailed(f"the node did not start in {host.name}:\n{self.log_path.read_text()[-3000:]}")
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 120.0):
-        code = (
-            "import httpx, json, sys\n"
-            "url, token, method, path, body, timeout = json.loads(sys.argv[1])\n"
-            "r = httpx.request(method, url + path, json=body, timeout=timeout,"
-            " headers={'Authorization': 'Bearer ' + token})\n"
-            "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
-        )
-        args = json.dumps([self.url, self.token, method, path, body, timeout])
-        result = self.lab.run(self.host, [sys.executable, "-c", code, args], timeout=timeout + 30)
-        if result.returncode != 0:
-            raise ProcessFailed(f"{method} {path} failed: {result.stderr[-2000:]}")
-        reply = json.loads(result.stdout.strip().splitlines()[-1])
-        if reply["status"] >= 400:
-            raise ProcessFailed(f"{method} {path}: HTTP {reply['status']} {reply['body']}")
-        return reply["body"]
+        """The JSON body of a call through the node's API; ProcessFailed on an error status."""
+        status, reply = self.call(method, path, body, timeout)
+        if status >= 400:
+            raise ProcessFailed(f"{method} {path}: HTTP {status} {reply}")
+        return reply
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, object]:
         """(HTTP status, JSON body) without raising on an error status: the error bodies are tested too."""
