@@ -144,10 +144,18 @@ def prove_relayed(log_path: Path) -> str:
     from hivemind.utils.multiaddr import Multiaddr
 
     from corolla.swarm import protocol
+    from corolla.swarm.server.stats import read_stats
 
     def announced() -> str | None:
+        """Its circuit address: printed when it comes online with its relay already reserved, else in its
+        stats file once the reservation is proven (a few seconds after it comes online)."""
         match = re.search(r"--initial-peers (\S+/p2p-circuit/p2p/\w+)", log_path.read_text())
-        return match.group(1) if match else None
+        if match:
+            return match.group(1)
+        stats = read_stats(log_path.with_suffix(".stats.json")) or {}
+        peer = stats.get("peer_id")
+        circuits = [a for a in stats.get("visible_maddrs") or () if "/p2p-circuit" in a and peer]
+        return f"{circuits[0].split('/p2p-circuit')[0]}/p2p-circuit/p2p/{peer}" if circuits else None
 
     circuit = wait_for(announced, 600, "the relayed server's start")
 
@@ -206,6 +214,7 @@ def main() -> int:
                 command += ["--blocks", blocks, "--public-name", name, *LOOPBACK]
                 if relayed:  # joins through the relay alone, which it then reserves a slot on
                     command += ["--initial-peers", relay, "--reachability", "relay"]
+                    command += ["--stats-file", str(Path(tmp) / f"{name}.stats.json")]
                 else:
                     command += ["--initial-peers", *invite["peers"], "--no-relay", "--no-auto-nat"]
                 log = open(Path(tmp) / f"{name}.log", "ab")  # noqa: SIM115
