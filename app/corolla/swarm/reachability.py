@@ -238,8 +238,9 @@ def describe(
 def relay_candidates(initial_peers: Sequence[str]) -> list[str]:
     """One address per peer to reserve a relay slot on: go-libp2p's auto-relay counts each trusted relay
     address as a candidate, so three addresses of one peer (an invite's public, LAN and loopback ones)
-    made it wait its three-minute boot delay for candidates that never came. Public addresses first;
-    loopback and circuit addresses are no relay for a peer in another home."""
+    made it wait its three-minute boot delay for candidates that never came. Public addresses first, then
+    private ones; a loopback address only for a peer known by nothing else (a relay on this very
+    computer: one-computer swarms, the screenshots); circuit addresses never."""
     import ipaddress
 
     def rank(maddr: str) -> int:
@@ -252,7 +253,7 @@ def relay_candidates(initial_peers: Sequence[str]) -> list[str]:
     chosen: dict[str, str] = {}
     for maddr in sorted((p for p in initial_peers if "/p2p/" in p and "p2p-circuit" not in p), key=rank):
         peer = maddr.rsplit("/p2p/", 1)[1].strip("/")
-        if peer not in chosen and rank(maddr) < 2:
+        if peer not in chosen:
             chosen[peer] = maddr
     return list(chosen.values())
 
