@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from functools import partial
@@ -28,6 +29,7 @@ from corolla.swarm.reachability import (
     relayed_addresses,
 )
 from corolla.swarm.server.block_selection import should_choose_other_blocks
+from corolla.swarm.server.stats import PARENT_PID_ENV
 
 logger = logging.getLogger(__name__)
 NEXT_PINGS_UPDATE_S = 30.0  # DHT lookup of the next blocks' servers plus one round of pings
@@ -167,9 +169,16 @@ class SwarmPresenceMixin:
                 regained = had_relay and state == "unreachable" and bool(proof.tried)
                 lost_since = (lost_since or time.monotonic()) if regained else None
                 if lost_since is not None and time.monotonic() - lost_since > RETAKE_RELAY_AFTER_S:
-                    logger.warning("the relay came back without this server's reservation: restarting to take it")
-                    self.exit_code = RETAKE_RELAY_EXIT_CODE
-                    self._stop.set()
-                    return
+                    if not os.environ.get(PARENT_PID_ENV):  # a `corolla serve` of its own: nobody would restart it
+                        logger.warning(
+                            "the relay came back without this server's reservation: restart `corolla serve` "
+                            "to take it again (under the node this happens by itself)"
+                        )
+                        lost_since = None
+                    else:
+                        logger.warning("the relay came back without this server's reservation: restarting to take it")
+                        self.exit_code = RETAKE_RELAY_EXIT_CODE
+                        self._stop.set()
+                        return
             # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
             await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 5.0)
