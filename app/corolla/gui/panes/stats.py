@@ -10,8 +10,8 @@ from PySide6.QtWidgets import QButtonGroup, QHBoxLayout, QPushButton, QVBoxLayou
 
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
-from corolla.gui.panes.contribute import duration, plural
-from corolla.gui.widgets import plain_label
+from corolla.gui.panes.contribute_text import duration
+from corolla.gui.widgets import plain_label, plural
 
 RANGES = {"24h": (24, 3600), "7d": (24 * 7, 6 * 3600), "30d": (24 * 30, 86400)}  # hours shown, slot length
 
