@@ -689,6 +689,15 @@ def test_the_window_never_imports_torch_or_hivemind():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _assert_fits_the_screen(dialog) -> None:
+    """The form scrolls and the buttons stay in reach on a small screen (offscreen's is 800x600): the
+    first-run dialog was taller than a 900-pixel screen, its buttons below the bottom edge."""
+    room = dialog.screen().availableGeometry()
+    assert dialog.height() <= room.height(), (dialog.height(), room)
+    assert dialog.form_scroll.verticalScrollBar().maximum() > 0  # the form is taller than its view
+    assert dialog.save_button.isVisible()
+
+
 def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_path, monkeypatch, prefs):
     """Nothing is served before the user agrees; after the node dies the window says so and restarts it."""
     from corolla.gui.settings_dialog import SettingsDialog
@@ -712,6 +721,7 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         dialog.show()
         qtbot.waitUntil(lambda: dialog.settings is not None, timeout=10_000)
         assert dialog.private.isChecked() and not dialog.invite.isVisible() and not dialog.peers.isVisible()
+        _assert_fits_the_screen(dialog)
         # The first run offers the privacy level, with its sentence; "only these peers" asks for them.
         assert dialog.privacy.currentData() == "any" and "can read all of its text" in dialog.privacy_note.text()
         dialog.privacy.setCurrentIndex(dialog.privacy.findData("peers"))
@@ -723,6 +733,7 @@ def test_first_run_waits_for_consent_and_a_dead_node_is_restarted(qtbot, tmp_pat
         dialog.check_model()
         qtbot.waitUntil(lambda: "this computer can serve" in dialog.model_info.text(), timeout=30_000)
         assert dialog.peers.height() >= 72  # Check no longer squeezes the peers box
+        _assert_fits_the_screen(dialog)  # grown for the model's report, still on the screen
         dialog.peers.setPlainText("not-an-address")
         dialog.save()
         assert dialog.error.text().startswith("Custom peers:")

@@ -30,7 +30,7 @@ from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
 from corolla.gui.settings_checks import friendly_error, local_problems
 from corolla.gui.settings_sharing import SharingSettingsMixin
-from corolla.gui.widgets import plain_label, plural, sentence
+from corolla.gui.widgets import ScreenFittingScroll, plain_label, plural, sentence
 from corolla.units import human_bytes
 
 # What benchmarks/privacy.py and benchmarks/local_edges.py measured (README "Who can read my chat").
@@ -58,7 +58,12 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         self.settings: dict | None = None
         self.setWindowTitle("Welcome to Corolla" if first_run else "Corolla settings")
         self.setMinimumWidth(620)
-        layout = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        form = QWidget()
+        layout = QVBoxLayout(form)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.form_scroll = ScreenFittingScroll(form)
+        outer.addWidget(self.form_scroll, 1)
         if first_run:
             intro = plain_label(
                 "Corolla lets this computer serve part of a large language model to a swarm, and chat "
@@ -188,13 +193,15 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         limits_form.addRow("", self.autostart)
         layout.addWidget(limits)
 
+        # The dialog grows for a field that appears and never shrinks back: the spare room stays here,
+        # below the sections, instead of opening gaps between them.
+        layout.addStretch(1)
+        # The error line and the buttons stay in view below the (scrolling) form.
+        layout = outer
         self.error = plain_label("")
         self.error.setStyleSheet("color: #b03a2e")
         self.error.setWordWrap(True)
         layout.addWidget(self.error)
-        # The dialog grows for a field that appears and never shrinks back: the spare room stays here,
-        # above the buttons, instead of opening gaps between the sections.
-        layout.addStretch(1)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel)
         self.save_button = buttons.button(QDialogButtonBox.StandardButton.Save)
         if first_run:
@@ -305,6 +312,8 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
 
     def _grow(self) -> None:
         """Grow (never shrink) to fit text that just appeared: squeezed, the boxes below it overlapped."""
+        self.form_scroll.widget().layout().activate()
+        self.form_scroll.updateGeometry()
         self.layout().activate()
         self.resize(self.width(), max(self.height(), self.sizeHint().height()))
 

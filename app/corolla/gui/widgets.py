@@ -1,11 +1,12 @@
 """Small shared widgets: a plain-text label (nothing from the swarm or an error is ever read as rich
-text) and the per-block coverage strip above the swarm map."""
+text), a scroll area that keeps a tall form on the screen, and the per-block coverage strip above the
+swarm map."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QRectF, Qt
+from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QPainter, QPen
-from PySide6.QtWidgets import QLabel, QSizePolicy, QToolTip, QWidget
+from PySide6.QtWidgets import QFrame, QLabel, QScrollArea, QSizePolicy, QToolTip, QWidget
 
 from corolla.gui import theme
 
@@ -67,6 +68,29 @@ def block_ranges(blocks: list[int]) -> str:
             ranges.append(str(start) if start == b else f"{start}–{b}")
             start = None
     return ", ".join(ranges)
+
+
+SCREEN_SHARE = 0.85  # of the screen's free height a dialog's form may take; the buttons stay below it
+
+
+class ScreenFittingScroll(QScrollArea):
+    """Holds a form as tall as it needs up to most of the screen's free height, and scrolls beyond it.
+    A dialog taller than the screen (the first-run dialog on a 768-pixel laptop) would put its buttons
+    out of reach."""
+
+    def __init__(self, content: QWidget, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWidget(content)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def sizeHint(self) -> QSize:
+        wanted = self.widget().sizeHint()
+        screen = (self.window().screen() if self.window() else None) or self.screen()
+        room = int(screen.availableGeometry().height() * SCREEN_SHARE) if screen else wanted.height()
+        scrollbar = self.verticalScrollBar().sizeHint().width()
+        return QSize(wanted.width() + scrollbar, min(wanted.height(), room))
 
 
 class CoverageStrip(QWidget):
