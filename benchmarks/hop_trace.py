@@ -17,23 +17,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from corolla.swarm.steptrace import read_events
+
 LEGS = ("to_server", "before_compute", "compute", "reply", "to_client", "client_between")
-
-
-def _events(folder: Path) -> list[dict]:
-    events = []
-    for path in Path(folder).glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a killed process
-    return sorted(events, key=lambda e: e["t"])
 
 
 def hops(folder: Path) -> dict:
     by_step: dict[str, list[dict]] = defaultdict(list)
-    for event in _events(folder):
+    for event in read_events(folder):
         if event.get("step"):
             by_step[event["step"]].append(event)
     legs: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -14,24 +14,14 @@ the run" and the measured steady time per token:
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-
-def _events(folder: Path) -> list[dict]:
-    events = []
-    for path in Path(folder).glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a killed process
-    return sorted(events, key=lambda e: e["t"])
+from corolla.swarm.steptrace import read_events
 
 
-def _mode_events(events: list[dict], mode: str) -> list[dict]:
+def _moderead_events(events: list[dict], mode: str) -> list[dict]:
     """The client's events between its `mode` marker and the next marker (benchmarks/wan_client.py)."""
     inside, kept = False, []
     for event in events:
@@ -43,10 +33,10 @@ def _mode_events(events: list[dict], mode: str) -> list[dict]:
 
 
 def summarize(client_dir: Path, server_dir: Path, mode: str = "push") -> dict:
-    client = _mode_events(_events(client_dir), mode)
+    client = _moderead_events(read_events(client_dir), mode)
     steps = {e["step"] for e in client}
     by_step: dict[str, list[dict]] = defaultdict(list)
-    for event in _events(server_dir):
+    for event in read_events(server_dir):
         if event.get("step") in steps:
             by_step[event["step"]].append(event)
     pushed = {step for step, events in by_step.items() if any(e["event"] == "push_received" for e in events)}

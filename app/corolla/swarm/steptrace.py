@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import TextIO
 
 ENV = "COROLLA_STEP_TRACE"
@@ -50,3 +51,16 @@ def mark(event: str, **fields: object) -> None:
         os.makedirs(directory, exist_ok=True)
         out = _files[directory] = open(os.path.join(directory, f"{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
     out.write(json.dumps({"t": time.time(), "who": _who, "event": event, **fields}) + "\n")
+
+
+def read_events(directory: str | os.PathLike) -> list[dict]:
+    """Every process's events in `directory`, merged into one timeline (sorted by `t`). A line cut short
+    by a killed process is skipped."""
+    events = []
+    for path in Path(directory).glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return sorted(events, key=lambda e: e["t"])
