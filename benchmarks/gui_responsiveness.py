@@ -172,7 +172,9 @@ def node_stream(app, window, heartbeat: Heartbeat) -> dict:
     return {"tokens": done[0]["tokens"] if done else 0, "longest_stall_ms": stall}
 
 
-def synthetic_swarm(n: int, blocks: int, seed: int) -> dict:
+def synthetic_swarm(n: int, blocks: int, seed: int):
+    from corolla.api.models import SwarmModel
+
     rng = random.Random(seed)
     servers = []
     for i in range(n):
@@ -204,15 +206,17 @@ def synthetic_swarm(n: int, blocks: int, seed: int) -> dict:
         if s["start_block"] <= block < s["end_block"] and s["state"] == "ONLINE":
             route.append({"peer_id": s["peer_id"], "start": block, "end": s["end_block"]})
             block = s["end_block"]
-    return {
-        "dht_prefix": "synthetic-70b",
-        "num_blocks": blocks,
-        "servers": servers,
-        "online_per_block": counts,
-        "healthy": min(counts) > 0,
-        "missing_blocks": [b for b, c in enumerate(counts) if c == 0],
-        "route": route,
-    }
+    return SwarmModel.model_validate(
+        {
+            "dht_prefix": "synthetic-70b",
+            "num_blocks": blocks,
+            "servers": servers,
+            "online_per_block": counts,
+            "healthy": min(counts) > 0,
+            "missing_blocks": [b for b, c in enumerate(counts) if c == 0],
+            "route": route,
+        }
+    )
 
 
 def map_redraws(app, window, heartbeat: Heartbeat, servers: int = 200) -> dict:

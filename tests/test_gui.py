@@ -19,10 +19,12 @@ pytestmark = pytest.mark.slow
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtWidgets import QPlainTextEdit  # noqa: E402
 
+from corolla.api.models import NodeStatus, SwarmModel  # noqa: E402
 from corolla.gui.node_client import NodeClient  # noqa: E402
 from corolla.gui.prefs import open_prefs  # noqa: E402
 from corolla.gui.window import MainWindow, tray_state  # noqa: E402
 from corolla.testing.node import NodeProcess  # noqa: E402
+from corolla.testing.statuses import node_status  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +104,9 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     window.tabs.setCurrentWidget(window.swarm)
     window.refresh_swarm()
     qtbot.waitUntil(lambda: window.swarm.map.model is not None and bool(window.swarm.map.edges), timeout=60_000)
-    own = [box for box in window.swarm.map.boxes_by_peer.values() if box.server.get("this_computer")]
-    assert len(own) == 1 and (own[0].server["start_block"], own[0].server["end_block"]) == (0, 6)
-    assert window.swarm.map.model["route"][0]["peer_id"] == own[0].peer_id
+    own = [box for box in window.swarm.map.boxes_by_peer.values() if box.server.this_computer]
+    assert len(own) == 1 and (own[0].server.start_block, own[0].server.end_block) == (0, 6)
+    assert window.swarm.map.model.route[0].peer_id == own[0].peer_id
     assert "every block is served" in window.swarm.summary.text()
     assert window.swarm.coverage.counts == [1] * 6
     qtbot.waitUntil(lambda: window.swarm.table.rowCount() >= 1, timeout=5_000)
@@ -267,9 +269,9 @@ def test_keyboard_tab_order_and_shortcuts_in_every_pane(qtbot, window):
     qtbot.keyClick(window, Qt.Key.Key_0, Qt.KeyboardModifier.ControlModifier)
     assert window.tabs.currentWidget() is s and s.map._fitted
     qtbot.keyClick(window, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
-    qtbot.waitUntil(lambda: window.status["contribution"]["state"] == "paused", timeout=60_000)
+    qtbot.waitUntil(lambda: window.status.contribution.state == "paused", timeout=60_000)
     qtbot.keyClick(window, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
-    qtbot.waitUntil(lambda: window.status["contribution"]["state"] != "paused", timeout=60_000)
+    qtbot.waitUntil(lambda: window.status.contribution.state != "paused", timeout=60_000)
 
     # No key is bound twice (Qt would then fire neither), and every shortcut is in a menu or a pane.
     menus = window.menuBar().findChildren(QMenu)
@@ -518,6 +520,10 @@ def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
 
     hostile = "<img src='http://evil/x.png'><a href='x'>click</a>"
     status = {
+        "version": "0.1.0",
+        "pid": 1,
+        "started_at": 0.0,
+        "model_is_demo": False,
         "model": hostile,
         "swarm": "private",
         "secrets_storage": "keyring",
@@ -540,7 +546,7 @@ def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
             "uptime_s": 0,
         },
     }
-    window._status_shown(status)
+    window._status_shown(NodeStatus.model_validate(status))
     window._node_unreachable(hostile)
     for label in window.findChildren(QLabel):
         if hostile in label.text():
@@ -554,12 +560,14 @@ def test_checking_a_server_says_so_when_the_node_cannot(qtbot, window, node):
     gets a clear message; one with them answers for a peer it does not know with its own message."""
     window.tabs.setCurrentWidget(window.swarm)
     qtbot.waitUntil(lambda: bool(window.swarm.map.boxes_by_peer), timeout=60_000)
-    own = next(box.server for box in window.swarm.map.boxes_by_peer.values() if box.server.get("this_computer"))
-    window.swarm.selected = {**own, "this_computer": False, "peer_id": "12D3KooWNotInThisSwarm", "public_name": "x"}
+    own = next(box.server for box in window.swarm.map.boxes_by_peer.values() if box.server.this_computer)
+    window.swarm.selected = own.model_copy(
+        update={"this_computer": False, "peer_id": "12D3KooWNotInThisSwarm", "public_name": "x"}
+    )
     window.swarm.check_selected()
     assert window.swarm.check_result.isVisibleTo(window) and "Checking x" in window.swarm.check_result.text()
     qtbot.waitUntil(lambda: window.swarm.checking is None, timeout=60_000)
-    if "verification" in own:
+    if own.verification is not None:
         assert window.swarm.check_result.text().startswith("Could not check x: ")
     else:
         assert "cannot check servers: it predates spot checks" in window.swarm.check_result.text()
@@ -603,7 +611,7 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
         "missing_blocks": [],
         "route": [{"peer_id": servers[0]["peer_id"], "start": 0, "end": 10}],
     }
-    pane.show_swarm([model])
+    pane.show_swarm([SwarmModel.model_validate(model)])
     graph = pane.map
     assert len(graph.boxes_by_peer) == 200 and len(graph.edges) == 1
     assert graph.transform().m11() >= 0.8  # text stays legible: the view scrolls instead
@@ -613,21 +621,21 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
     qtbot.waitUntil(lambda: pane.table.rowCount() == 200, timeout=10_000)
     # Sorting by ping puts the fastest first, numerically, and survives the next refresh.
     pane.peers.sortByColumn(5, Qt.SortOrder.AscendingOrder)
-    pings = [pane.table.servers[row]["ping_ms"] for row in range(200)]
+    pings = [pane.table.servers[row].ping_ms for row in range(200)]
     assert pings == sorted(pings)
     # Picking a row pins the server on the map; the selection follows it across refreshes.
     pane.peers.selectRow(3)
-    pinned = pane.table.servers[3]["peer_id"]
+    pinned = pane.table.servers[3].peer_id
     assert graph.pinned == pinned and pinned in pane.details.text()
     graph.scale(1.5, 1.5)
     graph.horizontalScrollBar().setValue(100)
     zoom = graph.transform().m11()
     model["servers"] = servers[:150]
-    pane.show_swarm([model])
+    pane.show_swarm([SwarmModel.model_validate(model)])
     qtbot.waitUntil(lambda: pane.table.rowCount() == 150, timeout=10_000)
     assert len(graph.boxes_by_peer) == 150
     assert graph.transform().m11() == zoom  # a live update never resets the view
-    assert [pane.table.servers[r]["ping_ms"] for r in range(150)] == sorted(s["ping_ms"] for s in servers[:150])
+    assert [pane.table.servers[r].ping_ms for r in range(150)] == sorted(s["ping_ms"] for s in servers[:150])
     selected = pane.peers.selectionModel().selectedRows()
     assert len(selected) == 1 and pane.table.data(selected[0], Qt.ItemDataRole.UserRole) == pinned
     # Hovering a box shows that server's details as the layer's tooltip.
@@ -639,7 +647,7 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
     assert "Weakest" in pane.weakest.text()
     # Behind another pane a refresh costs nothing: it is drawn when the pane is shown again.
     pane.hide()
-    pane.show_swarm([{**model, "servers": servers[:100]}])
+    pane.show_swarm([SwarmModel.model_validate({**model, "servers": servers[:100]})])
     assert len(graph.boxes_by_peer) == 150
     pane.show()
     assert len(graph.boxes_by_peer) == 100
@@ -663,7 +671,7 @@ def test_tray_states_icons_and_menu(qtbot):
     qtbot.addWidget(parent)
     calls = []
     tray = Tray(parent, lambda: calls.append("open"), lambda: calls.append("chat"), calls.append, parent.close)
-    tray.set_state("paused", status_line({"contribution": {"state": "paused"}, "pause_rule": None}))
+    tray.set_state("paused", status_line(node_status("paused")))
     texts = [a.text() for a in tray.menu.actions()]
     assert texts[0] == "Paused by you" and not tray.menu.actions()[0].isEnabled()
     assert "Resume contributing" in texts and "Quit" in texts

@@ -4,7 +4,9 @@ returns at once and reports through callbacks."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
+from pydantic import TypeAdapter, ValidationError
 from PySide6.QtCore import QByteArray, QObject, QUrl, Signal
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkReply, QNetworkRequest
 
@@ -12,10 +14,40 @@ from corolla.api.client import ENDPOINT_MISSING, decode_payload, encode_body, er
 from corolla.api.client import unreachable_message as _unreachable
 from corolla.api.sse import SseParser
 
-__all__ = ["ENDPOINT_MISSING", "NodeClient"]
+__all__ = ["ENDPOINT_MISSING", "NodeClient", "Unreadable", "UnreadableAnswer", "parse_answer"]
 
 OnOk = Callable[[object], None]
 OnError = Callable[[str], None]
+
+
+class Unreadable(str):
+    """The message of an answer that does not parse as the window's model of it (a node of another
+    version): one sentence for the window, never a traceback."""
+
+
+@lru_cache(maxsize=64)
+def _adapter(answer) -> TypeAdapter:
+    return TypeAdapter(answer)
+
+
+class UnreadableAnswer(ValueError):
+    pass
+
+
+def parse_answer(answer, payload: object, what: str):
+    """`payload` read as `answer` (a corolla.api model, or list[...] of one); UnreadableAnswer, whose
+    message is an Unreadable sentence, when it does not fit."""
+    try:
+        return _adapter(answer).validate_python(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.error_count() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())) or "the answer"
+        version = payload.get("version") if isinstance(payload, dict) else None
+        node = f"the node (Corolla {version})" if isinstance(version, str) else "the node"
+        raise UnreadableAnswer(
+            f"{node} answered {what} in a form this window does not read ({where}: {first.get('msg', 'invalid')}); "
+            "restart the node so that both run the same version of Corolla"
+        ) from None
 
 
 class NodeClient(QObject):
@@ -45,7 +77,10 @@ class NodeClient(QObject):
         on_ok: OnOk | None = None,
         on_error: OnError | None = None,
         timeout_ms: int = 120_000,
+        answer=None,
     ) -> QNetworkReply:
+        """`answer`: the corolla.api model the payload is read as before on_ok sees it (None: the raw
+        JSON); an answer that does not fit reaches on_error as an `Unreadable` message."""
         data = QByteArray(encode_body(body) or b"")
         reply = self.manager.sendCustomRequest(self._request(path, timeout_ms), method.encode(), data)
 
@@ -60,6 +95,12 @@ class NodeClient(QObject):
             if status and status >= 400:
                 self._fail(on_error, error_message(status, payload))
             elif on_ok is not None:
+                if answer is not None:
+                    try:
+                        payload = parse_answer(answer, payload, f"{method} {path.partition('?')[0]}")
+                    except UnreadableAnswer as exc:
+                        self._fail(on_error, Unreadable(exc))
+                        return
                 on_ok(payload)
 
         reply.finished.connect(finished)

@@ -21,13 +21,15 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api import models as m
 from corolla.gui import theme
-from corolla.gui.node_client import NodeClient
+from corolla.gui.node_client import NodeClient, Unreadable
 from corolla.gui.panes import ChatPane, ContributePane, StatsPane, SwarmPane
 from corolla.gui.prefs import open_prefs
 from corolla.gui.status_text import node_memory, quit_question, status_line
 from corolla.gui.tray import Tray, tray_state
 from corolla.gui.widgets import plain_label, route_text, sentence
+from corolla.node.settings import Settings
 
 __all__ = ["MainWindow", "tray_state"]
 NODE_RESTART_TIMEOUT_S = 90
@@ -49,7 +51,7 @@ class MainWindow(QMainWindow):
         self.prefs = prefs if prefs is not None else open_prefs()
         self.paths = paths  # NodePaths of the node to restart (None: the user's default)
         self.quitting = False
-        self.status: dict | None = None
+        self.status: m.NodeStatus | None = None
         self.reachable = True
         self.tray: Tray | None = None
         self._in_flight: set[str] = set()
@@ -173,7 +175,9 @@ class MainWindow(QMainWindow):
         QTimer.singleShot(0, self.refresh_all)
 
     # --- refreshes ----------------------------------------------------------------------------------
-    def _once(self, key: str, method: str, path: str, on_ok, on_error=None, timeout_ms: int = 10_000) -> None:
+    def _once(
+        self, key: str, method: str, path: str, on_ok, on_error=None, timeout_ms: int = 10_000, answer=None
+    ) -> None:
         """One request of a kind at a time: a slow node is not buried under polls."""
         if key in self._in_flight:
             return
@@ -188,7 +192,7 @@ class MainWindow(QMainWindow):
             if on_error is not None:
                 on_error(message)
 
-        self.client.call(method, path, on_ok=ok, on_error=failed, timeout_ms=timeout_ms)
+        self.client.call(method, path, on_ok=ok, on_error=failed, timeout_ms=timeout_ms, answer=answer)
 
     def refresh_all(self) -> None:
         self.refresh_status()
@@ -196,38 +200,53 @@ class MainWindow(QMainWindow):
         self.refresh_stats()
         self.chat.refresh_chats()
         self._once(
-            "settings", "GET", "/api/settings", lambda s: self.chat.set_default_privacy(s.get("default_privacy"))
+            "settings",
+            "GET",
+            "/api/settings",
+            lambda s: self.chat.set_default_privacy(s.default_privacy),
+            self._say_unreadable,
+            answer=Settings,
         )
         self.client.call(
             "GET",
             "/api/hardware",
             on_ok=self.contribute.show_hardware,
             on_error=lambda e: self.contribute.hardware.setText(sentence(f"Not available: {e}")),
+            answer=m.HardwareReport,
         )
 
-    def refresh_status(self) -> None:
-        self._once("status", "GET", "/api/status", self._status_shown, self._node_unreachable, timeout_ms=5000)
+    def _say_unreadable(self, message: str) -> None:
+        """A poll whose failures are otherwise quiet still says when the node answers in another form."""
+        if isinstance(message, Unreadable):
+            self.banner.setText(sentence(message))
 
-    def _status_shown(self, status: dict) -> None:
+    def refresh_status(self) -> None:
+        self._once(
+            "status", "GET", "/api/status", self._status_shown, self._node_unreachable, 5000, answer=m.NodeStatus
+        )
+
+    def _status_shown(self, status: m.NodeStatus) -> None:
         was_unreachable = not self.reachable
         self.status, self.reachable = status, True
         self.node_banner.hide()
         self._restart_timer.stop()
         self.contribute.show_status(status)
         self.chat.status_changed(status)
-        self.stats.show_lifetime(status.get("lifetime"))
-        if self.contribute.hardware_report is None and status["contribution"]["state"] == "online":
-            self._once("hardware", "GET", "/api/hardware", self.contribute.show_hardware, timeout_ms=60_000)
-        if not status.get("awaiting_consent"):
+        self.stats.show_lifetime(status.lifetime)
+        if self.contribute.hardware_report is None and status.contribution.state == "online":
+            self._once(
+                "hardware", "GET", "/api/hardware", self.contribute.show_hardware, None, 60_000, m.HardwareReport
+            )
+        if not status.awaiting_consent:
             self.consent_known.emit()
-        c = status["contribution"]
-        self.banner.setText(f"{status['model']} · {status['swarm']} swarm · secrets: {status['secrets_storage']}")
+        c = status.contribution
+        self.banner.setText(f"{status.model} · {status.swarm} swarm · secrets: {status.secrets_storage}")
         if self.tray is not None:
-            state = "idle" if status.get("awaiting_consent") else tray_state(c["state"])
+            state = "idle" if status.awaiting_consent else tray_state(c.state)
             was = self.tray.state
             self.tray.set_state(state, status_line(status))
             if state == "error" and was == "contributing" and self.tray.supportsMessages():
-                self.tray.showMessage("Corolla stopped contributing", c["reason"], QSystemTrayIcon.MessageIcon.Warning)
+                self.tray.showMessage("Corolla stopped contributing", c.reason, QSystemTrayIcon.MessageIcon.Warning)
         if was_unreachable:
             self.chat.node_back()
             self.refresh_all()
@@ -237,16 +256,20 @@ class MainWindow(QMainWindow):
         self.status, self.reachable = None, False
         self.chat.status_changed(None)
         restarting = self._restart_timer.isActive()
-        self.node_banner_text.setText(
-            "Starting the node…"
-            if restarting
-            else "The node is not running: nothing is contributed and chat is unavailable."
-        )
+        if isinstance(message, Unreadable):  # it answers, in a form of another version: say so, in one line
+            self.node_banner_text.setText(sentence(message))
+        else:
+            self.node_banner_text.setText(
+                "Starting the node…"
+                if restarting
+                else "The node is not running: nothing is contributed and chat is unavailable."
+            )
         # The technical reason (e.g. "Connection refused") is for whoever asks, on hover.
         self.node_banner_text.setToolTip(sentence(message.removeprefix("the node does not answer ").strip("()")))
         self.restart_button.setEnabled(not restarting)
         self.node_banner.show()
-        self.banner.setText("The node does not answer.")
+        unreadable = isinstance(message, Unreadable)
+        self.banner.setText("The node's answers cannot be read." if unreadable else "The node does not answer.")
         self.contribute.show_unreachable()
         if was_reachable:  # once, when it goes: the panes stop showing what the node last said
             self.swarm.show_unreachable()
@@ -258,23 +281,22 @@ class MainWindow(QMainWindow):
         if not self.reachable:
             return
 
-        def shown(models: list[dict]) -> None:
+        def shown(models: list[m.SwarmModel]) -> None:
             # The node says which prefix its model has (None until it knows: no swarm read yet).
-            own = (self.status or {}).get("dht_prefix")
-            prefix = next((m["dht_prefix"] for m in models if m["dht_prefix"] == own), None)
+            own = self.status.dht_prefix if self.status is not None else None
+            prefix = next((x.dht_prefix for x in models if x.dht_prefix == own), None)
             self.swarm.own_prefix = prefix
             self.swarm.show_swarm(models)
             self.chat.show_models(models, prefix)
-            model = next((m for m in models if m["dht_prefix"] == prefix), models[0] if models else None)
-            route = (model or {}).get("route") or []
-            self.chat.route_text = route_text(route)
+            model = next((x for x in models if x.dht_prefix == prefix), models[0] if models else None)
+            self.chat.route_text = route_text(model.route if model is not None else [])
 
         def failed(message: str) -> None:
             self.swarm.show_error(message)
             if not self.chat.model_picker.itemData(0):  # nothing known yet: say why the list is empty
                 self.chat.show_unreachable("The swarm cannot be read yet")
 
-        self._once("swarm", "GET", "/api/swarm", shown, failed, timeout_ms=90_000)
+        self._once("swarm", "GET", "/api/swarm", shown, failed, timeout_ms=90_000, answer=list[m.SwarmModel])
 
     def _poll_swarm(self) -> None:
         self._swarm_ticks += 1
@@ -287,7 +309,8 @@ class MainWindow(QMainWindow):
 
     def refresh_stats(self) -> None:
         if self.reachable:
-            self._once("stats", "GET", f"/api/stats/history?hours={self.stats.hours}", self.stats.show_history)
+            path = f"/api/stats/history?hours={self.stats.hours}"
+            self._once("stats", "GET", path, self.stats.show_history, self._say_unreadable, answer=list[m.HourStats])
 
     # --- the node -----------------------------------------------------------------------------------
     def restart_node(self) -> None:
@@ -339,7 +362,7 @@ class MainWindow(QMainWindow):
         pane.focus_first()
 
     def toggle_pause(self) -> None:
-        state = ((self.status or {}).get("contribution") or {}).get("state")
+        state = self.status.contribution.state if self.status is not None else None
         if state == "paused":
             self.contribute.control("resume")
         elif state in ("online", "starting", "loading", "restarting"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from PySide6.QtCore import QSettings, Signal
 from PySide6.QtWidgets import QWidget
 
-from corolla.api.models import MAX_NEW_TOKENS, PRIVACY_LABELS, PRIVACY_SENTENCES
+from corolla.api.models import MAX_NEW_TOKENS, PRIVACY_LABELS, PRIVACY_SENTENCES, NodeStatus, SwarmModel
 from corolla.gui.node_client import NodeClient
 from corolla.gui.panes.chat_layout import ChatLayout, MessageBox
 from corolla.gui.panes.chat_list import NEW_TITLE, ChatList, auto_title, chat_markdown
@@ -35,7 +35,7 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         self.started = 0.0
         self.pieces = 0
         self.messages: list[dict] = []
-        self.node_status: dict | None = None
+        self.node_status: NodeStatus | None = None
         self.route_text = ""
         self.pending_delete: dict | None = None
         self._replacing = False  # a regenerate: the answers after the last question go when the node says
@@ -102,7 +102,7 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         if not seen:
             self.seen_by.setText("")
             return
-        own = ((self.node_status or {}).get("contribution") or {}).get("peer_id")
+        own = self.node_status.contribution.peer_id if self.node_status is not None else None
         parts = []
         for server in seen:
             who = "this computer" if server["peer_id"] == own else (server.get("name") or "a server")
@@ -112,19 +112,19 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         self.seen_by.setToolTip("\n".join(server["peer_id"] for server in seen))
 
     # --- models -------------------------------------------------------------------------------------
-    def show_models(self, models: list[dict], own_prefix: str | None) -> None:
+    def show_models(self, models: list[SwarmModel], own_prefix: str | None) -> None:
         self.model_picker.blockSignals(True)
         self.model_picker.clear()
         own_index = 0
         for model in models:
-            covered = sum(1 for n in model["online_per_block"] if n > 0)
-            servers = sum(1 for s in model["servers"] if s["state"] == "ONLINE")
-            served = f"{covered} of {model['num_blocks']} blocks served, by {plural(servers, 'server')}"
-            text = f"{model['dht_prefix']} — {served}"
-            if model["dht_prefix"] == own_prefix:
+            covered = sum(1 for n in model.online_per_block if n > 0)
+            servers = sum(1 for s in model.servers if s.state == "ONLINE")
+            served = f"{covered} of {model.num_blocks} blocks served, by {plural(servers, 'server')}"
+            text = f"{model.dht_prefix} — {served}"
+            if model.dht_prefix == own_prefix:
                 own_index = self.model_picker.count()
                 text += " (this node's model)"
-            self.model_picker.addItem(text, model["dht_prefix"])
+            self.model_picker.addItem(text, model.dht_prefix)
         if not models:
             self.model_picker.addItem("No model is served in this swarm yet", None)
         self.model_picker.setCurrentIndex(own_index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from corolla.api import events as ev
+from corolla.api.models import NodeStatus
 from corolla.gui.panes.chat_list import NEW_TITLE, auto_title
 
 
@@ -93,27 +94,27 @@ class ChatReply:
         """The inline "Resume contributing": resume (or start, if the user said "Not now" at first), say
         so, and ask the question again once this computer serves the model."""
         self._resend_when_online = True
-        starting = bool((self.node_status or {}).get("awaiting_consent"))
+        starting = self.node_status is not None and self.node_status.awaiting_consent
         self.info.setText(
             f"{'Starting' if starting else 'Resuming'} contributing… the question is asked again once this "
             "computer serves the model."
         )
         self.resume_requested.emit()
 
-    def status_changed(self, status: dict | None) -> None:
+    def status_changed(self, status: NodeStatus | None) -> None:
         self.node_status = status
-        state = ((status or {}).get("contribution") or {}).get("state")
+        state = status.contribution.state if status is not None else None
         if self._resend_when_online and state == "online" and self.stream is None:
             self._resend_when_online = False
             self.info.setText("Contributing again; asking the question again…")
             self.retry()
-        elif self._resend_when_online and state in ("stopped", "failed") and not (status or {}).get("awaiting_consent"):
+        elif self._resend_when_online and state in ("stopped", "failed") and not status.awaiting_consent:
             self._resend_when_online = False
             self.info.setText("Contributing did not resume; see the Contribute tab.")
 
     def _paused(self) -> bool:
-        c = (self.node_status or {}).get("contribution") or {}
-        return c.get("state") == "paused" or bool((self.node_status or {}).get("awaiting_consent"))
+        status = self.node_status
+        return status is not None and (status.contribution.state == "paused" or status.awaiting_consent)
 
     def _on_event(self, kind: str, data: dict) -> None:
         event = ev.reply_event(kind, data)
@@ -179,7 +180,7 @@ class ChatReply:
         else:
             target = {"role": "assistant", "content": "", "created_at": time.time(), "status": "failed"}
             self.messages.append(target)
-        if kind == "no_swarm" and (self.node_status or {}).get("awaiting_consent"):
+        if kind == "no_swarm" and self.node_status is not None and self.node_status.awaiting_consent:
             target["error"] = "This computer has not started contributing yet, so no server in this swarm can answer."
             target["error_action"] = "start"
         elif kind == "no_swarm" and self._paused():
