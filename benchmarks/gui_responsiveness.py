@@ -126,9 +126,11 @@ def markdown_stream(app, window, heartbeat: Heartbeat) -> dict:
     chat = window.chat
     window.tabs.setCurrentWidget(chat)
     now = time.time()
+    from corolla.gui.turns import Turn
+
     chat.messages = [
-        {"role": "user", "content": "Explain the steps", "status": "complete", "created_at": now},
-        {"role": "assistant", "content": "", "status": "streaming", "created_at": now},
+        Turn(id="q", role="user", content="Explain the steps", status="complete", tokens=0, created_at=now),
+        Turn(id="a", role="assistant", content="", status="streaming", tokens=0, created_at=now),
     ]
     chat._render()
     chat.pieces, chat.started, chat.reply_text = 0, time.perf_counter(), ""
@@ -169,7 +171,7 @@ def node_stream(app, window, heartbeat: Heartbeat) -> dict:
     window.chat.input.setPlainText("tell me a long story")
     window.chat.send()
     stall = heartbeat.measure(app, 180, until=lambda: bool(done))
-    return {"tokens": done[0]["tokens"] if done else 0, "longest_stall_ms": stall}
+    return {"tokens": done[0].tokens if done else 0, "longest_stall_ms": stall}
 
 
 def synthetic_swarm(n: int, blocks: int, seed: int):

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.slow
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtWidgets import QPlainTextEdit  # noqa: E402
 
-from corolla.api.models import NodeStatus, SwarmModel  # noqa: E402
+from corolla.api.models import Chat, NodeStatus, SwarmModel  # noqa: E402
 from corolla.gui.node_client import NodeClient  # noqa: E402
 from corolla.gui.prefs import open_prefs  # noqa: E402
+from corolla.gui.turns import Turn  # noqa: E402
 from corolla.gui.window import MainWindow, tray_state  # noqa: E402
 from corolla.testing.node import NodeProcess  # noqa: E402
 from corolla.testing.statuses import node_status  # noqa: E402
@@ -49,7 +50,7 @@ def window(qtbot, node, prefs):
 
 
 def _chat_until_done(qtbot, window, text: str, key_enter: bool = True) -> list[dict]:
-    finished: list[dict] = []
+    finished: list = []  # ReplyDone events
     window.chat.reply_finished.connect(finished.append)
     window.chat.input.setPlainText(text)
     if key_enter:
@@ -82,13 +83,13 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
 
     window.tabs.setCurrentWidget(window.chat)
     finished = _chat_until_done(qtbot, window, "hello from the window\nsecond line")
-    assert finished[0]["status"] == "complete" and finished[0]["tokens"] > 0, window.chat.info.text()
+    assert finished[0].status == "complete" and finished[0].tokens > 0, window.chat.info.text()
     assert "hello from the window" in window.chat.transcript.toPlainText()
-    assert window.chat.messages[-1]["role"] == "assistant" and window.chat.messages[-1]["status"] == "complete"
+    assert window.chat.messages[-1].role == "assistant" and window.chat.messages[-1].status == "complete"
     assert "tokens/s" in window.chat.info.text()
     stored = node.get(f"/api/chats/{window.chat.chat_id}").json()
     assert stored["messages"][0]["content"] == "hello from the window\nsecond line"
-    assert stored["messages"][-1]["content"] == window.chat.messages[-1]["content"]
+    assert stored["messages"][-1]["content"] == window.chat.messages[-1].content
     qtbot.waitUntil(lambda: node.get(f"/api/chats/{window.chat.chat_id}").json()["title"] == "hello from the window")
 
     # Regenerate: the last answer is replaced, not appended to.
@@ -96,7 +97,7 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     window.chat.temperature.setValue(0.9)
     window.chat.regenerate()
     qtbot.waitUntil(lambda: bool(finished) and window.chat.stream is None, timeout=90_000)
-    assert finished[0]["status"] == "complete"
+    assert finished[0].status == "complete"
     stored = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
 
@@ -121,7 +122,7 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
 
     # Stats: charts built on first show, with the reply's tokens; lifetime totals.
     window.tabs.setCurrentWidget(window.stats)
-    qtbot.waitUntil(lambda: sum(r["tokens_served"] for r in window.stats.history) > 0, timeout=60_000)
+    qtbot.waitUntil(lambda: sum(r.tokens_served for r in window.stats.history) > 0, timeout=60_000)
     assert window.stats.charts is not None
     qtbot.waitUntil(lambda: "tokens to" in window.stats.lifetime.text(), timeout=30_000)
     assert "tokens served" in window.stats.total.text()
@@ -156,7 +157,7 @@ def test_a_chat_keeps_who_may_read_it_and_shows_who_saw_the_reply(qtbot, window,
     chat._show_privacy("local")  # picked before the chat exists: the new chat takes it
     assert "never leaves" in chat.privacy_note.text()
     finished = _chat_until_done(qtbot, window, "keep this between us", key_enter=False)
-    assert finished[-1]["seen_by"][0]["peer_id"] == own
+    assert finished[-1].seen_by[0].peer_id == own
     assert node.get(f"/api/chats/{chat.chat_id}").json()["privacy"]["level"] == "local"
     assert chat.seen_by.text().startswith("The last reply's text was seen by: this computer")
     assert "blocks 0–6" in chat.seen_by.text()
@@ -171,7 +172,7 @@ def test_a_chat_keeps_who_may_read_it_and_shows_who_saw_the_reply(qtbot, window,
     chat._privacy_picked(members)
     qtbot.waitUntil(lambda: chat.info.text().startswith("From the next reply on"), timeout=10_000)
     assert node.get(f"/api/chats/{chat.chat_id}").json()["privacy"]["level"] == "members"
-    chat._load(node.get(f"/api/chats/{chat.chat_id}").json())  # as when the chat is opened again
+    chat._load(Chat.model_validate(node.get(f"/api/chats/{chat.chat_id}").json()))  # as when the chat is opened again
     assert chat.privacy_level() == "members" and "this computer" in chat.seen_by.text()
 
 
@@ -188,7 +189,7 @@ def test_ctrl_n_starts_a_chat_and_esc_stops_a_reply(qtbot, window, node):
     window.chat.send()
     qtbot.waitUntil(lambda: window.chat.pieces >= 2, timeout=60_000)
     qtbot.keyClick(window.chat.input, Qt.Key.Key_Escape)
-    assert window.chat.stream is None and window.chat.messages[-1]["status"] == "stopped"
+    assert window.chat.stream is None and window.chat.messages[-1].status == "stopped"
     assert window.chat.info.text().startswith("Stopped")
     qtbot.waitUntil(
         lambda: (
@@ -306,13 +307,15 @@ def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):
     transcript = window.chat.transcript
     transcript.set_messages(
         [
-            {"role": "user", "content": "<i>mine</i>", "status": "complete", "created_at": time.time()},
-            {
-                "role": "assistant",
-                "content": "# Title\n\n**bold** <img src=x> <b>raw</b>\n\n```python\nprint('hi')\n```\n",
-                "status": "complete",
-                "created_at": time.time(),
-            },
+            Turn(id="q", role="user", content="<i>mine</i>", status="complete", tokens=0, created_at=time.time()),
+            Turn(
+                id="a",
+                role="assistant",
+                content="# Title\n\n**bold** <img src=x> <b>raw</b>\n\n```python\nprint('hi')\n```\n",
+                status="complete",
+                tokens=0,
+                created_at=time.time(),
+            ),
         ]
     )
     text = transcript.toPlainText()
@@ -323,16 +326,16 @@ def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):
 
     # Streaming keeps the reader's place: scrolled up stays put, at the bottom follows the reply.
     reply = transcript.messages[-1]
-    reply["content"] = "\n\n".join(f"paragraph {i}" for i in range(200))
+    reply.content = "\n\n".join(f"paragraph {i}" for i in range(200))
     transcript.flush()
     bar = transcript.verticalScrollBar()
     assert bar.maximum() > 1000
     bar.setValue(bar.maximum())
-    reply["content"] += "\n\nmore"
+    reply.content += "\n\nmore"
     transcript.flush()
     assert bar.value() == bar.maximum()
     bar.setValue(40)
-    reply["content"] += "\n\neven more"
+    reply.content += "\n\neven more"
     transcript.flush()
     assert bar.value() == 40 and transcript.toPlainText().rstrip().endswith("even more")
 
@@ -342,16 +345,16 @@ def test_rename_search_delete_with_undo_and_export(qtbot, window, node, tmp_path
     node.post(f"/api/chats/{chat['id']}/messages", json={"content": "zebra crossing", "max_new_tokens": 2}).read()
     window.tabs.setCurrentWidget(window.chat)
     window.chat.refresh_chats()
-    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+    qtbot.waitUntil(lambda: any(c.id == chat["id"] for c in window.chat.chat_list), timeout=10_000)
     window.chat.rename_chat(chat["id"], "Birds <3")
     qtbot.waitUntil(lambda: node.get(f"/api/chats/{chat['id']}").json()["title"] == "Birds <3", timeout=10_000)
 
     window.chat.search.setText("zebra")  # found by a message's content
-    qtbot.waitUntil(lambda: [c["id"] for c in window.chat.chat_list] == [chat["id"]], timeout=10_000)
+    qtbot.waitUntil(lambda: [c.id for c in window.chat.chat_list] == [chat["id"]], timeout=10_000)
     window.chat.search.setText("no such words anywhere")
     qtbot.waitUntil(lambda: window.chat.chat_list == [], timeout=10_000)
     window.chat.search.clear()
-    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+    qtbot.waitUntil(lambda: any(c.id == chat["id"] for c in window.chat.chat_list), timeout=10_000)
 
     markdown, data = tmp_path / "chat.md", tmp_path / "chat.json"
     window.chat.export_chat(chat["id"], markdown, "md")
@@ -362,9 +365,9 @@ def test_rename_search_delete_with_undo_and_export(qtbot, window, node, tmp_path
     assert exported["title"] == "Birds <3" and exported["messages"][0]["content"] == "zebra crossing"
 
     window.chat.delete_chat(chat["id"])  # hidden at once, deleted only when the undo time is over
-    assert all(c["id"] != chat["id"] for c in window.chat.chat_list) and window.chat.undo_bar.isVisibleTo(window)
+    assert all(c.id != chat["id"] for c in window.chat.chat_list) and window.chat.undo_bar.isVisibleTo(window)
     window.chat.undo_button.click()
-    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+    qtbot.waitUntil(lambda: any(c.id == chat["id"] for c in window.chat.chat_list), timeout=10_000)
     assert node.get(f"/api/chats/{chat['id']}").status_code == 200
     window.chat.delete_chat(chat["id"])
     window.chat.commit_delete()
@@ -390,14 +393,14 @@ def test_pause_explains_resume_in_chat_and_counters_stay(qtbot, window, node):
     window.chat.input.setPlainText("are you there?")
     window.chat.send()
     qtbot.waitUntil(lambda: window.chat.stream is None and bool(window.chat.messages), timeout=60_000)
-    qtbot.waitUntil(lambda: window.chat.messages[-1].get("error_action") == "resume", timeout=60_000)
+    qtbot.waitUntil(lambda: window.chat.messages[-1].error_action == "resume", timeout=60_000)
     assert "Resume contributing" in window.chat.transcript.toPlainText()
     window.chat.transcript.resume_requested.emit()  # the inline "Resume contributing" link
     assert window.chat.info.text().startswith("Resuming contributing…")  # it says what it does
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=120_000)
     # ... and asks the question again once this computer serves: the answer comes without a Retry.
     qtbot.waitUntil(
-        lambda: window.chat.stream is None and window.chat.messages[-1].get("status") == "complete", timeout=120_000
+        lambda: window.chat.stream is None and window.chat.messages[-1].status == "complete", timeout=120_000
     )
     stored = node.get(f"/api/chats/{_chat['id']}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["status"] == "complete"
@@ -856,8 +859,8 @@ def test_a_reply_cut_at_the_length_limit_says_so_and_continue_writes_more(qtbot,
     qtbot.waitUntil(lambda: window.chat.chat_id is not None and not window.chat.messages, timeout=10_000)
     window.chat.max_tokens.setValue(4)
     finished = _chat_until_done(qtbot, window, "count to one hundred", key_enter=False)
-    assert finished[0]["finish_reason"] == "length"  # the random-weight demo model never ends by itself
-    first = window.chat.messages[-1]["content"]
+    assert finished[0].finish_reason == "length"  # the random-weight demo model never ends by itself
+    first = window.chat.messages[-1].content
     assert "length limit" in window.chat.info.text()
     assert "cut off at the length limit" in window.chat.transcript.toPlainText()
     assert "Continue" in window.chat.transcript.toPlainText()
@@ -870,7 +873,7 @@ def test_a_reply_cut_at_the_length_limit_says_so_and_continue_writes_more(qtbot,
     messages = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]  # more of the same answer, not a new one
     assert messages[-1]["content"].startswith(first) and len(messages[-1]["content"]) > len(first)
-    assert window.chat.messages[-1]["content"] == messages[-1]["content"]
+    assert window.chat.messages[-1].content == messages[-1]["content"]
 
 
 def test_the_node_going_down_keeps_the_conversation_and_clears_what_is_stale(qtbot, window, node):
@@ -881,7 +884,7 @@ def test_the_node_going_down_keeps_the_conversation_and_clears_what_is_stale(qtb
     qtbot.waitUntil(lambda: window.chat.chat_id is not None and not window.chat.messages, timeout=10_000)
     window.chat.max_tokens.setValue(4)
     _chat_until_done(qtbot, window, "a question to keep", key_enter=False)
-    answer = window.chat.messages[-1]["content"]
+    answer = window.chat.messages[-1].content
     assert answer and "tokens/s" in window.chat.info.text()
 
     url = window.client.url
@@ -898,13 +901,13 @@ def test_the_node_going_down_keeps_the_conversation_and_clears_what_is_stale(qtb
     qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)
     text = window.chat.transcript.toPlainText()
     assert "a question to keep" in text and answer.strip()[:10] in text
-    assert [m["role"] for m in window.chat.messages] == ["user", "assistant"]
-    assert window.chat.messages[-1]["status"] == "complete" and "The reply failed" in text
+    assert [m.role for m in window.chat.messages] == ["user", "assistant"]
+    assert window.chat.messages[-1].status == "complete" and "The reply failed" in text
 
     window.chat.continue_reply()  # Continue while the node is down: the answer stays, Continue is offered again
     qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)
-    assert window.chat.messages[-1]["content"] == answer and window.chat.messages[-1]["error_action"] == "continue"
-    assert window.chat.messages[-1]["finish_reason"] == "length" and "Could not continue" in window.chat.info.text()
+    assert window.chat.messages[-1].content == answer and window.chat.messages[-1].error_action == "continue"
+    assert window.chat.messages[-1].finish_reason == "length" and "Could not continue" in window.chat.info.text()
 
     window.chat.input.setPlainText("a question that cannot be sent")
     window.chat.send()  # the question is not lost either: it goes back into the box

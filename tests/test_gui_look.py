@@ -10,7 +10,7 @@ pytest.importorskip("PySide6")
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication, QCheckBox, QRadioButton, QWidget
 
-from corolla.api.models import RouteHop
+from corolla.api.models import Chat, RouteHop
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
 from corolla.gui.prefs import open_prefs
@@ -79,7 +79,7 @@ def test_long_chat_titles_end_in_an_ellipsis_not_a_sideways_scroll(qtbot, tmp_pa
     window.resize(900, 600)
     window.show()
     title = "A very long chat title that goes on and on about pelicans, herons and every other bird " * 2
-    window.chat._show_chats([{"id": "c1", "title": title, "updated_at": 0}])
+    window.chat._show_chats([Chat(id="c1", title=title, model=None, system_prompt=None, created_at=0, updated_at=0)])
     qtbot.waitUntil(lambda: window.chat.chats.count() == 1)
     assert window.chat.chats.horizontalScrollBar().maximum() == 0
     assert window.chat.chats.item(0).toolTip().startswith(title)
