@@ -24,12 +24,12 @@ from PySide6.QtWidgets import (
 from corolla.api import models as m
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient, Unreadable
+from corolla.gui.node_settings import NodeSettings
 from corolla.gui.panes import ChatPane, ContributePane, StatsPane, SwarmPane
 from corolla.gui.prefs import open_prefs
 from corolla.gui.status_text import node_memory, quit_question, status_line
 from corolla.gui.tray import Tray, tray_state
 from corolla.gui.widgets import plain_label, route_text, sentence
-from corolla.node.settings import Settings
 
 __all__ = ["MainWindow", "tray_state"]
 NODE_RESTART_TIMEOUT_S = 90
@@ -203,9 +203,9 @@ class MainWindow(QMainWindow):
             "settings",
             "GET",
             "/api/settings",
-            lambda s: self.chat.set_default_privacy(s.default_privacy),
+            lambda s: self.chat.set_default_privacy(s.default_privacy if s.has("default_privacy") else None),
             self._say_unreadable,
-            answer=Settings,
+            answer=NodeSettings,
         )
         self.client.call(
             "GET",

@@ -32,9 +32,9 @@ from PySide6.QtWidgets import (
 from corolla.api import models as m
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
+from corolla.gui.node_settings import NodeSettings
 from corolla.gui.panes.contribute_text import ACTION_TEXT, STATE_TEXT, duration, model_text, network_text, together_text
 from corolla.gui.widgets import plain_label, plural, sentence
-from corolla.node.settings import Settings
 from corolla.units import human_bytes
 
 
@@ -248,16 +248,16 @@ class ContributePane(QWidget):
         """This computer only / Let others join: the node restarts its server on the chosen interfaces."""
         others = self.let_join.isChecked()
 
-        def switch(settings: Settings) -> None:
+        def switch(settings: NodeSettings) -> None:
             if settings.listen_on_lan == others:
                 return
             self.client.call(
                 "PUT",
                 "/api/settings",
-                settings.model_copy(update={"listen_on_lan": others}).model_dump(mode="json"),
+                settings.with_changes(listen_on_lan=others),
                 on_ok=lambda _: self.share_sentence.setText("Restarting the server for your choice…"),
                 on_error=lambda e: self.share_sentence.setText(sentence(f"Could not change who can join: {e}")),
-                answer=Settings,
+                answer=NodeSettings,
             )
 
         self.client.call(
@@ -265,7 +265,7 @@ class ContributePane(QWidget):
             "/api/settings",
             on_ok=switch,
             on_error=lambda e: self.share_sentence.setText(sentence(e)),
-            answer=Settings,
+            answer=NodeSettings,
         )
 
     def _copy_invite(self) -> None:
@@ -304,18 +304,18 @@ class ContributePane(QWidget):
         if self.last_status is None:
             return
 
-        def got(settings: Settings) -> None:
+        def got(settings: NodeSettings) -> None:
             share = {"device": self.device.currentData() or "auto", "num_blocks": self.blocks.value(), "blocks": None}
             self.client.call(
                 "PUT",
                 "/api/settings",
-                settings.model_copy(update=share).model_dump(mode="json"),
+                settings.with_changes(**share),
                 on_ok=lambda _: (
                     self.apply_note.setText("Saved; the server restarts with the new share."),
                     self.settings_changed.emit(),
                 ),
                 on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}")),
-                answer=Settings,
+                answer=NodeSettings,
             )
 
         self.client.call(
@@ -323,7 +323,7 @@ class ContributePane(QWidget):
             "/api/settings",
             on_ok=got,
             on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}")),
-            answer=Settings,
+            answer=NodeSettings,
         )
 
     # --- views --------------------------------------------------------------------------------------
