@@ -537,6 +537,7 @@ def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
         "contribution": {
             "state": "paused",
             "reason": hostile,
+            "restarts": 0,
             "last_failure": hostile,
             "start_block": None,
             "end_block": None,
