@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from pydantic import TypeAdapter, ValidationError
-from PySide6.QtCore import QByteArray, QObject, QUrl, Signal
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from PySide6.QtCore import QByteArray, QObject, QTimer, QUrl, Signal
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkReply, QNetworkRequest
 
 from corolla.api.client import ENDPOINT_MISSING, decode_payload, encode_body, error_message, request_headers
@@ -50,6 +50,19 @@ def parse_answer(answer, payload: object, what: str):
         ) from None
 
 
+def request_body(request: type[BaseModel], body: object) -> dict:
+    """`body` read as the node's request model (the fields given, as the node reads them); a ValueError
+    with the message the node's own check would give (field: problem; ...) when it does not fit."""
+    try:
+        model = body if isinstance(body, request) else request.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in exc.errors()[:5]
+        )
+        raise ValueError(problems or "invalid request") from None
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
 class NodeClient(QObject):
     error = Signal(str)  # one place where unhandled failures surface
 
@@ -78,9 +91,18 @@ class NodeClient(QObject):
         on_error: OnError | None = None,
         timeout_ms: int = 120_000,
         answer=None,
-    ) -> QNetworkReply:
-        """`answer`: the corolla.api model the payload is read as before on_ok sees it (None: the raw
-        JSON); an answer that does not fit reaches on_error as an `Unreadable` message."""
+        request: type[BaseModel] | None = None,
+    ) -> QNetworkReply | None:
+        """`request`: the node's model of the body, which is sent as that model (a body that does not fit
+        is not sent: on_error hears why, as the node would say it; the call returns None). `answer`: the
+        corolla.api model the payload is read as before on_ok sees it (None: the raw JSON); an answer
+        that does not fit reaches on_error as an `Unreadable` message."""
+        if request is not None:
+            try:
+                body = request_body(request, body)
+            except ValueError as exc:
+                QTimer.singleShot(0, lambda message=str(exc): self._fail(on_error, message))
+                return None
         data = QByteArray(encode_body(body) or b"")
         reply = self.manager.sendCustomRequest(self._request(path, timeout_ms), method.encode(), data)
 
@@ -107,9 +129,21 @@ class NodeClient(QObject):
         return reply
 
     def stream(
-        self, path: str, body: dict, on_event: Callable[[str, dict], None], on_error: OnError | None = None
-    ) -> QNetworkReply:
-        """POST and read server-sent events as they arrive: on_event(event name, JSON data)."""
+        self,
+        path: str,
+        body: dict,
+        on_event: Callable[[str, dict], None],
+        on_error: OnError | None = None,
+        request: type[BaseModel] | None = None,
+    ) -> QNetworkReply | None:
+        """POST and read server-sent events as they arrive: on_event(event name, JSON data). `request`:
+        as for call()."""
+        if request is not None:
+            try:
+                body = request_body(request, body)
+            except ValueError as exc:
+                QTimer.singleShot(0, lambda message=str(exc): self._fail(on_error, message))
+                return None
         reply = self.manager.post(self._request(path), QByteArray(encode_body(body)))
         parser = SseParser()
 

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from corolla.api.models import PRIVACY_LABELS, PRIVACY_SENTENCES, ActionResult, HardwareReport
+from corolla.api.models import PRIVACY_LABELS, PRIVACY_SENTENCES, ActionResult, HardwareReport, HfToken, Invite
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
 from corolla.gui.node_settings import NodeSettings
@@ -373,6 +373,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
                 {"token": self.hf_token.text().strip()},
                 on_error=lambda e: self.error.setText(sentence(e)),
                 answer=ActionResult,
+                request=HfToken,
             )
 
         def saved(settings: NodeSettings) -> None:
@@ -398,6 +399,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
                 on_ok=saved,
                 on_error=lambda e: self.error.setText(sentence(f"This invite does not work: {friendly_error(e)}")),
                 answer=NodeSettings,
+                request=Invite,
             )
         else:
             self.client.call(
@@ -407,4 +409,5 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
                 on_ok=saved,
                 on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),
                 answer=NodeSettings,
+                request=NodeSettings,
             )

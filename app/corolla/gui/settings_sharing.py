@@ -178,6 +178,7 @@ class SharingSettingsMixin:
             on_ok=applied,
             on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),
             answer=NodeSettings,
+            request=NodeSettings,
         )
 
     def _lan_changes(self, swarm: str) -> dict:

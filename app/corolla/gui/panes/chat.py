@@ -10,7 +10,8 @@ from __future__ import annotations
 from PySide6.QtCore import QSettings, Signal
 from PySide6.QtWidgets import QWidget
 
-from corolla.api.models import MAX_NEW_TOKENS, PRIVACY_LABELS, PRIVACY_SENTENCES, Chat, NodeStatus, SwarmModel
+from corolla.api import models as m
+from corolla.api.models import MAX_NEW_TOKENS, PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.gui.node_client import NodeClient
 from corolla.gui.panes.chat_layout import ChatLayout, MessageBox
 from corolla.gui.panes.chat_list import NEW_TITLE, ChatList, auto_title, chat_markdown
@@ -29,16 +30,16 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         super().__init__(parent)
         self.client, self.prefs = client, prefs
         self.chat_id: str | None = None
-        self.chat: Chat | None = None  # without its messages (those are self.messages)
-        self.chat_list: list[Chat] = []
+        self.chat: m.Chat | None = None  # without its messages (those are self.messages)
+        self.chat_list: list[m.Chat] = []
         self.stream = None
         self.reply_text = ""
         self.started = 0.0
         self.pieces = 0
         self.messages: list[Turn] = []
-        self.node_status: NodeStatus | None = None
+        self.node_status: m.NodeStatus | None = None
         self.route_text = ""
-        self.pending_delete: Chat | None = None  # hidden, deleted when the undo time runs out
+        self.pending_delete: m.Chat | None = None  # hidden, deleted when the undo time runs out
         self._replacing = False  # a regenerate: the answers after the last question go when the node says
         self._unsent: str | None = None  # a message sent but not yet confirmed by the node
         self._resend_when_online = False  # "Resume contributing" was pressed: ask again once online
@@ -83,7 +84,7 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         chosen = self.chat.privacy if self.chat is not None else None
         chat_id, previous = self.chat_id, chosen.level if chosen is not None else self.default_privacy
 
-        def changed(chat: Chat) -> None:
+        def changed(chat: m.Chat) -> None:
             if self.chat is not None and self.chat.id == chat.id:
                 self.chat.privacy = chat.privacy
             self.info.setText(f"From the next reply on: {PRIVACY_LABELS[level].lower()}.")
@@ -93,7 +94,8 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
                 self._show_privacy(previous)
             self.info.setText(f"Could not change who may read this chat: {message}")
 
-        self.client.call("PATCH", f"/api/chats/{chat_id}", {"privacy": {"level": level}}, changed, refused, answer=Chat)
+        body = {"privacy": {"level": level}}
+        self.client.call("PATCH", f"/api/chats/{chat_id}", body, changed, refused, answer=m.Chat, request=m.ChatUpdate)
 
     def _show_seen_by(self) -> None:
         """Who received the hidden states of the chat's last reply (kept with each reply by the node)."""
@@ -112,7 +114,7 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         self.seen_by.setToolTip("\n".join(server.peer_id for server in seen))
 
     # --- models -------------------------------------------------------------------------------------
-    def show_models(self, models: list[SwarmModel], own_prefix: str | None) -> None:
+    def show_models(self, models: list[m.SwarmModel], own_prefix: str | None) -> None:
         self.model_picker.blockSignals(True)
         self.model_picker.clear()
         own_index = 0

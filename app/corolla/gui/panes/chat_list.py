@@ -9,7 +9,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QListWidgetItem, QMenu
 
-from corolla.api.models import ActionResult, Chat
+from corolla.api.models import ActionResult, Chat, ChatCreate, ChatUpdate
 from corolla.gui.turns import turns_of
 from corolla.gui.widgets import sentence
 
@@ -108,6 +108,7 @@ class ChatList:
             on_ok=created,
             on_error=lambda e: self.info.setText(sentence(f"Could not create a chat: {e}")),
             answer=Chat,
+            request=ChatCreate,
         )
 
     def _chat_selected(self, item, _previous=None) -> None:
@@ -148,6 +149,7 @@ class ChatList:
             on_ok=lambda _: self.refresh_chats(),
             on_error=lambda e: self.info.setText(sentence(f"Could not rename the chat: {e}")),
             answer=Chat,
+            request=ChatUpdate,
         )
 
     def delete_chat(self, chat_id: str | None = None) -> None:

@@ -258,6 +258,7 @@ class ContributePane(QWidget):
                 on_ok=lambda _: self.share_sentence.setText("Restarting the server for your choice…"),
                 on_error=lambda e: self.share_sentence.setText(sentence(f"Could not change who can join: {e}")),
                 answer=NodeSettings,
+                request=NodeSettings,
             )
 
         self.client.call(
@@ -316,6 +317,7 @@ class ContributePane(QWidget):
                 ),
                 on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}")),
                 answer=NodeSettings,
+                request=NodeSettings,
             )
 
         self.client.call(

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from corolla.api.models import ServerCheck, SwarmModel, SwarmServer
+from corolla.api.models import CheckServer, ServerCheck, SwarmModel, SwarmServer
 from corolla.gui import theme
 from corolla.gui.node_client import ENDPOINT_MISSING, NodeClient
 from corolla.gui.panes.swarm_table import PEER_COLUMNS, ServerTable
@@ -317,6 +317,7 @@ class SwarmPane(QWidget):
             on_error=lambda message: self._check_failed(server, message),
             timeout_ms=CHECK_TIMEOUT_MS,
             answer=ServerCheck,
+            request=CheckServer,
         )
 
     def _check_done(self) -> None:
