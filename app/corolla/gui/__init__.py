@@ -6,8 +6,9 @@ node only through the node's local HTTP API, whose types it shares with the node
 - node_client.py: the window's face of the node client (QNetworkAccessManager): JSON calls, each answer read
   once as its corolla.api model (one sentence, never a crash, when a node of another version answers in
   another form), and SSE streams; node_settings.py: the node's Settings as the window reads and sends them.
-- window.py: the main window: the panes, the banner, refresh timers, quitting; status_text.py: the one-line
-  texts about the node (tray status, memory, the quit question).
+- window.py: the main window: the panes, the banner, refresh timers, quitting; window_refresh.py: its reads
+  of the node (status, swarm, stats); status_text.py: the one-line texts about the node (tray status,
+  memory, the quit question).
 - panes/: Contribute, Chat, Swarm and Stats, one module each.
 - transcript.py: the chat transcript (Markdown, code blocks); highlight.py: code colours (Pygments);
   turns.py: a chat message as the transcript shows it (the node's Message and the window's error line).
