@@ -175,7 +175,12 @@ def node_stream(app, window, heartbeat: Heartbeat) -> dict:
 
 
 def synthetic_swarm(n: int, blocks: int, seed: int):
-    from corolla.api.models import SwarmModel
+    """A swarm as the window reads it: a SwarmModel, or the JSON for a window from before typed answers
+    (a --baseline-ref run)."""
+    try:
+        from corolla.api.models import SwarmModel
+    except ImportError:
+        SwarmModel = None
 
     rng = random.Random(seed)
     servers = []
@@ -208,17 +213,16 @@ def synthetic_swarm(n: int, blocks: int, seed: int):
         if s["start_block"] <= block < s["end_block"] and s["state"] == "ONLINE":
             route.append({"peer_id": s["peer_id"], "start": block, "end": s["end_block"]})
             block = s["end_block"]
-    return SwarmModel.model_validate(
-        {
-            "dht_prefix": "synthetic-70b",
-            "num_blocks": blocks,
-            "servers": servers,
-            "online_per_block": counts,
-            "healthy": min(counts) > 0,
-            "missing_blocks": [b for b, c in enumerate(counts) if c == 0],
-            "route": route,
-        }
-    )
+    swarm = {
+        "dht_prefix": "synthetic-70b",
+        "num_blocks": blocks,
+        "servers": servers,
+        "online_per_block": counts,
+        "healthy": min(counts) > 0,
+        "missing_blocks": [b for b, c in enumerate(counts) if c == 0],
+        "route": route,
+    }
+    return swarm if SwarmModel is None else SwarmModel.model_validate(swarm)
 
 
 def map_redraws(app, window, heartbeat: Heartbeat, servers: int = 200) -> dict:

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
 from PySide6.QtCore import QByteArray, QObject, QTimer, QUrl, Signal
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkReply, QNetworkRequest
 
 from corolla.api.client import ENDPOINT_MISSING, decode_payload, encode_body, error_message, request_headers
 from corolla.api.client import unreachable_message as _unreachable
 from corolla.api.sse import SseParser
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, TypeAdapter
+
+# pydantic is imported where it is used: imported here, before Qt, half of it would load after Qt's
+# import hook, which trips over pydantic's lazy attributes (a circular import at the next model).
 
 __all__ = ["ENDPOINT_MISSING", "NodeClient", "Unreadable", "UnreadableAnswer", "parse_answer"]
 
@@ -27,6 +33,8 @@ class Unreadable(str):
 
 @lru_cache(maxsize=64)
 def _adapter(answer) -> TypeAdapter:
+    from pydantic import TypeAdapter
+
     return TypeAdapter(answer)
 
 
@@ -37,6 +45,8 @@ class UnreadableAnswer(ValueError):
 def parse_answer(answer, payload: object, what: str):
     """`payload` read as `answer` (a corolla.api model, or list[...] of one); UnreadableAnswer, whose
     message is an Unreadable sentence, when it does not fit."""
+    from pydantic import ValidationError
+
     try:
         return _adapter(answer).validate_python(payload)
     except ValidationError as exc:
@@ -53,6 +63,8 @@ def parse_answer(answer, payload: object, what: str):
 def request_body(request: type[BaseModel], body: object) -> dict:
     """`body` read as the node's request model (the fields given, as the node reads them); a ValueError
     with the message the node's own check would give (field: problem; ...) when it does not fit."""
+    from pydantic import ValidationError
+
     try:
         model = body if isinstance(body, request) else request.model_validate(body)
     except ValidationError as exc:
