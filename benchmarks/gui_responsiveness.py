@@ -126,9 +126,11 @@ def markdown_stream(app, window, heartbeat: Heartbeat) -> dict:
     chat = window.chat
     window.tabs.setCurrentWidget(chat)
     now = time.time()
+    from corolla.gui.turns import Turn
+
     chat.messages = [
-        {"role": "user", "content": "Explain the steps", "status": "complete", "created_at": now},
-        {"role": "assistant", "content": "", "status": "streaming", "created_at": now},
+        Turn(id="q", role="user", content="Explain the steps", status="complete", tokens=0, created_at=now),
+        Turn(id="a", role="assistant", content="", status="streaming", tokens=0, created_at=now),
     ]
     chat._render()
     chat.pieces, chat.started, chat.reply_text = 0, time.perf_counter(), ""
@@ -169,10 +171,17 @@ def node_stream(app, window, heartbeat: Heartbeat) -> dict:
     window.chat.input.setPlainText("tell me a long story")
     window.chat.send()
     stall = heartbeat.measure(app, 180, until=lambda: bool(done))
-    return {"tokens": done[0]["tokens"] if done else 0, "longest_stall_ms": stall}
+    return {"tokens": done[0].tokens if done else 0, "longest_stall_ms": stall}
 
 
-def synthetic_swarm(n: int, blocks: int, seed: int) -> dict:
+def synthetic_swarm(n: int, blocks: int, seed: int):
+    """A swarm as the window reads it: a SwarmModel, or the JSON for a window from before typed answers
+    (a --baseline-ref run)."""
+    try:
+        from corolla.api.models import SwarmModel
+    except ImportError:
+        SwarmModel = None
+
     rng = random.Random(seed)
     servers = []
     for i in range(n):
@@ -204,7 +213,7 @@ def synthetic_swarm(n: int, blocks: int, seed: int) -> dict:
         if s["start_block"] <= block < s["end_block"] and s["state"] == "ONLINE":
             route.append({"peer_id": s["peer_id"], "start": block, "end": s["end_block"]})
             block = s["end_block"]
-    return {
+    swarm = {
         "dht_prefix": "synthetic-70b",
         "num_blocks": blocks,
         "servers": servers,
@@ -213,6 +222,7 @@ def synthetic_swarm(n: int, blocks: int, seed: int) -> dict:
         "missing_blocks": [b for b, c in enumerate(counts) if c == 0],
         "route": route,
     }
+    return swarm if SwarmModel is None else SwarmModel.model_validate(swarm)
 
 
 def map_redraws(app, window, heartbeat: Heartbeat, servers: int = 200) -> dict:

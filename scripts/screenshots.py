@@ -88,9 +88,9 @@ def capture(url: str, token: str, out: Path, theme_name: str) -> None:
     shot("chat")
     window.tabs.setCurrentWidget(window.swarm)
     window.refresh_swarm()
-    wait(120, lambda: window.swarm.map.model is not None and len(window.swarm.map.model["servers"]) >= 4)
+    wait(120, lambda: window.swarm.map.model is not None and len(window.swarm.map.model.servers) >= 4)
     window.swarm.map.fit()
-    named = [peer for peer, box in window.swarm.map.boxes_by_peer.items() if box.server.get("public_name") == "cedar"]
+    named = [peer for peer, box in window.swarm.map.boxes_by_peer.items() if box.server.public_name == "cedar"]
     if named:
         window.swarm.map.pin(named[0])  # its details and "Check this server" below the map
     shot("swarm")

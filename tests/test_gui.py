@@ -19,10 +19,13 @@ pytestmark = pytest.mark.slow
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtWidgets import QPlainTextEdit  # noqa: E402
 
+from corolla.api.models import Chat, NodeStatus, SwarmModel  # noqa: E402
 from corolla.gui.node_client import NodeClient  # noqa: E402
 from corolla.gui.prefs import open_prefs  # noqa: E402
+from corolla.gui.turns import Turn  # noqa: E402
 from corolla.gui.window import MainWindow, tray_state  # noqa: E402
 from corolla.testing.node import NodeProcess  # noqa: E402
+from corolla.testing.statuses import node_status  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def window(qtbot, node, prefs):
 
 
 def _chat_until_done(qtbot, window, text: str, key_enter: bool = True) -> list[dict]:
-    finished: list[dict] = []
+    finished: list = []  # ReplyDone events
     window.chat.reply_finished.connect(finished.append)
     window.chat.input.setPlainText(text)
     if key_enter:
@@ -80,13 +83,13 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
 
     window.tabs.setCurrentWidget(window.chat)
     finished = _chat_until_done(qtbot, window, "hello from the window\nsecond line")
-    assert finished[0]["status"] == "complete" and finished[0]["tokens"] > 0, window.chat.info.text()
+    assert finished[0].status == "complete" and finished[0].tokens > 0, window.chat.info.text()
     assert "hello from the window" in window.chat.transcript.toPlainText()
-    assert window.chat.messages[-1]["role"] == "assistant" and window.chat.messages[-1]["status"] == "complete"
+    assert window.chat.messages[-1].role == "assistant" and window.chat.messages[-1].status == "complete"
     assert "tokens/s" in window.chat.info.text()
     stored = node.get(f"/api/chats/{window.chat.chat_id}").json()
     assert stored["messages"][0]["content"] == "hello from the window\nsecond line"
-    assert stored["messages"][-1]["content"] == window.chat.messages[-1]["content"]
+    assert stored["messages"][-1]["content"] == window.chat.messages[-1].content
     qtbot.waitUntil(lambda: node.get(f"/api/chats/{window.chat.chat_id}").json()["title"] == "hello from the window")
 
     # Regenerate: the last answer is replaced, not appended to.
@@ -94,7 +97,7 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     window.chat.temperature.setValue(0.9)
     window.chat.regenerate()
     qtbot.waitUntil(lambda: bool(finished) and window.chat.stream is None, timeout=90_000)
-    assert finished[0]["status"] == "complete"
+    assert finished[0].status == "complete"
     stored = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
 
@@ -102,9 +105,9 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     window.tabs.setCurrentWidget(window.swarm)
     window.refresh_swarm()
     qtbot.waitUntil(lambda: window.swarm.map.model is not None and bool(window.swarm.map.edges), timeout=60_000)
-    own = [box for box in window.swarm.map.boxes_by_peer.values() if box.server.get("this_computer")]
-    assert len(own) == 1 and (own[0].server["start_block"], own[0].server["end_block"]) == (0, 6)
-    assert window.swarm.map.model["route"][0]["peer_id"] == own[0].peer_id
+    own = [box for box in window.swarm.map.boxes_by_peer.values() if box.server.this_computer]
+    assert len(own) == 1 and (own[0].server.start_block, own[0].server.end_block) == (0, 6)
+    assert window.swarm.map.model.route[0].peer_id == own[0].peer_id
     assert "every block is served" in window.swarm.summary.text()
     assert window.swarm.coverage.counts == [1] * 6
     qtbot.waitUntil(lambda: window.swarm.table.rowCount() >= 1, timeout=5_000)
@@ -119,7 +122,7 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
 
     # Stats: charts built on first show, with the reply's tokens; lifetime totals.
     window.tabs.setCurrentWidget(window.stats)
-    qtbot.waitUntil(lambda: sum(r["tokens_served"] for r in window.stats.history) > 0, timeout=60_000)
+    qtbot.waitUntil(lambda: sum(r.tokens_served for r in window.stats.history) > 0, timeout=60_000)
     assert window.stats.charts is not None
     qtbot.waitUntil(lambda: "tokens to" in window.stats.lifetime.text(), timeout=30_000)
     assert "tokens served" in window.stats.total.text()
@@ -154,7 +157,7 @@ def test_a_chat_keeps_who_may_read_it_and_shows_who_saw_the_reply(qtbot, window,
     chat._show_privacy("local")  # picked before the chat exists: the new chat takes it
     assert "never leaves" in chat.privacy_note.text()
     finished = _chat_until_done(qtbot, window, "keep this between us", key_enter=False)
-    assert finished[-1]["seen_by"][0]["peer_id"] == own
+    assert finished[-1].seen_by[0].peer_id == own
     assert node.get(f"/api/chats/{chat.chat_id}").json()["privacy"]["level"] == "local"
     assert chat.seen_by.text().startswith("The last reply's text was seen by: this computer")
     assert "blocks 0–6" in chat.seen_by.text()
@@ -169,7 +172,7 @@ def test_a_chat_keeps_who_may_read_it_and_shows_who_saw_the_reply(qtbot, window,
     chat._privacy_picked(members)
     qtbot.waitUntil(lambda: chat.info.text().startswith("From the next reply on"), timeout=10_000)
     assert node.get(f"/api/chats/{chat.chat_id}").json()["privacy"]["level"] == "members"
-    chat._load(node.get(f"/api/chats/{chat.chat_id}").json())  # as when the chat is opened again
+    chat._load(Chat.model_validate(node.get(f"/api/chats/{chat.chat_id}").json()))  # as when the chat is opened again
     assert chat.privacy_level() == "members" and "this computer" in chat.seen_by.text()
 
 
@@ -186,7 +189,7 @@ def test_ctrl_n_starts_a_chat_and_esc_stops_a_reply(qtbot, window, node):
     window.chat.send()
     qtbot.waitUntil(lambda: window.chat.pieces >= 2, timeout=60_000)
     qtbot.keyClick(window.chat.input, Qt.Key.Key_Escape)
-    assert window.chat.stream is None and window.chat.messages[-1]["status"] == "stopped"
+    assert window.chat.stream is None and window.chat.messages[-1].status == "stopped"
     assert window.chat.info.text().startswith("Stopped")
     qtbot.waitUntil(
         lambda: (
@@ -267,9 +270,9 @@ def test_keyboard_tab_order_and_shortcuts_in_every_pane(qtbot, window):
     qtbot.keyClick(window, Qt.Key.Key_0, Qt.KeyboardModifier.ControlModifier)
     assert window.tabs.currentWidget() is s and s.map._fitted
     qtbot.keyClick(window, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
-    qtbot.waitUntil(lambda: window.status["contribution"]["state"] == "paused", timeout=60_000)
+    qtbot.waitUntil(lambda: window.status.contribution.state == "paused", timeout=60_000)
     qtbot.keyClick(window, Qt.Key.Key_P, Qt.KeyboardModifier.ControlModifier)
-    qtbot.waitUntil(lambda: window.status["contribution"]["state"] != "paused", timeout=60_000)
+    qtbot.waitUntil(lambda: window.status.contribution.state != "paused", timeout=60_000)
 
     # No key is bound twice (Qt would then fire neither), and every shortcut is in a menu or a pane.
     menus = window.menuBar().findChildren(QMenu)
@@ -304,13 +307,15 @@ def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):
     transcript = window.chat.transcript
     transcript.set_messages(
         [
-            {"role": "user", "content": "<i>mine</i>", "status": "complete", "created_at": time.time()},
-            {
-                "role": "assistant",
-                "content": "# Title\n\n**bold** <img src=x> <b>raw</b>\n\n```python\nprint('hi')\n```\n",
-                "status": "complete",
-                "created_at": time.time(),
-            },
+            Turn(id="q", role="user", content="<i>mine</i>", status="complete", tokens=0, created_at=time.time()),
+            Turn(
+                id="a",
+                role="assistant",
+                content="# Title\n\n**bold** <img src=x> <b>raw</b>\n\n```python\nprint('hi')\n```\n",
+                status="complete",
+                tokens=0,
+                created_at=time.time(),
+            ),
         ]
     )
     text = transcript.toPlainText()
@@ -321,16 +326,16 @@ def test_markdown_code_copy_and_no_markup_from_the_model(qtbot, window):
 
     # Streaming keeps the reader's place: scrolled up stays put, at the bottom follows the reply.
     reply = transcript.messages[-1]
-    reply["content"] = "\n\n".join(f"paragraph {i}" for i in range(200))
+    reply.content = "\n\n".join(f"paragraph {i}" for i in range(200))
     transcript.flush()
     bar = transcript.verticalScrollBar()
     assert bar.maximum() > 1000
     bar.setValue(bar.maximum())
-    reply["content"] += "\n\nmore"
+    reply.content += "\n\nmore"
     transcript.flush()
     assert bar.value() == bar.maximum()
     bar.setValue(40)
-    reply["content"] += "\n\neven more"
+    reply.content += "\n\neven more"
     transcript.flush()
     assert bar.value() == 40 and transcript.toPlainText().rstrip().endswith("even more")
 
@@ -340,16 +345,16 @@ def test_rename_search_delete_with_undo_and_export(qtbot, window, node, tmp_path
     node.post(f"/api/chats/{chat['id']}/messages", json={"content": "zebra crossing", "max_new_tokens": 2}).read()
     window.tabs.setCurrentWidget(window.chat)
     window.chat.refresh_chats()
-    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+    qtbot.waitUntil(lambda: any(c.id == chat["id"] for c in window.chat.chat_list), timeout=10_000)
     window.chat.rename_chat(chat["id"], "Birds <3")
     qtbot.waitUntil(lambda: node.get(f"/api/chats/{chat['id']}").json()["title"] == "Birds <3", timeout=10_000)
 
     window.chat.search.setText("zebra")  # found by a message's content
-    qtbot.waitUntil(lambda: [c["id"] for c in window.chat.chat_list] == [chat["id"]], timeout=10_000)
+    qtbot.waitUntil(lambda: [c.id for c in window.chat.chat_list] == [chat["id"]], timeout=10_000)
     window.chat.search.setText("no such words anywhere")
     qtbot.waitUntil(lambda: window.chat.chat_list == [], timeout=10_000)
     window.chat.search.clear()
-    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+    qtbot.waitUntil(lambda: any(c.id == chat["id"] for c in window.chat.chat_list), timeout=10_000)
 
     markdown, data = tmp_path / "chat.md", tmp_path / "chat.json"
     window.chat.export_chat(chat["id"], markdown, "md")
@@ -360,9 +365,9 @@ def test_rename_search_delete_with_undo_and_export(qtbot, window, node, tmp_path
     assert exported["title"] == "Birds <3" and exported["messages"][0]["content"] == "zebra crossing"
 
     window.chat.delete_chat(chat["id"])  # hidden at once, deleted only when the undo time is over
-    assert all(c["id"] != chat["id"] for c in window.chat.chat_list) and window.chat.undo_bar.isVisibleTo(window)
+    assert all(c.id != chat["id"] for c in window.chat.chat_list) and window.chat.undo_bar.isVisibleTo(window)
     window.chat.undo_button.click()
-    qtbot.waitUntil(lambda: any(c["id"] == chat["id"] for c in window.chat.chat_list), timeout=10_000)
+    qtbot.waitUntil(lambda: any(c.id == chat["id"] for c in window.chat.chat_list), timeout=10_000)
     assert node.get(f"/api/chats/{chat['id']}").status_code == 200
     window.chat.delete_chat(chat["id"])
     window.chat.commit_delete()
@@ -388,14 +393,14 @@ def test_pause_explains_resume_in_chat_and_counters_stay(qtbot, window, node):
     window.chat.input.setPlainText("are you there?")
     window.chat.send()
     qtbot.waitUntil(lambda: window.chat.stream is None and bool(window.chat.messages), timeout=60_000)
-    qtbot.waitUntil(lambda: window.chat.messages[-1].get("error_action") == "resume", timeout=60_000)
+    qtbot.waitUntil(lambda: window.chat.messages[-1].error_action == "resume", timeout=60_000)
     assert "Resume contributing" in window.chat.transcript.toPlainText()
     window.chat.transcript.resume_requested.emit()  # the inline "Resume contributing" link
     assert window.chat.info.text().startswith("Resuming contributing…")  # it says what it does
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=120_000)
     # ... and asks the question again once this computer serves: the answer comes without a Retry.
     qtbot.waitUntil(
-        lambda: window.chat.stream is None and window.chat.messages[-1].get("status") == "complete", timeout=120_000
+        lambda: window.chat.stream is None and window.chat.messages[-1].status == "complete", timeout=120_000
     )
     stored = node.get(f"/api/chats/{_chat['id']}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["status"] == "complete"
@@ -518,6 +523,10 @@ def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
 
     hostile = "<img src='http://evil/x.png'><a href='x'>click</a>"
     status = {
+        "version": "0.1.0",
+        "pid": 1,
+        "started_at": 0.0,
+        "model_is_demo": False,
         "model": hostile,
         "swarm": "private",
         "secrets_storage": "keyring",
@@ -528,6 +537,7 @@ def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
         "contribution": {
             "state": "paused",
             "reason": hostile,
+            "restarts": 0,
             "last_failure": hostile,
             "start_block": None,
             "end_block": None,
@@ -540,7 +550,7 @@ def test_plain_text_everywhere_for_swarm_and_error_text(qtbot, window):
             "uptime_s": 0,
         },
     }
-    window._status_shown(status)
+    window._status_shown(NodeStatus.model_validate(status))
     window._node_unreachable(hostile)
     for label in window.findChildren(QLabel):
         if hostile in label.text():
@@ -554,12 +564,14 @@ def test_checking_a_server_says_so_when_the_node_cannot(qtbot, window, node):
     gets a clear message; one with them answers for a peer it does not know with its own message."""
     window.tabs.setCurrentWidget(window.swarm)
     qtbot.waitUntil(lambda: bool(window.swarm.map.boxes_by_peer), timeout=60_000)
-    own = next(box.server for box in window.swarm.map.boxes_by_peer.values() if box.server.get("this_computer"))
-    window.swarm.selected = {**own, "this_computer": False, "peer_id": "12D3KooWNotInThisSwarm", "public_name": "x"}
+    own = next(box.server for box in window.swarm.map.boxes_by_peer.values() if box.server.this_computer)
+    window.swarm.selected = own.model_copy(
+        update={"this_computer": False, "peer_id": "12D3KooWNotInThisSwarm", "public_name": "x"}
+    )
     window.swarm.check_selected()
     assert window.swarm.check_result.isVisibleTo(window) and "Checking x" in window.swarm.check_result.text()
     qtbot.waitUntil(lambda: window.swarm.checking is None, timeout=60_000)
-    if "verification" in own:
+    if own.verification is not None:
         assert window.swarm.check_result.text().startswith("Could not check x: ")
     else:
         assert "cannot check servers: it predates spot checks" in window.swarm.check_result.text()
@@ -603,7 +615,7 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
         "missing_blocks": [],
         "route": [{"peer_id": servers[0]["peer_id"], "start": 0, "end": 10}],
     }
-    pane.show_swarm([model])
+    pane.show_swarm([SwarmModel.model_validate(model)])
     graph = pane.map
     assert len(graph.boxes_by_peer) == 200 and len(graph.edges) == 1
     assert graph.transform().m11() >= 0.8  # text stays legible: the view scrolls instead
@@ -613,21 +625,21 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
     qtbot.waitUntil(lambda: pane.table.rowCount() == 200, timeout=10_000)
     # Sorting by ping puts the fastest first, numerically, and survives the next refresh.
     pane.peers.sortByColumn(5, Qt.SortOrder.AscendingOrder)
-    pings = [pane.table.servers[row]["ping_ms"] for row in range(200)]
+    pings = [pane.table.servers[row].ping_ms for row in range(200)]
     assert pings == sorted(pings)
     # Picking a row pins the server on the map; the selection follows it across refreshes.
     pane.peers.selectRow(3)
-    pinned = pane.table.servers[3]["peer_id"]
+    pinned = pane.table.servers[3].peer_id
     assert graph.pinned == pinned and pinned in pane.details.text()
     graph.scale(1.5, 1.5)
     graph.horizontalScrollBar().setValue(100)
     zoom = graph.transform().m11()
     model["servers"] = servers[:150]
-    pane.show_swarm([model])
+    pane.show_swarm([SwarmModel.model_validate(model)])
     qtbot.waitUntil(lambda: pane.table.rowCount() == 150, timeout=10_000)
     assert len(graph.boxes_by_peer) == 150
     assert graph.transform().m11() == zoom  # a live update never resets the view
-    assert [pane.table.servers[r]["ping_ms"] for r in range(150)] == sorted(s["ping_ms"] for s in servers[:150])
+    assert [pane.table.servers[r].ping_ms for r in range(150)] == sorted(s["ping_ms"] for s in servers[:150])
     selected = pane.peers.selectionModel().selectedRows()
     assert len(selected) == 1 and pane.table.data(selected[0], Qt.ItemDataRole.UserRole) == pinned
     # Hovering a box shows that server's details as the layer's tooltip.
@@ -639,7 +651,7 @@ def test_the_swarm_map_keeps_the_view_and_reads_at_200_servers(qtbot):
     assert "Weakest" in pane.weakest.text()
     # Behind another pane a refresh costs nothing: it is drawn when the pane is shown again.
     pane.hide()
-    pane.show_swarm([{**model, "servers": servers[:100]}])
+    pane.show_swarm([SwarmModel.model_validate({**model, "servers": servers[:100]})])
     assert len(graph.boxes_by_peer) == 150
     pane.show()
     assert len(graph.boxes_by_peer) == 100
@@ -663,7 +675,7 @@ def test_tray_states_icons_and_menu(qtbot):
     qtbot.addWidget(parent)
     calls = []
     tray = Tray(parent, lambda: calls.append("open"), lambda: calls.append("chat"), calls.append, parent.close)
-    tray.set_state("paused", status_line({"contribution": {"state": "paused"}, "pause_rule": None}))
+    tray.set_state("paused", status_line(node_status("paused")))
     texts = [a.text() for a in tray.menu.actions()]
     assert texts[0] == "Paused by you" and not tray.menu.actions()[0].isEnabled()
     assert "Resume contributing" in texts and "Quit" in texts
@@ -859,8 +871,8 @@ def test_a_reply_cut_at_the_length_limit_says_so_and_continue_writes_more(qtbot,
     qtbot.waitUntil(lambda: window.chat.chat_id is not None and not window.chat.messages, timeout=10_000)
     window.chat.max_tokens.setValue(4)
     finished = _chat_until_done(qtbot, window, "count to one hundred", key_enter=False)
-    assert finished[0]["finish_reason"] == "length"  # the random-weight demo model never ends by itself
-    first = window.chat.messages[-1]["content"]
+    assert finished[0].finish_reason == "length"  # the random-weight demo model never ends by itself
+    first = window.chat.messages[-1].content
     assert "length limit" in window.chat.info.text()
     assert "cut off at the length limit" in window.chat.transcript.toPlainText()
     assert "Continue" in window.chat.transcript.toPlainText()
@@ -873,7 +885,7 @@ def test_a_reply_cut_at_the_length_limit_says_so_and_continue_writes_more(qtbot,
     messages = node.get(f"/api/chats/{window.chat.chat_id}").json()["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]  # more of the same answer, not a new one
     assert messages[-1]["content"].startswith(first) and len(messages[-1]["content"]) > len(first)
-    assert window.chat.messages[-1]["content"] == messages[-1]["content"]
+    assert window.chat.messages[-1].content == messages[-1]["content"]
 
 
 def test_the_node_going_down_keeps_the_conversation_and_clears_what_is_stale(qtbot, window, node):
@@ -884,7 +896,7 @@ def test_the_node_going_down_keeps_the_conversation_and_clears_what_is_stale(qtb
     qtbot.waitUntil(lambda: window.chat.chat_id is not None and not window.chat.messages, timeout=10_000)
     window.chat.max_tokens.setValue(4)
     _chat_until_done(qtbot, window, "a question to keep", key_enter=False)
-    answer = window.chat.messages[-1]["content"]
+    answer = window.chat.messages[-1].content
     assert answer and "tokens/s" in window.chat.info.text()
 
     url = window.client.url
@@ -901,13 +913,13 @@ def test_the_node_going_down_keeps_the_conversation_and_clears_what_is_stale(qtb
     qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)
     text = window.chat.transcript.toPlainText()
     assert "a question to keep" in text and answer.strip()[:10] in text
-    assert [m["role"] for m in window.chat.messages] == ["user", "assistant"]
-    assert window.chat.messages[-1]["status"] == "complete" and "The reply failed" in text
+    assert [m.role for m in window.chat.messages] == ["user", "assistant"]
+    assert window.chat.messages[-1].status == "complete" and "The reply failed" in text
 
     window.chat.continue_reply()  # Continue while the node is down: the answer stays, Continue is offered again
     qtbot.waitUntil(lambda: window.chat.stream is None, timeout=20_000)
-    assert window.chat.messages[-1]["content"] == answer and window.chat.messages[-1]["error_action"] == "continue"
-    assert window.chat.messages[-1]["finish_reason"] == "length" and "Could not continue" in window.chat.info.text()
+    assert window.chat.messages[-1].content == answer and window.chat.messages[-1].error_action == "continue"
+    assert window.chat.messages[-1].finish_reason == "length" and "Could not continue" in window.chat.info.text()
 
     window.chat.input.setPlainText("a question that cannot be sent")
     window.chat.send()  # the question is not lost either: it goes back into the box

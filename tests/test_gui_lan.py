@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("PySide6")
 
+from corolla.api.models import NodeStatus
 from corolla.gui.node_client import NodeClient
 from corolla.gui.settings_dialog import SettingsDialog
 from corolla.testing.node import NodeProcess
@@ -175,7 +176,7 @@ def test_the_private_swarm_choice_says_what_it_means_and_the_pane_says_who_can_j
     pane = ContributePane(NodeClient(node.url, node.token))
     qtbot.addWidget(pane)
     pane.show()
-    pane.show_status(status)
+    pane.show_status(NodeStatus.model_validate(status))
     assert pane.invite_box.isVisible() and pane.let_join.isChecked()
     assert pane.share_sentence.text() == sharing["sentence"]
     assert not pane.invite.isVisible()  # no server online yet: no invite to copy

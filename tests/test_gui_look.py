@@ -10,11 +10,13 @@ pytest.importorskip("PySide6")
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication, QCheckBox, QRadioButton, QWidget
 
+from corolla.api.models import Chat, RouteHop
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
 from corolla.gui.prefs import open_prefs
 from corolla.gui.widgets import block_span, plural, route_text, sentence
 from corolla.gui.window import MainWindow, quit_question
+from corolla.testing.statuses import node_status
 
 NOWHERE = "http://127.0.0.1:9"  # nothing listens: these tests need no node
 
@@ -64,10 +66,10 @@ def test_check_boxes_and_radio_buttons_are_outlined_on_dark(qtbot, restore_theme
 def test_words_for_people():
     assert plural(1, "server") == "1 server" and plural(3, "session") == "3 sessions"
     assert block_span(0, 30) == "blocks 0–29" and block_span(4, 5) == "block 4"
-    assert route_text([{"start": 0, "end": 30, "peer_id": "12D3KooW21r58S"}]) == "blocks 0–29 from the server …21r58S"
+    assert route_text([RouteHop(start=0, end=30, peer_id="12D3KooW21r58S")]) == "blocks 0–29 from the server …21r58S"
     assert sentence("the node answered 404") == "The node answered 404."
     assert sentence("Stopped.") == "Stopped."
-    asked = quit_question({"contribution": {"state": "online"}}, 2 * 1024**3)
+    asked = quit_question(node_status("online"), 2 * 1024**3)
     assert "keeps contributing" in asked and "2.0 GiB" in asked
 
 
@@ -77,7 +79,7 @@ def test_long_chat_titles_end_in_an_ellipsis_not_a_sideways_scroll(qtbot, tmp_pa
     window.resize(900, 600)
     window.show()
     title = "A very long chat title that goes on and on about pelicans, herons and every other bird " * 2
-    window.chat._show_chats([{"id": "c1", "title": title, "updated_at": 0}])
+    window.chat._show_chats([Chat(id="c1", title=title, model=None, system_prompt=None, created_at=0, updated_at=0)])
     qtbot.waitUntil(lambda: window.chat.chats.count() == 1)
     assert window.chat.chats.horizontalScrollBar().maximum() == 0
     assert window.chat.chats.item(0).toolTip().startswith(title)

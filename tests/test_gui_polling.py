@@ -8,12 +8,13 @@ import pytest
 
 pytest.importorskip("PySide6")
 
+from corolla.api.models import SwarmModel
 from corolla.gui.node_client import NodeClient
 from corolla.gui.prefs import open_prefs
 from corolla.gui.window import SWARM_POLL_OTHER_PANES, MainWindow
 
 NOWHERE = "http://127.0.0.1:9"  # nothing listens
-MODEL = {"dht_prefix": "tiny", "num_blocks": 2, "online_per_block": [1, 1], "servers": []}
+MODEL = SwarmModel(dht_prefix="tiny", num_blocks=2, online_per_block=[1, 1], servers=[])
 
 
 @pytest.fixture

@@ -10,10 +10,12 @@ import pytest
 pytest.importorskip("PySide6")
 
 from corolla.gui.transcript import LINE_BREAK, Transcript, readable_markdown
+from corolla.gui.turns import Turn
 
 
-def _reply(content: str, **extra) -> dict:
-    return {"role": "assistant", "content": content, "status": "complete", "created_at": time.time(), **extra}
+def _reply(content: str, **extra) -> Turn:
+    fields = {"id": "m1", "role": "assistant", "content": content, "status": "complete", "tokens": 0}
+    return Turn(**{**fields, "created_at": time.time(), **extra})
 
 
 @pytest.fixture
@@ -89,9 +91,9 @@ def test_streaming_renders_the_same_as_the_finished_reply(transcript):
     reply = _reply("", status="streaming")
     transcript.set_messages([reply])
     for end in range(1, len(text) + 1, 3):
-        reply["content"] = text[:end]
+        reply.content = text[:end]
         transcript.flush()
-    reply["content"], reply["status"] = text, "complete"
+    reply.content, reply.status = text, "complete"
     transcript.flush()
     streamed = _lines(transcript)
     transcript.set_messages([_reply(text)])

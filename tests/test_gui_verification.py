@@ -19,6 +19,7 @@ pytest.importorskip("PySide6")
 
 from PySide6.QtCore import Qt
 
+from corolla.api.models import SwarmModel, SwarmServer
 from corolla.gui.node_client import NodeClient
 from corolla.gui.prefs import open_prefs
 
@@ -51,6 +52,11 @@ def _server(peer: str, start: int, end: int, verification: dict | None, **extra)
     if verification is not None:
         server["verification"] = verification
     return server
+
+
+def _typed(peer: str, start: int, end: int, verification: dict | None, **extra) -> SwarmServer:
+    """A server as the window reads it from the node's answer."""
+    return SwarmServer.model_validate(_server(peer, start, end, verification, **extra))
 
 
 SWARM = [
@@ -143,7 +149,7 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     qtbot.addWidget(pane)
     pane.resize(1000, 700)
     pane.show()
-    client.call("GET", "/api/swarm", on_ok=pane.show_swarm)
+    client.call("GET", "/api/swarm", on_ok=pane.show_swarm, answer=list[SwarmModel])
     qtbot.waitUntil(lambda: pane.table.rowCount() == 5, timeout=10_000)
     graph = pane.map
 
@@ -157,7 +163,7 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     assert graph.boxes_by_peer[HONEST].verified and "3 spot checks" in server_details(
         graph.boxes_by_peer[HONEST].server
     )
-    trust = {pane.table.servers[r]["peer_id"]: pane.table.data(pane.table.index(r, 2)) for r in range(5)}
+    trust = {pane.table.servers[r].peer_id: pane.table.data(pane.table.index(r, 2)) for r in range(5)}
     assert trust[LIAR] == "FLAGGED: wrong results" and trust[FRESH] == "not checked yet"
     assert trust[HONEST] == "verified (3 checks)" and trust[OLD] == "–"  # no verdict: nothing claimed
     assert "Not verified" not in server_details(graph.boxes_by_peer[OLD].server)
@@ -193,7 +199,7 @@ def test_flagged_servers_are_marked_and_a_server_is_checked_on_purpose(qtbot, co
     assert "mallory: ⚠ FLAGGED" in pane.check_result.text() and "Largest difference: 0.5" in pane.check_result.text()
 
     # A peer the node no longer knows: the node's own message, not a crash.
-    pane.selected = {**graph.boxes_by_peer[OLD].server, "peer_id": "12D3KooWGone"}
+    pane.selected = graph.boxes_by_peer[OLD].server.model_copy(update={"peer_id": "12D3KooWGone"})
     pane.check_selected()
     qtbot.waitUntil(lambda: pane.checking is None, timeout=10_000)
     assert pane.check_result.text() == "Could not check birch: no server 12D3KooWGone in this swarm."
@@ -204,12 +210,12 @@ def test_a_slow_server_is_marked_beside_its_verdict():
 
     verified = {"state": "verified", "checks": 2, "evidence": None}
     evidence = {"kind": "slow", "times_slower": 12.3, "detail": "slower than it announces: steps take 0.6 s here"}
-    slow = _server(FRESH, 1, 5, verified, speed={"state": "slow", "steps": 9, "step_s": 0.6, "evidence": evidence})
+    slow = _typed(FRESH, 1, 5, verified, speed={"state": "slow", "steps": 9, "step_s": 0.6, "evidence": evidence})
     assert trust_text(slow) == "verified (2 checks) · slow (12x announced)"
     assert "⏱ Slow: slower than it announces" in server_details(slow)
     stalled = {"kind": "stalled", "times_slower": 480.0, "detail": "a step of 1 token had no answer after 3.2 s"}
-    staller = _server(FRESH, 1, 5, None, speed={"state": "slow", "steps": 1, "evidence": stalled})
+    staller = _typed(FRESH, 1, 5, None, speed={"state": "slow", "steps": 1, "evidence": stalled})
     assert trust_text(staller) == "stalled (480x announced)"  # slow shows even from a node without verdicts
-    measured = _server(HONEST, 0, 3, verified, speed={"state": "measured", "steps": 30, "step_s": 0.012})
+    measured = _typed(HONEST, 0, 3, verified, speed={"state": "measured", "steps": 30, "step_s": 0.012})
     assert trust_text(measured) == "verified (2 checks)" and "Steps here take 12 ms" in server_details(measured)
-    assert trust_text(_server(OLD, 2, 6, verified)) == "verified (2 checks)"  # an older node: no speed field
+    assert trust_text(_typed(OLD, 2, 6, verified)) == "verified (2 checks)"  # an older node: no speed field

@@ -302,12 +302,13 @@ def test_node_behind_nat_says_it_is_reachable_via_relay_and_marks_relayed_server
         assert "relay" in reach["summary"] and "forward" in reach["advice"].lower()
         assert reach["relay_addrs"] and all("/p2p-circuit/" in addr for addr in reach["relay_addrs"])
         # The window's Contribute pane shows this node's status as a person reads it: "via a relay".
+        from corolla.api.models import NodeStatus
         from corolla.gui.node_client import NodeClient
         from corolla.gui.panes.contribute import ContributePane
 
         pane = ContributePane(NodeClient(node.url, "unused: the pane only renders the status given"))
         qtbot.addWidget(pane)
-        pane.show_status(status)
+        pane.show_status(NodeStatus.model_validate(status))
         assert pane.fields["network"].text().startswith("Via a relay (slower). Nothing needed"), pane.fields[
             "network"
         ].text()

@@ -3,7 +3,7 @@ module (no torch in here), so all sides of the API share one definition."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -262,3 +262,133 @@ class LanSwarms(BaseModel):
     announcing: bool
     not_announced_because: str | None = None
     swarms: list[LanSwarm]
+
+
+# --- responses the window reads (GET /api/swarm, /api/hardware, /api/stats/history, ...) --------------
+# Plain BaseModel (unknown fields ignored): a newer node may add fields without breaking an older window.
+
+
+class ServerVerification(BaseModel):
+    """The node's verdict on a server from spot checks."""
+
+    state: str = Field(..., description="verified, unverified or flagged (a window skips a state it does not know)")
+    checks: int = 0
+    evidence: dict[str, Any] | None = Field(None, description="a flagged server's evidence (what was compared)")
+
+
+class ServerSpeed(BaseModel):
+    """This client's step times of a server against what it announces."""
+
+    state: str = Field(..., description="slow, measured or unmeasured (a window skips a state it does not know)")
+    steps: int = 0
+    step_s: float | None = None
+    stalls: int = 0
+    evidence: dict[str, Any] | None = Field(None, description="a slow server's evidence (times_slower, kind, detail)")
+
+
+class SwarmServer(BaseModel):
+    """One server of a model, as the DHT announces it, with the node's verdicts."""
+
+    peer_id: str
+    state: str = Field(..., description="ONLINE, JOINING or OFFLINE")
+    start_block: int
+    end_block: int
+    throughput: float
+    inference_rps: float | None = None
+    version: str | None = None
+    corolla_version: str | None = None
+    using_relay: bool | None = None
+    cache_tokens_left: int | None = None
+    public_name: str | None = None
+    torch_dtype: str | None = None
+    quant_type: str | None = None
+    ping_ms: float | None = None
+    free_cache_tokens: int | None = None
+    this_computer: bool = False
+    verification: ServerVerification | None = None  # None from a node that does not check servers
+    speed: ServerSpeed | None = None  # None from an older node
+
+
+class RouteHop(BaseModel):
+    peer_id: str
+    start: int
+    end: int
+
+
+class SwarmModel(BaseModel):
+    """One model of the swarm: its servers, coverage per block and (for the node's model) the route."""
+
+    dht_prefix: str
+    num_blocks: int
+    repository: str | None = None
+    servers: list[SwarmServer] = Field(default_factory=list)
+    online_per_block: list[int] = Field(default_factory=list)
+    healthy: bool = False
+    missing_blocks: list[int] = Field(default_factory=list)
+    route: list[RouteHop] = Field(default_factory=list, description="the chain a new chat would take now")
+
+
+class ServerCheck(BaseModel):
+    """The verdict of one server checked on purpose (POST /api/swarm/check)."""
+
+    peer_id: str
+    state: str = Field(..., description="verified, unverified or flagged")
+    detail: str | None = None
+    max_error: float | None = None
+    compared_with: list[str] = Field(default_factory=list)
+    evidence: dict[str, Any] | None = None
+
+
+class Accelerator(BaseModel):
+    kind: str = Field(..., description="cuda, mps or cpu")
+    index: int | None = None
+    name: str
+    total_bytes: int
+    free_bytes: int
+    compute_capability: str | None = None
+    source: str = "torch"
+
+
+class BlockPlan(BaseModel):
+    """Memory per block and how many blocks fit here."""
+
+    model: str
+    family: str
+    num_blocks: int
+    dtype: str
+    quant_type: str
+    bytes_per_block: int
+    cache_bytes_per_block: int
+    client_bytes: int
+    device: str
+    usable_bytes: int
+    recommended_blocks: int
+
+
+class HardwareReport(BaseModel):
+    os: str
+    cpu: str
+    cpu_cores: int
+    ram_total_bytes: int
+    ram_available_bytes: int
+    accelerators: list[Accelerator] = Field(default_factory=list)
+    plan: BlockPlan | None = None
+
+
+class HourStats(BaseModel):
+    """What this computer served in one hour (GET /api/stats/history)."""
+
+    hour: int = Field(..., description="hours since the epoch")
+    tokens_served: int = 0
+    sessions: int = 0
+    inference_steps: int = 0
+    uptime_s: float = 0.0
+
+
+class ServerLog(BaseModel):
+    log: str
+
+
+class Ping(BaseModel):
+    ok: bool
+    version: str

@@ -25,9 +25,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from corolla.api.models import PRIVACY_LABELS, PRIVACY_SENTENCES
+from corolla.api.models import PRIVACY_LABELS, PRIVACY_SENTENCES, ActionResult, HardwareReport, HfToken, Invite
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
+from corolla.gui.node_settings import NodeSettings
 from corolla.gui.settings_checks import friendly_error, local_problems
 from corolla.gui.settings_sharing import SharingSettingsMixin
 from corolla.gui.widgets import ScreenFittingScroll, plain_label, plural, sentence
@@ -55,7 +56,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         super().__init__(parent)
         self.client = client
         self.first_run = first_run
-        self.settings: dict | None = None
+        self.settings: NodeSettings | None = None
         self.setWindowTitle("Welcome to Corolla" if first_run else "Corolla settings")
         self.setMinimumWidth(620)
         outer = QVBoxLayout(self)
@@ -215,7 +216,17 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         self.private.setChecked(True)
         self._swarm_changed()
         self._update_save_text()
-        self.client.call("GET", "/api/settings", on_ok=self.load, on_error=lambda e: self.error.setText(sentence(e)))
+        self.client.call(
+            "GET",
+            "/api/settings",
+            on_ok=self.load,
+            on_error=lambda e: self.error.setText(sentence(e)),
+            answer=NodeSettings,
+        )
+
+    def _has(self, field: str) -> bool:
+        """Whether the node has this setting (an older node lacks the newer ones)."""
+        return self.settings is not None and self.settings.has(field)
 
     # --- who can join the private swarm -------------------------------------------------------------
 
@@ -228,9 +239,8 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
     def _swarm_changed(self) -> None:
         """Only the chosen way of joining shows its field; the public swarm has nothing on the LAN to
         find or announce, so the discovery switch is not offered with it."""
-        has_setting = "lan_discovery" in (self.settings or {})  # an older node has no such setting
-        self.lan_discovery.setVisible(has_setting and not self.public.isChecked())
-        self.sharing_box.setVisible(self.private.isChecked() and "swarm_port" in (self.settings or {}))
+        self.lan_discovery.setVisible(self._has("lan_discovery") and not self.public.isChecked())
+        self.sharing_box.setVisible(self.private.isChecked() and self._has("swarm_port"))
         self.invite.setVisible(self.invite_option.isChecked())
         self.lan_box.setVisible(self.invite_option.isChecked())
         self.peers.setVisible(self.custom.isChecked())
@@ -252,37 +262,37 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         if self.first_run:
             self.save_button.setText("Agree and start contributing" if self.contribute.isChecked() else "Save")
 
-    def load(self, settings: dict) -> None:
+    def load(self, settings: NodeSettings) -> None:
         self.settings = settings
-        {"private": self.private, "public": self.public, "custom": self.custom}[settings["swarm"]].setChecked(True)
-        self.peers.setPlainText("\n".join(settings["custom_peers"]))
-        self.model.setText(settings.get("model") or "")
-        self.dtype.setCurrentText(settings["torch_dtype"])
-        self.quant.setCurrentText(settings["quant_type"])
-        self.memory_cap.setValue(settings.get("memory_cap_gib") or 0)
-        self.idle_only.setChecked(settings["only_when_idle"])
-        self.on_battery.setChecked(settings["allow_on_battery"])
-        has_cpu = "cpu_percent" in settings  # an older node has no such setting
+        {"private": self.private, "public": self.public, "custom": self.custom}[settings.swarm].setChecked(True)
+        self.peers.setPlainText("\n".join(settings.custom_peers))
+        self.model.setText(settings.model or "")
+        self.dtype.setCurrentText(settings.torch_dtype)
+        self.quant.setCurrentText(settings.quant_type)
+        self.memory_cap.setValue(settings.memory_cap_gib or 0)
+        self.idle_only.setChecked(settings.only_when_idle)
+        self.on_battery.setChecked(settings.allow_on_battery)
+        has_cpu = settings.has("cpu_percent")  # an older node has no such setting
         self.cpu_percent.setVisible(has_cpu)
         self.cpu_row_label.setVisible(has_cpu)
-        self.cpu_percent.setValue(settings.get("cpu_percent", 100))
-        self.window.setText(settings.get("time_window") or "")
+        self.cpu_percent.setValue(settings.cpu_percent)
+        self.window.setText(settings.time_window or "")
         self.autostart.setChecked(autostart.is_enabled())
-        self.contribute.setChecked(settings.get("contribute", True))
-        self.lan_discovery.setChecked(settings.get("lan_discovery", False))
-        (self.let_join if settings.get("listen_on_lan") else self.only_here).setChecked(True)
-        self.nat_port_map.setChecked(settings.get("nat_port_map", False))
-        self.public_address.setText(settings.get("public_address") or "")
+        self.contribute.setChecked(settings.contribute)
+        self.lan_discovery.setChecked(settings.lan_discovery)
+        (self.let_join if settings.listen_on_lan else self.only_here).setChecked(True)
+        self.nat_port_map.setChecked(settings.nat_port_map)
+        self.public_address.setText(settings.public_address or "")
         self._sharing_changed()
-        self.lan_discovery.setVisible("lan_discovery" in settings)  # an older node has no such setting
-        self.privacy.setCurrentIndex(max(0, self.privacy.findData(settings.get("default_privacy", "any"))))
-        self.trusted_peers.setPlainText("\n".join(settings.get("trusted_peers") or []))
-        self.local_blocks.setValue(int(settings.get("chat_local_blocks") or 0))
+        self.lan_discovery.setVisible(settings.has("lan_discovery"))  # an older node has no such setting
+        self.privacy.setCurrentIndex(max(0, self.privacy.findData(settings.default_privacy)))
+        self.trusted_peers.setPlainText("\n".join(settings.trusted_peers))
+        self.local_blocks.setValue(settings.chat_local_blocks)
         for widget in (self.local_blocks, self.local_blocks_row):  # an older node has no such setting
-            widget.setVisible("chat_local_blocks" in settings)
+            widget.setVisible(settings.has("chat_local_blocks"))
         label = self._privacy_form.labelForField(self.local_blocks)
         if label is not None:
-            label.setVisible("chat_local_blocks" in settings)
+            label.setVisible(settings.has("chat_local_blocks"))
         self._swarm_changed()
 
     def check_model(self) -> None:
@@ -294,12 +304,14 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         self.model_info.setText("Reading the model's configuration…")
         self.model_info.show()
 
-        def shown(report: dict) -> None:
-            plan = report["plan"]
+        def shown(report: HardwareReport) -> None:
+            plan = report.plan
             self.model_info.setText(
-                f"{plan['family']} with {plan['num_blocks']} blocks; each block needs "
-                f"{human_bytes(plan['bytes_per_block'])} plus {human_bytes(plan['cache_bytes_per_block'])} of cache "
-                f"in {plan['dtype']}; this computer can serve {plural(plan['recommended_blocks'], 'block')}."
+                "The node did not size this model."
+                if plan is None
+                else f"{plan.family} with {plan.num_blocks} blocks; each block needs "
+                f"{human_bytes(plan.bytes_per_block)} plus {human_bytes(plan.cache_bytes_per_block)} of cache "
+                f"in {plan.dtype}; this computer can serve {plural(plan.recommended_blocks, 'block')}."
             )
             self._grow()
 
@@ -308,6 +320,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
             f"/api/hardware?{urlencode(query)}",
             on_ok=shown,
             on_error=lambda e: (self.model_info.setText(sentence(f"Cannot use this model: {e}")), self._grow()),
+            answer=HardwareReport,
         )
 
     def _grow(self) -> None:
@@ -320,19 +333,19 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
     def _changes(self) -> dict:
         swarm = "private" if self.private.isChecked() else "public" if self.public.isChecked() else "custom"
         return {
-            **(self.settings or {}),
+            **(self.settings.with_changes() if self.settings is not None else {}),
             "swarm": swarm,
             "model": self.model.text().strip() or None,
             # Peers typed under another choice are not checked or kept: only the chosen way counts.
             "custom_peers": [p.strip() for p in self.peers.toPlainText().splitlines() if p.strip()]
             if swarm == "custom"
-            else (self.settings or {}).get("custom_peers", []),
+            else (self.settings.custom_peers if self.settings is not None else []),
             "torch_dtype": self.dtype.currentText(),
             "quant_type": self.quant.currentText(),
             "memory_cap_gib": self.memory_cap.value() or None,
             "only_when_idle": self.idle_only.isChecked(),
             "allow_on_battery": self.on_battery.isChecked(),
-            **({"cpu_percent": self.cpu_percent.value()} if "cpu_percent" in (self.settings or {}) else {}),
+            **({"cpu_percent": self.cpu_percent.value()} if self._has("cpu_percent") else {}),
             "time_window": self.window.text().strip() or None,
             "contribute": self.contribute.isChecked(),
             **self._sharing_changes(swarm),
@@ -341,11 +354,11 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         }
 
     def _privacy_changes(self) -> dict:
-        if "default_privacy" not in (self.settings or {}):
+        if not self._has("default_privacy"):
             return {}  # an older node has no privacy settings
         peers = [p.strip() for p in self.trusted_peers.toPlainText().splitlines() if p.strip()]
         changes = {"default_privacy": self.privacy.currentData(), "trusted_peers": peers}
-        if "chat_local_blocks" in (self.settings or {}):
+        if self._has("chat_local_blocks"):
             changes["chat_local_blocks"] = self.local_blocks.value()
         return changes
 
@@ -368,9 +381,11 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
                 "/api/secrets/hf-token",
                 {"token": self.hf_token.text().strip()},
                 on_error=lambda e: self.error.setText(sentence(e)),
+                answer=ActionResult,
+                request=HfToken,
             )
 
-        def saved(settings: dict) -> None:
+        def saved(settings: NodeSettings) -> None:
             self.settings = settings
             if not self.first_run:  # the node itself starts or stops when `contribute` changed
                 self.accept()
@@ -382,6 +397,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
                 f"/api/contribution/{action}",
                 on_ok=lambda _: self.accept(),
                 on_error=lambda e: self.error.setText(sentence(f"Saved, but could not {action} contributing: {e}")),
+                answer=ActionResult,
             )
 
         if self.invite_option.isChecked():
@@ -391,6 +407,8 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
                 {"invite": self.invite.text().strip()},
                 on_ok=saved,
                 on_error=lambda e: self.error.setText(sentence(f"This invite does not work: {friendly_error(e)}")),
+                answer=NodeSettings,
+                request=Invite,
             )
         else:
             self.client.call(
@@ -399,4 +417,6 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
                 self._changes(),
                 on_ok=saved,
                 on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),
+                answer=NodeSettings,
+                request=NodeSettings,
             )

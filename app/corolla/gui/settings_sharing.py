@@ -17,6 +17,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api.models import LanSwarms
+from corolla.gui.node_settings import NodeSettings
 from corolla.gui.settings_checks import friendly_error
 from corolla.gui.widgets import plain_label, sentence
 
@@ -64,21 +66,21 @@ class SharingSettingsMixin:
         return self.sharing_box
 
     def _sharing_changed(self) -> None:
-        port = (self.settings or {}).get("swarm_port")
+        port = self.settings.swarm_port if self.settings is not None else None
         on = f"port {port}" if port else "a port chosen once, when it first starts"
         self.sharing_note.setText(
             f"Other computers connect to this one on {on}; you share an invite with them."
             if self.let_join.isChecked()
             else "The swarm listens on this computer only: nobody else can join it."
         )
-        self.nat_port_map.setVisible(self.let_join.isChecked() and "nat_port_map" in (self.settings or {}))
-        self.public_address.setVisible(self.let_join.isChecked() and "public_address" in (self.settings or {}))
+        self.nat_port_map.setVisible(self.let_join.isChecked() and self._has("nat_port_map"))
+        self.public_address.setVisible(self.let_join.isChecked() and self._has("public_address"))
 
     def _sharing_changes(self, swarm: str) -> dict:
-        if "swarm_port" not in (self.settings or {}):
+        if not self._has("swarm_port"):
             return {}  # an older node: no such choice
         changes = {"nat_port_map": self.nat_port_map.isChecked()}
-        if "public_address" in (self.settings or {}):
+        if self._has("public_address"):
             changes["public_address"] = self.public_address.text().strip() or None
         if swarm == "private":
             changes["listen_on_lan"] = self.let_join.isChecked()
@@ -114,7 +116,9 @@ class SharingSettingsMixin:
         return self.lan_box
 
     def refresh_lan(self) -> None:
-        self.client.call("GET", "/api/lan/swarms", on_ok=self._show_lan, on_error=self._lan_unavailable)
+        self.client.call(
+            "GET", "/api/lan/swarms", on_ok=self._show_lan, on_error=self._lan_unavailable, answer=LanSwarms
+        )
 
     def _lan_unavailable(self, message: str) -> None:
         # An older node without the endpoint (or one that stopped): the invite field still works.
@@ -124,19 +128,19 @@ class SharingSettingsMixin:
         self.lan_join.setEnabled(False)
         self.lan_note.setText("This node cannot list swarms on this network; paste an invite instead.")
 
-    def _show_lan(self, payload: dict) -> None:
+    def _show_lan(self, lan: LanSwarms) -> None:
         chosen = self._chosen_lan_invite()
         self.lan_list.clear()
-        for swarm in payload.get("swarms") or []:
-            item = QListWidgetItem(f"{swarm['name']} — {swarm['model']}")
-            item.setData(Qt.ItemDataRole.UserRole, swarm["invite"])
-            item.setToolTip("\n".join(swarm["peers"]))
+        for swarm in lan.swarms:
+            item = QListWidgetItem(f"{swarm.name} — {swarm.model}")
+            item.setData(Qt.ItemDataRole.UserRole, swarm.invite)
+            item.setToolTip("\n".join(swarm.peers))
             self.lan_list.addItem(item)
-            if swarm["invite"] == chosen:
+            if swarm.invite == chosen:
                 item.setSelected(True)
-        if not payload.get("enabled"):
+        if not lan.enabled:
             note = "Switch on “Find swarms on this network” below to see them."
-        elif not payload.get("swarms"):
+        elif not lan.swarms:
             note = "Looking… no swarm is announced on this network yet."
         else:
             note = ""
@@ -163,20 +167,22 @@ class SharingSettingsMixin:
         if self.settings is None:
             return
 
-        def applied(settings: dict) -> None:
+        def applied(settings: NodeSettings) -> None:
             self.settings = settings
             self.refresh_lan()
 
         self.client.call(
             "PUT",
             "/api/settings",
-            {**self.settings, "lan_discovery": checked},
+            self.settings.with_changes(lan_discovery=checked),
             on_ok=applied,
             on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),
+            answer=NodeSettings,
+            request=NodeSettings,
         )
 
     def _lan_changes(self, swarm: str) -> dict:
-        if "lan_discovery" not in (self.settings or {}):
+        if not self._has("lan_discovery"):
             return {}
         on = self.lan_discovery.isChecked() and swarm != "public"  # not offered there: off
         changes = {"lan_discovery": on}

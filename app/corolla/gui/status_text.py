@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from corolla.api.models import NodeStatus
 from corolla.gui.widgets import block_span, plural
 
 
-def status_line(status: dict | None) -> str:
+def status_line(status: NodeStatus | None) -> str:
     """One line for the tray menu and tooltip."""
     if status is None:
         return "The node is not running"
-    if status.get("awaiting_consent"):
+    if status.awaiting_consent:
         return "Not contributing: waiting for your go-ahead"
-    c = status["contribution"]
-    state = c["state"]
+    c = status.contribution
+    state = c.state
     if state == "online":
-        blocks = block_span(c.get("start_block"), c.get("end_block"))
-        return f"Contributing {blocks or 'blocks'} · {plural(c['sessions_active'], 'active session')}"
+        blocks = block_span(c.start_block, c.end_block)
+        return f"Contributing {blocks or 'blocks'} · {plural(c.sessions_active, 'active session')}"
     if state == "paused":
-        rule = status.get("pause_rule")
-        return f"Paused ({rule['until']})" if rule else "Paused by you"
+        rule = status.pause_rule
+        return f"Paused ({rule.until})" if rule else "Paused by you"
     return {
         "starting": "Starting the block server…",
         "loading": "Loading the model…",
@@ -51,11 +52,11 @@ def node_memory(paths=None) -> int | None:
         return None
 
 
-def quit_question(status: dict | None, memory: int | None) -> str:
+def quit_question(status: NodeStatus | None, memory: int | None) -> str:
     """What quitting leaves running, in a person's words."""
     from corolla.units import human_bytes
 
-    state = ((status or {}).get("contribution") or {}).get("state")
+    state = status.contribution.state if status is not None else None
     held = f", holding about {human_bytes(memory)} of memory" if memory else ""
     if state in ("online", "starting", "loading", "restarting"):
         doing = f"keeps contributing to the swarm in the background{held}"

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api.models import RouteHop, ServerSpeed, ServerVerification, SwarmModel, SwarmServer
 from corolla.gui import theme
 
 LANE_H = 30
@@ -48,49 +49,47 @@ def state_colour(state: str) -> str:
     return {"ONLINE": c.good, "JOINING": c.warn}.get(state, "#8a8a90")
 
 
-def assign_lanes(servers: list[dict]) -> dict[str, int]:
+def assign_lanes(servers: list[SwarmServer]) -> dict[str, int]:
     """Interval partitioning: servers sorted by first block; each takes the first lane it fits in."""
     lanes_end: list[int] = []
     lanes: dict[str, int] = {}
-    for s in sorted(
-        servers, key=lambda s: (not s.get("this_computer"), s["start_block"], -s["end_block"], s["peer_id"])
-    ):
+    for s in sorted(servers, key=lambda s: (not s.this_computer, s.start_block, -s.end_block, s.peer_id)):
         for lane, end in enumerate(lanes_end):
-            if end <= s["start_block"]:
-                lanes_end[lane] = s["end_block"]
-                lanes[s["peer_id"]] = lane
+            if end <= s.start_block:
+                lanes_end[lane] = s.end_block
+                lanes[s.peer_id] = lane
                 break
         else:
-            lanes_end.append(s["end_block"])
-            lanes[s["peer_id"]] = len(lanes_end) - 1
+            lanes_end.append(s.end_block)
+            lanes[s.peer_id] = len(lanes_end) - 1
     return lanes
 
 
-def verification(server: dict) -> dict | None:
+def verification(server: SwarmServer) -> ServerVerification | None:
     """The node's verdict on a server (spot checks), or None from a node that does not check servers."""
-    v = server.get("verification")
-    return v if isinstance(v, dict) and v.get("state") in ("verified", "unverified", "flagged") else None
+    v = server.verification
+    return v if v is not None and v.state in ("verified", "unverified", "flagged") else None
 
 
-def speed(server: dict) -> dict | None:
+def speed(server: SwarmServer) -> ServerSpeed | None:
     """The node's measure of a server's speed (slow | measured | unmeasured), or None from an older node."""
-    v = server.get("speed")
-    return v if isinstance(v, dict) and v.get("state") in ("slow", "measured", "unmeasured") else None
+    v = server.speed
+    return v if v is not None and v.state in ("slow", "measured", "unmeasured") else None
 
 
-def slow_text(server: dict) -> str:
+def slow_text(server: SwarmServer) -> str:
     """'slow (12x announced)' for a server this computer found slow, else ''."""
     v = speed(server)
-    if v is None or v["state"] != "slow":
+    if v is None or v.state != "slow":
         return ""
-    evidence = v.get("evidence") if isinstance(v.get("evidence"), dict) else {}
+    evidence = v.evidence or {}
     times = evidence.get("times_slower")
     stalled = str(evidence.get("kind", "")).startswith("stalled")
     what = "stalled" if stalled else "slow"
     return f"{what} ({times:.0f}x announced)" if isinstance(times, (int, float)) else what
 
 
-def trust_text(server: dict) -> str:
+def trust_text(server: SwarmServer) -> str:
     """A short verdict for the table: 'verified (3 checks)', 'not checked yet', 'FLAGGED', or '–', with
     'slow (12x announced)' after it for a server found slower than it announces."""
     text = _trust_text(server)
@@ -98,16 +97,16 @@ def trust_text(server: dict) -> str:
     return f"{text} · {slow}" if slow and text != "–" else (slow or text)
 
 
-def _trust_text(server: dict) -> str:
+def _trust_text(server: SwarmServer) -> str:
     v = verification(server)
     if v is None:
         return "–"
-    if server.get("this_computer"):
+    if server.this_computer:
         return "this computer (never checks itself)"
-    checks = int(v.get("checks") or 0)
-    if v["state"] == "flagged":
+    checks = v.checks
+    if v.state == "flagged":
         return "FLAGGED: wrong results"
-    if v["state"] == "verified":
+    if v.state == "verified":
         return f"verified ({checks} check{'s' if checks != 1 else ''})"
     return "not checked yet" if not checks else f"unverified ({checks} check{'s' if checks != 1 else ''})"
 
@@ -137,42 +136,42 @@ def evidence_text(evidence: dict | None) -> str:
     return text if len(text) <= EVIDENCE_CHARS else text[:EVIDENCE_CHARS] + "…"
 
 
-def server_label(s: dict) -> str:
-    if s.get("this_computer"):
+def server_label(s: SwarmServer) -> str:
+    if s.this_computer:
         return "★ this computer"
-    return s.get("public_name") or "…" + s["peer_id"][-6:]
+    return s.public_name or "…" + s.peer_id[-6:]
 
 
-def server_details(s: dict) -> str:
-    software = f"corolla {s['corolla_version']}" if s.get("corolla_version") else f"petals {s.get('version')}"
-    ping = "–" if s.get("ping_ms") is None else f"{s['ping_ms']:.0f} ms"
-    cache = "?" if s.get("cache_tokens_left") is None else f"{s['cache_tokens_left']:,} tokens"
+def server_details(s: SwarmServer) -> str:
+    software = f"corolla {s.corolla_version}" if s.corolla_version else f"petals {s.version}"
+    ping = "–" if s.ping_ms is None else f"{s.ping_ms:.0f} ms"
+    cache = "?" if s.cache_tokens_left is None else f"{s.cache_tokens_left:,} tokens"
     text = (
-        f"{server_label(s)}  ({s['peer_id']})\n"
-        f"{s['state'].lower()} · blocks {s['start_block']}:{s['end_block']} · {s['throughput']:.1f} tokens/s\n"
-        f"ping {ping} · {'relayed (no direct connection)' if s.get('using_relay') else 'direct'} · {software}\n"
-        f"{s.get('torch_dtype') or '?'} {s.get('quant_type') or ''} · free cache {cache}"
+        f"{server_label(s)}  ({s.peer_id})\n"
+        f"{s.state.lower()} · blocks {s.start_block}:{s.end_block} · {s.throughput:.1f} tokens/s\n"
+        f"ping {ping} · {'relayed (no direct connection)' if s.using_relay else 'direct'} · {software}\n"
+        f"{s.torch_dtype or '?'} {s.quant_type or ''} · free cache {cache}"
     )
     v = verification(s)
     if v is not None:
-        if v["state"] == "flagged":
+        if v.state == "flagged":
             text += "\n⚠ FLAGGED: this server returned wrong results; Corolla no longer routes through it."
-            evidence = evidence_text(v.get("evidence"))
+            evidence = evidence_text(v.evidence)
             if evidence:
                 text += "\nEvidence:\n" + evidence
-        elif v["state"] == "verified":
-            checks = int(v.get("checks") or 0)
+        elif v.state == "verified":
+            checks = v.checks
             spot_checks = f"{checks} spot check{'' if checks == 1 else 's'}"
             text += f"\n✓ Verified: its results matched other servers in {spot_checks}."
         else:
             text += "\nNot verified yet: no spot check has compared its results with another server."
     pace = speed(s)
-    if pace is not None and pace["state"] == "slow":
-        evidence = pace.get("evidence") if isinstance(pace.get("evidence"), dict) else {}
+    if pace is not None and pace.state == "slow":
+        evidence = pace.evidence or {}
         detail = str(evidence.get("detail") or "")[:300]
         text += f"\n⏱ Slow: {detail or 'slower than it announces'}; Corolla routes around it when it can."
-    elif pace is not None and pace["state"] == "measured" and isinstance(pace.get("step_s"), (int, float)):
-        text += f"\nSteps here take {pace['step_s'] * 1000:.0f} ms."
+    elif pace is not None and pace.state == "measured" and pace.step_s is not None:
+        text += f"\nSteps here take {pace.step_s * 1000:.0f} ms."
     return text
 
 
@@ -181,7 +180,7 @@ class ServerBox:
     """One server as the map draws it."""
 
     peer_id: str
-    server: dict
+    server: SwarmServer
     rect: QRectF
     label: QStaticText
     label_pos: QPointF
@@ -192,7 +191,7 @@ class ServerBox:
     def looks(self) -> tuple:
         """Everything the map draws of this server: equal looks, no repaint."""
         s = self.server
-        return (self.peer_id, self.rect.getRect(), self.label.text(), s["state"], self.flagged, s.get("using_relay"))
+        return (self.peer_id, self.rect.getRect(), self.label.text(), s.state, self.flagged, s.using_relay)
 
 
 class ServerLayer(QGraphicsItem):
@@ -260,18 +259,18 @@ class ServerLayer(QGraphicsItem):
             if not box.rect.intersects(exposed):
                 continue
             s = box.server
-            key = (s["state"], s["state"] == "ONLINE")
+            key = (s.state, s.state == "ONLINE")
             if key not in fills:
-                fill = QColor(state_colour(s["state"]))
+                fill = QColor(state_colour(s.state))
                 fill.setAlphaF(0.85 if key[1] else 0.55)
                 fills[key] = QBrush(fill)
             if box.peer_id == self.pinned:
-                pen = pinned_relayed if s.get("using_relay") else pinned
+                pen = pinned_relayed if s.using_relay else pinned
             elif box.flagged:
                 pen = flagged
-            elif s.get("this_computer"):
+            elif s.this_computer:
                 pen = own
-            elif s.get("using_relay"):
+            elif s.using_relay:
                 pen = dashed
             else:
                 pen = outline
@@ -285,7 +284,7 @@ class ServerLayer(QGraphicsItem):
 
 
 class SwarmGraph(QGraphicsView):
-    server_clicked = Signal(dict)
+    server_clicked = Signal(object)  # the SwarmServer clicked
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -315,7 +314,7 @@ class SwarmGraph(QGraphicsView):
         self.client_label = QGraphicsSimpleTextItem("this computer\n(chat client)")
         self.scene_.addItem(self.client_node)
         self.scene_.addItem(self.client_label)
-        self.model: dict | None = None
+        self.model: SwarmModel | None = None
         self.pinned: str | None = None
         self.cell = SCENE_W
         self._fitted = False
@@ -335,7 +334,7 @@ class SwarmGraph(QGraphicsView):
             cached = self._labels[key] = (label, self.metrics.height())
         return cached
 
-    def set_model(self, model: dict | None) -> None:
+    def set_model(self, model: SwarmModel | None) -> None:
         self.model = model
         c = theme.colours()
         self.setBackgroundBrush(QColor(c.base))
@@ -344,26 +343,26 @@ class SwarmGraph(QGraphicsView):
             self.layer.set_boxes([], QRectF())
             self._draw_edges([])
             return
-        servers = model["servers"]
-        blocks = max(model["num_blocks"], 1)
+        servers = model.servers
+        blocks = max(model.num_blocks, 1)
         cell = self.cell = SCENE_W / blocks
         lanes = assign_lanes(servers)
         lane_count = max(lanes.values(), default=-1) + 1
         boxes = []
         for s in servers:
-            lane = lanes[s["peer_id"]]
+            lane = lanes[s.peer_id]
             rect = QRectF(
-                s["start_block"] * cell + 1, TOP + lane * LANE_H, (s["end_block"] - s["start_block"]) * cell - 2, BOX_H
+                s.start_block * cell + 1, TOP + lane * LANE_H, (s.end_block - s.start_block) * cell - 2, BOX_H
             )
             v = verification(s)
-            flagged = v is not None and v["state"] == "flagged"
-            verified = v is not None and v["state"] == "verified"
+            flagged = v is not None and v.state == "flagged"
+            verified = v is not None and v.state == "verified"
             text = ("⚠ " if flagged else "✓ " if verified else "") + server_label(s)
-            if s.get("using_relay"):
+            if s.using_relay:
                 text += "  ⇄ relay"
             label, height = self._label(text, rect.width() - 8)
             position = QPointF(rect.left() + 4, rect.top() + (rect.height() - height) / 2)
-            boxes.append(ServerBox(s["peer_id"], s, rect, label, position, flagged, verified))
+            boxes.append(ServerBox(s.peer_id, s, rect, label, position, flagged, verified))
         self.boxes_by_peer = {b.peer_id: b for b in boxes}
         self.layer.pinned = self.pinned
         bounds = QRectF(0, TOP, SCENE_W, max(lane_count, 1) * LANE_H).adjusted(-2, -2, 2, 2)
@@ -376,7 +375,7 @@ class SwarmGraph(QGraphicsView):
         self.client_label.setFont(self.font_)
         self.client_label.setPos(CLIENT_X - 40, middle + 28)
         self._draw_axis(blocks, cell, lane_count)
-        self._draw_edges(model.get("route") or [])
+        self._draw_edges(model.route)
         self.scene_.setSceneRect(
             QRectF(CLIENT_X - 60, 0, SCENE_W - CLIENT_X + 80, TOP + max(lane_count, 2) * LANE_H + 30)
         )
@@ -407,9 +406,9 @@ class SwarmGraph(QGraphicsView):
         title.setPos(CLIENT_X - 40, 4)
         self.axis.append(title)
 
-    def _draw_edges(self, route: list[dict]) -> None:
-        segments = [(r, self.boxes_by_peer[r["peer_id"]]) for r in route if r["peer_id"] in self.boxes_by_peer]
-        key = [(r["peer_id"], r["start"], r["end"], box.rect.getRect(), latency_colour(box.server.get("ping_ms")))
+    def _draw_edges(self, route: list[RouteHop]) -> None:
+        segments = [(r, self.boxes_by_peer[r.peer_id]) for r in route if r.peer_id in self.boxes_by_peer]
+        key = [(r.peer_id, r.start, r.end, box.rect.getRect(), latency_colour(box.server.ping_ms))
                for r, box in segments]  # fmt: skip
         key.append((self.client_node.rect().getRect(), theme.is_dark()))
         rebuild = key != self._edges_key
@@ -421,11 +420,11 @@ class SwarmGraph(QGraphicsView):
         previous = self.client_node.rect().center() + QPointF(24, 0)
         for i, (segment, box) in enumerate(segments):
             rect = box.rect
-            ping = box.server.get("ping_ms")
+            ping = box.server.ping_ms
             # The route enters and leaves a server where its span of blocks starts and ends (a server may
             # serve more blocks than the route takes from it).
-            start_x = min(max(segment["start"] * self.cell, rect.left()), rect.right())
-            end_x = min(max(segment["end"] * self.cell, rect.left()), rect.right())
+            start_x = min(max(segment.start * self.cell, rect.left()), rect.right())
+            end_x = min(max(segment.end * self.cell, rect.left()), rect.right())
             if rebuild:
                 target = QPointF(start_x, rect.center().y())
                 path = QPainterPath(previous)
@@ -437,7 +436,7 @@ class SwarmGraph(QGraphicsView):
                 self.scene_.addItem(edge)
                 self.edges.append(edge)
             self.edges[i].setToolTip(
-                f"route: blocks {segment['start']}:{segment['end']} via {server_label(box.server)}, "
+                f"route: blocks {segment.start}:{segment.end} via {server_label(box.server)}, "
                 f"ping {'–' if ping is None else f'{ping:.0f} ms'}"
             )
             previous = QPointF(end_x, rect.center().y())

@@ -32,6 +32,7 @@ from PySide6.QtWidgets import QTextBrowser, QWidget
 
 from corolla.gui import theme
 from corolla.gui.highlight import highlight
+from corolla.gui.turns import Turn
 
 MARKDOWN = QTextDocument.MarkdownFeature(
     QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value | QTextDocument.MarkdownFeature.MarkdownNoHTML.value
@@ -149,7 +150,7 @@ class Transcript(QTextBrowser):
         self.setAccessibleName("Conversation")
         self.anchorClicked.connect(self._anchor)
         self.code_blocks: list[str] = []
-        self.messages: list[dict] = []
+        self.messages: list[Turn] = []
         self._tail_start: int | None = None
         self._tail_index = -1  # which message _tail_start is the start of
         self._tail_code_start = 0
@@ -161,7 +162,7 @@ class Transcript(QTextBrowser):
         self.mono = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
 
     # --- public -------------------------------------------------------------------------------------
-    def set_messages(self, messages: list[dict], empty_text: str = "") -> None:
+    def set_messages(self, messages: list[Turn], empty_text: str = "") -> None:
         """Render the whole conversation (a chat was opened or reloaded)."""
         self.messages = messages
         at_bottom = self._at_bottom()
@@ -211,15 +212,10 @@ class Transcript(QTextBrowser):
         bar = self.verticalScrollBar()
         at_bottom, keep = self._at_bottom(), bar.value()
         message = self.messages[-1]
-        cut = message.get("finish_reason") == "length"  # its header note and Continue: the whole turn again
-        if (
-            self._open is not None
-            and message.get("status") in ("streaming", "complete")
-            and not message.get("error")
-            and not cut
-        ):
-            self._render_open(message.get("content") or "")  # only the part still being written
-            if message.get("status") == "complete":
+        cut = message.finish_reason == "length"  # its header note and Continue: the whole turn again
+        if self._open is not None and message.status in ("streaming", "complete") and not message.error and not cut:
+            self._render_open(message.content)  # only the part still being written
+            if message.status == "complete":
                 self._open = None
         else:
             cursor = QTextCursor(self.document())
@@ -255,9 +251,9 @@ class Transcript(QTextBrowser):
             cursor.insertText("…", muted)
         cursor.endEditBlock()
 
-    def _insert_turn(self, message: dict, cursor: QTextCursor | None = None) -> None:
+    def _insert_turn(self, message: Turn, cursor: QTextCursor | None = None) -> None:
         c = theme.colours()
-        user = message["role"] == "user"
+        user = message.role == "user"
         cursor = cursor or QTextCursor(self.document())
         cursor.movePosition(QTextCursor.MoveOperation.End)
         self._tail_code_start = len(self.code_blocks)
@@ -277,26 +273,26 @@ class Transcript(QTextBrowser):
         cursor.insertText("You" if user else "Assistant", header)
         meta = QTextCharFormat()
         meta.setForeground(QColor(c.muted))
-        when = time.strftime("%H:%M", time.localtime(message.get("created_at") or time.time()))
-        note = STATUS_NOTE.get(message.get("status", "complete"), "")
-        cut = message.get("status", "complete") == "complete" and message.get("finish_reason") == "length"
+        when = time.strftime("%H:%M", time.localtime(message.created_at or time.time()))
+        note = STATUS_NOTE.get(message.status, "")
+        cut = message.status == "complete" and message.finish_reason == "length"
         if cut:
             note = "cut off at the length limit"
         cursor.insertText(f"   {when}" + (f" · {note}" if note else ""), meta)
         cursor.insertBlock()
         cursor.setCharFormat(QTextCharFormat())
-        content = message.get("content") or ""
+        content = message.content
         self._open = None
         if user:
             cursor.insertText(content, QTextCharFormat())  # the user's own words, exactly as typed
-        elif message.get("status") == "streaming" and not message.get("error"):
+        elif message.status == "streaming" and not message.error:
             self._open = {"frame": turn, "pos": cursor.position(), "stable": 0, "code_mark": len(self.code_blocks)}
             self._render_open(content)
         else:
             self._insert_markdown(cursor, content, turn)
-        if message.get("error"):
+        if message.error:
             cursor.setPosition(turn.lastPosition())
-            self._insert_error(cursor, message["error"], message.get("error_action", "retry"))
+            self._insert_error(cursor, message.error, message.error_action or "retry")
         elif cut and message is (self.messages[-1] if self.messages else None):
             cursor.setPosition(turn.lastPosition())
             self._insert_continue(cursor)

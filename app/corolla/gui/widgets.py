@@ -8,6 +8,7 @@ from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QPainter, QPen
 from PySide6.QtWidgets import QFrame, QLabel, QScrollArea, QSizePolicy, QToolTip, QWidget
 
+from corolla.api.models import RouteHop
 from corolla.gui import theme
 
 
@@ -42,9 +43,9 @@ def block_span(start: int | None, end: int | None) -> str:
     return f"block {start}" if end - start == 1 else f"blocks {start}–{end - 1}"
 
 
-def route_text(route: list[dict]) -> str:
-    """[{start, end, peer_id}] -> "blocks 0–29 from the server …21r58S" (one hop) or "3 servers: …"."""
-    hops = [f"{block_span(r['start'], r['end'])} from …{r['peer_id'][-6:]}" for r in route]
+def route_text(route: list[RouteHop]) -> str:
+    """The route's hops -> "blocks 0–29 from the server …21r58S" (one hop) or "3 servers: …"."""
+    hops = [f"{block_span(r.start, r.end)} from …{r.peer_id[-6:]}" for r in route]
     if len(hops) == 1:
         return hops[0].replace(" from …", " from the server …")
     return f"{len(hops)} servers: " + ", ".join(hops) if hops else ""

@@ -21,23 +21,21 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api import models as m
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
 from corolla.gui.panes import ChatPane, ContributePane, StatsPane, SwarmPane
 from corolla.gui.prefs import open_prefs
 from corolla.gui.status_text import node_memory, quit_question, status_line
 from corolla.gui.tray import Tray, tray_state
-from corolla.gui.widgets import plain_label, route_text, sentence
+from corolla.gui.widgets import plain_label, sentence
+from corolla.gui.window_refresh import SWARM_POLL_MS, SWARM_POLL_OTHER_PANES, NodeRefresh
 
-__all__ = ["MainWindow", "tray_state"]
+__all__ = ["SWARM_POLL_OTHER_PANES", "MainWindow", "quit_question", "status_line", "tray_state"]
 NODE_RESTART_TIMEOUT_S = 90
-# The swarm read is a DHT read and a route on the node: every 5 s only while someone looks at the map;
-# with another pane shown, every 30 s (the chat's model list and route); nothing while the window is hidden.
-SWARM_POLL_MS = 5000
-SWARM_POLL_OTHER_PANES = 6
 
 
-class MainWindow(QMainWindow):
+class MainWindow(NodeRefresh, QMainWindow):
     # The node no longer waits for the user's go-ahead: given in the welcome dialog, by Start, by the
     # chat's "Resume contributing", or the node was never waiting. The welcome dialog is then done with.
     consent_known = Signal()
@@ -49,7 +47,7 @@ class MainWindow(QMainWindow):
         self.prefs = prefs if prefs is not None else open_prefs()
         self.paths = paths  # NodePaths of the node to restart (None: the user's default)
         self.quitting = False
-        self.status: dict | None = None
+        self.status: m.NodeStatus | None = None
         self.reachable = True
         self.tray: Tray | None = None
         self._in_flight: set[str] = set()
@@ -172,123 +170,6 @@ class MainWindow(QMainWindow):
             app.styleHints().colorSchemeChanged.connect(self._scheme_changed)
         QTimer.singleShot(0, self.refresh_all)
 
-    # --- refreshes ----------------------------------------------------------------------------------
-    def _once(self, key: str, method: str, path: str, on_ok, on_error=None, timeout_ms: int = 10_000) -> None:
-        """One request of a kind at a time: a slow node is not buried under polls."""
-        if key in self._in_flight:
-            return
-        self._in_flight.add(key)
-
-        def ok(payload):
-            self._in_flight.discard(key)
-            on_ok(payload)
-
-        def failed(message):
-            self._in_flight.discard(key)
-            if on_error is not None:
-                on_error(message)
-
-        self.client.call(method, path, on_ok=ok, on_error=failed, timeout_ms=timeout_ms)
-
-    def refresh_all(self) -> None:
-        self.refresh_status()
-        self.refresh_swarm()
-        self.refresh_stats()
-        self.chat.refresh_chats()
-        self._once(
-            "settings", "GET", "/api/settings", lambda s: self.chat.set_default_privacy(s.get("default_privacy"))
-        )
-        self.client.call(
-            "GET",
-            "/api/hardware",
-            on_ok=self.contribute.show_hardware,
-            on_error=lambda e: self.contribute.hardware.setText(sentence(f"Not available: {e}")),
-        )
-
-    def refresh_status(self) -> None:
-        self._once("status", "GET", "/api/status", self._status_shown, self._node_unreachable, timeout_ms=5000)
-
-    def _status_shown(self, status: dict) -> None:
-        was_unreachable = not self.reachable
-        self.status, self.reachable = status, True
-        self.node_banner.hide()
-        self._restart_timer.stop()
-        self.contribute.show_status(status)
-        self.chat.status_changed(status)
-        self.stats.show_lifetime(status.get("lifetime"))
-        if self.contribute.hardware_report is None and status["contribution"]["state"] == "online":
-            self._once("hardware", "GET", "/api/hardware", self.contribute.show_hardware, timeout_ms=60_000)
-        if not status.get("awaiting_consent"):
-            self.consent_known.emit()
-        c = status["contribution"]
-        self.banner.setText(f"{status['model']} · {status['swarm']} swarm · secrets: {status['secrets_storage']}")
-        if self.tray is not None:
-            state = "idle" if status.get("awaiting_consent") else tray_state(c["state"])
-            was = self.tray.state
-            self.tray.set_state(state, status_line(status))
-            if state == "error" and was == "contributing" and self.tray.supportsMessages():
-                self.tray.showMessage("Corolla stopped contributing", c["reason"], QSystemTrayIcon.MessageIcon.Warning)
-        if was_unreachable:
-            self.chat.node_back()
-            self.refresh_all()
-
-    def _node_unreachable(self, message: str) -> None:
-        was_reachable = self.reachable
-        self.status, self.reachable = None, False
-        self.chat.status_changed(None)
-        restarting = self._restart_timer.isActive()
-        self.node_banner_text.setText(
-            "Starting the node…"
-            if restarting
-            else "The node is not running: nothing is contributed and chat is unavailable."
-        )
-        # The technical reason (e.g. "Connection refused") is for whoever asks, on hover.
-        self.node_banner_text.setToolTip(sentence(message.removeprefix("the node does not answer ").strip("()")))
-        self.restart_button.setEnabled(not restarting)
-        self.node_banner.show()
-        self.banner.setText("The node does not answer.")
-        self.contribute.show_unreachable()
-        if was_reachable:  # once, when it goes: the panes stop showing what the node last said
-            self.swarm.show_unreachable()
-            self.chat.show_unreachable()
-        if self.tray is not None:
-            self.tray.set_state("unreachable", status_line(None))
-
-    def refresh_swarm(self) -> None:
-        if not self.reachable:
-            return
-
-        def shown(models: list[dict]) -> None:
-            # The node says which prefix its model has (None until it knows: no swarm read yet).
-            own = (self.status or {}).get("dht_prefix")
-            prefix = next((m["dht_prefix"] for m in models if m["dht_prefix"] == own), None)
-            self.swarm.own_prefix = prefix
-            self.swarm.show_swarm(models)
-            self.chat.show_models(models, prefix)
-            model = next((m for m in models if m["dht_prefix"] == prefix), models[0] if models else None)
-            route = (model or {}).get("route") or []
-            self.chat.route_text = route_text(route)
-
-        def failed(message: str) -> None:
-            self.swarm.show_error(message)
-            if not self.chat.model_picker.itemData(0):  # nothing known yet: say why the list is empty
-                self.chat.show_unreachable("The swarm cannot be read yet")
-
-        self._once("swarm", "GET", "/api/swarm", shown, failed, timeout_ms=90_000)
-
-    def _poll_swarm(self) -> None:
-        self._swarm_ticks += 1
-        if not self.isVisible():
-            return
-        looked_at = self.tabs.currentWidget() is self.swarm
-        unknown = not self.chat.model_picker.itemData(0)  # the chat has no model list yet
-        if looked_at or unknown or self._swarm_ticks % SWARM_POLL_OTHER_PANES == 0:
-            self.refresh_swarm()
-
-    def refresh_stats(self) -> None:
-        if self.reachable:
-            self._once("stats", "GET", f"/api/stats/history?hours={self.stats.hours}", self.stats.show_history)
-
     # --- the node -----------------------------------------------------------------------------------
     def restart_node(self) -> None:
         """Start `corolla node` again and follow it to its new address and token."""
@@ -339,7 +220,7 @@ class MainWindow(QMainWindow):
         pane.focus_first()
 
     def toggle_pause(self) -> None:
-        state = ((self.status or {}).get("contribution") or {}).get("state")
+        state = self.status.contribution.state if self.status is not None else None
         if state == "paused":
             self.contribute.control("resume")
         elif state in ("online", "starting", "loading", "restarting"):

@@ -83,7 +83,7 @@ def create_app(node) -> FastAPI:
         return JSONResponse(body, status_code=422)
 
     @app.get("/api/ping", tags=["node"])
-    def ping() -> dict:
+    def ping() -> m.Ping:
         """Liveness (no token needed): is a node answering here?"""
         return {"ok": True, "version": __version__}
 
@@ -98,7 +98,7 @@ def create_app(node) -> FastAPI:
         return node.status()
 
     @app.get("/api/hardware", dependencies=api, tags=["contribution"])
-    def hardware(model: str | None = None, torch_dtype: str = "auto", quant_type: str = "none") -> dict:
+    def hardware(model: str | None = None, torch_dtype: str = "auto", quant_type: str = "none") -> m.HardwareReport:
         if torch_dtype not in ("auto", "bfloat16", "float16", "float32") or quant_type not in ("none", "int8", "nf4"):
             raise HTTPException(400, "torch_dtype must be auto|bfloat16|float16|float32, quant_type none|int8|nf4")
         return node.hardware(model, torch_dtype, quant_type)
@@ -136,18 +136,18 @@ def create_app(node) -> FastAPI:
         return node.contribution(action)
 
     @app.get("/api/contribution/log", dependencies=api, tags=["contribution"])
-    def contribution_log(lines: int = 200) -> dict:
+    def contribution_log(lines: int = 200) -> m.ServerLog:
         """The block server's last log lines (at most 2000)."""
         if not 1 <= lines <= 2000:
             raise HTTPException(400, "lines must be between 1 and 2000")
         return {"log": node.server_log(lines)}
 
     @app.get("/api/swarm", dependencies=api, tags=["swarm"])
-    async def swarm() -> list[dict]:
+    async def swarm() -> list[m.SwarmModel]:
         return await asyncio.to_thread(node.swarm_health)
 
     @app.post("/api/swarm/check", dependencies=api, tags=["swarm"])
-    async def swarm_check(body: m.CheckServer) -> dict:
+    async def swarm_check(body: m.CheckServer) -> m.ServerCheck:
         """Send a server known inputs and compare its outputs with this computer's run or other servers'."""
         result = await asyncio.to_thread(node.check_server, body.peer_id)
         if result is None:
@@ -155,7 +155,7 @@ def create_app(node) -> FastAPI:
         return result
 
     @app.get("/api/stats/history", dependencies=api, tags=["stats"])
-    def stats_history(hours: int = 24) -> list[dict]:
+    def stats_history(hours: int = 24) -> list[m.HourStats]:
         if not 1 <= hours <= 24 * 366:
             raise HTTPException(400, "hours must be between 1 and 8784")
         return node.db.contribution_history(int(time.time() // 3600) - hours + 1)

@@ -10,34 +10,36 @@ from __future__ import annotations
 from PySide6.QtCore import QSettings, Signal
 from PySide6.QtWidgets import QWidget
 
+from corolla.api import models as m
 from corolla.api.models import MAX_NEW_TOKENS, PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.gui.node_client import NodeClient
 from corolla.gui.panes.chat_layout import ChatLayout, MessageBox
 from corolla.gui.panes.chat_list import NEW_TITLE, ChatList, auto_title, chat_markdown
 from corolla.gui.panes.chat_reply import ChatReply
+from corolla.gui.turns import Turn
 from corolla.gui.widgets import plural
 
 __all__ = ["MAX_NEW_TOKENS", "NEW_TITLE", "ChatPane", "MessageBox", "auto_title", "chat_markdown"]
 
 
 class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
-    reply_finished = Signal(dict)
+    reply_finished = Signal(object)  # the ReplyDone event of a reply
     resume_requested = Signal()
 
     def __init__(self, client: NodeClient, prefs: QSettings, parent: QWidget | None = None):
         super().__init__(parent)
         self.client, self.prefs = client, prefs
         self.chat_id: str | None = None
-        self.chat: dict | None = None
-        self.chat_list: list[dict] = []
+        self.chat: m.Chat | None = None  # without its messages (those are self.messages)
+        self.chat_list: list[m.Chat] = []
         self.stream = None
         self.reply_text = ""
         self.started = 0.0
         self.pieces = 0
-        self.messages: list[dict] = []
-        self.node_status: dict | None = None
+        self.messages: list[Turn] = []
+        self.node_status: m.NodeStatus | None = None
         self.route_text = ""
-        self.pending_delete: dict | None = None
+        self.pending_delete: m.Chat | None = None  # hidden, deleted when the undo time runs out
         self._replacing = False  # a regenerate: the answers after the last question go when the node says
         self._unsent: str | None = None  # a message sent but not yet confirmed by the node
         self._resend_when_online = False  # "Resume contributing" was pressed: ask again once online
@@ -67,7 +69,7 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         for widget in (self.privacy_label, self.privacy_picker, self.privacy_note):
             widget.setVisible(self.privacy_supported)
         self.default_privacy = level if level in PRIVACY_LABELS else "any"
-        if self.chat is None or not self.chat.get("privacy"):
+        if self.chat is None or not self.chat.privacy:
             self._show_privacy(self.default_privacy)
 
     def _show_privacy(self, level: str) -> None:
@@ -79,11 +81,12 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         self.privacy_note.setText(PRIVACY_SENTENCES.get(level, ""))
         if self.chat_id is None:
             return  # the next new chat takes it
-        chat_id, previous = self.chat_id, ((self.chat or {}).get("privacy") or {}).get("level", self.default_privacy)
+        chosen = self.chat.privacy if self.chat is not None else None
+        chat_id, previous = self.chat_id, chosen.level if chosen is not None else self.default_privacy
 
-        def changed(chat: dict) -> None:
-            if self.chat is not None and self.chat.get("id") == chat["id"]:
-                self.chat["privacy"] = chat.get("privacy")
+        def changed(chat: m.Chat) -> None:
+            if self.chat is not None and self.chat.id == chat.id:
+                self.chat.privacy = chat.privacy
             self.info.setText(f"From the next reply on: {PRIVACY_LABELS[level].lower()}.")
 
         def refused(message: str) -> None:
@@ -91,40 +94,39 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
                 self._show_privacy(previous)
             self.info.setText(f"Could not change who may read this chat: {message}")
 
-        self.client.call(
-            "PATCH", f"/api/chats/{chat_id}", {"privacy": {"level": level}}, on_ok=changed, on_error=refused
-        )
+        body = {"privacy": {"level": level}}
+        self.client.call("PATCH", f"/api/chats/{chat_id}", body, changed, refused, answer=m.Chat, request=m.ChatUpdate)
 
     def _show_seen_by(self) -> None:
         """Who received the hidden states of the chat's last reply (kept with each reply by the node)."""
-        last = next((m for m in reversed(self.messages) if m.get("role") == "assistant"), None)
-        seen = (last or {}).get("seen_by")
+        last = next((m for m in reversed(self.messages) if m.role == "assistant"), None)
+        seen = last.seen_by if last is not None else None
         if not seen:
             self.seen_by.setText("")
             return
-        own = ((self.node_status or {}).get("contribution") or {}).get("peer_id")
+        own = self.node_status.contribution.peer_id if self.node_status is not None else None
         parts = []
         for server in seen:
-            who = "this computer" if server["peer_id"] == own else (server.get("name") or "a server")
-            blocks = ", ".join(f"{a}–{b}" for a, b in server["blocks"])
-            parts.append(f"{who} (…{server['peer_id'][-6:]}, blocks {blocks})")
+            who = "this computer" if server.peer_id == own else (server.name or "a server")
+            blocks = ", ".join(f"{a}–{b}" for a, b in server.blocks)
+            parts.append(f"{who} (…{server.peer_id[-6:]}, blocks {blocks})")
         self.seen_by.setText("The last reply's text was seen by: " + "; ".join(parts) + ".")
-        self.seen_by.setToolTip("\n".join(server["peer_id"] for server in seen))
+        self.seen_by.setToolTip("\n".join(server.peer_id for server in seen))
 
     # --- models -------------------------------------------------------------------------------------
-    def show_models(self, models: list[dict], own_prefix: str | None) -> None:
+    def show_models(self, models: list[m.SwarmModel], own_prefix: str | None) -> None:
         self.model_picker.blockSignals(True)
         self.model_picker.clear()
         own_index = 0
         for model in models:
-            covered = sum(1 for n in model["online_per_block"] if n > 0)
-            servers = sum(1 for s in model["servers"] if s["state"] == "ONLINE")
-            served = f"{covered} of {model['num_blocks']} blocks served, by {plural(servers, 'server')}"
-            text = f"{model['dht_prefix']} — {served}"
-            if model["dht_prefix"] == own_prefix:
+            covered = sum(1 for n in model.online_per_block if n > 0)
+            servers = sum(1 for s in model.servers if s.state == "ONLINE")
+            served = f"{covered} of {model.num_blocks} blocks served, by {plural(servers, 'server')}"
+            text = f"{model.dht_prefix} — {served}"
+            if model.dht_prefix == own_prefix:
                 own_index = self.model_picker.count()
                 text += " (this node's model)"
-            self.model_picker.addItem(text, model["dht_prefix"])
+            self.model_picker.addItem(text, model.dht_prefix)
         if not models:
             self.model_picker.addItem("No model is served in this swarm yet", None)
         self.model_picker.setCurrentIndex(own_index)

@@ -9,6 +9,8 @@ from pathlib import Path
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QListWidgetItem, QMenu
 
+from corolla.api.models import ActionResult, Chat, ChatCreate, ChatUpdate
+from corolla.gui.turns import turns_of
 from corolla.gui.widgets import sentence
 
 NEW_TITLE = "New chat"
@@ -25,16 +27,16 @@ def auto_title(text: str) -> str:
     return (cut or line[:TITLE_CHARS]) + "…"
 
 
-def chat_markdown(chat: dict, messages: list[dict]) -> str:
-    lines = [f"# {chat['title']}", ""]
-    if chat.get("model"):
-        lines += [f"_Model: {chat['model']}_", ""]
-    if chat.get("system_prompt"):
-        lines += ["**System:** " + chat["system_prompt"], ""]
-    for m in messages:
-        who = "You" if m["role"] == "user" else "Assistant"
-        note = "" if m.get("status", "complete") == "complete" else f" ({m['status']})"
-        lines += [f"## {who}{note}", "", m["content"], ""]
+def chat_markdown(chat: Chat) -> str:
+    lines = [f"# {chat.title}", ""]
+    if chat.model:
+        lines += [f"_Model: {chat.model}_", ""]
+    if chat.system_prompt:
+        lines += ["**System:** " + chat.system_prompt, ""]
+    for m in chat.messages or []:
+        who = "You" if m.role == "user" else "Assistant"
+        note = "" if m.status == "complete" else f" ({m.status})"
+        lines += [f"## {who}{note}", "", m.content, ""]
     return "\n".join(lines)
 
 
@@ -51,21 +53,19 @@ class ChatList:
         from urllib.parse import quote
 
         path = f"/api/chats?q={quote(query)}" if query else "/api/chats"
-        self.client.call("GET", path, on_ok=self._show_chats)
+        self.client.call("GET", path, on_ok=self._show_chats, answer=list[Chat])
 
-    def _show_chats(self, chats: list[dict]) -> None:
-        hidden = self.pending_delete["chat"]["id"] if self.pending_delete else None
-        self.chat_list = [c for c in chats if c["id"] != hidden]
+    def _show_chats(self, chats: list[Chat]) -> None:
+        hidden = self.pending_delete.id if self.pending_delete else None
+        self.chat_list = [c for c in chats if c.id != hidden]
         self.chats.blockSignals(True)
         self.chats.clear()
         for chat in self.chat_list:
-            item = QListWidgetItem(chat["title"])
-            item.setData(Qt.ItemDataRole.UserRole, chat["id"])
-            item.setToolTip(
-                chat["title"] + time.strftime("\nUpdated %d %b %Y, %H:%M", time.localtime(chat["updated_at"]))
-            )
+            item = QListWidgetItem(chat.title)
+            item.setData(Qt.ItemDataRole.UserRole, chat.id)
+            item.setToolTip(chat.title + time.strftime("\nUpdated %d %b %Y, %H:%M", time.localtime(chat.updated_at)))
             self.chats.addItem(item)
-            if chat["id"] == self.chat_id:
+            if chat.id == self.chat_id:
                 self.chats.setCurrentItem(item)
                 self.chat = chat
         if not self.chat_list and self.search.text().strip():
@@ -87,8 +87,8 @@ class ChatList:
         menu.popup(self.chats.viewport().mapToGlobal(point))
 
     def new_chat(self, then=None) -> None:
-        def created(chat):
-            self.chat_id, self.chat = chat["id"], chat
+        def created(chat: Chat) -> None:
+            self.chat_id, self.chat = chat.id, chat
             self.messages = []
             self.info.setText("")
             self._render()
@@ -107,33 +107,35 @@ class ChatList:
             },
             on_ok=created,
             on_error=lambda e: self.info.setText(sentence(f"Could not create a chat: {e}")),
+            answer=Chat,
+            request=ChatCreate,
         )
 
     def _chat_selected(self, item, _previous=None) -> None:
         if item is None or self.stream is not None or item.data(Qt.ItemDataRole.UserRole) is None:
             return
         self.chat_id = item.data(Qt.ItemDataRole.UserRole)
-        self.chat = next((c for c in self.chat_list if c["id"] == self.chat_id), None)
-        self.client.call("GET", f"/api/chats/{self.chat_id}", on_ok=lambda c: self._load(c))
+        self.chat = next((c for c in self.chat_list if c.id == self.chat_id), None)
+        self.client.call("GET", f"/api/chats/{self.chat_id}", on_ok=lambda c: self._load(c), answer=Chat)
 
-    def _load(self, chat: dict) -> None:
-        if chat["id"] != self.chat_id:
+    def _load(self, chat: Chat) -> None:
+        if chat.id != self.chat_id:
             return  # another chat was picked meanwhile
-        self.chat = {k: v for k, v in chat.items() if k != "messages"}
-        self.messages = chat["messages"]
-        self._show_privacy((chat.get("privacy") or {}).get("level") or self.default_privacy)
+        self.messages = turns_of(chat)
+        self.chat = chat.model_copy(update={"messages": None})
+        self._show_privacy(chat.privacy.level if chat.privacy else self.default_privacy)
         self.info.setText("")  # the last reply's figures belong to the chat it came from
         self._render()
 
     def rename_chat(self, chat_id: str | None = None, title: str | None = None) -> None:
         chat_id = chat_id or self.chat_id
-        chat = next((c for c in self.chat_list if c["id"] == chat_id), None)
-        if chat is None and self.chat is not None and self.chat["id"] == chat_id:
+        chat = next((c for c in self.chat_list if c.id == chat_id), None)
+        if chat is None and self.chat is not None and self.chat.id == chat_id:
             chat = self.chat  # just created: the list has not been refreshed yet
         if chat is None:
             return
         if title is None:
-            title, ok = QInputDialog.getText(self, "Rename chat", "Title", text=chat["title"])
+            title, ok = QInputDialog.getText(self, "Rename chat", "Title", text=chat.title)
             if not ok:
                 return
         title = title.strip()
@@ -146,21 +148,23 @@ class ChatList:
             {"title": title[:200]},
             on_ok=lambda _: self.refresh_chats(),
             on_error=lambda e: self.info.setText(sentence(f"Could not rename the chat: {e}")),
+            answer=Chat,
+            request=ChatUpdate,
         )
 
     def delete_chat(self, chat_id: str | None = None) -> None:
         """Hide the chat at once; it is deleted for good after a few seconds unless Undo is pressed."""
         chat_id = chat_id or self.chat_id
-        chat = next((c for c in self.chat_list if c["id"] == chat_id), None)
+        chat = next((c for c in self.chat_list if c.id == chat_id), None)
         if chat is None:
             return
         self.commit_delete()
-        self.pending_delete = {"chat": chat}
+        self.pending_delete = chat
         if chat_id == self.chat_id:
             self.chat_id, self.chat, self.messages = None, None, []
             self._render()
         self._show_chats(self.chat_list)
-        self.undo_label.setText(f"Deleted “{chat['title']}”.")
+        self.undo_label.setText(f"Deleted “{chat.title}”.")
         self.undo_bar.show()
         self._delete_timer.start(UNDO_SECONDS * 1000)
 
@@ -179,14 +183,15 @@ class ChatList:
         if pending is not None:
             return self.client.call(
                 "DELETE",
-                f"/api/chats/{pending['chat']['id']}",
+                f"/api/chats/{pending.id}",
                 on_ok=lambda _: self.refresh_chats(),
                 on_error=lambda e: self.info.setText(sentence(f"Could not delete the chat: {e}")),
+                answer=ActionResult,
             )
 
     def export_dialog(self, chat_id: str, kind: str) -> None:
-        chat = next((c for c in self.chat_list if c["id"] == chat_id), {"title": "chat"})
-        safe = "".join(ch if ch.isalnum() or ch in " -_" else "_" for ch in chat["title"]).strip() or "chat"
+        title = next((c.title for c in self.chat_list if c.id == chat_id), "chat")
+        safe = "".join(ch if ch.isalnum() or ch in " -_" else "_" for ch in title).strip() or "chat"
         path, _ = QFileDialog.getSaveFileName(
             self,
             "Export chat",
@@ -197,13 +202,14 @@ class ChatList:
             self.export_chat(chat_id, Path(path), kind)
 
     def export_chat(self, chat_id: str, path: Path, kind: str) -> None:
-        def write(chat: dict) -> None:
-            messages = chat.pop("messages") or []
+        def write(chat: Chat) -> None:
             try:
                 if kind == "md":
-                    path.write_text(chat_markdown(chat, messages), encoding="utf-8")
+                    path.write_text(chat_markdown(chat), encoding="utf-8")
                 else:
-                    path.write_text(json.dumps({**chat, "messages": messages}, indent=2, ensure_ascii=False), "utf-8")
+                    exported = chat.model_dump(mode="json")
+                    exported["messages"] = exported["messages"] or []
+                    path.write_text(json.dumps(exported, indent=2, ensure_ascii=False), "utf-8")
             except OSError as exc:
                 self.info.setText(sentence(f"Could not export: {exc}"))
                 return
@@ -214,4 +220,5 @@ class ChatList:
             f"/api/chats/{chat_id}",
             on_ok=write,
             on_error=lambda e: self.info.setText(sentence(f"Could not export: {e}")),
+            answer=Chat,
         )

@@ -29,8 +29,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api import models as m
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
+from corolla.gui.node_settings import NodeSettings
 from corolla.gui.panes.contribute_text import ACTION_TEXT, STATE_TEXT, duration, model_text, network_text, together_text
 from corolla.gui.widgets import plain_label, plural, sentence
 from corolla.units import human_bytes
@@ -42,8 +44,8 @@ class ContributePane(QWidget):
     def __init__(self, client: NodeClient, parent: QWidget | None = None):
         super().__init__(parent)
         self.client = client
-        self.last_status: dict | None = None
-        self.hardware_report: dict | None = None
+        self.last_status: m.NodeStatus | None = None
+        self.hardware_report: m.HardwareReport | None = None
         scroll = QScrollArea(self)
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
@@ -237,27 +239,34 @@ class ContributePane(QWidget):
         self.client.call(
             "POST",
             f"/api/contribution/{action}",
-            on_ok=lambda r: self.reason.setText(sentence(r["message"])),
+            on_ok=lambda r: self.reason.setText(sentence(r.message)),
             on_error=lambda e: self.reason.setText(sentence(f"Could not {action}: {e}")),
+            answer=m.ActionResult,
         )
 
     def _choose_sharing(self) -> None:
         """This computer only / Let others join: the node restarts its server on the chosen interfaces."""
         others = self.let_join.isChecked()
 
-        def switch(settings: dict) -> None:
-            if settings.get("listen_on_lan") == others:
+        def switch(settings: NodeSettings) -> None:
+            if settings.listen_on_lan == others:
                 return
             self.client.call(
                 "PUT",
                 "/api/settings",
-                {**settings, "listen_on_lan": others},
+                settings.with_changes(listen_on_lan=others),
                 on_ok=lambda _: self.share_sentence.setText("Restarting the server for your choice…"),
                 on_error=lambda e: self.share_sentence.setText(sentence(f"Could not change who can join: {e}")),
+                answer=NodeSettings,
+                request=NodeSettings,
             )
 
         self.client.call(
-            "GET", "/api/settings", on_ok=switch, on_error=lambda e: self.share_sentence.setText(sentence(e))
+            "GET",
+            "/api/settings",
+            on_ok=switch,
+            on_error=lambda e: self.share_sentence.setText(sentence(e)),
+            answer=NodeSettings,
         )
 
     def _copy_invite(self) -> None:
@@ -278,8 +287,8 @@ class ContributePane(QWidget):
         buttons.rejected.connect(dialog.reject)
         box.addWidget(buttons)
 
-        def shown(reply: dict) -> None:
-            text.setPlainText(reply["log"] or "The block server has not written a log yet.")
+        def shown(reply: m.ServerLog) -> None:
+            text.setPlainText(reply.log or "The block server has not written a log yet.")
             text.verticalScrollBar().setValue(text.verticalScrollBar().maximum())
 
         self.client.call(
@@ -287,6 +296,7 @@ class ContributePane(QWidget):
             "/api/contribution/log?lines=400",
             on_ok=shown,
             on_error=lambda e: text.setPlainText(f"Not available: {e}"),
+            answer=m.ServerLog,
         )
         self.log_dialog = dialog
         dialog.open()
@@ -295,42 +305,47 @@ class ContributePane(QWidget):
         if self.last_status is None:
             return
 
-        def got(settings: dict) -> None:
-            changes = {**settings, "device": self.device.currentData() or "auto", "num_blocks": self.blocks.value()}
-            changes["blocks"] = None
+        def got(settings: NodeSettings) -> None:
+            share = {"device": self.device.currentData() or "auto", "num_blocks": self.blocks.value(), "blocks": None}
             self.client.call(
                 "PUT",
                 "/api/settings",
-                changes,
+                settings.with_changes(**share),
                 on_ok=lambda _: (
                     self.apply_note.setText("Saved; the server restarts with the new share."),
                     self.settings_changed.emit(),
                 ),
                 on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}")),
+                answer=NodeSettings,
+                request=NodeSettings,
             )
 
         self.client.call(
-            "GET", "/api/settings", on_ok=got, on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}"))
+            "GET",
+            "/api/settings",
+            on_ok=got,
+            on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}")),
+            answer=NodeSettings,
         )
 
     # --- views --------------------------------------------------------------------------------------
-    def _show_sharing(self, status: dict) -> None:
+    def _show_sharing(self, status: m.NodeStatus) -> None:
         """Who can join, what reaches whom (before the invite is shared), the fixes, and the invite."""
-        sharing = status.get("sharing")
-        invite = status.get("invite")
+        sharing = status.sharing
+        invite = status.invite
         self.invite_box.setVisible(bool(sharing) or bool(invite))
         if not sharing:  # the public swarm, or an older node: only its invite, if any
             self.choice_widgets.hide()
         else:
-            self.choice_widgets.setVisible(status.get("swarm") == "private")
-            button = self.let_join if sharing["choice"] == "others" else self.only_here
+            self.choice_widgets.setVisible(status.swarm == "private")
+            button = self.let_join if sharing.choice == "others" else self.only_here
             if not button.isChecked():
                 button.setChecked(True)
-            self.share_sentence.setText(sharing["sentence"])
-            self.port_notice.setVisible(bool(sharing.get("port_notice")))
-            self.port_notice.setText(sharing.get("port_notice") or "")
-            lines = [sharing["outside_sentence"]] if sharing["choice"] == "others" else []
-            lines += [f"• {fix}" for fix in sharing.get("fixes") or []]
+            self.share_sentence.setText(sharing.sentence)
+            self.port_notice.setVisible(bool(sharing.port_notice))
+            self.port_notice.setText(sharing.port_notice or "")
+            lines = [sharing.outside_sentence] if sharing.choice == "others" else []
+            lines += [f"• {fix}" for fix in sharing.fixes]
             self.outside.setText("\n".join(lines))
             self.outside.setVisible(bool(lines))
         for widget in (self.invite, self.copy_invite):
@@ -353,15 +368,15 @@ class ContributePane(QWidget):
             self.fields[name].setText("–")
         self.last_status = None
 
-    def show_status(self, status: dict) -> None:
+    def show_status(self, status: m.NodeStatus) -> None:
         self.last_status = status
-        c = status["contribution"]
-        if status.get("awaiting_consent"):
+        c = status.contribution
+        if status.awaiting_consent:
             self.state.setText("Waiting for your go-ahead")
             self.reason.setText("Nothing is served for the swarm until you agree in the welcome dialog or press Start.")
         else:
-            self.state.setText(STATE_TEXT.get(c["state"], c["state"]))
-            self.reason.setText(sentence(c["reason"]))
+            self.state.setText(STATE_TEXT.get(c.state, c.state))
+            self.reason.setText(sentence(c.reason))
         colours = theme.colours()
         colour = {
             "online": colours.good,
@@ -370,61 +385,59 @@ class ContributePane(QWidget):
             "paused": colours.warn,
             "restarting": colours.bad,
             "failed": colours.bad,
-        }.get(c["state"], colours.muted)
+        }.get(c.state, colours.muted)
         style = f"font-size: 20px; font-weight: 600; color: {colour}"
         if self.state.styleSheet() != style:  # a style sheet change re-styles and re-lays out: once a second is waste
             self.state.setStyleSheet(style)
-        running = c["state"] in ("online", "starting", "loading", "restarting")
-        self.start_button.setEnabled(c["state"] in ("stopped", "failed"))
+        running = c.state in ("online", "starting", "loading", "restarting")
+        self.start_button.setEnabled(c.state in ("stopped", "failed"))
         self.pause_button.setEnabled(running)
-        self.free_button.setEnabled(running or bool(c.get("model_kept")))
-        self.resume_button.setEnabled(c["state"] == "paused")
-        self.stop_button.setEnabled(c["state"] != "stopped")
-        rule = status.get("pause_rule")
+        self.free_button.setEnabled(running or c.model_kept)
+        self.resume_button.setEnabled(c.state == "paused")
+        self.stop_button.setEnabled(c.state != "stopped")
+        rule = status.pause_rule
         self.rule_banner.setVisible(bool(rule))
         if rule:
-            self.rule_banner.setText(
-                f"Paused by your rule: {rule['message'].removeprefix('paused: ')}, {rule['until']}."
-            )
+            self.rule_banner.setText(f"Paused by your rule: {rule.message.removeprefix('paused: ')}, {rule.until}.")
         self._show_sharing(status)
-        start, end = c.get("start_block"), c.get("end_block")
+        start, end = c.start_block, c.end_block
         blocks = f"{start}–{end - 1} ({plural(end - start, 'block')})" if start is not None and end else "–"
-        used = c["cache_bytes_total"] - c["cache_bytes_left"]
-        life = status.get("lifetime") or {}
+        used = c.cache_bytes_total - c.cache_bytes_left
+        life = status.lifetime
         self.fields["model"].setText(model_text(status))
-        self.fields["network"].setText(network_text(status.get("reachability")))
+        self.fields["network"].setText(network_text(status.reachability))
         self.fields["blocks"].setText(blocks)
-        self.fields["throughput"].setText(f"{c['throughput']:.1f} tokens/s" if c.get("throughput") else "–")
-        self.fields["cache"].setText(f"{human_bytes(used)} of {human_bytes(c['cache_bytes_total'])}")
+        self.fields["throughput"].setText(f"{c.throughput:.1f} tokens/s" if c.throughput else "–")
+        self.fields["cache"].setText(f"{human_bytes(used)} of {human_bytes(c.cache_bytes_total)}")
         # This run's counters restart with the server; the all-time line comes from the node's records,
         # the same numbers the Stats pane charts.
-        self.fields["tokens"].setText(f"{c['tokens_served']:,} this run")
+        self.fields["tokens"].setText(f"{c.tokens_served:,} this run")
         self.fields["sessions"].setText(
-            f"{c['sessions_active']} now, at most {c.get('sessions_peak', 0)} at once, {c['sessions_opened']} this run"
+            f"{c.sessions_active} now, at most {c.sessions_peak} at once, {c.sessions_opened} this run"
         )
         self.fields["together"].setText(together_text(c))
-        self.fields["uptime"].setText(duration(c.get("uptime_s") or 0) + " this run" if running else "–")
-        since = life.get("since")
+        self.fields["uptime"].setText(duration(c.uptime_s) + " this run" if running else "–")
+        since = life.since
         self.fields["lifetime"].setText(
-            f"{plural(life.get('tokens_served', 0), 'token')}, {plural(life.get('sessions', 0), 'session')}, "
-            f"{duration(life.get('uptime_s', 0))} online"
+            f"{plural(life.tokens_served, 'token')}, {plural(life.sessions, 'session')}, "
+            f"{duration(life.uptime_s)} online"
             + (time.strftime(" since %d %b %Y", time.localtime(since)) if since else "")
         )
-        self.failure.setText(sentence(c["last_failure"]) if c.get("last_failure") else "None.")
+        self.failure.setText(sentence(c.last_failure) if c.last_failure else "None.")
 
-    def show_hardware(self, report: dict) -> None:
+    def show_hardware(self, report: m.HardwareReport) -> None:
         self.hardware_report = report
-        accelerators = report["accelerators"]
+        accelerators = report.accelerators
         lines = [
-            f"{a['name']} ({a['kind']}): {human_bytes(a['free_bytes'])} free of {human_bytes(a['total_bytes'])}"
+            f"{a.name} ({a.kind}): {human_bytes(a.free_bytes)} free of {human_bytes(a.total_bytes)}"
             for a in accelerators
         ]
-        plan = report.get("plan")
+        plan = report.plan
         if plan:
             lines.append(
-                f"This model ({plan['family']}, {plan['dtype']}): "
-                f"{human_bytes(plan['bytes_per_block'] + plan['cache_bytes_per_block'])} per block with its cache; "
-                f"{plan['recommended_blocks']} of {plan['num_blocks']} blocks recommended"
+                f"This model ({plan.family}, {plan.dtype}): "
+                f"{human_bytes(plan.bytes_per_block + plan.cache_bytes_per_block)} per block with its cache; "
+                f"{plan.recommended_blocks} of {plan.num_blocks} blocks recommended"
             )
         self.hardware.setText("\n".join(lines))
         current = self.device.currentData()
@@ -432,37 +445,37 @@ class ContributePane(QWidget):
         self.device.clear()
         self.device.addItem("Automatic (the best one)", "auto")
         for a in accelerators:
-            device = a["kind"] if a.get("index") is None or a["kind"] != "cuda" else f"cuda:{a['index']}"
-            self.device.addItem(f"{a['name']} — {human_bytes(a['free_bytes'])} free", device)
+            device = a.kind if a.index is None or a.kind != "cuda" else f"cuda:{a.index}"
+            self.device.addItem(f"{a.name} — {human_bytes(a.free_bytes)} free", device)
         if current:
             self.device.setCurrentIndex(max(self.device.findData(current), 0))
         self.device.setEnabled(len(accelerators) > 1)
         self.device.blockSignals(False)
         if plan:
-            self.blocks.setRange(1, max(plan["num_blocks"], 1))
+            self.blocks.setRange(1, max(plan.num_blocks, 1))
             if not self.blocks.property("touched"):
-                self.blocks.setValue(max(plan["recommended_blocks"], 1))
+                self.blocks.setValue(max(plan.recommended_blocks, 1))
         self._update_estimate()
 
     def _update_estimate(self) -> None:
         report = self.hardware_report
-        plan = (report or {}).get("plan")
+        plan = report.plan if report is not None else None
         if not plan:
             self.estimate.setText("")
             return
         if self.sender() is self.blocks:
             self.blocks.setProperty("touched", True)
         device = self.device.currentData() or "auto"
-        accelerators = report["accelerators"]
+        accelerators = report.accelerators
         chosen = next(
-            (a for a in accelerators if device in (a["kind"], f"{a['kind']}:{a.get('index')}")),
-            next((a for a in accelerators if a["kind"] == "cuda"), accelerators[-1] if accelerators else None),
+            (a for a in accelerators if device in (a.kind, f"{a.kind}:{a.index}")),
+            next((a for a in accelerators if a.kind == "cuda"), accelerators[-1] if accelerators else None),
         )
         n = self.blocks.value()
-        need = n * (plan["bytes_per_block"] + plan["cache_bytes_per_block"])
-        free = chosen["free_bytes"] if chosen else 0
+        need = n * (plan.bytes_per_block + plan.cache_bytes_per_block)
+        free = chosen.free_bytes if chosen else 0
         verdict = "fits" if need <= free * 0.8 else "more than 80 % of the free memory: the server may not start"
         self.estimate.setText(
-            f"{n} of {plan['num_blocks']} blocks: about {human_bytes(need)} with cache "
+            f"{n} of {plan.num_blocks} blocks: about {human_bytes(need)} with cache "
             f"of {human_bytes(free)} free — {verdict}"
         )

@@ -3,6 +3,8 @@ sessions served together."""
 
 from __future__ import annotations
 
+from corolla.api.models import ContributionStatus, NodeStatus, Reachability
+
 STATE_TEXT = {
     "online": "Contributing",
     "starting": "Starting…",
@@ -37,18 +39,18 @@ def duration(seconds: float) -> str:
     return f"{hours // 24} days {hours % 24} h"
 
 
-def model_text(status: dict) -> str:
+def model_text(status: NodeStatus) -> str:
     """The model, and for the embedded default its size and licence (named honestly, random weights too)."""
-    card = status.get("model_card")
-    if not card or card["random_weights"]:  # the demo model's name already says "random weights"
-        return card["name"] if card else status["model"]
-    size = f"{card['parameters'] / 1e6:.0f} M parameters, " if card.get("parameters") else ""
-    return f"{card['name']} ({size}licence {card['license']})"
+    card = status.model_card
+    if not card or card.random_weights:  # the demo model's name already says "random weights"
+        return card.name if card else status.model
+    size = f"{card.parameters / 1e6:.0f} M parameters, " if card.parameters else ""
+    return f"{card.name} ({size}licence {card.license})"
 
 
-def network_text(reachability: dict | None) -> str:
+def network_text(reachability: Reachability | None) -> str:
     """Where this computer stands: reachable directly, via a relay, or not, with what to do."""
-    if not reachability or reachability.get("state") == "not_checked":
+    if not reachability or reachability.state == "not_checked":
         return "Checked when this computer contributes"
     headline = {
         "checking": "Checking…",
@@ -57,16 +59,16 @@ def network_text(reachability: dict | None) -> str:
         "unreachable": "Not reachable",
         "unknown": "Unknown (acting as reachable)",
         "local": "This computer only",
-    }.get(reachability["state"], reachability["state"])
-    advice = reachability.get("advice") or ""
+    }.get(reachability.state, reachability.state)
+    advice = reachability.advice
     return f"{headline}. {advice}".strip() if advice and advice != "Nothing to do." else headline
 
 
-def together_text(contribution: dict) -> str:
+def together_text(contribution: ContributionStatus) -> str:
     """How many chats shared each computed step (continuous batching), in words."""
-    steps, forwards = contribution.get("token_steps", 0), contribution.get("step_forwards", 0)
+    steps, forwards = contribution.token_steps, contribution.step_forwards
     if not forwards:
         return "–"
-    busiest = [label for label, count in (contribution.get("batch_sizes") or {}).items() if count]
+    busiest = [label for label, count in contribution.batch_sizes.items() if count]
     most = busiest[-1].replace("-", "–") if busiest else "1"
     return f"{steps / forwards:.1f} chats a step on average, up to {most} at once"

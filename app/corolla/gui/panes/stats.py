@@ -8,6 +8,7 @@ import time
 from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QButtonGroup, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
+from corolla.api.models import HourStats, Lifetime
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
 from corolla.gui.panes.contribute_text import duration
@@ -16,7 +17,7 @@ from corolla.gui.widgets import plain_label, plural
 RANGES = {"24h": (24, 3600), "7d": (24 * 7, 6 * 3600), "30d": (24 * 30, 86400)}  # hours shown, slot length
 
 
-def bucket(rows: list[dict], hours: int, slot_s: int, now: float | None = None) -> list[dict]:
+def bucket(rows: list[HourStats], hours: int, slot_s: int, now: float | None = None) -> list[dict]:
     """Hourly rows -> one entry per slot (oldest first), empty slots included. Daily slots follow the
     local calendar day; shorter ones the clock."""
     now = time.time() if now is None else now
@@ -29,11 +30,11 @@ def bucket(rows: list[dict], hours: int, slot_s: int, now: float | None = None) 
     slots = [{"start": s, "tokens_served": 0, "sessions": 0, "uptime_s": 0.0} for s in starts]
     length = 86400 if slot_s >= 86400 else slot_s
     for row in rows:
-        t = row["hour"] * 3600
+        t = row.hour * 3600
         slot = next((s for s in reversed(slots) if t >= s["start"]), None)
         if slot is not None and t < slot["start"] + length:
             for key in ("tokens_served", "sessions", "uptime_s"):
-                slot[key] += row[key]
+                slot[key] += getattr(row, key)
     return slots
 
 
@@ -65,7 +66,7 @@ class StatsPane(QWidget):
         self.chart_area = QVBoxLayout()
         layout.addLayout(self.chart_area, 1)
         self.charts: dict | None = None
-        self.history: list[dict] = []
+        self.history: list[HourStats] = []
         self.range = str(prefs.value("stats/range", "24h"))
         if self.range not in RANGES:
             self.range = "24h"
@@ -85,7 +86,8 @@ class StatsPane(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        self.client.call("GET", f"/api/stats/history?hours={self.hours}", on_ok=self.show_history)
+        path = f"/api/stats/history?hours={self.hours}"
+        self.client.call("GET", path, on_ok=self.show_history, answer=list[HourStats])
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
@@ -105,24 +107,23 @@ class StatsPane(QWidget):
         for chart in self.charts.values():
             self.chart_area.addWidget(chart, 1)
 
-    def show_lifetime(self, lifetime: dict | None) -> None:
-        life = lifetime or {}
-        since = life.get("since")
+    def show_lifetime(self, life: Lifetime | None) -> None:
+        since = life.since if life is not None else None
         if not since:
             self.lifetime.setText("This computer has not served the swarm yet.")
             return
         self.lifetime.setText(
-            f"This computer has served {plural(life['tokens_served'], 'token')} to "
-            f"{plural(life['sessions'], 'session')} "
-            f"in {duration(life['uptime_s'])} online since {time.strftime('%d %b %Y', time.localtime(since))}."
+            f"This computer has served {plural(life.tokens_served, 'token')} to "
+            f"{plural(life.sessions, 'session')} "
+            f"in {duration(life.uptime_s)} online since {time.strftime('%d %b %Y', time.localtime(since))}."
         )
 
-    def show_history(self, rows: list[dict], hours: int | None = None) -> None:
+    def show_history(self, rows: list[HourStats], hours: int | None = None) -> None:
         self.history = rows
         span = {24: "24 hours", 168: "7 days", 720: "30 days"}.get(self.hours, f"{self.hours} hours")
-        tokens = sum(r["tokens_served"] for r in rows)
-        sessions = sum(r["sessions"] for r in rows)
-        online = sum(r["uptime_s"] for r in rows)
+        tokens = sum(r.tokens_served for r in rows)
+        sessions = sum(r.sessions for r in rows)
+        online = sum(r.uptime_s for r in rows)
         self.total.setText(
             f"Last {span}: {plural(tokens, 'token')} served, {plural(sessions, 'session')}, {duration(online)} online"
         )

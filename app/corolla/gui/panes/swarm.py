@@ -4,7 +4,7 @@ servers and the route, a legend, every server in a sortable table with the node'
 
 from __future__ import annotations
 
-from PySide6.QtCore import QAbstractTableModel, QItemSelectionModel, QModelIndex, QSettings, Qt, QTimer, Signal
+from PySide6.QtCore import QItemSelectionModel, QModelIndex, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QBrush, QColor, QPainter, QPen
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -17,149 +17,21 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api.models import CheckServer, ServerCheck, SwarmModel, SwarmServer
 from corolla.gui import theme
 from corolla.gui.node_client import ENDPOINT_MISSING, NodeClient
+from corolla.gui.panes.swarm_table import PEER_COLUMNS, ServerTable
 from corolla.gui.swarm_graph import (
     SwarmGraph,
     evidence_text,
     server_details,
     server_label,
     state_colour,
-    trust_text,
     verification,
 )
 from corolla.gui.widgets import CoverageStrip, block_ranges, plain_label, plural, sentence, weakest_blocks
 
-PEER_COLUMNS = [
-    "Server",
-    "State",
-    "Trust",
-    "Blocks",
-    "Tokens/s",
-    "Ping (ms)",
-    "Software",
-    "Link",
-    "Free cache (tokens)",
-]
 CHECK_TIMEOUT_MS = 180_000  # a check runs the server's blocks and compares them: allow for a slow swarm
-
-
-def _free_slots(s: dict) -> int | None:
-    """Free cache in tokens per block pair (what a new session can still get), or None if unannounced."""
-    if s.get("cache_tokens_left") is None:
-        return None
-    return s["cache_tokens_left"] // max(2 * (s["end_block"] - s["start_block"]), 1)
-
-
-def _software(s: dict) -> str:
-    return f"corolla {s['corolla_version']}" if s.get("corolla_version") else f"petals {s.get('version')}"
-
-
-def row_cells(s: dict) -> list[str]:
-    """A server's cells as the table shows them."""
-    free = _free_slots(s)
-    return [
-        server_label(s),
-        s["state"].lower(),
-        trust_text(s),
-        f"{s['start_block']}:{s['end_block']}",
-        f"{s['throughput']:.1f}",
-        "–" if s.get("ping_ms") is None else f"{s['ping_ms']:.1f}",
-        _software(s),
-        "relay" if s.get("using_relay") else "direct",
-        "?" if free is None else f"{free:,}",
-    ]
-
-
-def sort_key(s: dict, column: int):
-    """What a column sorts by: numbers as numbers, unknown pings last, flagged servers first by trust."""
-    if column == 2:
-        return {"flagged": 0, "unverified": 1, "verified": 2}.get((verification(s) or {}).get("state"), 1)
-    if column == 3:
-        return (s["start_block"], s["end_block"])
-    if column == 4:
-        return s["throughput"]
-    if column == 5:
-        return s["ping_ms"] if s.get("ping_ms") is not None else float("inf")
-    if column == 8:
-        free = _free_slots(s)
-        return -1 if free is None else free
-    return row_cells(s)[column].lower()
-
-
-class ServerTable(QAbstractTableModel):
-    """The servers as rows. A refresh swaps a list and tells the view which rows changed; the view asks
-    only for the cells it shows, so 200 servers cost what one screenful costs."""
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.servers: list[dict] = []
-        self._cells: dict[int, list[str]] = {}  # formatted on demand: the view asks only for visible rows
-        self.sort_key: tuple[int, Qt.SortOrder] | None = None
-
-    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: B008 (Qt's signature)
-        return 0 if parent.isValid() else len(self.servers)
-
-    def columnCount(self, parent=QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(PEER_COLUMNS)
-
-    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return PEER_COLUMNS[section]
-        return None
-
-    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
-            return None
-        row, column = index.row(), index.column()
-        if role == Qt.ItemDataRole.DisplayRole:
-            cells = self._cells.get(row)
-            if cells is None:
-                cells = self._cells[row] = row_cells(self.servers[row])
-            return cells[column]
-        if role == Qt.ItemDataRole.UserRole:
-            return self.servers[row]["peer_id"]
-        if role == Qt.ItemDataRole.ForegroundRole and column == 2:
-            v = verification(self.servers[row])
-            if v and v["state"] == "flagged":
-                return QColor(theme.colours().bad)
-            if v and v["state"] == "verified":
-                return QColor(theme.colours().good)
-        if role == Qt.ItemDataRole.ToolTipRole and column == 2:
-            return server_details(self.servers[row])
-        return None
-
-    def set_servers(self, servers: list[dict]) -> None:
-        if self.sort_key is not None:
-            column, direction = self.sort_key
-            servers = sorted(
-                servers, key=lambda s: sort_key(s, column), reverse=direction == Qt.SortOrder.DescendingOrder
-            )
-        old, new = len(self.servers), len(servers)
-        if new < old:
-            self.beginRemoveRows(QModelIndex(), new, old - 1)
-        elif new > old:
-            self.beginInsertRows(QModelIndex(), old, new - 1)
-        self.servers = list(servers)
-        self._cells = {}
-        if new < old:
-            self.endRemoveRows()
-        elif new > old:
-            self.endInsertRows()
-        if new:
-            self.dataChanged.emit(self.index(0, 0), self.index(new - 1, len(PEER_COLUMNS) - 1))
-
-    def sort(self, column: int, order=Qt.SortOrder.AscendingOrder) -> None:
-        if column < 0:  # no sort asked for: keep the node's order
-            self.sort_key = None
-            return
-        self.sort_key = (column, order)
-        self.layoutAboutToBeChanged.emit()
-        self.set_servers(self.servers)
-        self.layoutChanged.emit()
-
-    def row_of(self, peer_id: str | None) -> int:
-        return next((i for i, s in enumerate(self.servers) if s["peer_id"] == peer_id), -1)
 
 
 class Swatch(QWidget):
@@ -198,7 +70,7 @@ class Swatch(QWidget):
 
 
 class SwarmPane(QWidget):
-    checked = Signal(dict)  # a server was checked on purpose: the node's verdict may have changed
+    checked = Signal(object)  # the ServerCheck of a server was checked on purpose: the node's verdict may have changed
 
     def __init__(self, client: NodeClient, prefs: QSettings, parent: QWidget | None = None):
         super().__init__(parent)
@@ -300,11 +172,11 @@ class SwarmPane(QWidget):
         self.setTabOrder(self.map, self.peers)
         self.setTabOrder(self.peers, self.check_button)
 
-        self.models: list[dict] = []
+        self.models: list[SwarmModel] = []
         self.own_prefix: str | None = None
-        self.selected: dict | None = None
+        self.selected: SwarmServer | None = None
         self.checking: str | None = None
-        self._table_servers: list[dict] = []
+        self._table_servers: list[SwarmServer] = []
         self._table_queued = False
         self._stale = False
         self._sized_for: str | None = None
@@ -318,7 +190,7 @@ class SwarmPane(QWidget):
             self.show_swarm(self.models)
 
     # --- data ---------------------------------------------------------------------------------------
-    def show_swarm(self, models: list[dict]) -> None:
+    def show_swarm(self, models: list[SwarmModel]) -> None:
         self.models = models
         if not self.isVisible():
             # Drawn when the pane is shown: a refresh behind another pane (a chat streaming, the window in
@@ -326,7 +198,7 @@ class SwarmPane(QWidget):
             self._stale = True
             return
         self._stale = False
-        model = next((m for m in models if m["dht_prefix"] == self.own_prefix), models[0] if models else None)
+        model = next((m for m in models if m.dht_prefix == self.own_prefix), models[0] if models else None)
         if model is None:
             self.summary.setText("No model is announced in this swarm yet.")
             self.coverage.set_counts([])
@@ -335,19 +207,19 @@ class SwarmPane(QWidget):
             self._table_servers = []
             self._update_table()
             return
-        servers = model["servers"]
-        online = sum(1 for s in servers if s["state"] == "ONLINE")
-        missing = model["missing_blocks"]
-        state = "every block is served" if model["healthy"] else f"blocks {block_ranges(missing)} are not served"
-        flagged = sum(1 for s in servers if (verification(s) or {}).get("state") == "flagged")
+        servers = model.servers
+        online = sum(1 for s in servers if s.state == "ONLINE")
+        missing = model.missing_blocks
+        state = "every block is served" if model.healthy else f"blocks {block_ranges(missing)} are not served"
+        flagged = sum(1 for s in servers if (v := verification(s)) is not None and v.state == "flagged")
         warning = f" — ⚠ {plural(flagged, 'server')} flagged for wrong results" if flagged else ""
         self.summary.setText(
-            f"{model['dht_prefix']}: {model['num_blocks']} blocks, {online} of {plural(len(servers), 'server')} "
+            f"{model.dht_prefix}: {model.num_blocks} blocks, {online} of {plural(len(servers), 'server')} "
             f"online — {state}{warning}"
         )
-        low, weakest = weakest_blocks(model["online_per_block"])
-        self.coverage.set_counts(model["online_per_block"])
-        if weakest and len(weakest) < len(model["online_per_block"]):
+        low, weakest = weakest_blocks(model.online_per_block)
+        self.coverage.set_counts(model.online_per_block)
+        if weakest and len(weakest) < len(model.online_per_block):
             self.weakest.setText(f"Weakest: blocks {block_ranges(weakest)}, with {plural(low, 'server')} each")
         else:
             self.weakest.setText(f"Every block has {plural(low, 'online server')}")
@@ -359,7 +231,7 @@ class SwarmPane(QWidget):
             self._table_queued = True
             QTimer.singleShot(0, self._update_table)
         if self.selected is not None:
-            fresh = self.map.boxes_by_peer.get(self.selected["peer_id"])
+            fresh = self.map.boxes_by_peer.get(self.selected.peer_id)
             if fresh is not None:
                 self.selected = fresh.server
                 if self.checking is None:
@@ -370,7 +242,7 @@ class SwarmPane(QWidget):
         self.table.set_servers(self._table_servers)
         self._reselect()
         # Columns fit their contents once per model shown (not per refresh: the user may have resized them).
-        prefix = (self.map.model or {}).get("dht_prefix")
+        prefix = self.map.model.dht_prefix if self.map.model is not None else None
         if self._table_servers and prefix != self._sized_for:
             self._sized_for = prefix
             for column in range(len(PEER_COLUMNS) - 1):  # the last one stretches to the table's edge
@@ -410,11 +282,11 @@ class SwarmPane(QWidget):
         self._table_servers = []
         self._update_table()
 
-    def _server_pinned(self, server: dict) -> None:
+    def _server_pinned(self, server: SwarmServer) -> None:
         self.selected = server
         self.details.setText(server_details(server))
         self._reselect()
-        own = bool(server.get("this_computer"))
+        own = server.this_computer
         self.check_button.setEnabled(self.checking is None and not own)
         self.check_button.setToolTip(
             "This is this computer's own server: a server is never checked against itself."
@@ -428,9 +300,9 @@ class SwarmPane(QWidget):
         """Ask the node to check the selected server (it runs beside everything else: the request is
         asynchronous and the window stays responsive); show its verdict when it comes."""
         server = self.selected
-        if server is None or self.checking is not None or server.get("this_computer"):
+        if server is None or self.checking is not None or server.this_computer:
             return
-        peer = server["peer_id"]
+        peer = server.peer_id
         self.checking = peer
         self.check_button.setEnabled(False)
         self.check_button.setText("Checking…")
@@ -444,17 +316,18 @@ class SwarmPane(QWidget):
             on_ok=lambda result: self._checked(server, result),
             on_error=lambda message: self._check_failed(server, message),
             timeout_ms=CHECK_TIMEOUT_MS,
+            answer=ServerCheck,
+            request=CheckServer,
         )
 
     def _check_done(self) -> None:
         self.checking = None
         self.check_button.setText("Chec&k this server")
-        self.check_button.setEnabled(self.selected is not None and not self.selected.get("this_computer"))
+        self.check_button.setEnabled(self.selected is not None and not self.selected.this_computer)
 
-    def _checked(self, server: dict, result: dict | None) -> None:
+    def _checked(self, server: SwarmServer, result: ServerCheck) -> None:
         self._check_done()
-        result = result if isinstance(result, dict) else {}
-        state = result.get("state")
+        state = result.state
         c = theme.colours()
         headline = {
             "verified": "✓ Honest",
@@ -462,15 +335,15 @@ class SwarmPane(QWidget):
             "unverified": "Could not be verified",
         }.get(state, str(state or "No verdict"))
         parts = [f"{server_label(server)}: {headline}."]
-        if result.get("detail"):
-            parts.append(str(result["detail"])[:500])
-        if isinstance(result.get("max_error"), (int, float)):
-            parts.append(f"Largest difference: {result['max_error']:.3g}.")
-        compared = result.get("compared_with")
-        if isinstance(compared, list) and compared:
+        if result.detail:
+            parts.append(result.detail[:500])
+        if result.max_error is not None:
+            parts.append(f"Largest difference: {result.max_error:.3g}.")
+        compared = result.compared_with
+        if compared:
             names = ", ".join(str(p) if len(str(p)) < 16 else "…" + str(p)[-6:] for p in compared[:6])
             parts.append(f"Compared with: {names}.")
-        evidence = evidence_text(result.get("evidence"))
+        evidence = evidence_text(result.evidence)
         if evidence:
             parts.append(evidence.replace("\n", "; "))
         colour = {"verified": c.good, "flagged": c.bad}.get(state, c.warn)
@@ -478,7 +351,7 @@ class SwarmPane(QWidget):
         self.check_result.setText(" ".join(parts))
         self.checked.emit(result)
 
-    def _check_failed(self, server: dict, message: str) -> None:
+    def _check_failed(self, server: SwarmServer, message: str) -> None:
         self._check_done()
         self.check_result.setStyleSheet(f"color: {theme.colours().warn}")
         if message == ENDPOINT_MISSING:
