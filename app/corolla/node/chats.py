@@ -14,6 +14,7 @@ from typing import Any
 from corolla.api import events as ev
 from corolla.api.models import Message
 from corolla.node.db import Database
+from corolla.node.lazy_imports import engine_imports
 
 # Why a finished reply ended, as OpenAI's API says it: the model ended it, or it hit max_new_tokens.
 FINISH_REASON = {"eos": "stop", "stop string": "stop", "length": "length"}
@@ -47,7 +48,8 @@ class SwarmClientHost:
         self.on_new_client: Callable[[Any], None] | None = None  # e.g. to restore the node's flagged servers
 
     def get(self):
-        from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
+        with engine_imports():
+            from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
 
         target = self._target()
         with self._lock:
@@ -118,7 +120,8 @@ class ChatService:
             session.close()
 
     def _session_for(self, chat: dict, exclude: set[str]):
-        from corolla.swarm.client.chat import ChatSession
+        with engine_imports():
+            from corolla.swarm.client.chat import ChatSession
 
         model = self.clients.get()
         privacy = self.privacy_for(chat.get("privacy"))

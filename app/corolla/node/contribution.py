@@ -154,7 +154,7 @@ class ContributionMixin:
             try:
                 args = self._server_args_preparing_the_model()
             except Exception as exc:  # the default model could not be converted (disk full, damaged file)
-                logger.error("the model could not be prepared: %s", exc)
+                logger.exception("the model could not be prepared: %s", exc)
                 self.supervisor.state, self.supervisor.reason = "failed", f"the model could not be prepared: {exc}"
                 return m.ActionResult(ok=False, message=self.supervisor.reason)
             self.supervisor.start(args)

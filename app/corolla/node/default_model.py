@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from corolla.node.lazy_imports import engine_imports
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,11 +138,13 @@ class DefaultModel:
     def _prepare(self) -> None:
         folder = self.target_folder
         if not self.is_real:
-            from corolla.swarm.models.tiny import make_tiny_model
+            with engine_imports():
+                from corolla.swarm.models.tiny import make_tiny_model
 
             make_tiny_model("llama", folder, num_layers=TINY_LAYERS, dht_prefix=TINY_PREFIX)
             return
-        from corolla.swarm.models.gguf_import import import_gguf
+        with engine_imports():
+            from corolla.swarm.models.gguf_import import import_gguf
 
         logger.info("converting %s into %s (first start; reused afterwards)", self.gguf, folder)
         result = import_gguf(

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
+from corolla.node.lazy_imports import engine_imports
+
 
 @dataclass
 class Accelerator:
@@ -43,7 +45,8 @@ def detect() -> HardwareReport:
         ram_available_bytes=memory.available,
     )
     report.accelerators += _cuda_devices()
-    import torch
+    with engine_imports():
+        import torch
 
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         # MPS shares the unified memory with the CPU.
@@ -56,7 +59,8 @@ def _cuda_devices() -> list[Accelerator]:
     devices = _nvml_devices()
     if devices:
         return devices
-    import torch
+    with engine_imports():
+        import torch
 
     if not torch.cuda.is_available():
         return []
@@ -130,12 +134,13 @@ def plan_blocks(
 ) -> BlockPlan:
     """Memory per block (weights plus the KV-cache budget a server reserves) and how many fit in 80% of
     the free memory (or the cap)."""
-    import torch
+    with engine_imports():
+        import torch
 
-    from corolla.swarm import protocol
-    from corolla.swarm.models import open_checkpoint
-    from corolla.swarm.models.devices import DTYPE_NAMES, checkpoint_dtype_of, dtype_name
-    from corolla.swarm.models.loading import estimate_memory
+        from corolla.swarm import protocol
+        from corolla.swarm.models import open_checkpoint
+        from corolla.swarm.models.devices import DTYPE_NAMES, checkpoint_dtype_of, dtype_name
+        from corolla.swarm.models.loading import estimate_memory
 
     checkpoint = open_checkpoint(model, token=token)
     if dtype == "auto":

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from corolla.api.models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, PrivacyChoice
+from corolla.node.lazy_imports import engine_imports
 
 
 class ChatMessage(BaseModel):
@@ -43,7 +44,8 @@ class _Sampling(BaseModel):
         return stops
 
     def sampling(self) -> dict:
-        from corolla.swarm.client.generation import sampling_kwargs  # lazy: an idle node never imports torch
+        with engine_imports():
+            from corolla.swarm.client.generation import sampling_kwargs  # lazy: an idle node never imports torch
 
         return sampling_kwargs(self.temperature, self.top_p, seed=self.seed)
 
@@ -74,9 +76,10 @@ def make_router(node, auth) -> APIRouter:
         }
 
     def generate(prompt_ids: list[int], request: _Sampling, on_text, should_stop) -> tuple[str, int, str, list]:
-        import torch
+        with engine_imports():
+            import torch
 
-        from corolla.swarm.client.chat import ReplyWatcher, seen_by
+            from corolla.swarm.client.chat import ReplyWatcher, seen_by
 
         model = node.chats.clients.get()
         stored = node.check_privacy_choice(request.corolla_privacy) if request.corolla_privacy else None

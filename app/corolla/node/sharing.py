@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from corolla.api import models as m
+from corolla.node.lazy_imports import engine_imports
 
 KEPT_PORT_WAIT_S = 3.0
 PORT_RANGE = (31330, 31999)  # below the usual ephemeral range, so an outgoing connection rarely takes it
@@ -39,7 +40,8 @@ class SwarmAddress:
     def identity(self) -> Path:
         """The key file, written once (hivemind's format) and readable by this user only."""
         if not self.identity_path.is_file():
-            from hivemind.p2p import P2P  # only the first time: the key is then kept
+            with engine_imports():
+                from hivemind.p2p import P2P  # only the first time: the key is then kept
 
             self.identity_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             P2P.generate_identity(str(self.identity_path))

@@ -9,6 +9,7 @@ import logging
 from corolla.api import models as m
 from corolla.node.chats import ClientTarget, NoSwarm
 from corolla.node.errors import NodeError, sentence_of
+from corolla.node.lazy_imports import engine_imports
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
 
 logger = logging.getLogger(__name__)
@@ -70,12 +71,13 @@ class SwarmLinkMixin:
 
     def call_swarm(self, fn, *args):
         """Run a swarm call; swarm-side failures become 503 errors that say what to do."""
-        from corolla.swarm.client.local_edges import LocalEdgesError
-        from corolla.swarm.client.privacy import PrivacyError
-        from corolla.swarm.client.routing import MissingBlocksError
-        from corolla.swarm.client.session import ServerFailure
-        from corolla.swarm.models.errors import EngineError
-        from corolla.swarm.peers import PeerStartError
+        with engine_imports():
+            from corolla.swarm.client.local_edges import LocalEdgesError
+            from corolla.swarm.client.privacy import PrivacyError
+            from corolla.swarm.client.routing import MissingBlocksError
+            from corolla.swarm.client.session import ServerFailure
+            from corolla.swarm.models.errors import EngineError
+            from corolla.swarm.peers import PeerStartError
 
         try:
             return fn(*args)
@@ -97,7 +99,8 @@ class SwarmLinkMixin:
             ) from exc
 
     def swarm_health(self) -> list[dict]:
-        from corolla.swarm.client.health import read_swarm_health
+        with engine_imports():
+            from corolla.swarm.client.health import read_swarm_health
 
         model = self.call_swarm(self.chats.clients.get)
         extra = {model.dht_prefix: model.view.num_blocks}
@@ -119,8 +122,9 @@ class SwarmLinkMixin:
 
     def _restore_flagged_servers(self, model) -> None:
         """A new swarm client starts with the node's flagged servers blocked, and records new flags here."""
-        from corolla.swarm.client.speed import speed_of
-        from corolla.swarm.client.verification import block, ledger_of
+        with engine_imports():
+            from corolla.swarm.client.speed import speed_of
+            from corolla.swarm.client.verification import block, ledger_of
 
         ledger = ledger_of(model.view)
         for peer, evidence in self.db.flagged_servers().items():
@@ -134,7 +138,8 @@ class SwarmLinkMixin:
 
     def _verification(self, model, server: dict, servers: list[dict], flagged: dict[str, dict]) -> dict:
         """verified | unverified | flagged, with the number of checks passed and the evidence of a flag."""
-        from corolla.swarm.client.verification import ledger_of
+        with engine_imports():
+            from corolla.swarm.client.verification import ledger_of
 
         ledger = ledger_of(model.view)
         peer = server["peer_id"]
@@ -156,7 +161,8 @@ class SwarmLinkMixin:
     def _speed(model, server: dict, slow: dict[str, dict]) -> dict:
         """slow | measured | unmeasured: this client's step times of the server against its announcement,
         with the evidence of a slow verdict (this session's, else the node's record)."""
-        from corolla.swarm.client.speed import speed_of
+        with engine_imports():
+            from corolla.swarm.client.speed import speed_of
 
         summary = speed_of(model.view).summary(server["peer_id"])
         if summary["evidence"] is None and server["peer_id"] in slow:
@@ -165,7 +171,8 @@ class SwarmLinkMixin:
 
     def check_server(self, peer_id: str) -> dict | None:
         """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing."""
-        from corolla.swarm.client.server_check import check_server
+        with engine_imports():
+            from corolla.swarm.client.server_check import check_server
 
         model = self.call_swarm(self.chats.clients.get)
         verdict = self.call_swarm(lambda: model.run_async(check_server(model, peer_id), timeout=180))
@@ -181,7 +188,8 @@ class SwarmLinkMixin:
 
     def check_privacy_choice(self, choice: m.PrivacyChoice) -> dict:
         """A chat's choice as stored; HTTP 400 for a malformed or empty peer list."""
-        from corolla.swarm.client.privacy import PrivacyError, check_peer_ids
+        with engine_imports():
+            from corolla.swarm.client.privacy import PrivacyError, check_peer_ids
 
         if choice.level == "peers":
             try:
@@ -204,7 +212,8 @@ class SwarmLinkMixin:
         "local" is this computer's server; "members" adds the servers of the swarms this node joined by
         invite and, in its own private swarm (reached only through its invite or the LAN), every server
         in it. Raises NoSwarm (HTTP 409) when the choice names nobody now."""
-        from corolla.swarm.client.privacy import Privacy
+        with engine_imports():
+            from corolla.swarm.client.privacy import Privacy
 
         level = (stored or {}).get("level") or self.settings.default_privacy
         if level == "any":

@@ -17,7 +17,7 @@ from corolla.gui.panes.chat_layout import ChatLayout, MessageBox
 from corolla.gui.panes.chat_list import NEW_TITLE, ChatList, auto_title, chat_markdown
 from corolla.gui.panes.chat_reply import ChatReply
 from corolla.gui.turns import Turn
-from corolla.gui.widgets import plural
+from corolla.gui.widgets import block_ranges, plural
 
 __all__ = ["MAX_NEW_TOKENS", "NEW_TITLE", "ChatPane", "MessageBox", "auto_title", "chat_markdown"]
 
@@ -108,8 +108,10 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         parts = []
         for server in seen:
             who = "this computer" if server.peer_id == own else (server.name or "a server")
-            blocks = ", ".join(f"{a}–{b}" for a, b in server.blocks)
-            parts.append(f"{who} (…{server.peer_id[-6:]}, blocks {blocks})")
+            # Spans arrive end-exclusive; people count blocks as the strip does: [0, 30) is "blocks 0–29".
+            held = [block for a, b in server.blocks for block in range(a, b)]
+            word = "block" if len(held) == 1 else "blocks"
+            parts.append(f"{who} (…{server.peer_id[-6:]}, {word} {block_ranges(held)})")
         self.seen_by.setText("The last reply's text was seen by: " + "; ".join(parts) + ".")
         self.seen_by.setToolTip("\n".join(server.peer_id for server in seen))
 

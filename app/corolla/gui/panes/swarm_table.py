@@ -9,6 +9,7 @@ from PySide6.QtGui import QColor
 from corolla.api.models import SwarmServer
 from corolla.gui import theme
 from corolla.gui.swarm_graph import server_details, server_label, trust_text, verification
+from corolla.gui.widgets import block_ranges
 
 PEER_COLUMNS = [
     "Server",
@@ -41,7 +42,7 @@ def row_cells(s: SwarmServer) -> list[str]:
         server_label(s),
         s.state.lower(),
         trust_text(s),
-        f"{s.start_block}:{s.end_block}",
+        block_ranges(list(range(s.start_block, s.end_block))),  # as the strip counts them: 0–29, not 0:30
         f"{s.throughput:.1f}",
         "–" if s.ping_ms is None else f"{s.ping_ms:.1f}",
         _software(s),
