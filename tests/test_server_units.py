@@ -174,11 +174,11 @@ def test_packing_limits():
     legacy = serialize_torch_tensor(torch.ones(2, dtype=torch.bfloat16))
     assert deserialize_tensors([legacy])[0].dtype == torch.bfloat16
     tensors = [torch.ones(1), torch.zeros(2)]
-    assert unpack_args({"args_structure": ((b"__T1", b"__T0"), {})}, tensors)[0] is tensors[1]
+    assert unpack_args(((b"__T1", b"__T0"), {}), tensors)[0] is tensors[1]
     with pytest.raises(BadRequest, match="not sent"):
-        unpack_args({"args_structure": ((b"__T5",), {})}, tensors)
+        unpack_args(((b"__T5",), {}), tensors)
     with pytest.raises(BadRequest, match="args_structure"):
-        unpack_args({"args_structure": 5}, tensors)
+        unpack_args(5, tensors)
 
 
 def test_throughput_is_measured_once_then_read_from_the_cache(tiny_models, tmp_path):
