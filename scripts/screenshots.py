@@ -152,9 +152,9 @@ def prove_relayed(log_path: Path) -> str:
         match = re.search(r"--initial-peers (\S+/p2p-circuit/p2p/\w+)", log_path.read_text())
         if match:
             return match.group(1)
-        stats = read_stats(log_path.with_suffix(".stats.json")) or {}
-        peer = stats.get("peer_id")
-        circuits = [a for a in stats.get("visible_maddrs") or () if "/p2p-circuit" in a and peer]
+        stats = read_stats(log_path.with_suffix(".stats.json"))
+        peer = stats.peer_id if stats is not None else None
+        circuits = [a for a in stats.visible_maddrs if "/p2p-circuit" in a and peer] if stats is not None else []
         return f"{circuits[0].split('/p2p-circuit')[0]}/p2p-circuit/p2p/{peer}" if circuits else None
 
     circuit = wait_for(announced, 600, "the relayed server's start")

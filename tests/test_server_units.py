@@ -174,11 +174,11 @@ def test_packing_limits():
     legacy = serialize_torch_tensor(torch.ones(2, dtype=torch.bfloat16))
     assert deserialize_tensors([legacy])[0].dtype == torch.bfloat16
     tensors = [torch.ones(1), torch.zeros(2)]
-    assert unpack_args({"args_structure": ((b"__T1", b"__T0"), {})}, tensors)[0] is tensors[1]
+    assert unpack_args(((b"__T1", b"__T0"), {}), tensors)[0] is tensors[1]
     with pytest.raises(BadRequest, match="not sent"):
-        unpack_args({"args_structure": ((b"__T5",), {})}, tensors)
+        unpack_args(((b"__T5",), {}), tensors)
     with pytest.raises(BadRequest, match="args_structure"):
-        unpack_args({"args_structure": 5}, tensors)
+        unpack_args(5, tensors)
 
 
 def test_throughput_is_measured_once_then_read_from_the_cache(tiny_models, tmp_path):
@@ -195,3 +195,23 @@ def test_throughput_is_measured_once_then_read_from_the_cache(tiny_models, tmp_p
     again = tp.get_throughput(checkpoint, torch.device("cpu"), torch.float32, "none", cache, force_eval=True)
     assert again != first  # re-measured (timings never repeat exactly)
     assert again.announced(num_blocks=3) == min(again.forward_rps / 2, again.network_rps)
+
+
+def test_server_stats_are_read_back_as_server_stats(tmp_path):
+    from corolla.swarm.server.stats import Reachability, ServerStats, read_stats
+
+    path = tmp_path / "stats.json"
+    written = ServerStats(start_block=0, end_block=3, throughput=2.5, tokens_processed=7, batch_sizes={"2": 1})
+    written.write(path)
+    assert json.loads(path.read_text())["reachability"] == {}  # the file's format is unchanged
+    read = read_stats(path)
+    assert isinstance(read, ServerStats) and read.reachability is None
+    assert (read.start_block, read.end_block, read.tokens_processed, read.batch_sizes) == (0, 3, 7, {"2": 1})
+    assert read.started_at == written.started_at and read.uptime_s >= 0
+    written.reachability = Reachability("relay", "Reachable via a relay", "", ["/ip4/1.2.3.4/tcp/1/p2p-circuit"], 5.0)
+    written.write(path)
+    assert read_stats(path).reachability == written.reachability
+    # A server of another version: unknown keys dropped, mistyped ones left at their defaults.
+    other = ServerStats.from_snapshot({"tokens_processed": "7", "throughput": 3, "future_counter": 1})
+    assert other.tokens_processed == 0 and type(other.throughput) is float and other.throughput == 3.0
+    assert read_stats(tmp_path / "missing.json") is None

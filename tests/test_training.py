@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import corolla
-from corolla.swarm import protocol
 from corolla.swarm.client.remote_forward import _call, _call_with_reply_metadata
 from corolla.swarm.client.routing import RouteSegment
+from corolla.swarm.step_metadata import CallMetadata, ForwardReply
 from corolla.testing.swarm import start_chain
 
 PREFIX = "tiny-train"
@@ -208,26 +208,26 @@ def test_backward_sends_no_inputs_when_the_server_kept_the_graph(model_dir, swar
             run = _call_with_reply_metadata(remote.view, segment, method, args, None, None, 20.0, extra)
             return remote._loop.run(run)
 
-        _, reply = call("rpc_forward", [hidden, none], {"corolla_keep_graph": "k1"})
-        assert reply == {protocol.GRAPH_KEPT_KEY: True}
-        (lite,), _ = call("rpc_backward", [none, grad, none], {"corolla_graph": "k1"})
+        _, reply = call("rpc_forward", [hidden, none], CallMetadata(keep_graph="k1"))
+        assert reply == ForwardReply(graph_kept=True)
+        (lite,), _ = call("rpc_backward", [none, grad, none], CallMetadata(graph="k1"))
         (full,), _ = call("rpc_backward", [hidden, grad, none])
         assert torch.allclose(lite, full, atol=1e-6)
         with pytest.raises(Exception, match="forward graph of this backward request is not kept"):
-            call("rpc_backward", [none, grad, none], {"corolla_graph": "k1"})  # taken by the first backward
+            call("rpc_backward", [none, grad, none], CallMetadata(graph="k1"))  # taken by the first backward
         # Prompt tuning needs the input gradients of the prompts' positions only: the first 2 here.
-        (prefix,), _ = call("rpc_backward", [hidden, grad, none], {protocol.GRAD_PREFIX_KEY: 2})
+        (prefix,), _ = call("rpc_backward", [hidden, grad, none], CallMetadata(grad_prefix=2))
         assert prefix.shape == (2, 2, 64) and torch.allclose(prefix, full[:, :2], atol=1e-6)
         with pytest.raises(Exception, match="must be a positive int"):
-            call("rpc_backward", [hidden, grad, none], {protocol.GRAD_PREFIX_KEY: -1})
-        assert call("rpc_forward", [hidden, none])[1] == {}  # no graph asked for, none kept
+            call("rpc_backward", [hidden, grad, none], CallMetadata(grad_prefix=-1))
+        assert call("rpc_forward", [hidden, none])[1] == ForwardReply()  # no graph asked for, none kept
 
         # The client's own fallback: the graph is gone (taken here first), the full request follows.
         blocks = remote.blocks
         _, hops = remote._loop.run(blocks.forward(hidden, keep_graphs=True))
         assert all(all(hop.graphs_kept) for hop in hops)
         first = hops[0]
-        call("rpc_backward", [none, grad, none], {"corolla_graph": first.graph_keys[0]})
+        call("rpc_backward", [none, grad, none], CallMetadata(graph=first.graph_keys[0]))
         grads, _ = remote._loop.run(blocks.backward(hops, grad))
         _, fresh = remote._loop.run(blocks.forward(hidden, keep_graphs=True))
         want, _ = remote._loop.run(blocks.backward(fresh, grad))

@@ -16,6 +16,7 @@ from corolla.api import models as m
 from corolla.node.lan_discovery import default_human_name
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings, contribution_allowed
 from corolla.node.sharing import lan_addresses
+from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)
 
@@ -196,27 +197,20 @@ class ContributionMixin:
             self._paused_by_policy = False
             self.supervisor.resume()
 
-    def _record_stats(self, stats: dict | None) -> None:
-        if not stats or stats.get("state") != "online":
+    def _record_stats(self, stats: ServerStats | None) -> None:
+        if stats is None or stats.state != "online":
             return  # the last counted stats stay: a run is told apart by its started_at
         last = self._last_stats
-        if last is None or last.get("started_at") != stats.get("started_at"):
+        if last is None or last.started_at != stats.started_at:
             # A server run seen for the first time: what it did before this tick counts too (its time
             # online included), so the all-time totals match the server's own counters.
-            last = {}
-
-        def delta(key):
-            return max(stats.get(key, 0) - last.get(key, 0), 0)
-
-        uptime = max(stats.get("uptime_s", 0) - last.get("uptime_s", 0), 0)
-        if any((delta("tokens_processed"), delta("sessions_opened"), delta("inference_steps"), uptime)):
-            self.db.add_contribution(
-                int(time.time() // 3600),
-                delta("tokens_processed"),
-                delta("sessions_opened"),
-                delta("inference_steps"),
-                uptime,
-            )
+            last = ServerStats(started_at=stats.started_at)
+        tokens = max(stats.tokens_processed - last.tokens_processed, 0)
+        sessions = max(stats.sessions_opened - last.sessions_opened, 0)
+        steps = max(stats.inference_steps - last.inference_steps, 0)
+        uptime = max(stats.uptime_s - last.uptime_s, 0)
+        if any((tokens, sessions, steps, uptime)):
+            self.db.add_contribution(int(time.time() // 3600), tokens, sessions, steps, uptime)
         self._last_stats = stats
 
 

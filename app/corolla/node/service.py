@@ -29,6 +29,7 @@ from corolla.node.sharing import SwarmAddress
 from corolla.node.status import StatusMixin
 from corolla.node.supervisor import ServerSupervisor
 from corolla.node.swarm_link import SwarmLinkMixin
+from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)
 NODE_SHUTDOWN_DEADLINE_S = 40.0  # the block server gets 20 s to leave the swarm, the rest is slack
@@ -73,7 +74,7 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
         self.chats = ChatService(self.db, SwarmClientHost(self._client_target, lambda: self.secrets.get("hf_token")))
         self.chats.clients.on_new_client = self._restore_flagged_servers
         self.chats.privacy_for = self.privacy_for
-        self._last_stats: dict | None = None
+        self._last_stats: ServerStats | None = None
         self._paused_by_policy = False
         self._pause_rule: m.PauseRule | None = None
         # The window starts the node on first run with this set: nothing is served for the swarm until
@@ -117,10 +118,10 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
     def tick(self) -> None:
         status = self.supervisor.poll()
         self._record_stats(status.stats)
-        self.sync_lan(status.state, status.stats or {})
+        self.sync_lan(status.state, status.stats)
 
     # --- swarms on this network --------------------------------------------------------------------
-    def lan_announcement_blocker(self, state: str, stats: dict) -> str | None:
+    def lan_announcement_blocker(self, state: str, stats: ServerStats | None) -> str | None:
         """Why this computer's swarm is not announced on the LAN now (None: it is)."""
         s = self.settings
         if not s.lan_discovery:
@@ -131,11 +132,11 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
             return "only a private swarm hosted here is announced"
         if not s.listen_on_lan:
             return "the private swarm listens on this computer only (switch on: listen on the local network)"
-        if state != "online" or not lan_maddrs(stats.get("visible_maddrs") or []):
+        if state != "online" or stats is None or not lan_maddrs(stats.visible_maddrs):
             return "the private swarm is not online yet"
         return None
 
-    def sync_lan(self, state: str, stats: dict) -> None:
+    def sync_lan(self, state: str, stats: ServerStats | None) -> None:
         """Start, update or stop discovery to match the settings (each tick, from a worker thread).
         Never on the public swarm: there is nothing on the LAN to find or announce for it."""
         if not self.settings.lan_discovery or self.settings.swarm == "public":
@@ -155,7 +156,7 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
         if self.lan_announcement_blocker(state, stats) is None:
             name = self.settings.public_name or default_human_name()
             try:
-                self.lan.announce(name, self.model_display_name(), self.dht_prefix() or "", stats["visible_maddrs"])
+                self.lan.announce(name, self.model_display_name(), self.dht_prefix() or "", stats.visible_maddrs)
             except Exception:
                 logger.warning("could not announce the swarm on the LAN", exc_info=True)
         else:
@@ -167,7 +168,7 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
         return {
             "enabled": self.settings.lan_discovery and self.settings.swarm != "public",
             "announcing": bool(lan and lan.announcing),
-            "not_announced_because": self.lan_announcement_blocker(sup.state, sup.stats or {}),
+            "not_announced_because": self.lan_announcement_blocker(sup.state, sup.stats),
             "swarms": [swarm.to_dict() for swarm in lan.swarms()] if lan else [],
         }
 

@@ -10,6 +10,7 @@ from corolla import __version__
 from corolla.api import models as m
 from corolla.node.invites import make_invite
 from corolla.node.sharing import lan_addresses, sharing_status
+from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ class StatusMixin:
 
     def status(self) -> m.NodeStatus:
         sup = self.supervisor.poll()
-        stats = sup.stats or {}
+        stats = sup.stats or ServerStats(started_at=0.0)
         reason = sup.reason
         if self.default_model.preparing and self.default_model.stage:  # the first start's conversion, step by step
             reason = f"{reason}: {self.default_model.stage}"
@@ -29,28 +30,29 @@ class StatusMixin:
             restarts=sup.restarts,
             last_failure=sup.last_failure,
             pid=sup.pid,
-            start_block=stats.get("start_block"),
-            end_block=stats.get("end_block"),
-            throughput=stats.get("throughput"),
-            tokens_served=stats.get("tokens_processed", 0),
-            inference_steps=stats.get("inference_steps", 0),
-            sessions_active=stats.get("sessions_active", 0),
-            sessions_opened=stats.get("sessions_opened", 0),
-            sessions_peak=stats.get("sessions_peak", 0),
-            token_steps=stats.get("token_steps", 0),
-            step_forwards=stats.get("step_forwards", 0),
-            batch_sizes=stats.get("batch_sizes") or {},
-            cache_bytes_total=stats.get("cache_bytes_total", 0),
-            cache_bytes_left=stats.get("cache_bytes_left", 0),
-            uptime_s=stats.get("uptime_s", 0.0),
-            peer_id=stats.get("peer_id"),
+            start_block=stats.start_block,
+            end_block=stats.end_block,
+            throughput=stats.throughput if sup.stats is not None else None,
+            tokens_served=stats.tokens_processed,
+            inference_steps=stats.inference_steps,
+            sessions_active=stats.sessions_active,
+            sessions_opened=stats.sessions_opened,
+            sessions_peak=stats.sessions_peak,
+            token_steps=stats.token_steps,
+            step_forwards=stats.step_forwards,
+            batch_sizes=stats.batch_sizes,
+            cache_bytes_total=stats.cache_bytes_total,
+            cache_bytes_left=stats.cache_bytes_left,
+            uptime_s=stats.uptime_s,
+            peer_id=stats.peer_id if sup.stats is not None else None,
             model_kept=sup.state == "paused" and self.supervisor.keeping_model,
         )
         invite = self.invite(stats) if sup.state == "online" else None
         sharing = None
         if self.settings.swarm != "public":
             others = self.settings.swarm == "custom" or self.settings.listen_on_lan
-            state = (stats.get("reachability") or {}).get("state", "checking") if sup.pid is not None else "checking"
+            found = stats.reachability if sup.pid is not None else None
+            state = found.state if found is not None else "checking"
             sharing = sharing_status(
                 others,
                 self.settings.swarm_port,
@@ -80,7 +82,7 @@ class StatusMixin:
             sharing=sharing,
         )
 
-    def invite(self, stats: dict) -> str | None:
+    def invite(self, stats: ServerStats) -> str | None:
         """The invite to this swarm, only where others may join: every address a friend might dial (this
         server's public, relay and LAN ones; for a member that joined, the members it joined through)."""
         s = self.settings
@@ -88,8 +90,8 @@ class StatusMixin:
             return None
         if s.swarm == "custom" and not s.swarm_members:
             return None  # custom peers typed by hand: not a private swarm this node was invited to
-        own = [a for a in stats.get("visible_maddrs") or () if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
-        relayed = (stats.get("reachability") or {}).get("relay_addrs") or []
+        own = [a for a in stats.visible_maddrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
+        relayed = stats.reachability.relay_addrs if stats.reachability is not None else []
         members = list(s.custom_peers) if s.swarm == "custom" else []
         if not own and not relayed:
             return None
@@ -130,17 +132,17 @@ class StatusMixin:
         return report
 
 
-def _reachability(stats: dict) -> m.Reachability:
+def _reachability(stats: ServerStats) -> m.Reachability:
     """The block server's own finding (see corolla.swarm.reachability), as the API shows it."""
-    found = stats.get("reachability") or {}
-    if found.get("state") not in {"checking", "direct", "relay", "unreachable", "unknown", "local"}:
+    found = stats.reachability
+    if found is None or found.state not in {"checking", "direct", "relay", "unreachable", "unknown", "local"}:
         return m.NOT_CHECKED
     return m.Reachability(
-        state=found["state"],
-        summary=str(found.get("summary", "")),
-        advice=str(found.get("advice", "")),
-        using_relay=bool(stats.get("using_relay")),
-        relay_addrs=[str(a) for a in found.get("relay_addrs", [])],
-        checked_at=found.get("checked_at"),
-        relay_proven_at=found.get("relay_proven_at"),
+        state=found.state,
+        summary=found.summary,
+        advice=found.advice,
+        using_relay=stats.using_relay,
+        relay_addrs=found.relay_addrs,
+        checked_at=found.checked_at,
+        relay_proven_at=found.relay_proven_at,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from corolla.executable import corolla_command
-from corolla.swarm.server.stats import PARENT_PID_ENV, read_stats
+from corolla.swarm.server.stats import PARENT_PID_ENV, ServerStats, read_stats
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
@@ -39,7 +39,7 @@ class SupervisorStatus:
     reason: str
     pid: int | None
     restarts: int
-    stats: dict | None
+    stats: ServerStats | None  # the server's latest snapshot (None: none yet, or no server)
     last_failure: str | None = None
 
 
@@ -159,9 +159,9 @@ class ServerSupervisor:
             states = {"online": "online", "loading": "loading", "joining": "starting"}
             if self.keeping_model:
                 states = {"loading": "paused", "online": "paused", "paused": "paused"}  # until it has paused
-            self.state = states.get(stats.get("state"), self.state)
+            self.state = states.get(stats.state, self.state)
             if self.state == "online":
-                self.reason = stats.get("state_reason", "")
+                self.reason = stats.state_reason
                 if now - self.started_at > HEALTHY_AFTER_S:
                     self.failures = 0
         return SupervisorStatus(

@@ -30,7 +30,8 @@ class SwarmLinkMixin:
             invite = parse_invite(text)
         except InviteError as exc:
             raise NodeError(400, str(exc)) from exc
-        own = (self.supervisor.poll().stats or {}).get("peer_id")
+        stats = self.supervisor.poll().stats
+        own = stats.peer_id if stats is not None else None
         if own and all(peer == own for peer in invite.peer_ids):
             raise NodeError(
                 400, "This is this computer's own invite: send it to your friends, who paste it on their computers."
@@ -63,8 +64,8 @@ class SwarmLinkMixin:
     def _client_target(self) -> ClientTarget:
         s = self.settings
         if s.swarm == "private":
-            stats = self.supervisor.poll().stats or {}
-            peers = tuple(stats.get("visible_maddrs") or ()) if stats.get("state") == "online" else ()
+            stats = self.supervisor.poll().stats
+            peers = tuple(stats.visible_maddrs) if stats is not None and stats.state == "online" else ()
             return ClientTarget(self.model_path(), self.dht_prefix(), peers, not s.listen_on_lan, s.chat_local_blocks)
         peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else s.custom_peers)
         return ClientTarget(self.model_path(), self.dht_prefix(), peers, False, s.chat_local_blocks)
@@ -105,7 +106,8 @@ class SwarmLinkMixin:
         model = self.call_swarm(self.chats.clients.get)
         extra = {model.dht_prefix: model.view.num_blocks}
         models = model.run_async(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
-        own = (self.supervisor.poll().stats or {}).get("peer_id")
+        stats = self.supervisor.poll().stats
+        own = stats.peer_id if stats is not None else None
         route = self._current_route(model)
         flagged = self.db.flagged_servers()
         slow = self.db.slow_servers()
@@ -203,8 +205,8 @@ class SwarmLinkMixin:
 
     def own_peer_ids(self) -> set[str]:
         """This computer's block server, while it serves."""
-        stats = self.supervisor.poll().stats or {}
-        peer = stats.get("peer_id") if stats.get("state") == "online" else None
+        stats = self.supervisor.poll().stats
+        peer = stats.peer_id if stats is not None and stats.state == "online" else None
         return {peer} if peer else set()
 
     def privacy_for(self, stored: dict | None):

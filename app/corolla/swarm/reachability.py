@@ -21,12 +21,14 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import dht_pb2
 from hivemind.utils.multiaddr import Multiaddr
+
+from corolla.swarm.server.stats import Reachability
 
 logger = logging.getLogger(__name__)
 
@@ -186,21 +188,6 @@ async def check_direct_reachability(
 
 
 # --- where this computer stands ---------------------------------------------------------------------
-
-
-@dataclass
-class Reachability:
-    """What a person needs to know about their connectivity (the node shows this as is)."""
-
-    state: str  # "checking" | "direct" | "relay" | "unreachable" | "unknown" | "local"
-    summary: str
-    advice: str
-    relay_addrs: list[str]
-    checked_at: float
-    relay_proven_at: float | None = None  # when a stranger last reached this computer through a relay
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def describe(

@@ -11,6 +11,7 @@ run concurrently. A padding mask goes to Corolla servers as the `attention_mask`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import uuid
@@ -21,19 +22,18 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
-from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import split_for_streaming
 
 from corolla.swarm import protocol
 from corolla.swarm.client.privacy import PrivacyViolation
 from corolla.swarm.client.routing import MissingBlocksError, PrivacyCoverageError, RouteSegment, SwarmView
+from corolla.swarm.step_metadata import CallMetadata, ForwardReply
 
 logger = logging.getLogger(__name__)
 MAX_UNARY_BYTES = 1024 * 1024  # Petals: MAX_UNARY_PAYLOAD_SIZE // 2
 MAX_TOKENS_PER_REQUEST = 1024  # Petals' MAX_TOKENS_IN_BATCH
 CHUNKS_IN_FLIGHT = 3  # per server: under a server's cap on queued forward/backward requests per peer (4)
 MAX_REPLY_BYTES = protocol.MAX_REQUEST_BYTES
-GRAPH_KEPT = protocol.GRAPH_KEPT_KEY
 _DUMMY = torch.zeros(0)
 
 
@@ -52,14 +52,15 @@ class Hop:
     graphs_kept: list[bool] = field(default_factory=list)  # per chunk: the server said it kept the graph
 
 
-def _request_tensors(args: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[list, dict]:
+def _request_tensors(args: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[list, tuple]:
+    """The serialized tensors and the `args_structure` that names them (the mask as a keyword)."""
     structure_args = tuple(f"__T{i}".encode() for i in range(len(args)))
     kwargs = {}
     tensors = list(args)
     if mask is not None:
         kwargs["attention_mask"] = f"__T{len(tensors)}".encode()
         tensors.append(mask)
-    return [serialize_torch_tensor(t.contiguous()) for t in tensors], {"args_structure": (structure_args, kwargs)}
+    return [serialize_torch_tensor(t.contiguous()) for t in tensors], (structure_args, kwargs)
 
 
 async def _call(
@@ -70,10 +71,10 @@ async def _call(
     mask: torch.Tensor | None,
     adapter: str | None,
     timeout: float,
-    extra_metadata: dict | None = None,
+    extensions: CallMetadata | None = None,
 ) -> list[torch.Tensor]:
     """One rpc_forward/rpc_backward call (unary or streamed by size); returns the reply's tensors."""
-    tensors, _ = await _call_with_reply_metadata(view, segment, method, args, mask, adapter, timeout, extra_metadata)
+    tensors, _ = await _call_with_reply_metadata(view, segment, method, args, mask, adapter, timeout, extensions)
     return tensors
 
 
@@ -85,21 +86,22 @@ async def _call_with_reply_metadata(
     mask: torch.Tensor | None,
     adapter: str | None,
     timeout: float,
-    extra_metadata: dict | None = None,
-) -> tuple[list[torch.Tensor], dict]:
+    extensions: CallMetadata | None = None,
+) -> tuple[list[torch.Tensor], ForwardReply]:
     """`_call`, also returning the reply's metadata (Corolla servers say there whether they kept the
-    forward graph; stock servers send none)."""
+    forward graph; stock servers send none). `extensions`: Corolla's training keys (kept graphs, the
+    gradient prefix); the tensors' structure and the adapter are filled in here."""
     uid = protocol.chain_uids(view.dht_prefix, segment.start, segment.end)
-    serialized, metadata = _request_tensors(args, mask)
-    metadata.update(points=0.0, active_adapter=adapter, **(extra_metadata or {}))
-    packed = MSGPackSerializer.dumps(metadata)
+    serialized, structure = _request_tensors(args, mask)
+    metadata = dataclasses.replace(extensions or CallMetadata(), args_structure=structure, active_adapter=adapter)
+    packed = metadata.pack()
     stub = view.stub(segment.peer_id)  # refuses a peer outside the privacy policy
     size = sum(t.numel() * t.element_size() for t in args)
     if size <= MAX_UNARY_BYTES:
         request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized, metadata=packed)
         response = await asyncio.wait_for(getattr(stub, method)(request), timeout)
         protos = list(response.tensors)
-        reply_metadata = _reply_metadata(response.metadata)
+        reply = ForwardReply.decode(response.metadata)
     else:
 
         async def parts() -> AsyncIterator[runtime_pb2.ExpertRequest]:
@@ -107,12 +109,12 @@ async def _call_with_reply_metadata(
                 for part in split_for_streaming(tensor, protocol.STREAM_CHUNK_BYTES):
                     yield runtime_pb2.ExpertRequest(uid=uid, tensors=[part], metadata=packed)
 
-        protos, reply_metadata = [], {}
+        protos, reply = [], ForwardReply()
         async with asyncio.timeout(timeout):
             total = 0
             async for response in await getattr(stub, f"{method}_stream")(parts()):
-                if response.metadata and not reply_metadata:
-                    reply_metadata = _reply_metadata(response.metadata)
+                if response.metadata and not reply.graph_kept:
+                    reply = ForwardReply.decode(response.metadata)
                 for part in response.tensors:
                     total += len(part.buffer)
                     if total > MAX_REPLY_BYTES:
@@ -129,18 +131,7 @@ async def _call_with_reply_metadata(
                         )
     if len(protos) > protocol.MAX_TENSORS_PER_REQUEST:
         raise RemoteCallFailed(f"the server replied with {len(protos)} tensors")
-    return [deserialize_torch_tensor(p) for p in protos], reply_metadata
-
-
-def _reply_metadata(raw: bytes) -> dict:
-    """A reply's metadata, bounded; anything unreadable counts as none."""
-    if not raw or len(raw) > protocol.MAX_METADATA_BYTES:
-        return {}
-    try:
-        metadata = protocol.loads(raw, max_bytes=protocol.MAX_METADATA_BYTES)
-    except protocol.DecodeError:
-        return {}
-    return metadata if isinstance(metadata, dict) else {}
+    return [deserialize_torch_tensor(p) for p in protos], reply
 
 
 def _full_input_grads(grads: torch.Tensor, inputs: torch.Tensor, prefix: int | None) -> torch.Tensor:
@@ -193,9 +184,9 @@ class RemoteBlocks:
                 None if mask is None else mask[rows],
                 self.adapter,
                 self.view.config.request_timeout,
-                None if key is None else {"corolla_keep_graph": key},
+                CallMetadata(keep_graph=key),
             )
-            kept[index] = key is not None and reply.get(GRAPH_KEPT) is True
+            kept[index] = key is not None and reply.graph_kept
             return _expect(out, hidden[rows].shape, "hidden states").to(hidden.dtype)
 
         outs = await _gather_bounded(
@@ -219,7 +210,7 @@ class RemoteBlocks:
         """Gradients with respect to the segment's inputs (with `grad_prefix`, only the first positions'
         are asked for, the rest come back as zeros) and to its deep prompts."""
         chunks = _row_chunks(inputs)
-        prefix = {} if grad_prefix is None else {protocol.GRAD_PREFIX_KEY: int(grad_prefix)}
+        prefix = None if grad_prefix is None else int(grad_prefix)
         keys = graph_keys if graph_keys and len(graph_keys) == len(chunks) else [None] * len(chunks)
         kept = graphs_kept if graphs_kept and len(graphs_kept) == len(chunks) else [False] * len(chunks)
 
@@ -241,7 +232,9 @@ class RemoteBlocks:
                 # so, and the full request follows.
                 try:
                     grads = await call(
-                        [_DUMMY, grad_outputs[rows], _DUMMY], None, extra_metadata={"corolla_graph": key, **prefix}
+                        [_DUMMY, grad_outputs[rows], _DUMMY],
+                        None,
+                        extensions=CallMetadata(graph=key, grad_prefix=prefix),
                     )
                 except P2PHandlerError as exc:
                     if protocol.ERR_GRAPH_GONE not in str(exc):
@@ -250,7 +243,7 @@ class RemoteBlocks:
                 grads = await call(
                     args,
                     None if mask is None else mask[rows],
-                    extra_metadata={**prefix, **({} if key is None else {"corolla_graph": key})},
+                    extensions=CallMetadata(graph=key, grad_prefix=prefix),
                 )
             grad_inputs = _full_input_grads(grads[0], inputs[rows], grad_prefix)
             if span_prompts is None:

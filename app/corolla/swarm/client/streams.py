@@ -15,10 +15,10 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
-from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol, steptrace, wire
 from corolla.swarm.client.routing import RouteSegment, SwarmView
+from corolla.swarm.step_metadata import NextServer, StepMetadata
 
 ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {})
 # Corolla servers read the padding mask as a keyword (stock servers never get one: see _check_padding).
@@ -40,7 +40,7 @@ class StepExtras:
     prompts: torch.Tensor | None = None  # [span blocks, batch or 1, P, hidden]
     hypo_ids: torch.Tensor | None = None  # int64 [batch]
     mask: torch.Tensor | None = None  # int64 [batch, position + length]
-    next_servers: list | None = None  # where this server pushes its output (push.py)
+    next_servers: list[NextServer] | None = None  # where this server pushes its output (push.py)
     upstream: str | None = None  # the server that pushes into this one (push.py)
 
 
@@ -113,20 +113,17 @@ class ServerStream:
         if self._outbox is None or self._stepped:
             return
         empty = torch.zeros(batch, 0, hidden_size)
-        metadata = {
-            "session_id": self.session_id,
-            "step_id": str(uuid.uuid4()),
-            "points": 0.0,
-            "args_structure": ARGS_STRUCTURE,
-            "start_from_position": 0,
-            "max_length": self.max_length,
-            "active_adapter": self.adapter,
-        }
+        metadata = StepMetadata(
+            session_id=self.session_id,
+            step_id=str(uuid.uuid4()),
+            args_structure=ARGS_STRUCTURE,
+            start_from_position=0,
+            max_length=self.max_length,
+            active_adapter=self.adapter,
+        )
         uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
         tensors = [serialize_torch_tensor(empty), _DUMMY, _DUMMY_IDS]
-        self._outbox.put_nowait(
-            runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
-        )
+        self._outbox.put_nowait(runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata.pack()))
         self._stepped = True
         self._unread_replies += 1
 
@@ -147,21 +144,20 @@ class ServerStream:
             raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
         uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
         extras = extras or StepExtras()
-        metadata = {
-            "session_id": self.session_id,
-            "step_id": step_id,
-            "points": 0.0,
-            "args_structure": ARGS_STRUCTURE if extras.mask is None else MASKED_ARGS_STRUCTURE,
-            "start_from_position": position,
-        }
-        if not self._stepped:
-            metadata.update(max_length=self.max_length, active_adapter=self.adapter)
-        # Not in a stock server's first step: Petals 2.1-2.3.0.dev1 would keep pushing every later step
-        # to the chain named there, stale after a failover.
-        if extras.next_servers and (self._stepped or self.corolla):
-            metadata["next_servers"] = extras.next_servers
-        if extras.upstream:
-            metadata["corolla_upstream"] = extras.upstream
+        first = not self._stepped
+        # next_servers not in a stock server's first step: Petals 2.1-2.3.0.dev1 would keep pushing
+        # every later step to the chain named there, stale after a failover.
+        pushes_to = extras.next_servers if extras.next_servers and (self._stepped or self.corolla) else None
+        metadata = StepMetadata(
+            session_id=self.session_id,
+            step_id=step_id,
+            args_structure=ARGS_STRUCTURE if extras.mask is None else MASKED_ARGS_STRUCTURE,
+            start_from_position=position,
+            max_length=self.max_length if first else None,
+            active_adapter=self.adapter if first else None,
+            next_servers=None if pushes_to is None else tuple(pushes_to),
+            upstream=extras.upstream or None,
+        )
         tensors = [
             wire.serialize_plain(inputs),
             _DUMMY if extras.prompts is None else serialize_torch_tensor(extras.prompts),
@@ -169,7 +165,7 @@ class ServerStream:
         ]
         if extras.mask is not None:
             tensors.append(serialize_torch_tensor(extras.mask))
-        request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=MSGPackSerializer.dumps(metadata))
+        request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata.pack())
         self._outbox.put_nowait(request)
         steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])
         self._stepped = True

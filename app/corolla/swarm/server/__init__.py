@@ -10,7 +10,8 @@ Which file plays which role:
   training.py (forward/backward), inference.py (sessions and token steps) and push.py
   (server-to-server push, sending and taking).
 - streams.py: streaming RPC registration whose error replies reach the caller.
-- packing.py: tensors and metadata in and out of protobuf messages, with a limit on every peer-controlled size;
+- packing.py: tensors and metadata (read_step / read_call: ../step_metadata.py) in and out of protobuf
+  messages, with a limit on every peer-controlled size;
   block_args.py: the optional inputs of a request (deep prompts, padding mask, adapter name).
 - compute_queue.py: the one compute thread, fed in priority order; step_batcher.py: continuous batching
   of the token steps waiting for it; forward_graphs.py: recent forward graphs kept for their backward.
@@ -20,6 +21,6 @@ Which file plays which role:
 - block_selection.py: which blocks to serve and when to move (pure functions).
 - throughput.py: local throughput measurement, cached per device, model and dtype;
   pings.py: `next_pings`, round trips to the servers likely to follow this one in a chain.
-- stats.py: counters a parent process (the node) reads while the server runs.
+- stats.py: counters a parent process (the node) reads back, typed, while the server runs (stdlib only).
 - open_files.py: the process's limit on open files.
 """

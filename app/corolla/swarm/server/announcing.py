@@ -144,7 +144,7 @@ class SwarmPresenceMixin:
 
     def _set_reachability(self, state: str, relay_addrs: list[str] = (), proven_at: float | None = None) -> None:
         port = port_of(self.config.host_maddrs)
-        self.stats.reachability = describe(state, port, relay_addrs, proven_at).to_dict()
+        self.stats.reachability = describe(state, port, relay_addrs, proven_at)
 
     async def _watch_reachability(self, p2p) -> None:
         """A relayed server says "relay" only while a stranger has really reached it through one: each
@@ -158,7 +158,8 @@ class SwarmPresenceMixin:
             with contextlib.suppress(Exception):
                 state, proof = await relay_state(p2p, self.network.trusted_relays, proof)
                 addrs = relayed_addresses(p2p, proof.proven)
-                if state != self.stats.reachability.get("state") or addrs != self.stats.reachability.get("relay_addrs"):
+                known = self.stats.reachability
+                if known is None or state != known.state or addrs != known.relay_addrs:
                     logger.info("reachability: %s %s", state, " ".join(addrs))
                     self._set_reachability(state, addrs, proof.proven_at if proof.proven else None)
                 had_relay = had_relay or state == "relay"
@@ -181,4 +182,5 @@ class SwarmPresenceMixin:
                         self._stop.set()
                         return
             # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
-            await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 5.0)
+            relayed = self.stats.reachability is not None and self.stats.reachability.state == "relay"
+            await asyncio.sleep(15.0 if relayed else 5.0)

@@ -64,12 +64,12 @@ def positions(mask: torch.Tensor | None, past: int, length: int) -> torch.Tensor
     return full[:, past : past + length]
 
 
-def check_adapter(metadata: dict, available: tuple[str, ...]) -> str | None:
-    """The adapter a request asks for: None for the base model; refused if this server lacks it."""
-    name = metadata.get("active_adapter")
-    if name in (None, ""):
+def check_adapter(name: str | None, available: tuple[str, ...]) -> str | None:
+    """The adapter a request asks for (its decoded `active_adapter`): None for the base model; refused
+    if this server lacks it."""
+    if name is None:
         return None
-    if not isinstance(name, str) or name not in available:
+    if name not in available:
         raise BadRequest(f"adapter {protocol.shorten(name)} not found")
     return name
 

@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-MAX_KEY_CHARS = 64
-
 
 @dataclass
 class KeptGraph:
@@ -34,11 +32,6 @@ class KeptGraph:
     out: torch.Tensor
     nbytes: int
     expires: float
-
-
-def graph_key(metadata: dict, name: str) -> str | None:
-    key = metadata.get(name)
-    return key if isinstance(key, str) and 0 < len(key) <= MAX_KEY_CHARS else None
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -41,8 +41,9 @@ from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.open_files import open_file_limit
 from corolla.swarm.server.packing import (
     BadRequest,
-    decode_metadata,
     deserialize_tensors,
+    read_call,
+    read_step,
     serialize,
     stream_parts,
 )
@@ -229,7 +230,7 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
             async with self._queued(context.remote_id):
                 out, kept = await self._forward(
                     request.uid,
-                    decode_metadata(request.metadata),
+                    read_call(request.metadata),
                     deserialize_tensors(request.tensors),
                     context.remote_id,
                 )
@@ -263,7 +264,7 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
             async with self._queued(context.remote_id):
                 grad = await self._backward(
                     request.uid,
-                    decode_metadata(request.metadata),
+                    read_call(request.metadata),
                     deserialize_tensors(request.tensors),
                     context.remote_id,
                 )
@@ -299,9 +300,9 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
         try:
             self.stats.bytes_in += first.ByteSize()
             span = self._chain(first.uid)
-            metadata = decode_metadata(first.metadata)
+            metadata = read_step(first.metadata)
             max_length, alloc_timeout, session_id = self._session_params(metadata)
-            block_args.check_adapter(metadata, self.adapters)
+            block_args.check_adapter(metadata.active_adapter, self.adapters)
             batch = first.tensors[0].size[0] if first.tensors and first.tensors[0].size else 1
             if not 1 <= batch <= self.limits.max_batch_size:
                 raise BadRequest(f"batch size {batch} is outside [1, {self.limits.max_batch_size}]")

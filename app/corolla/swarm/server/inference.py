@@ -23,14 +23,15 @@ from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.compute_queue import Priority
 from corolla.swarm.server.packing import (
     BadRequest,
-    decode_metadata,
     deserialize_tensors,
     is_dummy,
+    read_step,
     serialize,
     unpack_args_kwargs,
 )
 from corolla.swarm.server.push import follow_named_upstream
 from corolla.swarm.server.step_batcher import MAX_STEP_TOKENS
+from corolla.swarm.step_metadata import StepMetadata
 
 
 @dataclass
@@ -39,13 +40,14 @@ class OpenSession:
 
     owner: PeerID
     chain: str
-    pushes: asyncio.Queue
+    pushes: asyncio.Queue  # (request, its StepMetadata), decoded once by rpc_push
     pusher: PeerID | None = None
     reserving: bool = True
 
 
 class SessionInputs:
-    """The next message of an inference session: from the client's stream or a server's push."""
+    """The next message of an inference session, with its decoded metadata: from the client's stream
+    or a server's push."""
 
     def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], pushes: asyncio.Queue):
         self._requests, self._pushes = requests, pushes
@@ -53,8 +55,9 @@ class SessionInputs:
         self.client_done = False
         self.last_was_pushed = False
 
-    async def next(self, timeout: float) -> runtime_pb2.ExpertRequest | None:
-        """None when the client ended its stream or nothing came within `timeout`."""
+    async def next(self, timeout: float) -> tuple[runtime_pb2.ExpertRequest, StepMetadata] | None:
+        """None when the client ended its stream or nothing came within `timeout`; BadRequest for a
+        client's message whose metadata is refused."""
         if self._read is None and not self.client_done:
             self._read = asyncio.ensure_future(anext(self._requests))
         waiters = {self._read} if self._read is not None else set()
@@ -70,10 +73,11 @@ class SessionInputs:
         if self._read in done:
             read, self._read = self._read, None
             try:
-                return read.result()
+                request = read.result()
             except StopAsyncIteration:
                 self.client_done = True
                 return None
+            return request, read_step(request.metadata)
         return None
 
     def close(self) -> None:
@@ -97,26 +101,20 @@ class InferenceMixin:
     Uses the handler's `limits`, `stats`, `budget`, `batcher`, `compute_queue`, `adapters`, `_traced`,
     `_last_compute`, `_last_inline`, `_hidden_states`, `_compute`, `_can_run_inline` and `_maybe_push`."""
 
-    def _session_params(self, metadata: dict) -> tuple[int, float, str]:
-        max_length = metadata.get("max_length")
-        if type(max_length) is not int or max_length < 0:
+    def _session_params(self, metadata: StepMetadata) -> tuple[int, float, str]:
+        """A first message's max_length (required, within this server's limit), alloc_timeout and session id."""
+        max_length = metadata.max_length
+        if max_length is None:
             raise BadRequest("the first message of an inference session needs an integer max_length >= 0")
         if max_length > self.limits.inference_max_length:
             raise BadRequest(protocol.err_cannot_allocate(max_length, self.limits.inference_max_length))
-        alloc_timeout = metadata.get("alloc_timeout", 0.0)
-        if type(alloc_timeout) not in (int, float) or alloc_timeout < 0:
-            raise BadRequest("alloc_timeout must be a number >= 0")
-        session_id = metadata.get("session_id")
-        if session_id is not None and (
-            not isinstance(session_id, str) or len(session_id) > protocol.MAX_SESSION_ID_CHARS
-        ):
-            raise BadRequest("session_id must be a string of at most 128 characters")
-        return max_length, float(alloc_timeout), session_id or f"anonymous-{id(metadata)}"
+        alloc_timeout = 0.0 if metadata.alloc_timeout is None else metadata.alloc_timeout
+        return max_length, alloc_timeout, metadata.session_id or f"anonymous-{id(metadata)}"
 
     async def _run_session(
-        self, span: BlockSpan, first, first_metadata: dict, requests, session: OpenSession, batch: int
+        self, span: BlockSpan, first, first_metadata: StepMetadata, requests, session: OpenSession, batch: int
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        max_length = first_metadata["max_length"]
+        max_length = first_metadata.max_length
         # Static (preallocated) where it pays and fits the session's reservation; else dynamic.
         reserved = self.budget.session_bytes(batch, max_length, span.num_blocks)
         cache = span.new_cache(max_length, batch=batch, reserved_bytes=reserved)
@@ -127,19 +125,15 @@ class InferenceMixin:
         processed_steps: set[str] = set()
         # Fixed for the session: read once, not at every token step.
         session_args = _SessionArgs(
-            first_metadata.get("args_structure"), block_args.check_adapter(first_metadata, self.adapters)
+            first_metadata.args_structure, block_args.check_adapter(first_metadata.active_adapter, self.adapters)
         )
         traced, read_at = self._traced, 0.0
         try:
             request, metadata = first, first_metadata
             while request is not None and len(request.tensors) > 0:  # an empty request closes the session
-                step_id = metadata.get("step_id")
-                if step_id is not None and (
-                    not isinstance(step_id, str) or len(step_id) > protocol.MAX_SESSION_ID_CHARS
-                ):
-                    raise BadRequest("step_id must be a string of at most 128 characters")
+                step_id = metadata.step_id
                 if step_id is None or step_id not in processed_steps:  # a duplicate step gets no reply
-                    steptrace.mark("step_start", step=step_id, pushed=metadata.get("pushed") is True)
+                    steptrace.mark("step_start", step=step_id, pushed=metadata.pushed)
                     queue_state = (self.compute_queue.busy, self.compute_queue.waiting) if traced else None
                     started = steptrace.now() if traced else 0.0
                     out = await self._inference_step(span, cache, request, metadata, session_args, batch, max_length)
@@ -154,7 +148,7 @@ class InferenceMixin:
                     if traced:  # one line per step: where its time went (benchmarks/step_trace_report.py)
                         steptrace.mark(
                             "server_step",
-                            session=first_metadata.get("session_id"),
+                            session=first_metadata.session_id,
                             step=step_id,
                             read=read_at,
                             handler=started,
@@ -165,18 +159,18 @@ class InferenceMixin:
                         )
                     yield response
                     steptrace.mark("replied", step=step_id)
-                    if isinstance(step_id, str):
+                    if step_id is not None:
                         processed_steps.add(step_id)
-                    if metadata.get("pushed") is True:
+                    if metadata.pushed:
                         self.stats.steps_from_pushes += 1
-                request = await inputs.next(self.limits.step_timeout)
-                if request is not None and traced:
-                    read_at = steptrace.now()
-                    step = decode_metadata(request.metadata).get("step_id")
-                    steptrace.mark("input", pushed=inputs.last_was_pushed, step=step)
-                if request is not None:
+                received = await inputs.next(self.limits.step_timeout)
+                request = None
+                if received is not None:
+                    request, metadata = received
                     self.stats.bytes_in += request.ByteSize()
-                    metadata = decode_metadata(request.metadata)
+                    if traced:
+                        read_at = steptrace.now()
+                        steptrace.mark("input", pushed=inputs.last_was_pushed, step=metadata.step_id)
                     if not inputs.last_was_pushed:
                         follow_named_upstream(session, metadata)
         finally:
@@ -188,18 +182,18 @@ class InferenceMixin:
         span: BlockSpan,
         cache: SessionCache | StaticSessionCache,
         request,
-        metadata: dict,
+        metadata: StepMetadata,
         session_args: _SessionArgs,
         batch: int,
         max_length: int,
     ) -> torch.Tensor:
         tensors = deserialize_tensors(request.tensors)
-        args, kwargs = unpack_args_kwargs({"args_structure": session_args.args_structure}, tensors)
+        args, kwargs = unpack_args_kwargs(session_args.args_structure, tensors)
         hidden = self._hidden_states(args[0] if args else None, batch)
         prompts = block_args.deep_prompts(args[1] if len(args) > 1 else None, span, hidden) if hidden.shape[1] else None
-        position = metadata.get("start_from_position")
+        position = metadata.start_from_position  # an int >= 0 (read_step); the cache bounds it here
         if position is not None:
-            if type(position) is not int or position < 0 or position > cache.length:
+            if position > cache.length:
                 raise BadRequest(f"start_from_position must be an int in [0, {cache.length}], got {position!r}")
             if position < cache.length:
                 try:

@@ -17,6 +17,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from corolla.swarm import protocol, wire
+from corolla.swarm.step_metadata import CallMetadata, MetadataError, StepMetadata, decode_map
 
 ALLOWED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 ALLOWED_COMPRESSION = {
@@ -33,17 +34,27 @@ class BadRequest(ValueError):
 
 
 def decode_metadata(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        return {}
-    if len(raw) > protocol.MAX_METADATA_BYTES:
-        raise BadRequest(f"metadata is {len(raw)} bytes, more than the limit of {protocol.MAX_METADATA_BYTES}")
+    """A peer's metadata as a bounded map (step_metadata.decode_map), refused with BadRequest."""
     try:
-        metadata = protocol.loads(raw, max_bytes=protocol.MAX_METADATA_BYTES)
-    except protocol.DecodeError as exc:
-        raise BadRequest(f"metadata refused: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise BadRequest("metadata must be a msgpack map")
-    return metadata
+        return decode_map(raw)
+    except MetadataError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def read_step(raw: bytes) -> StepMetadata:
+    """An inference message's metadata, decoded and checked once; BadRequest if refused."""
+    try:
+        return StepMetadata.decode(raw)
+    except MetadataError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def read_call(raw: bytes) -> CallMetadata:
+    """A forward or backward request's metadata, decoded and checked once; BadRequest if refused."""
+    try:
+        return CallMetadata.decode(raw)
+    except MetadataError as exc:
+        raise BadRequest(str(exc)) from exc
 
 
 def _check_tensor(proto: runtime_pb2.Tensor) -> None:
@@ -76,15 +87,15 @@ def deserialize_tensors(protos: Sequence[runtime_pb2.Tensor]) -> list[torch.Tens
     return tensors
 
 
-def unpack_args(metadata: dict[str, Any], tensors: list[torch.Tensor]) -> list[Any]:
+def unpack_args(structure: Any, tensors: list[torch.Tensor]) -> list[Any]:
     """Rebuild the positional arguments from `args_structure` (bytes markers `__T<i>` name tensors)."""
-    return unpack_args_kwargs(metadata, tensors)[0]
+    return unpack_args_kwargs(structure, tensors)[0]
 
 
-def unpack_args_kwargs(metadata: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[list[Any], dict[Any, Any]]:
-    """Positional and keyword arguments from `args_structure` ((args...), {kwargs}); Corolla peers send
-    extensions (the padding mask) as keywords, which stock servers ignore."""
-    structure = metadata.get("args_structure")
+def unpack_args_kwargs(structure: Any, tensors: list[torch.Tensor]) -> tuple[list[Any], dict[Any, Any]]:
+    """Positional and keyword arguments from a request's `args_structure` ((args...), {kwargs}); Corolla
+    peers send extensions (the padding mask) as keywords, which stock servers ignore. None: the tensors
+    in order."""
     if structure is None:
         return list(tensors), {}
 
@@ -127,7 +138,7 @@ async def gather_stream(
     requests: AsyncIterator[runtime_pb2.ExpertRequest],
     max_bytes: int = protocol.MAX_REQUEST_BYTES,
     max_messages: int = 256,
-) -> tuple[str, dict[str, Any], list[torch.Tensor]]:
+) -> tuple[str, CallMetadata, list[torch.Tensor]]:
     """Collect a forward/backward stream: one uid, metadata from the first message, tensor parts joined.
     (The caller bounds the time it may take.)"""
     uid, metadata, total, count = None, None, 0, 0
@@ -138,7 +149,7 @@ async def gather_stream(
             raise BadRequest(f"a request stream of more than {max_messages} messages")
         if uid is None:
             uid = request.uid
-            metadata = decode_metadata(request.metadata)
+            metadata = read_call(request.metadata)
         elif request.uid != uid:
             raise BadRequest("all messages of a stream must carry the same uid")
         for part in request.tensors:
@@ -159,4 +170,4 @@ async def gather_stream(
         first.CopyFrom(parts[0])
         first.buffer = b"".join(p.buffer for p in parts)
         joined.append(first)
-    return uid, metadata or {}, deserialize_tensors(joined)
+    return uid, metadata, deserialize_tensors(joined)

@@ -8,10 +8,10 @@ import logging
 
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol, steptrace
-from corolla.swarm.server.packing import BadRequest, decode_metadata
+from corolla.swarm.server.packing import BadRequest, read_step
+from corolla.swarm.step_metadata import StepMetadata
 
 logger = logging.getLogger(__name__)
 MAX_PUSH_BYTES = 2 * 1024 * 1024  # p2pd unary payloads (rpc_push) are capped at 2 MiB
@@ -24,42 +24,25 @@ class PushMixin:
     Uses the handler's `p2p`, `dht_prefix`, `limits`, `stats`, `sessions`, `_background`, `_chain`
     and `get_stub`."""
 
-    def _maybe_push(self, out: runtime_pb2.Tensor, request, metadata: dict) -> bool:
+    def _maybe_push(self, out: runtime_pb2.Tensor, request, metadata: StepMetadata) -> bool:
         """Send this step's output to the next server of the chain when the step names one.
 
         The pushed copy carries this step's own trailing tensors (Petals' servers send the first
         request's, which is wrong for a step that reorders beams); a step with deep prompts or a padding
         mask is never pushed, as in Petals (those are per span, the next server needs its own). `out` is
         the serialized output; returns whether a push was started."""
-        next_servers = metadata.get("next_servers")
-        if not next_servers or self.p2p is None or not isinstance(next_servers, (list, tuple)):
+        next_servers = metadata.next_servers  # well-formed or None (read_step)
+        if not next_servers or self.p2p is None:
             return False
         if len(request.tensors) > 3 or (len(request.tensors) > 1 and _numel(request.tensors[1]) > 0):
             return False
         if len(out.buffer) > MAX_PUSH_BYTES:  # a long prompt's output: rpc_push is unary, p2pd would refuse it
             return False
+        peer_b58, next_session, start, end = next_servers[0]
         try:
-            peer_b58, next_session, start, end = next_servers[0]
-            if not isinstance(next_session, str) or len(next_session) > protocol.MAX_SESSION_ID_CHARS:
-                raise ValueError("bad session id")
-            if len(next_servers) > protocol.MAX_CHAIN_LENGTH:
-                raise ValueError("too long a chain")
-            if (
-                type(start) is not int
-                or type(end) is not int
-                or not 0 <= start < end <= start + protocol.MAX_CHAIN_LENGTH
-            ):
-                raise ValueError(f"bad block range {start!r}:{end!r}")
             uid = protocol.chain_uids(self.dht_prefix, start, end)
-            push_metadata = {
-                **metadata,
-                "session_id": next_session,
-                "next_servers": list(next_servers[1:]),
-                "pushed": True,
-            }
-            request = runtime_pb2.ExpertRequest(
-                uid=uid, tensors=[out, *request.tensors[1:]], metadata=MSGPackSerializer.dumps(push_metadata)
-            )
+            pushed = metadata.pushed_on(next_session, next_servers[1:])
+            request = runtime_pb2.ExpertRequest(uid=uid, tensors=[out, *request.tensors[1:]], metadata=pushed.pack())
             peer = PeerID.from_base58(peer_b58)
         except Exception as exc:  # a malformed next_servers entry only disables the optimisation
             logger.debug("not pushing: %s", protocol.shorten(str(exc)))
@@ -83,11 +66,10 @@ class PushMixin:
         """Queue a pushed step into the session it names: only a session open here, over the same
         blocks, and from one pusher per session (the upstream server the client names, else the first
         peer that pushes to it). BadRequest otherwise."""
-        metadata = decode_metadata(request.metadata)
-        steptrace.mark("push_received", step=metadata.get("step_id"))
+        metadata = read_step(request.metadata)
+        steptrace.mark("push_received", step=metadata.step_id)
         self._chain(request.uid)
-        session_id = metadata.get("session_id")
-        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        session = self.sessions.get(metadata.session_id) if metadata.session_id is not None else None
         if session is None:
             raise BadRequest("rpc_push: no open session with this id")
         if request.uid != session.chain:
@@ -97,15 +79,15 @@ class PushMixin:
         if session.pushes.full():
             raise BadRequest("rpc_push: the session's queue of pushed steps is full")
         session.pusher = pusher
-        session.pushes.put_nowait(request)
+        session.pushes.put_nowait((request, metadata))
         self.stats.pushes_received += 1
 
 
-def follow_named_upstream(session, metadata: dict) -> None:
+def follow_named_upstream(session, metadata: StepMetadata) -> None:
     """A Corolla client names the server that pushes into this session (`corolla_upstream`), so after a
     failover the replacement upstream may push here; without it, the first peer to push keeps the role."""
-    named = metadata.get("corolla_upstream")
-    if isinstance(named, str) and len(named) <= protocol.MAX_SESSION_ID_CHARS:
+    named = metadata.upstream
+    if named is not None:
         with contextlib.suppress(Exception):
             session.pusher = PeerID.from_base58(named)
 

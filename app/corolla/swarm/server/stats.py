@@ -1,7 +1,8 @@
 """Contribution counters of a running server, published as a JSON file a parent process can read.
 
 The file is replaced atomically (write to a temporary file, then rename), so a reader never sees a
-half-written snapshot; `read_stats` is what the node uses.
+half-written snapshot. `read_stats` is what the node uses: the same `ServerStats`, typed, read back
+once. Stdlib only, so the node reads it without importing the server (torch, hivemind).
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,37 @@ from typing import Any
 # The pid a server must not outlive (its starter's), in its environment; here so that the node reads it
 # without importing the server (torch).
 PARENT_PID_ENV = "COROLLA_PARENT_PID"
+
+
+@dataclass
+class Reachability:
+    """Whether other peers can reach this server, as a person needs to know it (reachability.describe
+    writes it; the node shows it as is)."""
+
+    state: str  # "checking" | "direct" | "relay" | "unreachable" | "unknown" | "local"
+    summary: str
+    advice: str
+    relay_addrs: list[str]
+    checked_at: float
+    relay_proven_at: float | None = None  # when a stranger last reached this computer through a relay
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Reachability | None:
+        """As written in a snapshot; None for none yet (`{}`) or one that does not read as such."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("state"), str):
+            return None
+        addrs, proven = data.get("relay_addrs"), data.get("relay_proven_at")
+        return cls(
+            state=data["state"],
+            summary=str(data.get("summary", "")),
+            advice=str(data.get("advice", "")),
+            relay_addrs=[str(a) for a in addrs] if isinstance(addrs, list) else [],
+            checked_at=float(data["checked_at"]) if isinstance(data.get("checked_at"), (int, float)) else 0.0,
+            relay_proven_at=float(proven) if isinstance(proven, (int, float)) else None,
+        )
 
 
 @dataclass
@@ -30,7 +65,7 @@ class ServerStats:
     peer_id: str = ""
     visible_maddrs: list[str] = field(default_factory=list)
     using_relay: bool = False
-    reachability: dict[str, Any] = field(default_factory=dict)  # reachability.Reachability, as a dict
+    reachability: Reachability | None = None  # None until the server has checked (`{}` in the file)
     throughput: float = 0.0
     inference_rps: float | None = None
     forward_rps: float | None = None
@@ -63,12 +98,32 @@ class ServerStats:
     sessions_peak: int = 0  # the most inference sessions open at once
     num_threads: int = 0  # torch's intra-op threads for the blocks
     omp_wait_policy: str = ""  # OMP_WAIT_POLICY as the server started (cli.py sets PASSIVE by default)
+    # Set when a snapshot is written: what a reader of the file sees.
+    uptime_s: float = 0.0
+    updated_at: float = 0.0
 
     def snapshot(self) -> dict[str, Any]:
         data = asdict(self)
+        data["reachability"] = data["reachability"] or {}
         data["uptime_s"] = round(time.time() - self.started_at, 3)
         data["updated_at"] = time.time()
         return data
+
+    @classmethod
+    def from_snapshot(cls, data: Mapping[str, Any]) -> ServerStats:
+        """A snapshot read back. A server of another version may write more or fewer keys: unknown ones
+        are dropped, and a missing or mistyped one keeps its default."""
+        stats = cls(started_at=0.0)
+        for name, kind in _TYPES.items():
+            if name not in data:
+                continue
+            if name == "reachability":
+                stats.reachability = Reachability.from_dict(data[name])
+                continue
+            value = _read(data[name], kind)
+            if value is not _MISFIT:
+                setattr(stats, name, value)
+        return stats
 
     def write(self, path: Path) -> None:
         path = Path(path)
@@ -78,9 +133,31 @@ class ServerStats:
         os.replace(tmp, path)
 
 
-def read_stats(path: str | os.PathLike) -> dict[str, Any] | None:
+_MISFIT = object()
+
+
+def _read(value: Any, kind: Any) -> Any:
+    """A JSON value as a field of type `kind` (an int where a float goes: JSON has one kind of number),
+    or _MISFIT."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if value is None and option is type(None):
+            return None
+        if base is float and type(value) in (int, float):
+            return float(value)
+        if base in (int, str, bool, list, dict) and type(value) is base:
+            return value
+    return _MISFIT
+
+
+_TYPES = typing.get_type_hints(ServerStats)
+
+
+def read_stats(path: str | os.PathLike) -> ServerStats | None:
     """The latest snapshot, or None if the server has not written one yet."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return ServerStats.from_snapshot(data) if isinstance(data, dict) else None

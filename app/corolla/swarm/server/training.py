@@ -11,15 +11,15 @@ from typing import Any, AsyncIterator  # noqa: UP035
 import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils import MSGPackSerializer
 
 from corolla.swarm import protocol
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.server import block_args
 from corolla.swarm.server.adapters import run_with_adapter
 from corolla.swarm.server.compute_queue import Priority
-from corolla.swarm.server.forward_graphs import KeptGraph, graph_key
+from corolla.swarm.server.forward_graphs import KeptGraph
 from corolla.swarm.server.packing import BadRequest, gather_stream, is_dummy, unpack_args_kwargs
+from corolla.swarm.step_metadata import CallMetadata, ForwardReply
 
 # Forward passes over more tokens than this run one block per compute job (see _forward_block_by_block).
 PIECEWISE_MIN_TOKENS = 16
@@ -34,19 +34,19 @@ class TrainingMixin:
     `_hidden_states` and `_compute`."""
 
     async def _forward(
-        self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
+        self, uid: str, metadata: CallMetadata, tensors: list[torch.Tensor], peer: PeerID | None = None
     ) -> tuple[torch.Tensor, bool]:
         """The outputs, and whether this forward's graph was kept for the backward that follows."""
         span = self._chain(uid)
-        args, kwargs = unpack_args_kwargs(metadata, tensors)
+        args, kwargs = unpack_args_kwargs(metadata.args_structure, tensors)
         if not args:
             raise BadRequest("forward needs hidden states")
         hidden = self._hidden_states(args[0])
         prompts = block_args.deep_prompts(args[1] if len(args) > 1 else None, span, hidden)
         mask = block_args.padding_mask(kwargs, hidden.shape[0], hidden.shape[1])
-        adapter = block_args.check_adapter(metadata, self.adapters)
+        adapter = block_args.check_adapter(metadata.active_adapter, self.adapters)
         self.stats.forward_requests += 1
-        keep = graph_key(metadata, "corolla_keep_graph")  # a Corolla client's backward will follow
+        keep = metadata.keep_graph  # a Corolla client's backward will follow
         kept = False
         if keep is None or peer is None:
             out = await asyncio.wait_for(
@@ -83,27 +83,25 @@ class TrainingMixin:
         return hidden
 
     async def _backward(
-        self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None = None
+        self, uid: str, metadata: CallMetadata, tensors: list[torch.Tensor], peer: PeerID | None = None
     ) -> list[torch.Tensor]:
-        """[grad_inputs], plus grad_prompts when deep prompts were sent (Petals' reply). With
-        GRAD_PREFIX_KEY (a Corolla client whose first positions alone need gradients: prompt tuning),
+        """[grad_inputs], plus grad_prompts when deep prompts were sent (Petals' reply). With a
+        `grad_prefix` (a Corolla client whose first positions alone need gradients: prompt tuning),
         grad_inputs covers only that many first positions."""
-        prefix = metadata.get(protocol.GRAD_PREFIX_KEY)
-        if prefix is not None and not (type(prefix) is int and prefix >= 1):
-            raise BadRequest(f"{protocol.GRAD_PREFIX_KEY} must be a positive int, got {protocol.shorten(prefix)}")
+        prefix = metadata.grad_prefix
         grads = await self._backward_grads(uid, metadata, tensors, peer)
         if prefix is not None and prefix < grads[0].shape[1]:
             grads[0] = grads[0][:, :prefix].contiguous()
         return grads
 
     async def _backward_grads(
-        self, uid: str, metadata: dict, tensors: list[torch.Tensor], peer: PeerID | None
+        self, uid: str, metadata: CallMetadata, tensors: list[torch.Tensor], peer: PeerID | None
     ) -> list[torch.Tensor]:
         span = self._chain(uid)
-        args, kwargs = unpack_args_kwargs(metadata, tensors)
+        args, kwargs = unpack_args_kwargs(metadata.args_structure, tensors)
         if len(args) < 2:
             raise BadRequest("backward needs inputs and grad_outputs")
-        key = graph_key(metadata, "corolla_graph")
+        key = metadata.graph
         if key is not None and is_dummy(args[0]):
             return await self._backward_kept(key, uid, args[1], peer)
         inputs = self._hidden_states(args[0])
@@ -114,7 +112,7 @@ class TrainingMixin:
             raise BadRequest("grad_outputs must be floating point")
         prompts = block_args.deep_prompts(args[2] if len(args) > 2 else None, span, inputs)
         mask = block_args.padding_mask(kwargs, inputs.shape[0], inputs.shape[1])
-        adapter = block_args.check_adapter(metadata, self.adapters)
+        adapter = block_args.check_adapter(metadata.active_adapter, self.adapters)
         self.stats.backward_requests += 1
         kept = None if key is None else self.graphs.take(key, peer, uid, inputs, prompts, mask)
         if kept is not None:  # the forward's graph: backpropagate without re-running it
@@ -143,9 +141,9 @@ class TrainingMixin:
 
     @staticmethod
     def _forward_reply_metadata(kept: bool) -> bytes:
-        return MSGPackSerializer.dumps({protocol.GRAPH_KEPT_KEY: True}) if kept else b""
+        return ForwardReply(graph_kept=kept).pack()
 
-    async def _gather(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tuple[str, dict, list]:
+    async def _gather(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> tuple[str, CallMetadata, list]:
         try:
             async with asyncio.timeout(self.limits.request_timeout):
                 uid, metadata, tensors = await gather_stream(
