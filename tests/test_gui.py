@@ -119,6 +119,9 @@ def test_contribute_chat_map_and_stats(qtbot, window, node):
     assert not window.swarm.check_button.isEnabled()
     assert window.chat.route_text.startswith("blocks 0–5 from the server …")
     assert window.chat.model_picker.currentText().startswith("corolla-demo-tiny-llama")
+    # The node's own model by its name (the card's), not its swarm prefix.
+    assert window.chat.model_picker.currentText().startswith("corolla-demo-tiny-llama (random weights) — ")
+    assert window.swarm.summary.text().startswith("corolla-demo-tiny-llama (random weights): 6 blocks")
     window.grab()
 
     # Stats: charts built on first show, with the reply's tokens; lifetime totals.

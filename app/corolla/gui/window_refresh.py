@@ -132,9 +132,12 @@ class NodeRefresh:
             # The node says which prefix its model has (None until it knows: no swarm read yet).
             own = self.status.dht_prefix if self.status is not None else None
             prefix = next((x.dht_prefix for x in models if x.dht_prefix == own), None)
-            self.swarm.own_prefix = prefix
+            # The embedded model by its name, not its swarm prefix (the converted folder's name).
+            card = self.status.model_card if self.status is not None else None
+            own_name = card.name if card is not None and prefix is not None and card.dht_prefix == prefix else None
+            self.swarm.own_prefix, self.swarm.own_name = prefix, own_name
             self.swarm.show_swarm(models)
-            self.chat.show_models(models, prefix)
+            self.chat.show_models(models, prefix, own_name)
             model = next((x for x in models if x.dht_prefix == prefix), models[0] if models else None)
             self.chat.route_text = route_text(model.route if model is not None else [])
 

@@ -116,7 +116,7 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
         self.seen_by.setToolTip("\n".join(server.peer_id for server in seen))
 
     # --- models -------------------------------------------------------------------------------------
-    def show_models(self, models: list[m.SwarmModel], own_prefix: str | None) -> None:
+    def show_models(self, models: list[m.SwarmModel], own_prefix: str | None, own_name: str | None = None) -> None:
         self.model_picker.blockSignals(True)
         self.model_picker.clear()
         own_index = 0
@@ -124,8 +124,9 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
             covered = sum(1 for n in model.online_per_block if n > 0)
             servers = sum(1 for s in model.servers if s.state == "ONLINE")
             served = f"{covered} of {model.num_blocks} blocks served, by {plural(servers, 'server')}"
-            text = f"{model.dht_prefix} — {served}"
-            if model.dht_prefix == own_prefix:
+            own = model.dht_prefix == own_prefix
+            text = f"{own_name if own and own_name else model.dht_prefix} — {served}"
+            if own:
                 own_index = self.model_picker.count()
                 text += " (this node's model)"
             self.model_picker.addItem(text, model.dht_prefix)

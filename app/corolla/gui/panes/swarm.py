@@ -174,6 +174,7 @@ class SwarmPane(QWidget):
 
         self.models: list[SwarmModel] = []
         self.own_prefix: str | None = None
+        self.own_name: str | None = None  # the node's embedded model's name, shown for its prefix
         self.selected: SwarmServer | None = None
         self.checking: str | None = None
         self._table_servers: list[SwarmServer] = []
@@ -213,9 +214,10 @@ class SwarmPane(QWidget):
         state = "every block is served" if model.healthy else f"blocks {block_ranges(missing)} are not served"
         flagged = sum(1 for s in servers if (v := verification(s)) is not None and v.state == "flagged")
         warning = f" — ⚠ {plural(flagged, 'server')} flagged for wrong results" if flagged else ""
+        name = self.own_name if model.dht_prefix == self.own_prefix and self.own_name else model.dht_prefix
+        self.summary.setToolTip(f"In the swarm: {model.dht_prefix}")
         self.summary.setText(
-            f"{model.dht_prefix}: {model.num_blocks} blocks, {online} of {plural(len(servers), 'server')} "
-            f"online — {state}{warning}"
+            f"{name}: {model.num_blocks} blocks, {online} of {plural(len(servers), 'server')} online — {state}{warning}"
         )
         low, weakest = weakest_blocks(model.online_per_block)
         self.coverage.set_counts(model.online_per_block)
