@@ -61,3 +61,19 @@ def test_the_cli_reads_the_node_without_pydantic_torch_or_hivemind():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_clients_paths_are_exactly_the_ones_the_node_serves():
+    """The window and the CLI build their requests from corolla.api.routes; the node declares its routes
+    with the same constants, and nothing under /api is served that the module does not name."""
+    from types import SimpleNamespace
+
+    from corolla.api import routes
+    from corolla.node.api import create_app
+
+    app = create_app(SimpleNamespace(token="token"))
+    served = {path for route in app.routes if (path := getattr(route, "path", "")).startswith("/api/")}
+    assert served == set(routes.ALL)
+    assert routes.chat("a b/c") == "/api/chats/a%20b%2Fc"  # an id never reaches another route
+    assert routes.contribution_log(400) == "/api/contribution/log?lines=400"
+    assert routes.hardware({"model": "x y"}) == "/api/hardware?model=x+y" and routes.hardware() == routes.HARDWARE

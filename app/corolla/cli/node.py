@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from corolla.api import routes
 from corolla.api.client import NodeError
 from corolla.cli.common import node_call, running_node_client
 from corolla.executable import corolla_command
@@ -31,7 +32,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        status = node_call("GET", "/api/status")
+        status = node_call("GET", routes.STATUS)
     except NodeError as exc:
         if args.json:  # scripts parse stdout: the same answer, in the format they asked for
             print(json.dumps({"running": False, "error": str(exc)}, indent=2))
@@ -71,7 +72,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     try:
-        print(node_call("POST", "/api/shutdown")["message"])
+        print(node_call("POST", routes.SHUTDOWN)["message"])
     except NodeError as exc:
         print(f"corolla: {exc}", file=sys.stderr)
         return 1
@@ -157,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         status, said, said_at = None, None, began
         while time.monotonic() < deadline:
             try:
-                status = node_call("GET", "/api/status")
+                status = node_call("GET", routes.STATUS)
                 if status["contribution"]["state"] == "online":
                     break
                 # What the node is doing, when it changes, and every 15 s while it takes long (the first
@@ -209,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if expect and expect not in "".join(reply):
             print(f"corolla: the answer does not contain {expect!r}", file=sys.stderr)
             return 1
-        for model in node_call("GET", "/api/swarm"):
+        for model in node_call("GET", routes.SWARM):
             for server in model["servers"]:
                 mine = " (this computer)" if server.get("this_computer") else ""
                 print(
@@ -217,7 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     f"{server['state']} {server['throughput']:.0f} tok/s ping {server['ping_ms']} ms{mine}"
                 )
         time.sleep(1.5)  # the block server publishes its counters every second
-        served = node_call("GET", "/api/status")["contribution"]["tokens_served"]
+        served = node_call("GET", routes.STATUS)["contribution"]["tokens_served"]
         print(f"stats: this computer has served {served} tokens since its block server started")
         return 0
     except NodeError as exc:
@@ -226,7 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         if started is not None and not args.keep:
             with contextlib.suppress(NodeError):
-                node_call("POST", "/api/shutdown")
+                node_call("POST", routes.SHUTDOWN)
             started.wait(60)
 
 

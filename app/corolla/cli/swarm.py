@@ -8,6 +8,7 @@ import json
 import sys
 import time
 
+from corolla.api import routes
 from corolla.api.client import NodeError
 from corolla.cli.common import node_call
 
@@ -103,7 +104,7 @@ def _swarm_check(action: list[str]) -> int:
         print("corolla: error: usage: corolla swarm check PEER_ID", file=sys.stderr)
         return 2
     try:
-        result = node_call("POST", "/api/swarm/check", {"peer_id": action[1]}, timeout=200)
+        result = node_call("POST", routes.SWARM_CHECK, {"peer_id": action[1]}, timeout=200)
     except NodeError as exc:
         print(f"corolla: {exc}", file=sys.stderr)
         return 1

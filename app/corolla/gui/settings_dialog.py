@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api import routes
 from corolla.api.models import PRIVACY_LABELS, PRIVACY_SENTENCES, ActionResult, HardwareReport, HfToken, Invite
 from corolla.gui import autostart
 from corolla.gui.node_client import NodeClient
@@ -218,7 +219,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         self._update_save_text()
         self.client.call(
             "GET",
-            "/api/settings",
+            routes.SETTINGS,
             on_ok=self.load,
             on_error=lambda e: self.error.setText(sentence(e)),
             answer=NodeSettings,
@@ -296,7 +297,6 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         self._swarm_changed()
 
     def check_model(self) -> None:
-        from urllib.parse import urlencode
 
         query = {"torch_dtype": self.dtype.currentText(), "quant_type": self.quant.currentText()}
         if self.model.text().strip():
@@ -317,7 +317,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
 
         self.client.call(
             "GET",
-            f"/api/hardware?{urlencode(query)}",
+            routes.hardware(query),
             on_ok=shown,
             on_error=lambda e: (self.model_info.setText(sentence(f"Cannot use this model: {e}")), self._grow()),
             answer=HardwareReport,
@@ -378,7 +378,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         if self.hf_token.text().strip():
             self.client.call(
                 "PUT",
-                "/api/secrets/hf-token",
+                routes.HF_TOKEN,
                 {"token": self.hf_token.text().strip()},
                 on_error=lambda e: self.error.setText(sentence(e)),
                 answer=ActionResult,
@@ -394,7 +394,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
             action = "start" if self.contribute.isChecked() else "stop"
             self.client.call(
                 "POST",
-                f"/api/contribution/{action}",
+                routes.contribution(action),
                 on_ok=lambda _: self.accept(),
                 on_error=lambda e: self.error.setText(sentence(f"Saved, but could not {action} contributing: {e}")),
                 answer=ActionResult,
@@ -403,7 +403,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         if self.invite_option.isChecked():
             self.client.call(
                 "POST",
-                "/api/settings/join",
+                routes.JOIN,
                 {"invite": self.invite.text().strip()},
                 on_ok=saved,
                 on_error=lambda e: self.error.setText(sentence(f"This invite does not work: {friendly_error(e)}")),
@@ -413,7 +413,7 @@ class SettingsDialog(SharingSettingsMixin, QDialog):
         else:
             self.client.call(
                 "PUT",
-                "/api/settings",
+                routes.SETTINGS,
                 self._changes(),
                 on_ok=saved,
                 on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),

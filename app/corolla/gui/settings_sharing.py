@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api import routes
 from corolla.api.models import LanSwarms
 from corolla.gui.node_settings import NodeSettings
 from corolla.gui.settings_checks import friendly_error
@@ -117,7 +118,7 @@ class SharingSettingsMixin:
 
     def refresh_lan(self) -> None:
         self.client.call(
-            "GET", "/api/lan/swarms", on_ok=self._show_lan, on_error=self._lan_unavailable, answer=LanSwarms
+            "GET", routes.LAN_SWARMS, on_ok=self._show_lan, on_error=self._lan_unavailable, answer=LanSwarms
         )
 
     def _lan_unavailable(self, message: str) -> None:
@@ -173,7 +174,7 @@ class SharingSettingsMixin:
 
         self.client.call(
             "PUT",
-            "/api/settings",
+            routes.SETTINGS,
             self.settings.with_changes(lan_discovery=checked),
             on_ok=applied,
             on_error=lambda e: self.error.setText(sentence(f"Not saved. {friendly_error(e)}")),

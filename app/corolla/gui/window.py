@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from corolla.api import models as m
+from corolla.api import routes
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
 from corolla.gui.panes import ChatPane, ContributePane, StatsPane, SwarmPane
@@ -347,7 +348,7 @@ class MainWindow(NodeRefresh, QMainWindow):
         quit, not a hide."""
         self.quitting = True
         if stop_node and self.reachable:
-            shutdown = self.client.call("POST", "/api/shutdown", on_error=lambda _: None, timeout_ms=5000)
+            shutdown = self.client.call("POST", routes.SHUTDOWN, on_error=lambda _: None, timeout_ms=5000)
             loop = QEventLoop()
             shutdown.finished.connect(loop.quit)
             QTimer.singleShot(5000, loop.quit)

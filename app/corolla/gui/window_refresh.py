@@ -7,6 +7,7 @@ from __future__ import annotations
 from PySide6.QtWidgets import QSystemTrayIcon
 
 from corolla.api import models as m
+from corolla.api import routes
 from corolla.gui.node_client import Unreadable
 from corolla.gui.node_settings import NodeSettings
 from corolla.gui.status_text import status_line
@@ -49,14 +50,14 @@ class NodeRefresh:
         self._once(
             "settings",
             "GET",
-            "/api/settings",
+            routes.SETTINGS,
             lambda s: self.chat.set_default_privacy(s.default_privacy if s.has("default_privacy") else None),
             self._say_unreadable,
             answer=NodeSettings,
         )
         self.client.call(
             "GET",
-            "/api/hardware",
+            routes.HARDWARE,
             on_ok=self.contribute.show_hardware,
             on_error=lambda e: self.contribute.hardware.setText(sentence(f"Not available: {e}")),
             answer=m.HardwareReport,
@@ -69,7 +70,7 @@ class NodeRefresh:
 
     def refresh_status(self) -> None:
         self._once(
-            "status", "GET", "/api/status", self._status_shown, self._node_unreachable, 5000, answer=m.NodeStatus
+            "status", "GET", routes.STATUS, self._status_shown, self._node_unreachable, 5000, answer=m.NodeStatus
         )
 
     def _status_shown(self, status: m.NodeStatus) -> None:
@@ -82,7 +83,7 @@ class NodeRefresh:
         self.stats.show_lifetime(status.lifetime)
         if self.contribute.hardware_report is None and status.contribution.state == "online":
             self._once(
-                "hardware", "GET", "/api/hardware", self.contribute.show_hardware, None, 60_000, m.HardwareReport
+                "hardware", "GET", routes.HARDWARE, self.contribute.show_hardware, None, 60_000, m.HardwareReport
             )
         if not status.awaiting_consent:
             self.consent_known.emit()
@@ -146,7 +147,7 @@ class NodeRefresh:
             if not self.chat.model_picker.itemData(0):  # nothing known yet: say why the list is empty
                 self.chat.show_unreachable("The swarm cannot be read yet")
 
-        self._once("swarm", "GET", "/api/swarm", shown, failed, timeout_ms=90_000, answer=list[m.SwarmModel])
+        self._once("swarm", "GET", routes.SWARM, shown, failed, timeout_ms=90_000, answer=list[m.SwarmModel])
 
     def _poll_swarm(self) -> None:
         self._swarm_ticks += 1
@@ -159,5 +160,5 @@ class NodeRefresh:
 
     def refresh_stats(self) -> None:
         if self.reachable:
-            path = f"/api/stats/history?hours={self.stats.hours}"
+            path = routes.stats_history(self.stats.hours)
             self._once("stats", "GET", path, self.stats.show_history, self._say_unreadable, answer=list[m.HourStats])

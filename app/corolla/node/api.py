@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from corolla import __version__
 from corolla.api import models as m
+from corolla.api import routes
 from corolla.api.sse import encode_event
 from corolla.node.errors import NodeError
 from corolla.node.settings import Settings
@@ -82,7 +83,7 @@ def create_app(node) -> FastAPI:
         body = m.ErrorBody(kind="invalid_request", message=problems or "invalid request").model_dump()
         return JSONResponse(body, status_code=422)
 
-    @app.get("/api/ping", tags=["node"])
+    @app.get(routes.PING, tags=["node"])
     def ping() -> m.Ping:
         """Liveness (no token needed): is a node answering here?"""
         return {"ok": True, "version": __version__}
@@ -93,60 +94,60 @@ def create_app(node) -> FastAPI:
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/api/status", dependencies=api, tags=["node"])
+    @app.get(routes.STATUS, dependencies=api, tags=["node"])
     def status() -> m.NodeStatus:
         return node.status()
 
-    @app.get("/api/hardware", dependencies=api, tags=["contribution"])
+    @app.get(routes.HARDWARE, dependencies=api, tags=["contribution"])
     def hardware(model: str | None = None, torch_dtype: str = "auto", quant_type: str = "none") -> m.HardwareReport:
         if torch_dtype not in ("auto", "bfloat16", "float16", "float32") or quant_type not in ("none", "int8", "nf4"):
             raise HTTPException(400, "torch_dtype must be auto|bfloat16|float16|float32, quant_type none|int8|nf4")
         return node.hardware(model, torch_dtype, quant_type)
 
-    @app.get("/api/settings", dependencies=api, tags=["settings"])
+    @app.get(routes.SETTINGS, dependencies=api, tags=["settings"])
     def get_settings() -> Settings:
         return node.settings
 
-    @app.put("/api/settings", dependencies=api, tags=["settings"])
+    @app.put(routes.SETTINGS, dependencies=api, tags=["settings"])
     def put_settings(settings: Settings) -> Settings:
         node.apply_settings(settings)
         return node.settings
 
-    @app.post("/api/settings/join", dependencies=api, tags=["settings"])
+    @app.post(routes.JOIN, dependencies=api, tags=["settings"])
     async def join(invite: m.Invite) -> Settings:
         """Join a private swarm with its invite: its addresses are tried first (nothing changes when
         the invite is unusable or none of them answers; the error says which were tried and what to do)."""
         return await asyncio.to_thread(node.join_swarm, invite.invite)
 
-    @app.get("/api/lan/swarms", dependencies=api, tags=["settings"])
+    @app.get(routes.LAN_SWARMS, dependencies=api, tags=["settings"])
     def lan_swarms() -> m.LanSwarms:
         """Private swarms other computers on this network announce (join one with its invite), and
         whether this computer's own swarm is announced. Empty while discovery is switched off."""
         return m.LanSwarms(**node.lan_swarms())
 
-    @app.put("/api/secrets/hf-token", dependencies=api, tags=["settings"])
+    @app.put(routes.HF_TOKEN, dependencies=api, tags=["settings"])
     def hf_token(body: m.HfToken) -> m.ActionResult:
         node.set_hf_token(body.token)
         return m.ActionResult(ok=True, message=f"stored in {node.secrets.storage}")
 
-    @app.post("/api/contribution/{action}", dependencies=api, tags=["contribution"])
+    @app.post(routes.CONTRIBUTION, dependencies=api, tags=["contribution"])
     def contribution(action: str) -> m.ActionResult:
         if action not in ("start", "stop", "pause", "pause-free", "resume"):
             raise HTTPException(404, "action must be start, stop, pause, pause-free or resume")
         return node.contribution(action)
 
-    @app.get("/api/contribution/log", dependencies=api, tags=["contribution"])
+    @app.get(routes.CONTRIBUTION_LOG, dependencies=api, tags=["contribution"])
     def contribution_log(lines: int = 200) -> m.ServerLog:
         """The block server's last log lines (at most 2000)."""
         if not 1 <= lines <= 2000:
             raise HTTPException(400, "lines must be between 1 and 2000")
         return {"log": node.server_log(lines)}
 
-    @app.get("/api/swarm", dependencies=api, tags=["swarm"])
+    @app.get(routes.SWARM, dependencies=api, tags=["swarm"])
     async def swarm() -> list[m.SwarmModel]:
         return await asyncio.to_thread(node.swarm_health)
 
-    @app.post("/api/swarm/check", dependencies=api, tags=["swarm"])
+    @app.post(routes.SWARM_CHECK, dependencies=api, tags=["swarm"])
     async def swarm_check(body: m.CheckServer) -> m.ServerCheck:
         """Send a server known inputs and compare its outputs with this computer's run or other servers'."""
         result = await asyncio.to_thread(node.check_server, body.peer_id)
@@ -154,13 +155,13 @@ def create_app(node) -> FastAPI:
             raise HTTPException(404, f"no server {body.peer_id} serves the current model")
         return result
 
-    @app.get("/api/stats/history", dependencies=api, tags=["stats"])
+    @app.get(routes.STATS_HISTORY, dependencies=api, tags=["stats"])
     def stats_history(hours: int = 24) -> list[m.HourStats]:
         if not 1 <= hours <= 24 * 366:
             raise HTTPException(400, "hours must be between 1 and 8784")
         return node.db.contribution_history(int(time.time() // 3600) - hours + 1)
 
-    @app.get("/api/chats", dependencies=api, tags=["chats"])
+    @app.get(routes.CHATS, dependencies=api, tags=["chats"])
     def list_chats(q: str | None = None) -> list[m.Chat]:
         """All chats, newest first; with `q`, those whose title or messages contain it."""
         if q is not None and len(q) > 200:
@@ -168,7 +169,7 @@ def create_app(node) -> FastAPI:
         rows = node.db.search_chats(q) if q else node.db.list_chats()
         return [m.Chat(**c) for c in rows]
 
-    @app.post("/api/chats", dependencies=api, tags=["chats"], status_code=201)
+    @app.post(routes.CHATS, dependencies=api, tags=["chats"], status_code=201)
     def create_chat(body: m.ChatCreate) -> m.Chat:
         privacy = node.check_privacy_choice(body.privacy) if body.privacy is not None else None
         chat = node.db.create_chat(body.title, node.model_display_name(), body.system_prompt, privacy)
@@ -180,12 +181,12 @@ def create_app(node) -> FastAPI:
             raise HTTPException(404, f"no chat {chat_id!r}")
         return chat
 
-    @app.get("/api/chats/{chat_id}", dependencies=api, tags=["chats"])
+    @app.get(routes.CHAT, dependencies=api, tags=["chats"])
     def get_chat(chat_id: str) -> m.Chat:
         chat = _chat(chat_id)
         return m.Chat(**chat, messages=[m.Message(**msg) for msg in node.db.messages(chat_id)])
 
-    @app.patch("/api/chats/{chat_id}", dependencies=api, tags=["chats"])
+    @app.patch(routes.CHAT, dependencies=api, tags=["chats"])
     def update_chat(chat_id: str, body: m.ChatUpdate) -> m.Chat:
         """Rename a chat and/or change who may receive its hidden states (from its next reply on)."""
         _chat(chat_id)
@@ -196,7 +197,7 @@ def create_app(node) -> FastAPI:
             node.db.rename_chat(chat_id, body.title.strip() or "Chat")
         return m.Chat(**_chat(chat_id))
 
-    @app.delete("/api/chats/{chat_id}", dependencies=api, tags=["chats"])
+    @app.delete(routes.CHAT, dependencies=api, tags=["chats"])
     def delete_chat(chat_id: str) -> m.ActionResult:
         _chat(chat_id)
         node.chats.forget(chat_id)
@@ -204,7 +205,7 @@ def create_app(node) -> FastAPI:
         return m.ActionResult(ok=True, message="deleted")
 
     @app.post(
-        "/api/chats/{chat_id}/messages",
+        routes.CHAT_MESSAGES,
         dependencies=api,
         tags=["chats"],
         responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
@@ -219,7 +220,7 @@ def create_app(node) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post(
-        "/api/chats/{chat_id}/regenerate",
+        routes.CHAT_REGENERATE,
         dependencies=api,
         tags=["chats"],
         responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
@@ -236,7 +237,7 @@ def create_app(node) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post(
-        "/api/chats/{chat_id}/continue",
+        routes.CHAT_CONTINUE,
         dependencies=api,
         tags=["chats"],
         responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}},
@@ -253,7 +254,7 @@ def create_app(node) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/api/shutdown", dependencies=api, tags=["node"])
+    @app.post(routes.SHUTDOWN, dependencies=api, tags=["node"])
     def shutdown() -> m.ActionResult:
         node.request_shutdown()
         return m.ActionResult(ok=True, message="the node is stopping")

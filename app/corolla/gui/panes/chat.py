@@ -11,6 +11,7 @@ from PySide6.QtCore import QSettings, Signal
 from PySide6.QtWidgets import QWidget
 
 from corolla.api import models as m
+from corolla.api import routes
 from corolla.api.models import MAX_NEW_TOKENS, PRIVACY_LABELS, PRIVACY_SENTENCES
 from corolla.gui.node_client import NodeClient
 from corolla.gui.panes.chat_layout import ChatLayout, MessageBox
@@ -95,7 +96,7 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
             self.info.setText(f"Could not change who may read this chat: {message}")
 
         body = {"privacy": {"level": level}}
-        self.client.call("PATCH", f"/api/chats/{chat_id}", body, changed, refused, answer=m.Chat, request=m.ChatUpdate)
+        self.client.call("PATCH", routes.chat(chat_id), body, changed, refused, answer=m.Chat, request=m.ChatUpdate)
 
     def _show_seen_by(self) -> None:
         """Who received the hidden states of the chat's last reply (kept with each reply by the node)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFileDialog, QInputDialog, QListWidgetItem, QMenu
 
+from corolla.api import routes
 from corolla.api.models import ActionResult, Chat, ChatCreate, ChatUpdate
 from corolla.gui.turns import turns_of
 from corolla.gui.widgets import sentence
@@ -50,9 +51,8 @@ class ChatList:
 
     def refresh_chats(self) -> None:
         query = self.search.text().strip()
-        from urllib.parse import quote
 
-        path = f"/api/chats?q={quote(query)}" if query else "/api/chats"
+        path = routes.chats(query) if query else routes.CHATS
         self.client.call("GET", path, on_ok=self._show_chats, answer=list[Chat])
 
     def _show_chats(self, chats: list[Chat]) -> None:
@@ -99,7 +99,7 @@ class ChatList:
 
         self.client.call(
             "POST",
-            "/api/chats",
+            routes.CHATS,
             {
                 "title": NEW_TITLE,
                 "system_prompt": self.system.text().strip() or None,
@@ -116,7 +116,7 @@ class ChatList:
             return
         self.chat_id = item.data(Qt.ItemDataRole.UserRole)
         self.chat = next((c for c in self.chat_list if c.id == self.chat_id), None)
-        self.client.call("GET", f"/api/chats/{self.chat_id}", on_ok=lambda c: self._load(c), answer=Chat)
+        self.client.call("GET", routes.chat(self.chat_id), on_ok=lambda c: self._load(c), answer=Chat)
 
     def _load(self, chat: Chat) -> None:
         if chat.id != self.chat_id:
@@ -144,7 +144,7 @@ class ChatList:
             return
         self.client.call(
             "PATCH",
-            f"/api/chats/{chat_id}",
+            routes.chat(chat_id),
             {"title": title[:200]},
             on_ok=lambda _: self.refresh_chats(),
             on_error=lambda e: self.info.setText(sentence(f"Could not rename the chat: {e}")),
@@ -183,7 +183,7 @@ class ChatList:
         if pending is not None:
             return self.client.call(
                 "DELETE",
-                f"/api/chats/{pending.id}",
+                routes.chat(pending.id),
                 on_ok=lambda _: self.refresh_chats(),
                 on_error=lambda e: self.info.setText(sentence(f"Could not delete the chat: {e}")),
                 answer=ActionResult,
@@ -217,7 +217,7 @@ class ChatList:
 
         self.client.call(
             "GET",
-            f"/api/chats/{chat_id}",
+            routes.chat(chat_id),
             on_ok=write,
             on_error=lambda e: self.info.setText(sentence(f"Could not export: {e}")),
             answer=Chat,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from corolla.api import events as ev
+from corolla.api import routes
 from corolla.api.models import Continue, NodeStatus, Regenerate, SendMessage
 from corolla.gui.panes.chat_list import NEW_TITLE, auto_title
 from corolla.gui.turns import Turn
@@ -40,7 +41,7 @@ class ChatReply:
         self._replacing = True
         self._begin()
         self.stream = self.client.stream(
-            f"/api/chats/{self.chat_id}/regenerate", self._sampling(), self._on_event, self._on_error, Regenerate
+            routes.chat_regenerate(self.chat_id), self._sampling(), self._on_event, self._on_error, Regenerate
         )
 
     retry = regenerate
@@ -59,7 +60,7 @@ class ChatReply:
         last.status = "streaming"
         self._render()
         self.stream = self.client.stream(
-            f"/api/chats/{self.chat_id}/continue", self._sampling(), self._on_event, self._on_error, Continue
+            routes.chat_continue(self.chat_id), self._sampling(), self._on_event, self._on_error, Continue
         )
 
     def send(self) -> None:
@@ -80,7 +81,7 @@ class ChatReply:
             self.rename_chat(self.chat_id, auto_title(text))
         self._begin()
         body = {"content": text, **self._sampling()}
-        path = f"/api/chats/{self.chat_id}/messages"
+        path = routes.chat_messages(self.chat_id)
         self.stream = self.client.stream(path, body, self._on_event, self._on_error, SendMessage)
 
     def stop(self) -> None:

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 )
 
 from corolla.api import models as m
+from corolla.api import routes
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
 from corolla.gui.node_settings import NodeSettings
@@ -238,7 +239,7 @@ class ContributePane(QWidget):
         self.reason.setText(ACTION_TEXT.get(action, f"{action}…"))
         self.client.call(
             "POST",
-            f"/api/contribution/{action}",
+            routes.contribution(action),
             on_ok=lambda r: self.reason.setText(sentence(r.message)),
             on_error=lambda e: self.reason.setText(sentence(f"Could not {action}: {e}")),
             answer=m.ActionResult,
@@ -253,7 +254,7 @@ class ContributePane(QWidget):
                 return
             self.client.call(
                 "PUT",
-                "/api/settings",
+                routes.SETTINGS,
                 settings.with_changes(listen_on_lan=others),
                 on_ok=lambda _: self.share_sentence.setText("Restarting the server for your choice…"),
                 on_error=lambda e: self.share_sentence.setText(sentence(f"Could not change who can join: {e}")),
@@ -263,7 +264,7 @@ class ContributePane(QWidget):
 
         self.client.call(
             "GET",
-            "/api/settings",
+            routes.SETTINGS,
             on_ok=switch,
             on_error=lambda e: self.share_sentence.setText(sentence(e)),
             answer=NodeSettings,
@@ -293,7 +294,7 @@ class ContributePane(QWidget):
 
         self.client.call(
             "GET",
-            "/api/contribution/log?lines=400",
+            routes.contribution_log(400),
             on_ok=shown,
             on_error=lambda e: text.setPlainText(f"Not available: {e}"),
             answer=m.ServerLog,
@@ -309,7 +310,7 @@ class ContributePane(QWidget):
             share = {"device": self.device.currentData() or "auto", "num_blocks": self.blocks.value(), "blocks": None}
             self.client.call(
                 "PUT",
-                "/api/settings",
+                routes.SETTINGS,
                 settings.with_changes(**share),
                 on_ok=lambda _: (
                     self.apply_note.setText("Saved; the server restarts with the new share."),
@@ -322,7 +323,7 @@ class ContributePane(QWidget):
 
         self.client.call(
             "GET",
-            "/api/settings",
+            routes.SETTINGS,
             on_ok=got,
             on_error=lambda e: self.apply_note.setText(sentence(f"Not saved: {e}")),
             answer=NodeSettings,

@@ -8,6 +8,7 @@ import time
 from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QButtonGroup, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
+from corolla.api import routes
 from corolla.api.models import HourStats, Lifetime
 from corolla.gui import theme
 from corolla.gui.node_client import NodeClient
@@ -86,7 +87,7 @@ class StatsPane(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        path = f"/api/stats/history?hours={self.hours}"
+        path = routes.stats_history(self.hours)
         self.client.call("GET", path, on_ok=self.show_history, answer=list[HourStats])
 
     def showEvent(self, event) -> None:

@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from corolla.api import routes
 from corolla.api.models import CheckServer, ServerCheck, SwarmModel, SwarmServer
 from corolla.gui import theme
 from corolla.gui.node_client import ENDPOINT_MISSING, NodeClient
@@ -313,7 +314,7 @@ class SwarmPane(QWidget):
         self.check_result.show()
         self.client.call(
             "POST",
-            "/api/swarm/check",
+            routes.SWARM_CHECK,
             {"peer_id": peer},
             on_ok=lambda result: self._checked(server, result),
             on_error=lambda message: self._check_failed(server, message),
