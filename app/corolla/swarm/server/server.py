@@ -366,6 +366,7 @@ class BlockServer(SwarmPresenceMixin):
                     tasks.append(asyncio.create_task(self._rejoin_forever()))
                 if self.config.blocks is None:
                     tasks.append(asyncio.create_task(self._balance_forever(move)))
+                tasks.append(asyncio.create_task(self._watch_members_forever(None if self.config.blocks else move)))
                 stop_wait = asyncio.create_task(self._stop.wait())
                 move_wait = asyncio.create_task(move.wait())
                 pause_wait = asyncio.create_task(self._paused.wait())

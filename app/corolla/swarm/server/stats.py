@@ -31,6 +31,9 @@ class ServerStats:
     visible_maddrs: list[str] = field(default_factory=list)
     using_relay: bool = False
     reachability: dict[str, Any] = field(default_factory=dict)  # reachability.Reachability, as a dict
+    # Directly reachable members learned from the swarm's records (relays.reachable_members): the node
+    # keeps them as extra bootstrap peers and relays.
+    reachable_members: list[str] = field(default_factory=list)
     throughput: float = 0.0
     inference_rps: float | None = None
     forward_rps: float | None = None
