@@ -90,7 +90,7 @@ class StatusMixin:
             return None  # custom peers typed by hand: not a private swarm this node was invited to
         own = [a for a in stats.get("visible_maddrs") or () if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
         relayed = (stats.get("reachability") or {}).get("relay_addrs") or []
-        members = list(s.custom_peers) if s.swarm == "custom" else []
+        members = self.swarm_peers() if s.swarm == "custom" else []
         if not own and not relayed:
             return None
         return make_invite([*own, *relayed, *members], self.dht_prefix() or "", self.model_id(), s.public_name)
