@@ -352,7 +352,32 @@ async def plan_network(
         return NetworkPlan("unknown", False, use_relay, None, [], list(announce_maddrs), answers)
     if not use_relay or not relays:
         return NetworkPlan("unreachable", True, False, "private" if use_relay else None, [], [], answers)
+    # go-libp2p's auto-relay waits for every trusted relay to answer (or for its three-minute boot delay):
+    # one that left for good (a member whose invite others joined with) must not be among them.
+    relays = await answering(relays) or relays
     return NetworkPlan("relay", True, True, "private", relays, circuit_addresses(relays), answers)
+
+
+RELAY_DIAL_TIMEOUT = 3.0  # a relay that does not accept a TCP connection in this long is left out
+
+
+async def answering(maddrs: Sequence[str], timeout: float = RELAY_DIAL_TIMEOUT) -> list[str]:
+    """The addresses (in order) that accept a TCP connection now, all tried at once."""
+
+    async def answers(maddr: str) -> bool:
+        parts = maddr.split("/")
+        try:
+            host, port = parts[2], int(parts[4])
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, ValueError, IndexError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return True
+
+    results = await asyncio.gather(*(answers(maddr) for maddr in maddrs))
+    return [maddr for maddr, ok in zip(maddrs, results, strict=True) if ok]
 
 
 class PlanInBackground:
