@@ -51,6 +51,9 @@ class StatusMixin:
         if self.settings.swarm != "public":
             others = self.settings.swarm == "custom" or self.settings.listen_on_lan
             state = (stats.get("reachability") or {}).get("state", "checking") if sup.pid is not None else "checking"
+            names = stats.get("member_names") or {} if sup.pid is not None else {}
+            relays = (stats.get("reachability") or {}).get("relay_addrs") or [] if sup.pid is not None else []
+            relay_ids = [a.split("/p2p-circuit")[0].rsplit("/p2p/", 1)[-1] for a in relays]
             sharing = sharing_status(
                 others,
                 self.settings.swarm_port,
@@ -58,6 +61,8 @@ class StatusMixin:
                 state,
                 self.settings.nat_port_map,
                 self.address.port_notice,
+                relay_names=list(dict.fromkeys(names.get(p, p[-6:]) for p in relay_ids)),
+                reachable_names=list(names.values()),
             )
         return m.NodeStatus(
             version=__version__,

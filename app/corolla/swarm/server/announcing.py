@@ -142,6 +142,13 @@ class SwarmPresenceMixin:
                     if info.state == ServerState.ONLINE
                 }
                 members = reachable_members(announced, self.peer_id)
+                ids = set(relay_peer_ids(members))
+                self.stats.member_names = {
+                    peer: info.public_name or peer[-6:]
+                    for module in infos
+                    for peer, info in module.servers.items()
+                    if peer in ids
+                }
                 if members != self.stats.reachable_members:
                     logger.info("members others can dial: %s", " ".join(members) or "none")
                     self.stats.reachable_members = members

@@ -34,6 +34,7 @@ class ServerStats:
     # Directly reachable members learned from the swarm's records (relays.reachable_members): the node
     # keeps them as extra bootstrap peers and relays.
     reachable_members: list[str] = field(default_factory=list)
+    member_names: dict[str, str] = field(default_factory=dict)  # their public names, by peer id
     throughput: float = 0.0
     inference_rps: float | None = None
     forward_rps: float | None = None
