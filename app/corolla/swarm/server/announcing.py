@@ -131,8 +131,14 @@ class SwarmPresenceMixin:
         seconds, not at the next random balance check (up to two minutes): after a short random wait, so
         that of several servers able to move one does and the others see it (JOINING counts)."""
         uids = self._uids(0, self.total_blocks)
+        first = True
         while True:
-            await asyncio.sleep(MEMBERS_CHECK_S)
+            if not first:  # the first read at once: a restarted server names its relay within seconds
+                await asyncio.sleep(MEMBERS_CHECK_S)
+            first = False
+            if self.config.nat_port_map and self.network is not None:  # the router's mapping comes (and goes) late
+                with contextlib.suppress(Exception):
+                    self.stats.visible_maddrs = await self._visible_maddrs(await self.dht.replicate_p2p(), self.network)
             try:
                 infos = await get_module_infos(self.dht, uids)
                 announced = {
