@@ -213,3 +213,32 @@ def test_members_learned_from_the_swarm_vouch_only_for_themselves_and_survive_th
     # B's own addresses count; B naming A's address, and this peer's own record, do not.
     assert reachable_members({PEER_B: addrs, PEER_A: [own]}, PEER_A) == [bob]
     assert reachable_members({PEER_B: [own, "/ip4/1.2.3.4/tcp/1/p2p/x"]}, None) == []
+
+
+def test_a_member_keeps_the_reachable_members_it_learned_from_the_swarm(tmp_path):
+    """What the block server read from the swarm becomes extra initial peers and relays, kept across
+    restarts of the node; an address of this computer, and one the invite already named, are not added."""
+    from corolla.node.paths import NodePaths
+    from corolla.node.service import NodeService
+
+    paths = NodePaths(tmp_path / "config", tmp_path / "data", tmp_path / "cache")
+    alice = f"/ip4/11.77.0.10/tcp/31337/p2p/{PEER_A}"
+    bob = f"/ip4/11.77.0.101/tcp/31400/p2p/{PEER_B}"
+    own = "QmRXvYWy5cVPm76s5Fd1VkNsjf2svnbHQQoG77Dx1h9nuN"
+    service = NodeService(paths)
+    try:
+        service.apply_settings(
+            service.settings.model_copy(
+                update={"swarm": "custom", "custom_peers": [alice], "swarm_members": [PEER_A], "contribute": False}
+            )
+        )
+        service.learn_members({"peer_id": own, "reachable_members": [alice, bob, f"/ip4/1.2.3.4/tcp/1/p2p/{own}"]})
+        assert service.settings.learned_peers == [bob]
+        assert service.swarm_peers() == [alice, bob] and PEER_B in service.settings.swarm_members
+    finally:
+        service.close()
+    service = NodeService(paths)
+    try:
+        assert service.settings.learned_peers == [bob]
+    finally:
+        service.close()
