@@ -467,6 +467,7 @@ def network_plan_arguments(config: ServerConfig) -> dict:
         identity_path=config.identity_path,
         mode=config.reachability,
         use_relay=config.use_relay,
+        nat_port_map=config.nat_port_map,
     )
 
 
