@@ -38,6 +38,7 @@ RETAKE_RELAY_AFTER_S = 10.0  # a relay connected again but not carrying us this 
 RETAKE_RELAY_EXIT_CODE = 75  # EX_TEMPFAIL: the node starts the server again at once, not counted as a crash
 REJOIN_CHECK_S = 10.0  # how often a server checks that it still reaches one of its initial peers
 MEMBERS_CHECK_S = 10.0  # how often a server reads which members others can dial, and looks for uncovered blocks
+MAX_MEMBERS_KEPT = 64
 GAP_JITTER_S = 10.0  # the most a server waits before moving to cover a block nobody serves
 RELAY_GONE_AFTER_S = 15.0  # every relay gone this long, while other members could relay: restart to use them
 
@@ -147,14 +148,18 @@ class SwarmPresenceMixin:
                     for peer, info in module.servers.items()
                     if info.state == ServerState.ONLINE
                 }
-                members = reachable_members(announced, self.peer_id)
-                ids = set(relay_peer_ids(members))
-                self.stats.member_names = {
+                # Kept while this server runs, newest first: a read while the swarm's records move (the
+                # member that held them left) may miss a member, which must not delay taking it as relay.
+                found = reachable_members(announced, self.peer_id)
+                members = list(dict.fromkeys([*found, *self.stats.reachable_members]))[:MAX_MEMBERS_KEPT]
+                ids = set(relay_peer_ids(found))  # who others can reach now (the window names them)
+                names = {
                     peer: info.public_name or peer[-6:]
                     for module in infos
                     for peer, info in module.servers.items()
                     if peer in ids
                 }
+                self.stats.member_names = names or self.stats.member_names  # an empty read may be a moving swarm
                 if members != self.stats.reachable_members:
                     logger.info("members others can dial: %s", " ".join(members) or "none")
                     self.stats.reachable_members = members
