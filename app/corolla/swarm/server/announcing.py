@@ -23,6 +23,7 @@ from corolla.swarm.protocol import ServerInfo, ServerState
 from corolla.swarm.reachability import (
     NetworkPlan,
     RelayProof,
+    connected_relays,
     describe,
     port_of,
     relay_state,
@@ -40,6 +41,7 @@ REJOIN_CHECK_S = 10.0  # how often a server checks that it still reaches one of 
 MEMBERS_CHECK_S = 10.0  # how often a server reads which members others can dial, and looks for uncovered blocks
 MAX_MEMBERS_KEPT = 64
 GAP_JITTER_S = 10.0  # the most a server waits before moving to cover a block nobody serves
+RELAY_POLL_S = 3.0  # how often a relayed server looks whether its proven relays are still connected
 RELAY_GONE_AFTER_S = 15.0  # every relay gone this long, while other members could relay: restart to use them
 
 
@@ -256,4 +258,21 @@ class SwarmPresenceMixin:
                         self._stop.set()
                         return
             # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
-            await asyncio.sleep(15.0 if self.stats.reachability.get("state") == "relay" else 5.0)
+            relayed = self.stats.reachability.get("state") == "relay"
+            await self._sleep_watching_relays(p2p, proof, 15.0 if relayed else 5.0)
+
+    async def _sleep_watching_relays(self, p2p, proof: RelayProof | None, seconds: float) -> None:
+        """Sleep, looking every few seconds whether a proven relay dropped its connection. A relay that
+        restarts is connected again within seconds (the DHT dials it), and then looks as before while our
+        reservation on it is gone: a drop seen here makes the next round prove it again."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(RELAY_POLL_S, left))
+            if proof is None or not proof.proven:
+                continue
+            with contextlib.suppress(Exception):
+                live = await connected_relays(p2p, self.network.trusted_relays)
+                if not set(proof.proven) <= set(live):
+                    logger.info("a relay dropped its connection: proving the relay again")
+                    proof.proven_at = None
+                    return
