@@ -161,7 +161,8 @@ class SwarmPresenceMixin:
                     for peer, info in module.servers.items()
                     if peer in ids
                 }
-                self.stats.member_names = names or self.stats.member_names  # an empty read may be a moving swarm
+                if announced:  # a read that found no server at all is a swarm in motion, not an empty one
+                    self.stats.member_names = names
                 if members != self.stats.reachable_members:
                     logger.info("members others can dial: %s", " ".join(members) or "none")
                     self.stats.reachable_members = members
