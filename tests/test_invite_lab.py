@@ -341,3 +341,146 @@ def test_smollm2_across_three_homes_and_a_new_friend_after_the_creator_restarts(
     finally:
         for node in reversed(nodes):
             node.stop()
+
+
+def _swarm_coverage(node: LabNode) -> tuple[set[int], set[str]]:
+    """The blocks online servers cover, and those servers' peer ids, as the Swarm pane reads them."""
+    status, swarm = node.call("GET", "/api/swarm", timeout=90)
+    if status != 200 or not swarm:
+        return set(), set()
+    online = [s for s in swarm[0]["servers"] if s["state"].lower() == "online"]
+    return {b for s in online for b in range(s["start_block"], s["end_block"])}, {s["peer_id"] for s in online}
+
+
+def test_the_creator_leaves_for_good_and_the_others_keep_chatting(lab, tmp_path):
+    """No special creator. A (public) creates the swarm; B, C and D (each behind NAT) join with the invite A
+    shared when it was alone, and each serve a third of the blocks. B's router forwards B's kept port and
+    B enters its public address (p2pd has no hole punching: NAT'd members reach each other only through a
+    member others can dial, so the story needs one besides A). C and D learn B's address from the swarm,
+    not from any invite. A leaves for good: C's and D's relays move to B, the blocks A served are covered
+    again, and C and D chat; each node's sharing status says who can be reached."""
+    hosts = {name: lab.hosts[name] for name in ("alice", "bob", "carol", "dave")}
+    consent = {**TINY, "COROLLA_AWAIT_CONSENT": "1"}
+    nodes = {name: LabNode(lab, hosts[name], tmp_path / name, extra_env=consent) for name in hosts}
+    figures: dict = {}
+    try:
+        a, b, c, d = (nodes[name] for name in hosts)
+        _start_contributing(a, listen_on_lan=True, num_blocks=2, public_name="Alice")
+        status = _online_with_invite(a)
+        invite, ids = status["invite"], {"alice": status["contribution"]["peer_id"]}
+        assert {p.rsplit("/p2p/", 1)[1] for p in _invite_peers(invite)} == {ids["alice"]}  # A alone so far
+
+        b.request("POST", "/api/settings/join", {"invite": invite})
+        port = b.request("GET", "/api/settings")["swarm_port"]
+        lab.forward_port(hosts["bob"], port)  # what Bob does on his router, then in Settings
+        _start_contributing(b, num_blocks=2, public_name="Bob", public_address=hosts["bob"].public_ip)
+        status = b.wait_status(
+            lambda s: s["contribution"]["state"] == "online" and s["sharing"]["outside"] == "yes", 300, "reachable"
+        )
+        ids["bob"] = status["contribution"]["peer_id"]
+        bob_public = f"/ip4/{hosts['bob'].public_ip}/tcp/{port}/p2p/{ids['bob']}"
+        for name, node in (("carol", c), ("dave", d)):
+            node.request("POST", "/api/settings/join", {"invite": invite})  # A's invite, from before B came
+            _start_contributing(node, num_blocks=2, public_name=name.title())
+            ids[name] = node.wait_status(lambda s: s["contribution"]["state"] == "online", 300, "online")[
+                "contribution"
+            ]["peer_id"]
+        reply, _ = _chat_until_answered(c, "What is the capital of France?", 240)
+        assert reply["end"]["type"] == "done", reply
+
+        # C and D learn B from the swarm (each reachable member announces its addresses) and keep it.
+        for node in (c, d):
+            deadline = time.monotonic() + 120
+            while bob_public not in node.request("GET", "/api/settings")["learned_peers"]:
+                assert time.monotonic() < deadline, node.request("GET", "/api/settings")
+                time.sleep(3)
+            assert bob_public in _invite_peers(node.request("GET", "/api/status")["invite"])
+
+        left = time.monotonic()
+        a.stop()  # A leaves for good (its node says OFFLINE and exits)
+        deadline = time.monotonic() + 300
+        while True:
+            covered, servers = _swarm_coverage(c)
+            if covered == set(range(6)) and ids["alice"] not in servers:
+                break
+            assert time.monotonic() < deadline, (covered, servers)
+            time.sleep(3)
+        figures["leave_to_blocks_covered_s"] = round(time.monotonic() - left, 1)
+        reply, tries = _chat_until_answered(c, "What is the capital of France?", 420)
+        figures["leave_to_carol_reply_s"] = round(time.monotonic() - left, 1)
+        figures["carol_chat_tries"] = tries
+        assert reply["end"]["type"] == "done", reply
+        reply, _ = _chat_until_answered(d, "What is the capital of France?", 240)
+        assert reply["end"]["type"] == "done", reply
+        figures["leave_to_dave_reply_s"] = round(time.monotonic() - left, 1)
+
+        # What each window says now: B is reachable from outside; C and D through B's relay.
+        sharing = b.request("GET", "/api/status")["sharing"]
+        assert sharing["outside"] == "yes" and sharing["reachable_members"] == ["this computer"], sharing
+        for node in (c, d):
+            status = node.wait_status(
+                lambda s: (
+                    s["sharing"]["outside"] == "relay"
+                    and any(ids["bob"] in a for a in s["reachability"]["relay_addrs"])
+                    and "through Bob's computer" in s["sharing"]["outside_sentence"]
+                ),
+                180,
+                "relayed through B",
+            )
+            assert not any(ids["alice"] in a for a in status["reachability"]["relay_addrs"]), status["reachability"]
+            assert "Bob" in status["sharing"]["reachable_members"], status["sharing"]
+        _figures("tiny, the creator leaves", figures)
+    finally:
+        for node in reversed(list(nodes.values())):
+            node.stop()
+
+
+def test_the_router_opens_the_port_on_request_and_a_friend_in_another_home_chats(lab, tmp_path):
+    """Everyone behind NAT, the other fix taken: the home router answers UPnP/NAT-PMP (Debian's miniupnpd)
+    and the user switches on 'Ask the router to open the port'. The node is then reachable from outside,
+    its invite starts with the port the router opened, and B, in another home, joins with it and chats."""
+    if "erin" not in lab.hosts:
+        lab.add_home("erin")
+    erin, bob = lab.hosts["erin"], lab.hosts["bob"]
+    try:
+        lab.open_port_mapping(erin, tmp_path / "router")
+    except LabUnavailable as error:
+        pytest.skip(str(error))
+    e = LabNode(lab, erin, tmp_path / "erin", extra_env={**TINY, "COROLLA_AWAIT_CONSENT": "1"})
+    b = LabNode(lab, bob, tmp_path / "bob", extra_env={**TINY, "COROLLA_AWAIT_CONSENT": "1"})
+    try:
+        started = time.monotonic()
+        _start_contributing(e, listen_on_lan=True, nat_port_map=True)
+        status = e.wait_status(
+            lambda s: (
+                s["contribution"]["state"] == "online"
+                and s["sharing"]["outside"] == "yes"
+                and s.get("invite")
+                and any(f"/ip4/{erin.home.wan_ip}/" in p for p in _invite_peers(s["invite"]))
+            ),
+            300,
+            "reachable through the router's mapping",
+        )
+        reachable_s = time.monotonic() - started
+        mapped = lab.port_mappings(erin)
+        first = _invite_peers(status["invite"])[0]
+        assert mapped and any(first.startswith(f"/ip4/{erin.home.wan_ip}/tcp/{port}/p2p/") for port in mapped), (
+            first,
+            mapped,
+        )
+        pasted = time.monotonic()
+        b.request("POST", "/api/settings/join", {"invite": status["invite"]})
+        b.request("POST", "/api/contribution/stop")  # B only chats
+        reply, tries = _chat_until_answered(b, "What is the capital of France?", 180)
+        assert reply["end"]["type"] == "done", reply
+        _figures(
+            "tiny, port opened by the router (UPnP/NAT-PMP)",
+            {
+                "start_to_reachable_s": round(reachable_s, 1),
+                "paste_to_first_reply_s": round(time.monotonic() - pasted, 1),
+                "tries": tries,
+            },
+        )
+    finally:
+        b.stop()
+        e.stop()

@@ -20,6 +20,7 @@ from corolla.node.invites import (
 )
 from corolla.node.sharing import SwarmAddress, probe_addresses, sharing_status
 from corolla.swarm.reachability import relay_candidates
+from corolla.swarm.server.stats import ServerStats
 
 A = "QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
 B = "QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5"
@@ -156,6 +157,12 @@ def test_the_sharing_sentences_name_the_port_and_the_fix():
     assert public.outside == "yes" and not public.fixes
     relayed = sharing_status(True, 31400, ["192.168.2.10"], "relay", True, None)
     assert relayed.outside == "relay" and not any("NAT-PMP" in fix for fix in relayed.fixes)
+    # After the creator left: through whose computer this one is relayed, and who others can reach.
+    relayed = sharing_status(True, 31400, ["192.168.2.10"], "relay", False, None, ["Bob"], ["Bob"])
+    assert "through Bob's computer (a relay, slower)" in relayed.outside_sentence
+    assert relayed.reachable_members == ["Bob"]
+    bob = sharing_status(True, 31400, ["11.77.0.101"], "direct", False, None, [], [])
+    assert bob.reachable_members == ["this computer"]
 
 
 def test_a_new_swarm_on_a_public_address_says_so_and_one_behind_a_router_does_not():
@@ -171,3 +178,69 @@ def test_a_new_swarm_on_a_public_address_says_so_and_one_behind_a_router_does_no
     assert public.state == "direct" and public.force_reachability == "public" and not public.client_mode
     home = asyncio.run(plan_network([], ["/ip4/192.168.1.10/tcp/31400"]))
     assert home.state == "unknown"
+
+
+PEER_A = "QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
+PEER_B = "QmQGTqmM7NKjV6ggU1ZCap8zWiyKR89RViDXiqehSiCpY5"
+
+
+def test_a_reachable_member_announces_its_dialable_addresses_public_first():
+    from corolla.swarm.relays import announced_member_addrs
+
+    visible = [
+        f"/ip4/127.0.0.1/tcp/31400/p2p/{PEER_B}",
+        f"/ip4/192.168.1.5/tcp/31400/p2p/{PEER_B}",
+        f"/ip4/11.77.0.20/tcp/31400/p2p/{PEER_B}",
+        f"/ip4/11.77.0.10/tcp/31337/p2p/{PEER_A}/p2p-circuit/p2p/{PEER_B}",
+    ]
+    assert announced_member_addrs(visible) == [
+        f"/ip4/11.77.0.20/tcp/31400/p2p/{PEER_B}",
+        f"/ip4/192.168.1.5/tcp/31400/p2p/{PEER_B}",
+    ]
+
+
+def test_members_learned_from_the_swarm_vouch_only_for_themselves_and_survive_the_wire():
+    from corolla.swarm import protocol
+    from corolla.swarm.relays import reachable_members
+
+    own = f"/ip4/11.77.0.10/tcp/31337/p2p/{PEER_A}"
+    bob = f"/ip4/11.77.0.20/tcp/31400/p2p/{PEER_B}"
+    info = protocol.ServerInfo(
+        protocol.ServerState.ONLINE, 10.0, 0, 2, extra={protocol.MEMBER_ADDRS_KEY: [bob, "x" * 300, *[bob] * 20]}
+    )
+    read = protocol.ServerInfo.from_tuple(info.to_tuple()).clamped()
+    addrs = read.extra[protocol.MEMBER_ADDRS_KEY]
+    assert addrs[0] == bob and len(addrs) <= protocol.MAX_MEMBER_ADDRS and "x" * 300 not in addrs
+    # B's own addresses count; B naming A's address, and this peer's own record, do not.
+    assert reachable_members({PEER_B: addrs, PEER_A: [own]}, PEER_A) == [bob]
+    assert reachable_members({PEER_B: [own, "/ip4/1.2.3.4/tcp/1/p2p/x"]}, None) == []
+
+
+def test_a_member_keeps_the_reachable_members_it_learned_from_the_swarm(tmp_path):
+    """What the block server read from the swarm becomes extra initial peers and relays, kept across
+    restarts of the node; an address of this computer, and one the invite already named, are not added."""
+    from corolla.node.paths import NodePaths
+    from corolla.node.service import NodeService
+
+    paths = NodePaths(tmp_path / "config", tmp_path / "data", tmp_path / "cache")
+    alice = f"/ip4/11.77.0.10/tcp/31337/p2p/{PEER_A}"
+    bob = f"/ip4/11.77.0.101/tcp/31400/p2p/{PEER_B}"
+    own = "QmRXvYWy5cVPm76s5Fd1VkNsjf2svnbHQQoG77Dx1h9nuN"
+    service = NodeService(paths)
+    try:
+        service.apply_settings(
+            service.settings.model_copy(
+                update={"swarm": "custom", "custom_peers": [alice], "swarm_members": [PEER_A], "contribute": False}
+            )
+        )
+        found = [alice, bob, f"/ip4/1.2.3.4/tcp/1/p2p/{own}"]
+        service.learn_members(ServerStats.from_snapshot({"peer_id": own, "reachable_members": found}))
+        assert service.settings.learned_peers == [bob]
+        assert service.swarm_peers() == [alice, bob] and PEER_B in service.settings.swarm_members
+    finally:
+        service.close()
+    service = NodeService(paths)
+    try:
+        assert service.settings.learned_peers == [bob]
+    finally:
+        service.close()

@@ -106,6 +106,9 @@ class Sharing(BaseModel):
     outside_sentence: str
     fixes: list[str] = Field(default_factory=list, description="what makes it reachable from outside")
     port_notice: str | None = Field(None, description="the kept port was taken: a new one, and the invite changed")
+    reachable_members: list[str] = Field(
+        default_factory=list, description="the members people outside can reach directly (names), this one too"
+    )
 
 
 class NodeStatus(BaseModel):

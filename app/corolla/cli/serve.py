@@ -69,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         identity_path=args.identity_path,
         mode=args.reachability,
         use_relay=not args.no_relay,
+        nat_port_map=args.nat_port_map,
     )
 
     from corolla.swarm.server.config import ServerConfig

@@ -14,11 +14,12 @@ import psutil
 
 from corolla.api import models as m
 from corolla.node.lan_discovery import default_human_name
-from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings, contribution_allowed
+from corolla.node.settings import PEER_ID, PUBLIC_INITIAL_PEERS, Settings, contribution_allowed
 from corolla.node.sharing import lan_addresses
 from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)
+MAX_LEARNED_PEERS = 32
 
 
 def cpu_threads(percent: int, cores: int | None = None) -> int:
@@ -65,11 +66,37 @@ class ContributionMixin:
             )
         return announced
 
+    def swarm_peers(self) -> list[str]:
+        """A joined swarm's peers: those of its invite (or typed by hand), then the members others can
+        dial that this node learned from the swarm since (the swarm outlives whoever invited it)."""
+        s = self.settings
+        return list(dict.fromkeys([*s.custom_peers, *s.learned_peers]))
+
+    def learn_members(self, stats: ServerStats) -> None:
+        """Keep the directly reachable members the block server read from the swarm (newest first, bounded)
+        as extra bootstrap peers and relays, and as members (privacy). Saved at once, with no restart: the
+        server takes them at its next start (it restarts itself when its relays are gone)."""
+        s = self.settings
+        found = [a for a in stats.reachable_members if isinstance(a, str) and "/p2p/" in a]
+        own = stats.peer_id
+        new = [a for a in found if a not in s.custom_peers and a.rsplit("/p2p/", 1)[1] != own]
+        if s.swarm != "custom" or not s.swarm_members or not new:
+            return
+        learned = list(dict.fromkeys([*new, *s.learned_peers]))[:MAX_LEARNED_PEERS]
+        ids = [a.rsplit("/p2p/", 1)[1] for a in learned]
+        members = list(dict.fromkeys([*s.swarm_members, *(i for i in ids if PEER_ID.match(i))]))[:1024]
+        if learned == s.learned_peers and members == s.swarm_members:
+            return
+        logger.info("members others can dial, learned from the swarm: %s", " ".join(learned))
+        self.settings = s.model_copy(update={"learned_peers": learned, "swarm_members": members})
+        self._save_settings()
+
     def _swarm_port(self) -> int:
         """The kept swarm port (chosen on first use); a port another program took is replaced, and said."""
         s = self.settings
         loopback_only = s.swarm == "private" and not s.listen_on_lan
         running = self.supervisor.process is not None and self.supervisor.process.poll() is None
+        running = running or self._restarting_server
         port = self.address.port_for(s.swarm_port, loopback_only, our_server_holds_it=running)
         if port != s.swarm_port:
             self.settings = s.model_copy(update={"swarm_port": port})
@@ -88,7 +115,7 @@ class ContributionMixin:
             else:
                 args += ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--no-relay", "--no-auto-nat"]
         else:
-            args += ["--initial-peers", *(PUBLIC_INITIAL_PEERS if s.swarm == "public" else s.custom_peers)]
+            args += ["--initial-peers", *(PUBLIC_INITIAL_PEERS if s.swarm == "public" else self.swarm_peers())]
             args += ["--host-maddrs", f"/ip4/0.0.0.0/tcp/{port}"]
         # The same peer id across pauses, restarts and reboots: invites already shared keep working.
         args += ["--identity-path", str(self.address.identity())]

@@ -29,7 +29,7 @@ from corolla.node.sharing import SwarmAddress
 from corolla.node.status import StatusMixin
 from corolla.node.supervisor import ServerSupervisor
 from corolla.node.swarm_link import SwarmLinkMixin
-from corolla.swarm.server.stats import ServerStats
+from corolla.swarm.server.stats import ServerStats, read_stats
 
 logger = logging.getLogger(__name__)
 NODE_SHUTDOWN_DEADLINE_S = 40.0  # the block server gets 20 s to leave the swarm, the rest is slack
@@ -68,6 +68,8 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
             logger.warning("stored settings are invalid; using defaults")
             self.settings = Settings()
         self.supervisor = ServerSupervisor(paths.server_dir)
+        self.supervisor.args_for_restart = self._args_for_restart
+        self._restarting_server = False
         self.default_model = DefaultModel(paths.cache_dir, paths.data_dir)
         self.token = new_token(paths)
         self.started_at = time.time()
@@ -90,6 +92,21 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
             self._save_settings()
 
     # --- the block server ---------------------------------------------------------------------------
+
+    def _args_for_restart(self) -> list[str] | None:
+        """A server that stopped to take a relay again starts with what the node learned meanwhile (the
+        members others can dial, as initial peers and relays); None keeps its arguments."""
+        stats = read_stats(self.supervisor.stats_path)
+        if stats is not None:
+            self.learn_members(stats)
+        self._restarting_server = True  # its port is ours still (p2pd may take a moment to let it go)
+        try:
+            return self.server_args()
+        except Exception:  # e.g. the model's plan cannot be read now: the same arguments as before
+            logger.warning("could not rebuild the block server's arguments", exc_info=True)
+            return None
+        finally:
+            self._restarting_server = False
 
     # --- settings ----------------------------------------------------------------------------------
     def _save_settings(self) -> None:
@@ -118,6 +135,8 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
     def tick(self) -> None:
         status = self.supervisor.poll()
         self._record_stats(status.stats)
+        if status.stats is not None:
+            self.learn_members(status.stats)
         self.sync_lan(status.state, status.stats)
 
     # --- swarms on this network --------------------------------------------------------------------

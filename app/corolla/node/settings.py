@@ -65,6 +65,10 @@ class Settings(BaseModel):
     chat_local_blocks: int = Field(0, ge=0, le=32, description="blocks run on this computer at each end")
     # Peer ids of the servers of private swarms this node joined (from their invites): members.
     swarm_members: list[str] = Field(default_factory=list, max_length=1024)
+    # Addresses of the members others can dial, learned from the swarm (each such server announces its
+    # own): extra bootstrap peers and relays next to custom_peers, so the swarm outlives the member whose
+    # invite this node joined with. Newest first; kept across restarts.
+    learned_peers: list[str] = Field(default_factory=list, max_length=64)
 
     @field_validator("trusted_peers", "swarm_members")
     @classmethod
@@ -81,7 +85,7 @@ class Settings(BaseModel):
             raise ValueError("time_window must look like 22:00-07:00")
         return value
 
-    @field_validator("custom_peers")
+    @field_validator("custom_peers", "learned_peers")
     @classmethod
     def _check_peers(cls, value: list[str]) -> list[str]:
         for peer in value:

@@ -107,8 +107,11 @@ def sharing_status(
     reachability_state: str,
     nat_port_map: bool,
     port_notice: str | None,
+    relay_names: list[str] = (),
+    reachable_names: list[str] = (),
 ) -> m.Sharing:
-    """What the window says next to the invite: what the choice means, and who can reach this computer."""
+    """What the window says next to the invite: what the choice means, who can reach this computer (and
+    through whose computer, when relayed), and which members people outside can reach directly."""
     if not choice_others:
         return m.Sharing(
             choice="local",
@@ -132,11 +135,14 @@ def sharing_status(
         fixes.append("Or switch on 'Ask the router to open the port (NAT-PMP/UPnP)' if your router supports it.")
     fixes.append("Or join a member who is reachable from outside (paste their invite) and share their invite.")
     public = [a for a in addresses if is_public(a)]
+    reachable = list(reachable_names)
     if reachability_state == "direct" or (reachability_state == "unknown" and public):
         outside, line, fixes = "yes", "People outside this network can reach this computer directly.", []
+        reachable = ["this computer", *reachable]
     elif reachability_state == "relay":
         outside = "relay"
-        line = "People outside this network reach this computer through a relay (slower): invites work."
+        through = f"{_names(relay_names)}'s computer (a relay, slower)" if relay_names else "a relay (slower)"
+        line = f"People outside this network reach this computer through {through}: invites work."
     elif reachability_state in ("unknown", "unreachable"):
         outside = "no"
         where = f" (its address {lan} is on your home network)" if lan else ""
@@ -155,7 +161,12 @@ def sharing_status(
         outside_sentence=line,
         fixes=fixes,
         port_notice=port_notice,
+        reachable_members=reachable,
     )
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]}"
 
 
 def probe_addresses(maddrs: list[str], timeout: float = 4.0) -> tuple[set[str], list[str]]:

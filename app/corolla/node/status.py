@@ -53,6 +53,9 @@ class StatusMixin:
             others = self.settings.swarm == "custom" or self.settings.listen_on_lan
             found = stats.reachability if sup.pid is not None else None
             state = found.state if found is not None else "checking"
+            names = stats.member_names if sup.pid is not None else {}
+            relays = found.relay_addrs if sup.pid is not None and found is not None else []
+            relay_ids = [a.split("/p2p-circuit")[0].rsplit("/p2p/", 1)[-1] for a in relays]
             sharing = sharing_status(
                 others,
                 self.settings.swarm_port,
@@ -60,6 +63,8 @@ class StatusMixin:
                 state,
                 self.settings.nat_port_map,
                 self.address.port_notice,
+                relay_names=list(dict.fromkeys(names.get(p, p[-6:]) for p in relay_ids)),
+                reachable_names=list(names.values()),
             )
         return m.NodeStatus(
             version=__version__,
@@ -92,7 +97,7 @@ class StatusMixin:
             return None  # custom peers typed by hand: not a private swarm this node was invited to
         own = [a for a in stats.visible_maddrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
         relayed = stats.reachability.relay_addrs if stats.reachability is not None else []
-        members = list(s.custom_peers) if s.swarm == "custom" else []
+        members = self.swarm_peers() if s.swarm == "custom" else []
         if not own and not relayed:
             return None
         return make_invite([*own, *relayed, *members], self.dht_prefix() or "", self.model_id(), s.public_name)

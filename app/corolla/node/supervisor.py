@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,8 @@ class ServerSupervisor:
         self._tree: list[psutil.Process] = []  # the server and what it started (p2pd, probe daemons)
         self.closed = False  # the node is shutting down: nothing may start a server any more
         self.keeping_model = False  # paused with the blocks loaded (the server runs, OFFLINE)
+        # Called before a server that stopped to take a relay again is started: its new arguments (None: the same).
+        self.args_for_restart: Callable[[], list[str] | None] | None = None
         self._reap_orphan()
 
     def _reap_orphan(self) -> None:
@@ -138,7 +141,9 @@ class ServerSupervisor:
             self._kill_leftovers(self.process.pid)  # an abrupt death may leave p2pd
             self.process = None
             if self.wanted and code == RETAKE_RELAY_EXIT_CODE:  # no crash: it stopped to reserve its relay again
-                self.state, self.reason = "restarting", "taking the swarm's relay again (it restarted)"
+                self.state, self.reason = "restarting", "taking a relay again (the swarm's relay restarted or left)"
+                if self.args_for_restart is not None:
+                    self.args = self.args_for_restart() or self.args
                 self.next_start_at = now
                 logger.info(self.reason)
             elif self.wanted:

@@ -55,7 +55,8 @@ class SwarmLinkMixin:
         peers = sorted(usable, key=lambda p: p not in answered)
         members = [p for p in invite.peer_ids if PEER_ID.match(p)]
         known = [p for p in self.settings.swarm_members if p not in members]
-        changes.update(swarm="custom", custom_peers=peers, swarm_members=(members + known)[:1024])
+        # Members learned in an earlier swarm are not this one's: they are learned again from this swarm.
+        changes.update(swarm="custom", custom_peers=peers, swarm_members=(members + known)[:1024], learned_peers=[])
         if invite.dht_prefix:
             changes["dht_prefix"] = invite.dht_prefix
         self.apply_settings(self.settings.model_copy(update=changes))
@@ -67,7 +68,7 @@ class SwarmLinkMixin:
             stats = self.supervisor.poll().stats
             peers = tuple(stats.visible_maddrs) if stats is not None and stats.state == "online" else ()
             return ClientTarget(self.model_path(), self.dht_prefix(), peers, not s.listen_on_lan, s.chat_local_blocks)
-        peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else s.custom_peers)
+        peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else self.swarm_peers())
         return ClientTarget(self.model_path(), self.dht_prefix(), peers, False, s.chat_local_blocks)
 
     def call_swarm(self, fn, *args):

@@ -60,6 +60,11 @@ MAX_LOGGED_CHARS = 96  # peer-supplied text echoed into logs and error replies i
 MAX_ANNOUNCED_RPS = 1e6  # the fastest real servers announce ~1e4 tokens/s; anything above is a claim
 MAX_ANNOUNCED_INT = 1 << 40  # blocks and cache tokens
 MAX_NEXT_PINGS = 64
+# Corolla-only ServerInfo key: the addresses of a directly reachable server, so that every member learns
+# the swarm's bootstrap peers and relays from the swarm itself (not only from the invite it was given).
+MEMBER_ADDRS_KEY = "corolla_addrs"
+MAX_MEMBER_ADDRS = 8
+MAX_MEMBER_ADDR_CHARS = 256
 
 
 def shorten(text: Any, limit: int = MAX_LOGGED_CHARS) -> str:
@@ -319,9 +324,14 @@ class ServerInfo:
             if value is not None:
                 setattr(self, name, str(value)[:MAX_LOGGED_CHARS])
         self.adapters = tuple(str(a)[:MAX_LOGGED_CHARS] for a in self.adapters[:16])
-        # Unknown keys are for stock readers to ignore; Corolla reads only its own version.
+        # Unknown keys are for stock readers to ignore; Corolla reads only its own version and the
+        # addresses a directly reachable member announces (a few short strings; invites.py checks each).
         version = self.extra.get("corolla_version")
+        addrs = self.extra.get(MEMBER_ADDRS_KEY)
         self.extra = {"corolla_version": str(version)[:MAX_LOGGED_CHARS]} if version is not None else {}
+        if isinstance(addrs, (list, tuple)):
+            kept = [a for a in addrs[:MAX_MEMBER_ADDRS] if isinstance(a, str) and len(a) <= MAX_MEMBER_ADDR_CHARS]
+            self.extra[MEMBER_ADDRS_KEY] = kept
         return self
 
     def to_tuple(self) -> tuple[int, float, dict[str, Any]]:

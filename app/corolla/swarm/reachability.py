@@ -158,19 +158,26 @@ async def check_direct_reachability(
     announce_maddrs: Sequence[str] = (),
     identity_path: str | None = None,
     threshold: float = 0.5,
+    nat_port_map: bool = False,
 ) -> DirectCheck:
-    """Start a temporary relay-less peer on the same addresses and ask the swarm whether it can dial it."""
+    """Start a temporary relay-less peer on the same addresses and ask the swarm whether it can dial it.
+    With `nat_port_map` it first asks the home router to open its port (NAT-PMP/UPnP), as the server
+    itself will, and is asked about once the router has answered (or NAT_MAP_WAIT_S passed)."""
+    options = {**PROBE_DAEMON_OPTIONS, "no_listen": False, "startup_timeout": TEMPORARY_PEER_STARTUP_TIMEOUT}
     p2p = await P2P.create(
         initial_peers=list(initial_peers),
         host_maddrs=list(host_maddrs),
         announce_maddrs=list(announce_maddrs) or None,
         identity_path=identity_path,
         check_if_identity_free=False,
-        **{**PROBE_DAEMON_OPTIONS, "no_listen": False, "startup_timeout": TEMPORARY_PEER_STARTUP_TIMEOUT},
+        **{**options, "nat_port_map": nat_port_map},
     )
     service = ReachabilityProtocol()  # answers "yes, it is me" to stock checkers calling us back
     node = None
     try:
+        if nat_port_map:
+            mapped = await wait_for_port_mapping(p2p)
+            logger.info("the router %s", f"opened the port: {mapped}" if mapped else "did not open the port")
         await service.attach(p2p)
         node = await asyncio.wait_for(DHTNode.create(p2p=p2p, initial_peers=list(initial_peers), client_mode=True), 30)
         peers = list(node.protocol.routing_table.peer_id_to_uid.keys())
@@ -185,6 +192,50 @@ async def check_direct_reachability(
     dialable = (sum(answers) / len(answers) >= threshold) if answers else None
     logger.info("direct reachability: %d of %d peers could dial us", sum(answers), len(answers))
     return DirectCheck(dialable, answers)
+
+
+NAT_MAP_WAIT_S = 12.0  # go-libp2p finds the gateway (UPnP, NAT-PMP) and maps the port in a few seconds
+
+
+def is_public_maddr(maddr: str) -> bool:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(maddr.split("/")[2])
+    except (ValueError, IndexError):
+        return False
+    return ip.is_global and ip not in ipaddress.ip_network("100.64.0.0/10")
+
+
+async def wait_for_port_mapping(p2p: P2P, timeout: float = NAT_MAP_WAIT_S) -> str | None:
+    """The public address the home router mapped for this peer (NAT-PMP/UPnP), once libp2p shows it;
+    None if none came in `timeout` (no such router, or it refused)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            for maddr in await asyncio.wait_for(p2p.get_visible_maddrs(latest=True), 5.0):
+                if is_public_maddr(str(maddr)) and not is_relay_address(maddr):
+                    return str(maddr)
+        await asyncio.sleep(1.0)
+    return None
+
+
+async def router_opens_port(host_maddrs: Sequence[str], identity_path: str | None = None) -> str | None:
+    """Whether the home router maps a public port to this computer when asked (NAT-PMP/UPnP): the public
+    address it gave a temporary peer on the same addresses, or None."""
+    p2p = await P2P.create(
+        host_maddrs=list(host_maddrs),
+        identity_path=identity_path,
+        check_if_identity_free=False,
+        **{**PROBE_DAEMON_OPTIONS, "no_listen": False, "nat_port_map": True, "startup_timeout": 30},
+    )
+    try:
+        mapped = await wait_for_port_mapping(p2p)
+        logger.info("the router %s", f"opened the port: {mapped}" if mapped else "did not open the port")
+        return mapped
+    finally:
+        with contextlib.suppress(Exception):
+            await p2p.shutdown()
 
 
 # --- where this computer stands ---------------------------------------------------------------------
@@ -308,6 +359,7 @@ async def plan_network(
     identity_path: str | None = None,
     mode: str = "auto",
     use_relay: bool = True,
+    nat_port_map: bool = False,
 ) -> NetworkPlan:
     """Decide how to join: `mode` "auto" asks the swarm; "direct" and "relay" are the user's word.
 
@@ -329,9 +381,14 @@ async def plan_network(
         # The first peer of a new swarm has nobody to ask. Listening on an interface with a public
         # address, it is on the internet itself: saying so lets libp2p serve relay reservations at once
         # (otherwise AutoNAT needs peers to dial back first, and NAT'd members wait minutes for a relay).
+        # Behind a router told to open the port (NAT-PMP/UPnP), the router's mapping is its word.
         dialable = True if listens_on_public_address(host_maddrs) else None
+        if dialable is None and nat_port_map and await router_opens_port(host_maddrs, identity_path):
+            dialable = True
     else:
-        check = await check_direct_reachability(initial_peers, host_maddrs, announce_maddrs, identity_path)
+        check = await check_direct_reachability(
+            initial_peers, host_maddrs, announce_maddrs, identity_path, nat_port_map=nat_port_map
+        )
         dialable, answers = check.dialable, check.answers
     if dialable is True:
         return NetworkPlan("direct", False, False, "public", [], list(announce_maddrs), answers)
@@ -339,7 +396,32 @@ async def plan_network(
         return NetworkPlan("unknown", False, use_relay, None, [], list(announce_maddrs), answers)
     if not use_relay or not relays:
         return NetworkPlan("unreachable", True, False, "private" if use_relay else None, [], [], answers)
+    # go-libp2p's auto-relay waits for every trusted relay to answer (or for its three-minute boot delay):
+    # one that left for good (a member whose invite others joined with) must not be among them.
+    relays = await answering(relays) or relays
     return NetworkPlan("relay", True, True, "private", relays, circuit_addresses(relays), answers)
+
+
+RELAY_DIAL_TIMEOUT = 3.0  # a relay that does not accept a TCP connection in this long is left out
+
+
+async def answering(maddrs: Sequence[str], timeout: float = RELAY_DIAL_TIMEOUT) -> list[str]:
+    """The addresses (in order) that accept a TCP connection now, all tried at once."""
+
+    async def answers(maddr: str) -> bool:
+        parts = maddr.split("/")
+        try:
+            host, port = parts[2], int(parts[4])
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, ValueError, IndexError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return True
+
+    results = await asyncio.gather(*(answers(maddr) for maddr in maddrs))
+    return [maddr for maddr, ok in zip(maddrs, results, strict=True) if ok]
 
 
 class PlanInBackground:

@@ -18,6 +18,7 @@ What we measured in the network lab (corolla/testing/netlab.py) and why each opt
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,3 +89,41 @@ def circuit_multiaddr(relay: str) -> Multiaddr:
     peer_bytes = PeerID.from_base58(peer).to_bytes()
     raw = Multiaddr(address).to_bytes() + _varint(421) + _varint(len(peer_bytes)) + peer_bytes + _varint(290)
     return Multiaddr(raw)
+
+
+# --- members others can dial, learned from the swarm ------------------------------------------------------
+# A directly reachable server announces its addresses in its ServerInfo (protocol.MEMBER_ADDRS_KEY); every
+# member reads them from the block records and keeps them as extra bootstrap peers and relays, so the swarm
+# does not depend on the member whose invite it joined with (issue 25: "no special creator").
+_DIRECT_MADDR = re.compile(
+    r"^/(ip4|ip6|dns|dns4|dns6)/[A-Za-z0-9.:\-]{1,253}/tcp/\d{1,5}/p2p/(?P<peer>[1-9A-HJ-NP-Za-km-z]{20,128})$"
+)
+MAX_MEMBERS_LEARNED = 16
+
+
+def _is_loopback_maddr(maddr: str) -> bool:
+    return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
+
+
+def announced_member_addrs(visible_maddrs: Sequence[str], limit: int = 8) -> list[str]:
+    """The addresses a directly reachable server announces for others to dial: no loopback and no relay
+    circuit, public ones first (a member in another home can only use those)."""
+    from corolla.swarm.reachability import relay_candidates
+
+    direct = [m for m in visible_maddrs if _DIRECT_MADDR.match(m) and not _is_loopback_maddr(m)]
+    first = relay_candidates(direct)  # one per peer, its best
+    return list(dict.fromkeys([*first, *direct]))[:limit]
+
+
+def reachable_members(announced: dict[str, Sequence[str]], own_peer_id: str | None) -> list[str]:
+    """The addresses of the directly reachable members (peer id -> what it announced), this peer left out.
+    An address counts only if it names the peer that announced it: a member can vouch for itself only."""
+    found: list[str] = []
+    for peer, addrs in announced.items():
+        if peer == own_peer_id:
+            continue
+        for maddr in list(addrs)[:8]:
+            match = _DIRECT_MADDR.match(maddr) if isinstance(maddr, str) else None
+            if match and match.group("peer") == peer and maddr not in found:
+                found.append(maddr)
+    return found[: MAX_MEMBERS_LEARNED * 4]

@@ -238,6 +238,53 @@ class NetLab:
         ):  # fmt: skip
             _sh(*self.exec_argv(router, rule))
 
+    def open_port_mapping(self, host: Host, workdir: Path) -> subprocess.Popen:
+        """A router that forwards ports on request (UPnP IGD and NAT-PMP): Debian's miniupnpd in the host's
+        router, allowed to map ports of its LAN only, its rules in an nftables table of its own (the
+        router's firewall lets in what a mapping forwards, as a home router's does). LabUnavailable
+        without miniupnpd (apt-get install miniupnpd)."""
+        binary = shutil.which("miniupnpd") or "/usr/sbin/miniupnpd"
+        if host.home is None or not Path(binary).is_file():
+            raise LabUnavailable("miniupnpd is not installed (apt-get install miniupnpd)")
+        router, workdir = host.home.router_ns, Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "upnp.nft").write_text(
+            "table inet miniupnpd {\n"
+            "  chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }\n"
+            "  chain miniupnpd { }\n"
+            "  chain prerouting { type nat hook prerouting priority -100; policy accept; jump prerouting_miniupnpd; }\n"
+            "  chain postrouting { type nat hook postrouting priority 100; policy accept;\n"
+            "    jump postrouting_miniupnpd; }\n"
+            "  chain prerouting_miniupnpd { }\n"
+            "  chain postrouting_miniupnpd { }\n"
+            "}\n"
+        )
+        _sh(*self.exec_argv(router, ["nft", "-f", str(workdir / "upnp.nft")]))
+        accept = ["iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT"]
+        _sh(*self.exec_argv(router, accept))
+        (workdir / "miniupnpd.conf").write_text(
+            "ext_ifname=wan\nlistening_ip=lan\nenable_natpmp=yes\nenable_upnp=yes\nsecure_mode=yes\n"
+            "system_uptime=yes\nupnp_table_name=miniupnpd\nupnp_nat_table_name=miniupnpd\n"
+            "upnp_forward_chain=miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n"
+            "upnp_nat_postrouting_chain=postrouting_miniupnpd\nuuid=b71361f7-eece-4aaa-baf8-8f6f88a9852f\n"
+            f"allow 1024-65535 {host.home.lan_prefix}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
+        )
+        argv = [binary, "-d", "-f", str(workdir / "miniupnpd.conf"), "-P", str(workdir / "miniupnpd.pid")]
+        with open(workdir / "miniupnpd.log", "ab") as log:
+            process = subprocess.Popen(
+                self.exec_argv(router, argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._processes.append(process)
+        return process
+
+    def port_mappings(self, host: Host) -> list[int]:
+        """The WAN ports the host's router forwards on request now (miniupnpd's rules)."""
+        import re
+
+        rules = _sh(*self.exec_argv(host.home.router_ns, ["nft", "list", "chain", "inet", "miniupnpd",
+                                                           "prerouting_miniupnpd"]), check=False).stdout  # fmt: skip
+        return [int(port) for port in re.findall(r"dport (\d+) dnat", rules)]
+
     def leaks(self) -> list[str]:
         """Every way out of the lab found (empty when sealed): a link that is not the lab's own (loopback,
         veth, bridge) in any lab namespace, or a route off the internet segment from a public host or router."""

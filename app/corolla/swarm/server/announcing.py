@@ -23,12 +23,14 @@ from corolla.swarm.protocol import ServerInfo, ServerState
 from corolla.swarm.reachability import (
     NetworkPlan,
     RelayProof,
+    connected_relays,
     describe,
     port_of,
     relay_state,
     relayed_addresses,
 )
-from corolla.swarm.server.block_selection import should_choose_other_blocks
+from corolla.swarm.relays import announced_member_addrs, reachable_members, relay_peer_ids
+from corolla.swarm.server.block_selection import block_throughputs, should_choose_other_blocks
 from corolla.swarm.server.stats import PARENT_PID_ENV
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ NEXT_PINGS_UPDATE_S = 30.0  # DHT lookup of the next blocks' servers plus one ro
 RETAKE_RELAY_AFTER_S = 10.0  # a relay connected again but not carrying us this long: restart to reserve
 RETAKE_RELAY_EXIT_CODE = 75  # EX_TEMPFAIL: the node starts the server again at once, not counted as a crash
 REJOIN_CHECK_S = 10.0  # how often a server checks that it still reaches one of its initial peers
+MEMBERS_CHECK_S = 10.0  # how often a server reads which members others can dial, and looks for uncovered blocks
+MAX_MEMBERS_KEPT = 64
+GAP_JITTER_S = 10.0  # the most a server waits before moving to cover a block nobody serves
+RELAY_POLL_S = 3.0  # how often a relayed server looks whether its proven relays are still connected
+RELAY_GONE_AFTER_S = 15.0  # every relay gone this long, while other members could relay: restart to use them
 
 
 def one_line(exc: BaseException) -> str:
@@ -65,8 +72,18 @@ class SwarmPresenceMixin:
             using_relay=self.stats.using_relay,
             cache_tokens_left=self.budget.tokens_left_dht if self.budget is not None else None,
             next_pings=self.next_pings.announced() if self.next_pings and self.state != ServerState.OFFLINE else None,
-            extra={"corolla_version": __version__},
+            extra=self._extra_info(),
         )
+
+    def _extra_info(self) -> dict:
+        """Corolla's own keys: its version and, for a directly reachable server, its addresses (every member
+        keeps those as bootstrap peers and relays: the swarm outlives whoever created it)."""
+        extra = {"corolla_version": __version__}
+        if self.network is not None and self.network.state == "direct":
+            addrs = announced_member_addrs(self.stats.visible_maddrs)
+            if addrs:
+                extra[protocol.MEMBER_ADDRS_KEY] = addrs
+        return extra
 
     async def _announce(self, start: int, end: int) -> None:
         await declare_blocks(self.dht, self._uids(start, end), self._server_info(start, end), self.config.expiration)
@@ -110,6 +127,58 @@ class SwarmPresenceMixin:
             if answered:
                 logger.info("rejoined the swarm through %d initial peer(s); announcing again", answered)
                 self._wake_announcer.set()
+
+    async def _watch_members_forever(self, move: asyncio.Event | None) -> None:
+        """Every few seconds: which members others can dial (their announced addresses, kept in the stats
+        for the node), and whether a block lost every server (a member left). A gap is filled within
+        seconds, not at the next random balance check (up to two minutes): after a short random wait, so
+        that of several servers able to move one does and the others see it (JOINING counts)."""
+        uids = self._uids(0, self.total_blocks)
+        first = True
+        while True:
+            if not first:  # the first read at once: a restarted server names its relay within seconds
+                await asyncio.sleep(MEMBERS_CHECK_S)
+            first = False
+            if self.config.nat_port_map and self.network is not None:  # the router's mapping comes (and goes) late
+                with contextlib.suppress(Exception):
+                    self.stats.visible_maddrs = await self._visible_maddrs(await self.dht.replicate_p2p(), self.network)
+            try:
+                infos = await get_module_infos(self.dht, uids)
+                announced = {
+                    peer: info.extra.get(protocol.MEMBER_ADDRS_KEY) or ()
+                    for module in infos
+                    for peer, info in module.servers.items()
+                    if info.state == ServerState.ONLINE
+                }
+                # Kept while this server runs, newest first: a read while the swarm's records move (the
+                # member that held them left) may miss a member, which must not delay taking it as relay.
+                found = reachable_members(announced, self.peer_id)
+                members = list(dict.fromkeys([*found, *self.stats.reachable_members]))[:MAX_MEMBERS_KEPT]
+                ids = set(relay_peer_ids(found))  # who others can reach now (the window names them)
+                names = {
+                    peer: info.public_name or peer[-6:]
+                    for module in infos
+                    for peer, info in module.servers.items()
+                    if peer in ids
+                }
+                if announced:  # a read that found no server at all is a swarm in motion, not an empty one
+                    self.stats.member_names = names
+                if members != self.stats.reachable_members:
+                    logger.info("members others can dial: %s", " ".join(members) or "none")
+                    self.stats.reachable_members = members
+                if move is None or move.is_set():
+                    continue
+                spans = compute_spans(infos, min_state=ServerState.JOINING)
+                if min(block_throughputs(spans.values(), self.total_blocks)) > 0:
+                    continue
+                await asyncio.sleep(random.uniform(0, GAP_JITTER_S))
+                infos = await get_module_infos(self.dht, uids)
+                spans = compute_spans(infos, min_state=ServerState.JOINING)
+                if should_choose_other_blocks(self.peer_id, spans, self.total_blocks, self.config.balance_quality):
+                    logger.info("a block lost every server: moving to cover it")
+                    move.set()
+            except Exception as exc:  # the DHT is busy or going away: the next round tries again
+                logger.info("could not read the swarm's members: %s", one_line(exc))
 
     async def _measure_next_pings(self, start: int, end: int) -> None:
         if self.next_pings is None:
@@ -168,19 +237,44 @@ class SwarmPresenceMixin:
                 # server would stay unreachable that long. A new p2pd reserves at once: stop, and the node
                 # starts the server again (a few seconds; the blocks are read from the page cache).
                 regained = had_relay and state == "unreachable" and bool(proof.tried)
-                lost_since = (lost_since or time.monotonic()) if regained else None
-                if lost_since is not None and time.monotonic() - lost_since > RETAKE_RELAY_AFTER_S:
+                # Or every relay is gone (the member whose invite this one joined with left for good) while
+                # the swarm has other members others can dial: a restarted server takes them as relays (the
+                # node passes what it learned as initial peers), as p2pd's relays are fixed at its start.
+                ours = set(relay_peer_ids(self.network.trusted_relays))
+                others = [m for m in self.stats.reachable_members if relay_peer_ids([m])[0] not in ours]
+                gone = had_relay and state == "unreachable" and not proof.tried and bool(others)
+                lost_since = (lost_since or time.monotonic()) if regained or gone else None
+                after = RETAKE_RELAY_AFTER_S if regained else RELAY_GONE_AFTER_S
+                if lost_since is not None and time.monotonic() - lost_since > after:
+                    why = (
+                        "the relay came back without this server's reservation"
+                        if regained
+                        else f"its relays are gone and {len(others)} other member address(es) could relay"
+                    )
                     if not os.environ.get(PARENT_PID_ENV):  # a `corolla serve` of its own: nobody would restart it
-                        logger.warning(
-                            "the relay came back without this server's reservation: restart `corolla serve` "
-                            "to take it again (under the node this happens by itself)"
-                        )
+                        logger.warning("%s: restart `corolla serve` (under the node this happens by itself)", why)
                         lost_since = None
                     else:
-                        logger.warning("the relay came back without this server's reservation: restarting to take it")
+                        logger.warning("%s: restarting to take a relay", why)
                         self.exit_code = RETAKE_RELAY_EXIT_CODE
                         self._stop.set()
                         return
             # quickly while looking for a relay (a proof costs a short-lived daemon), then a light check
             relayed = self.stats.reachability is not None and self.stats.reachability.state == "relay"
-            await asyncio.sleep(15.0 if relayed else 5.0)
+            await self._sleep_watching_relays(p2p, proof, 15.0 if relayed else 5.0)
+
+    async def _sleep_watching_relays(self, p2p, proof: RelayProof | None, seconds: float) -> None:
+        """Sleep, looking every few seconds whether a proven relay dropped its connection. A relay that
+        restarts is connected again within seconds (the DHT dials it), and then looks as before while our
+        reservation on it is gone: a drop seen here makes the next round prove it again."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(RELAY_POLL_S, left))
+            if proof is None or not proof.proven:
+                continue
+            with contextlib.suppress(Exception):
+                live = await connected_relays(p2p, self.network.trusted_relays)
+                if not set(proof.proven) <= set(live):
+                    logger.info("a relay dropped its connection: proving the relay again")
+                    proof.proven_at = None
+                    return

@@ -366,6 +366,7 @@ class BlockServer(SwarmPresenceMixin):
                     tasks.append(asyncio.create_task(self._rejoin_forever()))
                 if self.config.blocks is None:
                     tasks.append(asyncio.create_task(self._balance_forever(move)))
+                tasks.append(asyncio.create_task(self._watch_members_forever(None if self.config.blocks else move)))
                 stop_wait = asyncio.create_task(self._stop.wait())
                 move_wait = asyncio.create_task(move.wait())
                 pause_wait = asyncio.create_task(self._paused.wait())
@@ -466,6 +467,7 @@ def network_plan_arguments(config: ServerConfig) -> dict:
         identity_path=config.identity_path,
         mode=config.reachability,
         use_relay=config.use_relay,
+        nat_port_map=config.nat_port_map,
     )
 
 

@@ -66,6 +66,10 @@ class ServerStats:
     visible_maddrs: list[str] = field(default_factory=list)
     using_relay: bool = False
     reachability: Reachability | None = None  # None until the server has checked (`{}` in the file)
+    # Directly reachable members learned from the swarm's records (relays.reachable_members): the node
+    # keeps them as extra bootstrap peers and relays.
+    reachable_members: list[str] = field(default_factory=list)
+    member_names: dict[str, str] = field(default_factory=dict)  # their public names, by peer id
     throughput: float = 0.0
     inference_rps: float | None = None
     forward_rps: float | None = None
