@@ -22,6 +22,7 @@ from corolla.swarm.reachability import (
     relay_state,
 )
 from corolla.swarm.relays import circuit_addresses, relay_options, relay_peer_ids
+from corolla.swarm.server.stats import ServerStats
 
 LOOPBACK = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, use_relay=False, auto_nat=False)
 
@@ -102,10 +103,10 @@ def test_status_texts_and_node_field():
     relay = describe("relay", 31337, ["/ip4/1.2.3.4/tcp/1/p2p/QmA/p2p-circuit/p2p/QmB"])
     assert "relay" in relay.summary and "31337" in relay.advice
     assert "port" in describe("unreachable", None).advice
-    field = _reachability({"reachability": relay.to_dict(), "using_relay": True})
+    field = _reachability(ServerStats.from_snapshot({"reachability": relay.to_dict(), "using_relay": True}))
     assert field.state == "relay" and field.using_relay and field.relay_addrs
-    assert _reachability({}) == m.NOT_CHECKED
-    assert _reachability({"reachability": {"state": "bogus"}}) == m.NOT_CHECKED
+    assert _reachability(ServerStats.from_snapshot({})) == m.NOT_CHECKED
+    assert _reachability(ServerStats.from_snapshot({"reachability": {"state": "bogus"}})) == m.NOT_CHECKED
     assert port_of(["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/tcp/4242"]) == 4242
 
 
