@@ -1,9 +1,13 @@
-"""The C allocator's arenas, capped for Corolla's long-running processes (the node and the block server).
+"""Memory of Corolla's long-running processes (the node and the block server), set up at their start.
 
-glibc gives each thread that allocates its own arena (up to 8 per core) and keeps what was freed in
-it; the block server's compute thread, its DHT thread and the event loops' executors each grew one,
-and measured with SmolLM2 (benchmarks/footprint.py) two arenas hold the server ~80 MB smaller with the
-same chat speed. Elsewhere (macOS, musl, Windows) this does nothing.
+- The C allocator's arenas, capped: glibc gives each thread that allocates its own arena (up to 8 per
+  core) and keeps what was freed in it; the block server's compute thread, its DHT thread and the event
+  loops' executors each grew one, and measured with SmolLM2 (benchmarks/footprint.py) two arenas hold
+  the server ~80 MB smaller with the same chat speed. Elsewhere (macOS, musl, Windows) this does nothing.
+- hivemind imported without its package `__init__`: that imports the averager (and through it scipy),
+  the mixture-of-experts server and the optimizer, none of which Corolla uses: about 30 MB in each of the
+  node and the server. Corolla imports only hivemind's submodules (p2p, dht, utils, proto, compression);
+  anything that asks the package itself for a name still gets hivemind's full `__init__` then.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import sys
+import threading
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 ARENAS = 2
@@ -27,3 +33,34 @@ def cap_malloc_arenas(arenas: int = ARENAS) -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(M_ARENA_MAX, arenas))
     return False
+
+
+def import_hivemind_lightly() -> bool:
+    """Make `import hivemind.<submodule>` skip hivemind's package `__init__` (module docstring: why); True
+    where it did. Call before anything imports hivemind; once hivemind is imported this does nothing."""
+    if "hivemind" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("hivemind")
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return False
+    package = importlib.util.module_from_spec(spec)
+    lock = threading.RLock()
+    state = {"loaded": False}
+
+    def full_package(name: str) -> object:
+        # `from hivemind import dht` asks the package for a submodule: import just that one.
+        if not name.startswith("__") and importlib.util.find_spec(f"hivemind.{name}") is not None:
+            return importlib.import_module(f"hivemind.{name}")
+        # A name the package itself exports (`from hivemind import DHT`, `hivemind.get_logger`):
+        # run the real __init__ once, in this same module object, and answer from it.
+        with lock:
+            if not state["loaded"]:
+                state["loaded"] = True
+                spec.loader.exec_module(package)
+        if name in package.__dict__:
+            return package.__dict__[name]
+        raise AttributeError(f"module 'hivemind' has no attribute {name!r}")
+
+    package.__getattr__ = full_package
+    sys.modules["hivemind"] = package
+    return True
