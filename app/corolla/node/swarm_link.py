@@ -9,6 +9,7 @@ import logging
 from corolla.api import models as m
 from corolla.node.chats import ClientTarget, NoSwarm
 from corolla.node.errors import NodeError, sentence_of
+from corolla.node.hardware import PlanError
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
 
 logger = logging.getLogger(__name__)
@@ -70,36 +71,18 @@ class SwarmLinkMixin:
 
     def call_swarm(self, fn, *args):
         """Run a swarm call; swarm-side failures become 503 errors that say what to do."""
-        from corolla.swarm.client.local_edges import LocalEdgesError
-        from corolla.swarm.client.privacy import PrivacyError
-        from corolla.swarm.client.routing import MissingBlocksError
-        from corolla.swarm.client.session import ServerFailure
-        from corolla.swarm.models.errors import EngineError
-        from corolla.swarm.peers import PeerStartError
-
         try:
             return fn(*args)
-        except NoSwarm as exc:  # the node's own state: contribution is off in a private swarm
-            raise NodeError(409, str(exc)) from exc
-        except PrivacyError as exc:  # e.g. "only these peers" with an empty list of trusted peers
-            raise NodeError(400, str(exc)) from exc
-        except LocalEdgesError as exc:  # more local blocks than the model can spare: the setting says what
-            raise NodeError(400, f"{exc} (lower 'Blocks run on this computer' in the settings)") from exc
-        except EngineError as exc:  # a model that cannot be opened or is not supported
-            raise NodeError(400, str(exc)) from exc
-        except (MissingBlocksError, ServerFailure) as exc:  # the swarm, not this request, is at fault
-            raise NodeError(503, str(exc)) from exc
-        except PeerStartError as exc:  # no initial peer answered (a member restarted elsewhere, all are off)
-            raise NodeError(
-                503,
-                f"This computer cannot reach the swarm: {sentence_of(exc)} Check that at least one member's "
-                "Corolla is contributing, or paste a fresh invite from a member under Settings, Swarm.",
-            ) from exc
+        except Exception as exc:
+            error = _as_node_error(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     def swarm_health(self) -> list[dict]:
-        from corolla.swarm.client.health import read_swarm_health
-
         model = self.call_swarm(self.chats.clients.get)
+        from corolla.swarm.client.health import read_swarm_health  # after: no swarm, no torch (Footprint)
+
         extra = {model.dht_prefix: model.view.num_blocks}
         models = model.run_async(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
         own = (self.supervisor.poll().stats or {}).get("peer_id")
@@ -240,3 +223,35 @@ class SwarmLinkMixin:
         except Exception:  # no complete route: the map shows the gap instead
             return []
         return [{"peer_id": s.peer_id, "start": s.start, "end": s.end} for s in segments]
+
+
+def _as_node_error(exc: Exception) -> NodeError | None:
+    """The NodeError a swarm-side failure becomes (None: not one of those). The error classes are imported
+    only here, when there is an error to sort: they import torch and the client, which an idle node
+    answering the window's hardware request would otherwise hold (README, Footprint)."""
+    if isinstance(exc, NoSwarm):  # the node's own state: contribution is off in a private swarm
+        return NodeError(409, str(exc))
+    if isinstance(exc, PlanError):  # the block plan's model cannot be opened or is not supported
+        return NodeError(400, str(exc))
+    from corolla.swarm.client.local_edges import LocalEdgesError
+    from corolla.swarm.client.privacy import PrivacyError
+    from corolla.swarm.client.routing import MissingBlocksError
+    from corolla.swarm.client.session import ServerFailure
+    from corolla.swarm.models.errors import EngineError
+    from corolla.swarm.peers import PeerStartError
+
+    if isinstance(exc, PrivacyError):  # e.g. "only these peers" with an empty list of trusted peers
+        return NodeError(400, str(exc))
+    if isinstance(exc, LocalEdgesError):  # more local blocks than the model can spare: the setting says what
+        return NodeError(400, f"{exc} (lower 'Blocks run on this computer' in the settings)")
+    if isinstance(exc, EngineError):  # a model that cannot be opened or is not supported
+        return NodeError(400, str(exc))
+    if isinstance(exc, (MissingBlocksError, ServerFailure)):  # the swarm, not this request, is at fault
+        return NodeError(503, str(exc))
+    if isinstance(exc, PeerStartError):  # no initial peer answered (a member restarted elsewhere, all are off)
+        return NodeError(
+            503,
+            f"This computer cannot reach the swarm: {sentence_of(exc)} Check that at least one member's "
+            "Corolla is contributing, or paste a fresh invite from a member under Settings, Swarm.",
+        )
+    return None
