@@ -3,7 +3,8 @@
 For each model (the embedded SmolLM2-135M-Instruct, float32 on CPU, and the tiny random-weight Llama)
 a real `corolla node` runs with a real window (offscreen) and is measured in three moments:
 
-- idle: the node awaiting the user's consent (contributing nothing) with the window open;
+- idle: the node awaiting the user's consent (contributing nothing) with the window open (and its
+  request for the hardware and block plan answered);
 - contributing: the node serving every block of the model;
 - chatting: the same, while a chat reply streams through the node's swarm client (it is measured
   after the first tokens arrived, so the client's model and DHT are up).
@@ -248,6 +249,9 @@ def scenario(app_dir: Path, model: str, smollm2: Path | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="corolla-footprint-") as tmp:
         run = Run(app_dir, model, smollm2, Path(tmp))
         try:
+            # The window asks for the hardware (and the block plan) as it opens; waiting for that answer
+            # measures every run in the same state instead of before or after it, as the timing fell.
+            run.api.get("/api/hardware")
             time.sleep(SETTLE_S)
             result = {"idle": run.measure()}
             assert run.action("start")

@@ -151,3 +151,27 @@ def test_an_idle_node_awaiting_consent_imports_no_torch(tmp_path):
         assert [p for p in _tree(node) if p.pid != node.process.pid] == []
     finally:
         node.stop()
+
+
+@pytest.mark.slow
+def test_the_windows_first_requests_leave_an_idle_node_without_torch(tmp_path):
+    """The window asks for the swarm and for the hardware with its block plan as it opens: a node whose
+    default model is ready (any start after the first) answers both without importing torch (the plan's
+    sizes come from a short-lived process)."""
+    env = {"COROLLA_AWAIT_CONSENT": "1"}
+    first = NodeProcess(tmp_path / "home", extra_env=env, name="first-node")
+    try:  # the first start writes the default model's folder (that imports torch, once)
+        assert first.get("/api/hardware").status_code == 200
+    finally:
+        first.stop()
+    node = NodeProcess(tmp_path / "home", extra_env=env, name="idle-node")
+    try:
+        assert node.get("/api/swarm").status_code == 409  # no swarm yet: said without the swarm client
+        hardware = node.get("/api/hardware")
+        assert hardware.status_code == 200, hardware.text
+        plan = hardware.json()["plan"]
+        assert plan["recommended_blocks"] == plan["num_blocks"] > 0 and plan["bytes_per_block"] > 0
+        assert not _maps_torch(node.process.pid), "answering the window loaded torch into the idle node"
+        assert [p for p in _tree(node) if p.pid != node.process.pid] == []  # the plan's process is gone
+    finally:
+        node.stop()

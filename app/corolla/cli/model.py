@@ -54,6 +54,25 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_block_sizes(args: argparse.Namespace) -> int:
+    """The node's block plan worked out in this process (node/hardware.py says why): the request as JSON
+    on stdin, the sizes (or the error) as one JSON line on stdout."""
+    from dataclasses import asdict
+
+    from corolla.node.hardware import block_sizes_here
+
+    request = json.loads(sys.stdin.read())
+    try:
+        sizes = block_sizes_here(**request)
+    except Exception as exc:
+        from corolla.swarm.models.errors import EngineError
+
+        print(json.dumps({"error": str(exc), "engine_error": isinstance(exc, EngineError)}))
+        return 1
+    print(json.dumps(asdict(sizes)))
+    return 0
+
+
 def cmd_model_make_tiny(args: argparse.Namespace) -> int:
     from corolla.swarm.models.tiny import PRESETS, make_tiny_model
 

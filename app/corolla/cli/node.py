@@ -23,10 +23,13 @@ def cmd_node(args: argparse.Namespace) -> int:
         # imports tqdm (it reads TQDM_* when imported); inherited by the block server the node starts.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from corolla.memory import cap_malloc_arenas
-    from corolla.node.service import run_node
+    from corolla.memory import cap_malloc_arenas, import_hivemind_lightly, start_trimming
 
     cap_malloc_arenas()
+    import_hivemind_lightly()  # before anything imports hivemind: memory.py says why
+    start_trimming()
+    from corolla.node.service import run_node
+
     return run_node(port=args.port)
 
 

@@ -9,7 +9,13 @@ import sys
 from corolla import __version__
 from corolla.cli.chat import add_client_args, cmd_chat
 from corolla.cli.common import Terminated, UsageError, add_model_source_args, positive_int
-from corolla.cli.model import cmd_model_generate, cmd_model_import, cmd_model_info, cmd_model_make_tiny
+from corolla.cli.model import (
+    cmd_model_block_sizes,
+    cmd_model_generate,
+    cmd_model_import,
+    cmd_model_info,
+    cmd_model_make_tiny,
+)
 from corolla.cli.node import cmd_app, cmd_demo, cmd_node, cmd_status, cmd_stop, cmd_uninstall, self_test
 from corolla.cli.serve import add_serve_parser
 from corolla.cli.swarm import cmd_swarm
@@ -115,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dht-prefix", default=None)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_model_info)
+
+    # The node's block plan, worked out in a short-lived process (node/hardware.py): not for people.
+    model_commands.add_parser("block-sizes").set_defaults(func=cmd_model_block_sizes)
 
     tiny = model_commands.add_parser("make-tiny", help="write a tiny random-weight model (tests, demo)")
     # Checked in the command, not here: listing the presets imports torch, and every `corolla`

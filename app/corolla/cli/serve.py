@@ -36,9 +36,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # other programs, and a step then waited on a thread that had been descheduled: with two threads
     # and four sessions a step took 0.3-1.5 s instead of 0.05 s. A user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from corolla.memory import cap_malloc_arenas
+    from corolla.memory import cap_malloc_arenas, import_hivemind_lightly, start_trimming
 
     cap_malloc_arenas()  # before any thread allocates: memory.py says why
+    import_hivemind_lightly()  # before anything imports hivemind
+    start_trimming()
     # Checked before anything heavy is imported or loaded.
     if not args.initial_peers and not args.new_swarm:
         raise UsageError("give --initial-peers MADDR... to join a swarm, or --new-swarm to start one")

@@ -48,9 +48,6 @@ class SwarmClientHost:
         self.on_new_client: Callable[[Any], None] | None = None  # e.g. to restore the node's flagged servers
 
     def get(self):
-        with engine_imports():
-            from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
-
         target = self._target()
         with self._lock:
             if self._client is not None and self._client_target == target:
@@ -61,6 +58,10 @@ class SwarmClientHost:
                     "no swarm to reach: start contributing (the private swarm runs on this computer) "
                     "or choose the public swarm or custom peers in the settings"
                 )
+            # Imported once there is a swarm: torch and the client stay out of a node that has none.
+            with engine_imports():
+                from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
+
             options = {"use_relay": False, "auto_nat": False} if target.loopback_only else {}
             for attempt in range(CONNECT_ATTEMPTS):
                 try:

@@ -3,11 +3,17 @@ needs and how many blocks fit — computed from the model's config alone, before
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import platform
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 
 import psutil
 
+from corolla.executable import corolla_command
 from corolla.node.lazy_imports import engine_imports
 
 
@@ -45,19 +51,31 @@ def detect() -> HardwareReport:
         ram_available_bytes=memory.available,
     )
     report.accelerators += _cuda_devices()
-    with engine_imports():
-        import torch
-
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if platform.system() == "Darwin" and _mps_available():
         # MPS shares the unified memory with the CPU.
         report.accelerators.append(Accelerator("mps", None, "Apple GPU (MPS)", memory.total, memory.available))
     report.accelerators.append(Accelerator("cpu", None, report.cpu, memory.total, memory.available, source="psutil"))
     return report
 
 
+def _mps_available() -> bool:
+    with engine_imports():
+        import torch
+
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _no_gpu_driver() -> bool:
+    """Linux without the device nodes CUDA (NVIDIA), ROCm or WSL's GPU need: torch would find no GPU
+    there, so it is not imported just to say so (an idle node stays without torch)."""
+    if not sys.platform.startswith("linux") or "torch" in sys.modules:
+        return False
+    return not any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
 def _cuda_devices() -> list[Accelerator]:
     devices = _nvml_devices()
-    if devices:
+    if devices or _no_gpu_driver():
         return devices
     with engine_imports():
         import torch
@@ -123,6 +141,18 @@ class BlockPlan:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class BlockSizes:
+    """What a model's blocks need on one kind of device, from its config alone."""
+
+    family: str
+    num_blocks: int
+    dtype: str
+    bytes_per_block: int
+    cache_bytes_per_block: int
+    client_bytes: int
+
+
 def plan_blocks(
     model: str,
     device_kind: str,
@@ -134,6 +164,53 @@ def plan_blocks(
 ) -> BlockPlan:
     """Memory per block (weights plus the KV-cache budget a server reserves) and how many fit in 80% of
     the free memory (or the cap)."""
+    sizes = block_sizes(model, device_kind, dtype, quant_type, token)
+    usable = int(0.8 * free_bytes)
+    if memory_cap_bytes is not None:
+        usable = min(usable, memory_cap_bytes)
+    per_block = sizes.bytes_per_block + sizes.cache_bytes_per_block
+    return BlockPlan(
+        model=model,
+        family=sizes.family,
+        num_blocks=sizes.num_blocks,
+        dtype=sizes.dtype,
+        quant_type=quant_type,
+        bytes_per_block=sizes.bytes_per_block,
+        cache_bytes_per_block=sizes.cache_bytes_per_block,
+        client_bytes=sizes.client_bytes,
+        device=device_kind,
+        usable_bytes=usable,
+        recommended_blocks=max(0, min(sizes.num_blocks, usable // per_block)),
+    )
+
+
+class PlanError(Exception):
+    """The model's block plan could not be worked out: the model cannot be opened or is not supported."""
+
+
+@functools.lru_cache(maxsize=16)
+def block_sizes(model: str, device_kind: str, dtype: str, quant_type: str, token: str | None) -> BlockSizes:
+    """The model's sizes, worked out here where torch is already imported, otherwise in a short-lived
+    `corolla model block-sizes`: torch, transformers and the model code would cost an idle node (the
+    window asks for the plan as it opens) about 140 MB that it keeps, where the child's seconds pass."""
+    if "torch" in sys.modules:
+        return block_sizes_here(model, device_kind, dtype, quant_type, token)
+    request = {"model": model, "device_kind": device_kind, "dtype": dtype, "quant_type": quant_type, "token": token}
+    done = subprocess.run(  # the token on stdin: a command line is visible to every user
+        corolla_command("model", "block-sizes"), input=json.dumps(request), capture_output=True, text=True, timeout=600
+    )
+    lines = done.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        raise RuntimeError(f"working out the block plan failed: {tail[0]}") from None
+    if "error" in answer:
+        raise (PlanError if answer.get("engine_error") else RuntimeError)(answer["error"])
+    return BlockSizes(**answer)
+
+
+def block_sizes_here(model: str, device_kind: str, dtype: str, quant_type: str, token: str | None) -> BlockSizes:
     with engine_imports():
         import torch
 
@@ -148,24 +225,13 @@ def plan_blocks(
     else:
         resolved = DTYPE_NAMES[dtype]
     estimate = estimate_memory(checkpoint, resolved, quant_type)
-    per_block = max(estimate.per_block_bytes)
     element = torch.empty((), dtype=resolved).element_size()
     cache_tokens = 2 * protocol.default_inference_max_length(checkpoint.config)
-    cache_per_block = cache_tokens * 2 * checkpoint.family.kv_dim(checkpoint.config) * element
-    usable = int(0.8 * free_bytes)
-    if memory_cap_bytes is not None:
-        usable = min(usable, memory_cap_bytes)
-    recommended = max(0, min(checkpoint.num_blocks, usable // (per_block + cache_per_block)))
-    return BlockPlan(
-        model=model,
+    return BlockSizes(
         family=checkpoint.family.name,
         num_blocks=checkpoint.num_blocks,
         dtype=dtype_name(resolved),
-        quant_type=quant_type,
-        bytes_per_block=per_block,
-        cache_bytes_per_block=cache_per_block,
+        bytes_per_block=max(estimate.per_block_bytes),
+        cache_bytes_per_block=cache_tokens * 2 * checkpoint.family.kv_dim(checkpoint.config) * element,
         client_bytes=estimate.client_bytes,
-        device=device_kind,
-        usable_bytes=usable,
-        recommended_blocks=recommended,
     )

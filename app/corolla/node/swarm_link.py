@@ -9,6 +9,7 @@ import logging
 from corolla.api import models as m
 from corolla.node.chats import ClientTarget, NoSwarm
 from corolla.node.errors import NodeError, sentence_of
+from corolla.node.hardware import PlanError
 from corolla.node.lazy_imports import engine_imports
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
 
@@ -30,8 +31,7 @@ class SwarmLinkMixin:
             invite = parse_invite(text)
         except InviteError as exc:
             raise NodeError(400, str(exc)) from exc
-        stats = self.supervisor.poll().stats
-        own = stats.peer_id if stats is not None else None
+        own = (self.supervisor.poll().stats or {}).get("peer_id")
         if own and all(peer == own for peer in invite.peer_ids):
             raise NodeError(
                 400, "This is this computer's own invite: send it to your friends, who paste it on their computers."
@@ -55,8 +55,7 @@ class SwarmLinkMixin:
         peers = sorted(usable, key=lambda p: p not in answered)
         members = [p for p in invite.peer_ids if PEER_ID.match(p)]
         known = [p for p in self.settings.swarm_members if p not in members]
-        # Members learned in an earlier swarm are not this one's: they are learned again from this swarm.
-        changes.update(swarm="custom", custom_peers=peers, swarm_members=(members + known)[:1024], learned_peers=[])
+        changes.update(swarm="custom", custom_peers=peers, swarm_members=(members + known)[:1024])
         if invite.dht_prefix:
             changes["dht_prefix"] = invite.dht_prefix
         self.apply_settings(self.settings.model_copy(update=changes))
@@ -65,50 +64,30 @@ class SwarmLinkMixin:
     def _client_target(self) -> ClientTarget:
         s = self.settings
         if s.swarm == "private":
-            stats = self.supervisor.poll().stats
-            peers = tuple(stats.visible_maddrs) if stats is not None and stats.state == "online" else ()
+            stats = self.supervisor.poll().stats or {}
+            peers = tuple(stats.get("visible_maddrs") or ()) if stats.get("state") == "online" else ()
             return ClientTarget(self.model_path(), self.dht_prefix(), peers, not s.listen_on_lan, s.chat_local_blocks)
-        peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else self.swarm_peers())
+        peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else s.custom_peers)
         return ClientTarget(self.model_path(), self.dht_prefix(), peers, False, s.chat_local_blocks)
 
     def call_swarm(self, fn, *args):
         """Run a swarm call; swarm-side failures become 503 errors that say what to do."""
-        with engine_imports():
-            from corolla.swarm.client.local_edges import LocalEdgesError
-            from corolla.swarm.client.privacy import PrivacyError
-            from corolla.swarm.client.routing import MissingBlocksError
-            from corolla.swarm.client.session import ServerFailure
-            from corolla.swarm.models.errors import EngineError
-            from corolla.swarm.peers import PeerStartError
-
         try:
             return fn(*args)
-        except NoSwarm as exc:  # the node's own state: contribution is off in a private swarm
-            raise NodeError(409, str(exc)) from exc
-        except PrivacyError as exc:  # e.g. "only these peers" with an empty list of trusted peers
-            raise NodeError(400, str(exc)) from exc
-        except LocalEdgesError as exc:  # more local blocks than the model can spare: the setting says what
-            raise NodeError(400, f"{exc} (lower 'Blocks run on this computer' in the settings)") from exc
-        except EngineError as exc:  # a model that cannot be opened or is not supported
-            raise NodeError(400, str(exc)) from exc
-        except (MissingBlocksError, ServerFailure) as exc:  # the swarm, not this request, is at fault
-            raise NodeError(503, str(exc)) from exc
-        except PeerStartError as exc:  # no initial peer answered (a member restarted elsewhere, all are off)
-            raise NodeError(
-                503,
-                f"This computer cannot reach the swarm: {sentence_of(exc)} Check that at least one member's "
-                "Corolla is contributing, or paste a fresh invite from a member under Settings, Swarm.",
-            ) from exc
+        except Exception as exc:
+            error = _as_node_error(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     def swarm_health(self) -> list[dict]:
-        with engine_imports():
-            from corolla.swarm.client.health import read_swarm_health
-
         model = self.call_swarm(self.chats.clients.get)
+        with engine_imports():
+            from corolla.swarm.client.health import read_swarm_health  # after: no swarm, no torch (Footprint)
+
         extra = {model.dht_prefix: model.view.num_blocks}
         models = model.run_async(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
-        stats = self.supervisor.poll().stats
-        own = stats.peer_id if stats is not None else None
+        own = (self.supervisor.poll().stats or {}).get("peer_id")
         route = self._current_route(model)
         flagged = self.db.flagged_servers()
         slow = self.db.slow_servers()
@@ -206,8 +185,8 @@ class SwarmLinkMixin:
 
     def own_peer_ids(self) -> set[str]:
         """This computer's block server, while it serves."""
-        stats = self.supervisor.poll().stats
-        peer = stats.peer_id if stats is not None and stats.state == "online" else None
+        stats = self.supervisor.poll().stats or {}
+        peer = stats.get("peer_id") if stats.get("state") == "online" else None
         return {peer} if peer else set()
 
     def privacy_for(self, stored: dict | None):
@@ -252,3 +231,36 @@ class SwarmLinkMixin:
         except Exception:  # no complete route: the map shows the gap instead
             return []
         return [{"peer_id": s.peer_id, "start": s.start, "end": s.end} for s in segments]
+
+
+def _as_node_error(exc: Exception) -> NodeError | None:
+    """The NodeError a swarm-side failure becomes (None: not one of those). The error classes are imported
+    only here, when there is an error to sort: they import torch and the client, which an idle node
+    answering the window's hardware request would otherwise hold (README, Footprint)."""
+    if isinstance(exc, NoSwarm):  # the node's own state: contribution is off in a private swarm
+        return NodeError(409, str(exc))
+    if isinstance(exc, PlanError):  # the block plan's model cannot be opened or is not supported
+        return NodeError(400, str(exc))
+    with engine_imports():
+        from corolla.swarm.client.local_edges import LocalEdgesError
+        from corolla.swarm.client.privacy import PrivacyError
+        from corolla.swarm.client.routing import MissingBlocksError
+        from corolla.swarm.client.session import ServerFailure
+        from corolla.swarm.models.errors import EngineError
+        from corolla.swarm.peers import PeerStartError
+
+    if isinstance(exc, PrivacyError):  # e.g. "only these peers" with an empty list of trusted peers
+        return NodeError(400, str(exc))
+    if isinstance(exc, LocalEdgesError):  # more local blocks than the model can spare: the setting says what
+        return NodeError(400, f"{exc} (lower 'Blocks run on this computer' in the settings)")
+    if isinstance(exc, EngineError):  # a model that cannot be opened or is not supported
+        return NodeError(400, str(exc))
+    if isinstance(exc, (MissingBlocksError, ServerFailure)):  # the swarm, not this request, is at fault
+        return NodeError(503, str(exc))
+    if isinstance(exc, PeerStartError):  # no initial peer answered (a member restarted elsewhere, all are off)
+        return NodeError(
+            503,
+            f"This computer cannot reach the swarm: {sentence_of(exc)} Check that at least one member's "
+            "Corolla is contributing, or paste a fresh invite from a member under Settings, Swarm.",
+        )
+    return None

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from hivemind import DHT
+from hivemind.dht import DHT
 
 from corolla.swarm.local_dht import InProcessDHT
 from corolla.swarm.relays import relay_options
