@@ -24,6 +24,12 @@ if ! command -v iptables >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-g
   echo "installing iptables for the network lab..." >&2
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >&2
 fi
+# The lab's "router opens the port on request" story runs Debian's miniupnpd in a home router; it skips
+# without it. Installed, not started: the lab runs its own copy inside the namespace.
+if [[ ! -x /usr/sbin/miniupnpd ]] && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  echo "installing miniupnpd for the network lab..." >&2
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq miniupnpd >&2 || true
+fi
 .venv/bin/ruff check app tests benchmarks packaging
 .venv/bin/ruff format --check app tests benchmarks packaging
 # Most tests wait on processes and sockets rather than compute, so two pytest-xdist workers (one test

@@ -12,6 +12,7 @@ from corolla.node.errors import NodeError, sentence_of
 from corolla.node.hardware import PlanError
 from corolla.node.lazy_imports import engine_imports
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
+from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class SwarmLinkMixin:
             invite = parse_invite(text)
         except InviteError as exc:
             raise NodeError(400, str(exc)) from exc
-        own = (self.supervisor.poll().stats or {}).get("peer_id")
+        own = _own_peer_id(self.supervisor.poll().stats)
         if own and all(peer == own for peer in invite.peer_ids):
             raise NodeError(
                 400, "This is this computer's own invite: send it to your friends, who paste it on their computers."
@@ -55,7 +56,8 @@ class SwarmLinkMixin:
         peers = sorted(usable, key=lambda p: p not in answered)
         members = [p for p in invite.peer_ids if PEER_ID.match(p)]
         known = [p for p in self.settings.swarm_members if p not in members]
-        changes.update(swarm="custom", custom_peers=peers, swarm_members=(members + known)[:1024])
+        # Members learned in an earlier swarm are not this one's: they are learned again from this swarm.
+        changes.update(swarm="custom", custom_peers=peers, swarm_members=(members + known)[:1024], learned_peers=[])
         if invite.dht_prefix:
             changes["dht_prefix"] = invite.dht_prefix
         self.apply_settings(self.settings.model_copy(update=changes))
@@ -64,10 +66,10 @@ class SwarmLinkMixin:
     def _client_target(self) -> ClientTarget:
         s = self.settings
         if s.swarm == "private":
-            stats = self.supervisor.poll().stats or {}
-            peers = tuple(stats.get("visible_maddrs") or ()) if stats.get("state") == "online" else ()
+            stats = self.supervisor.poll().stats
+            peers = tuple(stats.visible_maddrs) if stats is not None and stats.state == "online" else ()
             return ClientTarget(self.model_path(), self.dht_prefix(), peers, not s.listen_on_lan, s.chat_local_blocks)
-        peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else s.custom_peers)
+        peers = tuple(PUBLIC_INITIAL_PEERS if s.swarm == "public" else self.swarm_peers())
         return ClientTarget(self.model_path(), self.dht_prefix(), peers, False, s.chat_local_blocks)
 
     def call_swarm(self, fn, *args):
@@ -87,7 +89,7 @@ class SwarmLinkMixin:
 
         extra = {model.dht_prefix: model.view.num_blocks}
         models = model.run_async(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
-        own = (self.supervisor.poll().stats or {}).get("peer_id")
+        own = _own_peer_id(self.supervisor.poll().stats)
         route = self._current_route(model)
         flagged = self.db.flagged_servers()
         slow = self.db.slow_servers()
@@ -185,8 +187,8 @@ class SwarmLinkMixin:
 
     def own_peer_ids(self) -> set[str]:
         """This computer's block server, while it serves."""
-        stats = self.supervisor.poll().stats or {}
-        peer = stats.get("peer_id") if stats.get("state") == "online" else None
+        stats = self.supervisor.poll().stats
+        peer = stats.peer_id if stats is not None and stats.state == "online" else None
         return {peer} if peer else set()
 
     def privacy_for(self, stored: dict | None):
@@ -264,3 +266,8 @@ def _as_node_error(exc: Exception) -> NodeError | None:
             "Corolla is contributing, or paste a fresh invite from a member under Settings, Swarm.",
         )
     return None
+
+
+def _own_peer_id(stats: ServerStats | None) -> str | None:
+    """This node's block server's peer id, if it has one (a chat never checks its own server)."""
+    return stats.peer_id or None if stats is not None else None
