@@ -18,4 +18,6 @@ history in SQLite and serves the local API (and an OpenAI-compatible one) on 127
   client: joining by invite, health, spot checks, privacy), status.py (its reports); errors.py: the
   NodeError its services raise and api.py answers.
 - invites.py: invites (version 2, bounded reading); sharing.py: the kept key and port, who can join.
+- lazy_imports.py: the one lock the engine's first imports (torch, transformers, hivemind) take, so two
+  threads never hand each other a half-imported module.
 """
