@@ -48,6 +48,25 @@ def test_hivemind_without_its_init_still_answers_every_name():
     assert "moe True" in out and "AttributeError" in out
 
 
+def test_hivemind_without_its_init_imports_after_qt():
+    """PySide's import hook looks at every module imported after Qt (inspect.unwrap asks for `__wrapped__`),
+    as in the frozen app, where the node shares the bundle with the window: a dunder asked of the light
+    package loaded the full __init__ in the middle of importing hivemind.p2p (a circular import)."""
+    out = _run(
+        """
+        import PySide6.QtCore  # its import hook, active from here on
+        from corolla.memory import import_hivemind_lightly
+
+        assert import_hivemind_lightly()
+        from hivemind.p2p import P2P  # what node/sharing.py imports first
+        import corolla.swarm.peers
+        import sys
+        print("full init:", "hivemind.averaging" in sys.modules, P2P.__name__)
+        """
+    )
+    assert "full init: False P2P" in out
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
 def test_trimming_gives_freed_heap_pages_back():
     out = _run(

@@ -88,6 +88,12 @@ def import_hivemind_lightly() -> bool:
     state = {"loaded": False}
 
     def full_package(name: str) -> object:
+        # Introspection asks modules for dunders (inspect.unwrap's `__wrapped__`, which PySide's import
+        # hook runs on every module imported after Qt, as in the frozen app): loading the full __init__
+        # for it, in the middle of importing hivemind.p2p, was a circular import. Only __version__ is
+        # one of the package's own names.
+        if name.startswith("__") and name != "__version__":
+            raise AttributeError(f"module 'hivemind' has no attribute {name!r}")
         # `from hivemind import dht` asks the package for a submodule: import just that one.
         if not name.startswith("__") and importlib.util.find_spec(f"hivemind.{name}") is not None:
             return importlib.import_module(f"hivemind.{name}")
