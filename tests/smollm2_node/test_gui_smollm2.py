@@ -28,7 +28,7 @@ def test_the_chat_pane_answers_paris(qtbot, node):
     window.chat.send()
     qtbot.waitUntil(lambda: bool(finished) and window.chat.stream is None, timeout=180_000)
     assert finished[0].status == "complete"
-    assert "Paris" in window.chat.messages[-1]["content"]
+    assert "Paris" in window.chat.messages[-1].content
     assert "Paris" in window.chat.transcript.toPlainText()
     # A second message in the same chat continues the same swarm session (SmolLM2's pad token is its
     # chat template's <|im_end|>: a mask inferred from it used to fail every second turn).
@@ -39,5 +39,5 @@ def test_the_chat_pane_answers_paris(qtbot, node):
     assert window.chat.stream is not None
     qtbot.waitUntil(lambda: window.chat.stream is None, timeout=180_000)  # finished, or failed inline
     assert finished and finished[0].status == "complete", window.chat.info.text()
-    assert [m["role"] for m in window.chat.messages] == ["user", "assistant", "user", "assistant"]
-    assert window.chat.messages[-1]["content"].strip()
+    assert [m.role for m in window.chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert window.chat.messages[-1].content.strip()
