@@ -26,6 +26,9 @@ OnOk = Callable[[object], None]
 OnError = Callable[[str], None]
 
 
+_REFUSED = object()  # a request body that does not fit its model: not sent
+
+
 class Unreadable(str):
     """The message of an answer that does not parse as the window's model of it (a node of another
     version): one sentence for the window, never a traceback."""
@@ -109,12 +112,9 @@ class NodeClient(QObject):
         is not sent: on_error hears why, as the node would say it; the call returns None). `answer`: the
         corolla.api model the payload is read as before on_ok sees it (None: the raw JSON); an answer
         that does not fit reaches on_error as an `Unreadable` message."""
-        if request is not None:
-            try:
-                body = request_body(request, body)
-            except ValueError as exc:
-                QTimer.singleShot(0, lambda message=str(exc): self._fail(on_error, message))
-                return None
+        body = self._checked_body(request, body, on_error)
+        if body is _REFUSED:
+            return None
         data = QByteArray(encode_body(body) or b"")
         reply = self.manager.sendCustomRequest(self._request(path, timeout_ms), method.encode(), data)
 
@@ -140,6 +140,17 @@ class NodeClient(QObject):
         reply.finished.connect(finished)
         return reply
 
+    def _checked_body(self, request: type[BaseModel] | None, body, on_error: OnError | None):
+        """The body as the node's `request` model sends it; _REFUSED (and on_error told why, as the node
+        would say it) for one that does not fit."""
+        if request is None:
+            return body
+        try:
+            return request_body(request, body)
+        except ValueError as exc:
+            QTimer.singleShot(0, lambda message=str(exc): self._fail(on_error, message))
+            return _REFUSED
+
     def stream(
         self,
         path: str,
@@ -150,12 +161,9 @@ class NodeClient(QObject):
     ) -> QNetworkReply | None:
         """POST and read server-sent events as they arrive: on_event(event name, JSON data). `request`:
         as for call()."""
-        if request is not None:
-            try:
-                body = request_body(request, body)
-            except ValueError as exc:
-                QTimer.singleShot(0, lambda message=str(exc): self._fail(on_error, message))
-                return None
+        body = self._checked_body(request, body, on_error)
+        if body is _REFUSED:
+            return None
         reply = self.manager.post(self._request(path), QByteArray(encode_body(body)))
         parser = SseParser()
 
