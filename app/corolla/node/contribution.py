@@ -135,7 +135,7 @@ class ContributionMixin:
             args += ["--blocks", f"0:{self.default_model.num_blocks()}"]
         elif s.memory_cap_gib:
             plan = self.plan(self.settings.model, s.torch_dtype, s.quant_type)
-            args += ["--num-blocks", str(max(1, plan["recommended_blocks"]))]
+            args += ["--num-blocks", str(max(1, plan.recommended_blocks))]
         args += [
             "--torch-dtype",
             s.torch_dtype,

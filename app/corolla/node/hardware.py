@@ -1,5 +1,6 @@
 """What this computer can contribute: accelerators and memory, and per model the memory each block
-needs and how many blocks fit — computed from the model's config alone, before anything is loaded."""
+needs and how many blocks fit — computed from the model's config alone, before anything is loaded.
+The answers are the API's own models (corolla.api.models), which GET /api/hardware returns."""
 
 from __future__ import annotations
 
@@ -9,36 +10,13 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import psutil
 
+from corolla.api.models import Accelerator, BlockPlan, HardwareReport
 from corolla.executable import corolla_command
 from corolla.node.lazy_imports import engine_imports
-
-
-@dataclass
-class Accelerator:
-    kind: str  # cuda | mps | cpu
-    index: int | None
-    name: str
-    total_bytes: int
-    free_bytes: int
-    compute_capability: str | None = None
-    source: str = "torch"  # torch | nvml | psutil
-
-
-@dataclass
-class HardwareReport:
-    os: str
-    cpu: str
-    cpu_cores: int
-    ram_total_bytes: int
-    ram_available_bytes: int
-    accelerators: list[Accelerator] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def detect() -> HardwareReport:
@@ -53,8 +31,12 @@ def detect() -> HardwareReport:
     report.accelerators += _cuda_devices()
     if platform.system() == "Darwin" and _mps_available():
         # MPS shares the unified memory with the CPU.
-        report.accelerators.append(Accelerator("mps", None, "Apple GPU (MPS)", memory.total, memory.available))
-    report.accelerators.append(Accelerator("cpu", None, report.cpu, memory.total, memory.available, source="psutil"))
+        report.accelerators.append(
+            Accelerator(kind="mps", name="Apple GPU (MPS)", total_bytes=memory.total, free_bytes=memory.available)
+        )
+    report.accelerators.append(
+        Accelerator(kind="cpu", name=report.cpu, total_bytes=memory.total, free_bytes=memory.available, source="psutil")
+    )
     return report
 
 
@@ -86,7 +68,16 @@ def _cuda_devices() -> list[Accelerator]:
     for index in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(index)
         major, minor = torch.cuda.get_device_capability(index)
-        found.append(Accelerator("cuda", index, torch.cuda.get_device_name(index), total, free, f"{major}.{minor}"))
+        found.append(
+            Accelerator(
+                kind="cuda",
+                index=index,
+                name=torch.cuda.get_device_name(index),
+                total_bytes=total,
+                free_bytes=free,
+                compute_capability=f"{major}.{minor}",
+            )
+        )
     return found
 
 
@@ -109,36 +100,18 @@ def _nvml_devices() -> list[Accelerator]:
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
             found.append(
                 Accelerator(
-                    "cuda",
-                    index,
-                    name.decode() if isinstance(name, bytes) else name,
-                    info.total,
-                    info.free,
-                    f"{major}.{minor}",
+                    kind="cuda",
+                    index=index,
+                    name=name.decode() if isinstance(name, bytes) else name,
+                    total_bytes=info.total,
+                    free_bytes=info.free,
+                    compute_capability=f"{major}.{minor}",
                     source="nvml",
                 )
             )
         return found
     finally:
         pynvml.nvmlShutdown()
-
-
-@dataclass
-class BlockPlan:
-    model: str
-    family: str
-    num_blocks: int
-    dtype: str
-    quant_type: str
-    bytes_per_block: int
-    cache_bytes_per_block: int
-    client_bytes: int
-    device: str
-    usable_bytes: int
-    recommended_blocks: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ class StatusMixin:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def plan(self, model: str | None, torch_dtype: str, quant_type: str) -> dict:
+    def plan(self, model: str | None, torch_dtype: str, quant_type: str) -> m.BlockPlan:
         from corolla.node.hardware import detect, plan_blocks
 
         report = detect()
@@ -127,13 +127,13 @@ class StatusMixin:
             quant_type,
             cap,
             token=self.secrets.get("hf_token"),
-        ).to_dict()
+        )
 
-    def hardware(self, model: str | None, torch_dtype: str, quant_type: str) -> dict:
+    def hardware(self, model: str | None, torch_dtype: str, quant_type: str) -> m.HardwareReport:
         from corolla.node.hardware import detect
 
-        report = detect().to_dict()
-        report["plan"] = self.call_swarm(self.plan, model, torch_dtype, quant_type)
+        report = detect()
+        report.plan = self.call_swarm(self.plan, model, torch_dtype, quant_type)
         return report
 
 
