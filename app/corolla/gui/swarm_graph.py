@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 
 from corolla.api.models import RouteHop, ServerSpeed, ServerVerification, SwarmModel, SwarmServer
 from corolla.gui import theme
+from corolla.gui.widgets import block_span
 
 LANE_H = 30
 BOX_H = 24
@@ -148,7 +149,7 @@ def server_details(s: SwarmServer) -> str:
     cache = "?" if s.cache_tokens_left is None else f"{s.cache_tokens_left:,} tokens"
     text = (
         f"{server_label(s)}  ({s.peer_id})\n"
-        f"{s.state.lower()} · blocks {s.start_block}:{s.end_block} · {s.throughput:.1f} tokens/s\n"
+        f"{s.state.lower()} · {block_span(s.start_block, s.end_block)} · {s.throughput:.1f} tokens/s\n"
         f"ping {ping} · {'relayed (no direct connection)' if s.using_relay else 'direct'} · {software}\n"
         f"{s.torch_dtype or '?'} {s.quant_type or ''} · free cache {cache}"
     )
