@@ -381,8 +381,13 @@ def test_rename_search_delete_with_undo_and_export(qtbot, window, node, tmp_path
 def test_pause_explains_resume_in_chat_and_counters_stay(qtbot, window, node):
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=60_000)
     qtbot.waitUntil(lambda: "tokens," in window.contribute.fields["lifetime"].text(), timeout=30_000)
+    qtbot.waitUntil(lambda: "by 1 server" in window.chat.model_picker.itemText(0), timeout=60_000)
     window.contribute.pause_button.click()
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Paused", timeout=60_000)
+    # The chat's model list follows the pause at once (the swarm polls every 30 s with the chat shown):
+    # with the only server paused, the private swarm cannot be read, and the list no longer says it serves.
+    qtbot.waitUntil(lambda: "cannot be read" in window.chat.model_picker.itemText(0), timeout=10_000)
+    assert "start contributing" in window.chat.model_picker.toolTip()
     lifetime = node.status()["lifetime"]
     assert lifetime["tokens_served"] > 0  # all-time counters do not drop with the paused server
     assert f"{lifetime['tokens_served']:,} tokens" in window.contribute.fields["lifetime"].text()
@@ -402,6 +407,7 @@ def test_pause_explains_resume_in_chat_and_counters_stay(qtbot, window, node):
     window.chat.transcript.resume_requested.emit()  # the inline "Resume contributing" link
     assert window.chat.info.text().startswith("Resuming contributing…")  # it says what it does
     qtbot.waitUntil(lambda: window.contribute.state.text() == "Contributing", timeout=120_000)
+    qtbot.waitUntil(lambda: "by 1 server" in window.chat.model_picker.itemText(0), timeout=10_000)
     # ... and asks the question again once this computer serves: the answer comes without a Retry.
     qtbot.waitUntil(
         lambda: window.chat.stream is None and window.chat.messages[-1].status == "complete", timeout=120_000

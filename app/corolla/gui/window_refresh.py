@@ -75,6 +75,7 @@ class NodeRefresh:
 
     def _status_shown(self, status: m.NodeStatus) -> None:
         was_unreachable = not self.reachable
+        before = self.status.contribution.state if self.status is not None else None
         self.status, self.reachable = status, True
         self.node_banner.hide()
         self._restart_timer.stop()
@@ -98,6 +99,9 @@ class NodeRefresh:
         if was_unreachable:
             self.chat.node_back()
             self.refresh_all()
+        elif before is not None and before != c.state:
+            # Paused or resumed: the chat's "by N servers" and the map follow now, not at the next poll.
+            self.refresh_swarm(fresh=True)
 
     def _node_unreachable(self, message: str) -> None:
         was_reachable = self.reachable
@@ -125,9 +129,18 @@ class NodeRefresh:
         if self.tray is not None:
             self.tray.set_state("unreachable", status_line(None))
 
-    def refresh_swarm(self) -> None:
+    def refresh_swarm(self, fresh: bool = False) -> None:
+        """Reads the swarm; `fresh`: a read already under way began before a change, so read again after it."""
         if not self.reachable:
             return
+        if fresh and "swarm" in self._in_flight:
+            self._swarm_again = True
+            return
+
+        def again() -> None:
+            if self._swarm_again:
+                self._swarm_again = False
+                self.refresh_swarm()
 
         def shown(models: list[m.SwarmModel]) -> None:
             # The node says which prefix its model has (None until it knows: no swarm read yet).
@@ -141,11 +154,15 @@ class NodeRefresh:
             self.chat.show_models(models, prefix, own_name)
             model = next((x for x in models if x.dht_prefix == prefix), models[0] if models else None)
             self.chat.route_text = route_text(model.route if model is not None else [])
+            again()
 
         def failed(message: str) -> None:
             self.swarm.show_error(message)
-            if not self.chat.model_picker.itemData(0):  # nothing known yet: say why the list is empty
-                self.chat.show_unreachable("The swarm cannot be read yet")
+            # The model list says so rather than go on naming servers it last saw (e.g. the only one paused).
+            known = bool(self.chat.model_picker.itemData(0))
+            self.chat.show_unreachable("The swarm cannot be read now" if known else "The swarm cannot be read yet")
+            self.chat.model_picker.setToolTip(sentence(message))
+            again()
 
         self._once("swarm", "GET", routes.SWARM, shown, failed, timeout_ms=90_000, answer=list[m.SwarmModel])
 

@@ -120,6 +120,7 @@ class ChatPane(ChatLayout, ChatList, ChatReply, QWidget):
     def show_models(self, models: list[m.SwarmModel], own_prefix: str | None, own_name: str | None = None) -> None:
         self.model_picker.blockSignals(True)
         self.model_picker.clear()
+        self.model_picker.setToolTip("")  # a failed read's reason, no longer current
         own_index = 0
         for model in models:
             covered = sum(1 for n in model.online_per_block if n > 0)
