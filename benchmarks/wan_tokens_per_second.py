@@ -101,9 +101,9 @@ def port(servers: int) -> int:
     return LAB_PORT + 10 * servers  # each chain's servers listen here on loopback; forwarder at +1
 
 
-def prove_lab(lab: NetLab, delay_ms: float) -> dict:
-    """A bare TCP ping-pong through a delaying forwarder: what the lab adds beyond its 2 x delay."""
-    a, b = lab.hosts["pub4"], lab.hosts["pub1"]
+def prove_lab(lab: NetLab, delay_ms: float, a, b) -> dict:
+    """A bare TCP ping-pong from host a through a delaying forwarder on host b: what the lab adds beyond
+    its 2 x delay."""
     echo = lab.popen(b, [sys.executable, "-c", ECHO.replace("PORT", "5000")], stdout=subprocess.PIPE, text=True)
     echo.stdout.readline()
     forwarder = lab.forwarder(b, 5001, 5000, delay_ms)
@@ -240,7 +240,7 @@ def main() -> None:
         boot = CorollaBootstrap(lab, lab.add_public("pub0"), work)
         hosts = [lab.add_public(f"pub{i + 1}") for i in range(max(chains))]
         client_host = lab.add_public(f"pub{max(chains) + 1}")
-        results["lab_check"] = prove_lab(lab, args.delay_ms)
+        results["lab_check"] = prove_lab(lab, args.delay_ms, client_host, hosts[0])
         print(json.dumps({"lab_check": results["lab_check"]}), file=sys.stderr, flush=True)
         forwarders = Forwarders(lab, hosts, chains)
 
