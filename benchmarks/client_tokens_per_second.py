@@ -118,6 +118,11 @@ def auto_choice(remote) -> dict:
         "pushed_hops": route_choice.pushed_hops(None, peers, rtts, pings),
         "speculation": remote.speculation is not None,
         "link_rtt_ms": [round(1000 * rtts[p], 2) if p in rtts else None for p in peers],
+        # Each server's announced round trip to the next one (None: not measured; inf: did not answer).
+        "announced_next_ms": [
+            None if ping is None or nxt not in ping else round(1000 * ping[nxt], 2)
+            for ping, nxt in zip(pings[:-1], peers[1:], strict=True)
+        ],
     }
 
 

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import corolla
+from client_tokens_per_second import auto_choice
 from corolla.swarm import steptrace
 
 DEFAULT = object()  # the client's own choice of speculation (no prompt_lookup_num_tokens passed)
@@ -97,6 +98,8 @@ def main() -> None:
             }
             if stats is not None:
                 report |= {"draft_steps": stats.steps, "drafted": stats.drafted, "accepted": stats.accepted}
+            if push is None:  # what the default client chose per hop, and the round trips it chose on
+                report["choice"] = auto_choice(remote)
             print(json.dumps(report), flush=True)
     finally:
         remote.close()

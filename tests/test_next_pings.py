@@ -38,6 +38,18 @@ def test_router_prices_the_hop_each_server_measured():
     assert [s.peer_id for s in choose_route(spans, 0, 4, {"A": 0.05, "B1": 0.01, "B2": 0.3})] == ["A", "B1"]
 
 
+def test_a_link_announced_unreachable_costs_the_clients_own_trip():
+    """A's `inf` for B1 means no push there, not a road block: the client's copy reaches B1 as it would
+    reach any server it has no hop measure for."""
+    spans = {
+        "A": _span("A", 0, 2, next_pings={"B1": math.inf, "B2": 0.3}),
+        "B1": _span("B1", 2, 4),
+        "B2": _span("B2", 2, 4),
+    }
+    assert [s.peer_id for s in choose_route(spans, 0, 4, {"A": 0.05, "B1": 0.01, "B2": 0.3})] == ["A", "B1"]
+    assert [s.peer_id for s in choose_route(spans, 0, 4, {"A": 0.05, "B1": 0.6, "B2": 0.3})] == ["A", "B2"]
+
+
 def test_router_counts_the_way_back_to_the_client():
     spans = {"A": _span("A", 0, 2), "B": _span("B", 0, 2)}
     assert [s.peer_id for s in choose_route(spans, 0, 2, {"A": 0.5, "B": 0.01})] == ["B"]
@@ -74,6 +86,14 @@ def test_moving_average_unreachable_and_expiry():
     assert pinger.announced(now=2) == {"a": pytest.approx(0.12), "b": math.inf}
     pinger.record("b", 0.05, now=3)  # after inf, the new measurement replaces it
     assert pinger.announced(now=4)["b"] == 0.05
+    # A peer that answered before: one failed ping keeps its round trip, two in a row make it unreachable.
+    pinger.record("a", math.inf, now=5)
+    assert pinger.announced(now=6)["a"] == pytest.approx(0.12)
+    pinger.record("a", math.inf, now=7)
+    assert pinger.announced(now=8)["a"] == math.inf
+    pinger.record("a", 0.2, now=9)  # and a good one resets the count
+    pinger.record("a", math.inf, now=10)
+    assert pinger.announced(now=11)["a"] == 0.2
     assert pinger.announced(now=400) == {}
 
 

@@ -51,8 +51,11 @@ def test_the_servers_own_link_counts_against_the_saving():
     assert route_choice.pushed_hops(None, PEERS, rtts, [{"b": 0.0005}, None, None])[1]
     # A link announced longer than the client's own counts as the client's (a late push costs no time).
     assert route_choice.pushed_hops(None, PEERS, {"b": 0.006}, [{"b": 0.009}, None, None])[1]
-    # Unreachable (inf) from a: no push; an unknown round trip from the client: pushed (safe on long links).
+    # Unreachable (inf) from a counts as unknown: the client's own round trip decides (a push that cannot
+    # be sent costs nothing; one failed dial must not keep a long link off push). An unknown round trip
+    # from the client: pushed (safe on long links).
     assert not route_choice.pushed_hops(None, PEERS, rtts, [{"b": math.inf}, None, None])[1]
+    assert route_choice.pushed_hops(None, PEERS, {"b": 0.05}, [{"b": math.inf}, None, None])[1]
     assert route_choice.pushed_hops(None, PEERS, {"a": 0.001}, [None] * 3) == [False, True, True]
 
 

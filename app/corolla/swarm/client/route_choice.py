@@ -60,12 +60,12 @@ def pushed_hops(
             hops[index] = True
             continue
         pings = next_pings[index - 1] or {}
-        link_rtt = _finite(pings.get(peers[index]))
-        if link_rtt is None and peers[index] in pings:  # the previous server cannot reach it: no push
-            continue
         # A push that arrives after the client's own copy costs no time (the copy is used), so a link the
         # server announces as longer than the client's counts as the client's: announced pings are EMAs of
-        # unary calls, which a busy machine inflates.
+        # unary calls, which a busy machine inflates. A link announced unreachable (`inf`) counts as
+        # unknown: a push that cannot be sent costs the step nothing either, and one failed dial (the
+        # server's ping landing in libp2p's dial backoff) kept a 25 ms/link chain off push for a minute.
+        link_rtt = _finite(pings.get(peers[index]))
         one_way = min(link_rtt if link_rtt is not None else client_rtt, client_rtt) / 2
         hops[index] = client_rtt - one_way >= PUSH_MIN_SAVING_S
     return hops

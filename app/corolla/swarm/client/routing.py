@@ -99,8 +99,8 @@ def choose_route(
 
     The cost is what a token travels with server-to-server push: client -> first server (half the
     client's round trip to it), each server -> the next (half the RTT the server announces in
-    `next_pings`, or, where it announces none for that peer, half the client's round trip to the next
-    server), the last server -> client, plus a fixed cost per hop and each block's compute time.
+    `next_pings`, or, where it announces none for that peer or cannot reach it, half the client's round
+    trip to the next server), the last server -> client, plus a fixed cost per hop and each block's compute time.
     A dynamic programme over blocks: `arriving[peer]` is the cheapest way to have the activation at
     `peer`, about to compute the current block. `discounts` divides the announced speed of servers this
     client measured to be slower than they announce (speed.py).
@@ -153,8 +153,9 @@ def _transfer_cost(cur: RemoteSpan, nxt: str, rtts: dict[str, float]) -> float:
     """One activation's trip from server `cur` to server `nxt`: what `cur` measured (next_pings, sent
     straight there by push), else what the client measured to `nxt`."""
     pings = cur.server_info.next_pings
-    if pings and nxt in pings:
+    if pings and nxt in pings and not math.isinf(pings[nxt]):
         return _rtt_cost(pings[nxt])
+    # No measure, or `cur` could not reach `nxt` (no push there): the client's own copy carries the step.
     return _rtt_cost(rtts.get(nxt))
 
 

@@ -4,7 +4,8 @@ As Petals does (protocol doc §4.3): every announce cycle, ping up to 5 random s
 blocks inside this server's span (start+1 .. end-1: a chain may leave here early) and up to 5 that
 host block `end` (the likely successors), all at once, each within a timeout; keep an exponential
 moving average per peer (0.2 new, 0.8 old), forget peers not measured for 5 minutes, and announce
-the map (seconds, `inf` for a peer that did not answer). Clients route by these: with push, an
+the map (seconds, `inf` for a peer that did not answer: at once for a peer never reached, after two
+failed cycles in a row for one that answered before). Clients route by these: with push, an
 activation goes from this server straight to the next one.
 """
 
@@ -27,12 +28,14 @@ PINGS_PER_GROUP = 5
 PING_TIMEOUT_S = 2.0
 EMA_WEIGHT = 0.2
 EXPIRY_S = 300.0
+FAILURES_FOR_UNREACHABLE = 2  # failed pings in a row, after a good one, before a peer is announced as `inf`
 
 
 class NextPings:
     def __init__(self, p2p: P2P, own_peer_id: str, timeout: float = PING_TIMEOUT_S):
         self.p2p, self.own_peer_id, self.timeout = p2p, own_peer_id, timeout
         self._rtts: dict[str, tuple[float, float]] = {}  # peer -> (smoothed rtt, when last measured)
+        self._failures: dict[str, int] = {}  # peer -> failed pings in a row
 
     def candidates(self, servers_by_block: list[dict[str, ServerState]]) -> list[str]:
         """Up to 5 random servers of the inner blocks and up to 5 of the block after the span.
@@ -75,8 +78,17 @@ class NextPings:
     def record(self, peer: str, rtt: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         old = self._rtts.get(peer)
-        if old is not None and math.isfinite(old[0]) and math.isfinite(rtt):
-            rtt = EMA_WEIGHT * rtt + (1 - EMA_WEIGHT) * old[0]
+        if not math.isfinite(rtt):
+            self._failures[peer] = self._failures.get(peer, 0) + 1
+            # One failed ping after a good one is not a lost link (libp2p's dial backoff after a blip
+            # fails every dial to the peer for a while): the last measurement stands until the next cycle
+            # fails too. Clients and stock Petals routers read `inf` as "no push, avoid this hop".
+            if old is not None and math.isfinite(old[0]) and self._failures[peer] < FAILURES_FOR_UNREACHABLE:
+                return
+        else:
+            self._failures.pop(peer, None)
+            if old is not None and math.isfinite(old[0]):
+                rtt = EMA_WEIGHT * rtt + (1 - EMA_WEIGHT) * old[0]
         self._rtts[peer] = (rtt, now)
 
     def announced(self, now: float | None = None) -> dict[str, float]:
