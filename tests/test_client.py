@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm.client import speculative
@@ -38,11 +37,6 @@ def serve(tmp, model, blocks, *extra, name):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(tiny_swarm):
     return tiny_swarm
 
@@ -54,11 +48,6 @@ def remote(model_dir, swarm):
     )
     yield model
     model.close()
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def prompt(batch=1, length=6, seed=0):

@@ -9,7 +9,6 @@ import threading
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -32,11 +31,6 @@ NO_EOS = {"eos_token_id": None, "pad_token_id": 3}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(tiny_swarm):
     return tiny_swarm
 
@@ -48,11 +42,6 @@ def remote(model_dir, swarm):
     )
     yield model
     model.close()
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def prompt(batch=1, length=6, seed=0):

@@ -23,11 +23,6 @@ NO_EOS = {"eos_token_id": None, "pad_token_id": 3}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
 def local(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)

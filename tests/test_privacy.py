@@ -55,11 +55,6 @@ def _serve(tmp, model, name, blocks, throughput, join, launcher=()):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(model_dir, tmp_path_factory):
     """Four trusted servers (two per half of the model) and a recorder of all six blocks that
     announces a hundred times their throughput: the cheapest route by far."""

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm.client import route_choice
@@ -80,16 +79,6 @@ def test_speculation_pays_on_long_routes_good_sessions_and_repeating_text():
 
 
 # --- on a real chain --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,6 @@ CHAIN = protocol.chain_uids(PREFIX, 0, BLOCKS)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     with tiny_block_server(
         tmp_path_factory.mktemp("server"),

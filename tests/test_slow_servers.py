@@ -125,11 +125,6 @@ def _serve(tmp, model, name, slowness, join):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(model_dir, tmp_path_factory):
     """One honest server and the slow ones, all serving the whole tiny model."""
     tmp = tmp_path_factory.mktemp("slow-swarm")

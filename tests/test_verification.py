@@ -47,11 +47,6 @@ def _serve(tmp, model, name, dtype, quant, join, launcher=()):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models.get("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(model_dir, tmp_path_factory):
     """Six honest servers of every precision and four liars, all serving the whole tiny model."""
     tmp = tmp_path_factory.mktemp("verify-swarm")

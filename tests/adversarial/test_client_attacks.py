@@ -12,7 +12,6 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
-from transformers import AutoModelForCausalLM
 
 import corolla
 from corolla.swarm import protocol
@@ -46,11 +45,6 @@ def forged_record(start: int = 0, end: int = 10**9, name: str = "x" * 10_000) ->
         cache_tokens_left=2**62,
         public_name=name,
     ).to_tuple()
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
