@@ -15,6 +15,10 @@ from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
 from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)
+NO_MEMBERS = (
+    "privacy is 'members of my swarms', but this node is in no private swarm: create one (contribute "
+    "in the private swarm) or join one with an invite, or choose another privacy level for this chat"
+)
 
 
 class SwarmLinkMixin:
@@ -191,19 +195,17 @@ class SwarmLinkMixin:
         peer = stats.peer_id if stats is not None and stats.state == "online" else None
         return {peer} if peer else set()
 
-    def privacy_for(self, stored: dict | None):
-        """The swarm client's Privacy for a chat's stored choice (None: the default_privacy setting).
-        "local" is this computer's server; "members" adds the servers of the swarms this node joined by
-        invite and, in its own private swarm (reached only through its invite or the LAN), every server
-        in it. Raises NoSwarm (HTTP 409) when the choice names nobody now."""
-        with engine_imports():
-            from corolla.swarm.client.privacy import Privacy
-
+    def privacy_spec(self, stored: dict | None) -> dict:
+        """A chat's stored choice (None: the default_privacy setting) resolved to peer ids, without the
+        swarm client: {"level", "peers", "with_swarm_servers"}. "local" is this computer's server;
+        "members" adds the servers of the swarms this node joined by invite and, in its own private swarm
+        (reached only through its invite or the LAN), every server in it (`with_swarm_servers`: the client
+        adds those it sees). Raises NoSwarm (HTTP 409) when the choice names nobody now."""
         level = (stored or {}).get("level") or self.settings.default_privacy
         if level == "any":
-            return Privacy()
+            return {"level": "any", "peers": None}
         if level == "peers":
-            return Privacy.only((stored or {}).get("peers") or self.settings.trusted_peers)
+            return {"level": "peers", "peers": list((stored or {}).get("peers") or self.settings.trusted_peers)}
         own = self.own_peer_ids()
         if level == "local":
             if not own:
@@ -211,18 +213,43 @@ class SwarmLinkMixin:
                     "privacy is 'this computer only', but this computer serves no blocks now: start contributing "
                     "(it must serve the whole model), or choose another privacy level for this chat"
                 )
-            return Privacy.local(own)
+            return {"level": "local", "peers": sorted(own)}
         members = own | set(self.settings.swarm_members)
-        if self.settings.swarm == "private":
+        in_own_swarm = self.settings.swarm == "private"
+        if not members and not in_own_swarm:
+            raise NoSwarm(NO_MEMBERS)
+        return {"level": "members", "peers": sorted(members), "with_swarm_servers": in_own_swarm}
+
+    def privacy_for(self, stored: dict | None):
+        """The swarm client's Privacy for a chat's stored choice (privacy_spec), for this node's own client."""
+        with engine_imports():
+            from corolla.swarm.client.privacy import Privacy, as_privacy
+
+        spec = self.privacy_spec(stored)
+        if spec.pop("with_swarm_servers", False):
             model = self.chats.clients.get()
             model.run_async(model.view.refresh_if_stale(), timeout=30)
-            members |= set(model.view.spans)
-        if not members:
-            raise NoSwarm(
-                "privacy is 'members of my swarms', but this node is in no private swarm: create one (contribute "
-                "in the private swarm) or join one with an invite, or choose another privacy level for this chat"
-            )
-        return Privacy.members(members)
+            spec["peers"] = sorted({*spec["peers"], *model.view.spans})
+            if not spec["peers"]:
+                raise NoSwarm(NO_MEMBERS)
+        return Privacy() if spec["level"] == "any" else as_privacy(spec)
+
+    def engine_context(self, chat: dict) -> dict:
+        """What the block server's chat engine needs besides the chat: the client's target, the chat's
+        privacy resolved, and the servers this node has flagged or found slow (engine_replies.py)."""
+        return {
+            "target": self._client_target().to_dict(),
+            "privacy": self.privacy_spec(chat.get("privacy")),
+            "flagged": self.db.flagged_servers(),
+            "slow": list(self.db.slow_servers().values()),
+        }
+
+    def record_engine_note(self, note: dict) -> None:
+        """A server the engine's client flagged or found slow: kept, as this node's own client does."""
+        if note["type"] == "flag" and isinstance(note["evidence"].get("peer_id"), str):
+            self.db.flag_server(note["evidence"])
+        elif note["type"] == "slow" and isinstance(note["evidence"].get("peer_id"), str):
+            self.db.note_slow_server(note["evidence"])
 
     @staticmethod
     def _current_route(model) -> list[dict]:
