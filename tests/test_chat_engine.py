@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -151,6 +152,11 @@ def test_a_chat_streams_from_the_block_server_and_the_node_never_imports_torch(n
     # A second turn goes on in the same chat (the engine's session for it holds the first).
     again = _stream(node, chat["id"], "and again", 6)
     assert again[-1][0] == "done" and len(_messages(node, chat["id"])) == 4
+    # The Swarm pane's report (the window asks every few seconds) is read by the server's client too.
+    swarm = node.get("/api/swarm")
+    assert swarm.status_code == 200, swarm.text
+    servers = [server for model in swarm.json() for server in model["servers"]]
+    assert any(server["this_computer"] for server in servers) and swarm.json()[0]["route"], swarm.json()
     assert not _maps_torch(node.process.pid), "the node loaded torch: the chat did not go to the block server"
     assert "chat engine listening" in _server_log(node)
     # The chat's swarm client lives in the server: its p2pd is the server's child, the node has none.
@@ -160,40 +166,51 @@ def test_a_chat_streams_from_the_block_server_and_the_node_never_imports_torch(n
 
 @pytest.mark.slow
 def test_stop_mid_reply_keeps_what_was_written_and_the_next_chat_works(node):
-    chat = node.post("/api/chats", json={"title": "stop"}).json()
-    events = _stream(node, chat["id"], "tell me a long story", 2000, until=lambda e: len(_tokens(e)) >= 3)
-    deadline = time.monotonic() + 60
-    while _messages(node, chat["id"])[-1]["status"] == "streaming" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    reply = _messages(node, chat["id"])[-1]
+    # The tiny model's random weights sometimes end a reply on their own before the stop arrives: a few
+    # chats, until one was stopped.
+    for _ in range(6):
+        chat = node.post("/api/chats", json={"title": "stop"}).json()
+        events = _stream(node, chat["id"], "tell me a long story", 2000, until=lambda e: len(_tokens(e)) >= 3)
+        deadline = time.monotonic() + 60
+        while _messages(node, chat["id"])[-1]["status"] == "streaming" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        reply = _messages(node, chat["id"])[-1]
+        assert reply["status"] in ("stopped", "complete"), reply
+        assert reply["content"].startswith("".join(_tokens(events))) and reply["tokens"] < 2000
+        if reply["status"] == "stopped":
+            break
     assert reply["status"] == "stopped", reply
-    assert reply["content"].startswith("".join(_tokens(events))) and reply["tokens"] < 2000
     after = _stream(node, chat["id"], "shorter, please", 4)
     assert after[-1][0] == "done"
     assert not _maps_torch(node.process.pid)
 
 
+def _kill_after_some_tokens(pid: int, killed: threading.Event, events: list) -> bool:
+    if len(_tokens(events)) >= 3 and not killed.is_set():
+        os.kill(pid, signal.SIGKILL)
+        killed.set()
+    return False
+
+
 @pytest.mark.slow
 def test_a_server_killed_mid_reply_ends_it_with_a_clear_error_and_the_next_chat_works(node):
-    before = node.wait_contribution("online")["contribution"]
-    chat = node.post("/api/chats", json={"title": "killed"}).json()
-    killed = threading.Event()
-
-    def kill_after_some_tokens(events: list) -> bool:
-        if len(_tokens(events)) >= 3 and not killed.is_set():
-            os.kill(before["pid"], signal.SIGKILL)
-            killed.set()
-        return False
-
-    events = _stream(node, chat["id"], "tell me a long story", 2000, until=kill_after_some_tokens)
-    assert killed.is_set()
+    for _ in range(3):  # a reply the tiny model ends on its own before the kill lands is tried again
+        before = node.wait_contribution("online", timeout=180)["contribution"]
+        chat = node.post("/api/chats", json={"title": "killed"}).json()
+        killed = threading.Event()
+        kill = functools.partial(_kill_after_some_tokens, before["pid"], killed)
+        events = _stream(node, chat["id"], "tell me a long story", 2000, until=kill)
+        assert killed.is_set()
+        # The supervisor restarts the server; the next chat is written by the new one.
+        old = before["pid"]
+        node.wait_contribution("online", timeout=180, predicate=lambda s, old=old: s["contribution"]["pid"] != old)
+        if events[-1][0] == "error":
+            break
     kind, data = events[-1]
     assert kind == "error" and data["kind"] == "engine_lost", events[-3:]
     assert "stopped in the middle of this reply" in data["message"] and "kept" in data["message"]
     reply = _messages(node, chat["id"])[-1]
     assert reply["status"] == "failed" and reply["content"].startswith("".join(_tokens(events))) and reply["content"]
-    # The supervisor restarts the server; the next chat is written by the new one.
-    node.wait_contribution("online", timeout=180, predicate=lambda s: s["contribution"]["pid"] != before["pid"])
     after = _stream(node, chat["id"], "once more", 4)
     assert after[-1][0] == "done" and _tokens(after)
     assert not _maps_torch(node.process.pid)

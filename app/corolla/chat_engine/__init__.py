@@ -10,5 +10,6 @@ torch or transformers while contributing (README, Footprint).
   (when it chats itself) and by the engine.
 - engine.py: the generating side in the server's process: chat sessions kept per chat, one reply per
   connection, stop and errors as events.
+- swarm_report.py: the Swarm pane's report (servers, verdicts, route), read through the same client.
 - listener.py: the Unix socket the engine answers on (its file 0600 in the server's folder).
 """

@@ -86,6 +86,21 @@ class ChatEngine:
             kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
             return {"type": "error", "kind": kind, "message": str(exc), "seen_by": seen}
 
+    # --- the Swarm pane's report -------------------------------------------------------------------------
+    def swarm(self, request: dict) -> dict:
+        """The swarm as this engine's client sees it (swarm_report.py), with the node's records."""
+        from corolla.chat_engine.swarm_report import swarm_report
+
+        try:
+            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
+            self._apply_node_records(model, request)
+            own = request.get("own") if isinstance(request.get("own"), str) else None
+            slow = {e["peer_id"]: e for e in request.get("slow") or [] if isinstance(e, dict) and "peer_id" in e}
+            return {"type": "swarm", "models": swarm_report(model, own, request.get("flagged") or {}, slow)}
+        except Exception as exc:  # the node says it as it would its own failure
+            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
+            return {"type": "error", "kind": kind, "message": str(exc)}
+
     def _session_for(self, chat_id: str, model: Any, request: dict, privacy: Any) -> _Kept:
         """The chat's session if it holds exactly the history sent (same model, privacy, system prompt),
         else a new one from that history (the servers' caches are filled again on its first step)."""
@@ -161,8 +176,8 @@ class ChatEngine:
     def _apply_node_records(self, model: Any, request: dict) -> None:
         """The servers the node has flagged stay blocked, those found slow keep their discount (each given
         to this client once)."""
-        from corolla.swarm.client.ledger import block, ledger_of
         from corolla.swarm.client.speed import speed_of
+        from corolla.swarm.client.verification import block, ledger_of
 
         flagged, slow = request.get("flagged") or {}, request.get("slow") or []
         if not isinstance(flagged, dict) or not isinstance(slow, list):

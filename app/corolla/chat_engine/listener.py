@@ -1,4 +1,5 @@
-"""The engine's Unix socket in the block server's process: one connection per reply.
+"""The engine's Unix socket in the block server's process: one connection per reply (or per read of
+the swarm for the Swarm pane: a "swarm" request, answered with "alive" messages, then the report).
 
 A connection says the secret ("hello"), gets "ready", sends one "generate" request and reads "piece"
 messages, "alive" while nothing else is sent, any "flag"/"slow" notes, then "done" or "error". A "stop"
@@ -83,6 +84,9 @@ class ChatListener:
             elif request["type"] == "generate":
                 async with self._replies:
                     await self._generate(request, reader, writer)
+            elif request["type"] == "swarm":
+                async with self._replies:
+                    await self._swarm(request, writer)
             else:
                 await write_message(writer, {"type": "error", "kind": "bad_request", "message": "unknown request"})
         except ChannelError as exc:
@@ -126,6 +130,17 @@ class ChatListener:
             watch.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(reply), STOP_GRACE_S)
+
+    async def _swarm(self, request: dict, writer: asyncio.StreamWriter) -> None:
+        """The Swarm pane's report, "alive" meanwhile (a first read starts the client: seconds)."""
+        loop = asyncio.get_running_loop()
+        report = loop.run_in_executor(self._executor, lambda: self._get_engine().swarm(request))
+        while True:
+            done, _ = await asyncio.wait({report}, timeout=ALIVE_EVERY_S)
+            if done:
+                await write_message(writer, report.result())
+                return
+            await write_message(writer, {"type": "alive"})
 
 
 async def _stop_when_told(reader: asyncio.StreamReader, stop: threading.Event) -> None:

@@ -68,3 +68,23 @@ class EngineReply:
 
     async def close(self) -> None:
         await close_writer(self._writer)
+
+
+def ask_engine(address: EngineAddress, request: dict, timeout: float) -> dict:
+    """One request and its one answer (the swarm report), from a worker thread: OSError, ChannelError or
+    TimeoutError when the engine cannot answer."""
+    if not socket_path_is_ours(address.path):
+        raise FileNotFoundError(f"no chat engine at {address.path}")
+
+    async def ask() -> dict:
+        reader, writer = await open_channel(address.path, address.secret)
+        try:
+            await write_message(writer, request)
+            while True:
+                answer = await read_message(reader, READ_TIMEOUT_S)
+                if answer["type"] != "alive":
+                    return answer
+        finally:
+            await close_writer(writer)
+
+    return asyncio.run(asyncio.wait_for(ask(), timeout))
