@@ -13,6 +13,7 @@ from corolla.node.engine_link import ask_engine
 from corolla.node.errors import NodeError, sentence_of
 from corolla.node.hardware import PlanError
 from corolla.node.lazy_imports import engine_imports
+from corolla.node.peer_ids import PeerListError, check_peer_ids
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
 from corolla.swarm.server.stats import ServerStats
 
@@ -148,13 +149,10 @@ class SwarmLinkMixin:
 
     def check_privacy_choice(self, choice: m.PrivacyChoice) -> dict:
         """A chat's choice as stored; HTTP 400 for a malformed or empty peer list."""
-        with engine_imports():
-            from corolla.swarm.client.privacy import PrivacyError, check_peer_ids
-
         if choice.level == "peers":
             try:
                 peers = sorted(check_peer_ids(choice.peers or self.settings.trusted_peers, "list of trusted peers"))
-            except PrivacyError as exc:
+            except PeerListError as exc:
                 raise NodeError(400, str(exc)) from exc
             return {"level": "peers", "peers": peers}
         if choice.peers:
