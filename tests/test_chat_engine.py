@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -90,6 +91,43 @@ def _error_lines(start: str) -> list[bytes]:
     return [
         json.dumps({"type": "error", "kind": "channel", "message": message}, separators=(",", ":")).encode() + b"\n"
     ]
+
+
+def test_the_nodes_peer_id_check_agrees_with_the_clients():
+    """node/peer_ids.py checks chats' peer lists without hivemind (whose package imports torch): the same
+    verdict and sentence as the swarm client's check, on real ids, their mutations and random text."""
+    from corolla.node.peer_ids import PeerListError
+    from corolla.node.peer_ids import check_peer_ids as node_check
+    from corolla.swarm.client.privacy import PrivacyError
+    from corolla.swarm.client.privacy import check_peer_ids as client_check
+
+    rng = random.Random(29)
+    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+    real = ["QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY", "12D3KooWGzBpJ6Xy5Qc4x2dkNHj5bTEGwPFrPmqjYxCrC3Xz8mTt"]
+    cases = [[peer] for peer in real] + [[], ["not-a-peer"], ["/ip4/1.2.3.4/tcp/1/p2p/" + real[0]], [" "], "Qm"]
+    for _ in range(1500):
+        peer = list(rng.choice(real))
+        peer[rng.randrange(len(peer))] = rng.choice(alphabet)
+        cases += [["".join(peer)], ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))]]
+    for case in cases:
+        try:
+            expected = ("ok", client_check(case, "list"))
+        except PrivacyError as exc:
+            expected = ("error", str(exc))
+        try:
+            got = ("ok", node_check(case, "list"))
+        except PeerListError as exc:
+            got = ("error", str(exc))
+        assert got == expected, case
+    assert sum(1 for case in cases if _accepted(node_check, case)) >= 2  # both kinds of real ids pass
+
+
+def _accepted(check, case) -> bool:
+    try:
+        check(case, "list")
+    except ValueError:
+        return False
+    return True
 
 
 # --- real node and server -------------------------------------------------------------------------------
