@@ -33,7 +33,6 @@ class RequestError(ValueError):
 class _Kept:
     def __init__(self, session: Any, system_prompt: str | None, privacy: Any):
         self.session, self.system_prompt, self.privacy = session, system_prompt, privacy
-        self.lock = threading.Lock()
 
 
 class ChatEngine:
@@ -42,33 +41,34 @@ class ChatEngine:
         self.clients.on_new_client = self._on_new_client
         self._sessions: OrderedDict[str, _Kept] = OrderedDict()
         self._lock = threading.Lock()
+        self._chat_locks: dict[str, threading.Lock] = {}  # held while a reply for the chat is written
         self._applied: set[str] = set()  # flags and slow verdicts of the node already given to this client
         self.notes: deque[dict] = deque(maxlen=MAX_NOTES)  # new flags and slow verdicts, for the node's database
 
     # --- one reply -----------------------------------------------------------------------------------
     def answer(self, request: dict, on_text: Callable[[str], None], should_stop: Callable[[], bool]) -> dict:
-        """Generate one reply (in a worker thread); returns the last message: "done" or "error"."""
-        kept = None
+        """Generate one reply (in a worker thread); returns the last message: "done" or "error". One reply
+        per chat at a time: a new one waits a while for the previous one to wind down (a stopped reply
+        ends at its next token)."""
+        kept, lock = None, None
         try:
             chat_id, mode = _text(request, "chat_id"), request.get("mode")
             if mode not in ("send", "continue"):
                 raise RequestError("mode must be send or continue")
+            lock = self._chat_lock(chat_id)
+            if not lock.acquire(timeout=CHAT_BUSY_WAIT_S):
+                lock = None
+                raise RuntimeError("this chat's previous reply is still being written; try again in a moment")
             model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
             self._apply_node_records(model, request)
             privacy = self._privacy(model, request.get("privacy"))
             kept = self._session_for(chat_id, model, request, privacy)
-            if not kept.lock.acquire(timeout=CHAT_BUSY_WAIT_S):
-                kept = None
-                raise RuntimeError("this chat's previous reply is still being written; try again in a moment")
-            try:
-                generate = dict(max_new_tokens=_count(request), stop=_stops(request), on_text=on_text)
-                generate.update(should_stop=should_stop, **self._sampling(request))
-                if mode == "send":
-                    result = kept.session.send(_text(request, "content"), **generate)
-                else:
-                    result = kept.session.continue_reply(**generate)
-            finally:
-                kept.lock.release()
+            generate = dict(max_new_tokens=_count(request), stop=_stops(request), on_text=on_text)
+            generate.update(should_stop=should_stop, **self._sampling(request))
+            if mode == "send":
+                result = kept.session.send(_text(request, "content"), **generate)
+            else:
+                result = kept.session.continue_reply(**generate)
             return {
                 "type": "done",
                 "text": result.text,
@@ -79,12 +79,19 @@ class ChatEngine:
             }
         except Exception as exc:  # told to the node, which keeps what streamed and tells the user
             seen = list(kept.session.last_seen_by) if kept is not None else []
-            if isinstance(request.get("chat_id"), str):
+            if lock is not None:  # this reply's session is not trusted any more (never another reply's)
                 self.forget(request["chat_id"])
             if not isinstance(exc, (NoSwarm, RequestError)):
                 logger.warning("a chat reply failed: %s", exc, exc_info=not isinstance(exc, RuntimeError))
             kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
             return {"type": "error", "kind": kind, "message": str(exc), "seen_by": seen}
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _chat_lock(self, chat_id: str) -> threading.Lock:
+        with self._lock:
+            return self._chat_locks.setdefault(chat_id, threading.Lock())
 
     # --- the Swarm pane's report -------------------------------------------------------------------------
     def swarm(self, request: dict) -> dict:
@@ -112,7 +119,7 @@ class ChatEngine:
             raise RequestError("system_prompt must be text")
         with self._lock:
             kept = self._sessions.get(chat_id)
-            if kept is not None and not kept.lock.locked():
+            if kept is not None:
                 same = kept.session.model is model and kept.privacy == privacy and kept.system_prompt == system_prompt
                 if not (same and kept.session.messages == history):
                     self._sessions.pop(chat_id)
@@ -125,8 +132,9 @@ class ChatEngine:
                 kept = self._sessions[chat_id] = _Kept(session, system_prompt, privacy)
             self._sessions.move_to_end(chat_id)
             for other in list(self._sessions)[: max(len(self._sessions) - MAX_CACHED_SESSIONS, 0)]:
-                if other != chat_id and not self._sessions[other].lock.locked():
-                    self._sessions.pop(other).session.close()
+                lock = self._chat_locks.get(other)
+                if other != chat_id and (lock is None or not lock.locked()):  # never a chat answering now
+                    self._sessions.pop(other).session.close()  # (its lock stays: a few bytes per chat)
             return kept
 
     def forget(self, chat_id: str) -> None:

@@ -137,7 +137,6 @@ class ChatService:
             yield ev.ReplyFailed(kind="no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__, message=str(exc))
             return
         if call is not None:
-            self.engine.used += 1
             self.forget(chat["id"])  # a session this node held for the chat: its servers' cache is freed
             async for event in relay(
                 self.db, call, reply, before, tokens_before, earlier_seen_by, self.engine.on_note, merged_recipients

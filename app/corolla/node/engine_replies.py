@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from corolla.api import events as ev
 from corolla.chat_engine.channel import ChannelError
@@ -28,7 +28,6 @@ class EngineChats:
     # chat -> {"target", "privacy", "flagged", "slow"}: raises NoSwarm when the chat's privacy names nobody
     context: Callable[[dict], dict] = lambda chat: {}
     on_note: Callable[[dict], None] = lambda note: None  # a server flagged or found slow by the engine's client
-    used: int = field(default=0)  # replies written by the engine (tests and the footprint benchmark read it)
 
     def request(
         self, db: Database, chat: dict, request, user: dict | None, content: str | None, reply: dict, continuing: bool
