@@ -63,6 +63,15 @@ class ChatListener:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.to_thread(engine.close), 10.0)
 
+    def drop_client(self) -> None:
+        """The server paused: its chat client and sessions go (closed on a thread, bounded), as the node's
+        own client went when its server paused; the next chat after resuming starts a fresh one. Replies
+        still waiting on the paused server end with an error instead of retrying until it is back."""
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            threading.Thread(target=engine.close, name="corolla-chat-close", daemon=True).start()
+
     def _get_engine(self):
         with self._engine_lock:
             if self._engine is None:

@@ -135,7 +135,7 @@ class BlockServer(SwarmPresenceMixin):
             loop.add_signal_handler(signal.SIGUSR1, self._on_pause, True)
             loop.add_signal_handler(signal.SIGUSR2, self._on_pause, False)
         writer = asyncio.create_task(self._write_stats_forever())
-        chat_listener = await start_chat_listener()  # the node's chats, generated here (chat_engine/)
+        chat_listener = self._chat_listener = await start_chat_listener()  # the node's chats (chat_engine/)
         if self.config.exit_with_parent:
             self._orphan_watch = asyncio.create_task(self._stop_when_orphaned(expected_parent_pid()))
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
@@ -426,6 +426,8 @@ class BlockServer(SwarmPresenceMixin):
     def _on_pause(self, pause: bool) -> None:
         """SIGUSR1 pauses serving while keeping the blocks loaded; SIGUSR2 resumes (the node's Pause)."""
         logger.info("%s", "pausing (the blocks stay loaded)" if pause else "resuming")
+        if pause and getattr(self, "_chat_listener", None) is not None:
+            self._chat_listener.drop_client()  # a chat client must not wait on this paused server
         (self._paused if pause else self._resumed).set()
         (self._resumed if pause else self._paused).clear()
 
