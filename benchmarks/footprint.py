@@ -6,8 +6,10 @@ a real `corolla node` runs with a real window (offscreen) and is measured in thr
 - idle: the node awaiting the user's consent (contributing nothing) with the window open (and its
   request for the hardware and block plan answered);
 - contributing: the node serving every block of the model;
-- chatting: the same, while a chat reply streams through the node's swarm client (it is measured
-  after the first tokens arrived, so the client's model and DHT are up).
+- chatting: the same, while a chat reply streams (the window's chat API, /api/chats; it is measured
+  after the first tokens arrived, so the client's model and DHT are up). While the node contributes,
+  the reply is written in the block server's process (chat_engine/); before that change, by the
+  node's own swarm client.
 
 Each moment lists every process (the window, the node and everything it started: block server,
 hivemind DHT children, p2pd, torch_shm_manager) with its PSS (proportional set size: shared pages
@@ -205,24 +207,21 @@ class Run:
         return self.api.post(f"/api/contribution/{action}").status_code == 200
 
     def stream_chat(self, first_tokens: threading.Event, result: dict) -> None:
-        """A streamed reply through the OpenAI-compatible API; the time per token after the first."""
-        model = self.api.get("/api/status").json()["model"]
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
-            "max_tokens": 120,
-            "temperature": 0,
-            "stream": True,
-        }
-        times = []
-        with self.api.stream("POST", "/v1/chat/completions", json=body) as response:
+        """A streamed reply through the window's chat API (/api/chats: where a contributing node has it
+        written by its block server's process); the time per token after the first."""
+        chat = self.api.post("/api/chats", json={"title": "footprint"}).json()
+        body = {"content": "Tell me a long story about a lighthouse keeper.", "max_new_tokens": 120, "temperature": 0}
+        times, end = [], None
+        with self.api.stream("POST", f"/api/chats/{chat['id']}/messages", json=body) as response:
             for line in response.iter_lines():
-                if line.startswith("data:") and "content" in line:
+                if line == "event: token":
                     times.append(time.perf_counter())
                     if len(times) == 8:
                         first_tokens.set()
+                elif line.startswith("event: ") and line[7:] in ("done", "error"):
+                    end = line[7:]
         first_tokens.set()
-        result["tokens"] = len(times)
+        result["tokens"], result["end"] = len(times), end
         if len(times) > 2:
             result["tokens_per_s"] = round((len(times) - 1) / (times[-1] - times[0]), 2)
 
@@ -341,6 +340,7 @@ def main() -> None:
         if args.before:
             codes = {"before": extract(args.before, Path(tmp)), **codes}
         report: dict = {"targets": TARGETS, "before_ref": args.before, "cpus": os.cpu_count(), "runs": {}}
+        report["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
         for model in args.models.split(","):
             for label, app_dir in codes.items():
                 figures = scenario(app_dir, model, args.smollm2)
@@ -352,6 +352,7 @@ def main() -> None:
                 report.setdefault("chat_speed_alternating", {})[model] = chat_speed(
                     codes, model, args.smollm2, args.speed_rounds
                 )
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report, indent=1))
 
 

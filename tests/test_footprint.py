@@ -62,9 +62,11 @@ def node(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_serving_and_chatting_takes_four_processes_one_p2pd_each_and_no_forked_dht(node):
-    """The node and its block server run their DHTs on a thread: no forked DHT child (a copy of a process
-    that imported torch), no torch_shm_manager; only p2pd next to each. Checked while a reply streams."""
+def test_serving_and_chatting_takes_four_processes_and_the_node_none_of_the_swarm(node):
+    """While the node contributes, a chat's swarm client runs in the block server's process (chat_engine/):
+    the server's p2pd and the client's are its children, the node starts none and loads no torch. DHTs
+    run on threads: no forked DHT child (a copy of a process that imported torch), no torch_shm_manager.
+    Checked while a reply streams."""
     got: dict = {}
     streaming = threading.Event()
 
@@ -89,7 +91,7 @@ def test_serving_and_chatting_takes_four_processes_one_p2pd_each_and_no_forked_d
     kinds = sorted(_kind(p) for p in tree)
     assert kinds == ["node", "p2pd", "p2pd", "server"], describe(tree)
     server = next(p for p in tree if _kind(p) == "server")
-    assert [_kind(p) for p in server.children()] == ["p2pd"], describe(tree)
+    assert [_kind(p) for p in server.children()] == ["p2pd", "p2pd"], describe(tree)
     assert _tokens(got["events"]) > 0
 
 

@@ -5,6 +5,7 @@ same import_gguf the node calls; the self-test converts from scratch in a fresh 
 
 from __future__ import annotations
 
+import psutil
 import pytest
 
 from corolla.testing.node import NodeProcess, sse_events
@@ -23,6 +24,24 @@ def test_status_names_the_model_honestly(node):
     c = status["contribution"]
     assert (c["start_block"], c["end_block"]) == (0, 30)
     assert "converting" not in node.log_path.read_text()  # the folder in the cache was reused
+
+
+def test_a_chat_is_written_by_the_block_server_and_the_node_holds_no_torch(node):
+    """While the node contributes, the chat pane's replies come from its block server's process (issue 29):
+    SmolLM2's real weights answer there, and the node has neither torch nor the model's embeddings. Runs
+    before the OpenAI endpoint's test: that endpoint still answers with the node's own client."""
+    chat = node.post("/api/chats", json={"title": "engine"}).json()
+    with node.client.stream(
+        "POST", f"/api/chats/{chat['id']}/messages", json={"content": QUESTION, "max_new_tokens": 16, "temperature": 0}
+    ) as response:
+        assert response.status_code == 200
+        events = list(sse_events(response))
+    assert events[-1][0] == "done" and "Paris" in events[-1][1]["text"], events[-3:]
+    with open(f"/proc/{node.process.pid}/maps") as maps:
+        assert "libtorch" not in maps.read(), "the node loaded torch: the chat did not go to the block server"
+    server = psutil.Process(node.status()["contribution"]["pid"])
+    assert sum("p2pd" in child.name() for child in server.children()) == 2  # the server's and the chat's
+    assert "Paris" in node.get(f"/api/chats/{chat['id']}").json()["messages"][-1]["content"]
 
 
 def test_openai_chat_completion_answers_paris(node):

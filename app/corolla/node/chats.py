@@ -8,101 +8,30 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from corolla.api import events as ev
 from corolla.api.models import Message
+from corolla.chat_engine.channel import ChannelError
+from corolla.chat_engine.client_host import ClientTarget, NoSwarm, SwarmClientHost
 from corolla.node.db import Database
+from corolla.node.engine_link import EngineReply
+from corolla.node.engine_replies import FINISH_REASON, EngineChats, relay
 from corolla.node.lazy_imports import engine_imports
 
-# Why a finished reply ended, as OpenAI's API says it: the model ended it, or it hit max_new_tokens.
-FINISH_REASON = {"eos": "stop", "stop string": "stop", "length": "length"}
+__all__ = [
+    "FINISH_REASON",
+    "MAX_CACHED_SESSIONS",
+    "ChatService",
+    "ClientTarget",
+    "NoSwarm",
+    "SwarmClientHost",
+    "merged_recipients",
+]
+
 
 logger = logging.getLogger(__name__)
-CONNECT_ATTEMPTS = 3
 MAX_CACHED_SESSIONS = 8
-
-
-class NoSwarm(RuntimeError):
-    """No swarm to chat with (explained to the user, with what to do)."""
-
-
-@dataclass(frozen=True)
-class ClientTarget:
-    model: str
-    dht_prefix: str | None
-    peers: tuple[str, ...]
-    loopback_only: bool
-    local_edge_blocks: int = 0
-
-
-class SwarmClientHost:
-    """One swarm client for the node's current model and peers, created on first use."""
-
-    def __init__(self, target: Callable[[], ClientTarget], token: Callable[[], str | None]):
-        self._target, self._token = target, token
-        self._lock = threading.Lock()
-        self._client = None
-        self._client_target: ClientTarget | None = None
-        self.on_new_client: Callable[[Any], None] | None = None  # e.g. to restore the node's flagged servers
-
-    def get(self):
-        target = self._target()
-        with self._lock:
-            if self._client is not None and self._client_target == target:
-                return self._client
-            self.close()
-            if not target.peers:
-                raise NoSwarm(
-                    "no swarm to reach: start contributing (the private swarm runs on this computer) "
-                    "or choose the public swarm or custom peers in the settings"
-                )
-            # Imported once there is a swarm: torch and the client stay out of a node that has none.
-            with engine_imports():
-                from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
-
-            options = {"use_relay": False, "auto_nat": False} if target.loopback_only else {}
-            for attempt in range(CONNECT_ATTEMPTS):
-                try:
-                    self._client = AutoDistributedModelForCausalLM.from_pretrained(
-                        target.model,
-                        initial_peers=list(target.peers),
-                        dht_prefix=target.dht_prefix,
-                        token=self._token(),
-                        local_edge_blocks=target.local_edge_blocks,
-                        **options,
-                    )
-                    break
-                except Exception as exc:
-                    # p2pd gives up on bootstrap peers it cannot reach quickly (a busy machine, a peer
-                    # that is just starting): try again before reporting the swarm unreachable.
-                    if "bootstrap" not in str(exc):
-                        raise
-                    if attempt + 1 == CONNECT_ATTEMPTS:
-                        raise NoSwarm(
-                            f"None of the swarm's known members answered ({len(target.peers)} address(es) tried; "
-                            f"{str(exc)[:200]}): check that a member's Corolla is contributing, or paste a "
-                            "fresh invite from a member under Settings, Swarm"
-                        ) from exc
-                    logger.warning("connecting to the swarm failed (%s); retrying", exc)
-            self._client_target = target
-            if self.on_new_client is not None:
-                self.on_new_client(self._client)
-            return self._client
-
-    def dht_prefix(self) -> str | None:
-        """The prefix the open client found for the model (None before the first swarm read)."""
-        client = self._client
-        return getattr(client, "dht_prefix", None) if client is not None else None
-
-    def close(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.close()
-            except Exception:
-                logger.warning("closing the swarm client failed", exc_info=True)
-        self._client, self._client_target = None, None
 
 
 class ChatService:
@@ -114,6 +43,8 @@ class ChatService:
         self._locks: dict[str, asyncio.Lock] = {}
         # A chat's stored privacy choice -> the client's Privacy (the node resolves members and local).
         self.privacy_for: Callable[[dict | None], Any] = lambda stored: None
+        # While the node contributes, replies are written in the block server's process (engine_replies.py).
+        self.engine = EngineChats()
 
     def forget(self, chat_id: str) -> None:
         session = self._sessions.pop(chat_id, None)
@@ -198,6 +129,20 @@ class ChatService:
         else:
             reply, before, tokens_before = continuing, continuing["content"], continuing["tokens"]
             self.db.update_message(reply["id"], before, tokens_before, "streaming")
+        earlier_seen_by = (continuing or {}).get("seen_by") or []
+        try:
+            call = await self._engine_call(chat, request, user, content, reply, continuing is not None)
+        except Exception as exc:  # e.g. the chat's privacy names nobody now: as when this node answers
+            self.db.update_message(reply["id"], before, tokens_before, "failed")
+            yield ev.ReplyFailed(kind="no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__, message=str(exc))
+            return
+        if call is not None:
+            self.forget(chat["id"])  # a session this node held for the chat: its servers' cache is freed
+            async for event in relay(
+                self.db, call, reply, before, tokens_before, earlier_seen_by, self.engine.on_note, merged_recipients
+            ):
+                yield event
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -265,6 +210,21 @@ class ChatService:
         finally:
             cancel.set()  # the client went away: stop generating, keep what was written
             await asyncio.shield(worker)
+
+    async def _engine_call(
+        self, chat: dict, request, user: dict | None, content: str | None, reply: dict, continuing: bool
+    ) -> EngineReply | None:
+        """The reply asked of the block server's engine; None when there is none to ask (not contributing)
+        or it cannot be reached: this node then answers with its own client, as before."""
+        address = self.engine.address()
+        if address is None:
+            return None
+        payload = self.engine.request(self.db, chat, request, user, content, reply, continuing)
+        try:
+            return await EngineReply.open(address, payload)
+        except (OSError, ChannelError, TimeoutError) as exc:
+            logger.warning("the block server's chat engine cannot be reached (%s): this node answers itself", exc)
+            return None
 
 
 def merged_recipients(earlier: list[dict], later: list[dict] | None) -> list[dict]:

@@ -76,6 +76,9 @@ class NodeService(ContributionMixin, SwarmLinkMixin, StatusMixin):
         self.chats = ChatService(self.db, SwarmClientHost(self._client_target, lambda: self.secrets.get("hf_token")))
         self.chats.clients.on_new_client = self._restore_flagged_servers
         self.chats.privacy_for = self.privacy_for
+        self.chats.engine.address = self.supervisor.chat_engine
+        self.chats.engine.context = self.engine_context
+        self.chats.engine.on_note = self.record_engine_note
         self._last_stats: ServerStats | None = None
         self._paused_by_policy = False
         self._pause_rule: m.PauseRule | None = None

@@ -14,7 +14,6 @@ from pathlib import Path
 import psutil
 
 from corolla.api import models as m
-from corolla.node.lazy_imports import engine_imports
 
 KEPT_PORT_WAIT_S = 3.0
 PORT_RANGE = (31330, 31999)  # below the usual ephemeral range, so an outgoing connection rarely takes it
@@ -30,6 +29,26 @@ def _free(port: int, host: str) -> bool:
     return True
 
 
+def new_identity() -> bytes:
+    """A new libp2p private key as hivemind's P2P.generate_identity writes it (an RSA-2048 key, DER, in
+    libp2p's PrivateKey message: key_type RSA = 0, then the key), written here without importing
+    hivemind, whose package imports torch (README, Footprint: a node that contributes holds no torch)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    length, size = bytearray(), len(der)
+    while True:  # the length as a protobuf varint
+        length.append((size & 0x7F) | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            break
+    return b"\x08\x00\x12" + bytes(length) + der
+
+
 class SwarmAddress:
     """The swarm peer's key file (mode 0600) and its port, both kept across restarts."""
 
@@ -40,11 +59,8 @@ class SwarmAddress:
     def identity(self) -> Path:
         """The key file, written once (hivemind's format) and readable by this user only."""
         if not self.identity_path.is_file():
-            with engine_imports():
-                from hivemind.p2p import P2P  # only the first time: the key is then kept
-
             self.identity_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            P2P.generate_identity(str(self.identity_path))
+            self.identity_path.write_bytes(new_identity())
         if self.identity_path.stat().st_mode & 0o777 != 0o600:
             os.chmod(self.identity_path, 0o600)
         return self.identity_path

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import psutil
 
+from corolla.chat_engine.channel import SECRET_ENV, SOCKET_ENV, new_secret
 from corolla.executable import corolla_command
+from corolla.node.engine_link import EngineAddress
 from corolla.swarm.server.stats import PARENT_PID_ENV, ServerStats, read_stats
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class ServerSupervisor:
         self.next_start_at: float | None = None
         self.started_at = 0.0
         self.pid_path = workdir / "server.pid"
+        # The server's chat engine (chat_engine/): its socket, and a secret new for each server run.
+        self.chat_socket = workdir / "chat.sock"
+        self._chat_secret = new_secret()
         self._tree: list[psutil.Process] = []  # the server and what it started (p2pd, probe daemons)
         self.closed = False  # the node is shutting down: nothing may start a server any more
         self.keeping_model = False  # paused with the blocks loaded (the server runs, OFFLINE)
@@ -129,6 +134,12 @@ class ServerSupervisor:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def chat_engine(self) -> EngineAddress | None:
+        """Where the server writes the node's chats: while it serves (online, not paused), else None."""
+        if not self.running or self.keeping_model or self.state != "online":
+            return None
+        return EngineAddress(str(self.chat_socket), self._chat_secret)
+
     # --- status ------------------------------------------------------------------------------------
     def poll(self) -> SupervisorStatus:
         now = time.monotonic()
@@ -181,6 +192,8 @@ class ServerSupervisor:
         self.stats_path.unlink(missing_ok=True)
         self._rotate_log()
         command = corolla_command("serve", *self.args, "--stats-file", str(self.stats_path), "--exit-with-parent")
+        self._chat_secret = new_secret()
+        chat = {SOCKET_ENV: str(self.chat_socket), SECRET_ENV: self._chat_secret}
         log = open(self.log_path, "ab")  # noqa: SIM115  (the child owns it; appends, so the log can be cut)
         self.process = subprocess.Popen(
             command,
@@ -189,7 +202,7 @@ class ServerSupervisor:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             # The server watches this pid: a node that dies before the server's watch begins is still noticed.
-            env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()), **chat},
         )
         log.close()
         self._tree = []

@@ -7,14 +7,22 @@ from __future__ import annotations
 import logging
 
 from corolla.api import models as m
+from corolla.chat_engine.channel import ChannelError
 from corolla.node.chats import ClientTarget, NoSwarm
+from corolla.node.engine_link import ask_engine
 from corolla.node.errors import NodeError, sentence_of
 from corolla.node.hardware import PlanError
 from corolla.node.lazy_imports import engine_imports
+from corolla.node.peer_ids import PeerListError, check_peer_ids
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
 from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)
+SWARM_READ_TIMEOUT_S = 90.0  # the window waits as long for its swarm request
+NO_MEMBERS = (
+    "privacy is 'members of my swarms', but this node is in no private swarm: create one (contribute "
+    "in the private swarm) or join one with an invite, or choose another privacy level for this chat"
+)
 
 
 class SwarmLinkMixin:
@@ -83,26 +91,28 @@ class SwarmLinkMixin:
             raise error from exc
 
     def swarm_health(self) -> list[dict]:
+        """The Swarm pane's report (chat_engine/swarm_report.py): read by the block server's engine while the
+        node contributes (the window asks every few seconds: the node's own client would bring torch and
+        the model's embeddings into the node), else by the node's own client."""
+        own = _own_peer_id(self.supervisor.poll().stats)
+        flagged, slow = self.db.flagged_servers(), self.db.slow_servers()
+        address = self.supervisor.chat_engine()
+        if address is not None:
+            request = {"type": "swarm", "target": self._client_target().to_dict(), "own": own}
+            request.update(flagged=flagged, slow=list(slow.values()))
+            try:
+                answer = ask_engine(address, request, timeout=SWARM_READ_TIMEOUT_S)
+            except (OSError, ChannelError, TimeoutError) as exc:
+                logger.warning("the block server's engine cannot read the swarm (%s): this node reads it", exc)
+            else:
+                if answer["type"] == "error":
+                    raise _engine_error(answer)
+                return answer["models"]
         model = self.call_swarm(self.chats.clients.get)
         with engine_imports():
-            from corolla.swarm.client.health import read_swarm_health  # after: no swarm, no torch (Footprint)
+            from corolla.chat_engine.swarm_report import swarm_report  # after: no swarm, no torch (Footprint)
 
-        extra = {model.dht_prefix: model.view.num_blocks}
-        models = model.run_async(read_swarm_health(model.dht, model.view.p2p, extra), timeout=60)
-        own = _own_peer_id(self.supervisor.poll().stats)
-        route = self._current_route(model)
-        flagged = self.db.flagged_servers()
-        slow = self.db.slow_servers()
-        result = []
-        for health in models:
-            data = health.to_dict()
-            data["route"] = route if health.dht_prefix == model.dht_prefix else []
-            for server in data["servers"]:
-                server["this_computer"] = server["peer_id"] == own
-                server["verification"] = self._verification(model, server, data["servers"], flagged)
-                server["speed"] = self._speed(model, server, slow)
-            result.append(data)
-        return result
+        return swarm_report(model, own, flagged, slow)
 
     def _restore_flagged_servers(self, model) -> None:
         """A new swarm client starts with the node's flagged servers blocked, and records new flags here."""
@@ -119,39 +129,6 @@ class SwarmLinkMixin:
         for evidence in self.db.slow_servers().values():
             speed.mark_slow(evidence)
         speed.on_slow.append(self.db.note_slow_server)
-
-    def _verification(self, model, server: dict, servers: list[dict], flagged: dict[str, dict]) -> dict:
-        """verified | unverified | flagged, with the number of checks passed and the evidence of a flag."""
-        with engine_imports():
-            from corolla.swarm.client.verification import ledger_of
-
-        ledger = ledger_of(model.view)
-        peer = server["peer_id"]
-        evidence = ledger.flagged.get(peer) or flagged.get(peer)
-        start, end = server["start_block"], server["end_block"]
-        second = any(
-            other["peer_id"] != peer and other["start_block"] <= start and other["end_block"] >= end
-            for other in servers
-        )
-        if evidence is not None:
-            state = "flagged"
-        elif second and ledger.checks[peer]:
-            state = "verified"
-        else:
-            state = "unverified"
-        return {"state": state, "checks": int(ledger.checks[peer]), "evidence": evidence}
-
-    @staticmethod
-    def _speed(model, server: dict, slow: dict[str, dict]) -> dict:
-        """slow | measured | unmeasured: this client's step times of the server against its announcement,
-        with the evidence of a slow verdict (this session's, else the node's record)."""
-        with engine_imports():
-            from corolla.swarm.client.speed import speed_of
-
-        summary = speed_of(model.view).summary(server["peer_id"])
-        if summary["evidence"] is None and server["peer_id"] in slow:
-            summary.update(state="slow", evidence=slow[server["peer_id"]])
-        return summary
 
     def check_server(self, peer_id: str) -> dict | None:
         """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing."""
@@ -172,13 +149,10 @@ class SwarmLinkMixin:
 
     def check_privacy_choice(self, choice: m.PrivacyChoice) -> dict:
         """A chat's choice as stored; HTTP 400 for a malformed or empty peer list."""
-        with engine_imports():
-            from corolla.swarm.client.privacy import PrivacyError, check_peer_ids
-
         if choice.level == "peers":
             try:
                 peers = sorted(check_peer_ids(choice.peers or self.settings.trusted_peers, "list of trusted peers"))
-            except PrivacyError as exc:
+            except PeerListError as exc:
                 raise NodeError(400, str(exc)) from exc
             return {"level": "peers", "peers": peers}
         if choice.peers:
@@ -191,19 +165,17 @@ class SwarmLinkMixin:
         peer = stats.peer_id if stats is not None and stats.state == "online" else None
         return {peer} if peer else set()
 
-    def privacy_for(self, stored: dict | None):
-        """The swarm client's Privacy for a chat's stored choice (None: the default_privacy setting).
-        "local" is this computer's server; "members" adds the servers of the swarms this node joined by
-        invite and, in its own private swarm (reached only through its invite or the LAN), every server
-        in it. Raises NoSwarm (HTTP 409) when the choice names nobody now."""
-        with engine_imports():
-            from corolla.swarm.client.privacy import Privacy
-
+    def privacy_spec(self, stored: dict | None) -> dict:
+        """A chat's stored choice (None: the default_privacy setting) resolved to peer ids, without the
+        swarm client: {"level", "peers", "with_swarm_servers"}. "local" is this computer's server;
+        "members" adds the servers of the swarms this node joined by invite and, in its own private swarm
+        (reached only through its invite or the LAN), every server in it (`with_swarm_servers`: the client
+        adds those it sees). Raises NoSwarm (HTTP 409) when the choice names nobody now."""
         level = (stored or {}).get("level") or self.settings.default_privacy
         if level == "any":
-            return Privacy()
+            return {"level": "any", "peers": None}
         if level == "peers":
-            return Privacy.only((stored or {}).get("peers") or self.settings.trusted_peers)
+            return {"level": "peers", "peers": list((stored or {}).get("peers") or self.settings.trusted_peers)}
         own = self.own_peer_ids()
         if level == "local":
             if not own:
@@ -211,28 +183,43 @@ class SwarmLinkMixin:
                     "privacy is 'this computer only', but this computer serves no blocks now: start contributing "
                     "(it must serve the whole model), or choose another privacy level for this chat"
                 )
-            return Privacy.local(own)
+            return {"level": "local", "peers": sorted(own)}
         members = own | set(self.settings.swarm_members)
-        if self.settings.swarm == "private":
+        in_own_swarm = self.settings.swarm == "private"
+        if not members and not in_own_swarm:
+            raise NoSwarm(NO_MEMBERS)
+        return {"level": "members", "peers": sorted(members), "with_swarm_servers": in_own_swarm}
+
+    def privacy_for(self, stored: dict | None):
+        """The swarm client's Privacy for a chat's stored choice (privacy_spec), for this node's own client."""
+        with engine_imports():
+            from corolla.swarm.client.privacy import Privacy, as_privacy
+
+        spec = self.privacy_spec(stored)
+        if spec.pop("with_swarm_servers", False):
             model = self.chats.clients.get()
             model.run_async(model.view.refresh_if_stale(), timeout=30)
-            members |= set(model.view.spans)
-        if not members:
-            raise NoSwarm(
-                "privacy is 'members of my swarms', but this node is in no private swarm: create one (contribute "
-                "in the private swarm) or join one with an invite, or choose another privacy level for this chat"
-            )
-        return Privacy.members(members)
+            spec["peers"] = sorted({*spec["peers"], *model.view.spans})
+            if not spec["peers"]:
+                raise NoSwarm(NO_MEMBERS)
+        return Privacy() if spec["level"] == "any" else as_privacy(spec)
 
-    @staticmethod
-    def _current_route(model) -> list[dict]:
-        """The chain of servers a new chat session would take now (the map draws it); [] if none."""
-        try:
-            model.run_async(model.view.refresh_if_stale(), timeout=30)
-            segments = model.view.route(0, model.view.num_blocks)
-        except Exception:  # no complete route: the map shows the gap instead
-            return []
-        return [{"peer_id": s.peer_id, "start": s.start, "end": s.end} for s in segments]
+    def engine_context(self, chat: dict) -> dict:
+        """What the block server's chat engine needs besides the chat: the client's target, the chat's
+        privacy resolved, and the servers this node has flagged or found slow (engine_replies.py)."""
+        return {
+            "target": self._client_target().to_dict(),
+            "privacy": self.privacy_spec(chat.get("privacy")),
+            "flagged": self.db.flagged_servers(),
+            "slow": list(self.db.slow_servers().values()),
+        }
+
+    def record_engine_note(self, note: dict) -> None:
+        """A server the engine's client flagged or found slow: kept, as this node's own client does."""
+        if note["type"] == "flag" and isinstance(note["evidence"].get("peer_id"), str):
+            self.db.flag_server(note["evidence"])
+        elif note["type"] == "slow" and isinstance(note["evidence"].get("peer_id"), str):
+            self.db.note_slow_server(note["evidence"])
 
 
 def _as_node_error(exc: Exception) -> NodeError | None:
@@ -266,6 +253,18 @@ def _as_node_error(exc: Exception) -> NodeError | None:
             "Corolla is contributing, or paste a fresh invite from a member under Settings, Swarm.",
         )
     return None
+
+
+def _engine_error(answer: dict) -> NodeError:
+    """The NodeError for the engine's failed swarm read, as _as_node_error sorts the node's own failures."""
+    kind, message = str(answer.get("kind")), str(answer.get("message"))
+    if kind == "no_swarm":
+        return NodeError(409, message)
+    if kind in ("PrivacyError", "LocalEdgesError", "EngineError", "PlanError", "RequestError"):
+        return NodeError(400, message)
+    if kind == "PeerStartError":
+        return NodeError(503, f"This computer cannot reach the swarm: {message}")
+    return NodeError(503, message)
 
 
 def _own_peer_id(stats: ServerStats | None) -> str | None:

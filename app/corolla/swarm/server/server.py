@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from corolla.chat_engine.listener import start_from_env as start_chat_listener
 from corolla.swarm import protocol, steptrace
 from corolla.swarm.dht_records import compute_spans, get_module_infos
 from corolla.swarm.models import LoadOptions, load_span, open_checkpoint, resolve_dht_prefix
@@ -134,6 +135,7 @@ class BlockServer(SwarmPresenceMixin):
             loop.add_signal_handler(signal.SIGUSR1, self._on_pause, True)
             loop.add_signal_handler(signal.SIGUSR2, self._on_pause, False)
         writer = asyncio.create_task(self._write_stats_forever())
+        chat_listener = self._chat_listener = await start_chat_listener()  # the node's chats (chat_engine/)
         if self.config.exit_with_parent:
             self._orphan_watch = asyncio.create_task(self._stop_when_orphaned(expected_parent_pid()))
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
@@ -161,6 +163,8 @@ class BlockServer(SwarmPresenceMixin):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.reachability_service.detach(), timeout=DETACH_TIMEOUT_S)
             executor.shutdown(wait=False)
+            if chat_listener is not None:
+                await chat_listener.close()
             self._set_state("offline", "stopped")
             self._write_stats()
 
@@ -422,6 +426,8 @@ class BlockServer(SwarmPresenceMixin):
     def _on_pause(self, pause: bool) -> None:
         """SIGUSR1 pauses serving while keeping the blocks loaded; SIGUSR2 resumes (the node's Pause)."""
         logger.info("%s", "pausing (the blocks stay loaded)" if pause else "resuming")
+        if pause and getattr(self, "_chat_listener", None) is not None:
+            self._chat_listener.drop_client()  # a chat client must not wait on this paused server
         (self._paused if pause else self._resumed).set()
         (self._resumed if pause else self._paused).clear()
 
