@@ -252,3 +252,23 @@ def test_a_server_killed_mid_reply_ends_it_with_a_clear_error_and_the_next_chat_
     after = _stream(node, chat["id"], "once more", 4)
     assert after[-1][0] == "done" and _tokens(after)
     assert not _maps_torch(node.process.pid)
+
+
+@pytest.mark.slow
+def test_a_server_that_cannot_listen_leaves_the_chats_to_the_nodes_own_client(tmp_path):
+    """Where the engine has no channel (no Unix sockets, as on Windows, or a path it cannot bind), the
+    node chats with its own swarm client, as it did before the engine: slower to start, same reply."""
+    home = tmp_path / "home"
+    make_tiny_model("llama", home / "data" / "demo-model", num_layers=TINY_LAYERS, dht_prefix=TINY_PREFIX)
+    (home / "data" / "server" / "chat.sock").mkdir(parents=True)  # the socket's path is taken: bind fails
+    node = NodeProcess(home, name="no-engine-node")
+    try:
+        node.wait_contribution("online")
+        chat = node.post("/api/chats", json={"title": "no engine"}).json()
+        events = _stream(node, chat["id"], "hello", 8)
+        assert events[-1][0] == "done" and _tokens(events), events[-3:]
+        assert _messages(node, chat["id"])[-1]["status"] == "complete"
+        assert "chat engine cannot listen" in _server_log(node)
+        assert _maps_torch(node.process.pid), "the reply came from the node's own client"
+    finally:
+        node.stop()

@@ -173,7 +173,7 @@ async def start_from_env() -> ChatListener | None:
     listener = ChatListener(path, secret)
     try:
         await listener.start()
-    except OSError as exc:
+    except (OSError, NotImplementedError) as exc:  # e.g. a path over AF_UNIX's ~104 bytes, or no Unix sockets
         logger.warning("the chat engine cannot listen on %s: %s", path, exc)
         return None
     return listener

@@ -7,7 +7,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from corolla.chat_engine.channel import SECRET_ENV, SOCKET_ENV, new_secret
 from corolla.executable import corolla_command
 from corolla.node.engine_link import EngineAddress
 from corolla.swarm.server.stats import PARENT_PID_ENV, ServerStats, read_stats
+
+ENGINE_SOCKETS = hasattr(socket, "AF_UNIX") and sys.platform != "win32"  # the chat engine's channel (Unix socket)
 
 logger = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
@@ -136,7 +140,7 @@ class ServerSupervisor:
 
     def chat_engine(self) -> EngineAddress | None:
         """Where the server writes the node's chats: while it serves (online, not paused), else None."""
-        if not self.running or self.keeping_model or self.state != "online":
+        if not ENGINE_SOCKETS or not self.running or self.keeping_model or self.state != "online":
             return None
         return EngineAddress(str(self.chat_socket), self._chat_secret)
 
@@ -193,7 +197,8 @@ class ServerSupervisor:
         self._rotate_log()
         command = corolla_command("serve", *self.args, "--stats-file", str(self.stats_path), "--exit-with-parent")
         self._chat_secret = new_secret()
-        chat = {SOCKET_ENV: str(self.chat_socket), SECRET_ENV: self._chat_secret}
+        # Where asyncio has no Unix sockets (Windows), the node chats with its own client, as before.
+        chat = {SOCKET_ENV: str(self.chat_socket), SECRET_ENV: self._chat_secret} if ENGINE_SOCKETS else {}
         log = open(self.log_path, "ab")  # noqa: SIM115  (the child owns it; appends, so the log can be cut)
         self.process = subprocess.Popen(
             command,
