@@ -135,7 +135,8 @@ def test_inline_steps_run_under_the_faster_thread_count_and_try_the_other_now_an
     for _ in range(SAMPLES):  # one thread got slower (a bigger model, a busier machine): back to all
         threads.record(1, 3.0)
     assert threads.best() == 4
-    assert StepThreads(1).options == (1,)
+    single = StepThreads(1)
+    assert single.options == (1,) and {single.choose() for _ in range(2 * PROBE_EVERY)} == {1}
 
 
 def test_an_inline_step_leaves_the_servers_thread_count_as_it_was_also_when_it_fails():

@@ -164,8 +164,9 @@ class ServerStream:
         ]
         if extras.mask is not None:
             tensors.append(serialize_torch_tensor(extras.mask))
-        self._write(runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata.pack()))
-        steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])
+        request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata.pack())
+        steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])  # the write is the leg's
+        self._write(request)
         self._stepped = True
 
     async def read(self, inputs: torch.Tensor, step_id: str, timeout: float | None) -> torch.Tensor:

@@ -34,18 +34,25 @@ class StepThreads:
         self.options = (threads, 1) if threads > 1 else (threads,)
         self._ms: dict[int, deque[float]] = {n: deque(maxlen=SAMPLES) for n in self.options}
         self._steps = 0
+        self._best: int | None = None  # cached between probes: the choice is made on the step's path
 
     def choose(self) -> int:
         """The thread count for the next step: each choice until it has its samples, then the faster,
         with the other tried every PROBE_EVERY steps."""
+        if len(self.options) == 1:
+            return self.threads
         self._steps += 1
-        for option in self.options:
-            if len(self._ms[option]) < SAMPLES:
-                return option
-        best = self.best()
-        if self._steps % PROBE_EVERY == 0:
-            return next(option for option in self.options if option != best) if len(self.options) > 1 else best
-        return best
+        if self._best is None:
+            for option in self.options:
+                if len(self._ms[option]) < SAMPLES:
+                    return option
+            self._best = self.best()
+        phase = self._steps % PROBE_EVERY
+        if phase == 0:
+            return next(option for option in self.options if option != self._best)
+        if phase == 1:  # the probe's time is in: decide again
+            self._best = self.best()
+        return self._best
 
     def best(self) -> int:
         """The faster choice so far (the server's own count until both are measured)."""
@@ -58,6 +65,8 @@ class StepThreads:
 
     def run(self, fn: Callable[[], T]) -> T:
         """`fn()` under the chosen thread count; the server's own count is back when it returns."""
+        if len(self.options) == 1:
+            return fn()  # one thread already: nothing to choose
         threads = self.choose()
         if threads != self.threads:
             torch.set_num_threads(threads)
