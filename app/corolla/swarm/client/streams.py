@@ -6,6 +6,7 @@ server's cache: what sessions (session.py), their failover (failover.py) and spo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,7 +212,8 @@ class ServerStream:
         except Exception:
             pass  # the stream's end (IncompleteReadError), or a stream that breaks or stalls: all the same here
         finally:
-            writer.close()
+            with contextlib.suppress(Exception):  # a close still pending when its loop ended: nothing to close
+                writer.close()
 
 
 def server_refusal(exc: BaseException) -> str | None:
