@@ -20,12 +20,33 @@ from hivemind.proto.p2pd_pb2 import RPCError
 _installed = False
 
 
-async def send_protobuf(protobuf, writer: asyncio.StreamWriter) -> None:
-    """hivemind's framing (marker, big-endian 8-byte length, body) handed to the socket at once."""
+def frame(protobuf) -> bytes:
+    """hivemind's framing of one stream message: marker, big-endian 8-byte length, body."""
     marker = P2P.ERROR_MARKER if isinstance(protobuf, RPCError) else P2P.MESSAGE_MARKER
     body = protobuf.SerializeToString()
-    writer.write(b"".join((marker, len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER), body)))
+    return b"".join((marker, len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER), body))
+
+
+async def send_protobuf(protobuf, writer: asyncio.StreamWriter) -> None:
+    """hivemind's framing handed to the socket at once."""
+    writer.write(frame(protobuf))
     await writer.drain()
+
+
+async def receive_protobuf(message_type: type, reader: asyncio.StreamReader) -> tuple:
+    """hivemind's `P2P.receive_protobuf` in two reads (header, body): (message, None), or (None, the
+    peer's RPCError). IncompleteReadError when the stream ends."""
+    header = await reader.readexactly(1 + P2P.HEADER_LEN)
+    body = await reader.readexactly(int.from_bytes(header[1:], P2P.BYTEORDER))
+    if header[:1] == P2P.MESSAGE_MARKER:
+        message = message_type()
+        message.ParseFromString(body)
+        return message, None
+    if header[:1] == P2P.ERROR_MARKER:
+        error = RPCError()
+        error.ParseFromString(body)
+        return None, error
+    raise TypeError("Invalid Protobuf message type")
 
 
 def install() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
@@ -26,6 +27,7 @@ MASKED_ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {"attention_mask": b"__T3"
 _DUMMY = serialize_torch_tensor(torch.zeros(0))
 _DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
 CLOSE_TIMEOUT = 5.0
+_HANDLE = f"{protocol.HANDLER_CLASS_NAME}.rpc_inference"  # what hivemind's stub names the RPC
 
 
 class ServerFailure(RuntimeError):
@@ -53,8 +55,10 @@ class ServerStream:
     max_length: int
     adapter: str | None = None
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    _outbox: asyncio.Queue | None = None
-    _responses: object | None = None
+    # The stream itself: each message is written to p2pd as it is sent (no queue, no writer task) and
+    # each reply read straight from the socket; hivemind's framing, so stock servers see no difference.
+    _reader: asyncio.StreamReader | None = None
+    _writer: asyncio.StreamWriter | None = None
     _stepped: bool = False
     _unread_replies: int = 0  # replies to register() still to be read before the next step's
     corolla: bool = False  # a Corolla server (announces corolla_version): reads next_servers in any step
@@ -93,24 +97,20 @@ class ServerStream:
         return self._kept
 
     async def open(self, view: SwarmView, timeout: float) -> None:
-        self._outbox = outbox = asyncio.Queue()
+        view.stub(self.segment.peer_id)  # refuses a peer outside the privacy policy
+        peer = PeerID.from_base58(self.segment.peer_id)
+        opening = view.p2p.call_binary_stream_handler(peer, _HANDLE)
+        _, self._reader, self._writer = await asyncio.wait_for(opening, timeout)
 
-        async def requests():
-            while True:  # its own reference: close() drops self._outbox while this may still run
-                request = await outbox.get()
-                if request is None:
-                    return
-                yield request
-
-        stub = view.stub(self.segment.peer_id)  # refuses a peer outside the privacy policy
-        self._responses = await asyncio.wait_for(stub.rpc_inference(requests()), timeout)
+    def _write(self, request: runtime_pb2.ExpertRequest) -> None:
+        self._writer.write(wire.frame(request))
 
     def register(self, batch: int, hidden_size: int) -> None:
         """Open the session at the server with an empty step (max_length, no tokens) without waiting for
         its reply, so the route's first real step can already be pushed into it (a server takes pushes
         only into sessions it knows). Corolla servers only: what a stock server makes of an empty first
         step is not part of the protocol."""
-        if self._outbox is None or self._stepped:
+        if self._writer is None or self._stepped:
             return
         empty = torch.zeros(batch, 0, hidden_size)
         metadata = StepMetadata(
@@ -123,7 +123,7 @@ class ServerStream:
         )
         uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
         tensors = [serialize_torch_tensor(empty), _DUMMY, _DUMMY_IDS]
-        self._outbox.put_nowait(runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata.pack()))
+        self._write(runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata.pack()))
         self._stepped = True
         self._unread_replies += 1
 
@@ -140,7 +140,7 @@ class ServerStream:
         return await self.read(inputs, step_id, timeout)
 
     def send(self, inputs: torch.Tensor, step_id: str, position: int, extras: StepExtras | None = None) -> None:
-        if self._outbox is None:
+        if self._writer is None:
             raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
         uid = protocol.chain_uids(self.dht_prefix, self.segment.start, self.segment.end)
         extras = extras or StepExtras()
@@ -166,43 +166,54 @@ class ServerStream:
         if extras.mask is not None:
             tensors.append(serialize_torch_tensor(extras.mask))
         request = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=metadata.pack())
-        self._outbox.put_nowait(request)
-        steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])
+        steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])  # the write is the leg's
+        self._write(request)
         self._stepped = True
 
     async def read(self, inputs: torch.Tensor, step_id: str, timeout: float | None) -> torch.Tensor:
         """The server's reply to the step just sent (`timeout` None: the caller bounds the wait)."""
-        try:
-            async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
-                while self._unread_replies:  # register()'s reply came long ago; it carries nothing
-                    await anext(self._responses)
-                    self._unread_replies -= 1
-                response = await anext(self._responses)
-        except StopAsyncIteration as exc:
-            raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
+        if self._reader is None:
+            raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
+        async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
+            await self._writer.drain()  # a long replay: wait until p2pd took it (a token step never waits)
+            while self._unread_replies:  # register()'s reply came long ago; it carries nothing
+                await self._next_reply()
+                self._unread_replies -= 1
+            response = await self._next_reply()
         steptrace.mark("client_reply", step=step_id, server=self.segment.peer_id[-6:])
         output = deserialize_torch_tensor(response.tensors[0])
         if output.shape != inputs.shape:
             raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")
         return output
 
+    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
+        try:
+            response, error = await wire.receive_protobuf(runtime_pb2.ExpertResponse, self._reader)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
+        if error is not None:  # hivemind's wording: server_refusal() reads the server's text from it
+            raise P2PHandlerError(f"Failed to call handler `{_HANDLE}` at {self.segment.peer_id}: {error.message}")
+        return response
+
     async def close(self) -> None:
-        if self._outbox is None:
+        if self._writer is None:
             return
-        if self._stepped:
-            self._outbox.put_nowait(runtime_pb2.ExpertRequest())  # the empty request closes the session
-        self._outbox.put_nowait(None)
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
         try:
             # A server that never closes its side must not hold the client (or a node's thread) forever.
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                async for _ in self._responses:
-                    pass
+                if self._stepped:
+                    writer.write(wire.frame(runtime_pb2.ExpertRequest()))  # the empty request closes the session
+                writer.write(wire.frame(P2P.END_OF_STREAM))
+                await writer.drain()
+                while True:  # the server's last replies, until it ends the stream
+                    await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader)
         except Exception:
-            pass  # a stream that breaks or stalls while closing changes nothing
+            pass  # the stream's end (IncompleteReadError), or a stream that breaks or stalls: all the same here
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._responses.aclose(), CLOSE_TIMEOUT)
-        self._outbox = None
+            with contextlib.suppress(Exception):  # a close still pending when its loop ended: nothing to close
+                writer.close()
 
 
 def server_refusal(exc: BaseException) -> str | None:

@@ -51,6 +51,7 @@ from corolla.swarm.server.push import PushMixin
 from corolla.swarm.server.refusals import RefusalBudget, RefusalLog, held_cap
 from corolla.swarm.server.stats import ServerStats
 from corolla.swarm.server.step_batcher import StepBatcher
+from corolla.swarm.server.step_threads import StepThreads
 from corolla.swarm.server.streams import StreamLimits, add_stream_handler
 from corolla.swarm.server.training import TrainingMixin
 
@@ -120,6 +121,7 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
         self._traced = steptrace.enabled()
         self._last_compute = (0.0, 0.0)  # the last token step's compute stamps, for steptrace
         self._last_inline = False
+        self.step_threads = StepThreads(torch.get_num_threads())  # for the steps run inline (step_threads.py)
 
     async def attach(self, p2p: P2P) -> None:
         self.p2p = p2p
@@ -192,7 +194,7 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
 
         try:
             if inline:
-                return timed()
+                return self.step_threads.run(timed)
             return await self.compute_queue.run(timed, priority)
         except EngineError as exc:
             raise BadRequest(str(exc)) from exc

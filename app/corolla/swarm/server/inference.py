@@ -40,49 +40,79 @@ class OpenSession:
 
     owner: PeerID
     chain: str
-    pushes: asyncio.Queue  # (request, its StepMetadata), decoded once by rpc_push
+    # The session's inbox: pushed steps as (request, its StepMetadata), decoded once by rpc_push, and
+    # the client's own messages (SessionInputs puts them there).
+    pushes: asyncio.Queue
     pusher: PeerID | None = None
     reserving: bool = True
 
 
+class _FromClient:
+    """A message of the client's own stream in a session's inbox (pushes sit there as (request, metadata))."""
+
+    __slots__ = ("metadata", "request")
+
+    def __init__(self, request: runtime_pb2.ExpertRequest, metadata: StepMetadata):
+        self.request, self.metadata = request, metadata
+
+
+_CLIENT_DONE = object()
+
+
 class SessionInputs:
     """The next message of an inference session, with its decoded metadata: from the client's stream
-    or a server's push."""
+    or a server's push.
+
+    Both arrive in one inbox (the session's push queue): one task per session moves the client's
+    messages there, so a token step costs a queue hand-off instead of two new tasks and an
+    asyncio.wait of both sources."""
 
     def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], pushes: asyncio.Queue):
-        self._requests, self._pushes = requests, pushes
-        self._read: asyncio.Future | None = None
+        self._requests, self._inbox = requests, pushes
+        self._reader: asyncio.Task | None = None
         self.client_done = False
         self.last_was_pushed = False
+
+    async def _read_client(self) -> None:
+        try:
+            async for request in self._requests:
+                try:
+                    item: object = _FromClient(request, read_step(request.metadata))
+                except BadRequest as exc:
+                    item = exc
+                await self._inbox.put(item)
+                if isinstance(item, BaseException):
+                    return
+        except Exception as exc:  # the stream broke: the session learns it at its next read
+            await self._inbox.put(exc)
+            return
+        await self._inbox.put(_CLIENT_DONE)
 
     async def next(self, timeout: float) -> tuple[runtime_pb2.ExpertRequest, StepMetadata] | None:
         """None when the client ended its stream or nothing came within `timeout`; BadRequest for a
         client's message whose metadata is refused."""
-        if self._read is None and not self.client_done:
-            self._read = asyncio.ensure_future(anext(self._requests))
-        waiters = {self._read} if self._read is not None else set()
-        push = asyncio.ensure_future(self._pushes.get())
+        if self._reader is None and not self.client_done:
+            self._reader = asyncio.get_running_loop().create_task(self._read_client())
         try:
-            done, _ = await asyncio.wait(waiters | {push}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:  # no waiter left on the queue: not after a step that came from the client, nor a teardown
-            if not push.done():
-                push.cancel()
-        self.last_was_pushed = push in done
-        if push in done:
-            return push.result()
-        if self._read in done:
-            read, self._read = self._read, None
-            try:
-                request = read.result()
-            except StopAsyncIteration:
-                self.client_done = True
-                return None
-            return request, read_step(request.metadata)
-        return None
+            async with asyncio.timeout(timeout):
+                item = await self._inbox.get()
+        except TimeoutError:
+            return None
+        if isinstance(item, _FromClient):
+            self.last_was_pushed = False
+            return item.request, item.metadata
+        if item is _CLIENT_DONE:
+            self.client_done, self.last_was_pushed = True, False
+            return None
+        if isinstance(item, BaseException):
+            self.client_done, self.last_was_pushed = True, False
+            raise item
+        self.last_was_pushed = True
+        return item
 
     def close(self) -> None:
-        if self._read is not None:
-            self._read.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 @dataclass(frozen=True)

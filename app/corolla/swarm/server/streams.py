@@ -41,6 +41,7 @@ MIN_BODY_RATE = 1024 * 1024  # bytes/s a sender must at least keep up once it an
 BODY_GRACE_S = 10.0
 BUDGET_WAIT_S = 10.0
 LARGE_BODY_BYTES = 256 * 1024
+SMALL_BODY_BYTES = 64 * 1024  # within the reader's own buffer limit: read whole, no pieces (token steps)
 HELD_STREAM_MAX_BYTES = 1024 * 1024  # what the caller of a held stream may send while it waits (read, dropped)
 TURNED_AWAY = "too many of this peer's requests were refused; try again in a few seconds"
 
@@ -58,23 +59,31 @@ class StreamLimits:
     refusal_log: RefusalLog | None = None
     _buffered: int = 0
     _freed: asyncio.Condition | None = None
+    _waiting: int = 0  # reserve() calls waiting for room
     _open: Counter = field(default_factory=Counter)
 
     async def reserve(self, nbytes: int) -> None:
+        if not self._waiting and self._buffered + nbytes <= self.buffered_bytes:
+            self._buffered += nbytes  # room and nobody ahead: no lock, no timer (every message comes here)
+            return
         if self._freed is None:
             self._freed = asyncio.Condition()
-        async with self._freed:
-            try:
-                await asyncio.wait_for(
-                    self._freed.wait_for(lambda: self._buffered + nbytes <= self.buffered_bytes), BUDGET_WAIT_S
-                )
-            except TimeoutError as exc:
-                raise StreamRefused("this server is busy receiving other requests; try again") from exc
-            self._buffered += nbytes
+        self._waiting += 1
+        try:
+            async with self._freed:
+                try:
+                    await asyncio.wait_for(
+                        self._freed.wait_for(lambda: self._buffered + nbytes <= self.buffered_bytes), BUDGET_WAIT_S
+                    )
+                except TimeoutError as exc:
+                    raise StreamRefused("this server is busy receiving other requests; try again") from exc
+                self._buffered += nbytes
+        finally:
+            self._waiting -= 1
 
     def release(self, nbytes: int) -> None:
         self._buffered -= nbytes
-        if self._freed is not None and nbytes:
+        if self._waiting and self._freed is not None and nbytes:  # wake only those who wait for room
             asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
@@ -94,8 +103,8 @@ async def receive_message(request_type: type, reader: asyncio.StreamReader, limi
     """hivemind's receive_protobuf with the length prefix checked before the body is read.
 
     Returns (request, nbytes reserved in `limits`); request None is the caller's end-of-stream marker."""
-    marker = await reader.readexactly(1)
-    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    header = await reader.readexactly(1 + P2P.HEADER_LEN)
+    marker, length = header[:1], int.from_bytes(header[1:], P2P.BYTEORDER)
     if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
         raise StreamRefused(f"unknown message marker {marker!r}")
     if length > limits.max_message_bytes:
@@ -104,16 +113,21 @@ async def receive_message(request_type: type, reader: asyncio.StreamReader, limi
     await limits.reserve(reserved)
     try:
         async with asyncio.timeout(BODY_GRACE_S + length / MIN_BODY_RATE):
-            body = await _read_body(reader, length)
+            # A small body (every token step) in one read; larger ones in pieces (_read_body says why).
+            body = await reader.readexactly(length) if length <= SMALL_BODY_BYTES else await _read_body(reader, length)
         if marker == P2P.ERROR_MARKER:  # hivemind's end-of-stream marker is an (empty) error message
-            body.release()
+            if isinstance(body, _Body):
+                body.release()
             limits.release(reserved)
             return None, 0
         request = request_type()
-        try:
-            request.ParseFromString(body.view)
-        finally:
-            body.release()
+        if isinstance(body, _Body):
+            try:
+                request.ParseFromString(body.view)
+            finally:
+                body.release()
+        else:
+            request.ParseFromString(body)
         return request, reserved
     except BaseException:
         limits.release(reserved)
@@ -233,45 +247,61 @@ async def add_stream_handler(
                 with contextlib.suppress(ConnectionError, OSError):
                     await P2P.send_protobuf(RPCError(message=str(exc)), writer)
 
-        with contextlib.closing(writer):
-            processing = asyncio.create_task(process())
-            try:
-                while True:
-                    receiving = asyncio.create_task(receive_message(request_type, reader, limits))
-                    await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
+        async def read_requests() -> bool:
+            """Hand the caller's messages to the handler until its end-of-stream marker (True) or a close
+            or refusal (False); once the handler is done, drop what still comes (bytes back to the budget)."""
+            while True:
+                try:
+                    request, nbytes = await receive_message(request_type, reader, limits)
+                except asyncio.IncompleteReadError:
+                    return False  # the caller closed or died
+                except (StreamRefused, DecodeError) as exc:
                     if processing.done():
-                        await _wait_for_caller_to_finish(reader, receiving, limits, linger_s)
-                        return
-                    try:
-                        request, nbytes = receiving.result()
-                    except asyncio.IncompleteReadError:
-                        return  # the caller closed or died
-                    except (StreamRefused, DecodeError) as exc:
-                        if isinstance(exc, DecodeError):
-                            exc = StreamRefused(f"a message that does not parse: {exc}")
-                        if limits.refusals is not None:
-                            limits.refusals.charge(stream_info.peer_id)
-                        if limits.refusal_log is not None:
-                            limits.refusal_log.refused(f"{name.rsplit('.', 1)[-1]}: ended a stream: {exc}")
-                        else:
-                            logger.info("%s: ended a stream of %s: %s", name, stream_info.peer_id, exc)
-                        with contextlib.suppress(ConnectionError, OSError):
-                            await P2P.send_protobuf(RPCError(message=str(exc)), writer)
-                        return
+                        return False  # lingering after the handler: nothing left to refuse
+                    if isinstance(exc, DecodeError):
+                        exc = StreamRefused(f"a message that does not parse: {exc}")
+                    if limits.refusals is not None:
+                        limits.refusals.charge(stream_info.peer_id)
+                    if limits.refusal_log is not None:
+                        limits.refusal_log.refused(f"{name.rsplit('.', 1)[-1]}: ended a stream: {exc}")
+                    else:
+                        logger.info("%s: ended a stream of %s: %s", name, stream_info.peer_id, exc)
+                    with contextlib.suppress(ConnectionError, OSError):
+                        await P2P.send_protobuf(RPCError(message=str(exc)), writer)
+                    return False
+                if processing.done():
+                    limits.release(nbytes)
+                else:
                     try:
                         await requests.put((request, nbytes))
                     except BaseException:
                         limits.release(nbytes)
                         raise
-                    if request is None:  # the caller's end-of-stream marker: nothing more will come
-                        await processing
-                        return
+                if request is None:  # the caller's end-of-stream marker: nothing more will come
+                    return True
+
+        with contextlib.closing(writer):
+            processing = asyncio.create_task(process())
+            # One reader for the whole stream (not a task and an asyncio.wait per message).
+            reading = asyncio.create_task(read_requests())
+            try:
+                await asyncio.wait({processing, reading}, return_when=asyncio.FIRST_COMPLETED)
+                if processing.done():
+                    # Discard what the caller still sends until its end-of-stream marker or its close,
+                    # for at most `linger_s`: closing first would break its pipe while it writes it.
+                    while not requests.empty():  # a reader blocked on a full queue goes on, and drops
+                        limits.release(requests.get_nowait()[1])
+                    await asyncio.wait({reading}, timeout=linger_s)
+                elif reading.exception() is None and reading.result():
+                    await processing  # the caller's end of stream: the handler finishes its replies
             except Exception:
                 logger.debug("%s: reading requests failed", name, exc_info=True)
             finally:
-                processing.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await processing
+                for task in (reading, processing):
+                    task.cancel()
+                for task in (reading, processing):
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
                 while not requests.empty():  # what the handler never took goes back to the budget
                     limits.release(requests.get_nowait()[1])
 
