@@ -215,3 +215,20 @@ def test_server_stats_are_read_back_as_server_stats(tmp_path):
     other = ServerStats.from_snapshot({"tokens_processed": "7", "throughput": 3, "future_counter": 1})
     assert other.tokens_processed == 0 and type(other.throughput) is float and other.throughput == 3.0
     assert read_stats(tmp_path / "missing.json") is None
+
+
+def test_the_stats_file_never_goes_back_to_an_older_snapshot(tmp_path):
+    """The periodic write runs on a thread; a state written later on the loop (e.g. the last one, at exit)
+    must not be replaced by that thread's older snapshot."""
+    from corolla.swarm.server.stats import ServerStats, StatsFile
+
+    stats = ServerStats(model="m")
+    file = StatsFile(tmp_path / "server.stats.json")
+    stats.state = "online"
+    periodic = file.take(stats)  # taken first, written late
+    stats.state = "offline"
+    final = file.take(stats)
+    file.write(final)
+    file.write(periodic)
+    assert ServerStats.from_snapshot(json.loads(file.path.read_text())).state == "offline"
+    assert [p.name for p in tmp_path.iterdir()] == ["server.stats.json"]  # no temporary file left

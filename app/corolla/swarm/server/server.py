@@ -51,7 +51,7 @@ from corolla.swarm.server.handler import HandlerLimits, TransformerConnectionHan
 from corolla.swarm.server.memory_cache import CacheBudget
 from corolla.swarm.server.open_files import raise_open_file_limit
 from corolla.swarm.server.pings import NextPings
-from corolla.swarm.server.stats import ServerStats
+from corolla.swarm.server.stats import ServerStats, StatsFile
 from corolla.swarm.server.throughput import Throughput, cached_throughput, measure, save_throughput
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class BlockServer(SwarmPresenceMixin):
         self.config = config
         self._early_plan = early_plan  # the reachability check, if the caller started it already
         self.stats = ServerStats(model=config.model)
+        self._stats_file = StatsFile(config.stats_path) if config.stats_path is not None else None
         self.checkpoint = open_checkpoint(
             config.model, token=config.token, revision=config.revision, cache_dir=config.cache_dir
         )
@@ -449,18 +450,21 @@ class BlockServer(SwarmPresenceMixin):
         self._write_stats()
 
     def _write_stats(self) -> None:
+        if self._stats_file is not None:
+            self._stats_file.write(self._stats_snapshot())
+
+    def _stats_snapshot(self) -> tuple[int, dict]:
         if self.budget is not None:
             self.stats.cache_bytes_total = self.budget.max_bytes
             self.stats.cache_bytes_left = self.budget.bytes_left
-        if self.config.stats_path is not None:
-            try:
-                self.stats.write(Path(self.config.stats_path))
-            except OSError:
-                logger.warning("could not write stats to %s", self.config.stats_path, exc_info=True)
+        return self._stats_file.take(self.stats)
 
     async def _write_stats_forever(self) -> None:
+        """Every second: the snapshot taken on the loop (the counters change there), the file written on a
+        thread (a busy disk must not hold up token steps)."""
         while True:
-            self._write_stats()
+            if self._stats_file is not None:
+                await asyncio.to_thread(self._stats_file.write, self._stats_snapshot())
             await asyncio.sleep(1.0)
 
 

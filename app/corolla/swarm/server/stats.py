@@ -7,8 +7,11 @@ once. Stdlib only, so the node reads it without importing the server (torch, hiv
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
+import threading
 import time
 import types
 import typing
@@ -16,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # The pid a server must not outlive (its starter's), in its environment; here so that the node reads it
 # without importing the server (torch).
@@ -130,11 +135,40 @@ class ServerStats:
         return stats
 
     def write(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.snapshot()))
-        os.replace(tmp, path)
+        write_snapshot(self.snapshot(), path)
+
+
+class StatsFile:
+    """The stats file a server keeps for the node: one writer at a time, and never an older snapshot over a
+    newer one (the last state written at exit must not be replaced by a periodic write on its thread).
+    Snapshots are ordered by when they were taken (`take`), not by their clock (coarse on some systems)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock, self._order, self._written = threading.Lock(), itertools.count(1), 0
+
+    def take(self, stats: ServerStats) -> tuple[int, dict[str, Any]]:
+        return next(self._order), stats.snapshot()
+
+    def write(self, taken: tuple[int, dict[str, Any]]) -> None:
+        order, snapshot = taken
+        with self._lock:
+            if order < self._written:
+                return
+            try:
+                write_snapshot(snapshot, self.path)
+                self._written = order
+            except OSError:
+                logger.warning("could not write stats to %s", self.path, exc_info=True)
+
+
+def write_snapshot(snapshot: dict[str, Any], path: Path) -> None:
+    """A snapshot written whole (a reader never sees half a file); safe on a thread of its own."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(snapshot))
+    os.replace(tmp, path)
 
 
 _MISFIT = object()
