@@ -104,12 +104,26 @@ def test_the_client_reads_hivemind_framed_replies_and_errors():
         reader.feed_data(wire.frame(RPCError(message="refused: why")))
         reader.feed_data(wire.frame(P2P.END_OF_STREAM)[:3])  # cut short: the stream ended mid-message
         reader.feed_eof()
-        message, error = await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+        message, error = await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader, 2**20)
         assert error is None and message == reply
-        message, error = await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+        message, error = await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader, 2**20)
         assert message is None and error.message == "refused: why"
         with pytest.raises(asyncio.IncompleteReadError):
-            await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+            await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader, 2**20)
+
+    asyncio.run(scenario())
+
+
+def test_the_client_does_not_read_a_reply_longer_than_its_step_allows():
+    """A server announcing a huge reply (8 bytes of length are up to 2**64) is not read: the client would
+    otherwise buffer whatever it sends."""
+
+    async def scenario() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(P2P.MESSAGE_MARKER + (2**40).to_bytes(8, "big") + b"x" * 100)
+        with pytest.raises(wire.OversizeMessage, match="over the limit"):
+            await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader, 2**20)
+        assert len(reader._buffer) == 100  # nothing of the body was taken in
 
     asyncio.run(scenario())
 

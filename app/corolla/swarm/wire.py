@@ -33,11 +33,19 @@ async def send_protobuf(protobuf, writer: asyncio.StreamWriter) -> None:
     await writer.drain()
 
 
-async def receive_protobuf(message_type: type, reader: asyncio.StreamReader) -> tuple:
+class OversizeMessage(ValueError):
+    """A peer announced a message longer than the reader allows (nothing of its body was read)."""
+
+
+async def receive_protobuf(message_type: type, reader: asyncio.StreamReader, max_bytes: int) -> tuple:
     """hivemind's `P2P.receive_protobuf` in two reads (header, body): (message, None), or (None, the
-    peer's RPCError). IncompleteReadError when the stream ends."""
+    peer's RPCError). IncompleteReadError when the stream ends; OversizeMessage for a body over
+    `max_bytes` (hivemind reads whatever length a peer announces: a hostile one could ask for gigabytes)."""
     header = await reader.readexactly(1 + P2P.HEADER_LEN)
-    body = await reader.readexactly(int.from_bytes(header[1:], P2P.BYTEORDER))
+    length = int.from_bytes(header[1:], P2P.BYTEORDER)
+    if length > max_bytes:
+        raise OversizeMessage(f"a message of {length} bytes, over the limit of {max_bytes}")
+    body = await reader.readexactly(length)
     if header[:1] == P2P.MESSAGE_MARKER:
         message = message_type()
         message.ParseFromString(body)

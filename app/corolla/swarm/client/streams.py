@@ -27,6 +27,8 @@ MASKED_ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {"attention_mask": b"__T3"
 _DUMMY = serialize_torch_tensor(torch.zeros(0))
 _DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
 CLOSE_TIMEOUT = 5.0
+REPLY_OVERHEAD_BYTES = 1024 * 1024  # a reply's metadata and framing beyond its hidden states
+CLOSING_REPLY_MAX_BYTES = 16 * 1024 * 1024  # replies still read while closing are dropped: no more than this
 _HANDLE = f"{protocol.HANDLER_CLASS_NAME}.rpc_inference"  # what hivemind's stub names the RPC
 
 
@@ -174,23 +176,28 @@ class ServerStream:
         """The server's reply to the step just sent (`timeout` None: the caller bounds the wait)."""
         if self._reader is None:
             raise ServerFailure(f"the session with server …{self.segment.peer_id[-6:]} is closed")
+        # The reply holds the step's hidden states: as many as the inputs, at most 8 bytes each, and room for
+        # the metadata; a server that announces more is not read (hostile, or broken).
+        max_bytes = inputs.numel() * 8 + REPLY_OVERHEAD_BYTES
         async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
             await self._writer.drain()  # a long replay: wait until p2pd took it (a token step never waits)
             while self._unread_replies:  # register()'s reply came long ago; it carries nothing
-                await self._next_reply()
+                await self._next_reply(REPLY_OVERHEAD_BYTES)
                 self._unread_replies -= 1
-            response = await self._next_reply()
+            response = await self._next_reply(max_bytes)
         steptrace.mark("client_reply", step=step_id, server=self.segment.peer_id[-6:])
         output = deserialize_torch_tensor(response.tensors[0])
         if output.shape != inputs.shape:
             raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")
         return output
 
-    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
+    async def _next_reply(self, max_bytes: int) -> runtime_pb2.ExpertResponse:
         try:
-            response, error = await wire.receive_protobuf(runtime_pb2.ExpertResponse, self._reader)
+            response, error = await wire.receive_protobuf(runtime_pb2.ExpertResponse, self._reader, max_bytes)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ServerFailure(f"server …{self.segment.peer_id[-6:]} closed the session") from exc
+        except wire.OversizeMessage as exc:
+            raise ServerFailure(f"server …{self.segment.peer_id[-6:]} sent {exc}") from exc
         if error is not None:  # hivemind's wording: server_refusal() reads the server's text from it
             raise P2PHandlerError(f"Failed to call handler `{_HANDLE}` at {self.segment.peer_id}: {error.message}")
         return response
@@ -208,7 +215,7 @@ class ServerStream:
                 writer.write(wire.frame(P2P.END_OF_STREAM))
                 await writer.drain()
                 while True:  # the server's last replies, until it ends the stream
-                    await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                    await wire.receive_protobuf(runtime_pb2.ExpertResponse, reader, CLOSING_REPLY_MAX_BYTES)
         except Exception:
             pass  # the stream's end (IncompleteReadError), or a stream that breaks or stalls: all the same here
         finally:
