@@ -53,6 +53,7 @@ class MainWindow(NodeRefresh, QMainWindow):
         self.tray: Tray | None = None
         self._in_flight: set[str] = set()
         self._swarm_again = False  # the contribution changed while a swarm read was under way: read again
+        self._swarm_read_once = False  # a failed read says "yet" before any, "now" after
         self._restart_deadline: float | None = None
         chosen = str(self.prefs.value("window/theme", "system") or "system")
         if chosen != theme.choice():

@@ -143,6 +143,7 @@ class NodeRefresh:
                 self.refresh_swarm()
 
         def shown(models: list[m.SwarmModel]) -> None:
+            self._swarm_read_once = True
             # The node says which prefix its model has (None until it knows: no swarm read yet).
             own = self.status.dht_prefix if self.status is not None else None
             prefix = next((x.dht_prefix for x in models if x.dht_prefix == own), None)
@@ -159,8 +160,12 @@ class NodeRefresh:
         def failed(message: str) -> None:
             self.swarm.show_error(message)
             # The model list says so rather than go on naming servers it last saw (e.g. the only one paused).
-            known = bool(self.chat.model_picker.itemData(0))
-            self.chat.show_unreachable("The swarm cannot be read now" if known else "The swarm cannot be read yet")
+            paused = self.status is not None and self.status.contribution.state == "paused"
+            if paused:
+                note = "No server to reach while contribution is paused"
+            else:
+                note = "The swarm cannot be read now" if self._swarm_read_once else "The swarm cannot be read yet"
+            self.chat.show_unreachable(note)
             self.chat.model_picker.setToolTip(sentence(message))
             again()
 
