@@ -93,33 +93,33 @@ def _error_lines(start: str) -> list[bytes]:
     ]
 
 
-def test_the_nodes_peer_id_check_agrees_with_the_clients():
-    """node/peer_ids.py checks chats' peer lists without hivemind (whose package imports torch): the same
-    verdict and sentence as the swarm client's check, on real ids, their mutations and random text."""
-    from corolla.node.peer_ids import PeerListError
-    from corolla.node.peer_ids import check_peer_ids as node_check
-    from corolla.swarm.client.privacy import PrivacyError
-    from corolla.swarm.client.privacy import check_peer_ids as client_check
+def test_the_peer_id_check_without_hivemind_agrees_with_hiveminds_peer_ids():
+    """swarm/peer_ids.py checks peer lists without hivemind (whose package imports torch), for the node
+    and the client's privacy policies alike: its base58 decoding gives hivemind's PeerID bytes on real
+    ids, their mutations and random text."""
+    from hivemind.p2p import PeerID
+
+    from corolla.swarm.client.privacy import Privacy, PrivacyError
+    from corolla.swarm.peer_ids import base58_decode, check_peer_ids
 
     rng = random.Random(29)
     alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
     real = ["QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY", "12D3KooWGzBpJ6Xy5Qc4x2dkNHj5bTEGwPFrPmqjYxCrC3Xz8mTt"]
-    cases = [[peer] for peer in real] + [[], ["not-a-peer"], ["/ip4/1.2.3.4/tcp/1/p2p/" + real[0]], [" "], "Qm"]
+    texts = list(real)
     for _ in range(1500):
         peer = list(rng.choice(real))
         peer[rng.randrange(len(peer))] = rng.choice(alphabet)
-        cases += [["".join(peer)], ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))]]
-    for case in cases:
+        texts += ["".join(peer), "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))]
+    for text in texts:
         try:
-            expected = ("ok", client_check(case, "list"))
-        except PrivacyError as exc:
-            expected = ("error", str(exc))
-        try:
-            got = ("ok", node_check(case, "list"))
-        except PeerListError as exc:
-            got = ("error", str(exc))
-        assert got == expected, case
-    assert sum(1 for case in cases if _accepted(node_check, case)) >= 2  # both kinds of real ids pass
+            expected = PeerID.from_base58(text).to_bytes()
+        except Exception:
+            expected = None
+        assert base58_decode(text) == expected, text
+    assert sum(1 for text in texts if _accepted(check_peer_ids, [text])) >= 2  # both kinds of real ids pass
+    # The client's policies raise their own error with the same sentence.
+    with pytest.raises(PrivacyError, match="'not-a-peer' in the peers privacy's peer list is not a peer id"):
+        Privacy("peers", frozenset({"not-a-peer"}))
 
 
 def _accepted(check, case) -> bool:

@@ -13,8 +13,8 @@ from corolla.node.engine_link import ask_engine
 from corolla.node.errors import NodeError, sentence_of
 from corolla.node.hardware import PlanError
 from corolla.node.lazy_imports import engine_imports
-from corolla.node.peer_ids import PeerListError, check_peer_ids
 from corolla.node.settings import PUBLIC_INITIAL_PEERS, Settings
+from corolla.swarm.peer_ids import PeerListError, check_peer_ids
 from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)

@@ -21,50 +21,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from hivemind.p2p import PeerID
+from corolla.swarm.peer_ids import PeerListError, check_peer_ids
 
 LEVELS = ("any", "members", "peers", "local")
-MAX_PEERS = 1024
 
 
-class PrivacyError(ValueError):
+class PrivacyError(PeerListError):
     """A privacy policy that cannot be built: an unknown level, a malformed or empty peer list."""
 
 
 class PrivacyViolation(RuntimeError):
     """Something tried to send a tensor to a peer outside the policy (a bug: routing never chooses one)."""
-
-
-def check_peer_ids(peers: Iterable[str], what: str = "peer list") -> frozenset[str]:
-    """The peer ids as a set; PrivacyError naming the first malformed one, or an empty list."""
-    if isinstance(peers, str):
-        raise PrivacyError(f"the {what} must be a list of peer ids, not one string")
-    checked = set()
-    for peer in peers:
-        if not isinstance(peer, str) or not peer.strip():
-            raise PrivacyError(f"the {what} holds {peer!r}, which is not a peer id")
-        peer = peer.strip()
-        if "/p2p/" in peer:  # a multiaddr: its peer id is the last part
-            peer = peer.rsplit("/p2p/", 1)[1].strip("/")
-        if not _is_peer_id(peer):
-            raise PrivacyError(f"{peer[:80]!r} in the {what} is not a peer id (base58, such as 12D3KooW... or Qm...)")
-        checked.add(peer)
-    if not checked:
-        raise PrivacyError(f"the {what} is empty: name at least one peer id, or use the level 'any'")
-    if len(checked) > MAX_PEERS:
-        raise PrivacyError(f"the {what} names {len(checked)} peers; at most {MAX_PEERS}")
-    return frozenset(checked)
-
-
-def _is_peer_id(text: str) -> bool:
-    """A base58 libp2p peer id: a multihash, sha2-256 (Qm...) or identity (12D3KooW...)."""
-    try:
-        raw = PeerID.from_base58(text).to_bytes()
-    except Exception:
-        return False
-    if len(raw) < 3 or raw[1] != len(raw) - 2:
-        return False
-    return (raw[0] == 0x12 and len(raw) == 34) or (raw[0] == 0x00 and 4 < len(raw) <= 64)
 
 
 @dataclass(frozen=True)
@@ -81,7 +48,9 @@ class Privacy:
             if self.peers is not None:
                 raise PrivacyError("the level 'any' takes no peer list")
         else:
-            object.__setattr__(self, "peers", check_peer_ids(self.peers or (), f"{self.level} privacy's peer list"))
+            object.__setattr__(
+                self, "peers", check_peer_ids(self.peers or (), f"{self.level} privacy's peer list", PrivacyError)
+            )
 
     @classmethod
     def any(cls) -> Privacy:

@@ -1,6 +1,6 @@
 """Peer ids checked without hivemind: its PeerID comes with its package, which imports torch, and the node
 checks the peer lists of chats' privacy choices while it contributes, when it holds no torch (README,
-Footprint). The same rules and sentences as the swarm client's check (swarm/client/privacy.py)."""
+Footprint). The swarm client's privacy policies (client/privacy.py) use the same check."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from collections.abc import Iterable
 
 ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _VALUES = {c: i for i, c in enumerate(ALPHABET)}
-MAX_PEERS = 1024  # as the client's privacy.MAX_PEERS
+MAX_PEERS = 1024  # peers one privacy choice may name
 MAX_PEER_ID_CHARS = 128
 
 
 class PeerListError(ValueError):
-    pass
+    """A malformed or empty peer list (the message names the first bad entry)."""
 
 
 def base58_decode(text: str) -> bytes | None:
@@ -34,22 +34,24 @@ def is_peer_id(text: str) -> bool:
     return (raw[0] == 0x12 and len(raw) == 34) or (raw[0] == 0x00 and 4 < len(raw) <= 64)
 
 
-def check_peer_ids(peers: Iterable[str], what: str = "peer list") -> frozenset[str]:
-    """The peer ids as a set; PeerListError naming the first malformed one, or an empty list."""
+def check_peer_ids(
+    peers: Iterable[str], what: str = "peer list", error: type[ValueError] = PeerListError
+) -> frozenset[str]:
+    """The peer ids as a set; `error` naming the first malformed one, or an empty list."""
     if isinstance(peers, str):
-        raise PeerListError(f"the {what} must be a list of peer ids, not one string")
+        raise error(f"the {what} must be a list of peer ids, not one string")
     checked = set()
     for peer in peers:
         if not isinstance(peer, str) or not peer.strip():
-            raise PeerListError(f"the {what} holds {peer!r}, which is not a peer id")
+            raise error(f"the {what} holds {peer!r}, which is not a peer id")
         peer = peer.strip()
         if "/p2p/" in peer:  # a multiaddr: its peer id is the last part
             peer = peer.rsplit("/p2p/", 1)[1].strip("/")
         if not is_peer_id(peer):
-            raise PeerListError(f"{peer[:80]!r} in the {what} is not a peer id (base58, such as 12D3KooW... or Qm...)")
+            raise error(f"{peer[:80]!r} in the {what} is not a peer id (base58, such as 12D3KooW... or Qm...)")
         checked.add(peer)
     if not checked:
-        raise PeerListError(f"the {what} is empty: name at least one peer id, or use the level 'any'")
+        raise error(f"the {what} is empty: name at least one peer id, or use the level 'any'")
     if len(checked) > MAX_PEERS:
-        raise PeerListError(f"the {what} names {len(checked)} peers; at most {MAX_PEERS}")
+        raise error(f"the {what} names {len(checked)} peers; at most {MAX_PEERS}")
     return frozenset(checked)
