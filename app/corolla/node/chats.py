@@ -16,7 +16,7 @@ from corolla.chat_engine.channel import ChannelError
 from corolla.chat_engine.client_host import ClientTarget, NoSwarm, SwarmClientHost
 from corolla.node.db import Database
 from corolla.node.engine_link import EngineReply
-from corolla.node.engine_replies import FINISH_REASON, EngineChats, relay
+from corolla.node.engine_replies import FINISH_REASON, EngineChats, relay, until_reply_ends
 from corolla.node.lazy_imports import engine_imports
 
 __all__ = [
@@ -202,11 +202,8 @@ class ChatService:
 
         worker = loop.run_in_executor(None, run)
         try:
-            while True:
-                event = await queue.get()
+            async for event in until_reply_ends(queue):
                 yield event
-                if event.type in ev.ENDS_REPLY:
-                    break
         finally:
             cancel.set()  # the client went away: stop generating, keep what was written
             await asyncio.shield(worker)

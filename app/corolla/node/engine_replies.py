@@ -53,6 +53,15 @@ class EngineChats:
         }
 
 
+async def until_reply_ends(queue: asyncio.Queue) -> AsyncIterator[ev.ReplyEvent]:
+    """A reply's events as they are queued, up to and with the one that ends it ("done" or "error")."""
+    while True:
+        event = await queue.get()
+        yield event
+        if event.type in ev.ENDS_REPLY:
+            return
+
+
 async def relay(
     db: Database,
     call: EngineReply,
@@ -103,11 +112,8 @@ async def relay(
 
     task = asyncio.create_task(consume())
     try:
-        while True:
-            event = await queue.get()
+        async for event in until_reply_ends(queue):
             yield event
-            if event.type in ev.ENDS_REPLY:
-                break
     finally:
         if not task.done():  # the window went away (Stop): the engine stops, its "done" says "stopped"
             await call.stop()
