@@ -171,3 +171,21 @@ def test_relay_state_means_a_stranger_reached_us_through_the_relay():
     assert kept_state == "relay" and kept is proof
     assert connected == relays  # connected to the relay, yet nobody can reach it through it
     assert refused == "unreachable" and refused_proof.proven == [] and refused_proof.tried == relays
+
+
+def test_a_direct_connection_is_no_relay_proof():
+    """The relay proof's dial may end on a direct connection (p2pd's host asks its DHT for our addresses
+    when the circuit fails): only a connection whose remote address is a circuit counts."""
+    from corolla.swarm.reachability import _connected_through_circuit
+
+    async def scenario():
+        target, probe = await _peer(), await _peer()
+        try:
+            before = await _connected_through_circuit(probe, target.peer_id)  # not connected at all
+            await _connect(probe, target)
+            return before, await _connected_through_circuit(probe, target.peer_id)
+        finally:
+            for peer in (probe, target):
+                await peer.shutdown()
+
+    assert asyncio.run(scenario()) == (False, False)

@@ -490,13 +490,26 @@ async def prove_relayed(p2p: P2P, relays: Sequence[str], timeout: float = RELAY_
         try:
             # hivemind has no public "connect"; its daemon client does
             await asyncio.wait_for(probe._client.connect(p2p.peer_id, [circuit_multiaddr(relay)]), timeout)
-            proven.append(relay)
+            # p2pd's host falls back to its DHT when the circuit dial fails: through the relay it may find
+            # our direct addresses and dial those. Only a connection over the circuit proves the relay.
+            if await asyncio.wait_for(_connected_through_circuit(probe, p2p.peer_id), timeout):
+                proven.append(relay)
+            else:
+                logger.info("a stranger reached this peer through %s's DHT, not its circuit", relay)
         except Exception as error:
             logger.info("no relayed connection through %s yet: %s", relay, str(error)[:200])
         finally:
             with contextlib.suppress(Exception):
                 await probe.shutdown()
     return proven
+
+
+async def _connected_through_circuit(probe: P2P, peer_id: PeerID) -> bool:
+    """Whether `probe`'s connection to `peer_id` runs through a relay (its remote address is a circuit)."""
+    for info in await probe.list_peers():
+        if info.peer_id == peer_id:
+            return any("/p2p-circuit" in str(addr) for addr in info.addrs)
+    return False
 
 
 @dataclass
