@@ -21,7 +21,7 @@ from corolla.chat_engine.channel import MAX_MESSAGE_BYTES, ChannelError, open_ch
 from corolla.chat_engine.listener import ChatListener
 from corolla.node.default_model import TINY_LAYERS, TINY_PREFIX
 from corolla.swarm.models.tiny import make_tiny_model
-from corolla.testing.node import NodeProcess, sse_events
+from corolla.testing.node import NodeProcess, contributing_node, sse_events
 from tests.support.procs import describe
 
 SECRET = "the-right-secret"
@@ -131,11 +131,6 @@ def _accepted(check, case) -> bool:
 
 
 # --- real node and server -------------------------------------------------------------------------------
-def _maps_torch(pid: int) -> bool:
-    with open(f"/proc/{pid}/maps") as maps:
-        return "libtorch" in maps.read()
-
-
 def _messages(node: NodeProcess, chat_id: str) -> list[dict]:
     return node.get(f"/api/chats/{chat_id}").json()["messages"]
 
@@ -169,14 +164,8 @@ def node(tmp_path_factory):
     home = tmp_path_factory.mktemp("engine-home")
     # The demo model's folder made here: the node's first start would import torch to write it.
     make_tiny_model("llama", home / "data" / "demo-model", num_layers=TINY_LAYERS, dht_prefix=TINY_PREFIX)
-    process = NodeProcess(home, name="engine-node")
-    try:
-        process.wait_contribution("online")
-    except BaseException:
-        process.stop()
-        raise
-    yield process
-    process.stop()
+    with contributing_node(home, "engine-node") as process:
+        yield process
 
 
 @pytest.mark.slow
@@ -195,7 +184,7 @@ def test_a_chat_streams_from_the_block_server_and_the_node_never_imports_torch(n
     assert swarm.status_code == 200, swarm.text
     servers = [server for model in swarm.json() for server in model["servers"]]
     assert any(server["this_computer"] for server in servers) and swarm.json()[0]["route"], swarm.json()
-    assert not _maps_torch(node.process.pid), "the node loaded torch: the chat did not go to the block server"
+    assert not node.maps_torch(), "the node loaded torch: the chat did not go to the block server"
     assert "chat engine listening" in _server_log(node)
     # The chat's swarm client lives in the server: its p2pd is the server's child, the node has none.
     assert [p.name() for p in psutil.Process(node.process.pid).children() if "p2pd" in p.name()] == []
@@ -220,7 +209,7 @@ def test_stop_mid_reply_keeps_what_was_written_and_the_next_chat_works(node):
     assert reply["status"] == "stopped", reply
     after = _stream(node, chat["id"], "shorter, please", 4)
     assert after[-1][0] == "done"
-    assert not _maps_torch(node.process.pid)
+    assert not node.maps_torch()
 
 
 def _kill_after_some_tokens(pid: int, killed: threading.Event, events: list) -> bool:
@@ -251,7 +240,7 @@ def test_a_server_killed_mid_reply_ends_it_with_a_clear_error_and_the_next_chat_
     assert reply["status"] == "failed" and reply["content"].startswith("".join(_tokens(events))) and reply["content"]
     after = _stream(node, chat["id"], "once more", 4)
     assert after[-1][0] == "done" and _tokens(after)
-    assert not _maps_torch(node.process.pid)
+    assert not node.maps_torch()
 
 
 @pytest.mark.slow
@@ -261,14 +250,10 @@ def test_a_server_that_cannot_listen_leaves_the_chats_to_the_nodes_own_client(tm
     home = tmp_path / "home"
     make_tiny_model("llama", home / "data" / "demo-model", num_layers=TINY_LAYERS, dht_prefix=TINY_PREFIX)
     (home / "data" / "server" / "chat.sock").mkdir(parents=True)  # the socket's path is taken: bind fails
-    node = NodeProcess(home, name="no-engine-node")
-    try:
-        node.wait_contribution("online")
+    with contributing_node(home, "no-engine-node") as node:
         chat = node.post("/api/chats", json={"title": "no engine"}).json()
         events = _stream(node, chat["id"], "hello", 8)
         assert events[-1][0] == "done" and _tokens(events), events[-3:]
         assert _messages(node, chat["id"])[-1]["status"] == "complete"
         assert "chat engine cannot listen" in _server_log(node)
-        assert _maps_torch(node.process.pid), "the reply came from the node's own client"
-    finally:
-        node.stop()
+        assert node.maps_torch(), "the reply came from the node's own client"

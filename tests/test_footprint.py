@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from corolla.testing.node import NodeProcess, sse_events
+from corolla.testing.node import NodeProcess, contributing_node, sse_events
 from tests.support.procs import describe
 
 
@@ -44,21 +44,10 @@ def _kind(process: psutil.Process) -> str:
     return "node" if "node" in process.cmdline() else cmdline[:80]
 
 
-def _maps_torch(pid: int) -> bool:
-    with open(f"/proc/{pid}/maps") as maps:
-        return "libtorch" in maps.read()
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    process = NodeProcess(tmp_path_factory.mktemp("footprint-home"), name="footprint-node")
-    try:
-        process.wait_contribution("online")
-    except BaseException:
-        process.stop()
-        raise
-    yield process
-    process.stop()
+    with contributing_node(tmp_path_factory.mktemp("footprint-home"), "footprint-node") as process:
+        yield process
 
 
 @pytest.mark.slow
@@ -149,7 +138,7 @@ def test_an_idle_node_awaiting_consent_imports_no_torch(tmp_path):
         for path in ("/api/status", "/api/settings", "/api/chats", "/api/stats/history?hours=24", "/v1/models"):
             assert node.get(path).status_code == 200, path
         assert node.status()["contribution"]["state"] == "stopped"
-        assert not _maps_torch(node.process.pid), "an idle node loaded torch"
+        assert not node.maps_torch(), "an idle node loaded torch"
         assert [p for p in _tree(node) if p.pid != node.process.pid] == []
     finally:
         node.stop()
@@ -173,7 +162,7 @@ def test_the_windows_first_requests_leave_an_idle_node_without_torch(tmp_path):
         assert hardware.status_code == 200, hardware.text
         plan = hardware.json()["plan"]
         assert plan["recommended_blocks"] == plan["num_blocks"] > 0 and plan["bytes_per_block"] > 0
-        assert not _maps_torch(node.process.pid), "answering the window loaded torch into the idle node"
+        assert not node.maps_torch(), "answering the window loaded torch into the idle node"
         assert [p for p in _tree(node) if p.pid != node.process.pid] == []  # the plan's process is gone
     finally:
         node.stop()

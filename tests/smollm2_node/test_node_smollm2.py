@@ -37,8 +37,7 @@ def test_a_chat_is_written_by_the_block_server_and_the_node_holds_no_torch(node)
         assert response.status_code == 200
         events = list(sse_events(response))
     assert events[-1][0] == "done" and "Paris" in events[-1][1]["text"], events[-3:]
-    with open(f"/proc/{node.process.pid}/maps") as maps:
-        assert "libtorch" not in maps.read(), "the node loaded torch: the chat did not go to the block server"
+    assert not node.maps_torch(), "the node loaded torch: the chat did not go to the block server"
     server = psutil.Process(node.status()["contribution"]["pid"])
     assert sum("p2pd" in child.name() for child in server.children()) == 2  # the server's and the chat's
     assert "Paris" in node.get(f"/api/chats/{chat['id']}").json()["messages"][-1]["content"]

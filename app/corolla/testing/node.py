@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -87,6 +89,11 @@ class NodeProcess:
             time.sleep(0.5)
         raise ProcessFailed(f"contribution never reached {state!r}: {status}\n{self.log_tail()}")
 
+    def maps_torch(self) -> bool:
+        """Whether torch's library is mapped into the node process (it imported torch at some point)."""
+        with open(f"/proc/{self.process.pid}/maps") as maps:
+            return "libtorch" in maps.read()
+
     def stop(self) -> int:
         self.client.close()
         code = _stop_group(self.process, signal.SIGTERM, 40)
@@ -105,6 +112,17 @@ class NodeProcess:
         self.client.close()
         os.kill(self.process.pid, signal.SIGKILL)  # the node only: its block server child is left behind
         self.process.wait(10)
+
+
+@contextlib.contextmanager
+def contributing_node(home: Path, name: str = "node") -> Iterator[NodeProcess]:
+    """A node started in `home` with its contribution online; stopped afterwards, also if it never was."""
+    process = NodeProcess(home, name=name)
+    try:
+        process.wait_contribution("online")
+        yield process
+    finally:
+        process.stop()
 
 
 def sse_events(response: httpx.Response):
