@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from corolla.swarm.models import load_span, open_checkpoint
 from corolla.swarm.models.family import family_for
-from corolla.swarm.models.lean_decode import LEAN_DECODE_ENV, LeanDecoder, lean_plan, why_not_lean
+from corolla.swarm.models.lean_decode import (
+    LEAN_DECODE_ENV,
+    ROTARY_TABLE,
+    LeanDecoder,
+    lean_plan,
+    why_not_lean,
+)
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.models.tiny import PRESETS
 
@@ -133,6 +139,20 @@ def test_lean_steps_equal_transformers_layers(name, static, monkeypatch):
 def test_a_sub_span_in_the_middle_of_the_model_writes_its_own_cache_layers(monkeypatch):
     span = span_from_config(CONFIGS["llama-gqa"](), 1, 3)
     worst = run_sessions(span, new_cache(span, False, True, monkeypatch), new_cache(span, False, False, monkeypatch))
+    assert worst <= MAX_RELATIVE_ERROR
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama3-rope"])
+def test_steps_across_the_shared_rotary_tables(name, monkeypatch):
+    """cos/sin come from tables of ROTARY_TABLE positions: steps inside one, straddling two, in the next."""
+    span = span_from_config(CONFIGS[name]())
+    lean, reference = new_cache(span, False, True, monkeypatch), new_cache(span, False, False, monkeypatch)
+    generator = torch.Generator().manual_seed(4)
+    worst = 0.0
+    for tokens in [ROTARY_TABLE - 3, 1, 4, 1, 3, 1, 1]:  # 125, 126, 130 (across 128), 131, 134, ...
+        hidden = torch.randn(1, tokens, span.hidden_size, generator=generator)
+        got, expected = span(hidden, lean), span(hidden, reference)
+        worst = max(worst, ((got - expected).abs().max() / expected.abs().max()).item())
     assert worst <= MAX_RELATIVE_ERROR
 
 

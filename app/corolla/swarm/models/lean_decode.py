@@ -37,6 +37,7 @@ layers' own parameters, built per session (a span whose linears an adapter later
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,11 @@ from corolla.swarm.models.family import FULL_ATTENTION
 LEAN_DECODE_ENV = "COROLLA_LEAN_DECODE"
 # Steps up to this many tokens: decode and speculative steps; longer ones are compute, not overhead.
 MAX_LEAN_TOKENS = 16
+# cos/sin tables of this many positions, at most this many kept per rotary module (shared by the
+# span's sessions): 32 x 128 positions x 128 dims x 2 x 4 bytes = 4 MiB at most for a large head.
+ROTARY_TABLE = 128
+MAX_ROTARY_TABLES = 32
+_ROTARY_TABLES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 _FAMILIES = frozenset({"llama", "mistral", "qwen"})
 # transformers' classes whose forward is exactly the Llama layer computed below (Mistral's and Qwen2's
@@ -185,6 +191,9 @@ class LeanDecoder:
         self._sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(span.dtype)
         self._half = half
         self._fused_norm = span.dtype == torch.float32
+        rope_type = str(getattr(span.rotary_emb, "rope_type", "dynamic"))
+        # Frequencies that never change with the sequence length: cos/sin can be computed ahead.
+        self._tables = None if "dynamic" in rope_type or rope_type == "longrope" else _tables_of(span.rotary_emb)
 
     def wants(self, cache, hidden: torch.Tensor) -> bool:
         """A token step after the prefill (span.py has checked: no mask, positions, prompts or grad)."""
@@ -198,9 +207,7 @@ class LeanDecoder:
     def step(self, cache, hidden: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = hidden.shape
         past = cache.length
-        positions = torch.arange(past, past + tokens).unsqueeze(0)
-        cos, sin = self.span.rotary_emb(hidden, positions)  # [1, tokens, head_dim]
-        cos, sin = cos.unsqueeze(1), (sin * self._sign).unsqueeze(1)
+        cos, sin = self._rotary(hidden, past, tokens)  # [1, 1, tokens, head_dim]
         mask = None
         if tokens > 1:  # query i sees the past and new tokens up to itself
             mask = torch.arange(past + tokens) <= (past + torch.arange(tokens)).unsqueeze(-1)
@@ -208,18 +215,27 @@ class LeanDecoder:
         norm = self._norm
         half = self._half
         for layer in self.layers:
+            heads, kv_heads, head_dim = layer.heads, layer.kv_heads, layer.head_dim
             residual = hidden
             x = norm(hidden, layer.input_norm, layer.input_eps)
-            q = F.linear(x, *layer.q).view(batch, tokens, layer.heads, layer.head_dim).transpose(1, 2)
-            k = F.linear(x, *layer.k).view(batch, tokens, layer.kv_heads, layer.head_dim).transpose(1, 2)
-            v = F.linear(x, *layer.v).view(batch, tokens, layer.kv_heads, layer.head_dim).transpose(1, 2)
-            q = q * cos + q.roll(half, -1) * sin
-            k = k * cos + k.roll(half, -1) * sin
-            keys, values = kv_layers[layer.cache_index].update(k, v)
+            # Queries and keys side by side: one rotary pass for both.
+            qk = torch.cat([F.linear(x, *layer.q), F.linear(x, *layer.k)], dim=-1)
+            v = F.linear(x, *layer.v)
+            if tokens == 1:  # [batch, 1, heads * dim] is already [batch, heads, 1, dim] in memory
+                qk = qk.view(batch, heads + kv_heads, 1, head_dim)
+                v = v.view(batch, kv_heads, 1, head_dim)
+            else:
+                qk = qk.view(batch, tokens, heads + kv_heads, head_dim).transpose(1, 2)
+                v = v.view(batch, tokens, kv_heads, head_dim).transpose(1, 2)
+            qk = qk * cos + qk.roll(half, -1) * sin
+            keys, values = kv_layers[layer.cache_index].update(qk[:, heads:], v)
             attn = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=layer.heads != layer.kv_heads
+                qk[:, :heads], keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=heads != kv_heads
             )
-            attn = attn.transpose(1, 2).reshape(batch, tokens, layer.heads * layer.head_dim)
+            if tokens == 1:
+                attn = attn.view(batch, 1, heads * head_dim)
+            else:
+                attn = attn.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
             hidden = residual + F.linear(attn, *layer.o)
             residual = hidden
             x = norm(hidden, layer.post_norm, layer.post_eps)
@@ -228,6 +244,27 @@ class LeanDecoder:
         self.span.fast_path.lean_steps += 1
         return hidden
 
+    def _rotary(self, hidden: torch.Tensor, past: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of the step's positions, from a table of `ROTARY_TABLE` positions the
+        span's sessions share where the frequencies are fixed (one rotary call per table, not per step)."""
+        first = past - past % ROTARY_TABLE
+        if self._tables is None or past + tokens > first + ROTARY_TABLE:
+            return self._cos_sin(hidden, past, tokens)
+        key = (first, hidden.dtype, self.span.rotary_emb.inv_freq.data_ptr())
+        table = self._tables.get(key)
+        if table is None:
+            table = self._cos_sin(hidden, first, ROTARY_TABLE)
+            while len(self._tables) >= MAX_ROTARY_TABLES:
+                self._tables.pop(next(iter(self._tables)), None)
+            self._tables[key] = table
+        cos, sin = table
+        offset = past - first
+        return cos[:, :, offset : offset + tokens], sin[:, :, offset : offset + tokens]
+
+    def _cos_sin(self, hidden: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.span.rotary_emb(hidden, torch.arange(first, first + count).unsqueeze(0))
+        return cos.unsqueeze(1), (sin * self._sign).unsqueeze(1)
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self._fused_norm:
             return torch.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -235,6 +272,13 @@ class LeanDecoder:
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x32.to(x.dtype)
+
+
+def _tables_of(rotary_emb: nn.Module) -> dict:
+    tables = _ROTARY_TABLES.get(rotary_emb)
+    if tables is None:
+        tables = _ROTARY_TABLES[rotary_emb] = {}
+    return tables
 
 
 def lean_decoder(span) -> LeanDecoder | None:
