@@ -10,6 +10,8 @@ run, alternating the two so that load on the machine hits both alike. Prints JSO
 
 Usage (as root, in a loopback-only namespace for the client part):
     unshare -n sh -c 'ip link set lo up && .venv/bin/python benchmarks/lean_decode.py [--rounds 2] [--petals]'
+(the model is the stock Petals harness's tiny Llama: the reference environment must be built, and
+COROLLA_PETALSREF_SRC must name shared/reference-petals where the checkout has no shared/ beside it)
 """
 
 from __future__ import annotations

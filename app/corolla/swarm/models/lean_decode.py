@@ -214,6 +214,8 @@ class LeanDecoder:
         kv_layers = cache.cache.layers
         norm = self._norm
         half = self._half
+        rows = batch * tokens
+        hidden = hidden.reshape(rows, hidden.shape[-1])  # 2D: F.linear skips matmul's folding (1.3 us each)
         for layer in self.layers:
             heads, kv_heads, head_dim = layer.heads, layer.kv_heads, layer.head_dim
             residual = hidden
@@ -221,7 +223,7 @@ class LeanDecoder:
             # Queries and keys side by side: one rotary pass for both.
             qk = torch.cat([F.linear(x, *layer.q), F.linear(x, *layer.k)], dim=-1)
             v = F.linear(x, *layer.v)
-            if tokens == 1:  # [batch, 1, heads * dim] is already [batch, heads, 1, dim] in memory
+            if tokens == 1:  # [batch, heads * dim] is already [batch, heads, 1, dim] in memory
                 qk = qk.view(batch, heads + kv_heads, 1, head_dim)
                 v = v.view(batch, kv_heads, 1, head_dim)
             else:
@@ -233,14 +235,15 @@ class LeanDecoder:
                 qk[:, :heads], keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=heads != kv_heads
             )
             if tokens == 1:
-                attn = attn.view(batch, 1, heads * head_dim)
+                attn = attn.reshape(rows, heads * head_dim)
             else:
-                attn = attn.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+                attn = attn.transpose(1, 2).reshape(rows, heads * head_dim)
             hidden = residual + F.linear(attn, *layer.o)
             residual = hidden
             x = norm(hidden, layer.post_norm, layer.post_eps)
             x = F.linear(F.silu(F.linear(x, *layer.gate)) * F.linear(x, *layer.up), *layer.down)
             hidden = residual + x
+        hidden = hidden.view(batch, tokens, hidden.shape[-1])
         self.span.fast_path.lean_steps += 1
         return hidden
 
