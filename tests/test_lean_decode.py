@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from corolla.swarm.models import load_span, open_checkpoint
 from corolla.swarm.models.family import family_for
@@ -118,6 +118,7 @@ CONFIGS = {
         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
     ),
     "qwen2-bias": lambda: Qwen2Config(**COMMON, num_key_value_heads=2),
+    "mistral-no-window": lambda: MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=None),
 }
 
 

@@ -12,14 +12,13 @@ the layer code around them: 53 `nn.Module.__call__`s per step (hooks, tracing-st
 What this path cuts, from those figures: every module call (it calls `F.linear` on each projection's
 own weight and bias), the wrappers, the attention dispatch (one `scaled_dot_product_attention`), and
 the kwargs. It keeps what carries the numbers: the span's own `rotary_emb` module computes cos/sin
-once per step (every rope scaling type, dynamic ones included, stays right), the cache layer's own
-`update` appends the keys and values (a dynamic or a static cache, so a session mixes this path and
+(every rope scaling type, dynamic ones included, stays right), the cache layer's own `update` appends the keys and values (a dynamic or a static cache, so a session mixes this path and
 the transformers one freely, and rollbacks and hypo_ids reorders work as before), and the same ops in
-the same order as transformers' Llama layer, so float32 results match it to rounding (tests:
-tests/test_lean_decode.py). Two ops are rewritten, value for value: `rotate_half(x) * sin` is
-`roll(x) * signed_sin` (negation is exact), and in float32 the RMSNorm is the fused `torch.rms_norm`
-(10 us against 15 us for the five ops; other dtypes keep transformers' five ops, whose rounding
-differs). Then, from a profile of this path: one rotary pass over queries and keys side by side, no
+the same order as transformers' Llama layer, so results match it to rounding (bit for bit on the
+float32 and bfloat16 models of tests/test_lean_decode.py). Two ops are rewritten, value for value:
+`rotate_half(x) * sin` is `roll(x) * signed_sin` (negation is exact), and in float32 the RMSNorm is the
+fused `torch.rms_norm` (10 us against 15 us for the five ops; other dtypes keep transformers' five
+ops, whose rounding differs). Then, from a profile of this path: one rotary pass over queries and keys side by side, no
 transposes in one-token steps, 2D rows so that F.linear skips matmul's folding (1.3 us a linear), and
 cos/sin read from tables of 128 positions that a span's sessions share where the rope frequencies are
 fixed (a rotary call cost 25 us a step). What is left is the ops themselves: the fused RMSNorm is still
