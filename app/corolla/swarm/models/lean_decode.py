@@ -9,20 +9,21 @@ the layer code around them: 53 `nn.Module.__call__`s per step (hooks, tracing-st
 `sdpa_attention_forward`'s checks, config `__getattribute__` overrides, kwargs plumbing, the rotary
 `rotate_half` slices and concatenations, and the RMSNorm written as five ops.
 
-What this path cuts, from those figures: every module call (it calls `F.linear` on each projection's
-own weight and bias), the wrappers, the attention dispatch (one `scaled_dot_product_attention`), and
-the kwargs. It keeps what carries the numbers: the span's own `rotary_emb` module computes cos/sin
-(every rope scaling type, dynamic ones included, stays right), the cache layer's own `update` appends the keys and values (a dynamic or a static cache, so a session mixes this path and
-the transformers one freely, and rollbacks and hypo_ids reorders work as before), and the same ops in
-the same order as transformers' Llama layer, so results match it to rounding (bit for bit on the
-float32 and bfloat16 models of tests/test_lean_decode.py). Two ops are rewritten, value for value:
-`rotate_half(x) * sin` is `roll(x) * signed_sin` (negation is exact), and in float32 the RMSNorm is the
-fused `torch.rms_norm` (10 us against 15 us for the five ops; other dtypes keep transformers' five
-ops, whose rounding differs). Then, from a profile of this path: one rotary pass over queries and keys side by side, no
-transposes in one-token steps, 2D rows so that F.linear skips matmul's folding (1.3 us a linear), and
-cos/sin read from tables of 128 positions that a span's sessions share where the rope frequencies are
-fixed (a rotary call cost 25 us a step). What is left is the ops themselves: the fused RMSNorm is still
-six kernels on the CPU (a third of the step), each linear about 2.5 us.
+What this path cuts, from those figures: every module call (it calls `F.linear` on each projection's own
+weight and bias), the wrappers, the attention dispatch (one `scaled_dot_product_attention`), and the
+kwargs. It keeps what carries the numbers: the span's own `rotary_emb` module computes cos/sin (every
+rope scaling type, dynamic ones included, stays right), the cache layer's own `update` appends the keys
+and values (a dynamic or a static cache, so a session mixes this path and the transformers one freely,
+and rollbacks and hypo_ids reorders work as before), and the same ops in the same order as transformers'
+Llama layer, so results match it to rounding (bit for bit on the float32 and bfloat16 models of
+tests/test_lean_decode.py). Two ops are rewritten, value for value: `rotate_half(x) * sin` is `roll(x) *
+signed_sin` (negation is exact), and in float32 the RMSNorm is the fused `torch.rms_norm` (10 us against
+15 us for the five ops; other dtypes keep transformers' five ops, whose rounding differs). Then, from a
+profile of this path: one rotary pass over queries and keys side by side, no transposes in one-token
+steps, 2D rows so that F.linear skips matmul's folding (1.3 us a linear), and cos/sin read from tables
+of 128 positions that a span's sessions share where the rope frequencies are fixed (a rotary call cost
+25 us a step). What is left is the ops themselves: the fused RMSNorm is still six kernels on the CPU (a
+third of the step), each linear about 2.5 us.
 
 Measured (benchmarks/lean_decode.py, same run, alternated; sample in lean_decode.sample.json): the
 tiny Llama span step 0.86 -> 0.39 ms (one token) and 1.08 -> 0.53 ms (4 tokens); SmolLM2-135M's 30
