@@ -17,6 +17,7 @@ from corolla.swarm.models.memory import tensor_nbytes
 class SessionCache:
     def __init__(self, config: PretrainedConfig, start: int, end: int):
         self.start, self.end = start, end
+        self.decoder = None  # a lean_decode.LeanDecoder for token steps, once the span attaches one
         self.cache = DynamicCache(config=config)
         for index in range(len(self.cache.layers)):
             if not start <= index < end:

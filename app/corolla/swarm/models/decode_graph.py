@@ -65,6 +65,7 @@ class DecodeFastPath:
     replays: int = 0
     failures: int = 0
     last_failure: str | None = None
+    lean_steps: int = 0  # steps the CPU's lean path ran (lean_decode.py)
 
     def capture_failed(self, reason: str) -> None:
         self.failures, self.last_failure = self.failures + 1, reason

@@ -13,6 +13,7 @@ from corolla.swarm.models.cache import SessionCache
 from corolla.swarm.models.decode_graph import DecodeFastPath, GraphedDecoder
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.family import LayerCallContext, ModelFamily
+from corolla.swarm.models.lean_decode import lean_decoder
 from corolla.swarm.models.memory import module_nbytes
 from corolla.swarm.models.static_cache import StaticSessionCache, static_cache_pays
 
@@ -76,11 +77,12 @@ class BlockSpan:
                 and (reserved_bytes is None or self.static_cache_bytes(batch, max_length) <= reserved_bytes)
             )
         if not static:
-            return SessionCache(self.config, self.start, self.end)
+            cache = SessionCache(self.config, self.start, self.end)
+            cache.decoder = lean_decoder(self)  # token steps on the CPU, where the blocks allow
+            return cache
         graphs = self.device.type == "cuda" and os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         cache = StaticSessionCache(self.family, self.config, self.start, self.end, max_length, for_graphs=graphs)
-        if graphs:
-            cache.decoder = GraphedDecoder(self, self.fast_path)
+        cache.decoder = GraphedDecoder(self, self.fast_path) if graphs else lean_decoder(self)
         return cache
 
     def sub(self, start: int, end: int) -> BlockSpan:
@@ -126,7 +128,7 @@ class BlockSpan:
 
     def _forward(self, hidden_states, cache, attention_mask, position_ids, prompts=None) -> torch.Tensor:
         if cache is None:
-            cache = self.new_cache()
+            cache = SessionCache(self.config, self.start, self.end)
         past = cache.length
         self._validate(hidden_states, attention_mask, position_ids, past)
         length = hidden_states.shape[1]

@@ -263,4 +263,5 @@ class InferenceMixin:
         self._last_inline = inline
         self.stats.tokens_processed += batch * length
         self.stats.inference_steps += 1
+        self.stats.lean_decode_steps = span.fast_path.lean_steps
         return out

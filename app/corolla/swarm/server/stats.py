@@ -85,6 +85,7 @@ class ServerStats:
     span_bytes: int = 0
     tokens_processed: int = 0
     inference_steps: int = 0
+    lean_decode_steps: int = 0  # of those, run by the CPU's lean decode path (models/lean_decode.py)
     sessions_opened: int = 0
     sessions_active: int = 0
     forward_requests: int = 0
