@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from corolla.chat_engine.client_host import ClientTarget, NoSwarm, SwarmClientHost
+from corolla.chat_engine.client_host import ClientTarget, NoSwarm, SharedSwarm, SwarmClientHost
 
 logger = logging.getLogger(__name__)
 MAX_CACHED_SESSIONS = 8  # as the node's ChatService: each holds KV cache on the swarm's servers
@@ -36,8 +36,9 @@ class _Kept:
 
 
 class ChatEngine:
-    def __init__(self) -> None:
-        self.clients = SwarmClientHost(lambda: None, lambda: os.environ.get("HF_TOKEN"))
+    def __init__(self, shared: Callable[[], SharedSwarm | None] = lambda: None) -> None:
+        """`shared()`: the block server's swarm, which the client joins through when a chat targets it."""
+        self.clients = SwarmClientHost(lambda: None, lambda: os.environ.get("HF_TOKEN"), shared)
         self.clients.on_new_client = self._on_new_client
         self._sessions: OrderedDict[str, _Kept] = OrderedDict()
         self._lock = threading.Lock()

@@ -42,6 +42,7 @@ class ChatListener:
         self._engine_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=MAX_REPLIES_AT_ONCE, thread_name_prefix="corolla-chat")
         self._replies = asyncio.Semaphore(MAX_REPLIES_AT_ONCE)
+        self.shared = None  # SharedSwarm: the block server's DHT and handlers, once it has joined (share_swarm)
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -63,6 +64,11 @@ class ChatListener:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.to_thread(engine.close), 10.0)
 
+    def share_swarm(self, shared) -> None:
+        """The block server joined its swarm: chats in that swarm go through its DHT and p2pd (one per
+        computer) and reach its blocks in-process, instead of a DHT and p2pd of the engine's own."""
+        self.shared = shared
+
     def drop_client(self) -> None:
         """The server paused: its chat client and sessions go (closed on a thread, bounded), as the node's
         own client went when its server paused; the next chat after resuming starts a fresh one. Replies
@@ -77,7 +83,7 @@ class ChatListener:
             if self._engine is None:
                 from corolla.chat_engine.engine import ChatEngine
 
-                self._engine = ChatEngine()
+                self._engine = ChatEngine(lambda: self.shared)
             return self._engine
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
