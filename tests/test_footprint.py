@@ -4,6 +4,7 @@ figures themselves are in benchmarks/footprint.py."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -35,7 +36,7 @@ def _tree(node: NodeProcess) -> list[psutil.Process]:
 
 def _kind(process: psutil.Process) -> str:
     cmdline = " ".join(process.cmdline())
-    if "p2pd" in process.name() or "p2pd" in cmdline:
+    if process.name() == "p2pd" or os.path.basename(process.cmdline()[0]) == "p2pd":  # not a path with p2pd in it
         return "p2pd"
     if "torch_shm_manager" in cmdline:
         return "torch_shm_manager"
