@@ -192,6 +192,80 @@ def test_a_chat_streams_from_the_block_server_and_the_node_never_imports_torch(n
     assert sum("p2pd" in p.name() for p in server.children()) == 1, describe([server, *server.children()])
 
 
+def _server_addresses(node: NodeProcess) -> list[str]:
+    """The addresses the node's block server is reached at (its stats file), as a peer of the swarm dials it."""
+    stats = json.loads(next(node.home.rglob("server-stats.json")).read_text())
+    return [a for a in stats["visible_maddrs"] if "/p2p/" in a]
+
+
+def _remote_client_generates(node: NodeProcess, tokens: int = 6) -> int:
+    """A client of another process (its own DHT and p2pd) generates through the node's server."""
+    import torch
+
+    from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(node.home / "data" / "demo-model"),
+        initial_peers=_server_addresses(node),
+        dht_prefix=TINY_PREFIX,
+        use_relay=False,
+        auto_nat=False,
+    )
+    try:
+        prompt = torch.tensor([[1, 2, 3, 4]])
+        out = model.generate(prompt, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
+        return out.shape[1] - prompt.shape[1]
+    finally:
+        model.close()
+
+
+@pytest.mark.slow
+def test_another_peers_client_reaches_the_server_while_the_engine_chats(node):
+    """The engine's client shares the server's p2pd; clients of other peers still reach the server
+    through it, while a reply streams."""
+    server = node.status()["contribution"]["pid"]
+    streaming, got = threading.Event(), {}
+
+    def chat() -> None:
+        chat = node.post("/api/chats", json={"title": "meanwhile"}).json()
+
+        def started(events: list) -> bool:
+            if len(_tokens(events)) >= 2:
+                streaming.set()
+            return False
+
+        got["events"] = _stream(node, chat["id"], "tell me a story", 48, until=started)
+        streaming.set()
+
+    thread = threading.Thread(target=chat)
+    thread.start()
+    assert streaming.wait(180)
+    assert _remote_client_generates(node) == 6
+    thread.join(180)
+    assert got["events"][-1][0] == "done" and _tokens(got["events"]), got["events"][-3:]
+    assert node.status()["contribution"]["pid"] == server
+
+
+@pytest.mark.slow
+def test_a_replaced_engine_client_leaves_the_server_serving(node):
+    """A chat target that changes (here: blocks run at each end on this side) replaces the engine's client:
+    the old one closes without taking the server's DHT or p2pd along, and the new one shares them again."""
+    server = psutil.Process(node.status()["contribution"]["pid"])
+    settings = node.get("/api/settings").json()
+    chat = node.post("/api/chats", json={"title": "replaced"}).json()
+    try:
+        for edges in (1, 0):
+            node.put("/api/settings", json={**settings, "chat_local_blocks": edges}).raise_for_status()
+            events = _stream(node, chat["id"], f"edges {edges}", 6)
+            assert events[-1][0] == "done" and _tokens(events), events[-3:]
+    finally:
+        node.put("/api/settings", json=settings).raise_for_status()
+    assert node.status()["contribution"]["pid"] == server.pid and node.status()["contribution"]["state"] == "online"
+    assert sum(p.name() == "p2pd" for p in server.children()) == 1, describe([server, *server.children()])
+    assert _remote_client_generates(node, 3) == 3
+    assert not node.maps_torch()
+
+
 @pytest.mark.slow
 def test_stop_mid_reply_keeps_what_was_written_and_the_next_chat_works(node):
     # The tiny model's random weights sometimes end a reply on their own before the stop arrives: a few
