@@ -267,6 +267,37 @@ def test_a_replaced_engine_client_leaves_the_server_serving(node):
 
 
 @pytest.mark.slow
+def test_openai_requests_and_a_server_check_go_through_the_engine_too(node):
+    """The OpenAI-compatible endpoints and "Check this server" are answered by the block server's engine
+    while the node contributes, as chats are: the node never imports torch for them."""
+    model = node.get("/v1/models").json()["data"][0]["id"]
+    answer = node.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 0},
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert isinstance(body["choices"][0]["message"]["content"], str) and body["usage"]["prompt_tokens"] > 0
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["corolla_seen_by"], body
+    own = node.status()["contribution"]["peer_id"]
+    assert own in {seen["peer_id"] for seen in body["corolla_seen_by"]}, body["corolla_seen_by"]
+    lines = []
+    with node.client.stream(
+        "POST", "/v1/completions", json={"model": model, "prompt": "once upon", "max_tokens": 5, "stream": True}
+    ) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and all("error" not in json.loads(x[6:]) for x in lines[:-1]), lines
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length"), lines
+    empty = node.post("/v1/completions", json={"model": model, "prompt": "", "max_tokens": 5})
+    assert empty.status_code == 400 and "empty" in empty.text, empty.text
+    check = node.post("/api/swarm/check", json={"peer_id": own})
+    assert check.status_code == 200 and check.json()["peer_id"] == own, check.text
+    assert check.json()["state"] in ("verified", "unverified"), check.json()
+    assert not node.maps_torch(), "the node loaded torch: an OpenAI request or the check did not go to the server"
+
+
+@pytest.mark.slow
 def test_stop_mid_reply_keeps_what_was_written_and_the_next_chat_works(node):
     # The tiny model's random weights sometimes end a reply on their own before the stop arrives: a few
     # chats, until one was stopped.

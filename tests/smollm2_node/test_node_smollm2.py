@@ -28,8 +28,7 @@ def test_status_names_the_model_honestly(node):
 
 def test_a_chat_is_written_by_the_block_server_and_the_node_holds_no_torch(node):
     """While the node contributes, the chat pane's replies come from its block server's process (issue 29):
-    SmolLM2's real weights answer there, and the node has neither torch nor the model's embeddings. Runs
-    before the OpenAI endpoint's test: that endpoint still answers with the node's own client."""
+    SmolLM2's real weights answer there, and the node has neither torch nor the model's embeddings."""
     chat = node.post("/api/chats", json={"title": "engine"}).json()
     with node.client.stream(
         "POST", f"/api/chats/{chat['id']}/messages", json={"content": QUESTION, "max_new_tokens": 16, "temperature": 0}
@@ -55,6 +54,7 @@ def test_openai_chat_completion_answers_paris(node):
     )
     assert response.status_code == 200, response.text
     assert "Paris" in response.json()["choices"][0]["message"]["content"]
+    assert not node.maps_torch(), "the node loaded torch: the OpenAI request did not go to the block server"
 
 
 def test_the_chat_pane_api_answers_paris(node):

@@ -109,6 +109,64 @@ class ChatEngine:
             kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
             return {"type": "error", "kind": kind, "message": str(exc)}
 
+    def check(self, request: dict) -> dict:
+        """ "Check this server" (the API's POST /api/swarm/check) with this engine's client, and the flags it
+        raised for the node's database."""
+        from corolla.chat_engine.swarm_report import check_answer
+        from corolla.swarm.client.server_check import check_server
+
+        try:
+            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
+            self._apply_node_records(model, request)
+            peer = _text(request, "peer_id")
+            verdict = model.run_async(check_server(model, peer), timeout=180)
+            return {"type": "check", "verdict": check_answer(peer, verdict), "notes": self.take_notes()}
+        except Exception as exc:
+            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
+            return {"type": "error", "kind": kind, "message": str(exc)}
+
+    # --- an OpenAI-style completion (node/openai_api.py) ----------------------------------------------
+    def complete(self, request: dict, on_text: Callable[[str], None], should_stop: Callable[[], bool]) -> dict:
+        """One completion of a prompt (text, or chat messages), streamed as a reply is; no session kept."""
+        from corolla.chat_engine.completion import EmptyPrompt, complete, prompt_ids
+
+        try:
+            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
+            self._apply_node_records(model, request)
+            privacy = self._privacy(model, request.get("privacy"))
+            messages = request.get("messages")
+            if messages is not None:
+                messages = _history({"history": messages})
+            elif not isinstance(request.get("prompt"), str):
+                raise RequestError("a completion needs messages or a prompt")
+            try:
+                ids = prompt_ids(model.tokenizer, messages, request.get("prompt"))
+            except EmptyPrompt as exc:
+                raise RequestError(str(exc)) from exc
+            text, tokens, finish, seen = complete(
+                model,
+                ids,
+                max_new_tokens=_count(request),
+                stops=_stops(request),
+                sampling=self._sampling(request),
+                privacy=privacy,
+                on_text=on_text,
+                should_stop=should_stop,
+            )
+            return {
+                "type": "done",
+                "text": text,
+                "tokens": tokens,
+                "prompt_tokens": len(ids),
+                "finish_reason": finish,
+                "seen_by": seen,
+            }
+        except Exception as exc:  # told to the node, which answers the HTTP request with it
+            if not isinstance(exc, (NoSwarm, RequestError)):
+                logger.warning("a completion failed: %s", exc, exc_info=not isinstance(exc, RuntimeError))
+            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
+            return {"type": "error", "kind": kind, "message": str(exc)}
+
     def _session_for(self, chat_id: str, model: Any, request: dict, privacy: Any) -> _Kept:
         """The chat's session if it holds exactly the history sent (same model, privacy, system prompt),
         else a new one from that history (the servers' caches are filled again on its first step)."""
