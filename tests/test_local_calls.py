@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,8 +63,8 @@ class Server:
                 max_batch_size=256,
                 max_open_sessions=8,
                 request_timeout=30.0,
-                session_timeout=60.0,
-                step_timeout=30.0,
+                session_timeout=600.0,
+                step_timeout=300.0,  # a session its client left is not ended by the server's timeout in a test
             )
             handler = TransformerConnectionHandler(self.span, PREFIX, budget, limits, ServerStats(), self.executor)
             await handler.attach(self.p2p)
@@ -226,3 +227,31 @@ def test_handlers_the_server_removed_are_gone_for_the_in_process_caller_too(serv
     finally:
         server.handler = server.attach()
     assert torch.equal(_session(own, server, _inputs()), _session(remote, server, _inputs()))
+
+
+def test_a_closing_client_ends_its_open_sessions_with_the_own_server_and_through_p2pd(server, remote):
+    """p2pd outlives a client that shares it: the client's shutdown ends its streams itself, so the server
+    frees those sessions' caches at once instead of at their timeouts."""
+    caller = Caller(lambda: _shared(server), None)
+    other = Caller(lambda: _shared_through_p2pd(remote), None)
+    full = server.handler.budget.bytes_left
+
+    async def open_session(p2p) -> ServerStream:
+        stream = ServerStream(RouteSegment(server.local.peer_id.to_base58(), 0, BLOCKS), PREFIX, MAX_LENGTH)
+        await stream.open(types.SimpleNamespace(p2p=p2p, stub=lambda peer: None), timeout=30)
+        await stream.step(_inputs(), "step-0", 0, timeout=30)
+        return stream
+
+    kept = [caller.run(open_session(caller.p2p)), other.run(open_session(other.p2p))]
+    assert len(server.handler.sessions) == 2 and server.handler.budget.bytes_left < full
+    caller.close()
+    other.close()
+    deadline = time.monotonic() + 60  # well before the server's own step timeout would end them
+    while (server.handler.sessions or server.handler.budget.bytes_left != full) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not server.handler.sessions and server.handler.budget.bytes_left == full, kept
+
+
+async def _shared_through_p2pd(remote: Caller) -> SharedP2P:
+    """Another client on the remote peer's p2pd (no server of its own): it reaches the server through p2pd."""
+    return SharedP2P(await remote.dht.new_p2p())

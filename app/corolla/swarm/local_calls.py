@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import socket
+import weakref
 from typing import Any
 
 from hivemind.p2p import P2P, PeerID
@@ -64,20 +66,28 @@ class LocalServer:
         server_end, client_end = socket.socketpair()
         info = StreamInfo(caller, IN_PROCESS_ADDR, name)
         try:
-            await asyncio.wrap_future(self._on_server_loop(self._serve_stream(info, server_end)))
-            reader, writer = await asyncio.open_connection(sock=client_end)
+            serving = self._on_server_loop(self._serve_stream(info, server_end))
         except BaseException:
             server_end.close()
+            client_end.close()
+            raise
+        try:  # from here the server's end is the server loop's (closed there, or ended by our close)
+            await asyncio.wrap_future(serving)
+            reader, writer = await asyncio.open_connection(sock=client_end)
+        except BaseException:
             client_end.close()
             raise
         return StreamInfo(self.peer_id, IN_PROCESS_ADDR, name), reader, writer
 
     async def _serve_stream(self, info: StreamInfo, sock: socket.socket) -> None:
-        handler = self._control().handlers.get(info.proto)  # what p2pd would dispatch to
-        if handler is None:
+        try:
+            handler = self._control().handlers.get(info.proto)  # what p2pd would dispatch to
+            if handler is None:
+                raise ControlFailure(f"Connect failed. msg=protocols not supported: [{info.proto}]")
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except BaseException:
             sock.close()
-            raise ControlFailure(f"Connect failed. msg=protocols not supported: [{info.proto}]")
-        reader, writer = await asyncio.open_connection(sock=sock)
+            raise
         task = asyncio.create_task(handler(info, reader, writer))
         self._streams.add(task)
         task.add_done_callback(self._streams.discard)
@@ -103,29 +113,46 @@ class LocalServer:
 
 
 class SharedP2P:
-    """The client's P2P (a replica of the server's p2pd, on the client's loop) that reaches `local`'s peer
-    id in-process and every other peer through p2pd. Everything else is the replica's."""
+    """A client's P2P on a p2pd it shares (a replica, on the client's loop): reaches `local`'s peer id
+    in-process (if given) and every other peer through p2pd; everything else is the replica's.
+
+    Its shutdown() closes every stream it opened before the replica: p2pd stays, so nothing else would end
+    them, and the servers would keep those sessions' caches until their timeouts (a client with its own
+    p2pd had them all cut when its p2pd went)."""
 
     # hivemind's own stub plumbing, run against this object so that it calls the two methods below.
     call_protobuf_handler = P2P.call_protobuf_handler
     iterate_protobuf_handler = P2P.iterate_protobuf_handler
     _iterate_protobuf_stream_handler = P2P._iterate_protobuf_stream_handler
 
-    def __init__(self, p2p: P2P, local: LocalServer):
+    def __init__(self, p2p: P2P, local: LocalServer | None = None):
         self.replica, self.local = p2p, local
+        self._writers: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.replica, name)
 
+    def _is_local(self, peer_id: PeerID) -> bool:
+        return self.local is not None and peer_id == self.local.peer_id
+
     async def call_binary_stream_handler(
         self, peer_id: PeerID, handler_name: str
     ) -> tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
-        if peer_id == self.local.peer_id:
-            return await self.local.open_stream(self.replica.peer_id, handler_name)
-        return await self.replica.call_binary_stream_handler(peer_id, handler_name)
+        if self._is_local(peer_id):
+            opened = await self.local.open_stream(self.replica.peer_id, handler_name)
+        else:
+            opened = await self.replica.call_binary_stream_handler(peer_id, handler_name)
+        self._writers.add(opened[2])
+        return opened
 
     async def _call_unary_protobuf_handler(self, peer_id: PeerID, name: str, input: Any, output_type: type) -> Any:
-        if peer_id == self.local.peer_id:
+        if self._is_local(peer_id):
             response = await self.local.call_unary(self.replica.peer_id, name, input.SerializeToString())
             return output_type.FromString(response)
         return await self.replica._call_unary_protobuf_handler(peer_id, name, input, output_type)
+
+    async def shutdown(self) -> None:
+        for writer in list(self._writers):
+            with contextlib.suppress(Exception):
+                writer.close()
+        await self.replica.shutdown()

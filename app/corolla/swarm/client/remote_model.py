@@ -156,7 +156,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
         try:
             # A shared DHT: a P2P client of its p2pd of our own (on our loop), closed with this model.
             p2p = loop.run(dht.new_p2p() if shared else dht.replicate_p2p(), timeout=60)
-            if local_server is not None:
+            if shared:  # its streams end with this client (p2pd stays), the own server's reached in-process
                 p2p = SharedP2P(p2p, local_server)
             view = SwarmView(dht, p2p, prefix, checkpoint.num_blocks, config, privacy=privacy)
             model = cls(
