@@ -237,6 +237,9 @@ class ChatEngine:
         from corolla.swarm.client.verification import ledger_of
 
         self._applied = set()
+        with self._lock:  # the replaced client's sessions ended with it (its close ends their streams)
+            for chat_id in [c for c, kept in self._sessions.items() if kept.session.model is not model]:
+                self._sessions.pop(chat_id)
         ledger_of(model.view).on_flag.append(lambda evidence: self.notes.append({"type": "flag", "evidence": evidence}))
         speed_of(model.view).on_slow.append(lambda evidence: self.notes.append({"type": "slow", "evidence": evidence}))
 
