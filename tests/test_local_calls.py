@@ -255,3 +255,26 @@ def test_a_closing_client_ends_its_open_sessions_with_the_own_server_and_through
 async def _shared_through_p2pd(remote: Caller) -> SharedP2P:
     """Another client on the remote peer's p2pd (no server of its own): it reaches the server through p2pd."""
     return SharedP2P(await remote.dht.new_p2p())
+
+
+def test_the_engine_shares_the_servers_swarm_only_for_a_chat_in_that_swarm(server):
+    """A chat target whose peers name the server or a peer it joined through is the server's swarm (its
+    DHT and p2pd are shared); any other target is another swarm, joined with a DHT of the client's own."""
+    from corolla.chat_engine.client_host import ClientTarget
+    from corolla.swarm.server.server import shared_swarm
+
+    joined_through = "/ip4/10.0.0.7/tcp/31337/p2p/QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY"
+
+    async def lend():  # on the server's loop, as the server does once it joined
+        return shared_swarm(server.dht, server.p2p, [joined_through])
+
+    shared = server.loop.run(lend())
+    own = [str(a) for a in server.dht.get_visible_maddrs()]
+    assert shared.local_server.peer_id == server.local.peer_id
+
+    def target(*peers: str) -> ClientTarget:
+        return ClientTarget("model", None, peers, loopback_only=True)
+
+    assert shared.joins(target(*own)) and shared.joins(target(joined_through))
+    stranger = "/ip4/10.0.0.8/tcp/31337/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+    assert not shared.joins(target(stranger)) and not shared.joins(target())
