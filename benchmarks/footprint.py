@@ -91,7 +91,7 @@ def _role(process: psutil.Process, window_pid: int, node_pid: int) -> str:
         return "window"
     if process.pid == node_pid:
         return "node"
-    if "p2pd" in process.name() or "p2pd" in cmd:
+    if process.name() == "p2pd" or os.path.basename(process.cmdline()[0]) == "p2pd":  # not a path with p2pd in it
         return "p2pd"
     if "torch_shm_manager" in cmd:
         return "torch_shm_manager"

@@ -186,9 +186,115 @@ def test_a_chat_streams_from_the_block_server_and_the_node_never_imports_torch(n
     assert any(server["this_computer"] for server in servers) and swarm.json()[0]["route"], swarm.json()
     assert not node.maps_torch(), "the node loaded torch: the chat did not go to the block server"
     assert "chat engine listening" in _server_log(node)
-    # The chat's swarm client lives in the server: its p2pd is the server's child, the node has none.
+    # The chat's swarm client lives in the server and shares its DHT and p2pd (one per computer): the
+    # server runs exactly one p2pd, the node none.
     assert [p.name() for p in psutil.Process(node.process.pid).children() if "p2pd" in p.name()] == []
-    assert sum("p2pd" in p.name() for p in server.children()) == 2, describe([server, *server.children()])
+    assert sum("p2pd" in p.name() for p in server.children()) == 1, describe([server, *server.children()])
+
+
+def _server_addresses(node: NodeProcess) -> list[str]:
+    """The addresses the node's block server is reached at (its stats file), as a peer of the swarm dials it."""
+    stats = json.loads(next(node.home.rglob("server-stats.json")).read_text())
+    return [a for a in stats["visible_maddrs"] if "/p2p/" in a]
+
+
+def _remote_client_generates(node: NodeProcess, tokens: int = 6) -> int:
+    """A client of another process (its own DHT and p2pd) generates through the node's server."""
+    import torch
+
+    from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(node.home / "data" / "demo-model"),
+        initial_peers=_server_addresses(node),
+        dht_prefix=TINY_PREFIX,
+        use_relay=False,
+        auto_nat=False,
+    )
+    try:
+        prompt = torch.tensor([[1, 2, 3, 4]])
+        out = model.generate(prompt, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
+        return out.shape[1] - prompt.shape[1]
+    finally:
+        model.close()
+
+
+@pytest.mark.slow
+def test_another_peers_client_reaches_the_server_while_the_engine_chats(node):
+    """The engine's client shares the server's p2pd; clients of other peers still reach the server
+    through it, while a reply streams."""
+    server = node.status()["contribution"]["pid"]
+    streaming, got = threading.Event(), {}
+
+    def chat() -> None:
+        chat = node.post("/api/chats", json={"title": "meanwhile"}).json()
+
+        def started(events: list) -> bool:
+            if len(_tokens(events)) >= 2:
+                streaming.set()
+            return False
+
+        got["events"] = _stream(node, chat["id"], "tell me a story", 48, until=started)
+        streaming.set()
+
+    thread = threading.Thread(target=chat)
+    thread.start()
+    assert streaming.wait(180)
+    assert _remote_client_generates(node) == 6
+    thread.join(180)
+    assert got["events"][-1][0] == "done" and _tokens(got["events"]), got["events"][-3:]
+    assert node.status()["contribution"]["pid"] == server
+
+
+@pytest.mark.slow
+def test_a_replaced_engine_client_leaves_the_server_serving(node):
+    """A chat target that changes (here: blocks run at each end on this side) replaces the engine's client:
+    the old one closes without taking the server's DHT or p2pd along, and the new one shares them again."""
+    server = psutil.Process(node.status()["contribution"]["pid"])
+    settings = node.get("/api/settings").json()
+    chat = node.post("/api/chats", json={"title": "replaced"}).json()
+    try:
+        for edges in (1, 0):
+            node.put("/api/settings", json={**settings, "chat_local_blocks": edges}).raise_for_status()
+            events = _stream(node, chat["id"], f"edges {edges}", 6)
+            assert events[-1][0] == "done" and _tokens(events), events[-3:]
+    finally:
+        node.put("/api/settings", json=settings).raise_for_status()
+    assert node.status()["contribution"]["pid"] == server.pid and node.status()["contribution"]["state"] == "online"
+    assert sum(p.name() == "p2pd" for p in server.children()) == 1, describe([server, *server.children()])
+    assert _remote_client_generates(node, 3) == 3
+    assert not node.maps_torch()
+
+
+@pytest.mark.slow
+def test_openai_requests_and_a_server_check_go_through_the_engine_too(node):
+    """The OpenAI-compatible endpoints and "Check this server" are answered by the block server's engine
+    while the node contributes, as chats are: the node never imports torch for them."""
+    model = node.get("/v1/models").json()["data"][0]["id"]
+    answer = node.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 0},
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert isinstance(body["choices"][0]["message"]["content"], str) and body["usage"]["prompt_tokens"] > 0
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["corolla_seen_by"], body
+    own = node.status()["contribution"]["peer_id"]
+    assert own in {seen["peer_id"] for seen in body["corolla_seen_by"]}, body["corolla_seen_by"]
+    lines = []
+    with node.client.stream(
+        "POST", "/v1/completions", json={"model": model, "prompt": "once upon", "max_tokens": 5, "stream": True}
+    ) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and all("error" not in json.loads(x[6:]) for x in lines[:-1]), lines
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length"), lines
+    empty = node.post("/v1/completions", json={"model": model, "prompt": "", "max_tokens": 5})
+    assert empty.status_code == 400 and "empty" in empty.text, empty.text
+    check = node.post("/api/swarm/check", json={"peer_id": own})
+    assert check.status_code == 200 and check.json()["peer_id"] == own, check.text
+    assert check.json()["state"] in ("verified", "unverified"), check.json()
+    assert not node.maps_torch(), "the node loaded torch: an OpenAI request or the check did not go to the server"
 
 
 @pytest.mark.slow
@@ -227,7 +333,7 @@ def test_a_server_killed_mid_reply_ends_it_with_a_clear_error_and_the_next_chat_
         killed = threading.Event()
         kill = functools.partial(_kill_after_some_tokens, before["pid"], killed)
         events = _stream(node, chat["id"], "tell me a long story", 2000, until=kill)
-        assert killed.is_set()
+        assert killed.is_set(), events[-3:]
         # The supervisor restarts the server; the next chat is written by the new one.
         old = before["pid"]
         node.wait_contribution("online", timeout=180, predicate=lambda s, old=old: s["contribution"]["pid"] != old)

@@ -5,13 +5,20 @@ same import_gguf the node calls; the self-test converts from scratch in a fresh 
 
 from __future__ import annotations
 
+import json
+import threading
+from pathlib import Path
+
 import psutil
 import pytest
 
+from corolla.node.default_model import SMOLLM2_PREFIX
 from corolla.testing.node import NodeProcess, sse_events
+from corolla.testing.swarm import run_reference_script
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"
+INTEROP = Path(__file__).parents[1] / "interop"
 
 
 def test_status_names_the_model_honestly(node):
@@ -28,8 +35,7 @@ def test_status_names_the_model_honestly(node):
 
 def test_a_chat_is_written_by_the_block_server_and_the_node_holds_no_torch(node):
     """While the node contributes, the chat pane's replies come from its block server's process (issue 29):
-    SmolLM2's real weights answer there, and the node has neither torch nor the model's embeddings. Runs
-    before the OpenAI endpoint's test: that endpoint still answers with the node's own client."""
+    SmolLM2's real weights answer there, and the node has neither torch nor the model's embeddings."""
     chat = node.post("/api/chats", json={"title": "engine"}).json()
     with node.client.stream(
         "POST", f"/api/chats/{chat['id']}/messages", json={"content": QUESTION, "max_new_tokens": 16, "temperature": 0}
@@ -39,8 +45,46 @@ def test_a_chat_is_written_by_the_block_server_and_the_node_holds_no_torch(node)
     assert events[-1][0] == "done" and "Paris" in events[-1][1]["text"], events[-3:]
     assert not node.maps_torch(), "the node loaded torch: the chat did not go to the block server"
     server = psutil.Process(node.status()["contribution"]["pid"])
-    assert sum("p2pd" in child.name() for child in server.children()) == 2  # the server's and the chat's
+    assert sum("p2pd" in child.name() for child in server.children()) == 1  # the chat's client shares the server's
     assert "Paris" in node.get(f"/api/chats/{chat['id']}").json()["messages"][-1]["content"]
+
+
+def test_a_stock_petals_client_is_token_exact_through_the_server_while_the_engine_chats(node, smollm2):
+    """The engine's client shares the server's p2pd (one per computer) and reaches its blocks in-process; a
+    stock Petals 2.2 client elsewhere still reaches the same server through p2pd, token-exact, while a
+    chat streams through the engine."""
+    server_stats = json.loads(next(node.home.rglob("server-stats.json")).read_text())
+    address = next(a for a in server_stats["visible_maddrs"] if "/p2p/" in a)
+    streaming, got = threading.Event(), {}
+
+    def chat() -> None:
+        chat = node.post("/api/chats", json={"title": "meanwhile"}).json()
+        with node.client.stream(
+            "POST", f"/api/chats/{chat['id']}/messages", json={"content": "Tell me a long story.", "max_new_tokens": 96}
+        ) as response:
+            events = []
+            for event in sse_events(response):
+                events.append(event)
+                if event[0] == "token":
+                    streaming.set()
+            got["events"] = events
+        streaming.set()
+
+    thread = threading.Thread(target=chat)
+    thread.start()
+    try:
+        assert streaming.wait(300)
+        result = run_reference_script(
+            INTEROP / "petals_smollm2_check.py", str(smollm2), address, SMOLLM2_PREFIX, "8", timeout=600
+        )
+    finally:
+        thread.join(300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON from the reference script:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    report = json.loads(lines[-1])
+    assert result.returncode == 0 and report["ok"], report
+    assert got["events"][-1][0] == "done", got["events"][-3:]
+    assert not node.maps_torch()
 
 
 def test_openai_chat_completion_answers_paris(node):
@@ -55,6 +99,7 @@ def test_openai_chat_completion_answers_paris(node):
     )
     assert response.status_code == 200, response.text
     assert "Paris" in response.json()["choices"][0]["message"]["content"]
+    assert not node.maps_torch(), "the node loaded torch: the OpenAI request did not go to the block server"
 
 
 def test_the_chat_pane_api_answers_paris(node):

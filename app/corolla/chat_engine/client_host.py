@@ -45,21 +45,52 @@ class ClientTarget:
         return cls(model, prefix, tuple(peers), bool(data.get("loopback_only")), edges)
 
 
+def peer_id_of(address: str) -> str | None:
+    """The peer id a multiaddr ends with (/p2p/ID), if any."""
+    return address.rsplit("/p2p/", 1)[1] if "/p2p/" in address else None
+
+
+@dataclass(frozen=True)
+class SharedSwarm:
+    """The block server of this process, lent to its chat engine's client (issue 29: one DHT and one p2pd
+    per computer): its running DHT, its handlers for in-process calls (swarm/local_calls.py) and the
+    peers its swarm is known by (its own id and those of the peers it joined through)."""
+
+    dht: Any
+    local_server: Any  # swarm.local_calls.LocalServer
+    peer_ids: frozenset[str]
+
+    def joins(self, target: ClientTarget) -> bool:
+        """Whether `target` names this server's swarm: one of its peers is this server or one the server
+        joined through (the node derives both from the same settings: a target that names none of them
+        is another swarm, reached with a DHT of its own)."""
+        return any(peer_id_of(peer) in self.peer_ids for peer in target.peers)
+
+
 class SwarmClientHost:
     """One swarm client for the current model and peers (`target()`, or the target given to get), created
-    on first use."""
+    on first use. `shared()`: the block server's swarm to use when the target is that swarm (no DHT of
+    the client's own then)."""
 
-    def __init__(self, target: Callable[[], ClientTarget], token: Callable[[], str | None]):
-        self._target, self._token = target, token
+    def __init__(
+        self,
+        target: Callable[[], ClientTarget],
+        token: Callable[[], str | None],
+        shared: Callable[[], SharedSwarm | None] = lambda: None,
+    ):
+        self._target, self._token, self._shared = target, token, shared
         self._lock = threading.Lock()
         self._client = None
         self._client_target: ClientTarget | None = None
+        self._client_shared: SharedSwarm | None = None
         self.on_new_client: Callable[[Any], None] | None = None  # e.g. to restore the node's flagged servers
 
     def get(self, target: ClientTarget | None = None):
         target = target or self._target()
+        shared = self._shared()
+        shared = shared if shared is not None and shared.joins(target) else None
         with self._lock:
-            if self._client is not None and self._client_target == target:
+            if self._client is not None and self._client_target == target and self._client_shared is shared:
                 return self._client
             self.close()
             if not target.peers:
@@ -72,6 +103,8 @@ class SwarmClientHost:
                 from corolla.swarm.client.remote_model import AutoDistributedModelForCausalLM
 
             options = {"use_relay": False, "auto_nat": False} if target.loopback_only else {}
+            if shared is not None:  # the server's DHT and p2pd, its own blocks reached in-process
+                options = {"dht": shared.dht, "local_server": shared.local_server}
             for attempt in range(CONNECT_ATTEMPTS):
                 try:
                     self._client = AutoDistributedModelForCausalLM.from_pretrained(
@@ -95,7 +128,7 @@ class SwarmClientHost:
                             "fresh invite from a member under Settings, Swarm"
                         ) from exc
                     logger.warning("connecting to the swarm failed (%s); retrying", exc)
-            self._client_target = target
+            self._client_target, self._client_shared = target, shared
             if self.on_new_client is not None:
                 self.on_new_client(self._client)
             return self._client
@@ -111,4 +144,4 @@ class SwarmClientHost:
                 self._client.close()
             except Exception:
                 logger.warning("closing the swarm client failed", exc_info=True)
-        self._client, self._client_target = None, None
+        self._client, self._client_target, self._client_shared = None, None, None

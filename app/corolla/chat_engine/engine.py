@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from corolla.chat_engine.client_host import ClientTarget, NoSwarm, SwarmClientHost
+from corolla.chat_engine.client_host import ClientTarget, NoSwarm, SharedSwarm, SwarmClientHost
 
 logger = logging.getLogger(__name__)
 MAX_CACHED_SESSIONS = 8  # as the node's ChatService: each holds KV cache on the swarm's servers
@@ -36,8 +36,9 @@ class _Kept:
 
 
 class ChatEngine:
-    def __init__(self) -> None:
-        self.clients = SwarmClientHost(lambda: None, lambda: os.environ.get("HF_TOKEN"))
+    def __init__(self, shared: Callable[[], SharedSwarm | None] = lambda: None) -> None:
+        """`shared()`: the block server's swarm, which the client joins through when a chat targets it."""
+        self.clients = SwarmClientHost(lambda: None, lambda: os.environ.get("HF_TOKEN"), shared)
         self.clients.on_new_client = self._on_new_client
         self._sessions: OrderedDict[str, _Kept] = OrderedDict()
         self._lock = threading.Lock()
@@ -105,6 +106,64 @@ class ChatEngine:
             slow = {e["peer_id"]: e for e in request.get("slow") or [] if isinstance(e, dict) and "peer_id" in e}
             return {"type": "swarm", "models": swarm_report(model, own, request.get("flagged") or {}, slow)}
         except Exception as exc:  # the node says it as it would its own failure
+            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
+            return {"type": "error", "kind": kind, "message": str(exc)}
+
+    def check(self, request: dict) -> dict:
+        """ "Check this server" (the API's POST /api/swarm/check) with this engine's client, and the flags it
+        raised for the node's database."""
+        from corolla.chat_engine.swarm_report import check_answer
+        from corolla.swarm.client.server_check import check_server
+
+        try:
+            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
+            self._apply_node_records(model, request)
+            peer = _text(request, "peer_id")
+            verdict = model.run_async(check_server(model, peer), timeout=180)
+            return {"type": "check", "verdict": check_answer(peer, verdict), "notes": self.take_notes()}
+        except Exception as exc:
+            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
+            return {"type": "error", "kind": kind, "message": str(exc)}
+
+    # --- an OpenAI-style completion (node/openai_api.py) ----------------------------------------------
+    def complete(self, request: dict, on_text: Callable[[str], None], should_stop: Callable[[], bool]) -> dict:
+        """One completion of a prompt (text, or chat messages), streamed as a reply is; no session kept."""
+        from corolla.chat_engine.completion import EmptyPrompt, complete, prompt_ids
+
+        try:
+            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
+            self._apply_node_records(model, request)
+            privacy = self._privacy(model, request.get("privacy"))
+            messages = request.get("messages")
+            if messages is not None:
+                messages = _history({"history": messages})
+            elif not isinstance(request.get("prompt"), str):
+                raise RequestError("a completion needs messages or a prompt")
+            try:
+                ids = prompt_ids(model.tokenizer, messages, request.get("prompt"))
+            except EmptyPrompt as exc:
+                raise RequestError(str(exc)) from exc
+            text, tokens, finish, seen = complete(
+                model,
+                ids,
+                max_new_tokens=_count(request),
+                stops=_stops(request),
+                sampling=self._sampling(request),
+                privacy=privacy,
+                on_text=on_text,
+                should_stop=should_stop,
+            )
+            return {
+                "type": "done",
+                "text": text,
+                "tokens": tokens,
+                "prompt_tokens": len(ids),
+                "finish_reason": finish,
+                "seen_by": seen,
+            }
+        except Exception as exc:  # told to the node, which answers the HTTP request with it
+            if not isinstance(exc, (NoSwarm, RequestError)):
+                logger.warning("a completion failed: %s", exc, exc_info=not isinstance(exc, RuntimeError))
             kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
             return {"type": "error", "kind": kind, "message": str(exc)}
 
@@ -178,6 +237,9 @@ class ChatEngine:
         from corolla.swarm.client.verification import ledger_of
 
         self._applied = set()
+        with self._lock:  # the replaced client's sessions ended with it (its close ends their streams)
+            for chat_id in [c for c, kept in self._sessions.items() if kept.session.model is not model]:
+                self._sessions.pop(chat_id)
         ledger_of(model.view).on_flag.append(lambda evidence: self.notes.append({"type": "flag", "evidence": evidence}))
         speed_of(model.view).on_slow.append(lambda evidence: self.notes.append({"type": "slow", "evidence": evidence}))
 

@@ -1,8 +1,10 @@
 """The engine's Unix socket in the block server's process: one connection per reply (or per read of
 the swarm for the Swarm pane: a "swarm" request, answered with "alive" messages, then the report).
 
-A connection says the secret ("hello"), gets "ready", sends one "generate" request and reads "piece"
-messages, "alive" while nothing else is sent, any "flag"/"slow" notes, then "done" or "error". A "stop"
+A connection says the secret ("hello"), gets "ready", sends one "generate" request (a chat's reply) or
+"complete" request (an OpenAI-style completion) and reads "piece"
+messages, "alive" while nothing else is sent, any "flag"/"slow" notes, then "done" or "error"; or one
+"swarm" or "check" request ("Check this server"), answered once, "alive" meanwhile. A "stop"
 from the node, or the node hanging up, stops the reply (the node keeps what it has received). The
 replies are generated on their own threads, never the server's compute thread.
 """
@@ -42,6 +44,7 @@ class ChatListener:
         self._engine_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=MAX_REPLIES_AT_ONCE, thread_name_prefix="corolla-chat")
         self._replies = asyncio.Semaphore(MAX_REPLIES_AT_ONCE)
+        self.shared = None  # SharedSwarm: the block server's DHT and handlers, once it has joined (share_swarm)
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -63,6 +66,11 @@ class ChatListener:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.to_thread(engine.close), 10.0)
 
+    def share_swarm(self, shared) -> None:
+        """The block server joined its swarm: chats in that swarm go through its DHT and p2pd (one per
+        computer) and reach its blocks in-process, instead of a DHT and p2pd of the engine's own."""
+        self.shared = shared
+
     def drop_client(self) -> None:
         """The server paused: its chat client and sessions go (closed on a thread, bounded), as the node's
         own client went when its server paused; the next chat after resuming starts a fresh one. Replies
@@ -77,7 +85,7 @@ class ChatListener:
             if self._engine is None:
                 from corolla.chat_engine.engine import ChatEngine
 
-                self._engine = ChatEngine()
+                self._engine = ChatEngine(lambda: self.shared)
             return self._engine
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -90,10 +98,10 @@ class ChatListener:
             request = await read_message(reader, HELLO_TIMEOUT_S)
             if request["type"] == "ping":
                 await write_message(writer, {"type": "pong"})
-            elif request["type"] == "generate":
+            elif request["type"] in ("generate", "complete"):
                 async with self._replies:
                     await self._generate(request, reader, writer)
-            elif request["type"] == "swarm":
+            elif request["type"] in ("swarm", "check"):
                 async with self._replies:
                     await self._swarm(request, writer)
             else:
@@ -114,7 +122,9 @@ class ChatListener:
             loop.call_soon_threadsafe(queue.put_nowait, {"type": "piece", "text": piece})
 
         def run() -> dict:
-            return self._get_engine().answer(request, on_text, stop.is_set)
+            engine = self._get_engine()
+            write = engine.complete if request["type"] == "complete" else engine.answer  # an OpenAI request, a chat
+            return write(request, on_text, stop.is_set)
 
         reply = loop.run_in_executor(self._executor, run)
         watch = asyncio.create_task(_stop_when_told(reader, stop))
@@ -141,9 +151,14 @@ class ChatListener:
                 await asyncio.wait_for(asyncio.shield(reply), STOP_GRACE_S)
 
     async def _swarm(self, request: dict, writer: asyncio.StreamWriter) -> None:
-        """The Swarm pane's report, "alive" meanwhile (a first read starts the client: seconds)."""
+        """The Swarm pane's report, or a server's check: "alive" meanwhile (a first read starts the client)."""
         loop = asyncio.get_running_loop()
-        report = loop.run_in_executor(self._executor, lambda: self._get_engine().swarm(request))
+
+        def answer() -> dict:
+            engine = self._get_engine()
+            return engine.check(request) if request["type"] == "check" else engine.swarm(request)
+
+        report = loop.run_in_executor(self._executor, answer)
         while True:
             done, _ = await asyncio.wait({report}, timeout=ALIVE_EVERY_S)
             if done:

@@ -65,3 +65,16 @@ def current_route(model: Any) -> list[dict]:
     except Exception:  # no complete route: the map shows the gap instead
         return []
     return [{"peer_id": s.peer_id, "start": s.start, "end": s.end} for s in segments]
+
+
+def check_answer(peer_id: str, verdict: Any) -> dict | None:
+    """A deliberate check's verdict (swarm/client/server_check.py) as the API gives it; None: it serves nothing."""
+    if verdict is None:
+        return None
+    return {
+        "peer_id": peer_id,
+        "state": verdict.state if verdict.state in ("verified", "flagged") else "unverified",
+        "detail": verdict.detail,
+        "max_error": verdict.max_error,
+        "compared_with": verdict.compared_with,
+    }

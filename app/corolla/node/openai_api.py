@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corolla.api.models import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, PrivacyChoice
 from corolla.node.lazy_imports import engine_imports
+from corolla.node.openai_engine import DEFAULT_MAX_TOKENS, engine_request, open_reply, read_reply
 
 
 class ChatMessage(BaseModel):
@@ -77,56 +78,64 @@ def make_router(node, auth) -> APIRouter:
 
     def generate(prompt_ids: list[int], request: _Sampling, on_text, should_stop) -> tuple[str, int, str, list]:
         with engine_imports():
-            import torch
-
-            from corolla.swarm.client.chat import ReplyWatcher, seen_by
+            from corolla.chat_engine.completion import complete
 
         model = node.chats.clients.get()
         stored = node.check_privacy_choice(request.corolla_privacy) if request.corolla_privacy else None
-        watcher = ReplyWatcher(model.tokenizer, model.eos_token_ids, request.stops(), on_text, should_stop)
-        length = len(prompt_ids) + (request.max_tokens or 256)
-        session = model.inference_session(max_length=length, privacy=node.privacy_for(stored))
-        try:
-            model.generate(
-                torch.tensor([prompt_ids]),
-                max_new_tokens=request.max_tokens or 256,
-                eos_token_id=[],
-                streamer=watcher,
-                session=session,
-                **request.sampling(),
-            )
-            recipients = seen_by(session)
-        finally:
-            session.close_in_background()  # the reply need not wait for the servers' goodbyes
-        finish = "stop" if watcher.stopped_by in ("eos", "stop string") else "length"
-        return watcher.text(), len(watcher.stream.tokens), finish, recipients
+        privacy = node.privacy_for(stored)
+        return complete(
+            model,
+            prompt_ids,
+            max_new_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
+            stops=request.stops(),
+            sampling=request.sampling(),
+            privacy=privacy,
+            on_text=on_text,
+            should_stop=should_stop,
+        )
 
     def chat_prompt(request: ChatCompletionRequest) -> list[int]:
-        tokenizer = node.chats.clients.get().tokenizer
-        messages = [m.model_dump() for m in request.messages]
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return tokenizer(text, add_special_tokens=False).input_ids
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return tokenizer(text).input_ids
+        with engine_imports():
+            from corolla.chat_engine.completion import prompt_ids
+
+        return prompt_ids(node.chats.clients.get().tokenizer, messages=[m.model_dump() for m in request.messages])
 
     def completion_prompt(request: CompletionRequest) -> list[int]:
-        ids = node.chats.clients.get().tokenizer(request.prompt).input_ids
-        if not ids:
-            raise HTTPException(400, "the prompt is empty after tokenisation")
-        return ids
+        with engine_imports():
+            from corolla.chat_engine.completion import EmptyPrompt, prompt_ids
+
+        try:
+            return prompt_ids(node.chats.clients.get().tokenizer, prompt=request.prompt)
+        except EmptyPrompt as exc:
+            raise HTTPException(400, str(exc)) from exc
 
     async def respond(request: _Sampling, prompt_fn, kind: str):
         check_model(request.model)
         if request.corolla_privacy is not None:
             node.check_privacy_choice(request.corolla_privacy)  # a bad peer list: 400 before anything runs
-        prompt_ids = await asyncio.to_thread(node.call_swarm, prompt_fn, request)
         created, ident = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        usage_prompt = len(prompt_ids)
+        reply = None
+        address = node.supervisor.chat_engine()  # contributing: the block server's engine writes it
+        if address is not None:
+            body = await asyncio.to_thread(node.call_swarm, engine_request, node, request, kind)
+            reply = await open_reply(address, body)
+        if reply is not None:
+
+            async def produce(on_text, should_stop) -> tuple[str, int, str, list, int]:
+                done = await read_reply(node, reply, on_text, should_stop)
+                return done["text"], done["tokens"], done["finish_reason"], done["seen_by"], done["prompt_tokens"]
+
+        else:
+            prompt_ids = await asyncio.to_thread(node.call_swarm, prompt_fn, request)
+
+            async def produce(on_text, should_stop) -> tuple[str, int, str, list, int]:
+                text, tokens, finish, seen = await asyncio.to_thread(
+                    node.call_swarm, generate, prompt_ids, request, on_text, should_stop
+                )
+                return text, tokens, finish, seen, len(prompt_ids)
+
         if not request.stream:
-            text, tokens, finish, recipients = await asyncio.to_thread(
-                node.call_swarm, generate, prompt_ids, request, lambda piece: None, lambda: False
-            )
+            text, tokens, finish, recipients, usage_prompt = await produce(lambda piece: None, lambda: False)
             usage = {"prompt_tokens": usage_prompt, "completion_tokens": tokens, "total_tokens": usage_prompt + tokens}
             if kind == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
@@ -149,12 +158,19 @@ def make_router(node, auth) -> APIRouter:
                 "usage": usage,
                 "corolla_seen_by": recipients,
             }
-        return StreamingResponse(_stream(request, prompt_ids, kind, ident, created), media_type="text/event-stream")
+        return StreamingResponse(_stream(request, produce, kind, ident, created), media_type="text/event-stream")
 
-    async def _stream(request, prompt_ids, kind, ident, created):
+    async def _stream(request, produce, kind, ident, created):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
+        loop_thread = threading.get_ident()
+
+        def on_text(piece: str) -> None:  # from the node's own client's thread, or on this loop (the engine)
+            if threading.get_ident() == loop_thread:
+                queue.put_nowait(("piece", piece))
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
 
         def chunk(delta: dict | None, text: str | None, finish: str | None, seen: list | None = None) -> str:
             if kind == "chat":
@@ -177,20 +193,14 @@ def make_router(node, auth) -> APIRouter:
                 body["corolla_seen_by"] = seen
             return f"data: {json.dumps(body)}\n\n"
 
-        def run():
+        async def run() -> None:
             try:
-                _, _, finish, seen = node.call_swarm(
-                    generate,
-                    prompt_ids,
-                    request,
-                    lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece)),
-                    cancel.is_set,
-                )
-                loop.call_soon_threadsafe(queue.put_nowait, ("finish", (finish, seen)))
+                _, _, finish, seen, _ = await produce(on_text, cancel.is_set)
+                queue.put_nowait(("finish", (finish, seen)))
             except Exception as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", str(exc)))
+                queue.put_nowait(("error", exc.detail if isinstance(exc, HTTPException) else str(exc)))
 
-        worker = loop.run_in_executor(None, run)
+        worker = asyncio.ensure_future(run())
         try:
             if kind == "chat":
                 yield chunk({"role": "assistant", "content": ""}, None, None)

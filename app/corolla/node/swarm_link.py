@@ -19,6 +19,7 @@ from corolla.swarm.server.stats import ServerStats
 
 logger = logging.getLogger(__name__)
 SWARM_READ_TIMEOUT_S = 90.0  # the window waits as long for its swarm request
+CHECK_TIMEOUT_S = 200.0  # a deliberate check runs up to 180 s in the engine
 NO_MEMBERS = (
     "privacy is 'members of my swarms', but this node is in no private swarm: create one (contribute "
     "in the private swarm) or join one with an invite, or choose another privacy level for this chat"
@@ -131,21 +132,29 @@ class SwarmLinkMixin:
         speed.on_slow.append(self.db.note_slow_server)
 
     def check_server(self, peer_id: str) -> dict | None:
-        """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing."""
+        """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing. While
+        the node contributes, the block server's engine checks (its client is there: no torch here)."""
+        address = self.supervisor.chat_engine()
+        if address is not None:
+            request = {"type": "check", "peer_id": peer_id, "target": self._client_target().to_dict()}
+            request.update(flagged=self.db.flagged_servers(), slow=list(self.db.slow_servers().values()))
+            try:
+                answer = ask_engine(address, request, timeout=CHECK_TIMEOUT_S)
+            except (OSError, ChannelError, TimeoutError) as exc:
+                logger.warning("the block server's engine cannot check the server (%s): this node checks it", exc)
+            else:
+                if answer["type"] == "error":
+                    raise _engine_error(answer)
+                for note in answer.get("notes") or []:
+                    self.record_engine_note(note)
+                return answer["verdict"]
         with engine_imports():
+            from corolla.chat_engine.swarm_report import check_answer
             from corolla.swarm.client.server_check import check_server
 
         model = self.call_swarm(self.chats.clients.get)
         verdict = self.call_swarm(lambda: model.run_async(check_server(model, peer_id), timeout=180))
-        if verdict is None:
-            return None
-        return {
-            "peer_id": peer_id,
-            "state": verdict.state if verdict.state in ("verified", "flagged") else "unverified",
-            "detail": verdict.detail,
-            "max_error": verdict.max_error,
-            "compared_with": verdict.compared_with,
-        }
+        return check_answer(peer_id, verdict)
 
     def check_privacy_choice(self, choice: m.PrivacyChoice) -> dict:
         """A chat's choice as stored; HTTP 400 for a malformed or empty peer list."""

@@ -167,6 +167,11 @@ class InProcessDHT:
             self._replicas[loop] = await P2P.replicate(self._node.p2p.daemon_listen_maddr)
         return self._replicas[loop]
 
+    async def new_p2p(self) -> P2P:
+        """A P2P client of this DHT's p2pd that the caller owns (not shared like replicate_p2p's): its
+        shutdown() closes only this client, p2pd stays (a swarm client sharing this DHT, issue 29)."""
+        return await P2P.replicate(self._node.p2p.daemon_listen_maddr)
+
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 

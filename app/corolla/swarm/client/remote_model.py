@@ -39,6 +39,8 @@ from corolla.swarm.client.remote_forward import RemoteBlocks
 from corolla.swarm.client.remote_generation import RemoteGenerationMixin, step_output
 from corolla.swarm.client.remote_session import RemoteSession
 from corolla.swarm.client.routing import SwarmView
+from corolla.swarm.local_calls import LocalServer, SharedP2P
+from corolla.swarm.local_dht import InProcessDHT
 from corolla.swarm.models import LoadOptions, load_client_parts, open_checkpoint, resolve_dht_prefix
 from corolla.swarm.peers import start_dht
 
@@ -86,6 +88,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
             self.client_model.requires_grad_(False)  # as in Petals: only the prompts train by default
         self.blocks = RemoteBlocks(view, self.active_adapter)
         self._tokenizer = None
+        self.shares_dht = False  # True: `dht` is another's (a block server's), left running by close()
         with contextlib.suppress(Exception):
             path = checkpoint.resolver.local_path("generation_config.json")
             if path is not None:
@@ -107,10 +110,17 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
         pre_seq_len: int = 0,
         active_adapter: str | None = None,
         privacy: Privacy | list[str] | dict | str | None = None,
+        dht: InProcessDHT | None = None,
+        local_server: LocalServer | None = None,
         **config_overrides: Any,
     ) -> DistributedModelForCausalLM:
         """`privacy`: who may receive this client's hidden states, for every call (privacy.py): None or
-        "any", `Privacy.members(ids)` / `.only(ids)` / `.local(ids)`, or a list of peer ids (only these)."""
+        "any", `Privacy.members(ids)` / `.only(ids)` / `.local(ids)`, or a list of peer ids (only these).
+
+        `dht`: a DHT already running on a thread of this process (a block server's) to join through instead
+        of starting one: the client then speaks through its p2pd (one per computer) and close() leaves both
+        running; `initial_peers` may be empty. `local_server`: that server's handlers (local_calls.py),
+        which the client then reaches in-process (a peer cannot dial its own peer id)."""
         privacy = as_privacy(privacy)  # a bad peer list fails here, before anything starts
         if tuning_mode not in TUNING_MODES:
             raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
@@ -121,7 +131,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
             if not hasattr(config, key):
                 raise TypeError(f"unknown client option {key!r}")
             setattr(config, key, value)
-        if not initial_peers:
+        if not initial_peers and dht is None:
             raise ValueError("initial_peers is empty: give the multiaddrs of at least one peer of the swarm")
         checkpoint = open_checkpoint(model_name_or_path, token=token, revision=revision)
         prefix = resolve_dht_prefix(checkpoint, dht_prefix or config.dht_prefix)
@@ -131,19 +141,25 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
         options = LoadOptions(device=device, dtype=torch_dtype, token=token, revision=revision)
         client_parts = load_client_parts(checkpoint, options)
         local_edges = LocalEdges.load(checkpoint, edge_blocks, options) if edge_blocks else None
-        dht = start_dht(
-            initial_peers,
-            client_mode=True,
-            host_maddrs=config.host_maddrs,
-            use_relay=config.use_relay,
-            auto_nat=config.auto_nat,
-            in_process=True,  # no forked copy of a process holding torch and the client's weights
-        )
+        shared = dht is not None
+        if not shared:
+            dht = start_dht(
+                initial_peers,
+                client_mode=True,
+                host_maddrs=config.host_maddrs,
+                use_relay=config.use_relay,
+                auto_nat=config.auto_nat,
+                in_process=True,  # no forked copy of a process holding torch and the client's weights
+            )
         loop = ClientLoop()
+        p2p = None
         try:
-            p2p = loop.run(dht.replicate_p2p(), timeout=60)
+            # A shared DHT: a P2P client of its p2pd of our own (on our loop), closed with this model.
+            p2p = loop.run(dht.new_p2p() if shared else dht.replicate_p2p(), timeout=60)
+            if shared:  # its streams end with this client (p2pd stays), the own server's reached in-process
+                p2p = SharedP2P(p2p, local_server)
             view = SwarmView(dht, p2p, prefix, checkpoint.num_blocks, config, privacy=privacy)
-            return cls(
+            model = cls(
                 checkpoint.config,
                 checkpoint=checkpoint,
                 client_parts=client_parts,
@@ -156,9 +172,15 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
                 active_adapter=active_adapter,
                 local_edges=local_edges,
             ).to(client_parts.device)
+            model.shares_dht = shared
+            return model
         except BaseException:
+            if shared and p2p is not None:
+                with contextlib.suppress(Exception):
+                    loop.run(p2p.shutdown(), timeout=10)
             loop.stop()
-            dht.shutdown()
+            if not shared:
+                dht.shutdown()
             raise
 
     # --- plumbing ----------------------------------------------------------------------------------
@@ -213,7 +235,8 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
         with contextlib.suppress(Exception):
             self._loop.run(self.view.p2p.shutdown(), timeout=10)
         self._loop.stop()
-        self.dht.shutdown()
+        if not self.shares_dht:  # a block server's DHT (from_pretrained's `dht`) stays for the server
+            self.dht.shutdown()
 
     def __enter__(self) -> DistributedModelForCausalLM:
         return self

@@ -21,9 +21,11 @@ from pathlib import Path
 import psutil
 import torch
 
+from corolla.chat_engine.client_host import SharedSwarm, peer_id_of
 from corolla.chat_engine.listener import start_from_env as start_chat_listener
 from corolla.swarm import protocol, steptrace
 from corolla.swarm.dht_records import compute_spans, get_module_infos
+from corolla.swarm.local_calls import LocalServer
 from corolla.swarm.models import LoadOptions, load_span, open_checkpoint, resolve_dht_prefix
 from corolla.swarm.models.devices import (
     check_quantization_supported,
@@ -196,6 +198,8 @@ class BlockServer(SwarmPresenceMixin):
         )
         self.stats.using_relay = network.using_relay
         main_p2p = await self.dht.replicate_p2p()
+        if getattr(self, "_chat_listener", None) is not None:  # its chats' client shares this DHT and p2pd
+            self._chat_listener.share_swarm(shared_swarm(self.dht, main_p2p, self.config.initial_peers))
         self.reachability_service = ReachabilityProtocol()  # answers other peers' checks (Petals §5.5)
         if not network.client_mode:
             await self.reachability_service.attach(main_p2p)
@@ -466,6 +470,13 @@ class BlockServer(SwarmPresenceMixin):
             if self._stats_file is not None:
                 await asyncio.to_thread(self._stats_file.write, self._stats_snapshot())
             await asyncio.sleep(1.0)
+
+
+def shared_swarm(dht, p2p, initial_peers) -> SharedSwarm:
+    """What this server lends its chat engine: its DHT, its handlers (registered on `p2p`, the P2P of this
+    loop) for in-process calls, and the peer ids its swarm is known by."""
+    ids = {peer_id_of(str(peer)) for peer in initial_peers} | {p2p.peer_id.to_base58()}
+    return SharedSwarm(dht, LocalServer(p2p), frozenset(ids - {None}))
 
 
 def network_plan_arguments(config: ServerConfig) -> dict:
