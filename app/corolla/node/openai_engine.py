@@ -10,7 +10,7 @@ from collections.abc import Callable
 from corolla.chat_engine.channel import ChannelError
 from corolla.node.engine_link import EngineAddress, EngineReply
 from corolla.node.errors import NodeError
-from corolla.node.swarm_link import _engine_error as engine_error
+from corolla.node.swarm_link import engine_error
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256

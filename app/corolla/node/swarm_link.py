@@ -107,7 +107,7 @@ class SwarmLinkMixin:
                 logger.warning("the block server's engine cannot read the swarm (%s): this node reads it", exc)
             else:
                 if answer["type"] == "error":
-                    raise _engine_error(answer)
+                    raise engine_error(answer)
                 return answer["models"]
         model = self.call_swarm(self.chats.clients.get)
         with engine_imports():
@@ -144,7 +144,7 @@ class SwarmLinkMixin:
                 logger.warning("the block server's engine cannot check the server (%s): this node checks it", exc)
             else:
                 if answer["type"] == "error":
-                    raise _engine_error(answer)
+                    raise engine_error(answer)
                 for note in answer.get("notes") or []:
                     self.record_engine_note(note)
                 return answer["verdict"]
@@ -264,7 +264,7 @@ def _as_node_error(exc: Exception) -> NodeError | None:
     return None
 
 
-def _engine_error(answer: dict) -> NodeError:
+def engine_error(answer: dict) -> NodeError:
     """The NodeError for the engine's failed swarm read, as _as_node_error sorts the node's own failures."""
     kind, message = str(answer.get("kind")), str(answer.get("message"))
     if kind == "no_swarm":
