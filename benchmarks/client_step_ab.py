@@ -66,7 +66,7 @@ def measure(app: str, servers: int, new_tokens: int, runs: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--baseline", required=True, help="the other checkout's app/ folder (its PYTHONPATH)")
+    parser.add_argument("--baseline", help="the other checkout's app/ folder (its PYTHONPATH)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=5, help="timed generations per chain start (median)")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -75,6 +75,8 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.new_tokens, args.runs)
         return
+    if not args.baseline:
+        parser.error("--baseline is required")
     apps = {"baseline": args.baseline, "this": str(Path(__file__).resolve().parents[1] / "app")}
     report: dict = {"load_average_before": [round(x, 2) for x in os.getloadavg()], "apps": apps}
     rates: dict = {name: {n: [] for n in CHAINS} for name in apps}
