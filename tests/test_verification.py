@@ -119,6 +119,25 @@ def test_a_liar_is_flagged_and_the_output_is_the_honest_one(model_dir, swarm, ho
         model.close()
 
 
+def test_checks_follow_speculative_rollbacks_and_beams_without_flagging_honest_servers(model_dir, swarm, honest_tokens):
+    """Every step checked while drafts are rolled back and beams reorder the rows: the outputs a check
+    compares stay aligned with the inputs (verification keeps them in a buffer that grows in place)."""
+    model = _client(model_dir, swarm, ["f32a", "f32b"], rate=1.0)
+    try:
+        ledger = ledger_of(model.view)
+        for seed in range(2):
+            drafted = model.generate(_prompt(seed), max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=4)
+            assert torch.equal(drafted, honest_tokens[seed])
+        repeating = torch.tensor([[7, 8, 9, 10, 7, 8, 9, 10, 7, 8, 9]])  # drafts, some rejected: rollbacks
+        model.generate(repeating, max_new_tokens=40, do_sample=False, prompt_lookup_num_tokens=4)
+        assert model.speculation is not None and model.speculation.stats.drafted > 0
+        model.generate(_prompt(5), max_new_tokens=12, do_sample=False, num_beams=3)
+        assert not ledger.flagged, f"honest servers were flagged: {ledger.flagged}"
+        assert ledger.disputes == 0 and sum(ledger.checks.values()) > 0
+    finally:
+        model.close()
+
+
 def test_a_span_nobody_else_serves_is_never_flagged_and_stays_unverified(model_dir, swarm):
     only = swarm["f32a"].peer_id
     model = _client(model_dir, swarm, ["f32a"], rate=1.0)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import serialize_torch_tensor
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
@@ -179,17 +179,23 @@ class ServerStream:
         # The reply holds the step's hidden states: as many as the inputs, at most 8 bytes each, and room for
         # the metadata; a server that announces more is not read (hostile, or broken).
         max_bytes = inputs.numel() * 8 + REPLY_OVERHEAD_BYTES
-        async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
-            await self._writer.drain()  # a long replay: wait until p2pd took it (a token step never waits)
-            while self._unread_replies:  # register()'s reply came long ago; it carries nothing
-                await self._next_reply(REPLY_OVERHEAD_BYTES)
-                self._unread_replies -= 1
-            response = await self._next_reply(max_bytes)
+        if timeout is None:  # the caller's own timeout bounds this wait (_race): no second timer per token
+            response = await self._reply(max_bytes)
+        else:
+            async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
+                response = await self._reply(max_bytes)
         steptrace.mark("client_reply", step=step_id, server=self.segment.peer_id[-6:])
-        output = deserialize_torch_tensor(response.tensors[0])
+        output = wire.deserialize_plain(response.tensors[0])
         if output.shape != inputs.shape:
             raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")
         return output
+
+    async def _reply(self, max_bytes: int) -> runtime_pb2.ExpertResponse:
+        await self._writer.drain()  # a long replay: wait until p2pd took it (a token step never waits)
+        while self._unread_replies:  # register()'s reply came long ago; it carries nothing
+            await self._next_reply(REPLY_OVERHEAD_BYTES)
+            self._unread_replies -= 1
+        return await self._next_reply(max_bytes)
 
     async def _next_reply(self, max_bytes: int) -> runtime_pb2.ExpertResponse:
         try:

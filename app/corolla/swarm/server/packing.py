@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
@@ -81,7 +81,7 @@ def deserialize_tensors(protos: Sequence[runtime_pb2.Tensor]) -> list[torch.Tens
     for proto in protos:
         _check_tensor(proto)
         try:
-            tensors.append(deserialize_torch_tensor(proto))
+            tensors.append(wire.deserialize_plain(proto))
         except Exception as exc:
             raise BadRequest(f"tensor could not be decoded: {type(exc).__name__}: {exc}") from exc
     return tensors
