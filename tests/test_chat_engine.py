@@ -224,24 +224,8 @@ def test_another_peers_client_reaches_the_server_while_the_engine_chats(node):
     """The engine's client shares the server's p2pd; clients of other peers still reach the server
     through it, while a reply streams."""
     server = node.status()["contribution"]["pid"]
-    streaming, got = threading.Event(), {}
-
-    def chat() -> None:
-        chat = node.post("/api/chats", json={"title": "meanwhile"}).json()
-
-        def started(events: list) -> bool:
-            if len(_tokens(events)) >= 2:
-                streaming.set()
-            return False
-
-        got["events"] = _stream(node, chat["id"], "tell me a story", 48, until=started)
-        streaming.set()
-
-    thread = threading.Thread(target=chat)
-    thread.start()
-    assert streaming.wait(180)
-    assert _remote_client_generates(node) == 6
-    thread.join(180)
+    with node.chat_streaming("tell me a story", 48, tokens=2, timeout=180) as got:
+        assert _remote_client_generates(node) == 6
     assert got["events"][-1][0] == "done" and _tokens(got["events"]), got["events"][-3:]
     assert node.status()["contribution"]["pid"] == server
 

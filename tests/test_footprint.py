@@ -5,7 +5,6 @@ figures themselves are in benchmarks/footprint.py."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import psutil
@@ -57,27 +56,8 @@ def test_serving_and_chatting_takes_three_processes_and_the_node_none_of_the_swa
     and shares the server's DHT and p2pd (one per computer): the node starts none and loads no torch. The
     DHT runs on a thread: no forked DHT child (a copy of a process that imported torch), no
     torch_shm_manager. Checked while a reply streams."""
-    got: dict = {}
-    streaming = threading.Event()
-
-    def chat() -> None:
-        chat = node.post("/api/chats", json={"title": "long"}).json()
-        with node.client.stream(
-            "POST", f"/api/chats/{chat['id']}/messages", json={"content": "tell me a story", "max_new_tokens": 64}
-        ) as response:
-            events = []
-            for event in sse_events(response):
-                events.append(event)
-                if event[0] == "token" and len(events) >= 3:
-                    streaming.set()
-            got["events"] = events
-        streaming.set()
-
-    thread = threading.Thread(target=chat)
-    thread.start()
-    assert streaming.wait(180)
-    tree = _tree(node)  # while the reply streams (or just after, on a very fast machine)
-    thread.join(180)
+    with node.chat_streaming("tell me a story", 64, tokens=2, timeout=180) as got:
+        tree = _tree(node)  # while the reply streams (or just after, on a very fast machine)
     kinds = sorted(_kind(p) for p in tree)
     assert kinds == ["node", "p2pd", "server"], describe(tree)
     server = next(p for p in tree if _kind(p) == "server")

@@ -6,7 +6,6 @@ same import_gguf the node calls; the self-test converts from scratch in a fresh 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import psutil
@@ -55,30 +54,10 @@ def test_a_stock_petals_client_is_token_exact_through_the_server_while_the_engin
     chat streams through the engine."""
     server_stats = json.loads(next(node.home.rglob("server-stats.json")).read_text())
     address = next(a for a in server_stats["visible_maddrs"] if "/p2p/" in a)
-    streaming, got = threading.Event(), {}
-
-    def chat() -> None:
-        chat = node.post("/api/chats", json={"title": "meanwhile"}).json()
-        with node.client.stream(
-            "POST", f"/api/chats/{chat['id']}/messages", json={"content": "Tell me a long story.", "max_new_tokens": 96}
-        ) as response:
-            events = []
-            for event in sse_events(response):
-                events.append(event)
-                if event[0] == "token":
-                    streaming.set()
-            got["events"] = events
-        streaming.set()
-
-    thread = threading.Thread(target=chat)
-    thread.start()
-    try:
-        assert streaming.wait(300)
+    with node.chat_streaming("Tell me a long story.", 96) as got:
         result = run_reference_script(
             INTEROP / "petals_smollm2_check.py", str(smollm2), address, SMOLLM2_PREFIX, "8", timeout=600
         )
-    finally:
-        thread.join(300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no JSON from the reference script:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     report = json.loads(lines[-1])

@@ -96,24 +96,32 @@ class SwarmLinkMixin:
         node contributes (the window asks every few seconds: the node's own client would bring torch and
         the model's embeddings into the node), else by the node's own client."""
         own = _own_peer_id(self.supervisor.poll().stats)
-        flagged, slow = self.db.flagged_servers(), self.db.slow_servers()
-        address = self.supervisor.chat_engine()
-        if address is not None:
-            request = {"type": "swarm", "target": self._client_target().to_dict(), "own": own}
-            request.update(flagged=flagged, slow=list(slow.values()))
-            try:
-                answer = ask_engine(address, request, timeout=SWARM_READ_TIMEOUT_S)
-            except (OSError, ChannelError, TimeoutError) as exc:
-                logger.warning("the block server's engine cannot read the swarm (%s): this node reads it", exc)
-            else:
-                if answer["type"] == "error":
-                    raise engine_error(answer)
-                return answer["models"]
+        answer = self._ask_engine({"type": "swarm", "own": own}, SWARM_READ_TIMEOUT_S, "read the swarm")
+        if answer is not None:
+            return answer["models"]
         model = self.call_swarm(self.chats.clients.get)
         with engine_imports():
             from corolla.chat_engine.swarm_report import swarm_report  # after: no swarm, no torch (Footprint)
 
-        return swarm_report(model, own, flagged, slow)
+        return swarm_report(model, own, self.db.flagged_servers(), self.db.slow_servers())
+
+    def _ask_engine(self, request: dict, timeout: float, doing: str) -> dict | None:
+        """The block server's engine's answer to `request`, sent with the node's chat target and the servers
+        it flagged or found slow; None where there is no engine or it cannot be reached (the node then does
+        it itself). An error the engine answers is raised as the NodeError the node's own try would give."""
+        address = self.supervisor.chat_engine()
+        if address is None:
+            return None
+        request = {**request, "target": self._client_target().to_dict(), "flagged": self.db.flagged_servers()}
+        request["slow"] = list(self.db.slow_servers().values())
+        try:
+            answer = ask_engine(address, request, timeout=timeout)
+        except (OSError, ChannelError, TimeoutError) as exc:
+            logger.warning("the block server's engine cannot %s (%s): this node does it itself", doing, exc)
+            return None
+        if answer["type"] == "error":
+            raise engine_error(answer)
+        return answer
 
     def _restore_flagged_servers(self, model) -> None:
         """A new swarm client starts with the node's flagged servers blocked, and records new flags here."""
@@ -134,20 +142,11 @@ class SwarmLinkMixin:
     def check_server(self, peer_id: str) -> dict | None:
         """Check one server on purpose (the API's POST /api/swarm/check); None if it serves nothing. While
         the node contributes, the block server's engine checks (its client is there: no torch here)."""
-        address = self.supervisor.chat_engine()
-        if address is not None:
-            request = {"type": "check", "peer_id": peer_id, "target": self._client_target().to_dict()}
-            request.update(flagged=self.db.flagged_servers(), slow=list(self.db.slow_servers().values()))
-            try:
-                answer = ask_engine(address, request, timeout=CHECK_TIMEOUT_S)
-            except (OSError, ChannelError, TimeoutError) as exc:
-                logger.warning("the block server's engine cannot check the server (%s): this node checks it", exc)
-            else:
-                if answer["type"] == "error":
-                    raise engine_error(answer)
-                for note in answer.get("notes") or []:
-                    self.record_engine_note(note)
-                return answer["verdict"]
+        answer = self._ask_engine({"type": "check", "peer_id": peer_id}, CHECK_TIMEOUT_S, "check the server")
+        if answer is not None:
+            for note in answer.get("notes") or []:
+                self.record_engine_note(note)
+            return answer["verdict"]
         with engine_imports():
             from corolla.chat_engine.swarm_report import check_answer
             from corolla.swarm.client.server_check import check_server

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,36 @@ class NodeProcess:
                 return status
             time.sleep(0.5)
         raise ProcessFailed(f"contribution never reached {state!r}: {status}\n{self.log_tail()}")
+
+    @contextlib.contextmanager
+    def chat_streaming(
+        self, content: str, max_new_tokens: int, tokens: int = 1, timeout: float = 300.0
+    ) -> Iterator[dict]:
+        """A chat reply under way on a thread, through the window's API: the body runs once `tokens` of its
+        tokens arrived (or it ended early); after the block, the dict's "events" holds all of the reply's."""
+        got: dict = {"events": []}
+        streaming = threading.Event()
+
+        def chat() -> None:
+            try:
+                chat = self.post("/api/chats", json={"title": content[:40]}).json()
+                body = {"content": content, "max_new_tokens": max_new_tokens}
+                with self.client.stream("POST", f"/api/chats/{chat['id']}/messages", json=body) as response:
+                    for event in sse_events(response):
+                        got["events"].append(event)
+                        if sum(e[0] == "token" for e in got["events"]) >= tokens:
+                            streaming.set()
+            finally:
+                streaming.set()
+
+        thread = threading.Thread(target=chat, daemon=True)
+        thread.start()
+        try:
+            if not streaming.wait(timeout):
+                raise AssertionError(f"no reply streamed within {timeout:.0f} s")
+            yield got
+        finally:
+            thread.join(timeout)
 
     def maps_torch(self) -> bool:
         """Whether torch's library is mapped into the node process (it imported torch at some point)."""
