@@ -18,6 +18,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from corolla.swarm import protocol, steptrace, wire
+from corolla.swarm.client.growing_buffer import append_positions
 from corolla.swarm.client.routing import RouteSegment, SwarmView
 from corolla.swarm.step_metadata import NextServer, StepMetadata
 
@@ -86,13 +87,8 @@ class ServerStream:
         if self._buffer is None:
             self.history = inputs
             return
-        needed = self._kept + inputs.shape[1]
-        if needed > self._buffer.shape[1]:
-            grown = self._buffer.new_empty(inputs.shape[0], max(needed, 2 * self._buffer.shape[1]), inputs.shape[2])
-            grown[:, : self._kept] = self._buffer[:, : self._kept]
-            self._buffer = grown
-        self._buffer[:, self._kept : needed] = inputs
-        self._kept = needed
+        self._buffer = append_positions(self._buffer, self._kept, inputs)
+        self._kept += inputs.shape[1]
 
     @property
     def position(self) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from corolla.swarm.client.growing_buffer import append_positions
 from corolla.swarm.client.ledger import FIRST_STEPS, Ledger, block, ledger_of
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, SwarmView, choose_route
 from corolla.swarm.client.speed import speed_of
@@ -233,13 +234,8 @@ class _Kept:
         return self.known_from + self._count
 
     def append(self, output: torch.Tensor) -> None:
-        needed = self._count + output.shape[1]
-        if needed > self._buffer.shape[1]:
-            grown = self._buffer.new_empty(output.shape[0], max(needed, 2 * self._buffer.shape[1]), output.shape[2])
-            grown[:, : self._count] = self._buffer[:, : self._count]
-            self._buffer = grown
-        self._buffer[:, self._count : needed] = output
-        self._count = needed
+        self._buffer = append_positions(self._buffer, self._count, output)
+        self._count += output.shape[1]
 
 
 class SessionVerifier:
