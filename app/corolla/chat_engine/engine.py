@@ -60,8 +60,7 @@ class ChatEngine:
             if not lock.acquire(timeout=CHAT_BUSY_WAIT_S):
                 lock = None
                 raise RuntimeError("this chat's previous reply is still being written; try again in a moment")
-            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
-            self._apply_node_records(model, request)
+            model = self._client_for(request)
             privacy = self._privacy(model, request.get("privacy"))
             kept = self._session_for(chat_id, model, request, privacy)
             generate = dict(max_new_tokens=_count(request), stop=_stops(request), on_text=on_text)
@@ -84,8 +83,7 @@ class ChatEngine:
                 self.forget(request["chat_id"])
             if not isinstance(exc, (NoSwarm, RequestError)):
                 logger.warning("a chat reply failed: %s", exc, exc_info=not isinstance(exc, RuntimeError))
-            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
-            return {"type": "error", "kind": kind, "message": str(exc), "seen_by": seen}
+            return {**_error_answer(exc), "seen_by": seen}
         finally:
             if lock is not None:
                 lock.release()
@@ -100,14 +98,12 @@ class ChatEngine:
         from corolla.chat_engine.swarm_report import swarm_report
 
         try:
-            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
-            self._apply_node_records(model, request)
+            model = self._client_for(request)
             own = request.get("own") if isinstance(request.get("own"), str) else None
             slow = {e["peer_id"]: e for e in request.get("slow") or [] if isinstance(e, dict) and "peer_id" in e}
             return {"type": "swarm", "models": swarm_report(model, own, request.get("flagged") or {}, slow)}
         except Exception as exc:  # the node says it as it would its own failure
-            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
-            return {"type": "error", "kind": kind, "message": str(exc)}
+            return _error_answer(exc)
 
     def check(self, request: dict) -> dict:
         """ "Check this server" (the API's POST /api/swarm/check) with this engine's client, and the flags it
@@ -116,14 +112,12 @@ class ChatEngine:
         from corolla.swarm.client.server_check import check_server
 
         try:
-            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
-            self._apply_node_records(model, request)
+            model = self._client_for(request)
             peer = _text(request, "peer_id")
             verdict = model.run_async(check_server(model, peer), timeout=180)
             return {"type": "check", "verdict": check_answer(peer, verdict), "notes": self.take_notes()}
         except Exception as exc:
-            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
-            return {"type": "error", "kind": kind, "message": str(exc)}
+            return _error_answer(exc)
 
     # --- an OpenAI-style completion (node/openai_api.py) ----------------------------------------------
     def complete(self, request: dict, on_text: Callable[[str], None], should_stop: Callable[[], bool]) -> dict:
@@ -131,8 +125,7 @@ class ChatEngine:
         from corolla.chat_engine.completion import EmptyPrompt, complete, prompt_ids
 
         try:
-            model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
-            self._apply_node_records(model, request)
+            model = self._client_for(request)
             privacy = self._privacy(model, request.get("privacy"))
             messages = request.get("messages")
             if messages is not None:
@@ -164,8 +157,7 @@ class ChatEngine:
         except Exception as exc:  # told to the node, which answers the HTTP request with it
             if not isinstance(exc, (NoSwarm, RequestError)):
                 logger.warning("a completion failed: %s", exc, exc_info=not isinstance(exc, RuntimeError))
-            kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
-            return {"type": "error", "kind": kind, "message": str(exc)}
+            return _error_answer(exc)
 
     def _session_for(self, chat_id: str, model: Any, request: dict, privacy: Any) -> _Kept:
         """The chat's session if it holds exactly the history sent (same model, privacy, system prompt),
@@ -243,6 +235,12 @@ class ChatEngine:
         ledger_of(model.view).on_flag.append(lambda evidence: self.notes.append({"type": "flag", "evidence": evidence}))
         speed_of(model.view).on_slow.append(lambda evidence: self.notes.append({"type": "slow", "evidence": evidence}))
 
+    def _client_for(self, request: dict) -> Any:
+        """The swarm client for the request's target, with the node's flagged and slow servers applied."""
+        model = self.clients.get(ClientTarget.from_dict(_dict(request, "target")))
+        self._apply_node_records(model, request)
+        return model
+
     def _apply_node_records(self, model: Any, request: dict) -> None:
         """The servers the node has flagged stay blocked, those found slow keep their discount (each given
         to this client once)."""
@@ -283,6 +281,12 @@ class ChatEngine:
             except Exception:
                 logger.warning("closing a chat session failed", exc_info=True)
         self.clients.close()
+
+
+def _error_answer(exc: Exception) -> dict:
+    """A failure as the node reads it (engine_error): "no_swarm" for NoSwarm, else the exception's type."""
+    kind = "no_swarm" if isinstance(exc, NoSwarm) else type(exc).__name__
+    return {"type": "error", "kind": kind, "message": str(exc)}
 
 
 def _dict(request: dict, key: str) -> dict:
