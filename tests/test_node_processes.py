@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -170,3 +172,33 @@ def test_a_server_whose_starter_died_before_its_watch_began_stops_by_itself(tiny
         assert "the process that started this server is gone" in server.log_tail()
     finally:
         server.stop()
+
+
+def test_a_stop_racing_with_a_restart_leaves_no_server(tmp_path, monkeypatch):
+    """The node polls its supervisor on one thread while an API request stops it on another. A server that
+    crashes at once is restarted by the polls as fast as they come; each stop must still leave no server
+    running (an earlier supervisor let a poll restart one behind the stop's back, so "stopped" lied and
+    the next start, seeing one running, started nothing)."""
+    monkeypatch.setattr(supervisor_module, "restart_delay", lambda failures: 0.0)
+    monkeypatch.setattr(supervisor_module, "corolla_command", lambda *args: [sys.executable, "-c", "exit(3)"])
+    supervisor = ServerSupervisor(tmp_path / "server")
+    polling = threading.Event()
+    polling.set()
+
+    def poll_forever() -> None:
+        while polling.is_set():
+            supervisor.poll()
+
+    poller = threading.Thread(target=poll_forever, daemon=True)
+    poller.start()
+    try:
+        for _ in range(40):
+            supervisor.start(["/a-model-that-crashes"])
+            time.sleep(0.05)  # a few crashes and restarts by the polls
+            supervisor.stop()
+            time.sleep(0.01)  # a poll that was restarting it meanwhile has finished
+            assert supervisor.process is None and supervisor.state == "stopped", supervisor.poll()
+    finally:
+        polling.clear()
+        poller.join(10)
+        supervisor.close()

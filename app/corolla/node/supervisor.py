@@ -1,15 +1,21 @@
 """Supervising the block server: a child process (a fresh interpreter: spawn, never fork), its states and
-their reasons, and restarts with backoff after a crash. `poll()` is called about once a second."""
+their reasons, and restarts with backoff after a crash. `poll()` is called about once a second.
+
+The node calls it from several threads at once (its ticker, API requests, the policy): one lock makes each
+action whole. A stop or start holds it for as long as the old server takes to leave (up to 30 s); a poll
+meanwhile answers what is known without waiting, so the window's status never hangs on a stop."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +44,17 @@ RETAKE_RELAY_EXIT_CODE = 75  # as corolla.swarm.server.announcing (not imported:
 def restart_delay(failures: int) -> float:
     """1, 2, 4, ... 60 s after the 1st, 2nd, 3rd ... consecutive crash."""
     return min(2.0 ** max(failures - 1, 0), MAX_BACKOFF_S)
+
+
+def _one_at_a_time(method: Callable) -> Callable:
+    """The supervisor's action runs whole, never interleaved with another action or a poll."""
+
+    @functools.wraps(method)
+    def locked(self: ServerSupervisor, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass
@@ -74,6 +91,10 @@ class ServerSupervisor:
         self.keeping_model = False  # paused with the blocks loaded (the server runs, OFFLINE)
         # Called before a server that stopped to take a relay again is started: its new arguments (None: the same).
         self.args_for_restart: Callable[[], list[str] | None] | None = None
+        # Without it a poll on the ticker's thread could restart a crashed server while a stop on an API
+        # thread was taking the process away: that server then ran on, unknown to "stopped".
+        self._lock = threading.RLock()
+        self._last_stats: ServerStats | None = None
         self._reap_orphan()
 
     def _reap_orphan(self) -> None:
@@ -93,6 +114,7 @@ class ServerSupervisor:
         self.pid_path.unlink(missing_ok=True)
 
     # --- control -----------------------------------------------------------------------------------
+    @_one_at_a_time
     def start(self, args: list[str]) -> None:
         """Run `corolla serve ARGS` (replacing a running server if the arguments changed)."""
         if self.process is not None and self.process.poll() is None and args == self.args:
@@ -104,11 +126,13 @@ class ServerSupervisor:
         self.args, self.wanted, self.failures = list(args), True, 0
         self._spawn()
 
+    @_one_at_a_time
     def stop(self, reason: str = "stopped by the user") -> None:
         self.wanted = False
         self._terminate()
         self.state, self.reason, self.next_start_at = "stopped", reason, None
 
+    @_one_at_a_time
     def pause(self, reason: str, keep_model: bool = False) -> None:
         """Stop serving. `keep_model`: the server stays running with its blocks loaded, OFFLINE for the
         swarm (resumed in about a second); otherwise it exits and its memory is freed."""
@@ -123,6 +147,7 @@ class ServerSupervisor:
         self._terminate()
         self.state, self.reason, self.next_start_at = "paused", reason, None
 
+    @_one_at_a_time
     def resume(self) -> None:
         if self.keeping_model and self.running:
             self.process.send_signal(signal.SIGUSR2)
@@ -146,6 +171,19 @@ class ServerSupervisor:
 
     # --- status ------------------------------------------------------------------------------------
     def poll(self) -> SupervisorStatus:
+        if not self._lock.acquire(blocking=False):  # an action is under way (e.g. a stop waiting for the server)
+            return self._known_status()
+        try:
+            return self._poll()
+        finally:
+            self._lock.release()
+
+    def _known_status(self) -> SupervisorStatus:
+        process = self.process  # read once: the action under way may take it away
+        pid = process.pid if process else None
+        return SupervisorStatus(self.state, self.reason, pid, self.restarts, self._last_stats, self.last_failure)
+
+    def _poll(self) -> SupervisorStatus:
         now = time.monotonic()
         if self.process is not None and self.process.poll() is None:
             self._track_tree(self.process.pid)
@@ -174,7 +212,7 @@ class ServerSupervisor:
                 logger.warning(self.reason)
         if self.wanted and self.process is None and self.next_start_at is not None and now >= self.next_start_at:
             self._spawn()
-        stats = read_stats(self.stats_path) if self.process is not None else None
+        stats = self._last_stats = read_stats(self.stats_path) if self.process is not None else None
         if self.process is not None and stats is not None:
             states = {"online": "online", "loading": "loading", "joining": "starting"}
             if self.keeping_model:
@@ -285,6 +323,7 @@ class ServerSupervisor:
         useful = [line for line in text if line.strip()][-lines:]
         return " | ".join(line.strip()[:300] for line in useful) or "no output"
 
+    @_one_at_a_time
     def kill_now(self) -> None:
         """No goodbye: SIGKILL the server and everything it started (the node is being forced down)."""
         process, self.process = self.process, None
@@ -293,6 +332,7 @@ class ServerSupervisor:
                 self._track_tree(process.pid)
             self._kill_leftovers(process.pid)
 
+    @_one_at_a_time
     def close(self) -> None:
         self.closed = True
         self.stop("the node is shutting down")
