@@ -1,0 +1,207 @@
+"""Pushes between two Corolla servers on one long-lived stream per (sender, receiver) pair.
+
+`rpc_push` is a unary call: p2pd opens a new libp2p stream for every push (protocol negotiation
+included) and hands it to the receiver's Python through its control connection, one task per call.
+On loopback that is 0.67-0.72 ms one way against 0.37 ms for a message on a stream already open
+(benchmarks/push_transport.py), and more on a busy machine; every pushed hop of a chain pays it.
+
+Between two Corolla servers the sender opens one stream (`protocol.PUSH_STREAM_NAME`) on its first
+push to that peer and writes each later push on it as one message, hivemind's framing, no reply. A
+receiver serves it with the same stream registration as its other streaming RPCs (streams.py: length
+checked before the body is read, every body read bounded in time, a shared byte budget, streams per
+peer capped, peers out of refusals turned away) and takes each message through exactly rpc_push's
+checks (push.py `_take_push`); a refused message is counted against the peer as a refused rpc_push
+is, and the stream goes on. Stock Petals servers never see this stream: a sender uses it only for a
+peer whose DHT record announces `corolla_version`, and pushes with rpc_push otherwise, or whenever
+opening or writing the stream fails (the next push tries to open it again, after a pause).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from corolla.swarm import protocol
+from corolla.swarm.dht_records import get_module_infos
+
+logger = logging.getLogger(__name__)
+
+STREAMS_PER_PEER = 2  # one in use, and one a sender reopening after a failure may briefly overlap
+IDLE_S = 60.0  # a receiver ends a push stream that carried nothing for this long
+OPEN_TIMEOUT_S = 5.0
+WRITE_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 30.0  # after a failed open, rpc_push to that peer for this long
+KNOWN_FOR_S = 300.0  # how long a peer's DHT record's answer (Corolla or not) is trusted
+UNKNOWN_FOR_S = 30.0  # a peer whose record was not found: asked again after this
+MAX_PEERS = 256  # peers remembered (answers, open streams): clients choose whom a server pushes to
+MAX_LOOKUPS = 4  # DHT lookups in flight at once
+
+PeerLookup = Callable[[str, str], Awaitable[bool | None]]  # (peer base58, block uid) -> Corolla?
+
+
+class CorollaPeers:
+    """Which peers are Corolla servers, from their own DHT records (`corolla_version`), looked up in
+    the background on the first push to a peer and remembered a while; unknown counts as stock."""
+
+    def __init__(self, lookup: PeerLookup | None):
+        self._lookup = lookup
+        self._known: OrderedDict[str, tuple[bool, float]] = OrderedDict()  # peer -> (corolla, expires)
+        self._lookups: set[asyncio.Task] = set()
+
+    def is_corolla(self, peer: str, uid: str) -> bool:
+        now = time.monotonic()
+        known = self._known.get(peer)
+        if known is not None and known[1] > now:
+            return known[0]
+        if self._lookup is not None and len(self._lookups) < MAX_LOOKUPS:
+            self._remember(peer, known[0] if known else False, now + UNKNOWN_FOR_S)  # one lookup at a time
+            task = asyncio.get_running_loop().create_task(self._look_up(peer, uid))
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+        return known[0] if known is not None else False
+
+    async def _look_up(self, peer: str, uid: str) -> None:
+        try:
+            corolla = await self._lookup(peer, uid)
+        except Exception as exc:
+            logger.debug("could not look up %s: %s", peer, protocol.shorten(str(exc)))
+            return
+        expires = time.monotonic() + (UNKNOWN_FOR_S if corolla is None else KNOWN_FOR_S)
+        self._remember(peer, bool(corolla), expires)
+
+    def _remember(self, peer: str, corolla: bool, expires: float) -> None:
+        self._known[peer] = (corolla, expires)
+        self._known.move_to_end(peer)
+        while len(self._known) > MAX_PEERS:
+            self._known.popitem(last=False)
+
+    def close(self) -> None:
+        for task in self._lookups:
+            task.cancel()
+
+
+class _Link:
+    """One open push stream to a peer; dead once the peer ends it or a write fails."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.watcher = asyncio.get_running_loop().create_task(self._watch(reader))
+
+    async def _watch(self, reader: asyncio.StreamReader) -> None:
+        """The receiver answers only to end the stream (an error message, then its close)."""
+        with contextlib.suppress(Exception):
+            _, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+            if error is not None:
+                logger.debug("a push stream was ended: %s", protocol.shorten(error.message))
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self.watcher.done() and not self.writer.is_closing()
+
+    def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+        if not self.watcher.done() and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
+
+
+class PushLinks:
+    """The sender's side: an open push stream per Corolla peer, opened on the first push, reused,
+    reopened after a failure (not before `RETRY_AFTER_S`), all closed with `close()`."""
+
+    def __init__(self, p2p: P2P, peers: CorollaPeers):
+        self.p2p, self.peers = p2p, peers
+        self._links: OrderedDict[PeerID, _Link] = OrderedDict()
+        self._opening: dict[PeerID, asyncio.Lock] = {}
+        self._retry_at: OrderedDict[PeerID, float] = OrderedDict()
+
+    async def send(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str) -> bool:
+        """Write `request` on the stream to `peer`; False where the caller should use rpc_push (a
+        stock or unknown peer, or a stream that could not be opened or written)."""
+        if not self.peers.is_corolla(peer.to_base58(), uid):
+            return False
+        link = await self._link(peer)
+        if link is None:
+            return False
+        try:
+            await asyncio.wait_for(P2P.send_protobuf(request, link.writer), WRITE_TIMEOUT_S)
+        except Exception as exc:
+            logger.debug("push stream to %s failed: %s", peer, protocol.shorten(str(exc)))
+            self._drop(peer, link)
+            return False
+        return True
+
+    async def _link(self, peer: PeerID) -> _Link | None:
+        link = self._links.get(peer)
+        if link is not None and link.alive:
+            return link
+        if self._retry_at.get(peer, 0.0) > time.monotonic():
+            return None
+        lock = self._opening.get(peer)
+        if lock is None:
+            if len(self._opening) >= MAX_PEERS:  # forget the locks nobody holds
+                self._opening = {p: lock for p, lock in self._opening.items() if lock.locked()}
+                if len(self._opening) >= MAX_PEERS:
+                    return None
+            lock = self._opening[peer] = asyncio.Lock()
+        async with lock:
+            link = self._links.get(peer)
+            if link is not None and link.alive:
+                return link
+            return await self._open(peer)
+
+    async def _open(self, peer: PeerID) -> _Link | None:
+        try:
+            _, reader, writer = await asyncio.wait_for(
+                self.p2p.call_binary_stream_handler(peer, protocol.PUSH_STREAM_NAME), OPEN_TIMEOUT_S
+            )
+        except Exception as exc:
+            logger.debug("could not open a push stream to %s: %s", peer, protocol.shorten(str(exc)))
+            self._retry_at[peer] = time.monotonic() + RETRY_AFTER_S
+            while len(self._retry_at) > MAX_PEERS:
+                self._retry_at.popitem(last=False)
+            return None
+        self._retry_at.pop(peer, None)
+        old = self._links.pop(peer, None)
+        if old is not None:
+            old.close()
+        link = self._links[peer] = _Link(reader, writer)
+        while len(self._links) > MAX_PEERS:
+            self._links.popitem(last=False)[1].close()
+        return link
+
+    def _drop(self, peer: PeerID, link: _Link) -> None:
+        link.close()
+        if self._links.get(peer) is link:
+            del self._links[peer]
+
+    def open_streams(self) -> int:
+        return sum(link.alive for link in self._links.values())
+
+    async def close(self) -> None:
+        self.peers.close()
+        links, self._links = list(self._links.values()), OrderedDict()
+        for link in links:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(P2P.send_protobuf(P2P.END_OF_STREAM, link.writer), 1.0)
+            link.close()
+
+
+def dht_lookup(dht: DHT) -> PeerLookup:
+    """Whether a peer's record under `uid` (a block it serves) announces Corolla; None if not found."""
+
+    async def lookup(peer: str, uid: str) -> bool | None:
+        (module,) = await get_module_infos(dht, [uid])
+        info = module.servers.get(peer)
+        return None if info is None else bool(info.extra.get("corolla_version"))
+
+    return lookup
