@@ -216,15 +216,23 @@ def test_push_stream_between_corolla_servers_and_rpc_push_to_a_stock_server(refe
                 )
                 got = remote.generate(ids, max_new_tokens=12, eos_token_id=[], prompt_lookup_num_tokens=None)
                 assert torch.equal(got, want)
+
+        def counted() -> bool:
+            return (
+                head_stats["pushes_sent"] >= 20
+                and head_stats["pushes_sent_on_stream"] >= 5
+                and middle_stats["pushes_received_on_stream"] >= 5
+                and middle_stats["pushes_sent"] >= 20
+            )
+
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the stats files are rewritten every second
+        while time.monotonic() < deadline:  # each server rewrites its stats file every second
             head_stats, middle_stats = head.stats(), middle.stats()
-            if head_stats["pushes_sent_on_stream"] >= 5 and middle_stats["pushes_sent"] >= 20:
+            if counted():
                 break
             time.sleep(0.5)
-        assert head_stats["pushes_sent"] >= 20 and head_stats["pushes_sent_on_stream"] >= 5, head_stats
-        assert middle_stats["pushes_received_on_stream"] >= 5, middle_stats
-        assert middle_stats["pushes_sent"] >= 20 and middle_stats["pushes_sent_on_stream"] == 0, middle_stats
+        assert counted(), (head_stats, middle_stats)
+        assert middle_stats["pushes_sent_on_stream"] == 0, middle_stats  # to the stock server: rpc_push
     finally:
         if petals is not None:
             petals.stop()

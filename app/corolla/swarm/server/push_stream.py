@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from corolla.swarm import protocol
 from corolla.swarm.dht_records import get_module_infos
@@ -43,6 +44,7 @@ KNOWN_FOR_S = 300.0  # how long a peer's DHT record's answer (Corolla or not) is
 UNKNOWN_FOR_S = 30.0  # a peer whose record was not found: asked again after this
 MAX_PEERS = 256  # peers remembered (answers, open streams): clients choose whom a server pushes to
 MAX_LOOKUPS = 4  # DHT lookups in flight at once
+MAX_ANSWER_BYTES = 64 * 1024  # the receiver's one answer: why it ended the stream
 
 PeerLookup = Callable[[str, str], Awaitable[bool | None]]  # (peer base58, block uid) -> Corolla?
 
@@ -53,10 +55,10 @@ class CorollaPeers:
 
     def __init__(self, lookup: PeerLookup | None):
         self._lookup = lookup
-        self._known: OrderedDict[str, tuple[bool, float]] = OrderedDict()  # peer -> (corolla, expires)
+        self._known: OrderedDict[PeerID, tuple[bool, float]] = OrderedDict()  # peer -> (corolla, expires)
         self._lookups: set[asyncio.Task] = set()
 
-    def is_corolla(self, peer: str, uid: str) -> bool:
+    def is_corolla(self, peer: PeerID, uid: str) -> bool:
         now = time.monotonic()
         known = self._known.get(peer)
         if known is not None and known[1] > now:
@@ -68,16 +70,16 @@ class CorollaPeers:
             task.add_done_callback(self._lookups.discard)
         return known[0] if known is not None else False
 
-    async def _look_up(self, peer: str, uid: str) -> None:
+    async def _look_up(self, peer: PeerID, uid: str) -> None:
         try:
-            corolla = await self._lookup(peer, uid)
+            corolla = await self._lookup(peer.to_base58(), uid)
         except Exception as exc:
             logger.debug("could not look up %s: %s", peer, protocol.shorten(str(exc)))
             return
         expires = time.monotonic() + (UNKNOWN_FOR_S if corolla is None else KNOWN_FOR_S)
         self._remember(peer, bool(corolla), expires)
 
-    def _remember(self, peer: str, corolla: bool, expires: float) -> None:
+    def _remember(self, peer: PeerID, corolla: bool, expires: float) -> None:
         self._known[peer] = (corolla, expires)
         self._known.move_to_end(peer)
         while len(self._known) > MAX_PEERS:
@@ -96,10 +98,13 @@ class _Link:
         self.watcher = asyncio.get_running_loop().create_task(self._watch(reader))
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:
-        """The receiver answers only to end the stream (an error message, then its close)."""
+        """The receiver answers only to end the stream (an error message, then its close); an answer
+        longer than `MAX_ANSWER_BYTES` is not read."""
         with contextlib.suppress(Exception):
-            _, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
-            if error is not None:
+            header = await reader.readexactly(1 + P2P.HEADER_LEN)
+            length = int.from_bytes(header[1:], P2P.BYTEORDER)
+            if header[:1] == P2P.ERROR_MARKER and length <= MAX_ANSWER_BYTES:
+                error = RPCError.FromString(await asyncio.wait_for(reader.readexactly(length), WRITE_TIMEOUT_S))
                 logger.debug("a push stream was ended: %s", protocol.shorten(error.message))
         self.close()
 
@@ -124,10 +129,23 @@ class PushLinks:
         self._opening: dict[PeerID, asyncio.Lock] = {}
         self._retry_at: OrderedDict[PeerID, float] = OrderedDict()
 
+    def write_now(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str) -> bool:
+        """Hand `request` to the open stream to `peer` at once, without a task or a wait (the bytes are
+        in p2pd's socket before the caller's reply to its client): True if done; False where `send`
+        must (the stream is not open yet, or its write buffer is not empty)."""
+        if not self.peers.is_corolla(peer, uid):
+            return False
+        link = self._links.get(peer)
+        if link is None or not link.alive or link.writer.transport.get_write_buffer_size():
+            return False
+        body = request.SerializeToString()
+        link.writer.write(P2P.MESSAGE_MARKER + len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + body)
+        return True
+
     async def send(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str) -> bool:
         """Write `request` on the stream to `peer`; False where the caller should use rpc_push (a
         stock or unknown peer, or a stream that could not be opened or written)."""
-        if not self.peers.is_corolla(peer.to_base58(), uid):
+        if not self.peers.is_corolla(peer, uid):
             return False
         link = await self._link(peer)
         if link is None:
