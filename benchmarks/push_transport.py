@@ -72,7 +72,8 @@ async def measure(rounds: int) -> dict:
                 at = await arrived.get()
                 await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
             else:
-                _, fresh_reader, fresh_writer = await sender.call_binary_stream_handler(receiver.peer_id, "bench.stream")
+                fresh = await sender.call_binary_stream_handler(receiver.peer_id, "bench.stream")
+                _, fresh_reader, fresh_writer = fresh
                 await P2P.send_protobuf(payload, fresh_writer)
                 at = await arrived.get()
                 await P2P.receive_protobuf(runtime_pb2.ExpertResponse, fresh_reader)
