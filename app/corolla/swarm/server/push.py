@@ -86,23 +86,23 @@ class PushMixin:
         self.stats.pushes_sent += 1
         first_uid = uid.split(protocol.CHAIN_DELIMITER, 1)[0]  # where the peer's DHT record says what it runs
         if self.push_links is not None and self.push_links.write_now(peer, request, first_uid):
-            steptrace.mark("push_send", via="stream")
+            steptrace.mark("push_send", step=metadata.step_id, via="stream")
             self.stats.pushes_sent_on_stream += 1
             return True  # written: nothing left to do (and the open stream keeps it in order)
-        task = asyncio.create_task(self._push(peer, request, first_uid))
+        task = asyncio.create_task(self._push(peer, request, first_uid, metadata.step_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return True
 
-    async def _push(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str) -> None:
+    async def _push(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str, step: str | None) -> None:
         try:
             if self.push_links is not None:
-                steptrace.mark("push_send", via="stream")
+                steptrace.mark("push_send", step=step, via="stream")
                 if await self.push_links.send(peer, request, uid):
                     self.stats.pushes_sent_on_stream += 1
                     return
             stub = self.get_stub(self.p2p, peer)
-            steptrace.mark("push_send")
+            steptrace.mark("push_send", step=step)
             await stub.rpc_push(request, timeout=self.limits.request_timeout)
             steptrace.mark("push_acked")
         except Exception as exc:
