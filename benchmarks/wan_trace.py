@@ -8,7 +8,10 @@ the run" and the measured steady time per token:
   client's own work between tokens: final norm, lm_head, choosing the token, the next embedding);
 - `steady_ms_per_token`: the median time between the first sends of consecutive steps (one token
   each without speculation): the per-token time once a generation runs, without the session's
-  opening and closing.
+  opening and closing;
+- `push_wire_ms`: per chain position, the median time from the previous server handing its push
+  over to this server's push handler having it (None for the first server), and `pushes_on_stream`,
+  the share of those pushes sent on a push stream (server/push_stream.py) rather than by rpc_push.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ def summarize(client_dir: Path, server_dir: Path, mode: str = "push") -> dict:
             elif event["event"] == "computed" and event["who"] in started:
                 compute[event["who"][-6:]].append(1000 * (event["t"] - started.pop(event["who"])))
 
+    # A pushed hop's wire leg: the sender hands the push over -> the receiver's push handler has it.
+    wire: dict[str, list[float]] = defaultdict(list)
+    on_stream = []
+    for events in by_step.values():
+        sent = None
+        for event in events:
+            if event["event"] == "push_send":
+                sent = event  # the last one counts: a push that fell back to rpc_push marks it again
+            elif event["event"] == "push_received" and sent is not None and sent["who"] != event["who"]:
+                wire[event["who"][-6:]].append(1000 * (event["t"] - sent["t"]))
+                on_stream.append(sent.get("via") == "stream")
+                sent = None
+
     gaps, firsts = [], []
     for before, after in itertools.pairwise(client):
         if before["event"] == "client_reply" and after["event"] == "client_send" and before["step"] != after["step"]:
@@ -72,4 +88,6 @@ def summarize(client_dir: Path, server_dir: Path, mode: str = "push") -> dict:
         "client_gap_ms": round(statistics.median(gaps), 2) if gaps else None,
         "steady_ms_per_token": round(statistics.median(steady), 1) if steady else None,
         "pushed_steps": len(pushed),
+        "push_wire_ms": [round(statistics.median(wire[s]), 2) if wire.get(s) else None for s in order],
+        "pushes_on_stream": round(sum(on_stream) / len(on_stream), 2) if on_stream else None,
     }

@@ -165,3 +165,76 @@ def test_corolla_client_through_a_stock_petals_server(reference_model, tmp_path)
         if petals is not None:
             petals.stop()
         bootstrap.shutdown()
+
+
+def test_push_stream_between_corolla_servers_and_rpc_push_to_a_stock_server(reference_model, tmp_path):
+    """A chain Corolla -> Corolla -> stock Petals with server-to-server push: the first Corolla server
+    pushes to the second on their push stream (push_stream.py), the second to the stock server by
+    rpc_push (it has no push stream, and its DHT record says it is not Corolla); token-exact."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import corolla
+
+    common = ["--torch-dtype", "float32", "--throughput", "10", "--update-period", "5"]
+    head = CorollaServer(tmp_path, reference_model, "--new-swarm", "--blocks", "0:2", *common, name="corolla-0-2")
+    servers, petals = [head], None
+    try:
+        head.wait_state("online")
+        middle = CorollaServer(
+            tmp_path, reference_model, "--initial-peers", head.maddr, "--blocks", "2:3", *common, name="corolla-2-3"
+        )
+        servers.append(middle)
+        middle.wait_state("online")
+        petals = PetalsServer(tmp_path, reference_model, head.maddr, "3:4", PREFIX)
+        petals.wait_started()
+        local = AutoModelForCausalLM.from_pretrained(reference_model, dtype=torch.float32).eval()
+        with corolla.AutoDistributedModelForCausalLM.from_pretrained(
+            reference_model,
+            initial_peers=[head.maddr],
+            dht_prefix=PREFIX,
+            use_relay=False,
+            auto_nat=False,
+            use_server_to_server=True,
+        ) as remote:
+            deadline = time.monotonic() + 60
+            while True:  # until the stock server's record is visible and the whole model has a route
+                try:
+                    route = remote.route()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+            assert petals is not None and len(route.split(",")) == 3, route
+            for prompt in ([[1, 384, 456]], [[1, 291, 441, 410, 420]]):
+                ids = torch.tensor(prompt)
+                want = local.generate(
+                    ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids)
+                )
+                got = remote.generate(ids, max_new_tokens=12, eos_token_id=[], prompt_lookup_num_tokens=None)
+                assert torch.equal(got, want)
+
+        def counted() -> bool:
+            return (
+                head_stats["pushes_sent"] >= 20
+                and head_stats["pushes_sent_on_stream"] >= 5
+                and middle_stats["pushes_received_on_stream"] >= 5
+                and middle_stats["pushes_sent"] >= 20
+            )
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # each server rewrites its stats file every second
+            head_stats, middle_stats = head.stats(), middle.stats()
+            if counted():
+                break
+            time.sleep(0.5)
+        assert counted(), (head_stats, middle_stats)
+        assert middle_stats["pushes_sent_on_stream"] == 0, middle_stats  # to the stock server: rpc_push
+    finally:
+        if petals is not None:
+            petals.stop()
+        for server in reversed(servers):
+            server.stop()

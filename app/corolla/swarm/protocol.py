@@ -63,6 +63,8 @@ MAX_NEXT_PINGS = 64
 # Corolla-only ServerInfo key: the addresses of a directly reachable server, so that every member learns
 # the swarm's bootstrap peers and relays from the swarm itself (not only from the invite it was given).
 MEMBER_ADDRS_KEY = "corolla_addrs"
+# Corolla servers only: pushes to another Corolla server on one long-lived stream (server/push_stream.py).
+PUSH_STREAM_NAME = "CorollaPushStream.push_stream"
 MAX_MEMBER_ADDRS = 8
 MAX_MEMBER_ADDR_CHARS = 256
 

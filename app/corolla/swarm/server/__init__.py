@@ -8,7 +8,8 @@ Which file plays which role:
 - handler.py: the RPC handler (`TransformerConnectionHandler.rpc_*`, names on the wire) and its state;
   the work of each RPC lives in admission.py (caps and refusal accounting, first for every RPC),
   training.py (forward/backward), inference.py (sessions and token steps) and push.py
-  (server-to-server push, sending and taking).
+  (server-to-server push, sending and taking); push_stream.py: between two Corolla servers, pushes on
+  one long-lived stream per peer pair instead of an rpc_push call per step.
 - streams.py: streaming RPC registration whose error replies reach the caller.
 - packing.py: tensors and metadata (read_step / read_call: ../step_metadata.py) in and out of protobuf
   messages, with a limit on every peer-controlled size;

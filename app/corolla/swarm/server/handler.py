@@ -139,10 +139,12 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
                     )
                 )
         await asyncio.gather(*registrations)
+        await self._attach_push_stream(p2p)  # Corolla servers only (push_stream.py)
 
     async def detach(self) -> None:
         self.batcher.close()
         if self.p2p is not None:
+            await self._detach_push_stream(self.p2p)
             await self.remove_p2p_handlers(self.p2p)
 
     # --- helpers ---------------------------------------------------------------------------------

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 
-from hivemind.p2p import PeerID
+# hivemind tells streaming RPCs apart by `typing.AsyncIterator` annotations (not collections.abc's).
+from typing import AsyncIterator  # noqa: UP035
+
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.swarm import protocol, steptrace
 from corolla.swarm.server.packing import BadRequest, read_step
+from corolla.swarm.server.push_stream import IDLE_S, STREAMS_PER_PEER, CorollaPeers, PushLinks, dht_lookup
+from corolla.swarm.server.streams import TURNED_AWAY, StreamLimits, add_stream_handler
 from corolla.swarm.step_metadata import StepMetadata
 
 logger = logging.getLogger(__name__)
@@ -21,8 +27,38 @@ class PushMixin:
     """Server-to-server push: a step's output sent on to the next server of the chain the client named
     (`next_servers`), and pushed steps accepted into this server's open sessions (rpc_push).
 
-    Uses the handler's `p2p`, `dht_prefix`, `limits`, `stats`, `sessions`, `_background`, `_chain`
-    and `get_stub`."""
+    Between two Corolla servers, pushes go on one long-lived stream per peer pair (push_stream.py);
+    to any other server, and whenever that stream fails, by rpc_push.
+
+    Uses the handler's `p2p`, `dht_prefix`, `limits`, `stats`, `sessions`, `refusals`, `refusal_log`,
+    `_background`, `_chain`, `_refused` and `get_stub`."""
+
+    dht = None  # the server's DHT, set before attach: where a peer's record says whether it is Corolla
+    push_links: PushLinks | None = None
+
+    def _push_stream_limits(self) -> StreamLimits:
+        """The receiver's bounds on push streams: a pushed step's size, a few of them buffered, and
+        `STREAMS_PER_PEER` streams per peer; refusals shared with the other RPCs."""
+        largest = MAX_PUSH_BYTES + protocol.MAX_METADATA_BYTES + 64 * 1024
+        return StreamLimits(
+            max_message_bytes=largest,
+            buffered_bytes=16 * largest,
+            streams_per_peer=STREAMS_PER_PEER,
+            refusals=self.refusals,
+            refusal_log=self.refusal_log,
+        )
+
+    async def _attach_push_stream(self, p2p: P2P) -> None:
+        self.push_links = PushLinks(p2p, CorollaPeers(dht_lookup(self.dht) if self.dht is not None else None))
+        limits = self._push_stream_limits()
+        name, request_type = protocol.PUSH_STREAM_NAME, runtime_pb2.ExpertRequest
+        await add_stream_handler(p2p, name, self.push_stream, request_type, limits=limits)
+
+    async def _detach_push_stream(self, p2p: P2P) -> None:
+        if self.push_links is not None:
+            await self.push_links.close()
+        with contextlib.suppress(Exception):
+            await p2p.remove_binary_stream_handler(protocol.PUSH_STREAM_NAME)
 
     def _maybe_push(self, out: runtime_pb2.Tensor, request, metadata: StepMetadata) -> bool:
         """Send this step's output to the next server of the chain when the step names one.
@@ -43,20 +79,30 @@ class PushMixin:
             uid = protocol.chain_uids(self.dht_prefix, start, end)
             pushed = metadata.pushed_on(next_session, next_servers[1:])
             request = runtime_pb2.ExpertRequest(uid=uid, tensors=[out, *request.tensors[1:]], metadata=pushed.pack())
-            peer = PeerID.from_base58(peer_b58)
+            peer = _peer_id(peer_b58)
         except Exception as exc:  # a malformed next_servers entry only disables the optimisation
             logger.debug("not pushing: %s", protocol.shorten(str(exc)))
             return False
         self.stats.pushes_sent += 1
-        task = asyncio.create_task(self._push(peer, request))
+        first_uid = uid.split(protocol.CHAIN_DELIMITER, 1)[0]  # where the peer's DHT record says what it runs
+        if self.push_links is not None and self.push_links.write_now(peer, request, first_uid):
+            steptrace.mark("push_send", step=metadata.step_id, via="stream")
+            self.stats.pushes_sent_on_stream += 1
+            return True  # written: nothing left to do (and the open stream keeps it in order)
+        task = asyncio.create_task(self._push(peer, request, first_uid, metadata.step_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return True
 
-    async def _push(self, peer: PeerID, request: runtime_pb2.ExpertRequest) -> None:
+    async def _push(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str, step: str | None) -> None:
         try:
+            if self.push_links is not None:
+                steptrace.mark("push_send", step=step, via="stream")
+                if await self.push_links.send(peer, request, uid):
+                    self.stats.pushes_sent_on_stream += 1
+                    return
             stub = self.get_stub(self.p2p, peer)
-            steptrace.mark("push_send")
+            steptrace.mark("push_send", step=step)
             await stub.rpc_push(request, timeout=self.limits.request_timeout)
             steptrace.mark("push_acked")
         except Exception as exc:
@@ -82,6 +128,29 @@ class PushMixin:
         session.pushes.put_nowait((request, metadata))
         self.stats.pushes_received += 1
 
+    async def push_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A Corolla server's pushes, one per message, each taken as rpc_push takes one: a refused
+        message is charged to the peer and dropped, and the stream goes on until the sender ends it,
+        it idles `IDLE_S`, or the peer runs out of refusals. Nothing is answered (but why it ended)."""
+        peer = context.remote_id
+        while True:
+            try:
+                async with asyncio.timeout(IDLE_S):  # no task per message, unlike wait_for
+                    request = await anext(requests)
+            except (StopAsyncIteration, TimeoutError):
+                return
+            if self.refusals is not None and not self.refusals.admits(peer):  # admits() counts it
+                raise BadRequest(TURNED_AWAY)
+            try:
+                self._take_push(request, peer)
+            except BadRequest as exc:
+                self._refused(exc, peer)
+                continue
+            self.stats.pushes_received_on_stream += 1
+        yield  # an async generator (the stream's replies), though it never answers
+
 
 def follow_named_upstream(session, metadata: StepMetadata) -> None:
     """A Corolla client names the server that pushes into this session (`corolla_upstream`), so after a
@@ -90,6 +159,12 @@ def follow_named_upstream(session, metadata: StepMetadata) -> None:
     if named is not None:
         with contextlib.suppress(Exception):
             session.pusher = PeerID.from_base58(named)
+
+
+@functools.lru_cache(maxsize=256)
+def _peer_id(b58: str) -> PeerID:
+    """Decoding base58 takes ~50 us of a pushed step's critical path: the few next servers are remembered."""
+    return PeerID.from_base58(b58)
 
 
 def _numel(tensor: runtime_pb2.Tensor) -> int:

@@ -359,6 +359,7 @@ class BlockServer(SwarmPresenceMixin):
                     self.span, self.dht_prefix, self.budget, limits, self.stats, executor
                 )
                 handler.adapters = self.adapters
+                handler.dht = self.dht  # push_stream.py: which peers are Corolla servers
                 p2p = await self.dht.replicate_p2p()
                 await handler.attach(p2p)
                 self.next_pings = NextPings(p2p, self.peer_id)

@@ -96,6 +96,8 @@ class ServerStats:
     requests_held: int = 0  # of those, held a while before the answer (refusals.py)
     pushes_sent: int = 0  # step outputs pushed to the next server of a chain
     pushes_received: int = 0
+    pushes_sent_on_stream: int = 0  # of pushes_sent: on a push stream to a Corolla server (push_stream.py)
+    pushes_received_on_stream: int = 0  # of pushes_received: taken from a push stream
     steps_from_pushes: int = 0  # steps computed from a pushed copy (it arrived before the client's)
     bytes_in: int = 0
     bytes_out: int = 0
