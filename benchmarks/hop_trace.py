@@ -2,7 +2,9 @@
 (corolla.swarm.steptrace) of one client and its servers on one machine.
 
 Per chain position, the median of: `to_server` (client send -> the server's read of the message),
-`before_compute` (read -> the step handler starts), `compute` (handler start -> output ready),
+split where the server's stream reader hands it on into `to_reader` (send -> the stream reader has read
+and decoded it) and `to_session` (-> the session takes it from its inbox), `before_compute` (read -> the
+step handler starts), `compute` (handler start -> output ready),
 `reply` (output -> reply handed to the stream), `to_client` (handed over -> the client's read), and
 `client_between` (the client's read of this server's reply -> its send to the next server).
 
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from corolla.swarm.steptrace import read_events
 
-LEGS = ("to_server", "before_compute", "compute", "reply", "to_client", "client_between")
+SERVER_EVENTS = {"input", "step_start", "computed", "replied"}  # each server's, for every step kept
+LEGS = ("to_server", "to_reader", "to_session", "before_compute", "compute", "reply", "to_client", "client_between")
 
 
 def hops(folder: Path) -> dict:
@@ -35,14 +38,17 @@ def hops(folder: Path) -> dict:
             continue  # replays, hedges, pushed steps: not a direct token step
         servers = defaultdict(dict)
         for event in events:
-            if event["event"] in ("input", "step_start", "computed", "replied"):
+            if event["event"] in ("input", "step_start", "computed", "replied", "delivered"):
                 servers[event["who"]].setdefault(event["event"], event["t"])
         chain = sorted(servers.values(), key=lambda s: s.get("step_start", 0.0))
-        if len(chain) != len(sends) or any(len(s) < 4 for s in chain):
+        if len(chain) != len(sends) or any(not s.keys() >= SERVER_EVENTS for s in chain):
             continue
         for k, (send, reply, server) in enumerate(zip(sends, replies, chain, strict=True)):
             row = legs[k]
             row["to_server"].append(server["input"] - send["t"])
+            if "delivered" in server:  # the stream's reader delivers straight to the session (streams.py)
+                row["to_reader"].append(server["delivered"] - send["t"])
+                row["to_session"].append(server["input"] - server["delivered"])
             row["before_compute"].append(server["step_start"] - server["input"])
             row["compute"].append(server["computed"] - server["step_start"])
             row["reply"].append(server["replied"] - server["computed"])

@@ -17,7 +17,7 @@ from corolla.swarm import wire
 from corolla.swarm.server.inference import SessionInputs
 from corolla.swarm.server.packing import BadRequest
 from corolla.swarm.server.step_threads import PROBE_EVERY, SAMPLES, StepThreads
-from corolla.swarm.server.streams import StreamLimits
+from corolla.swarm.server.streams import StreamLimits, StreamRequests
 from corolla.swarm.step_metadata import StepMetadata
 
 
@@ -75,6 +75,89 @@ def test_a_client_message_with_refused_metadata_fails_the_session_at_its_turn():
         with pytest.raises(BadRequest):
             await inputs.next(timeout=5)
         inputs.close()
+
+    asyncio.run(scenario())
+
+
+def _stream(limits: StreamLimits) -> StreamRequests:
+    return StreamRequests(asyncio.Queue(5), limits)
+
+
+async def _read(stream: StreamRequests, limits: StreamLimits, request: runtime_pb2.ExpertRequest | None) -> None:
+    """What the stream's reader does with one message it read (streams.add_stream_handler)."""
+    nbytes = 0 if request is None else 2 * request.ByteSize()
+    await limits.reserve(nbytes)
+    await stream.put(request, nbytes)
+
+
+def test_the_stream_reader_hands_client_messages_to_the_session_inbox_after_what_was_queued():
+    async def scenario() -> None:
+        limits = StreamLimits(max_message_bytes=1 << 20, buffered_bytes=1 << 20, streams_per_peer=1)
+        stream = _stream(limits)
+        await _read(stream, limits, _request("a"))  # queued before the session reads: goes first
+        await _read(stream, limits, _request("b"))
+        pushes: asyncio.Queue = asyncio.Queue(maxsize=16)
+        inputs = SessionInputs(stream, pushes)
+        assert [(await inputs.next(timeout=5))[1].step_id for _ in range(2)] == ["a", "b"]
+        await asyncio.sleep(0)
+        assert stream.sink is not None and _leftover_tasks() == []  # read out: no task of its own any more
+        assert limits.buffered == 0
+
+        await _read(stream, limits, _request("c"))  # from now on straight into the inbox, in arrival order
+        pushed = _request("d")
+        pushes.put_nowait((pushed, StepMetadata(session_id="s", step_id="d")))
+        await _read(stream, limits, _request("e"))
+        assert limits.buffered == 0 and pushes.qsize() == 3
+        got = [(await inputs.next(timeout=5))[1].step_id for _ in range(3)]
+        assert got == ["c", "d", "e"]
+        await _read(stream, limits, None)  # the client ends its stream
+        assert await inputs.next(timeout=5) is None and inputs.client_done
+        inputs.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_message_handed_over_directly_fails_the_session_and_later_ones_are_dropped():
+    async def scenario() -> None:
+        limits = StreamLimits(max_message_bytes=1 << 20, buffered_bytes=1 << 20, streams_per_peer=1)
+        stream = _stream(limits)
+        inputs = SessionInputs(stream, asyncio.Queue(maxsize=16))
+        waiting = asyncio.create_task(inputs.next(timeout=5))
+        await asyncio.sleep(0)
+        assert stream.sink is not None  # nothing queued: handed over at the first read
+        await _read(stream, limits, _request("a"))
+        assert (await waiting)[1].step_id == "a"
+        await _read(stream, limits, runtime_pb2.ExpertRequest(uid="x", metadata=b"\xc1 not msgpack"))
+        await _read(stream, limits, _request("b"))
+        with pytest.raises(BadRequest):
+            await inputs.next(timeout=5)
+        assert await inputs.next(timeout=0.05) is None  # what came after the refused one is dropped
+        assert limits.buffered == 0
+        inputs.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_session_inbox_holds_the_stream_reader_back_until_the_session_reads_or_closes():
+    async def scenario() -> None:
+        limits = StreamLimits(max_message_bytes=1 << 20, buffered_bytes=1 << 20, streams_per_peer=1)
+        stream = _stream(limits)
+        inputs = SessionInputs(stream, asyncio.Queue(maxsize=2))
+        assert await inputs.next(timeout=0.01) is None and stream.sink is not None
+        for step in ("a", "b"):
+            await _read(stream, limits, _request(step))
+        reading = asyncio.create_task(_read(stream, limits, _request("c")))
+        await asyncio.sleep(0.05)
+        assert not reading.done()  # bounded: the reader reads no further while the inbox is full
+        assert (await inputs.next(timeout=5))[1].step_id == "a"
+        await asyncio.wait_for(reading, 5)
+        late = asyncio.create_task(_read(stream, limits, _request("d")))
+        await asyncio.sleep(0.05)
+        assert not late.done()
+        inputs.close()  # the session ended: the reader goes on (and drops what still comes)
+        await asyncio.wait_for(late, 5)
+        await asyncio.wait_for(_read(stream, limits, _request("e")), 5)
+        assert limits.buffered == 0
 
     asyncio.run(scenario())
 

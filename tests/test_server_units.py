@@ -173,6 +173,18 @@ def test_packing_limits():
         deserialize_tensors([serialize_torch_tensor(torch.ones(1))] * 9)
     legacy = serialize_torch_tensor(torch.ones(2, dtype=torch.bfloat16))
     assert deserialize_tensors([legacy])[0].dtype == torch.bfloat16
+    # A token step's tensors take a shorter path (packing._plain_tensor): the same tensors, the same refusals.
+    plain = (torch.randn(2, 3, 8), torch.randn(1, 1, 4).half(), torch.arange(3), torch.zeros(0), torch.ones(2, 0))
+    for tensor in plain:
+        out = deserialize_tensors([serialize_torch_tensor(tensor)])[0]
+        assert out.dtype == tensor.dtype and torch.equal(out, tensor) and not out.requires_grad
+        out[...] = 0  # writable, and not the request's bytes
+    short = serialize_torch_tensor(torch.ones(2, 2))
+    short.buffer = short.buffer[:-4]
+    with pytest.raises(BadRequest, match="does not match"):
+        deserialize_tensors([short])
+    grad = serialize_torch_tensor(torch.ones(2).requires_grad_())
+    assert deserialize_tensors([grad])[0].requires_grad
     tensors = [torch.ones(1), torch.zeros(2)]
     assert unpack_args(((b"__T1", b"__T0"), {}), tensors)[0] is tensors[1]
     with pytest.raises(BadRequest, match="not sent"):

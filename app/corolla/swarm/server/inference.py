@@ -63,15 +63,38 @@ class SessionInputs:
     """The next message of an inference session, with its decoded metadata: from the client's stream
     or a server's push.
 
-    Both arrive in one inbox (the session's push queue): one task per session moves the client's
-    messages there, so a token step costs a queue hand-off instead of two new tasks and an
-    asyncio.wait of both sources."""
+    Both arrive in one inbox (the session's push queue). The client's messages are handed there by the
+    stream's own reader (streams.StreamRequests.deliver_to: a token step costs one task hand-off, from
+    the reader to the session); where the stream cannot (messages already queued, another iterator), a
+    task of this session moves them until it can."""
 
     def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], pushes: asyncio.Queue):
         self._requests, self._inbox = requests, pushes
         self._reader: asyncio.Task | None = None
+        self._delivered = False  # the stream's reader puts the client's messages in the inbox itself
+        self._stopped = False  # a refused message or close(): the client's later messages are dropped
         self.client_done = False
         self.last_was_pushed = False
+
+    def _hand_over(self) -> bool:
+        """Whether the stream's reader now delivers the client's messages to the inbox directly."""
+        deliver_to = getattr(self._requests, "deliver_to", None)
+        self._delivered = deliver_to is not None and deliver_to(self._deliver)
+        return self._delivered
+
+    async def _deliver(self, request: runtime_pb2.ExpertRequest | None) -> None:
+        """One message of the client's stream (None: its end), from the stream's reader, into the inbox."""
+        if self._stopped:
+            return
+        if request is None:
+            await self._inbox.put(_CLIENT_DONE)
+            return
+        try:
+            item: object = _FromClient(request, read_step(request.metadata))
+            steptrace.mark("delivered", step=item.metadata.step_id)  # the stream reader's leg ends here
+        except BadRequest as exc:
+            item, self._stopped = exc, True
+        await self._inbox.put(item)
 
     async def _read_client(self) -> None:
         try:
@@ -81,8 +104,8 @@ class SessionInputs:
                 except BadRequest as exc:
                     item = exc
                 await self._inbox.put(item)
-                if isinstance(item, BaseException):
-                    return
+                if isinstance(item, BaseException) or self._hand_over():
+                    return  # refused; or the queue is read out, and the reader delivers from here on
         except Exception as exc:  # the stream broke: the session learns it at its next read
             await self._inbox.put(exc)
             return
@@ -91,7 +114,7 @@ class SessionInputs:
     async def next(self, timeout: float) -> tuple[runtime_pb2.ExpertRequest, StepMetadata] | None:
         """None when the client ended its stream or nothing came within `timeout`; BadRequest for a
         client's message whose metadata is refused."""
-        if self._reader is None and not self.client_done:
+        if self._reader is None and not self._delivered and not self.client_done and not self._hand_over():
             self._reader = asyncio.get_running_loop().create_task(self._read_client())
         try:
             async with asyncio.timeout(timeout):
@@ -111,8 +134,12 @@ class SessionInputs:
         return item
 
     def close(self) -> None:
+        self._stopped = True
         if self._reader is not None:
             self._reader.cancel()
+        if self._delivered:  # a stream reader waiting for room in the inbox goes on (and drops the rest)
+            while not self._inbox.empty():
+                self._inbox.get_nowait()
 
 
 @dataclass(frozen=True)
@@ -222,17 +249,19 @@ class InferenceMixin:
         hidden = self._hidden_states(args[0] if args else None, batch)
         prompts = block_args.deep_prompts(args[1] if len(args) > 1 else None, span, hidden) if hidden.shape[1] else None
         position = metadata.start_from_position  # an int >= 0 (read_step); the cache bounds it here
+        past = cache.length  # read once (a few us each time): only a rollback changes it here
         if position is not None:
-            if position > cache.length:
-                raise BadRequest(f"start_from_position must be an int in [0, {cache.length}], got {position!r}")
-            if position < cache.length:
+            if position > past:
+                raise BadRequest(f"start_from_position must be an int in [0, {past}], got {position!r}")
+            if position < past:
                 try:
                     cache.rollback(position)
                 except EngineError as exc:
                     raise BadRequest(str(exc)) from exc
+                past = cache.length
         length = hidden.shape[1]
-        if cache.length + length > max_length:
-            raise BadRequest(protocol.err_max_length_exceeded(cache.length, length, max_length))
+        if past + length > max_length:
+            raise BadRequest(protocol.err_max_length_exceeded(past, length, max_length))
         hypo_ids = args[2] if len(args) > 2 else None
         if not is_dummy(hypo_ids):
             if hypo_ids.dtype != torch.int64 or tuple(hypo_ids.shape) != (batch,):
@@ -242,8 +271,8 @@ class InferenceMixin:
             cache.cache.reorder_cache(hypo_ids.to(span.device))
         if length == 0:
             return torch.empty(batch, 0, span.hidden_size, dtype=span.dtype)
-        mask = block_args.padding_mask(kwargs, batch, cache.length + length)
-        position_ids = block_args.positions(mask, cache.length, length)
+        mask = block_args.padding_mask(kwargs, batch, past + length)
+        position_ids = block_args.positions(mask, past, length)
         adapter = session_args.adapter
         inline = self._can_run_inline(batch * length)
         if not inline and prompts is None and length <= MAX_STEP_TOKENS and can_join(span, cache, length):

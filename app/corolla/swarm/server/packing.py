@@ -74,16 +74,45 @@ def _check_tensor(proto: runtime_pb2.Tensor) -> None:
         raise BadRequest(f"float16 tensor buffer does not match shape {list(proto.size)}")
 
 
+_PLAIN = {name: (getattr(torch, name), ALLOWED_DTYPES[name]) for name in ("float32", "float16", "int64")}
+_NONE = runtime_pb2.CompressionType.NONE
+
+
+def _plain_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor | None:
+    """An uncompressed float32, float16 or int64 tensor (every tensor of a token step), checked as
+    _check_tensor does and decoded as wire.deserialize_plain does, each field read once: ~4 us a tensor
+    instead of ~12. None for any other tensor (the general path checks and decodes it)."""
+    plain = _PLAIN.get(proto.dtype)
+    if plain is None or proto.compression != _NONE or proto.requires_grad:
+        return None
+    dtype, item = plain
+    shape = tuple(proto.size)
+    if len(shape) > MAX_TENSOR_RANK:
+        raise BadRequest(f"tensor of rank {len(shape)} is not accepted (at most {MAX_TENSOR_RANK})")
+    buffer = proto.buffer
+    if len(buffer) != math.prod(shape) * item:
+        raise BadRequest(f"tensor buffer of {len(buffer)} bytes does not match shape {list(shape)}")
+    try:
+        if buffer:
+            return torch.frombuffer(bytearray(buffer), dtype=dtype).view(shape)
+        return torch.empty(shape, dtype=dtype)
+    except Exception as exc:  # e.g. a negative size
+        raise BadRequest(f"tensor could not be decoded: {type(exc).__name__}: {exc}") from exc
+
+
 def deserialize_tensors(protos: Sequence[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     if len(protos) > protocol.MAX_TENSORS_PER_REQUEST:
         raise BadRequest(f"{len(protos)} tensors in one request (at most {protocol.MAX_TENSORS_PER_REQUEST})")
     tensors = []
     for proto in protos:
-        _check_tensor(proto)
-        try:
-            tensors.append(wire.deserialize_plain(proto))
-        except Exception as exc:
-            raise BadRequest(f"tensor could not be decoded: {type(exc).__name__}: {exc}") from exc
+        tensor = _plain_tensor(proto)
+        if tensor is None:
+            _check_tensor(proto)
+            try:
+                tensor = wire.deserialize_plain(proto)
+            except Exception as exc:
+                raise BadRequest(f"tensor could not be decoded: {type(exc).__name__}: {exc}") from exc
+        tensors.append(tensor)
     return tensors
 
 

@@ -23,7 +23,7 @@ import functools
 import logging
 import mmap
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -184,6 +184,55 @@ async def _drain_held(reader: asyncio.StreamReader, seconds: float) -> None:
         await asyncio.wait_for(drain(), seconds)
 
 
+class StreamRequests:
+    """The requests of one stream as its handler takes them: an async iterator over what the stream's
+    reader queued, or, once the handler calls `deliver_to`, each handed by the reader straight to the
+    handler's callback. That saves a task hand-off per message (a loop iteration and a task wake-up, on
+    every token step of every server), where a handler has an inbox of its own (inference sessions)."""
+
+    def __init__(self, queue: asyncio.Queue, limits: StreamLimits):
+        self._queue, self._limits = queue, limits
+        self._ended = False
+        self.sink: Callable[[object], Awaitable[None]] | None = None
+
+    def __aiter__(self) -> StreamRequests:
+        return self
+
+    async def __anext__(self) -> object:
+        if self._ended or self.sink is not None:
+            raise StopAsyncIteration
+        request, nbytes = await self._queue.get()
+        self._limits.release(nbytes)
+        if request is None:  # the caller's end of stream
+            self._ended = True
+            raise StopAsyncIteration
+        return request
+
+    async def put(self, request: object, nbytes: int) -> None:
+        """The stream reader's hand-over of one message (None: the caller's end of stream), `nbytes` of it
+        reserved in the budget: released once the message is the handler's (its sink's, or taken from
+        the queue)."""
+        if self.sink is not None:
+            self._limits.release(nbytes)
+            await self.sink(request)
+            return
+        try:
+            await self._queue.put((request, nbytes))
+        except BaseException:
+            self._limits.release(nbytes)
+            raise
+
+    def deliver_to(self, sink: Callable[[object], Awaitable[None]]) -> bool:
+        """From now on the stream's reader awaits `sink(request)` for each message, and `sink(None)` for
+        the caller's end of stream, instead of queueing them (the sink's own queue bounds what is read
+        ahead). False, and nothing changes, while queued messages wait (they come first: read them, then
+        try again) or after the end of the stream."""
+        if self._ended or not self._queue.empty():
+            return False
+        self.sink = sink
+        return True
+
+
 async def add_stream_handler(
     p2p: P2P,
     name: str,
@@ -227,17 +276,11 @@ async def add_stream_handler(
         context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
         requests: asyncio.Queue = asyncio.Queue(MAX_PREFETCH)
 
-        async def incoming() -> AsyncIterator:
-            while True:
-                request, nbytes = await requests.get()
-                limits.release(nbytes)
-                if request is None:  # the caller's end of stream
-                    return
-                yield request
+        incoming = StreamRequests(requests, limits)
 
         async def process() -> None:
             try:
-                async for response in handler(incoming(), context):
+                async for response in handler(incoming, context):
                     try:
                         await P2P.send_protobuf(response, writer)
                     except (ConnectionError, OSError):
@@ -272,11 +315,7 @@ async def add_stream_handler(
                 if processing.done():
                     limits.release(nbytes)
                 else:
-                    try:
-                        await requests.put((request, nbytes))
-                    except BaseException:
-                        limits.release(nbytes)
-                        raise
+                    await incoming.put(request, nbytes)
                 if request is None:  # the caller's end-of-stream marker: nothing more will come
                     return True
 
