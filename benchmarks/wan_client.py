@@ -64,15 +64,7 @@ def main() -> None:
         args.model_dir, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, request_timeout=30.0
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                route = remote.route()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
+        route = remote.wait_for_route(120, interval=2.0)  # the servers may still be announcing
         for mode, prompt_name, push, draft in modes:
             remote.client_config.use_server_to_server = push
             steptrace.mark("mode", name=mode)  # benchmarks/wan_trace.py splits the trace by mode

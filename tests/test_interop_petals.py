@@ -199,15 +199,7 @@ def test_push_stream_between_corolla_servers_and_rpc_push_to_a_stock_server(refe
             auto_nat=False,
             use_server_to_server=True,
         ) as remote:
-            deadline = time.monotonic() + 60
-            while True:  # until the stock server's record is visible and the whole model has a route
-                try:
-                    route = remote.route()
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(1)
+            route = remote.wait_for_route(60)  # the stock server's record may still be on its way
             assert petals is not None and len(route.split(",")) == 3, route
             for prompt in ([[1, 384, 456]], [[1, 291, 441, 410, 420]]):
                 ids = torch.tensor(prompt)

@@ -55,17 +55,10 @@ def main() -> int:
         allowed_servers=args.allowed,
     )
     try:
-        deadline = time.monotonic() + args.connect_timeout
-        route, error = "", None
-        while time.monotonic() < deadline:  # the servers' announcements may still be on their way
-            try:
-                route = remote.route()
-                break
-            except Exception as exc:
-                error = exc
-                time.sleep(2.0)
-        else:
-            print(json.dumps({"exact": False, "error": f"no route: {error!r}"}), flush=True)
+        try:  # the servers' announcements may still be on their way
+            route = remote.wait_for_route(args.connect_timeout, interval=2.0)
+        except Exception as exc:
+            print(json.dumps({"exact": False, "error": f"no route: {exc!r}"}), flush=True)
             return 1
         print(json.dumps({"generating": route}), flush=True)  # a fault test waits for this line
         started = time.perf_counter()

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -213,6 +214,18 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
         start, end = self.local_edges.remote_range if self.local_edges is not None else (0, self.view.num_blocks)
         route = describe_route(self.view.route(start, end, max_length, adapter=self.active_adapter))
         return route if self.local_edges is None else f"{route}; {self.local_edges.describe()}"
+
+    def wait_for_route(self, timeout: float, interval: float = 1.0) -> str:
+        """`route()` once the servers' announcements cover the model (a swarm just started may still be
+        announcing); after `timeout` seconds, the last reason there was none is raised."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.route()
+            except Exception:
+                if time.monotonic() + interval > deadline:
+                    raise
+                time.sleep(interval)
 
     def inference_session(
         self, max_length: int, batch_size: int = 1, privacy: Privacy | list[str] | dict | str | None = None
