@@ -60,6 +60,17 @@ def test_route_covers_the_model_through_three_servers(remote, swarm):
     assert swarm[0].peer_id[-6:] in route
 
 
+def test_waiting_for_a_route_returns_it_or_says_why_there_is_none(model_dir, remote, swarm):
+    assert remote.wait_for_route(30) == remote.route()
+    with (
+        corolla.AutoDistributedModelForCausalLM.from_pretrained(
+            model_dir, initial_peers=[swarm[0].maddr], dht_prefix="nobody-serves-this", **CLIENT_OPTIONS
+        ) as lonely,
+        pytest.raises(MissingBlocksError),
+    ):  # after its timeout, the reason there is no route
+        lonely.wait_for_route(2, interval=0.5)
+
+
 def test_greedy_generation_equals_local(remote, local):
     for batch in (1, 2):
         ids = prompt(batch)
