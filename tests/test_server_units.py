@@ -173,7 +173,7 @@ def test_packing_limits():
         deserialize_tensors([serialize_torch_tensor(torch.ones(1))] * 9)
     legacy = serialize_torch_tensor(torch.ones(2, dtype=torch.bfloat16))
     assert deserialize_tensors([legacy])[0].dtype == torch.bfloat16
-    # A token step's tensors take a shorter path (packing._plain_tensor): the same tensors, the same refusals.
+    # A token step's tensors (wire.deserialize_plain): the same tensors, the same refusals.
     plain = (torch.randn(2, 3, 8), torch.randn(1, 1, 4).half(), torch.arange(3), torch.zeros(0), torch.ones(2, 0))
     for tensor in plain:
         out = deserialize_tensors([serialize_torch_tensor(tensor)])[0]
