@@ -127,7 +127,8 @@ def test_corolla_client_through_a_stock_petals_server(reference_model, tmp_path)
     import corolla
     from corolla.swarm.peers import start_dht
 
-    bootstrap = start_dht(use_relay=False, auto_nat=False)  # a plain DHT peer for the stock server to join
+    # a plain DHT peer for the stock server to join
+    bootstrap = start_dht(use_relay=False, auto_nat=False, in_process=True)
     petals = None
     try:
         maddr = str(bootstrap.get_visible_maddrs()[0])

@@ -35,7 +35,7 @@ def reference_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stock_swarm(reference_model, tmp_path_factory):
-    bootstrap = start_dht(use_relay=False, auto_nat=False)
+    bootstrap = start_dht(use_relay=False, auto_nat=False, in_process=True)
     tmp = tmp_path_factory.mktemp("stock")
     maddr = str(bootstrap.get_visible_maddrs()[0])
     servers = [

@@ -111,7 +111,7 @@ def _swarm_states(maddr: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sigkill_of_serve_takes_its_children_and_its_record_expires(tiny_models, tmp_path):
-    bootstrap = start_dht(use_relay=False, auto_nat=False)  # a peer that outlives the server
+    bootstrap = start_dht(use_relay=False, auto_nat=False, in_process=True)  # a peer that outlives the server
     maddr = str(bootstrap.get_visible_maddrs()[0])
     server = _serve(tmp_path, tiny_models.get("llama"), "--initial-peers", maddr, "--update-period", "2", name="kill")
     tree = []

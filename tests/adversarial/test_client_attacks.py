@@ -94,7 +94,7 @@ class TrapServer:
     """A hostile 'server' that answers each step with its input and never ends a session."""
 
     def __init__(self, initial_peer: str):
-        self.dht = start_dht([initial_peer], use_relay=False, auto_nat=False)
+        self.dht = start_dht([initial_peer], use_relay=False, auto_nat=False, in_process=True)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

@@ -15,6 +15,7 @@ its own child); Corolla's child differs from hivemind's in three ways that make 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -23,7 +24,8 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from hivemind.dht import DHT
 
@@ -33,10 +35,15 @@ from corolla.swarm.relays import relay_options
 logger = logging.getLogger(__name__)
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 PARENT_POLL_S = 0.5
+CHILD_POLL_S = 1.0  # how often a caller waiting on the forked DHT checks that the child still runs
 
 
 class PeerStartError(RuntimeError):
     """The DHT could not start or join the swarm (bad or unreachable initial peers, no p2pd)."""
+
+
+class DHTChildDiedError(RuntimeError):
+    """The forked DHT process ended while a caller waited for its answer."""
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -88,6 +95,36 @@ class CorollaDHT(DHT):
                 target=_watch_parent, args=(self._watched_parent,), name="corolla-parent-watch", daemon=True
             ).start()
         super().run()
+
+    # hivemind's blocking calls wait for the child's answer with no end; the child could die after it
+    # was ready (a fork of a threaded process can abort), so these waits also watch that it still runs.
+    def run_coroutine(self, coro: Callable, return_future: bool = False) -> Any:
+        future = super().run_coroutine(coro, return_future=True)
+        return future if return_future else self._answer(future)
+
+    def get(self, key: Any, latest: bool = False, return_future: bool = False, **kwargs: Any) -> Any:
+        future = super().get(key, latest=latest, return_future=True, **kwargs)
+        return future if return_future else self._answer(future)
+
+    def store(
+        self,
+        key: Any,
+        value: Any,
+        expiration_time: float,
+        subkey: Any = None,
+        return_future: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        future = super().store(key, value, expiration_time, subkey=subkey, return_future=True, **kwargs)
+        return future if return_future else self._answer(future)
+
+    def _answer(self, future: concurrent.futures.Future) -> Any:
+        while True:
+            try:
+                return future.result(timeout=CHILD_POLL_S)
+            except concurrent.futures.TimeoutError:
+                if not self.is_alive():
+                    raise DHTChildDiedError(f"the DHT process ended (exit code {self.exitcode})") from None
 
     def shutdown(self) -> None:
         """Shut the child down in order if it answers, else kill it and p2pd; bounded in time."""

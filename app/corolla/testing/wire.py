@@ -45,7 +45,7 @@ class WireClient:
     """A client-mode DHT peer with helpers for each RPC; use as a context manager."""
 
     def __init__(self, initial_peer: str):
-        self.dht = start_dht([initial_peer], client_mode=True, use_relay=False, auto_nat=False)
+        self.dht = start_dht([initial_peer], client_mode=True, use_relay=False, auto_nat=False, in_process=True)
         self.loop = asyncio.new_event_loop()
         self.p2p: P2P = self.loop.run_until_complete(self.dht.replicate_p2p())
 
