@@ -87,6 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         identity_path=args.identity_path,
         public_name=args.public_name,
         reachability=args.reachability,
+        direct_links=not args.no_direct_links,
+        direct_link_port=args.direct_link_port,
         nat_port_map=args.nat_port_map,
         use_relay=not args.no_relay,
         use_auto_relay=not args.no_relay and not args.no_auto_relay,
@@ -152,6 +154,14 @@ def add_serve_parser(commands) -> None:
     swarm.add_argument("--public-name", default=None, help="a name shown next to this server in swarm monitors")
     swarm.add_argument("--nat-port-map", action="store_true", help="ask the router for a port (NAT-PMP/UPnP)")
     swarm.add_argument("--no-relay", action="store_true", help="neither use nor offer libp2p relays")
+    swarm.add_argument(
+        "--no-direct-links",
+        action="store_true",
+        help="Corolla clients send their steps through p2pd only (no TCP connection of their own)",
+    )
+    swarm.add_argument(
+        "--direct-link-port", type=int, default=0, metavar="PORT", help="where direct links listen (default: any)"
+    )
     swarm.add_argument("--no-auto-relay", action="store_true", help="do not look for a relay when unreachable")
     swarm.add_argument("--no-auto-nat", action="store_true", help="do not ask peers whether this server is reachable")
     blocks = serve.add_argument_group("blocks").add_mutually_exclusive_group()

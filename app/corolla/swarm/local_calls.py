@@ -135,6 +135,8 @@ class SharedP2P:
     def _is_local(self, peer_id: PeerID) -> bool:
         return self.local is not None and peer_id == self.local.peer_id
 
+    is_local = _is_local  # direct_link.py: the own server needs no direct link
+
     async def call_binary_stream_handler(
         self, peer_id: PeerID, handler_name: str
     ) -> tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:

@@ -34,6 +34,9 @@ class ClientConfig:
     local_edge_blocks: int = 0
     # Greedy generation drafts tokens by prompt lookup (speculative.py) where it pays (route_choice.py).
     speculative: bool = True
+    # Steps to Corolla servers go over a TCP connection of the client's own where the server can be
+    # reached that way (direct_link.py), else through p2pd.
+    direct_links: bool = True
     # Loopback-only peers (tests, the private demo swarm): no relays, no AutoNAT.
     use_relay: bool = True
     auto_nat: bool = True

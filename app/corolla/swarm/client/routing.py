@@ -30,6 +30,7 @@ from corolla.swarm.client.config import ClientConfig
 from corolla.swarm.client.ledger import ledger_of
 from corolla.swarm.client.privacy import Privacy, PrivacyViolation
 from corolla.swarm.dht_records import RemoteSpan, compute_spans, get_module_infos
+from corolla.swarm.direct_link import DirectLinks
 from corolla.swarm.protocol import ServerState
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class SwarmView:
     announced: bool = False  # whether any server (in any state) announced any block at the last refresh
     verification: object = None  # the client's spot-check ledger (verification.Ledger), made on first use
     speed: object = None  # the client's step times and slow servers (speed.SpeedLedger), made on first use
+    direct_links: DirectLinks = field(default_factory=DirectLinks)  # where direct links failed (direct_link.py)
     # Who may receive tensors: spans of servers outside it are dropped at every refresh (the one place
     # all routes, failovers, spot checks and push targets come from), and stub() refuses them.
     privacy: Privacy = field(default_factory=Privacy)

@@ -17,7 +17,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
-from corolla.swarm import protocol, steptrace, wire
+from corolla.swarm import direct_link, protocol, steptrace, wire
 from corolla.swarm.client.growing_buffer import append_positions
 from corolla.swarm.client.routing import RouteSegment, SwarmView
 from corolla.swarm.step_metadata import NextServer, StepMetadata
@@ -28,6 +28,7 @@ MASKED_ARGS_STRUCTURE = ((b"__T0", b"__T1", b"__T2"), {"attention_mask": b"__T3"
 _DUMMY = serialize_torch_tensor(torch.zeros(0))
 _DUMMY_IDS = serialize_torch_tensor(torch.zeros(0, dtype=torch.int64))
 CLOSE_TIMEOUT = 5.0
+DIRECT_OPEN_TIMEOUT = 2.0  # a direct link not made by then is not worth it: p2pd instead
 REPLY_OVERHEAD_BYTES = 1024 * 1024  # a reply's metadata and framing beyond its hidden states
 CLOSING_REPLY_MAX_BYTES = 16 * 1024 * 1024  # replies still read while closing are dropped: no more than this
 _HANDLE = f"{protocol.HANDLER_CLASS_NAME}.rpc_inference"  # what hivemind's stub names the RPC
@@ -65,6 +66,7 @@ class ServerStream:
     _stepped: bool = False
     _unread_replies: int = 0  # replies to register() still to be read before the next step's
     corolla: bool = False  # a Corolla server (announces corolla_version): reads next_servers in any step
+    direct: bool = False  # the stream runs over a direct link (direct_link.py), not through p2pd
     slow: dict | None = None  # evidence that its server is consistently slow (speed.py): replaced at the next step
     kept_slow: bool = False  # ... unless nobody else serves its blocks
     # Every input this span has received, [batch, positions, hidden]: the first `_kept` positions of a
@@ -97,6 +99,16 @@ class ServerStream:
     async def open(self, view: SwarmView, timeout: float) -> None:
         view.stub(self.segment.peer_id)  # refuses a peer outside the privacy policy
         peer = PeerID.from_base58(self.segment.peer_id)
+        if self.corolla and view.config.direct_links and view.direct_links.worth_trying(view.p2p, peer):
+            # A Corolla server this client can reach: a TCP connection of its own, not through p2pd
+            # (direct_link.py); where it cannot be made, p2pd as for any other server.
+            try:
+                opening = direct_link.open_stream(view.p2p, peer)
+                self._reader, self._writer = await asyncio.wait_for(opening, min(timeout, DIRECT_OPEN_TIMEOUT))
+                self.direct = True
+                return
+            except Exception as exc:
+                view.direct_links.failed(peer, exc)
         opening = view.p2p.call_binary_stream_handler(peer, _HANDLE)
         _, self._reader, self._writer = await asyncio.wait_for(opening, timeout)
 

@@ -28,6 +28,10 @@ class ServerConfig:
     use_auto_relay: bool = True
     auto_nat: bool = True
     reachability: str = "auto"  # "auto": ask peers whether they can dial us; "direct" or "relay": as told
+    # Corolla clients that can reach this computer send their steps over a TCP connection of their own
+    # (direct_link.py) instead of through both p2pd daemons; on this port (0: any free one)
+    direct_links: bool = True
+    direct_link_port: int = 0
     # Blocks
     blocks: tuple[int, int] | None = None  # explicit [start, end): no automatic choice, no rebalancing
     num_blocks: int | None = None

@@ -30,6 +30,7 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from corolla.swarm import protocol, steptrace
+from corolla.swarm.direct_link import DirectLinkServer
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.server import block_args
@@ -115,6 +116,9 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
         )
         self.adapters: tuple[str, ...] = ()  # LoRA adapters this server can activate (none yet)
         self.p2p: P2P | None = None
+        # (bind host, port, advertised hosts) of the direct link for Corolla clients (direct_link.py)
+        self.direct_link_at: tuple[str | None, int, list[str]] | None = None
+        self.direct_link: DirectLinkServer | None = None
         self._background: set[asyncio.Task] = set()
         # Moving average of step compute times; starts high so the first (cold) steps run off the loop.
         self._step_ms = INLINE_MAX_MS * 2
@@ -127,11 +131,15 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
         self.p2p = p2p
         self._collect_rpc_handlers()
         registrations = []
+        inference = None
         for rpc in self._rpc_handlers:
             name, method = self._get_handle_name(None, rpc.method_name), getattr(self, rpc.method_name)
             if rpc.stream_input and rpc.stream_output:
                 # Our own registration, so that an error reply is not lost to p2pd's reset (streams.py).
-                registrations.append(add_stream_handler(p2p, name, method, rpc.request_type, limits=self.stream_limits))
+                registration = add_stream_handler(p2p, name, method, rpc.request_type, limits=self.stream_limits)
+                if rpc.method_name == "rpc_inference":
+                    inference = registration = asyncio.ensure_future(registration)
+                registrations.append(registration)
             else:
                 registrations.append(
                     p2p.add_protobuf_handler(
@@ -140,9 +148,15 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
                 )
         await asyncio.gather(*registrations)
         await self._attach_push_stream(p2p)  # Corolla servers only (push_stream.py)
+        if self.direct_link_at is not None and inference is not None:  # Corolla clients only (direct_link.py)
+            bind, port, hosts = self.direct_link_at
+            self.direct_link = DirectLinkServer(inference.result(), bind, port, hosts)
+            await self.direct_link.start(p2p)
 
     async def detach(self) -> None:
         self.batcher.close()
+        if self.direct_link is not None:
+            await self.direct_link.close(self.p2p)
         if self.p2p is not None:
             await self._detach_push_stream(self.p2p)
             await self.remove_p2p_handlers(self.p2p)

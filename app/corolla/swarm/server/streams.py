@@ -240,7 +240,7 @@ async def add_stream_handler(
     request_type: type,
     linger_s: float = LINGER_S,
     limits: StreamLimits | None = None,
-) -> None:
+) -> Callable[..., Awaitable[None]]:
     """Serve `name` (stream in, stream out) with `handler`; close only once the caller is done.
     Handlers that share one `limits` share its budget and its per-peer stream count."""
     limits = limits if limits is not None else default_limits()
@@ -345,6 +345,7 @@ async def add_stream_handler(
                     limits.release(requests.get_nowait()[1])
 
     await p2p.add_binary_stream_handler(name, handle)
+    return handle  # direct links (direct_link.py) hand their streams to it too
 
 
 async def _wait_for_caller_to_finish(

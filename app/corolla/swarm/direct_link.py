@@ -1,0 +1,540 @@
+"""Direct links: a Corolla client's inference stream to a Corolla server over a TCP connection of its
+own instead of through both peers' p2pd daemons.
+
+Why: through p2pd every message crosses three sockets and two daemon processes each way (client ->
+its p2pd -> the server's p2pd -> server). On a short link (one computer, a LAN) that is most of a hop's
+time; a direct connection crosses one socket.
+
+It stays as private and as guarded as the libp2p stream it replaces:
+- The client first asks the server for a ticket over libp2p (`rpc_direct_ticket`: authenticated by the
+  server's peer id, encrypted). The ticket carries the server's direct addresses, a one-time id and a
+  fresh 32-byte secret. Only the peer that answered over libp2p knows the secret, so whoever completes
+  the TCP handshake with it is that peer; a stolen address or a replayed id gets nothing.
+- The server binds the connection to the peer id that asked for the ticket and hands it to the very
+  handler a libp2p stream reaches (server/streams.py): per-peer stream counts, refusal budgets, message
+  limits and timeouts are the same.
+- Both directions are sealed with ChaCha20-Poly1305 (one key per direction, derived with HKDF from the
+  secret and both sides' nonces; a counter as the nonce): nobody on the path reads or alters hidden
+  states, and a frame replayed, dropped or reordered fails its check and ends the connection.
+- A sealed frame is at most 1 MiB; inside is hivemind's framing, read by the same bounded readers as a
+  libp2p stream. The handshake is bounded in time; tickets are few per peer, short-lived and single-use.
+
+Stock Petals peers never see any of this: a client asks only servers that announce `corolla_version`, and
+where a direct connection cannot be made (NAT, a firewall, an older Corolla server) it uses libp2p.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+logger = logging.getLogger(__name__)
+
+TICKET_RPC = "CorollaDirectLink.rpc_direct_ticket"
+MAGIC = b"CRLDIR1\n"
+ID_BYTES, NONCE_BYTES, SECRET_BYTES, TAG_BYTES = 16, 16, 32, 16
+HELLO_BYTES = len(MAGIC) + ID_BYTES + NONCE_BYTES
+MAX_PLAIN_FRAME = 1024 * 1024  # plaintext per sealed frame; larger writes go in several
+LENGTH_BYTES = 4
+READY = b"corolla direct link ready"
+HANDSHAKE_TIMEOUT_S = 5.0
+TICKET_TTL_S = 30.0
+TICKETS_PER_PEER = 8
+MAX_TICKETS = 1024
+MAX_HANDSHAKING = 64  # connections not yet through the handshake, all together
+MAX_HOSTS = 8
+MAX_TICKET_REPLY_BYTES = 4096
+READER_LIMIT = 256 * 1024  # plaintext a connection buffers before it stops reading the socket
+RETRY_AFTER_S = 300.0  # a client tries a server's direct link again this long after one failed
+MAX_REMEMBERED = 1024
+
+
+class DirectLinkError(ConnectionError):
+    """A direct link could not be made or broke (the caller falls back to libp2p or fails the stream)."""
+
+
+def _keys(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
+    """(client-to-server key, server-to-client key)."""
+    material = HKDF(hashes.SHA256(), 64, salt=client_nonce + server_nonce, info=b"corolla direct link v1").derive(
+        secret
+    )
+    return material[:32], material[32:]
+
+
+class _Sealer:
+    """One direction's AEAD with its frame counter."""
+
+    def __init__(self, key: bytes):
+        self._aead, self._counter = ChaCha20Poly1305(key), 0
+
+    def _nonce(self) -> bytes:
+        self._counter += 1
+        return bytes(4) + self._counter.to_bytes(8, "big")
+
+    def seal(self, plain: bytes) -> bytes:
+        sealed = self._aead.encrypt(self._nonce(), plain, None)
+        return len(sealed).to_bytes(LENGTH_BYTES, "big") + sealed
+
+    def open(self, sealed: bytes) -> bytes:
+        return self._aead.decrypt(self._nonce(), sealed, None)
+
+
+class SealedWriter:
+    """The writing half of a direct link, with the part of asyncio.StreamWriter's interface that the
+    stream code uses (write, drain, close, is_closing, wait_closed, get_extra_info)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: SealedProtocol, sealer: _Sealer):
+        self.transport, self._protocol, self._sealer = transport, protocol, sealer
+
+    def write(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # as a StreamWriter: the next drain() reports the closed connection
+        view = memoryview(data)
+        for start in range(0, max(len(view), 1), MAX_PLAIN_FRAME):
+            self.transport.write(self._sealer.seal(bytes(view[start : start + MAX_PLAIN_FRAME])))
+
+    async def drain(self) -> None:
+        if self.transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost run, as StreamWriter.drain does
+            raise ConnectionResetError("the direct link is closed")
+        await self._protocol.writable()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    async def wait_closed(self) -> None:
+        await self._protocol.closed
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.transport.get_extra_info(name, default)
+
+
+class SealedProtocol(asyncio.Protocol):
+    """Both ends of a direct link: the handshake, then sealed frames in, plaintext to a StreamReader.
+
+    `on_hello(ticket_id)` (server side) returns the ticket's (secret, on_open) or None; the client side
+    gives its secret and hello up front."""
+
+    def __init__(
+        self,
+        *,
+        on_hello: Callable[[bytes], tuple[bytes, Callable[[asyncio.StreamReader, SealedWriter], None]] | None]
+        | None = None,
+        client_hello: tuple[bytes, bytes] | None = None,  # (ticket id, secret)
+        on_handshake_start: Callable[[], None] | None = None,
+        on_handshake_end: Callable[[], None] | None = None,
+    ):
+        loop = asyncio.get_running_loop()
+        self._on_hello, self._client_hello = on_hello, client_hello
+        self._on_handshake_end = on_handshake_end
+        self._handshaking = True
+        if on_handshake_start is not None:
+            on_handshake_start()
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._in: _Sealer | None = None
+        self._reader = asyncio.StreamReader(limit=READER_LIMIT, loop=loop)
+        self.writer: SealedWriter | None = None
+        self.ready: asyncio.Future = loop.create_future()  # the client's: set once the server proved the secret
+        self.closed: asyncio.Future = loop.create_future()
+        self._client_nonce = os.urandom(NONCE_BYTES)
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._reader.set_transport(transport)
+        self._deadline = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._handshake_timed_out)
+
+    def send_hello(self) -> None:
+        """The client's: sent on the one connection it chose (a ticket is good for one hello)."""
+        ticket_id, _ = self._client_hello
+        self._transport.write(MAGIC + ticket_id + self._client_nonce)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            if self.writer is None and not self._handshake():
+                return
+            self._open_frames()
+        except (InvalidTag, DirectLinkError) as exc:
+            self._fail(DirectLinkError(f"direct link: {exc or 'a frame failed its integrity check'}"))
+
+    def eof_received(self) -> bool:
+        return False  # close the connection: a direct link has no half-closed state
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_handshake()
+        if exc is None:
+            self._reader.feed_eof()
+        else:
+            self._reader.set_exception(DirectLinkError(f"direct link lost: {exc}"))
+        if not self.ready.done():
+            self.ready.set_exception(DirectLinkError(f"the server closed the direct link ({exc or 'no reason'})"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake_writers()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_writers()
+
+    # --- the link ------------------------------------------------------------------------------------
+    async def writable(self) -> None:
+        if self._paused and not self._transport.is_closing():
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+        if self._transport.is_closing():
+            raise ConnectionResetError("the direct link is closed")
+
+    def _wake_writers(self) -> None:
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def _handshake(self) -> bool:
+        """True once the link is open (the rest of the buffer is sealed frames)."""
+        if self._client_hello is None:  # the server: a hello, then the proof that it holds the secret
+            if len(self._buffer) < HELLO_BYTES:
+                return False
+            hello, self._buffer = bytes(self._buffer[:HELLO_BYTES]), self._buffer[HELLO_BYTES:]
+            if not hello.startswith(MAGIC):
+                raise DirectLinkError("not a direct link hello")
+            found = self._on_hello(hello[len(MAGIC) : len(MAGIC) + ID_BYTES])
+            if found is None:
+                raise DirectLinkError("an unknown or expired ticket")
+            secret, on_open = found
+            server_nonce = os.urandom(NONCE_BYTES)
+            c2s, s2c = _keys(secret, hello[len(MAGIC) + ID_BYTES :], server_nonce)
+            self._in, out = _Sealer(c2s), _Sealer(s2c)
+            self._transport.write(server_nonce + out.seal(READY))
+            self._open(out)
+            on_open(self._reader, self.writer)
+            return True
+        # the client: the server's nonce and its first sealed frame, which must open to READY
+        if len(self._buffer) < NONCE_BYTES + LENGTH_BYTES:
+            return False
+        length = int.from_bytes(self._buffer[NONCE_BYTES : NONCE_BYTES + LENGTH_BYTES], "big")
+        if length != len(READY) + TAG_BYTES:
+            raise DirectLinkError("the server's handshake is malformed")
+        end = NONCE_BYTES + LENGTH_BYTES + length
+        if len(self._buffer) < end:
+            return False
+        _, secret = self._client_hello
+        c2s, s2c = _keys(secret, self._client_nonce, bytes(self._buffer[:NONCE_BYTES]))
+        self._in = _Sealer(s2c)
+        if self._in.open(bytes(self._buffer[NONCE_BYTES + LENGTH_BYTES : end])) != READY:
+            raise DirectLinkError("the server's handshake is malformed")
+        del self._buffer[:end]
+        self._open(_Sealer(c2s))
+        self.ready.set_result(None)
+        return True
+
+    def _open(self, out: _Sealer) -> None:
+        self.writer = SealedWriter(self._transport, self, out)
+        self._end_handshake()
+
+    def _end_handshake(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._handshaking:
+            self._handshaking = False
+            if self._on_handshake_end is not None:
+                self._on_handshake_end()
+
+    def _open_frames(self) -> None:
+        buffer = self._buffer
+        offset = 0
+        while len(buffer) - offset >= LENGTH_BYTES:
+            length = int.from_bytes(buffer[offset : offset + LENGTH_BYTES], "big")
+            if not TAG_BYTES <= length <= MAX_PLAIN_FRAME + TAG_BYTES:
+                raise DirectLinkError(f"a sealed frame of {length} bytes")
+            end = offset + LENGTH_BYTES + length
+            if len(buffer) < end:
+                break
+            self._reader.feed_data(self._in.open(bytes(buffer[offset + LENGTH_BYTES : end])))
+            offset = end
+        if offset:
+            del buffer[:offset]
+
+    def _handshake_timed_out(self) -> None:
+        self._deadline = None
+        if self.writer is None:
+            self._fail(DirectLinkError("the direct link's handshake took too long"))
+
+    def _fail(self, exc: DirectLinkError) -> None:
+        logger.debug("%s", exc)
+        self._reader.set_exception(exc)
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+
+# --- the server's side ---------------------------------------------------------------------------
+@dataclass
+class _Ticket:
+    peer: PeerID
+    secret: bytes
+    expires: float
+
+
+@dataclass
+class DirectStreamInfo:
+    """What the stream handler reads of a libp2p StreamInfo: who is calling."""
+
+    peer_id: PeerID
+
+
+StreamHandle = Callable[[DirectStreamInfo, asyncio.StreamReader, SealedWriter], Awaitable[None]]
+
+
+class DirectLinkServer:
+    """Listens for direct links and hands each to `handle` as the ticket's peer's stream."""
+
+    def __init__(self, handle: StreamHandle, bind_host: str | None, port: int, advertised_hosts: list[str]):
+        self._handle, self._bind_host, self._port = handle, bind_host, port
+        self._advertised = advertised_hosts
+        self._tickets: OrderedDict[bytes, _Ticket] = OrderedDict()
+        self._server: asyncio.Server | None = None
+        self._handshaking = 0
+        self._tasks: set[asyncio.Task] = set()
+        self.port: int | None = None
+
+    async def start(self, p2p: P2P) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_protocol, host=self._bind_host, port=self._port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        await p2p.add_protobuf_handler(TICKET_RPC, self.rpc_direct_ticket, runtime_pb2.ExpertUID)
+
+    async def close(self, p2p: P2P | None) -> None:
+        if p2p is not None:
+            with contextlib.suppress(Exception):
+                await p2p.remove_protobuf_handler(TICKET_RPC)
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tickets.clear()
+
+    async def rpc_direct_ticket(self, request: runtime_pb2.ExpertUID, context) -> runtime_pb2.ExpertInfo:
+        ticket_id, secret = self.issue(context.remote_id)
+        reply = {"hosts": self._advertised, "port": self.port, "ticket": ticket_id, "secret": secret}
+        return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(reply))
+
+    def issue(self, peer: PeerID) -> tuple[bytes, bytes]:
+        """A new ticket for `peer`; its oldest ones (and the oldest of all) make room."""
+        now = time.monotonic()
+        while self._tickets and next(iter(self._tickets.values())).expires < now:
+            self._tickets.popitem(last=False)
+        own = [key for key, ticket in self._tickets.items() if ticket.peer == peer]
+        for key in own[: max(0, len(own) - TICKETS_PER_PEER + 1)]:
+            del self._tickets[key]
+        while len(self._tickets) >= MAX_TICKETS:
+            self._tickets.popitem(last=False)
+        ticket_id, secret = os.urandom(ID_BYTES), os.urandom(SECRET_BYTES)
+        self._tickets[ticket_id] = _Ticket(peer, secret, now + TICKET_TTL_S)
+        return ticket_id, secret
+
+    def _new_protocol(self) -> asyncio.Protocol:
+        if self._handshaking >= MAX_HANDSHAKING:
+            return _Refuse()
+        return SealedProtocol(
+            on_hello=self._take,
+            on_handshake_start=self._handshake_started,
+            on_handshake_end=self._handshake_ended,
+        )
+
+    def _handshake_started(self) -> None:
+        self._handshaking += 1
+
+    def _handshake_ended(self) -> None:
+        self._handshaking -= 1
+
+    def _take(self, ticket_id: bytes):
+        ticket = self._tickets.pop(ticket_id, None)
+        if ticket is None or ticket.expires < time.monotonic():
+            return None
+
+        def on_open(reader: asyncio.StreamReader, writer: SealedWriter) -> None:
+            task = asyncio.get_running_loop().create_task(self._serve(ticket.peer, reader, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return ticket.secret, on_open
+
+    async def _serve(self, peer: PeerID, reader: asyncio.StreamReader, writer: SealedWriter) -> None:
+        try:
+            await self._handle(DirectStreamInfo(peer), reader, writer)
+        except Exception:
+            logger.debug("a direct link's stream failed", exc_info=True)
+        finally:
+            writer.close()
+
+
+class _Refuse(asyncio.Protocol):
+    """Too many handshakes at once: close at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+def advertised_hosts(host_maddrs: list[str], visible_maddrs: list[str]) -> list[str]:
+    """The IP addresses a direct link may be tried at: the ones this peer is seen at, else the host it
+    listens on (when it names one); at most MAX_HOSTS."""
+    hosts: list[str] = []
+    for maddr in [*visible_maddrs, *host_maddrs]:
+        parts = str(maddr).split("/")
+        if "p2p-circuit" in parts:
+            continue  # the relay's address, not ours
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            host = parts[2]
+            if host not in hosts and not ipaddress.ip_address(host).is_unspecified:
+                hosts.append(host)
+    return hosts[:MAX_HOSTS]
+
+
+def direct_bind_host(host_maddrs: list[str]) -> str | None:
+    """Where the direct link listens: the IP host of the first IP multiaddr (None for 0.0.0.0: all)."""
+    for maddr in host_maddrs:
+        parts = str(maddr).split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            return None if ipaddress.ip_address(parts[2]).is_unspecified else parts[2]
+    return "127.0.0.1"
+
+
+# --- the client's side ---------------------------------------------------------------------------
+@dataclass
+class Ticket:
+    hosts: list[str]
+    port: int
+    ticket_id: bytes
+    secret: bytes
+
+
+def read_ticket(serialized: bytes) -> Ticket:
+    """A server's ticket reply, checked field by field (it comes from a peer: anything may be in it)."""
+    if len(serialized) > MAX_TICKET_REPLY_BYTES:
+        raise DirectLinkError("the ticket reply is too long")
+    try:
+        reply = MSGPackSerializer.loads(serialized)
+    except Exception as exc:
+        raise DirectLinkError("the ticket reply does not decode") from exc
+    if not isinstance(reply, dict):
+        raise DirectLinkError("the ticket reply is not a map")
+    hosts, port = reply.get("hosts"), reply.get("port")
+    ticket_id, secret = reply.get("ticket"), reply.get("secret")
+    if not isinstance(hosts, list) or not 1 <= len(hosts) <= MAX_HOSTS:
+        raise DirectLinkError("the ticket names no usable address")
+    try:
+        hosts = [str(ipaddress.ip_address(host)) for host in hosts if isinstance(host, str) and len(host) <= 64]
+    except ValueError as exc:
+        raise DirectLinkError("the ticket names an address that is not an IP address") from exc
+    if not hosts or not isinstance(port, int) or not 0 < port < 65536:
+        raise DirectLinkError("the ticket names no usable address")
+    if not isinstance(ticket_id, bytes) or len(ticket_id) != ID_BYTES:
+        raise DirectLinkError("the ticket's id is malformed")
+    if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
+        raise DirectLinkError("the ticket's secret is malformed")
+    return Ticket(hosts, port, ticket_id, secret)
+
+
+async def ask_ticket(p2p: P2P, peer: PeerID) -> Ticket:
+    response = await p2p.call_protobuf_handler(peer, TICKET_RPC, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo)
+    return read_ticket(response.serialized_info)
+
+
+async def connect(ticket: Ticket) -> tuple[asyncio.StreamReader, SealedWriter]:
+    """The link, through the first of the ticket's addresses that answers (tried all at once); the
+    caller bounds the time."""
+    loop = asyncio.get_running_loop()
+
+    async def attempt(host: str) -> tuple[asyncio.Transport, SealedProtocol]:
+        return await loop.create_connection(
+            lambda: SealedProtocol(client_hello=(ticket.ticket_id, ticket.secret)), host=host, port=ticket.port
+        )
+
+    attempts = [asyncio.ensure_future(attempt(host)) for host in ticket.hosts]
+    transport = protocol = None
+    errors = []
+    try:
+        for next_done in asyncio.as_completed(attempts):
+            try:
+                transport, protocol = await next_done
+                break
+            except OSError as exc:
+                errors.append(exc)
+    finally:
+        for pending in attempts:
+            if pending.done() and not pending.cancelled() and pending.exception() is None:
+                other, _ = pending.result()
+                if other is not transport:
+                    other.abort()  # another address answered first: the ticket is spent on that one
+            else:
+                pending.cancel()
+    if protocol is None:
+        raise DirectLinkError(f"no address of the ticket answered ({errors[0] if errors else 'none'})")
+    try:
+        protocol.send_hello()
+        await protocol.ready
+    except BaseException:
+        transport.abort()
+        raise
+    return protocol._reader, protocol.writer
+
+
+async def open_stream(p2p: P2P, peer: PeerID) -> tuple[asyncio.StreamReader, SealedWriter]:
+    """A direct link to `peer` (a Corolla server), carrying one stream; the caller bounds the time."""
+    return await connect(await ask_ticket(p2p, peer))
+
+
+class DirectLinks:
+    """A client's memory of which servers it may try direct links with: after a failure (no route,
+    a firewall, an older Corolla server) that server gets p2pd for a while instead of a wasted try per
+    session."""
+
+    def __init__(self) -> None:
+        self._failed: OrderedDict[PeerID, float] = OrderedDict()
+
+    def worth_trying(self, p2p: object, peer: PeerID) -> bool:
+        is_local = getattr(p2p, "is_local", None)
+        if is_local is not None and is_local(peer):
+            return False  # the own server of a node's client: called in-process already (local_calls.py)
+        until = self._failed.get(peer)
+        return until is None or until < time.monotonic()
+
+    def failed(self, peer: PeerID, exc: BaseException) -> None:
+        logger.info("no direct link to …%s (%s); its steps go through p2pd", str(peer)[-6:], exc or type(exc).__name__)
+        self._failed.pop(peer, None)
+        self._failed[peer] = time.monotonic() + RETRY_AFTER_S
+        while len(self._failed) > MAX_REMEMBERED:
+            self._failed.popitem(last=False)

@@ -1,0 +1,158 @@
+"""Direct links (swarm/direct_link.py): a Corolla client's steps to Corolla servers over a sealed TCP
+connection of its own, bypassing both p2pd daemons; p2pd where a server offers none; and what a
+hostile peer meets at the direct port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+from hivemind.utils import MSGPackSerializer
+
+import corolla
+from corolla.swarm import direct_link
+from corolla.testing.swarm import CorollaServer
+
+PREFIX = "tiny-direct"
+CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 3, "min_backoff": 0.2}
+
+
+def serve(tmp, model, blocks, *extra, name):
+    args = ["--dht-prefix", PREFIX, "--blocks", blocks, "--torch-dtype", "float32", "--throughput", "10", *extra]
+    return CorollaServer(tmp, model, *args, name=name)
+
+
+@pytest.fixture(scope="module")
+def swarm(model_dir, tmp_path_factory):
+    """Blocks 0:3 with direct links, 3:6 without (--no-direct-links)."""
+    tmp = tmp_path_factory.mktemp("direct")
+    head = serve(tmp, model_dir, "0:3", "--new-swarm", name="direct-head")
+    tail = None
+    try:
+        tail = serve(tmp, model_dir, "3:6", "--initial-peers", head.maddr, "--no-direct-links", name="direct-tail")
+        head.wait_state("online")
+        tail.wait_state("online")
+        yield head, tail
+    finally:
+        for server in (tail, head):
+            if server is not None:
+                server.stop()
+
+
+@pytest.fixture(scope="module")
+def remote(model_dir, swarm):
+    head, _ = swarm
+    model = corolla.AutoDistributedModelForCausalLM.from_pretrained(
+        model_dir, initial_peers=[head.maddr], dht_prefix=PREFIX, **CLIENT_OPTIONS
+    )
+    model.wait_for_route(60)
+    yield model
+    model.close()
+
+
+def test_steps_go_direct_where_offered_and_through_p2pd_elsewhere_token_exact(remote, local, swarm):
+    head, tail = swarm
+    ids = torch.randint(6, 500, (1, 7), generator=torch.Generator().manual_seed(3))
+    want = local.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with remote.inference_session(max_length=32) as session:
+        got = remote.generate(ids, max_new_tokens=8, do_sample=False, session=session)
+        transports = {stream.segment.peer_id: stream.direct for stream in session._session.streams}
+    assert torch.equal(got, want)
+    assert transports == {head.peer_id: True, tail.peer_id: False}
+    # the server without direct links is remembered: p2pd at once next time, no second try
+    assert not remote.view.direct_links.worth_trying(remote.view.p2p, PeerID.from_base58(tail.peer_id))
+
+
+def _ticket(remote, peer_id: str) -> direct_link.Ticket:
+    return remote.run_async(direct_link.ask_ticket(remote.view.p2p, PeerID.from_base58(peer_id)), timeout=30)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes this connection (without sending anything useful) in time."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _connect(ticket: direct_link.Ticket) -> socket.socket:
+    return socket.create_connection((ticket.hosts[0], ticket.port), timeout=10)
+
+
+def test_hostile_hellos_get_nothing_and_the_server_keeps_serving(remote, local, swarm):
+    head, _ = swarm
+    ticket = _ticket(remote, head.peer_id)
+    assert ticket.hosts and 0 < ticket.port < 65536
+    started = time.monotonic()
+    for hello in (
+        os.urandom(direct_link.HELLO_BYTES),  # not a direct link at all
+        direct_link.MAGIC + os.urandom(direct_link.ID_BYTES + direct_link.NONCE_BYTES),  # a guessed ticket
+        b"",  # says nothing: the handshake's deadline closes it
+    ):
+        with _connect(ticket) as sock:
+            sock.sendall(hello)
+            assert _closed_within(sock, direct_link.HANDSHAKE_TIMEOUT_S + 5), hello[:8]
+    assert time.monotonic() - started < 3 * (direct_link.HANDSHAKE_TIMEOUT_S + 5)
+    # a ticket is good once: the second hello with it is refused
+    first = _ticket(remote, head.peer_id)
+    reader_writer = remote.run_async(direct_link.connect(first), timeout=30)
+    with _connect(first) as sock:
+        sock.sendall(direct_link.MAGIC + first.ticket_id + os.urandom(direct_link.NONCE_BYTES))
+        assert _closed_within(sock, 10)
+    remote.run_async(_close(reader_writer[1]), timeout=10)
+    test_steps_go_direct_where_offered_and_through_p2pd_elsewhere_token_exact(remote, local, swarm)
+
+
+async def _close(writer) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
+def test_a_tampered_frame_ends_the_link(remote, swarm):
+    head, _ = swarm
+    ticket = _ticket(remote, head.peer_id)
+
+    async def tamper() -> bytes:
+        reader, writer = await direct_link.connect(ticket)
+        sealed = writer._sealer.seal(b"x" * 64)
+        writer.transport.write(sealed[:-1] + bytes([sealed[-1] ^ 1]))  # one bit of the tag flipped
+        return await asyncio.wait_for(reader.read(), 10)  # the server closes: end of stream, nothing read
+
+    assert remote.run_async(tamper(), timeout=30) == b""
+
+
+def test_a_server_cannot_hand_the_client_a_bad_ticket():
+    good = {"hosts": ["127.0.0.1"], "port": 4000, "ticket": b"t" * 16, "secret": b"s" * 32}
+    assert direct_link.read_ticket(MSGPackSerializer.dumps(good)).port == 4000
+    bad = [
+        b"\xc1",  # not msgpack
+        MSGPackSerializer.dumps([1, 2]),
+        MSGPackSerializer.dumps({**good, "hosts": ["example.org"]}),  # names, not addresses: no lookups
+        MSGPackSerializer.dumps({**good, "hosts": ["127.0.0.1"] * 9}),
+        MSGPackSerializer.dumps({**good, "port": 70000}),
+        MSGPackSerializer.dumps({**good, "ticket": b"short"}),
+        MSGPackSerializer.dumps({**good, "secret": "not bytes"}),
+        MSGPackSerializer.dumps({**good, "hosts": ["127.0.0.1"], "pad": b"x" * 5000}),  # too long to read
+    ]
+    for reply in bad:
+        with pytest.raises(direct_link.DirectLinkError):
+            direct_link.read_ticket(reply)
+
+
+def test_the_server_keeps_few_tickets_per_peer():
+    server = direct_link.DirectLinkServer(handle=None, bind_host="127.0.0.1", port=0, advertised_hosts=["127.0.0.1"])
+    peer, other = PeerID(b"\x00\x24\x08\x01\x12\x20" + b"a" * 32), PeerID(b"\x00\x24\x08\x01\x12\x20" + b"b" * 32)
+    other_ticket, _ = server.issue(other)
+    issued = [server.issue(peer)[0] for _ in range(100)]
+    assert len(server._tickets) == direct_link.TICKETS_PER_PEER + 1
+    assert set(issued[-direct_link.TICKETS_PER_PEER :]) | {other_ticket} == set(server._tickets)
