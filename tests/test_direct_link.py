@@ -156,3 +156,35 @@ def test_the_server_keeps_few_tickets_per_peer():
     issued = [server.issue(peer)[0] for _ in range(100)]
     assert len(server._tickets) == direct_link.TICKETS_PER_PEER + 1
     assert set(issued[-direct_link.TICKETS_PER_PEER :]) | {other_ticket} == set(server._tickets)
+
+
+def test_large_messages_cross_in_many_frames_both_ways_with_flow_control():
+    """3 MiB each way (three sealed frames and more), through a server whose handler reads it all before
+    it answers: the sender waits on the socket instead of buffering without bound, and every byte
+    arrives in order."""
+    payload = os.urandom(3 * 1024 * 1024 + 5)
+    peer = PeerID(b"\x00\x24\x08\x01\x12\x20" + b"c" * 32)
+
+    async def echo(info, reader, writer):
+        assert info.peer_id == peer  # bound to the peer the ticket was issued to
+        data = await reader.readexactly(len(payload))
+        writer.write(data[::-1])
+        await writer.drain()
+
+    async def run():
+        server = direct_link.DirectLinkServer(echo, "127.0.0.1", 0, ["127.0.0.1"])
+        await server.listen()
+        try:
+            ticket_id, secret = server.issue(peer)
+            reader, writer = await direct_link.connect(
+                direct_link.Ticket(["127.0.0.1"], server.port, ticket_id, secret)
+            )
+            writer.write(payload)
+            await writer.drain()
+            back = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+            writer.close()
+            return back
+        finally:
+            await server.close(None)
+
+    assert asyncio.run(run()) == payload[::-1]

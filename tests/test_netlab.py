@@ -231,6 +231,10 @@ def test_client_behind_nat_generates_through_relayed_server(lab, chain):
     report = run_corolla_client(lab, lab.hosts["home2"], chain["model"], chain["prefix"], [chain["boot"].maddr], 64)
     assert report["exact"] and report["new_tokens"] == 64, report
     assert chain["home"].stats()["inference_steps"] > 0  # the chain really went through the NAT'd server
+    # Direct links (direct_link.py): to the public server, yes; into the other home, no (its router lets
+    # nothing in): those steps went through p2pd and its relay.
+    assert report["direct_links"] == [chain["public"].peer_id], report
+    assert report["direct_link_failed"] == [chain["home"].peer_id], report
 
 
 @pytest.mark.slow

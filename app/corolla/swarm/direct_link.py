@@ -328,10 +328,13 @@ class DirectLinkServer:
         self.port: int | None = None
 
     async def start(self, p2p: P2P) -> None:
+        await self.listen()
+        await p2p.add_protobuf_handler(TICKET_RPC, self.rpc_direct_ticket, runtime_pb2.ExpertUID)
+
+    async def listen(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._new_protocol, host=self._bind_host, port=self._port)
         self.port = self._server.sockets[0].getsockname()[1]
-        await p2p.add_protobuf_handler(TICKET_RPC, self.rpc_direct_ticket, runtime_pb2.ExpertUID)
 
     async def close(self, p2p: P2P | None) -> None:
         if p2p is not None:
@@ -524,6 +527,7 @@ class DirectLinks:
 
     def __init__(self) -> None:
         self._failed: OrderedDict[PeerID, float] = OrderedDict()
+        self.opened: OrderedDict[PeerID, None] = OrderedDict()  # servers a link was made to (latest last)
 
     def worth_trying(self, p2p: object, peer: PeerID) -> bool:
         is_local = getattr(p2p, "is_local", None)
@@ -531,6 +535,16 @@ class DirectLinks:
             return False  # the own server of a node's client: called in-process already (local_calls.py)
         until = self._failed.get(peer)
         return until is None or until < time.monotonic()
+
+    def succeeded(self, peer: PeerID) -> None:
+        self.opened.pop(peer, None)
+        self.opened[peer] = None
+        while len(self.opened) > MAX_REMEMBERED:
+            self.opened.popitem(last=False)
+
+    def failed_recently(self) -> list[PeerID]:
+        now = time.monotonic()
+        return [peer for peer, until in self._failed.items() if until >= now]
 
     def failed(self, peer: PeerID, exc: BaseException) -> None:
         logger.info("no direct link to …%s (%s); its steps go through p2pd", str(peer)[-6:], exc or type(exc).__name__)

@@ -64,6 +64,9 @@ def main() -> int:
         started = time.perf_counter()
         got = remote.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[])
         elapsed = time.perf_counter() - started
+        links = remote.view.direct_links  # which servers got this client's steps over a direct link
+        direct = {"direct_links": [p.to_base58() for p in links.opened]}
+        direct["direct_link_failed"] = [p.to_base58() for p in links.failed_recently()]
     finally:
         remote.close()
     exact = torch.equal(got, want)
@@ -73,6 +76,7 @@ def main() -> int:
         "generate_s": round(elapsed, 3),
         "tokens_per_s": round(args.new_tokens / elapsed, 2),
         "route": route,
+        **direct,
     }
     print(json.dumps(report), flush=True)
     return 0 if exact else 1
