@@ -101,6 +101,10 @@ def port(servers: int) -> int:
     return LAB_PORT + 10 * servers  # each chain's servers listen here on loopback; forwarder at +1
 
 
+def direct_port(servers: int) -> int:
+    return port(servers) + 2  # Corolla servers' direct links, on loopback and (forwarded) on the host's address
+
+
 def prove_lab(lab: NetLab, delay_ms: float, a, b) -> dict:
     """A bare TCP ping-pong from host a through a delaying forwarder on host b: what the lab adds beyond
     its 2 x delay."""
@@ -130,6 +134,9 @@ class Forwarders:
         for servers in self.chains:
             for host in self.hosts[:servers]:
                 self.processes.append(self.lab.forwarder(host, port(servers) + 1, port(servers), delay_ms, loss))
+                # Corolla's direct links (direct_link.py) cross the same delayed link: host.ip:P -> 127.0.0.1:P
+                direct = direct_port(servers)
+                self.processes.append(self.lab.forwarder(host, direct, direct, delay_ms, loss))
 
     def stop(self) -> None:
         for process in self.processes:
@@ -163,6 +170,7 @@ def corolla_chain_server(lab, host, work, model, boot, blocks: str, servers: int
     return corolla_server(
         lab, host, work, model, "--initial-peers", boot.maddr, "--blocks", blocks, "--dht-prefix", prefix(servers),
         *COMMON, name=f"corolla-c{servers}-{index}", announce_port=port(servers) + 1, listen_port=port(servers),
+        direct_link_port=direct_port(servers),
     )  # fmt: skip
 
 

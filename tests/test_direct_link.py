@@ -188,3 +188,39 @@ def test_large_messages_cross_in_many_frames_both_ways_with_flow_control():
             await server.close(None)
 
     assert asyncio.run(run()) == payload[::-1]
+
+
+def test_silent_connections_cannot_hold_the_door():
+    """More silent connections than MAX_HANDSHAKING: the extra ones are closed at once, the rest at the
+    handshake's deadline, and an honest link is made after that."""
+    peer = PeerID(b"\x00\x24\x08\x01\x12\x20" + b"d" * 32)
+
+    async def echo(info, reader, writer):
+        writer.write(await reader.readexactly(5))
+        await writer.drain()
+
+    async def run():
+        server = direct_link.DirectLinkServer(echo, "127.0.0.1", 0, ["127.0.0.1"])
+        await server.listen()
+        silent = []
+        try:
+            for _ in range(direct_link.MAX_HANDSHAKING):
+                silent.append(await asyncio.open_connection("127.0.0.1", server.port))
+            await asyncio.sleep(0.2)
+            reader, _ = await asyncio.open_connection("127.0.0.1", server.port)  # one too many
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
+            for silent_reader, _ in silent:  # the others at the deadline
+                assert await asyncio.wait_for(silent_reader.read(), direct_link.HANDSHAKE_TIMEOUT_S + 5) == b""
+            ticket_id, secret = server.issue(peer)
+            reader, writer = await direct_link.connect(
+                direct_link.Ticket(["127.0.0.1"], server.port, ticket_id, secret)
+            )
+            writer.write(b"hello")
+            assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+            writer.close()
+        finally:
+            for _, silent_writer in silent:
+                silent_writer.close()
+            await server.close(None)
+
+    asyncio.run(run())

@@ -412,10 +412,16 @@ class _Refuse(asyncio.Protocol):
 
 
 def advertised_hosts(host_maddrs: list[str], visible_maddrs: list[str]) -> list[str]:
-    """The IP addresses a direct link may be tried at: the ones this peer is seen at, else the host it
-    listens on (when it names one); at most MAX_HOSTS."""
+    """The IP addresses a direct link may be tried at: the ones this peer is seen at (its announced
+    addresses, when it has any: where it told peers to reach it, which is where the path to it runs),
+    else the host it listens on (when it names one); at most MAX_HOSTS."""
+    hosts = _ip_hosts(visible_maddrs)
+    return (hosts or _ip_hosts(host_maddrs))[:MAX_HOSTS]
+
+
+def _ip_hosts(maddrs: list[str]) -> list[str]:
     hosts: list[str] = []
-    for maddr in [*visible_maddrs, *host_maddrs]:
+    for maddr in maddrs:
         parts = str(maddr).split("/")
         if "p2p-circuit" in parts:
             continue  # the relay's address, not ours
@@ -423,7 +429,7 @@ def advertised_hosts(host_maddrs: list[str], visible_maddrs: list[str]) -> list[
             host = parts[2]
             if host not in hosts and not ipaddress.ip_address(host).is_unspecified:
                 hosts.append(host)
-    return hosts[:MAX_HOSTS]
+    return hosts
 
 
 def direct_bind_host(host_maddrs: list[str]) -> str | None:

@@ -87,9 +87,12 @@ def corolla_server(
     name: str,
     announce_port: int | None = None,
     listen_port: int = LAB_PORT,
+    direct_link_port: int | None = None,
 ) -> CorollaServer:
     """`corolla serve` in a lab host, listening on all its interfaces at `listen_port` (or on loopback
-    behind a delay forwarder at announce_port, which it then announces)."""
+    behind a delay forwarder at announce_port, which it then announces). `direct_link_port`: its direct
+    links listen there (behind a forwarder of the same port on the host's address, when announce_port
+    is set: direct_link.py advertises the announced host)."""
     if announce_port is None:
         flags = ["--port", str(listen_port)]
     else:
@@ -97,6 +100,8 @@ def corolla_server(
             "--host-maddrs", f"/ip4/127.0.0.1/tcp/{listen_port}",
             "--announce-maddrs", f"/ip4/{host.ip}/tcp/{announce_port}",
         ]  # fmt: skip
+    if direct_link_port is not None:
+        flags += ["--direct-link-port", str(direct_link_port)]
     return CorollaServer(
         workdir,
         model,
