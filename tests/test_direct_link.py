@@ -66,6 +66,17 @@ def test_steps_go_direct_where_offered_and_through_p2pd_elsewhere_token_exact(re
     assert transports == {head.peer_id: True, tail.peer_id: False}
     # the server without direct links is remembered: p2pd at once next time, no second try
     assert not remote.view.direct_links.worth_trying(remote.view.p2p, PeerID.from_base58(tail.peer_id))
+    # a spare link to the head waits for the next session, which starts on it, token-exact again
+    links, head_id = remote.view.direct_links, PeerID.from_base58(head.peer_id)
+    deadline = time.monotonic() + 20
+    while head_id not in links._spares and time.monotonic() < deadline:
+        time.sleep(0.1)
+    spare_writer = links._spares[head_id][1]
+    with remote.inference_session(max_length=32) as session:
+        got = remote.generate(ids, max_new_tokens=8, do_sample=False, session=session)
+        head_stream = next(s for s in session._session.streams if s.segment.peer_id == head.peer_id)
+        assert head_stream.direct and head_stream._writer is spare_writer
+    assert torch.equal(got, want)
 
 
 def _ticket(remote, peer_id: str) -> direct_link.Ticket:

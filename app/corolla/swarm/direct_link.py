@@ -61,6 +61,9 @@ MAX_HOSTS = 8
 MAX_TICKET_REPLY_BYTES = 4096
 READER_LIMIT = 256 * 1024  # plaintext a connection buffers before it stops reading the socket
 RETRY_AFTER_S = 300.0  # a client tries a server's direct link again this long after one failed
+SPARE_TTL_S = 60.0  # a spare link unused this long is not used (nor past half the server's idle limit)
+SPARE_OPEN_TIMEOUT_S = 10.0
+MAX_SPARES = 64
 MAX_REMEMBERED = 1024
 
 
@@ -318,8 +321,15 @@ StreamHandle = Callable[[DirectStreamInfo, asyncio.StreamReader, SealedWriter], 
 class DirectLinkServer:
     """Listens for direct links and hands each to `handle` as the ticket's peer's stream."""
 
-    def __init__(self, handle: StreamHandle, bind_host: str | None, port: int, advertised_hosts: list[str]):
-        self._handle, self._bind_host, self._port = handle, bind_host, port
+    def __init__(
+        self,
+        handle: StreamHandle,
+        bind_host: str | None,
+        port: int,
+        advertised_hosts: list[str],
+        idle_s: float = 300.0,  # how long a new link may wait for its first message (the step timeout)
+    ):
+        self._handle, self._bind_host, self._port, self._idle_s = handle, bind_host, port, idle_s
         self._advertised = advertised_hosts
         self._tickets: OrderedDict[bytes, _Ticket] = OrderedDict()
         self._server: asyncio.Server | None = None
@@ -352,6 +362,7 @@ class DirectLinkServer:
     async def rpc_direct_ticket(self, request: runtime_pb2.ExpertUID, context) -> runtime_pb2.ExpertInfo:
         ticket_id, secret = self.issue(context.remote_id)
         reply = {"hosts": self._advertised, "port": self.port, "ticket": ticket_id, "secret": secret}
+        reply["idle_s"] = float(self._idle_s)
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(reply))
 
     def issue(self, peer: PeerID) -> tuple[bytes, bytes]:
@@ -448,6 +459,7 @@ class Ticket:
     port: int
     ticket_id: bytes
     secret: bytes
+    idle_s: float = 0.0  # how long the server keeps a link that has not sent its first message (0: unknown)
 
 
 def read_ticket(serialized: bytes) -> Ticket:
@@ -474,7 +486,9 @@ def read_ticket(serialized: bytes) -> Ticket:
         raise DirectLinkError("the ticket's id is malformed")
     if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
         raise DirectLinkError("the ticket's secret is malformed")
-    return Ticket(hosts, port, ticket_id, secret)
+    idle_s = reply.get("idle_s", 0.0)
+    idle_s = float(idle_s) if isinstance(idle_s, (int, float)) and 0 <= idle_s < 1e6 else 0.0
+    return Ticket(hosts, port, ticket_id, secret, idle_s)
 
 
 async def ask_ticket(p2p: P2P, peer: PeerID) -> Ticket:
@@ -521,19 +535,71 @@ async def connect(ticket: Ticket) -> tuple[asyncio.StreamReader, SealedWriter]:
     return protocol._reader, protocol.writer
 
 
-async def open_stream(p2p: P2P, peer: PeerID) -> tuple[asyncio.StreamReader, SealedWriter]:
-    """A direct link to `peer` (a Corolla server), carrying one stream; the caller bounds the time."""
-    return await connect(await ask_ticket(p2p, peer))
+async def open_stream(p2p: P2P, peer: PeerID) -> tuple[asyncio.StreamReader, SealedWriter, float]:
+    """A direct link to `peer` (a Corolla server), carrying one stream, and how long the server keeps it
+    waiting for a first message (0: unknown); the caller bounds the time."""
+    ticket = await ask_ticket(p2p, peer)
+    reader, writer = await connect(ticket)
+    return reader, writer, ticket.idle_s
 
 
 class DirectLinks:
-    """A client's memory of which servers it may try direct links with: after a failure (no route,
-    a firewall, an older Corolla server) that server gets p2pd for a while instead of a wasted try per
-    session."""
+    """A client's direct links: which servers it may try them with (after a failure, no route, a
+    firewall, an older Corolla server, that server gets p2pd for a while instead of a wasted try per
+    session), and one spare link per server it linked to, opened in the background, so that the next
+    session there starts without the ticket's and the connection's round trips (three on a long link,
+    against p2pd's one for a new stream)."""
 
     def __init__(self) -> None:
         self._failed: OrderedDict[PeerID, float] = OrderedDict()
         self.opened: OrderedDict[PeerID, None] = OrderedDict()  # servers a link was made to (latest last)
+        self._spares: dict[PeerID, tuple[asyncio.StreamReader, SealedWriter, float]] = {}
+        self._preparing: dict[PeerID, asyncio.Task] = {}
+
+    async def open(self, p2p: P2P, peer: PeerID) -> tuple[asyncio.StreamReader, SealedWriter]:
+        """A link to `peer`: its spare if it has a usable one, else a new one; a spare for next time is
+        prepared in the background either way."""
+        spare = self._spares.pop(peer, None)
+        if spare is not None and not spare[1].is_closing() and spare[2] > time.monotonic():
+            self._prepare_spare(p2p, peer)
+            return spare[0], spare[1]
+        if spare is not None:
+            spare[1].close()
+        reader, writer, _ = await open_stream(p2p, peer)
+        self._prepare_spare(p2p, peer)
+        return reader, writer
+
+    def _prepare_spare(self, p2p: P2P, peer: PeerID) -> None:
+        if peer in self._preparing or len(self._spares) >= MAX_SPARES:
+            return
+
+        async def prepare() -> None:
+            try:
+                reader, writer, idle_s = await asyncio.wait_for(open_stream(p2p, peer), SPARE_OPEN_TIMEOUT_S)
+            except Exception:
+                return  # the next session opens its own link (or learns that it cannot)
+            finally:
+                self._preparing.pop(peer, None)
+            old = self._spares.pop(peer, None)
+            if old is not None:
+                old[1].close()
+            # used well before the server would close it for idling (a step sent into a closing link
+            # would count as the server's failure)
+            if idle_s > 0:
+                self._spares[peer] = (reader, writer, time.monotonic() + min(SPARE_TTL_S, idle_s / 2))
+            else:
+                writer.close()
+
+        self._preparing[peer] = asyncio.get_running_loop().create_task(prepare())
+
+    def close(self) -> None:
+        """Close the spares (on the client's loop): the servers free their slots at once."""
+        for task in self._preparing.values():
+            task.cancel()
+        self._preparing.clear()
+        for _, writer, _ in self._spares.values():
+            writer.close()
+        self._spares.clear()
 
     def worth_trying(self, p2p: object, peer: PeerID) -> bool:
         is_local = getattr(p2p, "is_local", None)

@@ -246,6 +246,8 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
     def close(self) -> None:
         self._loop.wait_background()  # sessions generate() left closing: the servers free them now
         with contextlib.suppress(Exception):
+            self._loop.run(_close_links(self.view.direct_links), timeout=10)
+        with contextlib.suppress(Exception):
             self._loop.run(self.view.p2p.shutdown(), timeout=10)
         self._loop.stop()
         if not self.shares_dht:  # a block server's DHT (from_pretrained's `dht`) stays for the server
@@ -391,3 +393,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
 
 class AutoDistributedModelForCausalLM(DistributedModelForCausalLM):
     """The Petals name: `AutoDistributedModelForCausalLM.from_pretrained(...)`."""
+
+
+async def _close_links(links) -> None:
+    links.close()  # on the client's loop, where the links live

@@ -17,7 +17,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
-from corolla.swarm import direct_link, protocol, steptrace, wire
+from corolla.swarm import protocol, steptrace, wire
 from corolla.swarm.client.growing_buffer import append_positions
 from corolla.swarm.client.routing import RouteSegment, SwarmView
 from corolla.swarm.step_metadata import NextServer, StepMetadata
@@ -103,7 +103,7 @@ class ServerStream:
             # A Corolla server this client can reach: a TCP connection of its own, not through p2pd
             # (direct_link.py); where it cannot be made, p2pd as for any other server.
             try:
-                opening = direct_link.open_stream(view.p2p, peer)
+                opening = view.direct_links.open(view.p2p, peer)
                 self._reader, self._writer = await asyncio.wait_for(opening, min(timeout, DIRECT_OPEN_TIMEOUT))
                 self.direct = True
                 view.direct_links.succeeded(peer)

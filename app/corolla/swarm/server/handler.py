@@ -150,7 +150,7 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
         await self._attach_push_stream(p2p)  # Corolla servers only (push_stream.py)
         if self.direct_link_at is not None and inference is not None:  # Corolla clients only (direct_link.py)
             bind, port, hosts = self.direct_link_at
-            self.direct_link = DirectLinkServer(inference.result(), bind, port, hosts)
+            self.direct_link = DirectLinkServer(inference.result(), bind, port, hosts, self.limits.step_timeout)
             await self.direct_link.start(p2p)
 
     async def detach(self) -> None:
