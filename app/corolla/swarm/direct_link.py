@@ -99,7 +99,7 @@ class _Sealer:
 
 class SealedWriter:
     """The writing half of a direct link, with the part of asyncio.StreamWriter's interface that the
-    stream code uses (write, drain, close, is_closing, wait_closed, get_extra_info)."""
+    stream code uses (write, drain, close, is_closing, wait_closed)."""
 
     def __init__(self, transport: asyncio.Transport, protocol: SealedProtocol, sealer: _Sealer):
         self.transport, self._protocol, self._sealer = transport, protocol, sealer
@@ -126,9 +126,6 @@ class SealedWriter:
     async def wait_closed(self) -> None:
         await self._protocol.closed
 
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return self.transport.get_extra_info(name, default)
-
 
 class SealedProtocol(asyncio.Protocol):
     """Both ends of a direct link: the handshake, then sealed frames in, plaintext to a StreamReader.
@@ -142,19 +139,16 @@ class SealedProtocol(asyncio.Protocol):
         on_hello: Callable[[bytes], tuple[bytes, Callable[[asyncio.StreamReader, SealedWriter], None]] | None]
         | None = None,
         client_hello: tuple[bytes, bytes] | None = None,  # (ticket id, secret)
-        on_handshake_start: Callable[[], None] | None = None,
         on_handshake_end: Callable[[], None] | None = None,
     ):
         loop = asyncio.get_running_loop()
         self._on_hello, self._client_hello = on_hello, client_hello
         self._on_handshake_end = on_handshake_end
         self._handshaking = True
-        if on_handshake_start is not None:
-            on_handshake_start()
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._in: _Sealer | None = None
-        self._reader = asyncio.StreamReader(limit=READER_LIMIT, loop=loop)
+        self.reader = asyncio.StreamReader(limit=READER_LIMIT, loop=loop)
         self.writer: SealedWriter | None = None
         self.ready: asyncio.Future = loop.create_future()  # the client's: set once the server proved the secret
         self.closed: asyncio.Future = loop.create_future()
@@ -166,7 +160,7 @@ class SealedProtocol(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        self._reader.set_transport(transport)
+        self.reader.set_transport(transport)
         self._deadline = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._handshake_timed_out)
 
     def send_hello(self) -> None:
@@ -189,9 +183,9 @@ class SealedProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_handshake()
         if exc is None:
-            self._reader.feed_eof()
+            self.reader.feed_eof()
         else:
-            self._reader.set_exception(DirectLinkError(f"direct link lost: {exc}"))
+            self.reader.set_exception(DirectLinkError(f"direct link lost: {exc}"))
         if not self.ready.done():
             self.ready.set_exception(DirectLinkError(f"the server closed the direct link ({exc or 'no reason'})"))
         if not self.closed.done():
@@ -237,7 +231,7 @@ class SealedProtocol(asyncio.Protocol):
             self._in, out = _Sealer(c2s), _Sealer(s2c)
             self._transport.write(server_nonce + out.seal(READY))
             self._open(out)
-            on_open(self._reader, self.writer)
+            on_open(self.reader, self.writer)
             return True
         # the client: the server's nonce and its first sealed frame, which must open to READY
         if len(self._buffer) < NONCE_BYTES + LENGTH_BYTES:
@@ -281,7 +275,7 @@ class SealedProtocol(asyncio.Protocol):
             end = offset + LENGTH_BYTES + length
             if len(buffer) < end:
                 break
-            self._reader.feed_data(self._in.open(bytes(buffer[offset + LENGTH_BYTES : end])))
+            self.reader.feed_data(self._in.open(bytes(buffer[offset + LENGTH_BYTES : end])))
             offset = end
         if offset:
             del buffer[:offset]
@@ -293,7 +287,7 @@ class SealedProtocol(asyncio.Protocol):
 
     def _fail(self, exc: DirectLinkError) -> None:
         logger.debug("%s", exc)
-        self._reader.set_exception(exc)
+        self.reader.set_exception(exc)
         if not self.ready.done():
             self.ready.set_exception(exc)
         if self._transport is not None:
@@ -361,8 +355,13 @@ class DirectLinkServer:
 
     async def rpc_direct_ticket(self, request: runtime_pb2.ExpertUID, context) -> runtime_pb2.ExpertInfo:
         ticket_id, secret = self.issue(context.remote_id)
-        reply = {"hosts": self._advertised, "port": self.port, "ticket": ticket_id, "secret": secret}
-        reply["idle_s"] = float(self._idle_s)
+        reply = {
+            "hosts": self._advertised,
+            "port": self.port,
+            "ticket": ticket_id,
+            "secret": secret,
+            "idle_s": float(self._idle_s),
+        }
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(reply))
 
     def issue(self, peer: PeerID) -> tuple[bytes, bytes]:
@@ -382,14 +381,8 @@ class DirectLinkServer:
     def _new_protocol(self) -> asyncio.Protocol:
         if self._handshaking >= MAX_HANDSHAKING:
             return _Refuse()
-        return SealedProtocol(
-            on_hello=self._take,
-            on_handshake_start=self._handshake_started,
-            on_handshake_end=self._handshake_ended,
-        )
-
-    def _handshake_started(self) -> None:
-        self._handshaking += 1
+        self._handshaking += 1  # until the protocol's handshake ends, one way or another
+        return SealedProtocol(on_hello=self._take, on_handshake_end=self._handshake_ended)
 
     def _handshake_ended(self) -> None:
         self._handshaking -= 1
@@ -532,7 +525,7 @@ async def connect(ticket: Ticket) -> tuple[asyncio.StreamReader, SealedWriter]:
     except BaseException:
         transport.abort()
         raise
-    return protocol._reader, protocol.writer
+    return protocol.reader, protocol.writer
 
 
 async def open_stream(p2p: P2P, peer: PeerID) -> tuple[asyncio.StreamReader, SealedWriter, float]:
@@ -561,11 +554,12 @@ class DirectLinks:
         prepared in the background either way."""
         spare = self._spares.pop(peer, None)
         if spare is not None and not spare[1].is_closing() and spare[2] > time.monotonic():
-            self._prepare_spare(p2p, peer)
-            return spare[0], spare[1]
-        if spare is not None:
-            spare[1].close()
-        reader, writer, _ = await open_stream(p2p, peer)
+            reader, writer, _ = spare
+        else:
+            if spare is not None:
+                spare[1].close()
+            reader, writer, _ = await open_stream(p2p, peer)
+        self._succeeded(peer)
         self._prepare_spare(p2p, peer)
         return reader, writer
 
@@ -592,8 +586,8 @@ class DirectLinks:
 
         self._preparing[peer] = asyncio.get_running_loop().create_task(prepare())
 
-    def close(self) -> None:
-        """Close the spares (on the client's loop): the servers free their slots at once."""
+    async def close(self) -> None:
+        """Close the spares (run on the client's loop, where they live): the servers free their slots at once."""
         for task in self._preparing.values():
             task.cancel()
         self._preparing.clear()
@@ -608,7 +602,7 @@ class DirectLinks:
         until = self._failed.get(peer)
         return until is None or until < time.monotonic()
 
-    def succeeded(self, peer: PeerID) -> None:
+    def _succeeded(self, peer: PeerID) -> None:
         self.opened.pop(peer, None)
         self.opened[peer] = None
         while len(self.opened) > MAX_REMEMBERED:

@@ -246,7 +246,7 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
     def close(self) -> None:
         self._loop.wait_background()  # sessions generate() left closing: the servers free them now
         with contextlib.suppress(Exception):
-            self._loop.run(_close_links(self.view.direct_links), timeout=10)
+            self._loop.run(self.view.direct_links.close(), timeout=10)
         with contextlib.suppress(Exception):
             self._loop.run(self.view.p2p.shutdown(), timeout=10)
         self._loop.stop()
@@ -393,7 +393,3 @@ class DistributedModelForCausalLM(PreTrainedModel, RemoteGenerationMixin):
 
 class AutoDistributedModelForCausalLM(DistributedModelForCausalLM):
     """The Petals name: `AutoDistributedModelForCausalLM.from_pretrained(...)`."""
-
-
-async def _close_links(links) -> None:
-    links.close()  # on the client's loop, where the links live

@@ -106,7 +106,6 @@ class ServerStream:
                 opening = view.direct_links.open(view.p2p, peer)
                 self._reader, self._writer = await asyncio.wait_for(opening, min(timeout, DIRECT_OPEN_TIMEOUT))
                 self.direct = True
-                view.direct_links.succeeded(peer)
                 return
             except Exception as exc:
                 view.direct_links.failed(peer, exc)
