@@ -235,3 +235,26 @@ def test_silent_connections_cannot_hold_the_door():
             await server.close(None)
 
     asyncio.run(run())
+
+
+def test_a_server_listening_on_every_interface_has_one_port_for_the_ticket():
+    """0.0.0.0 binds one IPv4 socket, so the ticket's port is the one every advertised address answers at
+    (asyncio given no host binds IPv4 and IPv6 on a port each: the ticket named the IPv6 one, and IPv4
+    clients were refused)."""
+    bind = direct_link.direct_bind_host(["/ip4/0.0.0.0/tcp/0"])
+    assert bind == "0.0.0.0"
+    assert direct_link.same_family(["10.0.0.2", "fe80::1", "127.0.0.1"], bind) == ["10.0.0.2", "127.0.0.1"]
+
+    async def run():
+        server = direct_link.DirectLinkServer(None, bind, 0, ["127.0.0.1"])
+        await server.listen()
+        try:
+            ports = {sock.getsockname()[1] for sock in server._server.sockets}
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)  # the ticket's port answers
+            writer.close()
+            return ports, server.port
+        finally:
+            await server.close(None)
+
+    ports, port = asyncio.run(run())
+    assert ports == {port}

@@ -318,7 +318,7 @@ class DirectLinkServer:
     def __init__(
         self,
         handle: StreamHandle,
-        bind_host: str | None,
+        bind_host: str,
         port: int,
         advertised_hosts: list[str],
         idle_s: float = 300.0,  # how long a new link may wait for its first message (the step timeout)
@@ -436,13 +436,21 @@ def _ip_hosts(maddrs: list[str]) -> list[str]:
     return hosts
 
 
-def direct_bind_host(host_maddrs: list[str]) -> str | None:
-    """Where the direct link listens: the IP host of the first IP multiaddr (None for 0.0.0.0: all)."""
+def direct_bind_host(host_maddrs: list[str]) -> str:
+    """Where the direct link listens: the IP host of the first IP multiaddr, as written (0.0.0.0 is every
+    IPv4 interface: one socket, so one port; asyncio given no host binds IPv4 and IPv6 each on a port
+    of its own, and the ticket could name the other family's)."""
     for maddr in host_maddrs:
         parts = str(maddr).split("/")
         if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-            return None if ipaddress.ip_address(parts[2]).is_unspecified else parts[2]
+            return parts[2]
     return "127.0.0.1"
+
+
+def same_family(hosts: list[str], bind_host: str) -> list[str]:
+    """The advertised hosts a listener on `bind_host` answers at (its IP version only)."""
+    version = ipaddress.ip_address(bind_host).version
+    return [host for host in hosts if ipaddress.ip_address(host).version == version]
 
 
 # --- the client's side ---------------------------------------------------------------------------

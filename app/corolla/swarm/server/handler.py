@@ -117,7 +117,7 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
         self.adapters: tuple[str, ...] = ()  # LoRA adapters this server can activate (none yet)
         self.p2p: P2P | None = None
         # (bind host, port, advertised hosts) of the direct link for Corolla clients (direct_link.py)
-        self.direct_link_at: tuple[str | None, int, list[str]] | None = None
+        self.direct_link_at: tuple[str, int, list[str]] | None = None
         self.direct_link: DirectLinkServer | None = None
         self._background: set[asyncio.Task] = set()
         # Moving average of step compute times; starts high so the first (cold) steps run off the loop.

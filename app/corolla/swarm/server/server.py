@@ -25,7 +25,7 @@ from corolla.chat_engine.client_host import SharedSwarm, peer_id_of
 from corolla.chat_engine.listener import start_from_env as start_chat_listener
 from corolla.swarm import protocol, steptrace
 from corolla.swarm.dht_records import compute_spans, get_module_infos
-from corolla.swarm.direct_link import advertised_hosts, direct_bind_host
+from corolla.swarm.direct_link import advertised_hosts, direct_bind_host, same_family
 from corolla.swarm.local_calls import LocalServer
 from corolla.swarm.models import LoadOptions, load_span, open_checkpoint, resolve_dht_prefix
 from corolla.swarm.models.devices import (
@@ -362,9 +362,10 @@ class BlockServer(SwarmPresenceMixin):
                 handler.adapters = self.adapters
                 handler.dht = self.dht  # push_stream.py: which peers are Corolla servers
                 if self.config.direct_links:
-                    hosts = advertised_hosts(self.config.host_maddrs, [str(m) for m in self.stats.visible_maddrs])
+                    bind = direct_bind_host(self.config.host_maddrs)
+                    visible = [str(m) for m in self.stats.visible_maddrs]
+                    hosts = same_family(advertised_hosts(self.config.host_maddrs, visible), bind)
                     if hosts:
-                        bind = direct_bind_host(self.config.host_maddrs)
                         handler.direct_link_at = (bind, self.config.direct_link_port, hosts)
                 p2p = await self.dht.replicate_p2p()
                 await handler.attach(p2p)
