@@ -11,7 +11,8 @@ the run" and the measured steady time per token:
   opening and closing;
 - `push_wire_ms`: per chain position, the median time from the previous server handing its push
   over to this server's push handler having it (None for the first server), and `pushes_on_stream`,
-  the share of those pushes sent on a push stream (server/push_stream.py) rather than by rpc_push.
+  the share of those pushes sent on a push stream (server/push_stream.py) rather than by rpc_push,
+  and `pushes_direct`, the share sent on a direct link (direct_link.py) rather than through p2pd.
 """
 
 from __future__ import annotations
@@ -60,15 +61,16 @@ def summarize(client_dir: Path, server_dir: Path, mode: str = "push") -> dict:
 
     # A pushed hop's wire leg: the sender hands the push over -> the receiver's push handler has it.
     wire: dict[str, list[float]] = defaultdict(list)
-    on_stream = []
+    on_stream, direct = [], []
     for events in by_step.values():
         sent = None
         for event in events:
             if event["event"] == "push_send":
-                sent = event  # the last one counts: a push that fell back to rpc_push marks it again
+                sent = event  # one per push; `via` says how it went
             elif event["event"] == "push_received" and sent is not None and sent["who"] != event["who"]:
                 wire[event["who"][-6:]].append(1000 * (event["t"] - sent["t"]))
-                on_stream.append(sent.get("via") == "stream")
+                on_stream.append(sent.get("via") in ("stream", "direct"))
+                direct.append(sent.get("via") == "direct")
                 sent = None
 
     gaps, firsts = [], []
@@ -90,4 +92,5 @@ def summarize(client_dir: Path, server_dir: Path, mode: str = "push") -> dict:
         "pushed_steps": len(pushed),
         "push_wire_ms": [round(statistics.median(wire[s]), 2) if wire.get(s) else None for s in order],
         "pushes_on_stream": round(sum(on_stream) / len(on_stream), 2) if on_stream else None,
+        "pushes_direct": round(sum(direct) / len(direct), 2) if direct else None,
     }

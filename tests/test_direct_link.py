@@ -1,6 +1,6 @@
-"""Direct links (swarm/direct_link.py): a Corolla client's steps to Corolla servers over a sealed TCP
-connection of its own, bypassing both p2pd daemons; p2pd where a server offers none; and what a
-hostile peer meets at the direct port."""
+"""Direct links (swarm/direct_link.py): a Corolla client's steps to Corolla servers, and one Corolla
+server's pushes to the next, over a sealed TCP connection of their own, bypassing both p2pd daemons;
+p2pd where a server offers none; and what a hostile peer meets at the direct port."""
 
 from __future__ import annotations
 
@@ -29,24 +29,25 @@ def serve(tmp, model, blocks, *extra, name):
 
 @pytest.fixture(scope="module")
 def swarm(model_dir, tmp_path_factory):
-    """Blocks 0:3 with direct links, 3:6 without (--no-direct-links)."""
+    """Blocks 0:2 and 2:4 with direct links, 4:6 without (--no-direct-links)."""
     tmp = tmp_path_factory.mktemp("direct")
-    head = serve(tmp, model_dir, "0:3", "--new-swarm", name="direct-head")
-    tail = None
+    head = serve(tmp, model_dir, "0:2", "--new-swarm", name="direct-head")
+    middle = tail = None
     try:
-        tail = serve(tmp, model_dir, "3:6", "--initial-peers", head.maddr, "--no-direct-links", name="direct-tail")
-        head.wait_state("online")
-        tail.wait_state("online")
-        yield head, tail
+        middle = serve(tmp, model_dir, "2:4", "--initial-peers", head.maddr, name="direct-middle")
+        tail = serve(tmp, model_dir, "4:6", "--initial-peers", head.maddr, "--no-direct-links", name="direct-tail")
+        for server in (head, middle, tail):
+            server.wait_state("online")
+        yield head, middle, tail
     finally:
-        for server in (tail, head):
+        for server in (tail, middle, head):
             if server is not None:
                 server.stop()
 
 
 @pytest.fixture(scope="module")
 def remote(model_dir, swarm):
-    head, _ = swarm
+    head = swarm[0]
     model = corolla.AutoDistributedModelForCausalLM.from_pretrained(
         model_dir, initial_peers=[head.maddr], dht_prefix=PREFIX, **CLIENT_OPTIONS
     )
@@ -56,14 +57,14 @@ def remote(model_dir, swarm):
 
 
 def test_steps_go_direct_where_offered_and_through_p2pd_elsewhere_token_exact(remote, local, swarm):
-    head, tail = swarm
+    head, middle, tail = swarm
     ids = torch.randint(6, 500, (1, 7), generator=torch.Generator().manual_seed(3))
     want = local.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     with remote.inference_session(max_length=32) as session:
         got = remote.generate(ids, max_new_tokens=8, do_sample=False, session=session)
         transports = {stream.segment.peer_id: stream.direct for stream in session._session.streams}
     assert torch.equal(got, want)
-    assert transports == {head.peer_id: True, tail.peer_id: False}
+    assert transports == {head.peer_id: True, middle.peer_id: True, tail.peer_id: False}
     # the server without direct links is remembered: p2pd at once next time, no second try
     assert not remote.view.direct_links.worth_trying(remote.view.p2p, PeerID.from_base58(tail.peer_id))
     # a spare link to the head waits for the next session, which starts on it, token-exact again
@@ -77,6 +78,80 @@ def test_steps_go_direct_where_offered_and_through_p2pd_elsewhere_token_exact(re
         head_stream = next(s for s in session._session.streams if s.segment.peer_id == head.peer_id)
         assert head_stream.direct and head_stream._writer is spare_writer
     assert torch.equal(got, want)
+
+
+def test_pushes_between_servers_move_onto_direct_links_where_offered(remote, local, swarm):
+    """Pushed on every hop: the head's pushes to the middle start on p2pd and move onto a direct link;
+    the middle's to the tail (no direct links) stay on p2pd; the tokens are the same either way."""
+    time.sleep(1.5)  # the stats files are rewritten every second: let them count the earlier tests' pushes
+    before = [server.stats() for server in swarm]
+    ids = torch.randint(6, 500, (1, 5), generator=torch.Generator().manual_seed(4))
+    want = local.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    remote.client_config.use_server_to_server = True  # on every hop (loopback's own choice: none)
+    try:
+        got = remote.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=None)
+    finally:
+        remote.client_config.use_server_to_server = None
+    assert torch.equal(got, want)
+
+    def counted(key: str) -> list[int]:
+        return [a[key] - b.get(key, 0) for a, b in zip(after, before, strict=True)]
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = [server.stats() for server in swarm]
+        if counted("pushes_sent_direct")[0] >= 10 and counted("pushes_received")[2] >= 20:
+            break
+        time.sleep(0.5)
+    direct, on_stream = counted("pushes_sent_direct"), counted("pushes_sent_on_stream")
+    assert direct[0] >= 10 and on_stream[0] >= 20, (direct, on_stream)  # the first push or two: p2pd
+    assert direct[1] == 0 and on_stream[1] >= 20, (direct, on_stream)  # the tail offers no direct link
+    assert min(counted("pushes_received")[1:]) >= 20, counted("pushes_received")
+
+
+def test_a_push_ticket_comes_only_from_a_server_that_knows_push_links():
+    """A first-version server's reply names no stream: good for a client's inference stream only, never
+    taken as a push link (its link would reach the inference handler)."""
+    good = {"hosts": ["127.0.0.1"], "port": 4000, "ticket": b"t" * 16, "secret": b"s" * 32}
+    assert direct_link.read_ticket(MSGPackSerializer.dumps(good), direct_link.INFERENCE).port == 4000
+    with pytest.raises(direct_link.DirectLinkError):
+        direct_link.read_ticket(MSGPackSerializer.dumps(good), direct_link.PUSH)
+    for_push = MSGPackSerializer.dumps({**good, "stream": direct_link.PUSH})
+    assert direct_link.read_ticket(for_push, direct_link.PUSH).port == 4000
+    with pytest.raises(direct_link.DirectLinkError):
+        direct_link.read_ticket(for_push, direct_link.INFERENCE)
+
+
+def test_each_ticket_reaches_the_stream_it_was_asked_for():
+    peer = PeerID(b"\x00\x24\x08\x01\x12\x20" + b"e" * 32)
+    reached = []
+
+    def named(name):
+        async def handle(info, reader, writer):
+            reached.append(name)
+            writer.write(await reader.readexactly(2))
+            await writer.drain()
+
+        return handle
+
+    async def run():
+        handles = {direct_link.INFERENCE: named("inference"), direct_link.PUSH: named("push")}
+        server = direct_link.DirectLinkServer(handles, "127.0.0.1", 0, ["127.0.0.1"])
+        await server.listen()
+        try:
+            for stream in (direct_link.PUSH, direct_link.INFERENCE, direct_link.PUSH):
+                ticket_id, secret = server.issue(peer, stream)
+                reader, writer = await direct_link.connect(
+                    direct_link.Ticket(["127.0.0.1"], server.port, ticket_id, secret)
+                )
+                writer.write(b"ok")
+                assert await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
+                writer.close()
+        finally:
+            await server.close(None)
+
+    asyncio.run(run())
+    assert reached == ["push", "inference", "push"]
 
 
 def _ticket(remote, peer_id: str) -> direct_link.Ticket:
@@ -101,7 +176,7 @@ def _connect(ticket: direct_link.Ticket) -> socket.socket:
 
 
 def test_hostile_hellos_get_nothing_and_the_server_keeps_serving(remote, local, swarm):
-    head, _ = swarm
+    head = swarm[0]
     ticket = _ticket(remote, head.peer_id)
     assert ticket.hosts and 0 < ticket.port < 65536
     started = time.monotonic()
@@ -130,7 +205,7 @@ async def _close(writer) -> None:
 
 
 def test_a_tampered_frame_ends_the_link(remote, swarm):
-    head, _ = swarm
+    head = swarm[0]
     ticket = _ticket(remote, head.peer_id)
 
     async def tamper() -> bytes:
@@ -161,7 +236,7 @@ def test_a_server_cannot_hand_the_client_a_bad_ticket():
 
 
 def test_the_server_keeps_few_tickets_per_peer():
-    server = direct_link.DirectLinkServer(handle=None, bind_host="127.0.0.1", port=0, advertised_hosts=["127.0.0.1"])
+    server = direct_link.DirectLinkServer(handles={}, bind_host="127.0.0.1", port=0, advertised_hosts=["127.0.0.1"])
     peer, other = PeerID(b"\x00\x24\x08\x01\x12\x20" + b"a" * 32), PeerID(b"\x00\x24\x08\x01\x12\x20" + b"b" * 32)
     other_ticket, _ = server.issue(other)
     issued = [server.issue(peer)[0] for _ in range(100)]
@@ -183,7 +258,7 @@ def test_large_messages_cross_in_many_frames_both_ways_with_flow_control():
         await writer.drain()
 
     async def run():
-        server = direct_link.DirectLinkServer(echo, "127.0.0.1", 0, ["127.0.0.1"])
+        server = direct_link.DirectLinkServer({direct_link.INFERENCE: echo}, "127.0.0.1", 0, ["127.0.0.1"])
         await server.listen()
         try:
             ticket_id, secret = server.issue(peer)
@@ -211,7 +286,7 @@ def test_silent_connections_cannot_hold_the_door():
         await writer.drain()
 
     async def run():
-        server = direct_link.DirectLinkServer(echo, "127.0.0.1", 0, ["127.0.0.1"])
+        server = direct_link.DirectLinkServer({direct_link.INFERENCE: echo}, "127.0.0.1", 0, ["127.0.0.1"])
         await server.listen()
         silent = []
         try:
@@ -246,7 +321,7 @@ def test_a_server_listening_on_every_interface_has_one_port_for_the_ticket():
     assert direct_link.same_family(["10.0.0.2", "fe80::1", "127.0.0.1"], bind) == ["10.0.0.2", "127.0.0.1"]
 
     async def run():
-        server = direct_link.DirectLinkServer(None, bind, 0, ["127.0.0.1"])
+        server = direct_link.DirectLinkServer({}, bind, 0, ["127.0.0.1"])
         await server.listen()
         try:
             ports = {sock.getsockname()[1] for sock in server._server.sockets}

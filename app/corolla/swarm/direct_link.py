@@ -46,6 +46,10 @@ from hivemind.utils import MSGPackSerializer
 logger = logging.getLogger(__name__)
 
 TICKET_RPC = "CorollaDirectLink.rpc_direct_ticket"
+# Which of the server's streams a link carries, asked for in the ticket request (ExpertUID.uid) and named
+# again in the reply: a client's inference stream, or another server's pushes (server/push_stream.py).
+INFERENCE = "inference"
+PUSH = "push"
 MAGIC = b"CRLDIR1\n"
 ID_BYTES, NONCE_BYTES, SECRET_BYTES, TAG_BYTES = 16, 16, 32, 16
 HELLO_BYTES = len(MAGIC) + ID_BYTES + NONCE_BYTES
@@ -300,6 +304,7 @@ class _Ticket:
     peer: PeerID
     secret: bytes
     expires: float
+    stream: str
 
 
 @dataclass
@@ -313,17 +318,18 @@ StreamHandle = Callable[[DirectStreamInfo, asyncio.StreamReader, SealedWriter], 
 
 
 class DirectLinkServer:
-    """Listens for direct links and hands each to `handle` as the ticket's peer's stream."""
+    """Listens for direct links and hands each to the handle of the stream its ticket was asked for
+    (`handles`: stream name -> handle), as the ticket's peer's stream."""
 
     def __init__(
         self,
-        handle: StreamHandle,
+        handles: dict[str, StreamHandle],
         bind_host: str,
         port: int,
         advertised_hosts: list[str],
         idle_s: float = 300.0,  # how long a new link may wait for its first message (the step timeout)
     ):
-        self._handle, self._bind_host, self._port, self._idle_s = handle, bind_host, port, idle_s
+        self._handles, self._bind_host, self._port, self._idle_s = dict(handles), bind_host, port, idle_s
         self._advertised = advertised_hosts
         self._tickets: OrderedDict[bytes, _Ticket] = OrderedDict()
         self._server: asyncio.Server | None = None
@@ -354,8 +360,12 @@ class DirectLinkServer:
         self._tickets.clear()
 
     async def rpc_direct_ticket(self, request: runtime_pb2.ExpertUID, context) -> runtime_pb2.ExpertInfo:
-        ticket_id, secret = self.issue(context.remote_id)
+        stream = request.uid or INFERENCE  # Corolla clients of the first version named none
+        if stream not in self._handles:
+            raise DirectLinkError(f"no direct links for stream {stream[:32]!r}")
+        ticket_id, secret = self.issue(context.remote_id, stream)
         reply = {
+            "stream": stream,
             "hosts": self._advertised,
             "port": self.port,
             "ticket": ticket_id,
@@ -364,7 +374,7 @@ class DirectLinkServer:
         }
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(reply))
 
-    def issue(self, peer: PeerID) -> tuple[bytes, bytes]:
+    def issue(self, peer: PeerID, stream: str = INFERENCE) -> tuple[bytes, bytes]:
         """A new ticket for `peer`; its oldest ones (and the oldest of all) make room."""
         now = time.monotonic()
         while self._tickets and next(iter(self._tickets.values())).expires < now:
@@ -375,7 +385,7 @@ class DirectLinkServer:
         while len(self._tickets) >= MAX_TICKETS:
             self._tickets.popitem(last=False)
         ticket_id, secret = os.urandom(ID_BYTES), os.urandom(SECRET_BYTES)
-        self._tickets[ticket_id] = _Ticket(peer, secret, now + TICKET_TTL_S)
+        self._tickets[ticket_id] = _Ticket(peer, secret, now + TICKET_TTL_S, stream)
         return ticket_id, secret
 
     def _new_protocol(self) -> asyncio.Protocol:
@@ -393,15 +403,18 @@ class DirectLinkServer:
             return None
 
         def on_open(reader: asyncio.StreamReader, writer: SealedWriter) -> None:
-            task = asyncio.get_running_loop().create_task(self._serve(ticket.peer, reader, writer))
+            handle = self._handles[ticket.stream]
+            task = asyncio.get_running_loop().create_task(self._serve(handle, ticket.peer, reader, writer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
         return ticket.secret, on_open
 
-    async def _serve(self, peer: PeerID, reader: asyncio.StreamReader, writer: SealedWriter) -> None:
+    async def _serve(
+        self, handle: StreamHandle, peer: PeerID, reader: asyncio.StreamReader, writer: SealedWriter
+    ) -> None:
         try:
-            await self._handle(DirectStreamInfo(peer), reader, writer)
+            await handle(DirectStreamInfo(peer), reader, writer)
         except Exception:
             logger.debug("a direct link's stream failed", exc_info=True)
         finally:
@@ -463,8 +476,9 @@ class Ticket:
     idle_s: float = 0.0  # how long the server keeps a link that has not sent its first message (0: unknown)
 
 
-def read_ticket(serialized: bytes) -> Ticket:
-    """A server's ticket reply, checked field by field (it comes from a peer: anything may be in it)."""
+def read_ticket(serialized: bytes, stream: str = INFERENCE) -> Ticket:
+    """A server's ticket reply for `stream`, checked field by field (it comes from a peer: anything may
+    be in it). A reply that names no stream is a first-version server's: good for inference only."""
     if len(serialized) > MAX_TICKET_REPLY_BYTES:
         raise DirectLinkError("the ticket reply is too long")
     try:
@@ -473,6 +487,8 @@ def read_ticket(serialized: bytes) -> Ticket:
         raise DirectLinkError("the ticket reply does not decode") from exc
     if not isinstance(reply, dict):
         raise DirectLinkError("the ticket reply is not a map")
+    if reply.get("stream", INFERENCE) != stream:
+        raise DirectLinkError(f"the ticket is not for the {stream} stream")
     hosts, port = reply.get("hosts"), reply.get("port")
     ticket_id, secret = reply.get("ticket"), reply.get("secret")
     if not isinstance(hosts, list) or not 1 <= len(hosts) <= MAX_HOSTS:
@@ -492,9 +508,10 @@ def read_ticket(serialized: bytes) -> Ticket:
     return Ticket(hosts, port, ticket_id, secret, idle_s)
 
 
-async def ask_ticket(p2p: P2P, peer: PeerID) -> Ticket:
-    response = await p2p.call_protobuf_handler(peer, TICKET_RPC, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo)
-    return read_ticket(response.serialized_info)
+async def ask_ticket(p2p: P2P, peer: PeerID, stream: str = INFERENCE) -> Ticket:
+    request = runtime_pb2.ExpertUID(uid=stream)
+    response = await p2p.call_protobuf_handler(peer, TICKET_RPC, request, runtime_pb2.ExpertInfo)
+    return read_ticket(response.serialized_info, stream)
 
 
 async def connect(ticket: Ticket) -> tuple[asyncio.StreamReader, SealedWriter]:
@@ -536,23 +553,46 @@ async def connect(ticket: Ticket) -> tuple[asyncio.StreamReader, SealedWriter]:
     return protocol.reader, protocol.writer
 
 
-async def open_stream(p2p: P2P, peer: PeerID) -> tuple[asyncio.StreamReader, SealedWriter, float]:
-    """A direct link to `peer` (a Corolla server), carrying one stream, and how long the server keeps it
-    waiting for a first message (0: unknown); the caller bounds the time."""
-    ticket = await ask_ticket(p2p, peer)
+async def open_stream(
+    p2p: P2P, peer: PeerID, stream: str = INFERENCE
+) -> tuple[asyncio.StreamReader, SealedWriter, float]:
+    """A direct link to `peer` (a Corolla server), carrying one `stream`, and how long the server keeps
+    it waiting for a first message (0: unknown); the caller bounds the time."""
+    ticket = await ask_ticket(p2p, peer, stream)
     reader, writer = await connect(ticket)
     return reader, writer, ticket.idle_s
 
 
-class DirectLinks:
-    """A client's direct links: which servers it may try them with (after a failure, no route, a
-    firewall, an older Corolla server, that server gets p2pd for a while instead of a wasted try per
-    session), and one spare link per server it linked to, opened in the background, so that the next
-    session there starts without the ticket's and the connection's round trips (three on a long link,
-    against p2pd's one for a new stream)."""
+class FailedPeers:
+    """Servers a direct link failed to (no route, a firewall, an older Corolla server): they get p2pd
+    for `RETRY_AFTER_S` instead of a wasted try per session."""
 
     def __init__(self) -> None:
-        self._failed: OrderedDict[PeerID, float] = OrderedDict()
+        self._until: OrderedDict[PeerID, float] = OrderedDict()
+
+    def __contains__(self, peer: PeerID) -> bool:
+        until = self._until.get(peer)
+        return until is not None and until >= time.monotonic()
+
+    def add(self, peer: PeerID, exc: BaseException) -> None:
+        logger.info("no direct link to …%s (%s); it goes through p2pd", str(peer)[-6:], exc or type(exc).__name__)
+        self._until.pop(peer, None)
+        self._until[peer] = time.monotonic() + RETRY_AFTER_S
+        while len(self._until) > MAX_REMEMBERED:
+            self._until.popitem(last=False)
+
+    def recent(self) -> list[PeerID]:
+        return [peer for peer in self._until if peer in self]
+
+
+class DirectLinks:
+    """A client's direct links: which servers it may try them with (`FailedPeers`), and one spare link
+    per server it linked to, opened in the background, so that the next session there starts without
+    the ticket's and the connection's round trips (three on a long link, against p2pd's one for a new
+    stream)."""
+
+    def __init__(self) -> None:
+        self._failed = FailedPeers()
         self.opened: OrderedDict[PeerID, None] = OrderedDict()  # servers a link was made to (latest last)
         self._spares: dict[PeerID, tuple[asyncio.StreamReader, SealedWriter, float]] = {}
         self._preparing: dict[PeerID, asyncio.Task] = {}
@@ -607,8 +647,7 @@ class DirectLinks:
         is_local = getattr(p2p, "is_local", None)
         if is_local is not None and is_local(peer):
             return False  # the own server of a node's client: called in-process already (local_calls.py)
-        until = self._failed.get(peer)
-        return until is None or until < time.monotonic()
+        return peer not in self._failed
 
     def _succeeded(self, peer: PeerID) -> None:
         self.opened.pop(peer, None)
@@ -617,12 +656,7 @@ class DirectLinks:
             self.opened.popitem(last=False)
 
     def failed_recently(self) -> list[PeerID]:
-        now = time.monotonic()
-        return [peer for peer, until in self._failed.items() if until >= now]
+        return self._failed.recent()
 
     def failed(self, peer: PeerID, exc: BaseException) -> None:
-        logger.info("no direct link to …%s (%s); its steps go through p2pd", str(peer)[-6:], exc or type(exc).__name__)
-        self._failed.pop(peer, None)
-        self._failed[peer] = time.monotonic() + RETRY_AFTER_S
-        while len(self._failed) > MAX_REMEMBERED:
-            self._failed.popitem(last=False)
+        self._failed.add(peer, exc)

@@ -29,8 +29,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from corolla.swarm import protocol, steptrace
-from corolla.swarm.direct_link import DirectLinkServer
+from corolla.swarm import direct_link, protocol, steptrace
 from corolla.swarm.models.errors import EngineError
 from corolla.swarm.models.span import BlockSpan
 from corolla.swarm.server import block_args
@@ -118,7 +117,7 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
         self.p2p: P2P | None = None
         # (bind host, port, advertised hosts) of the direct link for Corolla clients (direct_link.py)
         self.direct_link_at: tuple[str, int, list[str]] | None = None
-        self.direct_link: DirectLinkServer | None = None
+        self.direct_link: direct_link.DirectLinkServer | None = None
         self._background: set[asyncio.Task] = set()
         # Moving average of step compute times; starts high so the first (cold) steps run off the loop.
         self._step_ms = INLINE_MAX_MS * 2
@@ -147,10 +146,11 @@ class TransformerConnectionHandler(AdmissionMixin, TrainingMixin, InferenceMixin
                     )
                 )
         await asyncio.gather(*registrations)
-        await self._attach_push_stream(p2p)  # Corolla servers only (push_stream.py)
-        if self.direct_link_at is not None and inference is not None:  # Corolla clients only (direct_link.py)
+        push = await self._attach_push_stream(p2p)  # Corolla servers only (push_stream.py)
+        if self.direct_link_at is not None and inference is not None:  # Corolla peers only (direct_link.py)
             bind, port, hosts = self.direct_link_at
-            self.direct_link = DirectLinkServer(inference.result(), bind, port, hosts, self.limits.step_timeout)
+            handles = {direct_link.INFERENCE: inference.result(), direct_link.PUSH: push}
+            self.direct_link = direct_link.DirectLinkServer(handles, bind, port, hosts, self.limits.step_timeout)
             await self.direct_link.start(p2p)
 
     async def detach(self) -> None:

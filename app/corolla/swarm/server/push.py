@@ -35,6 +35,7 @@ class PushMixin:
 
     dht = None  # the server's DHT, set before attach: where a peer's record says whether it is Corolla
     push_links: PushLinks | None = None
+    dial_direct = False  # set before attach: move push streams onto direct links where they can be made
 
     def _push_stream_limits(self) -> StreamLimits:
         """The receiver's bounds on push streams: a pushed step's size, a few of them buffered, and
@@ -48,11 +49,13 @@ class PushMixin:
             refusal_log=self.refusal_log,
         )
 
-    async def _attach_push_stream(self, p2p: P2P) -> None:
-        self.push_links = PushLinks(p2p, CorollaPeers(dht_lookup(self.dht) if self.dht is not None else None))
+    async def _attach_push_stream(self, p2p: P2P):
+        """Serve push streams; returns the stream handle (a direct link hands its connections to it too)."""
+        lookup = dht_lookup(self.dht) if self.dht is not None else None
+        self.push_links = PushLinks(p2p, CorollaPeers(lookup), direct=self.dial_direct)
         limits = self._push_stream_limits()
         name, request_type = protocol.PUSH_STREAM_NAME, runtime_pb2.ExpertRequest
-        await add_stream_handler(p2p, name, self.push_stream, request_type, limits=limits)
+        return await add_stream_handler(p2p, name, self.push_stream, request_type, limits=limits)
 
     async def _detach_push_stream(self, p2p: P2P) -> None:
         if self.push_links is not None:
@@ -85,9 +88,10 @@ class PushMixin:
             return False
         self.stats.pushes_sent += 1
         first_uid = uid.split(protocol.CHAIN_DELIMITER, 1)[0]  # where the peer's DHT record says what it runs
-        if self.push_links is not None and self.push_links.write_now(peer, request, first_uid):
-            steptrace.mark("push_send", step=metadata.step_id, via="stream")
-            self.stats.pushes_sent_on_stream += 1
+        via = self.push_links.write_now(peer, request, first_uid) if self.push_links is not None else None
+        if via is not None:
+            steptrace.mark("push_send", step=metadata.step_id, via=via)
+            self._count_on_stream(via)
             return True  # written: nothing left to do (and the open stream keeps it in order)
         task = asyncio.create_task(self._push(peer, request, first_uid, metadata.step_id))
         self._background.add(task)
@@ -97,16 +101,22 @@ class PushMixin:
     async def _push(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str, step: str | None) -> None:
         try:
             if self.push_links is not None:
-                steptrace.mark("push_send", step=step, via="stream")
-                if await self.push_links.send(peer, request, uid):
-                    self.stats.pushes_sent_on_stream += 1
+                via = await self.push_links.send(peer, request, uid)
+                if via is not None:
+                    steptrace.mark("push_send", step=step, via=via)
+                    self._count_on_stream(via)
                     return
             stub = self.get_stub(self.p2p, peer)
-            steptrace.mark("push_send", step=step)
+            steptrace.mark("push_send", step=step, via="rpc_push")
             await stub.rpc_push(request, timeout=self.limits.request_timeout)
             steptrace.mark("push_acked")
         except Exception as exc:
             logger.debug("push to %s failed: %s", peer, protocol.shorten(str(exc)))
+
+    def _count_on_stream(self, via: str) -> None:
+        self.stats.pushes_sent_on_stream += 1
+        if via == "direct":
+            self.stats.pushes_sent_direct += 1
 
     def _take_push(self, request: runtime_pb2.ExpertRequest, pusher: PeerID) -> None:
         """Queue a pushed step into the session it names: only a session open here, over the same

@@ -16,6 +16,13 @@ checks (push.py `_take_push`); a refused message is counted against the peer as 
 is, and the stream goes on. Stock Petals servers never see this stream: a sender uses it only for a
 peer whose DHT record announces `corolla_version`, and pushes with rpc_push otherwise, or whenever
 opening or writing the stream fails (the next push tries to open it again, after a pause).
+
+Where both servers allow direct links, the sender then moves the stream onto one (direct_link.py: its
+own sealed TCP connection, one socket each way instead of three and two daemons), opened in the
+background while pushes go on over p2pd, and used from the next push on. Switching streams cannot
+reorder a session's pushes: a session's next step exists only after the client has the last server's
+reply to this one, which needs this push taken. Where the receiver cannot be reached directly (NAT, a
+firewall, an older Corolla server), pushes stay on p2pd and that peer is not tried again for a while.
 """
 
 from __future__ import annotations
@@ -32,14 +39,17 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from corolla.swarm import protocol
+from corolla.swarm import direct_link, protocol
 from corolla.swarm.dht_records import get_module_infos
 
 logger = logging.getLogger(__name__)
 
-STREAMS_PER_PEER = 2  # one in use, and one a sender reopening after a failure may briefly overlap
+# one in use, one ending after the sender moved to a direct link, and one a sender reopening after a
+# failure may briefly overlap
+STREAMS_PER_PEER = 3
 IDLE_S = 60.0  # a receiver ends a push stream that carried nothing for this long
 OPEN_TIMEOUT_S = 5.0
+DIRECT_OPEN_TIMEOUT_S = 5.0  # a direct link opened in the background; p2pd carries the pushes meanwhile
 WRITE_TIMEOUT_S = 5.0
 RETRY_AFTER_S = 30.0  # after a failed open, rpc_push to that peer for this long
 KNOWN_FOR_S = 300.0  # how long a peer's DHT record's answer (Corolla or not) is trusted
@@ -93,10 +103,11 @@ class CorollaPeers:
 
 
 class _Link:
-    """One open push stream to a peer; dead once the peer ends it or a write fails."""
+    """One open push stream to a peer (through p2pd, or `direct`); dead once the peer ends it or a write
+    fails."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.writer = writer
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direct: bool = False):
+        self.writer, self.direct = writer, direct
         self.watcher = asyncio.get_running_loop().create_task(self._watch(reader))
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:
@@ -122,44 +133,50 @@ class _Link:
 
 
 class PushLinks:
-    """The sender's side: an open push stream per Corolla peer, opened on the first push, reused,
-    reopened after a failure (not before `RETRY_AFTER_S`), all closed with `close()`."""
+    """The sender's side: an open push stream per Corolla peer, opened on the first push, moved onto a
+    direct link where one can be made (when `direct`), reused, reopened after a failure (not before
+    `RETRY_AFTER_S`), all closed with `close()`."""
 
-    def __init__(self, p2p: P2P, peers: CorollaPeers):
-        self.p2p, self.peers = p2p, peers
+    def __init__(self, p2p: P2P, peers: CorollaPeers, direct: bool = False):
+        self.p2p, self.peers, self.direct = p2p, peers, direct
         self._links: OrderedDict[PeerID, _Link] = OrderedDict()
         self._opening: dict[PeerID, asyncio.Lock] = {}
         self._retry_at: OrderedDict[PeerID, float] = OrderedDict()
+        self._direct_failed = direct_link.FailedPeers()
+        self._upgrading: dict[PeerID, asyncio.Task] = {}
+        self._ending: set[asyncio.Task] = set()
 
-    def write_now(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str) -> bool:
+    def write_now(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str) -> str | None:
         """Hand `request` to the open stream to `peer` at once, without a task or a wait (the bytes are
-        in p2pd's socket before the caller's reply to its client): True if done; False where `send`
-        must (the stream is not open yet, or its write buffer is not empty)."""
+        in the socket before the caller's reply to its client): "direct" or "stream" (p2pd) if done;
+        None where `send` must (the stream is not open yet, or its write buffer is not empty)."""
         if not self.peers.is_corolla(peer, uid):
-            return False
+            return None
         link = self._links.get(peer)
         if link is None or not link.alive or link.writer.transport.get_write_buffer_size():
-            return False
+            return None
         body = request.SerializeToString()
         link.writer.write(P2P.MESSAGE_MARKER + len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + body)
-        return True
+        self._maybe_go_direct(peer, link)
+        return "direct" if link.direct else "stream"
 
-    async def send(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str) -> bool:
-        """Write `request` on the stream to `peer`; False where the caller should use rpc_push (a
-        stock or unknown peer, or a stream that could not be opened or written)."""
+    async def send(self, peer: PeerID, request: runtime_pb2.ExpertRequest, uid: str) -> str | None:
+        """Write `request` on the stream to `peer`: "direct" or "stream" (p2pd); None where the caller
+        should use rpc_push (a stock or unknown peer, or a stream that could not be opened or written)."""
         if not self.peers.is_corolla(peer, uid):
-            return False
+            return None
         link = await self._link(peer)
         if link is None:
-            return False
+            return None
         try:
             await asyncio.wait_for(P2P.send_protobuf(request, link.writer), WRITE_TIMEOUT_S)
         except Exception as exc:
             logger.debug("push stream to %s failed: %s", peer, protocol.shorten(str(exc)))
             self._drop(peer, link)
             self._retry_later(peer)  # a peer that stops reading is not reopened at every step
-            return False
-        return True
+            return None
+        self._maybe_go_direct(peer, link)
+        return "direct" if link.direct else "stream"
 
     async def _link(self, peer: PeerID) -> _Link | None:
         link = self._links.get(peer)
@@ -190,13 +207,41 @@ class PushLinks:
             self._retry_later(peer)
             return None
         self._retry_at.pop(peer, None)
+        return self._keep(peer, _Link(reader, writer))
+
+    def _keep(self, peer: PeerID, link: _Link) -> _Link:
+        """`link` becomes the stream to `peer`; the one it replaces ends after what was written on it."""
         old = self._links.pop(peer, None)
         if old is not None:
-            old.close()
-        link = self._links[peer] = _Link(reader, writer)
+            self._end_later(old)
+        self._links[peer] = link
         while len(self._links) > MAX_PEERS:
             self._links.popitem(last=False)[1].close()
         return link
+
+    def _maybe_go_direct(self, peer: PeerID, link: _Link) -> None:
+        """After a push on p2pd, open a direct link to `peer` in the background, if worth a try."""
+        if not self.direct or link.direct or peer in self._upgrading or peer in self._direct_failed:
+            return
+        if len(self._upgrading) >= MAX_LOOKUPS:
+            return
+        self._upgrading[peer] = asyncio.get_running_loop().create_task(self._go_direct(peer))
+
+    async def _go_direct(self, peer: PeerID) -> None:
+        try:
+            opening = direct_link.open_stream(self.p2p, peer, direct_link.PUSH)
+            reader, writer, _ = await asyncio.wait_for(opening, DIRECT_OPEN_TIMEOUT_S)
+        except Exception as exc:
+            self._direct_failed.add(peer, exc)
+            return
+        finally:
+            self._upgrading.pop(peer, None)
+        self._keep(peer, _Link(reader, writer, direct=True))
+
+    def _end_later(self, link: _Link) -> None:
+        task = asyncio.get_running_loop().create_task(_end(link))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     def _retry_later(self, peer: PeerID) -> None:
         self._retry_at[peer] = time.monotonic() + RETRY_AFTER_S
@@ -212,16 +257,23 @@ class PushLinks:
     def open_streams(self) -> int:
         return sum(link.alive for link in self._links.values())
 
+    def direct_streams(self) -> int:
+        return sum(link.alive and link.direct for link in self._links.values())
+
     async def close(self) -> None:
         self.peers.close()
+        for task in self._upgrading.values():
+            task.cancel()
+        self._upgrading.clear()
         links, self._links = list(self._links.values()), OrderedDict()
+        await asyncio.gather(*(_end(link) for link in links), *list(self._ending))
 
-        async def end(link: _Link) -> None:  # the end-of-stream marker first: the receiver ends quietly
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(P2P.send_protobuf(P2P.END_OF_STREAM, link.writer), 1.0)
-            link.close()
 
-        await asyncio.gather(*(end(link) for link in links))
+async def _end(link: _Link) -> None:
+    """The end-of-stream marker, then the close: the receiver takes what came before and ends quietly."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(P2P.send_protobuf(P2P.END_OF_STREAM, link.writer), 1.0)
+    link.close()
 
 
 def dht_lookup(dht: DHT) -> PeerLookup:

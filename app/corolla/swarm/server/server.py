@@ -361,6 +361,7 @@ class BlockServer(SwarmPresenceMixin):
                 )
                 handler.adapters = self.adapters
                 handler.dht = self.dht  # push_stream.py: which peers are Corolla servers
+                handler.dial_direct = self.config.direct_links  # push streams over direct links too
                 if self.config.direct_links:
                     bind = direct_bind_host(self.config.host_maddrs)
                     visible = [str(m) for m in self.stats.visible_maddrs]

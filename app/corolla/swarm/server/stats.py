@@ -97,6 +97,7 @@ class ServerStats:
     pushes_sent: int = 0  # step outputs pushed to the next server of a chain
     pushes_received: int = 0
     pushes_sent_on_stream: int = 0  # of pushes_sent: on a push stream to a Corolla server (push_stream.py)
+    pushes_sent_direct: int = 0  # of those: on a direct link (direct_link.py), not through p2pd
     pushes_received_on_stream: int = 0  # of pushes_received: taken from a push stream
     steps_from_pushes: int = 0  # steps computed from a pushed copy (it arrived before the client's)
     bytes_in: int = 0
