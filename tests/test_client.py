@@ -10,7 +10,7 @@ import torch
 import corolla
 from corolla.swarm.client import speculative
 from corolla.swarm.client.routing import MissingBlocksError
-from corolla.testing.swarm import TINY_SWARM_PREFIX, CorollaServer
+from corolla.testing.swarm import TINY_SWARM_PREFIX, CorollaServer, StatsGrowth, generate_pushing_every_hop
 
 PREFIX = TINY_SWARM_PREFIX
 LOCAL = {"initial_peers": None}
@@ -358,29 +358,21 @@ def test_servers_push_each_step_to_the_next_server(remote, local, swarm):
     stream per pair (push_stream.py), once the sender has read from the DHT that the receiver is
     Corolla (the first pushes to a peer go by rpc_push meanwhile)."""
     time.sleep(1.5)  # the stats files are rewritten every second: let them count the previous tests' pushes
-    before = [server.stats() for server in swarm]
+    growth = StatsGrowth(list(swarm))
     ids = prompt(seed=21)
     want = local.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
-    remote.client_config.use_server_to_server = True  # on every hop (loopback's own choice: none)
-    try:
-        got = remote.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=None)  # a token a step
-    finally:
-        remote.client_config.use_server_to_server = None
-    assert torch.equal(got, want)
+    assert torch.equal(generate_pushing_every_hop(remote, ids, 12), want)
 
-    def counted(key: str) -> list[int]:
-        return [a[key] - b.get(key, 0) for a, b in zip(after, before, strict=True)]
+    def all_counted(grew: StatsGrowth) -> bool:
+        # Each server rewrites its own stats file every second, so one may still show fewer pushes than
+        # the next one already received from it: wait for all of them.
+        sent, received = grew("pushes_sent"), grew("pushes_received")
+        on_stream, taken = grew("pushes_sent_on_stream"), grew("pushes_received_on_stream")
+        return min(sent[:2] + received[1:]) >= 10 and min(on_stream[:2] + taken[1:]) >= 5
 
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the stats files are rewritten every second
-        after = [server.stats() for server in swarm]
-        sent, received = counted("pushes_sent"), counted("pushes_received")
-        on_stream, taken = counted("pushes_sent_on_stream"), counted("pushes_received_on_stream")
-        # Each server rewrites its own stats file every second, so one may still show fewer pushes
-        # than the next one already received from it: wait for all of them.
-        if min(sent[:2] + received[1:]) >= 10 and min(on_stream[:2] + taken[1:]) >= 5:
-            break
-        time.sleep(0.5)
+    growth.wait_until(all_counted)
+    sent, received = growth("pushes_sent"), growth("pushes_received")
+    on_stream, taken = growth("pushes_sent_on_stream"), growth("pushes_received_on_stream")
     # 11 decode steps after the prompt; the last server has nobody to push to.
     assert sent[0] >= 10 and sent[1] >= 10 and sent[2] == 0, sent
     assert received[0] == 0 and received[1] >= 10 and received[2] >= 10, received

@@ -16,7 +16,7 @@ from hivemind.utils import MSGPackSerializer
 
 import corolla
 from corolla.swarm import direct_link
-from corolla.testing.swarm import CorollaServer
+from corolla.testing.swarm import CorollaServer, StatsGrowth, generate_pushing_every_hop
 
 PREFIX = "tiny-direct"
 CLIENT_OPTIONS = {"use_relay": False, "auto_nat": False, "request_timeout": 10.0, "max_retries": 3, "min_backoff": 0.2}
@@ -84,29 +84,15 @@ def test_pushes_between_servers_move_onto_direct_links_where_offered(remote, loc
     """Pushed on every hop: the head's pushes to the middle start on p2pd and move onto a direct link;
     the middle's to the tail (no direct links) stay on p2pd; the tokens are the same either way."""
     time.sleep(1.5)  # the stats files are rewritten every second: let them count the earlier tests' pushes
-    before = [server.stats() for server in swarm]
+    growth = StatsGrowth(list(swarm))
     ids = torch.randint(6, 500, (1, 5), generator=torch.Generator().manual_seed(4))
     want = local.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
-    remote.client_config.use_server_to_server = True  # on every hop (loopback's own choice: none)
-    try:
-        got = remote.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=None)
-    finally:
-        remote.client_config.use_server_to_server = None
-    assert torch.equal(got, want)
-
-    def counted(key: str) -> list[int]:
-        return [a[key] - b.get(key, 0) for a, b in zip(after, before, strict=True)]
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        after = [server.stats() for server in swarm]
-        if counted("pushes_sent_direct")[0] >= 10 and counted("pushes_received")[2] >= 20:
-            break
-        time.sleep(0.5)
-    direct, on_stream = counted("pushes_sent_direct"), counted("pushes_sent_on_stream")
+    assert torch.equal(generate_pushing_every_hop(remote, ids, 24), want)
+    growth.wait_until(lambda grew: grew("pushes_sent_direct")[0] >= 10 and grew("pushes_received")[2] >= 20)
+    direct, on_stream = growth("pushes_sent_direct"), growth("pushes_sent_on_stream")
     assert direct[0] >= 10 and on_stream[0] >= 20, (direct, on_stream)  # the first push or two: p2pd
     assert direct[1] == 0 and on_stream[1] >= 20, (direct, on_stream)  # the tail offers no direct link
-    assert min(counted("pushes_received")[1:]) >= 20, counted("pushes_received")
+    assert min(growth("pushes_received")[1:]) >= 20, growth("pushes_received")
 
 
 def test_a_push_ticket_comes_only_from_a_server_that_knows_push_links():
@@ -120,6 +106,12 @@ def test_a_push_ticket_comes_only_from_a_server_that_knows_push_links():
     assert direct_link.read_ticket(for_push, direct_link.PUSH).port == 4000
     with pytest.raises(direct_link.DirectLinkError):
         direct_link.read_ticket(for_push, direct_link.INFERENCE)
+
+
+async def _linked(server: direct_link.DirectLinkServer, peer: PeerID, stream: str = direct_link.INFERENCE):
+    """A link to `server` on loopback with a ticket it issues to `peer` for `stream`."""
+    ticket_id, secret = server.issue(peer, stream)
+    return await direct_link.connect(direct_link.Ticket(["127.0.0.1"], server.port, ticket_id, secret))
 
 
 def test_each_ticket_reaches_the_stream_it_was_asked_for():
@@ -140,10 +132,7 @@ def test_each_ticket_reaches_the_stream_it_was_asked_for():
         await server.listen()
         try:
             for stream in (direct_link.PUSH, direct_link.INFERENCE, direct_link.PUSH):
-                ticket_id, secret = server.issue(peer, stream)
-                reader, writer = await direct_link.connect(
-                    direct_link.Ticket(["127.0.0.1"], server.port, ticket_id, secret)
-                )
+                reader, writer = await _linked(server, peer, stream)
                 writer.write(b"ok")
                 assert await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
                 writer.close()
@@ -261,10 +250,7 @@ def test_large_messages_cross_in_many_frames_both_ways_with_flow_control():
         server = direct_link.DirectLinkServer({direct_link.INFERENCE: echo}, "127.0.0.1", 0, ["127.0.0.1"])
         await server.listen()
         try:
-            ticket_id, secret = server.issue(peer)
-            reader, writer = await direct_link.connect(
-                direct_link.Ticket(["127.0.0.1"], server.port, ticket_id, secret)
-            )
+            reader, writer = await _linked(server, peer)
             writer.write(payload)
             await writer.drain()
             back = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
@@ -297,10 +283,7 @@ def test_silent_connections_cannot_hold_the_door():
             assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
             for silent_reader, _ in silent:  # the others at the deadline
                 assert await asyncio.wait_for(silent_reader.read(), direct_link.HANDSHAKE_TIMEOUT_S + 5) == b""
-            ticket_id, secret = server.issue(peer)
-            reader, writer = await direct_link.connect(
-                direct_link.Ticket(["127.0.0.1"], server.port, ticket_id, secret)
-            )
+            reader, writer = await _linked(server, peer)
             writer.write(b"hello")
             assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
             writer.close()

@@ -58,6 +58,16 @@ def test_the_servers_own_link_counts_against_the_saving():
     assert route_choice.pushed_hops(None, PEERS, {"a": 0.001}, [None] * 3) == [False, True, True]
 
 
+def test_a_hop_between_two_servers_on_direct_links_is_pushed_at_any_saving():
+    """The client reaches both servers of the hop over direct links: the push goes on one too, and pays
+    even on loopback; a hop with a server through p2pd keeps the p2pd threshold."""
+    short = {p: 0.0008 for p in PEERS}
+    assert route_choice.pushed_hops(None, PEERS, short, [None] * 3, [True, True, True]) == [False, True, True]
+    assert route_choice.pushed_hops(None, PEERS, short, [None] * 3, [True, True, False]) == [False, True, False]
+    assert route_choice.pushed_hops(None, PEERS, short, [None] * 3, [False, True, True]) == [False, False, True]
+    assert route_choice.pushed_hops(False, PEERS, short, [None] * 3, [True] * 3) == [False, False, False]
+
+
 def test_forced_modes_ignore_the_round_trips():
     short = {p: 0.0005 for p in PEERS}
     assert route_choice.pushed_hops(True, PEERS, short, [None] * 3) == [False, True, True]
@@ -113,12 +123,14 @@ def _greedy(remote, local, seed: int, **kwargs) -> None:
 def test_auto_push_follows_the_threshold_on_a_real_chain(remote, local, tiny_swarm, monkeypatch):
     assert remote.client_config.use_server_to_server is None  # the default: chosen per route
     monkeypatch.setattr(route_choice, "PUSH_MIN_SAVING_S", math.inf)  # no link is long enough
+    monkeypatch.setattr(route_choice, "DIRECT_PUSH_MIN_SAVING_S", math.inf)  # direct links or not
     before = _pushes(tiny_swarm)
     _greedy(remote, local, seed=41, prompt_lookup_num_tokens=None)
     sent, received = _pushes(tiny_swarm, before)
     assert sent == [0, 0, 0] and received == [0, 0, 0], (sent, received)
 
     monkeypatch.setattr(route_choice, "PUSH_MIN_SAVING_S", -math.inf)  # every link is
+    monkeypatch.setattr(route_choice, "DIRECT_PUSH_MIN_SAVING_S", -math.inf)
     before = _pushes(tiny_swarm)
     _greedy(remote, local, seed=42, prompt_lookup_num_tokens=None)
     sent, received = _pushes(tiny_swarm, before)

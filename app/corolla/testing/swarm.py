@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -325,6 +325,36 @@ def make_reference_model(out_dir: Path, dht_prefix: str, layers: int | None = No
         if result.returncode != 0:
             raise ProcessFailed(result.stderr[-3000:])
     return out_dir
+
+
+class StatsGrowth:
+    """How much each server's stats counters grew since this was made. The stats files are rewritten
+    every second, so a test waits (`wait_until`) for all of them to show what it expects."""
+
+    def __init__(self, servers: list[CorollaServer]):
+        self.servers = servers
+        self.before = [server.stats() for server in servers]
+        self.after = self.before
+
+    def __call__(self, key: str) -> list[int]:
+        return [a.get(key, 0) - b.get(key, 0) for a, b in zip(self.after, self.before, strict=True)]
+
+    def wait_until(self, ready: Callable[[StatsGrowth], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.after = [server.stats() for server in self.servers]
+            if ready(self) or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+
+
+def generate_pushing_every_hop(remote, ids, max_new_tokens: int):
+    """Greedy, a token a step, with server-to-server push on every hop (whatever the route would choose)."""
+    remote.client_config.use_server_to_server = True
+    try:
+        return remote.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, prompt_lookup_num_tokens=None)
+    finally:
+        remote.client_config.use_server_to_server = None
 
 
 def start_chain(

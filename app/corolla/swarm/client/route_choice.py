@@ -2,10 +2,14 @@
 
 Push (push.py) saves, for each pushed hop, the client's round trip to that server less the one-way trip
 between the two servers; it costs an extra message per server per step (the push, and the client's own
-copy that keeps failover exact), which on short links costs the few CPU cores more than the round trips
-it saves (loopback, tiny Llama, 3 servers: 115 tok/s with push against 176 without, same run). So a hop
-is pushed only where the saving is at least PUSH_MIN_SAVING_S, judged from the smallest round trip the
-client measured to each server (its pings and its own direct token steps) and the servers' own `next_pings`.
+copy that keeps failover exact). Through p2pd that extra message costs the few CPU cores more than the
+round trips it saves on short links (loopback, tiny Llama, 3 servers: 115 tok/s with push against 176
+without, same run), so such a hop is pushed only where the saving is at least PUSH_MIN_SAVING_S, judged
+from the smallest round trip the client measured to each server (its pings and its own direct token
+steps) and the servers' own `next_pings`. Between two servers that both took the client's direct links,
+the push goes on a direct link too (server/push_stream.py), and it paid at every distance measured
+(loopback, interleaved: 2 servers 4.59 against 5.11 ms a token, 3 servers 7.60 against 8.08; lab at 0 ms
+a link: 10.4 against 10.9): such a hop is pushed wherever it saves anything.
 
 Speculative steps (speculative.py) save a trip per accepted draft token, but transformers' assisted loop
 costs more per token than its plain one even when no draft is made (loopback, 1 server: 209 tok/s with
@@ -27,7 +31,8 @@ from corolla.swarm.client.speculative import MIN_NGRAM, NgramIndex, SpeculationS
 if TYPE_CHECKING:
     from corolla.swarm.client.routing import SwarmView
 
-PUSH_MIN_SAVING_S = 0.002  # a pushed hop must save at least this much per step
+PUSH_MIN_SAVING_S = 0.002  # a hop pushed through p2pd must save at least this much per step
+DIRECT_PUSH_MIN_SAVING_S = 0.0  # the same for a hop between two servers on direct links
 SPECULATE_TRIP_S = 0.05  # a trip through the route at least this long: speculation's overhead is small beside it
 PAYING_ACCEPTANCE = 0.3  # measured acceptance (accepted / drafted) at which drafts pay on short routes
 PROBE_STEPS = 3  # direct token steps timed per server pushed into (then one every REPROBE_EVERY positions)
@@ -41,14 +46,20 @@ def _finite(rtt: float | None) -> float | None:
 
 
 def pushed_hops(
-    mode: bool | None, peers: Sequence[str], rtts: dict[str, float], next_pings: Sequence[dict | None]
+    mode: bool | None,
+    peers: Sequence[str],
+    rtts: dict[str, float],
+    next_pings: Sequence[dict | None],
+    direct: Sequence[bool] | None = None,
 ) -> list[bool]:
     """For each server of the route, whether the one before it should push into it (the first: never).
 
     `mode` True pushes every hop, False none; None decides per hop from the client's round trip to the
     server (`rtts`) and the previous server's announced round trip to it (`next_pings[i - 1]`): a hop is
-    pushed when that saves at least PUSH_MIN_SAVING_S. A server the client has no round trip for is
-    pushed into (the choice that does not lose on long links, where not knowing costs most).
+    pushed when that saves at least PUSH_MIN_SAVING_S, or DIRECT_PUSH_MIN_SAVING_S where the client
+    reaches both servers of the hop over direct links (`direct[i - 1]` and `direct[i]`: they listen for
+    them, so the push goes on one). A server the client has no round trip for is pushed into (the choice
+    that does not lose on long links, where not knowing costs most).
     """
     hops = [False] * len(peers)
     for index in range(1, len(peers)):
@@ -67,7 +78,8 @@ def pushed_hops(
         # server's ping landing in libp2p's dial backoff) kept a 25 ms/link chain off push for a minute.
         link_rtt = _finite(pings.get(peers[index]))
         one_way = min(link_rtt if link_rtt is not None else client_rtt, client_rtt) / 2
-        hops[index] = client_rtt - one_way >= PUSH_MIN_SAVING_S
+        on_direct_links = direct is not None and direct[index - 1] and direct[index]
+        hops[index] = client_rtt - one_way >= (DIRECT_PUSH_MIN_SAVING_S if on_direct_links else PUSH_MIN_SAVING_S)
     return hops
 
 

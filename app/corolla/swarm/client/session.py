@@ -207,7 +207,8 @@ class InferenceSession(FailoverMixin):
         infos = [getattr(self.view.spans.get(p), "server_info", None) for p in peers]
         pings = [info.next_pings if info is not None else None for info in infos]
         rtts = route_choice.link_rtts(self.view, peers)
-        return route_choice.pushed_hops(self.view.config.use_server_to_server, peers, rtts, pings)
+        direct = [s.direct for s in self.streams]
+        return route_choice.pushed_hops(self.view.config.use_server_to_server, peers, rtts, pings, direct)
 
     def _step_mask(self, attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
         """The padding mask to send with this step (None without padding); checks its shape."""
