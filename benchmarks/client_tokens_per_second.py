@@ -115,9 +115,10 @@ def auto_choice(remote) -> dict:
     pings = [getattr(view.spans.get(p), "server_info", None) for p in peers]
     pings = [info.next_pings if info is not None else None for info in pings]
     linked = {peer.to_base58() for peer in view.direct_links.opened}
+    direct = [peer in linked for peer in peers]  # whether the client's steps went direct_link.py's way
     return {
-        "pushed_hops": route_choice.pushed_hops(None, peers, rtts, pings),
-        "direct_links": [peer in linked for peer in peers],  # whether the client's steps went direct_link.py's way
+        "pushed_hops": route_choice.pushed_hops(None, peers, rtts, pings, direct),
+        "direct_links": direct,
         "speculation": remote.speculation is not None,
         "link_rtt_ms": [round(1000 * rtts[p], 2) if p in rtts else None for p in peers],
         # Each server's announced round trip to the next one (None: not measured; inf: did not answer).
