@@ -155,6 +155,9 @@ class SealedProtocol(asyncio.Protocol):
         self.reader = asyncio.StreamReader(limit=READER_LIMIT, loop=loop)
         self.writer: SealedWriter | None = None
         self.ready: asyncio.Future = loop.create_future()  # the client's: set once the server proved the secret
+        # Only the client's chosen connection awaits `ready`: a server's, or a client's that lost the race
+        # to another address, fails it unread (asyncio would log "exception was never retrieved").
+        self.ready.add_done_callback(_read_outcome)
         self.closed: asyncio.Future = loop.create_future()
         self._client_nonce = os.urandom(NONCE_BYTES)
         self._paused = False
@@ -296,6 +299,11 @@ class SealedProtocol(asyncio.Protocol):
             self.ready.set_exception(exc)
         if self._transport is not None:
             self._transport.abort()
+
+
+def _read_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 # --- the server's side ---------------------------------------------------------------------------

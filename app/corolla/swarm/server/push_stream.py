@@ -48,14 +48,14 @@ logger = logging.getLogger(__name__)
 # failure may briefly overlap
 STREAMS_PER_PEER = 3
 IDLE_S = 60.0  # a receiver ends a push stream that carried nothing for this long
-OPEN_TIMEOUT_S = 5.0
-DIRECT_OPEN_TIMEOUT_S = 5.0  # a direct link opened in the background; p2pd carries the pushes meanwhile
+OPEN_TIMEOUT_S = 5.0  # a push stream, or a direct link opened in the background (p2pd carries pushes meanwhile)
 WRITE_TIMEOUT_S = 5.0
 RETRY_AFTER_S = 30.0  # after a failed open, rpc_push to that peer for this long
 KNOWN_FOR_S = 300.0  # how long a peer's DHT record's answer (Corolla or not) is trusted
 UNKNOWN_FOR_S = 30.0  # a peer whose record was not found: asked again after this
 MAX_PEERS = 256  # peers remembered (answers, open streams): clients choose whom a server pushes to
 MAX_LOOKUPS = 4  # DHT lookups in flight at once
+MAX_DIRECT_OPENING = 4  # direct links being opened in the background at once
 MAX_ANSWER_BYTES = 64 * 1024  # the receiver's one answer: why it ended the stream
 
 PeerLookup = Callable[[str, str], Awaitable[bool | None]]  # (peer base58, block uid) -> Corolla?
@@ -223,14 +223,14 @@ class PushLinks:
         """After a push on p2pd, open a direct link to `peer` in the background, if worth a try."""
         if not self.direct or link.direct or peer in self._upgrading or peer in self._direct_failed:
             return
-        if len(self._upgrading) >= MAX_LOOKUPS:
+        if len(self._upgrading) >= MAX_DIRECT_OPENING:
             return
         self._upgrading[peer] = asyncio.get_running_loop().create_task(self._go_direct(peer))
 
     async def _go_direct(self, peer: PeerID) -> None:
         try:
             opening = direct_link.open_stream(self.p2p, peer, direct_link.PUSH)
-            reader, writer, _ = await asyncio.wait_for(opening, DIRECT_OPEN_TIMEOUT_S)
+            reader, writer, _ = await asyncio.wait_for(opening, OPEN_TIMEOUT_S)
         except Exception as exc:
             self._direct_failed.add(peer, exc)
             return
@@ -256,9 +256,6 @@ class PushLinks:
 
     def open_streams(self) -> int:
         return sum(link.alive for link in self._links.values())
-
-    def direct_streams(self) -> int:
-        return sum(link.alive and link.direct for link in self._links.values())
 
     async def close(self) -> None:
         self.peers.close()
