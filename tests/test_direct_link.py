@@ -16,6 +16,7 @@ from hivemind.utils import MSGPackSerializer
 
 import corolla
 from corolla.swarm import direct_link
+from corolla.swarm.client import copies
 from corolla.testing.swarm import CorollaServer, StatsGrowth, generate_pushing_every_hop
 
 PREFIX = "tiny-direct"
@@ -93,6 +94,27 @@ def test_pushes_between_servers_move_onto_direct_links_where_offered(remote, loc
     assert direct[0] >= 10 and on_stream[0] >= 20, (direct, on_stream)  # the first push or two: p2pd
     assert direct[1] == 0 and on_stream[1] >= 20, (direct, on_stream)  # the tail offers no direct link
     assert min(growth("pushes_received")[1:]) >= 20, growth("pushes_received")
+
+
+def test_the_clients_copy_of_a_pushed_step_is_held_back_once_pushes_win(remote, local, swarm):
+    """Pushed on every hop: once the middle's and the tail's replies came from pushes WARMUP times in a
+    row, the client stops sending them its own copy of each step (client/copies.py): the servers see
+    few second copies, the tokens are the same."""
+    time.sleep(1.5)  # the stats files are rewritten every second
+    growth = StatsGrowth(list(swarm))
+    counts = remote.view.copies
+    held_back, sent_late = counts.held_back, counts.sent_late
+    ids = torch.randint(6, 500, (1, 5), generator=torch.Generator().manual_seed(6))
+    want = local.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert torch.equal(generate_pushing_every_hop(remote, ids, 32), want)
+    growth.wait_until(lambda grew: min(grew("steps_from_pushes")[1:]) >= 25)
+    held_back, sent_late = counts.held_back - held_back, counts.sent_late - sent_late
+    # 31 token steps into each of the two: all but the first WARMUP (and a recheck, a late reply) held back
+    assert held_back >= 2 * (31 - copies.WARMUP - 4), (held_back, sent_late)
+    pushed, seconds = growth("steps_from_pushes"), growth("duplicate_steps")
+    assert pushed[0] == 0 and min(pushed[1:]) >= 25, pushed
+    # a second copy reaches a server only for steps whose copy went at once (or late): few now
+    assert seconds[0] == 0 and max(seconds[1:]) <= copies.WARMUP + 3 + sent_late, (seconds, sent_late)
 
 
 def test_a_push_ticket_comes_only_from_a_server_that_knows_push_links():

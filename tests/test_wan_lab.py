@@ -112,6 +112,32 @@ def test_stock_petals_client_pushes_through_corolla_servers(wan):
     assert sum(s.stats().get("pushes_received", 0) for s in alive) > before
 
 
+def test_a_link_between_two_servers_cut_mid_generation_costs_one_late_copy(wan):
+    """The default client (it pushes at 20 ms a link) through s1, s2, s3; a few tokens in, s2's host
+    starts dropping everything from s1's (a firewall between two offices): s1's pushes stop arriving.
+    The client, which had stopped sending s2 its own copy of each step once pushes won, sends it late
+    for the next step and at once from then on (client/copies.py): the tokens equal the local model's."""
+    lab, servers = wan["lab"], wan["servers"]
+    allowed = [servers[name].peer_id for name in ("s1", "s2", "s3")]
+    argv = [sys.executable, str(LAB_CLIENT), str(wan["model"]), PREFIX, wan["boot"].maddr, "--new-tokens", "48"]
+    client = lab.popen(
+        wan["client"], [*argv, "--allowed", *allowed], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    cut = ["iptables", "-I", "INPUT", "1", "-s", lab.hosts["s1"].ip, "-j", "DROP"]
+    try:
+        json.loads(client.stdout.readline())["generating"]
+        time.sleep(1.5)  # a few tokens in: the copies to s2 and s3 are held back by now
+        assert lab.run(lab.hosts["s2"], cut).returncode == 0
+        out, err = client.communicate(timeout=400)
+    finally:
+        if client.poll() is None:
+            client.kill()
+        lab.run(lab.hosts["s2"], ["iptables", "-D", *cut[2:3], *cut[4:]])
+    report = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
+    assert report["exact"] and report["new_tokens"] == 48, (report, err[-3000:])
+    assert report["copies"]["held_back"] >= 10 and report["copies"]["sent_late"] >= 1, report["copies"]
+
+
 def test_push_and_speculation_survive_a_middle_server_killed_mid_generation(wan):
     """The default client (push on; greedy, so speculative steps on) through the lab chain; the server
     holding block 2 on its route is SIGKILLed mid-generation: the tokens equal the local model's. Last

@@ -65,6 +65,10 @@ MAX_NEXT_PINGS = 64
 MEMBER_ADDRS_KEY = "corolla_addrs"
 # Corolla servers only: pushes to another Corolla server on one long-lived stream (server/push_stream.py).
 PUSH_STREAM_NAME = "CorollaPushStream.push_stream"
+MAX_PUSH_BYTES = 2 * 1024 * 1024  # a pushed step's output: p2pd caps unary payloads (rpc_push) at 2 MiB
+# A Corolla server's reply to a step it took from a push (the client's copy may then be held back:
+# client/copies.py). Stock clients read no reply metadata; stock servers send none.
+PUSHED_REPLY_METADATA = msgpack.packb({"pushed": True})
 MAX_MEMBER_ADDRS = 8
 MAX_MEMBER_ADDR_CHARS = 256
 

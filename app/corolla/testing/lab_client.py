@@ -67,6 +67,8 @@ def main() -> int:
         links = remote.view.direct_links  # which servers got this client's steps over a direct link
         direct = {"direct_links": [p.to_base58() for p in links.opened]}
         direct["direct_link_failed"] = [p.to_base58() for p in links.failed_recently()]
+        copies = remote.view.copies  # the client's copies of pushed steps (client/copies.py)
+        direct["copies"] = {"held_back": copies.held_back, "sent_late": copies.sent_late}
     finally:
         remote.close()
     exact = torch.equal(got, want)

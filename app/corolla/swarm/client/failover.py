@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from corolla.swarm import protocol
 from corolla.swarm.client import route_choice
 from corolla.swarm.client.routing import MissingBlocksError, RouteSegment, describe_route
 from corolla.swarm.client.speed import speed_of
@@ -42,7 +43,10 @@ class FailoverMixin:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = speed.deadline(self.view, segment.peer_id, segment.end - segment.start, tokens)
-        stream.send(hidden, step_id, stream.position, extras)
+        copy_after = self._copy_wait(index, hidden, extras)
+        copied_late = False
+        if copy_after is None:
+            stream.send(hidden, step_id, stream.position, extras)
         hedge: asyncio.Task | None = None
         racing = True
 
@@ -64,7 +68,10 @@ class FailoverMixin:
             async with asyncio.timeout(config.request_timeout) as limit:
                 timer = loop.call_at(started + deadline, overdue) if deadline < config.request_timeout else None
                 try:
-                    output = await stream.read(hidden, step_id, None)
+                    if copy_after is None:
+                        output = await stream.read(hidden, step_id, None)
+                    else:
+                        output, copied_late = await self._read_or_copy(stream, hidden, step_id, extras, copy_after)
                 finally:
                     racing = False
                     if timer is not None:
@@ -88,6 +95,12 @@ class FailoverMixin:
                 self._drop_hedge(hedge)
             raise
         speed.observe(segment.peer_id, tokens, loop.time() - started)
+        if extras.upstream is not None:  # a pushed step: how long its reply takes (copies.py)
+            held_back = copy_after is not None
+            waited = loop.time() - started
+            stream.copies.observe(waited, pushed=stream.reply_was_pushed, held_back=held_back, late=copied_late)
+            self.view.copies.held_back += held_back
+            self.view.copies.sent_late += copied_late
         if extras.upstream is None and hidden.shape[1] == 1:  # a direct token step: bounds the link's round trip
             route_choice.note_direct_step(self.view, segment.peer_id, loop.time() - started)
         if hedge is not None:
@@ -97,6 +110,35 @@ class FailoverMixin:
             if stream.slow is not None:
                 speed.mark_slow(stream.slow)
         return 0, output
+
+    def _copy_wait(self, index: int, hidden: torch.Tensor, extras: StepExtras) -> float | None:
+        """How long to wait for the reply that the upstream server's push brings before sending stream
+        `index` the client's own copy of the step (copies.py); None: send it now. Only between Corolla
+        servers, to the upstream this stream was last told of, for outputs small enough to push."""
+        if extras.upstream is None or index == 0:
+            return None
+        stream, upstream = self.streams[index], self.streams[index - 1]
+        if not (stream.corolla and upstream.corolla) or extras.upstream != stream.upstream_named:
+            return None
+        if hidden.numel() * 4 > protocol.MAX_PUSH_BYTES:  # the server's output, float32 at most: not pushed
+            return None
+        return stream.copies.wait_s()
+
+    async def _read_or_copy(
+        self, stream: ServerStream, hidden: torch.Tensor, step_id: str, extras: StepExtras, wait: float
+    ) -> tuple[torch.Tensor, bool]:
+        """The reply to a step the upstream server pushes to `stream`, and whether the client's own copy
+        had to be sent (the reply had not come within `wait` seconds). The read runs as a task so that
+        the wait never cuts a reply in half."""
+        reading = asyncio.ensure_future(stream.read(hidden, step_id, None))
+        try:
+            done, _ = await asyncio.wait((reading,), timeout=wait)
+            if not done:
+                stream.send(hidden, step_id, stream.position, extras)
+            return await reading, not done
+        except BaseException:
+            reading.cancel()
+            raise
 
     async def _hedge(self, index: int, inputs: torch.Tensor) -> tuple[list[ServerStream], torch.Tensor]:
         """The overdue stream `index`'s blocks on other servers, with its history and `inputs` replayed."""

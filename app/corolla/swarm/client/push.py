@@ -2,9 +2,10 @@
 
 With `next_servers` in a step's metadata, each server sends its output straight to the next server
 of the chain (`rpc_push`) as well as back to the client, so the next server starts computing a leg
-earlier; the client still sends every server its own copy of the step (same `step_id`; the server
-drops whichever copy arrives second). That copy is what makes failover exact: each span keeps the
-inputs it was sent, whoever delivered them first. Wire format as Petals' (protocol doc §2.8): a
+earlier. The client may send every server its own copy of the step too (same `step_id`; the server
+drops whichever copy arrives second): at once, or only when the push has not brought the reply in
+time (copies.py). Failover is exact either way: the client keeps every span's inputs itself, and each
+span keeps the inputs it was sent, whoever delivered them first. Wire format as Petals' (protocol doc §2.8): a
 list of `(peer_id_b58, session_id, start, end)` tuples, the whole rest of the chain.
 
 Stock Petals 2.1-2.3.0.dev1 servers ignore `next_servers` (they read it from the first message

@@ -2,7 +2,7 @@
 
 Push (push.py) saves, for each pushed hop, the client's round trip to that server less the one-way trip
 between the two servers; it costs an extra message per server per step (the push, and the client's own
-copy that keeps failover exact). Through p2pd that extra message costs the few CPU cores more than the
+copy where it is not held back: copies.py). Through p2pd that extra message costs the few CPU cores more than the
 round trips it saves on short links (loopback, tiny Llama, 3 servers: 115 tok/s with push against 176
 without, same run), so such a hop is pushed only where the saving is at least PUSH_MIN_SAVING_S, judged
 from the smallest round trip the client measured to each server (its pings and its own direct token
@@ -71,11 +71,12 @@ def pushed_hops(
             hops[index] = True
             continue
         pings = next_pings[index - 1] or {}
-        # A push that arrives after the client's own copy costs no time (the copy is used), so a link the
-        # server announces as longer than the client's counts as the client's: announced pings are EMAs of
-        # unary calls, which a busy machine inflates. A link announced unreachable (`inf`) counts as
-        # unknown: a push that cannot be sent costs the step nothing either, and one failed dial (the
-        # server's ping landing in libp2p's dial backoff) kept a 25 ms/link chain off push for a minute.
+        # A push that arrives after the client's own copy costs no time (the copy is used, and the client
+        # keeps sending it at once where it wins: copies.py), so a link the server announces as longer
+        # than the client's counts as the client's: announced pings are EMAs of unary calls, which a busy
+        # machine inflates. A link announced unreachable (`inf`) counts as unknown: a push that cannot be
+        # sent costs the step nothing either (at most one late copy), and one failed dial (the server's
+        # ping landing in libp2p's dial backoff) kept a 25 ms/link chain off push for a minute.
         link_rtt = _finite(pings.get(peers[index]))
         one_way = min(link_rtt if link_rtt is not None else client_rtt, client_rtt) / 2
         on_direct_links = direct is not None and direct[index - 1] and direct[index]

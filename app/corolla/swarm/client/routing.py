@@ -27,6 +27,7 @@ from hivemind.proto import runtime_pb2
 
 from corolla.swarm import protocol
 from corolla.swarm.client.config import ClientConfig
+from corolla.swarm.client.copies import CopyCounts
 from corolla.swarm.client.ledger import ledger_of
 from corolla.swarm.client.privacy import Privacy, PrivacyViolation
 from corolla.swarm.dht_records import RemoteSpan, compute_spans, get_module_infos
@@ -206,6 +207,7 @@ class SwarmView:
     verification: object = None  # the client's spot-check ledger (verification.Ledger), made on first use
     speed: object = None  # the client's step times and slow servers (speed.SpeedLedger), made on first use
     direct_links: DirectLinks = field(default_factory=DirectLinks)  # where direct links failed (direct_link.py)
+    copies: CopyCounts = field(default_factory=CopyCounts)  # the client's copies of pushed steps (copies.py)
     # Who may receive tensors: spans of servers outside it are dropped at every refresh (the one place
     # all routes, failovers, spot checks and push targets come from), and stub() refuses them.
     privacy: Privacy = field(default_factory=Privacy)

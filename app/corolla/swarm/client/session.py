@@ -66,6 +66,7 @@ class InferenceSession(FailoverMixin):
         self.padded = False  # the batch has padding: every step sends the mask
         self._mask: torch.Tensor | None = None
         self._started = False
+        self._hops_this_step: tuple[tuple, list[bool]] | None = None  # _pushed_hops(), once per step and route
         # Every server this session has sent hidden states to (route, failover, spot-check replays):
         # peer id -> the block ranges it received. What the node keeps per reply ("who saw it").
         self.recipients: dict[str, set[tuple[int, int]]] = {}
@@ -202,13 +203,19 @@ class InferenceSession(FailoverMixin):
         return route_choice.unmeasured_pushed(self.view, self.route, self._pushed_hops(), self.position)
 
     def _pushed_hops(self) -> list[bool]:
-        """Per stream, whether the server before it pushes into it (route_choice.py)."""
+        """Per stream, whether the server before it pushes into it (route_choice.py). Decided once per
+        step (each stream's extras ask again) unless a failover changed the route within it."""
         peers = [s.segment.peer_id for s in self.streams]
+        direct = [s.direct for s in self.streams]
+        key = (tuple(peers), tuple(direct), self.view.config.use_server_to_server)
+        if self._hops_this_step is not None and self._hops_this_step[0] == key:
+            return self._hops_this_step[1]
         infos = [getattr(self.view.spans.get(p), "server_info", None) for p in peers]
         pings = [info.next_pings if info is not None else None for info in infos]
         rtts = route_choice.link_rtts(self.view, peers)
-        direct = [s.direct for s in self.streams]
-        return route_choice.pushed_hops(self.view.config.use_server_to_server, peers, rtts, pings, direct)
+        hops = route_choice.pushed_hops(self.view.config.use_server_to_server, peers, rtts, pings, direct)
+        self._hops_this_step = (key, hops)
+        return hops
 
     def _step_mask(self, attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
         """The padding mask to send with this step (None without padding); checks its shape."""
@@ -276,6 +283,7 @@ class InferenceSession(FailoverMixin):
                     stream.history = stream.history[hypo_ids]
             self.verifier.reorder(hypo_ids)
         self._mask = mask
+        self._hops_this_step = None  # measurements may have changed since the last step
         step_id = str(uuid.uuid4())
         self._refusals: dict[str, int] = {}
         pushing = (

@@ -18,6 +18,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from corolla.swarm import protocol, steptrace, wire
+from corolla.swarm.client.copies import CopyTiming
 from corolla.swarm.client.growing_buffer import append_positions
 from corolla.swarm.client.routing import RouteSegment, SwarmView
 from corolla.swarm.step_metadata import NextServer, StepMetadata
@@ -69,6 +70,9 @@ class ServerStream:
     direct: bool = False  # the stream runs over a direct link (direct_link.py), not through p2pd
     slow: dict | None = None  # evidence that its server is consistently slow (speed.py): replaced at the next step
     kept_slow: bool = False  # ... unless nobody else serves its blocks
+    copies: CopyTiming = field(default_factory=CopyTiming)  # when its pushed steps need the client's copy
+    upstream_named: str | None = None  # the upstream server the client last named to it (push.py)
+    reply_was_pushed: bool = False  # the last reply said its step came from a push (copies.py)
     # Every input this span has received, [batch, positions, hidden]: the first `_kept` positions of a
     # buffer that grows by doubling, so a token step appends in place instead of copying the whole
     # history (a torch.cat per token made a long session's steps O(length)).
@@ -179,6 +183,7 @@ class ServerStream:
         steptrace.mark("client_send", step=step_id, server=self.segment.peer_id[-6:])  # the write is the leg's
         self._write(request)
         self._stepped = True
+        self.upstream_named = extras.upstream
 
     async def read(self, inputs: torch.Tensor, step_id: str, timeout: float | None) -> torch.Tensor:
         """The server's reply to the step just sent (`timeout` None: the caller bounds the wait)."""
@@ -193,6 +198,7 @@ class ServerStream:
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task per token
                 response = await self._reply(max_bytes)
         steptrace.mark("client_reply", step=step_id, server=self.segment.peer_id[-6:])
+        self.reply_was_pushed = response.metadata == protocol.PUSHED_REPLY_METADATA
         output = wire.deserialize_plain(response.tensors[0])
         if output.shape != inputs.shape:
             raise ServerFailure(f"server returned shape {tuple(output.shape)} for inputs {tuple(inputs.shape)}")

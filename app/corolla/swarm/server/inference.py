@@ -201,6 +201,8 @@ class InferenceMixin:
                     if self._maybe_push(serialized, request, metadata):
                         await asyncio.sleep(0)  # let the push task hand its bytes to p2pd before the reply
                     response = runtime_pb2.ExpertResponse(tensors=[serialized])
+                    if metadata.pushed:  # the client may hold its own copy back (client/copies.py)
+                        response.metadata = protocol.PUSHED_REPLY_METADATA
                     self.stats.bytes_out += response.ByteSize()
                     if traced:  # one line per step: where its time went (benchmarks/step_trace_report.py)
                         steptrace.mark(
@@ -220,6 +222,8 @@ class InferenceMixin:
                         processed_steps.add(step_id)
                     if metadata.pushed:
                         self.stats.steps_from_pushes += 1
+                else:
+                    self.stats.duplicate_steps += 1
                 received = await inputs.next(self.limits.step_timeout)
                 request = None
                 if received is not None:

@@ -20,7 +20,6 @@ from corolla.swarm.server.streams import TURNED_AWAY, StreamLimits, add_stream_h
 from corolla.swarm.step_metadata import StepMetadata
 
 logger = logging.getLogger(__name__)
-MAX_PUSH_BYTES = 2 * 1024 * 1024  # p2pd unary payloads (rpc_push) are capped at 2 MiB
 
 
 class PushMixin:
@@ -40,7 +39,7 @@ class PushMixin:
     def _push_stream_limits(self) -> StreamLimits:
         """The receiver's bounds on push streams: a pushed step's size, a few of them buffered, and
         `STREAMS_PER_PEER` streams per peer; refusals shared with the other RPCs."""
-        largest = MAX_PUSH_BYTES + protocol.MAX_METADATA_BYTES + 64 * 1024
+        largest = protocol.MAX_PUSH_BYTES + protocol.MAX_METADATA_BYTES + 64 * 1024
         return StreamLimits(
             max_message_bytes=largest,
             buffered_bytes=16 * largest,
@@ -75,7 +74,7 @@ class PushMixin:
             return False
         if len(request.tensors) > 3 or (len(request.tensors) > 1 and _numel(request.tensors[1]) > 0):
             return False
-        if len(out.buffer) > MAX_PUSH_BYTES:  # a long prompt's output: rpc_push is unary, p2pd would refuse it
+        if len(out.buffer) > protocol.MAX_PUSH_BYTES:  # a long prompt's output: rpc_push is unary, p2pd would refuse it
             return False
         peer_b58, next_session, start, end = next_servers[0]
         try:
@@ -168,12 +167,12 @@ def follow_named_upstream(session, metadata: StepMetadata) -> None:
     named = metadata.upstream
     if named is not None:
         with contextlib.suppress(Exception):
-            session.pusher = PeerID.from_base58(named)
+            session.pusher = _peer_id(named)  # every client message names it: decoded once
 
 
 @functools.lru_cache(maxsize=256)
 def _peer_id(b58: str) -> PeerID:
-    """Decoding base58 takes ~50 us of a pushed step's critical path: the few next servers are remembered."""
+    """Decoding base58 takes ~50 us a step: the few next servers and named upstreams are remembered."""
     return PeerID.from_base58(b58)
 
 

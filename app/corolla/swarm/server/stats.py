@@ -100,6 +100,7 @@ class ServerStats:
     pushes_sent_direct: int = 0  # of those: on a direct link (direct_link.py), not through p2pd
     pushes_received_on_stream: int = 0  # of pushes_received: taken from a push stream
     steps_from_pushes: int = 0  # steps computed from a pushed copy (it arrived before the client's)
+    duplicate_steps: int = 0  # a step's second copy (the push after the client's, or the other way): dropped
     bytes_in: int = 0
     bytes_out: int = 0
     # Continuous batching (step_batcher.py): token steps, the forwards that ran them, how many of those
