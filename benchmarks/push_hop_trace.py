@@ -6,7 +6,8 @@ transport), `wire` (handed over -> the receiver's push handler has it: p2pd, the
 rpc_push, a new libp2p stream per step), `inbox` (-> the session's loop takes it), `hop` (the sender's
 output ready -> the receiver's output ready, its compute included) and, beside them, `client_leg` (the
 client's own copy of the step: its send -> the receiver reads it, on the client's long-lived stream).
-`via_stream`: the share of pushes written on a push stream (server/push_stream.py).
+`via_stream`: the share of pushes written on a push stream (server/push_stream.py), on p2pd or a
+direct link (direct_link.py).
 
 Usage: .venv/bin/python benchmarks/push_hop_trace.py SERVERS_TRACE_DIR [CLIENT_TRACE_DIR]
 """
@@ -34,7 +35,7 @@ def pushed_hops(servers: Path, client: Path | None = None) -> dict:
         if name == "computed":
             last_computed[who] = step
         elif name == "push_send":
-            sends[step or last_computed.get(who)].append((who, event["t"], event.get("via") == "stream"))
+            sends[step or last_computed.get(who)].append((who, event["t"], event.get("via") in ("stream", "direct")))
         elif name == "client_send" and step:
             client_sends.setdefault((step, event.get("server")), event["t"])
         if step and name in ("computed", "push_received", "input"):

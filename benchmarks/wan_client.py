@@ -72,6 +72,7 @@ def main() -> None:
             options = {} if draft is DEFAULT else {"prompt_lookup_num_tokens": draft}
             remote.generate(ids, max_new_tokens=4, eos_token_id=[], prompt_lookup_num_tokens=None)  # warm-up
             runs, out = [], None
+            held_back, sent_late = remote.view.copies.held_back, remote.view.copies.sent_late
             for _ in range(3):
                 started = time.perf_counter()
                 out = remote.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[], **options)
@@ -90,6 +91,9 @@ def main() -> None:
             }
             if stats is not None:
                 report |= {"draft_steps": stats.steps, "drafted": stats.drafted, "accepted": stats.accepted}
+            copies = remote.view.copies  # the client's copies of pushed steps, held back / sent late (copies.py)
+            report["copies_held_back"] = copies.held_back - held_back
+            report["copies_sent_late"] = copies.sent_late - sent_late
             if push is None:  # what the default client chose per hop, and the round trips it chose on
                 report["choice"] = auto_choice(remote)
             print(json.dumps(report), flush=True)
