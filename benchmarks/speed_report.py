@@ -3,8 +3,9 @@ several one-way delays per link (wan_tokens_per_second.py, the clean variant), e
 measured in the same run, with every target marked met or missed.
 
 Targets: on loopback Corolla >= 3x Petals tokens/s at 1 and 3 servers and an extra hop <= 2x the raw
-stream round trip; in the lab (3 servers), the default client (`auto`) >= 2x Petals at 0 and 5 ms per
-link, and at 25 ms >= 2x Petals and within 1.1x the push floor. The 1- and 2-server chains are reported
+stream round trip (extra_hop.py: both chains and the round trip timed in the same rounds); in the lab
+(3 servers), the default client (`auto`) >= 2x Petals at 0 and 5 ms per link, and at 25 ms >= 2x
+Petals and within 1.1x the push floor. The 1- and 2-server chains are reported
 beside them, each with the ratio a client at the floor would reach (at 25 ms and one server, Petals is
 one round trip per token too: no client can be 2x there).
 
@@ -43,16 +44,29 @@ def loopback_targets(report: dict) -> list[dict]:
         }
         for n in ("1", "3")
     ]
-    hop, limit = report.get("corolla_ms_per_extra_hop"), report.get("target_ms_per_extra_hop")
-    targets.append(
-        {
-            "figure": "loopback: ms per extra hop (raw stream round trip x2 as the limit)",
-            "value": hop,
-            "target": f"<= {limit}",
-            "met": hop is not None and limit is not None and hop <= limit,
-        }
-    )
     return targets
+
+
+def hop_target(hop: dict) -> dict:
+    """The extra hop from extra_hop.py: both chains and the raw round trip timed round by round, the
+    same seconds for all three (client_tokens_per_second.py's own figure, from chains timed minutes
+    apart, is reported beside it)."""
+    value, limit = hop.get("extra_hop_ms"), hop.get("target_ms_per_extra_hop")
+    return {
+        "figure": "loopback: ms per extra hop, chains interleaved (raw stream round trip x2 as the limit)",
+        "value": value,
+        "target": f"<= {limit}",
+        "met": value is not None and limit is not None and value <= limit,
+        "rounds_within_target": f"{hop.get('rounds_within_target')} of {hop.get('rounds')}",
+    }
+
+
+def sequential_hop(report: dict) -> dict:
+    return {
+        "figure": "loopback: ms per extra hop, chains timed one after the other (client_tokens_per_second.py)",
+        "value": report.get("corolla_ms_per_extra_hop"),
+        "twice_the_raw_round_trip": report.get("target_ms_per_extra_hop"),
+    }
 
 
 def lab_targets(delay_ms: float, report: dict) -> tuple[list[dict], list[dict]]:
@@ -97,6 +111,9 @@ def main() -> None:
     if not args.skip_loopback:
         report["loopback"] = run_json([str(HERE / "client_tokens_per_second.py")])
         report["targets"] += loopback_targets(report["loopback"])
+        report["extra_hop"] = run_json([str(HERE / "extra_hop.py")])
+        report["targets"].append(hop_target(report["extra_hop"]))
+        report.setdefault("other_chains", []).append(sequential_hop(report["loopback"]))
     if not args.skip_lab:
         report["lab"] = {}
         for delay in (float(d) for d in args.delays.split(",")):
