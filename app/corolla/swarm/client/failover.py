@@ -94,15 +94,15 @@ class FailoverMixin:
             if hedge is not None:
                 self._drop_hedge(hedge)
             raise
-        speed.observe(segment.peer_id, tokens, loop.time() - started)
+        elapsed = loop.time() - started
+        speed.observe(segment.peer_id, tokens, elapsed)
         if extras.upstream is not None:  # a pushed step: how long its reply takes (copies.py)
             held_back = copy_after is not None
-            waited = loop.time() - started
-            stream.copies.observe(waited, pushed=stream.reply_was_pushed, held_back=held_back, late=copied_late)
+            stream.copies.observe(elapsed, pushed=stream.reply_was_pushed, held_back=held_back, late=copied_late)
             self.view.copies.held_back += held_back
             self.view.copies.sent_late += copied_late
-        if extras.upstream is None and hidden.shape[1] == 1:  # a direct token step: bounds the link's round trip
-            route_choice.note_direct_step(self.view, segment.peer_id, loop.time() - started)
+        elif hidden.shape[1] == 1:  # a direct token step: bounds the link's round trip
+            route_choice.note_direct_step(self.view, segment.peer_id, elapsed)
         if hedge is not None:
             self._drop_hedge(hedge)  # the overdue server answered first after all
         if stream.slow is None:
