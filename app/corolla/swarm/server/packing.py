@@ -69,10 +69,10 @@ def _check_tensor(proto: runtime_pb2.Tensor) -> None:
     if len(shape) > MAX_TENSOR_RANK:
         raise BadRequest(f"tensor of rank {len(shape)} is not accepted (at most {MAX_TENSOR_RANK})")
     numel, size = math.prod(shape), len(proto.buffer)
-    if compression == runtime_pb2.CompressionType.NONE:
+    if compression == wire.COMPRESSION_NONE:
         if size != numel * item and not (dtype == "bfloat16" and size == numel * 4):  # legacy bf16 is 4 bytes
             raise BadRequest(f"tensor buffer of {size} bytes does not match shape {list(shape)}")
-    elif compression == runtime_pb2.CompressionType.FLOAT16 and size != numel * 2:
+    elif compression == wire.COMPRESSION_FLOAT16 and size != numel * 2:
         raise BadRequest(f"float16 tensor buffer does not match shape {list(shape)}")
 
 
@@ -126,8 +126,8 @@ def is_dummy(tensor: Any) -> bool:
     return tensor is None or (isinstance(tensor, torch.Tensor) and tensor.numel() == 0)
 
 
-def serialize(tensor: torch.Tensor, compression: int = runtime_pb2.CompressionType.NONE) -> runtime_pb2.Tensor:
-    if compression == runtime_pb2.CompressionType.NONE:
+def serialize(tensor: torch.Tensor, compression: int = wire.COMPRESSION_NONE) -> runtime_pb2.Tensor:
+    if compression == wire.COMPRESSION_NONE:
         return wire.serialize_plain(tensor.detach().to("cpu"))  # the same bytes, without hivemind's descriptor
     return serialize_torch_tensor(tensor.detach().to("cpu"), compression, allow_inplace=True)
 
