@@ -241,7 +241,11 @@ def test_a_replaced_engine_client_leaves_the_server_serving(node):
         for edges in (1, 0):
             node.put("/api/settings", json={**settings, "chat_local_blocks": edges}).raise_for_status()
             events = _stream(node, chat["id"], f"edges {edges}", 6)
-            assert events[-1][0] == "done" and _tokens(events), events[-3:]
+            # Sampled from a random-weight model: the reply may end its turn at its first token, or write
+            # tokens that decode to no text yet; either still ran steps through the swarm (seen_by).
+            kind, done = events[-1]
+            assert kind == "done" and done["seen_by"], events[-3:]
+            assert done["tokens"] >= 1 or done["stopped_by"] == "eos", events[-3:]
     finally:
         node.put("/api/settings", json=settings).raise_for_status()
     assert node.status()["contribution"]["pid"] == server.pid and node.status()["contribution"]["state"] == "online"
