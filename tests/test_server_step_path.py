@@ -17,7 +17,8 @@ from corolla.swarm import wire
 from corolla.swarm.server.inference import SessionInputs
 from corolla.swarm.server.packing import BadRequest
 from corolla.swarm.server.step_threads import PROBE_EVERY, SAMPLES, StepThreads
-from corolla.swarm.server.streams import StreamLimits, StreamRequests
+from corolla.swarm.server import streams
+from corolla.swarm.server.streams import StreamLimits, StreamRequests, receive_message
 from corolla.swarm.step_metadata import StepMetadata
 
 
@@ -174,6 +175,39 @@ def test_the_stream_budget_reserves_at_once_while_there_is_room_and_wakes_a_wait
         await asyncio.wait_for(waiting, 5)
         assert limits.buffered == 60 and limits._waiting == 0
         limits.release(60)
+        assert limits.buffered == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_server_reads_a_buffered_message_without_a_timer_and_still_times_out_a_stalled_body(monkeypatch):
+    """A token step's message usually arrives whole: it is read without arming a timer. A body that has
+    not all arrived is read under the body deadline: one that comes in late pieces is read, one that
+    stalls ends in TimeoutError with its reservation given back."""
+    monkeypatch.setattr(streams, "BODY_GRACE_S", 0.3)
+    message = _request("whole")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        limits = StreamLimits(max_message_bytes=2**20, buffered_bytes=2**20, streams_per_peer=1)
+        reader = asyncio.StreamReader()
+        reader.feed_data(wire.frame(message))
+        timers_before = len(loop._scheduled)
+        request, reserved = await receive_message(runtime_pb2.ExpertRequest, reader, limits)
+        assert request == message and reserved == limits.buffered > 0
+        assert len(loop._scheduled) == timers_before  # no timer was armed (nor left behind)
+        limits.release(reserved)
+
+        framed = wire.frame(_request("late"))
+        reader.feed_data(framed[:20])
+        loop.call_later(0.05, reader.feed_data, framed[20:])
+        request, reserved = await receive_message(runtime_pb2.ExpertRequest, reader, limits)
+        assert request.metadata == _request("late").metadata
+        limits.release(reserved)
+
+        reader.feed_data(wire.frame(_request("stalled"))[:20])
+        with pytest.raises(TimeoutError):
+            await receive_message(runtime_pb2.ExpertRequest, reader, limits)
         assert limits.buffered == 0
 
     asyncio.run(scenario())

@@ -199,7 +199,7 @@ class InferenceMixin:
                     # The push first: it is on the chain's critical path, while the client reads this
                     # reply only after the previous servers' ones (and needs it only to fail over).
                     if self._maybe_push(serialized, request, metadata):
-                        await asyncio.sleep(0)  # let the push task hand its bytes to p2pd before the reply
+                        await asyncio.sleep(0)  # a push task: let it hand its bytes over before the reply
                     response = runtime_pb2.ExpertResponse(tensors=[serialized])
                     if metadata.pushed:  # the client may hold its own copy back (client/copies.py)
                         response.metadata = protocol.PUSHED_REPLY_METADATA

@@ -68,7 +68,9 @@ class PushMixin:
         The pushed copy carries this step's own trailing tensors (Petals' servers send the first
         request's, which is wrong for a step that reorders beams); a step with deep prompts or a padding
         mask is never pushed, as in Petals (those are per span, the next server needs its own). `out` is
-        the serialized output; returns whether a push was started."""
+        the serialized output. Returns True where the push went to a task, which needs one turn of the
+        event loop to hand its bytes over before the caller replies to its client; False where it was
+        written at once or not sent at all."""
         next_servers = metadata.next_servers  # well-formed or None (read_step)
         if not next_servers or self.p2p is None:
             return False
@@ -91,7 +93,7 @@ class PushMixin:
         if via is not None:
             steptrace.mark("push_send", step=metadata.step_id, via=via)
             self._count_on_stream(via)
-            return True  # written: nothing left to do (and the open stream keeps it in order)
+            return False  # written: nothing left to do (and the open stream keeps it in order)
         task = asyncio.create_task(self._push(peer, request, first_uid, metadata.step_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

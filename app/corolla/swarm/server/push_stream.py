@@ -254,9 +254,6 @@ class PushLinks:
         if self._links.get(peer) is link:
             del self._links[peer]
 
-    def open_streams(self) -> int:
-        return sum(link.alive for link in self._links.values())
-
     async def close(self) -> None:
         self.peers.close()
         for task in self._upgrading.values():
