@@ -14,10 +14,10 @@ from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
 from corolla.swarm import wire
+from corolla.swarm.server import streams
 from corolla.swarm.server.inference import SessionInputs
 from corolla.swarm.server.packing import BadRequest
 from corolla.swarm.server.step_threads import PROBE_EVERY, SAMPLES, StepThreads
-from corolla.swarm.server import streams
 from corolla.swarm.server.streams import StreamLimits, StreamRequests, receive_message
 from corolla.swarm.step_metadata import StepMetadata
 
