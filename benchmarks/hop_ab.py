@@ -8,8 +8,9 @@ Both trees' servers run at once, each tree with a 1-server and a 3-server chain 
 in this process (so the client code is this process's for both: this compares server-side changes).
 Each round opens one inference session per chain and sends `--steps` single-token steps through each,
 one chain after the other in turn (routed as the default client chooses: pushed between servers on
-loopback, as generate() sends them), then times a raw stream round trip (server_step_latency.py's echo). The report gives each chain's median ms per
-step over all steps, the ms one extra hop costs ((3 servers - 1 server) / 2), and B's minus A's per round.
+loopback, as generate() sends them), then times a raw stream round trip (server_step_latency.py's
+echo). The report gives each chain's median ms per step over all steps, the ms one extra hop costs
+((3 servers - 1 server) / 2), and B's minus A's per round.
 
 Usage (root; loopback only):
     unshare -n sh -c 'ip link set lo up && PYTHONPATH=app .venv/bin/python benchmarks/hop_ab.py --a /work/main/app'
