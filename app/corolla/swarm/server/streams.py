@@ -142,7 +142,7 @@ async def receive_message(request_type: type, reader: asyncio.StreamReader, limi
 def _buffered(reader: asyncio.StreamReader) -> int:
     """Bytes `reader` holds unread. asyncio has no public call for it; a reader without its `_buffer`
     counts as holding none, so its reads take the timed path. Why it is worth asking: arming and
-    cancelling a timer for every message was about a twentieth of a server's time per token step."""
+    cancelling a timer for every message was about 1.4% of a middle server's time per token step."""
     return len(getattr(reader, "_buffer", b""))
 
 
