@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +30,7 @@ from corolla.testing.swarm import (
     run_reference_script,
     start_chain,
 )
-from server_step_latency import measure_echo, summary
+from server_step_latency import echo_peer, measure_echo, summary
 
 PREFIX = "bench-llama-hf"
 CHAINS = {1: ["0:4"], 2: ["0:2", "2:4"], 3: ["0:2", "2:3", "3:4"]}
@@ -166,20 +163,8 @@ def main() -> None:
             ),
             1,
         )
-        echo = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "server_step_latency.py"), "--echo-server"],
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its group holds the DHT process and p2pd it forks
-        )
-        try:
-            maddr = json.loads(echo.stdout.readline())["maddr"]
-            client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False)
-            report["raw_stream_round_trip"] = summary(measure_echo(client, maddr.rsplit("/", 1)[-1], 64, 200))
-            client.shutdown()
-        finally:
-            os.killpg(echo.pid, signal.SIGKILL)
-            echo.wait()
+        with echo_peer() as (client, peer):
+            report["raw_stream_round_trip"] = summary(measure_echo(client, peer, 64, 200))
         runs = {n: corolla_chain(tmp, model, chain, args.new_tokens, everywhere=True) for n, chain in CHAINS.items()}
         report["corolla_tokens_per_s"] = {n: round(run["auto"], 1) for n, run in runs.items()}
         report["corolla_choice"] = {n: run["choice"] for n, run in runs.items()}

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +21,8 @@ from pathlib import Path
 import torch
 
 import corolla
-from corolla.swarm.peers import start_dht
 from corolla.testing.swarm import make_reference_model, start_chain
-from server_step_latency import measure_echo, summary
+from server_step_latency import echo_peer, measure_echo, summary
 
 PREFIX = "bench-llama-hf"
 CHAINS = {1: ["0:4"], 3: ["0:2", "2:3", "3:4"]}
@@ -77,22 +73,8 @@ def chain_ms(tmp: Path, model: Path, chain: list[str], new_tokens: int, rounds: 
 
 
 def raw_round_trip() -> dict:
-    echo = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "server_step_latency.py"), "--echo-server"],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        maddr = json.loads(echo.stdout.readline())["maddr"]
-        client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False, in_process=True)
-        try:
-            return summary(measure_echo(client, maddr.rsplit("/", 1)[-1], 64, 200))
-        finally:
-            client.shutdown()
-    finally:
-        os.killpg(echo.pid, signal.SIGKILL)
-        echo.wait()
+    with echo_peer(in_process=True) as (client, peer):
+        return summary(measure_echo(client, peer, 64, 200))
 
 
 def main() -> None:

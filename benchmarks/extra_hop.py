@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +26,8 @@ from pathlib import Path
 import torch
 
 import corolla
-from corolla.swarm.peers import start_dht
 from corolla.testing.swarm import make_reference_model, start_chain
-from server_step_latency import measure_echo
+from server_step_latency import echo_peer, measure_echo
 
 CHAINS = {1: ["0:4"], 3: ["0:2", "2:3", "3:4"]}
 PROMPT = torch.tensor([[1, 384, 456]])
@@ -51,7 +47,7 @@ def main() -> None:
     parser.add_argument("--echo-steps", type=int, default=60, help="raw round trips timed per round")
     args = parser.parse_args()
     report: dict = {"load_average_before": [round(x, 2) for x in os.getloadavg()], "rounds": args.rounds}
-    servers, clients, echo, echo_client = [], {}, None, None
+    servers, clients = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
@@ -64,29 +60,17 @@ def main() -> None:
                 )
                 clients[n].wait_for_route(60)
                 ms_per_token(clients[n], 8)  # warm-up: sessions, direct links, the route choice
-            echo = subprocess.Popen(
-                [sys.executable, str(Path(__file__).parent / "server_step_latency.py"), "--echo-server"],
-                stdout=subprocess.PIPE,
-                text=True,
-                start_new_session=True,  # its group holds the DHT process and p2pd it forks
-            )
-            maddr = json.loads(echo.stdout.readline())["maddr"]
-            echo_client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False)
-            echo_peer = maddr.rsplit("/", 1)[-1]
             per_round = []
-            for k in range(args.rounds):
-                order = list(CHAINS) if k % 2 == 0 else list(reversed(CHAINS))
-                ms = {n: ms_per_token(clients[n], args.new_tokens) for n in order}
-                raw = 1000 * statistics.median(measure_echo(echo_client, echo_peer, 64, args.echo_steps))
-                per_round.append({"ms_per_token": ms, "extra_hop_ms": (ms[3] - ms[1]) / 2, "raw_round_trip_ms": raw})
+            with echo_peer() as (echo_client, echo_server):
+                for k in range(args.rounds):
+                    order = list(CHAINS) if k % 2 == 0 else list(reversed(CHAINS))
+                    ms = {n: ms_per_token(clients[n], args.new_tokens) for n in order}
+                    raw = 1000 * statistics.median(measure_echo(echo_client, echo_server, 64, args.echo_steps))
+                    hop = (ms[3] - ms[1]) / 2
+                    per_round.append({"ms_per_token": ms, "extra_hop_ms": hop, "raw_round_trip_ms": raw})
         finally:
             for client in clients.values():
                 client.close()
-            if echo_client is not None:
-                echo_client.shutdown()
-            if echo is not None:
-                os.killpg(echo.pid, signal.SIGKILL)
-                echo.wait()
             for server in servers:
                 server.stop()
     hops = [r["extra_hop_ms"] for r in per_round]

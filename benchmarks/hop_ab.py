@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +30,8 @@ from pathlib import Path
 import torch
 
 import corolla
-from corolla.swarm.peers import start_dht
 from corolla.testing.swarm import make_reference_model, start_chain
-from server_step_latency import measure_echo
+from server_step_latency import echo_peer, measure_echo
 
 PREFIX = "bench-llama-hf"
 CHAINS = {1: ["0:4"], 3: ["0:2", "2:3", "3:4"]}
@@ -87,12 +84,6 @@ def main() -> None:
     report: dict = {"trees": trees, "b_env": b_env, "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     own_path = os.environ.get("PYTHONPATH")
     servers, remotes = [], {}
-    echo = subprocess.Popen(
-        [sys.executable, str(HERE / "server_step_latency.py"), "--echo-server"],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its group holds the DHT process and p2pd it forks
-    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
@@ -123,24 +114,20 @@ def main() -> None:
                 ms_per_token(remote, 8)  # warm-up: routes, sessions, the servers' first steps
                 assert remote.route().count("via") == n
                 ms_per_token(remote, 64)
-            maddr = json.loads(echo.stdout.readline())["maddr"]
-            client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False)
             hidden_size = next(iter(remotes.values())).config.hidden_size
             rounds: list[dict] = []
-            for r in range(args.rounds):
-                times = interleaved_steps(remotes, args.steps, hidden_size)
-                raw = statistics.median(measure_echo(client, maddr.rsplit("/", 1)[-1], 64, 100)) * 1000
-                rounds.append({"ms": times, "raw_ms": raw})
-                medians = {f"{tree}{n}": round(statistics.median(v), 3) for (tree, n), v in times.items()}
-                print(f"round {r + 1}/{args.rounds}: ms per step {medians}, raw {raw:.3f}", file=sys.stderr)
-            client.shutdown()
+            with echo_peer() as (client, peer):
+                for r in range(args.rounds):
+                    times = interleaved_steps(remotes, args.steps, hidden_size)
+                    raw = statistics.median(measure_echo(client, peer, 64, 100)) * 1000
+                    rounds.append({"ms": times, "raw_ms": raw})
+                    medians = {f"{tree}{n}": round(statistics.median(v), 3) for (tree, n), v in times.items()}
+                    print(f"round {r + 1}/{args.rounds}: ms per step {medians}, raw {raw:.3f}", file=sys.stderr)
         finally:
             for remote in remotes.values():
                 remote.close()
             for server in servers:
                 server.stop()
-            os.killpg(echo.pid, signal.SIGKILL)
-            echo.wait()
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report["rounds"], report["steps_per_round"] = len(rounds), args.steps
     raw = statistics.median(r["raw_ms"] for r in rounds)

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing.AsyncIterator annotations)
 
@@ -128,6 +131,26 @@ def measure_echo(client_dht, peer_id: str, hidden: int, steps: int) -> list[floa
     return asyncio.run(run())
 
 
+@contextlib.contextmanager
+def echo_peer(in_process: bool = False) -> Iterator[tuple]:
+    """An echo server in a process of its own and a client DHT that reaches it: (client_dht, peer_id)
+    for `measure_echo`, the raw stream round trip every loopback benchmark compares with. On exit both
+    go, the server with its process group (the DHT process and p2pd it forks)."""
+    echo = subprocess.Popen(
+        [sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    client = None
+    try:
+        maddr = json.loads(echo.stdout.readline())["maddr"]
+        client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False, in_process=in_process)
+        yield client, maddr.rsplit("/", 1)[-1]
+    finally:
+        if client is not None:
+            client.shutdown()
+        os.killpg(echo.pid, signal.SIGKILL)
+        echo.wait()
+
+
 def measure_compute(model_dir: Path, blocks: int, steps: int, static: bool | None = None) -> list[float]:
     """The span's own step time in-process, on the cache a server session of this max_length gets
     (`static` None), or on the static / the dynamic cache."""
@@ -163,8 +186,6 @@ def main() -> None:
     if args.echo_server:
         run_echo_server()
         return
-    import subprocess
-
     report: dict = {"steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -175,20 +196,8 @@ def main() -> None:
         report["compute"] = summary(measure_compute(model, blocks, args.steps))
         report["compute_static_cache"] = summary(measure_compute(model, blocks, args.steps, static=True))
 
-        # In its own process group: the DHT process and p2pd it forks go with it.
-        echo = subprocess.Popen(
-            [sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True, start_new_session=True
-        )
-        try:
-            maddr = json.loads(echo.stdout.readline())["maddr"]
-            client = start_dht([maddr], client_mode=True, use_relay=False, auto_nat=False)
-            report["raw_stream_round_trip"] = summary(
-                measure_echo(client, maddr.rsplit("/", 1)[-1], hidden, args.steps)
-            )
-            client.shutdown()
-        finally:
-            os.killpg(echo.pid, signal.SIGKILL)
-            echo.wait()
+        with echo_peer() as (client, peer):
+            report["raw_stream_round_trip"] = summary(measure_echo(client, peer, hidden, args.steps))
 
         server = CorollaServer(
             tmp,
